@@ -1,0 +1,377 @@
+"""CPU expert kernels: FP8 (128x128 block scales), BF16 and INT4 GEMV/GEMM and the fused
+routed-expert MLP, compiled once per CPU variant and chosen at import.
+
+Public entry points take and return numpy arrays and check what they are given; the compiled
+modules (_avx512, _avx2, _generic, _avx512_emulated) trust their arguments.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from types import ModuleType
+
+import numpy as np
+
+from refmoe.cpu import Topology, cpu_flags, default_threads, partition_bands
+from refmoe.kernels import formats
+from refmoe.kernels.formats import BLOCK, int4_packed_cols, scale_shape
+
+# libgomp reads these once, when the first OpenMP module loads: spin briefly at a barrier, then
+# sleep on a futex. Spinning without bound collapses a 2-core machine shared with other work.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+ALL_VARIANTS = ("avx512", "avx2", "generic", "avx512_emulated")
+_REQUIRED_FLAGS = {
+    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"},
+    "avx2": {"avx2", "fma", "f16c"},
+    "generic": set(),
+    "avx512_emulated": set(),
+}
+_FMT = {"fp8": 0, "bf16": 1, "int4": 2}
+
+
+def _runs_here(name: str) -> bool:
+    return _REQUIRED_FLAGS[name] <= cpu_flags()
+
+
+@lru_cache(maxsize=None)
+def _module(name: str) -> ModuleType:
+    if name not in ALL_VARIANTS:
+        raise ValueError(f"unknown CPU variant {name!r}; known: {', '.join(ALL_VARIANTS)}")
+    if not _runs_here(name):
+        raise ValueError(f"CPU variant {name!r} needs {sorted(_REQUIRED_FLAGS[name])}, "
+                         "which this CPU lacks")
+    try:
+        return importlib.import_module(f"refmoe.kernels._{name}")
+    except ImportError as e:
+        raise ValueError(f"CPU variant {name!r} was not built ({e})") from e
+
+
+def available_variants() -> list[str]:
+    """Variants that are built and can run on this CPU, fastest first."""
+    out = []
+    for name in ALL_VARIANTS:
+        try:
+            _module(name)
+            out.append(name)
+        except ValueError:
+            pass
+    return out
+
+
+def _choose_variant() -> str:
+    forced = os.environ.get("REFMOE_CPU_VARIANT")
+    if forced:
+        _module(forced)  # raises a clear error for an unknown or unusable variant
+        return forced
+    for name in ("avx512", "avx2", "generic"):
+        if name in available_variants():
+            return name
+    raise ImportError("no refmoe kernel variant is built; run `pip install -e .`")
+
+
+_VARIANT = _choose_variant()
+
+
+def variant() -> str:
+    """The variant the entry points use by default (REFMOE_CPU_VARIANT forces one)."""
+    return _VARIANT
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks: every error names the argument and what was expected.
+# ---------------------------------------------------------------------------------------------
+
+def _as_codes(w, name: str) -> np.ndarray:
+    """uint8 codes from a uint8 or float8_e4m3fn numpy array (or torch tensor)."""
+    if hasattr(w, "numpy") and hasattr(w, "dtype") and "float8" in str(w.dtype):
+        import torch
+
+        w = w.view(torch.uint8).numpy()
+    w = np.asarray(w)
+    if w.dtype == np.uint8:
+        return w
+    if w.dtype.itemsize == 1 and "float8_e4m3fn" in str(w.dtype):
+        return w.view(np.uint8)
+    raise ValueError(f"{name}: expected uint8 or float8_e4m3fn, got {w.dtype}")
+
+
+def _check(a, name: str, dtype, ndim: int, shape: tuple | None = None) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy array, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise ValueError(f"{name}: expected dtype {np.dtype(dtype)}, got {a.dtype}")
+    if a.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {a.shape}")
+    if shape is not None and a.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name}: must be C-contiguous (use np.ascontiguousarray)")
+    return a
+
+
+def _check_x(x, k: int | None = None) -> np.ndarray:
+    x = _check(x, "x", np.float32, 2)
+    if k is not None and x.shape[1] != k:
+        raise ValueError(f"x: expected {k} columns to match the weight's K, got {x.shape[1]}")
+    if x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"x: empty shape {x.shape}")
+    return x
+
+
+def _threads(num_threads: int | None) -> int:
+    n = default_threads() if num_threads is None else int(num_threads)
+    if n < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    return n
+
+
+@lru_cache(maxsize=256)
+def _bands(rows: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    lo, hi = partition_bands(rows, threads, _topology())
+    return np.array(lo, np.int32), np.array(hi, np.int32)
+
+
+@lru_cache(maxsize=1)
+def _topology() -> Topology:
+    return Topology.read()
+
+
+def _pad(x: np.ndarray) -> np.ndarray:
+    """x [M, K] -> [M, Kp] with zeros past K (the kernels read whole 128-wide blocks)."""
+    m, k = x.shape
+    kp = -(-k // BLOCK) * BLOCK
+    if kp == k:
+        return x
+    out = np.zeros((m, kp), np.float32)
+    out[:, :k] = x
+    return out
+
+
+def validate_fp8(codes, name: str) -> None:
+    """Reject NaN codes (0x7F/0xFF) in an FP8 weight tensor, naming the tensor and index."""
+    idx = formats.fp8_nan_index(_as_codes(codes, name))
+    if idx is not None:
+        raise ValueError(f"{name}: NaN FP8 code at index {idx}; checkpoints never hold NaN")
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMV / GEMM: y [M, N] = x [M, K] @ W^T
+# ---------------------------------------------------------------------------------------------
+
+def _gemm(fmt: str, x, w: np.ndarray, s: np.ndarray, n: int, k: int, group: int,
+          num_threads: int | None, variant: str | None, naive: bool) -> np.ndarray:
+    mod = _module(variant or _VARIANT)
+    y = np.empty((x.shape[0], n), np.float32)
+    wflat, sflat = w.reshape(-1), s.reshape(-1)
+    if naive:
+        mod.gemm_reference(_FMT[fmt], wflat, sflat, n, k, group, x, y)
+    else:
+        t = _threads(num_threads)
+        lo, hi = _bands(n, t)
+        mod.gemm_rows(_FMT[fmt], wflat, sflat, n, k, group, _pad(x), y, t, lo, hi)
+    return y
+
+
+def fp8_gemm(x: np.ndarray, w, scale_inv: np.ndarray, *, num_threads: int | None = None,
+             variant: str | None = None, naive: bool = False) -> np.ndarray:
+    """y = x @ dequant(w).T with DeepSeek-V3 128x128 block scales.
+
+    Args:
+        x: float32 [M, K]; w: uint8 or float8_e4m3fn [N, K];
+        scale_inv: float32 [ceil(N/128), ceil(K/128)].
+    Returns: float32 [M, N].
+    """
+    w = _check(_as_codes(w, "w"), "w", np.uint8, 2)
+    n, k = w.shape
+    x = _check_x(x, k)
+    s = _check(scale_inv, "scale_inv", np.float32, 2, scale_shape(n, k))
+    return _gemm("fp8", x, w, s, n, k, 0, num_threads, variant, naive)
+
+
+def bf16_gemm(x: np.ndarray, w: np.ndarray, *, num_threads: int | None = None,
+              variant: str | None = None, naive: bool = False) -> np.ndarray:
+    """y = x @ w.T for bf16 weights given as uint16 bits [N, K]."""
+    w = _check(w, "w", np.uint16, 2)
+    n, k = w.shape
+    x = _check_x(x, k)
+    return _gemm("bf16", x, w.view(np.uint8), np.zeros(0, np.float32), n, k, 0, num_threads,
+                 variant, naive)
+
+
+def int4_gemm(x: np.ndarray, w: np.ndarray, scales: np.ndarray, *, group_size: int = 128,
+              num_threads: int | None = None, variant: str | None = None,
+              naive: bool = False) -> np.ndarray:
+    """y = x @ dequant(w).T for packed INT4 (see formats.int4_quantize).
+
+    Args:
+        x: float32 [M, K]; w: uint8 [N, ceil(K/32)*16]; scales: float32 [N, ceil(K/group)].
+    """
+    if group_size not in (32, 128):
+        raise ValueError(f"group_size must be 32 or 128, got {group_size}")
+    x = _check_x(x)
+    k = x.shape[1]
+    w = _check(w, "w", np.uint8, 2)
+    n = w.shape[0]
+    if w.shape[1] != int4_packed_cols(k):
+        raise ValueError(f"w: packed INT4 for K={k} has {int4_packed_cols(k)} columns, "
+                         f"got {w.shape[1]}")
+    s = _check(scales, "scales", np.float32, 2, (n, -(-k // group_size)))
+    return _gemm("int4", x, w, s, n, k, group_size, num_threads, variant, naive)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused routed-expert MLP
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class ExpertWeights:
+    """Routed experts of one MoE layer in one format, one host copy.
+
+    gate/up: per expert [I, H] codes; down: [H, I]. Scales per expert as the format needs:
+    FP8 scale_inv [ceil(rows/128), ceil(cols/128)], INT4 [rows, ceil(cols/group)], BF16 none.
+    """
+
+    fmt: str
+    hidden: int
+    intermediate: int
+    gate: list[np.ndarray]
+    up: list[np.ndarray]
+    down: list[np.ndarray]
+    gate_scale: list[np.ndarray] = field(default_factory=list)
+    up_scale: list[np.ndarray] = field(default_factory=list)
+    down_scale: list[np.ndarray] = field(default_factory=list)
+    group_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.fmt not in _FMT:
+            raise ValueError(f"expert format must be one of {sorted(_FMT)}, got {self.fmt!r}")
+        h, i, e = self.hidden, self.intermediate, len(self.gate)
+        if e == 0 or len(self.up) != e or len(self.down) != e:
+            raise ValueError(f"need the same nonzero number of gate/up/down matrices, got "
+                             f"{len(self.gate)}/{len(self.up)}/{len(self.down)}")
+        for kind, mats, scales, (rows, cols) in (
+            ("gate", self.gate, self.gate_scale, (i, h)),
+            ("up", self.up, self.up_scale, (i, h)),
+            ("down", self.down, self.down_scale, (h, i)),
+        ):
+            if self.fmt != "bf16" and len(scales) != e:
+                raise ValueError(f"{kind}_scale: expected {e} scale tensors, got {len(scales)}")
+            for j, m in enumerate(mats):
+                name = f"experts.{j}.{kind}_proj.weight"
+                if self.fmt == "fp8":
+                    mats[j] = _check(_as_codes(m, name), name, np.uint8, 2, (rows, cols))
+                    _check(scales[j], f"experts.{j}.{kind}_proj.weight_scale_inv", np.float32,
+                           2, scale_shape(rows, cols))
+                elif self.fmt == "bf16":
+                    _check(m, name, np.uint16, 2, (rows, cols))
+                else:
+                    _check(m, name, np.uint8, 2, (rows, int4_packed_cols(cols)))
+                    _check(scales[j], f"experts.{j}.{kind}_proj.scales", np.float32, 2,
+                           (rows, -(-cols // self.group_size)))
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.gate)
+
+    def nbytes(self, expert: int) -> int:
+        """Bytes of weights and scales one expert reads."""
+        parts = [self.gate, self.up, self.down, self.gate_scale, self.up_scale, self.down_scale]
+        return sum(p[expert].nbytes for p in parts if p)
+
+
+def fused_moe(x: np.ndarray, token_ids: np.ndarray, expert_ids: np.ndarray,
+              routing_weights: np.ndarray, experts: ExpertWeights, *,
+              num_threads: int | None = None, variant: str | None = None) -> np.ndarray:
+    """y [T, H] = sum over assignments a of routing_weights[a] * expert_{expert_ids[a]}(x[t_a]).
+
+    The expert MLP is down(silu(gate x) * up x). Assignments are grouped by expert so every
+    expert's weights are read once per call, whatever number of tokens it serves.
+    Args: x float32 [T, H]; token_ids, expert_ids int [A]; routing_weights float32 [A].
+    """
+    x = _check_x(x, experts.hidden)
+    t_count = x.shape[0]
+    tok = np.asarray(token_ids)
+    exp = np.asarray(expert_ids)
+    rw = np.asarray(routing_weights)
+    if tok.ndim != 1 or exp.shape != tok.shape or rw.shape != tok.shape:
+        raise ValueError(f"token_ids, expert_ids, routing_weights must be 1-D of one length, "
+                         f"got {tok.shape}, {exp.shape}, {rw.shape}")
+    if not (np.issubdtype(tok.dtype, np.integer) and np.issubdtype(exp.dtype, np.integer)):
+        raise ValueError("token_ids and expert_ids must be integer arrays")
+    if rw.dtype != np.float32:
+        raise ValueError(f"routing_weights: expected float32, got {rw.dtype}")
+    if tok.size and (tok.min() < 0 or tok.max() >= t_count):
+        raise ValueError(f"token_ids: values must lie in [0, {t_count}), got "
+                         f"[{tok.min()}, {tok.max()}]")
+    if exp.size and (exp.min() < 0 or exp.max() >= experts.num_experts):
+        raise ValueError(f"expert_ids: values must lie in [0, {experts.num_experts}), got "
+                         f"[{exp.min()}, {exp.max()}]")
+    y = np.zeros((t_count, experts.hidden), np.float32)
+    if tok.size == 0:
+        return y
+    order = np.argsort(exp, kind="stable")
+    used, counts = np.unique(exp[order], return_counts=True)
+    offsets = np.zeros(len(used) + 1, np.int32)
+    offsets[1:] = np.cumsum(counts)
+    t = _threads(num_threads)
+    gu_lo, gu_hi = _bands(experts.intermediate, t)
+    dn_lo, dn_hi = _bands(experts.hidden, t)
+    flat = lambda mats: [mats[e].reshape(-1).view(np.uint8) for e in used]  # noqa: E731
+    empty = np.zeros(0, np.float32)
+    sc = lambda s: [s[e].reshape(-1) for e in used] if s else [empty] * len(used)  # noqa: E731
+    _module(variant or _VARIANT).moe(
+        _FMT[experts.fmt], experts.group_size, experts.intermediate, x, offsets,
+        np.ascontiguousarray(tok[order], np.int32), np.ascontiguousarray(rw[order]),
+        flat(experts.gate), sc(experts.gate_scale), flat(experts.up), sc(experts.up_scale),
+        flat(experts.down), sc(experts.down_scale), y, t, gu_lo, gu_hi, dn_lo, dn_hi)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement, CPU state, and the bandwidth limit measured beside the kernels
+# ---------------------------------------------------------------------------------------------
+
+def place(w: np.ndarray, *, num_threads: int | None = None) -> np.ndarray:
+    """A copy of w [rows, ...] whose 128-row bands were first written by the threads that
+    compute them (NUMA first touch). Use it once at load; the kernels then read local memory."""
+    w = np.ascontiguousarray(w)
+    t = _threads(num_threads)
+    lo, hi = _bands(w.shape[0], t)
+    dst = np.empty_like(w)  # large allocations are untouched mmap pages until written
+    rows = w.reshape(w.shape[0], -1).view(np.uint8)
+    _module(_VARIANT).place(rows, dst.reshape(w.shape[0], -1).view(np.uint8), t, lo, hi)
+    return dst
+
+
+def fp8_to_float32(codes: np.ndarray, *, variant: str | None = None) -> np.ndarray:
+    """E4M3 codes -> float32 through the variant's vector conversion; NaN codes are rejected."""
+    codes = np.ascontiguousarray(_as_codes(codes, "codes")).reshape(-1)
+    validate_fp8(codes, "codes")
+    out = np.empty(codes.shape, np.float32)
+    if codes.size:
+        _module(variant or _VARIANT).fp8_to_float32(codes, out)
+    return out
+
+
+def set_denormals_zero(on: bool, *, num_threads: int | None = None,
+                       variant: str | None = None) -> None:
+    """Set MXCSR DAZ+FTZ on this thread and the kernel pool's threads (x86 only)."""
+    _module(variant or _VARIANT).denormals_zero(bool(on), _threads(num_threads))
+
+
+def read_bandwidth_probe(buf: np.ndarray, *, num_threads: int | None = None) -> int:
+    """Stream-read every byte of buf with the kernels' threads (time it to get read GB/s)."""
+    b = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
+    return _module(_VARIANT).read(b, _threads(num_threads))
+
+
+__all__ = [
+    "ALL_VARIANTS", "ExpertWeights", "available_variants", "bf16_gemm", "fp8_gemm",
+    "fp8_to_float32", "fused_moe", "int4_gemm", "place", "read_bandwidth_probe",
+    "set_denormals_zero", "validate_fp8", "variant",
+]

@@ -1,0 +1,2 @@
+# Variant module "generic": kernels.h compiled with this variant's flags (see setup.py).
+include "_kernels.pxi"

@@ -1,0 +1,137 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# The Cython face of kernels.h, shared by every CPU variant module (_avx2.pyx, _generic.pyx,
+# ...). Arguments arrive validated and contiguous from refmoe.kernels; this layer only releases
+# the GIL and passes pointers.
+from libc.stdint cimport uint8_t, uint64_t
+
+cdef extern from "kernels.h" nogil:
+    ctypedef struct wmat:
+        int fmt
+        int n
+        int k
+        int group
+        const void *w
+        const float *s
+    void refmoe_init()
+    void fp8_to_f32_vec(const uint8_t *codes, float *out, int n, int permuted)
+    int gemm(const wmat *W, int M, const float *x, float *y, int nthreads,
+             const int *band_lo, const int *band_hi)
+    void gemm_naive(const wmat *W, int M, const float *x, float *y)
+    int moe_mlp(int T, int H, int I, int E, const float *x, const int *offsets, const int *tok,
+                const float *rw, const wmat *gate, const wmat *up, const wmat *down, float *y,
+                float *xg, float *g_out, float *u_out, float *h, float *ye, int nthreads,
+                const int *gu_lo, const int *gu_hi, const int *dn_lo, const int *dn_hi)
+    void place_bands(const uint8_t *src, uint8_t *dst, int rows, size_t row_bytes,
+                     int nthreads, const int *band_lo, const int *band_hi)
+    void set_denormals_zero(int on, int nthreads)
+    uint64_t read_bytes(const uint8_t *p, size_t n, int nthreads)
+
+from libc.stdlib cimport malloc, free
+
+refmoe_init()
+
+
+cdef wmat _wmat(int fmt, const uint8_t[::1] w, const float[::1] s, int n, int k, int group):
+    cdef wmat W
+    W.fmt = fmt
+    W.n = n
+    W.k = k
+    W.group = group
+    W.w = &w[0]
+    W.s = &s[0] if s.shape[0] > 0 else NULL
+    return W
+
+
+def fp8_to_float32(const uint8_t[::1] codes,  # IN  [n]
+                   float[::1] out,            # OUT [n]
+                   bint gemv_path):
+    """Through the tile conversion, or (gemv_path) the GEMV's own conversion."""
+    with nogil:
+        fp8_to_f32_vec(&codes[0], &out[0], codes.shape[0], gemv_path)
+
+
+def gemm_rows(int fmt, const uint8_t[::1] w, const float[::1] s, int n, int k, int group,
+              const float[:, ::1] x,   # IN  [M, Kp] zero padded
+              float[:, ::1] y,         # OUT [M, N]
+              int nthreads, const int[::1] band_lo, const int[::1] band_hi):
+    cdef wmat W = _wmat(fmt, w, s, n, k, group)
+    cdef int rc
+    with nogil:
+        rc = gemm(&W, x.shape[0], &x[0, 0], &y[0, 0], nthreads, &band_lo[0], &band_hi[0])
+    if rc != 0:
+        raise MemoryError("kernel scratch allocation failed")
+
+
+def gemm_reference(int fmt, const uint8_t[::1] w, const float[::1] s, int n, int k, int group,
+                   const float[:, ::1] x,  # IN  [M, K]
+                   float[:, ::1] y):       # OUT [M, N]
+    cdef wmat W = _wmat(fmt, w, s, n, k, group)
+    with nogil:
+        gemm_naive(&W, x.shape[0], &x[0, 0], &y[0, 0])
+
+
+def moe(int fmt, int group, int I,
+        const float[:, ::1] x,     # IN  [T, H]
+        const int[::1] offsets,    # IN  [E + 1] assignment ranges per expert slot
+        const int[::1] tok,        # IN  [A] token of each assignment
+        const float[::1] rw,       # IN  [A] routing weight of each assignment
+        list gate_w, list gate_s, list up_w, list up_s, list down_w, list down_s,
+        float[:, ::1] y,           # OUT [T, H], accumulated into
+        int nthreads, const int[::1] gu_lo, const int[::1] gu_hi,
+        const int[::1] dn_lo, const int[::1] dn_hi):
+    """y += routed expert MLP; per-slot weights as flat uint8 codes and float32 scales."""
+    import numpy as np
+    cdef int T = x.shape[0], H = x.shape[1], E = len(gate_w), e, rc
+    cdef int A = offsets[E]
+    cdef int Hp = (H + 127) // 128 * 128, Ip = (I + 127) // 128 * 128
+    cdef wmat *mats = <wmat *> malloc(3 * max(E, 1) * sizeof(wmat))
+    if mats == NULL:
+        raise MemoryError("expert descriptors")
+    try:
+        for e in range(E):
+            mats[e] = _wmat(fmt, gate_w[e], gate_s[e], I, H, group)
+            mats[E + e] = _wmat(fmt, up_w[e], up_s[e], I, H, group)
+            mats[2 * E + e] = _wmat(fmt, down_w[e], down_s[e], H, I, group)
+        rows = max(A, 1)
+        rc = _run_moe(T, H, I, E, x, offsets, tok, rw, mats, y,
+                      np.empty((rows, Hp), np.float32), np.empty((rows, I), np.float32),
+                      np.empty((rows, I), np.float32), np.empty((rows, Ip), np.float32),
+                      np.empty((rows, H), np.float32), nthreads, gu_lo, gu_hi, dn_lo, dn_hi)
+    finally:
+        free(mats)
+    if rc != 0:
+        raise MemoryError("kernel scratch allocation failed")
+
+
+cdef int _run_moe(int T, int H, int I, int E, const float[:, ::1] x, const int[::1] offsets,
+                  const int[::1] tok, const float[::1] rw, wmat *mats, float[:, ::1] y,
+                  float[:, ::1] xg, float[:, ::1] g_out, float[:, ::1] u_out, float[:, ::1] h,
+                  float[:, ::1] ye, int nthreads, const int[::1] gu_lo, const int[::1] gu_hi,
+                  const int[::1] dn_lo, const int[::1] dn_hi) except? -2:
+    cdef int rc
+    cdef const int *tokp = &tok[0] if tok.shape[0] > 0 else NULL
+    cdef const float *rwp = &rw[0] if rw.shape[0] > 0 else NULL
+    with nogil:
+        rc = moe_mlp(T, H, I, E, &x[0, 0], &offsets[0], tokp, rwp, mats, mats + E, mats + 2 * E,
+                     &y[0, 0], &xg[0, 0], &g_out[0, 0], &u_out[0, 0], &h[0, 0], &ye[0, 0],
+                     nthreads, &gu_lo[0], &gu_hi[0], &dn_lo[0], &dn_hi[0])
+    return rc
+
+
+def place(const uint8_t[:, ::1] src, uint8_t[:, ::1] dst, int nthreads,
+          const int[::1] band_lo, const int[::1] band_hi):
+    with nogil:
+        place_bands(&src[0, 0], &dst[0, 0], src.shape[0], src.shape[1], nthreads, &band_lo[0],
+                    &band_hi[0])
+
+
+def denormals_zero(bint on, int nthreads):
+    with nogil:
+        set_denormals_zero(on, nthreads)
+
+
+def read(const uint8_t[::1] buf, int nthreads):
+    cdef uint64_t r
+    with nogil:
+        r = read_bytes(&buf[0], buf.shape[0], nthreads)
+    return r

@@ -1,0 +1,128 @@
+"""Weight formats in numpy: FP8 E4M3 with 128x128 block scales, BF16 bits, packed INT4.
+
+Encoders (float -> codes) make test weights and let the loader convert checkpoints; decoders
+(codes -> float64) are the exact references the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BLOCK = 128          # DeepSeek-V3 weight_block_size
+FP8_MAX = 448.0      # largest finite E4M3 value
+INT4_CHUNK = 32      # packing unit along K: 16 bytes hold 32 nibbles
+
+
+def _e4m3_table() -> np.ndarray:
+    """float64 value of each of the 256 codes; NaN at 0x7F and 0xFF."""
+    codes = np.arange(256)
+    e = (codes >> 3) & 15
+    m = codes & 7
+    mag = np.where(e == 0, m * 2.0**-9, (8 + m) * 2.0 ** (e - 10))
+    val = np.where(codes & 0x80, -mag, mag)
+    val[(codes & 0x7F) == 0x7F] = np.nan
+    return val
+
+
+E4M3 = _e4m3_table()                    # [256] float64
+_POS = E4M3[:0x7F]                       # [127] increasing magnitudes of codes 0x00..0x7E
+
+
+def fp8_decode(codes: np.ndarray) -> np.ndarray:
+    """E4M3 codes (uint8) -> exact float64 values (NaN for NaN codes)."""
+    return E4M3[np.asarray(codes, dtype=np.uint8)]
+
+
+def fp8_encode(x: np.ndarray) -> np.ndarray:
+    """float -> nearest E4M3 code, ties to even, saturating at +-448 (never NaN)."""
+    x = np.asarray(x, dtype=np.float64)
+    if np.isnan(x).any():
+        raise ValueError("fp8_encode: input contains NaN")
+    mag = np.minimum(np.abs(x), FP8_MAX)
+    hi = np.clip(np.searchsorted(_POS, mag), 1, len(_POS) - 1)  # first value >= mag
+    lo = hi - 1
+    d_lo, d_hi = mag - _POS[lo], _POS[hi] - mag
+    take_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0))
+    code = np.where(take_hi, hi, lo).astype(np.uint8)
+    code = np.where(mag == 0, 0, code).astype(np.uint8)
+    return np.where(np.signbit(x) & (code != 0), code | 0x80, code).astype(np.uint8)
+
+
+def fp8_nan_index(codes: np.ndarray) -> tuple[int, ...] | None:
+    """Index of the first NaN code (0x7F or 0xFF), or None."""
+    bad = (np.asarray(codes, dtype=np.uint8) & 0x7F) == 0x7F
+    if not bad.any():
+        return None
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
+
+
+def scale_shape(n: int, k: int) -> tuple[int, int]:
+    return (-(-n // BLOCK), -(-k // BLOCK))
+
+
+def fp8_quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[N, K] float -> (codes uint8 [N, K], scale_inv float32 [ceil(N/128), ceil(K/128)]),
+    one scale per 128x128 block (edge blocks included) so that its amax maps to 448."""
+    w = np.asarray(w, dtype=np.float64)
+    n, k = w.shape
+    nb, kb = scale_shape(n, k)
+    pad = np.zeros((nb * BLOCK, kb * BLOCK))
+    pad[:n, :k] = np.abs(w)
+    amax = pad.reshape(nb, BLOCK, kb, BLOCK).max(axis=(1, 3))
+    scale_inv = np.where(amax > 0, amax / FP8_MAX, 1.0).astype(np.float32)
+    full = np.repeat(np.repeat(scale_inv.astype(np.float64), BLOCK, 0), BLOCK, 1)[:n, :k]
+    return fp8_encode(w / full), scale_inv
+
+
+def fp8_dequantize(codes: np.ndarray, scale_inv: np.ndarray) -> np.ndarray:
+    """Exact float64 [N, K] = fp8(codes) * scale_inv[n // 128, k // 128]."""
+    n, k = codes.shape
+    full = np.repeat(np.repeat(scale_inv.astype(np.float64), BLOCK, 0), BLOCK, 1)[:n, :k]
+    return fp8_decode(codes) * full
+
+
+def bf16_encode(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits (uint16), round to nearest even."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def bf16_decode(bits: np.ndarray) -> np.ndarray:
+    """bf16 bits (uint16) -> float64."""
+    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def int4_packed_cols(k: int) -> int:
+    """Bytes per packed INT4 row of length k."""
+    return -(-k // INT4_CHUNK) * (INT4_CHUNK // 2)
+
+
+def int4_quantize(w: np.ndarray, group: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """[N, K] float -> (packed uint8 [N, ceil(K/32)*16], scales float32 [N, ceil(K/group)]).
+
+    Symmetric: q = clip(round(w / s), -8, 7) with s = amax(group) / 7, stored as q + 8. Within
+    each chunk of 32 k, byte j holds k = j in its low nibble and k = j + 16 in its high nibble,
+    so a SIMD unpack is one AND and one shift. Past K the code is 8 (zero).
+    """
+    if group not in (32, 128):
+        raise ValueError(f"INT4 group size must be 32 or 128, got {group}")
+    w = np.asarray(w, dtype=np.float64)
+    n, k = w.shape
+    ng = -(-k // group)
+    kc = -(-k // INT4_CHUNK) * INT4_CHUNK
+    pad = np.zeros((n, ng * group))
+    pad[:, :k] = w
+    amax = np.abs(pad).reshape(n, ng, group).max(axis=2)
+    scales = np.where(amax > 0, amax / 7.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(pad / np.repeat(scales.astype(np.float64), group, 1)), -8, 7)
+    q = (q[:, :kc] + 8).astype(np.uint8).reshape(n, kc // INT4_CHUNK, 2, 16)
+    packed = q[:, :, 0, :] | (q[:, :, 1, :] << 4)
+    return np.ascontiguousarray(packed.reshape(n, kc // 2)), scales
+
+
+def int4_dequantize(packed: np.ndarray, scales: np.ndarray, k: int, group: int) -> np.ndarray:
+    """Exact float64 [N, K] from packed INT4 and its group scales."""
+    n = packed.shape[0]
+    p = packed.reshape(n, -1, 16)
+    q = np.stack([p & 15, p >> 4], axis=2).reshape(n, -1)[:, :k].astype(np.float64) - 8
+    return q * np.repeat(scales.astype(np.float64), group, 1)[:, :k]

@@ -1,0 +1,758 @@
+/* refmoe CPU expert kernels: one source, compiled once per CPU variant.
+ *
+ * The variant is chosen by the macros setup.py passes:
+ *   REFMOE_ISA_AVX512 (+ REFMOE_BF16DOT)   AVX-512 F/BW/VL (+ BF16 dot, VBMI permutes)
+ *   REFMOE_ISA_AVX512 + REFMOE_EMULATED    the same source through SIMDe, for machines without it
+ *   REFMOE_ISA_AVX2                        AVX2 + F16C + FMA
+ *   (none)                                 portable C (GCC/Clang vector extensions)
+ *
+ * Legend used in the shape comments: M = activation rows (tokens), N = output rows of W,
+ * K = reduction length, Kp = K rounded up to a multiple of 128 (x is always given padded
+ * with zeros to Kp), B = 128 (block / band size).
+ *
+ * Weight formats (y = x W^T, W is [N, K]):
+ *   FMT_FP8   uint8 E4M3 codes [N, K] and float32 scale_inv [ceil(N/B), ceil(K/B)]
+ *   FMT_BF16  uint16 bf16 bits [N, K], no scale
+ *   FMT_INT4  uint8 [N, ceil(K/32)*16]: per chunk of 32 k, byte j holds k=j in its low nibble
+ *             and k=j+16 in its high nibble, code q stands for q-8; float32 scales
+ *             [N, ceil(K/group)], group 32 or 128
+ */
+#ifndef REFMOE_KERNELS_H
+#define REFMOE_KERNELS_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define FMT_FP8 0
+#define FMT_BF16 1
+#define FMT_INT4 2
+#define BAND 128
+#define TILE_ROWS 32
+
+/* ====================================================================================== */
+/* Vector layer: vf holds VL floats.                                                        */
+/* ====================================================================================== */
+
+#if defined(REFMOE_ISA_AVX512)
+#if defined(REFMOE_EMULATED)
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#include <simde/x86/f16c.h>
+#else
+#include <immintrin.h>
+#endif
+#define VL 16
+typedef __m512 vf;
+static inline vf vf_zero(void) { return _mm512_setzero_ps(); }
+static inline vf vf_set1(float a) { return _mm512_set1_ps(a); }
+static inline vf vf_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline void vf_store(float *p, vf a) { _mm512_storeu_ps(p, a); }
+static inline vf vf_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf vf_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vf_add(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline float vf_hsum(vf a) {
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    q = _mm_add_ss(q, _mm_movehdup_ps(q));
+    return _mm_cvtss_f32(q);
+}
+/* 16 E4M3 codes -> 16 floats equal to value * 2^-8. Sign-extending the byte to 16 bits and
+ * shifting left by 7 puts eeee.mmm into the fp16 exponent/mantissa fields; bit 14 holds a copy
+ * of the sign and is cleared. vcvtph2ps converts fp16 subnormals exactly whatever MXCSR.DAZ
+ * says, so E4M3 subnormals survive a DAZ build. */
+static inline void cvt_fp8_16(const uint8_t *p, vf *o) {
+    __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+    h = _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16((short)0xBFFF));
+    o[0] = _mm512_cvtph_ps(h);
+}
+static inline void cvt_bf16_16(const uint16_t *p, vf *o) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    o[0] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+/* 16 packed bytes -> 32 nibble values (0..15) as floats, k order. */
+static inline void cvt_int4_32(const uint8_t *p, vf *o) {
+    __m128i b = _mm_loadu_si128((const __m128i *)p);
+    __m128i m = _mm_set1_epi8(0x0F);
+    __m128i lo = _mm_and_si128(b, m);
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+    o[0] = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm256_cvtepu8_epi16(lo)));
+    o[1] = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm256_cvtepu8_epi16(hi)));
+}
+
+#elif defined(REFMOE_ISA_AVX2)
+#include <immintrin.h>
+#define VL 8
+typedef __m256 vf;
+static inline vf vf_zero(void) { return _mm256_setzero_ps(); }
+static inline vf vf_set1(float a) { return _mm256_set1_ps(a); }
+static inline vf vf_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline void vf_store(float *p, vf a) { _mm256_storeu_ps(p, a); }
+static inline vf vf_fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf vf_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vf_add(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline float vf_hsum(vf a) {
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    q = _mm_add_ss(q, _mm_movehdup_ps(q));
+    return _mm_cvtss_f32(q);
+}
+/* Same bit trick as the AVX-512 path, 8 lanes per vcvtph2ps. */
+static inline void cvt_fp8_16(const uint8_t *p, vf *o) {
+    __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+    h = _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16((short)0xBFFF));
+    o[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+    o[1] = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+}
+/* GEMV conversion with shifts and ANDs only: no vcvtph2ps (2 uops at half rate on Zen 3) and no
+ * shuffles (one port). In a dword holding codes b3 b2 b1 b0, a 16-bit arithmetic shift right by
+ * 4 leaves b3 (and b1, in the low word) as s sss s eeee mmm 0000, and masking with 0x87F00000
+ * keeps sign | eeeemmm << 20: the fp32 bits of value * 2^-120, exactly (E4M3 subnormals land
+ * on fp32 subnormals holding the same m * 2^-9 * 2^-120). A 32-bit shift left by 16 brings b1
+ * up, and a 16-bit shift left by 8 first does the same for b2 and b0. 9 integer ops per 32
+ * codes. The 2^120 is folded into x once per band (see rows_gemv_fp8), so there is no
+ * multiply. Exact only while DAZ is off, so every kernel clears DAZ/FTZ for its own duration
+ * (fpenv_enter). Output vector j holds codes 4i + j, the order of FP8_PERM; the GEMV stores x
+ * permuted the same way once per band. */
+#define FP8_PERM_DEFINED 1
+#define FP8_GEMV_LOG2 (-120) /* cvt_fp8_32_perm yields value * 2^FP8_GEMV_LOG2 */
+static const int FP8_PERM[32] = {0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29,
+                                 2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31};
+static inline void cvt_fp8_32_perm(const uint8_t *p, vf *o) {
+    const __m256i mask = _mm256_set1_epi32((int)0x87F00000u);
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    __m256i t13 = _mm256_srai_epi16(v, 4);
+    __m256i t02 = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 4);
+    o[0] = _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(t02, 16), mask));
+    o[1] = _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(t13, 16), mask));
+    o[2] = _mm256_castsi256_ps(_mm256_and_si256(t02, mask));
+    o[3] = _mm256_castsi256_ps(_mm256_and_si256(t13, mask));
+}
+static inline void cvt_bf16_16(const uint16_t *p, vf *o) {
+    __m128i a = _mm_loadu_si128((const __m128i *)p);
+    __m128i b = _mm_loadu_si128((const __m128i *)(p + 8));
+    o[0] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(a), 16));
+    o[1] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
+}
+static inline void cvt_int4_32(const uint8_t *p, vf *o) {
+    __m128i b = _mm_loadu_si128((const __m128i *)p);
+    __m128i m = _mm_set1_epi8(0x0F);
+    __m128i lo = _mm_and_si128(b, m);
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+    o[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    o[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    o[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    o[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+}
+
+#else /* generic: portable C with GCC/Clang vector extensions */
+#define VL 8
+typedef float vf __attribute__((vector_size(32)));
+static float fp8_lut_generic[256];
+static inline vf vf_zero(void) { vf z = {0}; return z; }
+static inline vf vf_set1(float a) { vf v = {a, a, a, a, a, a, a, a}; return v; }
+static inline vf vf_load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void vf_store(float *p, vf a) { memcpy(p, &a, sizeof a); }
+static inline vf vf_fma(vf a, vf b, vf c) { return a * b + c; }
+static inline vf vf_mul(vf a, vf b) { return a * b; }
+static inline vf vf_add(vf a, vf b) { return a + b; }
+static inline float vf_hsum(vf a) {
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+static inline void cvt_fp8_16(const uint8_t *p, vf *o) {
+    for (int j = 0; j < 16; j++) o[j / 8][j % 8] = fp8_lut_generic[p[j]];
+}
+static inline void cvt_bf16_16(const uint16_t *p, vf *o) {
+    for (int j = 0; j < 16; j++) {
+        uint32_t u = (uint32_t)p[j] << 16;
+        float f;
+        memcpy(&f, &u, 4);
+        o[j / 8][j % 8] = f;
+    }
+}
+static inline void cvt_int4_32(const uint8_t *p, vf *o) {
+    for (int j = 0; j < 16; j++) {
+        o[j / 8][j % 8] = (float)(p[j] & 15);
+        o[2 + j / 8][j % 8] = (float)(p[j] >> 4);
+    }
+}
+#endif
+
+#ifndef FP8_PERM_DEFINED /* other variants: the tile conversion, natural order */
+static const int FP8_PERM[32] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15,
+                                 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
+#define FP8_GEMV_LOG2 (-8)
+static inline void cvt_fp8_32_perm(const uint8_t *p, vf *o) {
+    cvt_fp8_16(p, o);
+    cvt_fp8_16(p + 16, o + 16 / VL);
+}
+#endif
+
+/* The kernels own their floating-point environment: DAZ and FTZ are cleared for the call's duration on
+ * each thread (see cvt_fp8_16_perm) and the caller's MXCSR is restored afterwards. */
+static inline unsigned int fpenv_enter(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned int csr = __builtin_ia32_stmxcsr();
+    __builtin_ia32_ldmxcsr(csr & ~0x8040u); /* DAZ and FTZ off */
+    return csr;
+#else
+    return 0;
+#endif
+}
+static inline void fpenv_exit(unsigned int csr) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_ldmxcsr(csr);
+#else
+    (void)csr;
+#endif
+}
+
+#define NV16 (16 / VL) /* vectors per 16 weights */
+#define NV32 (32 / VL) /* vectors per 32 weights */
+
+/* ====================================================================================== */
+/* Scalar conversions (tails, the naive kernel, and tests).                                */
+/* ====================================================================================== */
+
+/* Exact E4M3 value from integer arithmetic; NaN codes give NAN. */
+static inline float fp8_value(uint8_t b) {
+    int e = (b >> 3) & 15, m = b & 7;
+    float v;
+    if (e == 15 && m == 7) return NAN;
+    if (e == 0) v = ldexpf((float)m, -9);
+    else v = ldexpf((float)(8 + m), e - 10);
+    return (b & 0x80) ? -v : v;
+}
+static inline float bf16_value(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static void refmoe_init(void) {
+#if !defined(REFMOE_ISA_AVX512) && !defined(REFMOE_ISA_AVX2)
+    for (int b = 0; b < 256; b++) fp8_lut_generic[b] = ldexpf(fp8_value((uint8_t)b), -8);
+#endif
+}
+
+/* codes[n] -> out[n] through the variant's vector conversion (times 2^8 to undo the fold). */
+static void fp8_to_f32_vec(const uint8_t *codes, float *out, int n, int permuted) {
+    unsigned int csr = fpenv_enter();
+    vf v[32 / VL];
+    float tmp[32];
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        if (permuted) cvt_fp8_32_perm(codes + i, v);
+        else { cvt_fp8_16(codes + i, v); cvt_fp8_16(codes + i + 16, v + NV16); }
+        for (int j = 0; j < 32 / VL; j++) vf_store(tmp + j * VL, v[j]);
+        for (int j = 0; j < 32; j++)
+            out[i + (permuted ? FP8_PERM[j] : j)] = ldexpf(tmp[j], permuted ? -FP8_GEMV_LOG2 : 8);
+    }
+    for (; i < n; i++) out[i] = fp8_value(codes[i]);
+    fpenv_exit(csr);
+}
+
+/* ====================================================================================== */
+/* Matrix descriptor and per-row dequantization of one tile.                               */
+/* ====================================================================================== */
+
+typedef struct {
+    int fmt;          /* FMT_* */
+    int n, k;         /* W is [n, k] */
+    int group;        /* INT4 group size (32 or 128) */
+    const void *w;    /* codes, see the header comment */
+    const float *s;   /* scale_inv (FP8) or group scales (INT4); NULL for BF16 */
+} wmat;
+
+static inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
+static inline int round_up(int a, int b) { return ceil_div(a, b) * b; }
+
+/* tile[r][0:B] = dequantized W[n0 + r, k0 : k0 + B], zero beyond K.  tile: [rows, B] */
+static void dequant_tile(const wmat *W, int n0, int rows, int k0, float *tile) {
+    int width = W->k - k0 < BAND ? W->k - k0 : BAND;
+    for (int r = 0; r < rows; r++) {
+        int n = n0 + r;
+        float *t = tile + (size_t)r * BAND;
+        int k = 0;
+        if (W->fmt == FMT_FP8) {
+            const uint8_t *w = (const uint8_t *)W->w + (size_t)n * W->k + k0;
+            float s = W->s[(size_t)(n / BAND) * ceil_div(W->k, BAND) + k0 / BAND];
+            vf sv = vf_set1(s * 256.f), v[NV16];
+            for (; k + 16 <= width; k += 16) {
+                cvt_fp8_16(w + k, v);
+                for (int j = 0; j < NV16; j++) vf_store(t + k + j * VL, vf_mul(v[j], sv));
+            }
+            for (; k < width; k++) t[k] = fp8_value(w[k]) * s;
+        } else if (W->fmt == FMT_BF16) {
+            const uint16_t *w = (const uint16_t *)W->w + (size_t)n * W->k + k0;
+            vf v[NV16];
+            for (; k + 16 <= width; k += 16) {
+                cvt_bf16_16(w + k, v);
+                for (int j = 0; j < NV16; j++) vf_store(t + k + j * VL, v[j]);
+            }
+            for (; k < width; k++) t[k] = bf16_value(w[k]);
+        } else { /* INT4: packed rows are whole chunks of 32, zero code (8) past K */
+            int row_bytes = ceil_div(W->k, 32) * 16, ngroups = ceil_div(W->k, W->group);
+            const uint8_t *w = (const uint8_t *)W->w + (size_t)n * row_bytes + k0 / 2;
+            const float *s = W->s + (size_t)n * ngroups;
+            vf v[NV32];
+            for (; k < width; k += 32) {
+                cvt_int4_32(w + k / 2, v);
+                vf sv = vf_set1(s[(k0 + k) / W->group]), minus8 = vf_set1(-8.f);
+                for (int j = 0; j < NV32; j++)
+                    vf_store(t + k + j * VL, vf_mul(vf_add(v[j], minus8), sv));
+            }
+            k = round_up(width, 32);
+        }
+        for (; k < BAND; k++) t[k] = 0.f;
+    }
+}
+
+/* ====================================================================================== */
+/* GEMM on a tile: y[m, n0 + j] += sum_k x[m, k0 + k] * tile[j, k], register-blocked.      */
+/* ====================================================================================== */
+
+#define MR 4
+#define NR 3
+
+static inline __attribute__((always_inline)) void micro(
+    int mr, int nr, const float *x, int ldx, const float *tile, float *y, int ldy) {
+    vf acc[MR][NR];
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) acc[i][j] = vf_zero();
+    for (int k = 0; k < BAND; k += VL) {
+        vf w[NR];
+        for (int j = 0; j < nr; j++) w[j] = vf_load(tile + (size_t)j * BAND + k);
+        for (int i = 0; i < mr; i++) {
+            vf xv = vf_load(x + (size_t)i * ldx + k);
+            for (int j = 0; j < nr; j++) acc[i][j] = vf_fma(xv, w[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) y[(size_t)i * ldy + j] += vf_hsum(acc[i][j]);
+}
+
+#define MICRO_CASE(a, b) \
+    case (a)*8 + (b): micro(a, b, x, ldx, tile, y, ldy); break;
+
+static void micro_any(int mr, int nr, const float *x, int ldx, const float *tile, float *y,
+                      int ldy) {
+    switch (mr * 8 + nr) {
+        MICRO_CASE(1, 1) MICRO_CASE(1, 2) MICRO_CASE(1, 3)
+        MICRO_CASE(2, 1) MICRO_CASE(2, 2) MICRO_CASE(2, 3)
+        MICRO_CASE(3, 1) MICRO_CASE(3, 2) MICRO_CASE(3, 3)
+        MICRO_CASE(4, 1) MICRO_CASE(4, 2) MICRO_CASE(4, 3)
+    }
+}
+
+/* Rows [n_lo, n_hi) of y = x W^T for M rows of x, through dequantized tiles.
+ * x: [M, ldx] (ldx >= Kp, zero padded), y: [M, ldy], tile: scratch [TILE_ROWS, B]. */
+static void rows_tiled(const wmat *W, int n_lo, int n_hi, int M, const float *x, int ldx,
+                       float *y, int ldy, float *tile) {
+    for (int m = 0; m < M; m++)
+        for (int n = n_lo; n < n_hi; n++) y[(size_t)m * ldy + n] = 0.f;
+    for (int n0 = n_lo; n0 < n_hi; n0 += TILE_ROWS) {
+        int rows = n_hi - n0 < TILE_ROWS ? n_hi - n0 : TILE_ROWS;
+        for (int k0 = 0; k0 < W->k; k0 += BAND) {
+            dequant_tile(W, n0, rows, k0, tile);
+            for (int m = 0; m < M; m += MR) {
+                int mr = M - m < MR ? M - m : MR;
+                for (int j = 0; j < rows; j += NR) {
+                    int nr = rows - j < NR ? rows - j : NR;
+                    micro_any(mr, nr, x + (size_t)m * ldx + k0, ldx, tile + (size_t)j * BAND,
+                              y + (size_t)m * ldy + n0 + j, ldy);
+                }
+            }
+        }
+    }
+}
+
+/* ====================================================================================== */
+/* GEMV (M = 1) straight from the codes: THE HOT LOOP of decode.                          */
+/* ====================================================================================== */
+
+/* FP8: the 128x128 block scale is folded into the activation once per band,
+ * xs = x * s * 2^E, so the inner loop is convert + FMA with no per-weight scaling. E undoes the
+ * conversion's power of two (2^FP8_GEMV_LOG2) as far as fp32 range allows: with a large
+ * |x * s| it is lowered so xs stays finite, and 2^(-FP8_GEMV_LOG2 - E) is applied per row at
+ * the end. xs: scratch [Kp]. Rows past the last multiple of 16 in K run in scalar code. */
+static void rows_gemv_fp8(const wmat *W, int n_lo, int n_hi, const float *x, float *y,
+                          float *xs) {
+    const int K = W->k, nkb = ceil_div(K, BAND), K32 = K / 32 * 32;
+    const uint8_t *codes = (const uint8_t *)W->w;
+    int band = -1;
+    float unscale = 1.f, s_tail = 0.f;
+    for (int n = n_lo; n < n_hi;) {
+        if (n / BAND != band) { /* new band: fold its scales into x */
+            band = n / BAND;
+            const float *sb = W->s + (size_t)band * nkb;
+            float amax = 0.f;
+            for (int k = 0; k < K32; k++) amax = fmaxf(amax, fabsf(x[k] * sb[k / BAND]));
+            int e = -FP8_GEMV_LOG2;
+            if (amax > 0.f && ilogbf(amax) + 1 + e > 126) e = 126 - (ilogbf(amax) + 1);
+            unscale = ldexpf(1.f, -FP8_GEMV_LOG2 - e);
+            s_tail = sb[nkb - 1];
+            for (int k = 0; k < K32; k += 32) {
+                float sc = ldexpf(sb[k / BAND], e);
+                for (int j = 0; j < 32; j++) xs[k + j] = x[k + FP8_PERM[j]] * sc;
+            }
+        }
+        int band_end = (band + 1) * BAND < n_hi ? (band + 1) * BAND : n_hi;
+        /* THE HOT LOOP: four rows share each xs load; 4 x NV32 independent accumulators */
+        for (; n + 4 <= band_end; n += 4) {
+            const uint8_t *w0 = codes + (size_t)n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+            vf a0[NV32], a1[NV32], a2[NV32], a3[NV32], v[NV32];
+            for (int j = 0; j < NV32; j++) a0[j] = a1[j] = a2[j] = a3[j] = vf_zero();
+            for (int k = 0; k < K32; k += 32) {
+                vf xv[NV32];
+                for (int j = 0; j < NV32; j++) xv[j] = vf_load(xs + k + j * VL);
+                cvt_fp8_32_perm(w0 + k, v);
+                for (int j = 0; j < NV32; j++) a0[j] = vf_fma(v[j], xv[j], a0[j]);
+                cvt_fp8_32_perm(w1 + k, v);
+                for (int j = 0; j < NV32; j++) a1[j] = vf_fma(v[j], xv[j], a1[j]);
+                cvt_fp8_32_perm(w2 + k, v);
+                for (int j = 0; j < NV32; j++) a2[j] = vf_fma(v[j], xv[j], a2[j]);
+                cvt_fp8_32_perm(w3 + k, v);
+                for (int j = 0; j < NV32; j++) a3[j] = vf_fma(v[j], xv[j], a3[j]);
+            }
+            for (int j = 1; j < NV32; j++) {
+                a0[0] = vf_add(a0[0], a0[j]); a1[0] = vf_add(a1[0], a1[j]);
+                a2[0] = vf_add(a2[0], a2[j]); a3[0] = vf_add(a3[0], a3[j]);
+            }
+            float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
+            for (int k = K32; k < K; k++) {
+                float xk = x[k] * s_tail;
+                t0 += fp8_value(w0[k]) * xk; t1 += fp8_value(w1[k]) * xk;
+                t2 += fp8_value(w2[k]) * xk; t3 += fp8_value(w3[k]) * xk;
+            }
+            y[n] = vf_hsum(a0[0]) * unscale + t0;
+            y[n + 1] = vf_hsum(a1[0]) * unscale + t1;
+            y[n + 2] = vf_hsum(a2[0]) * unscale + t2;
+            y[n + 3] = vf_hsum(a3[0]) * unscale + t3;
+        }
+        for (; n < band_end; n++) {
+            const uint8_t *w0 = codes + (size_t)n * K;
+            vf a0[NV32], v[NV32];
+            for (int j = 0; j < NV32; j++) a0[j] = vf_zero();
+            for (int k = 0; k < K32; k += 32) {
+                cvt_fp8_32_perm(w0 + k, v);
+                for (int j = 0; j < NV32; j++) a0[j] = vf_fma(v[j], vf_load(xs + k + j * VL), a0[j]);
+            }
+            for (int j = 1; j < NV32; j++) a0[0] = vf_add(a0[0], a0[j]);
+            float t0 = 0.f;
+            for (int k = K32; k < K; k++) t0 += fp8_value(w0[k]) * x[k] * s_tail;
+            y[n] = vf_hsum(a0[0]) * unscale + t0;
+        }
+    }
+}
+
+/* INT4: sum_k (q-8) s x = s * (sum_k q x - 8 sum_k x) per group; the -8 sum_k x term is a
+ * scalar per group computed once per call (gsum), so the inner loop is convert + FMA. */
+static void rows_gemv_int4(const wmat *W, int n_lo, int n_hi, const float *x, float *y,
+                           const float *gsum) {
+    const int K = W->k, G = W->group, ngroups = ceil_div(K, G);
+    const int row_bytes = ceil_div(K, 32) * 16, Kc = round_up(K, 32);
+    const uint8_t *codes = (const uint8_t *)W->w;
+    int n = n_lo;
+    for (; n + 2 <= n_hi; n += 2) {
+        const uint8_t *w0 = codes + (size_t)n * row_bytes, *w1 = w0 + row_bytes;
+        const float *s0 = W->s + (size_t)n * ngroups, *s1 = s0 + ngroups;
+        vf t0 = vf_zero(), t1 = vf_zero(), v[NV32];
+        float c0 = 0.f, c1 = 0.f;
+        for (int g = 0; g < ngroups; g++) {
+            vf a0[2] = {vf_zero(), vf_zero()}, a1[2] = {vf_zero(), vf_zero()};
+            int kend = (g + 1) * G < Kc ? (g + 1) * G : Kc;
+            for (int k = g * G; k < kend; k += 32) {
+                vf xv[NV32];
+                for (int j = 0; j < NV32; j++) xv[j] = vf_load(x + k + j * VL);
+                cvt_int4_32(w0 + k / 2, v);
+                for (int j = 0; j < NV32; j++) a0[j & 1] = vf_fma(v[j], xv[j], a0[j & 1]);
+                cvt_int4_32(w1 + k / 2, v);
+                for (int j = 0; j < NV32; j++) a1[j & 1] = vf_fma(v[j], xv[j], a1[j & 1]);
+            }
+            t0 = vf_fma(vf_add(a0[0], a0[1]), vf_set1(s0[g]), t0);
+            t1 = vf_fma(vf_add(a1[0], a1[1]), vf_set1(s1[g]), t1);
+            c0 += s0[g] * gsum[g];
+            c1 += s1[g] * gsum[g];
+        }
+        y[n] = vf_hsum(t0) - 8.f * c0;
+        y[n + 1] = vf_hsum(t1) - 8.f * c1;
+    }
+    for (; n < n_hi; n++) {
+        const uint8_t *w0 = codes + (size_t)n * row_bytes;
+        const float *s0 = W->s + (size_t)n * ngroups;
+        vf t0 = vf_zero(), v[NV32];
+        float c0 = 0.f;
+        for (int g = 0; g < ngroups; g++) {
+            vf a0 = vf_zero();
+            int kend = (g + 1) * G < Kc ? (g + 1) * G : Kc;
+            for (int k = g * G; k < kend; k += 32) {
+                cvt_int4_32(w0 + k / 2, v);
+                for (int j = 0; j < NV32; j++) a0 = vf_fma(v[j], vf_load(x + k + j * VL), a0);
+            }
+            t0 = vf_fma(a0, vf_set1(s0[g]), t0);
+            c0 += s0[g] * gsum[g];
+        }
+        y[n] = vf_hsum(t0) - 8.f * c0;
+    }
+}
+
+/* ====================================================================================== */
+/* One thread's share of y = x W^T: rows [n_lo, n_hi), all M rows of x.                     */
+/* ====================================================================================== */
+
+typedef struct {
+    float *xs;   /* [Kp]      FP8 GEMV: x with the band's scales folded in */
+    float *gsum; /* [K/32+1]  INT4 GEMV: per-group sums of x */
+    float *tile; /* [TILE_ROWS, B] dequantized tile */
+} scratch;
+
+static int scratch_alloc(scratch *sc, int kmax) {
+    int kp = round_up(kmax, BAND);
+    sc->xs = (float *)aligned_alloc(64, (size_t)kp * 4);
+    sc->gsum = (float *)aligned_alloc(64, (size_t)round_up(kp / 32 + 1, 16) * 4);
+    sc->tile = (float *)aligned_alloc(64, (size_t)TILE_ROWS * BAND * 4);
+    return sc->xs && sc->gsum && sc->tile;
+}
+static void scratch_free(scratch *sc) {
+    free(sc->xs); free(sc->gsum); free(sc->tile);
+}
+
+/* gsum[g] = sum of x over INT4 group g (padding is zero). x: [Kp] */
+static void group_sums(const wmat *W, const float *x, float *gsum) {
+    int ng = ceil_div(W->k, W->group);
+    for (int g = 0; g < ng; g++) {
+        float s = 0.f;
+        for (int k = g * W->group; k < (g + 1) * W->group && k < W->k; k++) s += x[k];
+        gsum[g] = s;
+    }
+}
+
+static void rows_gemm(const wmat *W, int n_lo, int n_hi, int M, const float *x, int ldx,
+                      float *y, int ldy, scratch *sc, int gsum_ready) {
+    if (n_lo >= n_hi) return;
+    if (M == 1 && W->fmt == FMT_FP8) {
+        rows_gemv_fp8(W, n_lo, n_hi, x, y, sc->xs);
+    } else if (M == 1 && W->fmt == FMT_INT4) {
+        if (!gsum_ready) group_sums(W, x, sc->gsum);
+        rows_gemv_int4(W, n_lo, n_hi, x, y, sc->gsum);
+    } else {
+        rows_tiled(W, n_lo, n_hi, M, x, ldx, y, ldy, sc->tile);
+    }
+}
+
+/* ====================================================================================== */
+/* Public entry points (called by the Cython wrapper, GIL released).                       */
+/* ====================================================================================== */
+
+/* Threads get the rows [band_lo[t]*B, band_hi[t]*B) ∩ [0, N): a fixed partition, so the thread
+ * that first-touched a band (see place_bands) is the one that reads it.
+ * x: [M, Kp] zero padded, y: [M, N]. Returns 0, or -1 when scratch could not be allocated. */
+static int gemm(const wmat *W, int M, const float *x, float *y, int nthreads,
+                const int *band_lo, const int *band_hi) {
+    int failed = 0, kp = round_up(W->k, BAND);
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        unsigned int csr = fpenv_enter();
+        scratch sc;
+        if (!scratch_alloc(&sc, W->k)) {
+            failed = 1;
+        } else {
+            int lo = band_lo[t] * BAND, hi = band_hi[t] * BAND;
+            if (hi > W->n) hi = W->n;
+            rows_gemm(W, lo, hi, M, x, kp, y, W->n, &sc, 0);
+        }
+        scratch_free(&sc);
+        fpenv_exit(csr);
+    }
+    return failed ? -1 : 0;
+}
+
+/* The naive kernel, kept beside the fast one for tests: scalar, one dot product per output,
+ * fp32 accumulation in k order, scale applied per element. x: [M, K] (unpadded). */
+static void gemm_naive(const wmat *W, int M, const float *x, float *y) {
+    int K = W->k, nkb = ceil_div(K, BAND), ng = W->fmt == FMT_INT4 ? ceil_div(K, W->group) : 0;
+    int row_bytes = ceil_div(K, 32) * 16;
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < W->n; n++) {
+            float acc = 0.f;
+            for (int k = 0; k < K; k++) {
+                float w;
+                if (W->fmt == FMT_FP8)
+                    w = fp8_value(((const uint8_t *)W->w)[(size_t)n * K + k]) *
+                        W->s[(size_t)(n / BAND) * nkb + k / BAND];
+                else if (W->fmt == FMT_BF16)
+                    w = bf16_value(((const uint16_t *)W->w)[(size_t)n * K + k]);
+                else {
+                    uint8_t b = ((const uint8_t *)W->w)[(size_t)n * row_bytes + k / 32 * 16 + k % 16];
+                    int q = (k % 32) < 16 ? (b & 15) : (b >> 4);
+                    w = (float)(q - 8) * W->s[(size_t)n * ng + k / W->group];
+                }
+                acc += x[(size_t)m * K + k] * w;
+            }
+            y[(size_t)m * W->n + n] = acc;
+        }
+}
+
+/* ====================================================================================== */
+/* Fused routed-expert MLP: y[t] += sum over assignments (t, e, r) of                        */
+/*   r * down_e( silu(gate_e x[t]) * up_e x[t] ).                                          */
+/* ====================================================================================== */
+
+/* Assignments come grouped by expert: expert slot e in [0, E) owns the assignment range
+ * [offsets[e], offsets[e+1]); tok[a] is the token, rw[a] its routing weight. gate/up/down are
+ * per-slot matrices (gate/up [I, H], down [H, I]). One parallel region per call (one wake of
+ * the pool per MoE layer), two barriers. x: [T, H], y: [T, H] accumulated into.
+ * Thread t owns I-bands [gu_lo[t], gu_hi[t]) of every gate/up and H-bands [dn_lo[t], dn_hi[t])
+ * of every down projection, so each weight byte is read once per call by the thread that
+ * placed it. xg: [A, Hp], h: [A, Ip], ye: [A, H] caller-provided scratch. */
+static int moe_mlp(int T, int H, int I, int E, const float *x, const int *offsets,
+                   const int *tok, const float *rw, const wmat *gate, const wmat *up,
+                   const wmat *down, float *y, float *xg, float *g_out, float *u_out,
+                   float *h, float *ye, int nthreads, const int *gu_lo, const int *gu_hi,
+                   const int *dn_lo, const int *dn_hi) {
+    const int Hp = round_up(H, BAND), Ip = round_up(I, BAND), A = offsets[E];
+    int failed = 0;
+    (void)T;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        int t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        unsigned int csr = fpenv_enter();
+        scratch sc;
+        int ok = scratch_alloc(&sc, H > I ? H : I);
+        if (!ok) failed = 1;
+        /* 1. gather (and zero-pad) the routed tokens' activations, grouped by expert */
+        for (int a = t; a < A; a += nt) {
+            memcpy(xg + (size_t)a * Hp, x + (size_t)tok[a] * H, (size_t)H * 4);
+            memset(xg + (size_t)a * Hp + H, 0, (size_t)(Hp - H) * 4);
+            memset(h + (size_t)a * Ip + I, 0, (size_t)(Ip - I) * 4);
+        }
+#pragma omp barrier
+        /* 2. gate and up for this thread's I-bands of every expert, then silu(g) * u */
+        int lo = gu_lo[t] * BAND, hi = gu_hi[t] * BAND < I ? gu_hi[t] * BAND : I;
+        for (int e = 0; e < E && ok; e++) {
+            int a0 = offsets[e], m = offsets[e + 1] - a0;
+            if (m == 0) continue;
+            rows_gemm(&gate[e], lo, hi, m, xg + (size_t)a0 * Hp, Hp, g_out + (size_t)a0 * I, I,
+                      &sc, 0);
+            rows_gemm(&up[e], lo, hi, m, xg + (size_t)a0 * Hp, Hp, u_out + (size_t)a0 * I, I,
+                      &sc, 0);
+            for (int a = a0; a < a0 + m; a++)
+                for (int i = lo; i < hi; i++) {
+                    float g = g_out[(size_t)a * I + i];
+                    h[(size_t)a * Ip + i] = g / (1.f + expf(-g)) * u_out[(size_t)a * I + i];
+                }
+        }
+#pragma omp barrier
+        /* 3. down for this thread's H-bands, then accumulate in expert order (deterministic:
+         * each thread owns its columns of y) */
+        lo = dn_lo[t] * BAND;
+        hi = dn_hi[t] * BAND < H ? dn_hi[t] * BAND : H;
+        for (int e = 0; e < E && ok; e++) {
+            int a0 = offsets[e], m = offsets[e + 1] - a0;
+            if (m == 0) continue;
+            rows_gemm(&down[e], lo, hi, m, h + (size_t)a0 * Ip, Ip, ye + (size_t)a0 * H, H, &sc,
+                      0);
+            for (int a = a0; a < a0 + m; a++) {
+                float r = rw[a], *yt = y + (size_t)tok[a] * H;
+                const float *src = ye + (size_t)a * H;
+                for (int i = lo; i < hi; i++) yt[i] += r * src[i];
+            }
+        }
+        scratch_free(&sc);
+        fpenv_exit(csr);
+    }
+    return failed ? -1 : 0;
+}
+
+/* ====================================================================================== */
+/* Placement and the CPU state the tests need.                                              */
+/* ====================================================================================== */
+
+/* Copies src into dst ([rows, row_bytes]) with each thread writing its own bands, so that on a
+ * first-touch NUMA system the pages of a band live on the node of the thread that reads it. */
+static void place_bands(const uint8_t *src, uint8_t *dst, int rows, size_t row_bytes,
+                        int nthreads, const int *band_lo, const int *band_hi) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        int lo = band_lo[t] * BAND, hi = band_hi[t] * BAND < rows ? band_hi[t] * BAND : rows;
+        if (lo < hi) memcpy(dst + (size_t)lo * row_bytes, src + (size_t)lo * row_bytes,
+                            (size_t)(hi - lo) * row_bytes);
+    }
+}
+
+/* Sets or clears MXCSR's DAZ and FTZ bits on the calling thread and every pool thread. */
+static void set_denormals_zero(int on, int nthreads) {
+#if defined(__x86_64__) || defined(__i386__)
+#pragma omp parallel num_threads(nthreads)
+    {
+        unsigned int csr = __builtin_ia32_stmxcsr();
+        csr = on ? (csr | 0x8040u) : (csr & ~0x8040u);
+        __builtin_ia32_ldmxcsr(csr);
+    }
+    unsigned int csr = __builtin_ia32_stmxcsr();
+    csr = on ? (csr | 0x8040u) : (csr & ~0x8040u);
+    __builtin_ia32_ldmxcsr(csr);
+#else
+    (void)on; (void)nthreads;
+#endif
+}
+
+/* Plain streaming read of n bytes with the same threads: the same-run bandwidth limit.
+ * Integer XOR (never float adds, which could meet denormals); returns the folded value so the
+ * compiler cannot drop the reads. */
+static uint64_t read_bytes(const uint8_t *p, size_t n, int nthreads) {
+    uint64_t total = 0;
+#pragma omp parallel num_threads(nthreads) reduction(^ : total)
+    {
+        int t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        size_t chunk = (n / nt) & ~(size_t)63, lo = (size_t)t * chunk;
+        size_t hi = t == nt - 1 ? n : lo + chunk;
+        uint64_t acc[8] = {0};
+        size_t i = lo;
+#if defined(REFMOE_ISA_AVX2) || (defined(REFMOE_ISA_AVX512) && !defined(REFMOE_EMULATED))
+        /* 4 independent 256-bit XOR chains: enough loads in flight to saturate DRAM */
+        __m256i v0 = _mm256_setzero_si256(), v1 = v0, v2 = v0, v3 = v0;
+        for (; i + 128 <= hi; i += 128) {
+            v0 = _mm256_xor_si256(v0, _mm256_loadu_si256((const __m256i *)(p + i)));
+            v1 = _mm256_xor_si256(v1, _mm256_loadu_si256((const __m256i *)(p + i + 32)));
+            v2 = _mm256_xor_si256(v2, _mm256_loadu_si256((const __m256i *)(p + i + 64)));
+            v3 = _mm256_xor_si256(v3, _mm256_loadu_si256((const __m256i *)(p + i + 96)));
+        }
+        v0 = _mm256_xor_si256(_mm256_xor_si256(v0, v1), _mm256_xor_si256(v2, v3));
+        _mm256_storeu_si256((__m256i *)acc, v0);
+#endif
+        for (; i + 64 <= hi; i += 64) {
+            uint64_t v[8];
+            memcpy(v, p + i, 64);
+            for (int j = 0; j < 8; j++) acc[j] ^= v[j];
+        }
+        for (; i < hi; i++) acc[0] ^= p[i];
+        for (int j = 0; j < 8; j++) total ^= acc[j];
+    }
+    return total;
+}
+
+#endif /* REFMOE_KERNELS_H */
