@@ -33,6 +33,9 @@
 #define FMT_INT4 2
 #define BAND 128
 #define TILE_ROWS 32
+#ifndef PREFETCH_DIST
+#define PREFETCH_DIST 2048 /* bytes ahead in the GEMV weight stream */
+#endif
 
 /* ====================================================================================== */
 /* Vector layer: vf holds VL floats.                                                        */
@@ -55,6 +58,7 @@ static inline void vf_store(float *p, vf a) { _mm512_storeu_ps(p, a); }
 static inline vf vf_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vf vf_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 static inline vf vf_add(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vf_max(vf a, vf b) { return _mm512_max_ps(a, b); }
 static inline float vf_hsum(vf a) {
     __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
     __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
@@ -96,6 +100,7 @@ static inline void vf_store(float *p, vf a) { _mm256_storeu_ps(p, a); }
 static inline vf vf_fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vf vf_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 static inline vf vf_add(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vf_max(vf a, vf b) { return _mm256_max_ps(a, b); }
 static inline float vf_hsum(vf a) {
     __m128 q = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     q = _mm_add_ps(q, _mm_movehl_ps(q, q));
@@ -123,6 +128,25 @@ static inline void cvt_fp8_16(const uint8_t *p, vf *o) {
 #define FP8_GEMV_LOG2 (-120) /* cvt_fp8_32_perm yields value * 2^FP8_GEMV_LOG2 */
 static const int FP8_PERM[32] = {0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29,
                                  2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31};
+/* xp[32c + 8j + i] = x[32c + 4i + j]: a 8x4 -> 4x8 transpose per chunk of 32. */
+static inline void permute_x32(const float *x, float *xp, int n) {
+    for (int k = 0; k < n; k += 32) {
+        __m256 r0 = _mm256_loadu_ps(x + k), r1 = _mm256_loadu_ps(x + k + 8);
+        __m256 r2 = _mm256_loadu_ps(x + k + 16), r3 = _mm256_loadu_ps(x + k + 24);
+        /* lanes: r0 = [i0 j0..3 | i1 j0..3], r1 = [i2 | i3], r2 = [i4 | i5], r3 = [i6 | i7] */
+        __m256 a = _mm256_permute2f128_ps(r0, r2, 0x20); /* i0 | i4 */
+        __m256 b = _mm256_permute2f128_ps(r0, r2, 0x31); /* i1 | i5 */
+        __m256 c = _mm256_permute2f128_ps(r1, r3, 0x20); /* i2 | i6 */
+        __m256 d = _mm256_permute2f128_ps(r1, r3, 0x31); /* i3 | i7 */
+        __m256 ab0 = _mm256_unpacklo_ps(a, b), ab1 = _mm256_unpackhi_ps(a, b);
+        __m256 cd0 = _mm256_unpacklo_ps(c, d), cd1 = _mm256_unpackhi_ps(c, d);
+        /* ab0 = [a0 b0 a1 b1 | a4' ...]: j0,j1 of i0,i1 ; cd0 the same for i2,i3 */
+        _mm256_storeu_ps(xp + k, _mm256_shuffle_ps(ab0, cd0, 0x44));      /* j0 */
+        _mm256_storeu_ps(xp + k + 8, _mm256_shuffle_ps(ab0, cd0, 0xEE));  /* j1 */
+        _mm256_storeu_ps(xp + k + 16, _mm256_shuffle_ps(ab1, cd1, 0x44)); /* j2 */
+        _mm256_storeu_ps(xp + k + 24, _mm256_shuffle_ps(ab1, cd1, 0xEE)); /* j3 */
+    }
+}
 static inline void cvt_fp8_32_perm(const uint8_t *p, vf *o) {
     const __m256i mask = _mm256_set1_epi32((int)0x87F00000u);
     __m256i v = _mm256_loadu_si256((const __m256i *)p);
@@ -161,6 +185,10 @@ static inline void vf_store(float *p, vf a) { memcpy(p, &a, sizeof a); }
 static inline vf vf_fma(vf a, vf b, vf c) { return a * b + c; }
 static inline vf vf_mul(vf a, vf b) { return a * b; }
 static inline vf vf_add(vf a, vf b) { return a + b; }
+static inline vf vf_max(vf a, vf b) {
+    for (int i = 0; i < 8; i++) a[i] = a[i] > b[i] ? a[i] : b[i];
+    return a;
+}
 static inline float vf_hsum(vf a) {
     return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
@@ -191,6 +219,7 @@ static inline void cvt_fp8_32_perm(const uint8_t *p, vf *o) {
     cvt_fp8_16(p, o);
     cvt_fp8_16(p + 16, o + 16 / VL);
 }
+static inline void permute_x32(const float *x, float *xp, int n) { memcpy(xp, x, (size_t)n * 4); }
 #endif
 
 /* The kernels own their floating-point environment: DAZ and FTZ are cleared for the call's duration on
@@ -379,74 +408,71 @@ static void rows_tiled(const wmat *W, int n_lo, int n_hi, int M, const float *x,
 
 /* FP8: the 128x128 block scale is folded into the activation once per band,
  * xs = x * s * 2^E, so the inner loop is convert + FMA with no per-weight scaling. E undoes the
- * conversion's power of two (2^FP8_GEMV_LOG2) as far as fp32 range allows: with a large
- * |x * s| it is lowered so xs stays finite, and 2^(-FP8_GEMV_LOG2 - E) is applied per row at
- * the end. xs: scratch [Kp]. Rows past the last multiple of 16 in K run in scalar code. */
+ * conversion's power of two (2^FP8_GEMV_LOG2) as far as fp32 range allows: for a large
+ * |x| * s it is lowered so xs stays finite, and 2^(-FP8_GEMV_LOG2 - E) is applied per row at
+ * the end. xp: x in FP8_PERM order, made once per call; xs: scratch [Kp]. Columns past the
+ * last multiple of 32 in K run in scalar code. */
 static void rows_gemv_fp8(const wmat *W, int n_lo, int n_hi, const float *x, float *y,
-                          float *xs) {
+                          float *xs, float *xp) {
     const int K = W->k, nkb = ceil_div(K, BAND), K32 = K / 32 * 32;
     const uint8_t *codes = (const uint8_t *)W->w;
+    vf vmax = vf_zero(); /* max |x| as max(x, -x): independent lanes, no serial chain */
+    for (int k = 0; k < K32; k += VL) {
+        vf v = vf_load(x + k);
+        vmax = vf_max(vmax, vf_max(v, vf_mul(v, vf_set1(-1.f))));
+    }
+    float lanes[VL], xmax = 0.f;
+    vf_store(lanes, vmax);
+    for (int j = 0; j < VL; j++) xmax = fmaxf(xmax, lanes[j]);
+    permute_x32(x, xp, K32);
     int band = -1;
     float unscale = 1.f, s_tail = 0.f;
     for (int n = n_lo; n < n_hi;) {
         if (n / BAND != band) { /* new band: fold its scales into x */
             band = n / BAND;
             const float *sb = W->s + (size_t)band * nkb;
-            float amax = 0.f;
-            for (int k = 0; k < K32; k++) amax = fmaxf(amax, fabsf(x[k] * sb[k / BAND]));
+            float smax = 0.f;
+            for (int kb = 0; kb < nkb; kb++) smax = fmaxf(smax, fabsf(sb[kb]));
+            float amax = xmax * smax; /* bounds |x * s| over the band */
             int e = -FP8_GEMV_LOG2;
             if (amax > 0.f && ilogbf(amax) + 1 + e > 126) e = 126 - (ilogbf(amax) + 1);
             unscale = ldexpf(1.f, -FP8_GEMV_LOG2 - e);
             s_tail = sb[nkb - 1];
-            for (int k = 0; k < K32; k += 32) {
-                float sc = ldexpf(sb[k / BAND], e);
-                for (int j = 0; j < 32; j++) xs[k + j] = x[k + FP8_PERM[j]] * sc;
+            for (int kb = 0; kb * BAND < K32; kb++) {
+                vf sc = vf_set1(ldexpf(sb[kb], e));
+                int kend = (kb + 1) * BAND < K32 ? (kb + 1) * BAND : K32;
+                for (int k = kb * BAND; k < kend; k += VL) vf_store(xs + k, vf_mul(vf_load(xp + k), sc));
             }
         }
         int band_end = (band + 1) * BAND < n_hi ? (band + 1) * BAND : n_hi;
-        /* THE HOT LOOP: four rows share each xs load; 4 x NV32 independent accumulators */
-        for (; n + 4 <= band_end; n += 4) {
-            const uint8_t *w0 = codes + (size_t)n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-            vf a0[NV32], a1[NV32], a2[NV32], a3[NV32], v[NV32];
-            for (int j = 0; j < NV32; j++) a0[j] = a1[j] = a2[j] = a3[j] = vf_zero();
-            for (int k = 0; k < K32; k += 32) {
-                vf xv[NV32];
-                for (int j = 0; j < NV32; j++) xv[j] = vf_load(xs + k + j * VL);
-                cvt_fp8_32_perm(w0 + k, v);
-                for (int j = 0; j < NV32; j++) a0[j] = vf_fma(v[j], xv[j], a0[j]);
-                cvt_fp8_32_perm(w1 + k, v);
-                for (int j = 0; j < NV32; j++) a1[j] = vf_fma(v[j], xv[j], a1[j]);
-                cvt_fp8_32_perm(w2 + k, v);
-                for (int j = 0; j < NV32; j++) a2[j] = vf_fma(v[j], xv[j], a2[j]);
-                cvt_fp8_32_perm(w3 + k, v);
-                for (int j = 0; j < NV32; j++) a3[j] = vf_fma(v[j], xv[j], a3[j]);
-            }
-            for (int j = 1; j < NV32; j++) {
-                a0[0] = vf_add(a0[0], a0[j]); a1[0] = vf_add(a1[0], a1[j]);
-                a2[0] = vf_add(a2[0], a2[j]); a3[0] = vf_add(a3[0], a3[j]);
-            }
-            float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
-            for (int k = K32; k < K; k++) {
-                float xk = x[k] * s_tail;
-                t0 += fp8_value(w0[k]) * xk; t1 += fp8_value(w1[k]) * xk;
-                t2 += fp8_value(w2[k]) * xk; t3 += fp8_value(w3[k]) * xk;
-            }
-            y[n] = vf_hsum(a0[0]) * unscale + t0;
-            y[n + 1] = vf_hsum(a1[0]) * unscale + t1;
-            y[n + 2] = vf_hsum(a2[0]) * unscale + t2;
-            y[n + 3] = vf_hsum(a3[0]) * unscale + t3;
-        }
+        /* THE HOT LOOP: one row at a time, 64 codes per step into 2 x NV32 independent
+         * accumulators, enough chains to cover the FMA latency while every accumulator stays
+         * in a register (sharing xs loads between rows made GCC spill one, putting a
+         * store-forward on a dependency chain). xs comes from L1 as FMA memory operands. */
         for (; n < band_end; n++) {
             const uint8_t *w0 = codes + (size_t)n * K;
-            vf a0[NV32], v[NV32];
-            for (int j = 0; j < NV32; j++) a0[j] = vf_zero();
-            for (int k = 0; k < K32; k += 32) {
+            vf a0[NV32], a1[NV32], v[NV32];
+            for (int j = 0; j < NV32; j++) a0[j] = a1[j] = vf_zero();
+            int k = 0;
+            for (; k + 64 <= K32; k += 64) {
+                /* one cache line per step: ask for the line PREFETCH_DIST ahead (rows are
+                 * contiguous, so this runs on into the next row) to keep DRAM busy while the
+                 * core converts; the hardware prefetcher alone leaves the two serialized */
+                __builtin_prefetch(w0 + k + PREFETCH_DIST, 0, 0);
+                cvt_fp8_32_perm(w0 + k, v);
+                for (int j = 0; j < NV32; j++) a0[j] = vf_fma(v[j], vf_load(xs + k + j * VL), a0[j]);
+                cvt_fp8_32_perm(w0 + k + 32, v);
+                for (int j = 0; j < NV32; j++)
+                    a1[j] = vf_fma(v[j], vf_load(xs + k + 32 + j * VL), a1[j]);
+            }
+            if (k < K32) {
                 cvt_fp8_32_perm(w0 + k, v);
                 for (int j = 0; j < NV32; j++) a0[j] = vf_fma(v[j], vf_load(xs + k + j * VL), a0[j]);
             }
+            for (int j = 0; j < NV32; j++) a0[j] = vf_add(a0[j], a1[j]);
             for (int j = 1; j < NV32; j++) a0[0] = vf_add(a0[0], a0[j]);
             float t0 = 0.f;
-            for (int k = K32; k < K; k++) t0 += fp8_value(w0[k]) * x[k] * s_tail;
+            for (k = K32; k < K; k++) t0 += fp8_value(w0[k]) * x[k] * s_tail;
             y[n] = vf_hsum(a0[0]) * unscale + t0;
         }
     }
@@ -470,6 +496,8 @@ static void rows_gemv_int4(const wmat *W, int n_lo, int n_hi, const float *x, fl
             int kend = (g + 1) * G < Kc ? (g + 1) * G : Kc;
             for (int k = g * G; k < kend; k += 32) {
                 vf xv[NV32];
+                __builtin_prefetch(w0 + k / 2 + PREFETCH_DIST, 0, 0);
+                __builtin_prefetch(w1 + k / 2 + PREFETCH_DIST, 0, 0);
                 for (int j = 0; j < NV32; j++) xv[j] = vf_load(x + k + j * VL);
                 cvt_int4_32(w0 + k / 2, v);
                 for (int j = 0; j < NV32; j++) a0[j & 1] = vf_fma(v[j], xv[j], a0[j & 1]);
@@ -509,6 +537,7 @@ static void rows_gemv_int4(const wmat *W, int n_lo, int n_hi, const float *x, fl
 
 typedef struct {
     float *xs;   /* [Kp]      FP8 GEMV: x with the band's scales folded in */
+    float *xp;   /* [Kp]      FP8 GEMV: x in FP8_PERM order */
     float *gsum; /* [K/32+1]  INT4 GEMV: per-group sums of x */
     float *tile; /* [TILE_ROWS, B] dequantized tile */
 } scratch;
@@ -516,12 +545,13 @@ typedef struct {
 static int scratch_alloc(scratch *sc, int kmax) {
     int kp = round_up(kmax, BAND);
     sc->xs = (float *)aligned_alloc(64, (size_t)kp * 4);
+    sc->xp = (float *)aligned_alloc(64, (size_t)kp * 4);
     sc->gsum = (float *)aligned_alloc(64, (size_t)round_up(kp / 32 + 1, 16) * 4);
     sc->tile = (float *)aligned_alloc(64, (size_t)TILE_ROWS * BAND * 4);
-    return sc->xs && sc->gsum && sc->tile;
+    return sc->xs && sc->xp && sc->gsum && sc->tile;
 }
 static void scratch_free(scratch *sc) {
-    free(sc->xs); free(sc->gsum); free(sc->tile);
+    free(sc->xs); free(sc->xp); free(sc->gsum); free(sc->tile);
 }
 
 /* gsum[g] = sum of x over INT4 group g (padding is zero). x: [Kp] */
@@ -538,7 +568,7 @@ static void rows_gemm(const wmat *W, int n_lo, int n_hi, int M, const float *x, 
                       float *y, int ldy, scratch *sc, int gsum_ready) {
     if (n_lo >= n_hi) return;
     if (M == 1 && W->fmt == FMT_FP8) {
-        rows_gemv_fp8(W, n_lo, n_hi, x, y, sc->xs);
+        rows_gemv_fp8(W, n_lo, n_hi, x, y, sc->xs, sc->xp);
     } else if (M == 1 && W->fmt == FMT_INT4) {
         if (!gsum_ready) group_sums(W, x, sc->gsum);
         rows_gemv_int4(W, n_lo, n_hi, x, y, sc->gsum);
