@@ -370,8 +370,31 @@ def read_bandwidth_probe(buf: np.ndarray, *, num_threads: int | None = None) -> 
     return _module(_VARIANT).read(b, _threads(num_threads))
 
 
+def fma_peak_gflops(*, num_threads: int | None = None, variant: str | None = None,
+                    seconds: float = 0.2) -> float:
+    """FMA throughput of the kernel threads in GFLOP/s (best of 3 runs of ~seconds/3)."""
+    import time
+
+    mod, t = _module(variant or _VARIANT), _threads(num_threads)
+    iters, best = 100_000, 0.0
+    for _ in range(8):  # grow until one run takes long enough to time
+        t0 = time.perf_counter()
+        flops = mod.fma_peak_flops(iters, t)
+        dt = time.perf_counter() - t0
+        if dt > seconds / 3:
+            best = max(best, flops / dt / 1e9)
+            for _ in range(2):
+                t0 = time.perf_counter()
+                flops = mod.fma_peak_flops(iters, t)
+                best = max(best, flops / (time.perf_counter() - t0) / 1e9)
+            return best
+        iters *= 4
+    return flops / dt / 1e9
+
+
 __all__ = [
-    "ALL_VARIANTS", "ExpertWeights", "available_variants", "bf16_gemm", "fp8_gemm",
+    "ALL_VARIANTS", "ExpertWeights", "available_variants", "bf16_gemm", "fma_peak_gflops",
+    "fp8_gemm",
     "fp8_to_float32", "fused_moe", "int4_gemm", "place", "read_bandwidth_probe",
     "set_denormals_zero", "validate_fp8", "variant",
 ]

@@ -25,6 +25,8 @@ cdef extern from "kernels.h" nogil:
                      int nthreads, const int *band_lo, const int *band_hi)
     void set_denormals_zero(int on, int nthreads)
     uint64_t read_bytes(const uint8_t *p, size_t n, int nthreads)
+    float fma_burn(long iters, int nthreads)
+    int VL
 
 from libc.stdlib cimport malloc, free
 
@@ -135,3 +137,10 @@ def read(const uint8_t[::1] buf, int nthreads):
     with nogil:
         r = read_bytes(&buf[0], buf.shape[0], nthreads)
     return r
+
+
+def fma_peak_flops(long iters, int nthreads):
+    """Run the FMA burn loop; returns the FLOPs it performed (time it for FLOP/s)."""
+    with nogil:
+        fma_burn(iters, nthreads)
+    return float(nthreads) * iters * 10 * VL * 2

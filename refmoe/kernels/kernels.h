@@ -66,6 +66,16 @@ static inline float vf_hsum(vf a) {
     q = _mm_add_ss(q, _mm_movehdup_ps(q));
     return _mm_cvtss_f32(q);
 }
+/* out[0..3] += the horizontal sums of a, b, c, d. */
+static inline void vf_hsum4_add(vf a, vf b, vf c, vf d, float *out) {
+    __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+    __m256 b8 = _mm256_add_ps(_mm512_castps512_ps256(b), _mm512_extractf32x8_ps(b, 1));
+    __m256 c8 = _mm256_add_ps(_mm512_castps512_ps256(c), _mm512_extractf32x8_ps(c, 1));
+    __m256 d8 = _mm256_add_ps(_mm512_castps512_ps256(d), _mm512_extractf32x8_ps(d, 1));
+    __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a8, b8), _mm256_hadd_ps(c8, d8));
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    _mm_storeu_ps(out, _mm_add_ps(_mm_loadu_ps(out), r));
+}
 /* 16 E4M3 codes -> 16 floats equal to value * 2^-8. Sign-extending the byte to 16 bits and
  * shifting left by 7 puts eeee.mmm into the fp16 exponent/mantissa fields; bit 14 holds a copy
  * of the sign and is cleared. vcvtph2ps converts fp16 subnormals exactly whatever MXCSR.DAZ
@@ -107,6 +117,11 @@ static inline float vf_hsum(vf a) {
     q = _mm_add_ss(q, _mm_movehdup_ps(q));
     return _mm_cvtss_f32(q);
 }
+static inline void vf_hsum4_add(vf a, vf b, vf c, vf d, float *out) {
+    __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    _mm_storeu_ps(out, _mm_add_ps(_mm_loadu_ps(out), r));
+}
 /* Same bit trick as the AVX-512 path, 8 lanes per vcvtph2ps. */
 static inline void cvt_fp8_16(const uint8_t *p, vf *o) {
     __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
@@ -125,6 +140,7 @@ static inline void cvt_fp8_16(const uint8_t *p, vf *o) {
  * (fpenv_enter). Output vector j holds codes 4i + j, the order of FP8_PERM; the GEMV stores x
  * permuted the same way once per band. */
 #define FP8_PERM_DEFINED 1
+#define FP8_PERM_NATURAL 0
 #define FP8_GEMV_LOG2 (-120) /* cvt_fp8_32_perm yields value * 2^FP8_GEMV_LOG2 */
 static const int FP8_PERM[32] = {0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29,
                                  2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31};
@@ -192,6 +208,9 @@ static inline vf vf_max(vf a, vf b) {
 static inline float vf_hsum(vf a) {
     return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
+static inline void vf_hsum4_add(vf a, vf b, vf c, vf d, float *out) {
+    out[0] += vf_hsum(a); out[1] += vf_hsum(b); out[2] += vf_hsum(c); out[3] += vf_hsum(d);
+}
 static inline void cvt_fp8_16(const uint8_t *p, vf *o) {
     for (int j = 0; j < 16; j++) o[j / 8][j % 8] = fp8_lut_generic[p[j]];
 }
@@ -215,6 +234,7 @@ static inline void cvt_int4_32(const uint8_t *p, vf *o) {
 static const int FP8_PERM[32] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15,
                                  16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
 #define FP8_GEMV_LOG2 (-8)
+#define FP8_PERM_NATURAL 1
 static inline void cvt_fp8_32_perm(const uint8_t *p, vf *o) {
     cvt_fp8_16(p, o);
     cvt_fp8_16(p + 16, o + 16 / VL);
@@ -302,14 +322,32 @@ typedef struct {
 static inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 static inline int round_up(int a, int b) { return ceil_div(a, b) * b; }
 
-/* tile[r][0:B] = dequantized W[n0 + r, k0 : k0 + B], zero beyond K.  tile: [rows, B] */
-static void dequant_tile(const wmat *W, int n0, int rows, int k0, float *tile) {
+/* tile[r][0:B] = dequantized W[n0 + r, k0 : k0 + B], zero beyond K.  tile: [rows, B]
+ * With perm (FP8 only), whole 32-code chunks below K32 = K / 32 * 32 are stored in FP8_PERM
+ * order to match an x permuted the same way, so the cheap GEMV conversion serves here too. */
+static void dequant_tile(const wmat *W, int n0, int rows, int k0, float *tile, int perm) {
     int width = W->k - k0 < BAND ? W->k - k0 : BAND;
+    const int K32 = W->k / 32 * 32;
     for (int r = 0; r < rows; r++) {
         int n = n0 + r;
         float *t = tile + (size_t)r * BAND;
         int k = 0;
-        if (W->fmt == FMT_FP8) {
+        if (W->fmt == FMT_FP8 && perm) {
+            const uint8_t *w = (const uint8_t *)W->w + (size_t)n * W->k + k0;
+            float s = W->s[(size_t)(n / BAND) * ceil_div(W->k, BAND) + k0 / BAND];
+            float s_fold = ldexpf(s, -FP8_GEMV_LOG2);
+            vf sv = vf_set1(s_fold), v[NV32];
+            if (isfinite(s_fold)) {
+                for (; k0 + k + 32 <= K32 && k + 32 <= width; k += 32) {
+                    cvt_fp8_32_perm(w + k, v);
+                    for (int j = 0; j < NV32; j++) vf_store(t + k + j * VL, vf_mul(v[j], sv));
+                }
+            } else { /* a huge scale: scalar, same order */
+                for (; k0 + k + 32 <= K32 && k + 32 <= width; k += 32)
+                    for (int j = 0; j < 32; j++) t[k + j] = fp8_value(w[k + FP8_PERM[j]]) * s;
+            }
+            for (; k < width; k++) t[k] = fp8_value(w[k]) * s;
+        } else if (W->fmt == FMT_FP8) {
             const uint8_t *w = (const uint8_t *)W->w + (size_t)n * W->k + k0;
             float s = W->s[(size_t)(n / BAND) * ceil_div(W->k, BAND) + k0 / BAND];
             vf sv = vf_set1(s * 256.f), v[NV16];
@@ -347,59 +385,104 @@ static void dequant_tile(const wmat *W, int n0, int rows, int k0, float *tile) {
 /* GEMM on a tile: y[m, n0 + j] += sum_k x[m, k0 + k] * tile[j, k], register-blocked.      */
 /* ====================================================================================== */
 
-#define MR 4
-#define NR 3
+#define MR 3
+#define NR 4
 
-static inline __attribute__((always_inline)) void micro(
-    int mr, int nr, const float *x, int ldx, const float *tile, float *y, int ldy) {
+/* mr x NR register block: 12 accumulators, NR weight vectors and one x vector = 16 AVX2
+ * registers. The four sums of one x row go to four consecutive outputs through one hadd tree. */
+static inline __attribute__((always_inline)) void micro4(
+    int mr, const float *x, int ldx, const float *tile, float *y, int ldy) {
     vf acc[MR][NR];
     for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++) acc[i][j] = vf_zero();
+        for (int j = 0; j < NR; j++) acc[i][j] = vf_zero();
     for (int k = 0; k < BAND; k += VL) {
         vf w[NR];
-        for (int j = 0; j < nr; j++) w[j] = vf_load(tile + (size_t)j * BAND + k);
+        for (int j = 0; j < NR; j++) w[j] = vf_load(tile + (size_t)j * BAND + k);
         for (int i = 0; i < mr; i++) {
             vf xv = vf_load(x + (size_t)i * ldx + k);
-            for (int j = 0; j < nr; j++) acc[i][j] = vf_fma(xv, w[j], acc[i][j]);
+            for (int j = 0; j < NR; j++) acc[i][j] = vf_fma(xv, w[j], acc[i][j]);
         }
     }
     for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++) y[(size_t)i * ldy + j] += vf_hsum(acc[i][j]);
+        vf_hsum4_add(acc[i][0], acc[i][1], acc[i][2], acc[i][3], y + (size_t)i * ldy);
 }
 
-#define MICRO_CASE(a, b) \
-    case (a)*8 + (b): micro(a, b, x, ldx, tile, y, ldy); break;
-
-static void micro_any(int mr, int nr, const float *x, int ldx, const float *tile, float *y,
-                      int ldy) {
-    switch (mr * 8 + nr) {
-        MICRO_CASE(1, 1) MICRO_CASE(1, 2) MICRO_CASE(1, 3)
-        MICRO_CASE(2, 1) MICRO_CASE(2, 2) MICRO_CASE(2, 3)
-        MICRO_CASE(3, 1) MICRO_CASE(3, 2) MICRO_CASE(3, 3)
-        MICRO_CASE(4, 1) MICRO_CASE(4, 2) MICRO_CASE(4, 3)
+/* Leftover rows (fewer than NR): one output at a time. */
+static void micro1(int mr, const float *x, int ldx, const float *tile, float *y, int ldy) {
+    for (int i = 0; i < mr; i++) {
+        vf a0 = vf_zero(), a1 = vf_zero();
+        for (int k = 0; k < BAND; k += 2 * VL) {
+            a0 = vf_fma(vf_load(x + (size_t)i * ldx + k), vf_load(tile + k), a0);
+            a1 = vf_fma(vf_load(x + (size_t)i * ldx + k + VL), vf_load(tile + k + VL), a1);
+        }
+        y[(size_t)i * ldy] += vf_hsum(vf_add(a0, a1));
     }
 }
 
-/* Rows [n_lo, n_hi) of y = x W^T for M rows of x, through dequantized tiles.
- * x: [M, ldx] (ldx >= Kp, zero padded), y: [M, ldy], tile: scratch [TILE_ROWS, B]. */
-static void rows_tiled(const wmat *W, int n_lo, int n_hi, int M, const float *x, int ldx,
-                       float *y, int ldy, float *tile) {
+static void micro_any(int mr, int nr, const float *x, int ldx, const float *tile, float *y,
+                      int ldy) {
+    if (nr == NR) {
+        switch (mr) {
+        case 3: micro4(3, x, ldx, tile, y, ldy); break;
+        case 2: micro4(2, x, ldx, tile, y, ldy); break;
+        default: micro4(1, x, ldx, tile, y, ldy); break;
+        }
+    } else {
+        for (int j = 0; j < nr; j++) micro1(mr, x, ldx, tile + (size_t)j * BAND, y + j, ldy);
+    }
+}
+
+/* The tile loop: per TILE_ROWS x B tile of W, dequantize once, then every M-row block of x.
+ * xb: x packed by blocks, [Kp / B, M, B], so the rows of one block are contiguous (rows of the
+ * original x lie 4 * Kp bytes apart, a multiple of 4 KiB for DeepSeek's K that maps them all
+ * to the same L1 sets). */
+static void rows_tiled_core(const wmat *W, int n_lo, int n_hi, int M, const float *xb,
+                            float *y, int ldy, float *tile, int perm) {
     for (int m = 0; m < M; m++)
         for (int n = n_lo; n < n_hi; n++) y[(size_t)m * ldy + n] = 0.f;
     for (int n0 = n_lo; n0 < n_hi; n0 += TILE_ROWS) {
         int rows = n_hi - n0 < TILE_ROWS ? n_hi - n0 : TILE_ROWS;
         for (int k0 = 0; k0 < W->k; k0 += BAND) {
-            dequant_tile(W, n0, rows, k0, tile);
+            const float *xk = xb + (size_t)(k0 / BAND) * M * BAND;
+            dequant_tile(W, n0, rows, k0, tile, perm);
             for (int m = 0; m < M; m += MR) {
                 int mr = M - m < MR ? M - m : MR;
                 for (int j = 0; j < rows; j += NR) {
                     int nr = rows - j < NR ? rows - j : NR;
-                    micro_any(mr, nr, x + (size_t)m * ldx + k0, ldx, tile + (size_t)j * BAND,
+                    micro_any(mr, nr, xk + (size_t)m * BAND, BAND, tile + (size_t)j * BAND,
                               y + (size_t)m * ldy + n0 + j, ldy);
                 }
             }
         }
     }
+}
+
+/* Rows [n_lo, n_hi) of y = x W^T for M rows of x, through dequantized tiles. x is packed by
+ * blocks first; FP8 on variants with a permuted conversion also permutes it (FP8_PERM), so
+ * the tiles use the cheap conversion. x: [M, ldx] (ldx >= Kp, zero padded), y: [M, ldy],
+ * tile: scratch [TILE_ROWS, B]. Returns -1 when the packed copy cannot be allocated. */
+static int rows_tiled(const wmat *W, int n_lo, int n_hi, int M, const float *x, int ldx,
+                      float *y, int ldy, float *tile) {
+    const int K32 = W->k / 32 * 32, nkb = ceil_div(W->k, BAND);
+    const int perm = W->fmt == FMT_FP8 && !FP8_PERM_NATURAL;
+    float *xb = (float *)malloc((size_t)M * nkb * BAND * 4), row[BAND];
+    if (!xb) return -1;
+    for (int m = 0; m < M; m++)
+        for (int kb = 0; kb < nkb; kb++) {
+            const float *src = x + (size_t)m * ldx + kb * BAND;
+            float *dst = xb + ((size_t)kb * M + m) * BAND;
+            int full = perm ? (K32 - kb * BAND < BAND ? K32 - kb * BAND : BAND) : 0;
+            if (full > 0) {
+                permute_x32(src, row, full);
+                memcpy(dst, row, (size_t)full * 4);
+            } else {
+                full = 0;
+            }
+            memcpy(dst + full, src + full, (size_t)(BAND - full) * 4);
+        }
+    rows_tiled_core(W, n_lo, n_hi, M, xb, y, ldy, tile, perm);
+    free(xb);
+    return 0;
 }
 
 /* ====================================================================================== */
@@ -564,17 +647,19 @@ static void group_sums(const wmat *W, const float *x, float *gsum) {
     }
 }
 
-static void rows_gemm(const wmat *W, int n_lo, int n_hi, int M, const float *x, int ldx,
-                      float *y, int ldy, scratch *sc, int gsum_ready) {
-    if (n_lo >= n_hi) return;
+/* Returns 0, or -1 when scratch could not be allocated. */
+static int rows_gemm(const wmat *W, int n_lo, int n_hi, int M, const float *x, int ldx,
+                     float *y, int ldy, scratch *sc) {
+    if (n_lo >= n_hi) return 0;
     if (M == 1 && W->fmt == FMT_FP8) {
         rows_gemv_fp8(W, n_lo, n_hi, x, y, sc->xs, sc->xp);
     } else if (M == 1 && W->fmt == FMT_INT4) {
-        if (!gsum_ready) group_sums(W, x, sc->gsum);
+        group_sums(W, x, sc->gsum);
         rows_gemv_int4(W, n_lo, n_hi, x, y, sc->gsum);
     } else {
-        rows_tiled(W, n_lo, n_hi, M, x, ldx, y, ldy, sc->tile);
+        return rows_tiled(W, n_lo, n_hi, M, x, ldx, y, ldy, sc->tile);
     }
+    return 0;
 }
 
 /* ====================================================================================== */
@@ -600,7 +685,7 @@ static int gemm(const wmat *W, int M, const float *x, float *y, int nthreads,
         } else {
             int lo = band_lo[t] * BAND, hi = band_hi[t] * BAND;
             if (hi > W->n) hi = W->n;
-            rows_gemm(W, lo, hi, M, x, kp, y, W->n, &sc, 0);
+            failed |= rows_gemm(W, lo, hi, M, x, kp, y, W->n, &sc) != 0;
         }
         scratch_free(&sc);
         fpenv_exit(csr);
@@ -677,10 +762,10 @@ static int moe_mlp(int T, int H, int I, int E, const float *x, const int *offset
         for (int e = 0; e < E && ok; e++) {
             int a0 = offsets[e], m = offsets[e + 1] - a0;
             if (m == 0) continue;
-            rows_gemm(&gate[e], lo, hi, m, xg + (size_t)a0 * Hp, Hp, g_out + (size_t)a0 * I, I,
-                      &sc, 0);
-            rows_gemm(&up[e], lo, hi, m, xg + (size_t)a0 * Hp, Hp, u_out + (size_t)a0 * I, I,
-                      &sc, 0);
+            failed |= rows_gemm(&gate[e], lo, hi, m, xg + (size_t)a0 * Hp, Hp,
+                                g_out + (size_t)a0 * I, I, &sc) != 0;
+            failed |= rows_gemm(&up[e], lo, hi, m, xg + (size_t)a0 * Hp, Hp,
+                                u_out + (size_t)a0 * I, I, &sc) != 0;
             for (int a = a0; a < a0 + m; a++)
                 for (int i = lo; i < hi; i++) {
                     float g = g_out[(size_t)a * I + i];
@@ -695,8 +780,8 @@ static int moe_mlp(int T, int H, int I, int E, const float *x, const int *offset
         for (int e = 0; e < E && ok; e++) {
             int a0 = offsets[e], m = offsets[e + 1] - a0;
             if (m == 0) continue;
-            rows_gemm(&down[e], lo, hi, m, h + (size_t)a0 * Ip, Ip, ye + (size_t)a0 * H, H, &sc,
-                      0);
+            failed |= rows_gemm(&down[e], lo, hi, m, h + (size_t)a0 * Ip, Ip,
+                                ye + (size_t)a0 * H, H, &sc) != 0;
             for (int a = a0; a < a0 + m; a++) {
                 float r = rw[a], *yt = y + (size_t)tok[a] * H;
                 const float *src = ye + (size_t)a * H;
@@ -783,6 +868,22 @@ static uint64_t read_bytes(const uint8_t *p, size_t n, int nthreads) {
         for (int j = 0; j < 8; j++) total ^= acc[j];
     }
     return total;
+}
+
+/* FMA peak of the threads used: each runs iters steps of 10 independent FMA chains (enough to
+ * cover the latency on every core we know). flops = nthreads * iters * 10 * VL * 2. */
+static float fma_burn(long iters, int nthreads) {
+    float out = 0.f;
+#pragma omp parallel num_threads(nthreads) reduction(+ : out)
+    {
+        vf a[10], b = vf_set1(0.999999f), c = vf_set1(1e-7f);
+        for (int j = 0; j < 10; j++) a[j] = vf_set1((float)j);
+        for (long i = 0; i < iters; i++)
+            for (int j = 0; j < 10; j++) a[j] = vf_fma(a[j], b, c);
+        for (int j = 1; j < 10; j++) a[0] = vf_add(a[0], a[j]);
+        out += vf_hsum(a[0]);
+    }
+    return out;
 }
 
 #endif /* REFMOE_KERNELS_H */
