@@ -89,14 +89,20 @@ class Topology:
         return cls(tuple(nodes) or (tuple(sorted(usable)),))
 
     def threads_per_node(self, num_threads: int) -> list[int]:
-        """Split num_threads over nodes in proportion to their CPU counts (each node >= 1 while
-        threads last), so node i runs threads [sum(prev), sum(prev) + count_i)."""
+        """Split num_threads over nodes: one each while threads last (largest nodes first),
+        the rest in proportion to CPU counts by largest remainder, so node i runs threads
+        [sum(prev), sum(prev) + count_i)."""
         sizes = [len(n) for n in self.nodes]
-        total = sum(sizes)
-        counts = [num_threads * s // total for s in sizes]
-        for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-            if sum(counts) >= num_threads:
-                break
+        by_size = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+        counts = [0] * len(sizes)
+        for i in by_size[:num_threads]:
+            counts[i] = 1
+        rest = num_threads - sum(counts)
+        quotas = [rest * s / sum(sizes) for s in sizes]
+        for i, q in enumerate(quotas):
+            counts[i] += int(q)
+        left = num_threads - sum(counts)
+        for i in sorted(by_size, key=lambda i: -(quotas[i] - int(quotas[i])))[:left]:
             counts[i] += 1
         return counts
 

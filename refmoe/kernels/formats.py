@@ -45,7 +45,7 @@ def fp8_encode(x: np.ndarray) -> np.ndarray:
     take_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0))
     code = np.where(take_hi, hi, lo).astype(np.uint8)
     code = np.where(mag == 0, 0, code).astype(np.uint8)
-    return np.where(np.signbit(x) & (code != 0), code | 0x80, code).astype(np.uint8)
+    return np.where(np.signbit(x), code | 0x80, code).astype(np.uint8)  # -0.0 -> 0x80, as torch
 
 
 def fp8_nan_index(codes: np.ndarray) -> tuple[int, ...] | None:

@@ -1,0 +1,81 @@
+"""CPU facts and the band partition, with faked topologies."""
+
+import pytest
+
+from refmoe import cpu
+from refmoe.cpu import BAND, Topology, partition_bands
+
+
+def owners(lo, hi):
+    out = {}
+    for t, (a, b) in enumerate(zip(lo, hi)):
+        for band in range(a, b):
+            assert band not in out, f"band {band} owned twice"
+            out[band] = t
+    return out
+
+
+@pytest.mark.parametrize("rows", [1, 127, 128, 2048, 7168, 7169, 100_000])
+@pytest.mark.parametrize("threads", [1, 2, 3, 7, 64])
+def test_every_band_has_one_owner(rows, threads):
+    lo, hi = partition_bands(rows, threads)
+    assert len(lo) == len(hi) == threads
+    assert sorted(owners(lo, hi)) == list(range(-(-rows // BAND)))
+    sizes = [b - a for a, b in zip(lo, hi)]
+    assert max(sizes) - min(sizes) <= 1  # balanced on one node
+
+
+def test_two_nodes_keep_their_bands_together():
+    topo = Topology(((0, 1, 2, 3), (4, 5, 6, 7)))
+    lo, hi = partition_bands(7168, 8, topo)          # 56 bands
+    per_thread = [b - a for a, b in zip(lo, hi)]
+    assert per_thread == [7] * 8
+    # node 0's threads (0-3) own bands 0..27, node 1's (4-7) own 28..55: one contiguous range
+    assert (lo[0], hi[3], lo[4], hi[7]) == (0, 28, 28, 56)
+    assert topo.thread_cpus(8) == [(0, 1, 2, 3)] * 4 + [(4, 5, 6, 7)] * 4
+
+
+def test_uneven_nodes_split_in_proportion():
+    topo = Topology(((0, 1, 2, 3, 4, 5), (6, 7)))
+    assert topo.threads_per_node(8) == [6, 2]
+    assert topo.threads_per_node(3) == [2, 1]
+    lo, hi = partition_bands(16 * BAND, 8, topo)
+    node0 = sum(hi[t] - lo[t] for t in range(6))
+    assert node0 == 12 and hi[5] == lo[6]
+
+
+def test_more_threads_than_bands():
+    lo, hi = partition_bands(200, 5)  # two bands
+    assert sum(b - a for a, b in zip(lo, hi)) == 2
+
+
+def test_topology_read_from_fake_sysfs(tmp_path, monkeypatch):
+    for node, cpus in (("node0", "0-1,4"), ("node1", "2-3,5-6")):
+        (tmp_path / node).mkdir()
+        (tmp_path / node / "cpulist").write_text(cpus + "\n")
+    monkeypatch.setattr(cpu, "usable_cpus", lambda: [0, 1, 2, 3, 4, 5])
+    topo = Topology.read(tmp_path)
+    assert topo.nodes == ((0, 1, 4), (2, 3, 5))
+
+
+def test_topology_without_sysfs(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu, "usable_cpus", lambda: [0, 1])
+    assert Topology.read(tmp_path / "missing").nodes == ((0, 1),)
+
+
+def test_thread_count_from_env_and_cgroup(tmp_path, monkeypatch):
+    monkeypatch.setenv("REFMOE_NUM_THREADS", "3")
+    assert cpu.default_threads() == 3
+    monkeypatch.setenv("REFMOE_NUM_THREADS", "0")
+    with pytest.raises(ValueError, match="REFMOE_NUM_THREADS must be >= 1"):
+        cpu.default_threads()
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cpu._cgroup_cpu_limit(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cpu._cgroup_cpu_limit(tmp_path) is None
+
+
+def test_cpu_flags_parse():
+    info = "processor: 0\nflags\t\t: fpu avx2 fma f16c avx512f\n"
+    assert {"avx2", "fma", "avx512f"} <= cpu.cpu_flags(info)
+    assert cpu.cpu_flags("processor: 0\n") == set()

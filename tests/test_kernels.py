@@ -1,0 +1,192 @@
+"""Every variant against float64 numpy, against the naive kernel, and against each other.
+
+Error bound for y = x W^T with fp32 accumulation of K products (plus a fixed number of
+roundings for the scale fold, the tile dequantization and the final sums):
+    |y - y64| <= 2 (K + 8) 2^-24 * sum_k |x_k| m_nk + 2^-126
+where m_nk = |w_nk s| for FP8 and BF16. The INT4 GEMV computes s (sum_k q x - 8 sum_k x) with
+q in 0..15, so its terms are bounded by m_nk = (|w_nk| + 16 s_g) instead.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from refmoe import kernels
+from refmoe.kernels import formats
+
+U = 2.0**-24
+FINITE = np.array([c for c in range(256) if c & 0x7F != 0x7F], np.uint8)
+SUBNORMAL = FINITE[(FINITE & 0x78) == 0]
+SETTINGS = settings(max_examples=25, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def check(y: np.ndarray, y64: np.ndarray, mag: np.ndarray, k: int, factor: float = 1.0):
+    bound = factor * (2 * (k + 8) * U * mag + 2.0**-126)
+    err = np.abs(y.astype(np.float64) - y64)
+    worst = np.unravel_index(np.argmax(err / bound), err.shape)
+    assert (err <= bound).all(), f"err {err[worst]:.3g} > bound {bound[worst]:.3g} at {worst}"
+
+
+@st.composite
+def fp8_case(draw):
+    m = draw(st.integers(1, 64))
+    n = draw(st.integers(1, 300))
+    k = draw(st.integers(1, 300))
+    seed = draw(st.integers(0, 2**32 - 1))
+    codes_kind = draw(st.sampled_from(["gauss", "subnormal", "extreme", "uniform"]))
+    scale_kind = draw(st.sampled_from(["normal", "tiny", "huge", "mixed"]))
+    rng = np.random.default_rng(seed)
+    if codes_kind == "gauss":
+        codes, _ = formats.fp8_quantize(rng.standard_normal((n, k)))
+    else:
+        pool = {"subnormal": SUBNORMAL, "extreme": np.array([0x7E, 0xFE, 0], np.uint8),
+                "uniform": FINITE}[codes_kind]
+        codes = rng.choice(pool, size=(n, k)).astype(np.uint8)
+    shape = formats.scale_shape(n, k)
+    exp = {"normal": rng.uniform(-10, -3, shape), "tiny": rng.uniform(-62, -58, shape),
+           "huge": rng.uniform(58, 62, shape), "mixed": rng.uniform(-40, 40, shape)}[scale_kind]
+    s = np.exp2(exp).astype(np.float32)
+    x = (rng.standard_normal((m, k)) * 10.0 ** rng.uniform(-3, 3, (m, 1))).astype(np.float32)
+    return x, codes, s
+
+
+def fp8_reference(x, codes, s):
+    w = formats.fp8_dequantize(codes, s)
+    x64 = x.astype(np.float64)
+    return x64 @ w.T, np.abs(x64) @ np.abs(w).T
+
+
+@SETTINGS
+@given(case=fp8_case())
+def test_fp8_gemm_vs_float64(variant, case):
+    x, codes, s = case
+    y64, mag = fp8_reference(x, codes, s)
+    check(kernels.fp8_gemm(x, codes, s, variant=variant, num_threads=2), y64, mag, x.shape[1])
+
+
+@SETTINGS
+@given(case=fp8_case())
+def test_fp8_naive_beside_fast(variant, case):
+    x, codes, s = case
+    y64, mag = fp8_reference(x, codes, s)
+    naive = kernels.fp8_gemm(x, codes, s, variant=variant, naive=True)
+    check(naive, y64, mag, x.shape[1])
+    fast = kernels.fp8_gemm(x, codes, s, variant=variant)
+    check(fast, naive.astype(np.float64), mag, x.shape[1], factor=2.0)
+
+
+@SETTINGS
+@given(case=fp8_case())
+def test_variants_agree(case):
+    x, codes, s = case
+    _, mag = fp8_reference(x, codes, s)
+    base = kernels.fp8_gemm(x, codes, s).astype(np.float64)
+    for v in kernels.available_variants():
+        check(kernels.fp8_gemm(x, codes, s, variant=v), base, mag, x.shape[1], factor=2.0)
+
+
+@SETTINGS
+@given(m=st.integers(1, 64), n=st.integers(1, 260), k=st.integers(1, 300),
+       group=st.sampled_from([32, 128]), seed=st.integers(0, 2**32 - 1))
+def test_int4_gemm_vs_float64(variant, m, n, k, group, seed):
+    rng = np.random.default_rng(seed)
+    packed, scales = formats.int4_quantize(rng.standard_normal((n, k)), group)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = formats.int4_dequantize(packed, scales, k, group)
+    s_full = np.repeat(scales.astype(np.float64), group, 1)[:, :k]
+    mag = np.abs(x.astype(np.float64)) @ (np.abs(w) + 16 * s_full).T
+    y = kernels.int4_gemm(x, packed, scales, group_size=group, variant=variant)
+    check(y, x.astype(np.float64) @ w.T, mag, k)
+    naive = kernels.int4_gemm(x, packed, scales, group_size=group, variant=variant, naive=True)
+    check(naive, x.astype(np.float64) @ w.T, mag, k)
+
+
+@SETTINGS
+@given(m=st.integers(1, 64), n=st.integers(1, 260), k=st.integers(1, 300),
+       seed=st.integers(0, 2**32 - 1))
+def test_bf16_gemm_vs_float64(variant, m, n, k, seed):
+    rng = np.random.default_rng(seed)
+    bits = formats.bf16_encode(rng.standard_normal((n, k)).astype(np.float32))
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = formats.bf16_decode(bits)
+    mag = np.abs(x.astype(np.float64)) @ np.abs(w).T
+    check(kernels.bf16_gemm(x, bits, variant=variant), x.astype(np.float64) @ w.T, mag, k)
+
+
+@pytest.mark.parametrize("m", [1, 7, 32])
+def test_thread_count_does_not_change_bits(variant, m):
+    """Each row is computed whole by one thread, so the partition cannot change the result."""
+    rng = np.random.default_rng(4)
+    codes, s = formats.fp8_quantize(rng.standard_normal((700, 333)))
+    x = rng.standard_normal((m, 333)).astype(np.float32)
+    ref = kernels.fp8_gemm(x, codes, s, variant=variant, num_threads=1)
+    for t in (2, 3, 8):
+        np.testing.assert_array_equal(kernels.fp8_gemm(x, codes, s, variant=variant,
+                                                       num_threads=t), ref)
+
+
+def test_float8_numpy_view_accepted():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(5)
+    codes, s = formats.fp8_quantize(rng.standard_normal((10, 20)))
+    x = rng.standard_normal((1, 20)).astype(np.float32)
+    view = codes.view(ml_dtypes.float8_e4m3fn)
+    np.testing.assert_array_equal(kernels.fp8_gemm(x, view, s), kernels.fp8_gemm(x, codes, s))
+
+
+def test_torch_float8_tensor_accepted():
+    import torch
+
+    rng = np.random.default_rng(6)
+    codes, s = formats.fp8_quantize(rng.standard_normal((10, 20)))
+    x = rng.standard_normal((2, 20)).astype(np.float32)
+    t = torch.from_numpy(codes).view(torch.float8_e4m3fn)
+    np.testing.assert_array_equal(kernels.fp8_gemm(x, t, s), kernels.fp8_gemm(x, codes, s))
+
+
+class TestBadInput:
+    rng = np.random.default_rng(7)
+    codes, s = formats.fp8_quantize(rng.standard_normal((130, 200)))
+    x = rng.standard_normal((2, 200)).astype(np.float32)
+
+    @pytest.mark.parametrize("args, match", [
+        (lambda c, s, x: (x.astype(np.float64), c, s), "x: expected dtype float32"),
+        (lambda c, s, x: (x[:, :100].copy(), c, s), "x: expected 200 columns"),
+        (lambda c, s, x: (x[0], c, s), "x: expected 2 dimensions"),
+        (lambda c, s, x: (np.asfortranarray(x), c, s), "x: must be C-contiguous"),
+        (lambda c, s, x: (x, c.astype(np.int8), s), "w: expected uint8 or float8_e4m3fn"),
+        (lambda c, s, x: (x, c[:, ::2], s[:, :1]), "w: must be C-contiguous"),
+        (lambda c, s, x: (x, c, s[:1]), r"scale_inv: expected shape \(2, 2\)"),
+        (lambda c, s, x: (x, c, s.astype(np.float16)), "scale_inv: expected dtype float32"),
+        (lambda c, s, x: (x.tolist(), c, s), "x: expected a numpy array"),
+    ])
+    def test_fp8_gemm_errors(self, args, match):
+        with pytest.raises(ValueError, match=match):
+            kernels.fp8_gemm(*args(self.codes, self.s, self.x))
+
+    def test_int4_errors(self):
+        packed, scales = formats.int4_quantize(self.rng.standard_normal((4, 200)), 32)
+        with pytest.raises(ValueError, match="packed INT4 for K=200 has 112 columns"):
+            kernels.int4_gemm(self.x, packed[:, :50].copy(), scales, group_size=32)
+        with pytest.raises(ValueError, match=r"scales: expected shape \(4, 2\)"):
+            kernels.int4_gemm(self.x, packed, scales, group_size=128)
+        with pytest.raises(ValueError, match="group_size must be 32 or 128"):
+            kernels.int4_gemm(self.x, packed, scales, group_size=64)
+
+    def test_unknown_variant(self):
+        with pytest.raises(ValueError, match="unknown CPU variant 'avx1024'"):
+            kernels.fp8_gemm(self.x, self.codes, self.s, variant="avx1024")
+
+    def test_bad_thread_count(self):
+        with pytest.raises(ValueError, match="num_threads must be >= 1"):
+            kernels.fp8_gemm(self.x, self.codes, self.s, num_threads=0)
+
+
+def test_place_copies_exactly():
+    rng = np.random.default_rng(8)
+    w = rng.integers(0, 255, (1000, 77), dtype=np.uint8)
+    placed = kernels.place(w, num_threads=3)
+    assert placed is not w and placed.dtype == w.dtype
+    np.testing.assert_array_equal(placed, w)
