@@ -1,0 +1,103 @@
+"""`refmoe ...`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+# numpy's OpenBLAS pool spins after every BLAS call; on a 2-core machine it steals a core from
+# the kernels. Set before numpy loads (the user's own setting wins).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from refmoe import __version__, cpu, kernels
+
+    topo = cpu.Topology.read()
+    info = {
+        "version": __version__,
+        "variant": kernels.variant(),
+        "available_variants": kernels.available_variants(),
+        "threads": cpu.default_threads(),
+        "numa_nodes": [list(n) for n in topo.nodes],
+        "flags": sorted(f for f in cpu.cpu_flags() if f.startswith(("avx", "fma", "f16c"))),
+    }
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for key, value in info.items():
+            print(f"{key:<20}{value}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from refmoe import bench, cpu, kernels
+
+    threads = args.threads or sorted({1, cpu.default_threads()})
+    variants = args.variants.split(",") if args.variants else [kernels.variant()]
+    for v in variants:
+        if v not in kernels.available_variants():
+            print(f"refmoe bench: variant {v!r} is not available here "
+                  f"(available: {', '.join(kernels.available_variants())})", file=sys.stderr)
+            return 2
+    progress = None
+    if not args.json and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        progress = lambda jobs: tqdm(jobs, desc="bench kernels", unit="case")  # noqa: E731
+    rows = bench.bench_kernels(threads, variants, reps=args.reps, quick=args.quick,
+                               with_torch=not args.no_torch, progress=progress)
+    if args.json:
+        print(json.dumps(bench.rows_as_dicts(rows)))
+    else:
+        print(bench.format_rows(rows))
+        print("\nratio = kernel GB/s over a plain read of the same bytes with the same threads, "
+              "measured alternately in this run (median, [min-max] over reps);\nfma% = GFLOP/s "
+              "over the FMA peak of those threads, also measured now; torch_x = torch "
+              "(FP8 -> bf16, matmul) time over ours.")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="refmoe", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="CPU variant, threads and NUMA nodes refmoe will use")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=_cmd_info)
+
+    b = sub.add_parser("bench", help="benchmarks that report ratios to same-run limits")
+    b.add_argument("what", choices=["kernels"], help="what to benchmark")
+    b.add_argument("--json", action="store_true", help="print a JSON list of rows")
+    b.add_argument("--threads", type=_int_list, help="thread counts, e.g. 1,2 (default: 1 "
+                   "and all usable cores)")
+    b.add_argument("--variants", help="comma-separated CPU variants (default: the chosen one)")
+    b.add_argument("--reps", type=int, default=5, help="timed repetitions per row")
+    b.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
+    b.add_argument("--no-torch", action="store_true", help="skip the torch baseline")
+    b.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "reps", 1) < 1:
+        print("refmoe: --reps must be >= 1", file=sys.stderr)
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
