@@ -18,7 +18,7 @@ from refmoe.kernels import formats
 U = 2.0**-24
 FINITE = np.array([c for c in range(256) if c & 0x7F != 0x7F], np.uint8)
 SUBNORMAL = FINITE[(FINITE & 0x78) == 0]
-SETTINGS = settings(max_examples=25, deadline=None,
+SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 

@@ -521,10 +521,12 @@ static void rows_gemv_fp8(const wmat *W, int n_lo, int n_hi, const float *x, flo
             if (amax > 0.f && ilogbf(amax) + 1 + e > 126) e = 126 - (ilogbf(amax) + 1);
             unscale = ldexpf(1.f, -FP8_GEMV_LOG2 - e);
             s_tail = sb[nkb - 1];
+            vf pow2e = vf_set1(ldexpf(1.f, e)); /* (x * s) * 2^E: s * 2^E alone may overflow */
             for (int kb = 0; kb * BAND < K32; kb++) {
-                vf sc = vf_set1(ldexpf(sb[kb], e));
+                vf sc = vf_set1(sb[kb]);
                 int kend = (kb + 1) * BAND < K32 ? (kb + 1) * BAND : K32;
-                for (int k = kb * BAND; k < kend; k += VL) vf_store(xs + k, vf_mul(vf_load(xp + k), sc));
+                for (int k = kb * BAND; k < kend; k += VL)
+                    vf_store(xs + k, vf_mul(vf_mul(vf_load(xp + k), sc), pow2e));
             }
         }
         int band_end = (band + 1) * BAND < n_hi ? (band + 1) * BAND : n_hi;
