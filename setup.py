@@ -11,7 +11,7 @@ import simde_py
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-BASE = ["-O3", "-fopenmp", "-std=gnu11", "-fno-math-errno", "-Wno-unused-function", "-Wno-psabi"]
+BASE = ["-O3", "-fopenmp", "-std=gnu11", "-fno-math-errno", "-ffp-contract=off", "-Wno-unused-function", "-Wno-psabi"]
 
 VARIANTS = {
     # name: (extra compile flags, macros)
@@ -37,6 +37,7 @@ def extension(name: str, flags: list[str], macros: list[tuple[str, str]]) -> Ext
         define_macros=macros + [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=BASE + flags,
         extra_link_args=["-fopenmp"],
+        depends=["refmoe/kernels/kernels.h", "refmoe/kernels/_kernels.pxi"],
     )
 
 

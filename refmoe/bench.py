@@ -14,6 +14,7 @@ import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -68,7 +69,10 @@ def _copies(base: tuple[np.ndarray, ...], count: int) -> list[tuple[np.ndarray, 
     return [tuple(np.roll(a, i, axis=0) for a in base) for i in range(count)]
 
 
+@lru_cache(maxsize=8)
 def _make(fmt: str, n: int, k: int, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Weights of one expert matrix in fmt, from seeded Gaussians (cached: FP8 encoding of a
+    DeepSeek matrix takes seconds)."""
     w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
     if fmt == "fp8":
         return formats.fp8_quantize(w)

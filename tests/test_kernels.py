@@ -4,7 +4,10 @@ Error bound for y = x W^T with fp32 accumulation of K products (plus a fixed num
 roundings for the scale fold, the tile dequantization and the final sums):
     |y - y64| <= 2 (K + 8) 2^-24 * sum_k |x_k| m_nk + 2^-126
 where m_nk = |w_nk s| for FP8 and BF16. The INT4 GEMV computes s (sum_k q x - 8 sum_k x) with
-q in 0..15, so its terms are bounded by m_nk = (|w_nk| + 16 s_g) instead.
+q in 0..15, so its terms are bounded by m_nk = (|w_nk| + 16 s_g) instead. INT4 runs on
+activations quantized to int8 per chunk of 32 (formats.q8_quantize, bit-exact with the C code),
+so its reference is the float64 product with those dequantized activations; the products
+themselves are exact integers.
 """
 
 import numpy as np
@@ -93,14 +96,25 @@ def test_variants_agree(case):
 def test_int4_gemm_vs_float64(variant, m, n, k, group, seed):
     rng = np.random.default_rng(seed)
     packed, scales = formats.int4_quantize(rng.standard_normal((n, k)), group)
-    x = rng.standard_normal((m, k)).astype(np.float32)
+    x = (rng.standard_normal((m, k)) * 10.0 ** rng.uniform(-3, 3, (m, 1))).astype(np.float32)
+    xdq = formats.q8_quantize(x)[1].astype(np.float64)
     w = formats.int4_dequantize(packed, scales, k, group)
     s_full = np.repeat(scales.astype(np.float64), group, 1)[:, :k]
-    mag = np.abs(x.astype(np.float64)) @ (np.abs(w) + 16 * s_full).T
+    mag = np.abs(xdq) @ (np.abs(w) + 16 * s_full).T
     y = kernels.int4_gemm(x, packed, scales, group_size=group, variant=variant)
-    check(y, x.astype(np.float64) @ w.T, mag, k)
+    check(y, xdq @ w.T, mag, k)
     naive = kernels.int4_gemm(x, packed, scales, group_size=group, variant=variant, naive=True)
-    check(naive, x.astype(np.float64) @ w.T, mag, k)
+    check(naive, xdq @ w.T, mag, k)
+
+
+def test_q8_activation_error_is_half_a_step():
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((3, 100)) * 50).astype(np.float32)
+    q, deq = formats.q8_quantize(x)
+    step = np.repeat(np.abs(np.pad(x, ((0, 0), (0, 28)))).reshape(3, 4, 32).max(-1) / 127, 32,
+                     axis=1)[:, :100]
+    assert (np.abs(deq - x) <= step / 2 * (1 + 1e-6)).all()
+    assert np.abs(q).max() <= 127
 
 
 @SETTINGS

@@ -35,10 +35,13 @@ def make_experts(fmt: str, e: int, h: int, i: int, seed: int, group: int = 32):
     return ew, dense
 
 
-def reference_moe(x, tok, exp, rw, dense):
+def reference_moe(x, tok, exp, rw, dense, q8=False):
     """DeepSeek-V3 inference/model.py MoE.forward: bincount, skip empty experts,
-    y[idx] += expert(x[idx]) * weight. Also returns the magnitude sum of |terms|."""
-    x64 = x.astype(np.float64)
+    y[idx] += expert(x[idx]) * weight. Also returns the magnitude sum of |terms|.
+    q8: activations go through formats.q8_quantize first, as the INT4 kernels do; the
+    intermediate h is requantized by the kernel from its own fp32 h, which may round a chunk's
+    element to the neighbouring step, so the magnitude gains one step per element there."""
+    x64 = (formats.q8_quantize(x)[1] if q8 else x).astype(np.float64)
     y = np.zeros_like(x64)
     mag = np.zeros_like(x64)
     counts = np.bincount(exp, minlength=len(dense["gate"]))
@@ -49,9 +52,17 @@ def reference_moe(x, tok, exp, rw, dense):
         xe = x64[tok[idx]]
         g, u = xe @ dense["gate"][e].T, xe @ dense["up"][e].T
         h = g / (1 + np.exp(-g)) * u
+        step = 0
+        if q8:
+            h32 = h.astype(np.float32)
+            step = np.abs(formats.q8_quantize(h32)[1] - h32) + np.repeat(
+                np.abs(np.pad(h32, ((0, 0), (0, -h.shape[1] % 32)))).reshape(
+                    len(idx), -1, 32).max(-1) / 127, 32, axis=1)[:, :h.shape[1]]
+            h = formats.q8_quantize(h32)[1].astype(np.float64)
         np.add.at(y, tok[idx], (h @ dense["down"][e].T) * rw[idx, None])
         hmag = np.abs(g / (1 + np.exp(-g))) * (np.abs(xe) @ np.abs(dense["up"][e]).T) + \
             np.abs(u) * (np.abs(xe) @ np.abs(dense["gate"][e]).T)
+        hmag = hmag + step * 2.0**24 / (4 * (max(dense["down"][e].shape) + 8))
         np.add.at(mag, tok[idx], (hmag @ np.abs(dense["down"][e]).T) * np.abs(rw[idx, None]))
     return y, mag
 
@@ -70,7 +81,7 @@ def test_fused_moe_vs_reference_loop(variant, fmt, t, h, i, e, top_k, seed):
     rw = rng.uniform(0.1, 2.5, tok.size).astype(np.float32)
     x = rng.standard_normal((t, h)).astype(np.float32)
     y = kernels.fused_moe(x, tok, exp, rw, ew, variant=variant, num_threads=2)
-    ref, mag = reference_moe(x, tok, exp, rw, dense)
+    ref, mag = reference_moe(x, tok, exp, rw, dense, q8=fmt == "int4")
     k_eff = max(h, i) + 8
     assert (np.abs(y - ref) <= 4 * k_eff * 2.0**-24 * mag + 1e-30).all()
 

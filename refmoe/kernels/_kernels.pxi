@@ -16,7 +16,7 @@ cdef extern from "kernels.h" nogil:
     void fp8_to_f32_vec(const uint8_t *codes, float *out, int n, int permuted)
     int gemm(const wmat *W, int M, const float *x, float *y, int nthreads,
              const int *band_lo, const int *band_hi)
-    void gemm_naive(const wmat *W, int M, const float *x, float *y)
+    int gemm_naive(const wmat *W, int M, const float *x, float *y)
     int moe_mlp(int T, int H, int I, int E, const float *x, const int *offsets, const int *tok,
                 const float *rw, const wmat *gate, const wmat *up, const wmat *down, float *y,
                 float *xg, float *g_out, float *u_out, float *h, float *ye, int nthreads,
@@ -68,8 +68,11 @@ def gemm_reference(int fmt, const uint8_t[::1] w, const float[::1] s, int n, int
                    const float[:, ::1] x,  # IN  [M, K]
                    float[:, ::1] y):       # OUT [M, N]
     cdef wmat W = _wmat(fmt, w, s, n, k, group)
+    cdef int rc
     with nogil:
-        gemm_naive(&W, x.shape[0], &x[0, 0], &y[0, 0])
+        rc = gemm_naive(&W, x.shape[0], &x[0, 0], &y[0, 0])
+    if rc != 0:
+        raise MemoryError("naive kernel scratch allocation failed")
 
 
 def moe(int fmt, int group, int I,

@@ -126,3 +126,22 @@ def int4_dequantize(packed: np.ndarray, scales: np.ndarray, k: int, group: int) 
     p = packed.reshape(n, -1, 16)
     q = np.stack([p & 15, p >> 4], axis=2).reshape(n, -1)[:, :k].astype(np.float64) - 8
     return q * np.repeat(scales.astype(np.float64), group, 1)[:, :k]
+
+
+def q8_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Activations for the INT4 kernels: per chunk of 32 along the last axis, scale = amax/127
+    and q = rint(x * (127/amax)), in float32 exactly as the C kernels do it.
+    Returns (q int8 [..., K], the dequantized q * scale as float32 [..., K])."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    k = x.shape[-1]
+    kc = -(-k // INT4_CHUNK) * INT4_CHUNK
+    pad = np.zeros(x.shape[:-1] + (kc,), np.float32)
+    pad[..., :k] = x
+    chunks = pad.reshape(x.shape[:-1] + (kc // INT4_CHUNK, INT4_CHUNK))
+    amax = np.abs(chunks).max(axis=-1, keepdims=True)
+    scale = amax / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.clip(np.rint(chunks * inv), -127, 127).astype(np.float32)
+    deq = (q * scale).astype(np.float32).reshape(pad.shape)[..., :k]
+    return q.astype(np.int8).reshape(pad.shape)[..., :k], deq

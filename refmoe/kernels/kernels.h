@@ -76,6 +76,34 @@ static inline void vf_hsum4_add(vf a, vf b, vf c, vf d, float *out) {
     __m128 r = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
     _mm_storeu_ps(out, _mm_add_ps(_mm_loadu_ps(out), r));
 }
+/* INT4 x int8 dot, 64 weights (two packed chunks of 32): lanes 0-7 hold chunk 0's partial
+ * sums, lanes 8-15 chunk 1's; every product and sum is an exact integer (<= 16 * 3810). */
+#define DOT_UNIT 64
+static inline __m256i nibbles32(const uint8_t *p) {
+    __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    v = _mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+}
+static inline vf dot_int4_q8(const uint8_t *w, const int8_t *xq) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i a = _mm256_madd_epi16(
+        _mm256_maddubs_epi16(nibbles32(w), _mm256_loadu_si256((const __m256i *)xq)), ones);
+    __m256i b = _mm256_madd_epi16(
+        _mm256_maddubs_epi16(nibbles32(w + 16), _mm256_loadu_si256((const __m256i *)(xq + 32))),
+        ones);
+    return _mm512_cvtepi32_ps(_mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
+}
+/* The activation scales of a unit's chunks, laid out as dot_int4_q8's lanes. */
+static inline vf xs_lanes(const float *xs, int c) {
+    return _mm512_insertf32x8(_mm512_set1_ps(xs[c]), _mm256_set1_ps(xs[c + 1]), 1);
+}
+/* One chunk only (the last of a row with an odd count): upper lanes zero, no read past it. */
+static inline vf dot_int4_q8_one(const uint8_t *w, const int8_t *xq) {
+    __m256i a = _mm256_madd_epi16(
+        _mm256_maddubs_epi16(nibbles32(w), _mm256_loadu_si256((const __m256i *)xq)),
+        _mm256_set1_epi16(1));
+    return _mm512_cvtepi32_ps(_mm512_inserti64x4(_mm512_setzero_si512(), a, 0));
+}
 /* 16 E4M3 codes -> 16 floats equal to value * 2^-8. Sign-extending the byte to 16 bits and
  * shifting left by 7 puts eeee.mmm into the fp16 exponent/mantissa fields; bit 14 holds a copy
  * of the sign and is cleared. vcvtph2ps converts fp16 subnormals exactly whatever MXCSR.DAZ
@@ -122,6 +150,20 @@ static inline void vf_hsum4_add(vf a, vf b, vf c, vf d, float *out) {
     __m128 r = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
     _mm_storeu_ps(out, _mm_add_ps(_mm_loadu_ps(out), r));
 }
+/* INT4 x int8 dot for one packed chunk of 32 weights: the 16 bytes are broadcast to both
+ * 128-bit lanes and the upper lane shifted by 4, so one AND yields the 32 codes in k order;
+ * vpmaddubsw (u8 x s8 pairs, at most 2 * 15 * 127: no saturation) and vpmaddwd with ones give
+ * 8 exact int32 partial sums. */
+#define DOT_UNIT 32
+static inline vf dot_int4_q8(const uint8_t *w, const int8_t *xq) {
+    __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w));
+    v = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+                         _mm256_set1_epi8(0x0F));
+    __m256i p = _mm256_maddubs_epi16(v, _mm256_loadu_si256((const __m256i *)xq));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+#define dot_int4_q8_one dot_int4_q8
+static inline vf xs_lanes(const float *xs, int c) { return vf_set1(xs[c]); }
 /* Same bit trick as the AVX-512 path, 8 lanes per vcvtph2ps. */
 static inline void cvt_fp8_16(const uint8_t *p, vf *o) {
     __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
@@ -214,6 +256,20 @@ static inline void vf_hsum4_add(vf a, vf b, vf c, vf d, float *out) {
 static inline void cvt_fp8_16(const uint8_t *p, vf *o) {
     for (int j = 0; j < 16; j++) o[j / 8][j % 8] = fp8_lut_generic[p[j]];
 }
+#define DOT_UNIT 32
+static inline vf dot_int4_q8(const uint8_t *w, const int8_t *xq) {
+    int32_t acc[8] = {0};
+    for (int j = 0; j < 16; j++) {
+        acc[j % 8] += (w[j] & 15) * xq[j];
+        acc[j % 8] += (w[j] >> 4) * xq[j + 16];
+    }
+    vf r;
+    for (int i = 0; i < 8; i++) r[i] = (float)acc[i];
+    return r;
+}
+#define dot_int4_q8_one dot_int4_q8
+static inline vf xs_lanes(const float *xs, int c) { return vf_set1(xs[c]); }
+
 static inline void cvt_bf16_16(const uint16_t *p, vf *o) {
     for (int j = 0; j < 16; j++) {
         uint32_t u = (uint32_t)p[j] << 16;
@@ -563,56 +619,132 @@ static void rows_gemv_fp8(const wmat *W, int n_lo, int n_hi, const float *x, flo
     }
 }
 
-/* INT4: sum_k (q-8) s x = s * (sum_k q x - 8 sum_k x) per group; the -8 sum_k x term is a
- * scalar per group computed once per call (gsum), so the inner loop is convert + FMA. */
-static void rows_gemv_int4(const wmat *W, int n_lo, int n_hi, const float *x, float *y,
-                           const float *gsum) {
-    const int K = W->k, G = W->group, ngroups = ceil_div(K, G);
-    const int row_bytes = ceil_div(K, 32) * 16, Kc = round_up(K, 32);
+/* INT4 activations: x is quantized per chunk of 32 to int8 (as ggml's q8_0 does): xs[c] =
+ * amax / 127, xq = rint(x / xs) (fp32 ops that formats.q8_quantize repeats bit for bit), so
+ * the weight-activation products run as exact integer dot products. xcorr[g] = sum over the
+ * group's chunks of xs[c] * sum(xq in c): the -8 of the code offset is applied once per group
+ * as -8 * s_w * xcorr. (A copy of xs widened to vector lanes would push x past L1 at K = 7168.)
+ */
+typedef struct {
+    int8_t *q;      /* [Kc]        quantized x, zero past K */
+    float *xs;      /* [Kc / 32]   chunk scales */
+    float *xcorr;   /* [ngroups]   per weight group */
+} q8x;
+
+static int q8_alloc(q8x *q, int kmax) {
+    int kc = round_up(kmax, 128) + 32; /* + one chunk of zeros */
+    q->q = (int8_t *)aligned_alloc(64, (size_t)kc);
+    q->xs = (float *)aligned_alloc(64, (size_t)round_up(kc / 32 + 1, 16) * 4);
+    q->xcorr = (float *)aligned_alloc(64, (size_t)round_up(kc / 32, 16) * 4);
+    return q->q && q->xs && q->xcorr;
+}
+static void q8_free(q8x *q) { free(q->q); free(q->xs); free(q->xcorr); }
+
+/* x [K] -> q (see q8x); also writes the dequantized x~ = xq * xs into xdq [Kp] when not NULL. */
+static void q8_quantize(const float *x, int K, int group, q8x *q, float *xdq) {
+    int nc = ceil_div(K, 32);
+    memset(q->q + nc * 32, 0, 32);   /* one chunk of zeros past K for a unit that overhangs */
+    q->xs[nc] = 0.f;
+    for (int c = 0; c < nc; c++) {
+        int k0 = c * 32, k1 = k0 + 32 < K ? k0 + 32 : K, sum = 0;
+        float amax = 0.f; /* a > b ? a : b is one maxss; fmaxf is a libm call (NaN rules) */
+        for (int k = k0; k < k1; k++) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
+        float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        /* Branch-free so GCC vectorizes it. Rounds to nearest even as rint does: adding and
+         * subtracting 1.5 * 2^23 leaves the rounded value of |v| <= 127 (no libm call), and
+         * |x| <= amax keeps |v| <= 127 without a clamp. */
+        const float magic = 12582912.f;
+        for (int k = k0; k < k1; k++) {
+            int v = (int)((x[k] * inv + magic) - magic);
+            q->q[k] = (int8_t)v;
+            sum += v;
+        }
+        for (int k = k1; k < k0 + 32; k++) q->q[k] = 0;
+        if (xdq)
+            for (int k = k0; k < k1; k++) xdq[k] = (float)q->q[k] * scale;
+        q->xs[c] = scale;
+        if (c % (group / 32) == 0) q->xcorr[c / (group / 32)] = 0.f;
+        q->xcorr[c / (group / 32)] += scale * (float)sum;
+    }
+}
+
+/* y[n] = sum_g s_w[n,g] * (sum_{c in g} xs[c] * dot(q_w, xq)_c - 8 xcorr[g]), rows [n_lo, n_hi).
+ * THE HOT LOOP of INT4 decode: per 32 codes one broadcast load, a shift, an AND, two integer
+ * multiply-adds, a convert and an FMA. */
+static void rows_gemv_int4(const wmat *W, int n_lo, int n_hi, float *y, const q8x *q) {
+    const int K = W->k, G = W->group, ngroups = ceil_div(K, G), nc = ceil_div(K, 32);
+    const int row_bytes = nc * 16, per_unit = DOT_UNIT / 32;
     const uint8_t *codes = (const uint8_t *)W->w;
     int n = n_lo;
-    for (; n + 2 <= n_hi; n += 2) {
-        const uint8_t *w0 = codes + (size_t)n * row_bytes, *w1 = w0 + row_bytes;
-        const float *s0 = W->s + (size_t)n * ngroups, *s1 = s0 + ngroups;
-        vf t0 = vf_zero(), t1 = vf_zero(), v[NV32];
-        float c0 = 0.f, c1 = 0.f;
-        for (int g = 0; g < ngroups; g++) {
-            vf a0[2] = {vf_zero(), vf_zero()}, a1[2] = {vf_zero(), vf_zero()};
-            int kend = (g + 1) * G < Kc ? (g + 1) * G : Kc;
-            for (int k = g * G; k < kend; k += 32) {
-                vf xv[NV32];
-                __builtin_prefetch(w0 + k / 2 + PREFETCH_DIST, 0, 0);
-                __builtin_prefetch(w1 + k / 2 + PREFETCH_DIST, 0, 0);
-                for (int j = 0; j < NV32; j++) xv[j] = vf_load(x + k + j * VL);
-                cvt_int4_32(w0 + k / 2, v);
-                for (int j = 0; j < NV32; j++) a0[j & 1] = vf_fma(v[j], xv[j], a0[j & 1]);
-                cvt_int4_32(w1 + k / 2, v);
-                for (int j = 0; j < NV32; j++) a1[j & 1] = vf_fma(v[j], xv[j], a1[j & 1]);
+    if (G >= DOT_UNIT) /* two rows at a time share the activation loads: two DRAM streams */
+        for (; n + 2 <= n_hi; n += 2) {
+            const uint8_t *w0 = codes + (size_t)n * row_bytes, *w1 = w0 + row_bytes;
+            const float *s0 = W->s + (size_t)n * ngroups, *s1 = s0 + ngroups;
+            vf acc0 = vf_zero(), acc1 = vf_zero();
+            float corr0 = 0.f, corr1 = 0.f;
+            for (int g = 0; g < ngroups; g++) {
+                vf a0 = vf_zero(), a1 = vf_zero();
+                int c = g * (G / 32), cend = c + G / 32 < nc ? c + G / 32 : nc;
+                __builtin_prefetch(w0 + (size_t)c * 16 + PREFETCH_DIST, 0, 0);
+                __builtin_prefetch(w1 + (size_t)c * 16 + PREFETCH_DIST, 0, 0);
+                for (; c < cend; c += per_unit) {
+                    vf xs = xs_lanes(q->xs, c);
+                    if (c + per_unit <= cend) {
+                        a0 = vf_fma(dot_int4_q8(w0 + (size_t)c * 16, q->q + c * 32), xs, a0);
+                        a1 = vf_fma(dot_int4_q8(w1 + (size_t)c * 16, q->q + c * 32), xs, a1);
+                    } else { /* the last chunk alone: no read past the row */
+                        a0 = vf_fma(dot_int4_q8_one(w0 + (size_t)c * 16, q->q + c * 32), xs, a0);
+                        a1 = vf_fma(dot_int4_q8_one(w1 + (size_t)c * 16, q->q + c * 32), xs, a1);
+                    }
+                }
+                acc0 = vf_fma(a0, vf_set1(s0[g]), acc0);
+                acc1 = vf_fma(a1, vf_set1(s1[g]), acc1);
             }
-            t0 = vf_fma(vf_add(a0[0], a0[1]), vf_set1(s0[g]), t0);
-            t1 = vf_fma(vf_add(a1[0], a1[1]), vf_set1(s1[g]), t1);
-            c0 += s0[g] * gsum[g];
-            c1 += s1[g] * gsum[g];
+            for (int g = 0; g < ngroups; g++) {
+                corr0 += s0[g] * q->xcorr[g];
+                corr1 += s1[g] * q->xcorr[g];
+            }
+            y[n] = vf_hsum(acc0) - 8.f * corr0;
+            y[n + 1] = vf_hsum(acc1) - 8.f * corr1;
         }
-        y[n] = vf_hsum(t0) - 8.f * c0;
-        y[n + 1] = vf_hsum(t1) - 8.f * c1;
-    }
     for (; n < n_hi; n++) {
-        const uint8_t *w0 = codes + (size_t)n * row_bytes;
-        const float *s0 = W->s + (size_t)n * ngroups;
-        vf t0 = vf_zero(), v[NV32];
-        float c0 = 0.f;
-        for (int g = 0; g < ngroups; g++) {
-            vf a0 = vf_zero();
-            int kend = (g + 1) * G < Kc ? (g + 1) * G : Kc;
-            for (int k = g * G; k < kend; k += 32) {
-                cvt_int4_32(w0 + k / 2, v);
-                for (int j = 0; j < NV32; j++) a0 = vf_fma(v[j], vf_load(x + k + j * VL), a0);
+        const uint8_t *w = codes + (size_t)n * row_bytes;
+        const float *sw = W->s + (size_t)n * ngroups;
+        vf acc = vf_zero();
+        float corr = 0.f;
+        if (G >= DOT_UNIT) { /* whole units per group: scale once per group */
+            for (int g = 0; g < ngroups; g++) {
+                vf a0 = vf_zero(), a1 = vf_zero();
+                int c = g * (G / 32), cend = c + G / 32 < nc ? c + G / 32 : nc;
+                __builtin_prefetch(w + (size_t)c * 16 + PREFETCH_DIST, 0, 0);
+                for (; c + 2 * per_unit <= cend; c += 2 * per_unit) {
+                    a0 = vf_fma(dot_int4_q8(w + (size_t)c * 16, q->q + c * 32),
+                                xs_lanes(q->xs, c), a0);
+                    a1 = vf_fma(dot_int4_q8(w + (size_t)(c + per_unit) * 16,
+                                            q->q + (c + per_unit) * 32),
+                                xs_lanes(q->xs, c + per_unit), a1);
+                }
+                for (; c < cend; c += per_unit) /* the last chunk alone: no read past the row */
+                    a0 = vf_fma(c + per_unit <= cend ? dot_int4_q8(w + (size_t)c * 16, q->q + c * 32)
+                                : dot_int4_q8_one(w + (size_t)c * 16, q->q + c * 32),
+                                xs_lanes(q->xs, c), a0);
+                acc = vf_fma(vf_add(a0, a1), vf_set1(sw[g]), acc);
+                corr += sw[g] * q->xcorr[g];
             }
-            t0 = vf_fma(a0, vf_set1(s0[g]), t0);
-            c0 += s0[g] * gsum[g];
+        } else { /* a unit spans several groups (AVX-512, group 32): per-lane group scale */
+            float lanes[VL];
+            for (int c = 0; c < nc; c += per_unit) {
+                for (int i = 0; i < VL; i++) {
+                    int ci = c + i / 8 < nc ? c + i / 8 : nc - 1;
+                    lanes[i] = sw[ci * 32 / G];
+                }
+                vf d = c + per_unit <= nc ? dot_int4_q8(w + (size_t)c * 16, q->q + c * 32)
+                                          : dot_int4_q8_one(w + (size_t)c * 16, q->q + c * 32);
+                acc = vf_fma(vf_mul(d, xs_lanes(q->xs, c)), vf_load(lanes), acc);
+            }
+            for (int g = 0; g < ngroups; g++) corr += sw[g] * q->xcorr[g];
         }
-        y[n] = vf_hsum(t0) - 8.f * c0;
+        y[n] = vf_hsum(acc) - 8.f * corr;
     }
 }
 
@@ -623,7 +755,8 @@ static void rows_gemv_int4(const wmat *W, int n_lo, int n_hi, const float *x, fl
 typedef struct {
     float *xs;   /* [Kp]      FP8 GEMV: x with the band's scales folded in */
     float *xp;   /* [Kp]      FP8 GEMV: x in FP8_PERM order */
-    float *gsum; /* [K/32+1]  INT4 GEMV: per-group sums of x */
+    q8x q8;      /*           INT4: x quantized to int8 */
+    float *xdq;  /* [Kp]      INT4 GEMM: x dequantized from q8, [M, Kp] grown on demand */
     float *tile; /* [TILE_ROWS, B] dequantized tile */
 } scratch;
 
@@ -631,33 +764,32 @@ static int scratch_alloc(scratch *sc, int kmax) {
     int kp = round_up(kmax, BAND);
     sc->xs = (float *)aligned_alloc(64, (size_t)kp * 4);
     sc->xp = (float *)aligned_alloc(64, (size_t)kp * 4);
-    sc->gsum = (float *)aligned_alloc(64, (size_t)round_up(kp / 32 + 1, 16) * 4);
+    sc->xdq = NULL;
+    if (!q8_alloc(&sc->q8, kp)) return 0;
     sc->tile = (float *)aligned_alloc(64, (size_t)TILE_ROWS * BAND * 4);
-    return sc->xs && sc->xp && sc->gsum && sc->tile;
+    return sc->xs && sc->xp && sc->tile;
 }
 static void scratch_free(scratch *sc) {
-    free(sc->xs); free(sc->xp); free(sc->gsum); free(sc->tile);
+    free(sc->xs); free(sc->xp); free(sc->tile); free(sc->xdq); q8_free(&sc->q8);
 }
 
-/* gsum[g] = sum of x over INT4 group g (padding is zero). x: [Kp] */
-static void group_sums(const wmat *W, const float *x, float *gsum) {
-    int ng = ceil_div(W->k, W->group);
-    for (int g = 0; g < ng; g++) {
-        float s = 0.f;
-        for (int k = g * W->group; k < (g + 1) * W->group && k < W->k; k++) s += x[k];
-        gsum[g] = s;
-    }
-}
-
-/* Returns 0, or -1 when scratch could not be allocated. */
+/* Returns 0, or -1 when scratch could not be allocated. INT4 always runs on the int8-quantized
+ * activations, so a token gets the same numbers whether it is alone (GEMV) or in a batch. */
 static int rows_gemm(const wmat *W, int n_lo, int n_hi, int M, const float *x, int ldx,
                      float *y, int ldy, scratch *sc) {
     if (n_lo >= n_hi) return 0;
     if (M == 1 && W->fmt == FMT_FP8) {
         rows_gemv_fp8(W, n_lo, n_hi, x, y, sc->xs, sc->xp);
     } else if (M == 1 && W->fmt == FMT_INT4) {
-        group_sums(W, x, sc->gsum);
-        rows_gemv_int4(W, n_lo, n_hi, x, y, sc->gsum);
+        q8_quantize(x, W->k, W->group, &sc->q8, NULL);
+        rows_gemv_int4(W, n_lo, n_hi, y, &sc->q8);
+    } else if (W->fmt == FMT_INT4) {
+        free(sc->xdq);
+        sc->xdq = (float *)calloc((size_t)M * ldx, 4);
+        if (!sc->xdq) return -1;
+        for (int m = 0; m < M; m++)
+            q8_quantize(x + (size_t)m * ldx, W->k, W->group, &sc->q8, sc->xdq + (size_t)m * ldx);
+        return rows_tiled(W, n_lo, n_hi, M, sc->xdq, ldx, y, ldy, sc->tile);
     } else {
         return rows_tiled(W, n_lo, n_hi, M, x, ldx, y, ldy, sc->tile);
     }
@@ -697,7 +829,17 @@ static int gemm(const wmat *W, int M, const float *x, float *y, int nthreads,
 
 /* The naive kernel, kept beside the fast one for tests: scalar, one dot product per output,
  * fp32 accumulation in k order, scale applied per element. x: [M, K] (unpadded). */
-static void gemm_naive(const wmat *W, int M, const float *x, float *y) {
+static int gemm_naive(const wmat *W, int M, const float *x, float *y) {
+    float *xdq = NULL;
+    if (W->fmt == FMT_INT4) { /* the same int8 activations as the fast path */
+        q8x q;
+        xdq = (float *)malloc((size_t)M * W->k * 4 + 4);
+        if (!xdq || !q8_alloc(&q, W->k)) { free(xdq); return -1; }
+        for (int m = 0; m < M; m++)
+            q8_quantize(x + (size_t)m * W->k, W->k, W->group, &q, xdq + (size_t)m * W->k);
+        q8_free(&q);
+        x = xdq;
+    }
     int K = W->k, nkb = ceil_div(K, BAND), ng = W->fmt == FMT_INT4 ? ceil_div(K, W->group) : 0;
     int row_bytes = ceil_div(K, 32) * 16;
     for (int m = 0; m < M; m++)
@@ -719,6 +861,8 @@ static void gemm_naive(const wmat *W, int M, const float *x, float *y) {
             }
             y[(size_t)m * W->n + n] = acc;
         }
+    free(xdq);
+    return 0;
 }
 
 /* ====================================================================================== */
