@@ -685,8 +685,21 @@ static void rows_gemv_int4(const wmat *W, int n_lo, int n_hi, float *y, const q8
             for (int g = 0; g < ngroups; g++) {
                 vf a0 = vf_zero(), a1 = vf_zero();
                 int c = g * (G / 32), cend = c + G / 32 < nc ? c + G / 32 : nc;
-                __builtin_prefetch(w0 + (size_t)c * 16 + PREFETCH_DIST, 0, 0);
-                __builtin_prefetch(w1 + (size_t)c * 16 + PREFETCH_DIST, 0, 0);
+                /* the same place in the next pair of rows: a row-relative distance would
+                 * land in row n + 1, which is already streaming, whenever rows are long */
+                __builtin_prefetch(w0 + 2 * (size_t)row_bytes + (size_t)c * 16, 0, 0);
+                __builtin_prefetch(w1 + 2 * (size_t)row_bytes + (size_t)c * 16, 0, 0);
+                vf b0 = vf_zero(), b1 = vf_zero(); /* second chains: FMA latency */
+                for (; c + 2 * per_unit <= cend; c += 2 * per_unit) {
+                    vf xs = xs_lanes(q->xs, c), xt = xs_lanes(q->xs, c + per_unit);
+                    const int d = c + per_unit;
+                    a0 = vf_fma(dot_int4_q8(w0 + (size_t)c * 16, q->q + c * 32), xs, a0);
+                    a1 = vf_fma(dot_int4_q8(w1 + (size_t)c * 16, q->q + c * 32), xs, a1);
+                    b0 = vf_fma(dot_int4_q8(w0 + (size_t)d * 16, q->q + d * 32), xt, b0);
+                    b1 = vf_fma(dot_int4_q8(w1 + (size_t)d * 16, q->q + d * 32), xt, b1);
+                }
+                a0 = vf_add(a0, b0);
+                a1 = vf_add(a1, b1);
                 for (; c < cend; c += per_unit) {
                     vf xs = xs_lanes(q->xs, c);
                     if (c + per_unit <= cend) {
