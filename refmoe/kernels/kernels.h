@@ -113,6 +113,13 @@ static inline void cvt_fp8_16(const uint8_t *p, vf *o) {
     h = _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16((short)0xBFFF));
     o[0] = _mm512_cvtph_ps(h);
 }
+/* 2 VL bf16 values -> two vectors: the even-k and the odd-k ones (shift / mask in place). */
+static inline void cvt_bf16_pair(const uint16_t *p, vf *o) {
+    __m512i v = _mm512_loadu_si512((const void *)p);
+    o[0] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    o[1] = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+#define BF16_EVEN_ODD 1
 static inline void cvt_bf16_16(const uint16_t *p, vf *o) {
     __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
     o[0] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
@@ -215,6 +222,13 @@ static inline void cvt_fp8_32_perm(const uint8_t *p, vf *o) {
     o[2] = _mm256_castsi256_ps(_mm256_and_si256(t02, mask));
     o[3] = _mm256_castsi256_ps(_mm256_and_si256(t13, mask));
 }
+/* 2 VL bf16 values -> two vectors: the even-k and the odd-k ones (shift / mask in place). */
+static inline void cvt_bf16_pair(const uint16_t *p, vf *o) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    o[0] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    o[1] = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u)));
+}
+#define BF16_EVEN_ODD 1
 static inline void cvt_bf16_16(const uint16_t *p, vf *o) {
     __m128i a = _mm_loadu_si128((const __m128i *)p);
     __m128i b = _mm_loadu_si128((const __m128i *)(p + 8));
@@ -233,6 +247,7 @@ static inline void cvt_int4_32(const uint8_t *p, vf *o) {
 }
 
 #else /* generic: portable C with GCC/Clang vector extensions */
+static inline float bf16_value(uint16_t h);
 #define VL 8
 typedef float vf __attribute__((vector_size(32)));
 static float fp8_lut_generic[256];
@@ -270,6 +285,10 @@ static inline vf dot_int4_q8(const uint8_t *w, const int8_t *xq) {
 #define dot_int4_q8_one dot_int4_q8
 static inline vf xs_lanes(const float *xs, int c) { return vf_set1(xs[c]); }
 
+static inline void cvt_bf16_pair(const uint16_t *p, vf *o) {
+    for (int j = 0; j < 16; j++) o[j / 8][j % 8] = bf16_value(p[j]);
+}
+#define BF16_EVEN_ODD 0
 static inline void cvt_bf16_16(const uint16_t *p, vf *o) {
     for (int j = 0; j < 16; j++) {
         uint32_t u = (uint32_t)p[j] << 16;
@@ -377,6 +396,8 @@ typedef struct {
 
 static inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 static inline int round_up(int a, int b) { return ceil_div(a, b) * b; }
+/* 64-byte aligned (whole cache lines; C11 wants the size a multiple of the alignment). */
+static inline void *amalloc(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
 
 /* tile[r][0:B] = dequantized W[n0 + r, k0 : k0 + B], zero beyond K.  tile: [rows, B]
  * With perm (FP8 only), whole 32-code chunks below K32 = K / 32 * 32 are stored in FP8_PERM
@@ -633,9 +654,9 @@ typedef struct {
 
 static int q8_alloc(q8x *q, int kmax) {
     int kc = round_up(kmax, 128) + 32; /* + one chunk of zeros */
-    q->q = (int8_t *)aligned_alloc(64, (size_t)kc);
-    q->xs = (float *)aligned_alloc(64, (size_t)round_up(kc / 32 + 1, 16) * 4);
-    q->xcorr = (float *)aligned_alloc(64, (size_t)round_up(kc / 32, 16) * 4);
+    q->q = (int8_t *)amalloc((size_t)kc);
+    q->xs = (float *)amalloc((size_t)(kc / 32 + 1) * 4);
+    q->xcorr = (float *)amalloc((size_t)(kc / 32) * 4);
     return q->q && q->xs && q->xcorr;
 }
 static void q8_free(q8x *q) { free(q->q); free(q->xs); free(q->xcorr); }
@@ -761,6 +782,39 @@ static void rows_gemv_int4(const wmat *W, int n_lo, int n_hi, float *y, const q8
     }
 }
 
+/* BF16: 2 VL values per load split into even-k and odd-k lanes with one shift and one AND;
+ * x is stored in that order once per call (xp), so the loop is load + 2 ops + 2 FMA. */
+static void rows_gemv_bf16(const wmat *W, int n_lo, int n_hi, const float *x, float *y,
+                           float *xp) {
+    const int K = W->k, U = 2 * VL, KU = K / U * U;
+    const uint16_t *codes = (const uint16_t *)W->w;
+    for (int k = 0; k < KU; k += U)
+        for (int j = 0; j < U; j++)
+            xp[k + j] = BF16_EVEN_ODD ? x[k + (j < VL ? 2 * j : 2 * (j - VL) + 1)] : x[k + j];
+    for (int n = n_lo; n < n_hi; n++) {
+        const uint16_t *w = codes + (size_t)n * K;
+        vf a0 = vf_zero(), a1 = vf_zero(), b0 = vf_zero(), b1 = vf_zero(), v[2];
+        int k = 0;
+        for (; k + 2 * U <= KU; k += 2 * U) {
+            __builtin_prefetch((const uint8_t *)(w + k) + PREFETCH_DIST, 0, 0);
+            cvt_bf16_pair(w + k, v);
+            a0 = vf_fma(v[0], vf_load(xp + k), a0);
+            a1 = vf_fma(v[1], vf_load(xp + k + VL), a1);
+            cvt_bf16_pair(w + k + U, v);
+            b0 = vf_fma(v[0], vf_load(xp + k + U), b0);
+            b1 = vf_fma(v[1], vf_load(xp + k + U + VL), b1);
+        }
+        for (; k < KU; k += U) {
+            cvt_bf16_pair(w + k, v);
+            a0 = vf_fma(v[0], vf_load(xp + k), a0);
+            a1 = vf_fma(v[1], vf_load(xp + k + VL), a1);
+        }
+        float t = vf_hsum(vf_add(vf_add(a0, a1), vf_add(b0, b1)));
+        for (; k < K; k++) t += bf16_value(w[k]) * x[k];
+        y[n] = t;
+    }
+}
+
 /* ====================================================================================== */
 /* One thread's share of y = x W^T: rows [n_lo, n_hi), all M rows of x.                     */
 /* ====================================================================================== */
@@ -775,12 +829,12 @@ typedef struct {
 
 static int scratch_alloc(scratch *sc, int kmax) {
     int kp = round_up(kmax, BAND);
-    sc->xs = (float *)aligned_alloc(64, (size_t)kp * 4);
-    sc->xp = (float *)aligned_alloc(64, (size_t)kp * 4);
+    sc->xs = (float *)amalloc((size_t)kp * 4);
+    sc->xp = (float *)amalloc((size_t)kp * 4);
     sc->xdq = NULL;
-    if (!q8_alloc(&sc->q8, kp)) return 0;
-    sc->tile = (float *)aligned_alloc(64, (size_t)TILE_ROWS * BAND * 4);
-    return sc->xs && sc->xp && sc->tile;
+    sc->tile = (float *)amalloc((size_t)TILE_ROWS * BAND * 4);
+    int q8_ok = q8_alloc(&sc->q8, kp); /* every pointer set, so scratch_free is always safe */
+    return sc->xs && sc->xp && sc->tile && q8_ok;
 }
 static void scratch_free(scratch *sc) {
     free(sc->xs); free(sc->xp); free(sc->tile); free(sc->xdq); q8_free(&sc->q8);
@@ -793,6 +847,8 @@ static int rows_gemm(const wmat *W, int n_lo, int n_hi, int M, const float *x, i
     if (n_lo >= n_hi) return 0;
     if (M == 1 && W->fmt == FMT_FP8) {
         rows_gemv_fp8(W, n_lo, n_hi, x, y, sc->xs, sc->xp);
+    } else if (M == 1 && W->fmt == FMT_BF16) {
+        rows_gemv_bf16(W, n_lo, n_hi, x, y, sc->xp);
     } else if (M == 1 && W->fmt == FMT_INT4) {
         q8_quantize(x, W->k, W->group, &sc->q8, NULL);
         rows_gemv_int4(W, n_lo, n_hi, y, &sc->q8);
