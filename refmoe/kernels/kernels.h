@@ -32,7 +32,9 @@
 #define FMT_BF16 1
 #define FMT_INT4 2
 #define BAND 128
+#ifndef TILE_ROWS
 #define TILE_ROWS 32
+#endif
 #ifndef PREFETCH_DIST
 #define PREFETCH_DIST 2048 /* bytes ahead in the GEMV weight stream */
 #endif
@@ -191,6 +193,7 @@ static inline void cvt_fp8_16(const uint8_t *p, vf *o) {
 #define FP8_PERM_DEFINED 1
 #define FP8_PERM_NATURAL 0
 #define FP8_GEMV_LOG2 (-120) /* cvt_fp8_32_perm yields value * 2^FP8_GEMV_LOG2 */
+#define FP8_GEMV_UNDO 0x1p120f
 static const int FP8_PERM[32] = {0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29,
                                  2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31};
 /* xp[32c + 8j + i] = x[32c + 4i + j]: a 8x4 -> 4x8 transpose per chunk of 32. */
@@ -309,6 +312,7 @@ static inline void cvt_int4_32(const uint8_t *p, vf *o) {
 static const int FP8_PERM[32] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15,
                                  16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
 #define FP8_GEMV_LOG2 (-8)
+#define FP8_GEMV_UNDO 0x1p8f
 #define FP8_PERM_NATURAL 1
 static inline void cvt_fp8_32_perm(const uint8_t *p, vf *o) {
     cvt_fp8_16(p, o);
@@ -412,7 +416,7 @@ static void dequant_tile(const wmat *W, int n0, int rows, int k0, float *tile, i
         if (W->fmt == FMT_FP8 && perm) {
             const uint8_t *w = (const uint8_t *)W->w + (size_t)n * W->k + k0;
             float s = W->s[(size_t)(n / BAND) * ceil_div(W->k, BAND) + k0 / BAND];
-            float s_fold = ldexpf(s, -FP8_GEMV_LOG2);
+            float s_fold = s * FP8_GEMV_UNDO; /* a power of two: exact, or inf on overflow */
             vf sv = vf_set1(s_fold), v[NV32];
             if (isfinite(s_fold)) {
                 for (; k0 + k + 32 <= K32 && k + 32 <= width; k += 32) {
@@ -512,25 +516,34 @@ static void micro_any(int mr, int nr, const float *x, int ldx, const float *tile
 /* The tile loop: per TILE_ROWS x B tile of W, dequantize once, then every M-row block of x.
  * xb: x packed by blocks, [Kp / B, M, B], so the rows of one block are contiguous (rows of the
  * original x lie 4 * Kp bytes apart, a multiple of 4 KiB for DeepSeek's K that maps them all
- * to the same L1 sets). */
+ * to the same L1 sets); the outputs gather in yt for the same reason. */
 static void rows_tiled_core(const wmat *W, int n_lo, int n_hi, int M, const float *xb,
-                            float *y, int ldy, float *tile, int perm) {
-    for (int m = 0; m < M; m++)
-        for (int n = n_lo; n < n_hi; n++) y[(size_t)m * ldy + n] = 0.f;
+                            float *y, int ldy, float *tile, float *yt, int perm) {
     for (int n0 = n_lo; n0 < n_hi; n0 += TILE_ROWS) {
         int rows = n_hi - n0 < TILE_ROWS ? n_hi - n0 : TILE_ROWS;
+        memset(yt, 0, (size_t)M * TILE_ROWS * 4); /* yt: [M, TILE_ROWS], contiguous (y's rows
+                                                     lie 4 N bytes apart: L1 set conflicts) */
         for (int k0 = 0; k0 < W->k; k0 += BAND) {
             const float *xk = xb + (size_t)(k0 / BAND) * M * BAND;
             dequant_tile(W, n0, rows, k0, tile, perm);
+            if (W->fmt == FMT_FP8 && k0 + BAND < W->k) /* the next tile: 32 short row pieces
+                                                           that no hardware prefetcher guesses */
+                for (int r = 0; r < rows; r++) {
+                    const uint8_t *p = (const uint8_t *)W->w + (size_t)(n0 + r) * W->k + k0 + BAND;
+                    __builtin_prefetch(p, 0, 0);
+                    __builtin_prefetch(p + 64, 0, 0);
+                }
             for (int m = 0; m < M; m += MR) {
                 int mr = M - m < MR ? M - m : MR;
                 for (int j = 0; j < rows; j += NR) {
                     int nr = rows - j < NR ? rows - j : NR;
                     micro_any(mr, nr, xk + (size_t)m * BAND, BAND, tile + (size_t)j * BAND,
-                              y + (size_t)m * ldy + n0 + j, ldy);
+                              yt + (size_t)m * TILE_ROWS + j, TILE_ROWS);
                 }
             }
         }
+        for (int m = 0; m < M; m++)
+            memcpy(y + (size_t)m * ldy + n0, yt + (size_t)m * TILE_ROWS, (size_t)rows * 4);
     }
 }
 
@@ -543,7 +556,12 @@ static int rows_tiled(const wmat *W, int n_lo, int n_hi, int M, const float *x, 
     const int K32 = W->k / 32 * 32, nkb = ceil_div(W->k, BAND);
     const int perm = W->fmt == FMT_FP8 && !FP8_PERM_NATURAL;
     float *xb = (float *)malloc((size_t)M * nkb * BAND * 4), row[BAND];
-    if (!xb) return -1;
+    float *yt = (float *)malloc((size_t)M * TILE_ROWS * 4);
+    if (!xb || !yt) {
+        free(xb);
+        free(yt);
+        return -1;
+    }
     for (int m = 0; m < M; m++)
         for (int kb = 0; kb < nkb; kb++) {
             const float *src = x + (size_t)m * ldx + kb * BAND;
@@ -557,8 +575,9 @@ static int rows_tiled(const wmat *W, int n_lo, int n_hi, int M, const float *x, 
             }
             memcpy(dst + full, src + full, (size_t)(BAND - full) * 4);
         }
-    rows_tiled_core(W, n_lo, n_hi, M, xb, y, ldy, tile, perm);
+    rows_tiled_core(W, n_lo, n_hi, M, xb, y, ldy, tile, yt, perm);
     free(xb);
+    free(yt);
     return 0;
 }
 
