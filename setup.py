@@ -13,18 +13,25 @@ from setuptools import Extension, setup
 
 BASE = ["-O3", "-fopenmp", "-std=gnu11", "-fno-math-errno", "-ffp-contract=off", "-Wno-unused-function", "-Wno-psabi"]
 
+AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+AVX512 = AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+HOST = AVX2 if os.uname().machine == "x86_64" else []  # SIMDe may use what the host has
+
 VARIANTS = {
     # name: (extra compile flags, macros)
     "generic": ([], []),
-    "avx2": (["-mavx2", "-mfma", "-mf16c"], [("REFMOE_ISA_AVX2", "1")]),
-    "avx512": (
-        ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
-        [("REFMOE_ISA_AVX512", "1")],
+    "avx2": (AVX2, [("REFMOE_ISA_AVX2", "1")]),
+    "avx512": (AVX512, [("REFMOE_ISA_AVX512", "1")]),
+    # FP8 GEMV through BF16 dot products and VBMI byte permutes (Zen 4+, Sapphire Rapids+).
+    "avx512_bf16": (
+        AVX512 + ["-mavx512bf16", "-mavx512vbmi"],
+        [("REFMOE_ISA_AVX512", "1"), ("REFMOE_BF16DOT", "1")],
     ),
-    # The AVX-512 source through SIMDe: plain C, so it builds and is tested anywhere.
-    "avx512_emulated": (
-        ["-mavx2", "-mfma", "-mf16c"] if os.uname().machine == "x86_64" else [],
-        [("REFMOE_ISA_AVX512", "1"), ("REFMOE_EMULATED", "1")],
+    # The AVX-512 sources through SIMDe: plain C, so they build and are tested anywhere.
+    "avx512_emulated": (HOST, [("REFMOE_ISA_AVX512", "1"), ("REFMOE_EMULATED", "1")]),
+    "avx512_bf16_emulated": (
+        HOST,
+        [("REFMOE_ISA_AVX512", "1"), ("REFMOE_BF16DOT", "1"), ("REFMOE_EMULATED", "1")],
     ),
 }
 

@@ -24,12 +24,16 @@ from refmoe.kernels.formats import BLOCK, int4_packed_cols, scale_shape
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
-ALL_VARIANTS = ("avx512", "avx2", "generic", "avx512_emulated")
+ALL_VARIANTS = ("avx512_bf16", "avx512", "avx2", "generic", "avx512_emulated",
+                "avx512_bf16_emulated")
+_AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"}
 _REQUIRED_FLAGS = {
-    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"},
+    "avx512_bf16": _AVX512 | {"avx512_bf16", "avx512vbmi"},
+    "avx512": _AVX512,
     "avx2": {"avx2", "fma", "f16c"},
     "generic": set(),
     "avx512_emulated": set(),
+    "avx512_bf16_emulated": set(),
 }
 _FMT = {"fp8": 0, "bf16": 1, "int4": 2}
 
@@ -68,7 +72,7 @@ def _choose_variant() -> str:
     if forced:
         _module(forced)  # raises a clear error for an unknown or unusable variant
         return forced
-    for name in ("avx512", "avx2", "generic"):
+    for name in ("avx512_bf16", "avx512", "avx2", "generic"):
         if name in available_variants():
             return name
     raise ImportError("no refmoe kernel variant is built; run `pip install -e .`")

@@ -363,7 +363,51 @@ static inline float bf16_value(uint16_t h) {
     return f;
 }
 
+#if defined(REFMOE_ISA_AVX512) && defined(REFMOE_BF16DOT)
+/* FP8 GEMV through AVX-512 BF16 dot products (technique 4 of the paper). Every E4M3 value is
+ * exact in bf16, so two 128-entry byte tables (the high and low byte of the bf16 of each
+ * magnitude) looked up with VBMI's two-register byte permute give the weights; the sign bit is
+ * ORed into the high byte. x is split into three bf16 parts (hi + mid + lo) so that the dot
+ * products keep fp32 accuracy. */
+static uint8_t bf16_tab[2][128] __attribute__((aligned(64))); /* [hi/lo byte][magnitude] */
+
+static inline __m512bh as_bh(__m512i v) {
+    __m512bh r;
+    memcpy(&r, &v, 64);
+    return r;
+}
+
+/* 64 codes -> two vectors of 32 bf16 weights in natural order (codes 0..31, 32..63). */
+static inline void cvt_fp8_64_bf16(const uint8_t *p, const __m512i *tab, __m512i *o) {
+    __m512i b = _mm512_loadu_si512((const void *)p);
+    __m512i hi = _mm512_permutex2var_epi8(tab[0], b, tab[1]); /* index = low 7 bits */
+    hi = _mm512_ternarylogic_epi32(hi, b, _mm512_set1_epi8((char)0x80), 0xF8); /* hi | b&0x80 */
+    __m512i lo = _mm512_permutex2var_epi8(tab[2], b, tab[3]);
+    __m512i u0 = _mm512_unpacklo_epi8(lo, hi); /* lane L: words of codes 16L + 0..7 */
+    __m512i u1 = _mm512_unpackhi_epi8(lo, hi); /* lane L: words of codes 16L + 8..15 */
+    o[0] = _mm512_permutex2var_epi64(u0, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), u1);
+    o[1] = _mm512_permutex2var_epi64(u0, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), u1);
+}
+
+static inline void load_bf16_tables(__m512i *tab) {
+    tab[0] = _mm512_loadu_si512((const void *)bf16_tab[0]);
+    tab[1] = _mm512_loadu_si512((const void *)(bf16_tab[0] + 64));
+    tab[2] = _mm512_loadu_si512((const void *)bf16_tab[1]);
+    tab[3] = _mm512_loadu_si512((const void *)(bf16_tab[1] + 64));
+}
+
+#endif
+
 static void refmoe_init(void) {
+#if defined(REFMOE_ISA_AVX512) && defined(REFMOE_BF16DOT)
+    for (int m = 0; m < 127; m++) {
+        float v = fp8_value((uint8_t)m);
+        uint32_t u;
+        memcpy(&u, &v, 4);
+        bf16_tab[0][m] = (uint8_t)(u >> 24);
+        bf16_tab[1][m] = (uint8_t)(u >> 16);
+    }
+#endif
 #if !defined(REFMOE_ISA_AVX512) && !defined(REFMOE_ISA_AVX2)
     for (int b = 0; b < 256; b++) fp8_lut_generic[b] = ldexpf(fp8_value((uint8_t)b), -8);
 #endif
@@ -372,6 +416,22 @@ static void refmoe_init(void) {
 /* codes[n] -> out[n] through the variant's vector conversion (times 2^8 to undo the fold). */
 static void fp8_to_f32_vec(const uint8_t *codes, float *out, int n, int permuted) {
     unsigned int csr = fpenv_enter();
+#if defined(REFMOE_ISA_AVX512) && defined(REFMOE_BF16DOT)
+    if (permuted) { /* this variant's GEMV conversion: tables, sign, unpack, permute */
+        __m512i tab[4], wv[2];
+        uint16_t words[64];
+        load_bf16_tables(tab);
+        int i = 0;
+        for (; i + 64 <= n; i += 64) {
+            cvt_fp8_64_bf16(codes + i, tab, wv);
+            memcpy(words, wv, 128);
+            for (int j = 0; j < 64; j++) out[i + j] = bf16_value(words[j]);
+        }
+        for (; i < n; i++) out[i] = fp8_value(codes[i]);
+        fpenv_exit(csr);
+        return;
+    }
+#endif
     vf v[32 / VL];
     float tmp[32];
     int i = 0;
@@ -834,6 +894,73 @@ static void rows_gemv_bf16(const wmat *W, int n_lo, int n_hi, const float *x, fl
     }
 }
 
+#if defined(REFMOE_ISA_AVX512) && defined(REFMOE_BF16DOT)
+/* bf16 (round to nearest even) of each lane, returned as the fp32 it stands for. */
+static inline __m512 round_bf16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+
+/* x [K64] -> parts[3][K64] bf16 with x = hi + mid + lo up to 2^-24 relative. */
+static void split_x_bf16(const float *x, int K64, uint16_t *parts) {
+    const __m512i high_words = _mm512_setr_epi32(
+        0x00030001, 0x00070005, 0x000B0009, 0x000F000D, 0x00130011, 0x00170015, 0x001B0019,
+        0x001F001D, 0x00230021, 0x00270025, 0x002B0029, 0x002F002D, 0x00330031, 0x00370035,
+        0x003B0039, 0x003F003D);
+    for (int k = 0; k < K64; k += 32) {
+        __m512 a = _mm512_loadu_ps(x + k), b = _mm512_loadu_ps(x + k + 16);
+        for (int part = 0; part < 3; part++) {
+            __m512 ha = round_bf16(a), hb = round_bf16(b);
+            __m512i w = _mm512_permutex2var_epi16(_mm512_castps_si512(ha), high_words,
+                                                  _mm512_castps_si512(hb));
+            _mm512_storeu_si512((void *)(parts + (size_t)part * K64 + k), w);
+            a = _mm512_sub_ps(a, ha); /* exact: the residual of a bf16 rounding */
+            b = _mm512_sub_ps(b, hb);
+        }
+    }
+}
+
+/* y[n] = sum over 128-blocks of s[nb, kb] * (W[n, block] . x[block]), rows [n_lo, n_hi).
+ * parts: scratch [3 * Kp] uint16. THE HOT LOOP: per 64 codes one load, three byte permutes, a
+ * ternary logic, two unpacks, two qword permutes and six dot products. */
+static void rows_gemv_fp8_bf16(const wmat *W, int n_lo, int n_hi, const float *x, float *y,
+                               uint16_t *parts) {
+    const int K = W->k, nkb = ceil_div(K, BAND), K64 = K / 64 * 64;
+    const uint8_t *codes = (const uint8_t *)W->w;
+    __m512i tab[4], wv[2];
+    load_bf16_tables(tab);
+    split_x_bf16(x, K64, parts);
+    const uint16_t *xh = parts, *xm = parts + K64, *xl = parts + 2 * K64;
+    for (int n = n_lo; n < n_hi; n++) {
+        const uint8_t *w = codes + (size_t)n * K;
+        const float *sb = W->s + (size_t)(n / BAND) * nkb;
+        __m512 total = _mm512_setzero_ps();
+        for (int k0 = 0; k0 < K64; k0 += BAND) {
+            __m512 ah = _mm512_setzero_ps(), am = ah, al = ah;
+            int kend = k0 + BAND < K64 ? k0 + BAND : K64;
+            for (int k = k0; k < kend; k += 64) {
+                __builtin_prefetch(w + k + PREFETCH_DIST, 0, 0);
+                cvt_fp8_64_bf16(w + k, tab, wv);
+                for (int j = 0; j < 2; j++) {
+                    int kk = k + 32 * j;
+                    __m512bh wj = as_bh(wv[j]);
+                    ah = _mm512_dpbf16_ps(ah, wj, as_bh(_mm512_loadu_si512((const void *)(xh + kk))));
+                    am = _mm512_dpbf16_ps(am, wj, as_bh(_mm512_loadu_si512((const void *)(xm + kk))));
+                    al = _mm512_dpbf16_ps(al, wj, as_bh(_mm512_loadu_si512((const void *)(xl + kk))));
+                }
+            }
+            total = _mm512_fmadd_ps(_mm512_add_ps(ah, _mm512_add_ps(am, al)),
+                                    _mm512_set1_ps(sb[k0 / BAND]), total);
+        }
+        float t = 0.f;
+        for (int k = K64; k < K; k++) t += fp8_value(w[k]) * x[k] * sb[k / BAND];
+        y[n] = vf_hsum(total) + t;
+    }
+}
+#endif
+
 /* ====================================================================================== */
 /* One thread's share of y = x W^T: rows [n_lo, n_hi), all M rows of x.                     */
 /* ====================================================================================== */
@@ -843,6 +970,7 @@ typedef struct {
     float *xp;   /* [Kp]      FP8 GEMV: x in FP8_PERM order */
     q8x q8;      /*           INT4: x quantized to int8 */
     float *xdq;  /* [Kp]      INT4 GEMM: x dequantized from q8, [M, Kp] grown on demand */
+    uint16_t *parts; /* [3, Kp] BF16-dot FP8 GEMV: x split into three bf16 parts */
     float *tile; /* [TILE_ROWS, B] dequantized tile */
 } scratch;
 
@@ -852,11 +980,12 @@ static int scratch_alloc(scratch *sc, int kmax) {
     sc->xp = (float *)amalloc((size_t)kp * 4);
     sc->xdq = NULL;
     sc->tile = (float *)amalloc((size_t)TILE_ROWS * BAND * 4);
+    sc->parts = (uint16_t *)amalloc((size_t)3 * kp * 2);
     int q8_ok = q8_alloc(&sc->q8, kp); /* every pointer set, so scratch_free is always safe */
-    return sc->xs && sc->xp && sc->tile && q8_ok;
+    return sc->xs && sc->xp && sc->tile && sc->parts && q8_ok;
 }
 static void scratch_free(scratch *sc) {
-    free(sc->xs); free(sc->xp); free(sc->tile); free(sc->xdq); q8_free(&sc->q8);
+    free(sc->xs); free(sc->xp); free(sc->tile); free(sc->xdq); free(sc->parts); q8_free(&sc->q8);
 }
 
 /* Returns 0, or -1 when scratch could not be allocated. INT4 always runs on the int8-quantized
@@ -865,7 +994,11 @@ static int rows_gemm(const wmat *W, int n_lo, int n_hi, int M, const float *x, i
                      float *y, int ldy, scratch *sc) {
     if (n_lo >= n_hi) return 0;
     if (M == 1 && W->fmt == FMT_FP8) {
+#if defined(REFMOE_ISA_AVX512) && defined(REFMOE_BF16DOT)
+        rows_gemv_fp8_bf16(W, n_lo, n_hi, x, y, sc->parts);
+#else
         rows_gemv_fp8(W, n_lo, n_hi, x, y, sc->xs, sc->xp);
+#endif
     } else if (M == 1 && W->fmt == FMT_BF16) {
         rows_gemv_bf16(W, n_lo, n_hi, x, y, sc->xp);
     } else if (M == 1 && W->fmt == FMT_INT4) {
