@@ -79,3 +79,25 @@ def test_cpu_flags_parse():
     info = "processor: 0\nflags\t\t: fpu avx2 fma f16c avx512f\n"
     assert {"avx2", "fma", "avx512f"} <= cpu.cpu_flags(info)
     assert cpu.cpu_flags("processor: 0\n") == set()
+
+
+PIN_SCRIPT = """
+import os, sys
+from refmoe import kernels
+from refmoe.cpu import Topology
+cpus = sorted(os.sched_getaffinity(0))[:2]
+kernels.pin_threads(2, Topology(((cpus[0],), (cpus[1],))))   # a faked two-node machine
+print(kernels.thread_cpus(2) == cpus)
+"""
+
+
+@pytest.mark.skipif(len(cpu.usable_cpus()) < 2, reason="needs two CPUs")
+def test_threads_pinned_to_their_node():
+    """Thread t lands on the node that owns its bands (in a subprocess: pinning also moves the
+    calling thread)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", PIN_SCRIPT], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert out.strip() == "True"

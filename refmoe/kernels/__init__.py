@@ -131,7 +131,34 @@ def _threads(num_threads: int | None) -> int:
     n = default_threads() if num_threads is None else int(num_threads)
     if n < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    if n not in _PINNED and (len(_topology().nodes) > 1 or os.environ.get("REFMOE_PIN") == "1"):
+        pin_threads(n)
     return n
+
+
+_PINNED: set[int] = set()
+
+
+def pin_threads(num_threads: int, topology: Topology | None = None) -> None:
+    """Pin the kernel pool's threads to their NUMA node's CPUs (thread t on the node that owns
+    its bands in partition_bands). Done automatically on machines with several nodes (or with
+    REFMOE_PIN=1); thread 0 is the calling thread, so its affinity changes too."""
+    topo = topology or _topology()
+    per_thread = topo.thread_cpus(num_threads)
+    offsets = np.zeros(num_threads + 1, np.int32)
+    offsets[1:] = np.cumsum([len(c) for c in per_thread])
+    cpus = np.array([c for group in per_thread for c in group], np.int32)
+    failed = _module(_VARIANT).pin(num_threads, offsets, cpus)
+    if failed:
+        raise OSError(f"could not pin {failed} of {num_threads} kernel threads to their CPUs")
+    _PINNED.add(num_threads)
+
+
+def thread_cpus(num_threads: int) -> list[int]:
+    """The lowest CPU each pool thread may run on (to check pinning)."""
+    out = np.zeros(num_threads, np.int32)
+    _module(_VARIANT).affinity(num_threads, out)
+    return out.tolist()
 
 
 @lru_cache(maxsize=256)
@@ -399,6 +426,6 @@ def fma_peak_gflops(*, num_threads: int | None = None, variant: str | None = Non
 __all__ = [
     "ALL_VARIANTS", "ExpertWeights", "available_variants", "bf16_gemm", "fma_peak_gflops",
     "fp8_gemm",
-    "fp8_to_float32", "fused_moe", "int4_gemm", "place", "read_bandwidth_probe",
-    "set_denormals_zero", "validate_fp8", "variant",
+    "fp8_to_float32", "fused_moe", "int4_gemm", "pin_threads", "place", "read_bandwidth_probe",
+    "set_denormals_zero", "thread_cpus", "validate_fp8", "variant",
 ]

@@ -26,6 +26,8 @@ cdef extern from "kernels.h" nogil:
     void set_denormals_zero(int on, int nthreads)
     uint64_t read_bytes(const uint8_t *p, size_t n, int nthreads)
     float fma_burn(long iters, int nthreads)
+    int pin_threads(int nthreads, const int *offsets, const int *cpus)
+    void thread_affinity(int nthreads, int *out)
     int VL
 
 from libc.stdlib cimport malloc, free
@@ -147,3 +149,17 @@ def fma_peak_flops(long iters, int nthreads):
     with nogil:
         fma_burn(iters, nthreads)
     return float(nthreads) * iters * 10 * VL * 2
+
+
+def pin(int nthreads, const int[::1] offsets, const int[::1] cpus):
+    """Pin pool thread t to cpus[offsets[t]:offsets[t+1]]; returns how many failed."""
+    cdef int failed
+    with nogil:
+        failed = pin_threads(nthreads, &offsets[0], &cpus[0])
+    return failed
+
+
+def affinity(int nthreads, int[::1] out):
+    """out[t] = lowest CPU in pool thread t's affinity mask."""
+    with nogil:
+        thread_affinity(nthreads, &out[0])

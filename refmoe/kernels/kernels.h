@@ -19,6 +19,10 @@
  */
 #ifndef REFMOE_KERNELS_H
 #define REFMOE_KERNELS_H
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* sched_setaffinity, sched_getcpu */
+#endif
+#include <sched.h>
 
 #include <math.h>
 #include <stdint.h>
@@ -1178,6 +1182,47 @@ static void place_bands(const uint8_t *src, uint8_t *dst, int rows, size_t row_b
         int lo = band_lo[t] * BAND, hi = band_hi[t] * BAND < rows ? band_hi[t] * BAND : rows;
         if (lo < hi) memcpy(dst + (size_t)lo * row_bytes, src + (size_t)lo * row_bytes,
                             (size_t)(hi - lo) * row_bytes);
+    }
+}
+
+/* Pins pool thread t to the CPUs cpus[offsets[t] .. offsets[t+1]) (its NUMA node's), so the
+ * bands it first-touched stay local. Thread 0 is the calling thread. Returns the number of
+ * threads whose affinity could not be set. */
+static int pin_threads(int nthreads, const int *offsets, const int *cpus) {
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(+ : failed)
+    {
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+#ifdef __linux__
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        for (int i = offsets[t]; i < offsets[t + 1]; i++) CPU_SET(cpus[i], &set);
+        failed += sched_setaffinity(0, sizeof set, &set) != 0;
+#else
+        (void)offsets; (void)cpus; (void)t;
+#endif
+    }
+    return failed;
+}
+
+/* out[t] = the lowest CPU in pool thread t's affinity mask (-1 where unknown). */
+static void thread_affinity(int nthreads, int *out) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        out[t] = -1;
+#ifdef __linux__
+        cpu_set_t set;
+        if (sched_getaffinity(0, sizeof set, &set) == 0)
+            for (int c = 0; c < CPU_SETSIZE; c++)
+                if (CPU_ISSET(c, &set)) { out[t] = c; break; }
+#endif
     }
 }
 
