@@ -72,6 +72,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="refmoe", description=__doc__)
+    p.add_argument("--cpu-threads", type=int, metavar="N",
+                   help="threads for the CPU kernels (default: all usable cores; the same as "
+                   "REFMOE_NUM_THREADS)")
     sub = p.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="CPU variant, threads and NUMA nodes refmoe will use")
@@ -93,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.cpu_threads is not None:
+        if args.cpu_threads < 1:
+            print("refmoe: --cpu-threads must be >= 1", file=sys.stderr)
+            return 2
+        os.environ["REFMOE_NUM_THREADS"] = str(args.cpu_threads)
     if getattr(args, "reps", 1) < 1:
         print("refmoe: --reps must be >= 1", file=sys.stderr)
         return 2

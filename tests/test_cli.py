@@ -38,12 +38,14 @@ def test_bench_human_block():
 def test_info_json():
     info = json.loads(run("info", "--json").stdout)
     assert info["variant"] in info["available_variants"] and info["threads"] >= 1
+    assert json.loads(run("--cpu-threads", "3", "info", "--json").stdout)["threads"] == 3
 
 
 @pytest.mark.parametrize("args, message", [
     (("bench", "kernels", "--threads", "0"), "expected integers >= 1"),
     (("bench", "kernels", "--variants", "avx9"), "variant 'avx9' is not available"),
     (("bench", "decode"), "invalid choice"),
+    (("--cpu-threads", "0", "info"), "--cpu-threads must be >= 1"),
 ])
 def test_bad_arguments(args, message):
     r = run(*args, check=False)

@@ -149,3 +149,27 @@ def test_no_assignments_gives_zeros():
     y = kernels.fused_moe(np.ones((3, 16), np.float32), np.zeros(0, int), np.zeros(0, int),
                           np.zeros(0, np.float32), ew)
     assert y.shape == (3, 16) and not y.any()
+
+
+def test_nan_codes_rejected_at_load_with_the_tensor_name():
+    ew, _ = make_experts("fp8", 2, 64, 32, seed=11)
+    up = [m.copy() for m in ew.up]
+    up[1][3, 7] = 0x7F
+    with pytest.raises(ValueError, match=r"experts\.1\.up_proj\.weight: NaN FP8 code at "
+                       r"index \(3, 7\)"):
+        kernels.ExpertWeights("fp8", 64, 32, ew.gate, up, ew.down, ew.gate_scale, ew.up_scale,
+                              ew.down_scale)
+
+
+def test_int4_from_checkpoint_formats():
+    rng = np.random.default_rng(12)
+    w = rng.standard_normal((40, 300))
+    codes, s = formats.fp8_quantize(w)
+    packed, scales = formats.int4_from_fp8(codes, s, 32)
+    direct = formats.int4_quantize(formats.fp8_dequantize(codes, s), 32)
+    np.testing.assert_array_equal(packed, direct[0])
+    np.testing.assert_array_equal(scales, direct[1])
+    bits = formats.bf16_encode(w.astype(np.float32))
+    packed, scales = formats.int4_from_bf16(bits, 128)
+    deq = formats.int4_dequantize(packed, scales, 300, 128)
+    assert np.abs(deq - formats.bf16_decode(bits)).max() <= np.abs(w).max() / 14 + 1e-6

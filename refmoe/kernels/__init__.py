@@ -277,6 +277,7 @@ class ExpertWeights:
     up_scale: list[np.ndarray] = field(default_factory=list)
     down_scale: list[np.ndarray] = field(default_factory=list)
     group_size: int = 128
+    validate: bool = True  # scan FP8 weights for NaN codes (once, at load)
 
     def __post_init__(self) -> None:
         if self.fmt not in _FMT:
@@ -296,6 +297,8 @@ class ExpertWeights:
                 name = f"experts.{j}.{kind}_proj.weight"
                 if self.fmt == "fp8":
                     mats[j] = _check(_as_codes(m, name), name, np.uint8, 2, (rows, cols))
+                    if self.validate:
+                        validate_fp8(mats[j], name)
                     _check(scales[j], f"experts.{j}.{kind}_proj.weight_scale_inv", np.float32,
                            2, scale_shape(rows, cols))
                 elif self.fmt == "bf16":

@@ -145,3 +145,14 @@ def q8_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     q = np.clip(np.rint(chunks * inv), -127, 127).astype(np.float32)
     deq = (q * scale).astype(np.float32).reshape(pad.shape)[..., :k]
     return q.astype(np.int8).reshape(pad.shape)[..., :k], deq
+
+
+def int4_from_fp8(codes: np.ndarray, scale_inv: np.ndarray, group: int = 128
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """An FP8 block-scaled checkpoint tensor -> packed INT4 (through its exact values)."""
+    return int4_quantize(fp8_dequantize(codes, scale_inv), group)
+
+
+def int4_from_bf16(bits: np.ndarray, group: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """A BF16 checkpoint tensor (uint16 bits) -> packed INT4."""
+    return int4_quantize(bf16_decode(bits), group)
