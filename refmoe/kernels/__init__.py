@@ -19,10 +19,13 @@ from refmoe.cpu import Topology, cpu_flags, default_threads, partition_bands
 from refmoe.kernels import formats
 from refmoe.kernels.formats import BLOCK, int4_packed_cols, scale_shape
 
-# libgomp reads these once, when the first OpenMP module loads: spin briefly at a barrier, then
-# sleep on a futex. Spinning without bound collapses a 2-core machine shared with other work.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+# libgomp reads this once, when the first OpenMP module loads: at a barrier or between
+# parallel regions a thread spins 10,000 times (a few microseconds), then sleeps on a futex.
+# Its default (300,000 spins, ~0.1-1 ms) keeps cores busy that other work needs; spinning
+# without bound collapses a 2-core machine shared with other processes. A user's own
+# OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 ALL_VARIANTS = ("avx512_bf16", "avx512", "avx2", "generic", "avx512_emulated",
                 "avx512_bf16_emulated")
@@ -278,6 +281,7 @@ class ExpertWeights:
     down_scale: list[np.ndarray] = field(default_factory=list)
     group_size: int = 128
     validate: bool = True  # scan FP8 weights for NaN codes (once, at load)
+    _flat: list = field(default_factory=list, repr=False)  # 1-D views the kernels take
 
     def __post_init__(self) -> None:
         if self.fmt not in _FMT:
@@ -307,6 +311,13 @@ class ExpertWeights:
                     _check(m, name, np.uint8, 2, (rows, int4_packed_cols(cols)))
                     _check(scales[j], f"experts.{j}.{kind}_proj.scales", np.float32, 2,
                            (rows, -(-cols // self.group_size)))
+
+        empty = np.zeros(0, np.float32)
+        self._flat = [
+            [m.reshape(-1).view(np.uint8) for m in mats] if kind == "w"
+            else ([s.reshape(-1) for s in mats] if mats else [empty] * e)
+            for kind, mats in (("w", self.gate), ("s", self.gate_scale), ("w", self.up),
+                               ("s", self.up_scale), ("w", self.down), ("s", self.down_scale))]
 
     @property
     def num_experts(self) -> int:
@@ -355,14 +366,11 @@ def fused_moe(x: np.ndarray, token_ids: np.ndarray, expert_ids: np.ndarray,
     t = _threads(num_threads)
     gu_lo, gu_hi = _bands(experts.intermediate, t)
     dn_lo, dn_hi = _bands(experts.hidden, t)
-    flat = lambda mats: [mats[e].reshape(-1).view(np.uint8) for e in used]  # noqa: E731
-    empty = np.zeros(0, np.float32)
-    sc = lambda s: [s[e].reshape(-1) for e in used] if s else [empty] * len(used)  # noqa: E731
+    flat = [[part[e] for e in used] for part in experts._flat]
     _module(variant or _VARIANT).moe(
         _FMT[experts.fmt], experts.group_size, experts.intermediate, x, offsets,
-        np.ascontiguousarray(tok[order], np.int32), np.ascontiguousarray(rw[order]),
-        flat(experts.gate), sc(experts.gate_scale), flat(experts.up), sc(experts.up_scale),
-        flat(experts.down), sc(experts.down_scale), y, t, gu_lo, gu_hi, dn_lo, dn_hi)
+        np.ascontiguousarray(tok[order], np.int32), np.ascontiguousarray(rw[order]), *flat,
+        y, t, gu_lo, gu_hi, dn_lo, dn_hi)
     return y
 
 
