@@ -1,0 +1,161 @@
+"""Hugging Face safetensors checkpoints: an index and its shards, read lazily through mmap.
+
+The format is small enough to read directly (8-byte header length, JSON header, raw data), which
+lets every check name the file and the tensor: missing or truncated shards, tensors the index
+points at but the shard lacks, shapes and dtypes that do not match the config, NaN FP8 codes.
+Tensors come back as numpy arrays that view the mapped file (no copy): BF16 as uint16 bits,
+FP8 E4M3 as uint8 codes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+# safetensors dtype -> (numpy dtype of the view, the name refmoe uses)
+DTYPES = {
+    "F64": (np.float64, "float64"), "F32": (np.float32, "float32"),
+    "F16": (np.float16, "float16"), "BF16": (np.uint16, "bfloat16"),
+    "F8_E4M3": (np.uint8, "float8_e4m3fn"), "I64": (np.int64, "int64"),
+    "I32": (np.int32, "int32"), "I16": (np.int16, "int16"), "I8": (np.int8, "int8"),
+    "U8": (np.uint8, "uint8"), "BOOL": (np.bool_, "bool"),
+}
+
+
+class Shard:
+    """One .safetensors file: its header, and its tensors as views of one read-only mmap."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise ValueError(f"{path}: shard not found") from None
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{path}: truncated (no safetensors header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100 * 2**20:
+                raise ValueError(f"{path}: truncated or not safetensors (header of {n} bytes, "
+                                 f"file of {size})")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self.entries = header
+        data_start, data_size = 8 + n, size - 8 - n
+        for name, e in header.items():
+            if e.get("dtype") not in DTYPES:
+                raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {e.get('dtype')}")
+            begin, end = e["data_offsets"]
+            want = int(np.prod(e["shape"], dtype=np.int64)) * np.dtype(DTYPES[e["dtype"]][0]).itemsize
+            if end - begin != want:
+                raise ValueError(f"{path}: tensor {name!r} holds {end - begin} bytes, its shape "
+                                 f"{e['shape']} and dtype {e['dtype']} need {want}")
+            if end > data_size:
+                raise ValueError(f"{path}: truncated: tensor {name!r} ends at byte "
+                                 f"{data_start + end}, the file has {size}")
+        self._map = np.memmap(path, dtype=np.uint8, mode="r") if size else None
+        self._data_start = data_start
+
+    def dtype(self, name: str) -> str:
+        return DTYPES[self.entries[name]["dtype"]][1]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def array(self, name: str) -> np.ndarray:
+        e = self.entries[name]
+        np_dtype = DTYPES[e["dtype"]][0]
+        begin, end = e["data_offsets"]
+        raw = self._map[self._data_start + begin:self._data_start + end]
+        return raw.view(np_dtype).reshape(e["shape"])
+
+
+class Checkpoint:
+    """A model directory's weights: model.safetensors.index.json and shards, or one file."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        index = self.dir / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{index}: not a safetensors index ({e})") from None
+        elif (self.dir / "model.safetensors").exists():
+            weight_map = None
+        else:
+            raise ValueError(f"{self.dir}: no model.safetensors or model.safetensors.index.json")
+        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        self.shards = {f: Shard(self.dir / f) for f in files}
+        if weight_map is None:
+            weight_map = {n: "model.safetensors" for n in self.shards["model.safetensors"].entries}
+        for name, f in weight_map.items():
+            if name not in self.shards[f].entries:
+                raise ValueError(f"{self.dir / f}: tensor {name!r} listed in the index is missing")
+        self.weight_map = weight_map
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def _shard(self, name: str) -> Shard:
+        try:
+            return self.shards[self.weight_map[name]]
+        except KeyError:
+            raise ValueError(f"{self.dir}: tensor {name!r} not found in the checkpoint") from None
+
+    def dtype(self, name: str) -> str:
+        return self._shard(name).dtype(name)
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None,
+            dtypes: tuple[str, ...] | None = None) -> np.ndarray:
+        """The tensor as a read-only view of the mapped shard, checked against the expected
+        shape and dtypes (names as in DTYPES)."""
+        shard = self._shard(name)
+        where = f"{shard.path}: tensor {name!r}"
+        if shape is not None and shard.shape(name) != tuple(shape):
+            raise ValueError(f"{where} has shape {list(shard.shape(name))}, the config needs "
+                             f"{list(shape)}")
+        if dtypes is not None and shard.dtype(name) not in dtypes:
+            raise ValueError(f"{where} has dtype {shard.dtype(name)}, expected one of "
+                             f"{', '.join(dtypes)}")
+        a = shard.array(name)
+        if shard.dtype(name) == "float8_e4m3fn":
+            bad = (a & 0x7F) == 0x7F
+            if bad.any():
+                idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
+                raise ValueError(f"{where}: NaN FP8 code at index {idx}; checkpoints never "
+                                 "hold NaN")
+        return a
+
+
+def save_file(tensors: dict[str, np.ndarray], path: str | Path,
+              dtypes: dict[str, str] | None = None) -> None:
+    """Write numpy arrays as a safetensors file (for tests and `refmoe demo`); dtypes names the
+    safetensors dtype where the numpy one is ambiguous (BF16 bits, F8_E4M3 codes)."""
+    dtypes = dtypes or {}
+    by_numpy = {np.dtype(v[0]): k for k, v in DTYPES.items() if k not in ("BF16", "F8_E4M3")}
+    header, offset, blobs = {}, 0, []
+    for name, a in tensors.items():
+        a = np.ascontiguousarray(a)
+        st = dtypes.get(name) or by_numpy[a.dtype]
+        header[name] = {"dtype": st, "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        blobs.append(a)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for a in blobs:
+            f.write(a.tobytes())

@@ -1,0 +1,181 @@
+"""ModelConfig: the fields refmoe needs from a Hugging Face config.json, validated.
+
+Field names are Hugging Face's (`n_routed_experts`, `topk_group`, `kv_lora_rank`, ...). One
+dataclass serves both families; `architecture` says which model file runs it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+ARCHITECTURES = {
+    "DeepseekV3ForCausalLM": "deepseek_v3",   # DeepSeek-V3/R1/V3.1, Kimi-K2, Moonlight
+    "DeepseekV2ForCausalLM": "deepseek_v3",   # same MLA/MoE layout (noaux_tc needs V3 gating)
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+}
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    architecture: str
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int            # dense MLP layers
+    moe_intermediate_size: int        # one routed expert
+    n_routed_experts: int
+    num_experts_per_tok: int
+    n_shared_experts: int = 0
+    first_k_dense_replace: int = 0
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    scoring_func: str = "sigmoid"     # DeepSeek-V3: sigmoid; Qwen3-MoE: softmax
+    # attention (MLA for DeepSeek, GQA with q/k norms for Qwen3)
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    head_dim: int = 0
+    rope_interleave: bool = True
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+    quantization: dict | None = None  # config.json quantization_config
+
+    @property
+    def is_fp8(self) -> bool:
+        q = self.quantization or {}
+        return q.get("quant_method") == "fp8"
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_k_dense_replace and self.n_routed_experts > 0
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config.json") -> ModelConfig:
+        """Build and validate; every error names the source and the field."""
+        archs = d.get("architectures") or []
+        arch = next((a for a in archs if a in ARCHITECTURES), None)
+        if arch is None:
+            raise ValueError(f"{source}: unknown architecture {archs or d.get('model_type')!r}; "
+                             f"refmoe runs {sorted(ARCHITECTURES)}")
+        family = ARCHITECTURES[arch]
+
+        def need(name: str, kind=int):
+            if name not in d or d[name] is None:
+                raise ValueError(f"{source}: missing field {name!r}")
+            try:
+                return kind(d[name])
+            except (TypeError, ValueError):
+                raise ValueError(f"{source}: field {name!r} must be {kind.__name__}, "
+                                 f"got {d[name]!r}") from None
+
+        rope = d.get("rope_parameters") or {}
+        scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default"
+                                            else None)
+        eos = d.get("eos_token_id")
+        common = dict(
+            architecture=arch, family=family, vocab_size=need("vocab_size"),
+            hidden_size=need("hidden_size"), num_hidden_layers=need("num_hidden_layers"),
+            num_attention_heads=need("num_attention_heads"),
+            num_key_value_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
+            rope_theta=float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
+            rope_scaling=scaling, max_position_embeddings=int(d.get("max_position_embeddings",
+                                                                    4096)),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+            quantization=d.get("quantization_config"),
+        )
+        if family == "deepseek_v3":
+            cfg = cls(
+                **common, intermediate_size=need("intermediate_size"),
+                moe_intermediate_size=need("moe_intermediate_size"),
+                n_routed_experts=need("n_routed_experts"),
+                num_experts_per_tok=need("num_experts_per_tok"),
+                n_shared_experts=int(d.get("n_shared_experts") or 0),
+                first_k_dense_replace=int(d.get("first_k_dense_replace") or 0),
+                n_group=int(d.get("n_group") or 1), topk_group=int(d.get("topk_group") or 1),
+                norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+                routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
+                scoring_func=d.get("scoring_func", "sigmoid"),
+                q_lora_rank=d.get("q_lora_rank"), kv_lora_rank=need("kv_lora_rank"),
+                qk_nope_head_dim=need("qk_nope_head_dim"),
+                qk_rope_head_dim=need("qk_rope_head_dim"), v_head_dim=need("v_head_dim"),
+                rope_interleave=bool(d.get("rope_interleave", True)),
+            )
+        else:
+            cfg = cls(
+                **common, intermediate_size=int(d.get("intermediate_size") or 0),
+                moe_intermediate_size=need("moe_intermediate_size"),
+                n_routed_experts=need("num_experts"),
+                num_experts_per_tok=need("num_experts_per_tok"),
+                norm_topk_prob=bool(d.get("norm_topk_prob", False)), scoring_func="softmax",
+                head_dim=int(d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]),
+                first_k_dense_replace=0,
+            )
+            if d.get("mlp_only_layers") or int(d.get("decoder_sparse_step", 1)) != 1:
+                raise ValueError(f"{source}: mlp_only_layers / decoder_sparse_step != 1 are not "
+                                 "supported")
+        cfg.validate(source)
+        return cfg
+
+    def validate(self, source: str = "config.json") -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, int) and not isinstance(v, bool) and v < 0:
+                raise ValueError(f"{source}: field {f.name!r} must be >= 0, got {v}")
+        checks = [
+            (self.hidden_size > 0 and self.num_hidden_layers > 0 and self.vocab_size > 0,
+             "hidden_size, num_hidden_layers and vocab_size must be positive"),
+            (self.num_attention_heads % max(self.num_key_value_heads, 1) == 0,
+             "num_attention_heads must be a multiple of num_key_value_heads"),
+            (0 < self.num_experts_per_tok <= self.n_routed_experts,
+             "num_experts_per_tok must lie in [1, n_routed_experts]"),
+            (self.n_routed_experts % self.n_group == 0,
+             "n_routed_experts must be a multiple of n_group"),
+            (1 <= self.topk_group <= self.n_group, "topk_group must lie in [1, n_group]"),
+            (self.scoring_func in ("sigmoid", "softmax"), "scoring_func must be sigmoid or "
+             "softmax"),
+            (self.family != "deepseek_v3" or self.qk_rope_head_dim % 2 == 0,
+             "qk_rope_head_dim must be even"),
+        ]
+        if self.family == "deepseek_v3" and self.n_group > 1:
+            per_group = self.n_routed_experts // self.n_group
+            checks.append((per_group >= 2, "each expert group needs >= 2 experts (top-2 sum)"))
+            checks.append((self.topk_group * per_group >= self.num_experts_per_tok,
+                           "topk_group groups must hold at least num_experts_per_tok experts"))
+        q = self.quantization
+        if q is not None and q.get("quant_method") == "fp8":
+            if q.get("fmt", "e4m3") != "e4m3" or list(q.get("weight_block_size", [128, 128])) \
+                    != [128, 128]:
+                raise ValueError(f"{source}: quantization_config supports fmt e4m3 with "
+                                 f"weight_block_size [128, 128], got {q}")
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{source}: {message}")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{path}: not found (a model directory needs config.json)") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, str(path))

@@ -1,0 +1,21 @@
+"""One file per architecture family; load() picks it from config.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from refmoe.checkpoint import Checkpoint
+from refmoe.config import ModelConfig
+
+
+def load(model_dir: str | Path, expert_dtype: str | None = None, num_threads: int | None = None,
+         progress=None):
+    """(ModelConfig, model) for a Hugging Face model directory."""
+    cfg = ModelConfig.from_file(model_dir)
+    ck = Checkpoint(model_dir)
+    if cfg.family == "deepseek_v3":
+        from refmoe.models import deepseek_v3 as family
+    else:
+        raise ValueError(f"{model_dir}: architecture {cfg.architecture} is recognized but its "
+                         "model file is not built yet")
+    return cfg, family.Transformer(ck, cfg, expert_dtype, num_threads, progress)
