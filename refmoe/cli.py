@@ -22,6 +22,16 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _id_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}")
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one token id")
+    return values
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from refmoe import __version__, cpu, kernels
 
@@ -70,6 +80,43 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from refmoe import models
+    from refmoe.generate import generate
+    from refmoe.sampling import SamplingParams
+    from refmoe.tokenizer import Tokenizer
+
+    try:
+        params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+        tok = Tokenizer.from_dir(args.model)
+        if args.prompt_ids is not None:
+            prompt = args.prompt_ids
+        elif tok is None:
+            raise ValueError(f"{args.model}: no tokenizer.json; pass --prompt-ids")
+        else:
+            prompt = tok.encode(args.prompt)
+        show = (lambda it: tqdm(it, desc="loading layers", unit="layer")) \
+            if sys.stderr.isatty() and not args.json else None
+        cfg, model = models.load(args.model, args.expert_dtype, progress=show)
+        g = generate(model, prompt, args.max_tokens, params, stop_ids=cfg.eos_token_id)
+    except ValueError as e:
+        print(f"refmoe generate: {e}", file=sys.stderr)
+        return 2
+    text = tok.decode(g.token_ids) if tok is not None else ""
+    result = {"token_ids": g.token_ids, "text": text, "ttft_s": g.ttft_s,
+              "decode_tok_s": g.decode_tok_s, "prompt_tokens": g.prompt_tokens,
+              "finish_reason": g.finish_reason}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(text if tok is not None else " ".join(map(str, g.token_ids)))
+        print(f"\n[{g.prompt_tokens} prompt tokens, TTFT {g.ttft_s:.3f} s, "
+              f"{len(g.token_ids)} generated, {g.decode_tok_s:.2f} tok/s decode]", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="refmoe", description=__doc__)
     p.add_argument("--cpu-threads", type=int, metavar="N",
@@ -80,6 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="CPU variant, threads and NUMA nodes refmoe will use")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=_cmd_info)
+
+    g = sub.add_parser("generate", help="continue a prompt with a Hugging Face model directory")
+    g.add_argument("--model", required=True, help="directory with config.json and safetensors")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (needs tokenizer.json)")
+    src.add_argument("--prompt-ids", type=_id_list, help="prompt token ids, e.g. 1,2,3")
+    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--expert-dtype", choices=["fp8", "int4", "bf16"],
+                   help="routed expert format (default: as stored; BF16/F32 -> bf16)")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.set_defaults(func=_cmd_generate)
 
     b = sub.add_parser("bench", help="benchmarks that report ratios to same-run limits")
     b.add_argument("what", choices=["kernels"], help="what to benchmark")

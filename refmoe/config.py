@@ -15,6 +15,10 @@ ARCHITECTURES = {
     "DeepseekV2ForCausalLM": "deepseek_v3",   # same MLA/MoE layout (noaux_tc needs V3 gating)
     "Qwen3MoeForCausalLM": "qwen3_moe",
 }
+MODEL_TYPES = {  # when config.json has no architectures list
+    "deepseek_v3": "DeepseekV3ForCausalLM", "kimi_k2": "DeepseekV3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
 
 
 @dataclass(slots=True)
@@ -67,6 +71,8 @@ class ModelConfig:
         """Build and validate; every error names the source and the field."""
         archs = d.get("architectures") or []
         arch = next((a for a in archs if a in ARCHITECTURES), None)
+        if arch is None and not archs:
+            arch = MODEL_TYPES.get(d.get("model_type"))
         if arch is None:
             raise ValueError(f"{source}: unknown architecture {archs or d.get('model_type')!r}; "
                              f"refmoe runs {sorted(ARCHITECTURES)}")

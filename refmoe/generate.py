@@ -1,0 +1,59 @@
+"""One request, start to finish: prefill the prompt, then decode token by token."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from refmoe.sampling import Sampler, SamplingParams
+
+
+@dataclass(slots=True)
+class Generation:
+    token_ids: list[int]
+    finish_reason: str            # "length" or "stop"
+    ttft_s: float                 # prompt in to first generated token
+    decode_s: float               # the rest
+    prompt_tokens: int
+    step_s: list[float] = field(default_factory=list)
+
+    @property
+    def decode_tok_s(self) -> float:
+        n = len(self.token_ids) - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+
+def generate(model, prompt_ids: list[int], max_tokens: int, params: SamplingParams | None = None,
+             stop_ids: list[int] | None = None, max_context: int | None = None) -> Generation:
+    """Greedy or sampled continuation of prompt_ids; stops at max_tokens or a stop id."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    vocab = model.cfg.vocab_size
+    bad = [t for t in prompt_ids if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"prompt token ids must lie in [0, {vocab}), got {bad[:5]}")
+    limit = max_context or model.cfg.max_position_embeddings
+    if len(prompt_ids) + max_tokens > limit:
+        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds "
+                         f"the context of {limit} tokens")
+    sampler = Sampler(params or SamplingParams())
+    stop = set(stop_ids or [])
+    cache = model.new_cache()
+    t0 = time.perf_counter()
+    logits = model.forward(torch.tensor(prompt_ids), cache)
+    out = [sampler(logits[-1])]
+    t1 = time.perf_counter()
+    steps = []
+    reason = "stop" if out[-1] in stop else "length"
+    while reason == "length" and len(out) < max_tokens:
+        s = time.perf_counter()
+        logits = model.forward(torch.tensor(out[-1:]), cache)
+        out.append(sampler(logits[-1]))
+        steps.append(time.perf_counter() - s)
+        if out[-1] in stop:
+            reason = "stop"
+    return Generation(out, reason, t1 - t0, time.perf_counter() - t1, len(prompt_ids), steps)

@@ -1,0 +1,48 @@
+"""Next-token choice from logits: greedy, temperature, top-k, top-p, seeded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    temperature: float = 0.0   # 0: greedy
+    top_k: int = 0             # 0: off
+    top_p: float = 1.0         # 1: off
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0 and self.temperature <= 100):
+            raise ValueError(f"temperature must lie in [0, 100], got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.generator = torch.Generator()
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """logits [V] -> token id."""
+        p = self.params
+        if p.temperature == 0:
+            return int(torch.argmax(logits))
+        logits = logits.float() / p.temperature
+        if p.top_k:
+            kth = torch.topk(logits, min(p.top_k, logits.numel()))[0][-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            probs = torch.softmax(sorted_logits, -1)
+            drop = probs.cumsum(-1) - probs > p.top_p   # keep the smallest prefix >= top_p
+            logits[order[drop]] = float("-inf")
+        probs = torch.softmax(logits, -1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -1,0 +1,209 @@
+"""DeepSeek-V3 end to end against Hugging Face transformers (the oracle nobody here wrote):
+tiny random configs saved with save_pretrained, loaded by refmoe, compared on logits and on
+32 greedy tokens through the `refmoe generate` command."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from refmoe import models
+from refmoe.checkpoint import Checkpoint, save_file
+from refmoe.kernels import formats
+
+transformers = pytest.importorskip("transformers")
+
+BASE = dict(vocab_size=97, hidden_size=72, intermediate_size=96, moe_intermediate_size=40,
+            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+            n_shared_experts=1, n_routed_experts=8, routed_scaling_factor=2.5, kv_lora_rank=24,
+            q_lora_rank=32, qk_rope_head_dim=8, v_head_dim=12, qk_nope_head_dim=16, n_group=4,
+            topk_group=2, num_experts_per_tok=3, first_k_dense_replace=1, norm_topk_prob=True,
+            max_position_embeddings=256, bos_token_id=0, eos_token_id=None)  # 32 full steps
+VARIANTS = {
+    "base": {},
+    "no_q_lora_ungrouped": dict(q_lora_rank=None, n_group=1, topk_group=1, norm_topk_prob=False,
+                                routed_scaling_factor=1.0),
+    "all_moe_yarn": dict(first_k_dense_replace=0, hidden_size=136, rope_scaling=dict(
+        type="yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=32,
+        beta_slow=1, mscale=1.0, mscale_all_dim=1.0)),
+}
+PROMPT = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 93]
+LOGIT_TOL = 1e-4  # |refmoe - transformers| <= LOGIT_TOL * max |logit|, fp32 math on both sides
+
+
+def random_model(overrides: dict, seed: int = 0):
+    cfg = transformers.DeepseekV3Config(**{**BASE, **overrides})
+    torch.manual_seed(seed)
+    m = transformers.DeepseekV3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            # bf16-representable values, so the bf16 expert kernel sees the exact weights
+            v = torch.randn_like(p) * 0.2 + (1.0 if "norm" in name else 0.0)
+            p.copy_(v.to(torch.bfloat16).float())
+        for name, b in m.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.copy_(torch.randn_like(b) * 0.1)
+    return m
+
+
+def hf_greedy(m, prompt, n):
+    with torch.no_grad():
+        out = m.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def saved(request, tmp_path_factory):
+    m = random_model(VARIANTS[request.param])
+    d = tmp_path_factory.mktemp(request.param)
+    m.save_pretrained(d)
+    return m, d
+
+
+def test_logits_match_transformers(saved):
+    m, d = saved
+    with torch.no_grad():
+        ref = m(torch.tensor([PROMPT])).logits[0]
+    _, mine = models.load(d)
+    out = mine.forward(torch.tensor(PROMPT), mine.new_cache())
+    assert (out - ref).abs().max() <= LOGIT_TOL * ref.abs().max()
+    cache = mine.new_cache()  # the same logits token by token through the latent cache
+    steps = torch.cat([mine.forward(torch.tensor([t]), cache) for t in PROMPT])
+    assert (steps - ref).abs().max() <= LOGIT_TOL * ref.abs().max()
+
+
+def test_greedy_32_tokens_via_cli(saved):
+    m, d = saved
+    want = hf_greedy(m, PROMPT, 32)
+    r = subprocess.run([sys.executable, "-m", "refmoe.cli", "generate", "--model", str(d),
+                        "--prompt-ids", ",".join(map(str, PROMPT)), "--max-tokens", "32",
+                        "--json"], capture_output=True, text=True, timeout=300, check=True)
+    got = json.loads(r.stdout)
+    assert {"token_ids", "text", "ttft_s", "decode_tok_s"} <= got.keys()
+    assert len(want) == 32 and got["token_ids"] == want
+
+
+def write_fp8_checkpoint(m, d):
+    """The model's weights as a DeepSeek FP8 checkpoint (weight + weight_scale_inv for every
+    linear except gate, norms, embeddings and lm_head); returns the dequantized state."""
+    tensors, dtypes, deq = {}, {}, {}
+
+    def fp8(name, a):
+        codes, s = formats.fp8_quantize(a)
+        tensors[name], dtypes[name] = codes, "F8_E4M3"
+        tensors[name + "_scale_inv"] = s
+        return formats.fp8_dequantize(codes, s).astype(np.float32)
+
+    for name, p in m.state_dict().items():
+        a = p.detach().float().numpy()
+        if name.endswith("experts.gate_up_proj"):   # transformers 5 fuses the experts in memory
+            prefix, inter = name[: -len("gate_up_proj")], a.shape[1] // 2
+            deq[name] = torch.from_numpy(np.stack([np.concatenate([
+                fp8(f"{prefix}{e}.gate_proj.weight", a[e, :inter]),
+                fp8(f"{prefix}{e}.up_proj.weight", a[e, inter:])]) for e in range(a.shape[0])]))
+        elif name.endswith("experts.down_proj"):
+            prefix = name[: -len("down_proj")]
+            deq[name] = torch.from_numpy(np.stack([fp8(f"{prefix}{e}.down_proj.weight", a[e])
+                                                   for e in range(a.shape[0])]))
+        elif name.endswith("proj.weight") or name.endswith("proj_with_mqa.weight"):
+            deq[name] = torch.from_numpy(fp8(name, a))
+        else:
+            tensors[name] = a
+            deq[name] = p.detach().clone()
+    save_file(tensors, d / "model.safetensors", dtypes)
+    cfg = json.loads(json.dumps(m.config.to_dict()))
+    cfg["architectures"] = ["DeepseekV3ForCausalLM"]
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
+                                  "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    (d / "config.json").write_text(json.dumps(cfg))
+    return deq
+
+
+def test_fp8_checkpoint_against_dequantized_transformers(tmp_path):
+    m = random_model({})
+    deq = write_fp8_checkpoint(m, tmp_path)
+    m.load_state_dict(deq)
+    with torch.no_grad():
+        ref = m(torch.tensor([PROMPT])).logits[0]
+    cfg, mine = models.load(tmp_path)
+    assert cfg.is_fp8 and mine.blocks[1].ffn.experts.fmt == "fp8"
+    out = mine.forward(torch.tensor(PROMPT), mine.new_cache())
+    assert (out - ref).abs().max() <= LOGIT_TOL * ref.abs().max()
+
+
+class TestBadCheckpoints:
+    def test_truncated_shard(self, saved, tmp_path):
+        _, d = saved
+        data = (d / "model.safetensors").read_bytes()
+        (tmp_path / "model.safetensors").write_bytes(data[: len(data) - 100])
+        (tmp_path / "config.json").write_text((d / "config.json").read_text())
+        with pytest.raises(ValueError, match=r"model\.safetensors: truncated: tensor"):
+            models.load(tmp_path)
+
+    def test_shape_mismatch_names_tensor(self, saved, tmp_path):
+        _, d = saved
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["moe_intermediate_size"] += 8
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        (tmp_path / "model.safetensors").symlink_to(d / "model.safetensors")
+        with pytest.raises(ValueError, match=r"tensor 'model\.layers\.\d\.mlp\.(shared_)?experts"
+                           r".* has shape \[\d+, \d+\], the config needs"):
+            models.load(tmp_path)
+
+    def test_nan_fp8_code_names_tensor(self, tmp_path):
+        m = random_model({})
+        write_fp8_checkpoint(m, tmp_path)
+        ck = Checkpoint(tmp_path)
+        name = "model.layers.2.mlp.experts.5.down_proj.weight"
+        tensors = {n: np.array(ck._shard(n).array(n)) for n in ck.names()}
+        tensors[name][4, 2] = 0xFF
+        dtypes = {n: "F8_E4M3" for n in ck.names() if ck.dtype(n) == "float8_e4m3fn"}
+        save_file(tensors, tmp_path / "model.safetensors", dtypes)
+        with pytest.raises(ValueError, match=r"experts\.5\.down_proj\.weight'?: NaN FP8 code at "
+                           r"index \(4, 2\)"):
+            models.load(tmp_path)
+
+    def test_unknown_architecture(self, saved, tmp_path):
+        _, d = saved
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["architectures"] = ["LlamaForCausalLM"]
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match="unknown architecture"):
+            models.load(tmp_path)
+
+    def test_missing_shard_in_index(self, saved, tmp_path):
+        _, d = saved
+        (tmp_path / "config.json").write_text((d / "config.json").read_text())
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}))
+        with pytest.raises(ValueError, match=r"model-00001-of-00002\.safetensors: shard not found"):
+            models.load(tmp_path)
+
+
+def test_generate_rejects_bad_requests(saved):
+    from refmoe.generate import generate
+
+    _, d = saved
+    _, mine = models.load(d)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate(mine, [], 4)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 97\)"):
+        generate(mine, [5, 200], 4)
+    with pytest.raises(ValueError, match="exceeds the context of 256 tokens"):
+        generate(mine, [5] * 250, 10)
+
+
+def test_generate_stops_at_a_stop_id(saved):
+    from refmoe.generate import generate
+
+    _, d = saved
+    _, mine = models.load(d)
+    free = generate(mine, PROMPT, 12)
+    stop = free.token_ids[5]
+    first = free.token_ids.index(stop)
+    g = generate(mine, PROMPT, 12, stop_ids=[stop])
+    assert g.token_ids == free.token_ids[: first + 1] and g.finish_reason == "stop"
+    assert free.finish_reason == "length" and len(free.token_ids) == 12
