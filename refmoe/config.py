@@ -15,6 +15,9 @@ ARCHITECTURES = {
     "DeepseekV2ForCausalLM": "deepseek_v3",   # same MLA/MoE layout (noaux_tc needs V3 gating)
     "Qwen3MoeForCausalLM": "qwen3_moe",
 }
+ALIASES = {  # the same field under the names other releases of transformers write
+    "num_experts": ("num_local_experts",), "n_routed_experts": ("num_local_experts",),
+}
 MODEL_TYPES = {  # when config.json has no architectures list
     "deepseek_v3": "DeepseekV3ForCausalLM", "kimi_k2": "DeepseekV3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
@@ -79,7 +82,11 @@ class ModelConfig:
         family = ARCHITECTURES[arch]
 
         def need(name: str, kind=int):
-            if name not in d or d[name] is None:
+            for alias in (name, *ALIASES.get(name, ())):
+                if d.get(alias) is not None:
+                    name = alias
+                    break
+            else:
                 raise ValueError(f"{source}: missing field {name!r}")
             try:
                 return kind(d[name])
@@ -96,7 +103,7 @@ class ModelConfig:
             hidden_size=need("hidden_size"), num_hidden_layers=need("num_hidden_layers"),
             num_attention_heads=need("num_attention_heads"),
             num_key_value_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
-            rope_theta=float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
+            rope_theta=float(d.get("rope_theta") or rope.get("rope_theta") or 10000.0),
             rope_scaling=scaling, max_position_embeddings=int(d.get("max_position_embeddings",
                                                                     4096)),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),

@@ -16,6 +16,5 @@ def load(model_dir: str | Path, expert_dtype: str | None = None, num_threads: in
     if cfg.family == "deepseek_v3":
         from refmoe.models import deepseek_v3 as family
     else:
-        raise ValueError(f"{model_dir}: architecture {cfg.architecture} is recognized but its "
-                         "model file is not built yet")
+        from refmoe.models import qwen3_moe as family
     return cfg, family.Transformer(ck, cfg, expert_dtype, num_threads, progress)

@@ -1,8 +1,9 @@
 """DeepSeek-V3 (V3, R1, V3.1, Kimi-K2, Moonlight): MLA attention, noaux_tc group-limited sigmoid
 routing, shared experts, first_k_dense_replace dense layers, YaRN rope.
 
-Read top to bottom like DeepSeek's own inference/model.py: rope, norm, linear loading, MLA,
-dense MLP, Gate, MoE, Block, Transformer, smoke run. Attention, dense layers, shared experts,
+Read top to bottom like DeepSeek's own inference/model.py; rope, norm, loading, the dense
+MLP, the gate and the MoE block are shared with other families (layers.py). Here: MLA, the
+Transformer, a smoke run. Attention, dense layers, shared experts,
 embeddings and lm_head run in torch on the device; routed experts run on the CPU kernels
 (refmoe.kernels.fused_moe) from one host copy of their weights. MTP layers (index
 num_hidden_layers and beyond) are not loaded.
@@ -13,134 +14,13 @@ K = experts per token, n = heads.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from refmoe import kernels
 from refmoe.checkpoint import Checkpoint
 from refmoe.config import ModelConfig
-from refmoe.kernels import formats
-
-FLOAT_DTYPES = ("float32", "bfloat16", "float16")
-
-
-# ---------------------------------------------------------------------------------------------
-# Rotary embedding (default and YaRN, as Hugging Face computes them)
-# ---------------------------------------------------------------------------------------------
-
-def _mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
-def rope_parameters(cfg: ModelConfig, dim: int) -> tuple[torch.Tensor, float, float]:
-    """(inv_freq [dim/2], factor on cos/sin, factor on the softmax scale)."""
-    base = cfg.rope_theta
-    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-    s = cfg.rope_scaling or {}
-    kind = s.get("rope_type", s.get("type", "default"))
-    if kind in ("default", None):
-        return 1.0 / pos_freqs, 1.0, 1.0
-    if kind != "yarn":
-        raise ValueError(f"config.json: rope_scaling type {kind!r} is not supported "
-                         "(default or yarn)")
-    factor = float(s["factor"])
-    orig = int(s["original_max_position_embeddings"])
-    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
-    mscale, mscale_all_dim = s.get("mscale"), s.get("mscale_all_dim")
-    attn = s.get("attention_factor")
-    if attn is None:
-        attn = (_mscale(factor, mscale) / _mscale(factor, mscale_all_dim)
-                if mscale and mscale_all_dim else _mscale(factor))
-
-    def correction_dim(rot: float) -> float:
-        return dim * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(base))
-
-    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-    if s.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
-    extrapolation = 1 - ramp
-    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
-    softmax = _mscale(factor, mscale_all_dim) ** 2 if mscale_all_dim else 1.0
-    return inv_freq, float(attn), softmax
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool
-               ) -> torch.Tensor:
-    """x [..., T, d], cos/sin [T, d/2]. Interleaved pairs (x0, x1), (x2, x3)... as DeepSeek lays
-    them out (the result de-interleaved, as Hugging Face returns it), or rotate-half."""
-    if interleave:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-    else:
-        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading: device tensors (dequantized) and routed experts (one host copy, kernel formats)
-# ---------------------------------------------------------------------------------------------
-
-def load_dense(ck: Checkpoint, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """A device weight as float32; FP8 ones are dequantized with their weight_scale_inv."""
-    dtype = ck.dtype(name)
-    a = ck.get(name, shape, FLOAT_DTYPES + ("float8_e4m3fn",))
-    if dtype == "float8_e4m3fn":
-        s = ck.get(name + "_scale_inv", formats.scale_shape(*shape), ("float32",))
-        return torch.from_numpy(formats.fp8_dequantize(a, s).astype(np.float32))
-    if dtype == "bfloat16":
-        return torch.from_numpy(formats.bf16_decode(a).astype(np.float32))
-    return torch.from_numpy(np.array(a, dtype=np.float32))
-
-
-def load_experts(ck: Checkpoint, prefix: str, cfg: ModelConfig, expert_dtype: str | None
-                 ) -> kernels.ExpertWeights:
-    """Routed experts of one layer in a kernel format. As stored where possible (FP8 codes and
-    BF16 bits are views of the mapped checkpoint: no copy); converted otherwise."""
-    h, i = cfg.hidden_size, cfg.moe_intermediate_size
-    first = f"{prefix}.experts.0.gate_proj.weight"
-    stored = ck.dtype(first)
-    fmt = expert_dtype or ("fp8" if stored == "float8_e4m3fn" else "bf16")
-    mats: dict[str, list] = {"gate": [], "up": [], "down": []}
-    scales: dict[str, list] = {"gate": [], "up": [], "down": []}
-    for e in range(cfg.n_routed_experts):
-        for kind, shape in (("gate", (i, h)), ("up", (i, h)), ("down", (h, i))):
-            name = f"{prefix}.experts.{e}.{kind}_proj.weight"
-            w = ck.get(name, shape, FLOAT_DTYPES + ("float8_e4m3fn",))
-            dt = ck.dtype(name)
-            s = ck.get(name + "_scale_inv", formats.scale_shape(*shape), ("float32",)) \
-                if dt == "float8_e4m3fn" else None
-            if fmt == "fp8" and dt == "float8_e4m3fn":
-                mats[kind].append(w)
-                scales[kind].append(np.ascontiguousarray(s))
-                continue
-            dense = formats.fp8_dequantize(w, s) if s is not None else (
-                formats.bf16_decode(w) if dt == "bfloat16" else np.asarray(w, np.float64))
-            if fmt == "bf16":
-                mats[kind].append(w if dt == "bfloat16" else formats.bf16_encode(dense))
-            elif fmt == "fp8":
-                c, sc = formats.fp8_quantize(dense)
-                mats[kind].append(c)
-                scales[kind].append(sc)
-            elif fmt == "int4":
-                c, sc = formats.int4_quantize(dense, 128)
-                mats[kind].append(c)
-                scales[kind].append(sc)
-            else:
-                raise ValueError(f"expert dtype must be fp8, int4 or bf16, got {fmt!r}")
-    return kernels.ExpertWeights(fmt, h, i, mats["gate"], mats["up"], mats["down"],
-                                 scales["gate"], scales["up"], scales["down"], group_size=128,
-                                 validate=False)  # FP8 codes were checked by Checkpoint.get
+from refmoe.models.layers import Block, DecoderModel, apply_rope, load_dense, rms_norm
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,6 +40,8 @@ class LayerCache:
 
 
 class MLA:
+    new_cache = LayerCache
+
     def __init__(self, ck: Checkpoint, p: str, cfg: ModelConfig):
         h, n = cfg.hidden_size, cfg.num_attention_heads
         self.cfg, self.n = cfg, n
@@ -208,131 +90,19 @@ class MLA:
 
 
 # ---------------------------------------------------------------------------------------------
-# MLPs: dense (torch), routed experts (CPU kernels) with the V3 gate, shared expert (torch)
-# ---------------------------------------------------------------------------------------------
-
-class MLP:
-    def __init__(self, ck: Checkpoint, p: str, h: int, inter: int):
-        self.gate = load_dense(ck, f"{p}.gate_proj.weight", (inter, h))
-        self.up = load_dense(ck, f"{p}.up_proj.weight", (inter, h))
-        self.down = load_dense(ck, f"{p}.down_proj.weight", (h, inter))
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (F.silu(x @ self.gate.T) * (x @ self.up.T)) @ self.down.T
-
-
-class Gate:
-    """noaux_tc routing: sigmoid scores, correction bias for selection only, the top topk_group
-    groups by the sum of their two best biased scores, top-k experts within them; weights are
-    the unbiased scores, normalized when norm_topk_prob, times routed_scaling_factor."""
-
-    def __init__(self, ck: Checkpoint, p: str, cfg: ModelConfig):
-        self.cfg = cfg
-        self.weight = load_dense(ck, f"{p}.weight", (cfg.n_routed_experts, cfg.hidden_size))
-        bias = f"{p}.e_score_correction_bias"
-        self.bias = load_dense(ck, bias, (cfg.n_routed_experts,)) if bias in ck else \
-            torch.zeros(cfg.n_routed_experts)
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, H] -> (weights [T, K] float32, expert ids [T, K])."""
-        cfg, t = self.cfg, x.shape[0]
-        logits = x.float() @ self.weight.float().T                         # [T, E]
-        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(-1)
-        choice = scores + self.bias
-        if cfg.n_group > 1:
-            groups = choice.view(t, cfg.n_group, -1).topk(2, dim=-1)[0].sum(-1)  # [T, G]
-            keep = groups.topk(cfg.topk_group, dim=-1, sorted=False)[1]
-            mask = torch.zeros_like(groups).scatter_(1, keep, 1).bool()
-            per = cfg.n_routed_experts // cfg.n_group
-            mask = mask.unsqueeze(-1).expand(t, cfg.n_group, per).reshape(t, -1)  # [T, E]
-            choice = choice.masked_fill(~mask, float("-inf"))
-        ids = choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=False)[1]  # [T, K]
-        weights = scores.gather(1, ids)
-        if cfg.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * cfg.routed_scaling_factor, ids
-
-
-class MoE:
-    def __init__(self, ck: Checkpoint, p: str, cfg: ModelConfig, expert_dtype: str | None,
-                 num_threads: int | None):
-        self.gate = Gate(ck, f"{p}.gate", cfg)
-        self.experts = load_experts(ck, p, cfg, expert_dtype)
-        self.shared = MLP(ck, f"{p}.shared_experts", cfg.hidden_size,
-                          cfg.moe_intermediate_size * cfg.n_shared_experts) \
-            if cfg.n_shared_experts else None
-        self.num_threads = num_threads
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.gate(x)                                          # [T, K]
-        t, k = ids.shape
-        xs = x.detach().float().contiguous().numpy()
-        y = kernels.fused_moe(
-            xs, np.repeat(np.arange(t), k), ids.reshape(-1).numpy(),
-            weights.reshape(-1).float().numpy(), self.experts, num_threads=self.num_threads)
-        out = torch.from_numpy(y)
-        return out + self.shared(x) if self.shared is not None else out
-
-
-# ---------------------------------------------------------------------------------------------
 # Block and Transformer
 # ---------------------------------------------------------------------------------------------
 
-class Block:
-    def __init__(self, ck: Checkpoint, layer: int, cfg: ModelConfig, expert_dtype, num_threads):
-        p = f"model.layers.{layer}"
-        self.eps = cfg.rms_norm_eps
-        self.attn_norm = load_dense(ck, f"{p}.input_layernorm.weight", (cfg.hidden_size,))
-        self.ffn_norm = load_dense(ck, f"{p}.post_attention_layernorm.weight", (cfg.hidden_size,))
-        self.attn = MLA(ck, f"{p}.self_attn", cfg)
-        self.ffn = MoE(ck, f"{p}.mlp", cfg, expert_dtype, num_threads) if cfg.is_moe_layer(layer) \
-            else MLP(ck, f"{p}.mlp", cfg.hidden_size, cfg.intermediate_size)
+class Transformer(DecoderModel):
+    """The whole DeepSeek-V3 model (see DecoderModel.forward)."""
 
-    def __call__(self, x, cos, sin, softmax_scale, cache: LayerCache) -> torch.Tensor:
-        x = x + self.attn(rms_norm(x, self.attn_norm, self.eps), cos, sin, softmax_scale, cache)
-        return x + self.ffn(rms_norm(x, self.ffn_norm, self.eps))
+    def __init__(self, ck: Checkpoint, cfg: ModelConfig, *args, **kwargs):
+        self.rope_dim = cfg.qk_rope_head_dim
+        super().__init__(ck, cfg, *args, **kwargs)
 
-
-@dataclass(slots=True)
-class KVCache:
-    layers: list[LayerCache] = field(default_factory=list)
-
-    @property
-    def length(self) -> int:
-        return self.layers[0].length if self.layers else 0
-
-
-class Transformer:
-    """The whole model: forward(token ids) -> logits, with a KV cache."""
-
-    def __init__(self, ck: Checkpoint, cfg: ModelConfig, expert_dtype: str | None = None,
-                 num_threads: int | None = None, progress=None):
-        self.cfg = cfg
-        h, v = cfg.hidden_size, cfg.vocab_size
-        self.embed = load_dense(ck, "model.embed_tokens.weight", (v, h))
-        layers = range(cfg.num_hidden_layers)
-        self.blocks = [Block(ck, i, cfg, expert_dtype, num_threads)
-                       for i in (progress(layers) if progress else layers)]
-        self.norm = load_dense(ck, "model.norm.weight", (h,))
-        self.head = self.embed if cfg.tie_word_embeddings and "lm_head.weight" not in ck else \
-            load_dense(ck, "lm_head.weight", (v, h))
-        self.inv_freq, self.rope_factor, self.softmax_scale = rope_parameters(
-            cfg, cfg.qk_rope_head_dim)
-
-    def new_cache(self) -> KVCache:
-        return KVCache([LayerCache() for _ in self.blocks])
-
-    @torch.no_grad()
-    def forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """ids [T] (the next T tokens after the cache) -> logits [T, V] float32."""
-        t = ids.shape[0]
-        pos = torch.arange(cache.length, cache.length + t, dtype=torch.float32)
-        freqs = pos[:, None] * self.inv_freq[None, :]                         # [T, rope/2]
-        cos, sin = freqs.cos() * self.rope_factor, freqs.sin() * self.rope_factor
-        x = self.embed[ids]                                                    # [T, H]
-        for block, layer_cache in zip(self.blocks, cache.layers):
-            x = block(x, cos, sin, self.softmax_scale, layer_cache)
-        return rms_norm(x, self.norm, self.cfg.rms_norm_eps) @ self.head.T
+    def make_block(self, ck, layer, cfg, expert_dtype, num_threads) -> Block:
+        attn = MLA(ck, f"model.layers.{layer}.self_attn", cfg)
+        return Block(ck, layer, cfg, attn, expert_dtype, num_threads)
 
 
 if __name__ == "__main__":  # smoke run: python -m refmoe.models.deepseek_v3 MODEL_DIR

@@ -1,0 +1,83 @@
+"""Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B): grouped-query attention with per-head q/k
+RMSNorm, rotate-half rope, softmax top-k routing (norm_topk_prob), no shared expert.
+
+The router, MoE block, MLP, norms and loading are shared (layers.py); here: the attention with
+its KV cache, the Transformer, a smoke run. Legend: T = tokens in this call, S = tokens in the
+cache, n = query heads, g = key/value heads, d = head_dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from refmoe.checkpoint import Checkpoint
+from refmoe.config import ModelConfig
+from refmoe.models.layers import Block, DecoderModel, apply_rope, load_dense, rms_norm
+
+
+@dataclass(slots=True)
+class LayerCache:
+    """Per layer: keys (roped) and values, [g, S, d] each."""
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[1]
+
+
+class GQA:
+    new_cache = LayerCache
+
+    def __init__(self, ck: Checkpoint, p: str, cfg: ModelConfig):
+        h, n, g, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.cfg, self.n, self.g, self.d = cfg, n, g, d
+        self.q = load_dense(ck, f"{p}.q_proj.weight", (n * d, h))
+        self.k = load_dense(ck, f"{p}.k_proj.weight", (g * d, h))
+        self.v = load_dense(ck, f"{p}.v_proj.weight", (g * d, h))
+        self.o = load_dense(ck, f"{p}.o_proj.weight", (h, n * d))
+        self.q_norm = load_dense(ck, f"{p}.q_norm.weight", (d,))
+        self.k_norm = load_dense(ck, f"{p}.k_norm.weight", (d,))
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, softmax_scale: float,
+                 cache: LayerCache) -> torch.Tensor:
+        """x [T, H] at positions cache.length .. +T; returns [T, H] and extends the cache."""
+        eps, t, n, g, d = self.cfg.rms_norm_eps, x.shape[0], self.n, self.g, self.d
+        q = rms_norm((x @ self.q.T).view(t, n, d), self.q_norm, eps).transpose(0, 1)  # [n, T, d]
+        k = rms_norm((x @ self.k.T).view(t, g, d), self.k_norm, eps).transpose(0, 1)  # [g, T, d]
+        v = (x @ self.v.T).view(t, g, d).transpose(0, 1)                               # [g, T, d]
+        q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
+        start = cache.length
+        cache.k = k if cache.k is None else torch.cat([cache.k, k], dim=1)
+        cache.v = v if cache.v is None else torch.cat([cache.v, v], dim=1)
+        s = cache.length
+        kk = cache.k.repeat_interleave(n // g, dim=0)                                  # [n, S, d]
+        vv = cache.v.repeat_interleave(n // g, dim=0)
+        scores = (q @ kk.transpose(1, 2)) * (d ** -0.5 * softmax_scale)                # [n, T, S]
+        causal = torch.arange(s)[None, :] > (start + torch.arange(t))[:, None]
+        out = torch.softmax(scores.masked_fill(causal, float("-inf")), dim=-1) @ vv    # [n, T, d]
+        return out.transpose(0, 1).reshape(t, n * d) @ self.o.T
+
+
+class Transformer(DecoderModel):
+    """The whole Qwen3-MoE model (see DecoderModel.forward)."""
+
+    def __init__(self, ck: Checkpoint, cfg: ModelConfig, *args, **kwargs):
+        self.rope_dim = cfg.head_dim
+        super().__init__(ck, cfg, *args, **kwargs)
+
+    def make_block(self, ck, layer, cfg, expert_dtype, num_threads) -> Block:
+        return Block(ck, layer, cfg, GQA(ck, f"model.layers.{layer}.self_attn", cfg),
+                     expert_dtype, num_threads)
+
+
+if __name__ == "__main__":  # smoke run: python -m refmoe.models.qwen3_moe MODEL_DIR
+    import sys
+
+    cfg = ModelConfig.from_file(sys.argv[1])
+    model = Transformer(Checkpoint(sys.argv[1]), cfg)
+    logits = model.forward(torch.tensor([1, 2, 3]), model.new_cache())
+    print(logits.shape, logits[-1].topk(5))
