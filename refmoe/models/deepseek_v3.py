@@ -20,7 +20,7 @@ import torch
 
 from refmoe.checkpoint import Checkpoint
 from refmoe.config import ModelConfig
-from refmoe.models.layers import Block, DecoderModel, apply_rope, load_dense, rms_norm
+from refmoe.models.layers import Block, DecoderModel, Linear, apply_rope, load_dense, rms_norm
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,29 +47,29 @@ class MLA:
         self.cfg, self.n = cfg, n
         self.qk_head = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         if cfg.q_lora_rank:
-            self.q_a = load_dense(ck, f"{p}.q_a_proj.weight", (cfg.q_lora_rank, h))
+            self.q_a = Linear(ck, f"{p}.q_a_proj.weight", (cfg.q_lora_rank, h))
             self.q_a_norm = load_dense(ck, f"{p}.q_a_layernorm.weight", (cfg.q_lora_rank,))
-            self.q_b = load_dense(ck, f"{p}.q_b_proj.weight", (n * self.qk_head, cfg.q_lora_rank))
+            self.q_b = Linear(ck, f"{p}.q_b_proj.weight", (n * self.qk_head, cfg.q_lora_rank))
         else:
-            self.q = load_dense(ck, f"{p}.q_proj.weight", (n * self.qk_head, h))
-        self.kv_a = load_dense(ck, f"{p}.kv_a_proj_with_mqa.weight",
-                               (cfg.kv_lora_rank + cfg.qk_rope_head_dim, h))
+            self.q = Linear(ck, f"{p}.q_proj.weight", (n * self.qk_head, h))
+        self.kv_a = Linear(ck, f"{p}.kv_a_proj_with_mqa.weight",
+                           (cfg.kv_lora_rank + cfg.qk_rope_head_dim, h))
         self.kv_a_norm = load_dense(ck, f"{p}.kv_a_layernorm.weight", (cfg.kv_lora_rank,))
-        self.kv_b = load_dense(ck, f"{p}.kv_b_proj.weight",
-                               (n * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank))
-        self.o = load_dense(ck, f"{p}.o_proj.weight", (h, n * cfg.v_head_dim))
+        self.kv_b = Linear(ck, f"{p}.kv_b_proj.weight",
+                           (n * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank))
+        self.o = Linear(ck, f"{p}.o_proj.weight", (h, n * cfg.v_head_dim))
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, softmax_scale: float,
                  cache: LayerCache) -> torch.Tensor:
         """x [T, H] at positions cache.length .. +T; returns [T, H] and extends the cache."""
         cfg, n, t = self.cfg, self.n, x.shape[0]
         if cfg.q_lora_rank:
-            q = rms_norm(x @ self.q_a.T, self.q_a_norm, cfg.rms_norm_eps) @ self.q_b.T
+            q = self.q_b(rms_norm(self.q_a(x), self.q_a_norm, cfg.rms_norm_eps))
         else:
-            q = x @ self.q.T
+            q = self.q(x)
         q = q.view(t, n, self.qk_head).transpose(0, 1)                      # [n, T, qk]
         q_nope, q_rot = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
-        kv = x @ self.kv_a.T                                                # [T, lora + rope]
+        kv = self.kv_a(x)                                                   # [T, lora + rope]
         latent, k_rot = kv.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         latent = rms_norm(latent, self.kv_a_norm, cfg.rms_norm_eps)         # [T, lora]
         q_rot = apply_rope(q_rot, cos, sin, cfg.rope_interleave)            # [n, T, rope]
@@ -78,7 +78,7 @@ class MLA:
         cache.latent = latent if cache.latent is None else torch.cat([cache.latent, latent])
         cache.k_rot = k_rot if cache.k_rot is None else torch.cat([cache.k_rot, k_rot])
         s = cache.length
-        kv_full = (cache.latent @ self.kv_b.T).view(s, n, -1).transpose(0, 1)  # [n, S, nope+v]
+        kv_full = self.kv_b(cache.latent).view(s, n, -1).transpose(0, 1)     # [n, S, nope+v]
         k_nope, v = kv_full.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
         k = torch.cat([k_nope, cache.k_rot.expand(n, s, -1)], dim=-1)        # [n, S, qk]
         qf = torch.cat([q_nope, q_rot], dim=-1)                              # [n, T, qk]
@@ -86,7 +86,7 @@ class MLA:
         causal = torch.arange(s)[None, :] > (start + torch.arange(t))[:, None]      # [T, S]
         scores = scores.masked_fill(causal, float("-inf"))
         out = torch.softmax(scores, dim=-1) @ v                              # [n, T, v]
-        return out.transpose(0, 1).reshape(t, -1) @ self.o.T
+        return self.o(out.transpose(0, 1).reshape(t, -1))
 
 
 # ---------------------------------------------------------------------------------------------

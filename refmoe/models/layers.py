@@ -97,6 +97,41 @@ def load_dense(ck: Checkpoint, name: str, shape: tuple[int, ...]) -> torch.Tenso
     return torch.from_numpy(np.array(a, dtype=np.float32))
 
 
+class Linear:
+    """y = x W^T for one projection. FP8 weights stay as stored (codes and weight_scale_inv,
+    views of the mapped checkpoint) and run through the CPU kernels; other dtypes become float32
+    torch tensors. Legend: N = out features, K = in features."""
+
+    def __init__(self, ck: Checkpoint, name: str, shape: tuple[int, int]):
+        self.n, self.k = shape
+        self.weight = self.codes = self.scale = None
+        if ck.dtype(name) == "float8_e4m3fn":
+            self.codes = ck.get(name, shape, ("float8_e4m3fn",))
+            self.scale = np.ascontiguousarray(
+                ck.get(name + "_scale_inv", formats.scale_shape(*shape), ("float32",)))
+        else:
+            self.weight = load_dense(ck, name, shape)
+
+    @property
+    def nbytes(self) -> int:
+        if self.weight is not None:
+            return self.weight.numel() * self.weight.element_size()
+        return self.codes.nbytes + self.scale.nbytes
+
+    def dense(self) -> torch.Tensor:
+        """The weight as a float32 tensor [N, K]."""
+        if self.weight is not None:
+            return self.weight
+        return torch.from_numpy(formats.fp8_dequantize(self.codes, self.scale).astype(np.float32))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:
+            return x @ self.weight.T
+        x2 = x.reshape(-1, self.k).float().contiguous().numpy()            # [T, K]
+        y = kernels.fp8_gemm(x2, self.codes, self.scale)                     # [T, N]
+        return torch.from_numpy(y).reshape(*x.shape[:-1], self.n)
+
+
 def load_experts(ck: Checkpoint, prefix: str, cfg: ModelConfig, expert_dtype: str | None
                  ) -> kernels.ExpertWeights:
     """Routed experts of one layer in a kernel format. As stored where possible (FP8 codes and
@@ -143,12 +178,12 @@ def load_experts(ck: Checkpoint, prefix: str, cfg: ModelConfig, expert_dtype: st
 
 class MLP:
     def __init__(self, ck: Checkpoint, p: str, h: int, inter: int):
-        self.gate = load_dense(ck, f"{p}.gate_proj.weight", (inter, h))
-        self.up = load_dense(ck, f"{p}.up_proj.weight", (inter, h))
-        self.down = load_dense(ck, f"{p}.down_proj.weight", (h, inter))
+        self.gate = Linear(ck, f"{p}.gate_proj.weight", (inter, h))
+        self.up = Linear(ck, f"{p}.up_proj.weight", (inter, h))
+        self.down = Linear(ck, f"{p}.down_proj.weight", (h, inter))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (F.silu(x @ self.gate.T) * (x @ self.up.T)) @ self.down.T
+        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 class Gate:
@@ -229,8 +264,8 @@ class DecoderModel:
         self.blocks = [self.make_block(ck, i, cfg, expert_dtype, num_threads)
                        for i in (progress(layers) if progress else layers)]
         self.norm = load_dense(ck, "model.norm.weight", (h,))
-        self.head = self.embed if cfg.tie_word_embeddings and "lm_head.weight" not in ck else \
-            load_dense(ck, "lm_head.weight", (v, h))
+        self.head = None if cfg.tie_word_embeddings and "lm_head.weight" not in ck else \
+            Linear(ck, "lm_head.weight", (v, h))
         self.inv_freq, self.rope_factor, self.softmax_scale = rope_parameters(cfg, self.rope_dim)
 
     def make_block(self, ck, layer, cfg, expert_dtype, num_threads):
@@ -249,7 +284,8 @@ class DecoderModel:
         x = self.embed[ids]                                                    # [T, H]
         for block, layer_cache in zip(self.blocks, cache.layers):
             x = block(x, cos, sin, self.softmax_scale, layer_cache)
-        return rms_norm(x, self.norm, self.cfg.rms_norm_eps) @ self.head.T
+        x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+        return x @ self.embed.T if self.head is None else self.head(x)
 
 
 class Block:

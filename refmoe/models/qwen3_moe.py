@@ -14,7 +14,7 @@ import torch
 
 from refmoe.checkpoint import Checkpoint
 from refmoe.config import ModelConfig
-from refmoe.models.layers import Block, DecoderModel, apply_rope, load_dense, rms_norm
+from refmoe.models.layers import Block, DecoderModel, Linear, apply_rope, load_dense, rms_norm
 
 
 @dataclass(slots=True)
@@ -35,10 +35,10 @@ class GQA:
     def __init__(self, ck: Checkpoint, p: str, cfg: ModelConfig):
         h, n, g, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.cfg, self.n, self.g, self.d = cfg, n, g, d
-        self.q = load_dense(ck, f"{p}.q_proj.weight", (n * d, h))
-        self.k = load_dense(ck, f"{p}.k_proj.weight", (g * d, h))
-        self.v = load_dense(ck, f"{p}.v_proj.weight", (g * d, h))
-        self.o = load_dense(ck, f"{p}.o_proj.weight", (h, n * d))
+        self.q = Linear(ck, f"{p}.q_proj.weight", (n * d, h))
+        self.k = Linear(ck, f"{p}.k_proj.weight", (g * d, h))
+        self.v = Linear(ck, f"{p}.v_proj.weight", (g * d, h))
+        self.o = Linear(ck, f"{p}.o_proj.weight", (h, n * d))
         self.q_norm = load_dense(ck, f"{p}.q_norm.weight", (d,))
         self.k_norm = load_dense(ck, f"{p}.k_norm.weight", (d,))
 
@@ -46,9 +46,9 @@ class GQA:
                  cache: LayerCache) -> torch.Tensor:
         """x [T, H] at positions cache.length .. +T; returns [T, H] and extends the cache."""
         eps, t, n, g, d = self.cfg.rms_norm_eps, x.shape[0], self.n, self.g, self.d
-        q = rms_norm((x @ self.q.T).view(t, n, d), self.q_norm, eps).transpose(0, 1)  # [n, T, d]
-        k = rms_norm((x @ self.k.T).view(t, g, d), self.k_norm, eps).transpose(0, 1)  # [g, T, d]
-        v = (x @ self.v.T).view(t, g, d).transpose(0, 1)                               # [g, T, d]
+        q = rms_norm(self.q(x).view(t, n, d), self.q_norm, eps).transpose(0, 1)  # [n, T, d]
+        k = rms_norm(self.k(x).view(t, g, d), self.k_norm, eps).transpose(0, 1)  # [g, T, d]
+        v = self.v(x).view(t, g, d).transpose(0, 1)                               # [g, T, d]
         q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
         start = cache.length
         cache.k = k if cache.k is None else torch.cat([cache.k, k], dim=1)
@@ -59,7 +59,7 @@ class GQA:
         scores = (q @ kk.transpose(1, 2)) * (d ** -0.5 * softmax_scale)                # [n, T, S]
         causal = torch.arange(s)[None, :] > (start + torch.arange(t))[:, None]
         out = torch.softmax(scores.masked_fill(causal, float("-inf")), dim=-1) @ vv    # [n, T, d]
-        return out.transpose(0, 1).reshape(t, n * d) @ self.o.T
+        return self.o(out.transpose(0, 1).reshape(t, n * d))
 
 
 class Transformer(DecoderModel):
