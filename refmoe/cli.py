@@ -55,6 +55,27 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from refmoe import bench, cpu, kernels
 
+    if args.what == "decode":
+        from refmoe import demo
+
+        directory = _demo_model(args)
+        rows = []
+        for _ in range(min(args.reps, 3)):
+            r = demo.run(directory, 16, 16)
+            rows.append({"op": "decode", "model": f"demo-v3-L{r.layers}-E{r.experts}",
+                         "threads": kernels._threads(None), "variant": kernels.variant(),
+                         "tok_s": r.tok_s, "limit_tok_s": r.bound_tok_s, "ratio": r.ratio,
+                         "bytes_per_token": r.bytes_per_token, "limit_gbps": r.read_gbps,
+                         "ttft_s": r.ttft_s})
+        if args.json:
+            print(json.dumps(rows))
+        else:
+            for row in rows:
+                print(f"decode {row['model']}: {row['tok_s']:.2f} tok/s, bound "
+                      f"{row['limit_tok_s']:.2f} tok/s ({row['bytes_per_token'] / 1e6:.0f} MB/token "
+                      f"at {row['limit_gbps']:.1f} GB/s read), ratio {row['ratio']:.2f}")
+        return 0
+
     threads = args.threads or sorted({1, cpu.default_threads()})
     variants = args.variants.split(",") if args.variants else [kernels.variant()]
     for v in variants:
@@ -117,6 +138,38 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_model(args: argparse.Namespace):
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from refmoe import demo
+
+    layers, experts = demo.size_for_memory(demo.available_memory())
+    layers, experts = args.layers or layers, args.experts or experts
+    directory = Path(args.dir) if args.dir else demo.default_dir() / f"L{layers}-E{experts}"
+    show = (lambda it: tqdm(it, desc="building demo model", unit="shard")) \
+        if sys.stderr.isatty() else None
+    return demo.build(directory, layers, experts, progress=show)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from refmoe import demo, kernels
+
+    directory = _demo_model(args)
+    r = demo.run(directory, args.prompt_tokens, args.max_tokens)
+    print(f"refmoe demo: DeepSeek-V3 per-layer shapes (hidden 7168, MLA, 2048-wide FP8 experts, "
+          f"top-8 of {r.experts} + 1 shared), {r.layers} layers, in {directory}")
+    print(f"  CPU variant {kernels.variant()}, {kernels._threads(None)} threads")
+    print(f"  prompt {r.prompt_tokens} tokens: TTFT {r.ttft_s:.3f} s")
+    print(f"  decode: {r.tok_s:.2f} tok/s (median step), {r.bytes_per_token / 1e6:.0f} MB of "
+          f"weights read per token")
+    print(f"  bound: {r.read_gbps:.1f} GB/s read (measured now) / {r.bytes_per_token / 1e6:.0f} "
+          f"MB = {r.bound_tok_s:.2f} tok/s; achieved {r.ratio:.2f} of it")
+    print("  (the simulator's prediction joins this line once refmoe-sim lands)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="refmoe", description=__doc__)
     p.add_argument("--cpu-threads", type=int, metavar="N",
@@ -143,8 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=_cmd_generate)
 
+    dm = sub.add_parser("demo", help="build (once) and run a DeepSeek-V3-shaped FP8 model")
+    dm.add_argument("--layers", type=int, help="layers (default: sized to memory)")
+    dm.add_argument("--experts", type=int, help="routed experts per layer (multiple of 8)")
+    dm.add_argument("--dir", help="where the model is built (default: ~/.cache/refmoe/demo)")
+    dm.add_argument("--prompt-tokens", type=int, default=16)
+    dm.add_argument("--max-tokens", type=int, default=16)
+    dm.set_defaults(func=_cmd_demo)
+
     b = sub.add_parser("bench", help="benchmarks that report ratios to same-run limits")
-    b.add_argument("what", choices=["kernels"], help="what to benchmark")
+    b.add_argument("what", choices=["kernels", "decode"], help="what to benchmark")
+    b.add_argument("--layers", type=int, help="decode: demo model layers")
+    b.add_argument("--experts", type=int, help="decode: demo model experts per layer")
+    b.add_argument("--dir", help="decode: demo model directory")
     b.add_argument("--json", action="store_true", help="print a JSON list of rows")
     b.add_argument("--threads", type=_int_list, help="thread counts, e.g. 1,2 (default: 1 "
                    "and all usable cores)")

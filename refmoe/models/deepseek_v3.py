@@ -29,10 +29,15 @@ from refmoe.models.layers import Block, DecoderModel, Linear, apply_rope, load_d
 
 @dataclass(slots=True)
 class LayerCache:
-    """Per layer: the normalized latent [S, kv_lora_rank] and the roped key [S, rope_dim]."""
+    """Per layer: the normalized latent [S, kv_lora_rank] and the roped key [S, rope_dim] (the
+    MLA cache proper), plus their expansion through kv_b, [n, S, nope + v], kept so that a
+    decode step expands only its own token. The expansion is n * (nope + v) floats per token;
+    absorbing kv_b into q and o instead (DeepSeek's "absorb" mode) would drop it and is the
+    next step for long contexts."""
 
     latent: torch.Tensor | None = None
     k_rot: torch.Tensor | None = None
+    kv: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -78,8 +83,9 @@ class MLA:
         cache.latent = latent if cache.latent is None else torch.cat([cache.latent, latent])
         cache.k_rot = k_rot if cache.k_rot is None else torch.cat([cache.k_rot, k_rot])
         s = cache.length
-        kv_full = self.kv_b(cache.latent).view(s, n, -1).transpose(0, 1)     # [n, S, nope+v]
-        k_nope, v = kv_full.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
+        kv_new = self.kv_b(latent).view(t, n, -1).transpose(0, 1)            # [n, T, nope+v]
+        cache.kv = kv_new if cache.kv is None else torch.cat([cache.kv, kv_new], dim=1)
+        k_nope, v = cache.kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)  # [n, S, .]
         k = torch.cat([k_nope, cache.k_rot.expand(n, s, -1)], dim=-1)        # [n, S, qk]
         qf = torch.cat([q_nope, q_rot], dim=-1)                              # [n, T, qk]
         scores = (qf @ k.transpose(1, 2)) * (self.qk_head ** -0.5 * softmax_scale)  # [n, T, S]

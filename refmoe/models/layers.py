@@ -132,19 +132,21 @@ class Linear:
         return torch.from_numpy(y).reshape(*x.shape[:-1], self.n)
 
 
-def load_experts(ck: Checkpoint, prefix: str, cfg: ModelConfig, expert_dtype: str | None
-                 ) -> kernels.ExpertWeights:
-    """Routed experts of one layer in a kernel format. As stored where possible (FP8 codes and
-    BF16 bits are views of the mapped checkpoint: no copy); converted otherwise."""
+def load_experts(ck: Checkpoint, prefix: str, cfg: ModelConfig, expert_dtype: str | None,
+                 with_shared: bool = False) -> kernels.ExpertWeights:
+    """Routed experts of one layer in a kernel format (with_shared: the shared expert as one
+    more slot, index n_routed_experts). As stored where possible (FP8 codes and BF16 bits are
+    views of the mapped checkpoint: no copy); converted otherwise."""
     h, i = cfg.hidden_size, cfg.moe_intermediate_size
     first = f"{prefix}.experts.0.gate_proj.weight"
     stored = ck.dtype(first)
     fmt = expert_dtype or ("fp8" if stored == "float8_e4m3fn" else "bf16")
     mats: dict[str, list] = {"gate": [], "up": [], "down": []}
     scales: dict[str, list] = {"gate": [], "up": [], "down": []}
-    for e in range(cfg.n_routed_experts):
+    slots = [f"experts.{e}" for e in range(cfg.n_routed_experts)]
+    for slot in slots + (["shared_experts"] if with_shared else []):
         for kind, shape in (("gate", (i, h)), ("up", (i, h)), ("down", (h, i))):
-            name = f"{prefix}.experts.{e}.{kind}_proj.weight"
+            name = f"{prefix}.{slot}.{kind}_proj.weight"
             w = ck.get(name, shape, FLOAT_DTYPES + ("float8_e4m3fn",))
             dt = ck.dtype(name)
             s = ck.get(name + "_scale_inv", formats.scale_shape(*shape), ("float32",)) \
@@ -223,19 +225,28 @@ class MoE:
     def __init__(self, ck: Checkpoint, p: str, cfg: ModelConfig, expert_dtype: str | None,
                  num_threads: int | None):
         self.gate = Gate(ck, f"{p}.gate", cfg)
-        self.experts = load_experts(ck, p, cfg, expert_dtype)
+        # One shared expert the size of a routed one joins the fused call as one more slot with
+        # weight 1: the whole MoE layer is one pass of the thread pool. Wider shared MLPs
+        # (n_shared_experts > 1) run beside it.
+        self.fused_shared = cfg.n_shared_experts == 1
+        self.experts = load_experts(ck, p, cfg, expert_dtype, with_shared=self.fused_shared)
         self.shared = MLP(ck, f"{p}.shared_experts", cfg.hidden_size,
                           cfg.moe_intermediate_size * cfg.n_shared_experts) \
-            if cfg.n_shared_experts else None
+            if cfg.n_shared_experts > 1 else None
         self.num_threads = num_threads
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)                                          # [T, K]
         t, k = ids.shape
+        tok = np.repeat(np.arange(t), k)
+        ids_np, w_np = ids.reshape(-1).numpy(), weights.reshape(-1).float().numpy()
+        if self.fused_shared:
+            shared_slot = self.experts.num_experts - 1
+            tok = np.concatenate([tok, np.arange(t)])
+            ids_np = np.concatenate([ids_np, np.full(t, shared_slot)])
+            w_np = np.concatenate([w_np, np.ones(t, np.float32)])
         xs = x.detach().float().contiguous().numpy()
-        y = kernels.fused_moe(
-            xs, np.repeat(np.arange(t), k), ids.reshape(-1).numpy(),
-            weights.reshape(-1).float().numpy(), self.experts, num_threads=self.num_threads)
+        y = kernels.fused_moe(xs, tok, ids_np, w_np, self.experts, num_threads=self.num_threads)
         out = torch.from_numpy(y)
         return out + self.shared(x) if self.shared is not None else out
 

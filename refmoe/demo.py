@@ -1,0 +1,212 @@
+"""`refmoe demo`: a model with DeepSeek-V3's per-layer shapes, sized to this machine.
+
+Built once into a cache directory as a real FP8 checkpoint (config.json with
+quantization_config, safetensors with weight + weight_scale_inv): hidden 7168, MLA with V3's
+dims, 2048-wide experts, top-8 routing over 8 groups plus one shared expert, seeded random
+weights. Only the number of layers, the number of routed experts per layer and the vocabulary
+are cut down, so each decoded token reads what one V3 layer reads, times the layers kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from refmoe import kernels
+from refmoe.checkpoint import save_file
+from refmoe.kernels import formats
+
+V3_LAYER = dict(hidden_size=7168, num_attention_heads=128, num_key_value_heads=128,
+                q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                v_head_dim=128, moe_intermediate_size=2048, intermediate_size=18432,
+                num_experts_per_tok=8, n_shared_experts=1, n_group=8, topk_group=4,
+                routed_scaling_factor=2.5, norm_topk_prob=True, rms_norm_eps=1e-6,
+                rope_theta=10000.0, rope_interleave=True)
+EXPERT_BYTES = 3 * 2048 * 7168 + 3 * 16 * 56 * 4  # codes + scales of one FP8 expert
+
+
+def demo_config(layers: int, experts: int, vocab: int = 8192) -> dict:
+    if experts % 8 or experts < 16:
+        raise ValueError(f"experts per layer must be a multiple of 8 and >= 16, got {experts}")
+    return dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
+                vocab_size=vocab, num_hidden_layers=layers, n_routed_experts=experts,
+                first_k_dense_replace=0, max_position_embeddings=4096, bos_token_id=0,
+                eos_token_id=None, tie_word_embeddings=False,
+                quantization_config={"quant_method": "fp8", "fmt": "e4m3",
+                                     "activation_scheme": "dynamic",
+                                     "weight_block_size": [128, 128]},
+                **V3_LAYER)
+
+
+def size_for_memory(available: int, fraction: float = 0.4) -> tuple[int, int]:
+    """(layers, experts) whose checkpoint fits in fraction of the available memory: 32 experts
+    per layer when that allows 2+ layers, up to 4 layers."""
+    per_layer = lambda e: (e + 1) * EXPERT_BYTES + 200 * 2**20  # noqa: E731 (+ attention)
+    budget = available * fraction
+    for experts in (32, 16):
+        layers = int(budget // per_layer(experts))
+        if layers >= 2:
+            return min(layers, 4), experts
+    return 1, 16
+
+
+def available_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+class _Codes:
+    """Seeded FP8 codes with the distribution of block-quantized Gaussian weights, fast: draws
+    from a pool of 2^16 encoded Gaussian samples instead of encoding every weight."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        pool = self.rng.standard_normal(2**16) * (448 / 4.5)  # amax ~ 4.5 sigma -> 448
+        self.pool = formats.fp8_encode(np.clip(pool, -448, 448))
+
+    def matrix(self, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        codes = self.pool[self.rng.integers(0, 2**16, size=(n, k), dtype=np.uint32)]
+        scale = self.rng.uniform(0.5, 1.5, formats.scale_shape(n, k)).astype(np.float32)
+        return codes, scale * np.float32(0.02 * 4.5 / 448 / np.sqrt(k / 128))
+
+
+def build(directory: Path, layers: int, experts: int, vocab: int = 8192, seed: int = 0,
+          progress=None) -> Path:
+    """Write the demo checkpoint (one shard per layer) unless it is already there."""
+    cfg = demo_config(layers, experts, vocab)
+    done = directory / "config.json"
+    if done.exists() and json.loads(done.read_text()) == cfg:
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    gen = _Codes(seed)
+    h, c = cfg["hidden_size"], cfg
+    n, qk = c["num_attention_heads"], c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
+    rng = np.random.default_rng(seed + 1)
+    weight_map = {}
+
+    def put(tensors, dtypes, name, shape):
+        codes, scale = gen.matrix(*shape)
+        tensors[name], dtypes[name] = codes, "F8_E4M3"
+        tensors[name + "_scale_inv"] = scale
+
+    shards = [("embed", None)] + [("layer", i) for i in range(layers)]
+    for kind, i in progress(shards) if progress else shards:
+        tensors, dtypes = {}, {}
+        if kind == "embed":
+            tensors["model.embed_tokens.weight"] = (rng.standard_normal((vocab, h)) * 0.5
+                                                    ).astype(np.float32)
+            tensors["model.norm.weight"] = np.ones(h, np.float32)
+            put(tensors, dtypes, "lm_head.weight", (vocab, h))
+            fname = "model-embed.safetensors"
+        else:
+            p = f"model.layers.{i}"
+            a = f"{p}.self_attn"
+            put(tensors, dtypes, f"{a}.q_a_proj.weight", (c["q_lora_rank"], h))
+            put(tensors, dtypes, f"{a}.q_b_proj.weight", (n * qk, c["q_lora_rank"]))
+            put(tensors, dtypes, f"{a}.kv_a_proj_with_mqa.weight",
+                (c["kv_lora_rank"] + c["qk_rope_head_dim"], h))
+            put(tensors, dtypes, f"{a}.kv_b_proj.weight",
+                (n * (c["qk_nope_head_dim"] + c["v_head_dim"]), c["kv_lora_rank"]))
+            put(tensors, dtypes, f"{a}.o_proj.weight", (h, n * c["v_head_dim"]))
+            for norm, size in ((f"{a}.q_a_layernorm", c["q_lora_rank"]),
+                               (f"{a}.kv_a_layernorm", c["kv_lora_rank"]),
+                               (f"{p}.input_layernorm", h), (f"{p}.post_attention_layernorm", h)):
+                tensors[f"{norm}.weight"] = np.ones(size, np.float32)
+            tensors[f"{p}.mlp.gate.weight"] = (rng.standard_normal((experts, h)) * 0.02
+                                               ).astype(np.float32)
+            tensors[f"{p}.mlp.gate.e_score_correction_bias"] = np.zeros(experts, np.float32)
+            inter = c["moe_intermediate_size"]
+            for e in [f"experts.{j}" for j in range(experts)] + ["shared_experts"]:
+                for proj, shape in (("gate_proj", (inter, h)), ("up_proj", (inter, h)),
+                                    ("down_proj", (h, inter))):
+                    put(tensors, dtypes, f"{p}.mlp.{e}.{proj}.weight", shape)
+            fname = f"model-layer{i:02d}.safetensors"
+        save_file(tensors, directory / fname, dtypes)
+        weight_map.update({name: fname for name in tensors})
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
+    done.write_text(json.dumps(cfg))  # last: a half-built directory is rebuilt
+    return directory
+
+
+def default_dir() -> Path:
+    base = Path(os.environ.get("REFMOE_CACHE", Path.home() / ".cache" / "refmoe"))
+    return base / "demo"
+
+
+def bytes_per_token(model) -> int:
+    """Weight bytes one decoded token reads: every projection, the experts it is routed to
+    (top-k plus the shared one), and lm_head."""
+    cfg, total = model.cfg, 0
+    for block in model.blocks:
+        attn = block.attn
+        total += sum(lin.nbytes for lin in (getattr(attn, n, None) for n in
+                                            ("q_a", "q_b", "q", "kv_a", "kv_b", "o"))
+                     if lin is not None)
+        ffn = block.ffn
+        if hasattr(ffn, "experts"):
+            total += (cfg.num_experts_per_tok + ffn.fused_shared) * ffn.experts.nbytes(0)
+            if ffn.shared is not None:
+                total += sum(m.nbytes for m in (ffn.shared.gate, ffn.shared.up, ffn.shared.down))
+        else:
+            total += sum(m.nbytes for m in (ffn.gate, ffn.up, ffn.down))
+    return total + (model.head.nbytes if model.head is not None else model.embed.nbytes)
+
+
+def read_gbps(nbytes: int = 512 * 2**20, reps: int = 3) -> float:
+    """Plain read bandwidth of the kernel threads over a buffer larger than any cache."""
+    buf = np.ones(nbytes, np.uint8)
+    kernels.read_bandwidth_probe(buf)
+    best = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        kernels.read_bandwidth_probe(buf)
+        best.append(nbytes / (time.perf_counter() - t0) / 1e9)
+    return sorted(best)[len(best) // 2]
+
+
+@dataclass(slots=True)
+class DecodeReport:
+    layers: int
+    experts: int
+    prompt_tokens: int
+    new_tokens: int
+    ttft_s: float
+    tok_s: float
+    bytes_per_token: int
+    read_gbps: float
+
+    @property
+    def bound_tok_s(self) -> float:
+        return self.read_gbps * 1e9 / self.bytes_per_token
+
+    @property
+    def ratio(self) -> float:
+        return self.tok_s / self.bound_tok_s
+
+
+def run(directory: Path, prompt_tokens: int = 16, new_tokens: int = 16, seed: int = 0,
+        progress=None) -> DecodeReport:
+    """Load the demo model, prefill a seeded prompt, decode greedily; measure the read limit
+    right after with the same threads."""
+    from refmoe import models
+    from refmoe.generate import generate
+
+    cfg, model = models.load(directory, progress=progress)
+    prompt = np.random.default_rng(seed).integers(2, cfg.vocab_size, prompt_tokens).tolist()
+    generate(model, prompt[:4], 2)  # warm-up: pages, thread pool
+    g = generate(model, prompt, new_tokens)
+    steps = sorted(g.step_s)
+    tok_s = 1.0 / steps[len(steps) // 2] if steps else 0.0
+    return DecodeReport(cfg.num_hidden_layers, cfg.n_routed_experts, prompt_tokens,
+                        len(g.token_ids), g.ttft_s, tok_s, bytes_per_token(model), read_gbps())

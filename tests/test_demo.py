@@ -1,0 +1,52 @@
+"""`refmoe demo` and `refmoe bench decode` on the smallest V3-shaped model (1 layer, 16
+experts, ~1 GB written to a temporary directory)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from refmoe import demo
+from refmoe.checkpoint import Checkpoint
+from refmoe.config import ModelConfig
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    return demo.build(tmp_path_factory.mktemp("demo"), layers=1, experts=16)
+
+
+def test_built_checkpoint_is_a_v3_fp8_checkpoint(demo_dir):
+    cfg = ModelConfig.from_file(demo_dir)
+    assert cfg.is_fp8 and cfg.hidden_size == 7168 and cfg.kv_lora_rank == 512
+    ck = Checkpoint(demo_dir)
+    assert ck.dtype("model.layers.0.mlp.experts.15.down_proj.weight") == "float8_e4m3fn"
+    assert ck.get("model.layers.0.mlp.experts.3.up_proj.weight_scale_inv").shape == (16, 56)
+    mtime = (demo_dir / "config.json").stat().st_mtime
+    demo.build(demo_dir, layers=1, experts=16)   # cached: not rebuilt
+    assert (demo_dir / "config.json").stat().st_mtime == mtime
+
+
+def test_run_reports_the_bound(demo_dir):
+    r = demo.run(demo_dir, prompt_tokens=4, new_tokens=4)
+    attn = (1536 * 7168 + 128 * 192 * 1536 + 576 * 7168 + 128 * 256 * 512 + 7168 * 16384)
+    attn_scales = sum(-(-n // 128) * -(-k // 128) * 4 for n, k in (
+        (1536, 7168), (128 * 192, 1536), (576, 7168), (128 * 256, 512), (7168, 16384)))
+    head = 8192 * 7168 + 64 * 56 * 4
+    assert r.bytes_per_token == attn + attn_scales + 9 * demo.EXPERT_BYTES + head
+    assert r.tok_s > 0 and r.read_gbps > 0 and r.bound_tok_s == pytest.approx(
+        r.read_gbps * 1e9 / r.bytes_per_token)
+
+
+def test_cli(demo_dir):
+    out = subprocess.run([sys.executable, "-m", "refmoe.cli", "demo", "--dir", str(demo_dir),
+                          "--layers", "1", "--experts", "16", "--prompt-tokens", "4",
+                          "--max-tokens", "3"], capture_output=True, text=True, timeout=600,
+                         check=True).stdout
+    assert "TTFT" in out and "tok/s" in out and "bound" in out
+    rows = json.loads(subprocess.run(
+        [sys.executable, "-m", "refmoe.cli", "bench", "decode", "--dir", str(demo_dir),
+         "--layers", "1", "--experts", "16", "--reps", "1", "--json"],
+        capture_output=True, text=True, timeout=600, check=True).stdout)
+    assert rows[0]["op"] == "decode" and 0 < rows[0]["ratio"] < 2
