@@ -121,7 +121,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         show = (lambda it: tqdm(it, desc="loading layers", unit="layer")) \
             if sys.stderr.isatty() and not args.json else None
         cfg, model = models.load(args.model, args.expert_dtype, progress=show)
-        g = generate(model, prompt, args.max_tokens, params, stop_ids=cfg.eos_token_id)
+        trace = None
+        if args.trace:
+            from dataclasses import asdict
+
+            from refmoe import kernels
+            from refmoe.trace import Trace, hardware
+
+            trace = Trace({"hardware": hardware(), "model": asdict(cfg), "engine": {
+                "variant": kernels.variant(), "threads": kernels._threads(None),
+                "expert_dtype": args.expert_dtype or "as stored", "device": "cpu"}})
+        g = generate(model, prompt, args.max_tokens, params, stop_ids=cfg.eos_token_id,
+                     trace=trace)
+        if trace:
+            trace.write(args.trace)
     except ValueError as e:
         print(f"refmoe generate: {e}", file=sys.stderr)
         return 2
@@ -157,7 +170,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from refmoe import demo, kernels
 
     directory = _demo_model(args)
-    r = demo.run(directory, args.prompt_tokens, args.max_tokens)
+    trace = None
+    if args.trace:
+        from dataclasses import asdict
+
+        from refmoe.config import ModelConfig
+        from refmoe.trace import Trace, hardware
+
+        trace = Trace({"hardware": hardware(), "model": asdict(ModelConfig.from_file(directory)),
+                       "engine": {"variant": kernels.variant(), "threads": kernels._threads(None),
+                                  "expert_dtype": "fp8", "device": "cpu"}})
+    r = demo.run(directory, args.prompt_tokens, args.max_tokens, trace=trace)
+    if trace:
+        trace.metadata["result"] = {"ttft_s": r.ttft_s, "decode_tok_s": r.tok_s,
+                                    "bytes_per_token": r.bytes_per_token,
+                                    "read_gbps": r.read_gbps, "bound_tok_s": r.bound_tok_s}
+        trace.write(args.trace)
     print(f"refmoe demo: DeepSeek-V3 per-layer shapes (hidden 7168, MLA, 2048-wide FP8 experts, "
           f"top-8 of {r.experts} + 1 shared), {r.layers} layers, in {directory}")
     print(f"  CPU variant {kernels.variant()}, {kernels._threads(None)} threads")
@@ -194,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-dtype", choices=["fp8", "int4", "bf16"],
                    help="routed expert format (default: as stored; BF16/F32 -> bf16)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument("--trace", metavar="FILE", help="write a Chrome trace (opens in Perfetto)")
     g.set_defaults(func=_cmd_generate)
 
     dm = sub.add_parser("demo", help="build (once) and run a DeepSeek-V3-shaped FP8 model")
@@ -202,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--dir", help="where the model is built (default: ~/.cache/refmoe/demo)")
     dm.add_argument("--prompt-tokens", type=int, default=16)
     dm.add_argument("--max-tokens", type=int, default=16)
+    dm.add_argument("--trace", metavar="FILE", help="write the measured request's Chrome trace")
     dm.set_defaults(func=_cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks that report ratios to same-run limits")

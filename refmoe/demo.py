@@ -196,16 +196,16 @@ class DecodeReport:
 
 
 def run(directory: Path, prompt_tokens: int = 16, new_tokens: int = 16, seed: int = 0,
-        progress=None) -> DecodeReport:
+        progress=None, trace=None) -> DecodeReport:
     """Load the demo model, prefill a seeded prompt, decode greedily; measure the read limit
-    right after with the same threads."""
+    right after with the same threads. trace: a refmoe.trace.Trace for the measured request."""
     from refmoe import models
     from refmoe.generate import generate
 
     cfg, model = models.load(directory, progress=progress)
     prompt = np.random.default_rng(seed).integers(2, cfg.vocab_size, prompt_tokens).tolist()
     generate(model, prompt[:4], 2)  # warm-up: pages, thread pool
-    g = generate(model, prompt, new_tokens)
+    g = generate(model, prompt, new_tokens, trace=trace)
     steps = sorted(g.step_s)
     tok_s = 1.0 / steps[len(steps) // 2] if steps else 0.0
     return DecodeReport(cfg.num_hidden_layers, cfg.n_routed_experts, prompt_tokens,

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from refmoe.sampling import Sampler, SamplingParams
+from refmoe.trace import maybe
 
 
 @dataclass(slots=True)
@@ -26,8 +27,10 @@ class Generation:
 
 
 def generate(model, prompt_ids: list[int], max_tokens: int, params: SamplingParams | None = None,
-             stop_ids: list[int] | None = None, max_context: int | None = None) -> Generation:
-    """Greedy or sampled continuation of prompt_ids; stops at max_tokens or a stop id."""
+             stop_ids: list[int] | None = None, max_context: int | None = None,
+             trace=None) -> Generation:
+    """Greedy or sampled continuation of prompt_ids; stops at max_tokens or a stop id.
+    trace: a refmoe.trace.Trace that gets the prefill and decode spans and the request."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     if max_tokens < 1:
@@ -43,17 +46,26 @@ def generate(model, prompt_ids: list[int], max_tokens: int, params: SamplingPara
     sampler = Sampler(params or SamplingParams())
     stop = set(stop_ids or [])
     cache = model.new_cache()
+    model.trace = trace
+    arrival = trace.now() if trace else 0.0
     t0 = time.perf_counter()
-    logits = model.forward(torch.tensor(prompt_ids), cache)
-    out = [sampler(logits[-1])]
+    with maybe(trace, "scheduler", "steps", "prefill", tokens=len(prompt_ids)):
+        logits = model.forward(torch.tensor(prompt_ids), cache)
+        out = [sampler(logits[-1])]
     t1 = time.perf_counter()
+    first = trace.now() if trace else 0.0
     steps = []
     reason = "stop" if out[-1] in stop else "length"
     while reason == "length" and len(out) < max_tokens:
         s = time.perf_counter()
-        logits = model.forward(torch.tensor(out[-1:]), cache)
-        out.append(sampler(logits[-1]))
+        with maybe(trace, "scheduler", "steps", "decode", position=cache.length):
+            logits = model.forward(torch.tensor(out[-1:]), cache)
+            out.append(sampler(logits[-1]))
         steps.append(time.perf_counter() - s)
         if out[-1] in stop:
             reason = "stop"
+    model.trace = None
+    if trace:
+        trace.request(arrival=arrival, prompt_tokens=len(prompt_ids), output_tokens=len(out),
+                      first_token_time=first, finish_time=trace.now())
     return Generation(out, reason, t1 - t0, time.perf_counter() - t1, len(prompt_ids), steps)

@@ -18,6 +18,7 @@ from refmoe import kernels
 from refmoe.checkpoint import Checkpoint
 from refmoe.config import ModelConfig
 from refmoe.kernels import formats
+from refmoe.trace import maybe
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -278,6 +279,7 @@ class DecoderModel:
         self.head = None if cfg.tie_word_embeddings and "lm_head.weight" not in ck else \
             Linear(ck, "lm_head.weight", (v, h))
         self.inv_freq, self.rope_factor, self.softmax_scale = rope_parameters(cfg, self.rope_dim)
+        self.trace = None  # a refmoe.trace.Trace to record per-layer spans into, or None
 
     def make_block(self, ck, layer, cfg, expert_dtype, num_threads):
         raise NotImplementedError
@@ -294,7 +296,7 @@ class DecoderModel:
         cos, sin = freqs.cos() * self.rope_factor, freqs.sin() * self.rope_factor
         x = self.embed[ids]                                                    # [T, H]
         for block, layer_cache in zip(self.blocks, cache.layers):
-            x = block(x, cos, sin, self.softmax_scale, layer_cache)
+            x = block(x, cos, sin, self.softmax_scale, layer_cache, self.trace)
         x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
         return x @ self.embed.T if self.head is None else self.head(x)
 
@@ -305,13 +307,19 @@ class Block:
     def __init__(self, ck: Checkpoint, layer: int, cfg: ModelConfig, attn, expert_dtype,
                  num_threads):
         p = f"model.layers.{layer}"
-        self.eps = cfg.rms_norm_eps
+        self.layer, self.eps = layer, cfg.rms_norm_eps
         self.attn_norm = load_dense(ck, f"{p}.input_layernorm.weight", (cfg.hidden_size,))
         self.ffn_norm = load_dense(ck, f"{p}.post_attention_layernorm.weight", (cfg.hidden_size,))
         self.attn = attn
         self.ffn = MoE(ck, f"{p}.mlp", cfg, expert_dtype, num_threads) if cfg.is_moe_layer(layer) \
             else MLP(ck, f"{p}.mlp", cfg.hidden_size, cfg.intermediate_size)
 
-    def __call__(self, x, cos, sin, softmax_scale, cache) -> torch.Tensor:
-        x = x + self.attn(rms_norm(x, self.attn_norm, self.eps), cos, sin, softmax_scale, cache)
-        return x + self.ffn(rms_norm(x, self.ffn_norm, self.eps))
+    def __call__(self, x, cos, sin, softmax_scale, cache, trace=None) -> torch.Tensor:
+        tokens = x.shape[0]
+        with maybe(trace, "device", "attention", f"attention L{self.layer}", tokens=tokens):
+            x = x + self.attn(rms_norm(x, self.attn_norm, self.eps), cos, sin, softmax_scale,
+                              cache)
+        lane = "experts" if isinstance(self.ffn, MoE) else "dense mlp"
+        where = "cpu" if isinstance(self.ffn, MoE) else "device"
+        with maybe(trace, where, lane, f"{lane} L{self.layer}", tokens=tokens):
+            return x + self.ffn(rms_norm(x, self.ffn_norm, self.eps))
