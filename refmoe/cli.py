@@ -116,6 +116,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             prompt = args.prompt_ids
         elif tok is None:
             raise ValueError(f"{args.model}: no tokenizer.json; pass --prompt-ids")
+        elif args.chat:  # the template writes the special tokens itself
+            prompt = tok.encode(tok.apply_chat_template([{"role": "user",
+                                                          "content": args.prompt}]), False)
         else:
             prompt = tok.encode(args.prompt)
         show = (lambda it: tqdm(it, desc="loading layers", unit="layer")) \
@@ -214,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs tokenizer.json)")
     src.add_argument("--prompt-ids", type=_id_list, help="prompt token ids, e.g. 1,2,3")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap --prompt as a user message in the model's chat template")
     g.add_argument("--max-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0)

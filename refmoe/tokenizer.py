@@ -1,26 +1,68 @@
-"""Text <-> token ids through the model directory's tokenizer.json (Hugging Face tokenizers)."""
+"""Text <-> token ids through the model directory's tokenizer.json (Hugging Face tokenizers),
+and chat prompts through tokenizer_config.json's chat_template (jinja2, sandboxed)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
 class Tokenizer:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, config: dict | None = None):
         from tokenizers import Tokenizer as HFTokenizer
 
         try:
             self._tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # the library raises its own exception types
             raise ValueError(f"{path}: cannot load tokenizer ({e})") from None
+        self.config = config or {}
+        self.path = path
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer | None:
-        path = Path(model_dir) / "tokenizer.json"
-        return cls(path) if path.exists() else None
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.exists():
+            return None
+        cfg_path = model_dir / "tokenizer_config.json"
+        config = {}
+        if cfg_path.exists():
+            try:
+                config = json.loads(cfg_path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+        return cls(path, config)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=special).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
+
+    def _token_text(self, key: str) -> str:
+        v = self.config.get(key)
+        return v.get("content", "") if isinstance(v, dict) else (v or "")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True
+                            ) -> str:
+        """The conversation rendered by the model's own template."""
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # named templates: take "default"
+            template = next((t["template"] for t in template if t.get("name") == "default"),
+                            None)
+        if not template:
+            raise ValueError(f"{self.path.parent / 'tokenizer_config.json'}: no chat_template")
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            return env.from_string(template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self._token_text("bos_token"), eos_token=self._token_text("eos_token"))
+        except TemplateError as e:
+            raise ValueError(f"chat template: {e}") from None

@@ -1,0 +1,61 @@
+"""Text prompts and chat templates through a real tokenizer.json."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, pre_tokenizers
+
+from refmoe.tokenizer import Tokenizer
+
+WORDS = ["<s>", "</s>", "<|user|>", "<|assistant|>", "hello", "world", "the", "cat", "sat"]
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
+            "{% if m['role'] == 'user' %}<|user|> {{ m['content'] }} "
+            "{% else %}{{ raise_exception('only user turns') }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def write_tokenizer(d):
+    tok = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="the"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(WORDS[:4])  # matched before whitespace splitting
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": {"content": "<s>"}, "eos_token": "</s>", "chat_template": TEMPLATE}))
+
+
+def test_encode_decode_and_chat(tmp_path):
+    write_tokenizer(tmp_path)
+    tok = Tokenizer.from_dir(tmp_path)
+    assert tok.encode("hello world") == [4, 5]
+    assert tok.decode([6, 7, 8]) == "the cat sat"
+    text = tok.apply_chat_template([{"role": "user", "content": "hello cat"}])
+    assert text == "<s><|user|> hello cat <|assistant|>"
+    assert tok.encode(text, False) == [0, 2, 4, 7, 3]
+    with pytest.raises(ValueError, match="chat template: only user turns"):
+        tok.apply_chat_template([{"role": "system", "content": "x"}])
+
+
+def test_generate_with_text_prompt(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Qwen3MoeConfig(vocab_size=len(WORDS), hidden_size=32,
+                                      intermediate_size=48, moe_intermediate_size=16,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, head_dim=16, num_experts=4,
+                                      num_experts_per_tok=2, eos_token_id=None)
+    transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path)
+    write_tokenizer(tmp_path)
+    run = lambda *a: json.loads(subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "refmoe.cli", "generate", "--model", str(tmp_path),
+         "--max-tokens", "4", "--json", *a], capture_output=True, text=True, timeout=300,
+        check=True).stdout)
+    plain = run("--prompt", "hello world")
+    chat = run("--prompt", "hello world", "--chat")
+    assert plain["prompt_tokens"] == 2 and chat["prompt_tokens"] == 5
+    assert chat["text"] == tok_text(tmp_path, chat["token_ids"])
+
+
+def tok_text(d, ids):
+    return Tokenizer.from_dir(d).decode(ids)
