@@ -123,7 +123,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             prompt = tok.encode(args.prompt)
         show = (lambda it: tqdm(it, desc="loading layers", unit="layer")) \
             if sys.stderr.isatty() and not args.json else None
-        cfg, model = models.load(args.model, args.expert_dtype, progress=show)
+        cfg, model = models.load(args.model, args.expert_dtype, progress=show,
+                                 device=args.device)
         trace = None
         if args.trace:
             from dataclasses import asdict
@@ -133,7 +134,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
             trace = Trace({"hardware": hardware(), "model": asdict(cfg), "engine": {
                 "variant": kernels.variant(), "threads": kernels._threads(None),
-                "expert_dtype": args.expert_dtype or "as stored", "device": "cpu"}})
+                "expert_dtype": args.expert_dtype or "as stored", "device": str(model.device)}})
         g = generate(model, prompt, args.max_tokens, params, stop_ids=cfg.eos_token_id,
                      trace=trace)
         if trace:
@@ -226,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--expert-dtype", choices=["fp8", "int4", "bf16"],
                    help="routed expert format (default: as stored; BF16/F32 -> bf16)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where attention and dense layers run (routed experts: the CPU)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--trace", metavar="FILE", help="write a Chrome trace (opens in Perfetto)")
     g.set_defaults(func=_cmd_generate)

@@ -32,7 +32,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits [V] -> token id."""
-        p = self.params
+        p, logits = self.params, logits.float().cpu()
         if p.temperature == 0:
             return int(torch.argmax(logits))
         logits = logits.float() / p.temperature

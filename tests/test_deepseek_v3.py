@@ -207,3 +207,16 @@ def test_generate_stops_at_a_stop_id(saved):
     g = generate(mine, PROMPT, 12, stop_ids=[stop])
     assert g.token_ids == free.token_ids[: first + 1] and g.finish_reason == "stop"
     assert free.finish_reason == "length" and len(free.token_ids) == 12
+
+
+def test_device_seam(saved):
+    _, d = saved
+    _, on_cpu = models.load(d, device="cpu")
+    _, auto = models.load(d, device="auto")
+    ids = torch.tensor(PROMPT)
+    assert torch.equal(on_cpu.forward(ids, on_cpu.new_cache()), auto.forward(ids, auto.new_cache()))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            models.load(d, device="cuda")
+    with pytest.raises(ValueError, match="device must be auto, cpu or cuda"):
+        models.load(d, device="tpu")

@@ -9,12 +9,13 @@ from refmoe.config import ModelConfig
 
 
 def load(model_dir: str | Path, expert_dtype: str | None = None, num_threads: int | None = None,
-         progress=None):
-    """(ModelConfig, model) for a Hugging Face model directory."""
+         progress=None, device: str = "cpu"):
+    """(ModelConfig, model) for a Hugging Face model directory. device: where attention and
+    dense layers run (auto, cpu, cuda); routed experts always run on the CPU kernels."""
     cfg = ModelConfig.from_file(model_dir)
     ck = Checkpoint(model_dir)
     if cfg.family == "deepseek_v3":
         from refmoe.models import deepseek_v3 as family
     else:
         from refmoe.models import qwen3_moe as family
-    return cfg, family.Transformer(ck, cfg, expert_dtype, num_threads, progress)
+    return cfg, family.Transformer(ck, cfg, expert_dtype, num_threads, progress, device)

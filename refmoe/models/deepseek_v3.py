@@ -89,7 +89,8 @@ class MLA:
         k = torch.cat([k_nope, cache.k_rot.expand(n, s, -1)], dim=-1)        # [n, S, qk]
         qf = torch.cat([q_nope, q_rot], dim=-1)                              # [n, T, qk]
         scores = (qf @ k.transpose(1, 2)) * (self.qk_head ** -0.5 * softmax_scale)  # [n, T, S]
-        causal = torch.arange(s)[None, :] > (start + torch.arange(t))[:, None]      # [T, S]
+        causal = torch.arange(s, device=x.device)[None, :] > (
+            start + torch.arange(t, device=x.device))[:, None]      # [T, S]
         scores = scores.masked_fill(causal, float("-inf"))
         out = torch.softmax(scores, dim=-1) @ v                              # [n, T, v]
         return self.o(out.transpose(0, 1).reshape(t, -1))

@@ -125,6 +125,12 @@ class Linear:
             return self.weight
         return torch.from_numpy(formats.fp8_dequantize(self.codes, self.scale).astype(np.float32))
 
+    def to(self, device: torch.device) -> None:
+        """On an accelerator the projection runs there on the dequantized weight; on the CPU it
+        keeps the FP8 codes for the kernels."""
+        if device.type != "cpu":
+            self.weight, self.codes, self.scale = self.dense().to(device), None, None
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is not None:
             return x @ self.weight.T
@@ -240,15 +246,15 @@ class MoE:
         weights, ids = self.gate(x)                                          # [T, K]
         t, k = ids.shape
         tok = np.repeat(np.arange(t), k)
-        ids_np, w_np = ids.reshape(-1).numpy(), weights.reshape(-1).float().numpy()
+        ids_np, w_np = ids.reshape(-1).cpu().numpy(), weights.reshape(-1).float().cpu().numpy()
         if self.fused_shared:
             shared_slot = self.experts.num_experts - 1
             tok = np.concatenate([tok, np.arange(t)])
             ids_np = np.concatenate([ids_np, np.full(t, shared_slot)])
             w_np = np.concatenate([w_np, np.ones(t, np.float32)])
-        xs = x.detach().float().contiguous().numpy()
+        xs = x.detach().float().cpu().contiguous().numpy()   # the experts live in host memory
         y = kernels.fused_moe(xs, tok, ids_np, w_np, self.experts, num_threads=self.num_threads)
-        out = torch.from_numpy(y)
+        out = torch.from_numpy(y).to(x.device)
         return out + self.shared(x) if self.shared is not None else out
 
 
@@ -261,6 +267,33 @@ class KVCache:
         return self.layers[0].length if self.layers else 0
 
 
+def resolve_device(name: str) -> torch.device:
+    """auto: CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available on this machine")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def move(obj, device: torch.device) -> None:
+    """Put a model part's tensors (and its parts') on device; routed experts stay in host
+    memory for the CPU kernels."""
+    for name, value in vars(obj).items():
+        if isinstance(value, torch.Tensor):
+            setattr(obj, name, value.to(device))
+        elif isinstance(value, Linear):
+            value.to(device)
+        elif isinstance(value, list):
+            for item in value:
+                if type(item).__module__.startswith("refmoe.models"):
+                    move(item, device)
+        elif type(value).__module__.startswith("refmoe.models"):
+            move(value, device)
+
+
 class DecoderModel:
     """Embeddings, blocks, final norm and lm_head; a family supplies make_block and the rope
     dimension. forward(token ids) -> logits, with a KV cache of the family's per-layer caches."""
@@ -268,7 +301,7 @@ class DecoderModel:
     rope_dim: int
 
     def __init__(self, ck: Checkpoint, cfg: ModelConfig, expert_dtype: str | None = None,
-                 num_threads: int | None = None, progress=None):
+                 num_threads: int | None = None, progress=None, device: str = "cpu"):
         self.cfg = cfg
         h, v = cfg.hidden_size, cfg.vocab_size
         self.embed = load_dense(ck, "model.embed_tokens.weight", (v, h))
@@ -280,6 +313,9 @@ class DecoderModel:
             Linear(ck, "lm_head.weight", (v, h))
         self.inv_freq, self.rope_factor, self.softmax_scale = rope_parameters(cfg, self.rope_dim)
         self.trace = None  # a refmoe.trace.Trace to record per-layer spans into, or None
+        self.device = resolve_device(device)
+        if self.device.type != "cpu":
+            move(self, self.device)
 
     def make_block(self, ck, layer, cfg, expert_dtype, num_threads):
         raise NotImplementedError
@@ -290,8 +326,9 @@ class DecoderModel:
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """ids [T] (the next T tokens after the cache) -> logits [T, V] float32."""
-        t = ids.shape[0]
-        pos = torch.arange(cache.length, cache.length + t, dtype=torch.float32)
+        t, ids = ids.shape[0], ids.to(self.device)
+        pos = torch.arange(cache.length, cache.length + t, dtype=torch.float32,
+                           device=self.device)
         freqs = pos[:, None] * self.inv_freq[None, :]                         # [T, rope/2]
         cos, sin = freqs.cos() * self.rope_factor, freqs.sin() * self.rope_factor
         x = self.embed[ids]                                                    # [T, H]

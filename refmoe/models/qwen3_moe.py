@@ -57,7 +57,8 @@ class GQA:
         kk = cache.k.repeat_interleave(n // g, dim=0)                                  # [n, S, d]
         vv = cache.v.repeat_interleave(n // g, dim=0)
         scores = (q @ kk.transpose(1, 2)) * (d ** -0.5 * softmax_scale)                # [n, T, S]
-        causal = torch.arange(s)[None, :] > (start + torch.arange(t))[:, None]
+        causal = torch.arange(s, device=x.device)[None, :] > (
+            start + torch.arange(t, device=x.device))[:, None]
         out = torch.softmax(scores.masked_fill(causal, float("-inf")), dim=-1) @ vv    # [n, T, d]
         return self.o(out.transpose(0, 1).reshape(t, n * d))
 
