@@ -100,6 +100,14 @@ class Checkpoint:
             if name not in self.shards[f].entries:
                 raise ValueError(f"{self.dir / f}: tensor {name!r} listed in the index is missing")
         self.weight_map = weight_map
+        self.nbytes = sum(s.path.stat().st_size for s in self.shards.values())
+
+    def check_fits(self, memory_bytes: int) -> None:
+        """Refuse a model whose weights exceed the machine's memory: mapped pages would be
+        evicted and re-read from disk for every token."""
+        if self.nbytes > memory_bytes:
+            raise ValueError(f"{self.dir}: the weights take {self.nbytes / 2**30:.1f} GiB, more "
+                             f"than this machine's {memory_bytes / 2**30:.1f} GiB of memory")
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map

@@ -136,13 +136,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 "variant": kernels.variant(), "threads": kernels._threads(None),
                 "expert_dtype": args.expert_dtype or "as stored", "device": str(model.device)}})
         g = generate(model, prompt, args.max_tokens, params, stop_ids=cfg.eos_token_id,
-                     trace=trace)
+                     trace=trace, stop_text=args.stop, decode=tok.decode if tok else None)
         if trace:
             trace.write(args.trace)
     except ValueError as e:
         print(f"refmoe generate: {e}", file=sys.stderr)
         return 2
     text = tok.decode(g.token_ids) if tok is not None else ""
+    for s in args.stop or []:  # the stop string itself is not part of the answer
+        text = text.split(s)[0] if s in text else text
     result = {"token_ids": g.token_ids, "text": text, "ttft_s": g.ttft_s,
               "decode_tok_s": g.decode_tok_s, "prompt_tokens": g.prompt_tokens,
               "finish_reason": g.finish_reason}
@@ -221,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true",
                    help="wrap --prompt as a user message in the model's chat template")
     g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop once the output contains TEXT (repeatable; needs tokenizer.json)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)

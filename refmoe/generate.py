@@ -28,9 +28,12 @@ class Generation:
 
 def generate(model, prompt_ids: list[int], max_tokens: int, params: SamplingParams | None = None,
              stop_ids: list[int] | None = None, max_context: int | None = None,
-             trace=None) -> Generation:
-    """Greedy or sampled continuation of prompt_ids; stops at max_tokens or a stop id.
+             trace=None, stop_text: list[str] | None = None, decode=None) -> Generation:
+    """Greedy or sampled continuation of prompt_ids; stops at max_tokens, a stop id, or (with
+    decode, ids -> text) once the text contains one of stop_text.
     trace: a refmoe.trace.Trace that gets the prefill and decode spans and the request."""
+    if stop_text and decode is None:
+        raise ValueError("stop strings need a tokenizer")
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     if max_tokens < 1:
@@ -62,7 +65,7 @@ def generate(model, prompt_ids: list[int], max_tokens: int, params: SamplingPara
             logits = model.forward(torch.tensor(out[-1:]), cache)
             out.append(sampler(logits[-1]))
         steps.append(time.perf_counter() - s)
-        if out[-1] in stop:
+        if out[-1] in stop or (stop_text and any(s in decode(out) for s in stop_text)):
             reason = "stop"
     model.trace = None
     if trace:

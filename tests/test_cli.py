@@ -44,7 +44,7 @@ def test_info_json():
 @pytest.mark.parametrize("args, message", [
     (("bench", "kernels", "--threads", "0"), "expected integers >= 1"),
     (("bench", "kernels", "--variants", "avx9"), "variant 'avx9' is not available"),
-    (("bench", "decode"), "invalid choice"),
+    (("bench", "serve"), "invalid choice"),
     (("--cpu-threads", "0", "info"), "--cpu-threads must be >= 1"),
 ])
 def test_bad_arguments(args, message):

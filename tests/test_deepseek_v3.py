@@ -174,6 +174,14 @@ class TestBadCheckpoints:
         with pytest.raises(ValueError, match="unknown architecture"):
             models.load(tmp_path)
 
+    def test_model_larger_than_memory(self, saved):
+        _, d = saved
+        ck = Checkpoint(d)
+        with pytest.raises(ValueError, match=r"the weights take .* GiB, more than this "
+                           r"machine's .* GiB of memory"):
+            ck.check_fits(ck.nbytes - 1)
+        ck.check_fits(ck.nbytes)
+
     def test_missing_shard_in_index(self, saved, tmp_path):
         _, d = saved
         (tmp_path / "config.json").write_text((d / "config.json").read_text())

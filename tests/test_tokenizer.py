@@ -59,3 +59,24 @@ def test_generate_with_text_prompt(tmp_path):
 
 def tok_text(d, ids):
     return Tokenizer.from_dir(d).decode(ids)
+
+
+def test_stop_string(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Qwen3MoeConfig(vocab_size=len(WORDS), hidden_size=32,
+                                      intermediate_size=48, moe_intermediate_size=16,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, head_dim=16, num_experts=4,
+                                      num_experts_per_tok=2, eos_token_id=None)
+    transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path)
+    write_tokenizer(tmp_path)
+    run = lambda *a: json.loads(subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "refmoe.cli", "generate", "--model", str(tmp_path),
+         "--prompt", "hello world", "--max-tokens", "8", "--json", *a], capture_output=True,
+        text=True, timeout=300, check=True).stdout)
+    free = run()
+    word = tok_text(tmp_path, free["token_ids"][2:3])
+    stopped = run("--stop", word)
+    first = [tok_text(tmp_path, [i]) for i in free["token_ids"]].index(word)
+    assert stopped["token_ids"] == free["token_ids"][: first + 1]
+    assert stopped["finish_reason"] == "stop" and word not in stopped["text"]

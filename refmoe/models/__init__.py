@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from refmoe.checkpoint import Checkpoint
@@ -14,6 +15,7 @@ def load(model_dir: str | Path, expert_dtype: str | None = None, num_threads: in
     dense layers run (auto, cpu, cuda); routed experts always run on the CPU kernels."""
     cfg = ModelConfig.from_file(model_dir)
     ck = Checkpoint(model_dir)
+    ck.check_fits(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     if cfg.family == "deepseek_v3":
         from refmoe.models import deepseek_v3 as family
     else:
