@@ -110,6 +110,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from refmoe.tokenizer import Tokenizer
 
     try:
+        if args.stop and not all(args.stop):
+            raise ValueError("--stop needs a non-empty string")
         params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
         tok = Tokenizer.from_dir(args.model)
         if args.prompt_ids is not None:

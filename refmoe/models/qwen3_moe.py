@@ -8,25 +8,26 @@ cache, n = query heads, g = key/value heads, d = head_dim.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from refmoe.checkpoint import Checkpoint
 from refmoe.config import ModelConfig
-from refmoe.models.layers import Block, DecoderModel, Linear, apply_rope, load_dense, rms_norm
+from refmoe.models.layers import (Block, DecoderModel, Growing, Linear, apply_rope, load_dense,
+                                  rms_norm)
 
 
 @dataclass(slots=True)
 class LayerCache:
     """Per layer: keys (roped) and values, [g, S, d] each."""
 
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
+    k: Growing = field(default_factory=lambda: Growing(1))
+    v: Growing = field(default_factory=lambda: Growing(1))
 
     @property
     def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[1]
+        return self.k.n
 
 
 class GQA:
@@ -51,15 +52,15 @@ class GQA:
         v = self.v(x).view(t, g, d).transpose(0, 1)                               # [g, T, d]
         q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
         start = cache.length
-        cache.k = k if cache.k is None else torch.cat([cache.k, k], dim=1)
-        cache.v = v if cache.v is None else torch.cat([cache.v, v], dim=1)
-        s = cache.length
-        kk = cache.k.repeat_interleave(n // g, dim=0)                                  # [n, S, d]
-        vv = cache.v.repeat_interleave(n // g, dim=0)
+        kk = cache.k.append(k).repeat_interleave(n // g, dim=0)                        # [n, S, d]
+        vv = cache.v.append(v).repeat_interleave(n // g, dim=0)
         scores = (q @ kk.transpose(1, 2)) * (d ** -0.5 * softmax_scale)                # [n, T, S]
-        causal = torch.arange(s, device=x.device)[None, :] > (
-            start + torch.arange(t, device=x.device))[:, None]
-        out = torch.softmax(scores.masked_fill(causal, float("-inf")), dim=-1) @ vv    # [n, T, d]
+        if t > 1:
+            s = start + t
+            causal = torch.arange(s, device=x.device)[None, :] > (
+                start + torch.arange(t, device=x.device))[:, None]
+            scores = scores.masked_fill(causal, float("-inf"))
+        out = torch.softmax(scores, dim=-1) @ vv                                        # [n, T, d]
         return self.o(out.transpose(0, 1).reshape(t, n * d))
 
 
