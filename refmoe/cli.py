@@ -206,6 +206,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from refmoe.convert import convert
+
+    show = (lambda it: tqdm(it, desc="converting", unit="shard")) if sys.stderr.isatty() \
+        else None
+    try:
+        out = convert(args.model, args.out, progress=show)
+    except ValueError as e:
+        print(f"refmoe convert: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote an FP8 checkpoint to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="refmoe", description=__doc__)
     p.add_argument("--cpu-threads", type=int, metavar="N",
@@ -238,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--trace", metavar="FILE", help="write a Chrome trace (opens in Perfetto)")
     g.set_defaults(func=_cmd_generate)
+
+    cv = sub.add_parser("convert", help="write a BF16/F32 checkpoint in the FP8 block format")
+    cv.add_argument("--model", required=True, help="source model directory")
+    cv.add_argument("--out", required=True, help="directory for the FP8 checkpoint")
+    cv.set_defaults(func=_cmd_convert)
 
     dm = sub.add_parser("demo", help="build (once) and run a DeepSeek-V3-shaped FP8 model")
     dm.add_argument("--layers", type=int, help="layers (default: sized to memory)")

@@ -228,3 +228,22 @@ def test_device_seam(saved):
             models.load(d, device="cuda")
     with pytest.raises(ValueError, match="device must be auto, cpu or cuda"):
         models.load(d, device="tpu")
+
+
+def test_convert_to_fp8(saved, tmp_path):
+    m, d = saved
+    out = tmp_path / "fp8"
+    subprocess.run([sys.executable, "-m", "refmoe.cli", "convert", "--model", str(d), "--out",
+                    str(out)], capture_output=True, text=True, timeout=300, check=True)
+    src, dst = Checkpoint(d), Checkpoint(out)
+    name = "model.layers.1.mlp.experts.3.down_proj.weight"
+    codes, scale = formats.fp8_quantize(np.array(src.get(name), np.float64))
+    assert dst.dtype(name) == "float8_e4m3fn"
+    np.testing.assert_array_equal(dst.get(name), codes)
+    np.testing.assert_array_equal(dst.get(name + "_scale_inv"), scale)
+    np.testing.assert_array_equal(dst.get("model.norm.weight"), src.get("model.norm.weight"))
+    cfg, mine = models.load(out)
+    assert cfg.is_fp8 and mine.blocks[-1].ffn.experts.fmt == "fp8"
+    again = subprocess.run([sys.executable, "-m", "refmoe.cli", "convert", "--model", str(out),
+                            "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert again.returncode == 2 and "already an FP8 checkpoint" in again.stderr
