@@ -53,7 +53,8 @@ class Shard:
             if e.get("dtype") not in DTYPES:
                 raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {e.get('dtype')}")
             begin, end = e["data_offsets"]
-            want = int(np.prod(e["shape"], dtype=np.int64)) * np.dtype(DTYPES[e["dtype"]][0]).itemsize
+            itemsize = np.dtype(DTYPES[e["dtype"]][0]).itemsize
+            want = int(np.prod(e["shape"], dtype=np.int64)) * itemsize
             if end - begin != want:
                 raise ValueError(f"{path}: tensor {name!r} holds {end - begin} bytes, its shape "
                                  f"{e['shape']} and dtype {e['dtype']} need {want}")

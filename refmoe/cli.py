@@ -72,7 +72,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         else:
             for row in rows:
                 print(f"decode {row['model']}: {row['tok_s']:.2f} tok/s, bound "
-                      f"{row['limit_tok_s']:.2f} tok/s ({row['bytes_per_token'] / 1e6:.0f} MB/token "
+                      f"{row['limit_tok_s']:.2f} tok/s "
+                      f"({row['bytes_per_token'] / 1e6:.0f} MB/token "
                       f"at {row['limit_gbps']:.1f} GB/s read), ratio {row['ratio']:.2f}")
         return 0
 

@@ -43,7 +43,8 @@ def test_validate_names_the_tensor():
     w = np.zeros((4, 8), np.uint8)
     kernels.validate_fp8(w, "model.layers.3.mlp.experts.7.up_proj.weight")
     w[2, 5] = 0xFF
-    with pytest.raises(ValueError, match=r"experts\.7\.up_proj\.weight: NaN FP8 code at index \(2, 5\)"):
+    with pytest.raises(ValueError,
+                       match=r"experts\.7\.up_proj\.weight: NaN FP8 code at index \(2, 5\)"):
         kernels.validate_fp8(w, "model.layers.3.mlp.experts.7.up_proj.weight")
 
 

@@ -62,7 +62,8 @@ def rope_parameters(cfg: ModelConfig, dim: int) -> tuple[torch.Tensor, float, fl
         high += 0.001
     ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
     extrapolation = 1 - ramp
-    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    inv_freq = ((1.0 / (factor * pos_freqs)) * (1 - extrapolation)
+                + (1.0 / pos_freqs) * extrapolation)
     softmax = _mscale(factor, mscale_all_dim) ** 2 if mscale_all_dim else 1.0
     return inv_freq, float(attn), softmax
 
@@ -285,7 +286,9 @@ class Growing:
 
 @dataclass(slots=True)
 class KVCache:
-    layers: list[LayerCache] = field(default_factory=list)
+    """One cache per layer, of the family's own kind (latent for MLA, k/v for GQA)."""
+
+    layers: list = field(default_factory=list)
 
     @property
     def length(self) -> int:
