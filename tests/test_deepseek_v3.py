@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import randomize_bf16
 from refmoe import models
 from refmoe.checkpoint import Checkpoint, save_file
 from refmoe.kernels import formats
@@ -38,14 +39,7 @@ def random_model(overrides: dict, seed: int = 0):
     cfg = transformers.DeepseekV3Config(**{**BASE, **overrides})
     torch.manual_seed(seed)
     m = transformers.DeepseekV3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            # bf16-representable values, so the bf16 expert kernel sees the exact weights
-            v = torch.randn_like(p) * 0.2 + (1.0 if "norm" in name else 0.0)
-            p.copy_(v.to(torch.bfloat16).float())
-        for name, b in m.named_buffers():
-            if "e_score_correction_bias" in name:
-                b.copy_(torch.randn_like(b) * 0.1)
+    randomize_bf16(m, bias_buffers=("e_score_correction_bias",))
     return m
 
 

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from conftest import randomize_bf16
 from refmoe import models
 
 transformers = pytest.importorskip("transformers")
@@ -25,10 +26,7 @@ def saved(request, tmp_path_factory):
     cfg = transformers.Qwen3MoeConfig(**{**BASE, **VARIANTS[request.param]})
     torch.manual_seed(1)
     m = transformers.Qwen3MoeForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            v = torch.randn_like(p) * 0.2 + (1.0 if "norm" in name else 0.0)
-            p.copy_(v.to(torch.bfloat16).float())
+    randomize_bf16(m)
     d = tmp_path_factory.mktemp(request.param)
     m.save_pretrained(d)
     return m, d

@@ -38,46 +38,44 @@ def test_encode_decode_and_chat(tmp_path):
         tok.apply_chat_template([{"role": "system", "content": "x"}])
 
 
-def test_generate_with_text_prompt(tmp_path):
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A one-layer Qwen3-MoE over the WORDS vocabulary, with its tokenizer files."""
     transformers = pytest.importorskip("transformers")
+    d = tmp_path_factory.mktemp("chat_model")
     cfg = transformers.Qwen3MoeConfig(vocab_size=len(WORDS), hidden_size=32,
                                       intermediate_size=48, moe_intermediate_size=16,
                                       num_hidden_layers=1, num_attention_heads=2,
                                       num_key_value_heads=1, head_dim=16, num_experts=4,
                                       num_experts_per_tok=2, eos_token_id=None)
-    transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path)
-    write_tokenizer(tmp_path)
-    run = lambda *a: json.loads(subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "refmoe.cli", "generate", "--model", str(tmp_path),
-         "--max-tokens", "4", "--json", *a], capture_output=True, text=True, timeout=300,
-        check=True).stdout)
-    plain = run("--prompt", "hello world")
-    chat = run("--prompt", "hello world", "--chat")
-    assert plain["prompt_tokens"] == 2 and chat["prompt_tokens"] == 5
-    assert chat["text"] == tok_text(tmp_path, chat["token_ids"])
+    transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(d)
+    write_tokenizer(d)
+    return d
+
+
+def generate(model_dir, *args) -> dict:
+    return json.loads(subprocess.run(
+        [sys.executable, "-m", "refmoe.cli", "generate", "--model", str(model_dir), "--json",
+         *args], capture_output=True, text=True, timeout=300, check=True).stdout)
 
 
 def tok_text(d, ids):
     return Tokenizer.from_dir(d).decode(ids)
 
 
-def test_stop_string(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.Qwen3MoeConfig(vocab_size=len(WORDS), hidden_size=32,
-                                      intermediate_size=48, moe_intermediate_size=16,
-                                      num_hidden_layers=1, num_attention_heads=2,
-                                      num_key_value_heads=1, head_dim=16, num_experts=4,
-                                      num_experts_per_tok=2, eos_token_id=None)
-    transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path)
-    write_tokenizer(tmp_path)
-    run = lambda *a: json.loads(subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "refmoe.cli", "generate", "--model", str(tmp_path),
-         "--prompt", "hello world", "--max-tokens", "8", "--json", *a], capture_output=True,
-        text=True, timeout=300, check=True).stdout)
-    free = run()
-    words = [tok_text(tmp_path, [i]) for i in free["token_ids"]]  # specials decode to ""
+def test_generate_with_text_prompt(chat_model):
+    plain = generate(chat_model, "--prompt", "hello world", "--max-tokens", "4")
+    chat = generate(chat_model, "--prompt", "hello world", "--max-tokens", "4", "--chat")
+    assert plain["prompt_tokens"] == 2 and chat["prompt_tokens"] == 5
+    assert chat["text"] == tok_text(chat_model, chat["token_ids"])
+
+
+def test_stop_string(chat_model):
+    args = ("--prompt", "hello world", "--max-tokens", "8")
+    free = generate(chat_model, *args)
+    words = [tok_text(chat_model, [i]) for i in free["token_ids"]]  # specials decode to ""
     word = next(w for w in words[1:] if w) if any(words[1:]) else pytest.skip("no word")
-    stopped = run("--stop", word)
+    stopped = generate(chat_model, *args, "--stop", word)
     first = words.index(word)
     assert stopped["token_ids"] == free["token_ids"][: first + 1]
     assert stopped["finish_reason"] == "stop" and word not in stopped["text"]
