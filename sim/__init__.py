@@ -1,1 +1,1 @@
-"""refmoe-sim: the SimPy model of hybrid MoE inference (issue 7; not built yet)."""
+"""refmoe-sim: a SimPy model of hybrid MoE inference (PCIe, NUMA, CPU and GPU timing)."""

@@ -1,0 +1,98 @@
+"""`refmoe-sim calibrate`: this machine's profile from the engine's own micro-benchmarks (read
+bandwidth, FP8 GEMV hot and cold, FMA peak, per-call overheads), never from end-to-end traces,
+so that traces stay an honest test of the model."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from refmoe import cpu, kernels
+from refmoe.bench import Shape, bench_gemm
+from refmoe.kernels import formats
+from sim.hardware import CPU, Hardware
+
+
+def _median_time(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def gemv_ceiling_gbps(reps: int = 50) -> float:
+    """One core's FP8 GEMV rate on an L2-resident matrix (the conversion ceiling), with the
+    fixed per-call cost removed by timing two sizes."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 7168)).astype(np.float32)
+    c1, s1 = formats.fp8_quantize(rng.standard_normal((32, 7168)))
+    c2, s2 = np.concatenate([c1, c1]), np.concatenate([s1, s1])[:1]
+    t1 = _median_time(lambda: kernels.fp8_gemm(x, c1, s1, num_threads=1), reps)
+    t2 = _median_time(lambda: kernels.fp8_gemm(x, c2, s2, num_threads=1), reps)
+    return c1.nbytes / max(t2 - t1, 1e-9) / 1e9
+
+
+def attention_glue_us(reps: int = 20) -> float:
+    """Per-layer torch time of MLA around its projections: a V3-headed (128 heads) MLA with
+    tiny dims, float32 projections, one decode step."""
+    from refmoe.checkpoint import Checkpoint, save_file
+    from refmoe.config import ModelConfig
+    from refmoe.models.deepseek_v3 import MLA
+
+    d = dict(architectures=["DeepseekV3ForCausalLM"], vocab_size=16, hidden_size=64,
+             num_hidden_layers=1, num_attention_heads=128, num_key_value_heads=128,
+             intermediate_size=64, moe_intermediate_size=16, n_routed_experts=8,
+             num_experts_per_tok=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+             qk_rope_head_dim=8, v_head_dim=8)
+    cfg = ModelConfig.from_dict(d)
+    rng = np.random.default_rng(0)
+    shapes = {"q_a_proj.weight": (16, 64), "q_a_layernorm.weight": (16,),
+              "q_b_proj.weight": (128 * 16, 16), "kv_a_proj_with_mqa.weight": (24, 64),
+              "kv_a_layernorm.weight": (16,), "kv_b_proj.weight": (128 * 16, 16),
+              "o_proj.weight": (64, 128 * 8)}
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({f"a.{k}": rng.standard_normal(v).astype(np.float32) * 0.1
+                   for k, v in shapes.items()}, Path(tmp) / "model.safetensors")
+        attn = MLA(Checkpoint(tmp), "a", cfg)
+        x = torch.randn(1, 64)
+        cos, sin = torch.ones(1, 4), torch.zeros(1, 4)
+
+        def step():
+            cache = attn.new_cache()
+            for _ in range(16):
+                attn(x, cos, sin, 1.0, cache)
+
+        return _median_time(step, reps) / 16 * 1e6
+
+
+def moe_overhead_us(reps: int = 50) -> float:
+    """A fused MoE call on tiny experts: the pool wake-up, barriers and Python around it."""
+    rng = np.random.default_rng(1)
+    mats = [formats.fp8_quantize(rng.standard_normal((128, 128)))[0] for _ in range(3)]
+    scales = [np.ones((1, 1), np.float32)] * 3
+    ew = kernels.ExpertWeights("fp8", 128, 128, mats, list(mats), list(mats), scales,
+                               list(scales), list(scales))
+    x = np.ones((1, 128), np.float32)
+    return _median_time(lambda: kernels.fused_moe(
+        x, np.zeros(3, int), np.arange(3), np.ones(3, np.float32), ew), reps) * 1e6
+
+
+def calibrate(name: str = "this-machine", reps: int = 5) -> Hardware:
+    threads = cpu.default_threads()
+    cold = bench_gemm("fp8", Shape("deepseek-v3", "gate_up", 2048, 7168), 1, threads,
+                      kernels.variant(), reps, with_torch=False)
+    read = cold.limit_gbps
+    return Hardware(name, CPU(
+        sockets=1, cores_per_socket=threads, dram_gbps_per_socket=read, dram_efficiency=1.0,
+        fp8_gemv_gbps_per_core=gemv_ceiling_gbps(), fp8_gemv_efficiency=min(cold.ratio, 1.0),
+        fma_gflops_per_core=kernels.fma_peak_gflops(num_threads=1),
+        layer_overhead_us=attention_glue_us(), moe_overhead_us=moe_overhead_us()))

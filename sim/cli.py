@@ -1,0 +1,84 @@
+"""`refmoe-sim predict | calibrate | validate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+def _cmd_predict(args) -> int:
+    from refmoe.config import ModelConfig
+    from sim.hardware import Hardware
+    from sim.predict import predict
+
+    p = predict(ModelConfig.from_file(args.model), Hardware.load(args.hardware),
+                args.prompt_tokens, args.output_tokens)
+    if args.json:
+        print(json.dumps(p.as_dict()))
+    else:
+        print(f"TTFT {p.ttft_s * 1e3:.1f} ms, TPOT {p.tpot_s * 1e3:.1f} ms "
+              f"({p.decode_tok_s:.2f} tok/s), {p.bytes_per_token / 1e9:.2f} GB per token")
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    from sim.calibrate import calibrate
+
+    hw = calibrate(args.name)
+    if args.out:
+        hw.save(args.out)
+    from dataclasses import asdict
+
+    print(json.dumps(asdict(hw)) if args.json else f"calibrated {hw}")
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from sim.hardware import Hardware
+    from sim.validate import validate
+
+    results = [validate(t, Hardware.load(args.hardware)) for t in args.traces]
+    if args.json:
+        print(json.dumps(results))
+    else:
+        for r in results:
+            for metric, m in r["metrics"].items():
+                print(f"{r['trace']}: {metric} predicted {m['predicted'] * 1e3:.1f} ms, "
+                      f"measured {m['measured'] * 1e3:.1f} ms, error {100 * m['error']:+.1f}%")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="refmoe-sim", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    pr = sub.add_parser("predict", help="TTFT and TPOT of one request")
+    pr.add_argument("--model", required=True, help="config.json or a model directory")
+    pr.add_argument("--hardware", required=True, help="profile YAML or a name in sim/profiles")
+    pr.add_argument("--prompt-tokens", type=int, default=1024)
+    pr.add_argument("--output-tokens", type=int, default=128)
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=_cmd_predict)
+    ca = sub.add_parser("calibrate", help="this machine's profile from micro-benchmarks")
+    ca.add_argument("--name", default="this-machine")
+    ca.add_argument("--out", help="write the profile YAML here")
+    ca.add_argument("--json", action="store_true")
+    ca.set_defaults(func=_cmd_calibrate)
+    va = sub.add_parser("validate", help="compare predictions with measured traces")
+    va.add_argument("traces", nargs="+")
+    va.add_argument("--hardware", required=True)
+    va.add_argument("--json", action="store_true")
+    va.set_defaults(func=_cmd_validate)
+    args = p.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"refmoe-sim: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""What one token costs, per layer, from a ModelConfig: the weight bytes each part reads.
+
+Counts match the engine's own (refmoe.demo.bytes_per_token): FP8 projections are codes plus
+one float32 scale per 128x128 block; routed experts count top-k plus the shared one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from refmoe.config import ModelConfig
+
+
+def fp8_bytes(n: int, k: int) -> int:
+    return n * k + -(-n // 128) * -(-k // 128) * 4
+
+
+@dataclass(slots=True, frozen=True)
+class LayerCost:
+    attention_bytes: int   # projections of the attention block
+    expert_bytes: int      # routed top-k + shared experts read by one token (MoE layers)
+    dense_bytes: int       # dense MLP (first_k_dense_replace layers)
+
+
+def attention_bytes(cfg: ModelConfig) -> int:
+    h, n = cfg.hidden_size, cfg.num_attention_heads
+    if cfg.family == "deepseek_v3":
+        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        shapes = [(cfg.kv_lora_rank + cfg.qk_rope_head_dim, h),
+                  (n * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank),
+                  (h, n * cfg.v_head_dim)]
+        shapes += [(cfg.q_lora_rank, h), (n * qk, cfg.q_lora_rank)] if cfg.q_lora_rank \
+            else [(n * qk, h)]
+    else:
+        d, g = cfg.head_dim, cfg.num_key_value_heads
+        shapes = [(n * d, h), (g * d, h), (g * d, h), (h, n * d)]
+    return sum(fp8_bytes(a, b) for a, b in shapes)
+
+
+def expert_bytes(cfg: ModelConfig) -> int:
+    one = 3 * fp8_bytes(cfg.moe_intermediate_size, cfg.hidden_size)
+    return (cfg.num_experts_per_tok + cfg.n_shared_experts) * one
+
+
+def layer_costs(cfg: ModelConfig) -> list[LayerCost]:
+    attn, experts = attention_bytes(cfg), expert_bytes(cfg)
+    dense = 3 * fp8_bytes(cfg.intermediate_size, cfg.hidden_size)
+    return [LayerCost(attn, experts if cfg.is_moe_layer(i) else 0,
+                      0 if cfg.is_moe_layer(i) else dense)
+            for i in range(cfg.num_hidden_layers)]
+
+
+def head_bytes(cfg: ModelConfig) -> int:
+    return fp8_bytes(cfg.vocab_size, cfg.hidden_size)
+
+
+def bytes_per_token(cfg: ModelConfig) -> int:
+    return sum(c.attention_bytes + c.expert_bytes + c.dense_bytes for c in layer_costs(cfg)) \
+        + head_bytes(cfg)

@@ -1,0 +1,85 @@
+"""Hardware profiles: peak numbers from spec sheets times efficiencies from calibration (YAML).
+
+cpu.dram_gbps is the plain-read bandwidth of all cores (per socket times sockets, times
+dram_efficiency); the FP8 kernels reach min(that, cores * fp8_gemv_gbps_per_core) times
+fp8_gemv_efficiency. A GPU, when present, runs attention and dense layers at
+hbm_gbps * hbm_efficiency plus a fixed per-layer cost (kernel launches, small ops).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass(slots=True)
+class CPU:
+    sockets: int
+    cores_per_socket: int
+    dram_gbps_per_socket: float        # peak
+    dram_efficiency: float = 0.85      # plain read / peak
+    fp8_gemv_gbps_per_core: float = 20.0   # compute ceiling of the FP8 GEMV on one core
+    fp8_gemv_efficiency: float = 0.85  # kernel GB/s / plain read, when memory-bound
+    fma_gflops_per_core: float = 100.0
+    layer_overhead_us: float = 0.0     # per layer, when attention runs on the CPU (torch glue)
+    moe_overhead_us: float = 0.0       # per MoE call (pool wake-up, routing)
+
+    @property
+    def cores(self) -> int:
+        return self.sockets * self.cores_per_socket
+
+    def read_gbps(self) -> float:
+        return self.sockets * self.dram_gbps_per_socket * self.dram_efficiency
+
+    def fp8_stream_gbps(self) -> float:
+        """What the FP8 GEMV sustains over DRAM with every core."""
+        return min(self.read_gbps() * self.fp8_gemv_efficiency,
+                   self.cores * self.fp8_gemv_gbps_per_core)
+
+
+@dataclass(slots=True)
+class GPU:
+    name: str
+    hbm_gbps: float
+    hbm_efficiency: float = 0.8
+    pcie_gbps: float = 50.0            # host-to-device, per direction
+    layer_overhead_us: float = 250.0   # per decoder layer at batch 1
+
+
+@dataclass(slots=True)
+class Hardware:
+    name: str
+    cpu: CPU
+    gpus: list[GPU] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "profile") -> Hardware:
+        try:
+            cpu = CPU(**d["cpu"])
+            gpus = [GPU(**g) for g in d.get("gpus") or []]
+            hw = cls(d["name"], cpu, gpus)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{source}: bad hardware profile ({e})") from None
+        for key in ("sockets", "cores_per_socket", "dram_gbps_per_socket",
+                    "fp8_gemv_gbps_per_core"):
+            if not getattr(cpu, key) > 0:
+                raise ValueError(f"{source}: cpu.{key} must be > 0")
+        for key in ("dram_efficiency", "fp8_gemv_efficiency"):
+            if not 0 < getattr(cpu, key) <= 1.0:
+                raise ValueError(f"{source}: cpu.{key} must lie in (0, 1]")
+        return hw
+
+    @classmethod
+    def load(cls, path: str | Path) -> Hardware:
+        path = Path(path)
+        if not path.exists() and (Path(__file__).parent / "profiles" / f"{path}.yaml").exists():
+            path = Path(__file__).parent / "profiles" / f"{path}.yaml"
+        try:
+            return cls.from_dict(yaml.safe_load(path.read_text()), str(path))
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such hardware profile") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(asdict(self), sort_keys=False))

@@ -1,0 +1,77 @@
+"""Cost model, profiles, the single-request prediction, and validation on the measured trace."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from refmoe.config import ModelConfig
+from sim import costs
+from sim.hardware import Hardware
+from sim.predict import predict, unique_experts
+from sim.validate import validate
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACE = ROOT / "traces" / "demo-avx2-L4-E32-2threads.json"
+V3 = dict(architectures=["DeepseekV3ForCausalLM"], vocab_size=129280, hidden_size=7168,
+          num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
+          intermediate_size=18432, moe_intermediate_size=2048, n_routed_experts=256,
+          num_experts_per_tok=8, n_shared_experts=1, first_k_dense_replace=3, n_group=8,
+          topk_group=4, routed_scaling_factor=2.5, q_lora_rank=1536, kv_lora_rank=512,
+          qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+          quantization_config={"quant_method": "fp8", "fmt": "e4m3",
+                               "weight_block_size": [128, 128]})
+
+
+def test_costs_match_the_engine_count():
+    doc = json.loads(TRACE.read_text())
+    cfg = ModelConfig(**doc["metadata"]["model"])
+    assert costs.bytes_per_token(cfg) == doc["metadata"]["result"]["bytes_per_token"]
+
+
+def test_v3_bytes_per_token_as_the_paper_infers():
+    """PAPER.md: one FP8 expert 44 MB, a token reads about 9 x 58 experts = 23 GB."""
+    cfg = ModelConfig.from_dict(V3)
+    assert costs.expert_bytes(cfg) / 9 == pytest.approx(44e6, rel=0.03)
+    moe = sum(c.expert_bytes for c in costs.layer_costs(cfg))
+    assert moe == pytest.approx(23e9, rel=0.03)
+
+
+def test_paper_decode_within_10_percent():
+    p = predict(ModelConfig.from_dict(V3), Hardware.load("paper-2x9355-2x5090"), 32, 8)
+    assert p.decode_tok_s == pytest.approx(21.5, rel=0.10)
+
+
+def test_unique_experts():
+    assert unique_experts(256, 8, 1) == pytest.approx(8)
+    assert unique_experts(256, 8, 10_000) == pytest.approx(256)
+
+
+def test_profile_validation(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ncpu: {sockets: 1, cores_per_socket: 2, dram_gbps_per_socket: 10,"
+                   " dram_efficiency: 1.5}\n")
+    with pytest.raises(ValueError, match="dram_efficiency must lie in"):
+        Hardware.load(bad)
+    with pytest.raises(ValueError, match="no such hardware profile"):
+        Hardware.load(tmp_path / "missing.yaml")
+
+
+def test_validate_on_the_measured_trace():
+    r = validate(TRACE, Hardware.load(ROOT / "sim" / "profiles" / "zen3-2vcpu-calibrated.yaml"))
+    tpot = r["metrics"]["tpot_s"]
+    assert tpot["measured"] == pytest.approx(0.0827, rel=0.01)
+    assert abs(tpot["error"]) < 0.05                    # the issue's target for TPOT
+    assert abs(r["metrics"]["ttft_s"]["error"]) < 0.5    # prefill is modelled crudely (docs)
+
+
+def test_cli_predict(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(V3))
+    out = subprocess.run([sys.executable, "-m", "sim.cli", "predict", "--model",
+                          str(tmp_path), "--hardware", "paper-2x9355-2x5090", "--prompt-tokens",
+                          "64", "--output-tokens", "4", "--json"], capture_output=True, text=True,
+                         timeout=120, check=True)
+    p = json.loads(out.stdout)
+    assert p["tpot_s"] > 0 and p["ttft_s"] > p["tpot_s"]
