@@ -76,7 +76,7 @@ class Machine:
 
 def _step(m: Machine, cfg: ModelConfig, tokens: int, out: dict):
     """One forward over `tokens` new tokens (prefill chunk or one decode step)."""
-    hw, h = m.hw, cfg.hidden_size
+    hw = m.hw
     layer_overhead = (hw.gpus[0].layer_overhead_us if hw.gpus else hw.cpu.layer_overhead_us) \
         * 1e-6
     for cost in costs.layer_costs(cfg):
