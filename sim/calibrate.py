@@ -86,6 +86,13 @@ def moe_overhead_us(reps: int = 50) -> float:
         x, np.zeros(3, int), np.arange(3), np.ones(3, np.float32), ew), reps) * 1e6
 
 
+def gemm_curve(threads: int, reps: int = 3) -> dict[int, float]:
+    """FP8 weight GB/s of all cores at M tokens per weight (cold DeepSeek gate/up)."""
+    shape = Shape("deepseek-v3", "gate_up", 2048, 7168)
+    return {m: bench_gemm("fp8", shape, m, threads, kernels.variant(), reps,
+                          with_torch=False).gbps for m in (2, 4, 8, 16, 32, 64)}
+
+
 def calibrate(name: str = "this-machine", reps: int = 5) -> Hardware:
     threads = cpu.default_threads()
     cold = bench_gemm("fp8", Shape("deepseek-v3", "gate_up", 2048, 7168), 1, threads,
@@ -95,4 +102,5 @@ def calibrate(name: str = "this-machine", reps: int = 5) -> Hardware:
         sockets=1, cores_per_socket=threads, dram_gbps_per_socket=read, dram_efficiency=1.0,
         fp8_gemv_gbps_per_core=gemv_ceiling_gbps(), fp8_gemv_efficiency=min(cold.ratio, 1.0),
         fma_gflops_per_core=kernels.fma_peak_gflops(num_threads=1),
-        layer_overhead_us=attention_glue_us(), moe_overhead_us=moe_overhead_us()))
+        layer_overhead_us=attention_glue_us(), moe_overhead_us=moe_overhead_us(),
+        gemm_gbps_by_m=gemm_curve(threads)))

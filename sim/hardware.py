@@ -8,6 +8,8 @@ hbm_gbps * hbm_efficiency plus a fixed per-layer cost (kernel launches, small op
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,23 @@ class CPU:
     fma_gflops_per_core: float = 100.0
     layer_overhead_us: float = 0.0     # per layer, when attention runs on the CPU (torch glue)
     moe_overhead_us: float = 0.0       # per MoE call (pool wake-up, routing)
+    # FP8 weight GB/s of all cores when M tokens share each weight (the GEMM tile path); empty:
+    # fall back to the FMA peak at 0.6 efficiency
+    gemm_gbps_by_m: dict = field(default_factory=dict)
+
+    def gemm_gbps(self, m: float) -> float | None:
+        """Interpolated (log-log) from the calibrated points; past the last point the GEMM is
+        compute-bound, so GB/s falls as 1/M."""
+        if not self.gemm_gbps_by_m:
+            return None
+        pts = sorted((int(k), float(v)) for k, v in self.gemm_gbps_by_m.items())
+        if m <= pts[0][0]:
+            return pts[0][1]
+        for (m0, g0), (m1, g1) in zip(pts, pts[1:]):
+            if m <= m1:
+                f = (math.log(m) - math.log(m0)) / (math.log(m1) - math.log(m0))
+                return math.exp(math.log(g0) + f * (math.log(g1) - math.log(g0)))
+        return pts[-1][1] * pts[-1][0] / m
 
     @property
     def cores(self) -> int:

@@ -51,27 +51,40 @@ class Machine:
         self.hbm = Link("hbm0", hw.gpus[0].hbm_gbps * hw.gpus[0].hbm_efficiency * 1e9) \
             if hw.gpus else None
 
-    def cpu_fp8(self, nbytes: float, flops: float = 0.0):
-        """An FP8 kernel call: a DRAM stream capped by the cores' conversion rate, or the FMA
-        time when a GEMM over many tokens is compute-bound."""
-        cpu = self.hw.cpu
-        cap = min(cpu.cores * cpu.fp8_gemv_gbps_per_core,
-                  cpu.read_gbps() * cpu.fp8_gemv_efficiency) * 1e9
-        stream = nbytes / cap
-        compute = flops / (cpu.cores * cpu.fma_gflops_per_core * 1e9 * 0.6)  # GEMM at ~0.6
-        if compute > stream:
-            yield self.env.timeout(compute)
-        else:
-            yield self.net.transfer(nbytes, [self.dram], cap)
+    def cpu_fp8(self, nbytes: float, tokens: float = 1.0):
+        """An FP8 kernel call over weights that `tokens` tokens share: a DRAM stream capped by
+        the cores' conversion rate (GEMV) or by the calibrated GEMM rate at that many tokens."""
+        yield self.net.transfer(nbytes, [self.dram], self.rate_gbps(tokens) * 1e9)
 
-    def device(self, nbytes: float, overhead_s: float, flops: float = 0.0):
+    def rate_gbps(self, tokens: float) -> float:
+        """The FP8 kernel's weight GB/s when `tokens` tokens share each weight."""
+        cpu = self.hw.cpu
+        cap = cpu.fp8_stream_gbps()
+        if tokens > 1:
+            gemm = cpu.gemm_gbps(tokens)
+            if gemm is None:  # uncalibrated: the FMA peak at 0.6
+                gemm = cpu.cores * cpu.fma_gflops_per_core * 0.6 / (2 * tokens)
+            cap = min(cap, gemm)
+        return cap
+
+    def cpu_fp8_mixed(self, one: float, experts: int, tokens: int, p: float):
+        """`experts` matrices of `one` bytes, each used by Binomial(tokens, p) tokens: one
+        stream at the rate that takes the expected total time."""
+        nbytes = seconds = 0.0
+        for m in range(1, tokens + 1):
+            pm = math.comb(tokens, m) * p**m * (1 - p) ** (tokens - m)
+            nbytes += experts * pm * one
+            seconds += experts * pm * one / (self.rate_gbps(m) * 1e9)
+        if nbytes > 0:
+            yield self.net.transfer(nbytes, [self.dram], nbytes / seconds)
+
+    def device(self, nbytes: float, overhead_s: float, tokens: float = 1.0):
         """Attention or a dense layer on the device."""
         if self.hbm is not None:
             yield self.net.transfer(nbytes, [self.hbm])
-            yield self.env.timeout(overhead_s)
         else:
-            yield from self.cpu_fp8(nbytes, flops)
-            yield self.env.timeout(overhead_s)
+            yield from self.cpu_fp8(nbytes, tokens)
+        yield self.env.timeout(overhead_s)
 
 
 def _step(m: Machine, cfg: ModelConfig, tokens: int, out: dict):
@@ -80,18 +93,21 @@ def _step(m: Machine, cfg: ModelConfig, tokens: int, out: dict):
     layer_overhead = (hw.gpus[0].layer_overhead_us if hw.gpus else hw.cpu.layer_overhead_us) \
         * 1e-6
     for cost in costs.layer_costs(cfg):
-        yield from m.device(cost.attention_bytes, layer_overhead,
-                            flops=2.0 * tokens * cost.attention_bytes)
+        yield from m.device(cost.attention_bytes, layer_overhead, tokens)
         if cost.expert_bytes:
-            one = cost.expert_bytes / (cfg.num_experts_per_tok + cfg.n_shared_experts)
-            distinct = unique_experts(cfg.n_routed_experts, cfg.num_experts_per_tok, tokens) \
-                + cfg.n_shared_experts
-            flops = 2.0 * tokens * (cfg.num_experts_per_tok + cfg.n_shared_experts) * one
-            yield from m.cpu_fp8(distinct * one, flops)
+            k = cfg.num_experts_per_tok
+            one = cost.expert_bytes / (k + cfg.n_shared_experts)
+            # each routed expert serves a Binomial(tokens, k/E) number of tokens, and the
+            # kernel's rate depends steeply on it (one token: the GEMV; more: tiles), so the
+            # expected time is a sum over that distribution, not the rate at the mean
+            yield from m.cpu_fp8_mixed(one, cfg.n_routed_experts, tokens,
+                                       k / cfg.n_routed_experts)
+            if cfg.n_shared_experts:
+                yield from m.cpu_fp8(cfg.n_shared_experts * one, tokens)
             yield m.env.timeout(hw.cpu.moe_overhead_us * 1e-6)
         else:
-            yield from m.device(cost.dense_bytes, 0.0, flops=2.0 * tokens * cost.dense_bytes)
-    yield from m.device(costs.head_bytes(cfg), 0.0, flops=2.0 * costs.head_bytes(cfg))
+            yield from m.device(cost.dense_bytes, 0.0, tokens)
+    yield from m.device(costs.head_bytes(cfg), 0.0, 1)  # logits of the last position only
     out["t"] = m.env.now
 
 
