@@ -203,7 +203,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
           f"weights read per token")
     print(f"  bound: {r.read_gbps:.1f} GB/s read (measured now) / {r.bytes_per_token / 1e6:.0f} "
           f"MB = {r.bound_tok_s:.2f} tok/s; achieved {r.ratio:.2f} of it")
-    print("  (the simulator's prediction joins this line once refmoe-sim lands)")
+    if args.no_sim:
+        return 0
+    from refmoe.config import ModelConfig
+    from sim.calibrate import calibrate
+    from sim.predict import predict
+
+    hw = calibrate("this machine, calibrated now", reps=3)
+    p = predict(ModelConfig.from_file(directory), hw, r.prompt_tokens, r.new_tokens)
+    print(f"  refmoe-sim, calibrated from micro-benchmarks just now: TTFT {p.ttft_s:.3f} s "
+          f"({(p.ttft_s - r.ttft_s) / r.ttft_s:+.0%}), decode {p.decode_tok_s:.2f} tok/s "
+          f"({(p.decode_tok_s - r.tok_s) / r.tok_s:+.0%})")
     return 0
 
 
@@ -268,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--prompt-tokens", type=int, default=16)
     dm.add_argument("--max-tokens", type=int, default=16)
     dm.add_argument("--trace", metavar="FILE", help="write the measured request's Chrome trace")
+    dm.add_argument("--no-sim", action="store_true", help="skip the simulator's prediction")
     dm.set_defaults(func=_cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks that report ratios to same-run limits")

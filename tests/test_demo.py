@@ -45,6 +45,7 @@ def test_cli(demo_dir):
                           "--max-tokens", "3"], capture_output=True, text=True, timeout=600,
                          check=True).stdout
     assert "TTFT" in out and "tok/s" in out and "bound" in out
+    assert "refmoe-sim, calibrated from micro-benchmarks just now" in out
     rows = json.loads(subprocess.run(
         [sys.executable, "-m", "refmoe.cli", "bench", "decode", "--dir", str(demo_dir),
          "--layers", "1", "--experts", "16", "--reps", "1", "--json"],
