@@ -29,3 +29,37 @@ def randomize_bf16(model, bias_buffers=()) -> None:
         for name, b in model.named_buffers():
             if any(key in name for key in bias_buffers):
                 b.copy_(torch.randn_like(b) * 0.1)
+
+
+def cli_generate(model_dir, *args) -> dict:
+    """`refmoe generate --model DIR --json ARGS...` as a user runs it; the parsed JSON."""
+    import json
+    import subprocess
+    import sys
+
+    return json.loads(subprocess.run(
+        [sys.executable, "-m", "refmoe.cli", "generate", "--model", str(model_dir), "--json",
+         *args], capture_output=True, text=True, timeout=300, check=True).stdout)
+
+
+def hf_greedy(m, prompt: list[int], n: int) -> list[int]:
+    """transformers' own greedy continuation of prompt, n tokens."""
+    import torch
+
+    with torch.no_grad():
+        out = m.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def assert_logits_match(m, mine, prompt: list[int], tol: float) -> None:
+    """refmoe's logits within tol * max|logit| of transformers', in one forward and token by
+    token through the cache."""
+    import torch
+
+    with torch.no_grad():
+        ref = m(torch.tensor([prompt])).logits[0]
+    out = mine.forward(torch.tensor(prompt), mine.new_cache())
+    assert (out - ref).abs().max() <= tol * ref.abs().max()
+    cache = mine.new_cache()
+    steps = torch.cat([mine.forward(torch.tensor([t]), cache) for t in prompt])
+    assert (steps - ref).abs().max() <= tol * ref.abs().max()

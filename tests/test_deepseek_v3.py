@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import randomize_bf16
+from conftest import assert_logits_match, cli_generate, hf_greedy, randomize_bf16
 from refmoe import models
 from refmoe.checkpoint import Checkpoint, save_file
 from refmoe.kernels import formats
@@ -43,12 +43,6 @@ def random_model(overrides: dict, seed: int = 0):
     return m
 
 
-def hf_greedy(m, prompt, n):
-    with torch.no_grad():
-        out = m.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)
-    return out[0, len(prompt):].tolist()
-
-
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def saved(request, tmp_path_factory):
     m = random_model(VARIANTS[request.param])
@@ -59,23 +53,14 @@ def saved(request, tmp_path_factory):
 
 def test_logits_match_transformers(saved):
     m, d = saved
-    with torch.no_grad():
-        ref = m(torch.tensor([PROMPT])).logits[0]
     _, mine = models.load(d)
-    out = mine.forward(torch.tensor(PROMPT), mine.new_cache())
-    assert (out - ref).abs().max() <= LOGIT_TOL * ref.abs().max()
-    cache = mine.new_cache()  # the same logits token by token through the latent cache
-    steps = torch.cat([mine.forward(torch.tensor([t]), cache) for t in PROMPT])
-    assert (steps - ref).abs().max() <= LOGIT_TOL * ref.abs().max()
+    assert_logits_match(m, mine, PROMPT, LOGIT_TOL)
 
 
 def test_greedy_32_tokens_via_cli(saved):
     m, d = saved
     want = hf_greedy(m, PROMPT, 32)
-    r = subprocess.run([sys.executable, "-m", "refmoe.cli", "generate", "--model", str(d),
-                        "--prompt-ids", ",".join(map(str, PROMPT)), "--max-tokens", "32",
-                        "--json"], capture_output=True, text=True, timeout=300, check=True)
-    got = json.loads(r.stdout)
+    got = cli_generate(d, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-tokens", "32")
     assert {"token_ids", "text", "ttft_s", "decode_tok_s"} <= got.keys()
     assert len(want) == 32 and got["token_ids"] == want
 

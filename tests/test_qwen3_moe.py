@@ -1,13 +1,9 @@
 """Qwen3-MoE end to end against transformers: logits and 32 greedy tokens."""
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from conftest import randomize_bf16
+from conftest import assert_logits_match, cli_generate, hf_greedy, randomize_bf16
 from refmoe import models
 
 transformers = pytest.importorskip("transformers")
@@ -34,23 +30,13 @@ def saved(request, tmp_path_factory):
 
 def test_logits_match_transformers(saved):
     m, d = saved
-    with torch.no_grad():
-        ref = m(torch.tensor([PROMPT])).logits[0]
     cfg, mine = models.load(d)
     assert cfg.family == "qwen3_moe" and cfg.scoring_func == "softmax"
-    out = mine.forward(torch.tensor(PROMPT), mine.new_cache())
-    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
-    cache = mine.new_cache()
-    steps = torch.cat([mine.forward(torch.tensor([t]), cache) for t in PROMPT])
-    assert (steps - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert_logits_match(m, mine, PROMPT, 1e-4)
 
 
 def test_greedy_32_tokens_via_cli(saved):
     m, d = saved
-    with torch.no_grad():
-        want = m.generate(torch.tensor([PROMPT]), max_new_tokens=32, do_sample=False)[
-            0, len(PROMPT):].tolist()
-    r = subprocess.run([sys.executable, "-m", "refmoe.cli", "generate", "--model", str(d),
-                        "--prompt-ids", ",".join(map(str, PROMPT)), "--max-tokens", "32",
-                        "--json"], capture_output=True, text=True, timeout=300, check=True)
-    assert len(want) == 32 and json.loads(r.stdout)["token_ids"] == want
+    want = hf_greedy(m, PROMPT, 32)
+    got = cli_generate(d, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-tokens", "32")
+    assert len(want) == 32 and got["token_ids"] == want

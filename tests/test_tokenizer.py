@@ -1,13 +1,12 @@
 """Text prompts and chat templates through a real tokenizer.json."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
+from conftest import cli_generate
 from refmoe.tokenizer import Tokenizer
 
 WORDS = ["<s>", "</s>", "<|user|>", "<|assistant|>", "hello", "world", "the", "cat", "sat"]
@@ -53,29 +52,23 @@ def chat_model(tmp_path_factory):
     return d
 
 
-def generate(model_dir, *args) -> dict:
-    return json.loads(subprocess.run(
-        [sys.executable, "-m", "refmoe.cli", "generate", "--model", str(model_dir), "--json",
-         *args], capture_output=True, text=True, timeout=300, check=True).stdout)
-
-
 def tok_text(d, ids):
     return Tokenizer.from_dir(d).decode(ids)
 
 
 def test_generate_with_text_prompt(chat_model):
-    plain = generate(chat_model, "--prompt", "hello world", "--max-tokens", "4")
-    chat = generate(chat_model, "--prompt", "hello world", "--max-tokens", "4", "--chat")
+    plain = cli_generate(chat_model, "--prompt", "hello world", "--max-tokens", "4")
+    chat = cli_generate(chat_model, "--prompt", "hello world", "--max-tokens", "4", "--chat")
     assert plain["prompt_tokens"] == 2 and chat["prompt_tokens"] == 5
     assert chat["text"] == tok_text(chat_model, chat["token_ids"])
 
 
 def test_stop_string(chat_model):
     args = ("--prompt", "hello world", "--max-tokens", "8")
-    free = generate(chat_model, *args)
+    free = cli_generate(chat_model, *args)
     words = [tok_text(chat_model, [i]) for i in free["token_ids"]]  # specials decode to ""
     word = next(w for w in words[1:] if w) if any(words[1:]) else pytest.skip("no word")
-    stopped = generate(chat_model, *args, "--stop", word)
+    stopped = cli_generate(chat_model, *args, "--stop", word)
     first = words.index(word)
     assert stopped["token_ids"] == free["token_ids"][: first + 1]
     assert stopped["finish_reason"] == "stop" and word not in stopped["text"]
