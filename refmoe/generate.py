@@ -28,10 +28,13 @@ class Generation:
 
 def generate(model, prompt_ids: list[int], max_tokens: int, params: SamplingParams | None = None,
              stop_ids: list[int] | None = None, max_context: int | None = None,
-             trace=None, stop_text: list[str] | None = None, decode=None) -> Generation:
+             trace=None, stop_text: list[str] | None = None, decode=None,
+             prefill=None) -> Generation:
     """Greedy or sampled continuation of prompt_ids; stops at max_tokens, a stop id, or (with
     decode, ids -> text) once the text contains one of stop_text.
-    trace: a refmoe.trace.Trace that gets the prefill and decode spans and the request."""
+    trace: a refmoe.trace.Trace that gets the prefill and decode spans and the request.
+    prefill: a refmoe.slp.StreamPrefill to run the prompt through (SLP), or None for the plain
+    path (routed experts on the CPU kernels)."""
     if stop_text and decode is None:
         raise ValueError("stop strings need a tokenizer")
     if not prompt_ids:
@@ -52,8 +55,13 @@ def generate(model, prompt_ids: list[int], max_tokens: int, params: SamplingPara
     model.trace = trace
     arrival = trace.now() if trace else 0.0
     t0 = time.perf_counter()
-    with maybe(trace, "scheduler", "steps", "prefill", tokens=len(prompt_ids)):
-        logits = model.forward(torch.tensor(prompt_ids), cache)
+    with maybe(trace, "scheduler", "steps", "prefill", tokens=len(prompt_ids),
+               path="slp" if prefill is not None else "cpu"):
+        if prefill is not None:
+            prefill.trace = trace
+            logits = prefill.prefill(torch.tensor(prompt_ids), cache)
+        else:
+            logits = model.forward(torch.tensor(prompt_ids), cache)
         out = [sampler(logits[-1])]
     t1 = time.perf_counter()
     first = trace.now() if trace else 0.0

@@ -20,7 +20,8 @@ import torch
 
 from refmoe.checkpoint import Checkpoint
 from refmoe.config import ModelConfig
-from refmoe.models.layers import Block, DecoderModel, Linear, apply_rope, load_dense, rms_norm
+from refmoe.models.layers import (Block, DecoderModel, Linear, apply_rope, attend, load_dense,
+                                  rms_norm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,11 +89,7 @@ class MLA:
         k_nope, v = cache.kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)  # [n, S, .]
         k = torch.cat([k_nope, cache.k_rot.expand(n, s, -1)], dim=-1)        # [n, S, qk]
         qf = torch.cat([q_nope, q_rot], dim=-1)                              # [n, T, qk]
-        scores = (qf @ k.transpose(1, 2)) * (self.qk_head ** -0.5 * softmax_scale)  # [n, T, S]
-        causal = torch.arange(s, device=x.device)[None, :] > (
-            start + torch.arange(t, device=x.device))[:, None]      # [T, S]
-        scores = scores.masked_fill(causal, float("-inf"))
-        out = torch.softmax(scores, dim=-1) @ v                              # [n, T, v]
+        out = attend(qf, k, v, start, self.qk_head ** -0.5 * softmax_scale)   # [n, T, v]
         return self.o(out.transpose(0, 1).reshape(t, -1))
 
 

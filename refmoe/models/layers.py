@@ -79,6 +79,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float,
+           budget_bytes: int = 1 << 30) -> torch.Tensor:
+    """Causal attention of queries at positions start .. start+T over keys 0 .. S.
+    q [n, T, d], k [n, S, d], v [n, S, dv] -> [n, T, dv]. Query blocks keep the score matrix
+    under budget_bytes, so a long prompt never builds an [n, T, S] tensor at once."""
+    n, t, _ = q.shape
+    s = k.shape[1]
+    block = max(1, min(t, budget_bytes // max(1, n * s * 4)))
+    outs = []
+    for lo in range(0, t, block):
+        hi = min(t, lo + block)
+        scores = (q[:, lo:hi] @ k.transpose(1, 2)) * scale                  # [n, b, S]
+        if start + lo + 1 < s:                                              # some key is ahead
+            causal = torch.arange(s, device=q.device)[None, :] > (
+                start + torch.arange(lo, hi, device=q.device))[:, None]      # [b, S]
+            scores = scores.masked_fill(causal, float("-inf"))
+        outs.append(torch.softmax(scores, dim=-1) @ v)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
@@ -242,8 +262,12 @@ class MoE:
                           cfg.moe_intermediate_size * cfg.n_shared_experts) \
             if cfg.n_shared_experts > 1 else None
         self.num_threads = num_threads
+        self.packed = None  # the experts' packed host buffer, once refmoe.slp made one
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, streamed=None, layer: int = -1) -> torch.Tensor:
+        """streamed: a refmoe.slp chunk that runs the routed experts on its device instead."""
+        if streamed is not None:
+            return streamed.moe(self, layer, x)
         weights, ids = self.gate(x)                                          # [T, K]
         t, k = ids.shape
         tok = np.repeat(np.arange(t), k)
@@ -352,16 +376,21 @@ class DecoderModel:
         return KVCache([block.attn.new_cache() for block in self.blocks])
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """ids [T] (the next T tokens after the cache) -> logits [T, V] float32."""
+    def forward(self, ids: torch.Tensor, cache: KVCache, experts=None) -> torch.Tensor:
+        """ids [T] (the next T tokens after the cache) -> logits [T, V] float32.
+        experts: a refmoe.slp chunk that runs the routed experts (stream-loading prefill)."""
         t, ids = ids.shape[0], ids.to(self.device)
         pos = torch.arange(cache.length, cache.length + t, dtype=torch.float32,
                            device=self.device)
         freqs = pos[:, None] * self.inv_freq[None, :]                         # [T, rope/2]
         cos, sin = freqs.cos() * self.rope_factor, freqs.sin() * self.rope_factor
         x = self.embed[ids]                                                    # [T, H]
-        for block, layer_cache in zip(self.blocks, cache.layers):
-            x = block(x, cos, sin, self.softmax_scale, layer_cache, self.trace)
+        try:
+            for block, layer_cache in zip(self.blocks, cache.layers):
+                x = block(x, cos, sin, self.softmax_scale, layer_cache, self.trace, experts)
+        finally:
+            if experts is not None:
+                experts.close()
         x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
         return x @ self.embed.T if self.head is None else self.head(x)
 
@@ -379,12 +408,15 @@ class Block:
         self.ffn = MoE(ck, f"{p}.mlp", cfg, expert_dtype, num_threads) if cfg.is_moe_layer(layer) \
             else MLP(ck, f"{p}.mlp", cfg.hidden_size, cfg.intermediate_size)
 
-    def __call__(self, x, cos, sin, softmax_scale, cache, trace=None) -> torch.Tensor:
+    def __call__(self, x, cos, sin, softmax_scale, cache, trace=None, streamed=None
+                 ) -> torch.Tensor:
         tokens = x.shape[0]
         with maybe(trace, "device", "attention", f"attention L{self.layer}", tokens=tokens):
             x = x + self.attn(rms_norm(x, self.attn_norm, self.eps), cos, sin, softmax_scale,
                               cache)
-        lane = "experts" if isinstance(self.ffn, MoE) else "dense mlp"
-        where = "cpu" if isinstance(self.ffn, MoE) else "device"
+        moe = isinstance(self.ffn, MoE)
+        lane = "experts" if moe else "dense mlp"
+        where = ("slp" if streamed is not None else "cpu") if moe else "device"
         with maybe(trace, where, lane, f"{lane} L{self.layer}", tokens=tokens):
-            return x + self.ffn(rms_norm(x, self.ffn_norm, self.eps))
+            xn = rms_norm(x, self.ffn_norm, self.eps)
+            return x + (self.ffn(xn, streamed, self.layer) if moe else self.ffn(xn))

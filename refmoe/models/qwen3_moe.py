@@ -14,8 +14,8 @@ import torch
 
 from refmoe.checkpoint import Checkpoint
 from refmoe.config import ModelConfig
-from refmoe.models.layers import (Block, DecoderModel, Growing, Linear, apply_rope, load_dense,
-                                  rms_norm)
+from refmoe.models.layers import (Block, DecoderModel, Growing, Linear, apply_rope, attend,
+                                  load_dense, rms_norm)
 
 
 @dataclass(slots=True)
@@ -54,13 +54,7 @@ class GQA:
         start = cache.length
         kk = cache.k.append(k).repeat_interleave(n // g, dim=0)                        # [n, S, d]
         vv = cache.v.append(v).repeat_interleave(n // g, dim=0)
-        scores = (q @ kk.transpose(1, 2)) * (d ** -0.5 * softmax_scale)                # [n, T, S]
-        if t > 1:
-            s = start + t
-            causal = torch.arange(s, device=x.device)[None, :] > (
-                start + torch.arange(t, device=x.device))[:, None]
-            scores = scores.masked_fill(causal, float("-inf"))
-        out = torch.softmax(scores, dim=-1) @ vv                                        # [n, T, d]
+        out = attend(q, kk, vv, start, d ** -0.5 * softmax_scale)                      # [n, T, d]
         return self.o(out.transpose(0, 1).reshape(t, n * d))
 
 

@@ -1,0 +1,214 @@
+"""Where a prompt's prefill runs: the CPU kernels, or SLP on one or more devices. A roofline
+over measured rates, shared by the engine (the per-request choice, `refmoe bench prefill`)
+and the simulator (sim.predict's prefill paths).
+
+Only the routed and shared experts differ between the paths (attention and dense layers run
+on the device either way), so the choice compares their time:
+
+    CPU   per MoE layer: max(bytes of the experts the chunk hits / kernel GB/s,
+                             expert FLOPs / kernel GFLOP/s)
+    SLP   per MoE layer: max(bytes streamed / host-to-device GB/s,
+                             expert FLOPs / (devices x device GFLOP/s))
+          + the exchange of hidden states between devices (DSLP) + one layer's load that
+          nothing hides (the ring's fill)
+
+Legend: T = prompt tokens, E = routed experts, K = experts per token.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from refmoe.config import ModelConfig
+
+
+@dataclass(slots=True)
+class Rates:
+    """Measured (or, for the simulator, profiled) rates of one machine."""
+
+    h2d_gbps: float            # host -> device copy of a slot (pinned on CUDA)
+    cpu_gemv_gbps: float       # CPU expert kernels' weight GB/s with few tokens per expert
+    cpu_gflops: float          # CPU expert kernels with many tokens per expert
+    device_gflops: float       # the device's expert matmuls (the SLP compute lane)
+    exchange_gbps: float = 0.0  # between devices (DSLP all-gather / reduce-scatter); 0: none
+    devices: int = 1
+    device: str = "cpu"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def expert_shape(cfg: ModelConfig) -> tuple[int, int]:
+    return cfg.hidden_size, cfg.moe_intermediate_size
+
+
+def expert_bytes(cfg: ModelConfig) -> int:
+    """One FP8 expert: codes and 128x128 block scales of gate, up and down."""
+    h, i = expert_shape(cfg)
+    return 3 * (h * i + -(-h // 128) * -(-i // 128) * 4)
+
+
+def unique_experts(n_experts: int, k: int, tokens: int) -> float:
+    """Expected distinct experts a chunk of tokens routes to (uniform routing)."""
+    return n_experts * (1 - (1 - k / n_experts) ** tokens)
+
+
+def moe_layers(cfg: ModelConfig) -> int:
+    return sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+
+
+def expert_flops(cfg: ModelConfig, tokens: int) -> float:
+    """Multiply-adds x 2 of one MoE layer's routed and shared experts over `tokens` tokens."""
+    h, i = expert_shape(cfg)
+    return 2.0 * 3 * h * i * tokens * (cfg.num_experts_per_tok + cfg.n_shared_experts)
+
+
+def cpu_expert_seconds(cfg: ModelConfig, tokens: int, rates: Rates) -> float:
+    per = max(unique_experts(cfg.n_routed_experts, cfg.num_experts_per_tok, tokens)
+              + cfg.n_shared_experts, 1) * expert_bytes(cfg) / (rates.cpu_gemv_gbps * 1e9)
+    per = max(per, expert_flops(cfg, tokens) / (rates.cpu_gflops * 1e9))
+    return per * moe_layers(cfg)
+
+
+def slp_expert_seconds(cfg: ModelConfig, tokens: int, rates: Rates, devices: int = 1,
+                       chunk_tokens: int | None = None) -> float:
+    """SLP over `devices` devices (each streams 1/devices of the experts), chunk by chunk."""
+    chunk = min(tokens, chunk_tokens or tokens)
+    total = 0.0
+    for lo in range(0, tokens, chunk):
+        t = min(chunk, tokens - lo)
+        slots = cfg.n_routed_experts + cfg.n_shared_experts
+        if unique_experts(cfg.n_routed_experts, cfg.num_experts_per_tok, t) < \
+                cfg.n_routed_experts - 1:                 # selective: only what is routed
+            slots = unique_experts(cfg.n_routed_experts, cfg.num_experts_per_tok, t) \
+                + cfg.n_shared_experts
+        stream = slots / devices * expert_bytes(cfg) / (rates.h2d_gbps * 1e9)
+        compute = expert_flops(cfg, t) / devices / (rates.device_gflops * 1e9)
+        exchange = 0.0
+        if devices > 1:     # gather the chunk's hidden states, scatter the summed results
+            exchange = 2 * t * cfg.hidden_size * 4 * (devices - 1) / devices / (
+                (rates.exchange_gbps or rates.h2d_gbps) * 1e9)
+        total += moe_layers(cfg) * (max(stream, compute) + exchange) + min(stream, compute)
+    return total
+
+
+@dataclass(slots=True)
+class Choice:
+    path: str                 # "cpu" or "slp"
+    devices: int
+    seconds: dict             # estimated expert seconds per candidate, e.g. {"cpu": .., "slp1": ..}
+
+
+def choose_prefill(cfg: ModelConfig, tokens: int, rates: Rates,
+                   chunk_tokens: int | None = None) -> Choice:
+    """The fastest path for this prompt by the estimates above."""
+    est = {"cpu": cpu_expert_seconds(cfg, tokens, rates)}
+    for n in range(1, max(1, rates.devices) + 1):
+        est[f"slp{n}"] = slp_expert_seconds(cfg, tokens, rates, n, chunk_tokens)
+    best = min(est, key=est.get)
+    return Choice("cpu" if best == "cpu" else "slp", 1 if best == "cpu" else int(best[3:]), est)
+
+
+def crossover_tokens(cfg: ModelConfig, rates: Rates, devices: int = 1,
+                     limit: int = 1 << 20) -> int | None:
+    """The shortest prompt for which SLP on `devices` devices beats the CPU (None: never, up
+    to `limit` tokens). Both sides grow with T; SLP's streaming term is flat, so once it
+    wins it keeps winning: bisection."""
+    def slp_wins(t: int) -> bool:
+        return slp_expert_seconds(cfg, t, rates, devices) < cpu_expert_seconds(cfg, t, rates)
+
+    if not slp_wins(limit):
+        return None
+    lo, hi = 1, limit
+    if slp_wins(lo):
+        return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if slp_wins(mid) else (mid, hi)
+    return hi
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring the rates on the machine at hand (about a second)
+# ---------------------------------------------------------------------------------------------
+
+def _best(fn, reps: int) -> float:
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def measure_h2d_gbps(device, nbytes: int = 256 * 2**20, reps: int = 5) -> float:
+    """Host-to-device copy bandwidth: pinned host memory to CUDA, or memory to memory when
+    the device is the CPU."""
+    import torch
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
+    src.fill_(1)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def copy():
+        dst.copy_(src, non_blocking=cuda)
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    copy()
+    return nbytes / _best(copy, reps) / 1e9
+
+
+def measure_cpu(cfg: ModelConfig, num_threads: int | None = None, reps: int = 3
+                ) -> tuple[float, float]:
+    """(GEMV weight GB/s at one token, GFLOP/s at 64 tokens) of the FP8 kernels on one expert
+    projection of the model's shape."""
+    from refmoe import kernels
+
+    h, i = expert_shape(cfg)
+    rng = np.random.default_rng(0)
+    w = rng.integers(0, 0x7E, size=(i, h), dtype=np.uint8)
+    s = np.ones((-(-i // 128), -(-h // 128)), np.float32)
+    x1 = rng.standard_normal((1, h)).astype(np.float32)
+    x64 = rng.standard_normal((64, h)).astype(np.float32)
+    gemv = _best(lambda: kernels.fp8_gemm(x1, w, s, num_threads=num_threads), reps)
+    gemm = _best(lambda: kernels.fp8_gemm(x64, w, s, num_threads=num_threads), reps)
+    return w.nbytes / gemv / 1e9, 2.0 * 64 * h * i / gemm / 1e9
+
+
+def measure_device_gflops(cfg: ModelConfig, device, tokens: int = 1024, reps: int = 3) -> float:
+    """The SLP compute lane's matmul rate on one expert projection of the model's shape."""
+    import torch
+
+    from refmoe.slp import Matmul
+
+    device = torch.device(device)
+    h, i = expert_shape(cfg)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    mm = Matmul(device, dtype)
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(i, h, generator=g) * 0.05).to(torch.float8_e4m3fn).to(device)
+    s = torch.ones(-(-i // 128), -(-h // 128), device=device)
+    x = torch.randn(tokens, h, generator=g).to(device, dtype)
+
+    def run():
+        mm(x, w, s)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    run()
+    return 2.0 * tokens * h * i / _best(run, reps) / 1e9
+
+
+def measure_rates(cfg: ModelConfig, device, devices: int = 1, num_threads: int | None = None
+                  ) -> Rates:
+    gemv, gflops = measure_cpu(cfg, num_threads)
+    return Rates(h2d_gbps=measure_h2d_gbps(device), cpu_gemv_gbps=gemv, cpu_gflops=gflops,
+                 device_gflops=measure_device_gflops(cfg, device), devices=devices,
+                 device=str(device))
