@@ -52,8 +52,46 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_prefill(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from refmoe import bench_prefill, kernels, models
+    from refmoe.trace import Trace, hardware
+
+    try:
+        directory = args.model or _demo_model(args)
+        cfg, model = models.load(directory, device=args.device)
+        lengths = args.prompt_tokens or [1024, 4096, 16384]
+        trace = Trace({"hardware": hardware(), "model": asdict(cfg), "engine": {
+            "variant": kernels.variant(), "threads": kernels._threads(None), "prefill": "slp",
+            "device": str(model.device)}}) if args.trace else None
+        progress = None
+        if not args.json and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            progress = lambda it: tqdm(it, desc="bench prefill", unit="prompt")  # noqa: E731
+        name = str(directory).rstrip("/").split("/")[-1]
+        rows, rates = bench_prefill.bench_prefill(model, name, lengths, args.slp_device,
+                                                  args.ring, args.chunk_tokens, args.cpu,
+                                                  trace=trace, progress=progress)
+    except (ValueError, RuntimeError) as e:
+        print(f"refmoe bench prefill: {e}", file=sys.stderr)
+        return 2
+    if trace:
+        trace.metadata["engine"]["rates"] = rates.as_dict()
+        trace.write(args.trace)
+    if args.json:
+        print(json.dumps(bench_prefill.rows_as_dicts(rows)))
+    else:
+        print(bench_prefill.format_rows(rows, rates, cfg))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from refmoe import bench, cpu, kernels
+
+    if args.what == "prefill":
+        return _cmd_bench_prefill(args)
 
     if args.what == "decode":
         from refmoe import demo
@@ -138,8 +176,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             trace = Trace({"hardware": hardware(), "model": asdict(cfg), "engine": {
                 "variant": kernels.variant(), "threads": kernels._threads(None),
                 "expert_dtype": args.expert_dtype or "as stored", "device": str(model.device)}})
+        from refmoe import slp
+
+        runner = slp.for_request(model, len(prompt), args.prefill, ring=args.ring,
+                                 chunk_tokens=args.chunk_tokens)
         g = generate(model, prompt, args.max_tokens, params, stop_ids=cfg.eos_token_id,
-                     trace=trace, stop_text=args.stop, decode=tok.decode if tok else None)
+                     trace=trace, stop_text=args.stop, decode=tok.decode if tok else None,
+                     prefill=runner)
         if trace:
             trace.write(args.trace)
     except ValueError as e:
@@ -150,7 +193,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         text = text.split(s)[0] if s in text else text
     result = {"token_ids": g.token_ids, "text": text, "ttft_s": g.ttft_s,
               "decode_tok_s": g.decode_tok_s, "prompt_tokens": g.prompt_tokens,
-              "finish_reason": g.finish_reason}
+              "finish_reason": g.finish_reason, "prefill": "slp" if runner else "cpu"}
     if args.json:
         print(json.dumps(result))
     else:
@@ -262,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="routed expert format (default: as stored; BF16/F32 -> bf16)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where attention and dense layers run (routed experts: the CPU)")
+    g.add_argument("--prefill", choices=["auto", "cpu", "slp"], default="auto",
+                   help="routed experts of the prompt on the CPU kernels, or streamed to the "
+                   "device (SLP); auto: the cost model decides from rates it measures")
+    g.add_argument("--ring", type=int, metavar="SLOTS",
+                   help="SLP ring slots (default: sized to free device memory)")
+    g.add_argument("--chunk-tokens", type=int, metavar="N", help="SLP chunk length")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--trace", metavar="FILE", help="write a Chrome trace (opens in Perfetto)")
     g.set_defaults(func=_cmd_generate)
@@ -282,10 +331,20 @@ def build_parser() -> argparse.ArgumentParser:
     dm.set_defaults(func=_cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks that report ratios to same-run limits")
-    b.add_argument("what", choices=["kernels", "decode"], help="what to benchmark")
-    b.add_argument("--layers", type=int, help="decode: demo model layers")
-    b.add_argument("--experts", type=int, help="decode: demo model experts per layer")
-    b.add_argument("--dir", help="decode: demo model directory")
+    b.add_argument("what", choices=["kernels", "decode", "prefill"], help="what to benchmark")
+    b.add_argument("--layers", type=int, help="decode, prefill: demo model layers")
+    b.add_argument("--experts", type=int, help="decode, prefill: demo model experts per layer")
+    b.add_argument("--dir", help="decode, prefill: demo model directory")
+    b.add_argument("--model", help="prefill: a model directory instead of the demo model")
+    b.add_argument("--prompt-tokens", type=_int_list, help="prefill: prompt lengths, e.g. "
+                   "1024,4096,16384")
+    b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="prefill: where attention and dense layers run")
+    b.add_argument("--slp-device", help="prefill: where SLP computes experts (default: --device)")
+    b.add_argument("--ring", type=int, help="prefill: ring slots (default: sized to memory)")
+    b.add_argument("--chunk-tokens", type=int, help="prefill: SLP chunk length")
+    b.add_argument("--cpu", action="store_true", help="prefill: time the CPU-expert path too")
+    b.add_argument("--trace", metavar="FILE", help="prefill: Chrome trace of the longest prompt")
     b.add_argument("--json", action="store_true", help="print a JSON list of rows")
     b.add_argument("--threads", type=_int_list, help="thread counts, e.g. 1,2 (default: 1 "
                    "and all usable cores)")

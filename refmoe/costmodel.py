@@ -145,7 +145,7 @@ def _best(fn, reps: int) -> float:
     return best
 
 
-def measure_h2d_gbps(device, nbytes: int = 256 * 2**20, reps: int = 5) -> float:
+def measure_h2d_gbps(device, nbytes: int = 128 * 2**20, reps: int = 5) -> float:
     """Host-to-device copy bandwidth: pinned host memory to CUDA, or memory to memory when
     the device is the CPU."""
     import torch

@@ -35,7 +35,7 @@ def demo_config(layers: int, experts: int, vocab: int = 8192) -> dict:
         raise ValueError(f"experts per layer must be a multiple of 8 and >= 16, got {experts}")
     return dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
                 vocab_size=vocab, num_hidden_layers=layers, n_routed_experts=experts,
-                first_k_dense_replace=0, max_position_embeddings=4096, bos_token_id=0,
+                first_k_dense_replace=0, max_position_embeddings=163840, bos_token_id=0,
                 eos_token_id=None, tie_word_embeddings=False,
                 quantization_config={"quant_method": "fp8", "fmt": "e4m3",
                                      "activation_scheme": "dynamic",

@@ -419,7 +419,7 @@ class StreamPrefill:
     model: a refmoe DecoderModel (attention and dense layers run where the model put them).
     owned: which expert slots this runner computes (DSLP gives each device a share; default
     all). ring: the number of slots (default: sized to free device memory). chunk_tokens:
-    the longest chunk (default: the whole prompt up to 8192 tokens)."""
+    the longest chunk (default: 32768 tokens on CUDA, 8192 on the CPU)."""
 
     def __init__(self, model, device: str | torch.device | None = None, ring: int | None = None,
                  chunk_tokens: int | None = None, trace=None, pin: bool | None = None,
@@ -442,7 +442,9 @@ class StreamPrefill:
         self.layout = SlotLayout.of(self.moe[0][1].experts)
         self.slots_per_layer = self.moe[0][1].experts.num_experts
         self.owned = owned or (lambda e: True)
-        self.chunk_tokens = chunk_tokens or 8192
+        # the longest chunk: every chunk streams the experts again, so as long as the
+        # activations and attention allow (see _reserve_bytes)
+        self.chunk_tokens = chunk_tokens or (32768 if self.device.type == "cuda" else 8192)
         self.ring_request = ring
         self.trace = trace
         self.matmul = Matmul(self.device, self.dtype)

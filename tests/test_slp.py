@@ -1,0 +1,233 @@
+"""Stream-loading prefill against the plain prefill path: same logits (within the device's
+precision) and same greedy tokens, for every ring size, mode and chunking; the lanes' order and
+ring reuse read back from the trace; selective streaming; errors; the cost model.
+
+Runs on the CPU everywhere (the ring in host memory, loader and unloader threads); the CUDA
+cases run where a GPU is present."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from conftest import cli_generate
+from refmoe import costmodel, models, slp
+from refmoe.config import ModelConfig
+from refmoe.trace import Trace
+from test_deepseek_v3 import random_model, write_fp8_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+PROMPT = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 93] * 5        # 55 tokens: every expert is hit
+TOL = {"cpu": 1e-5, "cuda": 3e-2}                          # x max |logit|; CUDA computes in bf16
+
+
+@pytest.fixture(scope="module")
+def fp8_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fp8")
+    write_fp8_checkpoint(random_model({}), d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def plain(fp8_dir):
+    """Logits of the plain path (routed experts on the CPU kernels)."""
+    _, model = models.load(fp8_dir)
+    return model.forward(torch.tensor(PROMPT), model.new_cache())
+
+
+def _load(d, device):
+    return models.load(d, device=device)[1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ring,mode,chunk", [(2, "prefetch", None), (3, "selective", None),
+                                             (None, "auto", 16), (5, "prefetch", 7)])
+def test_matches_plain_prefill(fp8_dir, plain, device, ring, mode, chunk):
+    model = _load(fp8_dir, device)
+    runner = slp.StreamPrefill(model, ring=ring, mode=mode, chunk_tokens=chunk)
+    out = runner.prefill(torch.tensor(PROMPT), model.new_cache()).cpu()
+    assert (out - plain).abs().max() <= TOL[device] * plain.abs().max()
+    n_chunks = -(-len(PROMPT) // (chunk or 8192))
+    assert runner.stats.chunks == n_chunks and runner.stats.experts_loaded > 0
+    # prefetch streams every slot (8 routed + 1 shared) of both MoE layers, once per chunk
+    if mode == "prefetch":
+        assert runner.stats.experts_loaded == n_chunks * 2 * 9
+        assert runner.stats.bytes_streamed == n_chunks * 2 * 9 * runner.layout.nbytes
+
+
+def test_cache_carries_on_after_slp(fp8_dir, plain):
+    """Decode after an SLP prefill (chunked) continues the same cache as the plain path."""
+    model = _load(fp8_dir, "cpu")
+    runner = slp.StreamPrefill(model, ring=2, chunk_tokens=20)
+    cache = model.new_cache()
+    runner.prefill(torch.tensor(PROMPT[:-1]), cache)
+    last = model.forward(torch.tensor(PROMPT[-1:]), cache)[-1]
+    assert cache.length == len(PROMPT)
+    assert (last - plain[-1]).abs().max() <= 1e-5 * plain.abs().max()
+
+
+def test_plain_path_reads_the_packed_copy(fp8_dir, plain):
+    """Packing moves the experts into one buffer per layer; the CPU kernels then read it and
+    give the same logits, bit for bit."""
+    model = _load(fp8_dir, "cpu")
+    slp.StreamPrefill(model)
+    moe = model.blocks[1].ffn
+    assert moe.packed is not None and moe.experts.gate[0].base is not None
+    out = model.forward(torch.tensor(PROMPT), model.new_cache())
+    assert torch.equal(out, plain)
+
+
+def test_greedy_tokens_equal_via_cli(fp8_dir):
+    ids = ",".join(map(str, PROMPT))
+    cpu = cli_generate(fp8_dir, "--prompt-ids", ids, "--max-tokens", "12", "--prefill", "cpu")
+    streamed = cli_generate(fp8_dir, "--prompt-ids", ids, "--max-tokens", "12", "--prefill",
+                            "slp", "--ring", "2", "--chunk-tokens", "16")
+    assert cpu["prefill"] == "cpu" and streamed["prefill"] == "slp"
+    assert streamed["token_ids"] == cpu["token_ids"] and len(cpu["token_ids"]) == 12
+
+
+def test_qwen3_bf16_experts(tmp_path):
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=97, hidden_size=72, intermediate_size=96, moe_intermediate_size=40,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_experts=8, num_experts_per_tok=2, max_position_embeddings=256, eos_token_id=None)
+    torch.manual_seed(1)
+    transformers.Qwen3MoeForCausalLM(cfg).eval().save_pretrained(tmp_path)
+    _, model = models.load(tmp_path)
+    assert model.blocks[0].ffn.experts.fmt == "bf16"
+    want = model.forward(torch.tensor(PROMPT), model.new_cache())
+    runner = slp.StreamPrefill(model, ring=2)
+    got = runner.prefill(torch.tensor(PROMPT), model.new_cache())
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert runner.layout.fmt == "bf16" and runner.stats.experts_loaded == 2 * 8
+
+
+def _spans(trace: Trace) -> dict[str, dict[str, tuple[float, float]]]:
+    """lane -> (layer, expert) key -> (start, end) in microseconds."""
+    lanes = {e["tid"]: e["args"]["name"] for e in trace.events
+             if e["ph"] == "M" and e["name"] == "thread_name"}
+    out: dict = {}
+    for e in trace.events:
+        if e["ph"] == "X":
+            key = re.search(r"L(\d+) E(\d+)", e["name"]).group(0)
+            out.setdefault(lanes[e["tid"]], {})[key] = (e["ts"], e["ts"] + e["dur"])
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lanes_order_and_ring_reuse(fp8_dir, device):
+    """From the trace: expert j computes after its load, is added after its compute, and the
+    load that reuses its slot (j + n) starts only after it computed."""
+    model = _load(fp8_dir, device)
+    trace = Trace()
+    runner = slp.StreamPrefill(model, ring=2, mode="prefetch", trace=trace)
+    runner.prefill(torch.tensor(PROMPT), model.new_cache())
+    spans = _spans(trace)
+    assert set(spans) == {"loader", "compute", "unloader"}
+    order = [f"L{layer} E{e}" for layer in (1, 2) for e in range(9)]
+    load, comp, add = spans["loader"], spans["compute"], spans["unloader"]
+    assert list(load) == order and list(comp) == order and list(add) == order
+    slack = 0.5 if device == "cpu" else 2.0  # microseconds: clock rounding, event resolution
+    for j, key in enumerate(order):
+        assert comp[key][0] >= load[key][1] - slack
+        assert add[key][0] >= comp[key][1] - slack
+        if j >= 2:
+            assert load[key][0] >= comp[order[j - 2]][1] - slack
+            assert comp[key][0] >= add[order[j - 2]][1] - slack   # output buffer j % 2
+    json.dumps(trace.to_json())
+
+
+def test_selective_streams_only_routed_experts(fp8_dir):
+    model = _load(fp8_dir, "cpu")
+    routed = []
+    for block in model.blocks[1:]:
+        gate = block.ffn.gate
+
+        def recording(x, gate=gate):
+            w, ids = type(gate).__call__(gate, x)
+            routed.append(set(ids.reshape(-1).tolist()))
+            return w, ids
+
+        block.ffn.gate = recording
+    runner = slp.StreamPrefill(model, ring=2, mode="auto")
+    runner.prefill(torch.tensor(PROMPT[:2]), model.new_cache())
+    assert runner.stats.mode == "selective"
+    want = sum(len(r) + 1 for r in routed)        # routed experts plus the shared one per layer
+    assert runner.stats.experts_loaded == want < 2 * 9
+
+
+def test_int4_experts_are_refused(fp8_dir):
+    _, model = models.load(fp8_dir, expert_dtype="int4")
+    with pytest.raises(ValueError, match="int4"):
+        slp.StreamPrefill(model)
+
+
+def test_a_failing_lane_raises_and_ends(fp8_dir):
+    model = _load(fp8_dir, "cpu")
+    runner = slp.StreamPrefill(model, ring=2)
+    moe = model.blocks[2].ffn
+    moe.packed = moe.packed[:, :16]      # a slot's copy now fails on the loader thread
+    with pytest.raises(RuntimeError, match="SLP"):
+        runner.prefill(torch.tensor(PROMPT), model.new_cache())
+    import threading
+
+    assert not [t for t in threading.enumerate() if t.name.startswith("slp-")]
+
+
+def test_bad_arguments(fp8_dir):
+    model = _load(fp8_dir, "cpu")
+    with pytest.raises(ValueError, match="mode"):
+        slp.StreamPrefill(model, mode="sometimes")
+    with pytest.raises(ValueError, match="prefill must be"):
+        slp.for_request(model, 10, "gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            slp.StreamPrefill(model, device="cuda")
+
+
+def test_ring_sizing():
+    layout = slp.SlotLayout("fp8", (), 44 * 2**20)
+    assert slp.ring_slots(layout, 257, 64 * 2**30, 2**30) == 2 * 257      # two layers fit
+    assert slp.ring_slots(layout, 257, 10 * 2**30, 2**30) == (9 * 2**30) // (44 * 2**20)
+    assert slp.ring_slots(layout, 257, 2**30, 2**30) == 2                 # ping-pong at least
+    assert slp.expected_unused(256, 8, 1) == pytest.approx(248)
+    assert slp.expected_unused(256, 8, 4096) < 1e-50
+
+
+# ---------------------------------------------------------------------------------------------
+# The cost model that picks the path (shared with the simulator)
+# ---------------------------------------------------------------------------------------------
+
+V3 = ModelConfig.from_dict(dict(
+    architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=129280,
+    hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+    num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
+    n_shared_experts=1, n_routed_experts=256, routed_scaling_factor=2.5, kv_lora_rank=512,
+    q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, n_group=8,
+    topk_group=4, num_experts_per_tok=8, first_k_dense_replace=3, norm_topk_prob=True,
+    max_position_embeddings=163840), "V3")
+PAPER = costmodel.Rates(h2d_gbps=53, cpu_gemv_gbps=900, cpu_gflops=4000, device_gflops=125000,
+                        devices=2)
+
+
+def test_cost_model_picks_cpu_for_short_slp_for_long():
+    assert costmodel.choose_prefill(V3, 16, PAPER).path == "cpu"
+    long = costmodel.choose_prefill(V3, 32768, PAPER)
+    assert long.path == "slp" and long.devices == 2
+    cross = costmodel.crossover_tokens(V3, PAPER, devices=1)
+    assert 500 < cross < 20000
+    slower = costmodel.Rates(**{**PAPER.as_dict(), "h2d_gbps": 26.5})
+    assert costmodel.crossover_tokens(V3, slower, devices=1) > cross   # slower link: later
+
+
+def test_cost_model_streaming_floor():
+    """A whole pass of V3's experts over 53 GB/s takes ~12 s however short the prompt; two
+    devices halve it."""
+    one = costmodel.slp_expert_seconds(V3, 8192, PAPER, 1)
+    two = costmodel.slp_expert_seconds(V3, 8192, PAPER, 2)
+    full = 58 * 257 * costmodel.expert_bytes(V3) / 53e9
+    assert full == pytest.approx(12.4, rel=0.05)
+    assert one >= full and two < 0.6 * one
