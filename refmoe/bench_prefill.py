@@ -36,6 +36,7 @@ class PrefillRow:
     cpu_tok_s: float | None     # the plain CPU path, when asked for
     chosen: str                 # what the cost model picks for this length
     estimate_s: dict
+    matmul_note: str            # why the device's FP8 matmul is not used, if it is not
 
 
 def _sync(device: torch.device) -> None:
@@ -81,7 +82,8 @@ def bench_prefill(model, name: str, lengths: list[int], device: str | None = Non
         rows.append(PrefillRow("prefill", name, str(dev), t, ttft, t / ttft, st.bytes_streamed,
                                h2d, limit, (t / ttft) / limit, st.mode, st.slots, st.matmul,
                                st.chunks, cpu_tok_s, choice.path,
-                               {k: round(v, 4) for k, v in choice.seconds.items()}))
+                               {k: round(v, 4) for k, v in choice.seconds.items()},
+                               runner.matmul.why_not))
     runner.trace = None
     return rows, rates
 
@@ -99,6 +101,8 @@ def format_rows(rows: list[PrefillRow], rates: costmodel.Rates, cfg) -> str:
                f"{rates.cpu_gemv_gbps:.1f} GB/s (1 token) / {rates.cpu_gflops:.0f} GFLOP/s "
                f"(64 tokens), device experts {rates.device_gflops:.0f} GFLOP/s "
                f"({rows[0].matmul if rows else '?'})")
+    if rows and rows[0].matmul_note:
+        out.append(f"device FP8 matmul (torch._scaled_mm) not used: {rows[0].matmul_note}")
     out.append("cost-model crossover (SLP on one device beats the CPU experts from): "
                + (f"{cross} tokens" if cross else "never, up to 1M tokens"))
     return "\n".join(out)

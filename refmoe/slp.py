@@ -118,6 +118,9 @@ def pack_host(experts: kernels.ExpertWeights, pin: bool) -> tuple[kernels.Expert
 def _block_dequant(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """codes [N, K] float8_e4m3fn, scale [ceil(N/128), ceil(K/128)] -> [N, K] in dtype."""
     n, k = codes.shape
+    if n % 128 == 0 and k % 128 == 0:            # broadcast the scales, no [N, K] scale copy
+        blocks = codes.view(n // 128, 128, k // 128, 128).to(torch.float32)
+        return (blocks * scale[:, None, :, None]).to(dtype).view(n, k)
     s = scale.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
     return (codes.to(torch.float32) * s).to(dtype)
 
@@ -135,21 +138,35 @@ class Matmul:
         forced = os.environ.get("REFMOE_SLP_MATMUL")
         if forced not in (None, "", "dequant", "scaled_mm"):
             raise ValueError(f"REFMOE_SLP_MATMUL must be dequant or scaled_mm, got {forced!r}")
+        self.why_not = ""      # why the FP8 tensor-core path is not used, when it is not
+        self.layout = (True, False)
         self.kind = forced or ("scaled_mm" if self._scaled_mm_works() else "dequant")
 
     def _scaled_mm_works(self) -> bool:
         if self.device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
+            self.why_not = "no CUDA device"
             return False
-        try:
-            g = torch.Generator(device="cpu").manual_seed(0)
-            x = torch.randn(16, 256, generator=g).to(self.device)
-            w = (torch.randn(256, 256, generator=g) * 0.1).to(torch.float8_e4m3fn).to(self.device)
-            s = (torch.rand(2, 2, generator=g) + 0.5).to(self.device)
-            want = x @ _block_dequant(w, s, torch.float32).T
-            got = self._scaled(x, w, s).float()
-            return bool(((got - want).norm() / want.norm()) < 0.05)
-        except (RuntimeError, TypeError, ValueError):
-            return False
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(16, 256, generator=g).to(self.device)
+        w = (torch.randn(256, 256, generator=g) * 0.1).to(torch.float8_e4m3fn).to(self.device)
+        s = (torch.rand(2, 2, generator=g) + 0.5).to(self.device)
+        want = x @ _block_dequant(w, s, torch.float32).T
+        reasons = []
+        # the scale layouts cuBLASLt has asked for across versions: activation scales [M, K/128]
+        # column- or row-major, weight scales [K/128, N/128] as a transposed view or contiguous
+        for layout in ((True, False), (False, False), (True, True), (False, True)):
+            self.layout = layout
+            try:
+                got = self._scaled(x, w, s).float()
+            except (RuntimeError, TypeError, ValueError) as e:
+                reasons.append(f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                continue
+            err = float((got - want).norm() / want.norm())
+            if err < 0.05:
+                return True
+            reasons.append(f"relative error {err:.3f} against dequant")
+        self.why_not = reasons[0] if len(set(reasons)) == 1 else " | ".join(reasons)
+        return False
 
     def _scaled(self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         m, k = x.shape
@@ -159,10 +176,13 @@ class Matmul:
         amax = xp.abs().amax(-1).clamp(min=1e-12)                           # [Mp, K/128]
         sa = amax / 448.0
         q = (xp / sa[..., None]).view(mp, kb * 128)[:, :k].to(torch.float8_e4m3fn)
-        # scale_a [M, K/128] stored column-major (as cuBLASLt reads the 1x128 scales)
-        sa = sa.t().contiguous().t()
-        y = torch._scaled_mm(q, w.t(), scale_a=sa, scale_b=scale.t().float(),
-                             out_dtype=torch.bfloat16)
+        a_col_major, b_contiguous = self.layout
+        if a_col_major:
+            sa = sa.t().contiguous().t()
+        sb = scale.t().float()
+        if b_contiguous:
+            sb = sb.contiguous()
+        y = torch._scaled_mm(q, w.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
         return y[:m]
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None
@@ -482,6 +502,9 @@ class StreamPrefill:
         chunk, the cache carried over."""
         start = time.perf_counter()
         out = []
+        # the ids go up before the chunk queues its loads: a small copy issued later would wait
+        # behind gigabytes of expert weights in the copy engine's queue
+        ids = ids.to(self.model.device)
         for lo in range(0, ids.shape[0], self.chunk_tokens):
             chunk = ids[lo: lo + self.chunk_tokens]
             out.append(self.model.forward(chunk, cache, experts=self._chunk(chunk.shape[0])))
@@ -548,18 +571,19 @@ class _Chunk:
         r = self.runner
         dev = r.device
         t = x.shape[0]
-        tok = np.repeat(np.arange(t), ids.shape[1])
-        exp = ids.reshape(-1).cpu().numpy()
-        w = weights.reshape(-1).float().cpu().numpy()
+        # assignments grouped by expert, on the device: nothing goes host -> device here (it
+        # would queue behind the expert loads); only the per-expert counts come back
+        ids, weights = ids.to(dev), weights.to(dev, torch.float32)
+        tok = torch.arange(t, device=dev).repeat_interleave(ids.shape[1])
+        exp, w = ids.reshape(-1), weights.reshape(-1)
         if shared_slot is not None:
-            tok = np.concatenate([tok, np.arange(t)])
-            exp = np.concatenate([exp, np.full(t, shared_slot)])
-            w = np.concatenate([w, np.ones(t, np.float32)])
-        order = np.argsort(exp, kind="stable")
-        counts = np.bincount(exp, minlength=r.slots_per_layer)
+            tok = torch.cat([tok, torch.arange(t, device=dev)])
+            exp = torch.cat([exp, torch.full((t,), shared_slot, device=dev, dtype=exp.dtype)])
+            w = torch.cat([w, torch.ones(t, device=dev)])
+        order = torch.argsort(exp, stable=True)
+        tok_d, w_d = tok[order], w[order]
+        counts = torch.bincount(exp, minlength=r.slots_per_layer).cpu().numpy()
         bounds = np.concatenate([[0], np.cumsum(counts)])
-        tok_d = torch.from_numpy(tok[order]).to(dev, non_blocking=False)
-        w_d = torch.from_numpy(w[order]).to(dev)
         xd = x.to(dev, r.dtype)
         y = torch.zeros((t, x.shape[1]), dtype=torch.float32, device=dev)
         if self.plan is None:                                     # selective: routed experts

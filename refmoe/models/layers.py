@@ -86,6 +86,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale:
     under budget_bytes, so a long prompt never builds an [n, T, S] tensor at once."""
     n, t, _ = q.shape
     s = k.shape[1]
+    if q.is_cuda:   # fused attention in bf16 (flash / memory-efficient kernels)
+        mask = None if start == 0 and t == s else (
+            torch.arange(s, device=q.device)[None, :] <= (start + torch.arange(
+                t, device=q.device))[:, None])                               # [T, S] keep
+        out = F.scaled_dot_product_attention(
+            q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16), attn_mask=mask,
+            is_causal=mask is None and t > 1, scale=scale)
+        return out.to(q.dtype)
     block = max(1, min(t, budget_bytes // max(1, n * s * 4)))
     outs = []
     for lo in range(0, t, block):
@@ -368,6 +376,9 @@ class DecoderModel:
         self.device = resolve_device(device)
         if self.device.type != "cpu":
             move(self, self.device)
+            # float32 projections on a GPU run on its tensor cores (TF32), as inference
+            # engines do; the CPU path keeps full float32
+            torch.backends.cuda.matmul.allow_tf32 = True
 
     def make_block(self, ck, layer, cfg, expert_dtype, num_threads):
         raise NotImplementedError
