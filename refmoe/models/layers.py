@@ -79,6 +79,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+def _fused_attention(q, k, v, start: int, scale: float) -> torch.Tensor | None:
+    """CUDA: flash or memory-efficient attention in bf16 (v padded to q's head size when they
+    differ, as in MLA); None when neither kernel takes the shapes (never the math backend,
+    which would build the whole score matrix)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    t, s, dv = q.shape[1], k.shape[1], v.shape[-1]
+    mask = None if start == 0 and t == s else (
+        torch.arange(s, device=q.device)[None, :] <= (start + torch.arange(
+            t, device=q.device))[:, None])                                   # [T, S] keep
+    vb = v.to(torch.bfloat16)
+    if dv < q.shape[-1]:
+        vb = F.pad(vb, (0, q.shape[-1] - dv))
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            out = F.scaled_dot_product_attention(
+                q.to(torch.bfloat16), k.to(torch.bfloat16), vb, attn_mask=mask,
+                is_causal=mask is None and t > 1, scale=scale)
+    except RuntimeError:
+        return None
+    return out[..., :dv].to(q.dtype)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float,
            budget_bytes: int = 1 << 30) -> torch.Tensor:
     """Causal attention of queries at positions start .. start+T over keys 0 .. S.
@@ -86,14 +109,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale:
     under budget_bytes, so a long prompt never builds an [n, T, S] tensor at once."""
     n, t, _ = q.shape
     s = k.shape[1]
-    if q.is_cuda:   # fused attention in bf16 (flash / memory-efficient kernels)
-        mask = None if start == 0 and t == s else (
-            torch.arange(s, device=q.device)[None, :] <= (start + torch.arange(
-                t, device=q.device))[:, None])                               # [T, S] keep
-        out = F.scaled_dot_product_attention(
-            q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16), attn_mask=mask,
-            is_causal=mask is None and t > 1, scale=scale)
-        return out.to(q.dtype)
+    if q.is_cuda:
+        out = _fused_attention(q, k, v, start, scale)
+        if out is not None:
+            return out
     block = max(1, min(t, budget_bytes // max(1, n * s * 4)))
     outs = []
     for lo in range(0, t, block):
