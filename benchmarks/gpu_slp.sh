@@ -20,15 +20,15 @@ step build
 python3 setup.py build_ext --inplace -j 16 > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
 python3 -m refmoe.cli info | head -3
 step tests
-timeout 240 python3 -m pytest -q -x tests/test_slp.py 2>&1 | tail -15
+timeout 240 python3 -m pytest -q -x tests/test_slp.py -W ignore::UserWarning 2>&1 | tail -15
 step bench prefill: sweep
 timeout 300 python3 -m refmoe.cli bench prefill $demo \
-  --prompt-tokens ${TOKENS:-512,1024,2048,4096,8192,16384,32768} --json > "$out/prefill.json"
+  --prompt-tokens ${TOKENS:-512,1024,2048,4096,8192,16384,32768} --json 2>"$out/prefill.err" > "$out/prefill.json"
 python3 -c "import json,sys; [print(r) for r in json.load(open(sys.argv[1]))]" "$out/prefill.json"
 step bench prefill: 4096 tokens traced, and the CPU path beside at 512
 timeout 150 python3 -m refmoe.cli bench prefill $demo --prompt-tokens 4096 \
   --trace "$out/slp-trace-4096.json"
-timeout 150 python3 -m refmoe.cli bench prefill $demo --prompt-tokens 512 --cpu --ring 8
+timeout 150 python3 -m refmoe.cli bench prefill $demo --prompt-tokens 512,4096 --cpu --ring 8
 if [ -n "$KERNELS" ]; then
   step bench kernels
   timeout 200 python3 -m refmoe.cli bench kernels --reps 3 --no-torch | tee "$out/kernels.txt"

@@ -48,14 +48,16 @@ def bench_prefill(model, name: str, lengths: list[int], device: str | None = Non
                   ring: int | None = None, chunk_tokens: int | None = None, with_cpu: bool = False,
                   seed: int = 0, trace=None, progress=None) -> tuple[list[PrefillRow],
                                                                     costmodel.Rates]:
-    """One prefill per length after a short warm-up; the trace, if given, records the
-    longest."""
+    """One prefill per length after a warm-up at the longest; the trace, if given, records
+    the longest."""
     runner = slp.StreamPrefill(model, device, ring=ring, chunk_tokens=chunk_tokens)
     dev = runner.device
     rates = costmodel.measure_rates(model.cfg, dev)
     g = torch.Generator().manual_seed(seed)
-    warm = torch.randint(0, model.cfg.vocab_size, (min(lengths),), generator=g)
-    runner.prefill(warm, model.new_cache())            # CUDA context, kernels, the ring
+    # warm-up at the longest length: CUDA context, kernels, the ring, and the allocator's
+    # blocks, so that no timed run pays for growing device memory
+    warm = torch.randint(0, model.cfg.vocab_size, (max(lengths),), generator=g)
+    runner.prefill(warm, model.new_cache())
     rows = []
     for t in progress(lengths) if progress else lengths:
         if t + 1 > model.cfg.max_position_embeddings:

@@ -94,9 +94,9 @@ def _fused_attention(q, k, v, start: int, scale: float) -> torch.Tensor | None:
         vb = F.pad(vb, (0, q.shape[-1] - dv))
     try:
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-            out = F.scaled_dot_product_attention(
-                q.to(torch.bfloat16), k.to(torch.bfloat16), vb, attn_mask=mask,
-                is_causal=mask is None and t > 1, scale=scale)
+            out = F.scaled_dot_product_attention(      # the fused kernels want [B, n, T, d]
+                q.to(torch.bfloat16)[None], k.to(torch.bfloat16)[None], vb[None],
+                attn_mask=mask, is_causal=mask is None and t > 1, scale=scale)[0]
     except RuntimeError:
         return None
     return out[..., :dv].to(q.dtype)
