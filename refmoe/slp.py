@@ -12,7 +12,8 @@ Requests j run in one order on every lane: layer by layer, expert by expert. Whe
 is long enough that every expert is expected to be hit, the order is known in advance and the
 loader runs ahead into the next layer while this one computes ("prefetch"); for short chunks
 only the experts the chunk routes to are streamed, once this layer's router has run
-("selective"). The ring holds two layers when device memory allows, down to two slots.
+("selective"). On the CPU the ring holds two layers; on CUDA it holds CUDA_QUEUE_SLOTS (see
+there), fewer when device memory is short, down to two.
 
 On CUDA the lanes are streams and events and the host buffer is pinned; on a machine without
 one the "device" is the CPU, the ring lives in host memory and the loader and unloader are
@@ -38,6 +39,14 @@ from refmoe import kernels
 from refmoe.kernels.formats import scale_shape
 
 ALIGN = 256  # every part of a slot starts at a multiple of this (device loads want alignment)
+
+# On CUDA every load is queued on the copy engine when it is issued, and each small
+# host<->device copy the forward pass makes waits behind what is queued. A ring of a whole
+# layer or more, issued at once, put ~0.2-0.4 s of copies ahead of them; 8 slots (~350 MB of
+# DeepSeek experts, ~7 ms at 54 GB/s) keep the copy engine busy without that. Measured on an
+# H100 (docs/slp.md): 2 layers x 257 experts, 4,096 tokens, 0.57 of the PCIe bound with 514
+# slots, 0.96 with 8. Memory still caps the ring (ring_slots), down to two.
+CUDA_QUEUE_SLOTS = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,10 +464,14 @@ class StreamPrefill:
         self.moe = [(b.layer, b.ffn) for b in model.blocks if hasattr(b.ffn, "experts")]
         if not self.moe:
             raise ValueError("the model has no MoE layers to stream")
-        pin = self.device.type == "cuda" if pin is None else pin
-        for _, moe in self.moe:   # one host copy, packed (and pinned on CUDA) once per model
-            if getattr(moe, "packed", None) is None or (pin and not moe.packed.is_pinned()):
-                moe.experts, moe.packed = pack_host(moe.experts, pin)
+        # CUDA: the one host copy is packed into pinned memory once per model (async copies
+        # need it); the CPU kernels read the packed copy from then on. CPU: the loader copies
+        # straight from the checkpoint's mapped pages, which every process shares.
+        self.packed = self.device.type == "cuda" if pin is None else pin
+        for _, moe in self.moe:
+            if self.packed and (moe.packed is None or (self.device.type == "cuda"
+                                                       and not moe.packed.is_pinned())):
+                moe.experts, moe.packed = pack_host(moe.experts, self.device.type == "cuda")
         self.layout = SlotLayout.of(self.moe[0][1].experts)
         self.slots_per_layer = self.moe[0][1].experts.num_experts
         self.owned = owned or (lambda e: True)
@@ -484,9 +497,10 @@ class StreamPrefill:
             slots = max(2, int(self.ring_request))
         elif self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            slots = ring_slots(self.layout, self.slots_per_layer, free + (
-                self._ring.buf.numel() if self._ring is not None else 0),
-                self._reserve_bytes(tokens))
+            slots = min(CUDA_QUEUE_SLOTS, ring_slots(
+                self.layout, self.slots_per_layer,
+                free + (self._ring.buf.numel() if self._ring is not None else 0),
+                self._reserve_bytes(tokens)))
         else:
             slots = 2 * self.slots_per_layer
         if self._ring is None or self._ring.slots != slots:
@@ -538,7 +552,7 @@ class _Chunk:
         self.requests: list[tuple[int, int]] = list(plan) if plan is not None else []
         self.next_load = 0
         self.next_compute = 0
-        self.sources = {layer: moe.packed for layer, moe in runner.moe}
+        self.experts = {layer: moe for layer, moe in runner.moe}
         self._issue_loads()
 
     def _issue_loads(self) -> None:
@@ -547,10 +561,7 @@ class _Chunk:
         while self.next_load < min(len(self.requests), limit):
             j = self.next_load
             layer, e = self.requests[j]
-            src = self.sources[layer][e]
-            dst = self.ring.buf[j % self.ring.slots]
-            non_blocking = self.runner.device.type == "cuda"
-            self.lanes.load(j, lambda d=dst, s=src: d.copy_(s, non_blocking=non_blocking),
+            self.lanes.load(j, self._copier(layer, e, j % self.ring.slots),
                             f"load L{layer} E{e}")
             self.runner.stats.bytes_streamed += self.ring.layout.nbytes
             self.runner.stats.experts_loaded += 1
@@ -564,6 +575,22 @@ class _Chunk:
                        moe.experts.num_experts - 1 if moe.fused_shared else None)
         y = y.to(x.device, x.dtype)
         return y + moe.shared(x) if moe.shared is not None else y
+
+    def _copier(self, layer: int, e: int, slot: int):
+        """A function that copies expert e of the layer into the slot: one contiguous row of
+        the packed buffer, or part by part from the checkpoint's mapped arrays."""
+        moe, dst = self.experts[layer], self.ring.buf[slot]
+        if self.runner.packed:
+            src, non_blocking = moe.packed[e], self.runner.device.type == "cuda"
+            return lambda: dst.copy_(src, non_blocking=non_blocking)
+        layout = self.ring.layout
+        parts = layout.sources(moe.experts, e)
+        dst_np = dst.numpy()
+
+        def copy():
+            for part, src in zip(layout.parts, parts):
+                dst_np[part.offset: part.offset + part.nbytes] = src
+        return copy
 
     def layer(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
               shared_slot: int | None) -> torch.Tensor:

@@ -70,14 +70,24 @@ def test_cache_carries_on_after_slp(fp8_dir, plain):
 
 
 def test_plain_path_reads_the_packed_copy(fp8_dir, plain):
-    """Packing moves the experts into one buffer per layer; the CPU kernels then read it and
-    give the same logits, bit for bit."""
+    """Packing (what CUDA does, pinned) moves the experts into one buffer per layer; the CPU
+    kernels then read it and give the same logits, bit for bit, and SLP streams from it."""
     model = _load(fp8_dir, "cpu")
-    slp.StreamPrefill(model)
+    runner = slp.StreamPrefill(model, pin=True, ring=3)
     moe = model.blocks[1].ffn
     assert moe.packed is not None and moe.experts.gate[0].base is not None
-    out = model.forward(torch.tensor(PROMPT), model.new_cache())
-    assert torch.equal(out, plain)
+    assert torch.equal(model.forward(torch.tensor(PROMPT), model.new_cache()), plain)
+    out = runner.prefill(torch.tensor(PROMPT), model.new_cache())
+    assert (out - plain).abs().max() <= 1e-5 * plain.abs().max()
+
+
+def test_cpu_streams_from_the_mapped_checkpoint(fp8_dir):
+    """On the CPU nothing is copied at load: the experts stay views of the mapped shard."""
+    model = _load(fp8_dir, "cpu")
+    before = model.blocks[1].ffn.experts.gate[0]
+    slp.StreamPrefill(model)
+    assert model.blocks[1].ffn.packed is None and model.blocks[1].ffn.experts.gate[0] is before
+    assert not before.flags.writeable             # a read-only view of the mmap
 
 
 def test_greedy_tokens_equal_via_cli(fp8_dir):
@@ -167,7 +177,7 @@ def test_int4_experts_are_refused(fp8_dir):
 
 def test_a_failing_lane_raises_and_ends(fp8_dir):
     model = _load(fp8_dir, "cpu")
-    runner = slp.StreamPrefill(model, ring=2)
+    runner = slp.StreamPrefill(model, ring=2, pin=True)
     moe = model.blocks[2].ffn
     moe.packed = moe.packed[:, :16]      # a slot's copy now fails on the loader thread
     with pytest.raises(RuntimeError, match="SLP"):
