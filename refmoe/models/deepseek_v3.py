@@ -66,8 +66,10 @@ class MLA:
         self.o = Linear(ck, f"{p}.o_proj.weight", (h, n * cfg.v_head_dim))
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, softmax_scale: float,
-                 cache: LayerCache) -> torch.Tensor:
-        """x [T, H] at positions cache.length .. +T; returns [T, H] and extends the cache."""
+                 cache: LayerCache, cp=None) -> torch.Tensor:
+        """x [T, H] at positions cache.length .. +T; returns [T, H] and extends the cache.
+        cp (context parallel): x is this rank's slice; the latent of every rank's tokens is
+        gathered into the cache and the queries sit at cp.offset."""
         cfg, n, t = self.cfg, self.n, x.shape[0]
         if cfg.q_lora_rank:
             q = self.q_b(rms_norm(self.q_a(x), self.q_a_norm, cfg.rms_norm_eps))
@@ -81,14 +83,18 @@ class MLA:
         q_rot = apply_rope(q_rot, cos, sin, cfg.rope_interleave)            # [n, T, rope]
         k_rot = apply_rope(k_rot, cos, sin, cfg.rope_interleave)            # [T, rope]
         start = cache.length
+        if cp is not None:
+            latent, k_rot = cp.gather(latent), cp.gather(k_rot)
         cache.latent = latent if cache.latent is None else torch.cat([cache.latent, latent])
         cache.k_rot = k_rot if cache.k_rot is None else torch.cat([cache.k_rot, k_rot])
         s = cache.length
-        kv_new = self.kv_b(latent).view(t, n, -1).transpose(0, 1)            # [n, T, nope+v]
+        kv_new = self.kv_b(latent).view(latent.shape[0], n, -1).transpose(0, 1)  # [n, T, nope+v]
         cache.kv = kv_new if cache.kv is None else torch.cat([cache.kv, kv_new], dim=1)
         k_nope, v = cache.kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)  # [n, S, .]
         k = torch.cat([k_nope, cache.k_rot.expand(n, s, -1)], dim=-1)        # [n, S, qk]
         qf = torch.cat([q_nope, q_rot], dim=-1)                              # [n, T, qk]
+        if cp is not None:
+            start += cp.offset
         out = attend(qf, k, v, start, self.qk_head ** -0.5 * softmax_scale)   # [n, T, v]
         return self.o(out.transpose(0, 1).reshape(t, -1))
 

@@ -406,18 +406,20 @@ class DecoderModel:
         return KVCache([block.attn.new_cache() for block in self.blocks])
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, cache: KVCache, experts=None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, cache: KVCache, experts=None, cp=None) -> torch.Tensor:
         """ids [T] (the next T tokens after the cache) -> logits [T, V] float32.
-        experts: a refmoe.slp chunk that runs the routed experts (stream-loading prefill)."""
+        experts: a refmoe.slp chunk that runs the routed experts (stream-loading prefill).
+        cp: a refmoe.dslp.ContextParallel when the chunk is split across ranks: ids are this
+        rank's slice, at cp.offset within the chunk; every rank's cache gets the whole chunk."""
         t, ids = ids.shape[0], ids.to(self.device)
-        pos = torch.arange(cache.length, cache.length + t, dtype=torch.float32,
-                           device=self.device)
+        first = cache.length + (cp.offset if cp is not None else 0)
+        pos = torch.arange(first, first + t, dtype=torch.float32, device=self.device)
         freqs = pos[:, None] * self.inv_freq[None, :]                         # [T, rope/2]
         cos, sin = freqs.cos() * self.rope_factor, freqs.sin() * self.rope_factor
         x = self.embed[ids]                                                    # [T, H]
         try:
             for block, layer_cache in zip(self.blocks, cache.layers):
-                x = block(x, cos, sin, self.softmax_scale, layer_cache, self.trace, experts)
+                x = block(x, cos, sin, self.softmax_scale, layer_cache, self.trace, experts, cp)
         finally:
             if experts is not None:
                 experts.close()
@@ -438,12 +440,12 @@ class Block:
         self.ffn = MoE(ck, f"{p}.mlp", cfg, expert_dtype, num_threads) if cfg.is_moe_layer(layer) \
             else MLP(ck, f"{p}.mlp", cfg.hidden_size, cfg.intermediate_size)
 
-    def __call__(self, x, cos, sin, softmax_scale, cache, trace=None, streamed=None
+    def __call__(self, x, cos, sin, softmax_scale, cache, trace=None, streamed=None, cp=None
                  ) -> torch.Tensor:
         tokens = x.shape[0]
         with maybe(trace, "device", "attention", f"attention L{self.layer}", tokens=tokens):
             x = x + self.attn(rms_norm(x, self.attn_norm, self.eps), cos, sin, softmax_scale,
-                              cache)
+                              cache, cp)
         moe = isinstance(self.ffn, MoE)
         lane = "experts" if moe else "dense mlp"
         where = ("slp" if streamed is not None else "cpu") if moe else "device"

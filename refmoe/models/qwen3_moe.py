@@ -44,14 +44,18 @@ class GQA:
         self.k_norm = load_dense(ck, f"{p}.k_norm.weight", (d,))
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, softmax_scale: float,
-                 cache: LayerCache) -> torch.Tensor:
-        """x [T, H] at positions cache.length .. +T; returns [T, H] and extends the cache."""
+                 cache: LayerCache, cp=None) -> torch.Tensor:
+        """x [T, H] at positions cache.length .. +T; returns [T, H] and extends the cache.
+        cp (context parallel): x is this rank's slice; every rank's keys and values are
+        gathered into the cache and the queries sit at cp.offset."""
         eps, t, n, g, d = self.cfg.rms_norm_eps, x.shape[0], self.n, self.g, self.d
         q = rms_norm(self.q(x).view(t, n, d), self.q_norm, eps).transpose(0, 1)  # [n, T, d]
         k = rms_norm(self.k(x).view(t, g, d), self.k_norm, eps).transpose(0, 1)  # [g, T, d]
         v = self.v(x).view(t, g, d).transpose(0, 1)                               # [g, T, d]
         q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
         start = cache.length
+        if cp is not None:
+            k, v, start = cp.gather(k, dim=1), cp.gather(v, dim=1), start + cp.offset
         kk = cache.k.append(k).repeat_interleave(n // g, dim=0)                        # [n, S, d]
         vv = cache.v.append(v).repeat_interleave(n // g, dim=0)
         out = attend(q, kk, vv, start, d ** -0.5 * softmax_scale)                      # [n, T, d]

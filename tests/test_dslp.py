@@ -1,0 +1,50 @@
+"""Distributed SLP with SmallEP: two real processes over torch.distributed (gloo on the CPU),
+against the plain single-process prefill: the same logits at every position, the same greedy
+tokens, each rank streaming only its half of the experts; for MLA and for GQA."""
+
+import pytest
+import torch
+
+from refmoe import dslp, models
+from refmoe.generate import generate
+from test_slp import PROMPT, fp8_dir, plain  # noqa: F401 (fixtures)
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_split_and_offsets():
+    assert dslp.ContextParallel.split(55, 2) == [28, 27]
+    assert dslp.ContextParallel.split(7, 3) == [3, 2, 2]
+    assert dslp.ContextParallel([3, 2, 2], 2).offset == 5
+
+
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_two_ranks_match_plain_prefill(fp8_dir, plain, chunk):  # noqa: F811
+    _, model = models.load(fp8_dir)
+    want = generate(model, PROMPT, 8).token_ids
+    with dslp.Group.start(model, fp8_dir, world=2, threads_per_rank=1, ring=2,
+                          chunk_tokens=chunk) as group:
+        out = group.prefill(torch.tensor(PROMPT), model.new_cache(), all_logits=True)
+        assert out.shape == plain.shape
+        assert (out - plain).abs().max() <= 1e-5 * plain.abs().max()
+        chunks = -(-len(PROMPT) // (chunk or 8192))
+        # rank 0 owns the even expert slots: routed 0, 2, 4, 6 and the shared one (slot 8)
+        assert group.stats.experts_loaded == chunks * 2 * 5
+        got = generate(model, PROMPT, 8, prefill=group)
+        assert got.token_ids == want
+
+
+def test_two_ranks_gqa(tmp_path):
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=97, hidden_size=72, intermediate_size=96, moe_intermediate_size=40,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_experts=8, num_experts_per_tok=2, max_position_embeddings=256, eos_token_id=None)
+    torch.manual_seed(2)
+    transformers.Qwen3MoeForCausalLM(cfg).eval().save_pretrained(tmp_path)
+    _, model = models.load(tmp_path)
+    want = model.forward(torch.tensor(PROMPT[:23]), model.new_cache())
+    with dslp.Group.start(model, tmp_path, world=2, threads_per_rank=1) as group:
+        cache = model.new_cache()
+        last = group.prefill(torch.tensor(PROMPT[:23]), cache)
+        assert cache.length == 23
+        assert (last[-1] - want[-1]).abs().max() <= 1e-5 * want.abs().max()
