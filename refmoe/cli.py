@@ -178,11 +178,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 "expert_dtype": args.expert_dtype or "as stored", "device": str(model.device)}})
         from refmoe import slp
 
-        runner = slp.for_request(model, len(prompt), args.prefill, ring=args.ring,
-                                 chunk_tokens=args.chunk_tokens)
-        g = generate(model, prompt, args.max_tokens, params, stop_ids=cfg.eos_token_id,
-                     trace=trace, stop_text=args.stop, decode=tok.decode if tok else None,
-                     prefill=runner)
+        if args.ranks < 1:
+            raise ValueError(f"--ranks must be >= 1, got {args.ranks}")
+        group = None
+        if args.ranks > 1 and args.prefill != "cpu":        # DSLP: this process is rank 0
+            from refmoe import dslp
+
+            runner = group = dslp.Group.start(model, args.model, args.ranks, ring=args.ring,
+                                              chunk_tokens=args.chunk_tokens)
+        else:
+            runner = slp.for_request(model, len(prompt), args.prefill, ring=args.ring,
+                                     chunk_tokens=args.chunk_tokens)
+        try:
+            g = generate(model, prompt, args.max_tokens, params, stop_ids=cfg.eos_token_id,
+                         trace=trace, stop_text=args.stop, decode=tok.decode if tok else None,
+                         prefill=runner)
+        finally:
+            if group is not None:
+                group.close()
         if trace:
             trace.write(args.trace)
     except ValueError as e:
@@ -193,7 +206,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         text = text.split(s)[0] if s in text else text
     result = {"token_ids": g.token_ids, "text": text, "ttft_s": g.ttft_s,
               "decode_tok_s": g.decode_tok_s, "prompt_tokens": g.prompt_tokens,
-              "finish_reason": g.finish_reason, "prefill": "slp" if runner else "cpu"}
+              "finish_reason": g.finish_reason,
+              "prefill": ("dslp" if group else "slp") if runner else "cpu"}
     if args.json:
         print(json.dumps(result))
     else:
@@ -311,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ring", type=int, metavar="SLOTS",
                    help="SLP ring slots (default: sized to free device memory)")
     g.add_argument("--chunk-tokens", type=int, metavar="N", help="SLP chunk length")
+    g.add_argument("--ranks", type=int, default=1, metavar="N",
+                   help="DSLP: split the prompt's prefill over N ranks (processes; one GPU "
+                   "each with CUDA), each streaming 1/N of the experts")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--trace", metavar="FILE", help="write a Chrome trace (opens in Perfetto)")
     g.set_defaults(func=_cmd_generate)

@@ -16,11 +16,13 @@ def _cmd_predict(args) -> int:
     from sim.predict import predict
 
     p = predict(ModelConfig.from_file(args.model), Hardware.load(args.hardware),
-                args.prompt_tokens, args.output_tokens)
+                args.prompt_tokens, args.output_tokens, args.prefill, args.devices)
     if args.json:
         print(json.dumps(p.as_dict()))
     else:
-        print(f"TTFT {p.ttft_s * 1e3:.1f} ms, TPOT {p.tpot_s * 1e3:.1f} ms "
+        path = f"SLP on {p.devices} GPU(s)" if p.prefill == "slp" else "CPU experts"
+        print(f"TTFT {p.ttft_s * 1e3:.1f} ms ({p.prompt_tokens / p.ttft_s:.0f} prefill tok/s, "
+              f"{path}), TPOT {p.tpot_s * 1e3:.1f} ms "
               f"({p.decode_tok_s:.2f} tok/s), {p.bytes_per_token / 1e9:.2f} GB per token")
     return 0
 
@@ -60,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--hardware", required=True, help="profile YAML or a name in sim/profiles")
     pr.add_argument("--prompt-tokens", type=int, default=1024)
     pr.add_argument("--output-tokens", type=int, default=128)
+    pr.add_argument("--prefill", choices=["cpu", "slp", "auto"], default="auto",
+                    help="prefill path (auto: the engine's cost model picks)")
+    pr.add_argument("--devices", type=int, help="GPUs for SLP (default: all in the profile)")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=_cmd_predict)
     ca = sub.add_parser("calibrate", help="this machine's profile from micro-benchmarks")

@@ -65,6 +65,7 @@ class GPU:
     hbm_efficiency: float = 0.8
     pcie_gbps: float = 50.0            # host-to-device, per direction
     layer_overhead_us: float = 250.0   # per decoder layer at batch 1
+    expert_tflops: float = 100.0       # SLP's expert matmuls (dense TFLOP/s x efficiency)
 
 
 @dataclass(slots=True)

@@ -3,8 +3,11 @@ decode, attention and dense layers on the device (a GPU, or the CPU itself), rou
 the CPU kernels reading DRAM. Returns TTFT and TPOT.
 
 The engine's own placement rules apply: with a GPU, attention runs from HBM; without one, every
-projection is an FP8 GEMV on the CPU. Prefill here is the baseline CPU path (routed experts on
-the CPU kernels for all prompt tokens); SLP arrives with its issue.
+projection is an FP8 GEMV on the CPU. Prefill takes the baseline CPU path (routed experts on
+the CPU kernels for all prompt tokens) or SLP: a loader process streams each MoE layer's
+experts over the GPUs' PCIe links (fluid, 1/N of the experts per GPU with DSLP) into a ring of
+two layers while the compute process runs attention and the experts on the GPU. "auto" picks
+the path with the engine's own cost model (refmoe.costmodel) from the profile's rates.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 import simpy
 
+from refmoe import costmodel
 from refmoe.config import ModelConfig
 from sim import costs
 from sim.fluid import FluidNetwork, Link
@@ -27,6 +31,8 @@ class Prediction:
     ttft_s: float
     tpot_s: float
     bytes_per_token: int
+    prefill: str = "cpu"
+    devices: int = 0          # GPUs streaming experts (SLP), 0 for the CPU path
 
     @property
     def decode_tok_s(self) -> float:
@@ -71,8 +77,12 @@ class Machine:
         """`experts` matrices of `one` bytes, each used by Binomial(tokens, p) tokens: one
         stream at the rate that takes the expected total time."""
         nbytes = seconds = 0.0
-        for m in range(1, tokens + 1):
-            pm = math.comb(tokens, m) * p**m * (1 - p) ** (tokens - m)
+        mean, sd = tokens * p, math.sqrt(tokens * p * (1 - p))
+        lo, hi = max(1, int(mean - 12 * sd - 1)), min(tokens, int(mean + 12 * sd + 2))
+        for m in range(lo, hi + 1):   # the rest of the distribution weighs < 1e-30
+            pm = math.exp(math.lgamma(tokens + 1) - math.lgamma(m + 1)
+                          - math.lgamma(tokens - m + 1) + m * math.log(p)
+                          + (tokens - m) * math.log1p(-p)) if p < 1 else float(m == tokens)
             nbytes += experts * pm * one
             seconds += experts * pm * one / (self.rate_gbps(m) * 1e9)
         if nbytes > 0:
@@ -111,16 +121,83 @@ def _step(m: Machine, cfg: ModelConfig, tokens: int, out: dict):
     out["t"] = m.env.now
 
 
-def predict(cfg: ModelConfig, hw: Hardware, prompt_tokens: int, output_tokens: int
-            ) -> Prediction:
+def rates(hw: Hardware, devices: int | None = None) -> costmodel.Rates:
+    """The cost model's rates from a hardware profile."""
+    cpu, gpu = hw.cpu, hw.gpus[0] if hw.gpus else None
+    n = len(hw.gpus) if devices is None else devices
+    return costmodel.Rates(
+        h2d_gbps=gpu.pcie_gbps if gpu else cpu.read_gbps(),
+        cpu_gemv_gbps=cpu.fp8_stream_gbps(),
+        cpu_gflops=cpu.cores * cpu.fma_gflops_per_core * 0.6,
+        device_gflops=gpu.expert_tflops * 1e3 if gpu else cpu.cores * cpu.fma_gflops_per_core,
+        devices=max(1, n), device="gpu" if gpu else "cpu")
+
+
+def _slp_prefill(m: Machine, cfg: ModelConfig, tokens: int, devices: int, out: dict):
+    """SLP over `devices` GPUs: per MoE layer, each GPU streams its 1/N of the expert slots
+    over its own PCIe link while computing; the ring holds two layers, so the loader runs at
+    most one layer ahead. Attention and dense layers as in _step."""
+    env, hw = m.env, m.hw
+    gpus = hw.gpus[:devices]
+    links = [Link(f"pcie{d}.h2d", g.pcie_gbps * 1e9) for d, g in enumerate(gpus)]
+    layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    slots = cfg.n_routed_experts + cfg.n_shared_experts
+    if costmodel.unique_experts(cfg.n_routed_experts, cfg.num_experts_per_tok, tokens) < \
+            cfg.n_routed_experts - 1:
+        slots = costmodel.unique_experts(cfg.n_routed_experts, cfg.num_experts_per_tok,
+                                         tokens) + cfg.n_shared_experts
+    per_gpu = slots / devices * costmodel.expert_bytes(cfg)
+    loaded = {i: env.event() for i in layers}
+    ring = simpy.Container(env, capacity=2, init=2)          # two layers of slots
+
+    def loader():
+        for i in layers:
+            yield ring.get(1)
+            yield simpy.AllOf(env, [m.net.transfer(per_gpu, [link]) for link in links])
+            loaded[i].succeed()
+
+    env.process(loader())
+    overhead = gpus[0].layer_overhead_us * 1e-6
+    exchange = 2 * tokens * cfg.hidden_size * 4 * (devices - 1) / devices / (
+        gpus[0].pcie_gbps * 1e9) if devices > 1 else 0.0
+    for i, cost in enumerate(costs.layer_costs(cfg)):
+        yield from m.device(cost.attention_bytes, overhead, tokens)
+        if cost.expert_bytes:
+            yield loaded[i]
+            flops = costmodel.expert_flops(cfg, tokens) / devices
+            yield env.timeout(flops / (gpus[0].expert_tflops * 1e12) + exchange)
+            yield ring.put(1)
+        else:
+            yield from m.device(cost.dense_bytes, 0.0, tokens)
+    yield from m.device(costs.head_bytes(cfg), 0.0, 1)
+    out["t"] = env.now
+
+
+def predict(cfg: ModelConfig, hw: Hardware, prompt_tokens: int, output_tokens: int,
+            prefill: str = "cpu", devices: int | None = None) -> Prediction:
+    """prefill: cpu, slp or auto (the engine's cost model decides); devices: GPUs for SLP
+    (default: all in the profile; more than one is DSLP)."""
     if prompt_tokens < 1 or output_tokens < 1:
         raise ValueError("prompt_tokens and output_tokens must be >= 1")
+    if prefill not in ("cpu", "slp", "auto"):
+        raise ValueError(f"prefill must be cpu, slp or auto, got {prefill!r}")
+    n = len(hw.gpus) if devices is None else devices
+    if prefill != "cpu" and not hw.gpus:
+        raise ValueError(f"{hw.name}: SLP needs a GPU in the profile")
+    if prefill != "cpu" and not 1 <= n <= len(hw.gpus):
+        raise ValueError(f"{hw.name} has {len(hw.gpus)} GPUs, asked for {n}")
+    if prefill == "auto":
+        choice = costmodel.choose_prefill(cfg, prompt_tokens, rates(hw, n))
+        prefill, n = choice.path, choice.devices
     env = simpy.Environment()
     m = Machine(env, hw)
     marks: dict = {}
 
     def request():
-        yield from _step(m, cfg, prompt_tokens, marks)
+        if prefill == "slp":
+            yield from _slp_prefill(m, cfg, prompt_tokens, n, marks)
+        else:
+            yield from _step(m, cfg, prompt_tokens, marks)
         marks["first"] = env.now
         steps = []
         for _ in range(output_tokens - 1):
@@ -134,4 +211,4 @@ def predict(cfg: ModelConfig, hw: Hardware, prompt_tokens: int, output_tokens: i
     steps = marks["steps"]
     tpot = sorted(steps)[len(steps) // 2] if steps else 0.0
     return Prediction(prompt_tokens, output_tokens, marks["first"], tpot,
-                      costs.bytes_per_token(cfg))
+                      costs.bytes_per_token(cfg), prefill, n if prefill == "slp" else 0)

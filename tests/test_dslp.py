@@ -48,3 +48,14 @@ def test_two_ranks_gqa(tmp_path):
         last = group.prefill(torch.tensor(PROMPT[:23]), cache)
         assert cache.length == 23
         assert (last[-1] - want[-1]).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_generate_cli_with_two_ranks(fp8_dir):  # noqa: F811
+    from conftest import cli_generate
+
+    ids = ",".join(map(str, PROMPT))
+    plain_run = cli_generate(fp8_dir, "--prompt-ids", ids, "--max-tokens", "6", "--prefill",
+                             "cpu")
+    dslp_run = cli_generate(fp8_dir, "--prompt-ids", ids, "--max-tokens", "6", "--ranks", "2")
+    assert dslp_run["prefill"] == "dslp"
+    assert dslp_run["token_ids"] == plain_run["token_ids"]

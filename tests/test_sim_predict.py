@@ -75,3 +75,35 @@ def test_cli_predict(tmp_path):
                          timeout=120, check=True)
     p = json.loads(out.stdout)
     assert p["tpot_s"] > 0 and p["ttft_s"] > p["tpot_s"]
+
+
+# ---------------------------------------------------------------------------------------------
+# SLP and DSLP prefill in the simulator, and the engine's cost model choosing the path
+# ---------------------------------------------------------------------------------------------
+
+def test_slp_streaming_floor_and_two_gpus():
+    """V3 on the paper's box: SLP can't beat one pass of the experts over PCIe (~12 s on one
+    5090), two GPUs each stream half."""
+    cfg, hw = ModelConfig.from_dict(V3), Hardware.load("paper-2x9355-2x5090")
+    one = predict(cfg, hw, 8192, 2, prefill="slp", devices=1)
+    two = predict(cfg, hw, 8192, 2, prefill="slp", devices=2)
+    assert one.prefill == "slp" and one.devices == 1 and two.devices == 2
+    assert one.ttft_s > 58 * 257 * 44e6 / 53e9 * 0.98
+    assert 1.5 < one.ttft_s / two.ttft_s <= 2.0
+
+
+def test_auto_prefill_follows_the_cost_model():
+    cfg, hw = ModelConfig.from_dict(V3), Hardware.load("paper-2x9355-2x5090")
+    assert predict(cfg, hw, 64, 2, prefill="auto").prefill == "cpu"
+    long = predict(cfg, hw, 32768, 2, prefill="auto")
+    assert long.prefill == "slp" and long.devices == 2
+    cpu = predict(cfg, hw, 32768, 2, prefill="cpu")
+    assert long.ttft_s < cpu.ttft_s
+
+
+def test_slp_needs_a_gpu():
+    cfg = ModelConfig.from_dict(V3)
+    with pytest.raises(ValueError, match="needs a GPU"):
+        predict(cfg, Hardware.load("zen3-2vcpu-calibrated"), 4096, 2, prefill="slp")
+    with pytest.raises(ValueError, match="has 2 GPUs"):
+        predict(cfg, Hardware.load("paper-2x9355-2x5090"), 4096, 2, prefill="slp", devices=3)
