@@ -274,6 +274,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os as _os
+
+    from refmoe.server import serve
+
+    api_key = args.api_key or _os.environ.get("REFMOE_API_KEY")
+    serve(args.model, args.host, args.port, served_name=args.served_model_name,
+          api_key=api_key, device=args.device, drain_s=args.drain_s,
+          engine_kwargs={"kv_tokens": args.kv_tokens, "max_batch": args.max_batch,
+                         "max_queue": args.max_queue, "prefill": args.prefill,
+                         "dual_batch": {"auto": None, "on": True, "off": False}[args.dual_batch]})
+    return 0
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -331,6 +345,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--trace", metavar="FILE", help="write a Chrome trace (opens in Perfetto)")
     g.set_defaults(func=_cmd_generate)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a model directory")
+    sv.add_argument("--model", required=True, help="directory with config.json and safetensors")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require Authorization: Bearer KEY (or REFMOE_API_KEY)")
+    sv.add_argument("--served-model-name", help="the model's name in the API (default: the "
+                    "directory's name)")
+    sv.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    sv.add_argument("--prefill", choices=["auto", "cpu", "slp"], default="auto")
+    sv.add_argument("--kv-tokens", type=int, help="KV budget in tokens (default: 4 contexts)")
+    sv.add_argument("--max-batch", type=int, default=16, help="requests per decode step")
+    sv.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    sv.add_argument("--dual-batch", choices=["auto", "on", "off"], default="auto",
+                    help="dual-batch overlap (auto: on when attention runs on a GPU)")
+    sv.add_argument("--drain-s", type=float, default=10.0,
+                    help="on shutdown, seconds running requests get to finish")
+    sv.set_defaults(func=_cmd_serve)
 
     cv = sub.add_parser("convert", help="write a BF16/F32 checkpoint in the FP8 block format")
     cv.add_argument("--model", required=True, help="source model directory")

@@ -8,6 +8,8 @@ Legend: T = tokens in this call, H = hidden, E = routed experts, K = experts per
 from __future__ import annotations
 
 import math
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -290,6 +292,7 @@ class MoE:
             if cfg.n_shared_experts > 1 else None
         self.num_threads = num_threads
         self.packed = None  # the experts' packed host buffer, once refmoe.slp made one
+        self.seconds = 0.0  # time spent in the CPU expert kernels (for metrics)
 
     def __call__(self, x: torch.Tensor, streamed=None, layer: int = -1) -> torch.Tensor:
         """streamed: a refmoe.slp chunk that runs the routed experts on its device instead."""
@@ -305,7 +308,9 @@ class MoE:
             ids_np = np.concatenate([ids_np, np.full(t, shared_slot)])
             w_np = np.concatenate([w_np, np.ones(t, np.float32)])
         xs = x.detach().float().cpu().contiguous().numpy()   # the experts live in host memory
+        start = time.perf_counter()
         y = kernels.fused_moe(xs, tok, ids_np, w_np, self.experts, num_threads=self.num_threads)
+        self.seconds += time.perf_counter() - start
         out = torch.from_numpy(y).to(x.device)
         return out + self.shared(x) if self.shared is not None else out
 
@@ -402,6 +407,28 @@ class DecoderModel:
     def make_block(self, ck, layer, cfg, expert_dtype, num_threads):
         raise NotImplementedError
 
+    def _rope(self, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(start, start + t, dtype=torch.float32, device=self.device)
+        freqs = pos[:, None] * self.inv_freq[None, :]                         # [T, rope/2]
+        return freqs.cos() * self.rope_factor, freqs.sin() * self.rope_factor
+
+    @torch.no_grad()
+    def forward_batch(self, ids: list[torch.Tensor], caches: list[KVCache], locks=None
+                      ) -> torch.Tensor:
+        """Several sequences in one pass: ids[i] [T_i] after caches[i]. Attention runs per
+        sequence over its own cache; the MoE layers run once over every sequence's tokens, so
+        each expert's weights are read once for the batch. Returns the logits of each
+        sequence's last position, [B, V]. locks: (attention, experts) locks held around each
+        layer's two halves, so that two batches in two threads alternate (dual-batch overlap)."""
+        ropes = [self._rope(c.length, i.shape[0]) for i, c in zip(ids, caches)]
+        xs = [self.embed[i.to(self.device)] for i in ids]
+        for layer, block in enumerate(self.blocks):
+            xs = block.batch(xs, ropes, self.softmax_scale, [c.layers[layer] for c in caches],
+                             self.trace, locks)
+        x = torch.stack([x[-1] for x in xs])                                   # [B, H]
+        x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+        return x @ self.embed.T if self.head is None else self.head(x)
+
     def new_cache(self) -> KVCache:
         return KVCache([block.attn.new_cache() for block in self.blocks])
 
@@ -429,6 +456,25 @@ class DecoderModel:
 
 class Block:
     """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def batch(self, xs: list[torch.Tensor], ropes, softmax_scale, caches, trace=None,
+              locks=None) -> list[torch.Tensor]:
+        """Several sequences: attention each over its own cache, then the FFN over all their
+        tokens at once (see DecoderModel.forward_batch)."""
+        attn_lock, ffn_lock = locks or (nullcontext(), nullcontext())
+        tokens = sum(x.shape[0] for x in xs)
+        with attn_lock, maybe(trace, "device", "attention", f"attention L{self.layer}",
+                              tokens=tokens, sequences=len(xs)):
+            xs = [x + self.attn(rms_norm(x, self.attn_norm, self.eps), cos, sin, softmax_scale,
+                                cache) for x, (cos, sin), cache in zip(xs, ropes, caches)]
+        sizes = [x.shape[0] for x in xs]
+        x = torch.cat(xs)
+        moe = isinstance(self.ffn, MoE)
+        lane = "experts" if moe else "dense mlp"
+        with ffn_lock, maybe(trace, "cpu" if moe else "device", lane, f"{lane} L{self.layer}",
+                             tokens=tokens, sequences=len(xs)):
+            x = x + self.ffn(rms_norm(x, self.ffn_norm, self.eps))
+        return list(x.split(sizes))
 
     def __init__(self, ck: Checkpoint, layer: int, cfg: ModelConfig, attn, expert_dtype,
                  num_threads):

@@ -1,0 +1,308 @@
+"""The serving engine: schedule, execute, postprocess, on two workers over one model.
+
+    prefill worker   plan = scheduler.next_prefill(); run the prompt (CPU kernels or SLP, as
+                     the plan says) into a fresh KV cache; sample the first token; hand the
+                     request (and its cache) to decode
+    decode worker    plan = scheduler.next_decode(); one batched step for every running
+                     request (each expert's weights read once for the batch); with dual-batch
+                     overlap, two micro-batches in two threads alternating attention and
+                     experts; sample, stream, finish
+
+Both workers share the one model object, so the one host copy of the weights serves both
+(prefill-decode disaggregation inside one process, zero-copy). Requests arrive from any
+thread (the HTTP server's) through submit / cancel; every change of their state goes through
+one lock; every wait is a sleep on a condition variable.
+
+Events a request's sink receives (from the workers' threads): {"type": "token", "token_ids",
+"text"} for each new piece, then {"type": "finish", "reason", "usage"} or {"type": "error",
+"message"}.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from refmoe import slp
+from refmoe.sampling import Sampler, SamplingParams
+from refmoe.scheduler import DecodePlan, Entry, PrefillPlan, QueueFull, Scheduler
+
+__all__ = ["Engine", "QueueFull", "Request", "ShuttingDown"]
+
+
+class ShuttingDown(Exception):
+    """The engine no longer accepts requests."""
+
+
+@dataclass(eq=False)
+class Request:
+    id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    params: SamplingParams
+    sink: object                          # callable(event dict)
+    stop_ids: set[int] = field(default_factory=set)
+    stop_text: list[str] = field(default_factory=list)
+    arrival: float = field(default_factory=time.monotonic)
+    out: list[int] = field(default_factory=list)
+    cache: object = None
+    sampler: Sampler | None = None
+    text_sent: int = 0                    # characters of the decoded output already emitted
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    finish_reason: str | None = None
+    cancelled: bool = False
+
+
+class Engine:
+    def __init__(self, model, tokenizer=None, *, kv_tokens: int | None = None,
+                 max_batch: int = 16, max_queue: int = 256, prefill: str = "auto",
+                 dual_batch: bool | None = None, metrics=None, max_context: int | None = None):
+        self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
+        self.context = max_context or model.cfg.max_position_embeddings
+        self.prefill_path = prefill
+        if prefill not in ("auto", "cpu", "slp"):
+            raise ValueError(f"prefill must be auto, cpu or slp, got {prefill!r}")
+        # Dual-batch overlap pays when attention and experts run on different hardware
+        # (attention on a GPU, experts on the CPU); on a CPU-only machine both halves would
+        # compete for the same cores, so it is off unless asked for.
+        if dual_batch is None:
+            dual_batch = model.device.type != "cpu"
+        self.scheduler = Scheduler(kv_tokens or 4 * self.context, max_batch, max_queue,
+                                   self._choose_path, dual_batch)
+        self.requests: dict[str, Request] = {}
+        self.lock = threading.Condition()
+        self.accepting, self.stopping = True, False
+        self.ids = itertools.count()
+        self.locks = (threading.Lock(), threading.Lock())        # attention, experts (DBO)
+        self.helper = ThreadPoolExecutor(1, thread_name_prefix="refmoe-dbo")
+        self.workers = [threading.Thread(target=self._loop, args=(kind,), daemon=True,
+                                         name=f"refmoe-{kind}") for kind in ("prefill", "decode")]
+        self._moe = [b.ffn for b in model.blocks if hasattr(b.ffn, "seconds")]
+        self._expert_s = sum(m.seconds for m in self._moe)
+        self.steps = {"prefill": 0, "decode": 0}
+
+    # -- the public face ------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        for w in self.workers:
+            w.start()
+        return self
+
+    def submit(self, prompt_ids: list[int], max_tokens: int, params: SamplingParams, sink,
+               stop_ids=(), stop_text=()) -> Request:
+        """Queue a request; raises ValueError (bad request), QueueFull or ShuttingDown."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.cfg.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must lie in [0, {vocab}), got {bad[:5]}")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if len(prompt_ids) + max_tokens > self.context:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) "
+                             f"exceeds the context of {self.context} tokens")
+        if stop_text and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none")
+        with self.lock:
+            if not self.accepting:
+                raise ShuttingDown("the server is shutting down")
+            req = Request(f"req-{next(self.ids)}", list(prompt_ids), max_tokens, params, sink,
+                          set(stop_ids), [s for s in stop_text if s])
+            self.scheduler.add(Entry(req.id, len(prompt_ids), max_tokens, req.arrival))
+            self.requests[req.id] = req
+            self._gauges()
+            self.lock.notify_all()
+        return req
+
+    def cancel(self, request_id: str) -> None:
+        """The client went away: the request stops at the next step; its KV reservation
+        returns now."""
+        with self.lock:
+            req = self.requests.pop(request_id, None)
+            if req is None:
+                return
+            req.cancelled = True
+            req.cache = None
+            self.scheduler.finish(request_id)
+            self._gauges()
+            self.lock.notify_all()
+
+    def shutdown(self, drain_s: float = 10.0) -> None:
+        """Stop accepting; let running requests finish for up to drain_s; fail the rest with
+        an error event; stop the workers."""
+        deadline = time.monotonic() + drain_s
+        with self.lock:
+            self.accepting = False
+            while self.requests and time.monotonic() < deadline:
+                self.lock.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            for req in list(self.requests.values()):
+                self._fail(req, "the server shut down before this request finished")
+            self.stopping = True
+            self.lock.notify_all()
+        for w in self.workers:
+            if w.is_alive():
+                w.join(timeout=30)
+        self.helper.shutdown(wait=False)
+
+    @property
+    def kv_usage(self) -> float:
+        return self.scheduler.kv.usage
+
+    # -- the workers ----------------------------------------------------------------------
+
+    def _loop(self, kind: str) -> None:
+        nxt = self.scheduler.next_prefill if kind == "prefill" else self.scheduler.next_decode
+        run = self._prefill if kind == "prefill" else self._decode
+        while True:
+            with self.lock:
+                plan = None
+                while not self.stopping and (plan := nxt()) is None:
+                    self.lock.wait(0.5)
+                if self.stopping:
+                    return
+            try:
+                run(plan)
+            except Exception as e:  # noqa: BLE001 - one failing step fails its requests only
+                ids = [plan.request_id] if isinstance(plan, PrefillPlan) else plan.request_ids
+                with self.lock:
+                    for rid in ids:
+                        if rid in self.requests:
+                            self._fail(self.requests[rid], f"{type(e).__name__}: {e}")
+            self.steps[kind] += 1
+            self._count_expert_time()
+
+    def _choose_path(self, tokens: int) -> str:
+        if self.prefill_path != "auto":
+            return self.prefill_path
+        try:
+            return "slp" if slp.for_request(self.model, tokens, "auto") is not None else "cpu"
+        except ValueError:                  # e.g. INT4 experts, which SLP does not stream
+            return "cpu"
+
+    def _prefill(self, plan: PrefillPlan) -> None:
+        with self.lock:
+            req = self.requests.get(plan.request_id)
+        if req is None:                     # cancelled while waiting
+            return
+        cache = self.model.new_cache()
+        ids = torch.tensor(req.prompt_ids)
+        if plan.where == "slp":
+            logits = slp.StreamPrefill(self.model).prefill(ids, cache)
+        else:
+            logits = self.model.forward(ids, cache)
+        req.cache, req.sampler = cache, Sampler(req.params)
+        token = req.sampler(logits[-1])
+        if self.metrics:
+            self.metrics.prompt_tokens.inc(len(req.prompt_ids))
+        with self.lock:
+            if req.cancelled:
+                return
+            self._emit(req, [token])
+            if req.finish_reason is None:
+                self.scheduler.prefilled(req.id)
+            self.lock.notify_all()
+
+    def _decode(self, plan: DecodePlan) -> None:
+        with self.lock:
+            batches = [[self.requests[r] for r in mb if r in self.requests]
+                       for mb in plan.micro_batches]
+        batches = [b for b in batches if b]
+        if not batches:
+            return
+
+        def step(reqs: list[Request], locks) -> torch.Tensor:
+            return self.model.forward_batch([torch.tensor(r.out[-1:]) for r in reqs],
+                                            [r.cache for r in reqs], locks)
+
+        if len(batches) == 2:               # dual-batch overlap: the second in the helper
+            other = self.helper.submit(step, batches[1], self.locks)
+            results = [step(batches[0], self.locks), other.result()]
+        else:
+            results = [step(batches[0], None)]
+        with self.lock:
+            for reqs, logits in zip(batches, results):
+                for req, row in zip(reqs, logits):
+                    if not req.cancelled and req.finish_reason is None:
+                        self._emit(req, [req.sampler(row)])
+            self.lock.notify_all()
+
+    # -- postprocess (called with the lock held) -------------------------------------------
+
+    def _emit(self, req: Request, tokens: list[int]) -> None:
+        now = time.monotonic()
+        m = self.metrics
+        for t in tokens:
+            req.out.append(t)
+            if req.first_token_at is None:
+                req.first_token_at = now
+                if m:
+                    m.ttft.observe(now - req.arrival)
+            elif m:
+                m.itl.observe(now - req.last_token_at)
+            req.last_token_at = now
+        if m:
+            m.generation_tokens.inc(len(tokens))
+        reason = None
+        if req.out[-1] in req.stop_ids:
+            reason = "stop"
+        elif len(req.out) >= req.max_tokens:
+            reason = "length"
+        text = ""
+        if self.tokenizer is not None:
+            full = self.tokenizer.decode(req.out)
+            for s in req.stop_text:
+                if s in full:
+                    full, reason = full[: full.index(s)], "stop"
+            # hold back what could be the start of a stop string until it is decided
+            hold = 0 if reason else max((len(s) - 1 for s in req.stop_text), default=0)
+            upto = max(req.text_sent, len(full) - hold)
+            text, req.text_sent = full[req.text_sent: upto], upto
+        self._send(req, {"type": "token", "token_ids": tokens, "text": text})
+        if reason:
+            req.finish_reason = reason
+            self._send(req, {"type": "finish", "reason": reason, "usage": self._usage(req)})
+            if m:
+                m.e2e.observe(now - req.arrival)
+            self._drop(req)
+
+    def _fail(self, req: Request, message: str) -> None:
+        req.finish_reason = "error"
+        self._send(req, {"type": "error", "message": message})
+        self._drop(req)
+
+    def _drop(self, req: Request) -> None:
+        self.requests.pop(req.id, None)
+        req.cache = None
+        self.scheduler.finish(req.id)
+        self._gauges()
+
+    def _send(self, req: Request, event: dict) -> None:
+        try:
+            req.sink(event)
+        except Exception:  # noqa: BLE001 - a broken sink must not stop the engine
+            req.cancelled = True
+
+    @staticmethod
+    def _usage(req: Request) -> dict:
+        return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.out),
+                "total_tokens": len(req.prompt_ids) + len(req.out)}
+
+    def _gauges(self) -> None:
+        if self.metrics:
+            self.metrics.waiting.set(self.scheduler.queue_depth)
+            self.metrics.running.set(self.scheduler.running)
+            self.metrics.kv_usage.set(self.scheduler.kv.usage)
+
+    def _count_expert_time(self) -> None:
+        with self.lock:
+            total = sum(m.seconds for m in self._moe)
+            if self.metrics and total > self._expert_s:
+                self.metrics.expert_seconds.inc(total - self._expert_s)
+            self._expert_s = total

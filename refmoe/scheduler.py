@@ -1,0 +1,152 @@
+"""The scheduler: which request prefills next and where, which requests decode together, and
+how a decode batch is split. It returns plain plan objects (no torch, no threads) that the
+engine executes and that the simulator can replay with its own executor.
+
+Policy, as the paper's technique 3 describes it:
+- admission: a request waits until the KV budget holds its prompt plus max_tokens; the
+  waiting queue has a bound (the server answers 429 beyond it);
+- prefill and decode are separate workers: prefill takes the oldest admitted request, whole
+  (chunked by SLP when it runs there), on the path the cost model picks (`where`);
+- decode batches every running request up to max_batch (continuous batching: a request
+  joins at the next step after its prefill, leaves at the step it finishes);
+- dual-batch overlap splits a decode batch of two or more into two halves when it pays (the
+  engine measures attention and expert time; off where both run on the same cores).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class PrefillPlan:
+    request_id: str
+    tokens: int
+    where: str = "cpu"           # "cpu" (routed experts on the CPU kernels) or "slp"
+
+
+@dataclass(slots=True)
+class DecodePlan:
+    request_ids: list[str]
+    micro_batches: list[list[str]] = field(default_factory=list)  # two with dual-batch overlap
+
+    @property
+    def overlapped(self) -> bool:
+        return len(self.micro_batches) > 1
+
+
+@dataclass(slots=True)
+class Entry:
+    """What the scheduler knows of a request."""
+    request_id: str
+    prompt_tokens: int
+    max_tokens: int
+    arrival: float
+    state: str = "waiting"       # waiting -> prefilling -> decoding -> finished
+
+    @property
+    def reserve(self) -> int:
+        return self.prompt_tokens + self.max_tokens
+
+
+class QueueFull(Exception):
+    """The admission queue is at its bound; retry later."""
+
+
+class KVBudget:
+    """Token slots of KV cache: reserved whole (prompt + max_tokens) at admission, returned on
+    finish, error or cancel."""
+
+    def __init__(self, tokens: int):
+        if tokens < 1:
+            raise ValueError(f"KV budget must be >= 1 token, got {tokens}")
+        self.capacity, self.used = tokens, 0
+
+    def fits(self, n: int) -> bool:
+        return self.used + n <= self.capacity
+
+    def take(self, n: int) -> None:
+        if not self.fits(n):
+            raise ValueError(f"KV budget: {n} tokens do not fit ({self.used}/{self.capacity})")
+        self.used += n
+
+    def give(self, n: int) -> None:
+        self.used = max(0, self.used - n)
+
+    @property
+    def usage(self) -> float:
+        return self.used / self.capacity
+
+
+class Scheduler:
+    def __init__(self, kv_tokens: int, max_batch: int = 16, max_queue: int = 256,
+                 choose_path=None, dual_batch: bool = False):
+        self.kv = KVBudget(kv_tokens)
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.choose_path = choose_path or (lambda tokens: "cpu")
+        self.dual_batch = dual_batch
+        self.entries: dict[str, Entry] = {}
+        self.waiting: deque[str] = deque()
+        self.decoding: list[str] = []
+
+    # -- requests in and out ------------------------------------------------------------
+
+    def add(self, entry: Entry) -> None:
+        if entry.reserve > self.kv.capacity:
+            raise ValueError(f"request {entry.request_id}: prompt + max_tokens = {entry.reserve}"
+                             f" tokens exceeds the KV budget of {self.kv.capacity}")
+        if len(self.waiting) >= self.max_queue:
+            raise QueueFull(f"{len(self.waiting)} requests are waiting (the bound)")
+        self.entries[entry.request_id] = entry
+        self.waiting.append(entry.request_id)
+
+    def finish(self, request_id: str) -> None:
+        """Finished, failed or cancelled: its KV reservation returns at once."""
+        e = self.entries.pop(request_id, None)
+        if e is None:
+            return
+        if e.state in ("prefilling", "decoding"):
+            self.kv.give(e.reserve)
+        if request_id in self.decoding:
+            self.decoding.remove(request_id)
+        if request_id in self.waiting:
+            self.waiting.remove(request_id)
+        e.state = "finished"
+
+    def prefilled(self, request_id: str) -> None:
+        e = self.entries.get(request_id)
+        if e is not None and e.state == "prefilling":
+            e.state = "decoding"
+            self.decoding.append(request_id)
+
+    # -- plans ----------------------------------------------------------------------------
+
+    def next_prefill(self) -> PrefillPlan | None:
+        """The oldest waiting request whose reservation fits (first come, first served: a
+        large request at the head waits rather than being overtaken forever)."""
+        if not self.waiting:
+            return None
+        e = self.entries[self.waiting[0]]
+        if not self.kv.fits(e.reserve):
+            return None
+        self.waiting.popleft()
+        self.kv.take(e.reserve)
+        e.state = "prefilling"
+        return PrefillPlan(e.request_id, e.prompt_tokens, self.choose_path(e.prompt_tokens))
+
+    def next_decode(self) -> DecodePlan | None:
+        if not self.decoding:
+            return None
+        ids = self.decoding[: self.max_batch]
+        split = [ids[: (len(ids) + 1) // 2], ids[(len(ids) + 1) // 2:]] \
+            if self.dual_batch and len(ids) >= 2 else [ids]
+        return DecodePlan(ids, split)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def running(self) -> int:
+        return sum(1 for e in self.entries.values() if e.state in ("prefilling", "decoding"))

@@ -1,0 +1,386 @@
+"""`refmoe serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over the engine.
+
+/v1/completions and /v1/chat/completions (SSE streaming ending in `data: [DONE]`, usage on
+request with stream_options.include_usage), /v1/models, /tokenize, /detokenize, /health (503
+while the model loads, 200 when ready), /metrics (Prometheus). Errors use OpenAI's shape,
+{"error": {"message", "type", "param", "code"}}, with 400 for bad requests, 401 for a wrong
+API key, 404 for another model's name, 429 (with Retry-After) when the admission queue is
+full, 503 while loading or shutting down. A client that disconnects cancels its request,
+whose KV reservation returns at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from refmoe.engine import Engine, QueueFull, ShuttingDown
+from refmoe.metrics import Metrics
+from refmoe.sampling import SamplingParams
+
+# ---------------------------------------------------------------------------------------------
+# Request bodies (unknown fields are ignored, as OpenAI's API does; known ones are checked)
+# ---------------------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int] = Field(..., description="text, or token ids")
+    echo: bool = False
+    logprobs: int | None = Field(None, le=0, description="log probabilities are not returned")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    tokens: list[int]
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.headers = headers or {}
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error",
+           param: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param,
+                                   "code": status}}, status_code=status, headers=headers)
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------------------------
+
+class State:
+    """What the app holds: the engine once loaded, or why loading failed."""
+
+    def __init__(self):
+        self.engine: Engine | None = None
+        self.tokenizer = None
+        self.cfg = None
+        self.error: str | None = None
+        self.ready = threading.Event()
+
+
+def create_app(model_dir: str | Path, *, served_name: str | None = None,
+               api_key: str | None = None, device: str = "auto", drain_s: float = 10.0,
+               engine_kwargs: dict | None = None, model=None) -> FastAPI:
+    """The app for one model directory; the model loads in a background thread when the app
+    starts (pass `model` to reuse a loaded one)."""
+    model_dir = Path(model_dir)
+    name = served_name or model_dir.name
+    state = State()
+    metrics = Metrics(name)
+
+    def load() -> None:
+        from refmoe import models
+        from refmoe.tokenizer import Tokenizer
+
+        try:
+            tokenizer = Tokenizer.from_dir(model_dir)
+            if model is not None:
+                cfg, m = model.cfg, model
+            else:
+                cfg, m = models.load(model_dir, device=device)
+            state.cfg, state.tokenizer = cfg, tokenizer
+            state.engine = Engine(m, tokenizer, metrics=metrics, **(engine_kwargs or {})).start()
+        except Exception as e:  # noqa: BLE001 - reported by /health and every request
+            state.error = f"{type(e).__name__}: {e}"
+        finally:
+            state.ready.set()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        threading.Thread(target=load, daemon=True, name="refmoe-load").start()
+        yield
+        if state.engine is not None:
+            await asyncio.to_thread(state.engine.shutdown, drain_s)
+
+    app = FastAPI(title="refmoe", version="0.1.0", lifespan=lifespan)
+    app.state.refmoe = state
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError):
+        return _error(e.status, e.message, e.kind, e.param, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(_: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        if first.get("type") == "json_invalid":
+            return _error(400, f"the body is not valid JSON: {first.get('msg')}")
+        return _error(400, f"{where or 'body'}: {first.get('msg', 'invalid')}", param=where)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException):
+        return _error(e.status_code, str(e.detail), "not_found_error"
+                      if e.status_code == 404 else "invalid_request_error")
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if api_key and request.url.path not in ("/health", "/metrics", "/docs",
+                                                 "/openapi.json"):
+            if request.headers.get("authorization") != f"Bearer {api_key}":
+                return _error(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                              "authentication_error")
+        return await call_next(request)
+
+    def engine() -> Engine:
+        if not state.ready.is_set():
+            raise APIError(503, "the model is still loading", "service_unavailable")
+        if state.engine is None:
+            raise APIError(503, f"the model failed to load: {state.error}",
+                           "service_unavailable")
+        return state.engine
+
+    def check_model(requested: str | None) -> None:
+        if requested is not None and requested != name:
+            raise APIError(404, f"model {requested!r} does not exist; this server serves "
+                           f"{name!r}", "not_found_error", "model")
+
+    def tokenizer():
+        engine()
+        if state.tokenizer is None:
+            raise APIError(400, f"{name} has no tokenizer.json: send token ids")
+        return state.tokenizer
+
+    # -- generation ---------------------------------------------------------------------
+
+    async def generate(request: Request, body: _Sampling, prompt: list[int], chat: bool):
+        eng = engine()
+        check_model(body.model)
+        limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        max_tokens = limit or (min(256, eng.context - len(prompt)) if chat else 16)
+        stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        try:
+            params = SamplingParams(body.temperature, max(body.top_k, 0), body.top_p, body.seed)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def sink(event: dict) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        try:
+            req = eng.submit(prompt, max_tokens, params, sink, state.cfg.eos_token_id or (),
+                             stops)
+        except QueueFull as e:
+            metrics.requests.labels(model=name, outcome="rejected").inc()
+            raise APIError(429, f"too many requests: {e}", "rate_limit_error",
+                           headers={"Retry-After": "1"}) from None
+        except ShuttingDown as e:
+            raise APIError(503, str(e), "service_unavailable") from None
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                _stream(eng, req, queue, rid, created, chat, include_usage),
+                media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        text, ids, finish, usage = [], [], None, None
+        try:
+            while finish is None:
+                try:
+                    ev = await asyncio.wait_for(queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        eng.cancel(req.id)
+                        metrics.requests.labels(model=name, outcome="cancelled").inc()
+                        return Response(status_code=499)
+                    continue
+                if ev["type"] == "token":
+                    text.append(ev["text"])
+                    ids += ev["token_ids"]
+                elif ev["type"] == "finish":
+                    finish, usage = ev["reason"], ev["usage"]
+                else:
+                    metrics.requests.labels(model=name, outcome="error").inc()
+                    raise APIError(500, ev["message"], "server_error")
+        except asyncio.CancelledError:
+            eng.cancel(req.id)
+            raise
+        metrics.requests.labels(model=name, outcome="ok").inc()
+        content = "".join(text)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": content},
+                      "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": content, "finish_reason": finish, "logprobs": None}
+        choice["token_ids"] = ids
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion",
+                "created": created, "model": name, "choices": [choice], "usage": usage}
+
+    async def _stream(eng, req, queue, rid, created, chat, include_usage):
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices, usage=None):
+            out = {"id": rid, "object": kind, "created": created, "model": name,
+                   "choices": choices}
+            if include_usage:
+                out["usage"] = usage
+            return f"data: {json.dumps(out)}\n\n"
+
+        first = True
+        try:
+            while True:
+                ev = await queue.get()
+                if ev["type"] == "error":
+                    metrics.requests.labels(model=name, outcome="error").inc()
+                    yield "data: " + json.dumps({"error": {"message": ev["message"],
+                                                           "type": "server_error"}}) + "\n\n"
+                    break
+                if ev["type"] == "token":
+                    if chat:
+                        delta = {"content": ev["text"]}
+                        if first:
+                            delta["role"] = "assistant"
+                        c = {"index": 0, "delta": delta, "finish_reason": None,
+                             "logprobs": None}
+                    else:
+                        c = {"index": 0, "text": ev["text"], "finish_reason": None,
+                             "logprobs": None}
+                    c["token_ids"] = ev["token_ids"]
+                    first = False
+                    yield chunk([c])
+                else:
+                    c = {"index": 0, "finish_reason": ev["reason"], "logprobs": None}
+                    c.update({"delta": {}} if chat else {"text": ""})
+                    yield chunk([c])
+                    if include_usage:
+                        yield chunk([], ev["usage"])
+                    metrics.requests.labels(model=name, outcome="ok").inc()
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            if req.finish_reason is None:     # the client went away mid-stream
+                eng.cancel(req.id)
+                metrics.requests.labels(model=name, outcome="cancelled").inc()
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        if isinstance(body.prompt, str):
+            if not body.prompt:
+                raise APIError(400, "prompt: empty", param="prompt")
+            prompt = tokenizer().encode(body.prompt)
+        else:
+            prompt = body.prompt
+        if body.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        return await generate(request, body, prompt, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        tok = tokenizer()
+        try:
+            text = tok.apply_chat_template([m.model_dump() for m in body.messages])
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        return await generate(request, body, tok.encode(text, False), chat=True)
+
+    # -- the rest of the API ------------------------------------------------------------
+
+    @app.get("/v1/models")
+    async def list_models():
+        eng = engine()
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0,
+                                            "owned_by": "refmoe", "max_model_len": eng.context}]}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        tok = tokenizer()
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages")
+        if body.messages is not None:
+            try:
+                text = tok.apply_chat_template([m.model_dump() for m in body.messages])
+            except ValueError as e:
+                raise APIError(400, str(e), param="messages") from None
+            ids = tok.encode(text, False)
+        else:
+            ids = tok.encode(body.prompt, body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine().context}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        tok = tokenizer()
+        vocab = state.cfg.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"tokens must lie in [0, {vocab}), got {bad[:5]}",
+                           param="tokens")
+        return {"prompt": tok.decode(body.tokens)}
+
+    @app.get("/health")
+    async def health():
+        if not state.ready.is_set():
+            return JSONResponse({"status": "loading"}, status_code=503)
+        if state.engine is None:
+            return JSONResponse({"status": "error", "error": state.error}, status_code=503)
+        if not state.engine.accepting:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        return {"status": "ok", "model": name}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(model_dir, **kwargs), host=host, port=port, log_level="info",
+                timeout_graceful_shutdown=int(kwargs.get("drain_s", 10)) + 5)
