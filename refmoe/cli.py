@@ -87,8 +87,72 @@ def _cmd_bench_prefill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _range(text: str) -> tuple[int, int]:
+    try:
+        lo, _, hi = text.partition("-")
+        lo, hi = int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or LO-HI, got {text!r}")
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected 1 <= LO <= HI, got {text!r}")
+    return lo, hi
+
+
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from refmoe import bench_serve, kernels, models
+    from refmoe.trace import Trace, hardware
+
+    try:
+        directory = args.model or _demo_model(args)
+        cfg, model = models.load(directory, device=args.device)
+        if args.scenario == "interference":
+            rows = [bench_serve.interference(model, prefill_tokens=args.prefill_tokens,
+                                             prefill=args.prefill)]
+        elif args.scenario == "dual-batch":
+            rows = [bench_serve.dual_batch(model, dual=None)]
+        else:
+            reqs = bench_serve.workload(args.num_prompts, args.request_rate, args.prompt_len,
+                                        args.output_len, args.seed)
+            trace = Trace({"hardware": hardware(), "model": asdict(cfg), "engine": {
+                "variant": kernels.variant(), "threads": kernels._threads(None),
+                "device": str(model.device), "prefill": args.prefill,
+                "workload": {"num_prompts": args.num_prompts, "request_rate": args.request_rate,
+                             "prompt_len": args.prompt_len, "output_len": args.output_len,
+                             "seed": args.seed}}}) if args.trace else None
+            outcomes, duration = bench_serve.run_poisson(
+                model, str(directory), reqs, trace, args.seed,
+                {"prefill": args.prefill, "max_batch": args.max_batch})
+            result = bench_serve.summary(outcomes, duration)
+            if args.csv:
+                bench_serve.write_csv(args.csv, outcomes)
+            if trace:
+                trace.metadata["result"] = result
+                trace.write(args.trace)
+            if args.json:
+                print(json.dumps({"op": "serve", **result,
+                                  "requests": bench_serve.as_rows(outcomes)}))
+            else:
+                print(bench_serve.format_summary(result))
+                for o in outcomes:
+                    if not o.ok:
+                        print(f"failed: {o.error}", file=sys.stderr)
+            return 0 if result["failed"] == 0 else 1
+    except (ValueError, RuntimeError) as e:
+        print(f"refmoe bench serve: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(rows) if args.json else "\n".join(
+        ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items())
+        for r in rows))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from refmoe import bench, cpu, kernels
+
+    if args.what == "serve":
+        return _cmd_bench_serve(args)
 
     if args.what == "prefill":
         return _cmd_bench_prefill(args)
@@ -380,11 +444,26 @@ def build_parser() -> argparse.ArgumentParser:
     dm.set_defaults(func=_cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks that report ratios to same-run limits")
-    b.add_argument("what", choices=["kernels", "decode", "prefill"], help="what to benchmark")
+    b.add_argument("what", choices=["kernels", "decode", "prefill", "serve"],
+                   help="what to benchmark")
     b.add_argument("--layers", type=int, help="decode, prefill: demo model layers")
     b.add_argument("--experts", type=int, help="decode, prefill: demo model experts per layer")
     b.add_argument("--dir", help="decode, prefill: demo model directory")
-    b.add_argument("--model", help="prefill: a model directory instead of the demo model")
+    b.add_argument("--model", help="prefill, serve: a model directory instead of the demo model")
+    b.add_argument("--scenario", choices=["poisson", "interference", "dual-batch"],
+                   default="poisson", help="serve: what to measure")
+    b.add_argument("--num-prompts", type=int, default=16, help="serve: requests")
+    b.add_argument("--request-rate", type=float, default=1.0,
+                   help="serve: Poisson arrivals per second (inf: all at once)")
+    b.add_argument("--prompt-len", type=_range, default=(16, 64), help="serve: N or LO-HI")
+    b.add_argument("--output-len", type=_range, default=(8, 32), help="serve: N or LO-HI")
+    b.add_argument("--prefill-tokens", type=int, default=512,
+                   help="serve interference: the long prompt's length")
+    b.add_argument("--prefill", choices=["auto", "cpu", "slp"], default="auto",
+                   help="serve: the prefill path")
+    b.add_argument("--max-batch", type=int, default=16, help="serve: requests per decode step")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--csv", help="serve: write arrived_at,num_prefill_tokens,num_decode_tokens")
     b.add_argument("--prompt-tokens", type=_int_list, help="prefill: prompt lengths, e.g. "
                    "1024,4096,16384")
     b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -393,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ring", type=int, help="prefill: ring slots (default: sized to memory)")
     b.add_argument("--chunk-tokens", type=int, help="prefill: SLP chunk length")
     b.add_argument("--cpu", action="store_true", help="prefill: time the CPU-expert path too")
-    b.add_argument("--trace", metavar="FILE", help="prefill: Chrome trace of the longest prompt")
+    b.add_argument("--trace", metavar="FILE", help="prefill: Chrome trace of the longest "
+                   "prompt; serve: the engine's trace of the run")
     b.add_argument("--json", action="store_true", help="print a JSON list of rows")
     b.add_argument("--threads", type=_int_list, help="thread counts, e.g. 1,2 (default: 1 "
                    "and all usable cores)")

@@ -62,8 +62,12 @@ class Request:
 class Engine:
     def __init__(self, model, tokenizer=None, *, kv_tokens: int | None = None,
                  max_batch: int = 16, max_queue: int = 256, prefill: str = "auto",
-                 dual_batch: bool | None = None, metrics=None, max_context: int | None = None):
+                 dual_batch: bool | None = None, metrics=None, max_context: int | None = None,
+                 trace=None):
         self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
+        self.trace = trace              # a refmoe.trace.Trace: steps, layers and requests
+        if trace is not None:
+            model.trace = trace
         self.context = max_context or model.cfg.max_position_embeddings
         self.prefill_path = prefill
         if prefill not in ("auto", "cpu", "slp"):
@@ -167,8 +171,16 @@ class Engine:
                     self.lock.wait(0.5)
                 if self.stopping:
                     return
+            start = self.trace.now() if self.trace else 0.0
             try:
                 run(plan)
+                if self.trace:
+                    n = 1 if kind == "prefill" else len(plan.request_ids)
+                    self.trace.span("scheduler", f"{kind} worker", kind, start,
+                                    self.trace.now() - start, requests=n,
+                                    **({"tokens": plan.tokens, "path": plan.where}
+                                       if kind == "prefill" else
+                                       {"micro_batches": len(plan.micro_batches)}))
             except Exception as e:  # noqa: BLE001 - one failing step fails its requests only
                 ids = [plan.request_id] if isinstance(plan, PrefillPlan) else plan.request_ids
                 with self.lock:
@@ -265,19 +277,26 @@ class Engine:
             upto = max(req.text_sent, len(full) - hold)
             text, req.text_sent = full[req.text_sent: upto], upto
         self._send(req, {"type": "token", "token_ids": tokens, "text": text})
-        if reason:
+        if reason:                  # dropped first: a client told "finish" sees its KV freed
             req.finish_reason = reason
-            self._send(req, {"type": "finish", "reason": reason, "usage": self._usage(req)})
+            self._drop(req)
             if m:
                 m.e2e.observe(now - req.arrival)
-            self._drop(req)
+            self._send(req, {"type": "finish", "reason": reason, "usage": self._usage(req)})
 
     def _fail(self, req: Request, message: str) -> None:
         req.finish_reason = "error"
-        self._send(req, {"type": "error", "message": message})
         self._drop(req)
+        self._send(req, {"type": "error", "message": message})
 
     def _drop(self, req: Request) -> None:
+        if self.trace is not None and req.id in self.requests:
+            t0 = time.monotonic() - self.trace.now()      # the trace's start, on this clock
+            self.trace.request(
+                id=req.id, arrival=req.arrival - t0, prompt_tokens=len(req.prompt_ids),
+                output_tokens=len(req.out), finish_reason=req.finish_reason,
+                first_token_time=None if req.first_token_at is None else req.first_token_at - t0,
+                finish_time=time.monotonic() - t0)
         self.requests.pop(req.id, None)
         req.cache = None
         self.scheduler.finish(req.id)

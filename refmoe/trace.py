@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import subprocess
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +61,7 @@ class Trace:
                          **(metadata or {})}
         self._pids: dict[str, int] = {}
         self._tids: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()  # workers of the engine write from several threads
 
     def now(self) -> float:
         """Seconds since the trace started."""
@@ -79,13 +81,15 @@ class Trace:
 
     def span(self, process: str, lane: str, name: str, start_s: float, dur_s: float,
              **args) -> None:
-        pid, tid = self._ids(process, lane)
+        with self._lock:
+            pid, tid = self._ids(process, lane)
         self.events.append({"ph": "X", "name": name, "pid": pid, "tid": tid,
                             "ts": start_s * 1e6, "dur": max(dur_s, 0.0) * 1e6,
                             **({"args": args} if args else {})})
 
     def counter(self, process: str, name: str, t_s: float, **values: float) -> None:
-        pid, _ = self._ids(process, name)
+        with self._lock:
+            pid, _ = self._ids(process, name)
         self.events.append({"ph": "C", "name": name, "pid": pid, "ts": t_s * 1e6,
                             "args": values})
 

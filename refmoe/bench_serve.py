@@ -1,0 +1,273 @@
+"""`refmoe bench serve`: the serving benchmark.
+
+poisson        a real server (uvicorn on a loopback port) and streaming HTTP clients: requests
+               arrive as a Poisson process over a prompt/output length mix; prints vLLM's
+               "Serving Benchmark Result" block and writes the request CSV
+               (arrived_at,num_prefill_tokens,num_decode_tokens) and the engine's Chrome trace
+interference   TPOT of a decoding request while a long prompt prefills, over its TPOT alone
+dual-batch     aggregate decode tok/s of two concurrent requests over one (batched decode;
+               dual-batch overlap where the engine turns it on)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from refmoe.engine import Engine
+from refmoe.sampling import SamplingParams
+
+
+@dataclass(slots=True)
+class Outcome:
+    arrived_at: float
+    prompt_tokens: int
+    output_tokens: int = 0
+    ttft_s: float | None = None
+    itl_s: list[float] = field(default_factory=list)
+    e2e_s: float | None = None
+    ok: bool = False
+    error: str = ""
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def summary(outcomes: list[Outcome], duration_s: float) -> dict:
+    """The figures of vLLM's benchmark, in its field names (times in ms)."""
+    ok = [o for o in outcomes if o.ok]
+    ttft = [o.ttft_s * 1e3 for o in ok if o.ttft_s is not None]
+    tpot = [(o.e2e_s - o.ttft_s) / (o.output_tokens - 1) * 1e3 for o in ok
+            if o.output_tokens > 1]
+    itl = [x * 1e3 for o in ok for x in o.itl_s]
+    inp = sum(o.prompt_tokens for o in ok)
+    out = sum(o.output_tokens for o in ok)
+    res = {"completed": len(ok), "failed": len(outcomes) - len(ok), "duration": duration_s,
+           "total_input_tokens": inp, "total_output_tokens": out,
+           "request_throughput": len(ok) / duration_s,
+           "output_throughput": out / duration_s, "total_token_throughput": (inp + out) /
+           duration_s}
+    for name, vals in (("ttft", ttft), ("tpot", tpot), ("itl", itl)):
+        res[f"mean_{name}_ms"] = statistics.fmean(vals) if vals else float("nan")
+        res[f"median_{name}_ms"] = statistics.median(vals) if vals else float("nan")
+        res[f"p99_{name}_ms"] = _pct(vals, 99)
+    return res
+
+
+def format_summary(r: dict) -> str:
+    lines = ["{s:{c}^50}".format(s=" Serving Benchmark Result ", c="=")]
+    rows = [("Successful requests:", r["completed"]),
+            ("Failed requests:", r["failed"]),
+            ("Benchmark duration (s):", f"{r['duration']:.2f}"),
+            ("Total input tokens:", r["total_input_tokens"]),
+            ("Total generated tokens:", r["total_output_tokens"]),
+            ("Request throughput (req/s):", f"{r['request_throughput']:.2f}"),
+            ("Output token throughput (tok/s):", f"{r['output_throughput']:.2f}"),
+            ("Total Token throughput (tok/s):", f"{r['total_token_throughput']:.2f}")]
+    lines += [f"{k:<40}{v:<10}" for k, v in rows]
+    for title, key, label in (("Time to First Token", "ttft", "TTFT"),
+                              ("Time per Output Token (excl. 1st token)", "tpot", "TPOT"),
+                              ("Inter-token Latency", "itl", "ITL")):
+        lines.append("{s:{c}^50}".format(s=title, c="-"))
+        for stat in ("mean", "median", "p99"):
+            name = {"mean": "Mean", "median": "Median", "p99": "P99"}[stat]
+            lines.append(f"{f'{name} {label} (ms):':<40}{r[f'{stat}_{key}_ms']:<10.2f}")
+    lines.append("=" * 50)
+    return "\n".join(lines)
+
+
+def workload(n: int, rate: float, prompt_tokens: tuple[int, int], output_tokens: tuple[int, int],
+             seed: int = 0) -> list[tuple[float, int, int]]:
+    """(arrival s, prompt tokens, output tokens) with Poisson arrivals (rate req/s; inf: all at
+    once) and lengths uniform in the given ranges."""
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        out.append((t, rng.randint(*prompt_tokens), rng.randint(*output_tokens)))
+        t += rng.expovariate(rate) if rate != float("inf") else 0.0
+    return out
+
+
+async def _client(base: str, arrival: float, start: float, ids: list[int], max_tokens: int,
+                  outcome: Outcome) -> None:
+    import httpx
+
+    await asyncio.sleep(max(0.0, start + arrival - time.perf_counter()))
+    sent = time.perf_counter()
+    last = None
+    try:
+        async with httpx.AsyncClient(timeout=None) as client:
+            async with client.stream("POST", base + "/v1/completions", json={
+                    "prompt": ids, "max_tokens": max_tokens, "temperature": 0,
+                    "stream": True, "ignore_eos": True}) as resp:
+                if resp.status_code != 200:
+                    outcome.error = f"HTTP {resp.status_code}: {await resp.aread()!r}"
+                    return
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    ev = json.loads(line[6:])
+                    if "error" in ev:
+                        outcome.error = ev["error"]["message"]
+                        return
+                    n = sum(len(c.get("token_ids", [])) for c in ev["choices"])
+                    if not n:
+                        continue
+                    now = time.perf_counter()
+                    if last is None:
+                        outcome.ttft_s = now - sent
+                    else:
+                        outcome.itl_s.append(now - last)
+                    last = now
+                    outcome.output_tokens += n
+        outcome.e2e_s = time.perf_counter() - sent
+        outcome.ok = True
+    except Exception as e:  # noqa: BLE001 - recorded per request
+        outcome.error = f"{type(e).__name__}: {e}"
+
+
+def run_poisson(model, model_dir: str, requests: list[tuple[float, int, int]], trace=None,
+                seed: int = 0, engine_kwargs: dict | None = None) -> tuple[list[Outcome], float]:
+    """Serve `model` over HTTP and replay the requests with streaming clients."""
+    import socket
+
+    import uvicorn
+
+    from refmoe.server import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(model_dir, model=model, served_name="bench",
+                     engine_kwargs={**(engine_kwargs or {}), "trace": trace})
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            if httpx.get(base + "/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("the benchmark's server never became ready")
+        time.sleep(0.1)
+    rng = random.Random(seed)
+    vocab = model.cfg.vocab_size
+    outcomes = [Outcome(a, p) for a, p, _ in requests]
+
+    async def main() -> float:
+        start = time.perf_counter()
+        await asyncio.gather(*[
+            _client(base, a, start, [rng.randrange(vocab) for _ in range(p)], o, oc)
+            for (a, p, o), oc in zip(requests, outcomes)])
+        return time.perf_counter() - start
+
+    try:
+        duration = asyncio.run(main())
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+    return outcomes, duration
+
+
+def write_csv(path: str, outcomes: list[Outcome]) -> None:
+    with open(path, "w") as f:
+        f.write("arrived_at,num_prefill_tokens,num_decode_tokens\n")
+        for o in outcomes:
+            f.write(f"{o.arrived_at:.6f},{o.prompt_tokens},{o.output_tokens}\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Interference and dual-batch, on the engine directly (token times from its own thread)
+# ---------------------------------------------------------------------------------------------
+
+class _Timer:
+    def __init__(self):
+        self.times: list[float] = []
+        self.done = threading.Event()
+
+    def __call__(self, ev: dict) -> None:
+        if ev["type"] == "token":
+            self.times.extend([time.perf_counter()] * len(ev["token_ids"]))
+        else:
+            self.done.set()
+
+
+def interference(model, decode_tokens: int = 24, prefill_tokens: int = 512,
+                 prefill: str = "auto", seed: int = 0) -> dict:
+    """Median inter-token time of one decoding request alone, then while a prompt of
+    prefill_tokens tokens prefills beside it (prefill and decode workers concurrently)."""
+    rng = random.Random(seed)
+    ids = lambda n: [rng.randrange(model.cfg.vocab_size) for _ in range(n)]  # noqa: E731
+    engine = Engine(model, prefill=prefill, max_batch=4).start()
+    try:
+        alone = _Timer()
+        engine.submit(ids(16), decode_tokens, SamplingParams(), alone)
+        alone.done.wait()
+        mixed, long = _Timer(), _Timer()
+        engine.submit(ids(16), 4 * decode_tokens, SamplingParams(), mixed)
+        while len(mixed.times) < 3:
+            time.sleep(0.005)
+        t0 = time.perf_counter()
+        engine.submit(ids(prefill_tokens), 1, SamplingParams(), long)
+        long.done.wait()
+        t1 = time.perf_counter()
+        mixed.done.wait()
+    finally:
+        engine.shutdown(1)
+    gaps = lambda ts: [b - a for a, b in zip(ts, ts[1:])]  # noqa: E731
+    during = [b - a for a, b in zip(mixed.times, mixed.times[1:]) if a < t1 and b > t0]
+    base = statistics.median(gaps(alone.times[1:]))
+    worst = max(during) if during else float("nan")
+    mean_during = statistics.fmean(during) if during else float("nan")
+    return {"op": "interference", "prefill_tokens": prefill_tokens, "prefill_s": t1 - t0,
+            "tpot_alone_ms": base * 1e3, "tpot_during_prefill_ms": mean_during * 1e3,
+            "worst_itl_during_prefill_ms": worst * 1e3,
+            "ratio": mean_during / base, "limit": 1.15}
+
+
+def dual_batch(model, tokens: int = 24, dual: bool | None = None, seed: int = 0) -> dict:
+    """Aggregate decode tok/s: two requests decoding together over one alone."""
+    rng = random.Random(seed)
+    ids = lambda n: [rng.randrange(model.cfg.vocab_size) for _ in range(n)]  # noqa: E731
+    engine = Engine(model, prefill="cpu", max_batch=4, dual_batch=dual).start()
+
+    def decode_rate(timers: list[_Timer]) -> float:
+        """Tokens per second while every request of the group was decoding."""
+        lo = max(t.times[0] for t in timers)
+        hi = min(t.times[-1] for t in timers)
+        n = sum(sum(1 for x in t.times if lo < x <= hi) for t in timers)
+        return n / (hi - lo)
+
+    try:
+        one = _Timer()
+        engine.submit(ids(8), tokens, SamplingParams(), one)
+        one.done.wait()
+        pair = [_Timer(), _Timer()]
+        for t in pair:
+            engine.submit(ids(8), tokens, SamplingParams(), t)
+        for t in pair:
+            t.done.wait()
+    finally:
+        engine.shutdown(1)
+    r1, r2 = decode_rate([one]), decode_rate(pair)
+    return {"op": "dual_batch", "overlap": engine.scheduler.dual_batch, "tok_s_one": r1,
+            "tok_s_two": r2, "ratio": r2 / r1, "limit": 1.5}
+
+
+def as_rows(outcomes: list[Outcome]) -> list[dict]:
+    return [asdict(o) for o in outcomes]

@@ -1,0 +1,164 @@
+"""The scheduler's policy on plain plan objects, and the engine's workers on a real model:
+batched decode and dual-batch overlap give the tokens a lone request gets; cancel and errors
+return the KV reservation; admission is first come, first served within the budget."""
+
+import threading
+
+import pytest
+import torch
+
+from refmoe import models
+from refmoe.engine import Engine, ShuttingDown
+from refmoe.generate import generate
+from refmoe.sampling import SamplingParams
+from refmoe.scheduler import Entry, QueueFull, Scheduler
+from test_slp import PROMPT, fp8_dir  # noqa: F401 (fixture)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scheduler
+# ---------------------------------------------------------------------------------------------
+
+def test_admission_is_fcfs_within_the_kv_budget():
+    s = Scheduler(kv_tokens=100, max_batch=2, max_queue=3)
+    s.add(Entry("a", 30, 30, 0.0))
+    s.add(Entry("b", 50, 20, 1.0))
+    s.add(Entry("c", 5, 5, 2.0))
+    a = s.next_prefill()
+    assert a.request_id == "a" and s.kv.used == 60
+    assert s.next_prefill() is None          # b (70) does not fit; c may not overtake it
+    s.prefilled("a")
+    assert s.next_decode().request_ids == ["a"]
+    s.finish("a")
+    assert s.kv.used == 0 and s.next_prefill().request_id == "b"
+    with pytest.raises(ValueError, match="exceeds the KV budget"):
+        s.add(Entry("huge", 90, 20, 3.0))
+
+
+def test_queue_bound_and_batches():
+    s = Scheduler(kv_tokens=1000, max_batch=3, max_queue=2, dual_batch=True)
+    s.add(Entry("a", 1, 1, 0))
+    s.add(Entry("b", 1, 1, 0))
+    with pytest.raises(QueueFull):
+        s.add(Entry("c", 1, 1, 0))
+    for _ in range(2):
+        s.prefilled(s.next_prefill().request_id)
+    for r in "def":
+        s.add(Entry(r, 1, 1, 0))
+        s.prefilled(s.next_prefill().request_id)
+    plan = s.next_decode()
+    assert plan.request_ids == ["a", "b", "d"] and plan.micro_batches == [["a", "b"], ["d"]]
+    assert plan.overlapped
+    s.finish("b")
+    assert s.next_decode().request_ids == ["a", "d", "e"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine on the tiny FP8 DeepSeek model
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model(fp8_dir):  # noqa: F811
+    return models.load(fp8_dir)[1]
+
+
+def _run(engine, prompts, n, params=None):
+    done = {i: threading.Event() for i in range(len(prompts))}
+    out = {i: [] for i in range(len(prompts))}
+    ends = {}
+
+    def sink_for(i):
+        def sink(ev):
+            if ev["type"] == "token":
+                out[i] += ev["token_ids"]
+            else:
+                ends[i] = ev
+                done[i].set()
+        return sink
+
+    reqs = [engine.submit(p, n, params or SamplingParams(), sink_for(i))
+            for i, p in enumerate(prompts)]
+    for e in done.values():
+        assert e.wait(120), "a request never finished"
+    return out, ends, reqs
+
+
+@pytest.mark.parametrize("dual_batch", [False, True])
+def test_batched_decode_matches_lone_requests(model, dual_batch):
+    prompts = [PROMPT[:11], PROMPT[3:9], PROMPT[:4], PROMPT[10:30]]
+    want = [generate(model, p, 10).token_ids for p in prompts]
+    engine = Engine(model, max_batch=4, prefill="cpu", dual_batch=dual_batch).start()
+    try:
+        out, ends, _ = _run(engine, prompts, 10)
+        assert [out[i] for i in range(4)] == want
+        assert all(ends[i]["type"] == "finish" and ends[i]["usage"]["completion_tokens"] == 10
+                   for i in range(4))
+        assert engine.kv_usage == 0 and engine.steps["decode"] >= 9
+    finally:
+        engine.shutdown(1)
+
+
+def test_slp_prefill_path_in_the_engine(model):
+    engine = Engine(model, prefill="slp").start()
+    try:
+        out, _, _ = _run(engine, [PROMPT], 6)
+        assert out[0] == generate(model, PROMPT, 6).token_ids
+    finally:
+        engine.shutdown(1)
+
+
+def test_cancel_and_failures_return_the_reservation(model, monkeypatch):
+    engine = Engine(model, prefill="cpu", kv_tokens=200).start()
+    try:
+        seen = threading.Event()
+
+        def sink(ev):
+            seen.set()
+        req = engine.submit(PROMPT[:5], 100, SamplingParams(), sink)
+        assert seen.wait(60)
+        engine.cancel(req.id)
+        assert engine.kv_usage == 0 and req.cancelled
+        # a step that raises fails its requests with an error event, and the engine goes on
+        monkeypatch.setattr(model, "forward", lambda *a, **k: 1 / 0)
+        _, ends, _ = _run(engine, [PROMPT[:3]], 4)
+        assert ends[0]["type"] == "error" and "ZeroDivisionError" in ends[0]["message"]
+        assert engine.kv_usage == 0
+        monkeypatch.undo()
+        out, _, _ = _run(engine, [PROMPT[:3]], 4)
+        assert len(out[0]) == 4
+        with pytest.raises(ValueError, match="exceeds the context"):
+            engine.submit(PROMPT[:3], model.cfg.max_position_embeddings, SamplingParams(),
+                          print)
+    finally:
+        engine.shutdown(1)
+    with pytest.raises(ShuttingDown):
+        engine.submit(PROMPT[:3], 2, SamplingParams(), print)
+
+
+def test_dual_batch_locks_alternate(model):
+    """Two micro-batches in two threads: while one holds the attention lock the other may
+    hold the experts lock, and neither lane is ever held twice at once."""
+    held, overlaps = {"attn": 0, "ffn": 0}, []
+
+    class Probe:
+        def __init__(self, lane):
+            self.lane, self.lock = lane, threading.Lock()
+
+        def __enter__(self):
+            self.lock.acquire()
+            held[self.lane] += 1
+            assert held[self.lane] == 1
+            overlaps.append(held["attn"] + held["ffn"])
+
+        def __exit__(self, *exc):
+            held[self.lane] -= 1
+            self.lock.release()
+
+    locks = (Probe("attn"), Probe("ffn"))
+    caches = [model.new_cache() for _ in range(2)]
+    seqs = [torch.tensor(PROMPT[:5]), torch.tensor(PROMPT[5:12])]
+    t = threading.Thread(target=model.forward_batch, args=([seqs[1]], [caches[1]], locks))
+    t.start()
+    model.forward_batch([seqs[0]], [caches[0]], locks)
+    t.join()
+    assert max(overlaps) <= 2 and caches[0].length == 5 and caches[1].length == 7
