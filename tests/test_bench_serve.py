@@ -1,0 +1,53 @@
+"""`refmoe bench serve` end to end on the tiny model: the result block with vLLM's labels,
+the request CSV, the trace with the workers' lanes and one record per request; and the
+interference and dual-batch scenarios report their ratios."""
+
+import json
+import subprocess
+import sys
+
+from test_slp import fp8_dir  # noqa: F401 (fixture)
+
+LABELS = ["Successful requests:", "Benchmark duration (s):", "Total input tokens:",
+          "Total generated tokens:", "Request throughput (req/s):",
+          "Output token throughput (tok/s):", "Total Token throughput (tok/s):",
+          "Mean TTFT (ms):", "Median TTFT (ms):", "P99 TTFT (ms):", "Mean TPOT (ms):",
+          "Median TPOT (ms):", "P99 TPOT (ms):", "Mean ITL (ms):", "Median ITL (ms):",
+          "P99 ITL (ms):"]
+
+
+def _bench(*args):
+    return subprocess.run([sys.executable, "-m", "refmoe.cli", "bench", "serve", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_poisson_run_writes_block_csv_and_trace(fp8_dir, tmp_path):  # noqa: F811
+    csv, trace = tmp_path / "req.csv", tmp_path / "serve.json"
+    r = _bench("--model", str(fp8_dir), "--num-prompts", "6", "--request-rate", "30",
+               "--prompt-len", "3-20", "--output-len", "2-6", "--csv", str(csv),
+               "--trace", str(trace), "--prefill", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "Serving Benchmark Result" in r.stdout
+    for label in LABELS:
+        assert label in r.stdout, label
+    assert "Successful requests:                    6" in r.stdout
+    lines = csv.read_text().splitlines()
+    assert lines[0] == "arrived_at,num_prefill_tokens,num_decode_tokens" and len(lines) == 7
+    arrivals = [float(x.split(",")[0]) for x in lines[1:]]
+    assert arrivals == sorted(arrivals) and arrivals[0] == 0.0
+    t = json.loads(trace.read_text())
+    lanes = {e["args"]["name"] for e in t["traceEvents"] if e.get("name") == "thread_name"}
+    assert {"prefill worker", "decode worker", "attention", "experts"} <= lanes
+    reqs = t["metadata"]["requests"]
+    assert len(reqs) == 6 and all(q["first_token_time"] <= q["finish_time"] for q in reqs)
+    assert sorted(q["output_tokens"] for q in reqs) == sorted(
+        int(x.split(",")[2]) for x in lines[1:])
+
+
+def test_interference_and_dual_batch_report_ratios(fp8_dir):  # noqa: F811
+    for scenario in ("interference", "dual-batch"):
+        r = _bench("--model", str(fp8_dir), "--scenario", scenario, "--prefill-tokens",
+                   "100", "--json")
+        assert r.returncode == 0, r.stderr
+        row = json.loads(r.stdout)[0]
+        assert row["ratio"] > 0 and row["limit"] in (1.15, 1.5)
