@@ -70,16 +70,34 @@ class MLA:
         """x [T, H] at positions cache.length .. +T; returns [T, H] and extends the cache.
         cp (context parallel): x is this rank's slice; the latent of every rank's tokens is
         gathered into the cache and the queries sit at cp.offset."""
-        cfg, n, t = self.cfg, self.n, x.shape[0]
+        return self.batch([x], [(cos, sin)], softmax_scale, [cache], cp)[0]
+
+    def batch(self, xs: list[torch.Tensor], ropes, softmax_scale: float,
+              caches: list[LayerCache], cp=None) -> list[torch.Tensor]:
+        """Several sequences: the projections run once over all their tokens (each weight
+        read once per batch); rope, the cache and the attention proper per sequence."""
+        cfg, n = self.cfg, self.n
+        sizes = [x.shape[0] for x in xs]
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)                        # [T, H]
         if cfg.q_lora_rank:
             q = self.q_b(rms_norm(self.q_a(x), self.q_a_norm, cfg.rms_norm_eps))
         else:
             q = self.q(x)
-        q = q.view(t, n, self.qk_head).transpose(0, 1)                      # [n, T, qk]
-        q_nope, q_rot = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         kv = self.kv_a(x)                                                   # [T, lora + rope]
         latent, k_rot = kv.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         latent = rms_norm(latent, self.kv_a_norm, cfg.rms_norm_eps)         # [T, lora]
+        outs = [self._attend(qi, li, ki, cos, sin, softmax_scale, cache, cp)
+                for qi, li, ki, (cos, sin), cache in zip(
+                    q.split(sizes), latent.split(sizes), k_rot.split(sizes), ropes, caches)]
+        out = self.o(outs[0] if len(outs) == 1 else torch.cat(outs))        # [T, H]
+        return list(out.split(sizes))
+
+    def _attend(self, q, latent, k_rot, cos, sin, softmax_scale, cache: LayerCache, cp
+                ) -> torch.Tensor:
+        """One sequence: q [T, n*qk], latent [T, lora], k_rot [T, rope] -> [T, n*v]."""
+        cfg, n, t = self.cfg, self.n, q.shape[0]
+        q = q.view(t, n, self.qk_head).transpose(0, 1)                      # [n, T, qk]
+        q_nope, q_rot = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         q_rot = apply_rope(q_rot, cos, sin, cfg.rope_interleave)            # [n, T, rope]
         k_rot = apply_rope(k_rot, cos, sin, cfg.rope_interleave)            # [T, rope]
         start = cache.length
@@ -96,7 +114,7 @@ class MLA:
         if cp is not None:
             start += cp.offset
         out = attend(qf, k, v, start, self.qk_head ** -0.5 * softmax_scale)   # [n, T, v]
-        return self.o(out.transpose(0, 1).reshape(t, -1))
+        return out.transpose(0, 1).reshape(t, -1)
 
 
 # ---------------------------------------------------------------------------------------------

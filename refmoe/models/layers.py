@@ -459,14 +459,15 @@ class Block:
 
     def batch(self, xs: list[torch.Tensor], ropes, softmax_scale, caches, trace=None,
               locks=None) -> list[torch.Tensor]:
-        """Several sequences: attention each over its own cache, then the FFN over all their
-        tokens at once (see DecoderModel.forward_batch)."""
+        """Several sequences: attention over each one's own cache (its projections batched),
+        then the FFN over all their tokens at once (see DecoderModel.forward_batch)."""
         attn_lock, ffn_lock = locks or (nullcontext(), nullcontext())
         tokens = sum(x.shape[0] for x in xs)
         with attn_lock, maybe(trace, "device", "attention", f"attention L{self.layer}",
                               tokens=tokens, sequences=len(xs)):
-            xs = [x + self.attn(rms_norm(x, self.attn_norm, self.eps), cos, sin, softmax_scale,
-                                cache) for x, (cos, sin), cache in zip(xs, ropes, caches)]
+            ys = self.attn.batch([rms_norm(x, self.attn_norm, self.eps) for x in xs], ropes,
+                                 softmax_scale, caches)
+            xs = [x + y for x, y in zip(xs, ys)]
         sizes = [x.shape[0] for x in xs]
         x = torch.cat(xs)
         moe = isinstance(self.ffn, MoE)
