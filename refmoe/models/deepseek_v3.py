@@ -76,7 +76,7 @@ class MLA:
               caches: list[LayerCache], cp=None) -> list[torch.Tensor]:
         """Several sequences: the projections run once over all their tokens (each weight
         read once per batch); rope, the cache and the attention proper per sequence."""
-        cfg, n = self.cfg, self.n
+        cfg = self.cfg
         sizes = [x.shape[0] for x in xs]
         x = xs[0] if len(xs) == 1 else torch.cat(xs)                        # [T, H]
         if cfg.q_lora_rank:
