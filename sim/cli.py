@@ -1,4 +1,4 @@
-"""`refmoe-sim predict | calibrate | validate`."""
+"""`refmoe-sim predict | serve | calibrate | validate`."""
 
 from __future__ import annotations
 
@@ -27,6 +27,33 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from refmoe.bench_serve import format_summary, summary, workload
+    from refmoe.config import ModelConfig
+    from sim.hardware import Hardware
+    from sim.serve import simulate
+
+    if args.csv:
+        try:
+            lines = open(args.csv).read().splitlines()
+            if not lines or lines[0].strip() != "arrived_at,num_prefill_tokens,num_decode_tokens":
+                raise ValueError("the header must be arrived_at,num_prefill_tokens,"
+                                 "num_decode_tokens")
+            reqs = [(float(a), int(p), int(o)) for a, p, o in
+                    (ln.split(",") for ln in lines[1:] if ln.strip())]
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{args.csv}: {e}") from None
+    else:
+        reqs = workload(args.num_prompts, args.request_rate, args.prompt_len, args.output_len,
+                        args.seed)
+    outcomes, duration = simulate(ModelConfig.from_file(args.model),
+                                  Hardware.load(args.hardware), reqs, args.max_batch,
+                                  prefill=args.prefill)
+    result = summary(outcomes, duration)
+    print(json.dumps(result) if args.json else format_summary(result))
+    return 0
+
+
 def _cmd_calibrate(args) -> int:
     from sim.calibrate import calibrate
 
@@ -49,8 +76,10 @@ def _cmd_validate(args) -> int:
     else:
         for r in results:
             for metric, m in r["metrics"].items():
-                print(f"{r['trace']}: {metric} predicted {m['predicted'] * 1e3:.1f} ms, "
-                      f"measured {m['measured'] * 1e3:.1f} ms, error {100 * m['error']:+.1f}%")
+                unit, f = ("tok/s", 1) if metric.endswith("tok_s") else ("ms", 1e3)
+                print(f"{r['trace']}: {metric} predicted {m['predicted'] * f:.1f} {unit}, "
+                      f"measured {m['measured'] * f:.1f} {unit}, "
+                      f"error {100 * m['error']:+.1f}%")
     return 0
 
 
@@ -67,6 +96,23 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--devices", type=int, help="GPUs for SLP (default: all in the profile)")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=_cmd_predict)
+    from refmoe.cli import _range
+
+    se = sub.add_parser("serve", help="many requests through the engine's scheduler: the "
+                        "serving benchmark's summary, predicted")
+    se.add_argument("--model", required=True, help="config.json or a model directory")
+    se.add_argument("--hardware", required=True)
+    se.add_argument("--csv", help="a request CSV: arrived_at,num_prefill_tokens,"
+                    "num_decode_tokens (else a Poisson workload)")
+    se.add_argument("--num-prompts", type=int, default=100)
+    se.add_argument("--request-rate", type=float, default=1.0)
+    se.add_argument("--prompt-len", type=_range, default=(16, 64))
+    se.add_argument("--output-len", type=_range, default=(8, 32))
+    se.add_argument("--max-batch", type=int, default=16)
+    se.add_argument("--prefill", choices=["cpu", "slp"], default="cpu")
+    se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--json", action="store_true")
+    se.set_defaults(func=_cmd_serve)
     ca = sub.add_parser("calibrate", help="this machine's profile from micro-benchmarks")
     ca.add_argument("--name", default="this-machine")
     ca.add_argument("--out", help="write the profile YAML here")

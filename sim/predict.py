@@ -53,6 +53,7 @@ class Machine:
     def __init__(self, env: simpy.Environment, hw: Hardware):
         self.env, self.hw = env, hw
         self.net = FluidNetwork(env)
+        self._mixtures: dict = {}
         self.dram = Link("dram", hw.cpu.read_gbps() * 1e9)
         self.hbm = Link("hbm0", hw.gpus[0].hbm_gbps * hw.gpus[0].hbm_efficiency * 1e9) \
             if hw.gpus else None
@@ -76,6 +77,19 @@ class Machine:
     def cpu_fp8_mixed(self, one: float, experts: int, tokens: int, p: float):
         """`experts` matrices of `one` bytes, each used by Binomial(tokens, p) tokens: one
         stream at the rate that takes the expected total time."""
+        nbytes, seconds = self.mixture(one, experts, tokens, p)
+        if nbytes > 0:
+            yield self.net.transfer(nbytes, [self.dram], nbytes / seconds)
+
+    def mixture(self, one: float, experts: int, tokens: int, p: float) -> tuple[float, float]:
+        """(expected bytes, expected seconds) of that call (memoized: every MoE layer of a
+        forward asks the same)."""
+        key = (one, experts, tokens, p)
+        if key not in self._mixtures:
+            self._mixtures[key] = self._mixture(one, experts, tokens, p)
+        return self._mixtures[key]
+
+    def _mixture(self, one: float, experts: int, tokens: int, p: float) -> tuple[float, float]:
         nbytes = seconds = 0.0
         mean, sd = tokens * p, math.sqrt(tokens * p * (1 - p))
         lo, hi = max(1, int(mean - 12 * sd - 1)), min(tokens, int(mean + 12 * sd + 2))
@@ -85,8 +99,7 @@ class Machine:
                           + (tokens - m) * math.log1p(-p)) if p < 1 else float(m == tokens)
             nbytes += experts * pm * one
             seconds += experts * pm * one / (self.rate_gbps(m) * 1e9)
-        if nbytes > 0:
-            yield self.net.transfer(nbytes, [self.dram], nbytes / seconds)
+        return nbytes, seconds
 
     def device(self, nbytes: float, overhead_s: float, tokens: float = 1.0):
         """Attention or a dense layer on the device."""

@@ -37,6 +37,8 @@ def validate(path: str | Path, hw: Hardware) -> dict:
     doc = load_trace(path)
     names = {f.name for f in fields(ModelConfig)}
     cfg = ModelConfig(**{k: v for k, v in doc["metadata"]["model"].items() if k in names})
+    if len(doc["metadata"]["requests"]) > 1:
+        return validate_serving(path, doc, cfg, hw)
     got = measured(doc)
     p = predict(cfg, hw, got["prompt_tokens"], got["output_tokens"])
     rows = {}
@@ -44,3 +46,34 @@ def validate(path: str | Path, hw: Hardware) -> dict:
         pred, meas = getattr(p, metric), got[metric]
         rows[metric] = {"predicted": pred, "measured": meas, "error": (pred - meas) / meas}
     return {"trace": str(path), "hardware": hw.name, "metrics": rows}
+
+
+def validate_serving(path, doc: dict, cfg: ModelConfig, hw: Hardware) -> dict:
+    """A served workload: replay its requests (arrival, prompt and output tokens, from the
+    trace's records) through the engine's scheduler in the simulator; compare the means of
+    TTFT, TPOT and end-to-end latency and the output throughput with the trace's records."""
+    from refmoe.bench_serve import summary
+    from sim.serve import simulate
+
+    reqs = doc["metadata"]["requests"]
+    t0 = min(r["arrival"] for r in reqs)
+    workload = [(r["arrival"] - t0, r["prompt_tokens"], r["output_tokens"]) for r in reqs]
+    engine = doc["metadata"].get("engine") or {}
+    outcomes, duration = simulate(cfg, hw, workload, prefill=engine.get("prefill", "cpu")
+                                  if engine.get("prefill") in ("cpu", "slp") else "cpu")
+    pred = summary(outcomes, duration)
+    ok = [r for r in reqs if r.get("first_token_time") is not None]
+    tpot = [(r["finish_time"] - r["first_token_time"]) / (r["output_tokens"] - 1) for r in ok
+            if r["output_tokens"] > 1]
+    meas = {"ttft_s": statistics.fmean(r["first_token_time"] - r["arrival"] for r in ok),
+            "tpot_s": statistics.fmean(tpot) if tpot else float("nan"),
+            "e2e_s": statistics.fmean(r["finish_time"] - r["arrival"] for r in ok),
+            "output_tok_s": sum(r["output_tokens"] for r in ok) / (
+                max(r["finish_time"] for r in ok) - t0)}
+    e2e = [o.e2e_s for o in outcomes if o.ok]
+    got = {"ttft_s": pred["mean_ttft_ms"] / 1e3, "tpot_s": pred["mean_tpot_ms"] / 1e3,
+           "e2e_s": statistics.fmean(e2e) if e2e else float("nan"),
+           "output_tok_s": pred["output_throughput"]}
+    rows = {k: {"predicted": got[k], "measured": meas[k], "error": (got[k] - meas[k]) / meas[k]}
+            for k in meas}
+    return {"trace": str(path), "hardware": hw.name, "requests": len(reqs), "metrics": rows}

@@ -107,3 +107,54 @@ def test_slp_needs_a_gpu():
         predict(cfg, Hardware.load("zen3-2vcpu-calibrated"), 4096, 2, prefill="slp")
     with pytest.raises(ValueError, match="has 2 GPUs"):
         predict(cfg, Hardware.load("paper-2x9355-2x5090"), 4096, 2, prefill="slp", devices=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Many requests: the engine's scheduler, timed by the simulator
+# ---------------------------------------------------------------------------------------------
+
+def test_serving_simulation_uses_the_engine_scheduler():
+    from refmoe.bench_serve import summary
+    from sim.serve import simulate
+
+    cfg, hw = ModelConfig.from_dict(V3), Hardware.load("paper-2x9355-2x5090")
+    lone, _ = simulate(cfg, hw, [(0.0, 32, 9)])
+    p = predict(cfg, hw, 32, 9)
+    assert lone[0].ok and lone[0].output_tokens == 9
+    assert lone[0].ttft_s == pytest.approx(p.ttft_s, rel=1e-6)       # same cost model alone
+    # two requests at once decode together: each step costs less than two lone steps
+    pair, _ = simulate(cfg, hw, [(0.0, 32, 9), (0.0, 32, 9)])
+    tpot = lambda o: (o.e2e_s - o.ttft_s) / (o.output_tokens - 1)  # noqa: E731
+    assert all(o.ok for o in pair) and tpot(pair[1]) < 2 * tpot(lone[0])
+    # a burst queues for the prefill worker: later arrivals wait longer for their first token
+    burst, dur = simulate(cfg, hw, [(0.0, 512, 4)] * 6, max_batch=2)
+    ttfts = [o.ttft_s for o in burst]
+    assert ttfts == sorted(ttfts) and ttfts[-1] > 5 * ttfts[0]
+    res = summary(burst, dur)
+    assert res["completed"] == 6 and res["total_output_tokens"] == 24
+
+
+def test_serving_validation_on_the_measured_serve_trace():
+    r = validate(ROOT / "traces" / "serve-demo-avx2-L4-E32.json",
+                 Hardware.load("zen3-2vcpu-calibrated"))
+    assert r["requests"] == 12
+    assert set(r["metrics"]) == {"ttft_s", "tpot_s", "e2e_s", "output_tok_s"}
+    for m in r["metrics"].values():
+        assert m["predicted"] > 0 and m["measured"] > 0
+
+
+def test_sim_serve_cli_prints_the_block(tmp_path):
+    csv = tmp_path / "req.csv"
+    csv.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0,16,4\n0.5,32,8\n")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(V3))
+    out = subprocess.run([sys.executable, "-m", "sim.cli", "serve", "--model", str(cfg),
+                          "--hardware", "paper-2x9355-2x5090", "--csv", str(csv)],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "Serving Benchmark Result" in out and "Successful requests:" in out
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    r = subprocess.run([sys.executable, "-m", "sim.cli", "serve", "--model", str(cfg),
+                        "--hardware", "paper-2x9355-2x5090", "--csv", str(bad)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "bad.csv" in r.stderr
