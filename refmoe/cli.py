@@ -348,6 +348,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           api_key=api_key, device=args.device, drain_s=args.drain_s,
           engine_kwargs={"kv_tokens": args.kv_tokens, "max_batch": args.max_batch,
                          "max_queue": args.max_queue, "prefill": args.prefill,
+                         "ranks": args.ranks,
                          "dual_batch": {"auto": None, "on": True, "off": False}[args.dual_batch]})
     return 0
 
@@ -424,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     sv.add_argument("--dual-batch", choices=["auto", "on", "off"], default="auto",
                     help="dual-batch overlap (auto: on when attention runs on a GPU)")
+    sv.add_argument("--ranks", type=int, default=1,
+                    help="SLP devices (ranks); long prompts use all of them (DSLP) only when "
+                    "nothing decoded for 5 minutes, else one stays with decode")
     sv.add_argument("--drain-s", type=float, default=10.0,
                     help="on shutdown, seconds running requests get to finish")
     sv.set_defaults(func=_cmd_serve)

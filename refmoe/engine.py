@@ -63,7 +63,7 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, kv_tokens: int | None = None,
                  max_batch: int = 16, max_queue: int = 256, prefill: str = "auto",
                  dual_batch: bool | None = None, metrics=None, max_context: int | None = None,
-                 trace=None):
+                 trace=None, ranks: int = 1, model_dir: str | None = None):
         self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
         self.trace = trace              # a refmoe.trace.Trace: steps, layers and requests
         if trace is not None:
@@ -77,8 +77,12 @@ class Engine:
         # compete for the same cores, so it is off unless asked for.
         if dual_batch is None:
             dual_batch = model.device.type != "cpu"
+        if ranks > 1 and model_dir is None:
+            raise ValueError("DSLP over several ranks needs the model directory (each rank "
+                             "loads it)")
+        self.ranks, self.model_dir, self.group = ranks, model_dir, None
         self.scheduler = Scheduler(kv_tokens or 4 * self.context, max_batch, max_queue,
-                                   self._choose_path, dual_batch)
+                                   self._choose_path, dual_batch, devices=ranks)
         self.requests: dict[str, Request] = {}
         self.lock = threading.Condition()
         self.accepting, self.stopping = True, False
@@ -94,6 +98,10 @@ class Engine:
     # -- the public face ------------------------------------------------------------------
 
     def start(self) -> Engine:
+        if self.ranks > 1:       # the other ranks of DSLP: processes that load the model
+            from refmoe import dslp
+
+            self.group = dslp.Group.start(self.model, self.model_dir, self.ranks)
         for w in self.workers:
             w.start()
         return self
@@ -154,6 +162,9 @@ class Engine:
             if w.is_alive():
                 w.join(timeout=30)
         self.helper.shutdown(wait=False)
+        if self.group is not None:
+            self.group.close()
+            self.group = None
 
     @property
     def kv_usage(self) -> float:
@@ -205,7 +216,9 @@ class Engine:
             return
         cache = self.model.new_cache()
         ids = torch.tensor(req.prompt_ids)
-        if plan.where == "slp":
+        if plan.where == "slp" and plan.devices > 1 and plan.devices == self.ranks:
+            logits = self.group.prefill(ids, cache)            # DSLP over every rank
+        elif plan.where == "slp":
             logits = slp.StreamPrefill(self.model).prefill(ids, cache)
         else:
             logits = self.model.forward(ids, cache)

@@ -9,8 +9,11 @@ Policy, as the paper's technique 3 describes it:
   (chunked by SLP when it runs there), on the path the cost model picks (`where`);
 - decode batches every running request up to max_batch (continuous batching: a request
   joins at the next step after its prefill, leaves at the step it finishes);
-- dual-batch overlap splits a decode batch of two or more into two halves when it pays (the
-  engine measures attention and expert time; off where both run on the same cores).
+- dual-batch overlap splits a decode batch of two or more into two halves when it pays (on
+  when attention runs on a GPU; off where both halves would share the same cores);
+- with N devices, an SLP prefill takes all N (DSLP) only when nothing has decoded for
+  decode_quiet_s (5 minutes by default, the paper's rule); otherwise N - 1, one device
+  staying with decode.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class PrefillPlan:
     request_id: str
     tokens: int
     where: str = "cpu"           # "cpu" (routed experts on the CPU kernels) or "slp"
+    devices: int = 1             # SLP devices (ranks); more than one is DSLP
 
 
 @dataclass(slots=True)
@@ -81,7 +85,8 @@ class KVBudget:
 
 class Scheduler:
     def __init__(self, kv_tokens: int, max_batch: int = 16, max_queue: int = 256,
-                 choose_path=None, dual_batch: bool = False):
+                 choose_path=None, dual_batch: bool = False, devices: int = 1,
+                 decode_quiet_s: float = 300.0, clock=None):
         self.kv = KVBudget(kv_tokens)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.choose_path = choose_path or (lambda tokens: "cpu")
@@ -89,6 +94,12 @@ class Scheduler:
         self.entries: dict[str, Entry] = {}
         self.waiting: deque[str] = deque()
         self.decoding: list[str] = []
+        # Two or more devices: a long prompt may take them all (DSLP) only when no request
+        # has decoded for decode_quiet_s; otherwise one stays with decode (the paper's rule)
+        self.devices, self.decode_quiet_s = devices, decode_quiet_s
+        import time as _time
+        self.clock = clock or _time.monotonic
+        self.last_decode = -float("inf")
 
     # -- requests in and out ------------------------------------------------------------
 
@@ -133,11 +144,17 @@ class Scheduler:
         self.waiting.popleft()
         self.kv.take(e.reserve)
         e.state = "prefilling"
-        return PrefillPlan(e.request_id, e.prompt_tokens, self.choose_path(e.prompt_tokens))
+        where = self.choose_path(e.prompt_tokens)
+        devices = 1
+        if where == "slp" and self.devices > 1:
+            quiet = not self.decoding and self.clock() - self.last_decode >= self.decode_quiet_s
+            devices = self.devices if quiet else max(1, self.devices - 1)
+        return PrefillPlan(e.request_id, e.prompt_tokens, where, devices)
 
     def next_decode(self) -> DecodePlan | None:
         if not self.decoding:
             return None
+        self.last_decode = self.clock()
         ids = self.decoding[: self.max_batch]
         split = [ids[: (len(ids) + 1) // 2], ids[(len(ids) + 1) // 2:]] \
             if self.dual_batch and len(ids) >= 2 else [ids]

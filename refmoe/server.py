@@ -132,7 +132,8 @@ def create_app(model_dir: str | Path, *, served_name: str | None = None,
             else:
                 cfg, m = models.load(model_dir, device=device)
             state.cfg, state.tokenizer = cfg, tokenizer
-            state.engine = Engine(m, tokenizer, metrics=metrics, **(engine_kwargs or {})).start()
+            state.engine = Engine(m, tokenizer, metrics=metrics, model_dir=str(model_dir),
+                                  **(engine_kwargs or {})).start()
         except Exception as e:  # noqa: BLE001 - reported by /health and every request
             state.error = f"{type(e).__name__}: {e}"
         finally:

@@ -162,3 +162,37 @@ def test_dual_batch_locks_alternate(model):
     model.forward_batch([seqs[0]], [caches[0]], locks)
     t.join()
     assert max(overlaps) <= 2 and caches[0].length == 5 and caches[1].length == 7
+
+
+def test_devices_policy_keeps_one_for_decode():
+    now = [0.0]
+    s = Scheduler(kv_tokens=10_000, choose_path=lambda t: "slp" if t >= 100 else "cpu",
+                  devices=2, decode_quiet_s=300, clock=lambda: now[0])
+    s.add(Entry("long", 500, 4, 0))
+    plan = s.next_prefill()
+    assert plan.where == "slp" and plan.devices == 2        # nothing decoding: both devices
+    s.prefilled("long")
+    assert s.next_decode() is not None                      # decode ran at t = 0
+    s.add(Entry("long2", 500, 4, 0))
+    assert s.next_prefill().devices == 1                    # one device stays with decode
+    s.finish("long")
+    s.finish("long2")
+    now[0] = 200.0
+    s.add(Entry("long3", 500, 4, 0))
+    assert s.next_prefill().devices == 1                    # decoded 200 s ago: still one
+    now[0] = 301.0
+    s.add(Entry("long4", 500, 4, 0))
+    assert s.next_prefill().devices == 2                    # quiet for 5 minutes: both
+    s.add(Entry("short", 50, 4, 0))
+    assert s.next_prefill().where == "cpu"
+
+
+def test_engine_runs_dslp_when_decode_is_quiet(model, fp8_dir):  # noqa: F811
+    engine = Engine(model, prefill="slp", ranks=2, model_dir=str(fp8_dir)).start()
+    try:
+        out, _, _ = _run(engine, [PROMPT], 5)
+        assert engine.group is not None and engine.group.stats.experts_loaded > 0
+        assert out[0] == generate(model, PROMPT, 5).token_ids
+    finally:
+        engine.shutdown(1)
+    assert engine.group is None
