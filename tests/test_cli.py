@@ -44,7 +44,10 @@ def test_info_json():
 @pytest.mark.parametrize("args, message", [
     (("bench", "kernels", "--threads", "0"), "expected integers >= 1"),
     (("bench", "kernels", "--variants", "avx9"), "variant 'avx9' is not available"),
-    (("bench", "serve"), "invalid choice"),
+    (("bench", "everything"), "invalid choice"),
+    (("bench", "serve", "--prompt-len", "5-2"), "expected 1 <= LO <= HI"),
+    (("generate", "--model", "/nonexistent", "--prompt-ids", "1", "--prefill", "gpu"),
+     "invalid choice"),
     (("--cpu-threads", "0", "info"), "--cpu-threads must be >= 1"),
 ])
 def test_bad_arguments(args, message):
