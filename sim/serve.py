@@ -88,7 +88,8 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
     outcomes = [Outcome(a, p) for a, p, _ in requests]
     wants = {}
     first, last = {}, {}
-    state = {"wake": env.event(), "ended": 0}
+    state = {"wake": env.event(), "ended": 0, "prefilling": False,
+             "next_arrival": float("inf")}
 
     def wake():
         if not state["wake"].triggered:
@@ -99,6 +100,7 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
         order = sorted(range(len(requests)), key=lambda i: requests[i][0])
         for i in order:
             a, p, o = requests[i]
+            state["next_arrival"] = a
             yield env.timeout(max(0.0, a - env.now))
             try:
                 sched.add(Entry(str(i), p, o, env.now))
@@ -107,10 +109,11 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
                 outcomes[i].error = str(e)
                 state["ended"] += 1
             wake()
+        state["next_arrival"] = float("inf")
 
-    def token(rid: str) -> None:
+    def token(rid: str, at: float | None = None) -> None:
         i = int(rid)
-        now = env.now
+        now = env.now if at is None else at
         oc = outcomes[i]
         if oc.ttft_s is None:
             oc.ttft_s = now - oc.arrived_at
@@ -130,7 +133,9 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
             if plan is None:
                 yield state["wake"]
                 continue
+            state["prefilling"] = True
             yield from forward(plan.tokens, "slp" if plan.where == "slp" and hw.gpus else "cpu")
+            state["prefilling"] = False
             token(plan.request_id)
             if not outcomes[int(plan.request_id)].ok:
                 sched.prefilled(plan.request_id)
@@ -142,9 +147,26 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
             if plan is None:
                 yield state["wake"]
                 continue
-            yield from forward(len(plan.request_ids))
-            for rid in plan.request_ids:
-                token(rid)
+            b = len(plan.request_ids)
+            cpu_s, other_s = cost(b)
+            step = cpu_s + other_s
+            # nothing else can happen for k steps (no prefill running or startable, no
+            # arrival, nobody finishing before the k-th): take them as one, to the same times
+            k = 1
+            if not state["prefilling"] and not sched.waiting and step > 0:
+                left = min(wants[r] - outcomes[int(r)].output_tokens for r in plan.request_ids)
+                gap = state["next_arrival"] - env.now
+                k = max(1, left if gap == float("inf") else min(left, int(gap / step)))
+            if k == 1:
+                yield from forward(b)
+                for rid in plan.request_ids:
+                    token(rid)
+            else:
+                t0 = env.now
+                yield env.timeout(k * step)
+                for i in range(1, k + 1):
+                    for rid in plan.request_ids:
+                        token(rid, t0 + i * step)
             wake()
 
     env.process(arrivals())
