@@ -122,6 +122,8 @@ def test_serving_simulation_uses_the_engine_scheduler():
     p = predict(cfg, hw, 32, 9)
     assert lone[0].ok and lone[0].output_tokens == 9
     assert lone[0].ttft_s == pytest.approx(p.ttft_s, rel=1e-6)       # same cost model alone
+    # its 8 decode steps ran as one fast-forward, at the times of 8 separate steps
+    assert lone[0].itl_s == pytest.approx([p.tpot_s] * 8, rel=1e-6)
     # two requests at once decode together: each step costs less than two lone steps
     pair, _ = simulate(cfg, hw, [(0.0, 32, 9), (0.0, 32, 9)])
     tpot = lambda o: (o.e2e_s - o.ttft_s) / (o.output_tokens - 1)  # noqa: E731
