@@ -1,4 +1,4 @@
-"""`refmoe-sim predict | serve | calibrate | validate`."""
+"""`refmoe-sim predict | serve | calibrate | validate | reproduce-paper`."""
 
 from __future__ import annotations
 
@@ -51,6 +51,15 @@ def _cmd_serve(args) -> int:
                                   prefill=args.prefill)
     result = summary(outcomes, duration)
     print(json.dumps(result) if args.json else format_summary(result))
+    return 0
+
+
+def _cmd_reproduce(args) -> int:
+    from sim.hardware import Hardware
+    from sim.paper import format_rows, reproduce
+
+    rows = reproduce(Hardware.load(args.hardware))
+    print(json.dumps(rows) if args.json else format_rows(rows))
     return 0
 
 
@@ -113,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     se.add_argument("--seed", type=int, default=0)
     se.add_argument("--json", action="store_true")
     se.set_defaults(func=_cmd_serve)
+    rp = sub.add_parser("reproduce-paper", help="the paper's headline numbers, predicted from "
+                        "its machine's spec sheet, beside the paper's")
+    rp.add_argument("--hardware", default="paper-2x9355-2x5090")
+    rp.add_argument("--json", action="store_true")
+    rp.set_defaults(func=_cmd_reproduce)
     ca = sub.add_parser("calibrate", help="this machine's profile from micro-benchmarks")
     ca.add_argument("--name", default="this-machine")
     ca.add_argument("--out", help="write the profile YAML here")

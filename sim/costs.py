@@ -57,3 +57,16 @@ def head_bytes(cfg: ModelConfig) -> int:
 def bytes_per_token(cfg: ModelConfig) -> int:
     return sum(c.attention_bytes + c.expert_bytes + c.dense_bytes for c in layer_costs(cfg)) \
         + head_bytes(cfg)
+
+
+def attention_flops(cfg: ModelConfig, tokens: int, past: int = 0) -> float:
+    """FLOPs of one attention block over `tokens` new tokens after `past` cached ones: the
+    projections (2 x tokens x weights; an FP8 weight is one byte) and the causal scores and
+    weighted sums (each new token attends to past + its own position)."""
+    if cfg.family == "deepseek_v3":
+        qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    else:
+        qk = v = cfg.head_dim
+    context = past + (tokens + 1) / 2
+    return 2.0 * tokens * attention_bytes(cfg) + \
+        2.0 * cfg.num_attention_heads * tokens * context * (qk + v)

@@ -66,6 +66,7 @@ class GPU:
     pcie_gbps: float = 50.0            # host-to-device, per direction
     layer_overhead_us: float = 250.0   # per decoder layer at batch 1
     expert_tflops: float = 100.0       # SLP's expert matmuls (dense TFLOP/s x efficiency)
+    attention_tflops: float = 100.0    # prefill attention and dense layers (same)
 
 
 @dataclass(slots=True)

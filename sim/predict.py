@@ -54,6 +54,7 @@ class Machine:
         self.env, self.hw = env, hw
         self.net = FluidNetwork(env)
         self._mixtures: dict = {}
+        self.expert_scale = 1.0   # expert bytes relative to FP8 (INT4: bits per weight / 8)
         self.dram = Link("dram", hw.cpu.read_gbps() * 1e9)
         self.hbm = Link("hbm0", hw.gpus[0].hbm_gbps * hw.gpus[0].hbm_efficiency * 1e9) \
             if hw.gpus else None
@@ -101,10 +102,15 @@ class Machine:
             seconds += experts * pm * one / (self.rate_gbps(m) * 1e9)
         return nbytes, seconds
 
-    def device(self, nbytes: float, overhead_s: float, tokens: float = 1.0):
-        """Attention or a dense layer on the device."""
+    def device(self, nbytes: float, overhead_s: float, tokens: float = 1.0, flops: float = 0.0):
+        """Attention or a dense layer on the device: on a GPU its weights from HBM, or its
+        FLOPs at attention_tflops when those take longer (long prompts)."""
         if self.hbm is not None:
+            t0 = self.env.now
             yield self.net.transfer(nbytes, [self.hbm])
+            compute = flops / (self.hw.gpus[0].attention_tflops * 1e12)
+            if compute > self.env.now - t0:
+                yield self.env.timeout(compute - (self.env.now - t0))
         else:
             yield from self.cpu_fp8(nbytes, tokens)
         yield self.env.timeout(overhead_s)
@@ -115,11 +121,12 @@ def _step(m: Machine, cfg: ModelConfig, tokens: int, out: dict):
     hw = m.hw
     layer_overhead = (hw.gpus[0].layer_overhead_us if hw.gpus else hw.cpu.layer_overhead_us) \
         * 1e-6
+    attn_flops = costs.attention_flops(cfg, tokens)
     for cost in costs.layer_costs(cfg):
-        yield from m.device(cost.attention_bytes, layer_overhead, tokens)
+        yield from m.device(cost.attention_bytes, layer_overhead, tokens, attn_flops)
         if cost.expert_bytes:
             k = cfg.num_experts_per_tok
-            one = cost.expert_bytes / (k + cfg.n_shared_experts)
+            one = cost.expert_bytes * m.expert_scale / (k + cfg.n_shared_experts)
             # each routed expert serves a Binomial(tokens, k/E) number of tokens, and the
             # kernel's rate depends steeply on it (one token: the GEMV; more: tiles), so the
             # expected time is a sum over that distribution, not the rate at the mean
@@ -129,7 +136,7 @@ def _step(m: Machine, cfg: ModelConfig, tokens: int, out: dict):
                 yield from m.cpu_fp8(cfg.n_shared_experts * one, tokens)
             yield m.env.timeout(hw.cpu.moe_overhead_us * 1e-6)
         else:
-            yield from m.device(cost.dense_bytes, 0.0, tokens)
+            yield from m.device(cost.dense_bytes, 0.0, tokens, 2.0 * tokens * cost.dense_bytes)
     yield from m.device(costs.head_bytes(cfg), 0.0, 1)  # logits of the last position only
     out["t"] = m.env.now
 
@@ -174,22 +181,27 @@ def _slp_prefill(m: Machine, cfg: ModelConfig, tokens: int, devices: int, out: d
     exchange = 2 * tokens * cfg.hidden_size * 4 * (devices - 1) / devices / (
         gpus[0].pcie_gbps * 1e9) if devices > 1 else 0.0
     for i, cost in enumerate(costs.layer_costs(cfg)):
-        yield from m.device(cost.attention_bytes, overhead, tokens)
+        # context parallel: each GPU computes the attention of its 1/N of the queries
+        yield from m.device(cost.attention_bytes, overhead, tokens,
+                            costs.attention_flops(cfg, tokens) / devices)
         if cost.expert_bytes:
             yield loaded[i]
             flops = costmodel.expert_flops(cfg, tokens) / devices
             yield env.timeout(flops / (gpus[0].expert_tflops * 1e12) + exchange)
             yield ring.put(1)
         else:
-            yield from m.device(cost.dense_bytes, 0.0, tokens)
+            yield from m.device(cost.dense_bytes, 0.0, tokens, 2.0 * tokens * cost.dense_bytes)
     yield from m.device(costs.head_bytes(cfg), 0.0, 1)
     out["t"] = env.now
 
 
 def predict(cfg: ModelConfig, hw: Hardware, prompt_tokens: int, output_tokens: int,
-            prefill: str = "cpu", devices: int | None = None) -> Prediction:
+            prefill: str = "cpu", devices: int | None = None,
+            expert_bits: float | None = None) -> Prediction:
     """prefill: cpu, slp or auto (the engine's cost model decides); devices: GPUs for SLP
-    (default: all in the profile; more than one is DSLP)."""
+    (default: all in the profile; more than one is DSLP); expert_bits: bits per routed-expert
+    weight, scales included, when the experts are not FP8 (e.g. 4.5 for Q4_K-class INT4),
+    read by the CPU kernels at the same efficiency."""
     if prompt_tokens < 1 or output_tokens < 1:
         raise ValueError("prompt_tokens and output_tokens must be >= 1")
     if prefill not in ("cpu", "slp", "auto"):
@@ -204,6 +216,8 @@ def predict(cfg: ModelConfig, hw: Hardware, prompt_tokens: int, output_tokens: i
         prefill, n = choice.path, choice.devices
     env = simpy.Environment()
     m = Machine(env, hw)
+    if expert_bits is not None:
+        m.expert_scale = expert_bits / 8
     marks: dict = {}
 
     def request():

@@ -160,3 +160,18 @@ def test_sim_serve_cli_prints_the_block(tmp_path):
                         "--hardware", "paper-2x9355-2x5090", "--csv", str(bad)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "bad.csv" in r.stderr
+
+
+def test_reproduce_paper_rows():
+    from sim.paper import format_rows, reproduce
+
+    rows = reproduce()
+    assert len(rows) == 9 and all(r["predicted"] > 0 for r in rows)
+    by = {r["metric"]: r for r in rows}
+    assert by["decode tok/s, FP8"]["within_10pct"]
+    assert by["TTFT s, 45K prompt, two 5090s"]["kind"] == "about"
+    text = format_rows(rows)
+    assert "decode tok/s, FP8" in text and "met" in text.splitlines()[0]
+    out = subprocess.run([sys.executable, "-m", "sim.cli", "reproduce-paper", "--json"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert [r["metric"] for r in json.loads(out)] == [r["metric"] for r in rows]
