@@ -1,4 +1,4 @@
-"""`refmoe-sim predict | serve | calibrate | validate | reproduce-paper`."""
+"""`refmoe-sim predict | serve | sweep | calibrate | validate | reproduce-paper`."""
 
 from __future__ import annotations
 
@@ -54,6 +54,39 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from refmoe.config import ModelConfig
+    from sim import sweep
+
+    cfg = ModelConfig.from_file(args.model)
+    hardware = args.hardware.split(",")
+    policies = args.prefill.split(",")
+    bad = [p for p in policies if p not in ("cpu", "slp", "auto")]
+    if bad:
+        raise ValueError(f"--prefill: unknown policy {bad[0]!r} (cpu, slp, auto)")
+    progress = None
+    if sys.stderr.isatty() and not args.json:
+        from tqdm import tqdm
+
+        progress = lambda it, n: tqdm(it, total=n, desc="sweep", unit="case")  # noqa: E731
+    if args.request_rates:
+        rows = sweep.sweep_rates(cfg, hardware, policies, args.request_rates,
+                                 args.num_prompts, args.prompt_len, args.output_len, args.slo_ttft, args.slo_tpot, args.seed,
+                                 args.workers, progress)
+    else:
+        rows = sweep.sweep_lengths(cfg, hardware, policies, args.prompt_tokens,
+                                   args.output_tokens, args.workers, progress)
+    if args.plot:
+        sweep.plot(rows, args.plot)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in r.items()))
+    return 0
+
+
 def _cmd_reproduce(args) -> int:
     from sim.hardware import Hardware
     from sim.paper import format_rows, reproduce
@@ -92,6 +125,20 @@ def _cmd_validate(args) -> int:
     return 0
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="refmoe-sim", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -118,10 +165,27 @@ def main(argv: list[str] | None = None) -> int:
     se.add_argument("--prompt-len", type=_range, default=(16, 64))
     se.add_argument("--output-len", type=_range, default=(8, 32))
     se.add_argument("--max-batch", type=int, default=16)
-    se.add_argument("--prefill", choices=["cpu", "slp"], default="cpu")
+    se.add_argument("--prefill", choices=["cpu", "slp", "auto"], default="cpu")
     se.add_argument("--seed", type=int, default=0)
     se.add_argument("--json", action="store_true")
     se.set_defaults(func=_cmd_serve)
+    sw = sub.add_parser("sweep", help="many configurations in parallel processes, with plots")
+    sw.add_argument("--model", required=True, help="config.json or a model directory")
+    sw.add_argument("--hardware", required=True, help="profiles, comma-separated")
+    sw.add_argument("--prefill", default="cpu,slp", help="policies: cpu,slp,auto")
+    sw.add_argument("--prompt-tokens", type=_ints, default=[256, 1024, 4096, 16384, 32768])
+    sw.add_argument("--output-tokens", type=int, default=8)
+    sw.add_argument("--request-rates", type=_floats, help="sweep rates instead (serving)")
+    sw.add_argument("--num-prompts", type=int, default=100)
+    sw.add_argument("--prompt-len", type=_range, default=(256, 2048))
+    sw.add_argument("--output-len", type=_range, default=(32, 256))
+    sw.add_argument("--slo-ttft", type=float, default=10.0, help="seconds")
+    sw.add_argument("--slo-tpot", type=float, default=0.1, help="seconds")
+    sw.add_argument("--seed", type=int, default=0)
+    sw.add_argument("--workers", type=int, help="processes (default: one per CPU)")
+    sw.add_argument("--plot", help="write a PNG")
+    sw.add_argument("--json", action="store_true")
+    sw.set_defaults(func=_cmd_sweep)
     rp = sub.add_parser("reproduce-paper", help="the paper's headline numbers, predicted from "
                         "its machine's spec sheet, beside the paper's")
     rp.add_argument("--hardware", default="paper-2x9355-2x5090")

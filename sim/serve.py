@@ -83,8 +83,16 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
             yield net.transfer(cpu_s * cores.capacity, [cores])
         yield env.timeout(other_s)
 
-    sched = Scheduler(kv_tokens or 1 << 40, max_batch, max_queue,
-                      lambda tokens: prefill if prefill != "auto" else "cpu")
+    if prefill == "auto":      # per request, as the engine decides: the shared cost model
+        from refmoe import costmodel
+        from sim.predict import rates
+
+        r = rates(hw, 1) if hw.gpus else None
+        path = (lambda tokens: costmodel.choose_prefill(cfg, tokens, r).path) if r else \
+            (lambda tokens: "cpu")
+    else:
+        path = (lambda tokens: prefill)
+    sched = Scheduler(kv_tokens or 1 << 40, max_batch, max_queue, path)
     outcomes = [Outcome(a, p) for a, p, _ in requests]
     wants = {}
     first, last = {}, {}

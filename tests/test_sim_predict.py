@@ -175,3 +175,27 @@ def test_reproduce_paper_rows():
     out = subprocess.run([sys.executable, "-m", "sim.cli", "reproduce-paper", "--json"],
                          capture_output=True, text=True, timeout=120, check=True).stdout
     assert [r["metric"] for r in json.loads(out)] == [r["metric"] for r in rows]
+
+
+def test_sweep_in_processes_with_plots(tmp_path):
+    from sim import sweep
+
+    cfg = ModelConfig.from_dict(V3)
+    rows = sweep.sweep_lengths(cfg, ["paper-2x9355-2x5090", "zen3-2vcpu-calibrated"],
+                               ["cpu", "slp", "auto"], [256, 32768], workers=2)
+    assert len(rows) == 12
+    skipped = [r for r in rows if "skipped" in r]
+    assert len(skipped) == 4 and all(r["hardware"] == "this-machine" for r in skipped)
+    paper = {(r["prefill"], r["prompt_tokens"]): r for r in rows
+             if r["hardware"] == "paper-2x9355-2x5090"}
+    assert paper[("auto", 256)]["chosen"] == "cpu" and paper[("auto", 32768)]["chosen"] == "slp"
+    assert paper[("auto", 32768)]["ttft_s"] < paper[("cpu", 32768)]["ttft_s"]
+    sweep.plot(rows, str(tmp_path / "ttft.png"))
+    rates = sweep.sweep_rates(cfg, ["paper-2x9355-2x5090"], ["cpu", "auto"], [0.01, 0.2], 20,
+                              (256, 2048), (16, 64), 20.0, 0.1, workers=1)
+    assert all(0 <= r["slo_attainment"] <= 1 for r in rates)
+    by = {(r["prefill"], r["request_rate"]): r["slo_attainment"] for r in rates}
+    assert by[("auto", 0.01)] >= by[("auto", 0.2)]
+    sweep.plot(rates, str(tmp_path / "slo.png"))
+    for name in ("ttft.png", "slo.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,107 @@
+"""`refmoe-sim sweep`: many configurations at once, in parallel processes, with plots.
+
+Two kinds of sweep over hardware profiles x prefill policies:
+- prompt lengths: TTFT and TPOT of one request per length (sim.predict);
+- request rates: a Poisson workload per rate through the engine's scheduler (sim.serve) and
+  the share of requests that meet a TTFT and a TPOT SLO (attainment) and goodput.
+Rows come back as dicts (--json); plots with matplotlib: TTFT versus prompt length per
+policy and hardware, SLO attainment versus request rate.
+"""
+
+from __future__ import annotations
+
+import itertools
+from concurrent.futures import ProcessPoolExecutor
+
+
+def _length_case(args) -> dict:
+    from sim.hardware import Hardware
+    from sim.predict import predict
+
+    cfg, hw_name, prefill, tokens, output = args
+    hw = Hardware.load(hw_name)
+    if prefill != "cpu" and not hw.gpus:
+        return {"hardware": hw.name, "prefill": prefill, "prompt_tokens": tokens,
+                "skipped": "no GPU in the profile"}
+    p = predict(cfg, hw, tokens, output, prefill=prefill)
+    return {"hardware": hw.name, "prefill": prefill, "chosen": p.prefill, "devices": p.devices,
+            "prompt_tokens": tokens, "ttft_s": p.ttft_s, "tpot_s": p.tpot_s,
+            "prefill_tok_s": tokens / p.ttft_s}
+
+
+def _rate_case(args) -> dict:
+    from refmoe.bench_serve import summary, workload
+    from sim.hardware import Hardware
+    from sim.serve import simulate
+
+    cfg, hw_name, prefill, rate, n, plen, olen, slo_ttft, slo_tpot, seed = args
+    hw = Hardware.load(hw_name)
+    if prefill != "cpu" and not hw.gpus:
+        return {"hardware": hw.name, "prefill": prefill, "request_rate": rate,
+                "skipped": "no GPU in the profile"}
+    outcomes, duration = simulate(cfg, hw, workload(n, rate, plen, olen, seed),
+                                  prefill=prefill)
+    good = [o for o in outcomes if o.ok and o.ttft_s <= slo_ttft and (
+        o.output_tokens < 2 or (o.e2e_s - o.ttft_s) / (o.output_tokens - 1) <= slo_tpot)]
+    res = summary(outcomes, duration)
+    return {"hardware": hw.name, "prefill": prefill, "request_rate": rate,
+            "slo_attainment": len(good) / len(outcomes), "goodput_req_s": len(good) / duration,
+            **{k: res[k] for k in ("mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
+                                   "p99_tpot_ms", "output_throughput")}}
+
+
+def _run(fn, cases: list, workers: int | None, progress) -> list[dict]:
+    if workers == 1:
+        it = map(fn, cases)
+        return list(progress(it, len(cases)) if progress else it)
+    with ProcessPoolExecutor(workers) as pool:
+        it = pool.map(fn, cases)
+        return list(progress(it, len(cases)) if progress else it)
+
+
+def sweep_lengths(cfg, hardware: list[str], policies: list[str], lengths: list[int],
+                  output_tokens: int = 8, workers: int | None = None, progress=None
+                  ) -> list[dict]:
+    cases = [(cfg, h, p, t, output_tokens)
+             for h, p, t in itertools.product(hardware, policies, lengths)]
+    return _run(_length_case, cases, workers, progress)
+
+
+def sweep_rates(cfg, hardware: list[str], policies: list[str], rates: list[float],
+                num_prompts: int, prompt_len, output_len, slo_ttft_s: float, slo_tpot_s: float,
+                seed: int = 0, workers: int | None = None, progress=None) -> list[dict]:
+    cases = [(cfg, h, p, r, num_prompts, prompt_len, output_len, slo_ttft_s,
+              slo_tpot_s, seed) for h, p, r in itertools.product(hardware, policies, rates)]
+    return _run(_rate_case, cases, workers, progress)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """TTFT vs prompt length, or SLO attainment vs request rate, one line per (hardware,
+    policy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if "skipped" not in r]
+    by_rate = rows and "request_rate" in rows[0]
+    x, y = ("request_rate", "slo_attainment") if by_rate else ("prompt_tokens", "ttft_s")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (hw, pol), group in itertools.groupby(sorted(rows, key=lambda r: (
+            r["hardware"], r["prefill"], r[x])), key=lambda r: (r["hardware"], r["prefill"])):
+        g = list(group)
+        ax.plot([r[x] for r in g], [r[y] for r in g], marker="o", label=f"{hw} / {pol}")
+    if by_rate:
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_ylabel("SLO attainment")
+        ax.set_ylim(0, 1.05)
+    else:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("TTFT (s)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
