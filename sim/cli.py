@@ -71,8 +71,9 @@ def _cmd_sweep(args) -> int:
         progress = lambda it, n: tqdm(it, total=n, desc="sweep", unit="case")  # noqa: E731
     if args.request_rates:
         rows = sweep.sweep_rates(cfg, hardware, policies, args.request_rates,
-                                 args.num_prompts, args.prompt_len, args.output_len, args.slo_ttft, args.slo_tpot, args.seed,
-                                 args.workers, progress)
+                                 args.num_prompts, args.prompt_len, args.output_len,
+                                 args.slo_ttft, args.slo_tpot, args.seed, args.workers,
+                                 progress)
     else:
         rows = sweep.sweep_lengths(cfg, hardware, policies, args.prompt_tokens,
                                    args.output_tokens, args.workers, progress)

@@ -83,15 +83,17 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
             yield net.transfer(cpu_s * cores.capacity, [cores])
         yield env.timeout(other_s)
 
-    if prefill == "auto":      # per request, as the engine decides: the shared cost model
-        from refmoe import costmodel
-        from sim.predict import rates
+    from refmoe import costmodel
+    from sim.predict import rates
 
-        r = rates(hw, 1) if hw.gpus else None
-        path = (lambda tokens: costmodel.choose_prefill(cfg, tokens, r).path) if r else \
-            (lambda tokens: "cpu")
-    else:
-        path = (lambda tokens: prefill)
+    r = rates(hw, 1) if hw.gpus and prefill == "auto" else None
+
+    def path(tokens: int) -> str:
+        """Per request, as the engine decides: the shared cost model for auto."""
+        if prefill != "auto":
+            return prefill
+        return costmodel.choose_prefill(cfg, tokens, r).path if r else "cpu"
+
     sched = Scheduler(kv_tokens or 1 << 40, max_batch, max_queue, path)
     outcomes = [Outcome(a, p) for a, p, _ in requests]
     wants = {}
