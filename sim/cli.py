@@ -46,10 +46,13 @@ def _cmd_serve(args) -> int:
     else:
         reqs = workload(args.num_prompts, args.request_rate, args.prompt_len, args.output_len,
                         args.seed)
-    outcomes, duration = simulate(ModelConfig.from_file(args.model),
-                                  Hardware.load(args.hardware), reqs, args.max_batch,
-                                  prefill=args.prefill)
+    out = simulate(ModelConfig.from_file(args.model), Hardware.load(args.hardware), reqs,
+                   args.max_batch, prefill=args.prefill, trace=bool(args.trace))
+    outcomes, duration = out[0], out[1]
     result = summary(outcomes, duration)
+    if args.trace:
+        out[2].metadata["result"] = result
+        out[2].write(args.trace)
     print(json.dumps(result) if args.json else format_summary(result))
     return 0
 
@@ -168,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     se.add_argument("--max-batch", type=int, default=16)
     se.add_argument("--prefill", choices=["cpu", "slp", "auto"], default="cpu")
     se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--trace", help="write the simulated run as a Chrome trace (the engine's "
+                    "lanes and request records)")
     se.add_argument("--json", action="store_true")
     se.set_defaults(func=_cmd_serve)
     sw = sub.add_parser("sweep", help="many configurations in parallel processes, with plots")

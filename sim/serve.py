@@ -68,10 +68,23 @@ class Costs:
 
 def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, int]],
              max_batch: int = 16, kv_tokens: int | None = None, prefill: str = "cpu",
-             max_queue: int = 1 << 30) -> tuple[list[Outcome], float]:
+             max_queue: int = 1 << 30, trace: bool = False):
     """requests: (arrival s, prompt tokens, output tokens). Returns per-request outcomes (times
-    in seconds, as the engine's benchmark records them) and the makespan."""
+    in seconds, as the engine's benchmark records them) and the makespan; with trace=True a
+    third value, a refmoe.trace.Trace on simulated time with the engine's lanes
+    (scheduler / prefill worker, decode worker) and one record per request, so a measured
+    and a predicted run open side by side in Perfetto."""
     env = simpy.Environment()
+    tr = None
+    if trace:
+        from dataclasses import asdict
+
+        from refmoe.trace import Trace
+
+        tr = Trace({"simulated": True, "hardware": {"profile": hw.name},
+                    "model": asdict(cfg), "engine": {"prefill": prefill,
+                                                     "max_batch": max_batch}},
+                   clock=lambda: env.now)
     net = FluidNetwork(env)
     cores = Link("cpu cores", 1e9)   # CPU-kernel work in core-pool nanoseconds
     cost = Costs(cfg, hw)
@@ -133,6 +146,11 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
         oc.output_tokens += 1
         if oc.output_tokens >= wants[rid]:
             oc.e2e_s, oc.ok = now - oc.arrived_at, True
+            if tr:
+                tr.request(id=f"req-{rid}", arrival=oc.arrived_at,
+                           prompt_tokens=oc.prompt_tokens, output_tokens=oc.output_tokens,
+                           finish_reason="length", first_token_time=oc.arrived_at + oc.ttft_s,
+                           finish_time=now)
             sched.finish(rid)
             state["ended"] += 1
         first.setdefault(rid, now)
@@ -144,8 +162,13 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
                 yield state["wake"]
                 continue
             state["prefilling"] = True
-            yield from forward(plan.tokens, "slp" if plan.where == "slp" and hw.gpus else "cpu")
+            start = env.now
+            where = "slp" if plan.where == "slp" and hw.gpus else "cpu"
+            yield from forward(plan.tokens, where)
             state["prefilling"] = False
+            if tr:
+                tr.span("scheduler", "prefill worker", "prefill", start, env.now - start,
+                        requests=1, tokens=plan.tokens, path=where)
             token(plan.request_id)
             if not outcomes[int(plan.request_id)].ok:
                 sched.prefilled(plan.request_id)
@@ -167,16 +190,21 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
                 left = min(wants[r] - outcomes[int(r)].output_tokens for r in plan.request_ids)
                 gap = state["next_arrival"] - env.now
                 k = max(1, left if gap == float("inf") else min(left, int(gap / step)))
+            t0 = env.now
             if k == 1:
                 yield from forward(b)
                 for rid in plan.request_ids:
                     token(rid)
             else:
-                t0 = env.now
                 yield env.timeout(k * step)
                 for i in range(1, k + 1):
                     for rid in plan.request_ids:
                         token(rid, t0 + i * step)
+            if tr:   # one span per step, as the engine writes them
+                per = (env.now - t0) / k
+                for i in range(k):
+                    tr.span("scheduler", "decode worker", "decode", t0 + i * per, per,
+                            requests=b, micro_batches=1)
             wake()
 
     env.process(arrivals())
@@ -186,4 +214,6 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
         env.step()
     start = min((a for a, _, _ in requests), default=0.0)
     end = max((o.arrived_at + o.e2e_s for o in outcomes if o.ok), default=start)
+    if trace:
+        return outcomes, end - start, tr
     return outcomes, end - start

@@ -209,3 +209,19 @@ def test_serving_validation_calibrated_back_to_back(profile, ttft_tol, tpot_tol)
     r = validate(ROOT / "traces" / "serve-demo-avx2-L4-E32-b2b.json", Hardware.load(profile))
     assert abs(r["metrics"]["ttft_s"]["error"]) <= ttft_tol
     assert abs(r["metrics"]["tpot_s"]["error"]) <= tpot_tol
+
+
+def test_simulated_trace_has_the_engine_lanes():
+    from sim.serve import simulate
+
+    cfg, hw = ModelConfig.from_dict(V3), Hardware.load("paper-2x9355-2x5090")
+    outcomes, _, tr = simulate(cfg, hw, [(0.0, 64, 5), (0.5, 32, 3)], trace=True)
+    doc = tr.to_json()
+    lanes = {e["args"]["name"] for e in doc["traceEvents"] if e.get("name") == "thread_name"}
+    assert lanes == {"prefill worker", "decode worker"}
+    spans = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    assert sum(e["name"] == "prefill" for e in spans) == 2
+    assert sum(e["args"]["requests"] for e in spans if e["name"] == "decode") == 4 + 2
+    reqs = sorted(doc["metadata"]["requests"], key=lambda r: r["arrival"])
+    assert [r["output_tokens"] for r in reqs] == [5, 3] and doc["metadata"]["simulated"]
+    assert reqs[0]["first_token_time"] == pytest.approx(outcomes[0].ttft_s)
