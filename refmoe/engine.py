@@ -94,10 +94,14 @@ class Engine:
         self._moe = [b.ffn for b in model.blocks if hasattr(b.ffn, "seconds")]
         self._expert_s = sum(m.seconds for m in self._moe)
         self.steps = {"prefill": 0, "decode": 0}
+        self._rates = None              # the cost model's, measured at start for "auto"
+        self._streamer: slp.StreamPrefill | None = None   # one SLP runner, its ring reused
 
     # -- the public face ------------------------------------------------------------------
 
     def start(self) -> Engine:
+        if self.prefill_path == "auto" and slp.streamable(self.model):
+            self._rates = slp.model_rates(self.model)
         if self.ranks > 1:       # the other ranks of DSLP: processes that load the model
             from refmoe import dslp
 
@@ -202,12 +206,11 @@ class Engine:
             self._count_expert_time()
 
     def _choose_path(self, tokens: int) -> str:
+        """Called by the scheduler under the engine's lock: arithmetic only (the rates were
+        measured at start)."""
         if self.prefill_path != "auto":
             return self.prefill_path
-        try:
-            return "slp" if slp.for_request(self.model, tokens, "auto") is not None else "cpu"
-        except ValueError:                  # e.g. INT4 experts, which SLP does not stream
-            return "cpu"
+        return slp.path_for(self.model, tokens, self._rates) if self._rates else "cpu"
 
     def _prefill(self, plan: PrefillPlan) -> None:
         with self.lock:
@@ -219,7 +222,9 @@ class Engine:
         if plan.where == "slp" and plan.devices > 1 and plan.devices == self.ranks:
             logits = self.group.prefill(ids, cache)            # DSLP over every rank
         elif plan.where == "slp":
-            logits = slp.StreamPrefill(self.model).prefill(ids, cache)
+            if self._streamer is None:
+                self._streamer = slp.StreamPrefill(self.model)
+            logits = self._streamer.prefill(ids, cache)
         else:
             logits = self.model.forward(ids, cache)
         req.cache, req.sampler = cache, Sampler(req.params)

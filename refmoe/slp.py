@@ -671,6 +671,33 @@ def pcie_bound_tok_s(tokens: int, nbytes: int, gbps: float) -> float:
     return tokens / (nbytes / (gbps * 1e9)) if nbytes else math.inf
 
 
+def model_rates(model, device: str | None = None):
+    """The cost model's rates for this model on `device`, measured once (about a second) and
+    kept on the model."""
+    from refmoe import costmodel
+
+    dev = torch.device(device) if device is not None else model.device
+    cached = getattr(model, "prefill_rates", {})
+    if str(dev) not in cached:
+        model.prefill_rates = {**cached, str(dev): costmodel.measure_rates(model.cfg, dev)}
+    return model.prefill_rates[str(dev)]
+
+
+def streamable(model) -> bool:
+    """Whether SLP can stream this model's routed experts (FP8 or BF16, not INT4)."""
+    return any(hasattr(b.ffn, "experts") for b in model.blocks) and all(
+        b.ffn.experts.fmt in ("fp8", "bf16") for b in model.blocks if hasattr(b.ffn, "experts"))
+
+
+def path_for(model, tokens: int, rates) -> str:
+    """"cpu" or "slp" for a prompt of `tokens` tokens, by the shared cost model."""
+    from refmoe import costmodel
+
+    if not streamable(model):
+        return "cpu"
+    return costmodel.choose_prefill(model.cfg, tokens, rates).path
+
+
 def for_request(model, tokens: int, path: str = "auto", device: str | None = None,
                 rates=None, **kwargs) -> StreamPrefill | None:
     """The prefill runner for a prompt of `tokens` tokens: None for the CPU path, else an
@@ -680,14 +707,6 @@ def for_request(model, tokens: int, path: str = "auto", device: str | None = Non
         return None
     if path not in ("auto", "slp"):
         raise ValueError(f"prefill must be auto, cpu or slp, got {path!r}")
-    if path == "auto":
-        from refmoe import costmodel
-
-        dev = torch.device(device) if device is not None else model.device
-        cached = getattr(model, "prefill_rates", {})
-        if rates is None:
-            rates = cached.get(str(dev)) or costmodel.measure_rates(model.cfg, dev)
-            model.prefill_rates = {**cached, str(dev): rates}
-        if costmodel.choose_prefill(model.cfg, tokens, rates).path == "cpu":
-            return None
+    if path == "auto" and path_for(model, tokens, rates or model_rates(model, device)) == "cpu":
+        return None
     return StreamPrefill(model, device, **kwargs)
