@@ -7,7 +7,7 @@ import torch
 
 from refmoe import dslp, models
 from refmoe.generate import generate
-from test_slp import PROMPT, fp8_dir, plain  # noqa: F401 (fixtures)
+from test_slp import PROMPT, fp8_dir, plain, save_tiny_qwen3  # noqa: F401 (fixtures)
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,12 +35,7 @@ def test_two_ranks_match_plain_prefill(fp8_dir, plain, chunk):  # noqa: F811
 
 
 def test_two_ranks_gqa(tmp_path):
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=97, hidden_size=72, intermediate_size=96, moe_intermediate_size=40,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        num_experts=8, num_experts_per_tok=2, max_position_embeddings=256, eos_token_id=None)
-    torch.manual_seed(2)
-    transformers.Qwen3MoeForCausalLM(cfg).eval().save_pretrained(tmp_path)
+    save_tiny_qwen3(tmp_path, seed=2)
     _, model = models.load(tmp_path)
     want = model.forward(torch.tensor(PROMPT[:23]), model.new_cache())
     with dslp.Group.start(model, tmp_path, world=2, threads_per_rank=1) as group:

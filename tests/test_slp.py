@@ -99,13 +99,18 @@ def test_greedy_tokens_equal_via_cli(fp8_dir):
     assert streamed["token_ids"] == cpu["token_ids"] and len(cpu["token_ids"]) == 12
 
 
-def test_qwen3_bf16_experts(tmp_path):
+def save_tiny_qwen3(d, seed: int) -> None:
+    """A 2-layer Qwen3-MoE with 8 BF16 experts (top-2), random weights, saved to d."""
     cfg = transformers.Qwen3MoeConfig(
         vocab_size=97, hidden_size=72, intermediate_size=96, moe_intermediate_size=40,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         num_experts=8, num_experts_per_tok=2, max_position_embeddings=256, eos_token_id=None)
-    torch.manual_seed(1)
-    transformers.Qwen3MoeForCausalLM(cfg).eval().save_pretrained(tmp_path)
+    torch.manual_seed(seed)
+    transformers.Qwen3MoeForCausalLM(cfg).eval().save_pretrained(d)
+
+
+def test_qwen3_bf16_experts(tmp_path):
+    save_tiny_qwen3(tmp_path, seed=1)
     _, model = models.load(tmp_path)
     assert model.blocks[0].ffn.experts.fmt == "bf16"
     want = model.forward(torch.tensor(PROMPT), model.new_cache())
