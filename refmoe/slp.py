@@ -352,7 +352,7 @@ class CudaLanes:
         self.loaded = [ev() for _ in range(slots)]
         self.computed = [ev() for _ in range(slots)]
         self.unloaded = [ev() for _ in range(2)]
-        self.issued = {"computed": -1, "unloaded": -1}
+        self.issued = {"computed": -1}
         self.timing = spans.trace is not None
         if self.timing:
             self.base = torch.cuda.Event(enable_timing=True)
@@ -658,12 +658,6 @@ class _Chunk:
 
     def close(self) -> None:
         self.lanes.close()
-
-
-def bytes_per_pass(runner: StreamPrefill) -> int:
-    """Bytes one chunk streams in prefetch mode: every owned expert slot of every MoE layer."""
-    owned = sum(1 for e in range(runner.slots_per_layer) if runner.owned(e))
-    return owned * len(runner.moe) * runner.layout.nbytes
 
 
 def pcie_bound_tok_s(tokens: int, nbytes: int, gbps: float) -> float:

@@ -110,7 +110,7 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
     sched = Scheduler(kv_tokens or 1 << 40, max_batch, max_queue, path)
     outcomes = [Outcome(a, p) for a, p, _ in requests]
     wants = {}
-    first, last = {}, {}
+    last = {}
     state = {"wake": env.event(), "ended": 0, "prefilling": False,
              "next_arrival": float("inf")}
 
@@ -153,7 +153,6 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
                            finish_time=now)
             sched.finish(rid)
             state["ended"] += 1
-        first.setdefault(rid, now)
 
     def prefill_worker():
         while True:
