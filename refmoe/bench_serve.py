@@ -19,8 +19,6 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-from refmoe.engine import Engine
-from refmoe.sampling import SamplingParams
 
 
 @dataclass(slots=True)
@@ -211,6 +209,9 @@ def interference(model, decode_tokens: int = 24, prefill_tokens: int = 512,
                  prefill: str = "auto", seed: int = 0) -> dict:
     """Median inter-token time of one decoding request alone, then while a prompt of
     prefill_tokens tokens prefills beside it (prefill and decode workers concurrently)."""
+    from refmoe.engine import Engine
+    from refmoe.sampling import SamplingParams
+
     rng = random.Random(seed)
     ids = lambda n: [rng.randrange(model.cfg.vocab_size) for _ in range(n)]  # noqa: E731
     engine = Engine(model, prefill=prefill, max_batch=4).start()
@@ -242,6 +243,9 @@ def interference(model, decode_tokens: int = 24, prefill_tokens: int = 512,
 
 def dual_batch(model, tokens: int = 24, dual: bool | None = None, seed: int = 0) -> dict:
     """Aggregate decode tok/s: two requests decoding together over one alone."""
+    from refmoe.engine import Engine
+    from refmoe.sampling import SamplingParams
+
     rng = random.Random(seed)
     ids = lambda n: [rng.randrange(model.cfg.vocab_size) for _ in range(n)]  # noqa: E731
     engine = Engine(model, prefill="cpu", max_batch=4, dual_batch=dual).start()

@@ -4,7 +4,11 @@ transfers that may cross several of them, as SimPy events.
 A FIFO Resource(1) would serialize transfers and get tail latency wrong; here every active flow
 progresses at its max-min fair rate (progressive filling: all unfrozen flows rise together
 until a link saturates or a flow reaches its own cap, whose flows then freeze), and rates are
-recomputed whenever a flow starts or ends. The SimPy pitfalls are handled explicitly: a timer
+recomputed whenever a flow starts or ends. A flow may load each link it crosses with a weight
+(link units per unit of the flow's rate): a CPU kernel whose size is its seconds alone loads
+each socket's core pool with 1 and each socket's DRAM with the bytes per second it reads, so
+flows of different kinds share links in one currency, progress, and max-min fairness becomes
+equal slowdown. The SimPy pitfalls are handled explicitly: a timer
 scheduled for an earlier set of rates is recognized as stale by a version number and ignored;
 remaining bytes are settled with a relative tolerance so float drift can never leave a flow
 unfinished, nor a sliver too small to advance the clock; flows that finish at the same instant
@@ -44,6 +48,7 @@ class Flow:
     rate: float = 0.0
     start: float = 0.0
     tags: dict = field(default_factory=dict)
+    weights: tuple[float, ...] = ()   # load on each of links per unit rate (default 1)
 
 
 class FluidNetwork:
@@ -57,15 +62,21 @@ class FluidNetwork:
         self.bytes_done: dict[str, float] = {}
 
     def transfer(self, nbytes: float, links: list[Link] | tuple[Link, ...],
-                 cap: float = math.inf, **tags) -> simpy.Event:
-        """Start moving nbytes across all of links (at most cap bytes/s); the returned event
-        succeeds with the Flow when the last byte arrives."""
+                 cap: float = math.inf, weights: list[float] | tuple[float, ...] | None = None,
+                 **tags) -> simpy.Event:
+        """Start moving nbytes across all of links (at most cap bytes/s; weights: the load on
+        each link per byte/s, 1 by default); the returned event succeeds with the Flow when
+        the last byte arrives, and carries it as `.flow` before then."""
         if nbytes < 0:
             raise ValueError(f"transfer size must be >= 0, got {nbytes}")
         if not links and cap == math.inf:
             raise ValueError("a transfer needs at least one link or a finite cap")
+        weights = tuple(float(w) for w in weights) if weights is not None else (1.0,) * len(links)
+        if len(weights) != len(links) or any(not w >= 0 for w in weights):
+            raise ValueError("weights: one non-negative number per link")
         flow = Flow(float(nbytes), tuple(links), cap, self.env.event(), float(nbytes),
-                    start=self.env.now, tags=tags)
+                    start=self.env.now, tags=tags, weights=weights)
+        flow.done.flow = flow
         if nbytes == 0:
             flow.done.succeed(flow)
             return flow.done
@@ -73,6 +84,20 @@ class FluidNetwork:
         self.flows.append(flow)
         self._reschedule()
         return flow.done
+
+    def remaining(self, flow: Flow) -> float:
+        """A running flow's size left, as of now."""
+        self._settle()
+        return flow.remaining
+
+    def set_cap(self, flow: Flow, cap: float) -> None:
+        """Change a running flow's cap from now on (its bytes so far are settled first)."""
+        if not cap > 0:
+            raise ValueError(f"cap must be > 0, got {cap}")
+        self._settle()
+        flow.cap = cap
+        if flow in self.flows:
+            self._reschedule()
 
     # -- internals --------------------------------------------------------------------------
 
@@ -83,39 +108,12 @@ class FluidNetwork:
             for f in self.flows:
                 moved = f.rate * dt
                 f.remaining -= moved
-                for link in f.links:
-                    self.bytes_done[link.name] = self.bytes_done.get(link.name, 0.0) + moved
+                for link, w in zip(f.links, f.weights):
+                    self.bytes_done[link.name] = self.bytes_done.get(link.name, 0.0) + moved * w
         self._last = self.env.now
 
     def _rates(self) -> None:
-        """Max-min fair rates by progressive filling."""
-        active = [f for f in self.flows]
-        for f in active:
-            f.rate = 0.0
-        left = {id(link): link.capacity for f in active for link in f.links}
-        unfrozen = set(map(id, active))
-        by_id = {id(f): f for f in active}
-        while unfrozen:
-            # the largest equal increment before some link saturates or some flow hits its cap
-            inc = math.inf
-            for link_id, cap_left in left.items():
-                n = sum(1 for fid in unfrozen if any(id(lk) == link_id for lk in by_id[fid].links))
-                if n:
-                    inc = min(inc, cap_left / n)
-            for fid in unfrozen:
-                inc = min(inc, by_id[fid].cap - by_id[fid].rate)
-            for fid in unfrozen:
-                f = by_id[fid]
-                f.rate += inc
-                for link in f.links:
-                    left[id(link)] -= inc
-            saturated = {lid for lid, c in left.items() if c <= 1e-12 * max(1.0, inc)}
-            frozen = {fid for fid in unfrozen
-                      if by_id[fid].rate >= by_id[fid].cap * (1 - 1e-12)
-                      or any(id(lk) in saturated for lk in by_id[fid].links)}
-            if not frozen:  # numerical corner: freeze everything rather than loop
-                frozen = set(unfrozen)
-            unfrozen -= frozen
+        max_min_rates(self.flows)
 
     def _reschedule(self) -> None:
         self._version += 1
@@ -143,3 +141,35 @@ class FluidNetwork:
             f.remaining, f.rate = 0.0, 0.0
             f.done.succeed(f)
         self._reschedule()
+
+
+def max_min_rates(flows: list[Flow]) -> None:
+    """Set each flow's .rate to its weighted max-min fair share, by progressive filling: every
+    unfrozen flow's rate rises by the same increment until some link is full (its flows
+    freeze) or a flow reaches its cap (it freezes). Also usable on flows not in a network, to
+    ask what rates a set of flows would get together."""
+    left: dict[int, float] = {}
+    for f in flows:
+        f.rate = 0.0
+        for link in f.links:
+            left[id(link)] = link.capacity
+    unfrozen = list(flows)
+    while unfrozen:
+        load: dict[int, float] = {}
+        for f in unfrozen:
+            for link, w in zip(f.links, f.weights):
+                load[id(link)] = load.get(id(link), 0.0) + w
+        inc = min((left[lid] / w for lid, w in load.items() if w > 0), default=math.inf)
+        inc = min([inc] + [f.cap - f.rate for f in unfrozen])
+        if inc == math.inf:
+            raise RuntimeError("a flow with no capacity limit (no loaded link, no cap)")
+        for f in unfrozen:
+            f.rate += inc
+            for link, w in zip(f.links, f.weights):
+                left[id(link)] -= inc * w
+        full = {lid for lid, c in left.items() if c <= 1e-12 * max(1.0, inc)}
+        still = [f for f in unfrozen if f.rate < f.cap * (1 - 1e-12)
+                 and not any(id(lk) in full and w > 0 for lk, w in zip(f.links, f.weights))]
+        if len(still) == len(unfrozen):   # numerical corner: freeze everything rather than loop
+            still = []
+        unfrozen = still

@@ -30,6 +30,12 @@ class CPU:
     # FP8 weight GB/s of all cores when M tokens share each weight (the GEMM tile path); empty:
     # fall back to the FMA peak at 0.6 efficiency
     gemm_gbps_by_m: dict = field(default_factory=dict)
+    # the link between sockets (xGMI / UPI), GB/s both directions together; 0: one socket
+    interconnect_gbps: float = 0.0
+    # True: the engine's NUMA-aware layout (each socket's cores read the weights in their own
+    # DRAM); False: weights interleaved over all nodes, so (sockets-1)/sockets of every read
+    # crosses the interconnect (what a NUMA-unaware engine gets)
+    numa_aware: bool = True
 
     def gemm_gbps(self, m: float) -> float | None:
         """Interpolated (log-log) from the calibrated points; past the last point the GEMM is
@@ -52,10 +58,18 @@ class CPU:
     def read_gbps(self) -> float:
         return self.sockets * self.dram_gbps_per_socket * self.dram_efficiency
 
+    def remote_share(self) -> float:
+        """The share of a CPU kernel's weight reads that crosses the interconnect."""
+        return 0.0 if self.numa_aware or self.sockets == 1 else (self.sockets - 1) / self.sockets
+
     def fp8_stream_gbps(self) -> float:
-        """What the FP8 GEMV sustains over DRAM with every core."""
-        return min(self.read_gbps() * self.fp8_gemv_efficiency,
+        """What the FP8 GEMV sustains over DRAM with every core (and over the interconnect,
+        when the weights are not placed per node)."""
+        rate = min(self.read_gbps() * self.fp8_gemv_efficiency,
                    self.cores * self.fp8_gemv_gbps_per_core)
+        if self.remote_share():
+            rate = min(rate, self.interconnect_gbps / self.remote_share())
+        return rate
 
 
 @dataclass(slots=True)
@@ -67,6 +81,7 @@ class GPU:
     layer_overhead_us: float = 250.0   # per decoder layer at batch 1
     expert_tflops: float = 100.0       # SLP's expert matmuls (dense TFLOP/s x efficiency)
     attention_tflops: float = 100.0    # prefill attention and dense layers (same)
+    socket: int | None = None          # the socket its PCIe root hangs off (default d % sockets)
 
 
 @dataclass(slots=True)
@@ -90,6 +105,16 @@ class Hardware:
         for key in ("dram_efficiency", "fp8_gemv_efficiency"):
             if not 0 < getattr(cpu, key) <= 1.0:
                 raise ValueError(f"{source}: cpu.{key} must lie in (0, 1]")
+        if cpu.sockets > 1 and not cpu.interconnect_gbps > 0:
+            raise ValueError(f"{source}: cpu.interconnect_gbps must be > 0 with "
+                             f"{cpu.sockets} sockets")
+        for d, g in enumerate(gpus):
+            if g.socket is not None and not 0 <= g.socket < cpu.sockets:
+                raise ValueError(f"{source}: gpus[{d}].socket {g.socket} is not one of the "
+                                 f"{cpu.sockets} sockets")
+            for key in ("hbm_gbps", "pcie_gbps", "expert_tflops", "attention_tflops"):
+                if not getattr(g, key) > 0:
+                    raise ValueError(f"{source}: gpus[{d}].{key} must be > 0")
         return hw
 
     @classmethod

@@ -48,21 +48,57 @@ def unique_experts(n_experts: int, k: int, tokens: int) -> float:
 
 
 class Machine:
-    """The links of one box and the engine's operations on them."""
+    """The links of one box and the engine's operations on them.
+
+    Links: each socket's DRAM (plain-read GB/s) and core pool (capacity 1: all its cores), the
+    interconnect between sockets, each GPU's PCIe link (host to device) and the GPU itself
+    (capacity 1: its SMs and HBM, time-shared). Every operation is a flow whose size is its
+    seconds when it runs alone and whose weights are what it loads each link with at full
+    speed, so operations of different kinds slow each other down where they share a link:
+    two CPU kernels halve each other's cores, an SLP stream's DMA reads take DRAM bandwidth
+    from the CPU experts, a decode step's attention waits behind a prefill on the same GPU.
+    """
 
     def __init__(self, env: simpy.Environment, hw: Hardware):
         self.env, self.hw = env, hw
         self.net = FluidNetwork(env)
         self._mixtures: dict = {}
         self.expert_scale = 1.0   # expert bytes relative to FP8 (INT4: bits per weight / 8)
-        self.dram = Link("dram", hw.cpu.read_gbps() * 1e9)
-        self.hbm = Link("hbm0", hw.gpus[0].hbm_gbps * hw.gpus[0].hbm_efficiency * 1e9) \
-            if hw.gpus else None
+        self.gpu_index = 0        # the GPU that runs attention and dense layers
+        cpu = hw.cpu
+        self.dram = [Link(f"dram{s}", cpu.dram_gbps_per_socket * cpu.dram_efficiency * 1e9)
+                     for s in range(cpu.sockets)]
+        self.cores = [Link(f"cores{s}", 1.0) for s in range(cpu.sockets)]
+        self.interconnect = Link("interconnect", cpu.interconnect_gbps * 1e9) \
+            if cpu.sockets > 1 else None
+        self.pcie = [Link(f"pcie{d}.h2d", g.pcie_gbps * 1e9) for d, g in enumerate(hw.gpus)]
+        self.gpu = [Link(f"gpu{d}", 1.0) for d in range(len(hw.gpus))]
+
+    def links(self) -> list[Link]:
+        return self.dram + self.cores + ([self.interconnect] if self.interconnect else []) \
+            + self.pcie + self.gpu
+
+    def work(self, seconds: float, demand: dict):
+        """An operation that takes `seconds` alone and loads each link of `demand` with the
+        given units per second meanwhile."""
+        if seconds > 0:
+            yield self.net.transfer(seconds, list(demand), 1.0, list(demand.values()))
+
+    def cpu_demand(self, gbps: float) -> dict:
+        """All cores reading weights at gbps, spread evenly over the sockets' DRAM."""
+        cpu, d = self.hw.cpu, {}
+        for s in range(cpu.sockets):
+            d[self.cores[s]] = 1.0
+            d[self.dram[s]] = gbps * 1e9 / cpu.sockets
+        if cpu.remote_share():
+            d[self.interconnect] = gbps * 1e9 * cpu.remote_share()
+        return d
 
     def cpu_fp8(self, nbytes: float, tokens: float = 1.0):
         """An FP8 kernel call over weights that `tokens` tokens share: a DRAM stream capped by
         the cores' conversion rate (GEMV) or by the calibrated GEMM rate at that many tokens."""
-        yield self.net.transfer(nbytes, [self.dram], self.rate_gbps(tokens) * 1e9)
+        g = self.rate_gbps(tokens)
+        yield from self.work(nbytes / (g * 1e9), self.cpu_demand(g))
 
     def rate_gbps(self, tokens: float) -> float:
         """The FP8 kernel's weight GB/s when `tokens` tokens share each weight."""
@@ -80,7 +116,7 @@ class Machine:
         stream at the rate that takes the expected total time."""
         nbytes, seconds = self.mixture(one, experts, tokens, p)
         if nbytes > 0:
-            yield self.net.transfer(nbytes, [self.dram], nbytes / seconds)
+            yield from self.work(seconds, self.cpu_demand(nbytes / seconds / 1e9))
 
     def mixture(self, one: float, experts: int, tokens: int, p: float) -> tuple[float, float]:
         """(expected bytes, expected seconds) of that call (memoized: every MoE layer of a
@@ -102,18 +138,38 @@ class Machine:
             seconds += experts * pm * one / (self.rate_gbps(m) * 1e9)
         return nbytes, seconds
 
-    def device(self, nbytes: float, overhead_s: float, tokens: float = 1.0, flops: float = 0.0):
+    def socket_of(self, d: int) -> int:
+        g = self.hw.gpus[d]
+        return g.socket if g.socket is not None else d % self.hw.cpu.sockets
+
+    def dma(self, nbytes: float, d: int):
+        """Pinned host memory to GPU d: its PCIe link, the DRAM the weights lie in (spread over
+        the sockets), and the interconnect for the share on other sockets."""
+        cpu, pcie = self.hw.cpu, self.hw.gpus[d].pcie_gbps * 1e9
+        remote = (cpu.sockets - 1) / cpu.sockets
+        rate = min([pcie] + [c.capacity * cpu.sockets for c in self.dram]
+                   + ([self.interconnect.capacity / remote] if remote else []))
+        demand = {self.pcie[d]: rate}
+        for s in range(cpu.sockets):
+            demand[self.dram[s]] = rate / cpu.sockets
+        if remote:
+            demand[self.interconnect] = rate * remote
+        yield from self.work(nbytes / rate, demand)
+
+    def device(self, nbytes: float, overhead_s: float, tokens: float = 1.0, flops: float = 0.0,
+               gpu: int | None = None):
         """Attention or a dense layer on the device: on a GPU its weights from HBM, or its
-        FLOPs at attention_tflops when those take longer (long prompts)."""
-        if self.hbm is not None:
-            t0 = self.env.now
-            yield self.net.transfer(nbytes, [self.hbm])
-            compute = flops / (self.hw.gpus[0].attention_tflops * 1e12)
-            if compute > self.env.now - t0:
-                yield self.env.timeout(compute - (self.env.now - t0))
+        FLOPs at attention_tflops when those take longer (long prompts), plus the per-layer
+        cost; without a GPU, FP8 GEMVs on the CPU and the torch glue around them."""
+        if self.hw.gpus:
+            d = self.gpu_index if gpu is None else gpu
+            g = self.hw.gpus[d]
+            t = max(nbytes / (g.hbm_gbps * g.hbm_efficiency * 1e9),
+                    flops / (g.attention_tflops * 1e12)) + overhead_s
+            yield from self.work(t, {self.gpu[d]: 1.0})
         else:
             yield from self.cpu_fp8(nbytes, tokens)
-        yield self.env.timeout(overhead_s)
+            yield self.env.timeout(overhead_s)
 
 
 def _step(m: Machine, cfg: ModelConfig, tokens: int, out: dict):
@@ -153,45 +209,57 @@ def rates(hw: Hardware, devices: int | None = None) -> costmodel.Rates:
         devices=max(1, n), device="gpu" if gpu else "cpu")
 
 
-def _slp_prefill(m: Machine, cfg: ModelConfig, tokens: int, devices: int, out: dict):
-    """SLP over `devices` GPUs: per MoE layer, each GPU streams its 1/N of the expert slots
-    over its own PCIe link while computing; the ring holds two layers, so the loader runs at
-    most one layer ahead. Attention and dense layers as in _step."""
+def _slp_prefill(m: Machine, cfg: ModelConfig, tokens: int, devices: int | list[int],
+                 out: dict):
+    """SLP over `devices` GPUs (a count: the first N; or their indices): per MoE layer, each
+    GPU streams its 1/N of the expert slots over its own PCIe link while computing; the ring
+    holds two layers, so the loader runs at most one layer ahead. Attention is context
+    parallel (each GPU its 1/N of the queries); dense layers run on the first of them."""
     env, hw = m.env, m.hw
-    gpus = hw.gpus[:devices]
-    links = [Link(f"pcie{d}.h2d", g.pcie_gbps * 1e9) for d, g in enumerate(gpus)]
+    ids = list(range(devices)) if isinstance(devices, int) else list(devices)
+    n, gpus = len(ids), [hw.gpus[d] for d in ids]
     layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
     slots = cfg.n_routed_experts + cfg.n_shared_experts
     if costmodel.unique_experts(cfg.n_routed_experts, cfg.num_experts_per_tok, tokens) < \
             cfg.n_routed_experts - 1:
         slots = costmodel.unique_experts(cfg.n_routed_experts, cfg.num_experts_per_tok,
                                          tokens) + cfg.n_shared_experts
-    per_gpu = slots / devices * costmodel.expert_bytes(cfg)
+    per_gpu = slots / n * costmodel.expert_bytes(cfg)
     loaded = {i: env.event() for i in layers}
     ring = simpy.Container(env, capacity=2, init=2)          # two layers of slots
+
+    def stream(d):
+        yield from m.dma(per_gpu, d)
 
     def loader():
         for i in layers:
             yield ring.get(1)
-            yield simpy.AllOf(env, [m.net.transfer(per_gpu, [link]) for link in links])
+            yield simpy.AllOf(env, [env.process(stream(d)) for d in ids])
             loaded[i].succeed()
+
+    def on_each(seconds_of):
+        return simpy.AllOf(env, [env.process(m.work(seconds_of(d, hw.gpus[d]), {m.gpu[d]: 1.0}))
+                                 for d in ids])
 
     env.process(loader())
     overhead = gpus[0].layer_overhead_us * 1e-6
-    exchange = 2 * tokens * cfg.hidden_size * 4 * (devices - 1) / devices / (
-        gpus[0].pcie_gbps * 1e9) if devices > 1 else 0.0
+    exchange = 2 * tokens * cfg.hidden_size * 4 * (n - 1) / n / (
+        gpus[0].pcie_gbps * 1e9) if n > 1 else 0.0
+    attn_flops = costs.attention_flops(cfg, tokens) / n
     for i, cost in enumerate(costs.layer_costs(cfg)):
         # context parallel: each GPU computes the attention of its 1/N of the queries
-        yield from m.device(cost.attention_bytes, overhead, tokens,
-                            costs.attention_flops(cfg, tokens) / devices)
+        yield on_each(lambda d, g: max(cost.attention_bytes / (g.hbm_gbps * g.hbm_efficiency
+                                                               * 1e9),
+                                       attn_flops / (g.attention_tflops * 1e12)) + overhead)
         if cost.expert_bytes:
             yield loaded[i]
-            flops = costmodel.expert_flops(cfg, tokens) / devices
-            yield env.timeout(flops / (gpus[0].expert_tflops * 1e12) + exchange)
+            flops = costmodel.expert_flops(cfg, tokens) / n
+            yield on_each(lambda d, g: flops / (g.expert_tflops * 1e12) + exchange)
             yield ring.put(1)
         else:
-            yield from m.device(cost.dense_bytes, 0.0, tokens, 2.0 * tokens * cost.dense_bytes)
-    yield from m.device(costs.head_bytes(cfg), 0.0, 1)
+            yield from m.device(cost.dense_bytes, 0.0, tokens, 2.0 * tokens * cost.dense_bytes,
+                                gpu=ids[0])
+    yield from m.device(costs.head_bytes(cfg), 0.0, 1, gpu=ids[0])
     out["t"] = env.now
 
 

@@ -17,63 +17,126 @@ from __future__ import annotations
 
 import simpy
 
+from dataclasses import dataclass
+
 from refmoe.bench_serve import Outcome
 from refmoe.config import ModelConfig
 from refmoe.scheduler import Entry, QueueFull, Scheduler
-from sim.fluid import FluidNetwork, Link
+from sim.fluid import Flow, max_min_rates
 from sim.hardware import Hardware
 from sim.predict import Machine, _slp_prefill, _step
 
 
+@dataclass(slots=True)
+class Part:
+    """A stretch of a forward: `seconds` alone, loading each link of `demand` (link -> units
+    per second) meanwhile; an empty demand is a plain wait (Python glue, launch gaps)."""
+    seconds: float
+    demand: dict
+
+
 class _Costing(Machine):
-    """Times one forward alone, splitting off the seconds its CPU kernels take."""
+    """Runs one forward alone and records every operation's seconds and link demand."""
 
     def __init__(self, env: simpy.Environment, hw: Hardware):
         super().__init__(env, hw)
-        self.cpu_s = 0.0
+        self.log: list[Part] = []
 
-    def cpu_fp8(self, nbytes: float, tokens: float = 1.0):
-        dt = nbytes / (self.rate_gbps(tokens) * 1e9)
-        self.cpu_s += dt
-        yield self.env.timeout(dt)
+    def work(self, seconds: float, demand: dict):
+        if seconds > 0:
+            self.log.append(Part(seconds, demand))
+            yield self.env.timeout(seconds)
 
-    def cpu_fp8_mixed(self, one: float, experts: int, tokens: int, p: float):
-        _, dt = self.mixture(one, experts, tokens, p)
-        self.cpu_s += dt
-        yield self.env.timeout(dt)
+    @property
+    def cpu_s(self) -> float:
+        return sum(p.seconds for p in self.log if any(lk in self.cores for lk in p.demand))
+
+    def parts(self, total: float) -> list[Part]:
+        """The forward as at most three parts: its CPU kernels, its GPU work, the rest (a
+        wait), each with the time-averaged demand of what it merges. When operations
+        overlapped (SLP: loads beside compute), one part of the forward's whole time."""
+        busy = sum(p.seconds for p in self.log)
+        groups: dict = {}
+        if busy > total * (1 + 1e-9):
+            groups["all"] = self.log
+        else:
+            for p in self.log:
+                key = "cpu" if any(lk in self.cores for lk in p.demand) else "gpu"
+                groups.setdefault(key, []).append(p)
+        out = []
+        for group in groups.values():
+            secs = total if len(groups) == 1 and busy > total else sum(p.seconds for p in group)
+            demand: dict = {}
+            for p in group:
+                for lk, w in p.demand.items():
+                    demand[lk] = demand.get(lk, 0.0) + w * p.seconds / secs
+            out.append(Part(secs, demand))
+        rest = total - sum(p.seconds for p in out)
+        if rest > total * 1e-12:
+            out.append(Part(rest, {}))
+        return out
 
 
 class Costs:
-    """(CPU-kernel seconds, other seconds) of a forward over `tokens` tokens, computed once per
-    distinct (path, tokens) with sim.predict's per-layer model, then reused: a simulated
-    thousand requests costs a few thousand SimPy events, not a few per layer and step."""
+    """The parts of a forward over `tokens` tokens, computed once per distinct (path, tokens,
+    GPUs) with sim.predict's per-layer model, then reused: a simulated thousand requests
+    costs a few thousand SimPy events, not a few per layer and step."""
 
-    def __init__(self, cfg: ModelConfig, hw: Hardware):
+    def __init__(self, cfg: ModelConfig, hw: Hardware, machine: Machine):
         self.cfg, self.hw, self.memo, self.mixtures = cfg, hw, {}, {}
+        self.machine = machine   # the links the parts load
 
-    def __call__(self, tokens: int, path: str = "cpu") -> tuple[float, float]:
-        key = (path, tokens)
+    def __call__(self, tokens: int, path: str = "cpu", gpus: tuple = (0,)) -> list[Part]:
+        key = (path, tokens, gpus)
         if key not in self.memo:
             env = simpy.Environment()
             m = _Costing(env, self.hw)
             m._mixtures = self.mixtures          # the same expert mixtures across forwards
+            m.gpu_index = gpus[0] if self.hw.gpus else 0
             out: dict = {}
-            run = _slp_prefill(m, self.cfg, tokens, 1, out) if path == "slp" else \
+            run = _slp_prefill(m, self.cfg, tokens, list(gpus), out) if path == "slp" else \
                 _step(m, self.cfg, tokens, out)
             env.process(run)
             env.run()
-            self.memo[key] = (m.cpu_s, max(0.0, env.now - m.cpu_s))
+            # the links of the throwaway machine -> the same-named links of the real one
+            by_name = {lk.name: lk for lk in self.machine.links()}
+            self.memo[key] = [Part(p.seconds, {by_name[lk.name]: w for lk, w in p.demand.items()})
+                              for p in m.parts(env.now)]
         return self.memo[key]
+
+    def seconds(self, tokens: int, path: str = "cpu", gpus: tuple = (0,)) -> float:
+        return sum(p.seconds for p in self(tokens, path, gpus))
+
+
+def _beside(parts: list[Part], other: Flow) -> tuple[float, float]:
+    """(seconds, other's progress) of running `parts` once while `other` keeps running: each
+    part's rate and other's rate together from the max-min solver."""
+    period = progress = 0.0
+    alone = Flow(other.size, other.links, other.cap, None, weights=other.weights)
+    max_min_rates([alone])
+    for p in parts:
+        if not p.demand:
+            period += p.seconds
+            progress += alone.rate * p.seconds
+            continue
+        mine = Flow(p.seconds, tuple(p.demand), 1.0, None, weights=tuple(p.demand.values()))
+        theirs = Flow(other.size, other.links, other.cap, None, weights=other.weights)
+        max_min_rates([mine, theirs])
+        dt = p.seconds / mine.rate
+        period += dt
+        progress += theirs.rate * dt
+    return period, progress
 
 
 def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, int]],
              max_batch: int = 16, kv_tokens: int | None = None, prefill: str = "cpu",
-             max_queue: int = 1 << 30, trace: bool = False):
+             max_queue: int = 1 << 30, trace: bool = False, blocks: bool = True):
     """requests: (arrival s, prompt tokens, output tokens). Returns per-request outcomes (times
     in seconds, as the engine's benchmark records them) and the makespan; with trace=True a
     third value, a refmoe.trace.Trace on simulated time with the engine's lanes
     (scheduler / prefill worker, decode worker) and one record per request, so a measured
-    and a predicted run open side by side in Perfetto."""
+    and a predicted run open side by side in Perfetto. blocks=False takes every decode step
+    as its own flows (the reference the block fast-forward is tested against)."""
     env = simpy.Environment()
     tr = None
     if trace:
@@ -85,16 +148,32 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
                     "model": asdict(cfg), "engine": {"prefill": prefill,
                                                      "max_batch": max_batch}},
                    clock=lambda: env.now)
-    net = FluidNetwork(env)
-    cores = Link("cpu cores", 1e9)   # CPU-kernel work in core-pool nanoseconds
-    cost = Costs(cfg, hw)
+    machine = Machine(env, hw)
+    net = machine.net
+    cost = Costs(cfg, hw, machine)
+    n_gpus = len(hw.gpus)
 
-    def forward(tokens: int, path: str = "cpu"):
-        """The two workers' CPU kernels share the cores fairly; the rest runs beside."""
-        cpu_s, other_s = cost(tokens, path)
-        if cpu_s > 0:
-            yield net.transfer(cpu_s * cores.capacity, [cores])
-        yield env.timeout(other_s)
+    def forward(parts: list, prefill: bool = False):
+        """Each part as one flow over the links it loads (or a wait); the prefill's running
+        flow is published so that decode steps can be taken in blocks beside it."""
+        for p in parts:
+            if not p.demand:
+                yield env.timeout(p.seconds)
+                continue
+            ev = net.transfer(p.seconds, list(p.demand), 1.0, list(p.demand.values()))
+            if prefill:
+                state["prefill_flow"] = ev.flow
+            yield ev
+            if prefill:
+                state["prefill_flow"] = None
+
+    def prefill_gpus(plan) -> tuple:
+        """Decode keeps GPU 0; a prefill takes the last `devices` GPUs (all with DSLP), and
+        the CPU path's attention runs on the last one."""
+        if not n_gpus:
+            return (0,)
+        d = plan.devices if plan.where == "slp" else 1
+        return tuple(range(n_gpus - d, n_gpus))
 
     from refmoe import costmodel
     from sim.predict import rates
@@ -107,12 +186,13 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
             return prefill
         return costmodel.choose_prefill(cfg, tokens, r).path if r else "cpu"
 
-    sched = Scheduler(kv_tokens or 1 << 40, max_batch, max_queue, path)
+    sched = Scheduler(kv_tokens or 1 << 40, max_batch, max_queue, path,
+                      devices=max(1, n_gpus), clock=lambda: env.now)
     outcomes = [Outcome(a, p) for a, p, _ in requests]
     wants = {}
     last = {}
     state = {"wake": env.event(), "ended": 0, "prefilling": False,
-             "next_arrival": float("inf")}
+             "next_arrival": float("inf"), "prefill_flow": None}
 
     def wake():
         if not state["wake"].triggered:
@@ -163,7 +243,7 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
             state["prefilling"] = True
             start = env.now
             where = "slp" if plan.where == "slp" and hw.gpus else "cpu"
-            yield from forward(plan.tokens, where)
+            yield from forward(cost(plan.tokens, where, prefill_gpus(plan)), prefill=True)
             state["prefilling"] = False
             if tr:
                 tr.span("scheduler", "prefill worker", "prefill", start, env.now - start,
@@ -180,22 +260,35 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
                 yield state["wake"]
                 continue
             b = len(plan.request_ids)
-            cpu_s, other_s = cost(b)
-            step = cpu_s + other_s
-            # nothing else can happen for k steps (no prefill running or startable, no
-            # arrival, nobody finishing before the k-th): take them as one, to the same times
-            k = 1
-            if not state["prefilling"] and not sched.waiting and step > 0:
-                left = min(wants[r] - outcomes[int(r)].output_tokens for r in plan.request_ids)
+            parts = cost(b)
+            left = min(wants[r] - outcomes[int(r)].output_tokens for r in plan.request_ids)
+            # Steps whose outcome is fixed in advance are taken as one block, to the same
+            # times: with nothing else running, until an arrival or a finish; beside a running
+            # prefill flow (and nothing else), until that flow would end, the prefill held
+            # meanwhile to the average rate it gets beside the steps.
+            k, beside, step = 1, state["prefill_flow"], 0.0
+            if not blocks:
+                pass
+            elif beside is not None and net.flows == [beside] and left > 2:
+                step, progress = _beside(parts, beside)
+                if progress > 0:
+                    k = max(1, min(left, int(net.remaining(beside) / progress) - 1))
+            elif not state["prefilling"] and not sched.waiting and not net.flows:
+                step = sum(p.seconds for p in parts)
                 gap = state["next_arrival"] - env.now
-                k = max(1, left if gap == float("inf") else min(left, int(gap / step)))
+                if step > 0:
+                    k = max(1, left if gap == float("inf") else min(left, int(gap / step)))
             t0 = env.now
             if k == 1:
-                yield from forward(b)
+                yield from forward(parts)
                 for rid in plan.request_ids:
                     token(rid)
             else:
+                if beside is not None:
+                    net.set_cap(beside, progress / step)
                 yield env.timeout(k * step)
+                if beside is not None:
+                    net.set_cap(beside, 1.0)
                 for i in range(1, k + 1):
                     for rid in plan.request_ids:
                         token(rid, t0 + i * step)

@@ -225,3 +225,51 @@ def test_simulated_trace_has_the_engine_lanes():
     reqs = sorted(doc["metadata"]["requests"], key=lambda r: r["arrival"])
     assert [r["output_tokens"] for r in reqs] == [5, 3] and doc["metadata"]["simulated"]
     assert reqs[0]["first_token_time"] == pytest.approx(outcomes[0].ttft_s)
+
+
+@pytest.mark.parametrize("profile, prefill", [("zen3-2vcpu-calibrated", "cpu"),
+                                              ("paper-2x9355-2x5090", "slp"),
+                                              ("paper-2x9355-2x5090", "cpu")])
+def test_decode_blocks_beside_a_prefill_keep_every_time(profile, prefill):
+    """Decode steps taken in blocks beside a running prefill (the prefill held to the rate it
+    gets beside them) give the times of step-by-step flows."""
+    from sim.serve import simulate
+
+    cfg = ModelConfig.from_dict(V3) if profile.startswith("paper") else \
+        ModelConfig(**json.loads(TRACE.read_text())["metadata"]["model"])
+    long = 8192 if prefill == "slp" else 256
+    reqs = [(0.0, 16, 40), (0.1, long, 6), (0.2, 16, 30), (3.0, long // 2, 4)]
+    fast, d1 = simulate(cfg, Hardware.load(profile), reqs, prefill=prefill)
+    slow, d2 = simulate(cfg, Hardware.load(profile), reqs, prefill=prefill, blocks=False)
+    assert d1 == pytest.approx(d2, rel=1e-6)
+    for a, b in zip(fast, slow):
+        assert a.ok and b.ok and a.ttft_s == pytest.approx(b.ttft_s, rel=1e-6)
+        assert a.itl_s == pytest.approx(b.itl_s, rel=1e-6, abs=1e-9)
+
+
+def test_contention_decode_beside_slp_and_numa():
+    """The links are shared: decode beside an SLP prefill on the other GPU loses only the DRAM
+    the stream's DMA reads take (a few percent on the paper's box), a CPU prefill beside it
+    halves its cores, and a NUMA-unaware layout is held back by the interconnect."""
+    from sim.serve import simulate
+
+    cfg, hw = ModelConfig.from_dict(V3), Hardware.load("paper-2x9355-2x5090")
+    alone, _ = simulate(cfg, hw, [(0.0, 16, 30)])
+    tpot = alone[0].itl_s[0]
+    mixed, _ = simulate(cfg, hw, [(0.0, 16, 200), (1.0, 16384, 2)], prefill="slp")
+    assert 1.0 - 1e-9 <= max(mixed[0].itl_s) / tpot < 1.15
+    # with kernels that saturate DRAM on their own, the stream's reads show
+    import copy
+
+    tight = copy.deepcopy(hw)
+    tight.cpu.fp8_gemv_efficiency = 1.0
+    alone, _ = simulate(cfg, tight, [(0.0, 16, 30)])
+    mixed, _ = simulate(cfg, tight, [(0.0, 16, 200), (1.0, 16384, 2)], prefill="slp")
+    assert 1.01 < max(mixed[0].itl_s) / alone[0].itl_s[0] < 1.15
+    cpu, _ = simulate(cfg, hw, [(0.0, 16, 200), (1.0, 4096, 2)], prefill="cpu")
+    assert max(cpu[0].itl_s) / tpot > 1.4     # its CPU half doubles
+
+    unaware = copy.deepcopy(hw)
+    unaware.cpu.numa_aware = False
+    unaware.cpu.interconnect_gbps = 300.0
+    assert predict(cfg, unaware, 16, 4).tpot_s > 1.2 * predict(cfg, hw, 16, 4).tpot_s
