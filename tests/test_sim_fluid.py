@@ -89,3 +89,46 @@ def test_work_conserving_and_never_stuck(sizes, starts, capacity):
     assert all(out[a] <= out[b] * (1 + 1e-9) for a, b in zip(order, order[1:]))
     staggered, _ = run([(starts[i], s, [link], math.inf) for i, s in enumerate(sizes)])
     assert all(t is not None for t in staggered)
+
+
+def test_weighted_flows_share_by_equal_progress():
+    """A flow that loads the link twice per unit rate (weight 2) and one that loads it once
+    rise together: 2r + r = 10 gives r = 10/3 each; the lighter one then runs alone at 10."""
+    env = simpy.Environment()
+    net = FluidNetwork(env)
+    link = Link("dram", 10.0)
+    done = {}
+
+    def job(name, size, w):
+        yield net.transfer(size, [link], weights=[w])
+        done[name] = env.now
+
+    env.process(job("heavy", 10.0, 2.0))
+    env.process(job("light", 20.0, 1.0))
+    env.run()
+    assert done == {"heavy": pytest.approx(3.0), "light": pytest.approx(4.0)}
+    assert net.bytes_done["dram"] == pytest.approx(2 * 10.0 + 20.0)
+    with pytest.raises(ValueError, match="weights"):
+        net.transfer(1.0, [link], weights=[1.0, 2.0])
+
+
+def test_set_cap_mid_flow_and_the_pure_solver():
+    from sim.fluid import Flow, max_min_rates
+
+    env = simpy.Environment()
+    net = FluidNetwork(env)
+    link = Link("pcie", 10.0)
+    ev = net.transfer(100.0, [link])
+
+    def throttle():
+        yield env.timeout(2.0)
+        assert net.remaining(ev.flow) == pytest.approx(80.0)
+        net.set_cap(ev.flow, 5.0)
+
+    env.process(throttle())
+    env.run()
+    assert env.now == pytest.approx(18.0)
+    a = Flow(1.0, (link,), math.inf, None, weights=(1.0,))
+    b = Flow(1.0, (link,), 2.0, None, weights=(1.0,))
+    max_min_rates([a, b])
+    assert (a.rate, b.rate) == (pytest.approx(8.0), pytest.approx(2.0))
