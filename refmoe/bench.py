@@ -13,7 +13,7 @@ import os
 import resource
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -49,6 +49,8 @@ class Row:
     torch_speedup: float | None = None
     cpu_busy: float = 0.0      # process CPU time / (wall * threads) while the kernel ran
     loadavg: float = 0.0       # 1-minute load average when the row started
+    gbps_samples: list[float] = field(default_factory=list)        # one per rep
+    limit_gbps_samples: list[float] = field(default_factory=list)  # the read beside each
 
 
 @dataclass(slots=True, frozen=True)
@@ -160,7 +162,9 @@ def bench_gemm(fmt: str, shape: Shape, m: int, threads: int, variant: str, reps:
               m=m, n=shape.n, k=shape.k, threads=threads, variant=variant, time_us=per * 1e6,
               gbps=nbytes / per / 1e9, limit_gbps=total / statistics.median(tr) / 1e9,
               ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
-              gflops=gflops, cpu_busy=busy, loadavg=loadavg)
+              gflops=gflops, cpu_busy=busy, loadavg=loadavg,
+              gbps_samples=[total / t / 1e9 for t in tk],
+              limit_gbps_samples=[total / t / 1e9 for t in tr])
     if m > 1:
         row.fma_peak_gflops = kernels.fma_peak_gflops(num_threads=threads, variant=variant)
         row.fma_ratio = gflops / row.fma_peak_gflops

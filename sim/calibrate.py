@@ -17,29 +17,37 @@ from refmoe.kernels import formats
 from sim.hardware import CPU, Hardware
 
 
-def _median_time(fn, reps: int) -> float:
+def _times(fn, reps: int) -> list[float]:
     fn()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
 
 
-def gemv_ceiling_gbps(reps: int = 50) -> float:
+def _median_time(fn, reps: int) -> float:
+    return statistics.median(_times(fn, reps))
+
+
+def gemv_ceiling_gbps(reps: int = 50, samples: list | None = None) -> float:
     """One core's FP8 GEMV rate on an L2-resident matrix (the conversion ceiling), with the
-    fixed per-call cost removed by timing two sizes."""
+    fixed per-call cost removed by timing two sizes (per-rep pairs into `samples`)."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 7168)).astype(np.float32)
     c1, s1 = formats.fp8_quantize(rng.standard_normal((32, 7168)))
     c2, s2 = np.concatenate([c1, c1]), np.concatenate([s1, s1])[:1]
-    t1 = _median_time(lambda: kernels.fp8_gemm(x, c1, s1, num_threads=1), reps)
-    t2 = _median_time(lambda: kernels.fp8_gemm(x, c2, s2, num_threads=1), reps)
-    return c1.nbytes / max(t2 - t1, 1e-9) / 1e9
+    t1 = _times(lambda: kernels.fp8_gemm(x, c1, s1, num_threads=1), reps)
+    t2 = _times(lambda: kernels.fp8_gemm(x, c2, s2, num_threads=1), reps)
+    if samples is not None:
+        # pairs of neighbouring reps, sorted so a slow rep meets a slow rep
+        samples.extend(c1.nbytes / max(b - a, 1e-9) / 1e9
+                       for a, b in zip(sorted(t1), sorted(t2)))
+    return c1.nbytes / max(statistics.median(t2) - statistics.median(t1), 1e-9) / 1e9
 
 
-def attention_glue_us(reps: int = 20) -> float:
+def attention_glue_us(reps: int = 20, samples: list | None = None) -> float:
     """Per-layer torch time of MLA around its projections: a V3-headed (128 heads) MLA with
     tiny dims, float32 projections, one decode step."""
     from refmoe.checkpoint import Checkpoint, save_file
@@ -71,10 +79,13 @@ def attention_glue_us(reps: int = 20) -> float:
             for _ in range(16):
                 attn(x, cos, sin, 1.0, cache)
 
-        return _median_time(step, reps) / 16 * 1e6
+        times = [t / 16 * 1e6 for t in _times(step, reps)]
+        if samples is not None:
+            samples.extend(times)
+        return statistics.median(times)
 
 
-def moe_overhead_us(reps: int = 50) -> float:
+def moe_overhead_us(reps: int = 50, samples: list | None = None) -> float:
     """A fused MoE call on tiny experts: the pool wake-up, barriers and Python around it."""
     rng = np.random.default_rng(1)
     mats = [formats.fp8_quantize(rng.standard_normal((128, 128)))[0] for _ in range(3)]
@@ -82,25 +93,45 @@ def moe_overhead_us(reps: int = 50) -> float:
     ew = kernels.ExpertWeights("fp8", 128, 128, mats, list(mats), list(mats), scales,
                                list(scales), list(scales))
     x = np.ones((1, 128), np.float32)
-    return _median_time(lambda: kernels.fused_moe(
-        x, np.zeros(3, int), np.arange(3), np.ones(3, np.float32), ew), reps) * 1e6
+    times = [t * 1e6 for t in _times(lambda: kernels.fused_moe(
+        x, np.zeros(3, int), np.arange(3), np.ones(3, np.float32), ew), reps)]
+    if samples is not None:
+        samples.extend(times)
+    return statistics.median(times)
 
 
-def gemm_curve(threads: int, reps: int = 3) -> dict[int, float]:
+def gemm_curve(threads: int, reps: int = 3, samples: dict | None = None) -> dict[int, float]:
     """FP8 weight GB/s of all cores at M tokens per weight (cold DeepSeek gate/up)."""
     shape = Shape("deepseek-v3", "gate_up", 2048, 7168)
-    return {m: bench_gemm("fp8", shape, m, threads, kernels.variant(), reps,
-                          with_torch=False).gbps for m in (2, 4, 8, 16, 32, 64)}
+    out = {}
+    for m in (2, 4, 8, 16, 32, 64):
+        row = bench_gemm("fp8", shape, m, threads, kernels.variant(), reps, with_torch=False)
+        out[m] = row.gbps
+        if samples is not None:
+            samples[f"cpu.gemm_gbps_by_m.{m}"] = row.gbps_samples
+    return out
 
 
 def calibrate(name: str = "this-machine", reps: int = 5) -> Hardware:
+    """Every number is the median of its reps; the reps themselves go into the profile's
+    `samples` (field path -> values), which prediction intervals resample (sim/interval.py)."""
     threads = cpu.default_threads()
     cold = bench_gemm("fp8", Shape("deepseek-v3", "gate_up", 2048, 7168), 1, threads,
                       kernels.variant(), reps, with_torch=False)
     read = cold.limit_gbps
-    return Hardware(name, CPU(
+    samples: dict = {"cpu.dram_gbps_per_socket": cold.limit_gbps_samples,
+                     "cpu.fp8_gemv_efficiency": [min(k / r, 1.0) for k, r in
+                                                 zip(cold.gbps_samples, cold.limit_gbps_samples)],
+                     "cpu.fp8_gemv_gbps_per_core": [], "cpu.layer_overhead_us": [],
+                     "cpu.moe_overhead_us": []}
+    hw = Hardware(name, CPU(
         sockets=1, cores_per_socket=threads, dram_gbps_per_socket=read, dram_efficiency=1.0,
-        fp8_gemv_gbps_per_core=gemv_ceiling_gbps(), fp8_gemv_efficiency=min(cold.ratio, 1.0),
+        fp8_gemv_gbps_per_core=gemv_ceiling_gbps(
+            samples=samples["cpu.fp8_gemv_gbps_per_core"]),
+        fp8_gemv_efficiency=min(cold.ratio, 1.0),
         fma_gflops_per_core=kernels.fma_peak_gflops(num_threads=1),
-        layer_overhead_us=attention_glue_us(), moe_overhead_us=moe_overhead_us(),
-        gemm_gbps_by_m=gemm_curve(threads)))
+        layer_overhead_us=attention_glue_us(samples=samples["cpu.layer_overhead_us"]),
+        moe_overhead_us=moe_overhead_us(samples=samples["cpu.moe_overhead_us"]),
+        gemm_gbps_by_m=gemm_curve(threads, samples=samples)))
+    hw.samples = samples
+    return hw

@@ -15,14 +15,27 @@ def _cmd_predict(args) -> int:
     from sim.hardware import Hardware
     from sim.predict import predict
 
-    p = predict(ModelConfig.from_file(args.model), Hardware.load(args.hardware),
-                args.prompt_tokens, args.output_tokens, args.prefill, args.devices)
+    cfg, hw = ModelConfig.from_file(args.model), Hardware.load(args.hardware)
+
+    def run(profile):
+        return predict(cfg, profile, args.prompt_tokens, args.output_tokens, args.prefill,
+                       args.devices)
+
+    p = run(hw)
+    band = {}
+    if args.interval:
+        from sim.interval import bootstrap
+
+        band = bootstrap(lambda h: {"ttft_s": run(h).ttft_s, "tpot_s": run(h).tpot_s}, hw,
+                         args.interval)
     if args.json:
-        print(json.dumps(p.as_dict()))
+        print(json.dumps({**p.as_dict(), **{f"{k}_interval_90": v for k, v in band.items()}}))
     else:
         path = f"SLP on {p.devices} GPU(s)" if p.prefill == "slp" else "CPU experts"
-        print(f"TTFT {p.ttft_s * 1e3:.1f} ms ({p.prompt_tokens / p.ttft_s:.0f} prefill tok/s, "
-              f"{path}), TPOT {p.tpot_s * 1e3:.1f} ms "
+        iv = {k: f" [90%: {lo * 1e3:.1f}-{hi * 1e3:.1f}]" for k, (lo, hi) in band.items()}
+        print(f"TTFT {p.ttft_s * 1e3:.1f} ms{iv.get('ttft_s', '')} "
+              f"({p.prompt_tokens / p.ttft_s:.0f} prefill tok/s, "
+              f"{path}), TPOT {p.tpot_s * 1e3:.1f} ms{iv.get('tpot_s', '')} "
               f"({p.decode_tok_s:.2f} tok/s), {p.bytes_per_token / 1e9:.2f} GB per token")
     return 0
 
@@ -114,18 +127,33 @@ def _cmd_calibrate(args) -> int:
 
 def _cmd_validate(args) -> int:
     from sim.hardware import Hardware
-    from sim.validate import validate
+    from sim.validate import plot, summarize, validate
 
-    results = [validate(t, Hardware.load(args.hardware)) for t in args.traces]
+    hw = Hardware.load(args.hardware)
+    results = [validate(t, hw, args.interval) for t in args.traces]
+    table = summarize(results)
+    if args.plot:
+        plot(results, args.plot)
     if args.json:
-        print(json.dumps(results))
-    else:
-        for r in results:
-            for metric, m in r["metrics"].items():
-                unit, f = ("tok/s", 1) if metric.endswith("tok_s") else ("ms", 1e3)
-                print(f"{r['trace']}: {metric} predicted {m['predicted'] * f:.1f} {unit}, "
-                      f"measured {m['measured'] * f:.1f} {unit}, "
-                      f"error {100 * m['error']:+.1f}%")
+        print(json.dumps({"traces": results, "summary": table}))
+        return 0
+    for r in results:
+        for metric, m in r["metrics"].items():
+            unit, f = ("tok/s", 1) if metric.endswith("tok_s") else ("ms", 1e3)
+            band = ""
+            if "interval" in m:
+                lo, hi = m["interval"]
+                band = (f" [90%: {lo * f:.1f}-{hi * f:.1f}, measured "
+                        f"{'inside' if m['inside'] else 'outside'}]")
+            print(f"{r['trace']}: {metric} predicted {m['predicted'] * f:.1f} {unit}{band}, "
+                  f"measured {m['measured'] * f:.1f} {unit}, error {100 * m['error']:+.1f}%")
+    print(f"{'metric':<14} {'traces':>6} {'MAPE':>7} {'bias':>7} {'abs error':>12}")
+    for metric, t in table.items():
+        unit, f = ("tok/s", 1) if metric.endswith("tok_s") else ("ms", 1e3)
+        inside = f"  {t['inside_interval']}/{t['n']} inside the interval" \
+            if "inside_interval" in t else ""
+        print(f"{metric:<14} {t['n']:>6} {100 * t['mape']:>6.1f}% {100 * t['bias']:>+6.1f}% "
+              f"{t['mae'] * f:>8.1f} {unit}{inside}")
     return 0
 
 
@@ -154,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--prefill", choices=["cpu", "slp", "auto"], default="auto",
                     help="prefill path (auto: the engine's cost model picks)")
     pr.add_argument("--devices", type=int, help="GPUs for SLP (default: all in the profile)")
+    pr.add_argument("--interval", type=int, default=0, metavar="N",
+                    help="a 90%% interval from N bootstrap replicates of the profile's "
+                    "calibration samples")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=_cmd_predict)
     from refmoe.cli import _range
@@ -205,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     va = sub.add_parser("validate", help="compare predictions with measured traces")
     va.add_argument("traces", nargs="+")
     va.add_argument("--hardware", required=True)
+    va.add_argument("--interval", type=int, default=0, metavar="N",
+                    help="90%% intervals from N bootstrap replicates of the calibration samples")
+    va.add_argument("--plot", help="write predicted-versus-measured as a PNG")
     va.add_argument("--json", action="store_true")
     va.set_defaults(func=_cmd_validate)
     args = p.parse_args(argv)

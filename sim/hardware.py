@@ -89,13 +89,16 @@ class Hardware:
     name: str
     cpu: CPU
     gpus: list[GPU] = field(default_factory=list)
+    # calibration samples: field path ("cpu.dram_gbps_per_socket", "cpu.gemm_gbps_by_m.4",
+    # "gpus.0.pcie_gbps") -> the repeated measurements whose median the field holds
+    samples: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "profile") -> Hardware:
         try:
             cpu = CPU(**d["cpu"])
             gpus = [GPU(**g) for g in d.get("gpus") or []]
-            hw = cls(d["name"], cpu, gpus)
+            hw = cls(d["name"], cpu, gpus, dict(d.get("samples") or {}))
         except (KeyError, TypeError) as e:
             raise ValueError(f"{source}: bad hardware profile ({e})") from None
         for key in ("sockets", "cores_per_socket", "dram_gbps_per_socket",
@@ -108,6 +111,15 @@ class Hardware:
         if cpu.sockets > 1 and not cpu.interconnect_gbps > 0:
             raise ValueError(f"{source}: cpu.interconnect_gbps must be > 0 with "
                              f"{cpu.sockets} sockets")
+        for key, values in hw.samples.items():
+            try:
+                hw.get(key)
+            except (AttributeError, IndexError, KeyError, ValueError):
+                raise ValueError(f"{source}: samples.{key} names no field of the profile") \
+                    from None
+            if not isinstance(values, list) or not values or \
+                    not all(isinstance(v, (int, float)) and v > 0 for v in values):
+                raise ValueError(f"{source}: samples.{key} must be a list of positive numbers")
         for d, g in enumerate(gpus):
             if g.socket is not None and not 0 <= g.socket < cpu.sockets:
                 raise ValueError(f"{source}: gpus[{d}].socket {g.socket} is not one of the "
@@ -116,6 +128,40 @@ class Hardware:
                 if not getattr(g, key) > 0:
                     raise ValueError(f"{source}: gpus[{d}].{key} must be > 0")
         return hw
+
+    def get(self, key: str):
+        """The value at a field path such as cpu.gemm_gbps_by_m.4 or gpus.0.pcie_gbps."""
+        obj = self
+        for part in key.split("."):
+            obj = self._child(obj, part)
+        return obj
+
+    def set(self, key: str, value: float) -> None:
+        *head, last = key.split(".")
+        obj = self
+        for part in head:
+            obj = self._child(obj, part)
+        if isinstance(obj, dict):
+            k = next(k for k in obj if str(k) == last)
+            obj[k] = value
+        elif isinstance(obj, list):
+            obj[int(last)] = value
+        else:
+            getattr(obj, last)
+            setattr(obj, last, value)
+
+    @staticmethod
+    def _child(obj, part: str):
+        if isinstance(obj, dict):
+            for k in obj:
+                if str(k) == part:
+                    return obj[k]
+            raise KeyError(part)
+        if isinstance(obj, list):
+            return obj[int(part)]
+        if part.startswith("_") or part == "samples":
+            raise AttributeError(part)
+        return getattr(obj, part)
 
     @classmethod
     def load(cls, path: str | Path) -> Hardware:

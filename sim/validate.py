@@ -33,25 +33,42 @@ def measured(doc: dict) -> dict:
             "prompt_tokens": req["prompt_tokens"], "output_tokens": req["output_tokens"]}
 
 
-def validate(path: str | Path, hw: Hardware) -> dict:
+def validate(path: str | Path, hw: Hardware, interval: int = 0) -> dict:
+    """Predicted against measured, per metric; with interval=N also the 90% bootstrap
+    interval of each prediction (sim/interval.py) and whether the measurement lies in it."""
     doc = load_trace(path)
     names = {f.name for f in fields(ModelConfig)}
     cfg = ModelConfig(**{k: v for k, v in doc["metadata"]["model"].items() if k in names})
     if len(doc["metadata"]["requests"]) > 1:
-        return validate_serving(path, doc, cfg, hw)
-    got = measured(doc)
-    p = predict(cfg, hw, got["prompt_tokens"], got["output_tokens"])
-    rows = {}
-    for metric in ("ttft_s", "tpot_s"):
-        pred, meas = getattr(p, metric), got[metric]
-        rows[metric] = {"predicted": pred, "measured": meas, "error": (pred - meas) / meas}
-    return {"trace": str(path), "hardware": hw.name, "metrics": rows}
+        meas, fn = _serving(doc, cfg)
+    else:
+        got = measured(doc)
+        meas = {k: got[k] for k in ("ttft_s", "tpot_s")}
+
+        def fn(profile: Hardware) -> dict:
+            p = predict(cfg, profile, got["prompt_tokens"], got["output_tokens"])
+            return {"ttft_s": p.ttft_s, "tpot_s": p.tpot_s}
+
+    pred = fn(hw)
+    rows = {k: {"predicted": pred[k], "measured": meas[k],
+                "error": (pred[k] - meas[k]) / meas[k]} for k in meas}
+    if interval:
+        from sim.interval import bootstrap
+
+        for k, (lo, hi) in bootstrap(fn, hw, interval).items():
+            rows[k]["interval"] = [lo, hi]
+            rows[k]["inside"] = bool(lo <= meas[k] <= hi)
+    out = {"trace": str(path), "hardware": hw.name, "metrics": rows}
+    if len(doc["metadata"]["requests"]) > 1:
+        out["requests"] = len(doc["metadata"]["requests"])
+    return out
 
 
-def validate_serving(path, doc: dict, cfg: ModelConfig, hw: Hardware) -> dict:
+def _serving(doc: dict, cfg: ModelConfig):
     """A served workload: replay its requests (arrival, prompt and output tokens, from the
     trace's records) through the engine's scheduler in the simulator; compare the means of
-    TTFT, TPOT and end-to-end latency and the output throughput with the trace's records."""
+    TTFT, TPOT and end-to-end latency and the output throughput with the trace's records.
+    Returns (measured, a function from a profile to the predicted)."""
     from refmoe.bench_serve import summary
     from sim.serve import simulate
 
@@ -59,9 +76,7 @@ def validate_serving(path, doc: dict, cfg: ModelConfig, hw: Hardware) -> dict:
     t0 = min(r["arrival"] for r in reqs)
     workload = [(r["arrival"] - t0, r["prompt_tokens"], r["output_tokens"]) for r in reqs]
     engine = doc["metadata"].get("engine") or {}
-    outcomes, duration = simulate(cfg, hw, workload, prefill=engine.get("prefill", "cpu")
-                                  if engine.get("prefill") in ("cpu", "slp") else "cpu")
-    pred = summary(outcomes, duration)
+    path = engine.get("prefill") if engine.get("prefill") in ("cpu", "slp") else "cpu"
     ok = [r for r in reqs if r.get("first_token_time") is not None]
     tpot = [(r["finish_time"] - r["first_token_time"]) / (r["output_tokens"] - 1) for r in ok
             if r["output_tokens"] > 1]
@@ -70,10 +85,60 @@ def validate_serving(path, doc: dict, cfg: ModelConfig, hw: Hardware) -> dict:
             "e2e_s": statistics.fmean(r["finish_time"] - r["arrival"] for r in ok),
             "output_tok_s": sum(r["output_tokens"] for r in ok) / (
                 max(r["finish_time"] for r in ok) - t0)}
-    e2e = [o.e2e_s for o in outcomes if o.ok]
-    got = {"ttft_s": pred["mean_ttft_ms"] / 1e3, "tpot_s": pred["mean_tpot_ms"] / 1e3,
-           "e2e_s": statistics.fmean(e2e) if e2e else float("nan"),
-           "output_tok_s": pred["output_throughput"]}
-    rows = {k: {"predicted": got[k], "measured": meas[k], "error": (got[k] - meas[k]) / meas[k]}
-            for k in meas}
-    return {"trace": str(path), "hardware": hw.name, "requests": len(reqs), "metrics": rows}
+
+    def fn(profile: Hardware) -> dict:
+        outcomes, duration = simulate(cfg, profile, workload, prefill=path)
+        pred = summary(outcomes, duration)
+        e2e = [o.e2e_s for o in outcomes if o.ok]
+        return {"ttft_s": pred["mean_ttft_ms"] / 1e3, "tpot_s": pred["mean_tpot_ms"] / 1e3,
+                "e2e_s": statistics.fmean(e2e) if e2e else float("nan"),
+                "output_tok_s": pred["output_throughput"]}
+
+    return meas, fn
+
+
+def summarize(results: list[dict]) -> dict:
+    """Per metric over all traces: MAPE, signed bias (mean relative error), mean absolute
+    error (in the metric's unit), and how many measurements fell inside their intervals."""
+    out: dict = {}
+    for r in results:
+        for metric, m in r["metrics"].items():
+            out.setdefault(metric, []).append(m)
+    table = {}
+    for metric, ms in out.items():
+        errs = [m["error"] for m in ms]
+        table[metric] = {"n": len(ms), "mape": statistics.fmean(abs(e) for e in errs),
+                         "bias": statistics.fmean(errs),
+                         "mae": statistics.fmean(abs(m["predicted"] - m["measured"])
+                                                 for m in ms)}
+        if all("inside" in m for m in ms):
+            table[metric]["inside_interval"] = sum(m["inside"] for m in ms)
+    return table
+
+
+def plot(results: list[dict], path: str) -> None:
+    """Predicted against measured, one panel per metric, log axes, y = x, and the bootstrap
+    intervals as error bars where present."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = sorted({k for r in results for k in r["metrics"]})
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        pts = [(r["metrics"][metric], Path(r["trace"]).stem) for r in results
+               if metric in r["metrics"]]
+        for m, label in pts:
+            lo, hi = m.get("interval", [m["predicted"], m["predicted"]])
+            ax.errorbar(m["measured"], m["predicted"], yerr=[[m["predicted"] - lo],
+                        [hi - m["predicted"]]], fmt="o", capsize=3, label=label)
+        vals = [v for m, _ in pts for v in (m["measured"], m["predicted"])]
+        lo, hi = min(vals) / 1.3, max(vals) * 1.3
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), title=metric,
+               xlabel="measured", ylabel="predicted")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -273,3 +273,89 @@ def test_contention_decode_beside_slp_and_numa():
     unaware.cpu.numa_aware = False
     unaware.cpu.interconnect_gbps = 300.0
     assert predict(cfg, unaware, 16, 4).tpot_s > 1.2 * predict(cfg, hw, 16, 4).tpot_s
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction intervals and the validation summary
+# ---------------------------------------------------------------------------------------------
+
+def _with_samples():
+    hw = Hardware.load("zen3-2vcpu-calibrated")
+    hw.samples = {"cpu.dram_gbps_per_socket": [30.0, 33.0, 37.0, 40.0, 45.0],
+                  "cpu.fp8_gemv_efficiency": [0.78, 0.8, 0.83, 0.86, 0.9],
+                  "cpu.gemm_gbps_by_m.4": [4.0, 4.5, 5.0, 5.5, 6.0]}
+    return hw
+
+
+def test_bootstrap_interval_over_calibration_samples(tmp_path):
+    import random
+
+    from sim.interval import bootstrap, resample
+
+    hw = _with_samples()
+    b = resample(hw, random.Random(1))
+    assert 30.0 <= b.cpu.dram_gbps_per_socket <= 45.0 and 4.0 <= b.get("cpu.gemm_gbps_by_m.4")
+    assert hw.cpu.dram_gbps_per_socket == 37.405100337826376      # the original is untouched
+    cfg = ModelConfig(**json.loads(TRACE.read_text())["metadata"]["model"])
+    tpot = lambda h: {"tpot_s": predict(cfg, h, 16, 4).tpot_s}  # noqa: E731
+    lo, hi = bootstrap(tpot, hw, 100)["tpot_s"]
+    fast, slow = _with_samples(), _with_samples()
+    fast.cpu.dram_gbps_per_socket, fast.cpu.fp8_gemv_efficiency = 45.0, 0.9
+    slow.cpu.dram_gbps_per_socket, slow.cpu.fp8_gemv_efficiency = 30.0, 0.78
+    assert tpot(fast)["tpot_s"] <= lo < tpot(hw)["tpot_s"] < hi <= tpot(slow)["tpot_s"]
+    # samples survive a save and load; bad ones are refused by name
+    hw.save(tmp_path / "p.yaml")
+    assert Hardware.load(tmp_path / "p.yaml").samples == hw.samples
+    with pytest.raises(ValueError, match="samples.cpu.nope names no field"):
+        Hardware.from_dict({**yaml_of(hw), "samples": {"cpu.nope": [1.0]}})
+    with pytest.raises(ValueError, match="samples.cpu.moe_overhead_us must be a list"):
+        Hardware.from_dict({**yaml_of(hw), "samples": {"cpu.moe_overhead_us": []}})
+    with pytest.raises(ValueError, match="no calibration samples"):
+        bootstrap(tpot, Hardware.load("paper-2x9355-2x5090"))
+
+
+def yaml_of(hw):
+    from dataclasses import asdict
+
+    d = asdict(hw)
+    d.pop("samples")
+    return d
+
+
+def test_validate_summary_interval_and_plot(tmp_path):
+    from sim.validate import summarize
+
+    hw = _with_samples()
+    r = validate(ROOT / "traces" / "serve-demo-avx2-L4-E32-b2b.json", hw, interval=20)
+    for m in r["metrics"].values():
+        lo, hi = m["interval"]
+        assert lo <= hi and m["inside"] == (lo <= m["measured"] <= hi)
+    one = validate(TRACE, hw)
+    table = summarize([r, one])
+    assert table["ttft_s"]["n"] == 2 and table["e2e_s"]["n"] == 1
+    assert table["tpot_s"]["mape"] == pytest.approx(
+        (abs(r["metrics"]["tpot_s"]["error"]) + abs(one["metrics"]["tpot_s"]["error"])) / 2)
+    prof = tmp_path / "p.yaml"
+    hw.save(prof)
+    png = tmp_path / "v.png"
+    out = subprocess.run([sys.executable, "-m", "sim.cli", "validate", str(TRACE),
+                          "--hardware", str(prof), "--interval", "10", "--plot", str(png)],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "MAPE" in out and "inside the interval" in out and "[90%:" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_spec_sheet_profiles_load_and_rank():
+    """The Xeon 8480+ / RTX 4090 box, the H100 box and the paper's box, from spec sheets:
+    decode is bound by the CPU's DRAM (the Xeons' 8 channels against the EPYCs' 12), long
+    prefill by PCIe (4.0 on the 4090) and GPU FLOPs."""
+    cfg = ModelConfig.from_dict(V3)
+    p = {n: (predict(cfg, Hardware.load(n), 32768, 4, prefill="slp", devices=1),
+             predict(cfg, Hardware.load(n), 32, 4))
+         for n in ("xeon8480-2s-4090", "h100-box-2x8480", "paper-2x9355-2x5090")}
+    assert p["paper-2x9355-2x5090"][1].tpot_s < p["h100-box-2x8480"][1].tpot_s \
+        < p["xeon8480-2s-4090"][1].tpot_s
+    assert p["h100-box-2x8480"][0].ttft_s < p["paper-2x9355-2x5090"][0].ttft_s \
+        < p["xeon8480-2s-4090"][0].ttft_s
+    # PCIe 4.0 at 25 GB/s: a pass over V3's experts takes at least 26 s
+    assert p["xeon8480-2s-4090"][0].ttft_s > 58 * 11.3e9 / 25e9
