@@ -59,9 +59,16 @@ def _cmd_serve(args) -> int:
     else:
         reqs = workload(args.num_prompts, args.request_rate, args.prompt_len, args.output_len,
                         args.seed)
-    out = simulate(ModelConfig.from_file(args.model), Hardware.load(args.hardware), reqs,
-                   args.max_batch, prefill=args.prefill, trace=bool(args.trace))
+    hw = Hardware.load(args.hardware)
+    out = simulate(ModelConfig.from_file(args.model), hw, reqs, args.max_batch,
+                   prefill=args.prefill, trace=bool(args.trace),
+                   utilization=bool(args.utilization))
     outcomes, duration = out[0], out[1]
+    if args.utilization:
+        from sim.serve import plot_utilization
+
+        plot_utilization(out[-1], args.utilization, f"{hw.name}: link utilization, "
+                         f"{len(reqs)} requests, prefill {args.prefill}")
     result = summary(outcomes, duration)
     if args.trace:
         out[2].metadata["result"] = result
@@ -115,8 +122,14 @@ def _cmd_reproduce(args) -> int:
 
 def _cmd_calibrate(args) -> int:
     from sim.calibrate import calibrate
+    from sim.hardware import Hardware
+    from sim.interval import pool
 
-    hw = calibrate(args.name)
+    if args.merge:
+        hw = pool([Hardware.load(p) for p in args.merge], args.name)
+    else:
+        runs = [calibrate(args.name) for _ in range(args.runs)]
+        hw = pool(runs, args.name) if len(runs) > 1 else runs[0]
     if args.out:
         hw.save(args.out)
     from dataclasses import asdict
@@ -204,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     se.add_argument("--seed", type=int, default=0)
     se.add_argument("--trace", help="write the simulated run as a Chrome trace (the engine's "
                     "lanes and request records)")
+    se.add_argument("--utilization", metavar="PNG", help="plot every link's load over time "
+                    "(each decode step simulated on its own)")
     se.add_argument("--json", action="store_true")
     se.set_defaults(func=_cmd_serve)
     sw = sub.add_parser("sweep", help="many configurations in parallel processes, with plots")
@@ -231,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     ca = sub.add_parser("calibrate", help="this machine's profile from micro-benchmarks")
     ca.add_argument("--name", default="this-machine")
     ca.add_argument("--out", help="write the profile YAML here")
+    ca.add_argument("--runs", type=int, default=1, help="calibrate N times and pool the "
+                    "samples (intervals then carry the drift between runs)")
+    ca.add_argument("--merge", nargs="+", metavar="PROFILE", help="pool these calibrated "
+                    "profiles instead of measuring")
     ca.add_argument("--json", action="store_true")
     ca.set_defaults(func=_cmd_calibrate)
     va = sub.add_parser("validate", help="compare predictions with measured traces")

@@ -54,9 +54,14 @@ class Flow:
 class FluidNetwork:
     """The links of one machine and the flows crossing them."""
 
-    def __init__(self, env: simpy.Environment):
+    def __init__(self, env: simpy.Environment, links: list[Link] | None = None,
+                 record: bool = False):
+        """record: keep a timeline of every link's load (share of its capacity) at each rate
+        change, for utilization plots; links: the ones to report (all seen, by default)."""
         self.env = env
         self.flows: list[Flow] = []
+        self.timeline: list[tuple[float, dict[str, float]]] | None = [] if record else None
+        self._watched = list(links or [])
         self._last = env.now      # when remaining bytes were last settled
         self._version = 0         # bumps on every reschedule; older timers are stale
         self.bytes_done: dict[str, float] = {}
@@ -115,11 +120,25 @@ class FluidNetwork:
     def _rates(self) -> None:
         max_min_rates(self.flows)
 
+    def _record(self) -> None:
+        load: dict[str, float] = {lk.name: 0.0 for lk in self._watched}
+        for f in self.flows:
+            for link, w in zip(f.links, f.weights):
+                load[link.name] = load.get(link.name, 0.0) + f.rate * w / link.capacity
+        if self.timeline and self.timeline[-1][0] == self.env.now:
+            self.timeline[-1] = (self.env.now, load)
+        else:
+            self.timeline.append((self.env.now, load))
+
     def _reschedule(self) -> None:
         self._version += 1
         if not self.flows:
+            if self.timeline is not None:
+                self._record()
             return
         self._rates()
+        if self.timeline is not None:
+            self._record()
         finish = min(f.remaining / f.rate if f.rate > 0 else math.inf for f in self.flows)
         if finish == math.inf:
             raise RuntimeError("flows with zero rate: a link or cap of zero capacity")

@@ -30,6 +30,9 @@ class CPU:
     # FP8 weight GB/s of all cores when M tokens share each weight (the GEMM tile path); empty:
     # fall back to the FMA peak at 0.6 efficiency
     gemm_gbps_by_m: dict = field(default_factory=dict)
+    # the same for routed experts in one fused MoE call, every expert serving M tokens (what
+    # prefill runs); empty: the GEMM curve
+    moe_gbps_by_m: dict = field(default_factory=dict)
     # the link between sockets (xGMI / UPI), GB/s both directions together; 0: one socket
     interconnect_gbps: float = 0.0
     # True: the engine's NUMA-aware layout (each socket's cores read the weights in their own
@@ -40,9 +43,17 @@ class CPU:
     def gemm_gbps(self, m: float) -> float | None:
         """Interpolated (log-log) from the calibrated points; past the last point the GEMM is
         compute-bound, so GB/s falls as 1/M."""
-        if not self.gemm_gbps_by_m:
+        return self._curve(self.gemm_gbps_by_m, m)
+
+    def moe_gbps(self, m: float) -> float | None:
+        """The fused MoE's rate at M tokens per expert (else the GEMM's)."""
+        return self._curve(self.moe_gbps_by_m, m) if self.moe_gbps_by_m else self.gemm_gbps(m)
+
+    @staticmethod
+    def _curve(points: dict, m: float) -> float | None:
+        if not points:
             return None
-        pts = sorted((int(k), float(v)) for k, v in self.gemm_gbps_by_m.items())
+        pts = sorted((int(k), float(v)) for k, v in points.items())
         if m <= pts[0][0]:
             return pts[0][1]
         for (m0, g0), (m1, g1) in zip(pts, pts[1:]):

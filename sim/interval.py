@@ -32,6 +32,22 @@ def resample(hw: Hardware, rng: random.Random) -> Hardware:
     return out
 
 
+def pool(profiles: list[Hardware], name: str | None = None) -> Hardware:
+    """Calibrations of one machine taken at different times, as one profile: every field with
+    samples is the median of all of them together, so that intervals drawn from it carry the
+    drift between runs (on a shared machine, larger than the noise within one). Fields without
+    samples come from the first profile."""
+    if not profiles:
+        raise ValueError("pool: no profiles")
+    out = copy.deepcopy(profiles[0])
+    out.name = name or out.name
+    keys = {k for p in profiles for k in p.samples}
+    out.samples = {k: [v for p in profiles for v in p.samples.get(k, [])] for k in sorted(keys)}
+    for k, values in out.samples.items():
+        out.set(k, statistics.median(values))
+    return out
+
+
 def _quantile(xs: list[float], q: float) -> float:
     """Linear interpolation between order statistics (xs sorted)."""
     pos = q * (len(xs) - 1)

@@ -59,9 +59,8 @@ class Machine:
     from the CPU experts, a decode step's attention waits behind a prefill on the same GPU.
     """
 
-    def __init__(self, env: simpy.Environment, hw: Hardware):
+    def __init__(self, env: simpy.Environment, hw: Hardware, record: bool = False):
         self.env, self.hw = env, hw
-        self.net = FluidNetwork(env)
         self._mixtures: dict = {}
         self.expert_scale = 1.0   # expert bytes relative to FP8 (INT4: bits per weight / 8)
         self.gpu_index = 0        # the GPU that runs attention and dense layers
@@ -73,6 +72,7 @@ class Machine:
             if cpu.sockets > 1 else None
         self.pcie = [Link(f"pcie{d}.h2d", g.pcie_gbps * 1e9) for d, g in enumerate(hw.gpus)]
         self.gpu = [Link(f"gpu{d}", 1.0) for d in range(len(hw.gpus))]
+        self.net = FluidNetwork(env, self.links(), record)
 
     def links(self) -> list[Link]:
         return self.dram + self.cores + ([self.interconnect] if self.interconnect else []) \
@@ -100,12 +100,13 @@ class Machine:
         g = self.rate_gbps(tokens)
         yield from self.work(nbytes / (g * 1e9), self.cpu_demand(g))
 
-    def rate_gbps(self, tokens: float) -> float:
-        """The FP8 kernel's weight GB/s when `tokens` tokens share each weight."""
+    def rate_gbps(self, tokens: float, moe: bool = False) -> float:
+        """The FP8 kernel's weight GB/s when `tokens` tokens share each weight (moe: routed
+        experts inside one fused MoE call)."""
         cpu = self.hw.cpu
         cap = cpu.fp8_stream_gbps()
         if tokens > 1:
-            gemm = cpu.gemm_gbps(tokens)
+            gemm = cpu.moe_gbps(tokens) if moe else cpu.gemm_gbps(tokens)
             if gemm is None:  # uncalibrated: the FMA peak at 0.6
                 gemm = cpu.cores * cpu.fma_gflops_per_core * 0.6 / (2 * tokens)
             cap = min(cap, gemm)
@@ -135,7 +136,7 @@ class Machine:
                           - math.lgamma(tokens - m + 1) + m * math.log(p)
                           + (tokens - m) * math.log1p(-p)) if p < 1 else float(m == tokens)
             nbytes += experts * pm * one
-            seconds += experts * pm * one / (self.rate_gbps(m) * 1e9)
+            seconds += experts * pm * one / (self.rate_gbps(m, moe=True) * 1e9)
         return nbytes, seconds
 
     def socket_of(self, d: int) -> int:

@@ -130,13 +130,16 @@ def _beside(parts: list[Part], other: Flow) -> tuple[float, float]:
 
 def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, int]],
              max_batch: int = 16, kv_tokens: int | None = None, prefill: str = "cpu",
-             max_queue: int = 1 << 30, trace: bool = False, blocks: bool = True):
+             max_queue: int = 1 << 30, trace: bool = False, blocks: bool = True,
+             utilization: bool = False):
     """requests: (arrival s, prompt tokens, output tokens). Returns per-request outcomes (times
     in seconds, as the engine's benchmark records them) and the makespan; with trace=True a
     third value, a refmoe.trace.Trace on simulated time with the engine's lanes
     (scheduler / prefill worker, decode worker) and one record per request, so a measured
     and a predicted run open side by side in Perfetto. blocks=False takes every decode step
-    as its own flows (the reference the block fast-forward is tested against)."""
+    as its own flows (the reference the block fast-forward is tested against).
+    utilization=True (implies blocks=False) returns the links' load timeline as well (last):
+    [(time, {link: share of its capacity})] at every rate change."""
     env = simpy.Environment()
     tr = None
     if trace:
@@ -148,7 +151,8 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
                     "model": asdict(cfg), "engine": {"prefill": prefill,
                                                      "max_batch": max_batch}},
                    clock=lambda: env.now)
-    machine = Machine(env, hw)
+    blocks = blocks and not utilization
+    machine = Machine(env, hw, record=utilization)
     net = machine.net
     cost = Costs(cfg, hw, machine)
     n_gpus = len(hw.gpus)
@@ -306,6 +310,35 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
         env.step()
     start = min((a for a, _, _ in requests), default=0.0)
     end = max((o.arrived_at + o.e2e_s for o in outcomes if o.ok), default=start)
-    if trace:
-        return outcomes, end - start, tr
-    return outcomes, end - start
+    result = (outcomes, end - start) + ((tr,) if trace else ()) + \
+        ((machine.net.timeline,) if utilization else ())
+    return result
+
+
+def plot_utilization(timeline: list, path: str, title: str = "") -> None:
+    """Each link's load (share of its capacity) over simulated time, one panel per kind of
+    link (DRAM, cores, interconnect, PCIe, GPUs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({n for _, load in timeline for n in load})
+    kinds: dict[str, list[str]] = {}
+    for n in names:
+        kinds.setdefault(n.rstrip("0123456789").split(".")[0], []).append(n)
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(10, 1.6 * len(kinds) + 0.6), sharex=True,
+                             squeeze=False)
+    times = [t for t, _ in timeline]
+    for ax, (kind, members) in zip(axes[:, 0], kinds.items()):
+        for n in members:
+            ax.step(times, [load.get(n, 0.0) for _, load in timeline], where="post", label=n,
+                    lw=0.8)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel(kind)
+        ax.legend(loc="upper right", fontsize=7)
+    axes[-1, 0].set_xlabel("simulated seconds")
+    fig.suptitle(title or "link utilization (share of capacity)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
