@@ -155,10 +155,19 @@ def moe_curve(threads: int, reps: int = 3, samples: dict | None = None,
     return out
 
 
+def read_gbps(threads: int, reps: int = 5, nbytes: int = 512 << 20) -> list[float]:
+    """Plain read GB/s of a buffer far beyond the caches, with `threads` threads, per rep."""
+    buf = np.ones(nbytes, np.uint8)
+    times = _times(lambda: kernels.read_bandwidth_probe(buf, num_threads=threads), reps)
+    return [nbytes / t / 1e9 for t in times]
+
+
 def calibrate(name: str = "this-machine", reps: int = 5) -> Hardware:
-    """Every number is the median of its reps; the reps themselves go into the profile's
-    `samples` (field path -> values), which prediction intervals resample (sim/interval.py)."""
-    threads = cpu.default_threads()
+    """This machine as one socket of its usable cores, the kernels at their default thread
+    count (REFMOE_NUM_THREADS). Every number is the median of its reps; the reps themselves
+    go into the profile's `samples` (field path -> values), which prediction intervals
+    resample (sim/interval.py)."""
+    threads, cores = cpu.default_threads(), len(cpu.usable_cpus())
     cold = bench_gemm("fp8", Shape("deepseek-v3", "gate_up", 2048, 7168), 1, threads,
                       kernels.variant(), reps, with_torch=False)
     read = cold.limit_gbps
@@ -167,8 +176,15 @@ def calibrate(name: str = "this-machine", reps: int = 5) -> Hardware:
                                                  zip(cold.gbps_samples, cold.limit_gbps_samples)],
                      "cpu.fp8_gemv_gbps_per_core": [], "cpu.layer_overhead_us": [],
                      "cpu.moe_overhead_us": []}
+    kernel_read = 0.0
+    if cores > threads:   # the DRAM link: what all cores read; the kernel: what its threads do
+        kernel_read = read
+        samples["cpu.kernel_read_gbps"] = cold.limit_gbps_samples
+        samples["cpu.dram_gbps_per_socket"] = all_cores = read_gbps(cores, reps)
+        read = statistics.median(all_cores)
     hw = Hardware(name, CPU(
-        sockets=1, cores_per_socket=threads, dram_gbps_per_socket=read, dram_efficiency=1.0,
+        sockets=1, cores_per_socket=cores, dram_gbps_per_socket=read, dram_efficiency=1.0,
+        kernel_threads=threads if cores > threads else 0, kernel_read_gbps=kernel_read,
         fp8_gemv_gbps_per_core=gemv_ceiling_gbps(
             samples=samples["cpu.fp8_gemv_gbps_per_core"]),
         fp8_gemv_efficiency=min(cold.ratio, 1.0),

@@ -19,7 +19,7 @@ def _cmd_predict(args) -> int:
 
     def run(profile):
         return predict(cfg, profile, args.prompt_tokens, args.output_tokens, args.prefill,
-                       args.devices)
+                       args.devices, routing_skew=args.routing_skew)
 
     p = run(hw)
     band = {}
@@ -62,7 +62,8 @@ def _cmd_serve(args) -> int:
     hw = Hardware.load(args.hardware)
     out = simulate(ModelConfig.from_file(args.model), hw, reqs, args.max_batch,
                    prefill=args.prefill, trace=bool(args.trace),
-                   utilization=bool(args.utilization))
+                   utilization=bool(args.utilization), dual_batch=args.dual_batch,
+                   trace_layers=args.trace_layers, routing_skew=args.routing_skew)
     outcomes, duration = out[0], out[1]
     if args.utilization:
         from sim.serve import plot_utilization
@@ -198,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--interval", type=int, default=0, metavar="N",
                     help="a 90%% interval from N bootstrap replicates of the profile's "
                     "calibration samples")
+    pr.add_argument("--routing-skew", type=float, default=0.0, metavar="S",
+                    help="expert popularity: 0 uniform, else Zipf exponent S")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=_cmd_predict)
     from refmoe.cli import _range
@@ -214,11 +217,17 @@ def main(argv: list[str] | None = None) -> int:
     se.add_argument("--output-len", type=_range, default=(8, 32))
     se.add_argument("--max-batch", type=int, default=16)
     se.add_argument("--prefill", choices=["cpu", "slp", "auto"], default="cpu")
+    se.add_argument("--dual-batch", choices=["auto", "on", "off"], default="auto",
+                    help="dual-batch overlap of decode micro-batches (auto: with a GPU)")
     se.add_argument("--seed", type=int, default=0)
     se.add_argument("--trace", help="write the simulated run as a Chrome trace (the engine's "
                     "lanes and request records)")
+    se.add_argument("--trace-layers", action="store_true", help="with --trace: per-layer "
+                    "attention and expert spans too, as the engine writes them")
     se.add_argument("--utilization", metavar="PNG", help="plot every link's load over time "
                     "(each decode step simulated on its own)")
+    se.add_argument("--routing-skew", type=float, default=0.0, metavar="S",
+                    help="expert popularity: 0 uniform, else Zipf exponent S")
     se.add_argument("--json", action="store_true")
     se.set_defaults(func=_cmd_serve)
     sw = sub.add_parser("sweep", help="many configurations in parallel processes, with plots")

@@ -33,6 +33,11 @@ class CPU:
     # the same for routed experts in one fused MoE call, every expert serving M tokens (what
     # prefill runs); empty: the GEMM curve
     moe_gbps_by_m: dict = field(default_factory=dict)
+    # threads the CPU kernels use (0: every core); fewer leave cores to the other worker
+    kernel_threads: int = 0
+    # plain read GB/s of the whole machine with that many threads (0: the DRAM read): one
+    # core alone cannot pull all of DRAM's bandwidth
+    kernel_read_gbps: float = 0.0
     # the link between sockets (xGMI / UPI), GB/s both directions together; 0: one socket
     interconnect_gbps: float = 0.0
     # True: the engine's NUMA-aware layout (each socket's cores read the weights in their own
@@ -66,6 +71,10 @@ class CPU:
     def cores(self) -> int:
         return self.sockets * self.cores_per_socket
 
+    @property
+    def threads(self) -> int:
+        return min(self.kernel_threads, self.cores) if self.kernel_threads > 0 else self.cores
+
     def read_gbps(self) -> float:
         return self.sockets * self.dram_gbps_per_socket * self.dram_efficiency
 
@@ -76,8 +85,9 @@ class CPU:
     def fp8_stream_gbps(self) -> float:
         """What the FP8 GEMV sustains over DRAM with every core (and over the interconnect,
         when the weights are not placed per node)."""
-        rate = min(self.read_gbps() * self.fp8_gemv_efficiency,
-                   self.cores * self.fp8_gemv_gbps_per_core)
+        read = min(self.kernel_read_gbps, self.read_gbps()) if self.kernel_read_gbps > 0 \
+            else self.read_gbps()
+        rate = min(read * self.fp8_gemv_efficiency, self.threads * self.fp8_gemv_gbps_per_core)
         if self.remote_share():
             rate = min(rate, self.interconnect_gbps / self.remote_share())
         return rate

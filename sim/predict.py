@@ -47,6 +47,31 @@ def unique_experts(n_experts: int, k: int, tokens: int) -> float:
     return n_experts * (1 - (1 - k / n_experts) ** tokens)
 
 
+def routing_bins(n_experts: int, k: int, skew: float = 0.0, bins: int = 16
+                 ) -> list[tuple[int, float]]:
+    """The routing distribution as (experts, probability a token picks each of them) groups.
+    skew 0: uniform, every expert k/E. skew s > 0: Zipf-like popularity, expert e weighted
+    (e + 1)^-s, scaled so the probabilities sum to k and none exceeds 1 (a token picks k
+    distinct experts), then grouped into `bins` groups of neighbours by popularity."""
+    if skew < 0:
+        raise ValueError(f"routing skew must be >= 0, got {skew}")
+    if skew == 0:
+        return [(n_experts, k / n_experts)]
+    w = [(e + 1) ** -skew for e in range(n_experts)]
+    capped: set[int] = set()
+    while True:   # water-filling: the most popular are capped at 1, the rest share the rest
+        free = [e for e in range(n_experts) if e not in capped]
+        scale = (k - len(capped)) / sum(w[e] for e in free)
+        over = {e for e in free if w[e] * scale > 1}
+        if not over:
+            break
+        capped |= over
+    p = [1.0 if e in capped else w[e] * scale for e in range(n_experts)]
+    size = -(-n_experts // bins)
+    return [(len(p[i:i + size]), sum(p[i:i + size]) / len(p[i:i + size]))
+            for i in range(0, n_experts, size)]
+
+
 class Machine:
     """The links of one box and the engine's operations on them.
 
@@ -64,6 +89,7 @@ class Machine:
         self._mixtures: dict = {}
         self.expert_scale = 1.0   # expert bytes relative to FP8 (INT4: bits per weight / 8)
         self.gpu_index = 0        # the GPU that runs attention and dense layers
+        self.routing_skew = 0.0   # 0: uniform routing; else see routing_bins
         cpu = hw.cpu
         self.dram = [Link(f"dram{s}", cpu.dram_gbps_per_socket * cpu.dram_efficiency * 1e9)
                      for s in range(cpu.sockets)]
@@ -73,6 +99,10 @@ class Machine:
         self.pcie = [Link(f"pcie{d}.h2d", g.pcie_gbps * 1e9) for d, g in enumerate(hw.gpus)]
         self.gpu = [Link(f"gpu{d}", 1.0) for d in range(len(hw.gpus))]
         self.net = FluidNetwork(env, self.links(), record)
+
+    def mark(self, process: str, lane: str, name: str, start: float, **args) -> None:
+        """An operation of the forward ended now (the engine's trace lanes); kept by the
+        serving simulator's cost runs for per-layer spans, ignored here."""
 
     def links(self) -> list[Link]:
         return self.dram + self.cores + ([self.interconnect] if self.interconnect else []) \
@@ -85,10 +115,12 @@ class Machine:
             yield self.net.transfer(seconds, list(demand), 1.0, list(demand.values()))
 
     def cpu_demand(self, gbps: float) -> dict:
-        """All cores reading weights at gbps, spread evenly over the sockets' DRAM."""
+        """The kernel's threads (all cores, by default) reading weights at gbps, spread evenly
+        over the sockets' DRAM; fewer threads than cores load the core pools with their
+        share, leaving the rest to the other worker."""
         cpu, d = self.hw.cpu, {}
         for s in range(cpu.sockets):
-            d[self.cores[s]] = 1.0
+            d[self.cores[s]] = cpu.threads / cpu.cores
             d[self.dram[s]] = gbps * 1e9 / cpu.sockets
         if cpu.remote_share():
             d[self.interconnect] = gbps * 1e9 * cpu.remote_share()
@@ -108,14 +140,20 @@ class Machine:
         if tokens > 1:
             gemm = cpu.moe_gbps(tokens) if moe else cpu.gemm_gbps(tokens)
             if gemm is None:  # uncalibrated: the FMA peak at 0.6
-                gemm = cpu.cores * cpu.fma_gflops_per_core * 0.6 / (2 * tokens)
+                gemm = cpu.threads * cpu.fma_gflops_per_core * 0.6 / (2 * tokens)
             cap = min(cap, gemm)
         return cap
 
     def cpu_fp8_mixed(self, one: float, experts: int, tokens: int, p: float):
-        """`experts` matrices of `one` bytes, each used by Binomial(tokens, p) tokens: one
-        stream at the rate that takes the expected total time."""
-        nbytes, seconds = self.mixture(one, experts, tokens, p)
+        """`experts` matrices of `one` bytes, each used by Binomial(tokens, p) tokens (or, with
+        a routing skew, by the popularity groups of sim.predict.routing_bins): one stream at
+        the rate that takes the expected total time."""
+        groups = [(experts, p)] if not self.routing_skew else \
+            routing_bins(experts, round(p * experts), self.routing_skew)
+        nbytes = seconds = 0.0
+        for count, q in groups:
+            b, t = self.mixture(one, count, tokens, q)
+            nbytes, seconds = nbytes + b, seconds + t
         if nbytes > 0:
             yield from self.work(seconds, self.cpu_demand(nbytes / seconds / 1e9))
 
@@ -179,8 +217,11 @@ def _step(m: Machine, cfg: ModelConfig, tokens: int, out: dict):
     layer_overhead = (hw.gpus[0].layer_overhead_us if hw.gpus else hw.cpu.layer_overhead_us) \
         * 1e-6
     attn_flops = costs.attention_flops(cfg, tokens)
-    for cost in costs.layer_costs(cfg):
+    for i, cost in enumerate(costs.layer_costs(cfg)):
+        t0 = m.env.now
         yield from m.device(cost.attention_bytes, layer_overhead, tokens, attn_flops)
+        m.mark("device", "attention", f"attention L{i}", t0, tokens=tokens)
+        t0 = m.env.now
         if cost.expert_bytes:
             k = cfg.num_experts_per_tok
             one = cost.expert_bytes * m.expert_scale / (k + cfg.n_shared_experts)
@@ -192,8 +233,10 @@ def _step(m: Machine, cfg: ModelConfig, tokens: int, out: dict):
             if cfg.n_shared_experts:
                 yield from m.cpu_fp8(cfg.n_shared_experts * one, tokens)
             yield m.env.timeout(hw.cpu.moe_overhead_us * 1e-6)
+            m.mark("cpu", "experts", f"experts L{i}", t0, tokens=tokens)
         else:
             yield from m.device(cost.dense_bytes, 0.0, tokens, 2.0 * tokens * cost.dense_bytes)
+            m.mark("device", "dense mlp", f"dense mlp L{i}", t0, tokens=tokens)
     yield from m.device(costs.head_bytes(cfg), 0.0, 1)  # logits of the last position only
     out["t"] = m.env.now
 
@@ -205,8 +248,8 @@ def rates(hw: Hardware, devices: int | None = None) -> costmodel.Rates:
     return costmodel.Rates(
         h2d_gbps=gpu.pcie_gbps if gpu else cpu.read_gbps(),
         cpu_gemv_gbps=cpu.fp8_stream_gbps(),
-        cpu_gflops=cpu.cores * cpu.fma_gflops_per_core * 0.6,
-        device_gflops=gpu.expert_tflops * 1e3 if gpu else cpu.cores * cpu.fma_gflops_per_core,
+        cpu_gflops=cpu.threads * cpu.fma_gflops_per_core * 0.6,
+        device_gflops=gpu.expert_tflops * 1e3 if gpu else cpu.threads * cpu.fma_gflops_per_core,
         devices=max(1, n), device="gpu" if gpu else "cpu")
 
 
@@ -221,10 +264,10 @@ def _slp_prefill(m: Machine, cfg: ModelConfig, tokens: int, devices: int | list[
     n, gpus = len(ids), [hw.gpus[d] for d in ids]
     layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
     slots = cfg.n_routed_experts + cfg.n_shared_experts
-    if costmodel.unique_experts(cfg.n_routed_experts, cfg.num_experts_per_tok, tokens) < \
-            cfg.n_routed_experts - 1:
-        slots = costmodel.unique_experts(cfg.n_routed_experts, cfg.num_experts_per_tok,
-                                         tokens) + cfg.n_shared_experts
+    hit = sum(count * (1 - (1 - q) ** tokens) for count, q in routing_bins(
+        cfg.n_routed_experts, cfg.num_experts_per_tok, m.routing_skew))
+    if hit < cfg.n_routed_experts - 1:   # selective streaming: only the experts routed to
+        slots = hit + cfg.n_shared_experts
     per_gpu = slots / n * costmodel.expert_bytes(cfg)
     loaded = {i: env.event() for i in layers}
     ring = simpy.Container(env, capacity=2, init=2)          # two layers of slots
@@ -249,28 +292,34 @@ def _slp_prefill(m: Machine, cfg: ModelConfig, tokens: int, devices: int | list[
     attn_flops = costs.attention_flops(cfg, tokens) / n
     for i, cost in enumerate(costs.layer_costs(cfg)):
         # context parallel: each GPU computes the attention of its 1/N of the queries
+        t0 = env.now
         yield on_each(lambda d, g: max(cost.attention_bytes / (g.hbm_gbps * g.hbm_efficiency
                                                                * 1e9),
                                        attn_flops / (g.attention_tflops * 1e12)) + overhead)
+        m.mark("device", "attention", f"attention L{i}", t0, tokens=tokens)
+        t0 = env.now
         if cost.expert_bytes:
             yield loaded[i]
             flops = costmodel.expert_flops(cfg, tokens) / n
             yield on_each(lambda d, g: flops / (g.expert_tflops * 1e12) + exchange)
             yield ring.put(1)
+            m.mark("slp", "experts", f"experts L{i}", t0, tokens=tokens)
         else:
             yield from m.device(cost.dense_bytes, 0.0, tokens, 2.0 * tokens * cost.dense_bytes,
                                 gpu=ids[0])
+            m.mark("device", "dense mlp", f"dense mlp L{i}", t0, tokens=tokens)
     yield from m.device(costs.head_bytes(cfg), 0.0, 1, gpu=ids[0])
     out["t"] = env.now
 
 
 def predict(cfg: ModelConfig, hw: Hardware, prompt_tokens: int, output_tokens: int,
             prefill: str = "cpu", devices: int | None = None,
-            expert_bits: float | None = None) -> Prediction:
+            expert_bits: float | None = None, routing_skew: float = 0.0) -> Prediction:
     """prefill: cpu, slp or auto (the engine's cost model decides); devices: GPUs for SLP
     (default: all in the profile; more than one is DSLP); expert_bits: bits per routed-expert
     weight, scales included, when the experts are not FP8 (e.g. 4.5 for Q4_K-class INT4),
-    read by the CPU kernels at the same efficiency."""
+    read by the CPU kernels at the same efficiency; routing_skew: 0 for uniform routing, else the
+    Zipf exponent of expert popularity (routing_bins)."""
     if prompt_tokens < 1 or output_tokens < 1:
         raise ValueError("prompt_tokens and output_tokens must be >= 1")
     if prefill not in ("cpu", "slp", "auto"):
@@ -287,6 +336,8 @@ def predict(cfg: ModelConfig, hw: Hardware, prompt_tokens: int, output_tokens: i
     m = Machine(env, hw)
     if expert_bits is not None:
         m.expert_scale = expert_bits / 8
+    routing_bins(cfg.n_routed_experts, cfg.num_experts_per_tok, routing_skew)  # validates
+    m.routing_skew = routing_skew
     marks: dict = {}
 
     def request():

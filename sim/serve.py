@@ -41,6 +41,10 @@ class _Costing(Machine):
     def __init__(self, env: simpy.Environment, hw: Hardware):
         super().__init__(env, hw)
         self.log: list[Part] = []
+        self.spans: list[tuple] = []
+
+    def mark(self, process: str, lane: str, name: str, start: float, **args) -> None:
+        self.spans.append((process, lane, name, start, self.env.now, args))
 
     def work(self, seconds: float, demand: dict):
         if seconds > 0:
@@ -82,9 +86,12 @@ class Costs:
     GPUs) with sim.predict's per-layer model, then reused: a simulated thousand requests
     costs a few thousand SimPy events, not a few per layer and step."""
 
-    def __init__(self, cfg: ModelConfig, hw: Hardware, machine: Machine):
+    def __init__(self, cfg: ModelConfig, hw: Hardware, machine: Machine,
+                 routing_skew: float = 0.0):
         self.cfg, self.hw, self.memo, self.mixtures = cfg, hw, {}, {}
+        self.routing_skew = routing_skew
         self.machine = machine   # the links the parts load
+        self.layers: dict = {}   # key -> the forward's per-layer spans alone (for traces)
 
     def __call__(self, tokens: int, path: str = "cpu", gpus: tuple = (0,)) -> list[Part]:
         key = (path, tokens, gpus)
@@ -93,6 +100,7 @@ class Costs:
             m = _Costing(env, self.hw)
             m._mixtures = self.mixtures          # the same expert mixtures across forwards
             m.gpu_index = gpus[0] if self.hw.gpus else 0
+            m.routing_skew = self.routing_skew
             out: dict = {}
             run = _slp_prefill(m, self.cfg, tokens, list(gpus), out) if path == "slp" else \
                 _step(m, self.cfg, tokens, out)
@@ -102,10 +110,39 @@ class Costs:
             by_name = {lk.name: lk for lk in self.machine.links()}
             self.memo[key] = [Part(p.seconds, {by_name[lk.name]: w for lk, w in p.demand.items()})
                               for p in m.parts(env.now)]
+            self.layers[key] = m.spans
         return self.memo[key]
+
+    def layer_spans(self, tr, start: float, dur: float, tokens: int, path: str = "cpu",
+                    gpus: tuple = (0,)) -> None:
+        """The forward's per-layer spans (the engine's device / cpu / slp lanes), its alone
+        timeline stretched to the `dur` it took in the run."""
+        total = self.seconds(tokens, path, gpus)
+        f = dur / total if total > 0 else 0.0
+        for process, lane, name, t0, t1, args in self.layers[(path, tokens, gpus)]:
+            tr.span(process, lane, name, start + t0 * f, (t1 - t0) * f, **args)
 
     def seconds(self, tokens: int, path: str = "cpu", gpus: tuple = (0,)) -> float:
         return sum(p.seconds for p in self(tokens, path, gpus))
+
+    def overlapped(self, a: int, b: int) -> list[Part]:
+        """A decode step of two micro-batches under dual-batch overlap: while one runs its
+        attention on the GPU, the other runs its experts on the CPU, then they swap, layer by
+        layer; the step takes the longer of the two sides (the CPU side with its glue), as
+        one part loading the links with both halves' time-averaged demand."""
+        key = ("dbo", a, b)
+        if key not in self.memo:
+            parts = self(a) + self(b)
+            gpu = sum(p.seconds for p in parts if p.demand and not any(
+                lk.name.startswith("cores") for lk in p.demand))
+            rest = sum(p.seconds for p in parts) - gpu
+            total = max(gpu, rest)
+            demand: dict = {}
+            for p in parts:
+                for lk, w in p.demand.items():
+                    demand[lk] = demand.get(lk, 0.0) + w * p.seconds / total
+            self.memo[key] = [Part(total, demand)]
+        return self.memo[key]
 
 
 def _beside(parts: list[Part], other: Flow) -> tuple[float, float]:
@@ -131,7 +168,8 @@ def _beside(parts: list[Part], other: Flow) -> tuple[float, float]:
 def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, int]],
              max_batch: int = 16, kv_tokens: int | None = None, prefill: str = "cpu",
              max_queue: int = 1 << 30, trace: bool = False, blocks: bool = True,
-             utilization: bool = False):
+             utilization: bool = False, dual_batch: str = "auto",
+             trace_layers: bool = False, routing_skew: float = 0.0):
     """requests: (arrival s, prompt tokens, output tokens). Returns per-request outcomes (times
     in seconds, as the engine's benchmark records them) and the makespan; with trace=True a
     third value, a refmoe.trace.Trace on simulated time with the engine's lanes
@@ -139,7 +177,10 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
     and a predicted run open side by side in Perfetto. blocks=False takes every decode step
     as its own flows (the reference the block fast-forward is tested against).
     utilization=True (implies blocks=False) returns the links' load timeline as well (last):
-    [(time, {link: share of its capacity})] at every rate change."""
+    [(time, {link: share of its capacity})] at every rate change. dual_batch: auto (on when
+    the profile has a GPU, as the engine decides), on or off. trace_layers: also the per-layer
+    spans of every forward (attention, experts), as the engine traces them (large for long
+    runs; overlapped decode steps have none). routing_skew: as sim.predict.predict."""
     env = simpy.Environment()
     tr = None
     if trace:
@@ -154,7 +195,10 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
     blocks = blocks and not utilization
     machine = Machine(env, hw, record=utilization)
     net = machine.net
-    cost = Costs(cfg, hw, machine)
+    from sim.predict import routing_bins
+
+    routing_bins(cfg.n_routed_experts, cfg.num_experts_per_tok, routing_skew)  # validates
+    cost = Costs(cfg, hw, machine, routing_skew)
     n_gpus = len(hw.gpus)
 
     def forward(parts: list, prefill: bool = False):
@@ -190,7 +234,10 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
             return prefill
         return costmodel.choose_prefill(cfg, tokens, r).path if r else "cpu"
 
-    sched = Scheduler(kv_tokens or 1 << 40, max_batch, max_queue, path,
+    if dual_batch not in ("auto", "on", "off"):
+        raise ValueError(f"dual_batch must be auto, on or off, got {dual_batch!r}")
+    dbo = dual_batch == "on" or (dual_batch == "auto" and n_gpus > 0)
+    sched = Scheduler(kv_tokens or 1 << 40, max_batch, max_queue, path, dual_batch=dbo,
                       devices=max(1, n_gpus), clock=lambda: env.now)
     outcomes = [Outcome(a, p) for a, p, _ in requests]
     wants = {}
@@ -252,6 +299,9 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
             if tr:
                 tr.span("scheduler", "prefill worker", "prefill", start, env.now - start,
                         requests=1, tokens=plan.tokens, path=where)
+                if trace_layers:
+                    cost.layer_spans(tr, start, env.now - start, plan.tokens, where,
+                                     prefill_gpus(plan))
             token(plan.request_id)
             if not outcomes[int(plan.request_id)].ok:
                 sched.prefilled(plan.request_id)
@@ -264,7 +314,8 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
                 yield state["wake"]
                 continue
             b = len(plan.request_ids)
-            parts = cost(b)
+            parts = cost.overlapped(*map(len, plan.micro_batches)) if plan.overlapped \
+                else cost(b)
             left = min(wants[r] - outcomes[int(r)].output_tokens for r in plan.request_ids)
             # Steps whose outcome is fixed in advance are taken as one block, to the same
             # times: with nothing else running, until an arrival or a finish; beside a running
@@ -300,7 +351,9 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
                 per = (env.now - t0) / k
                 for i in range(k):
                     tr.span("scheduler", "decode worker", "decode", t0 + i * per, per,
-                            requests=b, micro_batches=1)
+                            requests=b, micro_batches=len(plan.micro_batches))
+                    if trace_layers and not plan.overlapped:
+                        cost.layer_spans(tr, t0 + i * per, per, b)
             wake()
 
     env.process(arrivals())

@@ -359,3 +359,73 @@ def test_spec_sheet_profiles_load_and_rank():
         < p["xeon8480-2s-4090"][0].ttft_s
     # PCIe 4.0 at 25 GB/s: a pass over V3's experts takes at least 26 s
     assert p["xeon8480-2s-4090"][0].ttft_s > 58 * 11.3e9 / 25e9
+
+
+def test_dual_batch_overlap_in_serve():
+    """With a GPU, two decoding requests run as two micro-batches whose GPU attention and CPU
+    experts overlap: a step costs max(both GPU halves, both CPU halves); off, one batch of
+    two. On a CPU-only profile auto leaves it off, as the engine does."""
+    import simpy
+
+    from sim.predict import Machine
+    from sim.serve import Costs, simulate
+
+    cfg, hw = ModelConfig.from_dict(V3), Hardware.load("paper-2x9355-2x5090")
+    reqs = [(0.0, 32, 60), (0.0, 32, 60)]
+    on, _ = simulate(cfg, hw, reqs, dual_batch="on")
+    off, _ = simulate(cfg, hw, reqs, dual_batch="off")
+    c = Costs(cfg, hw, Machine(simpy.Environment(), hw))
+    gpu = sum(p.seconds for p in c(1)
+              if p.demand and not any(lk.name.startswith("cores") for lk in p.demand))
+    # request 0 started first, so its last steps are the ones with both decoding
+    assert gpu > 0 and on[0].itl_s[-1] == pytest.approx(2 * max(gpu, c.seconds(1) - gpu))
+    assert off[0].itl_s[-1] == pytest.approx(c.seconds(2))
+    assert on[0].itl_s[-1] < off[0].itl_s[-1]
+    demo = ModelConfig(**json.loads(TRACE.read_text())["metadata"]["model"])
+    _, _, tr = simulate(demo, Hardware.load("zen3-2vcpu-calibrated"), reqs[:1] * 2, trace=True)
+    steps = [e for e in tr.to_json()["traceEvents"] if e.get("name") == "decode"]
+    assert steps and all(e["args"]["micro_batches"] == 1 for e in steps)
+    with pytest.raises(ValueError, match="dual_batch"):
+        simulate(cfg, hw, reqs, dual_batch="maybe")
+
+
+def test_simulated_trace_per_layer_lanes():
+    """--trace-layers: every forward's attention and expert spans on the engine's lanes
+    (device / attention, cpu / experts), inside the forward's own span, in layer order."""
+    from sim.serve import simulate
+
+    cfg = ModelConfig(**json.loads(TRACE.read_text())["metadata"]["model"])
+    hw = Hardware.load("zen3-2vcpu-calibrated")
+    _, _, tr = simulate(cfg, hw, [(0.0, 24, 4), (0.3, 16, 3)], trace=True, trace_layers=True)
+    doc = tr.to_json()
+    lanes = {e["args"]["name"] for e in doc["traceEvents"] if e.get("name") == "thread_name"}
+    assert {"attention", "experts", "prefill worker", "decode worker"} <= lanes
+    spans = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    forwards = [e for e in spans if e["name"] in ("prefill", "decode")]
+    layers = [e for e in spans if e["name"].startswith(("attention L", "experts L"))]
+    assert len(layers) == 2 * cfg.num_hidden_layers * len(forwards)
+    prefill = next(e for e in forwards if e["name"] == "prefill")
+    inside = [e for e in layers if e["args"]["tokens"] == 24]
+    assert [e["name"] for e in inside[:2]] == ["attention L0", "experts L0"]
+    assert all(prefill["ts"] - 1e-3 <= e["ts"] and e["ts"] + e["dur"] <= prefill["ts"]
+               + prefill["dur"] + 1e-3 for e in inside)
+
+
+def test_routing_skew():
+    """A Zipf-like routing distribution: probabilities sum to top-k, none above 1; decode
+    reads top-k experts either way; SLP streams only the experts a prompt routes to, fewer
+    when routing is skewed."""
+    from sim.predict import routing_bins
+
+    bins = routing_bins(256, 8, 1.2)
+    assert sum(c for c, _ in bins) == 256 and sum(c * p for c, p in bins) == pytest.approx(8)
+    ps = [p for _, p in bins]
+    assert all(0 < p <= 1 for p in ps) and ps == sorted(ps, reverse=True)
+    assert routing_bins(256, 8) == [(256, 8 / 256)]
+    with pytest.raises(ValueError, match="skew"):
+        routing_bins(256, 8, -1.0)
+    cfg, hw = ModelConfig.from_dict(V3), Hardware.load("paper-2x9355-2x5090")
+    assert predict(cfg, hw, 16, 4, routing_skew=1.2).tpot_s == \
+        pytest.approx(predict(cfg, hw, 16, 4).tpot_s, rel=1e-9)
+    assert predict(cfg, hw, 64, 2, prefill="slp", devices=1, routing_skew=1.2).ttft_s < \
+        0.8 * predict(cfg, hw, 64, 2, prefill="slp", devices=1).ttft_s
