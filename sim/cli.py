@@ -143,8 +143,24 @@ def _cmd_validate(args) -> int:
     from sim.hardware import Hardware
     from sim.validate import plot, summarize, validate
 
-    hw = Hardware.load(args.hardware)
-    results = [validate(t, hw, args.interval) for t in args.traces]
+    from pathlib import Path
+
+    from sim.interval import pool
+
+    if not args.hardware and not args.beside:
+        raise ValueError("validate: give --hardware PROFILE or --beside")
+
+    def profile(trace: str) -> Hardware:
+        if not args.beside:
+            return Hardware.load(args.hardware)
+        base = Path(trace).with_suffix("")
+        found = [p for p in (Path(f"{base}-before.yaml"), Path(f"{base}-after.yaml"))
+                 if p.exists()]
+        if not found:
+            raise ValueError(f"{trace}: no {base.name}-before.yaml or -after.yaml beside it")
+        return pool([Hardware.load(p) for p in found], f"{base.name} calibrations, pooled")
+
+    results = [validate(t, profile(t), args.interval) for t in args.traces]
     table = summarize(results)
     if args.plot:
         plot(results, args.plot)
@@ -152,6 +168,8 @@ def _cmd_validate(args) -> int:
         print(json.dumps({"traces": results, "summary": table}))
         return 0
     for r in results:
+        if r.get("warning"):
+            print(f"{r['trace']}: warning: {r['warning']}", file=sys.stderr)
         for metric, m in r["metrics"].items():
             unit, f = ("tok/s", 1) if metric.endswith("tok_s") else ("ms", 1e3)
             band = ""
@@ -263,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     ca.set_defaults(func=_cmd_calibrate)
     va = sub.add_parser("validate", help="compare predictions with measured traces")
     va.add_argument("traces", nargs="+")
-    va.add_argument("--hardware", required=True)
+    va.add_argument("--hardware", help="the profile to replay every trace on")
+    va.add_argument("--beside", action="store_true", help="replay each trace X.json on its own "
+                    "calibrations X-before.yaml and X-after.yaml, pooled")
     va.add_argument("--interval", type=int, default=0, metavar="N",
                     help="90%% intervals from N bootstrap replicates of the calibration samples")
     va.add_argument("--plot", help="write predicted-versus-measured as a PNG")

@@ -59,6 +59,10 @@ def validate(path: str | Path, hw: Hardware, interval: int = 0) -> dict:
             rows[k]["interval"] = [lo, hi]
             rows[k]["inside"] = bool(lo <= meas[k] <= hi)
     out = {"trace": str(path), "hardware": hw.name, "metrics": rows}
+    threads = (doc["metadata"].get("engine") or {}).get("threads")
+    if threads and threads != hw.cpu.threads:
+        out["warning"] = (f"the trace ran the kernels on {threads} threads, the profile on "
+                          f"{hw.cpu.threads}: calibrate with REFMOE_NUM_THREADS={threads}")
     if len(doc["metadata"]["requests"]) > 1:
         out["requests"] = len(doc["metadata"]["requests"])
     return out
