@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import simpy
 
+import re
 from dataclasses import dataclass
 
 from refmoe.bench_serve import Outcome
@@ -379,7 +380,7 @@ def plot_utilization(timeline: list, path: str, title: str = "") -> None:
     names = sorted({n for _, load in timeline for n in load})
     kinds: dict[str, list[str]] = {}
     for n in names:
-        kinds.setdefault(n.rstrip("0123456789").split(".")[0], []).append(n)
+        kinds.setdefault(re.sub(r"\d+", "", n.split(".")[0]), []).append(n)
     fig, axes = plt.subplots(len(kinds), 1, figsize=(10, 1.6 * len(kinds) + 0.6), sharex=True,
                              squeeze=False)
     times = [t for t, _ in timeline]
