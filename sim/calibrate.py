@@ -59,42 +59,48 @@ def gemv_ceiling_gbps(reps: int = 15, samples: list | None = None, calls: int = 
     return statistics.median(got)
 
 
-def attention_glue_us(reps: int = 20, samples: list | None = None) -> float:
-    """Per-layer torch time of MLA around its projections: a V3-headed (128 heads) MLA with
-    tiny dims, float32 projections, one decode step."""
+def attention_block_us(context: int = 64, reps: int = 10,
+                       samples: list | None = None) -> float:
+    """One decode step of a DeepSeek-V3 attention block at its real dimensions (MLA, 128
+    heads, FP8 projections through the CPU kernels, 187 MB) after `context` tokens: the
+    median per-step time in microseconds (reps into `samples`)."""
+    import torch
+
+    from refmoe import demo
     from refmoe.checkpoint import Checkpoint, save_file
     from refmoe.config import ModelConfig
     from refmoe.models.deepseek_v3 import MLA
 
-    d = dict(architectures=["DeepseekV3ForCausalLM"], vocab_size=16, hidden_size=64,
-             num_hidden_layers=1, num_attention_heads=128, num_key_value_heads=128,
-             intermediate_size=64, moe_intermediate_size=16, n_routed_experts=8,
-             num_experts_per_tok=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
-             qk_rope_head_dim=8, v_head_dim=8)
-    cfg = ModelConfig.from_dict(d)
-    rng = np.random.default_rng(0)
-    shapes = {"q_a_proj.weight": (16, 64), "q_a_layernorm.weight": (16,),
-              "q_b_proj.weight": (128 * 16, 16), "kv_a_proj_with_mqa.weight": (24, 64),
-              "kv_a_layernorm.weight": (16,), "kv_b_proj.weight": (128 * 16, 16),
-              "o_proj.weight": (64, 128 * 8)}
-    import torch
-
+    c = demo.demo_config(1, 16)
+    cfg = ModelConfig.from_dict(c)
+    h, n = c["hidden_size"], c["num_attention_heads"]
+    qk = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
+    gen = demo._Codes(0)
+    tensors, dtypes = {}, {}
+    for name, shape in (("q_a_proj", (c["q_lora_rank"], h)),
+                        ("q_b_proj", (n * qk, c["q_lora_rank"])),
+                        ("kv_a_proj_with_mqa", (c["kv_lora_rank"] + c["qk_rope_head_dim"], h)),
+                        ("kv_b_proj", (n * (c["qk_nope_head_dim"] + c["v_head_dim"]),
+                                       c["kv_lora_rank"])),
+                        ("o_proj", (h, n * c["v_head_dim"]))):
+        codes, scale = gen.matrix(*shape)
+        tensors[f"a.{name}.weight"], dtypes[f"a.{name}.weight"] = codes, "F8_E4M3"
+        tensors[f"a.{name}.weight_scale_inv"] = scale
+    tensors["a.q_a_layernorm.weight"] = np.ones(c["q_lora_rank"], np.float32)
+    tensors["a.kv_a_layernorm.weight"] = np.ones(c["kv_lora_rank"], np.float32)
+    rope = c["qk_rope_head_dim"] // 2
     with tempfile.TemporaryDirectory() as tmp:
-        save_file({f"a.{k}": rng.standard_normal(v).astype(np.float32) * 0.1
-                   for k, v in shapes.items()}, Path(tmp) / "model.safetensors")
+        save_file(tensors, Path(tmp) / "model.safetensors", dtypes)
+        del tensors
         attn = MLA(Checkpoint(tmp), "a", cfg)
-        x = torch.randn(1, 64)
-        cos, sin = torch.ones(1, 4), torch.zeros(1, 4)
-
-        def step():
-            cache = attn.new_cache()
-            for _ in range(16):
-                attn(x, cos, sin, 1.0, cache)
-
-        times = [t / 16 * 1e6 for t in _times(step, reps)]
-        if samples is not None:
-            samples.extend(times)
-        return statistics.median(times)
+        cache = attn.new_cache()
+        attn(torch.randn(context, h) * 0.1, torch.ones(context, rope), torch.zeros(context, rope),
+             1.0, cache)
+        x, cos, sin = torch.randn(1, h) * 0.1, torch.ones(1, rope), torch.zeros(1, rope)
+        times = [t * 1e6 for t in _times(lambda: attn(x, cos, sin, 1.0, cache), reps)]
+    if samples is not None:
+        samples.extend(times)
+    return statistics.median(times)
 
 
 def moe_overhead_us(reps: int = 50, samples: list | None = None) -> float:
@@ -174,8 +180,7 @@ def calibrate(name: str = "this-machine", reps: int = 5) -> Hardware:
     samples: dict = {"cpu.dram_gbps_per_socket": cold.limit_gbps_samples,
                      "cpu.fp8_gemv_efficiency": [min(k / r, 1.0) for k, r in
                                                  zip(cold.gbps_samples, cold.limit_gbps_samples)],
-                     "cpu.fp8_gemv_gbps_per_core": [], "cpu.layer_overhead_us": [],
-                     "cpu.moe_overhead_us": []}
+                     "cpu.fp8_gemv_gbps_per_core": [], "cpu.moe_overhead_us": []}
     kernel_read = 0.0
     if cores > threads:   # the DRAM link: what all cores read; the kernel: what its threads do
         kernel_read = read
@@ -189,9 +194,22 @@ def calibrate(name: str = "this-machine", reps: int = 5) -> Hardware:
             samples=samples["cpu.fp8_gemv_gbps_per_core"]),
         fp8_gemv_efficiency=min(cold.ratio, 1.0),
         fma_gflops_per_core=kernels.fma_peak_gflops(num_threads=1),
-        layer_overhead_us=attention_glue_us(samples=samples["cpu.layer_overhead_us"]),
+        layer_overhead_us=0.0,
         moe_overhead_us=moe_overhead_us(samples=samples["cpu.moe_overhead_us"]),
         gemm_gbps_by_m=gemm_curve(threads, samples=samples),
         moe_gbps_by_m=moe_curve(threads, samples=samples)))
+    # the attention block beyond streaming its projections at the kernel's rate (small
+    # matrices, norms, rope, the scores, torch), per sequence and layer: measured whole at
+    # V3's dimensions, less the weight time the model charges anyway
+    from sim.costs import attention_bytes
+    from refmoe.config import ModelConfig
+    from refmoe import demo
+
+    stream = attention_bytes(ModelConfig.from_dict(demo.demo_config(1, 16))) / (
+        hw.cpu.fp8_stream_gbps() * 1e9) * 1e6
+    block: list = []
+    attention_block_us(samples=block)
+    samples["cpu.layer_overhead_us"] = [max(1.0, t - stream) for t in block]
+    hw.cpu.layer_overhead_us = statistics.median(samples["cpu.layer_overhead_us"])
     hw.samples = samples
     return hw

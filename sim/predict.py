@@ -211,11 +211,14 @@ class Machine:
             yield self.env.timeout(overhead_s)
 
 
-def _step(m: Machine, cfg: ModelConfig, tokens: int, out: dict):
-    """One forward over `tokens` new tokens (prefill chunk or one decode step)."""
+def _step(m: Machine, cfg: ModelConfig, tokens: int, out: dict, sequences: int = 1):
+    """One forward over `tokens` new tokens of `sequences` sequences (a prefill chunk of one,
+    or a decode step of `tokens`). The attention block's per-layer cost beyond its weights
+    (the scores, norms, small ops) is paid once per sequence, as the engine attends each
+    sequence on its own."""
     hw = m.hw
     layer_overhead = (hw.gpus[0].layer_overhead_us if hw.gpus else hw.cpu.layer_overhead_us) \
-        * 1e-6
+        * 1e-6 * sequences
     attn_flops = costs.attention_flops(cfg, tokens)
     for i, cost in enumerate(costs.layer_costs(cfg)):
         t0 = m.env.now

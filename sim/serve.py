@@ -95,6 +95,8 @@ class Costs:
         self.layers: dict = {}   # key -> the forward's per-layer spans alone (for traces)
 
     def __call__(self, tokens: int, path: str = "cpu", gpus: tuple = (0,)) -> list[Part]:
+        """path: cpu or slp (a prefill of one sequence), decode (one token each of `tokens`
+        sequences)."""
         key = (path, tokens, gpus)
         if key not in self.memo:
             env = simpy.Environment()
@@ -104,7 +106,7 @@ class Costs:
             m.routing_skew = self.routing_skew
             out: dict = {}
             run = _slp_prefill(m, self.cfg, tokens, list(gpus), out) if path == "slp" else \
-                _step(m, self.cfg, tokens, out)
+                _step(m, self.cfg, tokens, out, tokens if path == "decode" else 1)
             env.process(run)
             env.run()
             # the links of the throwaway machine -> the same-named links of the real one
@@ -133,7 +135,7 @@ class Costs:
         one part loading the links with both halves' time-averaged demand."""
         key = ("dbo", a, b)
         if key not in self.memo:
-            parts = self(a) + self(b)
+            parts = self(a, "decode") + self(b, "decode")
             gpu = sum(p.seconds for p in parts if p.demand and not any(
                 lk.name.startswith("cores") for lk in p.demand))
             rest = sum(p.seconds for p in parts) - gpu
@@ -316,7 +318,7 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
                 continue
             b = len(plan.request_ids)
             parts = cost.overlapped(*map(len, plan.micro_batches)) if plan.overlapped \
-                else cost(b)
+                else cost(b, "decode")
             left = min(wants[r] - outcomes[int(r)].output_tokens for r in plan.request_ids)
             # Steps whose outcome is fixed in advance are taken as one block, to the same
             # times: with nothing else running, until an arrival or a finish; beside a running
@@ -354,7 +356,7 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
                     tr.span("scheduler", "decode worker", "decode", t0 + i * per, per,
                             requests=b, micro_batches=len(plan.micro_batches))
                     if trace_layers and not plan.overlapped:
-                        cost.layer_spans(tr, t0 + i * per, per, b)
+                        cost.layer_spans(tr, t0 + i * per, per, b, "decode")
             wake()
 
     env.process(arrivals())

@@ -375,11 +375,11 @@ def test_dual_batch_overlap_in_serve():
     on, _ = simulate(cfg, hw, reqs, dual_batch="on")
     off, _ = simulate(cfg, hw, reqs, dual_batch="off")
     c = Costs(cfg, hw, Machine(simpy.Environment(), hw))
-    gpu = sum(p.seconds for p in c(1)
+    gpu = sum(p.seconds for p in c(1, "decode")
               if p.demand and not any(lk.name.startswith("cores") for lk in p.demand))
     # request 0 started first, so its last steps are the ones with both decoding
-    assert gpu > 0 and on[0].itl_s[-1] == pytest.approx(2 * max(gpu, c.seconds(1) - gpu))
-    assert off[0].itl_s[-1] == pytest.approx(c.seconds(2))
+    assert gpu > 0 and on[0].itl_s[-1] == pytest.approx(2 * max(gpu, c.seconds(1, "decode") - gpu))
+    assert off[0].itl_s[-1] == pytest.approx(c.seconds(2, "decode"))
     assert on[0].itl_s[-1] < off[0].itl_s[-1]
     demo = ModelConfig(**json.loads(TRACE.read_text())["metadata"]["model"])
     _, _, tr = simulate(demo, Hardware.load("zen3-2vcpu-calibrated"), reqs[:1] * 2, trace=True)
