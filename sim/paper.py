@@ -25,6 +25,14 @@ V3 = dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
           first_k_dense_replace=3, norm_topk_prob=True, max_position_embeddings=163840)
 
 
+# Kimi-K2 (moonshotai/Kimi-K2-Instruct config.json): V3's layout with 64 heads, 384 experts,
+# one dense layer
+KIMI_K2 = dict(V3, model_type="kimi_k2", vocab_size=163840, num_attention_heads=64,
+               num_key_value_heads=64, n_routed_experts=384, n_group=1, topk_group=1,
+               first_k_dense_replace=1, routed_scaling_factor=2.827,
+               max_position_embeddings=131072)
+
+
 def _token_times(o) -> list[float]:
     """The time each of a request's later tokens came out."""
     t, out = o.arrived_at + o.ttft_s, []
@@ -58,6 +66,8 @@ def reproduce(hw: Hardware | None = None, cfg: ModelConfig | None = None) -> lis
     row("two 5090s over one, 45K prompt", 1.64, one45.ttft_s / two.ttft_s)
     fp8 = predict(cfg, hw, 32, 16)
     row("decode tok/s, FP8", 21.5, fp8.decode_tok_s)
+    k2 = predict(ModelConfig.from_dict(KIMI_K2, "Kimi-K2"), hw, 32, 16)
+    row("decode tok/s, Kimi-K2 FP8", 22.4, k2.decode_tok_s)
     int4 = predict(cfg, hw, 32, 16, expert_bits=4.5)
     row("decode tok/s, INT4 (Q4_K class, 4.5 bits)", 28.0, int4.decode_tok_s)
     # mixed load: a request decoding while a 32K prompt prefills through SLP on the other

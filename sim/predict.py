@@ -208,7 +208,8 @@ class Machine:
             yield from self.work(t, {self.gpu[d]: 1.0})
         else:
             yield from self.cpu_fp8(nbytes, tokens)
-            yield self.env.timeout(overhead_s)
+            # the rest of the block is torch on its own threads (every core), no weights
+            yield from self.work(overhead_s, {c: 1.0 for c in self.cores})
 
 
 def _step(m: Machine, cfg: ModelConfig, tokens: int, out: dict, sequences: int = 1):

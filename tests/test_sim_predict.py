@@ -166,7 +166,7 @@ def test_reproduce_paper_rows():
     from sim.paper import format_rows, reproduce
 
     rows = reproduce()
-    assert len(rows) == 9 and all(r["predicted"] > 0 for r in rows)
+    assert len(rows) == 10 and all(r["predicted"] > 0 for r in rows)
     by = {r["metric"]: r for r in rows}
     assert by["decode tok/s, FP8"]["within_10pct"]
     assert by["TTFT s, 45K prompt, two 5090s"]["kind"] == "about"
@@ -434,8 +434,8 @@ def test_routing_skew():
 def test_validation_series_on_this_machine():
     """The served traces in traces/validation (2-vCPU Zen 3; 1 and 2 kernel threads; 4x32 and
     2x64 experts; 0.25-1 req/s), each replayed on its own calibrations taken just before and
-    just after it, pooled. The committed figures (docs/simulator.md): MAPE TPOT 8.5%, TTFT
-    13.7%; this guards the model against drifting from them."""
+    just after it, pooled. The committed figures (docs/simulator.md): MAPE TPOT 12.4%, TTFT
+    16.6%, both unbiased within 3%; this guards the model against drifting from them."""
     from sim.interval import pool
     from sim.validate import summarize
 
@@ -445,7 +445,26 @@ def test_validation_series_on_this_machine():
         hw = pool([Hardware.load(f"{base}-before.yaml"), Hardware.load(f"{base}-after.yaml")])
         results.append(validate(trace, hw))
         assert "warning" not in results[-1]
-        assert abs(results[-1]["metrics"]["tpot_s"]["error"]) < 0.25
+        assert abs(results[-1]["metrics"]["tpot_s"]["error"]) < 0.30
     table = summarize(results)
-    assert len(results) == 5
-    assert table["tpot_s"]["mape"] < 0.10 and table["ttft_s"]["mape"] < 0.15
+    assert len(results) == 8
+    assert table["tpot_s"]["mape"] < 0.14 and table["ttft_s"]["mape"] < 0.18
+    assert abs(table["tpot_s"]["bias"]) < 0.05 and abs(table["ttft_s"]["bias"]) < 0.05
+
+
+def test_other_model_configs():
+    """Costs from any config the engine loads: Kimi-K2 (V3's layout, 384 experts, 64 heads)
+    and Qwen3-235B-A22B (GQA, 128 experts, no shared expert): bytes per token as their
+    active parameters say (32B and 22B, FP8), decode bound by them."""
+    from sim.paper import KIMI_K2
+
+    hw = Hardware.load("paper-2x9355-2x5090")
+    k2 = predict(ModelConfig.from_dict(KIMI_K2), hw, 32, 8)
+    q3 = predict(ModelConfig.from_dict(dict(
+        architectures=["Qwen3MoeForCausalLM"], vocab_size=151936, hidden_size=4096,
+        intermediate_size=12288, moe_intermediate_size=1536, num_hidden_layers=94,
+        num_attention_heads=64, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True)), hw, 32, 8)
+    assert 30e9 < k2.bytes_per_token < 33e9 and 20e9 < q3.bytes_per_token < 23e9
+    assert abs(k2.decode_tok_s - 22.4) / 22.4 < 0.10          # the paper's Kimi-K2 figure
+    assert q3.decode_tok_s > k2.decode_tok_s
