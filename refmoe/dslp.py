@@ -17,6 +17,11 @@ caller's process: `Group.start` spawns the other ranks, which load the same chec
 mapped pages are shared by every process: one host copy) and wait for prompts; after a
 prefill, rank 0's cache holds the whole prompt and it decodes alone.
 
+Host-only mode (the paper's split with decode running): rank 0 takes no tokens and no experts,
+only joins the exchanges, so its cache still receives the whole prompt while ranks 1..N-1 do
+all the work on their devices and rank 0's device stays with decode. With two ranks this is
+plain SLP on the second device.
+
 Legend: T = tokens in the chunk, t_r = this rank's slice, H = hidden, N = ranks.
 """
 
@@ -41,7 +46,10 @@ class ContextParallel:
         self.offset = sum(sizes[:rank])
 
     @staticmethod
-    def split(tokens: int, world: int) -> list[int]:
+    def split(tokens: int, world: int, host_only: bool = False) -> list[int]:
+        """Contiguous slices in rank order; host_only: rank 0 gets none, ranks 1.. share."""
+        if host_only:
+            return [0] + ContextParallel.split(tokens, world - 1)
         return [tokens // world + (r < tokens % world) for r in range(world)]
 
     def gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -104,20 +112,27 @@ class DistributedPrefill:
         return self.runner.stats
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor, cache, all_logits: bool = False) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, cache, all_logits: bool = False,
+                host_only: bool = False) -> torch.Tensor:
         """The logits of the last position [1, V] on every rank (all_logits: of every position,
-        [T, V]); every rank's cache extended by the whole prompt."""
+        [T, V]); every rank's cache extended by the whole prompt. host_only: rank 0 computes
+        nothing (no tokens, no experts) and only takes part in the exchanges."""
         r = self.runner
         r.trace = self.trace
+        world, rank = self.world, self.rank
+        if host_only and world < 2:
+            raise ValueError("host-only DSLP needs at least 2 ranks")
+        r.owned = (lambda e: e % (world - 1) + 1 == rank) if host_only else \
+            (lambda e: e % world == rank)
         ids = ids.to(self.model.device)
         outs = []
         for lo in range(0, ids.shape[0], r.chunk_tokens):
             chunk = ids[lo: lo + r.chunk_tokens]
-            cp = ContextParallel(ContextParallel.split(chunk.shape[0], self.world), self.rank,
-                                 self.group)
-            if min(cp.sizes) == 0:
+            cp = ContextParallel(ContextParallel.split(chunk.shape[0], world, host_only),
+                                 rank, self.group)
+            if min(cp.sizes[1:] if host_only else cp.sizes) == 0:
                 raise ValueError(f"a chunk of {chunk.shape[0]} tokens cannot be split across "
-                                 f"{self.world} ranks")
+                                 f"{world - host_only} ranks")
             part = r._chunk(chunk.shape[0])
             part.__class__, part.cp = _SharedChunk, cp
             mine = chunk[cp.offset: cp.offset + cp.sizes[self.rank]]
@@ -127,6 +142,8 @@ class DistributedPrefill:
         if all_logits:
             return torch.cat(outs)
         last = outs[-1].contiguous()
+        if last.shape[0] == 0:      # a host with no tokens receives the last rank's logits
+            last = last.new_empty((1, last.shape[1]))
         dist.broadcast(last, src=self.world - 1, group=self.group)      # the last slice's
         return last
 
@@ -164,14 +181,14 @@ def _worker(rank: int, world: int, port: int, model_dir: str, device: str, slp_k
         runner = DistributedPrefill(model, **slp_kwargs)
         dev = _rank_device(device, rank)
         while True:
-            header = torch.zeros(2, dtype=torch.int64, device=dev)
+            header = torch.zeros(3, dtype=torch.int64, device=dev)
             dist.broadcast(header, src=0)
-            tokens, all_logits = int(header[0]), bool(header[1])
+            tokens, all_logits, host_only = int(header[0]), bool(header[1]), bool(header[2])
             if tokens < 0:
                 break
             ids = torch.empty(tokens, dtype=torch.int64, device=dev)
             dist.broadcast(ids, src=0)
-            runner.prefill(ids, model.new_cache(), all_logits=all_logits)
+            runner.prefill(ids, model.new_cache(), all_logits=all_logits, host_only=host_only)
     finally:
         dist.destroy_process_group()
 
@@ -220,18 +237,22 @@ class Group:
     def trace(self, value) -> None:
         self.prefiller.trace = value
 
-    def prefill(self, ids: torch.Tensor, cache, all_logits: bool = False) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, cache, all_logits: bool = False,
+                host_only: bool = False) -> torch.Tensor:
+        """DSLP over every rank, or (host_only) over ranks 1..N-1 with this process only
+        receiving the cache: its device stays free for decode."""
         dev = self.model.device
-        dist.broadcast(torch.tensor([ids.shape[0], int(all_logits)], device=dev), src=0)
+        dist.broadcast(torch.tensor([ids.shape[0], int(all_logits), int(host_only)],
+                                    device=dev), src=0)
         ids = ids.to(dev, torch.int64)
         dist.broadcast(ids, src=0)
-        return self.prefiller.prefill(ids, cache, all_logits=all_logits)
+        return self.prefiller.prefill(ids, cache, all_logits=all_logits, host_only=host_only)
 
     def close(self) -> None:
         if not dist.is_initialized():
             return
         try:
-            dist.broadcast(torch.tensor([-1, 0], device=self.model.device), src=0)
+            dist.broadcast(torch.tensor([-1, 0, 0], device=self.model.device), src=0)
         finally:
             dist.destroy_process_group()
             for p in self.processes:

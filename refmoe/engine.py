@@ -219,8 +219,10 @@ class Engine:
             return
         cache = self.model.new_cache()
         ids = torch.tensor(req.prompt_ids)
-        if plan.where == "slp" and plan.devices > 1 and plan.devices == self.ranks:
-            logits = self.group.prefill(ids, cache)            # DSLP over every rank
+        if plan.where == "slp" and self.ranks > 1:
+            # every rank (DSLP) when decode has been quiet; else ranks 1..N-1, this process
+            # only receiving the cache, so its device stays with decode (the paper's split)
+            logits = self.group.prefill(ids, cache, host_only=plan.devices < self.ranks)
         elif plan.where == "slp":
             if self._streamer is None:
                 self._streamer = slp.StreamPrefill(self.model)

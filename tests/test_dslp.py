@@ -54,3 +54,36 @@ def test_generate_cli_with_two_ranks(fp8_dir):  # noqa: F811
     dslp_run = cli_generate(fp8_dir, "--prompt-ids", ids, "--max-tokens", "6", "--ranks", "2")
     assert dslp_run["prefill"] == "dslp"
     assert dslp_run["token_ids"] == plain_run["token_ids"]
+
+
+def test_split_host_only():
+    assert dslp.ContextParallel.split(55, 3, host_only=True) == [0, 28, 27]
+    assert dslp.ContextParallel.split(5, 2, host_only=True) == [0, 5]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_host_only_prefill_leaves_rank0_idle(fp8_dir, plain, world):  # noqa: F811
+    """Decode running on rank 0's device: the prefill runs on ranks 1..N-1 (with two ranks,
+    plain SLP on the second device) and rank 0 only receives the cache; the logits and the
+    greedy continuation are the plain path's, and rank 0 streams no expert."""
+    _, model = models.load(fp8_dir)
+    want = generate(model, PROMPT, 6).token_ids
+    with dslp.Group.start(model, fp8_dir, world=world, threads_per_rank=1, ring=2) as group:
+        cache = model.new_cache()
+        out = group.prefill(torch.tensor(PROMPT), cache, all_logits=True, host_only=True)
+        assert cache.length == len(PROMPT)
+        assert (out - plain).abs().max() <= 1e-5 * plain.abs().max()
+        assert group.stats.experts_loaded == 0
+        last = group.prefill(torch.tensor(PROMPT), model.new_cache(), host_only=True)
+        assert (last[-1] - plain[-1]).abs().max() <= 1e-5 * plain.abs().max()
+        class HostOnly:
+            trace = None
+
+            def prefill(self, ids, c):
+                return group.prefill(ids, c, host_only=True)
+
+        got = generate(model, PROMPT, 6, prefill=HostOnly())
+        assert got.token_ids == want
+        # the full group still works after host-only prefills
+        full = group.prefill(torch.tensor(PROMPT), model.new_cache(), all_logits=True)
+        assert (full - plain).abs().max() <= 1e-5 * plain.abs().max()

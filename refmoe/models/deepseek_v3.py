@@ -114,7 +114,7 @@ class MLA:
         if cp is not None:
             start += cp.offset
         out = attend(qf, k, v, start, self.qk_head ** -0.5 * softmax_scale)   # [n, T, v]
-        return out.transpose(0, 1).reshape(t, -1)
+        return out.transpose(0, 1).reshape(t, n * cfg.v_head_dim)
 
 
 # ---------------------------------------------------------------------------------------------

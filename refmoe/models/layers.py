@@ -111,6 +111,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale:
     under budget_bytes, so a long prompt never builds an [n, T, S] tensor at once."""
     n, t, _ = q.shape
     s = k.shape[1]
+    if t == 0:      # a rank that only hosts a distributed prefill attends for no query
+        return q.new_zeros((n, 0, v.shape[2]))
     if q.is_cuda:
         out = _fused_attention(q, k, v, start, scale)
         if out is not None:
@@ -184,6 +186,8 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is not None:
             return x @ self.weight.T
+        if x.numel() == 0:          # no tokens (a rank that only hosts a prefill): no call
+            return x.new_zeros((*x.shape[:-1], self.n), dtype=torch.float32)
         x2 = x.reshape(-1, self.k).float().contiguous().numpy()            # [T, K]
         y = kernels.fp8_gemm(x2, self.codes, self.scale)                     # [T, N]
         return torch.from_numpy(y).reshape(*x.shape[:-1], self.n)
