@@ -27,10 +27,6 @@ def _times(fn, reps: int) -> list[float]:
     return times
 
 
-def _median_time(fn, reps: int) -> float:
-    return statistics.median(_times(fn, reps))
-
-
 def gemv_ceiling_gbps(reps: int = 15, samples: list | None = None, calls: int = 20) -> float:
     """One core's FP8 GEMV rate on an L2-resident matrix (the conversion ceiling), with the
     fixed per-call cost removed by timing two sizes: each rep times `calls` calls of each size

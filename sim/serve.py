@@ -52,10 +52,6 @@ class _Costing(Machine):
             self.log.append(Part(seconds, demand))
             yield self.env.timeout(seconds)
 
-    @property
-    def cpu_s(self) -> float:
-        return sum(p.seconds for p in self.log if any(lk in self.cores for lk in p.demand))
-
     def parts(self, total: float) -> list[Part]:
         """The forward as at most three parts: its CPU kernels, its GPU work, the rest (a
         wait), each with the time-averaged demand of what it merges. When operations
@@ -297,14 +293,14 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
             state["prefilling"] = True
             start = env.now
             where = "slp" if plan.where == "slp" and hw.gpus else "cpu"
-            yield from forward(cost(plan.tokens, where, prefill_gpus(plan)), prefill=True)
+            gpus = prefill_gpus(plan)
+            yield from forward(cost(plan.tokens, where, gpus), prefill=True)
             state["prefilling"] = False
             if tr:
                 tr.span("scheduler", "prefill worker", "prefill", start, env.now - start,
                         requests=1, tokens=plan.tokens, path=where)
                 if trace_layers:
-                    cost.layer_spans(tr, start, env.now - start, plan.tokens, where,
-                                     prefill_gpus(plan))
+                    cost.layer_spans(tr, start, env.now - start, plan.tokens, where, gpus)
             token(plan.request_id)
             if not outcomes[int(plan.request_id)].ok:
                 sched.prefilled(plan.request_id)
