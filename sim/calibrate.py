@@ -99,6 +99,24 @@ def attention_block_us(context: int = 64, reps: int = 10,
     return statistics.median(times)
 
 
+def attention_gflops(tokens: int = 1024, reps: int = 3, samples: list | None = None) -> float:
+    """GFLOP/s of the engine's causal attention over a prompt (refmoe.models.layers.attend,
+    DeepSeek-V3's 128 heads of 192 + 128 dims) of `tokens` tokens: the rate a prompt's own
+    scores and weighted sums run at on the CPU (median of reps, into `samples`)."""
+    import torch
+
+    from refmoe.models.layers import attend
+
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(128, tokens, 192, generator=g) for _ in range(2))
+    v = torch.randn(128, tokens, 128, generator=g)
+    flops = 2.0 * 128 * tokens * (tokens + 1) / 2 * (192 + 128)
+    got = [flops / t / 1e9 for t in _times(lambda: attend(q, k, v, 0, 0.07), reps)]
+    if samples is not None:
+        samples.extend(got)
+    return statistics.median(got)
+
+
 def moe_overhead_us(reps: int = 50, samples: list | None = None) -> float:
     """A fused MoE call on tiny experts: the pool wake-up, barriers and Python around it."""
     rng = np.random.default_rng(1)
@@ -195,17 +213,33 @@ def calibrate(name: str = "this-machine", reps: int = 5) -> Hardware:
         gemm_gbps_by_m=gemm_curve(threads, samples=samples),
         moe_gbps_by_m=moe_curve(threads, samples=samples)))
     # the attention block beyond streaming its projections at the kernel's rate (small
-    # matrices, norms, rope, the scores, torch), per sequence and layer: measured whole at
-    # V3's dimensions, less the weight time the model charges anyway
+    # matrices, norms, rope, the scores, torch), per sequence and layer: timed whole at V3's
+    # dimensions after a few cached contexts, less the weight time the model charges anyway;
+    # the shortest context's cost is the fixed part, the rest a curve over the context
     from sim.costs import attention_bytes
     from refmoe.config import ModelConfig
     from refmoe import demo
 
     stream = attention_bytes(ModelConfig.from_dict(demo.demo_config(1, 16))) / (
         hw.cpu.fp8_stream_gbps() * 1e9) * 1e6
-    block: list = []
-    attention_block_us(samples=block)
-    samples["cpu.layer_overhead_us"] = [max(1.0, t - stream) for t in block]
+    blocks = {}
+    for c in CONTEXTS:
+        blocks[c] = []
+        attention_block_us(c, reps, samples=blocks[c])
+    first = blocks[CONTEXTS[0]]
+    samples["cpu.layer_overhead_us"] = [max(1.0, t - stream) for t in first]
     hw.cpu.layer_overhead_us = statistics.median(samples["cpu.layer_overhead_us"])
+    curve = {CONTEXTS[0]: 0.0}
+    for c in CONTEXTS[1:]:   # each rep against the same rep at the shortest context
+        extra = [max(1e-3, b - a) for a, b in zip(first, blocks[c])]
+        samples[f"cpu.attention_us_by_context.{c}"] = extra
+        curve[c] = statistics.median(extra)
+    hw.cpu.attention_us_by_context = curve
+    samples["cpu.attention_gflops"] = []
+    hw.cpu.attention_gflops = attention_gflops(samples=samples["cpu.attention_gflops"])
     hw.samples = samples
     return hw
+
+
+# the cached tokens the attention block is timed after
+CONTEXTS = (16, 64, 256, 1024)

@@ -62,11 +62,24 @@ def bytes_per_token(cfg: ModelConfig) -> int:
 def attention_flops(cfg: ModelConfig, tokens: int, past: int = 0) -> float:
     """FLOPs of one attention block over `tokens` new tokens after `past` cached ones: the
     projections (2 x tokens x weights; an FP8 weight is one byte) and the causal scores and
-    weighted sums (each new token attends to past + its own position)."""
+    weighted sums (score_flops)."""
+    return 2.0 * tokens * attention_bytes(cfg) + score_flops(cfg, tokens, past)
+
+
+def score_flops(cfg: ModelConfig, tokens: int, past: int = 0) -> float:
+    """The scores and weighted sums of `tokens` new tokens after `past` cached ones: each new
+    token attends to past + its own position, in every head."""
     if cfg.family == "deepseek_v3":
         qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
     else:
         qk = v = cfg.head_dim
     context = past + (tokens + 1) / 2
-    return 2.0 * tokens * attention_bytes(cfg) + \
-        2.0 * cfg.num_attention_heads * tokens * context * (qk + v)
+    return 2.0 * cfg.num_attention_heads * tokens * context * (qk + v)
+
+
+def kv_bytes_per_token(cfg: ModelConfig) -> int:
+    """One cached token of one layer as a GPU engine keeps it in BF16: MLA's compressed latent
+    and rotary key (DeepSeek-V3: 576 values), or GQA's keys and values."""
+    if cfg.family == "deepseek_v3":
+        return 2 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    return 2 * 2 * cfg.num_key_value_heads * cfg.head_dim

@@ -44,6 +44,13 @@ class CPU:
     # DRAM); False: weights interleaved over all nodes, so (sockets-1)/sockets of every read
     # crosses the interconnect (what a NUMA-unaware engine gets)
     numa_aware: bool = True
+    # attention on the CPU (no GPU), as the engine runs it in torch: what a decode step's
+    # attention block costs per sequence and layer beyond layer_overhead_us, in microseconds,
+    # after C cached tokens (C -> us, interpolated linearly, extended past the last point by
+    # the last slope; empty: nothing); and the rate of a prompt's scores and weighted sums,
+    # GFLOP/s of all cores (0: half the FMA peak)
+    attention_us_by_context: dict = field(default_factory=dict)
+    attention_gflops: float = 0.0
 
     def gemm_gbps(self, m: float) -> float | None:
         """Interpolated (log-log) from the calibrated points; past the last point the GEMM is
@@ -66,6 +73,21 @@ class CPU:
                 f = (math.log(m) - math.log(m0)) / (math.log(m1) - math.log(m0))
                 return math.exp(math.log(g0) + f * (math.log(g1) - math.log(g0)))
         return pts[-1][1] * pts[-1][0] / m
+
+    def attention_us(self, context: float) -> float:
+        """The decode attention's cost after `context` cached tokens, beyond the fixed
+        per-sequence cost (attention_us_by_context)."""
+        pts = sorted((int(k), float(v)) for k, v in self.attention_us_by_context.items())
+        if not pts or context <= pts[0][0]:
+            return pts[0][1] if pts else 0.0
+        for (c0, t0), (c1, t1) in zip(pts, pts[1:]):
+            if context <= c1 or (c1, t1) == pts[-1]:
+                return t0 + (context - c0) * (t1 - t0) / (c1 - c0)
+        return pts[0][1]   # one point: flat
+
+    def score_gflops(self) -> float:
+        return self.attention_gflops if self.attention_gflops > 0 else \
+            0.5 * self.cores * self.fma_gflops_per_core
 
     @property
     def cores(self) -> int:
@@ -126,6 +148,13 @@ class Hardware:
                     "fp8_gemv_gbps_per_core"):
             if not getattr(cpu, key) > 0:
                 raise ValueError(f"{source}: cpu.{key} must be > 0")
+        for key in ("attention_gflops", "layer_overhead_us", "moe_overhead_us"):
+            if not getattr(cpu, key) >= 0:
+                raise ValueError(f"{source}: cpu.{key} must be >= 0")
+        for c, t in cpu.attention_us_by_context.items():
+            if not (str(c).isdigit() and isinstance(t, (int, float)) and t >= 0):
+                raise ValueError(f"{source}: cpu.attention_us_by_context maps cached tokens "
+                                 f"to microseconds >= 0, got {c}: {t}")
         for key in ("dram_efficiency", "fp8_gemv_efficiency"):
             if not 0 < getattr(cpu, key) <= 1.0:
                 raise ValueError(f"{source}: cpu.{key} must lie in (0, 1]")

@@ -212,18 +212,45 @@ class Machine:
             yield from self.work(overhead_s, {c: 1.0 for c in self.cores})
 
 
-def _step(m: Machine, cfg: ModelConfig, tokens: int, out: dict, sequences: int = 1):
+    def attention_extra(self, cfg: ModelConfig, tokens: int, contexts: tuple = ()
+                        ) -> tuple[float, dict]:
+        """(seconds, demand) per layer of what attention costs beyond its projections and
+        fixed per-sequence cost: reading what each sequence has cached (`contexts`, one count
+        per decoding sequence), and on the CPU a prompt's own scores. On a GPU: the caches
+        from HBM or the score FLOPs, whichever takes longer; on the CPU: the engine's torch
+        attention after that many cached tokens as calibrated, and a prompt's scores at the
+        calibrated matmul rate, on every core."""
+        if self.hw.gpus:
+            g = self.hw.gpus[self.gpu_index]
+            cached = sum(contexts)
+            flops = costs.score_flops(cfg, 1, cached) - costs.score_flops(cfg, 1, 0)
+            t = max(cached * costs.kv_bytes_per_token(cfg) / (g.hbm_gbps * g.hbm_efficiency
+                                                              * 1e9),
+                    flops / (g.attention_tflops * 1e12))
+            return t, {self.gpu[self.gpu_index]: 1.0}
+        cpu = self.hw.cpu
+        t = sum(cpu.attention_us(c) for c in contexts) * 1e-6
+        if tokens > len(contexts):   # a prompt: its tokens attend to each other
+            t += costs.score_flops(cfg, tokens) / (cpu.score_gflops() * 1e9)
+        return t, {c: 1.0 for c in self.cores}
+
+
+def _step(m: Machine, cfg: ModelConfig, tokens: int, out: dict, sequences: int = 1,
+          contexts: tuple = ()):
     """One forward over `tokens` new tokens of `sequences` sequences (a prefill chunk of one,
-    or a decode step of `tokens`). The attention block's per-layer cost beyond its weights
-    (the scores, norms, small ops) is paid once per sequence, as the engine attends each
-    sequence on its own."""
+    or a decode step of `tokens` whose sequences have `contexts` tokens cached). The
+    attention block's per-layer cost beyond its weights (the scores, norms, small ops) is
+    paid once per sequence, as the engine attends each sequence on its own, plus its cost for
+    the cached tokens (Machine.attention_extra)."""
     hw = m.hw
     layer_overhead = (hw.gpus[0].layer_overhead_us if hw.gpus else hw.cpu.layer_overhead_us) \
         * 1e-6 * sequences
     attn_flops = costs.attention_flops(cfg, tokens)
+    extra = m.attention_extra(cfg, tokens, contexts)
     for i, cost in enumerate(costs.layer_costs(cfg)):
         t0 = m.env.now
         yield from m.device(cost.attention_bytes, layer_overhead, tokens, attn_flops)
+        yield from m.work(*extra)
         m.mark("device", "attention", f"attention L{i}", t0, tokens=tokens)
         t0 = m.env.now
         if cost.expert_bytes:
@@ -351,9 +378,9 @@ def predict(cfg: ModelConfig, hw: Hardware, prompt_tokens: int, output_tokens: i
             yield from _step(m, cfg, prompt_tokens, marks)
         marks["first"] = env.now
         steps = []
-        for _ in range(output_tokens - 1):
+        for i in range(output_tokens - 1):
             t0 = env.now
-            yield from _step(m, cfg, 1, marks)
+            yield from _step(m, cfg, 1, marks, contexts=(prompt_tokens + i,))
             steps.append(env.now - t0)
         marks["steps"] = steps
 

@@ -124,14 +124,26 @@ class Costs:
     def seconds(self, tokens: int, path: str = "cpu", gpus: tuple = (0,)) -> float:
         return sum(p.seconds for p in self(tokens, path, gpus))
 
-    def overlapped(self, a: int, b: int) -> list[Part]:
+    def context(self, contexts: tuple) -> list[Part]:
+        """A decode step's attention over what each of its sequences has cached (`contexts`),
+        all layers as one part (Machine.attention_extra): kept out of the memoized forward,
+        as it changes every step."""
+        seconds, demand = self.machine.attention_extra(self.cfg, len(contexts), contexts)
+        return [Part(seconds * self.cfg.num_hidden_layers, demand)] if seconds > 0 else []
+
+    def decode(self, contexts: tuple) -> list[Part]:
+        """A decode step over sequences with `contexts` tokens cached."""
+        return self(len(contexts), "decode") + self.context(contexts)
+
+    def overlapped(self, a: tuple, b: tuple) -> list[Part]:
         """A decode step of two micro-batches under dual-batch overlap: while one runs its
         attention on the GPU, the other runs its experts on the CPU, then they swap, layer by
         layer; the step takes the longer of the two sides (the CPU side with its glue), as
-        one part loading the links with both halves' time-averaged demand."""
+        one part loading the links with both halves' time-averaged demand. a, b: each
+        micro-batch's cached tokens per sequence."""
         key = ("dbo", a, b)
         if key not in self.memo:
-            parts = self(a, "decode") + self(b, "decode")
+            parts = self.decode(a) + self.decode(b)
             gpu = sum(p.seconds for p in parts if p.demand and not any(
                 lk.name.startswith("cores") for lk in p.demand))
             rest = sum(p.seconds for p in parts) - gpu
@@ -140,6 +152,8 @@ class Costs:
             for p in parts:
                 for lk, w in p.demand.items():
                     demand[lk] = demand.get(lk, 0.0) + w * p.seconds / total
+            if any(a) or any(b):   # contexts change every step: not worth keeping
+                return [Part(total, demand)]
             self.memo[key] = [Part(total, demand)]
         return self.memo[key]
 
@@ -306,6 +320,33 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
                 sched.prefilled(plan.request_id)
             wake()
 
+    base_beside: dict = {"flow": None}   # batch size -> _beside of its base forward
+
+    def step(plan, ahead: int = 0) -> list[Part]:
+        """The parts of the decode step `ahead` steps from now (every context one longer per
+        step): the cached tokens of each request are its prompt and its outputs but the
+        newest, which the step feeds."""
+        def cached(rids):
+            return tuple(outcomes[int(r)].prompt_tokens + outcomes[int(r)].output_tokens - 1
+                         + ahead for r in rids)
+        if plan.overlapped:
+            return cost.overlapped(*map(cached, plan.micro_batches))
+        return cost.decode(cached(plan.request_ids))
+
+    def beside_cost(plan, ahead: int, flow: Flow) -> tuple[float, float]:
+        """_beside of a step, the context-free forward's share computed once per batch size
+        (a part's rates beside the flow do not depend on its length)."""
+        if plan.overlapped:
+            return _beside(step(plan, ahead), flow)
+        b = len(plan.request_ids)
+        if b not in base_beside:
+            base_beside[b] = _beside(cost(b, "decode"), flow)
+        period, progress = base_beside[b]
+        for p in step(plan, ahead)[len(cost(b, "decode")):]:
+            dt, got = _beside([p], flow)
+            period, progress = period + dt, progress + got
+        return period, progress
+
     def decode_worker():
         while True:
             plan = sched.next_decode()
@@ -313,25 +354,35 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
                 yield state["wake"]
                 continue
             b = len(plan.request_ids)
-            parts = cost.overlapped(*map(len, plan.micro_batches)) if plan.overlapped \
-                else cost(b, "decode")
+            parts = step(plan)
             left = min(wants[r] - outcomes[int(r)].output_tokens for r in plan.request_ids)
             # Steps whose outcome is fixed in advance are taken as one block, to the same
             # times: with nothing else running, until an arrival or a finish; beside a running
-            # prefill flow (and nothing else), until that flow would end, the prefill held
+            # prefill flow (and nothing else), while that flow would not end, the prefill held
             # meanwhile to the average rate it gets beside the steps.
-            k, beside, step = 1, state["prefill_flow"], 0.0
+            beside, steps = state["prefill_flow"], []
             if not blocks:
                 pass
             elif beside is not None and net.flows == [beside] and left > 2:
-                step, progress = _beside(parts, beside)
-                if progress > 0:
-                    k = max(1, min(left, int(net.remaining(beside) / progress) - 1))
+                if base_beside["flow"] is not beside:
+                    base_beside.clear()
+                    base_beside["flow"] = beside
+                rem, done = net.remaining(beside), 0.0
+                for i in range(left):
+                    period, progress = beside_cost(plan, i, beside)
+                    if progress <= 0 or done + 2 * progress > rem:
+                        break
+                    steps.append(period)
+                    done += progress
             elif not state["prefilling"] and not sched.waiting and not net.flows:
-                step = sum(p.seconds for p in parts)
-                gap = state["next_arrival"] - env.now
-                if step > 0:
-                    k = max(1, left if gap == float("inf") else min(left, int(gap / step)))
+                gap, took = state["next_arrival"] - env.now, 0.0
+                for i in range(left):
+                    period = sum(p.seconds for p in step(plan, i))
+                    if steps and took + period > gap:
+                        break
+                    steps.append(period)
+                    took += period
+            k = max(1, len(steps))
             t0 = env.now
             if k == 1:
                 yield from forward(parts)
@@ -339,20 +390,23 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
                     token(rid)
             else:
                 if beside is not None:
-                    net.set_cap(beside, progress / step)
-                yield env.timeout(k * step)
+                    net.set_cap(beside, done / sum(steps))
+                yield env.timeout(sum(steps))
                 if beside is not None:
                     net.set_cap(beside, 1.0)
-                for i in range(1, k + 1):
+                at = t0
+                for period in steps:
+                    at += period
                     for rid in plan.request_ids:
-                        token(rid, t0 + i * step)
+                        token(rid, at)
             if tr:   # one span per step, as the engine writes them
-                per = (env.now - t0) / k
-                for i in range(k):
-                    tr.span("scheduler", "decode worker", "decode", t0 + i * per, per,
+                at = t0
+                for per in steps or [env.now - t0]:
+                    tr.span("scheduler", "decode worker", "decode", at, per,
                             requests=b, micro_batches=len(plan.micro_batches))
                     if trace_layers and not plan.overlapped:
-                        cost.layer_spans(tr, t0 + i * per, per, b, "decode")
+                        cost.layer_spans(tr, at, per, b, "decode")
+                    at += per
             wake()
 
     env.process(arrivals())

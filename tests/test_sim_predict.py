@@ -122,8 +122,11 @@ def test_serving_simulation_uses_the_engine_scheduler():
     p = predict(cfg, hw, 32, 9)
     assert lone[0].ok and lone[0].output_tokens == 9
     assert lone[0].ttft_s == pytest.approx(p.ttft_s, rel=1e-6)       # same cost model alone
-    # its 8 decode steps ran as one fast-forward, at the times of 8 separate steps
-    assert lone[0].itl_s == pytest.approx([p.tpot_s] * 8, rel=1e-6)
+    # its 8 decode steps ran as one fast-forward, at the times of 8 separate steps (each a
+    # little longer than the last, as the cache grows by a token)
+    itl = lone[0].itl_s
+    assert sorted(itl)[4] == pytest.approx(p.tpot_s, rel=1e-9)
+    assert all(a < b for a, b in zip(itl, itl[1:])) and itl[-1] < itl[0] * 1.01
     # two requests at once decode together: each step costs less than two lone steps
     pair, _ = simulate(cfg, hw, [(0.0, 32, 9), (0.0, 32, 9)])
     tpot = lambda o: (o.e2e_s - o.ttft_s) / (o.output_tokens - 1)  # noqa: E731
@@ -239,12 +242,45 @@ def test_decode_blocks_beside_a_prefill_keep_every_time(profile, prefill):
         ModelConfig(**json.loads(TRACE.read_text())["metadata"]["model"])
     long = 8192 if prefill == "slp" else 256
     reqs = [(0.0, 16, 40), (0.1, long, 6), (0.2, 16, 30), (3.0, long // 2, 4)]
-    fast, d1 = simulate(cfg, Hardware.load(profile), reqs, prefill=prefill)
-    slow, d2 = simulate(cfg, Hardware.load(profile), reqs, prefill=prefill, blocks=False)
+    hw = Hardware.load(profile)
+    # every step a little longer than the last
+    hw.cpu.attention_us_by_context = {16: 0.0, 64: 3000.0, 1024: 100000.0}
+    fast, d1 = simulate(cfg, hw, reqs, prefill=prefill)
+    slow, d2 = simulate(cfg, hw, reqs, prefill=prefill, blocks=False)
     assert d1 == pytest.approx(d2, rel=1e-6)
     for a, b in zip(fast, slow):
         assert a.ok and b.ok and a.ttft_s == pytest.approx(b.ttft_s, rel=1e-6)
         assert a.itl_s == pytest.approx(b.itl_s, rel=1e-6, abs=1e-9)
+
+
+def test_attention_cost_grows_with_the_context():
+    """Without a GPU each decode step pays the calibrated cost per cached token in every layer
+    and a prompt its scores at the calibrated rate; with one, the cache is read from HBM."""
+    cfg = ModelConfig(**json.loads(TRACE.read_text())["metadata"]["model"])
+    hw = Hardware.load("zen3-2vcpu-calibrated")
+    flat = predict(cfg, hw, 1000, 3)
+    hw.cpu.attention_us_by_context = {0: 0.0, 200: 1000.0, 400: 30000.0}  # 145 us past 400
+    hw.cpu.attention_gflops = 40.0
+    grown = predict(cfg, hw, 1000, 3)
+    layers = cfg.num_hidden_layers
+    # the middle step has 1001 tokens cached
+    assert grown.tpot_s - flat.tpot_s == pytest.approx(
+        layers * (30000 + 601 * 145) * 1e-6, rel=1e-9)
+    assert hw.cpu.attention_us(100) == 500.0 and hw.cpu.attention_us(-1) == 0.0
+    scores = 2 * cfg.num_attention_heads * 1000 * 500.5 * (
+        cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+    default = 0.5 * 2 * hw.cpu.fma_gflops_per_core * 1e9   # uncalibrated: half the FMA peak
+    assert grown.ttft_s - flat.ttft_s == pytest.approx(
+        layers * (scores / 40e9 - scores / default), rel=1e-9)
+    v3, box = ModelConfig.from_dict(V3), Hardware.load("paper-2x9355-2x5090")
+    short, long = predict(v3, box, 64, 3), predict(v3, box, 32768, 3, prefill="slp")
+    g = box.gpus[0]
+    cache = 61 * 32769 * 576 * 2 / (g.hbm_gbps * g.hbm_efficiency * 1e9)   # the latent, BF16
+    assert long.tpot_s - short.tpot_s == pytest.approx(cache * (1 - 65 / 32769), rel=1e-6)
+    with pytest.raises(ValueError, match="attention_us_by_context"):
+        Hardware.from_dict({"name": "x", "cpu": {
+            "sockets": 1, "cores_per_socket": 2, "dram_gbps_per_socket": 10,
+            "attention_us_by_context": {64: -1}}})
 
 
 def test_contention_decode_beside_slp_and_numa():
@@ -379,7 +415,9 @@ def test_dual_batch_overlap_in_serve():
               if p.demand and not any(lk.name.startswith("cores") for lk in p.demand))
     # request 0 started first, so its last steps are the ones with both decoding
     assert gpu > 0 and on[0].itl_s[-1] == pytest.approx(2 * max(gpu, c.seconds(1, "decode") - gpu))
-    assert off[0].itl_s[-1] == pytest.approx(c.seconds(2, "decode"))
+    # off: one batch of two, plus its attention over the two caches (under 2 x 92 tokens)
+    assert c.seconds(2, "decode") < off[0].itl_s[-1] \
+        < sum(p.seconds for p in c.decode((92, 92)))
     assert on[0].itl_s[-1] < off[0].itl_s[-1]
     demo = ModelConfig(**json.loads(TRACE.read_text())["metadata"]["model"])
     _, _, tr = simulate(demo, Hardware.load("zen3-2vcpu-calibrated"), reqs[:1] * 2, trace=True)

@@ -14,14 +14,14 @@ K = experts per token, n = heads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from refmoe.checkpoint import Checkpoint
 from refmoe.config import ModelConfig
-from refmoe.models.layers import (Block, DecoderModel, Linear, apply_rope, attend, load_dense,
-                                  rms_norm)
+from refmoe.models.layers import (Block, DecoderModel, Growing, Linear, apply_rope, attend,
+                                  load_dense, rms_norm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -30,19 +30,16 @@ from refmoe.models.layers import (Block, DecoderModel, Linear, apply_rope, atten
 
 @dataclass(slots=True)
 class LayerCache:
-    """Per layer: the normalized latent [S, kv_lora_rank] and the roped key [S, rope_dim] (the
-    MLA cache proper), plus their expansion through kv_b, [n, S, nope + v], kept so that a
-    decode step expands only its own token. The expansion is n * (nope + v) floats per token;
-    absorbing kv_b into q and o instead (DeepSeek's "absorb" mode) would drop it and is the
-    next step for long contexts."""
+    """Per layer: the MLA cache proper, [S, kv_lora_rank + rope_dim] (the normalized latent and
+    the roped key of each token, 576 floats for DeepSeek-V3), in a buffer that grows by
+    doubling. Nothing is expanded through kv_b: decode absorbs kv_b into the query and the
+    output instead (MLA._absorbed), so a step reads the cache once and copies none of it."""
 
-    latent: torch.Tensor | None = None
-    k_rot: torch.Tensor | None = None
-    kv: torch.Tensor | None = None
+    kv: Growing = field(default_factory=lambda: Growing(0))
 
     @property
     def length(self) -> int:
-        return 0 if self.latent is None else self.latent.shape[0]
+        return self.kv.n
 
 
 class MLA:
@@ -64,6 +61,7 @@ class MLA:
         self.kv_b = Linear(ck, f"{p}.kv_b_proj.weight",
                            (n * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank))
         self.o = Linear(ck, f"{p}.o_proj.weight", (h, n * cfg.v_head_dim))
+        self._absorb = None   # kv_b split for absorbed decode, made on first use
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, softmax_scale: float,
                  cache: LayerCache, cp=None) -> torch.Tensor:
@@ -101,20 +99,62 @@ class MLA:
         q_rot = apply_rope(q_rot, cos, sin, cfg.rope_interleave)            # [n, T, rope]
         k_rot = apply_rope(k_rot, cos, sin, cfg.rope_interleave)            # [T, rope]
         start = cache.length
+        new = torch.cat([latent, k_rot], dim=-1)                            # [T, lora + rope]
         if cp is not None:
-            latent, k_rot = cp.gather(latent), cp.gather(k_rot)
-        cache.latent = latent if cache.latent is None else torch.cat([cache.latent, latent])
-        cache.k_rot = k_rot if cache.k_rot is None else torch.cat([cache.k_rot, k_rot])
-        s = cache.length
-        kv_new = self.kv_b(latent).view(latent.shape[0], n, -1).transpose(0, 1)  # [n, T, nope+v]
-        cache.kv = kv_new if cache.kv is None else torch.cat([cache.kv, kv_new], dim=1)
-        k_nope, v = cache.kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)  # [n, S, .]
-        k = torch.cat([k_nope, cache.k_rot.expand(n, s, -1)], dim=-1)        # [n, S, qk]
-        qf = torch.cat([q_nope, q_rot], dim=-1)                              # [n, T, qk]
-        if cp is not None:
+            new = cp.gather(new)
             start += cp.offset
-        out = attend(qf, k, v, start, self.qk_head ** -0.5 * softmax_scale)   # [n, T, v]
+        cached = cache.kv.append(new)                                       # [S, lora + rope]
+        scale = self.qk_head ** -0.5 * softmax_scale
+        if 0 < t <= ABSORB_MAX_TOKENS:
+            out = self._absorbed(q_nope, q_rot, cached, start, scale)
+        else:
+            out = self._expanded(q_nope, q_rot, cached, start, scale)
         return out.transpose(0, 1).reshape(t, n * cfg.v_head_dim)
+
+    def _expanded(self, q_nope, q_rot, cached, start, scale) -> torch.Tensor:
+        """A prompt: every cached latent expanded through kv_b into per-head keys and values
+        (one GEMM over S tokens, cheap beside the T x S scores), then plain attention."""
+        cfg, n = self.cfg, self.n
+        s = cached.shape[0]
+        latent, k_rot = cached.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        kv = self.kv_b(latent).view(s, n, -1).transpose(0, 1)               # [n, S, nope+v]
+        k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_rot.expand(n, s, -1)], dim=-1)              # [n, S, qk]
+        return attend(torch.cat([q_nope, q_rot], dim=-1), k, v, start, scale)  # [n, T, v]
+
+    def _absorbed(self, q_nope, q_rot, cached, start, scale) -> torch.Tensor:
+        """A few new tokens (decode): kv_b's key half folded into the query and its value half
+        applied after, so every head scores against the shared latent directly:
+        q_nope . (W_uk c) = (W_uk^T q_nope) . c, and sum_s p_s W_uv c_s = W_uv (sum_s p_s c_s).
+        The cache is read as it is, one [n*T, lora + rope] x [S, lora + rope] product."""
+        cfg, n, t = self.cfg, self.n, q_nope.shape[1]
+        w_uk, w_uv = self._absorb_weights()          # [n, nope, lora], [n, v, lora]
+        q_lat = torch.bmm(q_nope, w_uk)                                      # [n, T, lora]
+        qc = torch.cat([q_lat, q_rot], dim=-1).reshape(n * t, -1)           # [n*T, lora+rope]
+        scores = (qc @ cached.T).view(n, t, -1) * scale                     # [n, T, S]
+        s = cached.shape[0]
+        if start + 1 < s:                                                   # some key is ahead
+            causal = torch.arange(s, device=qc.device)[None, :] > (
+                start + torch.arange(t, device=qc.device))[:, None]         # [T, S]
+            scores = scores.masked_fill(causal, float("-inf"))
+        p = torch.softmax(scores, dim=-1).view(n * t, s)
+        o_lat = (p @ cached[:, :cfg.kv_lora_rank]).view(n, t, -1)           # [n, T, lora]
+        return torch.bmm(o_lat, w_uv.transpose(1, 2))                       # [n, T, v]
+
+    def _absorb_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b as float32 per head, split into its key and value halves (made once: 4 bytes a
+        weight, 67 MB a layer for DeepSeek-V3, where the FP8 codes take 17 MB)."""
+        if self._absorb is None:
+            cfg = self.cfg
+            w = self.kv_b.dense().view(self.n, cfg.qk_nope_head_dim + cfg.v_head_dim,
+                                       cfg.kv_lora_rank)
+            w_uk, w_uv = w.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)
+            self._absorb = (w_uk.contiguous(), w_uv.contiguous())
+        return self._absorb
+
+
+# new tokens per sequence up to which attention runs absorbed (decode); more run expanded
+ABSORB_MAX_TOKENS = 8
 
 
 # ---------------------------------------------------------------------------------------------
