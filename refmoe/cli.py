@@ -101,7 +101,7 @@ def _range(text: str) -> tuple[int, int]:
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from refmoe import bench_serve, kernels, models
+    from refmoe import bench_serve, kernels, models, routing
     from refmoe.trace import Trace, hardware
 
     try:
@@ -121,6 +121,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
                 "workload": {"num_prompts": args.num_prompts, "request_rate": args.request_rate,
                              "prompt_len": args.prompt_len, "output_len": args.output_len,
                              "seed": args.seed}}}) if args.trace else None
+            routing.reset(model)
             outcomes, duration = bench_serve.run_poisson(
                 model, str(directory), reqs, trace, args.seed,
                 {"prefill": args.prefill, "max_batch": args.max_batch})
@@ -129,6 +130,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
                 bench_serve.write_csv(args.csv, outcomes)
             if trace:
                 trace.metadata["result"] = result
+                trace.metadata["routing"] = routing.record(model)   # for the simulator
                 trace.write(args.trace)
             if args.json:
                 print(json.dumps({"op": "serve", **result,

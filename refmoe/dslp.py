@@ -89,7 +89,7 @@ class _SharedChunk(slp._Chunk):
 
     def moe(self, moe, layer: int, x: torch.Tensor) -> torch.Tensor:
         x_all = self.cp.gather(x)                                        # [T, H]
-        weights, ids = moe.gate(x_all)                                   # same on every rank
+        weights, ids = moe.route(x_all)                                  # same on every rank
         y = self.layer(layer, x_all, weights, ids,
                        moe.experts.num_experts - 1 if moe.fused_shared else None)
         y = self.cp.reduce_scatter(y.to(x.device, torch.float32)).to(x.dtype)  # [t_r, H]

@@ -570,7 +570,7 @@ class _Chunk:
     def moe(self, moe, layer: int, x: torch.Tensor) -> torch.Tensor:
         """The MoE block's output for x [T, H] (its router, the streamed routed experts, its
         shared expert), where x lives."""
-        weights, ids = moe.gate(x)
+        weights, ids = moe.route(x)
         y = self.layer(layer, x, weights, ids,
                        moe.experts.num_experts - 1 if moe.fused_shared else None)
         y = y.to(x.device, x.dtype)

@@ -16,10 +16,11 @@ def _cmd_predict(args) -> int:
     from sim.predict import predict
 
     cfg, hw = ModelConfig.from_file(args.model), Hardware.load(args.hardware)
+    routing = _routing(args, cfg)
 
     def run(profile):
         return predict(cfg, profile, args.prompt_tokens, args.output_tokens, args.prefill,
-                       args.devices, routing_skew=args.routing_skew)
+                       args.devices, routing_skew=args.routing_skew, routing=routing)
 
     p = run(hw)
     band = {}
@@ -38,6 +39,15 @@ def _cmd_predict(args) -> int:
               f"{path}), TPOT {p.tpot_s * 1e3:.1f} ms{iv.get('tpot_s', '')} "
               f"({p.decode_tok_s:.2f} tok/s), {p.bytes_per_token / 1e9:.2f} GB per token")
     return 0
+
+
+def _routing(args, cfg):
+    """--routing FILE: routing recorded by the engine, per layer (sim.predict.load_routing)."""
+    if not args.routing:
+        return None
+    from sim.predict import load_routing
+
+    return load_routing(args.routing, cfg)
 
 
 def _cmd_serve(args) -> int:
@@ -59,11 +69,12 @@ def _cmd_serve(args) -> int:
     else:
         reqs = workload(args.num_prompts, args.request_rate, args.prompt_len, args.output_len,
                         args.seed)
-    hw = Hardware.load(args.hardware)
-    out = simulate(ModelConfig.from_file(args.model), hw, reqs, args.max_batch,
+    hw, cfg = Hardware.load(args.hardware), ModelConfig.from_file(args.model)
+    out = simulate(cfg, hw, reqs, args.max_batch,
                    prefill=args.prefill, trace=bool(args.trace),
                    utilization=bool(args.utilization), dual_batch=args.dual_batch,
-                   trace_layers=args.trace_layers, routing_skew=args.routing_skew)
+                   trace_layers=args.trace_layers, routing_skew=args.routing_skew,
+                   routing=_routing(args, cfg))
     outcomes, duration = out[0], out[1]
     if args.utilization:
         from sim.serve import plot_utilization
@@ -219,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
                     "calibration samples")
     pr.add_argument("--routing-skew", type=float, default=0.0, metavar="S",
                     help="expert popularity: 0 uniform, else Zipf exponent S")
+    pr.add_argument("--routing", metavar="FILE", help="replay routing recorded by the engine: "
+                    "a routing JSON (refmoe.routing) or a trace from `refmoe bench serve "
+                    "--trace`")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=_cmd_predict)
     from refmoe.cli import _range
@@ -246,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
                     "(each decode step simulated on its own)")
     se.add_argument("--routing-skew", type=float, default=0.0, metavar="S",
                     help="expert popularity: 0 uniform, else Zipf exponent S")
+    se.add_argument("--routing", metavar="FILE", help="replay routing recorded by the engine: "
+                    "a routing JSON (refmoe.routing) or a trace from `refmoe bench serve "
+                    "--trace`")
     se.add_argument("--json", action="store_true")
     se.set_defaults(func=_cmd_serve)
     sw = sub.add_parser("sweep", help="many configurations in parallel processes, with plots")

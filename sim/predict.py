@@ -72,6 +72,42 @@ def routing_bins(n_experts: int, k: int, skew: float = 0.0, bins: int = 16
             for i in range(0, n_experts, size)]
 
 
+def recorded_bins(popularity: dict, cfg: ModelConfig, source: str = "routing",
+                  bins: int = 16) -> dict[int, list[tuple[int, float]]]:
+    """Routing recorded by the engine (refmoe.routing.popularity: per layer, the probability a
+    token picks each expert) as routing_bins groups per layer: the experts sorted by
+    popularity, `bins` groups of neighbours, each at its mean probability."""
+    out = {}
+    for layer, p in sorted(popularity.items()):
+        if len(p) != cfg.n_routed_experts or round(float(sum(p))) != cfg.num_experts_per_tok:
+            raise ValueError(f"{source}: routing recorded over {len(p)} experts, top-"
+                             f"{round(float(sum(p)))}; the model routes to "
+                             f"{cfg.num_experts_per_tok} of {cfg.n_routed_experts}")
+        q = sorted((float(x) for x in p), reverse=True)
+        size = -(-len(q) // bins)
+        out[layer] = [(len(q[i:i + size]), sum(q[i:i + size]) / len(q[i:i + size]))
+                      for i in range(0, len(q), size)]
+    return out
+
+
+def load_routing(path: str, cfg: ModelConfig) -> dict[int, list[tuple[int, float]]]:
+    """A routing record (refmoe.routing) from its own JSON file or from the metadata of an
+    engine trace that carries one, as recorded_bins groups per layer."""
+    import json
+
+    from refmoe import routing
+
+    try:
+        doc = json.loads(open(path).read())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read a routing record ({e})") from None
+    if isinstance(doc, dict) and "metadata" in doc:
+        if "routing" not in doc["metadata"]:
+            raise ValueError(f"{path}: this trace carries no routing record")
+        doc = doc["metadata"]["routing"]
+    return recorded_bins(routing.popularity(doc, path), cfg, path)
+
+
 class Machine:
     """The links of one box and the engine's operations on them.
 
@@ -90,6 +126,7 @@ class Machine:
         self.expert_scale = 1.0   # expert bytes relative to FP8 (INT4: bits per weight / 8)
         self.gpu_index = 0        # the GPU that runs attention and dense layers
         self.routing_skew = 0.0   # 0: uniform routing; else see routing_bins
+        self.routing: dict = {}   # recorded routing per layer (load_routing), if any
         cpu = hw.cpu
         self.dram = [Link(f"dram{s}", cpu.dram_gbps_per_socket * cpu.dram_efficiency * 1e9)
                      for s in range(cpu.sockets)]
@@ -144,14 +181,26 @@ class Machine:
             cap = min(cap, gemm)
         return cap
 
-    def cpu_fp8_mixed(self, one: float, experts: int, tokens: int, p: float):
+    def groups(self, layer: int, experts: int, k: int) -> list[tuple[int, float]]:
+        """The layer's routing as (experts, probability a token picks each) groups: recorded
+        (a layer the record lacks takes the recorded layer at the same place in the cycle of
+        recorded ones), else uniform or Zipf-skewed (routing_bins)."""
+        if self.routing:
+            if layer not in self.routing:
+                keys = sorted(self.routing)
+                layer = keys[layer % len(keys)]
+            return self.routing[layer]
+        return routing_bins(experts, k, self.routing_skew)
+
+    def cpu_fp8_mixed(self, one: float, experts: int, tokens: int, p: float, layer: int = 0):
         """`experts` matrices of `one` bytes, each used by Binomial(tokens, p) tokens (or, with
-        a routing skew, by the popularity groups of sim.predict.routing_bins): one stream at
-        the rate that takes the expected total time."""
-        groups = [(experts, p)] if not self.routing_skew else \
-            routing_bins(experts, round(p * experts), self.routing_skew)
+        recorded or skewed routing, by the layer's popularity groups, Machine.groups): one
+        stream at the rate that takes the expected total time."""
+        groups = self.groups(layer, experts, round(p * experts))
         nbytes = seconds = 0.0
         for count, q in groups:
+            if q <= 0:   # experts no token picks
+                continue
             b, t = self.mixture(one, count, tokens, q)
             nbytes, seconds = nbytes + b, seconds + t
         if nbytes > 0:
@@ -260,7 +309,7 @@ def _step(m: Machine, cfg: ModelConfig, tokens: int, out: dict, sequences: int =
             # kernel's rate depends steeply on it (one token: the GEMV; more: tiles), so the
             # expected time is a sum over that distribution, not the rate at the mean
             yield from m.cpu_fp8_mixed(one, cfg.n_routed_experts, tokens,
-                                       k / cfg.n_routed_experts)
+                                       k / cfg.n_routed_experts, layer=i)
             if cfg.n_shared_experts:
                 yield from m.cpu_fp8(cfg.n_shared_experts * one, tokens)
             yield m.env.timeout(hw.cpu.moe_overhead_us * 1e-6)
@@ -294,22 +343,28 @@ def _slp_prefill(m: Machine, cfg: ModelConfig, tokens: int, devices: int | list[
     ids = list(range(devices)) if isinstance(devices, int) else list(devices)
     n, gpus = len(ids), [hw.gpus[d] for d in ids]
     layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
-    slots = cfg.n_routed_experts + cfg.n_shared_experts
-    hit = sum(count * (1 - (1 - q) ** tokens) for count, q in routing_bins(
-        cfg.n_routed_experts, cfg.num_experts_per_tok, m.routing_skew))
-    if hit < cfg.n_routed_experts - 1:   # selective streaming: only the experts routed to
-        slots = hit + cfg.n_shared_experts
-    per_gpu = slots / n * costmodel.expert_bytes(cfg)
+
+    def per_gpu(layer: int) -> float:
+        """Each GPU's bytes of the layer: its 1/N of the expert slots (only those routed to,
+        when a chunk does not hit them all)."""
+        slots = cfg.n_routed_experts + cfg.n_shared_experts
+        hit = sum(count * (1 - (1 - q) ** tokens) for count, q in m.groups(
+            layer, cfg.n_routed_experts, cfg.num_experts_per_tok))
+        if hit < cfg.n_routed_experts - 1:   # selective streaming
+            slots = hit + cfg.n_shared_experts
+        return slots / n * costmodel.expert_bytes(cfg)
+
     loaded = {i: env.event() for i in layers}
     ring = simpy.Container(env, capacity=2, init=2)          # two layers of slots
 
-    def stream(d):
-        yield from m.dma(per_gpu, d)
+    def stream(d, nbytes):
+        yield from m.dma(nbytes, d)
 
     def loader():
         for i in layers:
             yield ring.get(1)
-            yield simpy.AllOf(env, [env.process(stream(d)) for d in ids])
+            nbytes = per_gpu(i)
+            yield simpy.AllOf(env, [env.process(stream(d, nbytes)) for d in ids])
             loaded[i].succeed()
 
     def on_each(seconds_of):
@@ -345,12 +400,14 @@ def _slp_prefill(m: Machine, cfg: ModelConfig, tokens: int, devices: int | list[
 
 def predict(cfg: ModelConfig, hw: Hardware, prompt_tokens: int, output_tokens: int,
             prefill: str = "cpu", devices: int | None = None,
-            expert_bits: float | None = None, routing_skew: float = 0.0) -> Prediction:
+            expert_bits: float | None = None, routing_skew: float = 0.0,
+            routing: dict | None = None) -> Prediction:
     """prefill: cpu, slp or auto (the engine's cost model decides); devices: GPUs for SLP
     (default: all in the profile; more than one is DSLP); expert_bits: bits per routed-expert
     weight, scales included, when the experts are not FP8 (e.g. 4.5 for Q4_K-class INT4),
     read by the CPU kernels at the same efficiency; routing_skew: 0 for uniform routing, else the
-    Zipf exponent of expert popularity (routing_bins)."""
+    Zipf exponent of expert popularity (routing_bins); routing: recorded routing per layer
+    (load_routing), which takes the place of either."""
     if prompt_tokens < 1 or output_tokens < 1:
         raise ValueError("prompt_tokens and output_tokens must be >= 1")
     if prefill not in ("cpu", "slp", "auto"):
@@ -368,7 +425,7 @@ def predict(cfg: ModelConfig, hw: Hardware, prompt_tokens: int, output_tokens: i
     if expert_bits is not None:
         m.expert_scale = expert_bits / 8
     routing_bins(cfg.n_routed_experts, cfg.num_experts_per_tok, routing_skew)  # validates
-    m.routing_skew = routing_skew
+    m.routing_skew, m.routing = routing_skew, routing or {}
     marks: dict = {}
 
     def request():

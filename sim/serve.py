@@ -84,9 +84,9 @@ class Costs:
     costs a few thousand SimPy events, not a few per layer and step."""
 
     def __init__(self, cfg: ModelConfig, hw: Hardware, machine: Machine,
-                 routing_skew: float = 0.0):
+                 routing_skew: float = 0.0, routing: dict | None = None):
         self.cfg, self.hw, self.memo, self.mixtures = cfg, hw, {}, {}
-        self.routing_skew = routing_skew
+        self.routing_skew, self.routing = routing_skew, routing or {}
         self.machine = machine   # the links the parts load
         self.layers: dict = {}   # key -> the forward's per-layer spans alone (for traces)
 
@@ -99,7 +99,7 @@ class Costs:
             m = _Costing(env, self.hw)
             m._mixtures = self.mixtures          # the same expert mixtures across forwards
             m.gpu_index = gpus[0] if self.hw.gpus else 0
-            m.routing_skew = self.routing_skew
+            m.routing_skew, m.routing = self.routing_skew, self.routing
             out: dict = {}
             run = _slp_prefill(m, self.cfg, tokens, list(gpus), out) if path == "slp" else \
                 _step(m, self.cfg, tokens, out, tokens if path == "decode" else 1)
@@ -182,7 +182,8 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
              max_batch: int = 16, kv_tokens: int | None = None, prefill: str = "cpu",
              max_queue: int = 1 << 30, trace: bool = False, blocks: bool = True,
              utilization: bool = False, dual_batch: str = "auto",
-             trace_layers: bool = False, routing_skew: float = 0.0):
+             trace_layers: bool = False, routing_skew: float = 0.0,
+             routing: dict | None = None):
     """requests: (arrival s, prompt tokens, output tokens). Returns per-request outcomes (times
     in seconds, as the engine's benchmark records them) and the makespan; with trace=True a
     third value, a refmoe.trace.Trace on simulated time with the engine's lanes
@@ -193,7 +194,7 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
     [(time, {link: share of its capacity})] at every rate change. dual_batch: auto (on when
     the profile has a GPU, as the engine decides), on or off. trace_layers: also the per-layer
     spans of every forward (attention, experts), as the engine traces them (large for long
-    runs; overlapped decode steps have none). routing_skew: as sim.predict.predict."""
+    runs; overlapped decode steps have none). routing_skew, routing: as sim.predict.predict."""
     env = simpy.Environment()
     tr = None
     if trace:
@@ -211,7 +212,7 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
     from sim.predict import routing_bins
 
     routing_bins(cfg.n_routed_experts, cfg.num_experts_per_tok, routing_skew)  # validates
-    cost = Costs(cfg, hw, machine, routing_skew)
+    cost = Costs(cfg, hw, machine, routing_skew, routing)
     n_gpus = len(hw.gpus)
 
     def forward(parts: list, prefill: bool = False):

@@ -90,8 +90,17 @@ def _serving(doc: dict, cfg: ModelConfig):
             "output_tok_s": sum(r["output_tokens"] for r in ok) / (
                 max(r["finish_time"] for r in ok) - t0)}
 
+    # the routing the engine served this workload with, replayed when the trace has it
+    routing = None
+    if "routing" in doc["metadata"]:
+        from refmoe.routing import popularity
+        from sim.predict import recorded_bins
+
+        routing = recorded_bins(popularity(doc["metadata"]["routing"], "the trace's routing"),
+                                cfg, "the trace's routing")
+
     def fn(profile: Hardware) -> dict:
-        outcomes, duration = simulate(cfg, profile, workload, prefill=path)
+        outcomes, duration = simulate(cfg, profile, workload, prefill=path, routing=routing)
         pred = summary(outcomes, duration)
         e2e = [o.e2e_s for o in outcomes if o.ok]
         return {"ttft_s": pred["mean_ttft_ms"] / 1e3, "tpot_s": pred["mean_tpot_ms"] / 1e3,

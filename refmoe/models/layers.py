@@ -297,12 +297,22 @@ class MoE:
         self.num_threads = num_threads
         self.packed = None  # the experts' packed host buffer, once refmoe.slp made one
         self.seconds = 0.0  # time spent in the CPU expert kernels (for metrics)
+        # routing as served (refmoe.routing): tokens each routed expert received, tokens routed
+        self.routed = np.zeros(cfg.n_routed_experts, np.int64)
+        self.routed_tokens = 0
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's (weights, ids) [T, K] for x [T, H], counted into `routed`."""
+        weights, ids = self.gate(x)
+        self.routed += np.bincount(ids.reshape(-1).cpu().numpy(), minlength=len(self.routed))
+        self.routed_tokens += ids.shape[0]
+        return weights, ids
 
     def __call__(self, x: torch.Tensor, streamed=None, layer: int = -1) -> torch.Tensor:
         """streamed: a refmoe.slp chunk that runs the routed experts on its device instead."""
         if streamed is not None:
             return streamed.moe(self, layer, x)
-        weights, ids = self.gate(x)                                          # [T, K]
+        weights, ids = self.route(x)                                         # [T, K]
         t, k = ids.shape
         tok = np.repeat(np.arange(t), k)
         ids_np, w_np = ids.reshape(-1).cpu().numpy(), weights.reshape(-1).float().cpu().numpy()
