@@ -55,11 +55,12 @@ def gemv_ceiling_gbps(reps: int = 15, samples: list | None = None, calls: int = 
     return statistics.median(got)
 
 
-def attention_block_us(context: int = 64, reps: int = 10,
-                       samples: list | None = None) -> float:
+def attention_block_us(contexts=(64,), reps: int = 10) -> dict[int, list[float]]:
     """One decode step of a DeepSeek-V3 attention block at its real dimensions (MLA, 128
-    heads, FP8 projections through the CPU kernels, 187 MB) after `context` tokens: the
-    median per-step time in microseconds (reps into `samples`)."""
+    heads, FP8 projections through the CPU kernels, 187 MB) after each of `contexts` cached
+    tokens: per context, every rep's time in microseconds. The contexts take turns within
+    each rep (one block, one cache per context), so that this machine's drift between reps
+    falls on all of them alike and their differences stay clean."""
     import torch
 
     from refmoe import demo
@@ -85,18 +86,25 @@ def attention_block_us(context: int = 64, reps: int = 10,
     tensors["a.q_a_layernorm.weight"] = np.ones(c["q_lora_rank"], np.float32)
     tensors["a.kv_a_layernorm.weight"] = np.ones(c["kv_lora_rank"], np.float32)
     rope = c["qk_rope_head_dim"] // 2
+    times: dict[int, list[float]] = {ctx: [] for ctx in contexts}
     with tempfile.TemporaryDirectory() as tmp:
         save_file(tensors, Path(tmp) / "model.safetensors", dtypes)
         del tensors
         attn = MLA(Checkpoint(tmp), "a", cfg)
-        cache = attn.new_cache()
-        attn(torch.randn(context, h) * 0.1, torch.ones(context, rope), torch.zeros(context, rope),
-             1.0, cache)
+        caches = {}
+        for ctx in contexts:
+            caches[ctx] = attn.new_cache()
+            attn(torch.randn(ctx, h) * 0.1, torch.ones(ctx, rope), torch.zeros(ctx, rope),
+                 1.0, caches[ctx])
         x, cos, sin = torch.randn(1, h) * 0.1, torch.ones(1, rope), torch.zeros(1, rope)
-        times = [t * 1e6 for t in _times(lambda: attn(x, cos, sin, 1.0, cache), reps)]
-    if samples is not None:
-        samples.extend(times)
-    return statistics.median(times)
+        for ctx in contexts:   # warm-up: the absorbed weights, the allocator, the threads
+            attn(x, cos, sin, 1.0, caches[ctx])
+        for _ in range(reps):
+            for ctx in contexts:
+                t0 = time.perf_counter()
+                attn(x, cos, sin, 1.0, caches[ctx])
+                times[ctx].append((time.perf_counter() - t0) * 1e6)
+    return times
 
 
 def attention_gflops(tokens: int = 1024, reps: int = 3, samples: list | None = None) -> float:
@@ -222,10 +230,7 @@ def calibrate(name: str = "this-machine", reps: int = 5) -> Hardware:
 
     stream = attention_bytes(ModelConfig.from_dict(demo.demo_config(1, 16))) / (
         hw.cpu.fp8_stream_gbps() * 1e9) * 1e6
-    blocks = {}
-    for c in CONTEXTS:
-        blocks[c] = []
-        attention_block_us(c, reps, samples=blocks[c])
+    blocks = attention_block_us(CONTEXTS, max(10, 2 * reps))
     first = blocks[CONTEXTS[0]]
     samples["cpu.layer_overhead_us"] = [max(1.0, t - stream) for t in first]
     hw.cpu.layer_overhead_us = statistics.median(samples["cpu.layer_overhead_us"])
