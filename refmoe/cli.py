@@ -345,10 +345,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from refmoe.server import serve
 
+    if args.kv_tokens is not None and args.kv_memory is not None:
+        print("refmoe serve: give --kv-tokens or --kv-memory, not both", file=sys.stderr)
+        return 2
     api_key = args.api_key or _os.environ.get("REFMOE_API_KEY")
     serve(args.model, args.host, args.port, served_name=args.served_model_name,
           api_key=api_key, device=args.device, drain_s=args.drain_s,
           engine_kwargs={"kv_tokens": args.kv_tokens, "max_batch": args.max_batch,
+                         "kv_memory": args.kv_memory * 2**30 if args.kv_memory else None,
                          "max_queue": args.max_queue, "prefill": args.prefill,
                          "ranks": args.ranks,
                          "dual_batch": {"auto": None, "on": True, "off": False}[args.dual_batch]})
@@ -423,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     sv.add_argument("--prefill", choices=["auto", "cpu", "slp"], default="auto")
     sv.add_argument("--kv-tokens", type=int, help="KV budget in tokens (default: 4 contexts)")
+    sv.add_argument("--kv-memory", type=float, metavar="GIB", help="KV budget as memory: as "
+                    "many tokens as fit in GIB GiB (the model's cache bytes per token)")
     sv.add_argument("--max-batch", type=int, default=16, help="requests per decode step")
     sv.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     sv.add_argument("--dual-batch", choices=["auto", "on", "off"], default="auto",

@@ -61,6 +61,7 @@ class Request:
 
 class Engine:
     def __init__(self, model, tokenizer=None, *, kv_tokens: int | None = None,
+                 kv_memory: float | None = None,
                  max_batch: int = 16, max_queue: int = 256, prefill: str = "auto",
                  dual_batch: bool | None = None, metrics=None, max_context: int | None = None,
                  trace=None, ranks: int = 1, model_dir: str | None = None):
@@ -81,6 +82,14 @@ class Engine:
             raise ValueError("DSLP over several ranks needs the model directory (each rank "
                              "loads it)")
         self.ranks, self.model_dir, self.group = ranks, model_dir, None
+        if kv_memory is not None:   # a KV budget in bytes: as many tokens as fit
+            if kv_tokens is not None:
+                raise ValueError("give the KV budget in tokens or in memory, not both")
+            per = model.kv_bytes_per_token()
+            kv_tokens = int(kv_memory // per)
+            if kv_tokens < 1:
+                raise ValueError(f"a KV memory of {kv_memory:.0f} bytes holds no token "
+                                 f"({per} bytes each for this model)")
         self.scheduler = Scheduler(kv_tokens or 4 * self.context, max_batch, max_queue,
                                    self._choose_path, dual_batch, devices=ranks)
         self.requests: dict[str, Request] = {}

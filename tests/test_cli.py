@@ -49,6 +49,7 @@ def test_info_json():
     (("generate", "--model", "/nonexistent", "--prompt-ids", "1", "--prefill", "gpu"),
      "invalid choice"),
     (("--cpu-threads", "0", "info"), "--cpu-threads must be >= 1"),
+    (("serve", "--model", "/nonexistent", "--kv-tokens", "10", "--kv-memory", "1"), "not both"),
 ])
 def test_bad_arguments(args, message):
     r = run(*args, check=False)

@@ -107,6 +107,22 @@ def test_slp_prefill_path_in_the_engine(model):
         engine.shutdown(1)
 
 
+def test_kv_budget_in_memory(model):
+    """--kv-memory: as many tokens as fit, at the model's own cache bytes per token (MLA: the
+    latent and roped key in float32, every layer)."""
+    cfg = model.cfg
+    per = model.kv_bytes_per_token()
+    assert per == cfg.num_hidden_layers * 4 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    assert Engine(model, kv_memory=per * 50.5).scheduler.kv.capacity == 50
+    cache = model.new_cache()
+    model.forward(torch.tensor(PROMPT), cache)
+    assert sum(layer.kv.view().numel() * 4 for layer in cache.layers) == per * len(PROMPT)
+    with pytest.raises(ValueError, match="holds no token"):
+        Engine(model, kv_memory=per - 1)
+    with pytest.raises(ValueError, match="not both"):
+        Engine(model, kv_memory=per * 10, kv_tokens=10)
+
+
 def test_cancel_and_failures_return_the_reservation(model, monkeypatch):
     engine = Engine(model, prefill="cpu", kv_tokens=200).start()
     try:

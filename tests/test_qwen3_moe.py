@@ -33,6 +33,12 @@ def test_logits_match_transformers(saved):
     cfg, mine = models.load(d)
     assert cfg.family == "qwen3_moe" and cfg.scoring_func == "softmax"
     assert_logits_match(m, mine, PROMPT, 1e-4)
+    # the KV budget's unit: keys and values of every KV head, float32, every layer
+    cache = mine.new_cache()
+    mine.forward(torch.tensor(PROMPT), cache)
+    held = sum(t.buf.element_size() * t.view().numel() for layer in cache.layers
+               for t in (layer.k, layer.v))
+    assert mine.kv_bytes_per_token() * len(PROMPT) == held
 
 
 def test_greedy_32_tokens_via_cli(saved):

@@ -45,6 +45,10 @@ class LayerCache:
 class MLA:
     new_cache = LayerCache
 
+    def cache_bytes_per_token(self) -> int:
+        """What one token adds to this layer's cache: the latent and roped key, float32."""
+        return 4 * (self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim)
+
     def __init__(self, ck: Checkpoint, p: str, cfg: ModelConfig):
         h, n = cfg.hidden_size, cfg.num_attention_heads
         self.cfg, self.n = cfg, n

@@ -443,6 +443,10 @@ class DecoderModel:
         x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
         return x @ self.embed.T if self.head is None else self.head(x)
 
+    def kv_bytes_per_token(self) -> int:
+        """Host or device bytes one cached token takes, all layers together."""
+        return sum(block.attn.cache_bytes_per_token() for block in self.blocks)
+
     def new_cache(self) -> KVCache:
         return KVCache([block.attn.new_cache() for block in self.blocks])
 

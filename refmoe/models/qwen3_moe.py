@@ -33,6 +33,10 @@ class LayerCache:
 class GQA:
     new_cache = LayerCache
 
+    def cache_bytes_per_token(self) -> int:
+        """What one token adds to this layer's cache: its keys and values, float32."""
+        return 2 * 4 * self.g * self.d
+
     def __init__(self, ck: Checkpoint, p: str, cfg: ModelConfig):
         h, n, g, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.cfg, self.n, self.g, self.d = cfg, n, g, d
