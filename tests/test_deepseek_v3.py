@@ -113,19 +113,22 @@ def test_fp8_checkpoint_against_dequantized_transformers(tmp_path):
     assert (out - ref).abs().max() <= LOGIT_TOL * ref.abs().max()
 
 
-@pytest.mark.parametrize("past, new", [(0, 1), (11, 1), (11, 3), (40, 8), (5, 2)])
+@pytest.mark.parametrize("past, new", [(0, 1), (11, 1), (11, 3), (40, 8), (5, 2), (23, 2)])
 def test_absorbed_decode_equals_expanded(saved, monkeypatch, past, new):
     """Decode attention with kv_b absorbed into the query and output (the latent cache read
-    as it is) gives the logits of expanding every cached latent into keys and values; the
-    cache holds kv_lora_rank + rope_dim floats per token and layer, nothing more."""
+    as it is), and with a short sequence's expansion kept (kv_lora_rank = 24 tokens here),
+    gives the logits of expanding every cached latent into keys and values afresh; the
+    latent cache holds kv_lora_rank + rope_dim floats per token and layer."""
     from refmoe.models import deepseek_v3
 
     _, d = saved
     cfg, mine = models.load(d)
     ids = torch.tensor((PROMPT * 5)[:past + new])
     got = {}
-    for mode, limit in (("absorbed", 8), ("expanded", 0)):
-        monkeypatch.setattr(deepseek_v3, "ABSORB_MAX_TOKENS", limit)
+    for mode, absorb, keep in (("absorbed", 8, False), ("kept", 8, True),
+                               ("expanded", 0, False)):
+        monkeypatch.setattr(deepseek_v3, "ABSORB_MAX_TOKENS", absorb)
+        monkeypatch.setattr(deepseek_v3, "KEEP_EXPANDED", keep)
         cache = mine.new_cache()
         if past:
             mine.forward(ids[:past], cache)
@@ -133,8 +136,11 @@ def test_absorbed_decode_equals_expanded(saved, monkeypatch, past, new):
         assert cache.length == past + new
         assert all(layer.kv.view().shape == (past + new, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
                    for layer in cache.layers)
+        kept = past + new <= cfg.kv_lora_rank and keep
+        assert all((layer.expanded is not None) == kept for layer in cache.layers)
     ref = got["expanded"]
-    assert (got["absorbed"] - ref).abs().max() <= 1e-5 * ref.abs().max()
+    for mode in ("absorbed", "kept"):
+        assert (got[mode] - ref).abs().max() <= 1e-5 * ref.abs().max(), mode
 
 
 class TestBadCheckpoints:

@@ -32,10 +32,16 @@ from refmoe.models.layers import (Block, DecoderModel, Growing, Linear, apply_ro
 class LayerCache:
     """Per layer: the MLA cache proper, [S, kv_lora_rank + rope_dim] (the normalized latent and
     the roped key of each token, 576 floats for DeepSeek-V3), in a buffer that grows by
-    doubling. Nothing is expanded through kv_b: decode absorbs kv_b into the query and the
-    output instead (MLA._absorbed), so a step reads the cache once and copies none of it."""
+    doubling. Past kv_lora_rank tokens (and always on a GPU) nothing is kept expanded
+    through kv_b: decode absorbs kv_b into the query and the output instead (MLA._absorbed),
+    so a step reads the cache once and copies none of it."""
 
     kv: Growing = field(default_factory=lambda: Growing(0))
+    # on the CPU, while the sequence is at most kv_lora_rank tokens long: the latents expanded
+    # through kv_b, [n, S, nope + v], so that a decode step expands only its own token (a
+    # 17 MB FP8 GEMV for V3) instead of reading the 67 MB of absorbed float32 weights;
+    # 128 KB a token and layer for V3, dropped once the sequence is longer
+    expanded: Growing | None = None
 
     @property
     def length(self) -> int:
@@ -109,22 +115,45 @@ class MLA:
             start += cp.offset
         cached = cache.kv.append(new)                                       # [S, lora + rope]
         scale = self.qk_head ** -0.5 * softmax_scale
-        if 0 < t <= ABSORB_MAX_TOKENS:
+        # Short sequences on the CPU keep their expansion (see LayerCache.expanded); past
+        # kv_lora_rank tokens reading it costs more than the absorbed weights, so it goes.
+        keep = KEEP_EXPANDED and q.device.type == "cpu" and cached.shape[0] <= cfg.kv_lora_rank
+        if not keep:
+            cache.expanded = None
+        if 0 < t <= ABSORB_MAX_TOKENS and not keep:
             out = self._absorbed(q_nope, q_rot, cached, start, scale)
         else:
-            out = self._expanded(q_nope, q_rot, cached, start, scale)
+            out = self._expanded(q_nope, q_rot, cached, new.shape[0], start, scale,
+                                 cache if keep else None)
         return out.transpose(0, 1).reshape(t, n * cfg.v_head_dim)
 
-    def _expanded(self, q_nope, q_rot, cached, start, scale) -> torch.Tensor:
-        """A prompt: every cached latent expanded through kv_b into per-head keys and values
-        (one GEMM over S tokens, cheap beside the T x S scores), then plain attention."""
+    def _expanded(self, q_nope, q_rot, cached, fresh, start, scale, keep=None) -> torch.Tensor:
+        """Every cached latent expanded through kv_b into per-head keys and values, then plain
+        attention: a prompt (one GEMM over S tokens, cheap beside the T x S scores), or a
+        short sequence on the CPU, whose expansion `keep` holds so that a step expands only
+        its `fresh` rows (a 17 MB FP8 GEMV for V3, where the absorbed weights are 67 MB)."""
         cfg, n = self.cfg, self.n
         s = cached.shape[0]
         latent, k_rot = cached.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
-        kv = self.kv_b(latent).view(s, n, -1).transpose(0, 1)               # [n, S, nope+v]
-        k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
-        k = torch.cat([k_nope, k_rot.expand(n, s, -1)], dim=-1)              # [n, S, qk]
-        return attend(torch.cat([q_nope, q_rot], dim=-1), k, v, start, scale)  # [n, T, v]
+        if keep is None:
+            kv = self.kv_b(latent).view(s, n, -1).transpose(0, 1)           # [n, S, nope+v]
+            k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
+            k = torch.cat([k_nope, k_rot.expand(n, s, -1)], dim=-1)          # [n, S, qk]
+            return attend(torch.cat([q_nope, q_rot], dim=-1), k, v, start, scale)
+        if keep.expanded is not None and keep.expanded.n == s - fresh:
+            kv = keep.expanded.append(
+                self.kv_b(latent[s - fresh:]).view(fresh, n, -1).transpose(0, 1))
+        else:
+            keep.expanded = Growing(1)
+            kv = keep.expanded.append(self.kv_b(latent).view(s, n, -1).transpose(0, 1))
+        k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)   # [n, S, .]
+        # the rope part against the one shared key, without copying it per head
+        scores = (q_nope @ k_nope.transpose(1, 2) + q_rot @ k_rot.T) * scale  # [n, T, S]
+        t = q_nope.shape[1]
+        if start + 1 < s:                                                   # some key is ahead
+            causal = torch.arange(s)[None, :] > (start + torch.arange(t))[:, None]
+            scores = scores.masked_fill(causal, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ v                             # [n, T, v]
 
     def _absorbed(self, q_nope, q_rot, cached, start, scale) -> torch.Tensor:
         """A few new tokens (decode): kv_b's key half folded into the query and its value half
@@ -159,6 +188,8 @@ class MLA:
 
 # new tokens per sequence up to which attention runs absorbed (decode); more run expanded
 ABSORB_MAX_TOKENS = 8
+# short sequences on the CPU keep their expansion (LayerCache.expanded)
+KEEP_EXPANDED = True
 
 
 # ---------------------------------------------------------------------------------------------
