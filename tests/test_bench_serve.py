@@ -42,6 +42,12 @@ def test_poisson_run_writes_block_csv_and_trace(fp8_dir, tmp_path):  # noqa: F81
     assert len(reqs) == 6 and all(q["first_token_time"] <= q["finish_time"] for q in reqs)
     assert sorted(q["output_tokens"] for q in reqs) == sorted(
         int(x.split(",")[2]) for x in lines[1:])
+    # the routing served: every prompt token and every fed-back output token, k experts each
+    fed = sum(q["prompt_tokens"] + q["output_tokens"] - 1 for q in reqs)
+    rec = t["metadata"]["routing"]
+    assert rec["layers"] and all(
+        layer["tokens"] == fed and sum(layer["experts"]) == fed * rec["num_experts_per_tok"]
+        for layer in rec["layers"].values())
 
 
 def test_interference_and_dual_batch_report_ratios(fp8_dir):  # noqa: F811
