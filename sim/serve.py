@@ -135,15 +135,16 @@ class Costs:
         """A decode step over sequences with `contexts` tokens cached."""
         return self(len(contexts), "decode") + self.context(contexts)
 
-    def overlapped(self, a: tuple, b: tuple) -> list[Part]:
-        """A decode step of two micro-batches under dual-batch overlap: while one runs its
-        attention on the GPU, the other runs its experts on the CPU, then they swap, layer by
-        layer; the step takes the longer of the two sides (the CPU side with its glue), as
-        one part loading the links with both halves' time-averaged demand. a, b: each
-        micro-batch's cached tokens per sequence."""
+    def overlapped(self, a: int, b: int) -> list[Part]:
+        """A decode step of two micro-batches (of a and b sequences) under dual-batch overlap:
+        while one runs its attention on the GPU, the other runs its experts on the CPU, then
+        they swap, layer by layer; the step takes the longer of the two sides (the CPU side
+        with its glue), as one part loading the links with both halves' time-averaged demand.
+        Their attention over cached tokens (Costs.context) comes on top, not overlapped: a
+        small cost with a GPU, and it keeps this part the same every step."""
         key = ("dbo", a, b)
         if key not in self.memo:
-            parts = self.decode(a) + self.decode(b)
+            parts = self(a, "decode") + self(b, "decode")
             gpu = sum(p.seconds for p in parts if p.demand and not any(
                 lk.name.startswith("cores") for lk in p.demand))
             rest = sum(p.seconds for p in parts) - gpu
@@ -152,8 +153,6 @@ class Costs:
             for p in parts:
                 for lk, w in p.demand.items():
                     demand[lk] = demand.get(lk, 0.0) + w * p.seconds / total
-            if any(a) or any(b):   # contexts change every step: not worth keeping
-                return [Part(total, demand)]
             self.memo[key] = [Part(total, demand)]
         return self.memo[key]
 
@@ -321,31 +320,38 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
                 sched.prefilled(plan.request_id)
             wake()
 
-    base_beside: dict = {"flow": None}   # batch size -> _beside of its base forward
+    # beside the running prefill flow: a step's context-free parts -> their _beside; a
+    # context part's links -> its _beside per second alone
+    base_beside: dict = {"flow": None}
 
-    def step(plan, ahead: int = 0) -> list[Part]:
-        """The parts of the decode step `ahead` steps from now (every context one longer per
-        step): the cached tokens of each request are its prompt and its outputs but the
-        newest, which the step feeds."""
+    def step(plan, ahead: int = 0) -> tuple[list[Part], list[Part]]:
+        """The decode step `ahead` steps from now (every context one longer per step) as its
+        context-free parts (memoized per batch shape) and its attention over the cached
+        tokens: each request has its prompt and its outputs but the newest (which the step
+        feeds) cached."""
         def cached(rids):
             return tuple(outcomes[int(r)].prompt_tokens + outcomes[int(r)].output_tokens - 1
                          + ahead for r in rids)
         if plan.overlapped:
-            return cost.overlapped(*map(cached, plan.micro_batches))
-        return cost.decode(cached(plan.request_ids))
+            a, b = map(cached, plan.micro_batches)
+            return cost.overlapped(len(a), len(b)), cost.context(a + b)
+        c = cached(plan.request_ids)
+        return cost(len(c), "decode"), cost.context(c)
 
     def beside_cost(plan, ahead: int, flow: Flow) -> tuple[float, float]:
-        """_beside of a step, the context-free forward's share computed once per batch size
-        (a part's rates beside the flow do not depend on its length)."""
-        if plan.overlapped:
-            return _beside(step(plan, ahead), flow)
-        b = len(plan.request_ids)
-        if b not in base_beside:
-            base_beside[b] = _beside(cost(b, "decode"), flow)
-        period, progress = base_beside[b]
-        for p in step(plan, ahead)[len(cost(b, "decode")):]:
-            dt, got = _beside([p], flow)
-            period, progress = period + dt, progress + got
+        """_beside of a step, its context-free parts' computed once per batch shape (a part's
+        rates beside the flow do not depend on its length)."""
+        base, context = step(plan, ahead)
+        key = id(base)   # the memoized list itself
+        if key not in base_beside:
+            base_beside[key] = _beside(base, flow)
+        period, progress = base_beside[key]
+        for p in context:
+            key = tuple(p.demand.items())   # the same links every step: rates per second
+            if key not in base_beside:
+                base_beside[key] = _beside([Part(1.0, p.demand)], flow)
+            dt, got = base_beside[key]
+            period, progress = period + dt * p.seconds, progress + got * p.seconds
         return period, progress
 
     def decode_worker():
@@ -355,7 +361,7 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
                 yield state["wake"]
                 continue
             b = len(plan.request_ids)
-            parts = step(plan)
+            parts = sum(step(plan), [])
             left = min(wants[r] - outcomes[int(r)].output_tokens for r in plan.request_ids)
             # Steps whose outcome is fixed in advance are taken as one block, to the same
             # times: with nothing else running, until an arrival or a finish; beside a running
@@ -378,7 +384,7 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
             elif not state["prefilling"] and not sched.waiting and not net.flows:
                 gap, took = state["next_arrival"] - env.now, 0.0
                 for i in range(left):
-                    period = sum(p.seconds for p in step(plan, i))
+                    period = sum(p.seconds for p in sum(step(plan, i), []))
                     if steps and took + period > gap:
                         break
                     steps.append(period)

@@ -404,7 +404,7 @@ def test_dual_batch_overlap_in_serve():
     import simpy
 
     from sim.predict import Machine
-    from sim.serve import Costs, simulate
+    from sim.serve import Costs, Part, simulate
 
     cfg, hw = ModelConfig.from_dict(V3), Hardware.load("paper-2x9355-2x5090")
     reqs = [(0.0, 32, 60), (0.0, 32, 60)]
@@ -414,7 +414,11 @@ def test_dual_batch_overlap_in_serve():
     gpu = sum(p.seconds for p in c(1, "decode")
               if p.demand and not any(lk.name.startswith("cores") for lk in p.demand))
     # request 0 started first, so its last steps are the ones with both decoding
-    assert gpu > 0 and on[0].itl_s[-1] == pytest.approx(2 * max(gpu, c.seconds(1, "decode") - gpu))
+    ideal = 2 * max(gpu, c.seconds(1, "decode") - gpu)
+    # plus both micro-batches' reads of their caches (under 92 tokens each), not overlapped
+    assert gpu > 0 and ideal < on[0].itl_s[-1] < ideal + sum(
+        p.seconds for p in c.context((92, 92)))
+    assert c.overlapped(1, 1) == [Part(ideal, c.overlapped(1, 1)[0].demand)]
     # off: one batch of two, plus its attention over the two caches (under 2 x 92 tokens)
     assert c.seconds(2, "decode") < off[0].itl_s[-1] \
         < sum(p.seconds for p in c.decode((92, 92)))
@@ -473,7 +477,7 @@ def test_validation_series_on_this_machine():
     """The served traces in traces/validation (2-vCPU Zen 3; 1 and 2 kernel threads; 4x32 and
     2x64 experts; 0.1-1 req/s; prompts of 16-768 tokens), each replayed on its own
     calibrations taken just before and just after it, pooled. The committed figures
-    (docs/simulator.md): over all 14, MAPE TPOT 13.2%, TTFT 15.0%, unbiased within 5%; over
+    (docs/simulator.md): over all 18, MAPE TPOT 13.9%, TTFT 16.9%, biased +5% at most; over
     val12-14 (the engine with absorbed MLA, calibrated with the attention's contexts taking
     turns) TPOT 7.2%, TTFT 11.9%. This guards the model against drifting from them."""
     from sim.interval import pool
@@ -490,9 +494,9 @@ def test_validation_series_on_this_machine():
         assert abs(r["metrics"]["tpot_s"]["error"]) < (0.6 if trace.name.startswith("val10")
                                                       else 0.30)
     table = summarize(list(results.values()))
-    assert len(results) == 14
-    assert table["tpot_s"]["mape"] < 0.15 and table["ttft_s"]["mape"] < 0.17
-    assert abs(table["tpot_s"]["bias"]) < 0.06 and abs(table["ttft_s"]["bias"]) < 0.05
+    assert len(results) == 18
+    assert table["tpot_s"]["mape"] < 0.15 and table["ttft_s"]["mape"] < 0.18
+    assert abs(table["tpot_s"]["bias"]) < 0.06 and abs(table["ttft_s"]["bias"]) < 0.06
     latest = summarize([r for name, r in results.items() if name[:5] in ("val12", "val13",
                                                                          "val14")])
     assert latest["tpot_s"]["mape"] < 0.09 and latest["ttft_s"]["mape"] < 0.14
