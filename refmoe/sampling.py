@@ -35,7 +35,9 @@ class Sampler:
         p, logits = self.params, logits.float().cpu()
         if p.temperature == 0:
             return int(torch.argmax(logits))
-        logits = logits.float() / p.temperature
+        # the best logit at 0 first, in float64: a tiny temperature then sends the rest to
+        # -inf, where float32 would make it 0 and the best logit NaN
+        logits = (logits.double() - logits.max()) / p.temperature
         if p.top_k:
             kth = torch.topk(logits, min(p.top_k, logits.numel()))[0][-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))

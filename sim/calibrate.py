@@ -144,7 +144,7 @@ def gemm_curve(threads: int, reps: int = 3, samples: dict | None = None) -> dict
     """FP8 weight GB/s of all cores at M tokens per weight (cold DeepSeek gate/up)."""
     shape = Shape("deepseek-v3", "gate_up", 2048, 7168)
     out = {}
-    for m in (2, 4, 8, 16, 32, 64):
+    for m in (2, 4, 8, 16, 32, 64, 128):
         row = bench_gemm("fp8", shape, m, threads, kernels.variant(), reps, with_torch=False)
         out[m] = row.gbps
         if samples is not None:
@@ -169,7 +169,7 @@ def moe_curve(threads: int, reps: int = 3, samples: dict | None = None,
     ew = kernels.ExpertWeights("fp8", h, inter, g, u, d, gs, us, ds)
     nbytes = sum(a.nbytes for a in (*g, *u, *d)) + sum(a.nbytes for a in (*gs, *us, *ds))
     out = {}
-    for m in (2, 4, 8, 16, 32, 64):
+    for m in (2, 4, 8, 16, 32, 64, 128):
         x = rng.standard_normal((m, h)).astype(np.float32)
         tok = np.repeat(np.arange(m), experts)
         exp = np.tile(np.arange(experts), m)

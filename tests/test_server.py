@@ -178,6 +178,8 @@ def test_cancel_mid_stream_frees_kv(server):
     ({"max_tokens": 3}, 400, "prompt"),
     ({"prompt": [4], "model": "gpt-4"}, 404, "does not exist"),
     ({"prompt": [4], "logprobs": 3}, 400, "logprobs"),
+    ({"prompt": [4], "seed": -2**63 - 1}, 400, "seed"),   # found by the schema fuzz
+    ({"prompt": [4], "seed": 2**64}, 400, "seed"),
 ])
 def test_bad_completion_requests(server, body, status, needle):
     data = body if isinstance(body, str) else json.dumps(body)

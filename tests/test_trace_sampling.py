@@ -40,6 +40,9 @@ def test_greedy_and_seeded_sampling():
     assert {s(logits) for _ in range(200)} <= {1, 2}  # the nucleus holds the top two
     s = Sampler(SamplingParams(temperature=1.0, top_p=0.01, seed=1))
     assert {s(logits) for _ in range(50)} == {1}
+    # a subnormal temperature (found by the server's schema fuzz) is greedy, not NaN
+    s = Sampler(SamplingParams(temperature=5e-324, top_k=3, top_p=0.9, seed=1))
+    assert {s(logits) for _ in range(20)} == {1}
 
 
 @pytest.mark.parametrize("kwargs, message", [
