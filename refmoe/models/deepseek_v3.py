@@ -21,7 +21,7 @@ import torch
 from refmoe.checkpoint import Checkpoint
 from refmoe.config import ModelConfig
 from refmoe.models.layers import (Block, DecoderModel, Growing, Linear, apply_rope, attend,
-                                  load_dense, rms_norm)
+                                  load_dense, mask_causal, rms_norm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,10 +51,6 @@ class LayerCache:
 class MLA:
     new_cache = LayerCache
 
-    def cache_bytes_per_token(self) -> int:
-        """What one token adds to this layer's cache: the latent and roped key, float32."""
-        return 4 * (self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim)
-
     def __init__(self, ck: Checkpoint, p: str, cfg: ModelConfig):
         h, n = cfg.hidden_size, cfg.num_attention_heads
         self.cfg, self.n = cfg, n
@@ -72,6 +68,10 @@ class MLA:
                            (n * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank))
         self.o = Linear(ck, f"{p}.o_proj.weight", (h, n * cfg.v_head_dim))
         self._absorb = None   # kv_b split for absorbed decode, made on first use
+
+    def cache_bytes_per_token(self) -> int:
+        """What one token adds to this layer's cache: the latent and roped key, float32."""
+        return 4 * (self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim)
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, softmax_scale: float,
                  cache: LayerCache, cp=None) -> torch.Tensor:
@@ -149,11 +149,7 @@ class MLA:
         k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)   # [n, S, .]
         # the rope part against the one shared key, without copying it per head
         scores = (q_nope @ k_nope.transpose(1, 2) + q_rot @ k_rot.T) * scale  # [n, T, S]
-        t = q_nope.shape[1]
-        if start + 1 < s:                                                   # some key is ahead
-            causal = torch.arange(s)[None, :] > (start + torch.arange(t))[:, None]
-            scores = scores.masked_fill(causal, float("-inf"))
-        return torch.softmax(scores, dim=-1) @ v                             # [n, T, v]
+        return torch.softmax(mask_causal(scores, start), dim=-1) @ v         # [n, T, v]
 
     def _absorbed(self, q_nope, q_rot, cached, start, scale) -> torch.Tensor:
         """A few new tokens (decode): kv_b's key half folded into the query and its value half
@@ -164,13 +160,8 @@ class MLA:
         w_uk, w_uv = self._absorb_weights()          # [n, nope, lora], [n, v, lora]
         q_lat = torch.bmm(q_nope, w_uk)                                      # [n, T, lora]
         qc = torch.cat([q_lat, q_rot], dim=-1).reshape(n * t, -1)           # [n*T, lora+rope]
-        scores = (qc @ cached.T).view(n, t, -1) * scale                     # [n, T, S]
-        s = cached.shape[0]
-        if start + 1 < s:                                                   # some key is ahead
-            causal = torch.arange(s, device=qc.device)[None, :] > (
-                start + torch.arange(t, device=qc.device))[:, None]         # [T, S]
-            scores = scores.masked_fill(causal, float("-inf"))
-        p = torch.softmax(scores, dim=-1).view(n * t, s)
+        scores = mask_causal((qc @ cached.T).view(n, t, -1) * scale, start)  # [n, T, S]
+        p = torch.softmax(scores, dim=-1).view(n * t, -1)
         o_lat = (p @ cached[:, :cfg.kv_lora_rank]).view(n, t, -1)           # [n, T, lora]
         return torch.bmm(o_lat, w_uv.transpose(1, 2))                       # [n, T, v]
 

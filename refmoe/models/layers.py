@@ -122,12 +122,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale:
     for lo in range(0, t, block):
         hi = min(t, lo + block)
         scores = (q[:, lo:hi] @ k.transpose(1, 2)) * scale                  # [n, b, S]
-        if start + lo + 1 < s:                                              # some key is ahead
-            causal = torch.arange(s, device=q.device)[None, :] > (
-                start + torch.arange(lo, hi, device=q.device))[:, None]      # [b, S]
-            scores = scores.masked_fill(causal, float("-inf"))
-        outs.append(torch.softmax(scores, dim=-1) @ v)
+        outs.append(torch.softmax(mask_causal(scores, start + lo), dim=-1) @ v)
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def mask_causal(scores: torch.Tensor, start: int) -> torch.Tensor:
+    """scores [..., T, S] of queries at positions start .. start+T over keys 0 .. S, with every
+    key ahead of its query at -inf (untouched when none is)."""
+    t, s = scores.shape[-2:]
+    if start + 1 >= s:
+        return scores
+    ahead = torch.arange(s, device=scores.device)[None, :] > (
+        start + torch.arange(t, device=scores.device))[:, None]              # [T, S]
+    return scores.masked_fill(ahead, float("-inf"))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -33,10 +33,6 @@ class LayerCache:
 class GQA:
     new_cache = LayerCache
 
-    def cache_bytes_per_token(self) -> int:
-        """What one token adds to this layer's cache: its keys and values, float32."""
-        return 2 * 4 * self.g * self.d
-
     def __init__(self, ck: Checkpoint, p: str, cfg: ModelConfig):
         h, n, g, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.cfg, self.n, self.g, self.d = cfg, n, g, d
@@ -46,6 +42,10 @@ class GQA:
         self.o = Linear(ck, f"{p}.o_proj.weight", (h, n * d))
         self.q_norm = load_dense(ck, f"{p}.q_norm.weight", (d,))
         self.k_norm = load_dense(ck, f"{p}.k_norm.weight", (d,))
+
+    def cache_bytes_per_token(self) -> int:
+        """What one token adds to this layer's cache: its keys and values, float32."""
+        return 2 * 4 * self.g * self.d
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, softmax_scale: float,
                  cache: LayerCache, cp=None) -> torch.Tensor:
