@@ -78,12 +78,14 @@ class CPU:
         """The decode attention's cost after `context` cached tokens, beyond the fixed
         per-sequence cost (attention_us_by_context)."""
         pts = sorted((int(k), float(v)) for k, v in self.attention_us_by_context.items())
-        if not pts or context <= pts[0][0]:
-            return pts[0][1] if pts else 0.0
+        if not pts:
+            return 0.0
+        if context <= pts[0][0] or len(pts) == 1:
+            return pts[0][1]
         for (c0, t0), (c1, t1) in zip(pts, pts[1:]):
-            if context <= c1 or (c1, t1) == pts[-1]:
-                return t0 + (context - c0) * (t1 - t0) / (c1 - c0)
-        return pts[0][1]   # one point: flat
+            if context <= c1:
+                break   # else the last segment, extended
+        return t0 + (context - c0) * (t1 - t0) / (c1 - c0)
 
     def score_gflops(self) -> float:
         return self.attention_gflops if self.attention_gflops > 0 else \

@@ -66,10 +66,14 @@ def routing_bins(n_experts: int, k: int, skew: float = 0.0, bins: int = 16
         if not over:
             break
         capped |= over
-    p = [1.0 if e in capped else w[e] * scale for e in range(n_experts)]
-    size = -(-n_experts // bins)
+    return _neighbours([1.0 if e in capped else w[e] * scale for e in range(n_experts)], bins)
+
+
+def _neighbours(p: list[float], bins: int) -> list[tuple[int, float]]:
+    """Probabilities in popularity order as `bins` groups of neighbours: (size, mean)."""
+    size = -(-len(p) // bins)
     return [(len(p[i:i + size]), sum(p[i:i + size]) / len(p[i:i + size]))
-            for i in range(0, n_experts, size)]
+            for i in range(0, len(p), size)]
 
 
 def recorded_bins(popularity: dict, cfg: ModelConfig, source: str = "routing",
@@ -83,10 +87,7 @@ def recorded_bins(popularity: dict, cfg: ModelConfig, source: str = "routing",
             raise ValueError(f"{source}: routing recorded over {len(p)} experts, top-"
                              f"{round(float(sum(p)))}; the model routes to "
                              f"{cfg.num_experts_per_tok} of {cfg.n_routed_experts}")
-        q = sorted((float(x) for x in p), reverse=True)
-        size = -(-len(q) // bins)
-        out[layer] = [(len(q[i:i + size]), sum(q[i:i + size]) / len(q[i:i + size]))
-                      for i in range(0, len(q), size)]
+        out[layer] = _neighbours(sorted((float(x) for x in p), reverse=True), bins)
     return out
 
 

@@ -131,10 +131,6 @@ class Costs:
         seconds, demand = self.machine.attention_extra(self.cfg, len(contexts), contexts)
         return [Part(seconds * self.cfg.num_hidden_layers, demand)] if seconds > 0 else []
 
-    def decode(self, contexts: tuple) -> list[Part]:
-        """A decode step over sequences with `contexts` tokens cached."""
-        return self(len(contexts), "decode") + self.context(contexts)
-
     def overlapped(self, a: int, b: int) -> list[Part]:
         """A decode step of two micro-batches (of a and b sequences) under dual-batch overlap:
         while one runs its attention on the GPU, the other runs its experts on the CPU, then

@@ -421,7 +421,7 @@ def test_dual_batch_overlap_in_serve():
     assert c.overlapped(1, 1) == [Part(ideal, c.overlapped(1, 1)[0].demand)]
     # off: one batch of two, plus its attention over the two caches (under 2 x 92 tokens)
     assert c.seconds(2, "decode") < off[0].itl_s[-1] \
-        < sum(p.seconds for p in c.decode((92, 92)))
+        < sum(p.seconds for p in c(2, "decode") + c.context((92, 92)))
     assert on[0].itl_s[-1] < off[0].itl_s[-1]
     demo = ModelConfig(**json.loads(TRACE.read_text())["metadata"]["model"])
     _, _, tr = simulate(demo, Hardware.load("zen3-2vcpu-calibrated"), reqs[:1] * 2, trace=True)
