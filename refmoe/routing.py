@@ -24,14 +24,14 @@ def record(model) -> dict:
     return {"n_routed_experts": cfg.n_routed_experts,
             "num_experts_per_tok": cfg.num_experts_per_tok,
             "layers": {str(i): {"tokens": int(moe.routed_tokens),
-                                "experts": [int(c) for c in moe.routed]}
+                                "experts": moe.routed.cpu().tolist()}
                        for i, moe in _moe_layers(model) if moe.routed_tokens}}
 
 
 def reset(model) -> None:
     """Start counting afresh (a benchmark's warm-up should not count)."""
     for _, moe in _moe_layers(model):
-        moe.routed[:] = 0
+        moe.routed.zero_()
         moe.routed_tokens = 0
 
 

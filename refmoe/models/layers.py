@@ -305,13 +305,16 @@ class MoE:
         self.packed = None  # the experts' packed host buffer, once refmoe.slp made one
         self.seconds = 0.0  # time spent in the CPU expert kernels (for metrics)
         # routing as served (refmoe.routing): tokens each routed expert received, tokens routed
-        self.routed = np.zeros(cfg.n_routed_experts, np.int64)
+        # (counted where the router runs, so SLP on a device adds no copy to the host)
+        self.routed = torch.zeros(cfg.n_routed_experts, dtype=torch.int64)
         self.routed_tokens = 0
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The router's (weights, ids) [T, K] for x [T, H], counted into `routed`."""
         weights, ids = self.gate(x)
-        self.routed += np.bincount(ids.reshape(-1).cpu().numpy(), minlength=len(self.routed))
+        if self.routed.device != ids.device:
+            self.routed = self.routed.to(ids.device)
+        self.routed += torch.bincount(ids.reshape(-1), minlength=len(self.routed))
         self.routed_tokens += ids.shape[0]
         return weights, ids
 
