@@ -7,6 +7,7 @@ measured in the same test, and their ratio.
 
 import statistics
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -70,3 +71,40 @@ def test_torch_fp8_baseline(benchmark):
         128, 1)
     x = torch.ones(1, 7168, dtype=torch.bfloat16)
     benchmark.pedantic(lambda: x @ (wt.to(torch.bfloat16) * full).T, rounds=3, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("path", ["fp8_heads", "float32_bmm"])
+def test_absorbed_mla_kv_b(benchmark, path):
+    """One absorbed MLA decode step's kv_b work at DeepSeek-V3's size (128 heads, key and
+    value halves of 128 x 512, one token): every head's W_uk^T q and W_uv o, through the FP8
+    per-head kernel (17 MB read) or float32 bmm on the dequantized halves (67 MB), over
+    distinct copies of the layer. extra_info: the step's time per layer, kv_b's FP8 bytes per
+    second of it and the plain-read GB/s of the same copies; compare the two paths' medians."""
+    import torch
+
+    from refmoe.models.deepseek_v3 import Absorbed
+    from refmoe.models.layers import Linear
+
+    torch.set_num_threads(THREADS)
+    n, half, lora = 128, 128, 512
+    cfg = SimpleNamespace(num_attention_heads=n, qk_nope_head_dim=half, v_head_dim=half,
+                          kv_lora_rank=lora)
+    codes, s = _make("fp8", n * 2 * half, lora)
+    weight_bytes = codes.nbytes * (1 if path == "fp8_heads" else 4)
+    layers = []
+    for i in range(max(2, -(-MIN_BYTES // weight_bytes))):
+        kv_b = Linear.__new__(Linear)
+        kv_b.n, kv_b.k, kv_b.weight = n * 2 * half, lora, None
+        kv_b.codes, kv_b.scale = np.roll(codes, i, axis=0), s
+        if path == "float32_bmm":
+            kv_b.weight, kv_b.codes, kv_b.scale = kv_b.dense(), None, None
+        layers.append(Absorbed(kv_b, cfg))
+        assert layers[-1].fp8 == (path == "fp8_heads")
+    q, o = torch.randn(n, 1, half), torch.randn(n, 1, lora)
+    read = _read_gbps([np.roll(codes, i, axis=0).reshape(-1) for i in range(7)])
+    benchmark.pedantic(lambda: [(a.keys(q), a.values(o)) for a in layers], rounds=5,
+                       warmup_rounds=1)
+    per = benchmark.stats.stats.median / len(layers)
+    benchmark.extra_info.update(variant=kernels.variant(), threads=THREADS, path=path,
+                                ms_per_layer=per * 1e3, fp8_gbps=codes.nbytes / per / 1e9,
+                                limit_gbps=read)

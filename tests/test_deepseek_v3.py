@@ -113,34 +113,65 @@ def test_fp8_checkpoint_against_dequantized_transformers(tmp_path):
     assert (out - ref).abs().max() <= LOGIT_TOL * ref.abs().max()
 
 
-@pytest.mark.parametrize("past, new", [(0, 1), (11, 1), (11, 3), (40, 8), (5, 2), (23, 2)])
-def test_absorbed_decode_equals_expanded(saved, monkeypatch, past, new):
-    """Decode attention with kv_b absorbed into the query and output (the latent cache read
-    as it is), and with a short sequence's expansion kept (kv_lora_rank = 24 tokens here),
-    gives the logits of expanding every cached latent into keys and values afresh; the
-    latent cache holds kv_lora_rank + rope_dim floats per token and layer."""
+def _decode_modes(mine, cfg, ids, past, monkeypatch):
+    """The logits of ids[past:] after ids[:past], with attention absorbed (ABSORB_MAX_TOKENS
+    8) and with every cached latent expanded afresh (0); the cache holds the latent alone."""
     from refmoe.models import deepseek_v3
 
-    _, d = saved
-    cfg, mine = models.load(d)
-    ids = torch.tensor((PROMPT * 5)[:past + new])
     got = {}
-    for mode, absorb, keep in (("absorbed", 8, False), ("kept", 8, True),
-                               ("expanded", 0, False)):
+    for mode, absorb in (("absorbed", 8), ("expanded", 0)):
         monkeypatch.setattr(deepseek_v3, "ABSORB_MAX_TOKENS", absorb)
-        monkeypatch.setattr(deepseek_v3, "KEEP_EXPANDED", keep)
         cache = mine.new_cache()
         if past:
             mine.forward(ids[:past], cache)
         got[mode] = mine.forward(ids[past:], cache)
-        assert cache.length == past + new
-        assert all(layer.kv.view().shape == (past + new, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        assert cache.length == len(ids)
+        assert all(layer.kv.view().shape == (len(ids), cfg.kv_lora_rank + cfg.qk_rope_head_dim)
                    for layer in cache.layers)
-        kept = past + new <= cfg.kv_lora_rank and keep
-        assert all((layer.expanded is not None) == kept for layer in cache.layers)
+    return got
+
+
+@pytest.mark.parametrize("past, new", [(0, 1), (11, 1), (11, 3), (40, 8), (5, 2), (23, 2)])
+def test_absorbed_decode_equals_expanded(saved, monkeypatch, past, new):
+    """Decode attention with kv_b absorbed into the query and output (the latent cache read
+    as it is) gives the logits of expanding every cached latent into keys and values afresh;
+    the latent cache holds kv_lora_rank + rope_dim floats per token and layer."""
+    _, d = saved
+    cfg, mine = models.load(d)
+    got = _decode_modes(mine, cfg, torch.tensor((PROMPT * 5)[:past + new]), past, monkeypatch)
+    assert not mine.blocks[0].attn._absorb_weights().fp8      # float weights: float32 halves
     ref = got["expanded"]
-    for mode in ("absorbed", "kept"):
-        assert (got[mode] - ref).abs().max() <= 1e-5 * ref.abs().max(), mode
+    assert (got["absorbed"] - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.fixture(scope="module")
+def fp8_heads(tmp_path_factory):
+    """An FP8 checkpoint whose heads are whole 128-row scale blocks (DeepSeek-V3's own head
+    dims, two heads), so absorbed decode runs kv_b's FP8 codes per head."""
+    m = random_model(dict(qk_nope_head_dim=128, v_head_dim=128, num_attention_heads=2,
+                          num_key_value_heads=2))
+    d = tmp_path_factory.mktemp("fp8_heads")
+    m.load_state_dict(write_fp8_checkpoint(m, d))
+    return m, d
+
+
+@pytest.mark.parametrize("past, new", [(0, 1), (11, 1), (30, 3), (40, 8)])
+def test_fp8_absorbed_decode(fp8_heads, monkeypatch, past, new):
+    """Absorbed decode through the FP8 per-head kernel (kv_b's value halves read in place, its
+    key halves transposed) equals fresh expansion, and transformers on the dequantized
+    weights; no float32 copy of kv_b is made."""
+    m, d = fp8_heads
+    cfg, mine = models.load(d)
+    ids = torch.tensor((PROMPT * 5)[:past + new])
+    got = _decode_modes(mine, cfg, ids, past, monkeypatch)
+    w = mine.blocks[0].attn._absorb_weights()
+    assert w.fp8 and not hasattr(w, "w_uk")
+    assert np.shares_memory(w.wv, mine.blocks[0].attn.kv_b.codes)
+    ref = got["expanded"]
+    assert (got["absorbed"] - ref).abs().max() <= 1e-5 * ref.abs().max()
+    with torch.no_grad():
+        hf = m(ids[None]).logits[0, past:]
+    assert (got["absorbed"] - hf).abs().max() <= LOGIT_TOL * hf.abs().max()
 
 
 class TestBadCheckpoints:

@@ -91,6 +91,44 @@ def test_variants_agree(case):
 
 
 @SETTINGS
+@given(heads=st.integers(1, 6), blocks=st.integers(1, 3), pick=st.integers(0, 2),
+       m=st.integers(1, 9), k=st.integers(1, 300), seed=st.integers(0, 2**32 - 1))
+def test_fp8_gemm_heads(variant, heads, blocks, pick, m, k, seed):
+    """Every head's matrix (one 128-row block out of `blocks`, a strided view into one weight,
+    as MLA's value halves are) against float64, bit for bit the plain GEMM on that head alone,
+    and the naive kernel beside it."""
+    rng = np.random.default_rng(seed)
+    pick %= blocks
+    codes, s = formats.fp8_quantize(rng.standard_normal((heads * blocks * 128, k)))
+    w = codes.reshape(heads, blocks, 128, k)[:, pick]
+    sc = s.reshape(heads, blocks, -1)[:, pick:pick + 1]
+    x = rng.standard_normal((heads, m, k)).astype(np.float32)
+    y = kernels.fp8_gemm_heads(x, w, sc, variant=variant, num_threads=2)
+    naive = kernels.fp8_gemm_heads(x, w, sc, variant=variant, naive=True)
+    for b in range(heads):
+        y64, mag = fp8_reference(x[b], np.ascontiguousarray(w[b]), np.ascontiguousarray(sc[b]))
+        check(y[b], y64, mag, k)
+        check(naive[b], y64, mag, k)
+        alone = kernels.fp8_gemm(x[b], np.ascontiguousarray(w[b]), np.ascontiguousarray(sc[b]),
+                                 variant=variant, num_threads=2)
+        assert np.array_equal(y[b], alone)
+
+
+def test_fp8_gemm_heads_rejects_bad_layouts():
+    codes, s = formats.fp8_quantize(np.ones((2 * 128, 64)))
+    w, sc = codes.reshape(2, 128, 64), s.reshape(2, 1, 1)
+    x = np.ones((2, 1, 64), np.float32)
+    with pytest.raises(ValueError, match="rows must be contiguous"):
+        kernels.fp8_gemm_heads(x, codes.reshape(2, 128, 64)[:, :, ::2], sc)
+    with pytest.raises(ValueError, match=r"scale_inv: expected float32 \(2, 1, 1\)"):
+        kernels.fp8_gemm_heads(x, w, s.reshape(1, 2, 1))
+    with pytest.raises(ValueError, match=r"x: expected float32 \[2, M >= 1, 64\]"):
+        kernels.fp8_gemm_heads(np.ones((3, 1, 64), np.float32), w, sc)
+    with pytest.raises(ValueError, match=r"w: expected uint8 \[B, N, K\]"):
+        kernels.fp8_gemm_heads(x, codes, sc)
+
+
+@SETTINGS
 @given(m=st.integers(1, 64), n=st.integers(1, 260), k=st.integers(1, 300),
        group=st.sampled_from([32, 128]), seed=st.integers(0, 2**32 - 1))
 def test_int4_gemm_vs_float64(variant, m, n, k, group, seed):

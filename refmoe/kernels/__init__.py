@@ -227,6 +227,51 @@ def fp8_gemm(x: np.ndarray, w, scale_inv: np.ndarray, *, num_threads: int | None
     return _gemm("fp8", x, w, s, n, k, 0, num_threads, variant, naive)
 
 
+def fp8_gemm_heads(x: np.ndarray, w, scale_inv: np.ndarray, *, num_threads: int | None = None,
+                   variant: str | None = None, naive: bool = False) -> np.ndarray:
+    """y[b] = x[b] @ dequant(w[b]).T for B matrices at once, in one parallel region (MLA's
+    absorbed decode: every head's slice of kv_b against that head's own vector).
+
+    Args:
+        x: float32 [B, M, K]; w: uint8 or float8_e4m3fn [B, N, K], each matrix's rows
+            contiguous (the matrices themselves may be strided views into one weight);
+        scale_inv: float32 [B, ceil(N/128), ceil(K/128)], likewise.
+    Returns: float32 [B, M, N].
+    """
+    w = _as_codes(w, "w")
+    if w.dtype != np.uint8 or w.ndim != 3:
+        raise ValueError(f"w: expected uint8 [B, N, K], got {w.dtype} with shape {w.shape}")
+    b, n, k = w.shape
+    if w.strides[2] != 1 or w.strides[1] != k:
+        raise ValueError(f"w: each matrix's rows must be contiguous, strides {w.strides}")
+    s = scale_inv
+    if not isinstance(s, np.ndarray) or s.dtype != np.float32 or \
+            s.shape != (b, *scale_shape(n, k)):
+        raise ValueError(f"scale_inv: expected float32 {(b, *scale_shape(n, k))}, got "
+                         f"{getattr(s, 'dtype', type(s))} {getattr(s, 'shape', '')}")
+    if s.strides[2] != 4 or s.strides[1] != 4 * s.shape[2]:
+        raise ValueError(f"scale_inv: each matrix's scales must be contiguous, strides "
+                         f"{s.strides}")
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.shape[0] != b or \
+            x.ndim != 3 or x.shape[2] != k or x.shape[1] < 1:
+        raise ValueError(f"x: expected float32 [{b}, M >= 1, {k}], got "
+                         f"{getattr(x, 'dtype', type(x))} {getattr(x, 'shape', '')}")
+    mod = _module(variant or _VARIANT)
+    if naive:
+        y = np.empty((b, x.shape[1], n), np.float32)
+        for i in range(b):
+            mod.gemm_reference(_FMT["fp8"], np.ascontiguousarray(w[i]).reshape(-1),
+                               np.ascontiguousarray(s[i]).reshape(-1), n, k, 0,
+                               np.ascontiguousarray(x[i]), y[i])
+        return y
+    kp = -(-k // BLOCK) * BLOCK
+    xp = np.zeros((b, x.shape[1], kp), np.float32)
+    xp[:, :, :k] = x
+    y = np.empty((b, x.shape[1], n), np.float32)
+    mod.gemm_heads(_FMT["fp8"], w, s, xp, y, _threads(num_threads))
+    return y
+
+
 def bf16_gemm(x: np.ndarray, w: np.ndarray, *, num_threads: int | None = None,
               variant: str | None = None, naive: bool = False) -> np.ndarray:
     """y = x @ w.T for bf16 weights given as uint16 bits [N, K]."""

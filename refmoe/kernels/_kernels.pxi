@@ -17,6 +17,7 @@ cdef extern from "kernels.h" nogil:
     int gemm(const wmat *W, int M, const float *x, float *y, int nthreads,
              const int *band_lo, const int *band_hi)
     int gemm_naive(const wmat *W, int M, const float *x, float *y)
+    int gemm_batched(const wmat *W, int B, int M, const float *x, float *y, int nthreads)
     int moe_mlp(int T, int H, int I, int E, const float *x, const int *offsets, const int *tok,
                 const float *rw, const wmat *gate, const wmat *up, const wmat *down, float *y,
                 float *xg, float *g_out, float *u_out, float *h, float *ye, int nthreads,
@@ -62,6 +63,31 @@ def gemm_rows(int fmt, const uint8_t[::1] w, const float[::1] s, int n, int k, i
     cdef int rc
     with nogil:
         rc = gemm(&W, x.shape[0], &x[0, 0], &y[0, 0], nthreads, &band_lo[0], &band_hi[0])
+    if rc != 0:
+        raise MemoryError("kernel scratch allocation failed")
+
+
+def gemm_heads(int fmt, const uint8_t[:, :, :] w, const float[:, :, :] s,
+               const float[:, :, ::1] x,   # IN  [B, M, Kp] zero padded
+               float[:, :, ::1] y,         # OUT [B, M, N]
+               int nthreads):
+    """y[b] = x[b] @ W[b]^T for B matrices w [B, N, K] (rows of one matrix contiguous; the
+    matrices may lie anywhere, e.g. every other 128-row block of one weight) with scales
+    s [B, ceil(N/128), ceil(K/128)]."""
+    cdef int B = w.shape[0], N = w.shape[1], K = w.shape[2], b, rc
+    cdef wmat *mats = <wmat *> malloc(max(B, 1) * sizeof(wmat))
+    if mats == NULL:
+        raise MemoryError("head descriptors")
+    for b in range(B):
+        mats[b].fmt = fmt
+        mats[b].n = N
+        mats[b].k = K
+        mats[b].group = 0
+        mats[b].w = &w[b, 0, 0]
+        mats[b].s = &s[b, 0, 0]
+    with nogil:
+        rc = gemm_batched(mats, B, x.shape[1], &x[0, 0, 0], &y[0, 0, 0], nthreads)
+    free(mats)
     if rc != 0:
         raise MemoryError("kernel scratch allocation failed")
 

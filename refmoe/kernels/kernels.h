@@ -1072,6 +1072,38 @@ static int gemm(const wmat *W, int M, const float *x, float *y, int nthreads,
     return failed ? -1 : 0;
 }
 
+/* Batched GEMM: B independent matrices W[b] (same n, k), each applied to its own M rows:
+ * y[b] [M, n] = x[b] [M, Kp] @ W[b]^T. MLA's absorbed decode runs every head's key and value
+ * halves of kv_b this way, one parallel region for all heads: the (head, band) units are split
+ * evenly over the threads. x: [B, M, Kp] zero padded, y: [B, M, n]. */
+static int gemm_batched(const wmat *W, int B, int M, const float *x, float *y, int nthreads) {
+    int failed = 0, kp = round_up(W[0].k, BAND), nb = ceil_div(W[0].n, BAND);
+    long units = (long)B * nb;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        int t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        unsigned int csr = fpenv_enter();
+        scratch sc;
+        if (!scratch_alloc(&sc, W[0].k)) {
+            failed = 1;
+        } else {
+            for (long u = units * t / nt; u < units * (t + 1) / nt; u++) {
+                int b = (int)(u / nb), lo = (int)(u % nb) * BAND;
+                int hi = lo + BAND < W[b].n ? lo + BAND : W[b].n;
+                failed |= rows_gemm(&W[b], lo, hi, M, x + (size_t)b * M * kp, kp,
+                                    y + (size_t)b * M * W[b].n, W[b].n, &sc) != 0;
+            }
+        }
+        scratch_free(&sc);
+        fpenv_exit(csr);
+    }
+    return failed ? -1 : 0;
+}
+
 /* The naive kernel, kept beside the fast one for tests: scalar, one dot product per output,
  * fp32 accumulation in k order, scale applied per element. x: [M, K] (unpadded). */
 static int gemm_naive(const wmat *W, int M, const float *x, float *y) {

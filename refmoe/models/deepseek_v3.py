@@ -16,10 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from refmoe import kernels
 from refmoe.checkpoint import Checkpoint
 from refmoe.config import ModelConfig
+from refmoe.kernels.formats import BLOCK
 from refmoe.models.layers import (Block, DecoderModel, Growing, Linear, apply_rope, attend,
                                   load_dense, mask_causal, rms_norm)
 
@@ -30,18 +33,12 @@ from refmoe.models.layers import (Block, DecoderModel, Growing, Linear, apply_ro
 
 @dataclass(slots=True)
 class LayerCache:
-    """Per layer: the MLA cache proper, [S, kv_lora_rank + rope_dim] (the normalized latent and
-    the roped key of each token, 576 floats for DeepSeek-V3), in a buffer that grows by
-    doubling. Past kv_lora_rank tokens (and always on a GPU) nothing is kept expanded
-    through kv_b: decode absorbs kv_b into the query and the output instead (MLA._absorbed),
-    so a step reads the cache once and copies none of it."""
+    """Per layer: the MLA cache, [S, kv_lora_rank + rope_dim] (the normalized latent and the
+    roped key of each token, 576 floats for DeepSeek-V3), in a buffer that grows by doubling.
+    Nothing else is kept: decode absorbs kv_b into the query and the output instead
+    (MLA._absorbed), so a step reads the cache once and copies none of it."""
 
     kv: Growing = field(default_factory=lambda: Growing(0))
-    # on the CPU, while the sequence is at most kv_lora_rank tokens long: the latents expanded
-    # through kv_b, [n, S, nope + v], so that a decode step expands only its own token (a
-    # 17 MB FP8 GEMV for V3) instead of reading the 67 MB of absorbed float32 weights;
-    # 128 KB a token and layer for V3, dropped once the sequence is longer
-    expanded: Growing | None = None
 
     @property
     def length(self) -> int:
@@ -115,41 +112,22 @@ class MLA:
             start += cp.offset
         cached = cache.kv.append(new)                                       # [S, lora + rope]
         scale = self.qk_head ** -0.5 * softmax_scale
-        # Short sequences on the CPU keep their expansion (see LayerCache.expanded); past
-        # kv_lora_rank tokens reading it costs more than the absorbed weights, so it goes.
-        keep = KEEP_EXPANDED and q.device.type == "cpu" and cached.shape[0] <= cfg.kv_lora_rank
-        if not keep:
-            cache.expanded = None
-        if 0 < t <= ABSORB_MAX_TOKENS and not keep:
+        if 0 < t <= ABSORB_MAX_TOKENS:
             out = self._absorbed(q_nope, q_rot, cached, start, scale)
         else:
-            out = self._expanded(q_nope, q_rot, cached, new.shape[0], start, scale,
-                                 cache if keep else None)
+            out = self._expanded(q_nope, q_rot, cached, start, scale)
         return out.transpose(0, 1).reshape(t, n * cfg.v_head_dim)
 
-    def _expanded(self, q_nope, q_rot, cached, fresh, start, scale, keep=None) -> torch.Tensor:
+    def _expanded(self, q_nope, q_rot, cached, start, scale) -> torch.Tensor:
         """Every cached latent expanded through kv_b into per-head keys and values, then plain
-        attention: a prompt (one GEMM over S tokens, cheap beside the T x S scores), or a
-        short sequence on the CPU, whose expansion `keep` holds so that a step expands only
-        its `fresh` rows (a 17 MB FP8 GEMV for V3, where the absorbed weights are 67 MB)."""
+        attention: a prompt (one GEMM over S tokens, cheap beside the T x S scores)."""
         cfg, n = self.cfg, self.n
         s = cached.shape[0]
         latent, k_rot = cached.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
-        if keep is None:
-            kv = self.kv_b(latent).view(s, n, -1).transpose(0, 1)           # [n, S, nope+v]
-            k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
-            k = torch.cat([k_nope, k_rot.expand(n, s, -1)], dim=-1)          # [n, S, qk]
-            return attend(torch.cat([q_nope, q_rot], dim=-1), k, v, start, scale)
-        if keep.expanded is not None and keep.expanded.n == s - fresh:
-            kv = keep.expanded.append(
-                self.kv_b(latent[s - fresh:]).view(fresh, n, -1).transpose(0, 1))
-        else:
-            keep.expanded = Growing(1)
-            kv = keep.expanded.append(self.kv_b(latent).view(s, n, -1).transpose(0, 1))
-        k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)   # [n, S, .]
-        # the rope part against the one shared key, without copying it per head
-        scores = (q_nope @ k_nope.transpose(1, 2) + q_rot @ k_rot.T) * scale  # [n, T, S]
-        return torch.softmax(mask_causal(scores, start), dim=-1) @ v         # [n, T, v]
+        kv = self.kv_b(latent).view(s, n, -1).transpose(0, 1)               # [n, S, nope+v]
+        k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_rot.expand(n, s, -1)], dim=-1)              # [n, S, qk]
+        return attend(torch.cat([q_nope, q_rot], dim=-1), k, v, start, scale)
 
     def _absorbed(self, q_nope, q_rot, cached, start, scale) -> torch.Tensor:
         """A few new tokens (decode): kv_b's key half folded into the query and its value half
@@ -157,30 +135,61 @@ class MLA:
         q_nope . (W_uk c) = (W_uk^T q_nope) . c, and sum_s p_s W_uv c_s = W_uv (sum_s p_s c_s).
         The cache is read as it is, one [n*T, lora + rope] x [S, lora + rope] product."""
         cfg, n, t = self.cfg, self.n, q_nope.shape[1]
-        w_uk, w_uv = self._absorb_weights()          # [n, nope, lora], [n, v, lora]
-        q_lat = torch.bmm(q_nope, w_uk)                                      # [n, T, lora]
+        w = self._absorb_weights()
+        q_lat = w.keys(q_nope)                                               # [n, T, lora]
         qc = torch.cat([q_lat, q_rot], dim=-1).reshape(n * t, -1)           # [n*T, lora+rope]
         scores = mask_causal((qc @ cached.T).view(n, t, -1) * scale, start)  # [n, T, S]
         p = torch.softmax(scores, dim=-1).view(n * t, -1)
         o_lat = (p @ cached[:, :cfg.kv_lora_rank]).view(n, t, -1)           # [n, T, lora]
-        return torch.bmm(o_lat, w_uv.transpose(1, 2))                       # [n, T, v]
+        return w.values(o_lat)                                               # [n, T, v]
 
-    def _absorb_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """kv_b as float32 per head, split into its key and value halves (made once: 4 bytes a
-        weight, 67 MB a layer for DeepSeek-V3, where the FP8 codes take 17 MB)."""
+    def _absorb_weights(self) -> "Absorbed":
         if self._absorb is None:
-            cfg = self.cfg
-            w = self.kv_b.dense().view(self.n, cfg.qk_nope_head_dim + cfg.v_head_dim,
-                                       cfg.kv_lora_rank)
-            w_uk, w_uv = w.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)
-            self._absorb = (w_uk.contiguous(), w_uv.contiguous())
+            self._absorb = Absorbed(self.kv_b, self.cfg)
         return self._absorb
+
+
+class Absorbed:
+    """kv_b split per head for absorbed decode: keys(q_nope) = W_uk^T q_nope per head, and
+    values(o_lat) = W_uv o_lat per head. FP8 on the CPU (where each head's halves are whole
+    128-row scale blocks, as in DeepSeek-V3): the value halves are read where they lie in the
+    checkpoint and the key halves from a transposed copy of their codes (8.4 MB a V3 layer),
+    every head in one kernel call (kernels.fp8_gemm_heads): a step reads kv_b's 17 MB once.
+    Otherwise (float weights, a GPU, heads off the scale blocks) float32 per head, made once
+    (67 MB a V3 layer)."""
+
+    def __init__(self, kv_b: Linear, cfg: ModelConfig):
+        n, nope, v, lora = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim,
+                            cfg.kv_lora_rank)
+        self.fp8 = kv_b.codes is not None and nope % BLOCK == 0 and v % BLOCK == 0
+        if self.fp8:
+            codes = kernels._as_codes(kv_b.codes, "kv_b").reshape(n, nope + v, lora)
+            scale = kv_b.scale.reshape(n, (nope + v) // BLOCK, -1)
+            self.wk_t = np.ascontiguousarray(codes[:, :nope].transpose(0, 2, 1))  # [n, lora, nope]
+            self.sk_t = np.ascontiguousarray(scale[:, :nope // BLOCK].transpose(0, 2, 1))
+            self.wv, self.sv = codes[:, nope:], scale[:, nope // BLOCK:]     # views, [n, v, lora]
+        else:
+            w = kv_b.dense().view(n, nope + v, lora)
+            w_uk, w_uv = w.split([nope, v], dim=1)
+            self.w_uk, self.w_uv = w_uk.contiguous(), w_uv.contiguous()
+
+    def keys(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """[n, T, nope] -> [n, T, lora]"""
+        if self.fp8:
+            x = q_nope.float().contiguous().numpy()
+            return torch.from_numpy(kernels.fp8_gemm_heads(x, self.wk_t, self.sk_t))
+        return torch.bmm(q_nope, self.w_uk)
+
+    def values(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """[n, T, lora] -> [n, T, v]"""
+        if self.fp8:
+            x = o_lat.float().contiguous().numpy()
+            return torch.from_numpy(kernels.fp8_gemm_heads(x, self.wv, self.sv))
+        return torch.bmm(o_lat, self.w_uv.transpose(1, 2))
 
 
 # new tokens per sequence up to which attention runs absorbed (decode); more run expanded
 ABSORB_MAX_TOKENS = 8
-# short sequences on the CPU keep their expansion (LayerCache.expanded)
-KEEP_EXPANDED = True
 
 
 # ---------------------------------------------------------------------------------------------
