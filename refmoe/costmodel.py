@@ -8,9 +8,16 @@ on the device either way), so the choice compares their time:
     CPU   per MoE layer: max(bytes of the experts the chunk hits / kernel GB/s,
                              expert FLOPs / kernel GFLOP/s)
     SLP   per MoE layer: max(bytes streamed / host-to-device GB/s,
-                             expert FLOPs / (devices x device GFLOP/s))
+                             expert FLOPs / (devices x device GFLOP/s)
+                             + bytes streamed / device weight GB/s)
           + the exchange of hidden states between devices (DSLP) + one layer's load that
           nothing hides (the ring's fill)
+
+The device's weight term is what each expert costs the SLP lane before its tokens count: the
+dequantization of its FP8 codes (and a pass over them). A GPU does it at HBM speed, far above
+the link, so it vanishes; with the CPU as the device it is torch converting FP8 on the cores,
+which makes SLP lose to the CPU kernels (FP8 read as stored) on this machine at any length
+measured, where the FLOP term alone had it winning past a few hundred tokens.
 
 Legend: T = prompt tokens, E = routed experts, K = experts per token.
 """
@@ -35,6 +42,9 @@ class Rates:
     cpu_gflops: float          # CPU expert kernels with many tokens per expert
     device_gflops: float       # the device's expert matmuls (the SLP compute lane)
     exchange_gbps: float = 0.0  # between devices (DSLP all-gather / reduce-scatter); 0: none
+    # FP8 weight bytes per second the SLP lane prepares (dequantizes) apart from its matmuls;
+    # 0: free beside the link (a GPU)
+    device_weight_gbps: float = 0.0
     devices: int = 1
     device: str = "cpu"
 
@@ -88,6 +98,8 @@ def slp_expert_seconds(cfg: ModelConfig, tokens: int, rates: Rates, devices: int
                 + cfg.n_shared_experts
         stream = slots / devices * expert_bytes(cfg) / (rates.h2d_gbps * 1e9)
         compute = expert_flops(cfg, t) / devices / (rates.device_gflops * 1e9)
+        if rates.device_weight_gbps:
+            compute += slots / devices * expert_bytes(cfg) / (rates.device_weight_gbps * 1e9)
         exchange = 0.0
         if devices > 1:     # gather the chunk's hidden states, scatter the summed results
             exchange = 2 * t * cfg.hidden_size * 4 * (devices - 1) / devices / (
@@ -182,8 +194,12 @@ def measure_cpu(cfg: ModelConfig, num_threads: int | None = None, reps: int = 3
     return w.nbytes / gemv / 1e9, 2.0 * 64 * h * i / gemm / 1e9
 
 
-def measure_device_gflops(cfg: ModelConfig, device, tokens: int = 1024, reps: int = 3) -> float:
-    """The SLP compute lane's matmul rate on one expert projection of the model's shape."""
+def measure_device(cfg: ModelConfig, device, tokens: tuple[int, int] = (16, 1024),
+                   reps: int = 3) -> tuple[float, float]:
+    """The SLP compute lane on one expert projection of the model's shape, timed at a few and
+    at many tokens, as (GFLOP/s of its matmul per token, FP8 weight GB/s of its fixed part,
+    the dequantization): t(M) = weight bytes / weight GB/s + 2 M N K / GFLOP/s. The weight
+    rate is 0 (free) when the two times leave no fixed part."""
     import torch
 
     from refmoe.slp import Matmul
@@ -195,20 +211,27 @@ def measure_device_gflops(cfg: ModelConfig, device, tokens: int = 1024, reps: in
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(i, h, generator=g) * 0.05).to(torch.float8_e4m3fn).to(device)
     s = torch.ones(-(-i // 128), -(-h // 128), device=device)
-    x = torch.randn(tokens, h, generator=g).to(device, dtype)
+    times = []
+    for m in tokens:
+        x = torch.randn(m, h, generator=g).to(device, dtype)
 
-    def run():
-        mm(x, w, s)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        def run():
+            mm(x, w, s)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
 
-    run()
-    return 2.0 * tokens * h * i / _best(run, reps) / 1e9
+        run()
+        times.append(_best(run, reps))
+    (m0, m1), (t0, t1) = tokens, times
+    per_token = max((t1 - t0) / (m1 - m0), 1e-15)
+    fixed = t0 - m0 * per_token
+    return 2.0 * h * i / per_token / 1e9, (h * i / fixed / 1e9 if fixed > 0 else 0.0)
 
 
 def measure_rates(cfg: ModelConfig, device, devices: int = 1, num_threads: int | None = None
                   ) -> Rates:
     gemv, gflops = measure_cpu(cfg, num_threads)
+    device_gflops, weight_gbps = measure_device(cfg, device)
     return Rates(h2d_gbps=measure_h2d_gbps(device), cpu_gemv_gbps=gemv, cpu_gflops=gflops,
-                 device_gflops=measure_device_gflops(cfg, device), devices=devices,
+                 device_gflops=device_gflops, device_weight_gbps=weight_gbps, devices=devices,
                  device=str(device))

@@ -161,17 +161,22 @@ def _cmd_validate(args) -> int:
     if not args.hardware and not args.beside:
         raise ValueError("validate: give --hardware PROFILE or --beside")
 
-    def profile(trace: str) -> Hardware:
+    def profiles(trace: str) -> tuple[Hardware, list[Hardware] | None]:
+        """The profile to predict with, and the separate calibrations it pools (if any)."""
         if not args.beside:
-            return Hardware.load(args.hardware)
+            return Hardware.load(args.hardware), None
         base = Path(trace).with_suffix("")
         found = [p for p in (Path(f"{base}-before.yaml"), Path(f"{base}-after.yaml"))
                  if p.exists()]
         if not found:
             raise ValueError(f"{trace}: no {base.name}-before.yaml or -after.yaml beside it")
-        return pool([Hardware.load(p) for p in found], f"{base.name} calibrations, pooled")
+        each = [Hardware.load(p) for p in found]
+        return pool(each, f"{base.name} calibrations, pooled"), each
 
-    results = [validate(t, profile(t), args.interval) for t in args.traces]
+    results = []
+    for t in args.traces:
+        hw, each = profiles(t)
+        results.append(validate(t, hw, args.interval, calibrations=each))
     table = summarize(results)
     if args.plot:
         plot(results, args.plot)

@@ -7,7 +7,9 @@ the prediction is rerun on that profile. The interval is the spread of the repli
 predictions (the 5th and 95th percentiles for a 90% interval). Fields measured in the same
 reps (the read and the kernel beside it) are drawn with the same indices, so their
 correlation survives. What the interval covers is the calibration's own noise, not the
-model's structural error: validation (sim/validate.py) is what measures that.
+model's structural error: validation (sim/validate.py) is what measures that. Given several
+calibrations (one before and one after a trace), the replicates of each are mixed, so the
+interval also spans the machine's drift between them.
 """
 
 from __future__ import annotations
@@ -56,16 +58,29 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def bootstrap(fn: Callable[[Hardware], dict], hw: Hardware, n: int = 200, level: float = 0.9,
-              seed: int = 0) -> dict[str, tuple[float, float]]:
-    """fn(profile) -> {metric: value}; returns {metric: (low, high)} at the given level."""
+def replicates(fn: Callable[[Hardware], dict], hw: Hardware, n: int = 200,
+               seed: int = 0) -> list[dict]:
+    """fn(profile) -> {metric: value} on n bootstrap replicates of hw."""
     if not hw.samples:
         raise ValueError(f"{hw.name}: the profile carries no calibration samples, so no "
                          "interval (profiles from `refmoe-sim calibrate` do)")
-    if n < 2 or not 0 < level < 1:
-        raise ValueError("a bootstrap needs n >= 2 replicates and a level in (0, 1)")
+    if n < 2:
+        raise ValueError("a bootstrap needs n >= 2 replicates")
     rng = random.Random(seed)
-    runs = [fn(resample(hw, rng)) for _ in range(n)]
+    return [fn(resample(hw, rng)) for _ in range(n)]
+
+
+def bootstrap(fn: Callable[[Hardware], dict], hw: Hardware | list[Hardware], n: int = 200,
+              level: float = 0.9, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """fn(profile) -> {metric: value}; returns {metric: (low, high)} at the given level.
+    hw may be several calibrations of one machine taken at different times: the replicates
+    of each (n apiece) then form one mixture, as if the machine, while the predicted run
+    went on, were in any one of the states they measured; its quantiles span the drift
+    between them, which pooling their samples into one median (pool) averages away."""
+    if not 0 < level < 1:
+        raise ValueError("a bootstrap needs n >= 2 replicates and a level in (0, 1)")
+    runs = [r for i, p in enumerate(hw if isinstance(hw, list) else [hw])
+            for r in replicates(fn, p, n, seed + i)]
     tail = (1 - level) / 2
     out = {}
     for metric in runs[0]:

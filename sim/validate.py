@@ -33,9 +33,12 @@ def measured(doc: dict) -> dict:
             "prompt_tokens": req["prompt_tokens"], "output_tokens": req["output_tokens"]}
 
 
-def validate(path: str | Path, hw: Hardware, interval: int = 0) -> dict:
+def validate(path: str | Path, hw: Hardware, interval: int = 0,
+             calibrations: list[Hardware] | None = None) -> dict:
     """Predicted against measured, per metric; with interval=N also the 90% bootstrap
-    interval of each prediction (sim/interval.py) and whether the measurement lies in it."""
+    interval of each prediction (sim/interval.py) and whether the measurement lies in it.
+    calibrations: the separate calibrations that hw pools (`validate --beside`); the
+    interval then mixes N replicates of each, spanning the drift between them."""
     doc = load_trace(path)
     names = {f.name for f in fields(ModelConfig)}
     cfg = ModelConfig(**{k: v for k, v in doc["metadata"]["model"].items() if k in names})
@@ -55,7 +58,7 @@ def validate(path: str | Path, hw: Hardware, interval: int = 0) -> dict:
     if interval:
         from sim.interval import bootstrap
 
-        for k, (lo, hi) in bootstrap(fn, hw, interval).items():
+        for k, (lo, hi) in bootstrap(fn, calibrations or hw, interval).items():
             rows[k]["interval"] = [lo, hi]
             rows[k]["inside"] = bool(lo <= meas[k] <= hi)
     out = {"trace": str(path), "hardware": hw.name, "metrics": rows}
@@ -131,7 +134,7 @@ def summarize(results: list[dict]) -> dict:
 
 def plot(results: list[dict], path: str) -> None:
     """Predicted against measured, one panel per metric, log axes, y = x, and the bootstrap
-    intervals as error bars where present."""
+    intervals as vertical lines where present."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,9 +146,11 @@ def plot(results: list[dict], path: str) -> None:
         pts = [(r["metrics"][metric], Path(r["trace"]).stem) for r in results
                if metric in r["metrics"]]
         for m, label in pts:
-            lo, hi = m.get("interval", [m["predicted"], m["predicted"]])
-            ax.errorbar(m["measured"], m["predicted"], yerr=[[m["predicted"] - lo],
-                        [hi - m["predicted"]]], fmt="o", capsize=3, label=label)
+            # the interval as drawn, not as error bars about the point: mixed from several
+            # calibrations it need not contain the pooled prediction
+            line = ax.plot(m["measured"], m["predicted"], "o", label=label)[0]
+            if "interval" in m:
+                ax.vlines(m["measured"], *m["interval"], color=line.get_color())
         vals = [v for m, _ in pts for v in (m["measured"], m["predicted"])]
         lo, hi = min(vals) / 1.3, max(vals) * 1.3
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)

@@ -5,6 +5,7 @@ ring reuse read back from the trace; selective streaming; errors; the cost model
 Runs on the CPU everywhere (the ring in host memory, loader and unloader threads); the CUDA
 cases run where a GPU is present."""
 
+import dataclasses
 import json
 import re
 
@@ -236,6 +237,29 @@ def test_cost_model_picks_cpu_for_short_slp_for_long():
     assert 500 < cross < 20000
     slower = costmodel.Rates(**{**PAPER.as_dict(), "h2d_gbps": 26.5})
     assert costmodel.crossover_tokens(V3, slower, devices=1) > cross   # slower link: later
+
+
+def test_cost_model_charges_the_device_its_dequantization():
+    """With the CPU as the SLP device (torch converting FP8 at ~0.15 GB/s, as measured here)
+    a few hundred tokens go to the CPU kernels, where the FLOP term alone picks SLP; past
+    the point where the conversion amortizes SLP may win again. A GPU's conversion (0: free
+    beside the link) changes nothing."""
+    here = costmodel.Rates(h2d_gbps=6.9, cpu_gemv_gbps=12.5, cpu_gflops=84,
+                           device_gflops=138, device_weight_gbps=0.15)
+    flops_only = costmodel.Rates(**{**here.as_dict(), "device_weight_gbps": 0.0})
+    assert costmodel.choose_prefill(V3, 360, flops_only).path == "slp"
+    assert costmodel.choose_prefill(V3, 360, here).path == "cpu"
+    assert costmodel.crossover_tokens(V3, here) > 4 * costmodel.crossover_tokens(V3, flops_only)
+    gpu = costmodel.Rates(**{**PAPER.as_dict(), "device_weight_gbps": 0.0})
+    assert costmodel.crossover_tokens(V3, gpu) == costmodel.crossover_tokens(V3, PAPER)
+
+
+def test_measured_device_rates_on_the_cpu():
+    """The SLP lane timed at 16 and 1,024 tokens on a small expert shape: a matmul rate and a
+    fixed per-weight rate (the FP8 conversion), both positive on the CPU."""
+    cfg = dataclasses.replace(V3, hidden_size=512, moe_intermediate_size=256)
+    gflops, weight_gbps = costmodel.measure_device(cfg, "cpu", reps=2)
+    assert gflops > 0.5 and weight_gbps > 0
 
 
 def test_cost_model_streaming_floor():
