@@ -374,8 +374,14 @@ def _slp_prefill(m: Machine, cfg: ModelConfig, tokens: int, devices: int | list[
 
     env.process(loader())
     overhead = gpus[0].layer_overhead_us * 1e-6
-    exchange = 2 * tokens * cfg.hidden_size * 4 * (n - 1) / n / (
-        gpus[0].pcie_gbps * 1e9) if n > 1 else 0.0
+    # DSLP: each GPU receives the others' share of the chunk's hidden states (all-gather) and
+    # of the summed expert outputs (reduce-scatter), float32, over its own PCIe link, where
+    # it shares the link with the next layer's stream (no NVLink on these boxes)
+    exchange = 2 * tokens * cfg.hidden_size * 4 * (n - 1) / n if n > 1 else 0.0
+
+    def receive(d):
+        rate = hw.gpus[d].pcie_gbps * 1e9
+        yield from m.work(exchange / rate, {m.pcie[d]: rate})
     attn_flops = costs.attention_flops(cfg, tokens) / n
     for i, cost in enumerate(costs.layer_costs(cfg)):
         # context parallel: each GPU computes the attention of its 1/N of the queries
@@ -388,7 +394,9 @@ def _slp_prefill(m: Machine, cfg: ModelConfig, tokens: int, devices: int | list[
         if cost.expert_bytes:
             yield loaded[i]
             flops = costmodel.expert_flops(cfg, tokens) / n
-            yield on_each(lambda d, g: flops / (g.expert_tflops * 1e12) + exchange)
+            yield on_each(lambda d, g: flops / (g.expert_tflops * 1e12))
+            if exchange:
+                yield simpy.AllOf(env, [env.process(receive(d)) for d in ids])
             yield ring.put(1)
             m.mark("slp", "experts", f"experts L{i}", t0, tokens=tokens)
         else:

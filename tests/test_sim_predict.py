@@ -90,6 +90,12 @@ def test_slp_streaming_floor_and_two_gpus():
     assert one.prefill == "slp" and one.devices == 1 and two.devices == 2
     assert one.ttft_s > 58 * 257 * 44e6 / 53e9 * 0.98
     assert 1.5 < one.ttft_s / two.ttft_s <= 2.0
+    # DSLP's exchange (each GPU receives half the chunk's hidden states and half its summed
+    # outputs, float32) shares each GPU's link with the stream: on a stream-bound prompt both
+    # pass over it, so the time covers half the experts plus the exchange
+    stream = 58 * 128.5 * 44e6 / 53e9
+    exchange = 58 * 2 * 8192 * 7168 * 4 / 2 / 53e9
+    assert two.ttft_s > (stream + exchange) * 0.98
 
 
 def test_auto_prefill_follows_the_cost_model():
