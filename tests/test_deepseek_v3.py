@@ -287,3 +287,31 @@ def test_convert_to_fp8(saved, tmp_path):
     again = subprocess.run([sys.executable, "-m", "refmoe.cli", "convert", "--model", str(out),
                             "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert again.returncode == 2 and "already an FP8 checkpoint" in again.stderr
+
+
+def test_fp8_absorbed_batch_reads_kv_b_once(fp8_heads, monkeypatch):
+    """Several sequences decoding together (1, 1 and 3 new tokens after 5, 17 and 30 cached):
+    each gets the logits it gets alone, and each layer runs kv_b's two absorbed products once
+    for the whole batch (two kernel calls per layer, not two per sequence)."""
+    from refmoe import kernels
+
+    _, d = fp8_heads
+    cfg, mine = models.load(d)
+    ids = torch.tensor(PROMPT * 4)
+    plan = [(5, 1), (17, 1), (30, 3)]
+    alone, caches = [], []
+    for past, new in plan:
+        cache = mine.new_cache()
+        mine.forward(ids[:past], cache)
+        alone.append(mine.forward(ids[past:past + new], cache)[-1])
+        caches.append(mine.new_cache())
+        mine.forward(ids[:past], caches[-1])
+    calls = []
+    real = kernels.fp8_gemm_heads
+    monkeypatch.setattr(kernels, "fp8_gemm_heads",
+                        lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
+    got = mine.forward_batch([ids[p:p + n] for p, n in plan], caches)
+    assert len(calls) == 2 * cfg.num_hidden_layers
+    assert all(shape[1] == 5 for shape in calls)                 # 1 + 1 + 3 tokens at once
+    for row, ref in zip(got, alone):
+        assert (row - ref).abs().max() <= 1e-5 * ref.abs().max()

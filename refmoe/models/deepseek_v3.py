@@ -80,7 +80,8 @@ class MLA:
     def batch(self, xs: list[torch.Tensor], ropes, softmax_scale: float,
               caches: list[LayerCache], cp=None) -> list[torch.Tensor]:
         """Several sequences: the projections run once over all their tokens (each weight
-        read once per batch); rope, the cache and the attention proper per sequence."""
+        read once per batch), and so do absorbed decode's kv_b products; rope, the cache and
+        the scores per sequence."""
         cfg = self.cfg
         sizes = [x.shape[0] for x in xs]
         x = xs[0] if len(xs) == 1 else torch.cat(xs)                        # [T, H]
@@ -91,15 +92,23 @@ class MLA:
         kv = self.kv_a(x)                                                   # [T, lora + rope]
         latent, k_rot = kv.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         latent = rms_norm(latent, self.kv_a_norm, cfg.rms_norm_eps)         # [T, lora]
-        outs = [self._attend(qi, li, ki, cos, sin, softmax_scale, cache, cp)
+        seqs = [self._extend(qi, li, ki, cos, sin, softmax_scale, cache, cp)
                 for qi, li, ki, (cos, sin), cache in zip(
                     q.split(sizes), latent.split(sizes), k_rot.split(sizes), ropes, caches)]
+        decode = [i for i, sq in enumerate(seqs) if 0 < sq[0].shape[1] <= ABSORB_MAX_TOKENS]
+        outs = [None if i in decode else self._expanded(*sq) for i, sq in enumerate(seqs)]
+        if decode:
+            for i, o in zip(decode, self._absorbed([seqs[i] for i in decode])):
+                outs[i] = o
+        outs = [o.transpose(0, 1).reshape(t, self.n * cfg.v_head_dim)       # [T, n*v] each
+                for o, t in zip(outs, sizes)]
         out = self.o(outs[0] if len(outs) == 1 else torch.cat(outs))        # [T, H]
         return list(out.split(sizes))
 
-    def _attend(self, q, latent, k_rot, cos, sin, softmax_scale, cache: LayerCache, cp
-                ) -> torch.Tensor:
-        """One sequence: q [T, n*qk], latent [T, lora], k_rot [T, rope] -> [T, n*v]."""
+    def _extend(self, q, latent, k_rot, cos, sin, softmax_scale, cache: LayerCache, cp):
+        """One sequence: rope, and its new latents into the cache. q [T, n*qk], latent
+        [T, lora], k_rot [T, rope] -> (q_nope [n, T, nope], q_rot [n, T, rope], the cache
+        [S, lora + rope], the queries' first position, the softmax scale)."""
         cfg, n, t = self.cfg, self.n, q.shape[0]
         q = q.view(t, n, self.qk_head).transpose(0, 1)                      # [n, T, qk]
         q_nope, q_rot = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
@@ -111,12 +120,7 @@ class MLA:
             new = cp.gather(new)
             start += cp.offset
         cached = cache.kv.append(new)                                       # [S, lora + rope]
-        scale = self.qk_head ** -0.5 * softmax_scale
-        if 0 < t <= ABSORB_MAX_TOKENS:
-            out = self._absorbed(q_nope, q_rot, cached, start, scale)
-        else:
-            out = self._expanded(q_nope, q_rot, cached, start, scale)
-        return out.transpose(0, 1).reshape(t, n * cfg.v_head_dim)
+        return q_nope, q_rot, cached, start, self.qk_head ** -0.5 * softmax_scale
 
     def _expanded(self, q_nope, q_rot, cached, start, scale) -> torch.Tensor:
         """Every cached latent expanded through kv_b into per-head keys and values, then plain
@@ -129,19 +133,25 @@ class MLA:
         k = torch.cat([k_nope, k_rot.expand(n, s, -1)], dim=-1)              # [n, S, qk]
         return attend(torch.cat([q_nope, q_rot], dim=-1), k, v, start, scale)
 
-    def _absorbed(self, q_nope, q_rot, cached, start, scale) -> torch.Tensor:
-        """A few new tokens (decode): kv_b's key half folded into the query and its value half
-        applied after, so every head scores against the shared latent directly:
-        q_nope . (W_uk c) = (W_uk^T q_nope) . c, and sum_s p_s W_uv c_s = W_uv (sum_s p_s c_s).
-        The cache is read as it is, one [n*T, lora + rope] x [S, lora + rope] product."""
-        cfg, n, t = self.cfg, self.n, q_nope.shape[1]
+    def _absorbed(self, seqs: list[tuple]) -> list[torch.Tensor]:
+        """A few new tokens per sequence (decode): kv_b's key half folded into the query and
+        its value half applied after, so every head scores against the shared latent
+        directly: q_nope . (W_uk c) = (W_uk^T q_nope) . c, and sum_s p_s W_uv c_s =
+        W_uv (sum_s p_s c_s). Each cache is read as it is, one [n*T, lora + rope] x
+        [S, lora + rope] product; the two kv_b products run once over every sequence's tokens,
+        so the batch reads kv_b once. seqs: _extend's tuples; returns [n, T, v] each."""
+        cfg, n = self.cfg, self.n
         w = self._absorb_weights()
-        q_lat = w.keys(q_nope)                                               # [n, T, lora]
-        qc = torch.cat([q_lat, q_rot], dim=-1).reshape(n * t, -1)           # [n*T, lora+rope]
-        scores = mask_causal((qc @ cached.T).view(n, t, -1) * scale, start)  # [n, T, S]
-        p = torch.softmax(scores, dim=-1).view(n * t, -1)
-        o_lat = (p @ cached[:, :cfg.kv_lora_rank]).view(n, t, -1)           # [n, T, lora]
-        return w.values(o_lat)                                               # [n, T, v]
+        ts = [sq[0].shape[1] for sq in seqs]
+        q_lat = w.keys(torch.cat([sq[0] for sq in seqs], dim=1))            # [n, sum T, lora]
+        o_lats = []
+        for (_, q_rot, cached, start, scale), ql in zip(seqs, q_lat.split(ts, dim=1)):
+            t = ql.shape[1]
+            qc = torch.cat([ql, q_rot], dim=-1).reshape(n * t, -1)          # [n*T, lora+rope]
+            scores = mask_causal((qc @ cached.T).view(n, t, -1) * scale, start)  # [n, T, S]
+            p = torch.softmax(scores, dim=-1).view(n * t, -1)
+            o_lats.append((p @ cached[:, :cfg.kv_lora_rank]).view(n, t, -1))  # [n, T, lora]
+        return list(w.values(torch.cat(o_lats, dim=1)).split(ts, dim=1))   # [n, T, v] each
 
     def _absorb_weights(self) -> "Absorbed":
         if self._absorb is None:
