@@ -32,6 +32,16 @@
 #include <omp.h>
 #endif
 
+/* Inside a parallel region: this thread's number and the team's size (0 and 1 without
+ * OpenMP). */
+#ifdef _OPENMP
+static inline int thread_id(void) { return omp_get_thread_num(); }
+static inline int team_size(void) { return omp_get_num_threads(); }
+#else
+static inline int thread_id(void) { return 0; }
+static inline int team_size(void) { return 1; }
+#endif
+
 #define FMT_FP8 0
 #define FMT_BF16 1
 #define FMT_INT4 2
@@ -1053,10 +1063,7 @@ static int gemm(const wmat *W, int M, const float *x, float *y, int nthreads,
     int failed = 0, kp = round_up(W->k, BAND);
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
-        int t = 0;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-#endif
+        int t = thread_id();
         unsigned int csr = fpenv_enter();
         scratch sc;
         if (!scratch_alloc(&sc, W->k)) {
@@ -1081,11 +1088,7 @@ static int gemm_batched(const wmat *W, int B, int M, const float *x, float *y, i
     long units = (long)B * nb;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
-        int t = 0, nt = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
+        int t = thread_id(), nt = team_size();
         unsigned int csr = fpenv_enter();
         scratch sc;
         if (!scratch_alloc(&sc, W[0].k)) {
@@ -1164,11 +1167,7 @@ static int moe_mlp(int T, int H, int I, int E, const float *x, const int *offset
     (void)T;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
-        int t = 0, nt = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
+        int t = thread_id(), nt = team_size();
         unsigned int csr = fpenv_enter();
         scratch sc;
         int ok = scratch_alloc(&sc, H > I ? H : I);
@@ -1227,10 +1226,7 @@ static void place_bands(const uint8_t *src, uint8_t *dst, int rows, size_t row_b
                         int nthreads, const int *band_lo, const int *band_hi) {
 #pragma omp parallel num_threads(nthreads)
     {
-        int t = 0;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-#endif
+        int t = thread_id();
         int lo = band_lo[t] * BAND, hi = band_hi[t] * BAND < rows ? band_hi[t] * BAND : rows;
         if (lo < hi) memcpy(dst + (size_t)lo * row_bytes, src + (size_t)lo * row_bytes,
                             (size_t)(hi - lo) * row_bytes);
@@ -1244,10 +1240,7 @@ static int pin_threads(int nthreads, const int *offsets, const int *cpus) {
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(+ : failed)
     {
-        int t = 0;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-#endif
+        int t = thread_id();
 #ifdef __linux__
         cpu_set_t set;
         CPU_ZERO(&set);
@@ -1264,10 +1257,7 @@ static int pin_threads(int nthreads, const int *offsets, const int *cpus) {
 static void thread_affinity(int nthreads, int *out) {
 #pragma omp parallel num_threads(nthreads)
     {
-        int t = 0;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-#endif
+        int t = thread_id();
         out[t] = -1;
 #ifdef __linux__
         cpu_set_t set;
@@ -1302,11 +1292,7 @@ static uint64_t read_bytes(const uint8_t *p, size_t n, int nthreads) {
     uint64_t total = 0;
 #pragma omp parallel num_threads(nthreads) reduction(^ : total)
     {
-        int t = 0, nt = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
+        int t = thread_id(), nt = team_size();
         size_t chunk = (n / nt) & ~(size_t)63, lo = (size_t)t * chunk;
         size_t hi = t == nt - 1 ? n : lo + chunk;
         uint64_t acc[8] = {0};

@@ -173,7 +173,7 @@ class Absorbed:
                             cfg.kv_lora_rank)
         self.fp8 = kv_b.codes is not None and nope % BLOCK == 0 and v % BLOCK == 0
         if self.fp8:
-            codes = kernels._as_codes(kv_b.codes, "kv_b").reshape(n, nope + v, lora)
+            codes = kv_b.codes.reshape(n, nope + v, lora)
             scale = kv_b.scale.reshape(n, (nope + v) // BLOCK, -1)
             self.wk_t = np.ascontiguousarray(codes[:, :nope].transpose(0, 2, 1))  # [n, lora, nope]
             self.sk_t = np.ascontiguousarray(scale[:, :nope // BLOCK].transpose(0, 2, 1))
