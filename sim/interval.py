@@ -78,7 +78,7 @@ def bootstrap(fn: Callable[[Hardware], dict], hw: Hardware | list[Hardware], n: 
     went on, were in any one of the states they measured; its quantiles span the drift
     between them, which pooling their samples into one median (pool) averages away."""
     if not 0 < level < 1:
-        raise ValueError("a bootstrap needs n >= 2 replicates and a level in (0, 1)")
+        raise ValueError(f"a bootstrap needs a level in (0, 1), got {level}")
     runs = [r for i, p in enumerate(hw if isinstance(hw, list) else [hw])
             for r in replicates(fn, p, n, seed + i)]
     tail = (1 - level) / 2

@@ -264,10 +264,9 @@ def fp8_gemm_heads(x: np.ndarray, w, scale_inv: np.ndarray, *, num_threads: int 
                                np.ascontiguousarray(s[i]).reshape(-1), n, k, 0,
                                np.ascontiguousarray(x[i]), y[i])
         return y
-    kp = -(-k // BLOCK) * BLOCK
-    xp = np.zeros((b, x.shape[1], kp), np.float32)
-    xp[:, :, :k] = x
-    y = np.empty((b, x.shape[1], n), np.float32)
+    m = x.shape[1]
+    xp = _pad(np.ascontiguousarray(x).reshape(b * m, k)).reshape(b, m, -1)   # [B, M, Kp]
+    y = np.empty((b, m, n), np.float32)
     mod.gemm_heads(_FMT["fp8"], w, s, xp, y, _threads(num_threads))
     return y
 
