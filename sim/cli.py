@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -70,11 +71,12 @@ def _cmd_serve(args) -> int:
         reqs = workload(args.num_prompts, args.request_rate, args.prompt_len, args.output_len,
                         args.seed)
     hw, cfg = Hardware.load(args.hardware), ModelConfig.from_file(args.model)
+    routing = _routing(args, cfg)
     out = simulate(cfg, hw, reqs, args.max_batch,
                    prefill=args.prefill, trace=bool(args.trace),
                    utilization=bool(args.utilization), dual_batch=args.dual_batch,
                    trace_layers=args.trace_layers, routing_skew=args.routing_skew,
-                   routing=_routing(args, cfg))
+                   routing=routing)
     outcomes, duration = out[0], out[1]
     if args.utilization:
         from sim.serve import plot_utilization
@@ -82,11 +84,37 @@ def _cmd_serve(args) -> int:
         plot_utilization(out[-1], args.utilization, f"{hw.name}: link utilization, "
                          f"{len(reqs)} requests, prefill {args.prefill}")
     result = summary(outcomes, duration)
+    band = {}
+    if args.interval:
+        from sim.interval import bootstrap
+
+        def figures(profile):
+            r = summary(*simulate(cfg, profile, reqs, args.max_batch, prefill=args.prefill,
+                                  dual_batch=args.dual_batch, routing_skew=args.routing_skew,
+                                  routing=routing)[:2])
+            return {k: r[k] for k in INTERVAL_FIGURES}
+
+        band = bootstrap(figures, hw, args.interval)
+        result["interval_90"] = {k: list(v) for k, v in band.items()}
     if args.trace:
         out[2].metadata["result"] = result
         out[2].write(args.trace)
-    print(json.dumps(result) if args.json else format_summary(result))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(format_summary(result))
+    if band:
+        print(f"90% intervals ({args.interval} bootstrap replicates"
+              + (f", drift between {len(hw.runs)} calibrations" if len(hw.runs) > 1 else "")
+              + "):")
+        for k, (lo, hi) in band.items():
+            print(f"  {k:<28}{lo:>10.2f} - {hi:.2f}")
     return 0
+
+
+# the serving figures `refmoe-sim serve --interval` gives intervals for
+INTERVAL_FIGURES = ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
+                    "median_tpot_ms", "p99_tpot_ms", "output_throughput", "request_throughput")
 
 
 def _cmd_sweep(args) -> int:
@@ -140,13 +168,31 @@ def _cmd_calibrate(args) -> int:
     if args.merge:
         hw = pool([Hardware.load(p) for p in args.merge], args.name)
     else:
-        runs = [calibrate(args.name) for _ in range(args.runs)]
+        if args.runs < 1 or args.gap < 0:
+            raise ValueError("calibrate: --runs must be >= 1 and --gap >= 0")
+        runs = []
+        for i in range(args.runs):
+            if i and args.gap:
+                print(f"calibrate: run {i + 1} of {args.runs} in {args.gap:g} s",
+                      file=sys.stderr)
+                time.sleep(args.gap)
+            runs.append(calibrate(args.name))
         hw = pool(runs, args.name) if len(runs) > 1 else runs[0]
     if args.out:
         hw.save(args.out)
     from dataclasses import asdict
 
-    print(json.dumps(asdict(hw)) if args.json else f"calibrated {hw}")
+    if args.json:
+        print(json.dumps(asdict(hw)))
+        return 0
+    c = hw.cpu
+    print(f"calibrated {hw.name}: {c.threads} threads, plain read "
+          f"{c.dram_gbps_per_socket * c.sockets:.1f} GB/s, FP8 GEMV "
+          f"{c.fp8_gemv_gbps_per_core:.1f} GB/s per core x {c.fp8_gemv_efficiency:.2f}, "
+          f"fixed per-layer cost {c.layer_overhead_us / 1e3:.2f} ms; "
+          f"{sum(len(v) for v in hw.samples.values())} samples of {len(hw.samples)} fields"
+          + (f", {len(hw.runs)} calibrations pooled" if hw.runs else "")
+          + (f" -> {args.out}" if args.out else " (not saved: --out FILE)"))
     return 0
 
 
@@ -156,27 +202,31 @@ def _cmd_validate(args) -> int:
 
     from pathlib import Path
 
-    from sim.interval import pool
+    from sim.interval import drift_pairs, pool
 
     if not args.hardware and not args.beside:
         raise ValueError("validate: give --hardware PROFILE or --beside")
 
-    def profiles(trace: str) -> tuple[Hardware, list[Hardware] | None]:
-        """The profile to predict with, and the separate calibrations it pools (if any)."""
-        if not args.beside:
-            return Hardware.load(args.hardware), None
+    def calibrations(trace: str) -> list[Hardware]:
+        """The calibrations taken beside a trace X.json: X-before.yaml and X-after.yaml."""
         base = Path(trace).with_suffix("")
         found = [p for p in (Path(f"{base}-before.yaml"), Path(f"{base}-after.yaml"))
                  if p.exists()]
         if not found:
             raise ValueError(f"{trace}: no {base.name}-before.yaml or -after.yaml beside it")
-        each = [Hardware.load(p) for p in found]
-        return pool(each, f"{base.name} calibrations, pooled"), each
+        return [Hardware.load(p) for p in found]
 
+    # the drift the intervals allow for: how far this machine moved between the two
+    # calibrations around each trace given (with --beside), and between the runs pooled into
+    # the profiles named by --drift (calibrations only, never a trace's own measurements)
+    beside = {t: calibrations(t) for t in args.traces} if args.beside else {}
+    drift = [(each[0], each[-1]) for each in beside.values() if len(each) > 1]
+    drift += drift_pairs([Hardware.load(p) for p in args.drift or []])
     results = []
     for t in args.traces:
-        hw, each = profiles(t)
-        results.append(validate(t, hw, args.interval, calibrations=each))
+        hw = pool(beside[t], f"{Path(t).stem} calibrations, pooled") if args.beside \
+            else Hardware.load(args.hardware)
+        results.append(validate(t, hw, args.interval, drift=drift or None))
     table = summarize(results)
     if args.plot:
         plot(results, args.plot)
@@ -232,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--devices", type=int, help="GPUs for SLP (default: all in the profile)")
     pr.add_argument("--interval", type=int, default=0, metavar="N",
                     help="a 90%% interval from N bootstrap replicates of the profile's "
-                    "calibration samples")
+                    "calibration samples (and its drift, when it pools several)")
     pr.add_argument("--routing-skew", type=float, default=0.0, metavar="S",
                     help="expert popularity: 0 uniform, else Zipf exponent S")
     pr.add_argument("--routing", metavar="FILE", help="replay routing recorded by the engine: "
@@ -268,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     se.add_argument("--routing", metavar="FILE", help="replay routing recorded by the engine: "
                     "a routing JSON (refmoe.routing) or a trace from `refmoe bench serve "
                     "--trace`")
+    se.add_argument("--interval", type=int, default=0, metavar="N",
+                    help="90%% intervals of the latency and throughput figures from N "
+                    "bootstrap replicates of the profile's calibration (and its drift, when "
+                    "it pools several)")
     se.add_argument("--json", action="store_true")
     se.set_defaults(func=_cmd_serve)
     sw = sub.add_parser("sweep", help="many configurations in parallel processes, with plots")
@@ -296,7 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     ca.add_argument("--name", default="this-machine")
     ca.add_argument("--out", help="write the profile YAML here")
     ca.add_argument("--runs", type=int, default=1, help="calibrate N times and pool the "
-                    "samples (intervals then carry the drift between runs)")
+                    "samples; each run's medians are kept, and intervals allow for the drift "
+                    "between consecutive runs")
+    ca.add_argument("--gap", type=float, default=0.0, metavar="S", help="seconds to wait "
+                    "between runs (space them as far apart as the runs you will predict last)")
     ca.add_argument("--merge", nargs="+", metavar="PROFILE", help="pool these calibrated "
                     "profiles instead of measuring")
     ca.add_argument("--json", action="store_true")
@@ -305,7 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     va.add_argument("traces", nargs="+")
     va.add_argument("--hardware", help="the profile to replay every trace on")
     va.add_argument("--beside", action="store_true", help="replay each trace X.json on its own "
-                    "calibrations X-before.yaml and X-after.yaml, pooled")
+                    "calibrations X-before.yaml and X-after.yaml, pooled; intervals then allow "
+                    "for the drift between the two calibrations around every trace given")
+    va.add_argument("--drift", nargs="+", metavar="PROFILE", help="profiles pooled from "
+                    "several calibrations (calibrate --runs/--merge): intervals allow for the "
+                    "drift between their consecutive runs")
     va.add_argument("--interval", type=int, default=0, metavar="N",
                     help="90%% intervals from N bootstrap replicates of the calibration samples")
     va.add_argument("--plot", help="write predicted-versus-measured as a PNG")

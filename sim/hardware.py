@@ -137,13 +137,18 @@ class Hardware:
     # calibration samples: field path ("cpu.dram_gbps_per_socket", "cpu.gemm_gbps_by_m.4",
     # "gpus.0.pcie_gbps") -> the repeated measurements whose median the field holds
     samples: dict = field(default_factory=dict)
+    # the separate calibrations pooled into this one, in the order they were taken: each a
+    # field path -> its median in that calibration; consecutive ones measure how far the
+    # machine drifts between calibrations (sim/interval.py)
+    runs: list = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "profile") -> Hardware:
         try:
             cpu = CPU(**d["cpu"])
             gpus = [GPU(**g) for g in d.get("gpus") or []]
-            hw = cls(d["name"], cpu, gpus, dict(d.get("samples") or {}))
+            hw = cls(d["name"], cpu, gpus, dict(d.get("samples") or {}),
+                     list(d.get("runs") or []))
         except (KeyError, TypeError) as e:
             raise ValueError(f"{source}: bad hardware profile ({e})") from None
         for key in ("sockets", "cores_per_socket", "dram_gbps_per_socket",
@@ -172,6 +177,17 @@ class Hardware:
             if not isinstance(values, list) or not values or \
                     not all(isinstance(v, (int, float)) and v > 0 for v in values):
                 raise ValueError(f"{source}: samples.{key} must be a list of positive numbers")
+        for i, run in enumerate(hw.runs):
+            if not isinstance(run, dict) or not run:
+                raise ValueError(f"{source}: runs[{i}] must map field paths to values")
+            for key, value in run.items():
+                try:
+                    hw.get(key)
+                except (AttributeError, IndexError, KeyError, ValueError):
+                    raise ValueError(f"{source}: runs[{i}].{key} names no field of the "
+                                     "profile") from None
+                if not isinstance(value, (int, float)) or not value >= 0:
+                    raise ValueError(f"{source}: runs[{i}].{key} must be a number >= 0")
         for d, g in enumerate(gpus):
             if g.socket is not None and not 0 <= g.socket < cpu.sockets:
                 raise ValueError(f"{source}: gpus[{d}].socket {g.socket} is not one of the "
@@ -211,7 +227,7 @@ class Hardware:
             raise KeyError(part)
         if isinstance(obj, list):
             return obj[int(part)]
-        if part.startswith("_") or part == "samples":
+        if part.startswith("_") or part in ("samples", "runs"):
             raise AttributeError(part)
         return getattr(obj, part)
 

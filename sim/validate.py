@@ -34,11 +34,13 @@ def measured(doc: dict) -> dict:
 
 
 def validate(path: str | Path, hw: Hardware, interval: int = 0,
-             calibrations: list[Hardware] | None = None) -> dict:
+             calibrations: list[Hardware] | None = None,
+             drift: list[tuple[Hardware, Hardware]] | None = None) -> dict:
     """Predicted against measured, per metric; with interval=N also the 90% bootstrap
     interval of each prediction (sim/interval.py) and whether the measurement lies in it.
-    calibrations: the separate calibrations that hw pools (`validate --beside`); the
-    interval then mixes N replicates of each, spanning the drift between them."""
+    calibrations: separate calibrations whose N replicates each are mixed (instead of hw's);
+    drift: (earlier, later) calibrations of this machine whose disagreement the interval
+    allows for (default: the runs pooled into hw)."""
     doc = load_trace(path)
     names = {f.name for f in fields(ModelConfig)}
     cfg = ModelConfig(**{k: v for k, v in doc["metadata"]["model"].items() if k in names})
@@ -58,7 +60,7 @@ def validate(path: str | Path, hw: Hardware, interval: int = 0,
     if interval:
         from sim.interval import bootstrap
 
-        for k, (lo, hi) in bootstrap(fn, calibrations or hw, interval).items():
+        for k, (lo, hi) in bootstrap(fn, calibrations or hw, interval, drift=drift).items():
             rows[k]["interval"] = [lo, hi]
             rows[k]["inside"] = bool(lo <= meas[k] <= hi)
     out = {"trace": str(path), "hardware": hw.name, "metrics": rows}
@@ -151,7 +153,8 @@ def plot(results: list[dict], path: str) -> None:
             line = ax.plot(m["measured"], m["predicted"], "o", label=label)[0]
             if "interval" in m:
                 ax.vlines(m["measured"], *m["interval"], color=line.get_color())
-        vals = [v for m, _ in pts for v in (m["measured"], m["predicted"])]
+        vals = [v for m, _ in pts for v in (m["measured"], m["predicted"],
+                                             *m.get("interval", ()))]
         lo, hi = min(vals) / 1.3, max(vals) * 1.3
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
         ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), title=metric,

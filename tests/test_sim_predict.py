@@ -367,11 +367,61 @@ def test_bootstrap_interval_over_calibration_samples(tmp_path):
         bootstrap(tpot, Hardware.load("paper-2x9355-2x5090"))
 
 
+def test_interval_allows_for_drift_between_calibrations(tmp_path):
+    """Two calibrations of one machine that disagree (it drifted between them): pooled, the
+    profile keeps each one's medians in order (runs); the interval then multiplies every
+    bootstrap replicate by how far that drift moves the prediction, either way, so it reaches
+    beyond both calibrations' own intervals. The runs survive a save; bad ones are named."""
+    import random
+    import statistics
+
+    from sim.interval import (as_run, bootstrap, drift_pairs, drift_ratios, pool,
+                              replicates, resample)
+
+    cfg = ModelConfig(**json.loads(TRACE.read_text())["metadata"]["model"])
+    tpot = lambda h: {"tpot_s": predict(cfg, h, 16, 4).tpot_s}  # noqa: E731
+    quick, sluggish = _with_samples(), _with_samples()
+    for h, f in ((quick, 1.25), (sluggish, 0.8)):
+        h.samples = {k: [v * f for v in vs] for k, vs in h.samples.items()}
+        h.samples["cpu.fp8_gemv_efficiency"] = [0.78, 0.8, 0.83, 0.86, 0.9]
+        for k, vs in h.samples.items():
+            h.set(k, statistics.median(vs))
+    both = pool([quick, sluggish], "both")
+    assert len(both.runs) == 2 and not (quick.runs or sluggish.runs)
+    assert both.runs[0]["cpu.dram_gbps_per_socket"] == quick.cpu.dram_gbps_per_socket
+    first = as_run(both, both.runs[1])
+    assert first.get("cpu.gemm_gbps_by_m.4") == sluggish.get("cpu.gemm_gbps_by_m.4")
+    assert not first.samples and not first.runs
+    # a pooled profile of pooled profiles keeps every run, in order
+    assert len(pool([both, quick]).runs) == 3
+    (earlier, later), = drift_pairs([both])
+    r = tpot(later)["tpot_s"] / tpot(earlier)["tpot_s"]
+    assert r > 1.3                                       # the sluggish run decodes slower
+    assert drift_ratios(tpot, [(earlier, later)]) == [{"tpot_s": r}, {"tpot_s": 1 / r}]
+    plain = bootstrap(tpot, both, 60, drift=[])["tpot_s"]
+    lo, hi = bootstrap(tpot, both, 60)["tpot_s"]         # drift from its own runs
+    assert (lo, hi) == bootstrap(tpot, both, 60, drift=[(earlier, later)])["tpot_s"]
+    med = statistics.median(x["tpot_s"] for x in replicates(tpot, both, 60))
+    assert lo <= med / r and hi >= med * r and lo < plain[0] and hi > plain[1]
+    # the same drift named for a profile of one calibration
+    one = bootstrap(tpot, quick, 60, drift=[(earlier, later)])["tpot_s"]
+    q_lo, q_hi = bootstrap(tpot, quick, 60)["tpot_s"]
+    assert one[0] < q_lo and one[1] > q_hi
+    assert resample(both, random.Random(0)).runs == both.runs
+    both.save(tmp_path / "p.yaml")
+    assert Hardware.load(tmp_path / "p.yaml").runs == both.runs
+    with pytest.raises(ValueError, match=r"runs\[1\].cpu.nope names no field"):
+        Hardware.from_dict({**yaml_of(both), "runs": [both.runs[0], {"cpu.nope": 1.0}]})
+    with pytest.raises(ValueError, match=r"runs\[0\].cpu.moe_overhead_us must be a number"):
+        Hardware.from_dict({**yaml_of(both), "runs": [{"cpu.moe_overhead_us": "x"}]})
+
+
 def yaml_of(hw):
     from dataclasses import asdict
 
     d = asdict(hw)
     d.pop("samples")
+    d.pop("runs")
     return d
 
 
@@ -396,6 +446,37 @@ def test_validate_summary_interval_and_plot(tmp_path):
                          capture_output=True, text=True, timeout=120, check=True).stdout
     assert "MAPE" in out and "inside the interval" in out and "[90%:" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_merge_keeps_runs_and_validate_allows_for_their_drift(tmp_path):
+    """`calibrate --merge` keeps each calibration's medians; `validate --drift` widens the
+    intervals by the drift between them; a negative --gap is refused."""
+    quick, sluggish = _with_samples(), _with_samples()
+    sluggish.cpu.dram_gbps_per_socket, sluggish.cpu.fp8_gemv_efficiency = 25.0, 0.6
+    quick.save(tmp_path / "q.yaml")
+    sluggish.save(tmp_path / "s.yaml")
+
+    def cli(*argv):
+        return subprocess.run([sys.executable, "-m", "sim.cli", *argv], capture_output=True,
+                              text=True, timeout=120)
+
+    assert cli("calibrate", "--merge", str(tmp_path / "q.yaml"), str(tmp_path / "s.yaml"),
+               "--out", str(tmp_path / "m.yaml")).returncode == 0
+    merged = Hardware.load(tmp_path / "m.yaml")
+    assert [r["cpu.dram_gbps_per_socket"] for r in merged.runs] == [
+        quick.cpu.dram_gbps_per_socket, 25.0]
+
+    def band(*extra):
+        out = cli("validate", str(TRACE), "--hardware", str(tmp_path / "q.yaml"),
+                  "--interval", "10", "--json", *extra)
+        assert out.returncode == 0, out.stderr
+        lo, hi = json.loads(out.stdout)["traces"][0]["metrics"]["tpot_s"]["interval"]
+        return lo, hi
+
+    plain, drifted = band(), band("--drift", str(tmp_path / "m.yaml"))
+    assert drifted[0] < plain[0] and drifted[1] > plain[1]
+    bad = cli("calibrate", "--runs", "2", "--gap", "-1")
+    assert bad.returncode != 0 and "--gap" in bad.stderr
 
 
 def test_spec_sheet_profiles_load_and_rank():
