@@ -132,25 +132,46 @@ class Costs:
         return [Part(seconds * self.cfg.num_hidden_layers, demand)] if seconds > 0 else []
 
     def overlapped(self, a: int, b: int) -> list[Part]:
-        """A decode step of two micro-batches (of a and b sequences) under dual-batch overlap:
-        while one runs its attention on the GPU, the other runs its experts on the CPU, then
-        they swap, layer by layer; the step takes the longer of the two sides (the CPU side
-        with its glue), as one part loading the links with both halves' time-averaged demand.
-        Their attention over cached tokens (Costs.context) comes on top, not overlapped: a
-        small cost with a GPU, and it keeps this part the same every step."""
+        """A decode step of two micro-batches (of a and b sequences) under dual-batch overlap,
+        as the engine pipelines it layer by layer: while one runs layer i's attention on the
+        GPU, the other runs its experts on the CPU, then they swap. Each layer is two slots,
+        [GPU: A's attention i | CPU: B's experts i-1] then [GPU: B's attention i | CPU: A's
+        experts i], each as long as the longer of its two sides; a dense layer has no CPU
+        side, so its slots are all GPU. The logits of one micro-batch and its next step's
+        first attention share a slot with the other's last experts (steady state). The step
+        is one part loading the links with both halves' time-averaged demand. Their
+        attention over cached tokens (Costs.context) comes on top, not overlapped: a small
+        cost with a GPU, and it keeps this part the same every step. Without a GPU both
+        sides are the same cores, so nothing overlaps: the two forwards back to back."""
         key = ("dbo", a, b)
         if key not in self.memo:
             parts = self(a, "decode") + self(b, "decode")
-            gpu = sum(p.seconds for p in parts if p.demand and not any(
-                lk.name.startswith("cores") for lk in p.demand))
-            rest = sum(p.seconds for p in parts) - gpu
-            total = max(gpu, rest)
+            busy = sum(p.seconds for p in parts)
+            total = busy
+            if self.hw.gpus:
+                ga, ca = self._sides(a)
+                gb, cb = self._sides(b)
+                total = sum(max(ga[i], cb[i - 1]) + max(gb[i], ca[i])
+                            for i in range(len(ga)))
             demand: dict = {}
             for p in parts:
                 for lk, w in p.demand.items():
                     demand[lk] = demand.get(lk, 0.0) + w * p.seconds / total
             self.memo[key] = [Part(total, demand)]
         return self.memo[key]
+
+    def _sides(self, sequences: int) -> tuple[list[float], list[float]]:
+        """A decode step's per-layer GPU seconds (attention, a dense MLP; the logits go with
+        layer 0, which follows them in the pipeline) and CPU seconds (the routed experts
+        with their call's fixed cost), from the forward's own spans."""
+        total = self.seconds(sequences, "decode")
+        n = self.cfg.num_hidden_layers
+        gpu, cpu = [0.0] * n, [0.0] * n
+        for _, lane, name, t0, t1, _ in self.layers[("decode", sequences, (0,))]:
+            i = int(name.rsplit(" L", 1)[1])
+            (cpu if lane == "experts" else gpu)[i] += t1 - t0
+        gpu[0] += total - sum(gpu) - sum(cpu)     # the logits (and anything between spans)
+        return gpu, cpu
 
 
 def _beside(parts: list[Part], other: Flow) -> tuple[float, float]:

@@ -497,8 +497,10 @@ def test_spec_sheet_profiles_load_and_rank():
 
 def test_dual_batch_overlap_in_serve():
     """With a GPU, two decoding requests run as two micro-batches whose GPU attention and CPU
-    experts overlap: a step costs max(both GPU halves, both CPU halves); off, one batch of
-    two. On a CPU-only profile auto leaves it off, as the engine does."""
+    experts overlap layer by layer: each layer two slots, each the longer of one micro-batch's
+    attention and the other's experts; the dense layers and the logits, GPU only, overlap
+    nothing. Off, one batch of two. On a CPU-only profile auto leaves it off, as the engine
+    does."""
     import simpy
 
     from sim.predict import Machine
@@ -511,8 +513,16 @@ def test_dual_batch_overlap_in_serve():
     c = Costs(cfg, hw, Machine(simpy.Environment(), hw))
     gpu = sum(p.seconds for p in c(1, "decode")
               if p.demand and not any(lk.name.startswith("cores") for lk in p.demand))
+    g, e = c._sides(1)
+    # the paper's per-layer figures (about 350 us attention, 450 us experts) come out of the
+    # spec sheet; the 3 dense layers have no experts, and the logits ride on layer 0
+    assert g[3] == pytest.approx(351e-6, rel=0.02) and e[3] == pytest.approx(449e-6, rel=0.02)
+    assert e[:3] == [0.0, 0.0, 0.0] and sum(g) + sum(e) == pytest.approx(c.seconds(1, "decode"))
+    ideal = sum(max(g[i], e[i - 1]) + max(g[i], e[i]) for i in range(len(g)))
+    # the pipeline pays for the GPU-only layers: more than max(both GPU halves, both CPU
+    # halves), less than the two forwards back to back
+    assert 2 * max(gpu, c.seconds(1, "decode") - gpu) < ideal < 2 * c.seconds(1, "decode")
     # request 0 started first, so its last steps are the ones with both decoding
-    ideal = 2 * max(gpu, c.seconds(1, "decode") - gpu)
     # plus both micro-batches' reads of their caches (under 92 tokens each), not overlapped
     assert gpu > 0 and ideal < on[0].itl_s[-1] < ideal + sum(
         p.seconds for p in c.context((92, 92)))
