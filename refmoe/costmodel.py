@@ -62,6 +62,58 @@ def expert_bytes(cfg: ModelConfig) -> int:
     return 3 * (h * i + -(-h // 128) * -(-i // 128) * 4)
 
 
+# the longest chunk SLP runs in one pass over the experts, by the device it runs on
+SLP_CHUNK_TOKENS = {"cuda": 32768, "cpu": 8192}
+
+
+def attention_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """The attention block's projections, [N, K] each: MLA's (DeepSeek) or GQA's (Qwen3)."""
+    h, n = cfg.hidden_size, cfg.num_attention_heads
+    if cfg.family == "deepseek_v3":
+        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        shapes = [(cfg.kv_lora_rank + cfg.qk_rope_head_dim, h),
+                  (n * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank),
+                  (h, n * cfg.v_head_dim)]
+        return shapes + ([(cfg.q_lora_rank, h), (n * qk, cfg.q_lora_rank)] if cfg.q_lora_rank
+                         else [(n * qk, h)])
+    d, g = cfg.head_dim, cfg.num_key_value_heads
+    return [(n * d, h), (g * d, h), (g * d, h), (h, n * d)]
+
+
+def score_dims(cfg: ModelConfig) -> int:
+    """Per head, the query-key and value widths one attended key costs (qk + v)."""
+    if cfg.family == "deepseek_v3":
+        return cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim
+    return 2 * cfg.head_dim
+
+
+def context_split(cfg: ModelConfig, tokens: int, ranks: int, past: int = 0) -> list[int]:
+    """A chunk of `tokens` new tokens after `past` cached ones split into contiguous slices,
+    one per rank in order, so that each rank's attention costs about the same. A token at
+    position p costs its projections (2 x the block's weights) plus its causal scores over
+    p + 1 keys (2 x heads x (qk + v) each): the later a token, the dearer, so equal slices
+    would leave the last rank with most of the work (3/4 of the scores of a fresh prompt on
+    two ranks). Every rank gets at least one token when there are enough."""
+    if ranks < 1 or tokens < 0:
+        raise ValueError(f"context_split: {tokens} tokens over {ranks} ranks")
+    # in units of one attended key: cost(first x tokens) = a x + past x + x (x + 1) / 2
+    a = sum(n * k for n, k in attention_shapes(cfg)) / (
+        cfg.num_attention_heads * score_dims(cfg))
+    b = a + past + 0.5
+
+    def cost(x: float) -> float:
+        return b * x + x * x / 2
+
+    whole, bounds = cost(tokens), [0]
+    for r in range(1, ranks):
+        x = round(-b + math.sqrt(b * b + 2 * whole * r / ranks))
+        lo = bounds[-1] + (1 if tokens >= ranks else 0)            # at least one token each
+        hi = tokens - (ranks - r if tokens >= ranks else 0)
+        bounds.append(min(max(x, lo), max(hi, lo)))
+    bounds.append(tokens)
+    return [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+
+
 def unique_experts(n_experts: int, k: int, tokens: int) -> float:
     """Expected distinct experts a chunk of tokens routes to (uniform routing)."""
     return n_experts * (1 - (1 - k / n_experts) ** tokens)

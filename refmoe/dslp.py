@@ -3,9 +3,10 @@
 N ranks (devices) share one prefill chunk:
 
     attention   context parallel: rank r takes the r-th contiguous slice of the chunk's
-                tokens; the new KV entries (MLA's latent and roped key, or GQA's k/v) are
-                all-gathered, so every rank's cache holds the whole chunk and its queries
-                attend from their own offset;
+                tokens (sized so that every rank's causal attention costs about the same:
+                the earlier ranks take more tokens); the new KV entries (MLA's latent and
+                roped key, or GQA's k/v) are all-gathered, so every rank's cache holds the
+                whole chunk and its queries attend from their own offset;
     MoE         each rank all-gathers the chunk's hidden states, repeats the routing locally
                 (the same router, the same result everywhere), streams and computes only its
                 share of the experts (expert e on rank e % N, the shared expert too), and the
@@ -34,7 +35,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from refmoe import slp
+from refmoe import costmodel, slp
 
 
 class ContextParallel:
@@ -46,10 +47,16 @@ class ContextParallel:
         self.offset = sum(sizes[:rank])
 
     @staticmethod
-    def split(tokens: int, world: int, host_only: bool = False) -> list[int]:
-        """Contiguous slices in rank order; host_only: rank 0 gets none, ranks 1.. share."""
+    def split(tokens: int, world: int, host_only: bool = False, cfg=None,
+              past: int = 0) -> list[int]:
+        """Contiguous slices in rank order; host_only: rank 0 gets none, ranks 1.. share.
+        Given the model's config, the slices balance the causal attention's cost (later
+        tokens attend to more keys, so earlier ranks take more of them:
+        costmodel.context_split); without, equal slices."""
         if host_only:
-            return [0] + ContextParallel.split(tokens, world - 1)
+            return [0] + ContextParallel.split(tokens, world - 1, cfg=cfg, past=past)
+        if cfg is not None:
+            return costmodel.context_split(cfg, tokens, world, past)
         return [tokens // world + (r < tokens % world) for r in range(world)]
 
     def gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -128,7 +135,8 @@ class DistributedPrefill:
         outs = []
         for lo in range(0, ids.shape[0], r.chunk_tokens):
             chunk = ids[lo: lo + r.chunk_tokens]
-            cp = ContextParallel(ContextParallel.split(chunk.shape[0], world, host_only),
+            cp = ContextParallel(ContextParallel.split(chunk.shape[0], world, host_only,
+                                                       self.model.cfg, cache.length),
                                  rank, self.group)
             if min(cp.sizes[1:] if host_only else cp.sizes) == 0:
                 raise ValueError(f"a chunk of {chunk.shape[0]} tokens cannot be split across "

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from refmoe import kernels
+from refmoe import costmodel, kernels
 from refmoe.kernels.formats import scale_shape
 
 ALIGN = 256  # every part of a slot starts at a multiple of this (device loads want alignment)
@@ -477,7 +477,8 @@ class StreamPrefill:
         self.owned = owned or (lambda e: True)
         # the longest chunk: every chunk streams the experts again, so as long as the
         # activations and attention allow (see _reserve_bytes)
-        self.chunk_tokens = chunk_tokens or (32768 if self.device.type == "cuda" else 8192)
+        self.chunk_tokens = chunk_tokens or costmodel.SLP_CHUNK_TOKENS[
+            "cuda" if self.device.type == "cuda" else "cpu"]
         self.ring_request = ring
         self.trace = trace
         self.matmul = Matmul(self.device, self.dtype)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from refmoe import costmodel
 from refmoe.config import ModelConfig
 
 
@@ -23,18 +24,7 @@ class LayerCost:
 
 
 def attention_bytes(cfg: ModelConfig) -> int:
-    h, n = cfg.hidden_size, cfg.num_attention_heads
-    if cfg.family == "deepseek_v3":
-        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-        shapes = [(cfg.kv_lora_rank + cfg.qk_rope_head_dim, h),
-                  (n * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank),
-                  (h, n * cfg.v_head_dim)]
-        shapes += [(cfg.q_lora_rank, h), (n * qk, cfg.q_lora_rank)] if cfg.q_lora_rank \
-            else [(n * qk, h)]
-    else:
-        d, g = cfg.head_dim, cfg.num_key_value_heads
-        shapes = [(n * d, h), (g * d, h), (g * d, h), (h, n * d)]
-    return sum(fp8_bytes(a, b) for a, b in shapes)
+    return sum(fp8_bytes(a, b) for a, b in costmodel.attention_shapes(cfg))
 
 
 def expert_bytes(cfg: ModelConfig) -> int:
@@ -69,12 +59,8 @@ def attention_flops(cfg: ModelConfig, tokens: int, past: int = 0) -> float:
 def score_flops(cfg: ModelConfig, tokens: int, past: int = 0) -> float:
     """The scores and weighted sums of `tokens` new tokens after `past` cached ones: each new
     token attends to past + its own position, in every head."""
-    if cfg.family == "deepseek_v3":
-        qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
-    else:
-        qk = v = cfg.head_dim
     context = past + (tokens + 1) / 2
-    return 2.0 * cfg.num_attention_heads * tokens * context * (qk + v)
+    return 2.0 * cfg.num_attention_heads * tokens * context * costmodel.score_dims(cfg)
 
 
 def kv_bytes_per_token(cfg: ModelConfig) -> int:

@@ -18,6 +18,43 @@ def test_split_and_offsets():
     assert dslp.ContextParallel([3, 2, 2], 2).offset == 5
 
 
+def test_split_balances_causal_attention(fp8_dir):  # noqa: F811
+    """With the model's config the slices are sized so that each rank's attention costs the
+    same (the projections per token, plus the causal scores over every earlier key): on
+    DeepSeek-V3 a fresh 32K prompt gives the first of two ranks two thirds of the tokens;
+    after a long cached past, the slices come out nearly even. The test model's 55-token
+    prompt is split unevenly too, which the prefill tests above then run through gloo."""
+    from refmoe import costmodel
+    from refmoe.config import ModelConfig
+    from sim.paper import V3
+
+    v3 = ModelConfig.from_dict(V3)
+    weights = sum(n * k for n, k in costmodel.attention_shapes(v3))
+    per_key = v3.num_attention_heads * costmodel.score_dims(v3)
+
+    def cost(lo, size, past):    # in units of one attended key
+        return sum(weights / per_key + past + p + 1 for p in range(lo, lo + size))
+
+    for tokens, ranks, past in ((32768, 2, 0), (32768, 3, 0), (12232, 2, 32768), (1000, 4, 7)):
+        sizes = costmodel.context_split(v3, tokens, ranks, past)
+        assert sum(sizes) == tokens and len(sizes) == ranks
+        assert sizes == sorted(sizes, reverse=True)        # later tokens are dearer
+        costs = [cost(sum(sizes[:r]), sizes[r], past) for r in range(ranks)]
+        one = weights / per_key + past + tokens            # the dearest single token
+        assert max(costs) - min(costs) <= 2 * one          # each bound rounded to a token
+    assert costmodel.context_split(v3, 32768, 2) == [22029, 10739]
+    near = costmodel.context_split(v3, 12232, 2, 32768)
+    assert abs(near[0] - near[1]) < 0.15 * 12232
+    assert costmodel.context_split(v3, 2, 3).count(0) == 1    # fewer tokens than ranks
+    with pytest.raises(ValueError, match="ranks"):
+        costmodel.context_split(v3, 10, 0)
+    _, model = models.load(fp8_dir)
+    tiny = costmodel.context_split(model.cfg, len(PROMPT), 2)
+    assert tiny[0] > tiny[1] and dslp.ContextParallel.split(len(PROMPT), 2, cfg=model.cfg) \
+        == tiny
+    assert dslp.ContextParallel.split(len(PROMPT), 3, True, model.cfg) == [0] + tiny
+
+
 @pytest.mark.parametrize("chunk", [None, 16])
 def test_two_ranks_match_plain_prefill(fp8_dir, plain, chunk):  # noqa: F811
     _, model = models.load(fp8_dir)

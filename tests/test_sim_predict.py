@@ -479,6 +479,28 @@ def test_cli_merge_keeps_runs_and_validate_allows_for_their_drift(tmp_path):
     assert bad.returncode != 0 and "--gap" in bad.stderr
 
 
+def test_slp_in_chunks_with_the_engines_context_split(monkeypatch):
+    """SLP as the engine runs it: a prompt longer than a chunk (32,768 tokens on CUDA) streams
+    the experts once per chunk; with two GPUs each takes the engine's context-parallel slice
+    (costmodel.context_split), which balances their causal attention: at 32K on the paper's
+    box that beats equal slices, whose second GPU would carry 3/4 of the scores."""
+    from refmoe import costmodel
+
+    cfg, hw = ModelConfig.from_dict(V3), Hardware.load("paper-2x9355-2x5090")
+    chunk = costmodel.SLP_CHUNK_TOKENS["cuda"]
+    one = predict(cfg, hw, chunk, 2, prefill="slp", devices=1).ttft_s
+    longer = predict(cfg, hw, chunk + 2048, 2, prefill="slp", devices=1).ttft_s
+    # a second pass over every expert over PCIe (2,048 tokens hit them all)
+    stream = costmodel.moe_layers(cfg) * (cfg.n_routed_experts + cfg.n_shared_experts) \
+        * costmodel.expert_bytes(cfg) / (hw.gpus[0].pcie_gbps * 1e9)
+    assert longer - one > 0.95 * stream
+    balanced = predict(cfg, hw, chunk, 2, prefill="slp", devices=2).ttft_s
+    monkeypatch.setattr(costmodel, "context_split",
+                        lambda cfg, t, r, past=0: [t // r + (k < t % r) for k in range(r)])
+    equal = predict(cfg, hw, chunk, 2, prefill="slp", devices=2).ttft_s
+    assert balanced < 0.85 * equal and one / balanced > 1.8 and one / equal < 1.6
+
+
 def test_spec_sheet_profiles_load_and_rank():
     """The Xeon 8480+ / RTX 4090 box, the H100 box and the paper's box, from spec sheets:
     decode is bound by the CPU's DRAM (the Xeons' 8 channels against the EPYCs' 12), long
