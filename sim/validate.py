@@ -138,6 +138,7 @@ def plot(results: list[dict], path: str) -> None:
     """Predicted against measured, one panel per metric, log axes, y = x, and the bootstrap
     intervals as vertical lines where present."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -159,7 +160,11 @@ def plot(results: list[dict], path: str) -> None:
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
         ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), title=metric,
                xlabel="measured", ylabel="predicted")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+        for axis in (ax.xaxis, ax.yaxis):      # log minor labels collide on narrow ranges
+            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    # the legend beside the panels, not over the first one's points
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7)
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
