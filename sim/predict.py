@@ -432,6 +432,8 @@ def predict(cfg: ModelConfig, hw: Hardware, prompt_tokens: int, output_tokens: i
     if prefill not in ("cpu", "slp", "auto"):
         raise ValueError(f"prefill must be cpu, slp or auto, got {prefill!r}")
     n = len(hw.gpus) if devices is None else devices
+    if prefill == "auto" and not hw.gpus:    # nothing to stream to: the CPU path, as the engine
+        prefill = "cpu"
     if prefill != "cpu" and not hw.gpus:
         raise ValueError(f"{hw.name}: SLP needs a GPU in the profile")
     if prefill != "cpu" and not 1 <= n <= len(hw.gpus):

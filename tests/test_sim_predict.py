@@ -479,6 +479,28 @@ def test_cli_merge_keeps_runs_and_validate_allows_for_their_drift(tmp_path):
     assert bad.returncode != 0 and "--gap" in bad.stderr
 
 
+def test_profile_with_runs_and_auto_on_a_cpu_box():
+    """sim/profiles/zen3-2vcpu-3runs.yaml pools three calibrations of this machine and keeps
+    each one's medians: its intervals allow for the drift between them. auto on a box with no
+    GPU is the CPU path (there is nothing to stream to), as in the engine."""
+    from sim.interval import bootstrap
+
+    hw = Hardware.load("zen3-2vcpu-3runs")
+    assert len(hw.runs) == 3 and not hw.gpus
+    cfg = ModelConfig(**json.loads(TRACE.read_text())["metadata"]["model"])
+    p = predict(cfg, hw, 256, 8, prefill="auto")
+    assert p.prefill == "cpu" and p == predict(cfg, hw, 256, 8, prefill="cpu")
+    with pytest.raises(ValueError, match="SLP needs a GPU"):
+        predict(cfg, hw, 256, 8, prefill="slp")
+
+    def fn(h):
+        return {"tpot_s": predict(cfg, h, 16, 4).tpot_s}
+
+    lo, hi = bootstrap(fn, hw, 20)["tpot_s"]
+    p_lo, p_hi = bootstrap(fn, hw, 20, drift=[])["tpot_s"]
+    assert lo < p_lo <= p_hi < hi
+
+
 def test_slp_in_chunks_with_the_engines_context_split(monkeypatch):
     """SLP as the engine runs it: a prompt longer than a chunk (32,768 tokens on CUDA) streams
     the experts once per chunk; with two GPUs each takes the engine's context-parallel slice
