@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,25 @@ def test_sim_serve_cli_prints_the_block(tmp_path):
                         "--hardware", "paper-2x9355-2x5090", "--csv", str(bad)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "bad.csv" in r.stderr
+    # --interval on a profile pooled from three calibrations: every figure's 90% interval,
+    # the bootstrap times the drift between its runs, in the JSON and under the block
+    demo = ModelConfig(**json.loads(TRACE.read_text())["metadata"]["model"])
+    small = tmp_path / "demo.json"
+    small.write_text(json.dumps({"architectures": ["DeepseekV3ForCausalLM"],
+                                 **{k: v for k, v in asdict(demo).items()
+                                    if k not in ("architecture", "family")}}))
+    argv = [sys.executable, "-m", "sim.cli", "serve", "--model", str(small), "--hardware",
+            "zen3-2vcpu-3runs", "--csv", str(csv), "--interval", "5"]
+    got = json.loads(subprocess.run(argv + ["--json"], capture_output=True, text=True,
+                                    timeout=120, check=True).stdout)
+    band = got["interval_90"]
+    assert set(band) == {"mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
+                         "median_tpot_ms", "p99_tpot_ms", "output_throughput",
+                         "request_throughput"}
+    assert all(0 < lo < hi for lo, hi in band.values())
+    assert band["mean_ttft_ms"][0] < got["mean_ttft_ms"] < band["mean_ttft_ms"][1]
+    text = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "Serving Benchmark Result" in text and "drift between 3 calibrations" in text
 
 
 def test_reproduce_paper_rows():
