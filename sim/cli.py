@@ -83,18 +83,30 @@ def _cmd_serve(args) -> int:
 
         plot_utilization(out[-1], args.utilization, f"{hw.name}: link utilization, "
                          f"{len(reqs)} requests, prefill {args.prefill}")
-    result = summary(outcomes, duration)
+    from sim.sweep import slo
+
+    def figures(outcomes, duration) -> dict:
+        """The benchmark block's figures, and with SLOs given their attainment and goodput."""
+        r = summary(outcomes, duration)
+        if args.slo_ttft is not None or args.slo_tpot is not None:
+            r.update(slo(outcomes, duration, args.slo_ttft if args.slo_ttft is not None
+                         else float("inf"), args.slo_tpot if args.slo_tpot is not None
+                         else float("inf")))
+        return r
+
+    result = figures(outcomes, duration)
     band = {}
     if args.interval:
         from sim.interval import bootstrap
 
-        def figures(profile):
-            r = summary(*simulate(cfg, profile, reqs, args.max_batch, prefill=args.prefill,
+        def rerun(profile):
+            r = figures(*simulate(cfg, profile, reqs, args.max_batch, prefill=args.prefill,
                                   dual_batch=args.dual_batch, routing_skew=args.routing_skew,
                                   routing=routing)[:2])
-            return {k: r[k] for k in INTERVAL_FIGURES}
+            return {k: r[k] for k in (*INTERVAL_FIGURES, "slo_attainment", "goodput_req_s")
+                    if k in r}
 
-        band = bootstrap(figures, hw, args.interval)
+        band = bootstrap(rerun, hw, args.interval)
         result["interval_90"] = {k: list(v) for k, v in band.items()}
     if args.trace:
         out[2].metadata["result"] = result
@@ -103,6 +115,13 @@ def _cmd_serve(args) -> int:
         print(json.dumps(result))
         return 0
     print(format_summary(result))
+    if "slo_attainment" in result:
+        within = ", ".join(
+            f"{name} <= {value:g} s" for name, value in (("TTFT", args.slo_ttft),
+                                                        ("TPOT", args.slo_tpot))
+            if value is not None)
+        print(f"{'SLO attainment:':<40}{result['slo_attainment']:.2f} ({within})")
+        print(f"{'Request goodput (req/s):':<40}{result['goodput_req_s']:.3f}")
     if band:
         print(f"90% intervals ({args.interval} bootstrap replicates"
               + (f", drift between {len(hw.runs)} calibrations" if len(hw.runs) > 1 else "")
@@ -318,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     se.add_argument("--routing", metavar="FILE", help="replay routing recorded by the engine: "
                     "a routing JSON (refmoe.routing) or a trace from `refmoe bench serve "
                     "--trace`")
+    se.add_argument("--slo-ttft", type=float, metavar="S", help="a TTFT SLO in seconds: "
+                    "print the share of requests that meet the SLOs given, and the goodput")
+    se.add_argument("--slo-tpot", type=float, metavar="S", help="a TPOT SLO in seconds")
     se.add_argument("--interval", type=int, default=0, metavar="N",
                     help="90%% intervals of the latency and throughput figures from N "
                     "bootstrap replicates of the profile's calibration (and its drift, when "

@@ -29,6 +29,15 @@ def _length_case(args) -> dict:
             "prefill_tok_s": tokens / p.ttft_s}
 
 
+def slo(outcomes, duration_s: float, ttft_s: float, tpot_s: float) -> dict:
+    """The share of requests that finished within both SLOs (TTFT, and TPOT over the tokens
+    after the first) and those requests per second: slo_attainment, goodput_req_s."""
+    good = [o for o in outcomes if o.ok and o.ttft_s <= ttft_s and (
+        o.output_tokens < 2 or (o.e2e_s - o.ttft_s) / (o.output_tokens - 1) <= tpot_s)]
+    return {"slo_attainment": len(good) / len(outcomes) if outcomes else float("nan"),
+            "goodput_req_s": len(good) / duration_s if duration_s > 0 else 0.0}
+
+
 def _rate_case(args) -> dict:
     from refmoe.bench_serve import summary, workload
     from sim.hardware import Hardware
@@ -41,11 +50,9 @@ def _rate_case(args) -> dict:
                 "skipped": "no GPU in the profile"}
     outcomes, duration = simulate(cfg, hw, workload(n, rate, plen, olen, seed),
                                   prefill=prefill)
-    good = [o for o in outcomes if o.ok and o.ttft_s <= slo_ttft and (
-        o.output_tokens < 2 or (o.e2e_s - o.ttft_s) / (o.output_tokens - 1) <= slo_tpot)]
     res = summary(outcomes, duration)
     return {"hardware": hw.name, "prefill": prefill, "request_rate": rate,
-            "slo_attainment": len(good) / len(outcomes), "goodput_req_s": len(good) / duration,
+            **slo(outcomes, duration, slo_ttft, slo_tpot),
             **{k: res[k] for k in ("mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
                                    "p99_tpot_ms", "output_throughput")}}
 

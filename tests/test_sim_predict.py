@@ -189,6 +189,22 @@ def test_sim_serve_cli_prints_the_block(tmp_path):
     assert band["mean_ttft_ms"][0] < got["mean_ttft_ms"] < band["mean_ttft_ms"][1]
     text = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True).stdout
     assert "Serving Benchmark Result" in text and "drift between 3 calibrations" in text
+    # SLOs: the share of requests within both, and the goodput; a TTFT SLO between the two
+    # requests' TTFTs is met by one of them
+    base = [sys.executable, "-m", "sim.cli", "serve", "--model", str(small), "--hardware",
+            "zen3-2vcpu-3runs", "--csv", str(csv), "--json"]
+    loose = json.loads(subprocess.run(base + ["--slo-ttft", "1000", "--slo-tpot", "10"],
+                                      capture_output=True, text=True, timeout=120,
+                                      check=True).stdout)
+    assert loose["slo_attainment"] == 1.0
+    assert loose["goodput_req_s"] == pytest.approx(loose["request_throughput"])
+    mid = (loose["median_ttft_ms"] + loose["p99_ttft_ms"]) / 2e3
+    half = json.loads(subprocess.run(base + ["--slo-ttft", str(mid)], capture_output=True,
+                                     text=True, timeout=120, check=True).stdout)
+    assert half["slo_attainment"] == 0.5
+    shown = subprocess.run(base[:-1] + ["--slo-ttft", str(mid), "--slo-tpot", "10"],
+                           capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "SLO attainment:" in shown and "Request goodput (req/s):" in shown
 
 
 def test_reproduce_paper_rows():
