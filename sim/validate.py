@@ -34,11 +34,9 @@ def measured(doc: dict) -> dict:
 
 
 def validate(path: str | Path, hw: Hardware, interval: int = 0,
-             calibrations: list[Hardware] | None = None,
              drift: list[tuple[Hardware, Hardware]] | None = None) -> dict:
     """Predicted against measured, per metric; with interval=N also the 90% bootstrap
     interval of each prediction (sim/interval.py) and whether the measurement lies in it.
-    calibrations: separate calibrations whose N replicates each are mixed (instead of hw's);
     drift: (earlier, later) calibrations of this machine whose disagreement the interval
     allows for (default: the runs pooled into hw)."""
     doc = load_trace(path)
@@ -60,7 +58,7 @@ def validate(path: str | Path, hw: Hardware, interval: int = 0,
     if interval:
         from sim.interval import bootstrap
 
-        for k, (lo, hi) in bootstrap(fn, calibrations or hw, interval, drift=drift).items():
+        for k, (lo, hi) in bootstrap(fn, hw, interval, drift=drift).items():
             rows[k]["interval"] = [lo, hi]
             rows[k]["inside"] = bool(lo <= meas[k] <= hi)
     out = {"trace": str(path), "hardware": hw.name, "metrics": rows}
