@@ -379,6 +379,10 @@ def _slp_prefill(m: Machine, cfg: ModelConfig, tokens: int, devices: int | list[
         return simpy.AllOf(env, [env.process(m.work(seconds_of(k, hw.gpus[d]), {m.gpu[d]: 1.0}))
                                  for k, d in enumerate(ids)])
 
+    def receive(d, nbytes):
+        rate = hw.gpus[d].pcie_gbps * 1e9
+        yield from m.work(nbytes / rate, {m.pcie[d]: rate})
+
     env.process(loader())
     overhead = gpus[0].layer_overhead_us * 1e-6
     for c, (lo, t) in enumerate(chunks):
@@ -389,10 +393,6 @@ def _slp_prefill(m: Machine, cfg: ModelConfig, tokens: int, devices: int | list[
         # and of the summed expert outputs (reduce-scatter), float32, over its own PCIe link,
         # where it shares the link with the next layer's stream (no NVLink on these boxes)
         exchange = 2 * t * cfg.hidden_size * 4 * (n - 1) / n if n > 1 else 0.0
-
-        def receive(d):
-            rate = hw.gpus[d].pcie_gbps * 1e9
-            yield from m.work(exchange / rate, {m.pcie[d]: rate})
         for i, cost in enumerate(costs.layer_costs(cfg)):
             t0 = env.now
             yield on_each(lambda k, g: max(cost.attention_bytes / (g.hbm_gbps * g.hbm_efficiency
@@ -405,7 +405,7 @@ def _slp_prefill(m: Machine, cfg: ModelConfig, tokens: int, devices: int | list[
                 flops = costmodel.expert_flops(cfg, t) / n
                 yield on_each(lambda k, g: flops / (g.expert_tflops * 1e12))
                 if exchange:
-                    yield simpy.AllOf(env, [env.process(receive(d)) for d in ids])
+                    yield simpy.AllOf(env, [env.process(receive(d, exchange)) for d in ids])
                 yield ring.put(1)
                 m.mark("slp", "experts", f"experts L{i}", t0, tokens=t)
             else:
