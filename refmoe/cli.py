@@ -165,19 +165,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         directory = _demo_model(args)
         rows = []
         for _ in range(min(args.reps, 3)):
-            r = demo.run(directory, 16, 16)
+            r = demo.run(directory, 16, 16, device=args.device)
             rows.append({"op": "decode", "model": f"demo-v3-L{r.layers}-E{r.experts}",
                          "threads": kernels._threads(None), "variant": kernels.variant(),
-                         "tok_s": r.tok_s, "limit_tok_s": r.bound_tok_s, "ratio": r.ratio,
-                         "bytes_per_token": r.bytes_per_token, "limit_gbps": r.read_gbps,
-                         "ttft_s": r.ttft_s})
+                         "device": r.device, "tok_s": r.tok_s, "limit_tok_s": r.bound_tok_s,
+                         "ratio": r.ratio, "bytes_per_token": r.bytes_per_token,
+                         "cpu_bytes_per_token": r.cpu_bytes_per_token,
+                         "limit_gbps": r.read_gbps, "ttft_s": r.ttft_s})
         if args.json:
             print(json.dumps(rows))
         else:
             for row in rows:
-                print(f"decode {row['model']}: {row['tok_s']:.2f} tok/s, bound "
-                      f"{row['limit_tok_s']:.2f} tok/s "
-                      f"({row['bytes_per_token'] / 1e6:.0f} MB/token "
+                print(f"decode {row['model']} ({row['device']}): {row['tok_s']:.2f} tok/s, "
+                      f"bound {row['limit_tok_s']:.2f} tok/s "
+                      f"({row['cpu_bytes_per_token'] / 1e6:.0f} MB/token on the CPU "
                       f"at {row['limit_gbps']:.1f} GB/s read), ratio {row['ratio']:.2f}")
         return 0
 

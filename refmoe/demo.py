@@ -75,7 +75,7 @@ class _Codes:
         self.pool = formats.fp8_encode(np.clip(pool, -448, 448))
 
     def matrix(self, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-        codes = self.pool[self.rng.integers(0, 2**16, size=(n, k), dtype=np.uint32)]
+        codes = self.pool[self.rng.integers(0, 2**16, size=(n, k), dtype=np.uint16)]
         scale = self.rng.uniform(0.5, 1.5, formats.scale_shape(n, k)).astype(np.float32)
         return codes, scale * np.float32(0.02 * 4.5 / 448 / np.sqrt(k / 128))
 
@@ -163,6 +163,20 @@ def bytes_per_token(model) -> int:
     return total + (model.head.nbytes if model.head is not None else model.embed.nbytes)
 
 
+def cpu_bytes_per_token(model) -> int:
+    """The part of bytes_per_token that the CPU reads: all of it when the model runs on the CPU;
+    with attention and dense layers on a GPU (hybrid decode), only the routed experts (and the
+    shared expert fused into their call, or beside it)."""
+    if model.device.type == "cpu":
+        return bytes_per_token(model)
+    cfg, total = model.cfg, 0
+    for block in model.blocks:
+        ffn = block.ffn
+        if hasattr(ffn, "experts"):
+            total += (cfg.num_experts_per_tok + ffn.fused_shared) * ffn.experts.nbytes(0)
+    return total
+
+
 def read_gbps(nbytes: int = 512 * 2**20, reps: int = 3) -> float:
     """Plain read bandwidth of the kernel threads over a buffer larger than any cache."""
     buf = np.ones(nbytes, np.uint8)
@@ -185,10 +199,13 @@ class DecodeReport:
     tok_s: float
     bytes_per_token: int
     read_gbps: float
+    cpu_bytes_per_token: int = 0   # what the CPU reads of it (all of it unless hybrid)
+    device: str = "cpu"
 
     @property
     def bound_tok_s(self) -> float:
-        return self.read_gbps * 1e9 / self.bytes_per_token
+        """The CPU's read bound: the bytes the CPU reads per token at the measured read."""
+        return self.read_gbps * 1e9 / (self.cpu_bytes_per_token or self.bytes_per_token)
 
     @property
     def ratio(self) -> float:
@@ -196,17 +213,19 @@ class DecodeReport:
 
 
 def run(directory: Path, prompt_tokens: int = 16, new_tokens: int = 16, seed: int = 0,
-        progress=None, trace=None) -> DecodeReport:
+        progress=None, trace=None, device: str = "cpu") -> DecodeReport:
     """Load the demo model, prefill a seeded prompt, decode greedily; measure the read limit
-    right after with the same threads. trace: a refmoe.trace.Trace for the measured request."""
+    right after with the same threads. trace: a refmoe.trace.Trace for the measured request.
+    device: where attention and dense layers run (cuda: hybrid decode)."""
     from refmoe import models
     from refmoe.generate import generate
 
-    cfg, model = models.load(directory, progress=progress)
+    cfg, model = models.load(directory, progress=progress, device=device)
     prompt = np.random.default_rng(seed).integers(2, cfg.vocab_size, prompt_tokens).tolist()
     generate(model, prompt[:4], 2)  # warm-up: pages, thread pool
     g = generate(model, prompt, new_tokens, trace=trace)
     steps = sorted(g.step_s)
     tok_s = 1.0 / steps[len(steps) // 2] if steps else 0.0
     return DecodeReport(cfg.num_hidden_layers, cfg.n_routed_experts, prompt_tokens,
-                        len(g.token_ids), g.ttft_s, tok_s, bytes_per_token(model), read_gbps())
+                        len(g.token_ids), g.ttft_s, tok_s, bytes_per_token(model), read_gbps(),
+                        cpu_bytes_per_token(model), str(model.device))

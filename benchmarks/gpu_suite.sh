@@ -1,0 +1,105 @@
+#!/bin/bash
+# Everything only a GPU machine can show, in one run of under 8 minutes (one H100/H200 with a
+# 16-core host, as the device tool lends them):
+#   bash benchmarks/gpu_suite.sh OUTDIR
+# Writes to OUTDIR (at most 8 files, as the device tool brings back):
+#   suite.log          everything printed, with the machine, the build and the CUDA tests
+#   device_matmul.json device expert matmul per format (bf16, FP8 dequant / scaled_mm,
+#                      MXFP4 and NVFP4 decoded on the device, FP4 tensor cores where offered)
+#   prefill.json       {"prefill": SLP at 4K-32K tokens against the PCIe bound measured in
+#                      the same run, "prefill_cpu": the CPU-expert path beside it at 4K}
+#   slp-trace.json     Chrome trace of the longest SLP prefill (opens in Perfetto)
+#   serve.json         {"interference", "dual_batch"}: decode under a concurrent SLP prefill (interference) and dual-batch
+#                      two-over-one, with attention on the GPU
+#   decode.json        hybrid decode: attention and dense layers on the GPU, routed experts on
+#                      the host's CPU kernels, against the host's read bound
+#   kernels.json       the host's kernels (native AVX-512 where it has it) against its read
+# The demo model is DeepSeek-V3's per-layer shapes, LAYERS x EXPERTS (default 1 x 256: one
+# V3 MoE layer, 11.3 GB; LAYERS=2 is the 22.6 GB model of docs/slp.md's first H100 run).
+# SIMDe headers (to build the emulated variants) come from .carry/ (no network there):
+#   pip install --no-deps --target .carry simde-py
+# Each step has its own timeout, so one that hangs costs its slot, not the run.
+set -o pipefail
+out=${1:-/tmp/gpu-suite}; mkdir -p "$out"
+exec > >(tee -a "$out/suite.log") 2>&1
+export PYTHONPATH=$PWD/.carry:$PWD PYTHONUNBUFFERED=1 OPENBLAS_NUM_THREADS=1
+demo="--layers ${LAYERS:-1} --experts ${EXPERTS:-256} --dir ${DEMO_DIR:-/tmp/demo}"
+t0=$SECONDS
+step() { echo; echo "== [$((SECONDS - t0)) s] $*"; }
+
+step machine
+nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max \
+  --format=csv 2>/dev/null || echo "no nvidia-smi"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'device', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+lscpu | grep -E "Model name|^CPU\(s\)|NUMA node\(s\)"
+echo "AVX-512 flags: $(grep -o 'avx512[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+free -g | head -2; cat /proc/loadavg
+
+step build
+python3 setup.py build_ext --inplace -j 16 > "$out/build.log" 2>&1 \
+  || { tail -30 "$out/build.log"; exit 1; }
+rm -f "$out/build.log"
+python3 -m refmoe.cli info
+
+step device matmul per format
+timeout 90 python3 benchmarks/device_matmul.py --json "$out/device_matmul.json" ${SMALL:+--small}
+
+step demo model: build once
+timeout 150 python3 -c "
+import sys; from pathlib import Path; from refmoe import demo
+demo.build(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))" \
+  "${DEMO_DIR:-/tmp/demo}" "${LAYERS:-1}" "${EXPERTS:-256}" || exit 1
+du -sh "${DEMO_DIR:-/tmp/demo}"
+
+step "SLP prefill at 4K-32K (trace of the longest), CPU experts beside at 4K"
+timeout 150 python3 -m refmoe.cli bench prefill $demo \
+  --prompt-tokens ${TOKENS:-4096,8192,16384,32768} --trace "$out/slp-trace.json" --json \
+  > "$out/prefill.json"
+python3 -c "import json,sys; [print(r) for r in json.load(open(sys.argv[1]))]" "$out/prefill.json"
+timeout 60 python3 -m refmoe.cli bench prefill $demo --prompt-tokens ${CPU_TOKENS:-4096} --cpu \
+  --json > "$out/prefill_cpu.json" \
+  && python3 -c "import json,sys; [print(r) for r in json.load(open(sys.argv[1]))]" \
+       "$out/prefill_cpu.json"
+
+step "serving: decode under a concurrent SLP prefill; dual-batch two over one"
+timeout 60 python3 -m refmoe.cli bench serve $demo --scenario interference --prefill slp \
+  --prefill-tokens ${PREFILL_TOKENS:-8192} --json > "$out/interference.json"
+cat "$out/interference.json"; echo
+timeout 60 python3 -m refmoe.cli bench serve $demo --scenario dual-batch --json \
+  > "$out/dual_batch.json"
+cat "$out/dual_batch.json"; echo
+
+step "hybrid decode: attention on the GPU, routed experts on the host CPU"
+timeout 60 python3 -m refmoe.cli bench decode $demo --reps 2 --device auto --json > "$out/decode.json"
+cat "$out/decode.json"; echo
+
+step "host CPU kernels (native variant) against the host's read"
+timeout 80 python3 -m refmoe.cli bench kernels --reps 3 --no-torch --json > "$out/kernels.json"
+python3 -c "
+import json,sys
+for r in json.load(open(sys.argv[1])):
+    print(r['op'], r['dtype'], r.get('m'), r['threads'], r['variant'],
+          round(r['gbps'], 1), round(r.get('ratio', 0), 2))" "$out/kernels.json"
+
+step "CUDA tests (SLP on the device against the plain path)"
+timeout ${TEST_S:-90} python3 -m pytest -q -x tests/test_slp.py -k cuda -p no:cacheprovider \
+  -W ignore::UserWarning 2>&1 | tail -8
+
+# fold the small JSON files into one, so the run's files stay within what comes back
+python3 - "$out" <<'EOF'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+def fold(target, names):
+    got = {}
+    for name in names:
+        p = out / f"{name}.json"
+        if p.exists() and p.stat().st_size:
+            got[name] = json.loads(p.read_text())
+        p.unlink(missing_ok=True)
+    (out / target).write_text(json.dumps(got, indent=1))
+fold("serve.json", ["interference", "dual_batch"])
+fold("prefill.json", ["prefill", "prefill_cpu"])
+EOF
+step done
+ls -la "$out"
