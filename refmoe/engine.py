@@ -147,16 +147,17 @@ class Engine:
         return req
 
     def cancel(self, request_id: str) -> None:
-        """The client went away: the request stops at the next step; its KV reservation
-        returns now."""
+        """The client went away. A request no worker holds yet (waiting) leaves at once;
+        one being prefilled or decoded is only marked, and the worker that owns its step drops
+        it (and frees its KV) at the step's boundary, so no step ever loses a cache under it
+        and no other request of the step is touched."""
         with self.lock:
-            req = self.requests.pop(request_id, None)
+            req = self.requests.get(request_id)
             if req is None:
                 return
             req.cancelled = True
-            req.cache = None
-            self.scheduler.finish(request_id)
-            self._gauges()
+            if self.scheduler.state(request_id) == "waiting":
+                self._drop(req)
             self.lock.notify_all()
 
     def shutdown(self, drain_s: float = 10.0) -> None:
@@ -195,6 +196,7 @@ class Engine:
                     self.lock.wait(0.5)
                 if self.stopping:
                     return
+                self._gauges()          # waiting -> prefilling changes both gauges
             start = self.trace.now() if self.trace else 0.0
             try:
                 run(plan)
@@ -224,7 +226,10 @@ class Engine:
     def _prefill(self, plan: PrefillPlan) -> None:
         with self.lock:
             req = self.requests.get(plan.request_id)
-        if req is None:                     # cancelled while waiting
+            if req is not None and req.cancelled:   # gone before its prefill began
+                self._drop(req)
+                return
+        if req is None:                     # failed or dropped while waiting
             return
         cache = self.model.new_cache()
         ids = torch.tensor(req.prompt_ids)
@@ -238,39 +243,60 @@ class Engine:
             logits = self._streamer.prefill(ids, cache)
         else:
             logits = self.model.forward(ids, cache)
-        req.cache, req.sampler = cache, Sampler(req.params)
-        token = req.sampler(logits[-1])
+        sampler = Sampler(req.params)
+        token = sampler(logits[-1])
         if self.metrics:
             self.metrics.prompt_tokens.inc(len(req.prompt_ids))
         with self.lock:
-            if req.cancelled:
+            if req.cancelled or req.finish_reason is not None:   # the step's boundary
+                self._drop(req)
                 return
+            req.cache, req.sampler = cache, sampler
             self._emit(req, [token])
-            if req.finish_reason is None:
+            if req.cancelled:               # hung up on its first token (or its sink broke)
+                self._drop(req)
+            elif req.finish_reason is None:
                 self.scheduler.prefilled(req.id)
+                self._gauges()
             self.lock.notify_all()
 
     def _decode(self, plan: DecodePlan) -> None:
+        # The step's boundary: requests cancelled since the last step leave here, before any
+        # work; the caches of the rest are taken now, so the step owns what it reads.
         with self.lock:
-            batches = [[self.requests[r] for r in mb if r in self.requests]
-                       for mb in plan.micro_batches]
+            batches = []
+            for mb in plan.micro_batches:
+                reqs = []
+                for rid in mb:
+                    req = self.requests.get(rid)
+                    if req is None:
+                        continue
+                    if req.cancelled:
+                        self._drop(req)
+                    else:
+                        reqs.append((req, req.cache))
+                batches.append(reqs)
         batches = [b for b in batches if b]
         if not batches:
             return
 
-        def step(reqs: list[Request], locks) -> torch.Tensor:
-            return self.model.forward_batch([torch.tensor(r.out[-1:]) for r in reqs],
-                                            [r.cache for r in reqs], locks)
+        def step(pairs, locks) -> torch.Tensor:
+            return self.model.forward_batch([torch.tensor(r.out[-1:]) for r, _ in pairs],
+                                            [c for _, c in pairs], locks)
 
         if len(batches) == 2:               # dual-batch overlap: the second in the helper
             other = self.helper.submit(step, batches[1], self.locks)
             results = [step(batches[0], self.locks), other.result()]
         else:
             results = [step(batches[0], None)]
-        with self.lock:
-            for reqs, logits in zip(batches, results):
-                for req, row in zip(reqs, logits):
-                    if not req.cancelled and req.finish_reason is None:
+        with self.lock:                     # the step's other boundary
+            for pairs, logits in zip(batches, results):
+                for (req, _), row in zip(pairs, logits):
+                    if req.finish_reason is not None:
+                        continue
+                    if req.cancelled:
+                        self._drop(req)
+                    else:
                         self._emit(req, [req.sampler(row)])
             self.lock.notify_all()
 
@@ -335,7 +361,7 @@ class Engine:
         try:
             req.sink(event)
         except Exception:  # noqa: BLE001 - a broken sink must not stop the engine
-            req.cancelled = True
+            req.cancelled = True      # its worker drops it at the next step boundary
 
     @staticmethod
     def _usage(req: Request) -> dict:

@@ -131,6 +131,11 @@ class Scheduler:
             e.state = "decoding"
             self.decoding.append(request_id)
 
+    def state(self, request_id: str) -> str | None:
+        """waiting, prefilling or decoding; None once finished (or never added)."""
+        e = self.entries.get(request_id)
+        return None if e is None else e.state
+
     # -- plans ----------------------------------------------------------------------------
 
     def next_prefill(self) -> PrefillPlan | None:
