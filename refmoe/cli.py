@@ -350,14 +350,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print("refmoe serve: give --kv-tokens or --kv-memory, not both", file=sys.stderr)
         return 2
     api_key = args.api_key or _os.environ.get("REFMOE_API_KEY")
-    serve(args.model, args.host, args.port, served_name=args.served_model_name,
-          api_key=api_key, device=args.device, drain_s=args.drain_s,
-          engine_kwargs={"kv_tokens": args.kv_tokens, "max_batch": args.max_batch,
-                         "kv_memory": args.kv_memory * 2**30 if args.kv_memory else None,
-                         "max_queue": args.max_queue, "prefill": args.prefill,
-                         "ranks": args.ranks,
-                         "dual_batch": {"auto": None, "on": True, "off": False}[args.dual_batch]})
-    return 0
+    dual_batch = {"auto": None, "on": True, "off": False}[args.dual_batch]
+    return serve(args.model, args.host, args.port, served_name=args.served_model_name,
+                 api_key=api_key, device=args.device, drain_s=args.drain_s,
+                 max_body_mb=args.max_body_mb,
+                 keep_alive_on_load_error=args.keep_alive_on_load_error,
+                 engine_kwargs={"kv_tokens": args.kv_tokens, "max_batch": args.max_batch,
+                                "kv_memory": args.kv_memory * 2**30 if args.kv_memory else None,
+                                "max_queue": args.max_queue, "prefill": args.prefill,
+                                "ranks": args.ranks, "dual_batch": dual_batch})
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -439,6 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "nothing decoded for 5 minutes, else one stays with decode")
     sv.add_argument("--drain-s", type=float, default=10.0,
                     help="on shutdown, seconds running requests get to finish")
+    sv.add_argument("--max-body-mb", type=float, metavar="MB",
+                    help="largest request body (default: 16 bytes per token of context, at "
+                    "least 1 MiB); larger ones get 413 before they are read")
+    sv.add_argument("--keep-alive-on-load-error", action="store_true",
+                    help="when the model fails to load, keep serving /health 503 instead of "
+                    "exiting non-zero")
     sv.set_defaults(func=_cmd_serve)
 
     cv = sub.add_parser("convert", help="write a BF16/F32 checkpoint in the FP8 block format")

@@ -169,7 +169,8 @@ class Engine:
             while self.requests and time.monotonic() < deadline:
                 self.lock.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             for req in list(self.requests.values()):
-                self._fail(req, "the server shut down before this request finished")
+                self._fail(req, f"the server shut down before this request finished (it "
+                           f"drained for {drain_s:g} s)", status=503)
             self.stopping = True
             self.lock.notify_all()
         for w in self.workers:
@@ -339,10 +340,11 @@ class Engine:
                 m.e2e.observe(now - req.arrival)
             self._send(req, {"type": "finish", "reason": reason, "usage": self._usage(req)})
 
-    def _fail(self, req: Request, message: str) -> None:
+    def _fail(self, req: Request, message: str, status: int = 500) -> None:
+        """status: the HTTP status a server should answer with (503: shutting down)."""
         req.finish_reason = "error"
         self._drop(req)
-        self._send(req, {"type": "error", "message": message})
+        self._send(req, {"type": "error", "message": message, "status": status})
 
     def _drop(self, req: Request) -> None:
         if self.trace is not None and req.id in self.requests:

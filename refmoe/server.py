@@ -5,14 +5,27 @@ request with stream_options.include_usage), /v1/models, /tokenize, /detokenize, 
 while the model loads, 200 when ready), /metrics (Prometheus). Errors use OpenAI's shape,
 {"error": {"message", "type", "param", "code"}}, with 400 for bad requests, 401 for a wrong
 API key, 404 for another model's name, 429 (with Retry-After) when the admission queue is
-full, 503 while loading or shutting down. A client that disconnects cancels its request,
-whose KV reservation returns at once.
+full, 413 for a body over the cap, 503 while loading or shutting down.
+
+What a client can count on (docs/serving.md):
+- disconnect: a client that hangs up cancels only its own request; the worker that runs it
+  drops it at the next step boundary and frees its KV there; no other request is touched;
+- shutdown (SIGTERM, SIGINT): admission stops (503), requests in flight get up to --drain-s to
+  finish, then each remaining stream ends with an OpenAI-shaped error event and `[DONE]` (a
+  non-streamed request gets a 503 body) before the HTTP server closes any connection;
+- oversized input: a body over --max-body-mb is refused (413) before the rest is read; text is
+  tokenized off the event loop, and a text that cannot fit the context is refused before it is
+  tokenized, so no request stalls another's stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
+import logging
+import secrets
 import threading
 import time
 import uuid
@@ -29,6 +42,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from refmoe.engine import Engine, QueueFull, ShuttingDown
 from refmoe.metrics import Metrics
 from refmoe.sampling import SamplingParams
+
+log = logging.getLogger("refmoe.server")
 
 # ---------------------------------------------------------------------------------------------
 # Request bodies (unknown fields are ignored, as OpenAI's API does; known ones are checked)
@@ -56,7 +71,7 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     prompt: str | list[int] = Field(..., description="text, or token ids")
     echo: bool = False
-    logprobs: int | None = Field(None, le=0, description="log probabilities are not returned")
+    logprobs: int | None = Field(None, description="not supported: must be absent or null")
 
 
 class ChatMessage(BaseModel):
@@ -68,6 +83,8 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = Field(None, description="not supported: must be absent or false")
+    top_logprobs: int | None = Field(None, description="not supported: must be absent or null")
 
 
 class TokenizeRequest(BaseModel):
@@ -109,17 +126,81 @@ class State:
         self.cfg = None
         self.error: str | None = None
         self.ready = threading.Event()
+        self.drain_s = 10.0
+        self.max_body: int | None = None        # bytes; None: from the model's context
+        self.on_load_error = None               # called (from the loader) when loading fails
+
+    def body_limit(self) -> int:
+        """--max-body-mb, or 16 bytes per token of context (a token id in JSON takes at most
+        7, a token of text about 4 characters), at least 1 MiB."""
+        if self.max_body is not None:
+            return self.max_body
+        context = self.engine.context if self.engine is not None else 0
+        return max(2**20, 16 * context)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over the limit is answered 413 as soon as the bytes
+    read (or its Content-Length) pass the limit; nothing past it is read or kept."""
+
+    def __init__(self, app, limit):
+        self.app, self.limit = app, limit       # limit: a callable giving bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        limit = self.limit()
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await self._refuse(send, limit)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return await self._refuse(send, limit)
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()              # later: the client's disconnect
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(send, limit: int) -> None:
+        body = json.dumps({"error": {"message": f"the request body exceeds the limit of "
+                                     f"{limit:,} bytes (--max-body-mb)",
+                                     "type": "invalid_request_error", "param": None,
+                                     "code": 413}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
 
 
 def create_app(model_dir: str | Path, *, served_name: str | None = None,
                api_key: str | None = None, device: str = "auto", drain_s: float = 10.0,
-               engine_kwargs: dict | None = None, model=None) -> FastAPI:
+               engine_kwargs: dict | None = None, model=None,
+               max_body_mb: float | None = None) -> FastAPI:
     """The app for one model directory; the model loads in a background thread when the app
     starts (pass `model` to reuse a loaded one)."""
     model_dir = Path(model_dir)
     name = served_name or model_dir.name
     state = State()
+    state.drain_s = drain_s
+    state.max_body = None if max_body_mb is None else int(max_body_mb * 2**20)
     metrics = Metrics(name)
+    key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
 
     def load() -> None:
         from refmoe import models
@@ -136,8 +217,11 @@ def create_app(model_dir: str | Path, *, served_name: str | None = None,
                                   **(engine_kwargs or {})).start()
         except Exception as e:  # noqa: BLE001 - reported by /health and every request
             state.error = f"{type(e).__name__}: {e}"
+            log.error("the model in %s failed to load: %s", model_dir, state.error)
         finally:
             state.ready.set()
+        if state.error and state.on_load_error is not None:
+            state.on_load_error()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -148,6 +232,7 @@ def create_app(model_dir: str | Path, *, served_name: str | None = None,
 
     app = FastAPI(title="refmoe", version="0.1.0", lifespan=lifespan)
     app.state.refmoe = state
+    app.add_middleware(BodyLimit, limit=state.body_limit)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError):
@@ -170,7 +255,12 @@ def create_app(model_dir: str | Path, *, served_name: str | None = None,
     async def check_key(request: Request, call_next):
         if api_key and request.url.path not in ("/health", "/metrics", "/docs",
                                                  "/openapi.json"):
-            if request.headers.get("authorization") != f"Bearer {api_key}":
+            given = request.headers.get("authorization", "")
+            given = given[7:] if given.startswith("Bearer ") else ""
+            # digests of equal length compared in constant time: neither the key's length
+            # nor its prefix leaks through timing
+            if not secrets.compare_digest(hashlib.sha256(given.encode()).digest(),
+                                          key_digest):
                 return _error(401, "missing or wrong API key (Authorization: Bearer KEY)",
                               "authentication_error")
         return await call_next(request)
@@ -248,7 +338,9 @@ def create_app(model_dir: str | Path, *, served_name: str | None = None,
                     finish, usage = ev["reason"], ev["usage"]
                 else:
                     metrics.requests.labels(model=name, outcome="error").inc()
-                    raise APIError(500, ev["message"], "server_error")
+                    status = ev.get("status", 500)
+                    raise APIError(status, ev["message"], "service_unavailable"
+                                   if status == 503 else "server_error")
         except asyncio.CancelledError:
             eng.cancel(req.id)
             raise
@@ -279,8 +371,11 @@ def create_app(model_dir: str | Path, *, served_name: str | None = None,
                 ev = await queue.get()
                 if ev["type"] == "error":
                     metrics.requests.labels(model=name, outcome="error").inc()
-                    yield "data: " + json.dumps({"error": {"message": ev["message"],
-                                                           "type": "server_error"}}) + "\n\n"
+                    status = ev.get("status", 500)
+                    yield "data: " + json.dumps({"error": {
+                        "message": ev["message"], "param": None, "code": status,
+                        "type": "service_unavailable" if status == 503 else "server_error"}}
+                    ) + "\n\n"
                     break
                 if ev["type"] == "token":
                     if chat:
@@ -309,26 +404,48 @@ def create_app(model_dir: str | Path, *, served_name: str | None = None,
                 eng.cancel(req.id)
                 metrics.requests.labels(model=name, outcome="cancelled").inc()
 
+    async def encode(text: str, special: bool, param: str) -> list[int]:
+        """Tokenized in a worker thread (a long text never stalls the event loop), refused
+        before tokenizing when it cannot fit the context."""
+        tok = tokenizer()
+        try:
+            return await asyncio.to_thread(tok.encode_bounded, text, engine().context,
+                                           special, param)
+        except ValueError as e:
+            raise APIError(400, str(e), param=param) from None
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        if body.logprobs is not None:
+            raise APIError(400, "logprobs: log probabilities are not returned by this server; "
+                           "leave the field out", param="logprobs")
+        if body.echo:
+            raise APIError(400, "echo is not supported", param="echo")
         if isinstance(body.prompt, str):
             if not body.prompt:
                 raise APIError(400, "prompt: empty", param="prompt")
-            prompt = tokenizer().encode(body.prompt)
+            prompt = await encode(body.prompt, True, "prompt")
         else:
             prompt = body.prompt
-        if body.echo:
-            raise APIError(400, "echo is not supported", param="echo")
         return await generate(request, body, prompt, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
+        for field_name in ("logprobs", "top_logprobs"):
+            if getattr(body, field_name) not in (None, False):
+                raise APIError(400, f"{field_name}: log probabilities are not returned by "
+                               "this server; leave the field out", param=field_name)
         tok = tokenizer()
+        limit = engine().context * tok.max_token_chars
+        if sum(len(m.content or "") for m in body.messages) > limit:
+            raise APIError(400, f"messages: longer than the context of {engine().context:,} "
+                           "tokens can hold", param="messages")
         try:
-            text = tok.apply_chat_template([m.model_dump() for m in body.messages])
+            text = await asyncio.to_thread(
+                tok.apply_chat_template, [m.model_dump() for m in body.messages])
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
-        return await generate(request, body, tok.encode(text, False), chat=True)
+        return await generate(request, body, await encode(text, False, "messages"), chat=True)
 
     # -- the rest of the API ------------------------------------------------------------
 
@@ -380,8 +497,48 @@ def create_app(model_dir: str | Path, *, served_name: str | None = None,
     return app
 
 
-def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> None:
+try:
     import uvicorn
 
-    uvicorn.run(create_app(model_dir, **kwargs), host=host, port=port, log_level="info",
-                timeout_graceful_shutdown=int(kwargs.get("drain_s", 10)) + 5)
+    class Server(uvicorn.Server):
+        """uvicorn's server with the engine's drain first: on SIGTERM / SIGINT (or
+        should_exit) the engine stops admitting, lets requests finish for up to drain_s and
+        ends the rest with an error event, all while connections are still open; only then
+        does uvicorn close them."""
+
+        async def shutdown(self, sockets=None) -> None:
+            state: State = self.config.app.state.refmoe
+            if state.engine is not None and state.engine.accepting:
+                log.info("draining: up to %.1f s for requests in flight", state.drain_s)
+                await asyncio.to_thread(state.engine.shutdown, state.drain_s)
+            await super().shutdown(sockets)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises the signal it caught once it has shut down, so the process
+            # dies by it (-15); after a drain that is a clean exit: status 0
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()
+except ImportError:          # uvicorn is a dependency; only a broken install lands here
+    Server = None
+
+
+def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000,
+          keep_alive_on_load_error: bool = False, **kwargs) -> int:
+    """Serve until SIGTERM / SIGINT; 0 after a clean drain, 1 when the model failed to load
+    (unless keep_alive_on_load_error: then the server stays up answering 503, as before)."""
+    parent = logging.getLogger("refmoe")
+    if not parent.handlers:             # beside uvicorn's lines, in their format
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        parent.addHandler(handler)
+        parent.setLevel(logging.INFO)
+    app = create_app(model_dir, **kwargs)
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                   timeout_graceful_shutdown=5))
+    state: State = app.state.refmoe
+    if not keep_alive_on_load_error:
+        state.on_load_error = lambda: setattr(server, "should_exit", True)
+    server.run()
+    return 1 if state.error and not keep_alive_on_load_error else 0

@@ -17,6 +17,7 @@ class Tokenizer:
             raise ValueError(f"{path}: cannot load tokenizer ({e})") from None
         self.config = config or {}
         self.path = path
+        self._max_chars: int | None = None
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer | None:
@@ -35,6 +36,28 @@ class Tokenizer:
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=special).ids
+
+    @property
+    def max_token_chars(self) -> int:
+        """The longest vocabulary entry, in characters: no token covers more of a text (a
+        byte-level entry spells each byte as one character, so it is never shorter than the
+        text it covers)."""
+        if self._max_chars is None:
+            self._max_chars = max((len(k) for k in self._tok.get_vocab(True)), default=1)
+        return self._max_chars
+
+    def encode_bounded(self, text: str, limit: int, special: bool = True,
+                       what: str = "prompt") -> list[int]:
+        """encode(text), refusing at once (without tokenizing) a text that cannot fit in
+        `limit` tokens: it needs at least len(text) / max_token_chars of them."""
+        if len(text) > limit * self.max_token_chars:
+            raise ValueError(f"{what}: {len(text):,} characters are at least "
+                             f"{len(text) // self.max_token_chars:,} tokens, more than the "
+                             f"context of {limit:,}")
+        ids = self.encode(text, special)
+        if len(ids) > limit:
+            raise ValueError(f"{what}: {len(ids):,} tokens exceed the context of {limit:,}")
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)

@@ -15,6 +15,7 @@ import pytest
 from refmoe import models
 from refmoe.generate import generate
 from refmoe.sampling import SamplingParams
+from refmoe.server import Server as DrainingServer
 from refmoe.server import create_app
 from test_tokenizer import WORDS, chat_model  # noqa: F401 (fixture)
 
@@ -38,8 +39,8 @@ class Server:
         self.port = _port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = create_app(model_dir, served_name="tiny", **kwargs)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
+        self.server = DrainingServer(uvicorn.Config(self.app, host="127.0.0.1",
+                                                    port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 60
@@ -178,6 +179,8 @@ def test_cancel_mid_stream_frees_kv(server):
     ({"max_tokens": 3}, 400, "prompt"),
     ({"prompt": [4], "model": "gpt-4"}, 404, "does not exist"),
     ({"prompt": [4], "logprobs": 3}, 400, "logprobs"),
+    ({"prompt": [4], "logprobs": 0}, 400, "logprobs"),
+    ({"prompt": [4], "logprobs": -3}, 400, "logprobs"),
     ({"prompt": [4], "seed": -2**63 - 1}, 400, "seed"),   # found by the schema fuzz
     ({"prompt": [4], "seed": 2**64}, 400, "seed"),
 ])
