@@ -25,6 +25,61 @@ DTYPES = {
 }
 
 
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_header(path: Path, header, data_size: int) -> tuple[dict, dict]:
+    """(metadata, entries) of a safetensors header, checked whole before anything is mapped:
+    an object; each entry an object with a known dtype, a shape of non-negative integers and
+    data_offsets [begin, end] inside the data section, holding exactly dtype x shape bytes;
+    no two tensors sharing a byte. Every error names the file and the tensor."""
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header must be a JSON object, got "
+                         f"{type(header).__name__}")
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path}: __metadata__ must be an object of strings")
+    entries, spans = {}, []
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(e, dict):
+            raise ValueError(f"{where}: its header entry must be an object, got "
+                             f"{type(e).__name__}")
+        dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise ValueError(f"{where} has unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise ValueError(f"{where}: shape must be a list of non-negative integers, got "
+                             f"{shape!r:.80}")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(_is_count(o) for o in offsets) and offsets[0] <= offsets[1]):
+            raise ValueError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= "
+                             f"end, got {offsets!r:.80}")
+        begin, end = offsets
+        itemsize = np.dtype(DTYPES[dtype][0]).itemsize
+        want = itemsize
+        for d in shape:
+            want *= d
+        if end - begin != want:
+            raise ValueError(f"{where} holds {end - begin} bytes, its shape {shape} and dtype "
+                             f"{dtype} need {want}")
+        if end > data_size:
+            raise ValueError(f"{path}: truncated: tensor {name!r} ends at byte {end} of the "
+                             f"data section, which holds {data_size}")
+        entries[name] = e
+        if end > begin:
+            spans.append((begin, end, name))
+    spans.sort()
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise ValueError(f"{path}: tensors {a!r} and {b!r} overlap (bytes {begin_b}-"
+                             f"{end_a} of the data section)")
+    return metadata, entries
+
+
 class Shard:
     """One .safetensors file: its header, and its tensors as views of one read-only mmap."""
 
@@ -34,6 +89,10 @@ class Shard:
             size = path.stat().st_size
         except FileNotFoundError:
             raise ValueError(f"{path}: shard not found") from None
+        except OSError as e:                 # a symlink loop, no permission
+            raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
+        if not path.is_file():
+            raise ValueError(f"{path}: not a file")
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -44,23 +103,10 @@ class Shard:
                                  f"file of {size})")
             try:
                 header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
                 raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
-        self.metadata = header.pop("__metadata__", {}) or {}
-        self.entries = header
         data_start, data_size = 8 + n, size - 8 - n
-        for name, e in header.items():
-            if e.get("dtype") not in DTYPES:
-                raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {e.get('dtype')}")
-            begin, end = e["data_offsets"]
-            itemsize = np.dtype(DTYPES[e["dtype"]][0]).itemsize
-            want = int(np.prod(e["shape"], dtype=np.int64)) * itemsize
-            if end - begin != want:
-                raise ValueError(f"{path}: tensor {name!r} holds {end - begin} bytes, its shape "
-                                 f"{e['shape']} and dtype {e['dtype']} need {want}")
-            if end > data_size:
-                raise ValueError(f"{path}: truncated: tensor {name!r} ends at byte "
-                                 f"{data_start + end}, the file has {size}")
+        self.metadata, self.entries = _check_header(path, header, data_size)
         self._map = np.memmap(path, dtype=np.uint8, mode="r") if size else None
         self._data_start = data_start
 
@@ -86,9 +132,20 @@ class Checkpoint:
         index = self.dir / "model.safetensors.index.json"
         if index.exists():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+                doc = json.loads(index.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{index}: not a safetensors index ({e})") from None
+            except OSError as e:
+                raise ValueError(f"{index}: cannot be read ({e.strerror or e})") from None
+            weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) for v in weight_map.values()):
+                raise ValueError(f"{index}: field 'weight_map' must be an object of tensor "
+                                 "name -> shard file")
+            for f in set(weight_map.values()):
+                if Path(f).name != f or f in (".", ".."):
+                    raise ValueError(f"{index}: shard {f!r} must be a file in the model "
+                                     "directory")
         elif (self.dir / "model.safetensors").exists():
             weight_map = None
         else:
@@ -138,6 +195,11 @@ class Checkpoint:
             raise ValueError(f"{where} has dtype {shard.dtype(name)}, expected one of "
                              f"{', '.join(dtypes)}")
         a = shard.array(name)
+        if name.endswith(("_scale_inv", "_scale", "_scale_2")) and a.dtype.kind == "f":
+            bad = ~np.isfinite(a)
+            if bad.any():
+                idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
+                raise ValueError(f"{where}: {a[idx]} at index {idx}; a scale must be finite")
         if shard.dtype(name) == "float8_e4m3fn":
             bad = (a & 0x7F) == 0x7F
             if bad.any():

@@ -382,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-threads", type=int, metavar="N",
                    help="threads for the CPU kernels (default: all usable cores; the same as "
                    "REFMOE_NUM_THREADS)")
+    p.add_argument("--debug", action="store_true",
+                   help="show the Python traceback of an error (default: one line)")
     sub = p.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="CPU variant, threads and NUMA nodes refmoe will use")
@@ -506,7 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv               # anywhere on the line, before or after the command
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     if args.cpu_threads is not None:
         if args.cpu_threads < 1:
             print("refmoe: --cpu-threads must be >= 1", file=sys.stderr)
@@ -515,7 +519,17 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "reps", 1) < 1:
         print("refmoe: --reps must be >= 1", file=sys.stderr)
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line naming what failed; --debug for more
+        if debug:
+            raise
+        kind = "" if isinstance(e, ValueError) else f"{type(e).__name__}: "
+        print(f"refmoe {args.command}: {kind}{e} (--debug shows the traceback)",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

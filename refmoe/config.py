@@ -7,6 +7,7 @@ dataclass serves both families; `architecture` says which model file runs it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -72,45 +73,42 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> ModelConfig:
         """Build and validate; every error names the source and the field."""
-        archs = d.get("architectures") or []
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: must be a JSON object, got {type(d).__name__}")
+        get = _Fields(d, source)
+        archs = get("architectures", list, [])
         arch = next((a for a in archs if a in ARCHITECTURES), None)
+        model_type = get("model_type", str, None)
         if arch is None and not archs:
-            arch = MODEL_TYPES.get(d.get("model_type"))
+            arch = MODEL_TYPES.get(model_type)
         if arch is None:
-            raise ValueError(f"{source}: unknown architecture {archs or d.get('model_type')!r}; "
+            raise ValueError(f"{source}: unknown architecture {archs or model_type!r}; "
                              f"refmoe runs {sorted(ARCHITECTURES)}")
         family = ARCHITECTURES[arch]
+        need = get.need
 
-        def need(name: str, kind=int):
-            for alias in (name, *ALIASES.get(name, ())):
-                if d.get(alias) is not None:
-                    name = alias
-                    break
-            else:
-                raise ValueError(f"{source}: missing field {name!r}")
-            try:
-                return kind(d[name])
-            except (TypeError, ValueError):
-                raise ValueError(f"{source}: field {name!r} must be {kind.__name__}, "
-                                 f"got {d[name]!r}") from None
-
-        rope = d.get("rope_parameters") or {}
-        scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default"
-                                            else None)
+        rope = get("rope_parameters", dict, {})
+        scaling = get("rope_scaling", dict, None) or (
+            rope if rope.get("rope_type", "default") != "default" else None)
         eos = d.get("eos_token_id")
+        if eos is not None and not (_is_int(eos) or isinstance(eos, list)
+                                    and all(_is_int(e) for e in eos)):
+            raise ValueError(f"{source}: field 'eos_token_id' must be an integer or a list of "
+                             f"integers, got {eos!r}")
+        heads = need("num_attention_heads")
         common = dict(
             architecture=arch, family=family, vocab_size=need("vocab_size"),
             hidden_size=need("hidden_size"), num_hidden_layers=need("num_hidden_layers"),
-            num_attention_heads=need("num_attention_heads"),
-            num_key_value_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
-            rope_theta=float(d.get("rope_theta") or rope.get("rope_theta") or 10000.0),
-            rope_scaling=scaling, max_position_embeddings=int(d.get("max_position_embeddings",
-                                                                    4096)),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
-            quantization=d.get("quantization_config"),
+            num_attention_heads=heads,
+            num_key_value_heads=get("num_key_value_heads", int, None) or heads,
+            rope_theta=get("rope_theta", float, None) or float(rope.get("rope_theta") or 1e4),
+            rope_scaling=scaling,
+            max_position_embeddings=get("max_position_embeddings", int, 4096),
+            rms_norm_eps=get("rms_norm_eps", float, 1e-6),
+            tie_word_embeddings=get("tie_word_embeddings", bool, False),
+            bos_token_id=get("bos_token_id", int, None),
+            eos_token_id=[] if eos is None else ([eos] if _is_int(eos) else list(eos)),
+            quantization=get("quantization_config", dict, None),
         )
         if family == "deepseek_v3":
             cfg = cls(
@@ -118,28 +116,30 @@ class ModelConfig:
                 moe_intermediate_size=need("moe_intermediate_size"),
                 n_routed_experts=need("n_routed_experts"),
                 num_experts_per_tok=need("num_experts_per_tok"),
-                n_shared_experts=int(d.get("n_shared_experts") or 0),
-                first_k_dense_replace=int(d.get("first_k_dense_replace") or 0),
-                n_group=int(d.get("n_group") or 1), topk_group=int(d.get("topk_group") or 1),
-                norm_topk_prob=bool(d.get("norm_topk_prob", True)),
-                routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
-                scoring_func=d.get("scoring_func", "sigmoid"),
-                q_lora_rank=d.get("q_lora_rank"), kv_lora_rank=need("kv_lora_rank"),
+                n_shared_experts=get("n_shared_experts", int, None) or 0,
+                first_k_dense_replace=get("first_k_dense_replace", int, None) or 0,
+                n_group=get("n_group", int, None) or 1,
+                topk_group=get("topk_group", int, None) or 1,
+                norm_topk_prob=get("norm_topk_prob", bool, True),
+                routed_scaling_factor=get("routed_scaling_factor", float, 1.0),
+                scoring_func=get("scoring_func", str, "sigmoid"),
+                q_lora_rank=get("q_lora_rank", int, None), kv_lora_rank=need("kv_lora_rank"),
                 qk_nope_head_dim=need("qk_nope_head_dim"),
                 qk_rope_head_dim=need("qk_rope_head_dim"), v_head_dim=need("v_head_dim"),
-                rope_interleave=bool(d.get("rope_interleave", True)),
+                rope_interleave=get("rope_interleave", bool, True),
             )
         else:
+            hidden = common["hidden_size"]
             cfg = cls(
-                **common, intermediate_size=int(d.get("intermediate_size") or 0),
+                **common, intermediate_size=get("intermediate_size", int, None) or 0,
                 moe_intermediate_size=need("moe_intermediate_size"),
                 n_routed_experts=need("num_experts"),
                 num_experts_per_tok=need("num_experts_per_tok"),
-                norm_topk_prob=bool(d.get("norm_topk_prob", False)), scoring_func="softmax",
-                head_dim=int(d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]),
+                norm_topk_prob=get("norm_topk_prob", bool, False), scoring_func="softmax",
+                head_dim=get("head_dim", int, None) or (hidden // heads if heads > 0 else 0),
                 first_k_dense_replace=0,
             )
-            if d.get("mlp_only_layers") or int(d.get("decoder_sparse_step", 1)) != 1:
+            if get("mlp_only_layers", list, None) or get("decoder_sparse_step", int, 1) != 1:
                 raise ValueError(f"{source}: mlp_only_layers / decoder_sparse_step != 1 are not "
                                  "supported")
         cfg.validate(source)
@@ -150,9 +150,23 @@ class ModelConfig:
             v = getattr(self, f.name)
             if isinstance(v, int) and not isinstance(v, bool) and v < 0:
                 raise ValueError(f"{source}: field {f.name!r} must be >= 0, got {v}")
+        sizes = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "moe_intermediate_size", "n_routed_experts",
+                 "num_experts_per_tok", "max_position_embeddings"]
+        sizes += (["kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"]
+                  if self.family == "deepseek_v3" else ["head_dim"])
+        if self.first_k_dense_replace > 0:
+            sizes.append("intermediate_size")
+        for name in sizes:      # a zero size is the config's fault, not a tensor's
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{source}: field {name!r} must be positive, got "
+                                 f"{getattr(self, name)}")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            raise ValueError(f"{source}: field 'q_lora_rank' must be positive or null, got "
+                             f"{self.q_lora_rank}")
+        if not (self.rms_norm_eps > 0 and self.rope_theta > 0):
+            raise ValueError(f"{source}: rms_norm_eps and rope_theta must be positive")
         checks = [
-            (self.hidden_size > 0 and self.num_hidden_layers > 0 and self.vocab_size > 0,
-             "hidden_size, num_hidden_layers and vocab_size must be positive"),
             (self.num_attention_heads % max(self.num_key_value_heads, 1) == 0,
              "num_attention_heads must be a multiple of num_key_value_heads"),
             (0 < self.num_experts_per_tok <= self.n_routed_experts,
@@ -189,6 +203,43 @@ class ModelConfig:
             d = json.loads(path.read_text())
         except FileNotFoundError:
             raise ValueError(f"{path}: not found (a model directory needs config.json)") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
+        except OSError as e:                 # a symlink loop, a directory, no permission
+            raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
         return cls.from_dict(d, str(path))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class _Fields:
+    """Typed reads of config.json's fields, each error naming the file and the field."""
+
+    def __init__(self, d: dict, source: str):
+        self.d, self.source = d, source
+
+    def __call__(self, name: str, kind: type, default=None):
+        v = self.d.get(name)
+        if v is None:
+            return default
+        return self._cast(name, v, kind)
+
+    def need(self, name: str, kind: type = int):
+        for alias in (name, *ALIASES.get(name, ())):
+            if self.d.get(alias) is not None:
+                return self._cast(alias, self.d[alias], kind)
+        raise ValueError(f"{self.source}: missing field {name!r}")
+
+    def _cast(self, name: str, v, kind: type):
+        ok = {int: _is_int(v) or isinstance(v, float) and v.is_integer(),
+              float: isinstance(v, (int, float)) and not isinstance(v, bool)
+              and math.isfinite(v),
+              bool: isinstance(v, bool), str: isinstance(v, str),
+              dict: isinstance(v, dict), list: isinstance(v, list)}[kind]
+        if not ok:
+            want = {int: "an integer", float: "a finite number", bool: "true or false",
+                    str: "a string", dict: "an object", list: "a list"}[kind]
+            raise ValueError(f"{self.source}: field {name!r} must be {want}, got {v!r:.80}")
+        return kind(v)
