@@ -44,6 +44,7 @@ from refmoe.metrics import Metrics
 from refmoe.sampling import SamplingParams
 
 log = logging.getLogger("refmoe.server")
+MAX_STOPS, MAX_STOP_CHARS = 16, 256
 
 # ---------------------------------------------------------------------------------------------
 # Request bodies (unknown fields are ignored, as OpenAI's API does; known ones are checked)
@@ -292,6 +293,11 @@ def create_app(model_dir: str | Path, *, served_name: str | None = None,
         limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
         max_tokens = limit or (min(256, eng.context - len(prompt)) if chat else 16)
         stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        if len(stops) > MAX_STOPS or any(len(x) > MAX_STOP_CHARS for x in stops):
+            # every stop string is searched for after every token: bound the work one
+            # request can put on the decode worker
+            raise APIError(400, f"stop: at most {MAX_STOPS} strings of at most "
+                           f"{MAX_STOP_CHARS} characters", param="stop")
         try:
             params = SamplingParams(body.temperature, max(body.top_k, 0), body.top_p, body.seed)
         except ValueError as e:
@@ -462,12 +468,13 @@ def create_app(model_dir: str | Path, *, served_name: str | None = None,
             raise APIError(400, "give exactly one of prompt or messages")
         if body.messages is not None:
             try:
-                text = tok.apply_chat_template([m.model_dump() for m in body.messages])
+                text = await asyncio.to_thread(
+                    tok.apply_chat_template, [m.model_dump() for m in body.messages])
             except ValueError as e:
                 raise APIError(400, str(e), param="messages") from None
-            ids = tok.encode(text, False)
-        else:
-            ids = tok.encode(body.prompt, body.add_special_tokens)
+            ids = await asyncio.to_thread(tok.encode, text, False)
+        else:           # off the event loop; the body cap bounds the text
+            ids = await asyncio.to_thread(tok.encode, body.prompt, body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine().context}
 
     @app.post("/detokenize")
@@ -478,7 +485,7 @@ def create_app(model_dir: str | Path, *, served_name: str | None = None,
         if bad:
             raise APIError(400, f"tokens must lie in [0, {vocab}), got {bad[:5]}",
                            param="tokens")
-        return {"prompt": tok.decode(body.tokens)}
+        return {"prompt": await asyncio.to_thread(tok.decode, body.tokens)}
 
     @app.get("/health")
     async def health():

@@ -156,21 +156,24 @@ class Matmul:
             self.why_not = "no CUDA device"
             return False
         g = torch.Generator(device="cpu").manual_seed(0)
-        x = torch.randn(16, 256, generator=g).to(self.device)
-        w = (torch.randn(256, 256, generator=g) * 0.1).to(torch.float8_e4m3fn).to(self.device)
-        s = (torch.rand(2, 2, generator=g) + 0.5).to(self.device)
-        want = x @ _block_dequant(w, s, torch.float32).T
+        # two K-block counts: 2 (not a multiple of 4, which cuBLASLt pads) and 5
+        probes = []
+        for n, k in ((256, 256), (384, 640)):
+            x = torch.randn(16, k, generator=g).to(self.device)
+            w = (torch.randn(n, k, generator=g) * 0.1).to(torch.float8_e4m3fn).to(self.device)
+            s = (torch.rand(n // 128, k // 128, generator=g) + 0.5).to(self.device)
+            probes.append((x, w, s, x @ _block_dequant(w, s, torch.float32).T))
         reasons = []
         # the scale layouts cuBLASLt has asked for across versions: activation scales [M, K/128]
         # column- or row-major, weight scales [K/128, N/128] as a transposed view or contiguous
         for layout in ((True, False), (False, False), (True, True), (False, True)):
             self.layout = layout
             try:
-                got = self._scaled(x, w, s).float()
+                err = max(float((self._scaled(x, w, s).float() - want).norm() / want.norm())
+                          for x, w, s, want in probes)
             except (RuntimeError, TypeError, ValueError) as e:
                 reasons.append(f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
                 continue
-            err = float((got - want).norm() / want.norm())
             if err < 0.05:
                 return True
             reasons.append(f"relative error {err:.3f} against dequant")
@@ -188,7 +191,10 @@ class Matmul:
         a_col_major, b_contiguous = self.layout
         if a_col_major:
             sa = sa.t().contiguous().t()
-        sb = scale.t().float()
+        # cuBLASLt reads the weight's block scales with their K-block count padded to a
+        # multiple of 4 (the matrix itself is not padded): with K/128 = 2 (the probe) or any
+        # count that is not, unpadded scales are misread or refused
+        sb = F.pad(scale.float(), (0, -kb % 4)).t()                      # [Kb4, N/128] view
         if b_contiguous:
             sb = sb.contiguous()
         y = torch._scaled_mm(q, w.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)

@@ -180,6 +180,8 @@ def test_cancel_mid_stream_frees_kv(server):
     ({"prompt": [4], "model": "gpt-4"}, 404, "does not exist"),
     ({"prompt": [4], "logprobs": 3}, 400, "logprobs"),
     ({"prompt": [4], "logprobs": 0}, 400, "logprobs"),
+    ({"prompt": [4], "stop": ["x"] * 17}, 400, "stop"),
+    ({"prompt": [4], "stop": "x" * 257}, 400, "stop"),
     ({"prompt": [4], "logprobs": -3}, 400, "logprobs"),
     ({"prompt": [4], "seed": -2**63 - 1}, 400, "seed"),   # found by the schema fuzz
     ({"prompt": [4], "seed": 2**64}, 400, "seed"),
