@@ -74,6 +74,7 @@ def bench_prefill(model, name: str, lengths: list[int], device: str | None = Non
         _sync(dev)
         ttft = time.perf_counter() - start
         st = runner.stats
+        st.matmul = runner.matmul.used          # per weight shape: what actually ran
         limit = slp.pcie_bound_tok_s(t, st.bytes_streamed, h2d)
         cpu_tok_s = None
         if with_cpu:

@@ -270,3 +270,31 @@ def test_cost_model_streaming_floor():
     full = 58 * 257 * costmodel.expert_bytes(V3) / 53e9
     assert full == pytest.approx(12.4, rel=0.05)
     assert one >= full and two < 0.6 * one
+
+
+def test_scaled_mm_is_checked_per_weight_shape(monkeypatch):
+    """The FP8 tensor-core path is used for a weight shape only once its first product agrees
+    with the dequantized one; a shape torch refuses or gets wrong falls back to dequant alone."""
+    mm = slp.Matmul(torch.device("cpu"), torch.float32)
+    assert mm.kind == "dequant" and mm.used == "dequant"
+    mm.kind, mm.why_not = "scaled_mm", ""       # as on a CUDA device with torch._scaled_mm
+    calls = []
+
+    def fake(x, w, scale, layout):
+        calls.append((tuple(w.shape), layout))
+        if w.shape[1] == 256:
+            raise RuntimeError("Invalid scaling configuration.")
+        exact = x.float() @ slp._block_dequant(w, scale, torch.float32).T
+        return exact * (1.5 if layout == slp.Matmul.LAYOUTS[0] else 1.0)   # first one wrong
+    monkeypatch.setattr(mm, "_scaled", fake)
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((256, 256), (128, 384)):
+        x = torch.randn(8, k, generator=g)
+        w = (torch.randn(n, k, generator=g) * 0.1).to(torch.float8_e4m3fn)
+        s = torch.rand(n // 128, k // 128, generator=g) + 0.5
+        want = x @ slp._block_dequant(w, s, torch.float32).T
+        for _ in range(2):
+            assert torch.allclose(mm(x, w, s), want, rtol=1e-4, atol=1e-4)
+    assert mm.layouts == {(256, 256): None, (128, 384): slp.Matmul.LAYOUTS[1]}
+    assert mm.used == "scaled_mm (dequant for 256x256)" and "256x256" in mm.why_not
+    assert calls.count(((128, 384), slp.Matmul.LAYOUTS[1])) == 2      # checked once, then used
