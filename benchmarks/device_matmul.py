@@ -121,6 +121,8 @@ def bench_shape(device: torch.device, n: int, k: int, m: int, reps: int) -> list
     want = x.double() @ slp._block_dequant(codes, scale, torch.float64).T
     for kind in ("dequant", "scaled_mm"):
         mm = slp.Matmul(device, torch.bfloat16)
+        if kind == "scaled_mm" and device.type == "cuda":
+            mm.kind, mm.why_not = "scaled_mm", ""       # as REFMOE_SLP_MATMUL=scaled_mm
         if kind == "scaled_mm":
             if mm.kind == "scaled_mm":
                 mm(xb, codes, scale)            # checks this shape against dequant

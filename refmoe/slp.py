@@ -137,13 +137,15 @@ def _block_dequant(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype)
 class Matmul:
     """y [M, N] = x [M, K] @ dequant(w [N, K]).T for a slot's FP8 or BF16 part.
 
-    "scaled_mm": the device's FP8 tensor cores with DeepSeek block scales (activations
-    quantized per token and 128 columns, weights as stored), where torch offers them (Hopper);
-    "dequant": weights dequantized to the compute dtype on the device, then a plain matmul.
-    cuBLASLt accepts block scales for some shapes only (on the H200 with torch 2.11: V3's
-    2048 x 7168 and 7168 x 2048, not 256 x 256 or 384 x 640), so "scaled_mm" is checked per
-    weight shape on its first product, against the dequantized one, and that shape falls back
-    to dequant where torch refuses it or disagrees. REFMOE_SLP_MATMUL forces one."""
+    "dequant" (the default): weights dequantized to the compute dtype on the device, then a
+    plain matmul. "scaled_mm" (REFMOE_SLP_MATMUL=scaled_mm): the device's FP8 tensor cores
+    with DeepSeek block scales (activations quantized per token and 128 columns in torch,
+    weights as stored). Measured on an H200 with torch 2.11 (docs/gpu.md) it was no faster
+    than dequant for V3's expert shapes (0.16-0.71 of bf16 against 0.19-0.74) and ten times
+    less exact (relative error 0.026 against 0.003), so it is not the default. cuBLASLt takes
+    block scales for some shapes only (V3's 2048 x 7168 and 7168 x 2048, not 256 x 256 or
+    384 x 640), so "scaled_mm" is checked per weight shape on its first product against the
+    dequantized one, and a shape that torch refuses or gets wrong stays on dequant."""
 
     # the scale layouts cuBLASLt has asked for across versions: activation scales [M, K/128]
     # column- or row-major, weight scales [K/128, N/128] as a transposed view or contiguous
@@ -154,13 +156,15 @@ class Matmul:
         forced = os.environ.get("REFMOE_SLP_MATMUL")
         if forced not in (None, "", "dequant", "scaled_mm"):
             raise ValueError(f"REFMOE_SLP_MATMUL must be dequant or scaled_mm, got {forced!r}")
-        self.forced = bool(forced)
         self.why_not = ""      # why the FP8 tensor-core path is not used, when it is not
         self.layouts: dict[tuple[int, int], tuple[bool, bool] | None] = {}  # (N, K) -> layout
         available = device.type == "cuda" and hasattr(torch, "_scaled_mm")
-        if not available:
+        if forced != "scaled_mm":
+            self.why_not = "dequant is the default (REFMOE_SLP_MATMUL=scaled_mm for the FP8 " \
+                "tensor cores)"
+        elif not available:
             self.why_not = "no CUDA device"
-        self.kind = forced or ("scaled_mm" if available else "dequant")
+        self.kind = "scaled_mm" if forced == "scaled_mm" and available else "dequant"
 
     def _layout_for(self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor):
         """(layout, product): the first layout whose product agrees with the dequantized one on
@@ -218,10 +222,8 @@ class Matmul:
         if self.kind == "scaled_mm":
             shape = tuple(w.shape)
             if shape not in self.layouts:
-                if not self.forced:
-                    self.layouts[shape], y = self._layout_for(x, w, scale)
-                    return y.to(self.dtype)
-                self.layouts[shape] = self.LAYOUTS[0]
+                self.layouts[shape], y = self._layout_for(x, w, scale)
+                return y.to(self.dtype)
             layout = self.layouts[shape]
             if layout is not None:
                 return self._scaled(x, w, scale, layout).to(self.dtype)
