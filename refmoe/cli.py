@@ -244,18 +244,29 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 "variant": kernels.variant(), "threads": kernels._threads(None),
                 "expert_dtype": args.expert_dtype or "as stored", "device": str(model.device)}})
         from refmoe import slp
+        from refmoe.policy import EngineConfig, Policy
+        from refmoe.scheduler import Entry
 
         if args.ranks < 1:
             raise ValueError(f"--ranks must be >= 1, got {args.ranks}")
-        group = None
-        if args.ranks > 1 and args.prefill != "cpu":        # DSLP: this process is rank 0
+        # the one policy seam: the same plan the engine would make for this request alone
+        config = EngineConfig(prefill=args.prefill, ranks=args.ranks,
+                              chunk_tokens=args.chunk_tokens)
+        rates = slp.model_rates(model) if args.prefill == "auto" and slp.streamable(model) \
+            else None
+        policy = Policy.build(config, cfg, rates, accelerated=model.device.type != "cpu",
+                              can_stream=slp.streamable(model))
+        sched = policy.scheduler()
+        sched.add(Entry("generate", len(prompt), args.max_tokens, 0.0))
+        plan = sched.next_prefill()
+        group = runner = None
+        if plan.where == "slp" and plan.devices > 1:        # DSLP: this process is rank 0
             from refmoe import dslp
 
             runner = group = dslp.Group.start(model, args.model, args.ranks, ring=args.ring,
-                                              chunk_tokens=args.chunk_tokens)
-        else:
-            runner = slp.for_request(model, len(prompt), args.prefill, ring=args.ring,
-                                     chunk_tokens=args.chunk_tokens)
+                                              chunk_tokens=policy.chunk_tokens)
+        elif plan.where == "slp":
+            runner = slp.StreamPrefill(model, ring=args.ring, chunk_tokens=policy.chunk_tokens)
         try:
             g = generate(model, prompt, args.max_tokens, params, stop_ids=cfg.eos_token_id,
                          trace=trace, stop_text=args.stop, decode=tok.decode if tok else None,

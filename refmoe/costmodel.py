@@ -119,6 +119,20 @@ def unique_experts(n_experts: int, k: int, tokens: int) -> float:
     return n_experts * (1 - (1 - k / n_experts) ** tokens)
 
 
+def streaming_for(n_experts: int, hit: float) -> str:
+    """The one streaming rule: "selective" (stream only the experts the chunk routes to, once
+    the router has run) when more than one expert of the layer is expected to go unused, else
+    "prefetch" (stream them all, in order, ahead of the router). hit: the experts the chunk is
+    expected to route to (uniform or skewed routing)."""
+    return "selective" if hit < n_experts - 1 else "prefetch"
+
+
+def streaming(cfg: ModelConfig, tokens: int) -> str:
+    """streaming_for a chunk of `tokens` tokens under uniform routing."""
+    return streaming_for(cfg.n_routed_experts, unique_experts(
+        cfg.n_routed_experts, cfg.num_experts_per_tok, tokens))
+
+
 def moe_layers(cfg: ModelConfig) -> int:
     return sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
 
@@ -144,8 +158,7 @@ def slp_expert_seconds(cfg: ModelConfig, tokens: int, rates: Rates, devices: int
     for lo in range(0, tokens, chunk):
         t = min(chunk, tokens - lo)
         slots = cfg.n_routed_experts + cfg.n_shared_experts
-        if unique_experts(cfg.n_routed_experts, cfg.num_experts_per_tok, t) < \
-                cfg.n_routed_experts - 1:                 # selective: only what is routed
+        if streaming(cfg, t) == "selective":              # only what is routed
             slots = unique_experts(cfg.n_routed_experts, cfg.num_experts_per_tok, t) \
                 + cfg.n_shared_experts
         stream = slots / devices * expert_bytes(cfg) / (rates.h2d_gbps * 1e9)

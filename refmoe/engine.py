@@ -30,7 +30,8 @@ import torch
 
 from refmoe import slp
 from refmoe.sampling import Sampler, SamplingParams
-from refmoe.scheduler import DecodePlan, Entry, PrefillPlan, QueueFull, Scheduler
+from refmoe.policy import EngineConfig, Policy
+from refmoe.scheduler import DecodePlan, Entry, PrefillPlan, QueueFull
 
 __all__ = ["Engine", "QueueFull", "Request", "ShuttingDown"]
 
@@ -63,25 +64,17 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, kv_tokens: int | None = None,
                  kv_memory: float | None = None,
                  max_batch: int = 16, max_queue: int = 256, prefill: str = "auto",
-                 dual_batch: bool | None = None, metrics=None, max_context: int | None = None,
-                 trace=None, ranks: int = 1, model_dir: str | None = None):
+                 dual_batch: bool | str | None = None, metrics=None,
+                 max_context: int | None = None, trace=None, ranks: int = 1,
+                 model_dir: str | None = None, config: EngineConfig | None = None,
+                 rates=None):
+        """The keyword arguments make an EngineConfig (or pass `config`); rates: the cost
+        model's (default: measured at start() when prefill is auto)."""
         self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
         self.trace = trace              # a refmoe.trace.Trace: steps, layers and requests
         if trace is not None:
             model.trace = trace
         self.context = max_context or model.cfg.max_position_embeddings
-        self.prefill_path = prefill
-        if prefill not in ("auto", "cpu", "slp"):
-            raise ValueError(f"prefill must be auto, cpu or slp, got {prefill!r}")
-        # Dual-batch overlap pays when attention and experts run on different hardware
-        # (attention on a GPU, experts on the CPU); on a CPU-only machine both halves would
-        # compete for the same cores, so it is off unless asked for.
-        if dual_batch is None:
-            dual_batch = model.device.type != "cpu"
-        if ranks > 1 and model_dir is None:
-            raise ValueError("DSLP over several ranks needs the model directory (each rank "
-                             "loads it)")
-        self.ranks, self.model_dir, self.group = ranks, model_dir, None
         if kv_memory is not None:   # a KV budget in bytes: as many tokens as fit
             if kv_tokens is not None:
                 raise ValueError("give the KV budget in tokens or in memory, not both")
@@ -90,8 +83,16 @@ class Engine:
             if kv_tokens < 1:
                 raise ValueError(f"a KV memory of {kv_memory:.0f} bytes holds no token "
                                  f"({per} bytes each for this model)")
-        self.scheduler = Scheduler(kv_tokens or 4 * self.context, max_batch, max_queue,
-                                   self._choose_path, dual_batch, devices=ranks)
+        self.config = config or EngineConfig(
+            prefill=prefill, dual_batch=dual_batch, ranks=ranks,
+            kv_tokens=kv_tokens or 4 * self.context, max_batch=max_batch, max_queue=max_queue)
+        if self.config.ranks > 1 and model_dir is None:
+            raise ValueError("DSLP over several ranks needs the model directory (each rank "
+                             "loads it)")
+        self.ranks, self.model_dir, self.group = self.config.ranks, model_dir, None
+        self._rates = rates             # the cost model's, measured at start for "auto"
+        self.policy = self._policy()
+        self.scheduler = self.policy.scheduler()
         self.requests: dict[str, Request] = {}
         self.lock = threading.Condition()
         self.accepting, self.stopping = True, False
@@ -103,14 +104,19 @@ class Engine:
         self._moe = [b.ffn for b in model.blocks if hasattr(b.ffn, "seconds")]
         self._expert_s = sum(m.seconds for m in self._moe)
         self.steps = {"prefill": 0, "decode": 0}
-        self._rates = None              # the cost model's, measured at start for "auto"
         self._streamer: slp.StreamPrefill | None = None   # one SLP runner, its ring reused
 
     # -- the public face ------------------------------------------------------------------
 
+    def _policy(self) -> Policy:
+        return Policy.build(self.config, self.model.cfg, self._rates,
+                            accelerated=self.model.device.type != "cpu",
+                            can_stream=slp.streamable(self.model))
+
     def start(self) -> Engine:
-        if self.prefill_path == "auto" and slp.streamable(self.model):
+        if self.config.prefill == "auto" and slp.streamable(self.model) and self._rates is None:
             self._rates = slp.model_rates(self.model)
+            self.policy.rates = self._rates
         if self.ranks > 1:       # the other ranks of DSLP: processes that load the model
             from refmoe import dslp
 
@@ -217,13 +223,6 @@ class Engine:
             self.steps[kind] += 1
             self._count_expert_time()
 
-    def _choose_path(self, tokens: int) -> str:
-        """Called by the scheduler under the engine's lock: arithmetic only (the rates were
-        measured at start)."""
-        if self.prefill_path != "auto":
-            return self.prefill_path
-        return slp.path_for(self.model, tokens, self._rates) if self._rates else "cpu"
-
     def _prefill(self, plan: PrefillPlan) -> None:
         with self.lock:
             req = self.requests.get(plan.request_id)
@@ -237,11 +236,12 @@ class Engine:
         if plan.where == "slp" and self.ranks > 1:
             # every rank (DSLP) when decode has been quiet; else ranks 1..N-1, this process
             # only receiving the cache, so its device stays with decode (the paper's split)
-            logits = self.group.prefill(ids, cache, host_only=plan.devices < self.ranks)
+            logits = self.group.prefill(ids, cache, host_only=0 not in plan.device_ids)
         elif plan.where == "slp":
             if self._streamer is None:
-                self._streamer = slp.StreamPrefill(self.model)
-            logits = self._streamer.prefill(ids, cache)
+                self._streamer = slp.StreamPrefill(self.model,
+                                                   chunk_tokens=self.policy.chunk_tokens)
+            logits = self._streamer.prefill(ids, cache, modes=plan.streaming)
         else:
             logits = self.model.forward(ids, cache)
         sampler = Sampler(req.params)

@@ -24,10 +24,14 @@ from dataclasses import dataclass, field
 
 @dataclass(slots=True)
 class PrefillPlan:
+    """Everything an executor needs to run one prefill; it decides none of it."""
     request_id: str
     tokens: int
     where: str = "cpu"           # "cpu" (routed experts on the CPU kernels) or "slp"
     devices: int = 1             # SLP devices (ranks); more than one is DSLP
+    device_ids: tuple[int, ...] = (0,)   # which: the last `devices` (device 0 decodes)
+    chunks: int = 1              # SLP chunks (each a full pass over the experts)
+    streaming: tuple[str, ...] = ()      # per chunk: "prefetch" or "selective"
 
 
 @dataclass(slots=True)
@@ -86,10 +90,12 @@ class KVBudget:
 class Scheduler:
     def __init__(self, kv_tokens: int, max_batch: int = 16, max_queue: int = 256,
                  choose_path=None, dual_batch: bool = False, devices: int = 1,
-                 decode_quiet_s: float = 300.0, clock=None):
+                 decode_quiet_s: float = 300.0, clock=None, details=None):
         self.kv = KVBudget(kv_tokens)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.choose_path = choose_path or (lambda tokens: "cpu")
+        # (tokens, where) -> (chunks, streaming per chunk): refmoe.policy.Policy.details
+        self.details = details or (lambda tokens, where: (1, ()))
         self.dual_batch = dual_batch
         self.entries: dict[str, Entry] = {}
         self.waiting: deque[str] = deque()
@@ -154,7 +160,12 @@ class Scheduler:
         if where == "slp" and self.devices > 1:
             quiet = not self.decoding and self.clock() - self.last_decode >= self.decode_quiet_s
             devices = self.devices if quiet else max(1, self.devices - 1)
-        return PrefillPlan(e.request_id, e.prompt_tokens, where, devices)
+        # the last `devices` devices: device 0 stays with decode unless DSLP takes them all
+        ids = tuple(range(self.devices - devices, self.devices)) if where == "slp" else \
+            (self.devices - 1,)
+        chunks, streaming = self.details(e.prompt_tokens, where)
+        return PrefillPlan(e.request_id, e.prompt_tokens, where, devices, ids, chunks,
+                           streaming)
 
     def next_decode(self) -> DecodePlan | None:
         if not self.decoding:

@@ -444,11 +444,6 @@ class CudaLanes:
 # The runner: one prefill, chunk by chunk
 # ---------------------------------------------------------------------------------------------
 
-def expected_unused(experts: int, top_k: int, tokens: int) -> float:
-    """Experts of a layer that no token of the chunk routes to, if routing were uniform."""
-    return experts * (1 - top_k / experts) ** tokens
-
-
 def ring_slots(layout: SlotLayout, experts_per_layer: int, free_bytes: int,
                reserve_bytes: int) -> int:
     """Two whole layers when they fit in the free memory left after the reserve, else as many
@@ -539,29 +534,36 @@ class StreamPrefill:
     # -- one prefill --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor, cache) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, cache, modes: tuple[str, ...] | None = None
+                ) -> torch.Tensor:
         """Logits [T, V] of the prompt ids [T] after the cache, the cache extended; chunk by
-        chunk, the cache carried over."""
+        chunk, the cache carried over. modes: each chunk's streaming as a plan gives it
+        (refmoe.policy), else this runner's mode."""
         start = time.perf_counter()
         out = []
         # the ids go up before the chunk queues its loads: a small copy issued later would wait
         # behind gigabytes of expert weights in the copy engine's queue
         ids = ids.to(self.model.device)
-        for lo in range(0, ids.shape[0], self.chunk_tokens):
+        starts = range(0, ids.shape[0], self.chunk_tokens)
+        if modes is not None and len(modes) != len(starts):
+            raise ValueError(f"the plan gives {len(modes)} chunk modes for {len(starts)} chunks "
+                             f"of {self.chunk_tokens} tokens")
+        for i, lo in enumerate(starts):
             chunk = ids[lo: lo + self.chunk_tokens]
-            out.append(self.model.forward(chunk, cache, experts=self._chunk(chunk.shape[0])))
+            mode = modes[i] if modes is not None else None
+            out.append(self.model.forward(chunk, cache, experts=self._chunk(chunk.shape[0],
+                                                                           mode)))
             self.stats.chunks += 1
         self.stats.seconds += time.perf_counter() - start
         return torch.cat(out) if len(out) > 1 else out[0]
 
-    def _chunk(self, tokens: int) -> _Chunk:
+    def _chunk(self, tokens: int, mode: str | None = None) -> _Chunk:
         ring = self._ring_for(tokens)
         e = self.slots_per_layer
         cfg = self.model.cfg
-        mode = self.mode
+        mode = mode or self.mode
         if mode == "auto":
-            mode = "prefetch" if expected_unused(cfg.n_routed_experts, cfg.num_experts_per_tok,
-                                                 tokens) < 1 else "selective"
+            mode = costmodel.streaming(cfg, tokens)
         self.stats.mode, self.stats.slots = mode, ring.slots
         spans = _Spans(self.trace, f"slp {self.device}")
         lanes = CudaLanes(ring.slots, spans, self.device) if self.device.type == "cuda" \

@@ -42,9 +42,7 @@ class Prediction:
         return {**asdict(self), "decode_tok_s": self.decode_tok_s}
 
 
-def unique_experts(n_experts: int, k: int, tokens: int) -> float:
-    """Expected distinct experts a chunk of tokens routes to (uniform routing)."""
-    return n_experts * (1 - (1 - k / n_experts) ** tokens)
+unique_experts = costmodel.unique_experts      # one definition, re-exported for sim users
 
 
 def routing_bins(n_experts: int, k: int, skew: float = 0.0, bins: int = 16
@@ -356,7 +354,7 @@ def _slp_prefill(m: Machine, cfg: ModelConfig, tokens: int, devices: int | list[
         slots = cfg.n_routed_experts + cfg.n_shared_experts
         hit = sum(count * (1 - (1 - q) ** t) for count, q in m.groups(
             layer, cfg.n_routed_experts, cfg.num_experts_per_tok))
-        if hit < cfg.n_routed_experts - 1:   # selective streaming
+        if costmodel.streaming_for(cfg.n_routed_experts, hit) == "selective":
             slots = hit + cfg.n_shared_experts
         return slots / n * costmodel.expert_bytes(cfg)
 

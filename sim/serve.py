@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 from refmoe.bench_serve import Outcome
 from refmoe.config import ModelConfig
-from refmoe.scheduler import Entry, QueueFull, Scheduler
+from refmoe.policy import EngineConfig, Policy
+from refmoe.scheduler import Entry, QueueFull
 from sim.fluid import Flow, max_min_rates
 from sim.hardware import Hardware
 from sim.predict import Machine, _slp_prefill, _step
@@ -194,6 +195,15 @@ def _beside(parts: list[Part], other: Flow) -> tuple[float, float]:
     return period, progress
 
 
+def policy_for(cfg: ModelConfig, hw: Hardware, config: EngineConfig) -> Policy:
+    """The engine's policy on a hardware profile: rates read off the profile (one device, as
+    the engine measures its own), accelerated and able to stream where it has GPUs."""
+    from sim.predict import rates
+
+    r = rates(hw, 1) if hw.gpus and config.prefill == "auto" else None
+    return Policy.build(config, cfg, r, accelerated=bool(hw.gpus), can_stream=bool(hw.gpus))
+
+
 def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, int]],
              max_batch: int = 16, kv_tokens: int | None = None, prefill: str = "cpu",
              max_queue: int = 1 << 30, trace: bool = False, blocks: bool = True,
@@ -245,30 +255,10 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
             if prefill:
                 state["prefill_flow"] = None
 
-    def prefill_gpus(plan) -> tuple:
-        """Decode keeps GPU 0; a prefill takes the last `devices` GPUs (all with DSLP), and
-        the CPU path's attention runs on the last one."""
-        if not n_gpus:
-            return (0,)
-        d = plan.devices if plan.where == "slp" else 1
-        return tuple(range(n_gpus - d, n_gpus))
-
-    from refmoe import costmodel
-    from sim.predict import rates
-
-    r = rates(hw, 1) if hw.gpus and prefill == "auto" else None
-
-    def path(tokens: int) -> str:
-        """Per request, as the engine decides: the shared cost model for auto."""
-        if prefill != "auto":
-            return prefill
-        return costmodel.choose_prefill(cfg, tokens, r).path if r else "cpu"
-
-    if dual_batch not in ("auto", "on", "off"):
-        raise ValueError(f"dual_batch must be auto, on or off, got {dual_batch!r}")
-    dbo = dual_batch == "on" or (dual_batch == "auto" and n_gpus > 0)
-    sched = Scheduler(kv_tokens or 1 << 40, max_batch, max_queue, path, dual_batch=dbo,
-                      devices=max(1, n_gpus), clock=lambda: env.now)
+    # the engine's policy, built as the engine builds it: every decision is in the plans
+    config = EngineConfig(prefill=prefill, dual_batch=dual_batch, ranks=max(1, n_gpus),
+                          kv_tokens=kv_tokens, max_batch=max_batch, max_queue=max_queue)
+    sched = policy_for(cfg, hw, config).scheduler(clock=lambda: env.now)
     outcomes = [Outcome(a, p) for a, p, _ in requests]
     wants = {}
     last = {}
@@ -323,8 +313,7 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
                 continue
             state["prefilling"] = True
             start = env.now
-            where = "slp" if plan.where == "slp" and hw.gpus else "cpu"
-            gpus = prefill_gpus(plan)
+            where, gpus = plan.where, plan.device_ids
             yield from forward(cost(plan.tokens, where, gpus), prefill=True)
             state["prefilling"] = False
             if tr:

@@ -22,6 +22,7 @@ V3 = dict(architectures=["DeepseekV3ForCausalLM"], vocab_size=129280, hidden_siz
           num_experts_per_tok=8, n_shared_experts=1, first_k_dense_replace=3, n_group=8,
           topk_group=4, routed_scaling_factor=2.5, q_lora_rank=1536, kv_lora_rank=512,
           qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+          max_position_embeddings=163840,
           quantization_config={"quant_method": "fp8", "fmt": "e4m3",
                                "weight_block_size": [128, 128]})
 

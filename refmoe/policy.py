@@ -1,0 +1,105 @@
+"""The one policy seam: an EngineConfig and the Policy built from it for a machine.
+
+The engine, `refmoe generate` and the simulator each build their policy here and nowhere
+else, so they cannot disagree: which path a prompt's prefill takes (the cost model over the
+machine's rates: measured for the engine, read off a hardware profile for the simulator),
+whether dual-batch overlap is on, how many devices and which ones a prefill takes, how many
+SLP chunks it runs and whether each streams selectively. The scheduler (refmoe/scheduler.py)
+asks the policy and puts all of it in the plan; executors only carry plans out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from refmoe import costmodel
+from refmoe.config import ModelConfig
+from refmoe.scheduler import Scheduler
+
+PREFILL = ("auto", "cpu", "slp")
+DUAL_BATCH = ("auto", "on", "off")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """What a user sets (`refmoe serve` flags; the simulator's serve options), validated."""
+    prefill: str = "auto"           # auto (the cost model decides per prompt), cpu, slp
+    dual_batch: str = "auto"        # auto: on where attention runs on an accelerator
+    ranks: int = 1                  # SLP devices; with more than one a prefill may use DSLP
+    kv_tokens: int | None = None    # KV budget in tokens (None: 4 contexts)
+    max_batch: int = 16             # requests per decode step
+    max_queue: int = 256            # waiting requests before QueueFull (HTTP 429)
+    decode_quiet_s: float = 300.0   # DSLP takes every device only after this long without decode
+    chunk_tokens: int | None = None  # SLP chunk length (None: the device's default)
+
+    def __post_init__(self):
+        if self.prefill not in PREFILL:
+            raise ValueError(f"prefill must be auto, cpu or slp, got {self.prefill!r}")
+        if self.dual_batch in (None, True, False):       # the engine's older spelling
+            self.dual_batch = {None: "auto", True: "on", False: "off"}[self.dual_batch]
+        if self.dual_batch not in DUAL_BATCH:
+            raise ValueError(f"dual_batch must be auto, on or off, got {self.dual_batch!r}")
+        for name in ("ranks", "max_batch", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("kv_tokens", "chunk_tokens"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if self.decode_quiet_s < 0:
+            raise ValueError(f"decode_quiet_s must be >= 0, got {self.decode_quiet_s}")
+
+
+class Policy:
+    """EngineConfig applied to one model on one machine. Build it with Policy.build."""
+
+    def __init__(self, config: EngineConfig, cfg: ModelConfig, rates: costmodel.Rates | None,
+                 accelerated: bool, can_stream: bool, chunk_tokens: int):
+        self.config, self.cfg, self.rates = config, cfg, rates
+        self.accelerated, self.can_stream = accelerated, can_stream
+        self.chunk_tokens = config.chunk_tokens or chunk_tokens
+
+    @classmethod
+    def build(cls, config: EngineConfig, cfg: ModelConfig, rates: costmodel.Rates | None, *,
+              accelerated: bool, can_stream: bool = True) -> Policy:
+        """accelerated: attention runs on a GPU (the engine: the model's device is CUDA; the
+        simulator: the profile has GPUs). can_stream: SLP can run this model here (its experts
+        are FP8 or BF16, and for the simulator there is a GPU to stream to). rates: the cost
+        model's, needed only for prefill "auto" (None: the CPU path)."""
+        chunk = costmodel.SLP_CHUNK_TOKENS["cuda" if accelerated else "cpu"]
+        return cls(config, cfg, rates, accelerated, can_stream, chunk)
+
+    @property
+    def dual_batch(self) -> bool:
+        d = self.config.dual_batch
+        # auto: overlap pays when attention and experts run on different hardware; on a
+        # CPU-only machine both halves would compete for the same cores
+        return d == "on" or (d == "auto" and self.accelerated)
+
+    def path(self, tokens: int) -> str:
+        """"cpu" or "slp" for a prompt of `tokens` tokens."""
+        if not self.can_stream:
+            return "cpu"
+        if self.config.prefill != "auto":
+            return self.config.prefill
+        if self.rates is None:
+            return "cpu"
+        return costmodel.choose_prefill(self.cfg, tokens, self.rates, self.chunk_tokens).path
+
+    def details(self, tokens: int, where: str) -> tuple[int, tuple[str, ...]]:
+        """(chunks, streaming mode of each chunk) of a prefill: one chunk and no streaming on
+        the CPU path; on SLP, chunks of chunk_tokens, each streaming every expert ("prefetch")
+        or only the routed ones ("selective") by costmodel.streaming."""
+        if where != "slp":
+            return 1, ()
+        c = self.chunk_tokens
+        sizes = [min(c, tokens - lo) for lo in range(0, tokens, c)]
+        return len(sizes), tuple(costmodel.streaming(self.cfg, t) for t in sizes)
+
+    def scheduler(self, clock=None) -> Scheduler:
+        """The scheduler this policy drives; its plans carry every decision above."""
+        c = self.config
+        kv = c.kv_tokens or 4 * self.cfg.max_position_embeddings
+        return Scheduler(kv, c.max_batch, c.max_queue, self.path, self.dual_batch,
+                         devices=c.ranks, decode_quiet_s=c.decode_quiet_s, clock=clock,
+                         details=self.details)
