@@ -26,8 +26,6 @@ layer (routed, plus the shared expert where it is fused), n = ring slots.
 from __future__ import annotations
 
 import math
-import os
-import threading
 import time
 from dataclasses import dataclass
 
@@ -35,10 +33,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from refmoe import costmodel, kernels
-from refmoe.kernels.formats import scale_shape
+from refmoe import costmodel
+from refmoe.device_matmul import Matmul, block_dequant
+from refmoe.expert_store import ALIGN, Part, SlotLayout, pack_host
+from refmoe.slp_lanes import CpuLanes, CudaLanes, _Spans
 
-ALIGN = 256  # every part of a slot starts at a multiple of this (device loads want alignment)
+_block_dequant = block_dequant          # the name tests and older callers use
+__all__ = ["ALIGN", "CUDA_QUEUE_SLOTS", "CpuLanes", "CudaLanes", "Matmul", "Part", "Ring",
+           "SlotLayout", "Stats", "StreamPrefill", "block_dequant", "for_request",
+           "model_rates", "pack_host", "path_for", "pcie_bound_tok_s", "ring_slots",
+           "streamable"]
 
 # On CUDA every load is queued on the copy engine when it is issued, and each small
 # host<->device copy the forward pass makes waits behind what is queued. A ring of a whole
@@ -50,185 +54,9 @@ CUDA_QUEUE_SLOTS = 8
 
 
 # ---------------------------------------------------------------------------------------------
-# What one expert's bytes look like: the slot layout and the packed host buffer
+# The ring: n slots of one layout on the device (the layout and the host copy: expert_store;
+# the products: device_matmul; the lanes: slp_lanes)
 # ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class Part:
-    name: str               # gate, gate_scale, up, up_scale, down, down_scale
-    offset: int             # bytes from the slot's start
-    shape: tuple[int, int]
-    dtype: str              # "fp8" codes, "bf16" bits, or "f32" scales
-
-    @property
-    def nbytes(self) -> int:
-        return self.shape[0] * self.shape[1] * (4 if self.dtype == "f32" else
-                                                2 if self.dtype == "bf16" else 1)
-
-
-@dataclass(frozen=True, slots=True)
-class SlotLayout:
-    fmt: str
-    parts: tuple[Part, ...]
-    nbytes: int             # one slot, padding included
-
-    @classmethod
-    def of(cls, experts: kernels.ExpertWeights) -> SlotLayout:
-        if experts.fmt not in ("fp8", "bf16"):
-            raise ValueError(f"stream-loading prefill runs FP8 or BF16 experts, not "
-                             f"{experts.fmt!r} (load with --expert-dtype fp8 or bf16)")
-        h, i = experts.hidden, experts.intermediate
-        parts, off = [], 0
-        for kind, (rows, cols) in (("gate", (i, h)), ("up", (i, h)), ("down", (h, i))):
-            names = [(kind, (rows, cols), experts.fmt)]
-            if experts.fmt == "fp8":
-                names.append((f"{kind}_scale", scale_shape(rows, cols), "f32"))
-            for name, shape, dtype in names:
-                part = Part(name, off, shape, dtype)
-                parts.append(part)
-                off += -(-part.nbytes // ALIGN) * ALIGN
-        return cls(experts.fmt, tuple(parts), off)
-
-    def sources(self, experts: kernels.ExpertWeights, e: int) -> list[np.ndarray]:
-        """Expert e's parts in layout order, as 1-D uint8 views of the host copy."""
-        arrays = {"gate": experts.gate, "up": experts.up, "down": experts.down,
-                  "gate_scale": experts.gate_scale, "up_scale": experts.up_scale,
-                  "down_scale": experts.down_scale}
-        return [np.ascontiguousarray(arrays[p.name][e]).reshape(-1).view(np.uint8)
-                for p in self.parts]
-
-
-def pack_host(experts: kernels.ExpertWeights, pin: bool) -> tuple[kernels.ExpertWeights,
-                                                                   torch.Tensor]:
-    """Copy a layer's experts into one [E, slot bytes] host buffer (pinned when asked) and
-    return ExpertWeights whose arrays are views of it: the buffer becomes the one host copy
-    that the CPU kernels read and SLP streams from, one contiguous row per expert."""
-    layout = SlotLayout.of(experts)
-    buf = torch.empty((experts.num_experts, layout.nbytes), dtype=torch.uint8, pin_memory=pin)
-    rows = buf.numpy()
-    views: dict[str, list[np.ndarray]] = {p.name: [] for p in layout.parts}
-    np_dtype = {"fp8": np.uint8, "bf16": np.uint16, "f32": np.float32}
-    for e in range(experts.num_experts):
-        for part, src in zip(layout.parts, layout.sources(experts, e)):
-            dst = rows[e, part.offset: part.offset + part.nbytes]
-            dst[:] = src
-            views[part.name].append(dst.view(np_dtype[part.dtype]).reshape(part.shape))
-    packed = kernels.ExpertWeights(
-        experts.fmt, experts.hidden, experts.intermediate, views["gate"], views["up"],
-        views["down"], views.get("gate_scale", []), views.get("up_scale", []),
-        views.get("down_scale", []), group_size=experts.group_size, validate=False)
-    return packed, buf
-
-
-# ---------------------------------------------------------------------------------------------
-# The expert MLP on the device, straight from a slot
-# ---------------------------------------------------------------------------------------------
-
-def _block_dequant(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """codes [N, K] float8_e4m3fn, scale [ceil(N/128), ceil(K/128)] -> [N, K] in dtype."""
-    n, k = codes.shape
-    if n % 128 == 0 and k % 128 == 0:            # broadcast the scales, no [N, K] scale copy
-        blocks = codes.view(n // 128, 128, k // 128, 128).to(torch.float32)
-        return (blocks * scale[:, None, :, None]).to(dtype).view(n, k)
-    s = scale.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
-    return (codes.to(torch.float32) * s).to(dtype)
-
-
-class Matmul:
-    """y [M, N] = x [M, K] @ dequant(w [N, K]).T for a slot's FP8 or BF16 part.
-
-    "dequant" (the default): weights dequantized to the compute dtype on the device, then a
-    plain matmul. "scaled_mm" (REFMOE_SLP_MATMUL=scaled_mm): the device's FP8 tensor cores
-    with DeepSeek block scales (activations quantized per token and 128 columns in torch,
-    weights as stored). Measured on an H200 with torch 2.11 (docs/gpu.md) it was no faster
-    than dequant for V3's expert shapes (0.16-0.71 of bf16 against 0.19-0.74) and ten times
-    less exact (relative error 0.026 against 0.003), so it is not the default. cuBLASLt takes
-    block scales for some shapes only (V3's 2048 x 7168 and 7168 x 2048, not 256 x 256 or
-    384 x 640), so "scaled_mm" is checked per weight shape on its first product against the
-    dequantized one, and a shape that torch refuses or gets wrong stays on dequant."""
-
-    # the scale layouts cuBLASLt has asked for across versions: activation scales [M, K/128]
-    # column- or row-major, weight scales [K/128, N/128] as a transposed view or contiguous
-    LAYOUTS = ((True, False), (False, False), (True, True), (False, True))
-
-    def __init__(self, device: torch.device, dtype: torch.dtype):
-        self.device, self.dtype = device, dtype
-        forced = os.environ.get("REFMOE_SLP_MATMUL")
-        if forced not in (None, "", "dequant", "scaled_mm"):
-            raise ValueError(f"REFMOE_SLP_MATMUL must be dequant or scaled_mm, got {forced!r}")
-        self.why_not = ""      # why the FP8 tensor-core path is not used, when it is not
-        self.layouts: dict[tuple[int, int], tuple[bool, bool] | None] = {}  # (N, K) -> layout
-        available = device.type == "cuda" and hasattr(torch, "_scaled_mm")
-        if forced != "scaled_mm":
-            self.why_not = "dequant is the default (REFMOE_SLP_MATMUL=scaled_mm for the FP8 " \
-                "tensor cores)"
-        elif not available:
-            self.why_not = "no CUDA device"
-        self.kind = "scaled_mm" if forced == "scaled_mm" and available else "dequant"
-
-    def _layout_for(self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor):
-        """(layout, product): the first layout whose product agrees with the dequantized one on
-        this very call (relative error < 0.05: FP8 activations cost about 0.026 on random
-        data) and that product; or (None, the dequantized product)."""
-        want = x.float() @ _block_dequant(w, scale, torch.float32).T
-        reasons = []
-        for layout in self.LAYOUTS:
-            try:
-                got = self._scaled(x, w, scale, layout)
-            except (RuntimeError, TypeError, ValueError) as e:
-                reasons.append(f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
-                continue
-            err = float((got.float() - want).norm() / want.norm().clamp(min=1e-30))
-            if err < 0.05:
-                return layout, got
-            reasons.append(f"relative error {err:.3f} against dequant")
-        n, k = w.shape
-        why = reasons[0] if len(set(reasons)) == 1 else " | ".join(reasons)
-        self.why_not = f"{n}x{k}: {why}" if not self.why_not else self.why_not
-        return None, want
-
-    def _scaled(self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
-                layout: tuple[bool, bool]) -> torch.Tensor:
-        m, k = x.shape
-        mp = -(-m // 4) * 4                      # cuBLASLt wants M a multiple of 4
-        kb = -(-k // 128)
-        xp = F.pad(x.float(), (0, kb * 128 - k, 0, mp - m)).view(mp, kb, 128)
-        amax = xp.abs().amax(-1).clamp(min=1e-12)                           # [Mp, K/128]
-        sa = amax / 448.0
-        q = (xp / sa[..., None]).view(mp, kb * 128)[:, :k].to(torch.float8_e4m3fn)
-        a_col_major, b_contiguous = layout
-        if a_col_major:
-            sa = sa.t().contiguous().t()
-        # the weight's block scales with their K-block count padded to a multiple of 4, as
-        # cuBLASLt reads them (the matrix itself is not padded)
-        sb = F.pad(scale.float(), (0, -kb % 4)).t()                      # [Kb4, N/128] view
-        if b_contiguous:
-            sb = sb.contiguous()
-        y = torch._scaled_mm(q, w.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
-        return y[:m]
-
-    @property
-    def used(self) -> str:
-        """What ran: "dequant", "scaled_mm", or both with the shapes that fell back."""
-        if self.kind == "dequant":
-            return "dequant"
-        back = [f"{n}x{k}" for (n, k), lay in self.layouts.items() if lay is None]
-        return f"scaled_mm (dequant for {', '.join(back)})" if back else "scaled_mm"
-
-    def __call__(self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None
-                 ) -> torch.Tensor:
-        if scale is None:                                      # BF16 experts
-            return x @ w.to(self.dtype).T
-        if self.kind == "scaled_mm":
-            shape = tuple(w.shape)
-            if shape not in self.layouts:
-                self.layouts[shape], y = self._layout_for(x, w, scale)
-                return y.to(self.dtype)
-            layout = self.layouts[shape]
-            if layout is not None:
-                return self._scaled(x, w, scale, layout).to(self.dtype)
-        return x @ _block_dequant(w, scale, self.dtype).T
-
 
 class Ring:
     """n slots of one layout on the device, each viewed as the expert's tensors."""
@@ -243,202 +71,8 @@ class Ring:
 
 
 # ---------------------------------------------------------------------------------------------
-# The three lanes: CUDA streams and events, or threads on the CPU
+# The runner: one prefill, chunk by chunk
 # ---------------------------------------------------------------------------------------------
-
-class _Spans:
-    """Trace spans per lane: on the CPU from the clock, on CUDA from timing events resolved
-    once the prefill has synchronized."""
-
-    def __init__(self, trace, process: str):
-        self.trace, self.process = trace, process
-        self.pending: list[tuple[str, str, object, object, dict]] = []
-        self.lock = threading.Lock()
-
-    def add(self, lane: str, name: str, start: float, end: float, **args) -> None:
-        if self.trace is not None:
-            with self.lock:
-                self.trace.span(self.process, lane, name, start, end - start, **args)
-
-
-class _Closed(Exception):
-    pass
-
-
-class CpuLanes:
-    """Loader and unloader threads beside the calling (compute) thread. Request j's stages run
-    in order on each lane; progress is three counters under one condition variable, so every
-    wait is a sleep, never a spin."""
-
-    def __init__(self, slots: int, spans: _Spans):
-        self.slots, self.spans = slots, spans
-        self.done = {"loaded": -1, "computed": -1, "unloaded": -1}
-        self.cond = threading.Condition()
-        self.error: BaseException | None = None
-        self.queues = {"load": [], "unload": []}
-        self.threads = [threading.Thread(target=self._worker, args=(lane,), daemon=True,
-                                         name=f"slp-{lane}") for lane in ("load", "unload")]
-        self.closed = False
-        for t in self.threads:
-            t.start()
-
-    def _wait(self, stage: str, j: int) -> None:
-        with self.cond:
-            while self.done[stage] < j and self.error is None and not self.closed:
-                self.cond.wait(0.5)
-            if self.error is not None:
-                raise RuntimeError(f"SLP {stage} lane failed") from self.error
-            if self.done[stage] < j:
-                raise _Closed
-
-    def _mark(self, stage: str, j: int) -> None:
-        with self.cond:
-            self.done[stage] = j
-            self.cond.notify_all()
-
-    def _worker(self, lane: str) -> None:
-        q = self.queues[lane]
-        while True:
-            with self.cond:
-                while not q and not self.closed and self.error is None:
-                    self.cond.wait(0.5)
-                if not q:
-                    return
-                j, fn, label = q.pop(0)
-            try:
-                if not label:                                   # a skipped request
-                    self._mark("unloaded", j)
-                    continue
-                if lane == "load":
-                    self._wait("computed", j - self.slots)        # slot j % n is free again
-                else:
-                    self._wait("computed", j)
-                start = self.spans.trace.now() if self.spans.trace else 0.0
-                fn()
-                if self.spans.trace:
-                    self.spans.add("loader" if lane == "load" else "unloader", label, start,
-                                   self.spans.trace.now())
-                self._mark("loaded" if lane == "load" else "unloaded", j)
-            except _Closed:                       # abandoned: the forward pass ended early
-                return
-            except BaseException as e:  # noqa: BLE001 - handed to the compute thread
-                with self.cond:
-                    self.error = e
-                    self.cond.notify_all()
-                return
-
-    def load(self, j: int, fn, label: str) -> None:
-        with self.cond:
-            self.queues["load"].append((j, fn, label))
-            self.cond.notify_all()
-
-    def compute(self, j: int, fn, label: str) -> None:
-        self._wait("loaded", j)
-        self._wait("unloaded", j - 2)                              # output buffer j % 2 free
-        start = self.spans.trace.now() if self.spans.trace else 0.0
-        fn()
-        if self.spans.trace:
-            self.spans.add("compute", label, start, self.spans.trace.now())
-        self._mark("computed", j)
-
-    def skip(self, j: int) -> None:
-        """Request j was loaded but routes no token: release its slot (and pass the unloader,
-        which keeps its own count of requests in order)."""
-        self._wait("loaded", j)
-        self._mark("computed", j)
-        self.unload(j, lambda: None, "")
-
-    def unload(self, j: int, fn, label: str) -> None:
-        with self.cond:
-            self.queues["unload"].append((j, fn, label))
-            self.cond.notify_all()
-
-    def finish_layer(self, last: int) -> None:
-        self._wait("unloaded", last)
-
-    def close(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
-        for t in self.threads:
-            t.join()
-        if self.error is not None:
-            raise RuntimeError("SLP lane failed") from self.error
-
-
-class CudaLanes:
-    """Loader and unloader streams beside the compute (current) stream; slot and buffer reuse
-    ordered by per-slot events. The host issues everything ahead; it waits only for routing."""
-
-    def __init__(self, slots: int, spans: _Spans, device: torch.device):
-        self.slots, self.spans, self.device = slots, spans, device
-        self.compute_stream = torch.cuda.current_stream(device)
-        self.load_stream = torch.cuda.Stream(device)
-        self.unload_stream = torch.cuda.Stream(device)
-        ev = lambda: torch.cuda.Event()  # noqa: E731
-        self.loaded = [ev() for _ in range(slots)]
-        self.computed = [ev() for _ in range(slots)]
-        self.unloaded = [ev() for _ in range(2)]
-        self.issued = {"computed": -1}
-        self.timing = spans.trace is not None
-        if self.timing:
-            self.base = torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            self.base_s = spans.trace.now()
-            self.base.record(self.compute_stream)
-
-    def _timed(self, stream, lane: str, label: str, fn) -> None:
-        if not self.timing:
-            fn()
-            return
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(stream)
-        fn()
-        b.record(stream)
-        self.spans.pending.append((lane, label, a, b, {}))
-
-    def load(self, j: int, fn, label: str) -> None:
-        slot = j % self.slots
-        with torch.cuda.stream(self.load_stream):
-            if j >= self.slots:
-                assert self.issued["computed"] >= j - self.slots, "load issued before its slot"
-                self.load_stream.wait_event(self.computed[slot])
-            self._timed(self.load_stream, "loader", label, fn)
-            self.loaded[slot].record(self.load_stream)
-
-    def compute(self, j: int, fn, label: str) -> None:
-        slot = j % self.slots
-        self.compute_stream.wait_event(self.loaded[slot])
-        if j >= 2:
-            self.compute_stream.wait_event(self.unloaded[j % 2])
-        self._timed(self.compute_stream, "compute", label, fn)
-        self.computed[slot].record(self.compute_stream)
-        self.issued["computed"] = j
-
-    def skip(self, j: int) -> None:
-        slot = j % self.slots
-        self.compute_stream.wait_event(self.loaded[slot])
-        self.computed[slot].record(self.compute_stream)
-        self.issued["computed"] = j
-
-    def unload(self, j: int, fn, label: str) -> None:
-        with torch.cuda.stream(self.unload_stream):
-            self.unload_stream.wait_event(self.computed[j % self.slots])
-            self._timed(self.unload_stream, "unloader", label, fn)
-            self.unloaded[j % 2].record(self.unload_stream)
-
-    def finish_layer(self, last: int) -> None:
-        self.compute_stream.wait_stream(self.unload_stream)
-
-    def close(self) -> None:
-        torch.cuda.synchronize(self.device)
-        if self.timing:
-            for lane, label, a, b, args in self.spans.pending:
-                start = self.base_s + self.base.elapsed_time(a) / 1e3
-                self.spans.add(lane, label, start, self.base_s + self.base.elapsed_time(b) / 1e3,
-                               **args)
-            self.spans.pending.clear()
-
 
 # ---------------------------------------------------------------------------------------------
 # The runner: one prefill, chunk by chunk

@@ -88,7 +88,10 @@ def test_generate_cli_with_two_ranks(fp8_dir):  # noqa: F811
     ids = ",".join(map(str, PROMPT))
     plain_run = cli_generate(fp8_dir, "--prompt-ids", ids, "--max-tokens", "6", "--prefill",
                              "cpu")
-    dslp_run = cli_generate(fp8_dir, "--prompt-ids", ids, "--max-tokens", "6", "--ranks", "2")
+    # --prefill slp: with auto the cost model decides (test_policy.py), and on a CPU it keeps
+    # this prompt on the CPU kernels
+    dslp_run = cli_generate(fp8_dir, "--prompt-ids", ids, "--max-tokens", "6", "--ranks", "2",
+                            "--prefill", "slp")
     assert dslp_run["prefill"] == "dslp"
     assert dslp_run["token_ids"] == plain_run["token_ids"]
 

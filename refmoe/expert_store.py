@@ -1,0 +1,83 @@
+"""The one host copy of the routed experts, as SLP streams it: what one expert's bytes look
+like in a ring slot (SlotLayout: codes and scales, each part aligned) and the packed host
+buffer (pack_host: every expert of a layer in one contiguous row, pinned on CUDA) that the CPU
+kernels then read in place of the checkpoint's pages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from refmoe import kernels
+from refmoe.kernels.formats import scale_shape
+
+ALIGN = 256  # every part of a slot starts at a multiple of this (device loads want alignment)
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    name: str               # gate, gate_scale, up, up_scale, down, down_scale
+    offset: int             # bytes from the slot's start
+    shape: tuple[int, int]
+    dtype: str              # "fp8" codes, "bf16" bits, or "f32" scales
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * (4 if self.dtype == "f32" else
+                                                2 if self.dtype == "bf16" else 1)
+
+
+@dataclass(frozen=True, slots=True)
+class SlotLayout:
+    fmt: str
+    parts: tuple[Part, ...]
+    nbytes: int             # one slot, padding included
+
+    @classmethod
+    def of(cls, experts: kernels.ExpertWeights) -> SlotLayout:
+        if experts.fmt not in ("fp8", "bf16"):
+            raise ValueError(f"stream-loading prefill runs FP8 or BF16 experts, not "
+                             f"{experts.fmt!r} (load with --expert-dtype fp8 or bf16)")
+        h, i = experts.hidden, experts.intermediate
+        parts, off = [], 0
+        for kind, (rows, cols) in (("gate", (i, h)), ("up", (i, h)), ("down", (h, i))):
+            names = [(kind, (rows, cols), experts.fmt)]
+            if experts.fmt == "fp8":
+                names.append((f"{kind}_scale", scale_shape(rows, cols), "f32"))
+            for name, shape, dtype in names:
+                part = Part(name, off, shape, dtype)
+                parts.append(part)
+                off += -(-part.nbytes // ALIGN) * ALIGN
+        return cls(experts.fmt, tuple(parts), off)
+
+    def sources(self, experts: kernels.ExpertWeights, e: int) -> list[np.ndarray]:
+        """Expert e's parts in layout order, as 1-D uint8 views of the host copy."""
+        arrays = {"gate": experts.gate, "up": experts.up, "down": experts.down,
+                  "gate_scale": experts.gate_scale, "up_scale": experts.up_scale,
+                  "down_scale": experts.down_scale}
+        return [np.ascontiguousarray(arrays[p.name][e]).reshape(-1).view(np.uint8)
+                for p in self.parts]
+
+
+def pack_host(experts: kernels.ExpertWeights, pin: bool) -> tuple[kernels.ExpertWeights,
+                                                                   torch.Tensor]:
+    """Copy a layer's experts into one [E, slot bytes] host buffer (pinned when asked) and
+    return ExpertWeights whose arrays are views of it: the buffer becomes the one host copy
+    that the CPU kernels read and SLP streams from, one contiguous row per expert."""
+    layout = SlotLayout.of(experts)
+    buf = torch.empty((experts.num_experts, layout.nbytes), dtype=torch.uint8, pin_memory=pin)
+    rows = buf.numpy()
+    views: dict[str, list[np.ndarray]] = {p.name: [] for p in layout.parts}
+    np_dtype = {"fp8": np.uint8, "bf16": np.uint16, "f32": np.float32}
+    for e in range(experts.num_experts):
+        for part, src in zip(layout.parts, layout.sources(experts, e)):
+            dst = rows[e, part.offset: part.offset + part.nbytes]
+            dst[:] = src
+            views[part.name].append(dst.view(np_dtype[part.dtype]).reshape(part.shape))
+    packed = kernels.ExpertWeights(
+        experts.fmt, experts.hidden, experts.intermediate, views["gate"], views["up"],
+        views["down"], views.get("gate_scale", []), views.get("up_scale", []),
+        views.get("down_scale", []), group_size=experts.group_size, validate=False)
+    return packed, buf
