@@ -89,20 +89,6 @@ class ContextParallel:
         return [sum(self.sizes[:r]) for r in range(len(self.sizes))]
 
 
-class _SharedChunk(slp._Chunk):
-    """An SLP chunk whose MoE layers run SmallEP across the ranks."""
-
-    cp: ContextParallel
-
-    def moe(self, moe, layer: int, x: torch.Tensor) -> torch.Tensor:
-        x_all = self.cp.gather(x)                                        # [T, H]
-        weights, ids = moe.route(x_all)                                  # same on every rank
-        y = self.layer(layer, x_all, weights, ids,
-                       moe.experts.num_experts - 1 if moe.fused_shared else None)
-        y = self.cp.reduce_scatter(y.to(x.device, torch.float32)).to(x.dtype)  # [t_r, H]
-        return y + moe.shared(x) if moe.shared is not None else y
-
-
 class DistributedPrefill:
     """SLP over the ranks of a process group; every rank calls prefill with the same ids."""
 
@@ -141,8 +127,7 @@ class DistributedPrefill:
             if min(cp.sizes[1:] if host_only else cp.sizes) == 0:
                 raise ValueError(f"a chunk of {chunk.shape[0]} tokens cannot be split across "
                                  f"{world - host_only} ranks")
-            part = r._chunk(chunk.shape[0])
-            part.__class__, part.cp = _SharedChunk, cp
+            part = r._chunk(chunk.shape[0], exchange=cp)     # SmallEP across the ranks
             mine = chunk[cp.offset: cp.offset + cp.sizes[self.rank]]
             logits = self.model.forward(mine, cache, experts=part, cp=cp)  # [t_r, V]
             r.stats.chunks += 1

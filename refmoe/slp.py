@@ -191,7 +191,7 @@ class StreamPrefill:
         self.stats.seconds += time.perf_counter() - start
         return torch.cat(out) if len(out) > 1 else out[0]
 
-    def _chunk(self, tokens: int, mode: str | None = None) -> _Chunk:
+    def _chunk(self, tokens: int, mode: str | None = None, exchange=None) -> _Chunk:
         ring = self._ring_for(tokens)
         e = self.slots_per_layer
         cfg = self.model.cfg
@@ -204,15 +204,30 @@ class StreamPrefill:
             else CpuLanes(ring.slots, spans)
         plan = [(layer, x) for layer, _ in self.moe for x in range(e) if self.owned(x)] \
             if mode == "prefetch" else None
-        return _Chunk(self, ring, lanes, plan)
+        return _Chunk(self, ring, lanes, plan, exchange or _Local())
+
+
+class _Local:
+    """The exchange of a chunk that one device runs whole: nothing to gather or scatter."""
+
+    @staticmethod
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @staticmethod
+    def reduce_scatter(y: torch.Tensor) -> torch.Tensor:
+        return y
 
 
 class _Chunk:
     """The requests of one chunk and where each lane is in them. The model calls
-    layer(...) for each MoE layer in order; close() runs when the forward pass ends."""
+    layer(...) for each MoE layer in order; close() runs when the forward pass ends.
+    exchange: how this rank's tokens meet the others' around each MoE layer (gather before the
+    router, reduce_scatter of the summed experts after; DSLP's ContextParallel), or _Local."""
 
-    def __init__(self, runner: StreamPrefill, ring: Ring, lanes, plan):
+    def __init__(self, runner: StreamPrefill, ring: Ring, lanes, plan, exchange):
         self.runner, self.ring, self.lanes, self.plan = runner, ring, lanes, plan
+        self.exchange = exchange
         self.requests: list[tuple[int, int]] = list(plan) if plan is not None else []
         self.next_load = 0
         self.next_compute = 0
@@ -232,12 +247,13 @@ class _Chunk:
             self.next_load += 1
 
     def moe(self, moe, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """The MoE block's output for x [T, H] (its router, the streamed routed experts, its
-        shared expert), where x lives."""
-        weights, ids = moe.route(x)
-        y = self.layer(layer, x, weights, ids,
+        """The MoE block's output for this rank's x [t, H] (its router over every rank's tokens,
+        the streamed routed experts, its shared expert), where x lives."""
+        x_all = self.exchange.gather(x)                                  # [T, H]
+        weights, ids = moe.route(x_all)                                  # same on every rank
+        y = self.layer(layer, x_all, weights, ids,
                        moe.experts.num_experts - 1 if moe.fused_shared else None)
-        y = y.to(x.device, x.dtype)
+        y = self.exchange.reduce_scatter(y.to(x.device, torch.float32)).to(x.dtype)  # [t, H]
         return y + moe.shared(x) if moe.shared is not None else y
 
     def _copier(self, layer: int, e: int, slot: int):
