@@ -23,14 +23,14 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
 from refmoe import slp
-from refmoe.sampling import Sampler, SamplingParams
+from refmoe.dual_batch import DualBatch
 from refmoe.policy import EngineConfig, Policy
+from refmoe.sampling import Sampler, SamplingParams
 from refmoe.scheduler import DecodePlan, Entry, PrefillPlan, QueueFull
 
 __all__ = ["Engine", "QueueFull", "Request", "ShuttingDown"]
@@ -97,8 +97,7 @@ class Engine:
         self.lock = threading.Condition()
         self.accepting, self.stopping = True, False
         self.ids = itertools.count()
-        self.locks = (threading.Lock(), threading.Lock())        # attention, experts (DBO)
-        self.helper = ThreadPoolExecutor(1, thread_name_prefix="refmoe-dbo")
+        self.dual = DualBatch()         # the lock pair and helper thread of dual-batch overlap
         self.workers = [threading.Thread(target=self._loop, args=(kind,), daemon=True,
                                          name=f"refmoe-{kind}") for kind in ("prefill", "decode")]
         self._moe = [b.ffn for b in model.blocks if hasattr(b.ffn, "seconds")]
@@ -182,7 +181,7 @@ class Engine:
         for w in self.workers:
             if w.is_alive():
                 w.join(timeout=30)
-        self.helper.shutdown(wait=False)
+        self.dual.close()
         if self.group is not None:
             self.group.close()
             self.group = None
@@ -285,11 +284,7 @@ class Engine:
             return self.model.forward_batch([torch.tensor(r.out[-1:]) for r, _ in pairs],
                                             [c for _, c in pairs], locks)
 
-        if len(batches) == 2:               # dual-batch overlap: the second in the helper
-            other = self.helper.submit(step, batches[1], self.locks)
-            results = [step(batches[0], self.locks), other.result()]
-        else:
-            results = [step(batches[0], None)]
+        results = self.dual.run(step, batches)      # two micro-batches: overlapped
         with self.lock:                     # the step's other boundary
             for pairs, logits in zip(batches, results):
                 for (req, _), row in zip(pairs, logits):
