@@ -17,82 +17,8 @@ import random
 import statistics
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 
-
-
-@dataclass(slots=True)
-class Outcome:
-    arrived_at: float
-    prompt_tokens: int
-    output_tokens: int = 0
-    ttft_s: float | None = None
-    itl_s: list[float] = field(default_factory=list)
-    e2e_s: float | None = None
-    ok: bool = False
-    error: str = ""
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
-
-
-def summary(outcomes: list[Outcome], duration_s: float) -> dict:
-    """The figures of vLLM's benchmark, in its field names (times in ms)."""
-    ok = [o for o in outcomes if o.ok]
-    ttft = [o.ttft_s * 1e3 for o in ok if o.ttft_s is not None]
-    tpot = [(o.e2e_s - o.ttft_s) / (o.output_tokens - 1) * 1e3 for o in ok
-            if o.output_tokens > 1]
-    itl = [x * 1e3 for o in ok for x in o.itl_s]
-    inp = sum(o.prompt_tokens for o in ok)
-    out = sum(o.output_tokens for o in ok)
-    res = {"completed": len(ok), "failed": len(outcomes) - len(ok), "duration": duration_s,
-           "total_input_tokens": inp, "total_output_tokens": out,
-           "request_throughput": len(ok) / duration_s,
-           "output_throughput": out / duration_s, "total_token_throughput": (inp + out) /
-           duration_s}
-    for name, vals in (("ttft", ttft), ("tpot", tpot), ("itl", itl)):
-        res[f"mean_{name}_ms"] = statistics.fmean(vals) if vals else float("nan")
-        res[f"median_{name}_ms"] = statistics.median(vals) if vals else float("nan")
-        res[f"p99_{name}_ms"] = _pct(vals, 99)
-    return res
-
-
-def format_summary(r: dict) -> str:
-    lines = ["{s:{c}^50}".format(s=" Serving Benchmark Result ", c="=")]
-    rows = [("Successful requests:", r["completed"]),
-            ("Failed requests:", r["failed"]),
-            ("Benchmark duration (s):", f"{r['duration']:.2f}"),
-            ("Total input tokens:", r["total_input_tokens"]),
-            ("Total generated tokens:", r["total_output_tokens"]),
-            ("Request throughput (req/s):", f"{r['request_throughput']:.2f}"),
-            ("Output token throughput (tok/s):", f"{r['output_throughput']:.2f}"),
-            ("Total Token throughput (tok/s):", f"{r['total_token_throughput']:.2f}")]
-    lines += [f"{k:<40}{v:<10}" for k, v in rows]
-    for title, key, label in (("Time to First Token", "ttft", "TTFT"),
-                              ("Time per Output Token (excl. 1st token)", "tpot", "TPOT"),
-                              ("Inter-token Latency", "itl", "ITL")):
-        lines.append("{s:{c}^50}".format(s=title, c="-"))
-        for stat in ("mean", "median", "p99"):
-            name = {"mean": "Mean", "median": "Median", "p99": "P99"}[stat]
-            lines.append(f"{f'{name} {label} (ms):':<40}{r[f'{stat}_{key}_ms']:<10.2f}")
-    lines.append("=" * 50)
-    return "\n".join(lines)
-
-
-def workload(n: int, rate: float, prompt_tokens: tuple[int, int], output_tokens: tuple[int, int],
-             seed: int = 0) -> list[tuple[float, int, int]]:
-    """(arrival s, prompt tokens, output tokens) with Poisson arrivals (rate req/s; inf: all at
-    once) and lengths uniform in the given ranges."""
-    rng = random.Random(seed)
-    t, out = 0.0, []
-    for _ in range(n):
-        out.append((t, rng.randint(*prompt_tokens), rng.randint(*output_tokens)))
-        t += rng.expovariate(rate) if rate != float("inf") else 0.0
-    return out
+from refmoe.serving_metrics import Outcome, as_rows, format_summary, summary, workload, write_csv  # noqa: F401
 
 
 async def _client(base: str, arrival: float, start: float, ids: list[int], max_tokens: int,
@@ -197,13 +123,6 @@ def _drive(base: str, requests: list[tuple[float, int, int]], prompts: list[list
     return outcomes, asyncio.run(main())
 
 
-def write_csv(path: str, outcomes: list[Outcome]) -> None:
-    with open(path, "w") as f:
-        f.write("arrived_at,num_prefill_tokens,num_decode_tokens\n")
-        for o in outcomes:
-            f.write(f"{o.arrived_at:.6f},{o.prompt_tokens},{o.output_tokens}\n")
-
-
 # ---------------------------------------------------------------------------------------------
 # Interference and dual-batch, on the engine directly (token times from its own thread)
 # ---------------------------------------------------------------------------------------------
@@ -288,5 +207,3 @@ def dual_batch(model, tokens: int = 24, dual: bool | None = None, seed: int = 0)
             "tok_s_two": r2, "ratio": r2 / r1, "limit": 1.5}
 
 
-def as_rows(outcomes: list[Outcome]) -> list[dict]:
-    return [asdict(o) for o in outcomes]

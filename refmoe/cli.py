@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from refmoe.serving_metrics import parse_range
+
 # numpy's OpenBLAS pool spins after every BLAS call; on a 2-core machine it steals a core from
 # the kernels. Set before numpy loads (the user's own setting wins).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -85,17 +87,6 @@ def _cmd_bench_prefill(args: argparse.Namespace) -> int:
     else:
         print(bench_prefill.format_rows(rows, rates, cfg))
     return 0
-
-
-def _range(text: str) -> tuple[int, int]:
-    try:
-        lo, _, hi = text.partition("-")
-        lo, hi = int(lo), int(hi or lo)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or LO-HI, got {text!r}")
-    if not 1 <= lo <= hi:
-        raise argparse.ArgumentTypeError(f"expected 1 <= LO <= HI, got {text!r}")
-    return lo, hi
 
 
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
@@ -353,14 +344,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import os as _os
-
     from refmoe.server import serve
 
     if args.kv_tokens is not None and args.kv_memory is not None:
         print("refmoe serve: give --kv-tokens or --kv-memory, not both", file=sys.stderr)
         return 2
-    api_key = args.api_key or _os.environ.get("REFMOE_API_KEY")
+    api_key = args.api_key or os.environ.get("REFMOE_API_KEY")
     dual_batch = {"auto": None, "on": True, "off": False}[args.dual_batch]
     return serve(args.model, args.host, args.port, served_name=args.served_model_name,
                  api_key=api_key, device=args.device, drain_s=args.drain_s,
@@ -488,8 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--num-prompts", type=int, default=16, help="serve: requests")
     b.add_argument("--request-rate", type=float, default=1.0,
                    help="serve: Poisson arrivals per second (inf: all at once)")
-    b.add_argument("--prompt-len", type=_range, default=(16, 64), help="serve: N or LO-HI")
-    b.add_argument("--output-len", type=_range, default=(8, 32), help="serve: N or LO-HI")
+    b.add_argument("--prompt-len", type=parse_range, default=(16, 64), help="serve: N or LO-HI")
+    b.add_argument("--output-len", type=parse_range, default=(8, 32), help="serve: N or LO-HI")
     b.add_argument("--prefill-tokens", type=int, default=512,
                    help="serve interference: the long prompt's length")
     b.add_argument("--prefill", choices=["auto", "cpu", "slp"], default="auto",

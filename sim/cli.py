@@ -52,8 +52,8 @@ def _routing(args, cfg):
 
 
 def _cmd_serve(args) -> int:
-    from refmoe.bench_serve import format_summary, summary, workload
     from refmoe.config import ModelConfig
+    from refmoe.serving_metrics import format_summary, summary, workload
     from sim.hardware import Hardware
     from sim.serve import simulate
 
@@ -216,12 +216,11 @@ def _cmd_calibrate(args) -> int:
 
 
 def _cmd_validate(args) -> int:
-    from sim.hardware import Hardware
-    from sim.validate import plot, summarize, validate
-
     from pathlib import Path
 
+    from sim.hardware import Hardware
     from sim.interval import drift_pairs, pool
+    from sim.validate import plot, summarize, validate
 
     if not args.hardware and not args.beside:
         raise ValueError("validate: give --hardware PROFILE or --beside")
@@ -309,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                     "--trace`")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=_cmd_predict)
-    from refmoe.cli import _range
+    from refmoe.serving_metrics import parse_range as _range
 
     se = sub.add_parser("serve", help="many requests through the engine's scheduler: the "
                         "serving benchmark's summary, predicted")

@@ -225,10 +225,6 @@ class Machine:
             seconds += experts * pm * one / (self.rate_gbps(m, moe=True) * 1e9)
         return nbytes, seconds
 
-    def socket_of(self, d: int) -> int:
-        g = self.hw.gpus[d]
-        return g.socket if g.socket is not None else d % self.hw.cpu.sockets
-
     def dma(self, nbytes: float, d: int):
         """Pinned host memory to GPU d: its PCIe link, the DRAM the weights lie in (spread over
         the sockets), and the interconnect for the share on other sockets."""

@@ -9,21 +9,21 @@ The two workers run concurrently and share the CPU as a fluid resource: when bot
 kernels, each gets its fair share of the cores (the interference the engine shows). A
 forward's cost comes from sim.predict's per-layer model, computed once per token count.
 
-Outputs the same per-request records and summary (refmoe.bench_serve.summary) as the engine's
+Outputs the same per-request records and summary (refmoe.serving_metrics.summary) as the engine's
 serving benchmark, so the two print the same "Serving Benchmark Result" block.
 """
 
 from __future__ import annotations
 
-import simpy
-
 import re
 from dataclasses import dataclass
 
-from refmoe.bench_serve import Outcome
+import simpy
+
 from refmoe.config import ModelConfig
 from refmoe.policy import EngineConfig, Policy
 from refmoe.scheduler import Entry, QueueFull
+from refmoe.serving_metrics import Outcome
 from sim.fluid import Flow, max_min_rates
 from sim.hardware import Hardware
 from sim.predict import Machine, _slp_prefill, _step

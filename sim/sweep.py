@@ -39,7 +39,7 @@ def slo(outcomes, duration_s: float, ttft_s: float, tpot_s: float) -> dict:
 
 
 def _rate_case(args) -> dict:
-    from refmoe.bench_serve import summary, workload
+    from refmoe.serving_metrics import summary, workload
     from sim.hardware import Hardware
     from sim.serve import simulate
 

@@ -76,7 +76,7 @@ def _serving(doc: dict, cfg: ModelConfig):
     trace's records) through the engine's scheduler in the simulator; compare the means of
     TTFT, TPOT and end-to-end latency and the output throughput with the trace's records.
     Returns (measured, a function from a profile to the predicted)."""
-    from refmoe.bench_serve import summary
+    from refmoe.serving_metrics import summary
     from sim.serve import simulate
 
     reqs = doc["metadata"]["requests"]

@@ -122,7 +122,7 @@ def test_slp_needs_a_gpu():
 # ---------------------------------------------------------------------------------------------
 
 def test_serving_simulation_uses_the_engine_scheduler():
-    from refmoe.bench_serve import summary
+    from refmoe.serving_metrics import summary
     from sim.serve import simulate
 
     cfg, hw = ModelConfig.from_dict(V3), Hardware.load("paper-2x9355-2x5090")
