@@ -106,7 +106,7 @@ def parse_range(text: str) -> tuple[int, int]:
         lo, _, hi = text.partition("-")
         lo, hi = int(lo), int(hi or lo)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or LO-HI, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected N or LO-HI, got {text!r}") from None
     if not 1 <= lo <= hi:
         raise argparse.ArgumentTypeError(f"expected 1 <= LO <= HI, got {text!r}")
     return lo, hi

@@ -223,9 +223,9 @@ def calibrate(name: str = "this-machine", reps: int = 5) -> Hardware:
     # matrices, norms, rope, the scores, torch), per sequence and layer: timed whole at V3's
     # dimensions after a few cached contexts, less the weight time the model charges anyway;
     # the shortest context's cost is the fixed part, the rest a curve over the context
-    from sim.costs import attention_bytes
-    from refmoe.config import ModelConfig
     from refmoe import demo
+    from refmoe.config import ModelConfig
+    from sim.costs import attention_bytes
 
     stream = attention_bytes(ModelConfig.from_dict(demo.demo_config(1, 16))) / (
         hw.cpu.fp8_stream_gbps() * 1e9) * 1e6

@@ -9,7 +9,6 @@ hbm_gbps * hbm_efficiency plus a fixed per-layer cost (kernel launches, small op
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -82,7 +81,7 @@ class CPU:
             return 0.0
         if context <= pts[0][0] or len(pts) == 1:
             return pts[0][1]
-        for (c0, t0), (c1, t1) in zip(pts, pts[1:]):
+        for (c0, t0), (c1, t1) in zip(pts, pts[1:]):  # noqa: B007 - read after the loop
             if context <= c1:
                 break   # else the last segment, extended
         return t0 + (context - c0) * (t1 - t0) / (c1 - c0)

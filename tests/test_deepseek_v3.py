@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_logits_match, cli_generate, hf_greedy, randomize_bf16
+
 from refmoe import models
 from refmoe.checkpoint import Checkpoint, save_file
 from refmoe.kernels import formats

@@ -4,10 +4,10 @@ tokens, each rank streaming only its half of the experts; for MLA and for GQA.""
 
 import pytest
 import torch
+from test_slp import PROMPT, fp8_dir, plain, save_tiny_qwen3  # noqa: F401 (fixtures)
 
 from refmoe import dslp, models
 from refmoe.generate import generate
-from test_slp import PROMPT, fp8_dir, plain, save_tiny_qwen3  # noqa: F401 (fixtures)
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,14 +7,13 @@ import time
 
 import pytest
 import torch
+from test_slp import PROMPT, fp8_dir  # noqa: F401 (fixture)
 
 from refmoe import models
 from refmoe.engine import Engine, ShuttingDown
 from refmoe.generate import generate
 from refmoe.sampling import SamplingParams
 from refmoe.scheduler import Entry, QueueFull, Scheduler
-from test_slp import PROMPT, fp8_dir  # noqa: F401 (fixture)
-
 
 # ---------------------------------------------------------------------------------------------
 # Scheduler

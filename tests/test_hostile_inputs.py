@@ -10,11 +10,11 @@ import hypothesis
 import hypothesis.strategies as st
 import numpy as np
 import pytest
+from test_slp import fp8_dir  # noqa: F401 (fixture)
 
 from refmoe import cli
 from refmoe.checkpoint import Checkpoint, Shard, save_file
 from refmoe.config import ModelConfig
-from test_slp import fp8_dir  # noqa: F401 (fixture)
 
 
 def _write(path, header, data: bytes) -> None:

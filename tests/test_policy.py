@@ -6,8 +6,9 @@ every decision an executor needs (path, devices and which, chunks, streaming per
 import json
 
 import pytest
-
 from conftest import cli_generate
+from test_slp import PROMPT, fp8_dir  # noqa: F401 (fixture)
+
 from refmoe import costmodel, models
 from refmoe.engine import Engine
 from refmoe.policy import EngineConfig, Policy
@@ -15,7 +16,6 @@ from refmoe.scheduler import Entry
 from sim.hardware import Hardware
 from sim.predict import rates as profile_rates
 from sim.serve import policy_for
-from test_slp import PROMPT, fp8_dir  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")

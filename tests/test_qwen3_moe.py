@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import assert_logits_match, cli_generate, hf_greedy, randomize_bf16
+
 from refmoe import models
 
 transformers = pytest.importorskip("transformers")

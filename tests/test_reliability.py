@@ -8,13 +8,13 @@ import threading
 import time
 
 import pytest
+from test_slp import PROMPT, fp8_dir  # noqa: F401 (fixture)
 
 from refmoe import models
 from refmoe.engine import Engine
 from refmoe.generate import generate
 from refmoe.metrics import Metrics
 from refmoe.sampling import SamplingParams
-from test_slp import PROMPT, fp8_dir  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_random_disconnects_never_touch_survivors(model, dual_batch):
     try:
         survivors = []
         doomed = []
-        for i, p in enumerate(keep):
+        for p in keep:
             c = Client(engine)
             c.req = engine.submit(p, n_keep, SamplingParams(), c)
             survivors.append(c)

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from test_sim_predict import V3
 
 from refmoe import models, routing
 from refmoe.config import ModelConfig
 from sim.hardware import Hardware
 from sim.predict import load_routing, predict
-from test_sim_predict import V3
 
 transformers = pytest.importorskip("transformers")
 

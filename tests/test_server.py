@@ -11,13 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import hypothesis
 import pytest
+from test_tokenizer import WORDS, chat_model  # noqa: F401 (fixture)
 
 from refmoe import models
 from refmoe.generate import generate
 from refmoe.sampling import SamplingParams
 from refmoe.server import Server as DrainingServer
 from refmoe.server import create_app
-from test_tokenizer import WORDS, chat_model  # noqa: F401 (fixture)
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")

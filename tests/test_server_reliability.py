@@ -15,12 +15,12 @@ import threading
 import time
 
 import pytest
+from test_server import CONTEXT, Server, _metric, _port
+from test_tokenizer import chat_model  # noqa: F401 (fixture)
 
 from refmoe import models
 from refmoe.generate import generate
 from refmoe.sampling import SamplingParams
-from test_server import CONTEXT, Server, _metric, _port
-from test_tokenizer import chat_model  # noqa: F401 (fixture)
 
 httpx = pytest.importorskip("httpx")
 

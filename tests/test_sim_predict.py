@@ -412,8 +412,15 @@ def test_interval_allows_for_drift_between_calibrations(tmp_path):
     import random
     import statistics
 
-    from sim.interval import (as_run, bootstrap, drift_pairs, drift_ratios, pool,
-                              replicates, resample)
+    from sim.interval import (
+        as_run,
+        bootstrap,
+        drift_pairs,
+        drift_ratios,
+        pool,
+        replicates,
+        resample,
+    )
 
     cfg = ModelConfig(**json.loads(TRACE.read_text())["metadata"]["model"])
     tpot = lambda h: {"tpot_s": predict(cfg, h, 16, 4).tpot_s}  # noqa: E731

@@ -11,12 +11,12 @@ import re
 
 import pytest
 import torch
-
 from conftest import cli_generate
+from test_deepseek_v3 import random_model, write_fp8_checkpoint
+
 from refmoe import costmodel, models, slp
 from refmoe.config import ModelConfig
 from refmoe.trace import Trace
-from test_deepseek_v3 import random_model, write_fp8_checkpoint
 
 transformers = pytest.importorskip("transformers")
 

@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from conftest import cli_generate
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
-from conftest import cli_generate
 from refmoe.tokenizer import Tokenizer
 
 WORDS = ["<s>", "</s>", "<|user|>", "<|assistant|>", "hello", "world", "the", "cat", "sat"]

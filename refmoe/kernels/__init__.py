@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from types import ModuleType
 
 import numpy as np
@@ -45,7 +45,7 @@ def _runs_here(name: str) -> bool:
     return _REQUIRED_FLAGS[name] <= cpu_flags()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _module(name: str) -> ModuleType:
     if name not in ALL_VARIANTS:
         raise ValueError(f"unknown CPU variant {name!r}; known: {', '.join(ALL_VARIANTS)}")

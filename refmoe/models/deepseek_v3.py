@@ -23,9 +23,17 @@ from refmoe import kernels
 from refmoe.checkpoint import Checkpoint
 from refmoe.config import ModelConfig
 from refmoe.kernels.formats import BLOCK
-from refmoe.models.layers import (Block, DecoderModel, Growing, Linear, apply_rope, attend,
-                                  load_dense, mask_causal, rms_norm)
-
+from refmoe.models.layers import (
+    Block,
+    DecoderModel,
+    Growing,
+    Linear,
+    apply_rope,
+    attend,
+    load_dense,
+    mask_causal,
+    rms_norm,
+)
 
 # ---------------------------------------------------------------------------------------------
 # MLA: multi-head latent attention with the compressed latent as KV cache
@@ -153,7 +161,7 @@ class MLA:
             o_lats.append((p @ cached[:, :cfg.kv_lora_rank]).view(n, t, -1))  # [n, T, lora]
         return list(w.values(torch.cat(o_lats, dim=1)).split(ts, dim=1))   # [n, T, v] each
 
-    def _absorb_weights(self) -> "Absorbed":
+    def _absorb_weights(self) -> Absorbed:
         if self._absorb is None:
             self._absorb = Absorbed(self.kv_b, self.cfg)
         return self._absorb

@@ -14,8 +14,16 @@ import torch
 
 from refmoe.checkpoint import Checkpoint
 from refmoe.config import ModelConfig
-from refmoe.models.layers import (Block, DecoderModel, Growing, Linear, apply_rope, attend,
-                                  load_dense, rms_norm)
+from refmoe.models.layers import (
+    Block,
+    DecoderModel,
+    Growing,
+    Linear,
+    apply_rope,
+    attend,
+    load_dense,
+    rms_norm,
+)
 
 
 @dataclass(slots=True)
