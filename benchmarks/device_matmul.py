@@ -66,24 +66,30 @@ def fp4_unpack(packed: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """packed uint8 [N, K/2] (element 2i in the low nibble) -> float32 [N, K]."""
     lo = table[(packed & 0xF).long()]
     hi = table[(packed >> 4).long()]
-    return torch.stack((lo, hi), -1).flatten(-2)                       # [N, K]
+    return torch.stack((lo, hi), -1).flatten(-2)  # [N, K]
 
 
-def mxfp4_dequant(packed: torch.Tensor, scales: torch.Tensor, table: torch.Tensor,
-                  dtype: torch.dtype) -> torch.Tensor:
+def mxfp4_dequant(
+    packed: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """packed [N, K/2] uint8, scales [N, K/32] uint8 E8M0 (2^(s-127)) -> [N, K] dtype."""
     n = packed.shape[0]
-    v = fp4_unpack(packed, table).view(n, -1, 32)                      # [N, K/32, 32]
-    s = torch.exp2(scales.float() - 127.0)                             # [N, K/32]
+    v = fp4_unpack(packed, table).view(n, -1, 32)  # [N, K/32, 32]
+    s = torch.exp2(scales.float() - 127.0)  # [N, K/32]
     return (v * s[..., None]).view(n, -1).to(dtype)
 
 
-def nvfp4_dequant(packed: torch.Tensor, scales: torch.Tensor, global_scale: float,
-                  table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def nvfp4_dequant(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    global_scale: float,
+    table: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """packed [N, K/2] uint8, scales [N, K/16] float8_e4m3fn, global fp32 -> [N, K] dtype."""
     n = packed.shape[0]
-    v = fp4_unpack(packed, table).view(n, -1, 16)                      # [N, K/16, 16]
-    s = scales.float() * global_scale                                  # [N, K/16]
+    v = fp4_unpack(packed, table).view(n, -1, 16)  # [N, K/16, 16]
+    s = scales.float() * global_scale  # [N, K/16]
     return (v * s[..., None]).view(n, -1).to(dtype)
 
 
@@ -97,17 +103,27 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def bench_shape(device: torch.device, n: int, k: int, m: int, reps: int) -> list[dict]:
     g = torch.Generator(device="cpu").manual_seed(n * 31 + k + m)
-    x = torch.randn(m, k, generator=g).to(device)                      # [M, K] float32
+    x = torch.randn(m, k, generator=g).to(device)  # [M, K] float32
     xb = x.to(torch.bfloat16)
     table = _e2m1_table(device)
     flops = 2.0 * m * n * k
     rows = []
 
     def row(fmt: str, seconds: float | None, err: float | None, note: str = "") -> None:
-        rows.append({"op": "device_matmul", "format": fmt, "m": m, "n": n, "k": k,
-                     "device": str(device), "time_us": None if seconds is None else seconds * 1e6,
-                     "tflops": None if seconds is None else flops / seconds / 1e12,
-                     "rel_err": err, "note": note})
+        rows.append(
+            {
+                "op": "device_matmul",
+                "format": fmt,
+                "m": m,
+                "n": n,
+                "k": k,
+                "device": str(device),
+                "time_us": None if seconds is None else seconds * 1e6,
+                "tflops": None if seconds is None else flops / seconds / 1e12,
+                "rel_err": err,
+                "note": note,
+            }
+        )
 
     # bf16 ceiling: weights already in the compute dtype
     w64 = torch.randn(n, k, generator=g, dtype=torch.float64) * 0.02
@@ -116,22 +132,25 @@ def bench_shape(device: torch.device, n: int, k: int, m: int, reps: int) -> list
     row("bf16", _timer(device, lambda: xb @ wb.T, reps), _rel_err(xb @ wb.T, want))
 
     # FP8 E4M3 with 128x128 block scales, through the engine's own Matmul
-    codes = (w64 * 50).clamp(-448, 448).to(torch.float8_e4m3fn).to(device)     # [N, K]
+    codes = (w64 * 50).clamp(-448, 448).to(torch.float8_e4m3fn).to(device)  # [N, K]
     scale = (torch.rand(-(-n // 128), -(-k // 128), generator=g) * 0.02 + 0.01).to(device)
     want = x.double() @ slp._block_dequant(codes, scale, torch.float64).T
     for kind in ("dequant", "scaled_mm"):
         mm = slp.Matmul(device, torch.bfloat16)
         if kind == "scaled_mm" and device.type == "cuda":
-            mm.kind, mm.why_not = "scaled_mm", ""       # as REFMOE_SLP_MATMUL=scaled_mm
+            mm.kind, mm.why_not = "scaled_mm", ""  # as REFMOE_SLP_MATMUL=scaled_mm
         if kind == "scaled_mm":
             if mm.kind == "scaled_mm":
-                mm(xb, codes, scale)            # checks this shape against dequant
+                mm(xb, codes, scale)  # checks this shape against dequant
             if mm.used != "scaled_mm":
                 row("fp8_scaled_mm", None, None, mm.why_not)
                 continue
         mm.kind = kind
-        row(f"fp8_{kind}", _timer(device, lambda: mm(xb, codes, scale), reps),
-            _rel_err(mm(xb, codes, scale), want))
+        row(
+            f"fp8_{kind}",
+            _timer(device, lambda: mm(xb, codes, scale), reps),
+            _rel_err(mm(xb, codes, scale), want),
+        )
 
     # MXFP4: E2M1 + E8M0 per 32
     packed = _rand_fp4(n, k, g).to(device)
@@ -158,11 +177,14 @@ def bench_shape(device: torch.device, n: int, k: int, m: int, reps: int) -> list
             one_a = torch.full((m, k // 32), 127, dtype=torch.uint8, device=device)
             one_b = e8m0
             f = lambda: torch._scaled_mm(  # noqa: E731
-                xa, wa.t(), scale_a=one_a.view(torch.float8_e8m0fnu),
-                scale_b=one_b.view(torch.float8_e8m0fnu), out_dtype=torch.bfloat16)
+                xa,
+                wa.t(),
+                scale_a=one_a.view(torch.float8_e8m0fnu),
+                scale_b=one_b.view(torch.float8_e8m0fnu),
+                out_dtype=torch.bfloat16,
+            )
             f()
-            row("mxfp4_scaled_mm", _timer(device, f, reps), None,
-                "random activations: time only")
+            row("mxfp4_scaled_mm", _timer(device, f, reps), None, "random activations: time only")
         except (RuntimeError, TypeError, ValueError, AttributeError) as e:
             note = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     if note:
@@ -187,15 +209,19 @@ def main(argv: list[str] | None = None) -> int:
     for n, k in shapes:
         for m in (int(t) for t in a.tokens.split(",")):
             rows += bench_shape(device, n, k, m, a.reps)
-    print(f"{'format':<16}{'m':>6}{'n':>6}{'k':>6}{'time_us':>10}{'TFLOP/s':>9}"
-          f"{'x bf16':>8}{'rel_err':>10}  note")
+    print(
+        f"{'format':<16}{'m':>6}{'n':>6}{'k':>6}{'time_us':>10}{'TFLOP/s':>9}"
+        f"{'x bf16':>8}{'rel_err':>10}  note"
+    )
     for r in rows:
         t = "-" if r["time_us"] is None else f"{r['time_us']:.1f}"
         tf = "-" if r["tflops"] is None else f"{r['tflops']:.1f}"
         ra = "-" if r["ratio_to_bf16"] is None else f"{r['ratio_to_bf16']:.2f}"
         er = "-" if r["rel_err"] is None else f"{r['rel_err']:.1e}"
-        print(f"{r['format']:<16}{r['m']:>6}{r['n']:>6}{r['k']:>6}{t:>10}{tf:>9}{ra:>8}{er:>10}"
-              f"  {r['note']}")
+        print(
+            f"{r['format']:<16}{r['m']:>6}{r['n']:>6}{r['k']:>6}{t:>10}{tf:>9}{ra:>8}{er:>10}"
+            f"  {r['note']}"
+        )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -22,7 +22,7 @@ def scaled(x, w, scale, a_col, b_contig, pad):
     m, k = x.shape
     mp, kb = -(-m // 4) * 4, -(-k // 128)
     xp = F.pad(x.float(), (0, kb * 128 - k, 0, mp - m)).view(mp, kb, 128)
-    sa = xp.abs().amax(-1).clamp(min=1e-12) / 448.0                   # [Mp, K/128]
+    sa = xp.abs().amax(-1).clamp(min=1e-12) / 448.0  # [Mp, K/128]
     q = (xp / sa[..., None]).view(mp, kb * 128)[:, :k].to(torch.float8_e4m3fn)
     if a_col:
         sa = sa.t().contiguous().t()
@@ -47,8 +47,10 @@ def main() -> None:
                 res = f"rel err {float((got - want).norm() / want.norm()):.4f}"
             except (RuntimeError, TypeError, ValueError) as e:
                 res = f"{type(e).__name__}: {str(e).splitlines()[0][:90]}"
-            print(f"N={n} K={k} M={m} a_col_major={a_col:d} b_contiguous={b_contig:d} "
-                  f"pad_kb={pad:d}: {res}")
+            print(
+                f"N={n} K={k} M={m} a_col_major={a_col:d} b_contiguous={b_contig:d} "
+                f"pad_kb={pad:d}: {res}"
+            )
 
 
 if __name__ == "__main__":

@@ -33,17 +33,24 @@ def _run(benchmark, fmt, n, k, m):
     nbytes = sum(a.nbytes for a in base)
     copies = _copies(base, max(2, -(-MIN_BYTES // nbytes)))
     x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
-    call = {"fp8": lambda w: kernels.fp8_gemm(x, *w, num_threads=THREADS),
-            "int4": lambda w: kernels.int4_gemm(x, *w, num_threads=THREADS),
-            "bf16": lambda w: kernels.bf16_gemm(x, *w, num_threads=THREADS)}[fmt]
+    call = {
+        "fp8": lambda w: kernels.fp8_gemm(x, *w, num_threads=THREADS),
+        "int4": lambda w: kernels.int4_gemm(x, *w, num_threads=THREADS),
+        "bf16": lambda w: kernels.bf16_gemm(x, *w, num_threads=THREADS),
+    }[fmt]
     bufs = [a.reshape(-1).view(np.uint8) for w in copies for a in w]
     read = _read_gbps(bufs)
     benchmark.pedantic(lambda: [call(w) for w in copies], rounds=5, warmup_rounds=1)
     per = benchmark.stats.stats.median / len(copies)
     gbps = nbytes / per / 1e9
-    benchmark.extra_info.update(variant=kernels.variant(), threads=THREADS, gbps=gbps,
-                                limit_gbps=read, ratio=gbps / read,
-                                gflops=2 * m * n * k / per / 1e9)
+    benchmark.extra_info.update(
+        variant=kernels.variant(),
+        threads=THREADS,
+        gbps=gbps,
+        limit_gbps=read,
+        ratio=gbps / read,
+        gflops=2 * m * n * k / per / 1e9,
+    )
 
 
 @pytest.mark.parametrize("n, k", [(2048, 7168), (7168, 2048), (1536, 4096), (4096, 1536)])
@@ -67,8 +74,9 @@ def test_torch_fp8_baseline(benchmark):
     torch.set_num_threads(THREADS)
     codes, s = _make("fp8", 2048, 7168)
     wt = torch.from_numpy(codes).view(torch.float8_e4m3fn)
-    full = torch.from_numpy(s).to(torch.bfloat16).repeat_interleave(128, 0).repeat_interleave(
-        128, 1)
+    full = (
+        torch.from_numpy(s).to(torch.bfloat16).repeat_interleave(128, 0).repeat_interleave(128, 1)
+    )
     x = torch.ones(1, 7168, dtype=torch.bfloat16)
     benchmark.pedantic(lambda: x @ (wt.to(torch.bfloat16) * full).T, rounds=3, warmup_rounds=1)
 
@@ -87,8 +95,9 @@ def test_absorbed_mla_kv_b(benchmark, path):
 
     torch.set_num_threads(THREADS)
     n, half, lora = 128, 128, 512
-    cfg = SimpleNamespace(num_attention_heads=n, qk_nope_head_dim=half, v_head_dim=half,
-                          kv_lora_rank=lora)
+    cfg = SimpleNamespace(
+        num_attention_heads=n, qk_nope_head_dim=half, v_head_dim=half, kv_lora_rank=lora
+    )
     codes, s = _make("fp8", n * 2 * half, lora)
     weight_bytes = codes.nbytes * (1 if path == "fp8_heads" else 4)
     layers = []
@@ -102,9 +111,15 @@ def test_absorbed_mla_kv_b(benchmark, path):
         assert layers[-1].fp8 == (path == "fp8_heads")
     q, o = torch.randn(n, 1, half), torch.randn(n, 1, lora)
     read = _read_gbps([np.roll(codes, i, axis=0).reshape(-1) for i in range(7)])
-    benchmark.pedantic(lambda: [(a.keys(q), a.values(o)) for a in layers], rounds=5,
-                       warmup_rounds=1)
+    benchmark.pedantic(
+        lambda: [(a.keys(q), a.values(o)) for a in layers], rounds=5, warmup_rounds=1
+    )
     per = benchmark.stats.stats.median / len(layers)
-    benchmark.extra_info.update(variant=kernels.variant(), threads=THREADS, path=path,
-                                ms_per_layer=per * 1e3, fp8_gbps=codes.nbytes / per / 1e9,
-                                limit_gbps=read)
+    benchmark.extra_info.update(
+        variant=kernels.variant(),
+        threads=THREADS,
+        path=path,
+        ms_per_layer=per * 1e3,
+        fp8_gbps=codes.nbytes / per / 1e9,
+        limit_gbps=read,
+    )

@@ -47,9 +47,9 @@ class Row:
     fma_ratio: float | None = None
     torch_us: float | None = None
     torch_speedup: float | None = None
-    cpu_busy: float = 0.0      # process CPU time / (wall * threads) while the kernel ran
-    loadavg: float = 0.0       # 1-minute load average when the row started
-    gbps_samples: list[float] = field(default_factory=list)        # one per rep
+    cpu_busy: float = 0.0  # process CPU time / (wall * threads) while the kernel ran
+    loadavg: float = 0.0  # 1-minute load average when the row started
+    gbps_samples: list[float] = field(default_factory=list)  # one per rep
     limit_gbps_samples: list[float] = field(default_factory=list)  # the read beside each
 
 
@@ -141,8 +141,16 @@ def _gemm_call(fmt: str):
     return lambda x, w, t, v: kernels.bf16_gemm(x, w[0], num_threads=t, variant=v)
 
 
-def bench_gemm(fmt: str, shape: Shape, m: int, threads: int, variant: str, reps: int,
-               with_torch: bool, min_bytes: int = MIN_BYTES) -> Row:
+def bench_gemm(
+    fmt: str,
+    shape: Shape,
+    m: int,
+    threads: int,
+    variant: str,
+    reps: int,
+    with_torch: bool,
+    min_bytes: int = MIN_BYTES,
+) -> Row:
     """y = x W^T over rotating copies of one expert matrix."""
     base = _make(fmt, shape.n, shape.k)
     nbytes = sum(a.nbytes for a in base)
@@ -151,20 +159,37 @@ def bench_gemm(fmt: str, shape: Shape, m: int, threads: int, variant: str, reps:
     call = _gemm_call(fmt)
     bufs = [a.reshape(-1).view(np.uint8) for w in copies for a in w]
     loadavg = os.getloadavg()[0]
-    tk, tr, busy = _timed_pair(lambda: [call(x, w, threads, variant) for w in copies],
-                               lambda: [kernels.read_bandwidth_probe(b, num_threads=threads)
-                                        for b in bufs], reps, threads)
+    tk, tr, busy = _timed_pair(
+        lambda: [call(x, w, threads, variant) for w in copies],
+        lambda: [kernels.read_bandwidth_probe(b, num_threads=threads) for b in bufs],
+        reps,
+        threads,
+    )
     per = statistics.median(tk) / len(copies)
     ratios = [r / k for k, r in zip(tk, tr)]
     total = nbytes * len(copies)
     gflops = 2 * m * shape.n * shape.k / per / 1e9
-    row = Row(op="gemv" if m == 1 else "gemm", dtype=fmt, model=f"{shape.model}.{shape.name}",
-              m=m, n=shape.n, k=shape.k, threads=threads, variant=variant, time_us=per * 1e6,
-              gbps=nbytes / per / 1e9, limit_gbps=total / statistics.median(tr) / 1e9,
-              ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
-              gflops=gflops, cpu_busy=busy, loadavg=loadavg,
-              gbps_samples=[total / t / 1e9 for t in tk],
-              limit_gbps_samples=[total / t / 1e9 for t in tr])
+    row = Row(
+        op="gemv" if m == 1 else "gemm",
+        dtype=fmt,
+        model=f"{shape.model}.{shape.name}",
+        m=m,
+        n=shape.n,
+        k=shape.k,
+        threads=threads,
+        variant=variant,
+        time_us=per * 1e6,
+        gbps=nbytes / per / 1e9,
+        limit_gbps=total / statistics.median(tr) / 1e9,
+        ratio=statistics.median(ratios),
+        ratio_min=min(ratios),
+        ratio_max=max(ratios),
+        gflops=gflops,
+        cpu_busy=busy,
+        loadavg=loadavg,
+        gbps_samples=[total / t / 1e9 for t in tk],
+        limit_gbps_samples=[total / t / 1e9 for t in tr],
+    )
     if m > 1:
         row.fma_peak_gflops = kernels.fma_peak_gflops(num_threads=threads, variant=variant)
         row.fma_ratio = gflops / row.fma_peak_gflops
@@ -175,65 +200,127 @@ def bench_gemm(fmt: str, shape: Shape, m: int, threads: int, variant: str, reps:
     return row
 
 
-def bench_moe_layer(fmt: str, hidden: int, inter: int, top_k: int, threads: int, variant: str,
-                    reps: int, model: str, layers: int = 2) -> Row:
+def bench_moe_layer(
+    fmt: str,
+    hidden: int,
+    inter: int,
+    top_k: int,
+    threads: int,
+    variant: str,
+    reps: int,
+    model: str,
+    layers: int = 2,
+) -> Row:
     """One token's MoE decode step: top_k routed experts plus one shared, fused in one call,
     rotating over `layers` distinct layers."""
     e = top_k + 1
-    gate, up, down = _make(fmt, inter, hidden, 0), _make(fmt, inter, hidden, 1), \
-        _make(fmt, hidden, inter, 2)
+    gate, up, down = (
+        _make(fmt, inter, hidden, 0),
+        _make(fmt, inter, hidden, 1),
+        _make(fmt, hidden, inter, 2),
+    )
     g_all, u_all, d_all = (_copies(b, layers * e) for b in (gate, up, down))
     scales = (lambda ws: [w[1] for w in ws]) if fmt != "bf16" else (lambda ws: [])
     sets = []
     for layer in range(layers):
-        g, u, d = (a[layer * e:(layer + 1) * e] for a in (g_all, u_all, d_all))
-        sets.append(kernels.ExpertWeights(
-            fmt, hidden, inter, [w[0] for w in g], [w[0] for w in u], [w[0] for w in d],
-            scales(g), scales(u), scales(d)))
+        g, u, d = (a[layer * e : (layer + 1) * e] for a in (g_all, u_all, d_all))
+        sets.append(
+            kernels.ExpertWeights(
+                fmt,
+                hidden,
+                inter,
+                [w[0] for w in g],
+                [w[0] for w in u],
+                [w[0] for w in d],
+                scales(g),
+                scales(u),
+                scales(d),
+            )
+        )
     x = np.random.default_rng(3).standard_normal((1, hidden)).astype(np.float32)
     tok = np.zeros(e, np.int64)
     exp = np.arange(e)
     rw = np.full(e, 1.0 / e, np.float32)
-    bufs = [a.reshape(-1).view(np.uint8) for s in sets
-            for a in (*s.gate, *s.up, *s.down, *s.gate_scale, *s.up_scale, *s.down_scale)]
+    bufs = [
+        a.reshape(-1).view(np.uint8)
+        for s in sets
+        for a in (*s.gate, *s.up, *s.down, *s.gate_scale, *s.up_scale, *s.down_scale)
+    ]
     nbytes = sum(b.nbytes for b in bufs) // layers
     loadavg = os.getloadavg()[0]
     tk, tr, busy = _timed_pair(
-        lambda: [kernels.fused_moe(x, tok, exp, rw, s, num_threads=threads, variant=variant)
-                 for s in sets],
+        lambda: [
+            kernels.fused_moe(x, tok, exp, rw, s, num_threads=threads, variant=variant)
+            for s in sets
+        ],
         lambda: [kernels.read_bandwidth_probe(b, num_threads=threads) for b in bufs],
-        reps, threads)
+        reps,
+        threads,
+    )
     per = statistics.median(tk) / layers
     ratios = [r / k for k, r in zip(tk, tr)]
-    return Row(op="moe_decode_layer", dtype=fmt, model=f"{model}.{top_k}+1experts", m=1,
-               n=inter, k=hidden, threads=threads, variant=variant, time_us=per * 1e6,
-               gbps=nbytes / per / 1e9, limit_gbps=nbytes * layers / statistics.median(tr) / 1e9,
-               ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
-               gflops=2 * 3 * e * hidden * inter / per / 1e9, cpu_busy=busy, loadavg=loadavg)
+    return Row(
+        op="moe_decode_layer",
+        dtype=fmt,
+        model=f"{model}.{top_k}+1experts",
+        m=1,
+        n=inter,
+        k=hidden,
+        threads=threads,
+        variant=variant,
+        time_us=per * 1e6,
+        gbps=nbytes / per / 1e9,
+        limit_gbps=nbytes * layers / statistics.median(tr) / 1e9,
+        ratio=statistics.median(ratios),
+        ratio_min=min(ratios),
+        ratio_max=max(ratios),
+        gflops=2 * 3 * e * hidden * inter / per / 1e9,
+        cpu_busy=busy,
+        loadavg=loadavg,
+    )
 
 
-def bench_kernels(threads: list[int], variants: list[str], reps: int = 5, quick: bool = False,
-                  with_torch: bool = True, progress=None) -> list[Row]:
+def bench_kernels(
+    threads: list[int],
+    variants: list[str],
+    reps: int = 5,
+    quick: bool = False,
+    with_torch: bool = True,
+    progress=None,
+) -> list[Row]:
     """The standard suite: FP8/INT4/BF16 GEMV, FP8 GEMM M=32, the MoE decode layer."""
     shapes = QUICK if quick else DEEPSEEK + QWEN3
     jobs = []
     for v in variants:
         for t in threads:
             for shape in shapes:
-                jobs.append(lambda s=shape, t=t, v=v: bench_gemm(
-                    "fp8", s, 1, t, v, reps, with_torch, 4 * 2**20 if quick else MIN_BYTES))
+                jobs.append(
+                    lambda s=shape, t=t, v=v: bench_gemm(
+                        "fp8", s, 1, t, v, reps, with_torch, 4 * 2**20 if quick else MIN_BYTES
+                    )
+                )
             for shape in shapes:
-                jobs.append(lambda s=shape, t=t, v=v: bench_gemm(
-                    "fp8", s, 32, t, v, reps, with_torch, 4 * 2**20 if quick else MIN_BYTES))
+                jobs.append(
+                    lambda s=shape, t=t, v=v: bench_gemm(
+                        "fp8", s, 32, t, v, reps, with_torch, 4 * 2**20 if quick else MIN_BYTES
+                    )
+                )
             for fmt in ("int4", "bf16"):
-                jobs.append(lambda s=shapes[0], f=fmt, t=t, v=v: bench_gemm(
-                    f, s, 1, t, v, reps, False, 4 * 2**20 if quick else MIN_BYTES))
+                jobs.append(
+                    lambda s=shapes[0], f=fmt, t=t, v=v: bench_gemm(
+                        f, s, 1, t, v, reps, False, 4 * 2**20 if quick else MIN_BYTES
+                    )
+                )
             if quick:
-                jobs.append(lambda t=t, v=v: bench_moe_layer("fp8", 512, 256, 2, t, v, reps,
-                                                             "tiny"))
+                jobs.append(
+                    lambda t=t, v=v: bench_moe_layer("fp8", 512, 256, 2, t, v, reps, "tiny")
+                )
             else:
-                jobs.append(lambda t=t, v=v: bench_moe_layer("fp8", 7168, 2048, 8, t, v, reps,
-                                                             "deepseek-v3"))
+                jobs.append(
+                    lambda t=t, v=v: bench_moe_layer(
+                        "fp8", 7168, 2048, 8, t, v, reps, "deepseek-v3"
+                    )
+                )
     rows = []
     for job in progress(jobs) if progress else jobs:
         rows.append(job())
@@ -242,9 +329,11 @@ def bench_kernels(threads: list[int], variants: list[str], reps: int = 5, quick:
 
 def format_rows(rows: list[Row]) -> str:
     """The human block: one line per row, bandwidth and ratios first."""
-    head = (f"{'op':<17}{'dtype':<6}{'model':<28}{'m':>3}{'thr':>4} {'variant':<16}"
-            f"{'time_us':>10}{'GB/s':>7}{'read':>7}{'ratio':>6} {'[min-max]':<11}"
-            f"{'GFLOP/s':>8}{'fma%':>6}{'torch_x':>8}")
+    head = (
+        f"{'op':<17}{'dtype':<6}{'model':<28}{'m':>3}{'thr':>4} {'variant':<16}"
+        f"{'time_us':>10}{'GB/s':>7}{'read':>7}{'ratio':>6} {'[min-max]':<11}"
+        f"{'GFLOP/s':>8}{'fma%':>6}{'torch_x':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         fma = f"{100 * r.fma_ratio:5.0f}%" if r.fma_ratio is not None else "     -"
@@ -252,7 +341,8 @@ def format_rows(rows: list[Row]) -> str:
         lines.append(
             f"{r.op:<17}{r.dtype:<6}{r.model:<28}{r.m:>3}{r.threads:>4} {r.variant:<16}"
             f"{r.time_us:>10.1f}{r.gbps:>7.1f}{r.limit_gbps:>7.1f}{r.ratio:>6.2f} "
-            f"[{r.ratio_min:.2f}-{r.ratio_max:.2f}]{r.gflops:>8.1f}{fma}{tx}")
+            f"[{r.ratio_min:.2f}-{r.ratio_max:.2f}]{r.gflops:>8.1f}{fma}{tx}"
+        )
     return "\n".join(lines)
 
 

@@ -21,8 +21,9 @@ import time
 from refmoe.serving_metrics import Outcome, as_rows, format_summary, summary, workload, write_csv  # noqa: F401
 
 
-async def _client(base: str, arrival: float, start: float, ids: list[int], max_tokens: int,
-                  outcome: Outcome) -> None:
+async def _client(
+    base: str, arrival: float, start: float, ids: list[int], max_tokens: int, outcome: Outcome
+) -> None:
     import httpx
 
     await asyncio.sleep(max(0.0, start + arrival - time.perf_counter()))
@@ -30,9 +31,17 @@ async def _client(base: str, arrival: float, start: float, ids: list[int], max_t
     last = None
     try:
         async with httpx.AsyncClient(timeout=None) as client:
-            async with client.stream("POST", base + "/v1/completions", json={
-                    "prompt": ids, "max_tokens": max_tokens, "temperature": 0,
-                    "stream": True, "ignore_eos": True}) as resp:
+            async with client.stream(
+                "POST",
+                base + "/v1/completions",
+                json={
+                    "prompt": ids,
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "stream": True,
+                    "ignore_eos": True,
+                },
+            ) as resp:
                 if resp.status_code != 200:
                     outcome.error = f"HTTP {resp.status_code}: {await resp.aread()!r}"
                     return
@@ -59,8 +68,14 @@ async def _client(base: str, arrival: float, start: float, ids: list[int], max_t
         outcome.error = f"{type(e).__name__}: {e}"
 
 
-def run_poisson(model, model_dir: str, requests: list[tuple[float, int, int]], trace=None,
-                seed: int = 0, engine_kwargs: dict | None = None) -> tuple[list[Outcome], float]:
+def run_poisson(
+    model,
+    model_dir: str,
+    requests: list[tuple[float, int, int]],
+    trace=None,
+    seed: int = 0,
+    engine_kwargs: dict | None = None,
+) -> tuple[list[Outcome], float]:
     """Serve `model` over HTTP and replay the requests with streaming clients."""
     import socket
 
@@ -71,8 +86,12 @@ def run_poisson(model, model_dir: str, requests: list[tuple[float, int, int]], t
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(model_dir, model=model, served_name="bench",
-                     engine_kwargs={**(engine_kwargs or {}), "trace": trace})
+    app = create_app(
+        model_dir,
+        model=model,
+        served_name="bench",
+        engine_kwargs={**(engine_kwargs or {}), "trace": trace},
+    )
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -107,8 +126,9 @@ def run_poisson(model, model_dir: str, requests: list[tuple[float, int, int]], t
     return outcomes, duration
 
 
-def _drive(base: str, requests: list[tuple[float, int, int]], prompts: list[list[int]]
-           ) -> tuple[list[Outcome], float]:
+def _drive(
+    base: str, requests: list[tuple[float, int, int]], prompts: list[list[int]]
+) -> tuple[list[Outcome], float]:
     """The clients' side of run_poisson: every request as a streaming client at its arrival
     time; returns the outcomes and the wall time from the first arrival slot to the last
     finish."""
@@ -116,8 +136,12 @@ def _drive(base: str, requests: list[tuple[float, int, int]], prompts: list[list
 
     async def main() -> float:
         start = time.perf_counter()
-        await asyncio.gather(*[_client(base, a, start, ids, o, oc) for (a, _, o), ids, oc in
-                               zip(requests, prompts, outcomes)])
+        await asyncio.gather(
+            *[
+                _client(base, a, start, ids, o, oc)
+                for (a, _, o), ids, oc in zip(requests, prompts, outcomes)
+            ]
+        )
         return time.perf_counter() - start
 
     return outcomes, asyncio.run(main())
@@ -126,6 +150,7 @@ def _drive(base: str, requests: list[tuple[float, int, int]], prompts: list[list
 # ---------------------------------------------------------------------------------------------
 # Interference and dual-batch, on the engine directly (token times from its own thread)
 # ---------------------------------------------------------------------------------------------
+
 
 class _Timer:
     def __init__(self):
@@ -139,8 +164,9 @@ class _Timer:
             self.done.set()
 
 
-def interference(model, decode_tokens: int = 24, prefill_tokens: int = 512,
-                 prefill: str = "auto", seed: int = 0) -> dict:
+def interference(
+    model, decode_tokens: int = 24, prefill_tokens: int = 512, prefill: str = "auto", seed: int = 0
+) -> dict:
     """Median inter-token time of one decoding request alone, then while a prompt of
     prefill_tokens tokens prefills beside it (prefill and decode workers concurrently)."""
     from refmoe.engine import Engine
@@ -169,10 +195,16 @@ def interference(model, decode_tokens: int = 24, prefill_tokens: int = 512,
     base = statistics.median(gaps(alone.times[1:]))
     worst = max(during) if during else float("nan")
     mean_during = statistics.fmean(during) if during else float("nan")
-    return {"op": "interference", "prefill_tokens": prefill_tokens, "prefill_s": t1 - t0,
-            "tpot_alone_ms": base * 1e3, "tpot_during_prefill_ms": mean_during * 1e3,
-            "worst_itl_during_prefill_ms": worst * 1e3,
-            "ratio": mean_during / base, "limit": 1.15}
+    return {
+        "op": "interference",
+        "prefill_tokens": prefill_tokens,
+        "prefill_s": t1 - t0,
+        "tpot_alone_ms": base * 1e3,
+        "tpot_during_prefill_ms": mean_during * 1e3,
+        "worst_itl_during_prefill_ms": worst * 1e3,
+        "ratio": mean_during / base,
+        "limit": 1.15,
+    }
 
 
 def dual_batch(model, tokens: int = 24, dual: bool | None = None, seed: int = 0) -> dict:
@@ -203,7 +235,11 @@ def dual_batch(model, tokens: int = 24, dual: bool | None = None, seed: int = 0)
     finally:
         engine.shutdown(1)
     r1, r2 = decode_rate([one]), decode_rate(pair)
-    return {"op": "dual_batch", "overlap": engine.scheduler.dual_batch, "tok_s_one": r1,
-            "tok_s_two": r2, "ratio": r2 / r1, "limit": 1.5}
-
-
+    return {
+        "op": "dual_batch",
+        "overlap": engine.scheduler.dual_batch,
+        "tok_s_one": r1,
+        "tok_s_two": r2,
+        "ratio": r2 / r1,
+        "limit": 1.5,
+    }

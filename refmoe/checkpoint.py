@@ -17,11 +17,17 @@ import numpy as np
 
 # safetensors dtype -> (numpy dtype of the view, the name refmoe uses)
 DTYPES = {
-    "F64": (np.float64, "float64"), "F32": (np.float32, "float32"),
-    "F16": (np.float16, "float16"), "BF16": (np.uint16, "bfloat16"),
-    "F8_E4M3": (np.uint8, "float8_e4m3fn"), "I64": (np.int64, "int64"),
-    "I32": (np.int32, "int32"), "I16": (np.int16, "int16"), "I8": (np.int8, "int8"),
-    "U8": (np.uint8, "uint8"), "BOOL": (np.bool_, "bool"),
+    "F64": (np.float64, "float64"),
+    "F32": (np.float32, "float32"),
+    "F16": (np.float16, "float16"),
+    "BF16": (np.uint16, "bfloat16"),
+    "F8_E4M3": (np.uint8, "float8_e4m3fn"),
+    "I64": (np.int64, "int64"),
+    "I32": (np.int32, "int32"),
+    "I16": (np.int16, "int16"),
+    "I8": (np.int8, "int8"),
+    "U8": (np.uint8, "uint8"),
+    "BOOL": (np.bool_, "bool"),
 }
 
 
@@ -35,8 +41,9 @@ def _check_header(path: Path, header, data_size: int) -> tuple[dict, dict]:
     data_offsets [begin, end] inside the data section, holding exactly dtype x shape bytes;
     no two tensors sharing a byte. Every error names the file and the tensor."""
     if not isinstance(header, dict):
-        raise ValueError(f"{path}: the safetensors header must be a JSON object, got "
-                         f"{type(header).__name__}")
+        raise ValueError(
+            f"{path}: the safetensors header must be a JSON object, got {type(header).__name__}"
+        )
     metadata = header.get("__metadata__") or {}
     if not isinstance(metadata, dict):
         raise ValueError(f"{path}: __metadata__ must be an object of strings")
@@ -46,37 +53,49 @@ def _check_header(path: Path, header, data_size: int) -> tuple[dict, dict]:
             continue
         where = f"{path}: tensor {name!r}"
         if not isinstance(e, dict):
-            raise ValueError(f"{where}: its header entry must be an object, got "
-                             f"{type(e).__name__}")
+            raise ValueError(f"{where}: its header entry must be an object, got {type(e).__name__}")
         dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise ValueError(f"{where} has unsupported dtype {dtype!r}")
         if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-            raise ValueError(f"{where}: shape must be a list of non-negative integers, got "
-                             f"{shape!r:.80}")
-        if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(_is_count(o) for o in offsets) and offsets[0] <= offsets[1]):
-            raise ValueError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= "
-                             f"end, got {offsets!r:.80}")
+            raise ValueError(
+                f"{where}: shape must be a list of non-negative integers, got {shape!r:.80}"
+            )
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]
+        ):
+            raise ValueError(
+                f"{where}: data_offsets must be [begin, end] with 0 <= begin <= "
+                f"end, got {offsets!r:.80}"
+            )
         begin, end = offsets
         itemsize = np.dtype(DTYPES[dtype][0]).itemsize
         want = itemsize
         for d in shape:
             want *= d
         if end - begin != want:
-            raise ValueError(f"{where} holds {end - begin} bytes, its shape {shape} and dtype "
-                             f"{dtype} need {want}")
+            raise ValueError(
+                f"{where} holds {end - begin} bytes, its shape {shape} and dtype "
+                f"{dtype} need {want}"
+            )
         if end > data_size:
-            raise ValueError(f"{path}: truncated: tensor {name!r} ends at byte {end} of the "
-                             f"data section, which holds {data_size}")
+            raise ValueError(
+                f"{path}: truncated: tensor {name!r} ends at byte {end} of the "
+                f"data section, which holds {data_size}"
+            )
         entries[name] = e
         if end > begin:
             spans.append((begin, end, name))
     spans.sort()
     for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
         if begin_b < end_a:
-            raise ValueError(f"{path}: tensors {a!r} and {b!r} overlap (bytes {begin_b}-"
-                             f"{end_a} of the data section)")
+            raise ValueError(
+                f"{path}: tensors {a!r} and {b!r} overlap (bytes {begin_b}-"
+                f"{end_a} of the data section)"
+            )
     return metadata, entries
 
 
@@ -89,7 +108,7 @@ class Shard:
             size = path.stat().st_size
         except FileNotFoundError:
             raise ValueError(f"{path}: shard not found") from None
-        except OSError as e:                 # a symlink loop, no permission
+        except OSError as e:  # a symlink loop, no permission
             raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
         if not path.is_file():
             raise ValueError(f"{path}: not a file")
@@ -99,8 +118,9 @@ class Shard:
                 raise ValueError(f"{path}: truncated (no safetensors header)")
             (n,) = struct.unpack("<Q", head)
             if n > size - 8 or n > 100 * 2**20:
-                raise ValueError(f"{path}: truncated or not safetensors (header of {n} bytes, "
-                                 f"file of {size})")
+                raise ValueError(
+                    f"{path}: truncated or not safetensors (header of {n} bytes, file of {size})"
+                )
             try:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
@@ -120,7 +140,7 @@ class Shard:
         e = self.entries[name]
         np_dtype = DTYPES[e["dtype"]][0]
         begin, end = e["data_offsets"]
-        raw = self._map[self._data_start + begin:self._data_start + end]
+        raw = self._map[self._data_start + begin : self._data_start + end]
         return raw.view(np_dtype).reshape(e["shape"])
 
 
@@ -139,13 +159,14 @@ class Checkpoint:
                 raise ValueError(f"{index}: cannot be read ({e.strerror or e})") from None
             weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
             if not isinstance(weight_map, dict) or not all(
-                    isinstance(v, str) for v in weight_map.values()):
-                raise ValueError(f"{index}: field 'weight_map' must be an object of tensor "
-                                 "name -> shard file")
+                isinstance(v, str) for v in weight_map.values()
+            ):
+                raise ValueError(
+                    f"{index}: field 'weight_map' must be an object of tensor name -> shard file"
+                )
             for f in set(weight_map.values()):
                 if Path(f).name != f or f in (".", ".."):
-                    raise ValueError(f"{index}: shard {f!r} must be a file in the model "
-                                     "directory")
+                    raise ValueError(f"{index}: shard {f!r} must be a file in the model directory")
         elif (self.dir / "model.safetensors").exists():
             weight_map = None
         else:
@@ -164,8 +185,10 @@ class Checkpoint:
         """Refuse a model whose weights exceed the machine's memory: mapped pages would be
         evicted and re-read from disk for every token."""
         if self.nbytes > memory_bytes:
-            raise ValueError(f"{self.dir}: the weights take {self.nbytes / 2**30:.1f} GiB, more "
-                             f"than this machine's {memory_bytes / 2**30:.1f} GiB of memory")
+            raise ValueError(
+                f"{self.dir}: the weights take {self.nbytes / 2**30:.1f} GiB, more "
+                f"than this machine's {memory_bytes / 2**30:.1f} GiB of memory"
+            )
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -182,18 +205,21 @@ class Checkpoint:
     def dtype(self, name: str) -> str:
         return self._shard(name).dtype(name)
 
-    def get(self, name: str, shape: tuple[int, ...] | None = None,
-            dtypes: tuple[str, ...] | None = None) -> np.ndarray:
+    def get(
+        self, name: str, shape: tuple[int, ...] | None = None, dtypes: tuple[str, ...] | None = None
+    ) -> np.ndarray:
         """The tensor as a read-only view of the mapped shard, checked against the expected
         shape and dtypes (names as in DTYPES)."""
         shard = self._shard(name)
         where = f"{shard.path}: tensor {name!r}"
         if shape is not None and shard.shape(name) != tuple(shape):
-            raise ValueError(f"{where} has shape {list(shard.shape(name))}, the config needs "
-                             f"{list(shape)}")
+            raise ValueError(
+                f"{where} has shape {list(shard.shape(name))}, the config needs {list(shape)}"
+            )
         if dtypes is not None and shard.dtype(name) not in dtypes:
-            raise ValueError(f"{where} has dtype {shard.dtype(name)}, expected one of "
-                             f"{', '.join(dtypes)}")
+            raise ValueError(
+                f"{where} has dtype {shard.dtype(name)}, expected one of {', '.join(dtypes)}"
+            )
         a = shard.array(name)
         if name.endswith(("_scale_inv", "_scale", "_scale_2")) and a.dtype.kind == "f":
             bad = ~np.isfinite(a)
@@ -204,13 +230,15 @@ class Checkpoint:
             bad = (a & 0x7F) == 0x7F
             if bad.any():
                 idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
-                raise ValueError(f"{where}: NaN FP8 code at index {idx}; checkpoints never "
-                                 "hold NaN")
+                raise ValueError(
+                    f"{where}: NaN FP8 code at index {idx}; checkpoints never hold NaN"
+                )
         return a
 
 
-def save_file(tensors: dict[str, np.ndarray], path: str | Path,
-              dtypes: dict[str, str] | None = None) -> None:
+def save_file(
+    tensors: dict[str, np.ndarray], path: str | Path, dtypes: dict[str, str] | None = None
+) -> None:
     """Write numpy arrays as a safetensors file (for tests and `refmoe demo`); dtypes names the
     safetensors dtype where the numpy one is ambiguous (BF16 bits, F8_E4M3 codes)."""
     dtypes = dtypes or {}
@@ -219,8 +247,11 @@ def save_file(tensors: dict[str, np.ndarray], path: str | Path,
     for name, a in tensors.items():
         a = np.ascontiguousarray(a)
         st = dtypes.get(name) or by_numpy[a.dtype]
-        header[name] = {"dtype": st, "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
+        header[name] = {
+            "dtype": st,
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + a.nbytes],
+        }
         offset += a.nbytes
         blobs.append(a)
     raw = json.dumps(header, separators=(",", ":")).encode()

@@ -19,7 +19,8 @@ def _int_list(text: str) -> list[int]:
         values = [int(v) for v in text.split(",") if v]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}") from None
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
     return values
@@ -30,7 +31,8 @@ def _id_list(text: str) -> list[int]:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated token ids, got {text!r}") from None
+            f"expected comma-separated token ids, got {text!r}"
+        ) from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one token id")
     return values
@@ -66,18 +68,39 @@ def _cmd_bench_prefill(args: argparse.Namespace) -> int:
         directory = args.model or _demo_model(args)
         cfg, model = models.load(directory, device=args.device)
         lengths = args.prompt_tokens or [1024, 4096, 16384]
-        trace = Trace({"hardware": hardware(), "model": asdict(cfg), "engine": {
-            "variant": kernels.variant(), "threads": kernels._threads(None), "prefill": "slp",
-            "device": str(model.device)}}) if args.trace else None
+        trace = (
+            Trace(
+                {
+                    "hardware": hardware(),
+                    "model": asdict(cfg),
+                    "engine": {
+                        "variant": kernels.variant(),
+                        "threads": kernels._threads(None),
+                        "prefill": "slp",
+                        "device": str(model.device),
+                    },
+                }
+            )
+            if args.trace
+            else None
+        )
         progress = None
         if not args.json and sys.stderr.isatty():
             from tqdm import tqdm
 
             progress = lambda it: tqdm(it, desc="bench prefill", unit="prompt")  # noqa: E731
         name = str(directory).rstrip("/").split("/")[-1]
-        rows, rates = bench_prefill.bench_prefill(model, name, lengths, args.slp_device,
-                                                  args.ring, args.chunk_tokens, args.cpu,
-                                                  trace=trace, progress=progress)
+        rows, rates = bench_prefill.bench_prefill(
+            model,
+            name,
+            lengths,
+            args.slp_device,
+            args.ring,
+            args.chunk_tokens,
+            args.cpu,
+            trace=trace,
+            progress=progress,
+        )
     except (ValueError, RuntimeError) as e:
         print(f"refmoe bench prefill: {e}", file=sys.stderr)
         return 2
@@ -101,33 +124,60 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         directory = args.model or _demo_model(args)
         cfg, model = models.load(directory, device=args.device)
         if args.scenario == "interference":
-            rows = [bench_serve.interference(model, prefill_tokens=args.prefill_tokens,
-                                             prefill=args.prefill)]
+            rows = [
+                bench_serve.interference(
+                    model, prefill_tokens=args.prefill_tokens, prefill=args.prefill
+                )
+            ]
         elif args.scenario == "dual-batch":
             rows = [bench_serve.dual_batch(model, dual=None)]
         else:
-            reqs = bench_serve.workload(args.num_prompts, args.request_rate, args.prompt_len,
-                                        args.output_len, args.seed)
-            trace = Trace({"hardware": hardware(), "model": asdict(cfg), "engine": {
-                "variant": kernels.variant(), "threads": kernels._threads(None),
-                "device": str(model.device), "prefill": args.prefill,
-                "workload": {"num_prompts": args.num_prompts, "request_rate": args.request_rate,
-                             "prompt_len": args.prompt_len, "output_len": args.output_len,
-                             "seed": args.seed}}}) if args.trace else None
+            reqs = bench_serve.workload(
+                args.num_prompts, args.request_rate, args.prompt_len, args.output_len, args.seed
+            )
+            trace = (
+                Trace(
+                    {
+                        "hardware": hardware(),
+                        "model": asdict(cfg),
+                        "engine": {
+                            "variant": kernels.variant(),
+                            "threads": kernels._threads(None),
+                            "device": str(model.device),
+                            "prefill": args.prefill,
+                            "workload": {
+                                "num_prompts": args.num_prompts,
+                                "request_rate": args.request_rate,
+                                "prompt_len": args.prompt_len,
+                                "output_len": args.output_len,
+                                "seed": args.seed,
+                            },
+                        },
+                    }
+                )
+                if args.trace
+                else None
+            )
             routing.reset(model)
             outcomes, duration = bench_serve.run_poisson(
-                model, str(directory), reqs, trace, args.seed,
-                {"prefill": args.prefill, "max_batch": args.max_batch})
+                model,
+                str(directory),
+                reqs,
+                trace,
+                args.seed,
+                {"prefill": args.prefill, "max_batch": args.max_batch},
+            )
             result = bench_serve.summary(outcomes, duration)
             if args.csv:
                 bench_serve.write_csv(args.csv, outcomes)
             if trace:
                 trace.metadata["result"] = result
-                trace.metadata["routing"] = routing.record(model)   # for the simulator
+                trace.metadata["routing"] = routing.record(model)  # for the simulator
                 trace.write(args.trace)
             if args.json:
-                print(json.dumps({"op": "serve", **result,
-                                  "requests": bench_serve.as_rows(outcomes)}))
+                print(
+                    json.dumps({"op": "serve", **result, "requests": bench_serve.as_rows(outcomes)})
+                )
             else:
                 print(bench_serve.format_summary(result))
                 for o in outcomes:
@@ -137,9 +187,14 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as e:
         print(f"refmoe bench serve: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(rows) if args.json else "\n".join(
-        ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items())
-        for r in rows))
+    print(
+        json.dumps(rows)
+        if args.json
+        else "\n".join(
+            ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items())
+            for r in rows
+        )
+    )
     return 0
 
 
@@ -159,44 +214,67 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         rows = []
         for _ in range(min(args.reps, 3)):
             r = demo.run(directory, 16, 16, device=args.device)
-            rows.append({"op": "decode", "model": f"demo-v3-L{r.layers}-E{r.experts}",
-                         "threads": kernels._threads(None), "variant": kernels.variant(),
-                         "device": r.device, "tok_s": r.tok_s, "limit_tok_s": r.bound_tok_s,
-                         "ratio": r.ratio, "bytes_per_token": r.bytes_per_token,
-                         "cpu_bytes_per_token": r.cpu_bytes_per_token,
-                         "limit_gbps": r.read_gbps, "ttft_s": r.ttft_s})
+            rows.append(
+                {
+                    "op": "decode",
+                    "model": f"demo-v3-L{r.layers}-E{r.experts}",
+                    "threads": kernels._threads(None),
+                    "variant": kernels.variant(),
+                    "device": r.device,
+                    "tok_s": r.tok_s,
+                    "limit_tok_s": r.bound_tok_s,
+                    "ratio": r.ratio,
+                    "bytes_per_token": r.bytes_per_token,
+                    "cpu_bytes_per_token": r.cpu_bytes_per_token,
+                    "limit_gbps": r.read_gbps,
+                    "ttft_s": r.ttft_s,
+                }
+            )
         if args.json:
             print(json.dumps(rows))
         else:
             for row in rows:
-                print(f"decode {row['model']} ({row['device']}): {row['tok_s']:.2f} tok/s, "
-                      f"bound {row['limit_tok_s']:.2f} tok/s "
-                      f"({row['cpu_bytes_per_token'] / 1e6:.0f} MB/token on the CPU "
-                      f"at {row['limit_gbps']:.1f} GB/s read), ratio {row['ratio']:.2f}")
+                print(
+                    f"decode {row['model']} ({row['device']}): {row['tok_s']:.2f} tok/s, "
+                    f"bound {row['limit_tok_s']:.2f} tok/s "
+                    f"({row['cpu_bytes_per_token'] / 1e6:.0f} MB/token on the CPU "
+                    f"at {row['limit_gbps']:.1f} GB/s read), ratio {row['ratio']:.2f}"
+                )
         return 0
 
     threads = args.threads or sorted({1, cpu.default_threads()})
     variants = args.variants.split(",") if args.variants else [kernels.variant()]
     for v in variants:
         if v not in kernels.available_variants():
-            print(f"refmoe bench: variant {v!r} is not available here "
-                  f"(available: {', '.join(kernels.available_variants())})", file=sys.stderr)
+            print(
+                f"refmoe bench: variant {v!r} is not available here "
+                f"(available: {', '.join(kernels.available_variants())})",
+                file=sys.stderr,
+            )
             return 2
     progress = None
     if not args.json and sys.stderr.isatty():
         from tqdm import tqdm
 
         progress = lambda jobs: tqdm(jobs, desc="bench kernels", unit="case")  # noqa: E731
-    rows = bench.bench_kernels(threads, variants, reps=args.reps, quick=args.quick,
-                               with_torch=not args.no_torch, progress=progress)
+    rows = bench.bench_kernels(
+        threads,
+        variants,
+        reps=args.reps,
+        quick=args.quick,
+        with_torch=not args.no_torch,
+        progress=progress,
+    )
     if args.json:
         print(json.dumps(bench.rows_as_dicts(rows)))
     else:
         print(bench.format_rows(rows))
-        print("\nratio = kernel GB/s over a plain read of the same bytes with the same threads, "
-              "measured alternately in this run (median, [min-max] over reps);\nfma% = GFLOP/s "
-              "over the FMA peak of those threads, also measured now; torch_x = torch "
-              "(FP8 -> bf16, matmul) time over ours.")
+        print(
+            "\nratio = kernel GB/s over a plain read of the same bytes with the same threads, "
+            "measured alternately in this run (median, [min-max] over reps);\nfma% = GFLOP/s "
+            "over the FMA peak of those threads, also measured now; torch_x = torch "
+            "(FP8 -> bf16, matmul) time over ours."
+        )
     return 0
 
 
@@ -218,14 +296,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         elif tok is None:
             raise ValueError(f"{args.model}: no tokenizer.json; pass --prompt-ids")
         elif args.chat:  # the template writes the special tokens itself
-            prompt = tok.encode(tok.apply_chat_template([{"role": "user",
-                                                          "content": args.prompt}]), False)
+            prompt = tok.encode(
+                tok.apply_chat_template([{"role": "user", "content": args.prompt}]), False
+            )
         else:
             prompt = tok.encode(args.prompt)
-        show = (lambda it: tqdm(it, desc="loading layers", unit="layer")) \
-            if sys.stderr.isatty() and not args.json else None
-        cfg, model = models.load(args.model, args.expert_dtype, progress=show,
-                                 device=args.device)
+        show = (
+            (lambda it: tqdm(it, desc="loading layers", unit="layer"))
+            if sys.stderr.isatty() and not args.json
+            else None
+        )
+        cfg, model = models.load(args.model, args.expert_dtype, progress=show, device=args.device)
         trace = None
         if args.trace:
             from dataclasses import asdict
@@ -233,9 +314,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             from refmoe import kernels
             from refmoe.trace import Trace, hardware
 
-            trace = Trace({"hardware": hardware(), "model": asdict(cfg), "engine": {
-                "variant": kernels.variant(), "threads": kernels._threads(None),
-                "expert_dtype": args.expert_dtype or "as stored", "device": str(model.device)}})
+            trace = Trace(
+                {
+                    "hardware": hardware(),
+                    "model": asdict(cfg),
+                    "engine": {
+                        "variant": kernels.variant(),
+                        "threads": kernels._threads(None),
+                        "expert_dtype": args.expert_dtype or "as stored",
+                        "device": str(model.device),
+                    },
+                }
+            )
         from refmoe import slp
         from refmoe.policy import EngineConfig, Policy
         from refmoe.scheduler import Entry
@@ -243,27 +333,41 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if args.ranks < 1:
             raise ValueError(f"--ranks must be >= 1, got {args.ranks}")
         # the one policy seam: the same plan the engine would make for this request alone
-        config = EngineConfig(prefill=args.prefill, ranks=args.ranks,
-                              chunk_tokens=args.chunk_tokens)
-        rates = slp.model_rates(model) if args.prefill == "auto" and slp.streamable(model) \
-            else None
-        policy = Policy.build(config, cfg, rates, accelerated=model.device.type != "cpu",
-                              can_stream=slp.streamable(model))
+        config = EngineConfig(
+            prefill=args.prefill, ranks=args.ranks, chunk_tokens=args.chunk_tokens
+        )
+        rates = slp.model_rates(model) if args.prefill == "auto" and slp.streamable(model) else None
+        policy = Policy.build(
+            config,
+            cfg,
+            rates,
+            accelerated=model.device.type != "cpu",
+            can_stream=slp.streamable(model),
+        )
         sched = policy.scheduler()
         sched.add(Entry("generate", len(prompt), args.max_tokens, 0.0))
         plan = sched.next_prefill()
         group = runner = None
-        if plan.where == "slp" and plan.devices > 1:        # DSLP: this process is rank 0
+        if plan.where == "slp" and plan.devices > 1:  # DSLP: this process is rank 0
             from refmoe import dslp
 
-            runner = group = dslp.Group.start(model, args.model, args.ranks, ring=args.ring,
-                                              chunk_tokens=policy.chunk_tokens)
+            runner = group = dslp.Group.start(
+                model, args.model, args.ranks, ring=args.ring, chunk_tokens=policy.chunk_tokens
+            )
         elif plan.where == "slp":
             runner = slp.StreamPrefill(model, ring=args.ring, chunk_tokens=policy.chunk_tokens)
         try:
-            g = generate(model, prompt, args.max_tokens, params, stop_ids=cfg.eos_token_id,
-                         trace=trace, stop_text=args.stop, decode=tok.decode if tok else None,
-                         prefill=runner)
+            g = generate(
+                model,
+                prompt,
+                args.max_tokens,
+                params,
+                stop_ids=cfg.eos_token_id,
+                trace=trace,
+                stop_text=args.stop,
+                decode=tok.decode if tok else None,
+                prefill=runner,
+            )
         finally:
             if group is not None:
                 group.close()
@@ -275,16 +379,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     text = tok.decode(g.token_ids) if tok is not None else ""
     for s in args.stop or []:  # the stop string itself is not part of the answer
         text = text.split(s)[0] if s in text else text
-    result = {"token_ids": g.token_ids, "text": text, "ttft_s": g.ttft_s,
-              "decode_tok_s": g.decode_tok_s, "prompt_tokens": g.prompt_tokens,
-              "finish_reason": g.finish_reason,
-              "prefill": ("dslp" if group else "slp") if runner else "cpu"}
+    result = {
+        "token_ids": g.token_ids,
+        "text": text,
+        "ttft_s": g.ttft_s,
+        "decode_tok_s": g.decode_tok_s,
+        "prompt_tokens": g.prompt_tokens,
+        "finish_reason": g.finish_reason,
+        "prefill": ("dslp" if group else "slp") if runner else "cpu",
+    }
     if args.json:
         print(json.dumps(result))
     else:
         print(text if tok is not None else " ".join(map(str, g.token_ids)))
-        print(f"\n[{g.prompt_tokens} prompt tokens, TTFT {g.ttft_s:.3f} s, "
-              f"{len(g.token_ids)} generated, {g.decode_tok_s:.2f} tok/s decode]", file=sys.stderr)
+        print(
+            f"\n[{g.prompt_tokens} prompt tokens, TTFT {g.ttft_s:.3f} s, "
+            f"{len(g.token_ids)} generated, {g.decode_tok_s:.2f} tok/s decode]",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -298,8 +410,11 @@ def _demo_model(args: argparse.Namespace):
     layers, experts = demo.size_for_memory(demo.available_memory())
     layers, experts = args.layers or layers, args.experts or experts
     directory = Path(args.dir) if args.dir else demo.default_dir() / f"L{layers}-E{experts}"
-    show = (lambda it: tqdm(it, desc="building demo model", unit="shard")) \
-        if sys.stderr.isatty() else None
+    show = (
+        (lambda it: tqdm(it, desc="building demo model", unit="shard"))
+        if sys.stderr.isatty()
+        else None
+    )
     return demo.build(directory, layers, experts, progress=show)
 
 
@@ -314,23 +429,42 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         from refmoe.config import ModelConfig
         from refmoe.trace import Trace, hardware
 
-        trace = Trace({"hardware": hardware(), "model": asdict(ModelConfig.from_file(directory)),
-                       "engine": {"variant": kernels.variant(), "threads": kernels._threads(None),
-                                  "expert_dtype": "fp8", "device": "cpu"}})
+        trace = Trace(
+            {
+                "hardware": hardware(),
+                "model": asdict(ModelConfig.from_file(directory)),
+                "engine": {
+                    "variant": kernels.variant(),
+                    "threads": kernels._threads(None),
+                    "expert_dtype": "fp8",
+                    "device": "cpu",
+                },
+            }
+        )
     r = demo.run(directory, args.prompt_tokens, args.max_tokens, trace=trace)
     if trace:
-        trace.metadata["result"] = {"ttft_s": r.ttft_s, "decode_tok_s": r.tok_s,
-                                    "bytes_per_token": r.bytes_per_token,
-                                    "read_gbps": r.read_gbps, "bound_tok_s": r.bound_tok_s}
+        trace.metadata["result"] = {
+            "ttft_s": r.ttft_s,
+            "decode_tok_s": r.tok_s,
+            "bytes_per_token": r.bytes_per_token,
+            "read_gbps": r.read_gbps,
+            "bound_tok_s": r.bound_tok_s,
+        }
         trace.write(args.trace)
-    print(f"refmoe demo: DeepSeek-V3 per-layer shapes (hidden 7168, MLA, 2048-wide FP8 experts, "
-          f"top-8 of {r.experts} + 1 shared), {r.layers} layers, in {directory}")
+    print(
+        f"refmoe demo: DeepSeek-V3 per-layer shapes (hidden 7168, MLA, 2048-wide FP8 experts, "
+        f"top-8 of {r.experts} + 1 shared), {r.layers} layers, in {directory}"
+    )
     print(f"  CPU variant {kernels.variant()}, {kernels._threads(None)} threads")
     print(f"  prompt {r.prompt_tokens} tokens: TTFT {r.ttft_s:.3f} s")
-    print(f"  decode: {r.tok_s:.2f} tok/s (median step), {r.bytes_per_token / 1e6:.0f} MB of "
-          f"weights read per token")
-    print(f"  bound: {r.read_gbps:.1f} GB/s read (measured now) / {r.bytes_per_token / 1e6:.0f} "
-          f"MB = {r.bound_tok_s:.2f} tok/s; achieved {r.ratio:.2f} of it")
+    print(
+        f"  decode: {r.tok_s:.2f} tok/s (median step), {r.bytes_per_token / 1e6:.0f} MB of "
+        f"weights read per token"
+    )
+    print(
+        f"  bound: {r.read_gbps:.1f} GB/s read (measured now) / {r.bytes_per_token / 1e6:.0f} "
+        f"MB = {r.bound_tok_s:.2f} tok/s; achieved {r.ratio:.2f} of it"
+    )
     if args.no_sim:
         return 0
     from refmoe.config import ModelConfig
@@ -339,9 +473,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     hw = calibrate("this machine, calibrated now", reps=3)
     p = predict(ModelConfig.from_file(directory), hw, r.prompt_tokens, r.new_tokens)
-    print(f"  refmoe-sim, calibrated from micro-benchmarks just now: TTFT {p.ttft_s:.3f} s "
-          f"({(p.ttft_s - r.ttft_s) / r.ttft_s:+.0%}), decode {p.decode_tok_s:.2f} tok/s "
-          f"({(p.decode_tok_s - r.tok_s) / r.tok_s:+.0%})")
+    print(
+        f"  refmoe-sim, calibrated from micro-benchmarks just now: TTFT {p.ttft_s:.3f} s "
+        f"({(p.ttft_s - r.ttft_s) / r.ttft_s:+.0%}), decode {p.decode_tok_s:.2f} tok/s "
+        f"({(p.decode_tok_s - r.tok_s) / r.tok_s:+.0%})"
+    )
     return 0
 
 
@@ -353,14 +489,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 2
     api_key = args.api_key or os.environ.get("REFMOE_API_KEY")
     dual_batch = {"auto": None, "on": True, "off": False}[args.dual_batch]
-    return serve(args.model, args.host, args.port, served_name=args.served_model_name,
-                 api_key=api_key, device=args.device, drain_s=args.drain_s,
-                 max_body_mb=args.max_body_mb,
-                 keep_alive_on_load_error=args.keep_alive_on_load_error,
-                 engine_kwargs={"kv_tokens": args.kv_tokens, "max_batch": args.max_batch,
-                                "kv_memory": args.kv_memory * 2**30 if args.kv_memory else None,
-                                "max_queue": args.max_queue, "prefill": args.prefill,
-                                "ranks": args.ranks, "dual_batch": dual_batch})
+    return serve(
+        args.model,
+        args.host,
+        args.port,
+        served_name=args.served_model_name,
+        api_key=api_key,
+        device=args.device,
+        drain_s=args.drain_s,
+        max_body_mb=args.max_body_mb,
+        keep_alive_on_load_error=args.keep_alive_on_load_error,
+        engine_kwargs={
+            "kv_tokens": args.kv_tokens,
+            "max_batch": args.max_batch,
+            "kv_memory": args.kv_memory * 2**30 if args.kv_memory else None,
+            "max_queue": args.max_queue,
+            "prefill": args.prefill,
+            "ranks": args.ranks,
+            "dual_batch": dual_batch,
+        },
+    )
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -368,8 +516,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     from refmoe.convert import convert
 
-    show = (lambda it: tqdm(it, desc="converting", unit="shard")) if sys.stderr.isatty() \
-        else None
+    show = (lambda it: tqdm(it, desc="converting", unit="shard")) if sys.stderr.isatty() else None
     try:
         out = convert(args.model, args.out, progress=show)
     except ValueError as e:
@@ -381,11 +528,18 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="refmoe", description=__doc__)
-    p.add_argument("--cpu-threads", type=int, metavar="N",
-                   help="threads for the CPU kernels (default: all usable cores; the same as "
-                   "REFMOE_NUM_THREADS)")
-    p.add_argument("--debug", action="store_true",
-                   help="show the Python traceback of an error (default: one line)")
+    p.add_argument(
+        "--cpu-threads",
+        type=int,
+        metavar="N",
+        help="threads for the CPU kernels (default: all usable cores; the same as "
+        "REFMOE_NUM_THREADS)",
+    )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the Python traceback of an error (default: one line)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="CPU variant, threads and NUMA nodes refmoe will use")
@@ -397,28 +551,55 @@ def build_parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs tokenizer.json)")
     src.add_argument("--prompt-ids", type=_id_list, help="prompt token ids, e.g. 1,2,3")
-    g.add_argument("--chat", action="store_true",
-                   help="wrap --prompt as a user message in the model's chat template")
+    g.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap --prompt as a user message in the model's chat template",
+    )
     g.add_argument("--max-tokens", type=int, default=32)
-    g.add_argument("--stop", action="append", metavar="TEXT",
-                   help="stop once the output contains TEXT (repeatable; needs tokenizer.json)")
+    g.add_argument(
+        "--stop",
+        action="append",
+        metavar="TEXT",
+        help="stop once the output contains TEXT (repeatable; needs tokenizer.json)",
+    )
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int)
-    g.add_argument("--expert-dtype", choices=["fp8", "int4", "bf16"],
-                   help="routed expert format (default: as stored; BF16/F32 -> bf16)")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="where attention and dense layers run (routed experts: the CPU)")
-    g.add_argument("--prefill", choices=["auto", "cpu", "slp"], default="auto",
-                   help="routed experts of the prompt on the CPU kernels, or streamed to the "
-                   "device (SLP); auto: the cost model decides from rates it measures")
-    g.add_argument("--ring", type=int, metavar="SLOTS",
-                   help="SLP ring slots (default: sized to free device memory)")
+    g.add_argument(
+        "--expert-dtype",
+        choices=["fp8", "int4", "bf16"],
+        help="routed expert format (default: as stored; BF16/F32 -> bf16)",
+    )
+    g.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where attention and dense layers run (routed experts: the CPU)",
+    )
+    g.add_argument(
+        "--prefill",
+        choices=["auto", "cpu", "slp"],
+        default="auto",
+        help="routed experts of the prompt on the CPU kernels, or streamed to the "
+        "device (SLP); auto: the cost model decides from rates it measures",
+    )
+    g.add_argument(
+        "--ring",
+        type=int,
+        metavar="SLOTS",
+        help="SLP ring slots (default: sized to free device memory)",
+    )
     g.add_argument("--chunk-tokens", type=int, metavar="N", help="SLP chunk length")
-    g.add_argument("--ranks", type=int, default=1, metavar="N",
-                   help="DSLP: split the prompt's prefill over N ranks (processes; one GPU "
-                   "each with CUDA), each streaming 1/N of the experts")
+    g.add_argument(
+        "--ranks",
+        type=int,
+        default=1,
+        metavar="N",
+        help="DSLP: split the prompt's prefill over N ranks (processes; one GPU "
+        "each with CUDA), each streaming 1/N of the experts",
+    )
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--trace", metavar="FILE", help="write a Chrome trace (opens in Perfetto)")
     g.set_defaults(func=_cmd_generate)
@@ -428,28 +609,52 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", help="require Authorization: Bearer KEY (or REFMOE_API_KEY)")
-    sv.add_argument("--served-model-name", help="the model's name in the API (default: the "
-                    "directory's name)")
+    sv.add_argument(
+        "--served-model-name", help="the model's name in the API (default: the directory's name)"
+    )
     sv.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     sv.add_argument("--prefill", choices=["auto", "cpu", "slp"], default="auto")
     sv.add_argument("--kv-tokens", type=int, help="KV budget in tokens (default: 4 contexts)")
-    sv.add_argument("--kv-memory", type=float, metavar="GIB", help="KV budget as memory: as "
-                    "many tokens as fit in GIB GiB (the model's cache bytes per token)")
+    sv.add_argument(
+        "--kv-memory",
+        type=float,
+        metavar="GIB",
+        help="KV budget as memory: as "
+        "many tokens as fit in GIB GiB (the model's cache bytes per token)",
+    )
     sv.add_argument("--max-batch", type=int, default=16, help="requests per decode step")
     sv.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
-    sv.add_argument("--dual-batch", choices=["auto", "on", "off"], default="auto",
-                    help="dual-batch overlap (auto: on when attention runs on a GPU)")
-    sv.add_argument("--ranks", type=int, default=1,
-                    help="SLP devices (ranks); long prompts use all of them (DSLP) only when "
-                    "nothing decoded for 5 minutes, else one stays with decode")
-    sv.add_argument("--drain-s", type=float, default=10.0,
-                    help="on shutdown, seconds running requests get to finish")
-    sv.add_argument("--max-body-mb", type=float, metavar="MB",
-                    help="largest request body (default: 16 bytes per token of context, at "
-                    "least 1 MiB); larger ones get 413 before they are read")
-    sv.add_argument("--keep-alive-on-load-error", action="store_true",
-                    help="when the model fails to load, keep serving /health 503 instead of "
-                    "exiting non-zero")
+    sv.add_argument(
+        "--dual-batch",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="dual-batch overlap (auto: on when attention runs on a GPU)",
+    )
+    sv.add_argument(
+        "--ranks",
+        type=int,
+        default=1,
+        help="SLP devices (ranks); long prompts use all of them (DSLP) only when "
+        "nothing decoded for 5 minutes, else one stays with decode",
+    )
+    sv.add_argument(
+        "--drain-s",
+        type=float,
+        default=10.0,
+        help="on shutdown, seconds running requests get to finish",
+    )
+    sv.add_argument(
+        "--max-body-mb",
+        type=float,
+        metavar="MB",
+        help="largest request body (default: 16 bytes per token of context, at "
+        "least 1 MiB); larger ones get 413 before they are read",
+    )
+    sv.add_argument(
+        "--keep-alive-on-load-error",
+        action="store_true",
+        help="when the model fails to load, keep serving /health 503 instead of exiting non-zero",
+    )
     sv.set_defaults(func=_cmd_serve)
 
     cv = sub.add_parser("convert", help="write a BF16/F32 checkpoint in the FP8 block format")
@@ -468,39 +673,64 @@ def build_parser() -> argparse.ArgumentParser:
     dm.set_defaults(func=_cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks that report ratios to same-run limits")
-    b.add_argument("what", choices=["kernels", "decode", "prefill", "serve"],
-                   help="what to benchmark")
+    b.add_argument(
+        "what", choices=["kernels", "decode", "prefill", "serve"], help="what to benchmark"
+    )
     b.add_argument("--layers", type=int, help="decode, prefill: demo model layers")
     b.add_argument("--experts", type=int, help="decode, prefill: demo model experts per layer")
     b.add_argument("--dir", help="decode, prefill: demo model directory")
     b.add_argument("--model", help="prefill, serve: a model directory instead of the demo model")
-    b.add_argument("--scenario", choices=["poisson", "interference", "dual-batch"],
-                   default="poisson", help="serve: what to measure")
+    b.add_argument(
+        "--scenario",
+        choices=["poisson", "interference", "dual-batch"],
+        default="poisson",
+        help="serve: what to measure",
+    )
     b.add_argument("--num-prompts", type=int, default=16, help="serve: requests")
-    b.add_argument("--request-rate", type=float, default=1.0,
-                   help="serve: Poisson arrivals per second (inf: all at once)")
+    b.add_argument(
+        "--request-rate",
+        type=float,
+        default=1.0,
+        help="serve: Poisson arrivals per second (inf: all at once)",
+    )
     b.add_argument("--prompt-len", type=parse_range, default=(16, 64), help="serve: N or LO-HI")
     b.add_argument("--output-len", type=parse_range, default=(8, 32), help="serve: N or LO-HI")
-    b.add_argument("--prefill-tokens", type=int, default=512,
-                   help="serve interference: the long prompt's length")
-    b.add_argument("--prefill", choices=["auto", "cpu", "slp"], default="auto",
-                   help="serve: the prefill path")
+    b.add_argument(
+        "--prefill-tokens",
+        type=int,
+        default=512,
+        help="serve interference: the long prompt's length",
+    )
+    b.add_argument(
+        "--prefill", choices=["auto", "cpu", "slp"], default="auto", help="serve: the prefill path"
+    )
     b.add_argument("--max-batch", type=int, default=16, help="serve: requests per decode step")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--csv", help="serve: write arrived_at,num_prefill_tokens,num_decode_tokens")
-    b.add_argument("--prompt-tokens", type=_int_list, help="prefill: prompt lengths, e.g. "
-                   "1024,4096,16384")
-    b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="prefill: where attention and dense layers run")
+    b.add_argument(
+        "--prompt-tokens", type=_int_list, help="prefill: prompt lengths, e.g. 1024,4096,16384"
+    )
+    b.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="prefill: where attention and dense layers run",
+    )
     b.add_argument("--slp-device", help="prefill: where SLP computes experts (default: --device)")
     b.add_argument("--ring", type=int, help="prefill: ring slots (default: sized to memory)")
     b.add_argument("--chunk-tokens", type=int, help="prefill: SLP chunk length")
     b.add_argument("--cpu", action="store_true", help="prefill: time the CPU-expert path too")
-    b.add_argument("--trace", metavar="FILE", help="prefill: Chrome trace of the longest "
-                   "prompt; serve: the engine's trace of the run")
+    b.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="prefill: Chrome trace of the longest prompt; serve: the engine's trace of the run",
+    )
     b.add_argument("--json", action="store_true", help="print a JSON list of rows")
-    b.add_argument("--threads", type=_int_list, help="thread counts, e.g. 1,2 (default: 1 "
-                   "and all usable cores)")
+    b.add_argument(
+        "--threads",
+        type=_int_list,
+        help="thread counts, e.g. 1,2 (default: 1 and all usable cores)",
+    )
     b.add_argument("--variants", help="comma-separated CPU variants (default: the chosen one)")
     b.add_argument("--reps", type=int, default=5, help="timed repetitions per row")
     b.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
@@ -511,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv               # anywhere on the line, before or after the command
+    debug = "--debug" in argv  # anywhere on the line, before or after the command
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
     if args.cpu_threads is not None:
         if args.cpu_threads < 1:
@@ -529,8 +759,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         kind = "" if isinstance(e, ValueError) else f"{type(e).__name__}: "
-        print(f"refmoe {args.command}: {kind}{e} (--debug shows the traceback)",
-              file=sys.stderr)
+        print(f"refmoe {args.command}: {kind}{e} (--debug shows the traceback)", file=sys.stderr)
         return 2
 
 

@@ -12,15 +12,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 ARCHITECTURES = {
-    "DeepseekV3ForCausalLM": "deepseek_v3",   # DeepSeek-V3/R1/V3.1, Kimi-K2, Moonlight
-    "DeepseekV2ForCausalLM": "deepseek_v3",   # same MLA/MoE layout (noaux_tc needs V3 gating)
+    "DeepseekV3ForCausalLM": "deepseek_v3",  # DeepSeek-V3/R1/V3.1, Kimi-K2, Moonlight
+    "DeepseekV2ForCausalLM": "deepseek_v3",  # same MLA/MoE layout (noaux_tc needs V3 gating)
     "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 ALIASES = {  # the same field under the names other releases of transformers write
-    "num_experts": ("num_local_experts",), "n_routed_experts": ("num_local_experts",),
+    "num_experts": ("num_local_experts",),
+    "n_routed_experts": ("num_local_experts",),
 }
 MODEL_TYPES = {  # when config.json has no architectures list
-    "deepseek_v3": "DeepseekV3ForCausalLM", "kimi_k2": "DeepseekV3ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "kimi_k2": "DeepseekV3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 
@@ -34,8 +36,8 @@ class ModelConfig:
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
-    intermediate_size: int            # dense MLP layers
-    moe_intermediate_size: int        # one routed expert
+    intermediate_size: int  # dense MLP layers
+    moe_intermediate_size: int  # one routed expert
     n_routed_experts: int
     num_experts_per_tok: int
     n_shared_experts: int = 0
@@ -44,7 +46,7 @@ class ModelConfig:
     topk_group: int = 1
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
-    scoring_func: str = "sigmoid"     # DeepSeek-V3: sigmoid; Qwen3-MoE: softmax
+    scoring_func: str = "sigmoid"  # DeepSeek-V3: sigmoid; Qwen3-MoE: softmax
     # attention (MLA for DeepSeek, GQA with q/k norms for Qwen3)
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
@@ -82,23 +84,32 @@ class ModelConfig:
         if arch is None and not archs:
             arch = MODEL_TYPES.get(model_type)
         if arch is None:
-            raise ValueError(f"{source}: unknown architecture {archs or model_type!r}; "
-                             f"refmoe runs {sorted(ARCHITECTURES)}")
+            raise ValueError(
+                f"{source}: unknown architecture {archs or model_type!r}; "
+                f"refmoe runs {sorted(ARCHITECTURES)}"
+            )
         family = ARCHITECTURES[arch]
         need = get.need
 
         rope = get("rope_parameters", dict, {})
         scaling = get("rope_scaling", dict, None) or (
-            rope if rope.get("rope_type", "default") != "default" else None)
+            rope if rope.get("rope_type", "default") != "default" else None
+        )
         eos = d.get("eos_token_id")
-        if eos is not None and not (_is_int(eos) or isinstance(eos, list)
-                                    and all(_is_int(e) for e in eos)):
-            raise ValueError(f"{source}: field 'eos_token_id' must be an integer or a list of "
-                             f"integers, got {eos!r}")
+        if eos is not None and not (
+            _is_int(eos) or isinstance(eos, list) and all(_is_int(e) for e in eos)
+        ):
+            raise ValueError(
+                f"{source}: field 'eos_token_id' must be an integer or a list of "
+                f"integers, got {eos!r}"
+            )
         heads = need("num_attention_heads")
         common = dict(
-            architecture=arch, family=family, vocab_size=need("vocab_size"),
-            hidden_size=need("hidden_size"), num_hidden_layers=need("num_hidden_layers"),
+            architecture=arch,
+            family=family,
+            vocab_size=need("vocab_size"),
+            hidden_size=need("hidden_size"),
+            num_hidden_layers=need("num_hidden_layers"),
             num_attention_heads=heads,
             num_key_value_heads=get("num_key_value_heads", int, None) or heads,
             rope_theta=get("rope_theta", float, None) or float(rope.get("rope_theta") or 1e4),
@@ -112,7 +123,8 @@ class ModelConfig:
         )
         if family == "deepseek_v3":
             cfg = cls(
-                **common, intermediate_size=need("intermediate_size"),
+                **common,
+                intermediate_size=need("intermediate_size"),
                 moe_intermediate_size=need("moe_intermediate_size"),
                 n_routed_experts=need("n_routed_experts"),
                 num_experts_per_tok=need("num_experts_per_tok"),
@@ -123,25 +135,30 @@ class ModelConfig:
                 norm_topk_prob=get("norm_topk_prob", bool, True),
                 routed_scaling_factor=get("routed_scaling_factor", float, 1.0),
                 scoring_func=get("scoring_func", str, "sigmoid"),
-                q_lora_rank=get("q_lora_rank", int, None), kv_lora_rank=need("kv_lora_rank"),
+                q_lora_rank=get("q_lora_rank", int, None),
+                kv_lora_rank=need("kv_lora_rank"),
                 qk_nope_head_dim=need("qk_nope_head_dim"),
-                qk_rope_head_dim=need("qk_rope_head_dim"), v_head_dim=need("v_head_dim"),
+                qk_rope_head_dim=need("qk_rope_head_dim"),
+                v_head_dim=need("v_head_dim"),
                 rope_interleave=get("rope_interleave", bool, True),
             )
         else:
             hidden = common["hidden_size"]
             cfg = cls(
-                **common, intermediate_size=get("intermediate_size", int, None) or 0,
+                **common,
+                intermediate_size=get("intermediate_size", int, None) or 0,
                 moe_intermediate_size=need("moe_intermediate_size"),
                 n_routed_experts=need("num_experts"),
                 num_experts_per_tok=need("num_experts_per_tok"),
-                norm_topk_prob=get("norm_topk_prob", bool, False), scoring_func="softmax",
+                norm_topk_prob=get("norm_topk_prob", bool, False),
+                scoring_func="softmax",
                 head_dim=get("head_dim", int, None) or (hidden // heads if heads > 0 else 0),
                 first_k_dense_replace=0,
             )
             if get("mlp_only_layers", list, None) or get("decoder_sparse_step", int, 1) != 1:
-                raise ValueError(f"{source}: mlp_only_layers / decoder_sparse_step != 1 are not "
-                                 "supported")
+                raise ValueError(
+                    f"{source}: mlp_only_layers / decoder_sparse_step != 1 are not supported"
+                )
         cfg.validate(source)
         return cfg
 
@@ -150,46 +167,77 @@ class ModelConfig:
             v = getattr(self, f.name)
             if isinstance(v, int) and not isinstance(v, bool) and v < 0:
                 raise ValueError(f"{source}: field {f.name!r} must be >= 0, got {v}")
-        sizes = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "moe_intermediate_size", "n_routed_experts",
-                 "num_experts_per_tok", "max_position_embeddings"]
-        sizes += (["kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"]
-                  if self.family == "deepseek_v3" else ["head_dim"])
+        sizes = [
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "moe_intermediate_size",
+            "n_routed_experts",
+            "num_experts_per_tok",
+            "max_position_embeddings",
+        ]
+        sizes += (
+            ["kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"]
+            if self.family == "deepseek_v3"
+            else ["head_dim"]
+        )
         if self.first_k_dense_replace > 0:
             sizes.append("intermediate_size")
-        for name in sizes:      # a zero size is the config's fault, not a tensor's
+        for name in sizes:  # a zero size is the config's fault, not a tensor's
             if getattr(self, name) <= 0:
-                raise ValueError(f"{source}: field {name!r} must be positive, got "
-                                 f"{getattr(self, name)}")
+                raise ValueError(
+                    f"{source}: field {name!r} must be positive, got {getattr(self, name)}"
+                )
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:
-            raise ValueError(f"{source}: field 'q_lora_rank' must be positive or null, got "
-                             f"{self.q_lora_rank}")
+            raise ValueError(
+                f"{source}: field 'q_lora_rank' must be positive or null, got {self.q_lora_rank}"
+            )
         if not (self.rms_norm_eps > 0 and self.rope_theta > 0):
             raise ValueError(f"{source}: rms_norm_eps and rope_theta must be positive")
         checks = [
-            (self.num_attention_heads % max(self.num_key_value_heads, 1) == 0,
-             "num_attention_heads must be a multiple of num_key_value_heads"),
-            (0 < self.num_experts_per_tok <= self.n_routed_experts,
-             "num_experts_per_tok must lie in [1, n_routed_experts]"),
-            (self.n_routed_experts % self.n_group == 0,
-             "n_routed_experts must be a multiple of n_group"),
+            (
+                self.num_attention_heads % max(self.num_key_value_heads, 1) == 0,
+                "num_attention_heads must be a multiple of num_key_value_heads",
+            ),
+            (
+                0 < self.num_experts_per_tok <= self.n_routed_experts,
+                "num_experts_per_tok must lie in [1, n_routed_experts]",
+            ),
+            (
+                self.n_routed_experts % self.n_group == 0,
+                "n_routed_experts must be a multiple of n_group",
+            ),
             (1 <= self.topk_group <= self.n_group, "topk_group must lie in [1, n_group]"),
-            (self.scoring_func in ("sigmoid", "softmax"), "scoring_func must be sigmoid or "
-             "softmax"),
-            (self.family != "deepseek_v3" or self.qk_rope_head_dim % 2 == 0,
-             "qk_rope_head_dim must be even"),
+            (
+                self.scoring_func in ("sigmoid", "softmax"),
+                "scoring_func must be sigmoid or softmax",
+            ),
+            (
+                self.family != "deepseek_v3" or self.qk_rope_head_dim % 2 == 0,
+                "qk_rope_head_dim must be even",
+            ),
         ]
         if self.family == "deepseek_v3" and self.n_group > 1:
             per_group = self.n_routed_experts // self.n_group
             checks.append((per_group >= 2, "each expert group needs >= 2 experts (top-2 sum)"))
-            checks.append((self.topk_group * per_group >= self.num_experts_per_tok,
-                           "topk_group groups must hold at least num_experts_per_tok experts"))
+            checks.append(
+                (
+                    self.topk_group * per_group >= self.num_experts_per_tok,
+                    "topk_group groups must hold at least num_experts_per_tok experts",
+                )
+            )
         q = self.quantization
         if q is not None and q.get("quant_method") == "fp8":
-            if q.get("fmt", "e4m3") != "e4m3" or list(q.get("weight_block_size", [128, 128])) \
-                    != [128, 128]:
-                raise ValueError(f"{source}: quantization_config supports fmt e4m3 with "
-                                 f"weight_block_size [128, 128], got {q}")
+            if q.get("fmt", "e4m3") != "e4m3" or list(q.get("weight_block_size", [128, 128])) != [
+                128,
+                128,
+            ]:
+                raise ValueError(
+                    f"{source}: quantization_config supports fmt e4m3 with "
+                    f"weight_block_size [128, 128], got {q}"
+                )
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"{source}: {message}")
@@ -205,7 +253,7 @@ class ModelConfig:
             raise ValueError(f"{path}: not found (a model directory needs config.json)") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
-        except OSError as e:                 # a symlink loop, a directory, no permission
+        except OSError as e:  # a symlink loop, a directory, no permission
             raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
         return cls.from_dict(d, str(path))
 
@@ -233,13 +281,22 @@ class _Fields:
         raise ValueError(f"{self.source}: missing field {name!r}")
 
     def _cast(self, name: str, v, kind: type):
-        ok = {int: _is_int(v) or isinstance(v, float) and v.is_integer(),
-              float: isinstance(v, (int, float)) and not isinstance(v, bool)
-              and math.isfinite(v),
-              bool: isinstance(v, bool), str: isinstance(v, str),
-              dict: isinstance(v, dict), list: isinstance(v, list)}[kind]
+        ok = {
+            int: _is_int(v) or isinstance(v, float) and v.is_integer(),
+            float: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+            bool: isinstance(v, bool),
+            str: isinstance(v, str),
+            dict: isinstance(v, dict),
+            list: isinstance(v, list),
+        }[kind]
         if not ok:
-            want = {int: "an integer", float: "a finite number", bool: "true or false",
-                    str: "a string", dict: "an object", list: "a list"}[kind]
+            want = {
+                int: "an integer",
+                float: "a finite number",
+                bool: "true or false",
+                str: "a string",
+                dict: "an object",
+                list: "a list",
+            }[kind]
             raise ValueError(f"{self.source}: field {name!r} must be {want}, got {v!r:.80}")
         return kind(v)

@@ -21,10 +21,20 @@ from refmoe.config import ModelConfig
 from refmoe.kernels import formats
 
 QUANTIZED = re.compile(r".*(_proj|_proj_with_mqa)\.weight$")
-ST_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float8_e4m3fn": "F8_E4M3",
-            "int64": "I64", "int32": "I32"}
-COPIED = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
-          "special_tokens_map.json")
+ST_DTYPE = {
+    "float32": "F32",
+    "bfloat16": "BF16",
+    "float16": "F16",
+    "float8_e4m3fn": "F8_E4M3",
+    "int64": "I64",
+    "int32": "I32",
+}
+COPIED = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+)
 
 
 def _float(ck: Checkpoint, name: str) -> np.ndarray:
@@ -49,8 +59,11 @@ def convert(src: str | Path, dst: str | Path, progress=None) -> Path:
         tensors, dtypes = {}, {}
         for name in groups[group]:
             dtype = ck.dtype(name)
-            if QUANTIZED.match(name) and len(ck._shard(name).shape(name)) == 2 and \
-                    dtype in ("float32", "bfloat16", "float16"):
+            if (
+                QUANTIZED.match(name)
+                and len(ck._shard(name).shape(name)) == 2
+                and dtype in ("float32", "bfloat16", "float16")
+            ):
                 codes, scale = formats.fp8_quantize(_float(ck, name))
                 tensors[name], dtypes[name] = codes, "F8_E4M3"
                 tensors[name + "_scale_inv"] = scale
@@ -60,12 +73,16 @@ def convert(src: str | Path, dst: str | Path, progress=None) -> Path:
         save_file(tensors, dst / fname, dtypes)
         weight_map.update({n: fname for n in tensors})
     (dst / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"converted_from": str(src)}, "weight_map": weight_map}))
+        json.dumps({"metadata": {"converted_from": str(src)}, "weight_map": weight_map})
+    )
     for f in COPIED:
         if (src / f).exists():
             shutil.copy(src / f, dst / f)
-    cfg_dict["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
-                                       "activation_scheme": "dynamic",
-                                       "weight_block_size": [128, 128]}
+    cfg_dict["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    }
     (dst / "config.json").write_text(json.dumps(cfg_dict, indent=2))  # last: marks it complete
     return dst

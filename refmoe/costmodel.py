@@ -37,10 +37,10 @@ from refmoe.config import ModelConfig
 class Rates:
     """Measured (or, for the simulator, profiled) rates of one machine."""
 
-    h2d_gbps: float            # host -> device copy of a slot (pinned on CUDA)
-    cpu_gemv_gbps: float       # CPU expert kernels' weight GB/s with few tokens per expert
-    cpu_gflops: float          # CPU expert kernels with many tokens per expert
-    device_gflops: float       # the device's expert matmuls (the SLP compute lane)
+    h2d_gbps: float  # host -> device copy of a slot (pinned on CUDA)
+    cpu_gemv_gbps: float  # CPU expert kernels' weight GB/s with few tokens per expert
+    cpu_gflops: float  # CPU expert kernels with many tokens per expert
+    device_gflops: float  # the device's expert matmuls (the SLP compute lane)
     exchange_gbps: float = 0.0  # between devices (DSLP all-gather / reduce-scatter); 0: none
     # FP8 weight bytes per second the SLP lane prepares (dequantizes) apart from its matmuls;
     # 0: free beside the link (a GPU)
@@ -71,11 +71,14 @@ def attention_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
     h, n = cfg.hidden_size, cfg.num_attention_heads
     if cfg.family == "deepseek_v3":
         qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-        shapes = [(cfg.kv_lora_rank + cfg.qk_rope_head_dim, h),
-                  (n * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank),
-                  (h, n * cfg.v_head_dim)]
-        return shapes + ([(cfg.q_lora_rank, h), (n * qk, cfg.q_lora_rank)] if cfg.q_lora_rank
-                         else [(n * qk, h)])
+        shapes = [
+            (cfg.kv_lora_rank + cfg.qk_rope_head_dim, h),
+            (n * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank),
+            (h, n * cfg.v_head_dim),
+        ]
+        return shapes + (
+            [(cfg.q_lora_rank, h), (n * qk, cfg.q_lora_rank)] if cfg.q_lora_rank else [(n * qk, h)]
+        )
     d, g = cfg.head_dim, cfg.num_key_value_heads
     return [(n * d, h), (g * d, h), (g * d, h), (h, n * d)]
 
@@ -97,8 +100,7 @@ def context_split(cfg: ModelConfig, tokens: int, ranks: int, past: int = 0) -> l
     if ranks < 1 or tokens < 0:
         raise ValueError(f"context_split: {tokens} tokens over {ranks} ranks")
     # in units of one attended key: cost(first x tokens) = a x + past x + x (x + 1) / 2
-    a = sum(n * k for n, k in attention_shapes(cfg)) / (
-        cfg.num_attention_heads * score_dims(cfg))
+    a = sum(n * k for n, k in attention_shapes(cfg)) / (cfg.num_attention_heads * score_dims(cfg))
     b = a + past + 0.5
 
     def cost(x: float) -> float:
@@ -107,7 +109,7 @@ def context_split(cfg: ModelConfig, tokens: int, ranks: int, past: int = 0) -> l
     whole, bounds = cost(tokens), [0]
     for r in range(1, ranks):
         x = round(-b + math.sqrt(b * b + 2 * whole * r / ranks))
-        lo = bounds[-1] + (1 if tokens >= ranks else 0)            # at least one token each
+        lo = bounds[-1] + (1 if tokens >= ranks else 0)  # at least one token each
         hi = tokens - (ranks - r if tokens >= ranks else 0)
         bounds.append(min(max(x, lo), max(hi, lo)))
     bounds.append(tokens)
@@ -129,8 +131,9 @@ def streaming_for(n_experts: int, hit: float) -> str:
 
 def streaming(cfg: ModelConfig, tokens: int) -> str:
     """streaming_for a chunk of `tokens` tokens under uniform routing."""
-    return streaming_for(cfg.n_routed_experts, unique_experts(
-        cfg.n_routed_experts, cfg.num_experts_per_tok, tokens))
+    return streaming_for(
+        cfg.n_routed_experts, unique_experts(cfg.n_routed_experts, cfg.num_experts_per_tok, tokens)
+    )
 
 
 def moe_layers(cfg: ModelConfig) -> int:
@@ -144,44 +147,62 @@ def expert_flops(cfg: ModelConfig, tokens: int) -> float:
 
 
 def cpu_expert_seconds(cfg: ModelConfig, tokens: int, rates: Rates) -> float:
-    per = max(unique_experts(cfg.n_routed_experts, cfg.num_experts_per_tok, tokens)
-              + cfg.n_shared_experts, 1) * expert_bytes(cfg) / (rates.cpu_gemv_gbps * 1e9)
+    per = (
+        max(
+            unique_experts(cfg.n_routed_experts, cfg.num_experts_per_tok, tokens)
+            + cfg.n_shared_experts,
+            1,
+        )
+        * expert_bytes(cfg)
+        / (rates.cpu_gemv_gbps * 1e9)
+    )
     per = max(per, expert_flops(cfg, tokens) / (rates.cpu_gflops * 1e9))
     return per * moe_layers(cfg)
 
 
-def slp_expert_seconds(cfg: ModelConfig, tokens: int, rates: Rates, devices: int = 1,
-                       chunk_tokens: int | None = None) -> float:
+def slp_expert_seconds(
+    cfg: ModelConfig, tokens: int, rates: Rates, devices: int = 1, chunk_tokens: int | None = None
+) -> float:
     """SLP over `devices` devices (each streams 1/devices of the experts), chunk by chunk."""
     chunk = min(tokens, chunk_tokens or tokens)
     total = 0.0
     for lo in range(0, tokens, chunk):
         t = min(chunk, tokens - lo)
         slots = cfg.n_routed_experts + cfg.n_shared_experts
-        if streaming(cfg, t) == "selective":              # only what is routed
-            slots = unique_experts(cfg.n_routed_experts, cfg.num_experts_per_tok, t) \
+        if streaming(cfg, t) == "selective":  # only what is routed
+            slots = (
+                unique_experts(cfg.n_routed_experts, cfg.num_experts_per_tok, t)
                 + cfg.n_shared_experts
+            )
         stream = slots / devices * expert_bytes(cfg) / (rates.h2d_gbps * 1e9)
         compute = expert_flops(cfg, t) / devices / (rates.device_gflops * 1e9)
         if rates.device_weight_gbps:
             compute += slots / devices * expert_bytes(cfg) / (rates.device_weight_gbps * 1e9)
         exchange = 0.0
-        if devices > 1:     # gather the chunk's hidden states, scatter the summed results
-            exchange = 2 * t * cfg.hidden_size * 4 * (devices - 1) / devices / (
-                (rates.exchange_gbps or rates.h2d_gbps) * 1e9)
+        if devices > 1:  # gather the chunk's hidden states, scatter the summed results
+            exchange = (
+                2
+                * t
+                * cfg.hidden_size
+                * 4
+                * (devices - 1)
+                / devices
+                / ((rates.exchange_gbps or rates.h2d_gbps) * 1e9)
+            )
         total += moe_layers(cfg) * (max(stream, compute) + exchange) + min(stream, compute)
     return total
 
 
 @dataclass(slots=True)
 class Choice:
-    path: str                 # "cpu" or "slp"
+    path: str  # "cpu" or "slp"
     devices: int
-    seconds: dict             # estimated expert seconds per candidate, e.g. {"cpu": .., "slp1": ..}
+    seconds: dict  # estimated expert seconds per candidate, e.g. {"cpu": .., "slp1": ..}
 
 
-def choose_prefill(cfg: ModelConfig, tokens: int, rates: Rates,
-                   chunk_tokens: int | None = None) -> Choice:
+def choose_prefill(
+    cfg: ModelConfig, tokens: int, rates: Rates, chunk_tokens: int | None = None
+) -> Choice:
     """The fastest path for this prompt by the estimates above."""
     est = {"cpu": cpu_expert_seconds(cfg, tokens, rates)}
     for n in range(1, max(1, rates.devices) + 1):
@@ -190,11 +211,13 @@ def choose_prefill(cfg: ModelConfig, tokens: int, rates: Rates,
     return Choice("cpu" if best == "cpu" else "slp", 1 if best == "cpu" else int(best[3:]), est)
 
 
-def crossover_tokens(cfg: ModelConfig, rates: Rates, devices: int = 1,
-                     limit: int = 1 << 20) -> int | None:
+def crossover_tokens(
+    cfg: ModelConfig, rates: Rates, devices: int = 1, limit: int = 1 << 20
+) -> int | None:
     """The shortest prompt for which SLP on `devices` devices beats the CPU (None: never, up
     to `limit` tokens). Both sides grow with T; SLP's streaming term is flat, so once it
     wins it keeps winning: bisection."""
+
     def slp_wins(t: int) -> bool:
         return slp_expert_seconds(cfg, t, rates, devices) < cpu_expert_seconds(cfg, t, rates)
 
@@ -212,6 +235,7 @@ def crossover_tokens(cfg: ModelConfig, rates: Rates, devices: int = 1,
 # ---------------------------------------------------------------------------------------------
 # Measuring the rates on the machine at hand (about a second)
 # ---------------------------------------------------------------------------------------------
+
 
 def _best(fn, reps: int) -> float:
     best = math.inf
@@ -242,8 +266,9 @@ def measure_h2d_gbps(device, nbytes: int = 128 * 2**20, reps: int = 5) -> float:
     return nbytes / _best(copy, reps) / 1e9
 
 
-def measure_cpu(cfg: ModelConfig, num_threads: int | None = None, reps: int = 3
-                ) -> tuple[float, float]:
+def measure_cpu(
+    cfg: ModelConfig, num_threads: int | None = None, reps: int = 3
+) -> tuple[float, float]:
     """(GEMV weight GB/s at one token, GFLOP/s at 64 tokens) of the FP8 kernels on one expert
     projection of the model's shape."""
     from refmoe import kernels
@@ -259,8 +284,9 @@ def measure_cpu(cfg: ModelConfig, num_threads: int | None = None, reps: int = 3
     return w.nbytes / gemv / 1e9, 2.0 * 64 * h * i / gemm / 1e9
 
 
-def measure_device(cfg: ModelConfig, device, tokens: tuple[int, int] = (16, 1024),
-                   reps: int = 3) -> tuple[float, float]:
+def measure_device(
+    cfg: ModelConfig, device, tokens: tuple[int, int] = (16, 1024), reps: int = 3
+) -> tuple[float, float]:
     """The SLP compute lane on one expert projection of the model's shape, timed at a few and
     at many tokens, as (GFLOP/s of its matmul per token, FP8 weight GB/s of its fixed part,
     the dequantization): t(M) = weight bytes / weight GB/s + 2 M N K / GFLOP/s. The weight
@@ -293,10 +319,17 @@ def measure_device(cfg: ModelConfig, device, tokens: tuple[int, int] = (16, 1024
     return 2.0 * h * i / per_token / 1e9, (h * i / fixed / 1e9 if fixed > 0 else 0.0)
 
 
-def measure_rates(cfg: ModelConfig, device, devices: int = 1, num_threads: int | None = None
-                  ) -> Rates:
+def measure_rates(
+    cfg: ModelConfig, device, devices: int = 1, num_threads: int | None = None
+) -> Rates:
     gemv, gflops = measure_cpu(cfg, num_threads)
     device_gflops, weight_gbps = measure_device(cfg, device)
-    return Rates(h2d_gbps=measure_h2d_gbps(device), cpu_gemv_gbps=gemv, cpu_gflops=gflops,
-                 device_gflops=device_gflops, device_weight_gbps=weight_gbps, devices=devices,
-                 device=str(device))
+    return Rates(
+        h2d_gbps=measure_h2d_gbps(device),
+        cpu_gemv_gbps=gemv,
+        cpu_gflops=gflops,
+        device_gflops=device_gflops,
+        device_weight_gbps=weight_gbps,
+        devices=devices,
+        device=str(device),
+    )

@@ -114,8 +114,11 @@ class Topology:
         return out
 
 
-def partition_bands(num_rows: int, num_threads: int, topology: Topology | None = None,
-                    ) -> tuple[list[int], list[int]]:
+def partition_bands(
+    num_rows: int,
+    num_threads: int,
+    topology: Topology | None = None,
+) -> tuple[list[int], list[int]]:
     """A fixed partition of 128-row bands over threads: thread t owns bands [lo[t], hi[t]).
 
     Bands are first split over NUMA nodes in proportion to their thread counts, then evenly

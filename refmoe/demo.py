@@ -21,26 +21,52 @@ from refmoe import kernels
 from refmoe.checkpoint import save_file
 from refmoe.kernels import formats
 
-V3_LAYER = dict(hidden_size=7168, num_attention_heads=128, num_key_value_heads=128,
-                q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-                v_head_dim=128, moe_intermediate_size=2048, intermediate_size=18432,
-                num_experts_per_tok=8, n_shared_experts=1, n_group=8, topk_group=4,
-                routed_scaling_factor=2.5, norm_topk_prob=True, rms_norm_eps=1e-6,
-                rope_theta=10000.0, rope_interleave=True)
+V3_LAYER = dict(
+    hidden_size=7168,
+    num_attention_heads=128,
+    num_key_value_heads=128,
+    q_lora_rank=1536,
+    kv_lora_rank=512,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    moe_intermediate_size=2048,
+    intermediate_size=18432,
+    num_experts_per_tok=8,
+    n_shared_experts=1,
+    n_group=8,
+    topk_group=4,
+    routed_scaling_factor=2.5,
+    norm_topk_prob=True,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    rope_interleave=True,
+)
 EXPERT_BYTES = 3 * 2048 * 7168 + 3 * 16 * 56 * 4  # codes + scales of one FP8 expert
 
 
 def demo_config(layers: int, experts: int, vocab: int = 8192) -> dict:
     if experts % 8 or experts < 16:
         raise ValueError(f"experts per layer must be a multiple of 8 and >= 16, got {experts}")
-    return dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
-                vocab_size=vocab, num_hidden_layers=layers, n_routed_experts=experts,
-                first_k_dense_replace=0, max_position_embeddings=163840, bos_token_id=0,
-                eos_token_id=None, tie_word_embeddings=False,
-                quantization_config={"quant_method": "fp8", "fmt": "e4m3",
-                                     "activation_scheme": "dynamic",
-                                     "weight_block_size": [128, 128]},
-                **V3_LAYER)
+    return dict(
+        architectures=["DeepseekV3ForCausalLM"],
+        model_type="deepseek_v3",
+        vocab_size=vocab,
+        num_hidden_layers=layers,
+        n_routed_experts=experts,
+        first_k_dense_replace=0,
+        max_position_embeddings=163840,
+        bos_token_id=0,
+        eos_token_id=None,
+        tie_word_embeddings=False,
+        quantization_config={
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
+        },
+        **V3_LAYER,
+    )
 
 
 def size_for_memory(available: int, fraction: float = 0.4) -> tuple[int, int]:
@@ -80,8 +106,9 @@ class _Codes:
         return codes, scale * np.float32(0.02 * 4.5 / 448 / np.sqrt(k / 128))
 
 
-def build(directory: Path, layers: int, experts: int, vocab: int = 8192, seed: int = 0,
-          progress=None) -> Path:
+def build(
+    directory: Path, layers: int, experts: int, vocab: int = 8192, seed: int = 0, progress=None
+) -> Path:
     """Write the demo checkpoint (one shard per layer) unless it is already there."""
     cfg = demo_config(layers, experts, vocab)
     done = directory / "config.json"
@@ -103,8 +130,9 @@ def build(directory: Path, layers: int, experts: int, vocab: int = 8192, seed: i
     for kind, i in progress(shards) if progress else shards:
         tensors, dtypes = {}, {}
         if kind == "embed":
-            tensors["model.embed_tokens.weight"] = (rng.standard_normal((vocab, h)) * 0.5
-                                                    ).astype(np.float32)
+            tensors["model.embed_tokens.weight"] = (rng.standard_normal((vocab, h)) * 0.5).astype(
+                np.float32
+            )
             tensors["model.norm.weight"] = np.ones(h, np.float32)
             put(tensors, dtypes, "lm_head.weight", (vocab, h))
             fname = "model-embed.safetensors"
@@ -113,28 +141,44 @@ def build(directory: Path, layers: int, experts: int, vocab: int = 8192, seed: i
             a = f"{p}.self_attn"
             put(tensors, dtypes, f"{a}.q_a_proj.weight", (c["q_lora_rank"], h))
             put(tensors, dtypes, f"{a}.q_b_proj.weight", (n * qk, c["q_lora_rank"]))
-            put(tensors, dtypes, f"{a}.kv_a_proj_with_mqa.weight",
-                (c["kv_lora_rank"] + c["qk_rope_head_dim"], h))
-            put(tensors, dtypes, f"{a}.kv_b_proj.weight",
-                (n * (c["qk_nope_head_dim"] + c["v_head_dim"]), c["kv_lora_rank"]))
+            put(
+                tensors,
+                dtypes,
+                f"{a}.kv_a_proj_with_mqa.weight",
+                (c["kv_lora_rank"] + c["qk_rope_head_dim"], h),
+            )
+            put(
+                tensors,
+                dtypes,
+                f"{a}.kv_b_proj.weight",
+                (n * (c["qk_nope_head_dim"] + c["v_head_dim"]), c["kv_lora_rank"]),
+            )
             put(tensors, dtypes, f"{a}.o_proj.weight", (h, n * c["v_head_dim"]))
-            for norm, size in ((f"{a}.q_a_layernorm", c["q_lora_rank"]),
-                               (f"{a}.kv_a_layernorm", c["kv_lora_rank"]),
-                               (f"{p}.input_layernorm", h), (f"{p}.post_attention_layernorm", h)):
+            for norm, size in (
+                (f"{a}.q_a_layernorm", c["q_lora_rank"]),
+                (f"{a}.kv_a_layernorm", c["kv_lora_rank"]),
+                (f"{p}.input_layernorm", h),
+                (f"{p}.post_attention_layernorm", h),
+            ):
                 tensors[f"{norm}.weight"] = np.ones(size, np.float32)
-            tensors[f"{p}.mlp.gate.weight"] = (rng.standard_normal((experts, h)) * 0.02
-                                               ).astype(np.float32)
+            tensors[f"{p}.mlp.gate.weight"] = (rng.standard_normal((experts, h)) * 0.02).astype(
+                np.float32
+            )
             tensors[f"{p}.mlp.gate.e_score_correction_bias"] = np.zeros(experts, np.float32)
             inter = c["moe_intermediate_size"]
             for e in [f"experts.{j}" for j in range(experts)] + ["shared_experts"]:
-                for proj, shape in (("gate_proj", (inter, h)), ("up_proj", (inter, h)),
-                                    ("down_proj", (h, inter))):
+                for proj, shape in (
+                    ("gate_proj", (inter, h)),
+                    ("up_proj", (inter, h)),
+                    ("down_proj", (h, inter)),
+                ):
                     put(tensors, dtypes, f"{p}.mlp.{e}.{proj}.weight", shape)
             fname = f"model-layer{i:02d}.safetensors"
         save_file(tensors, directory / fname, dtypes)
         weight_map.update({name: fname for name in tensors})
     (directory / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map}))
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     done.write_text(json.dumps(cfg))  # last: a half-built directory is rebuilt
     return directory
 
@@ -150,9 +194,11 @@ def bytes_per_token(model) -> int:
     cfg, total = model.cfg, 0
     for block in model.blocks:
         attn = block.attn
-        total += sum(lin.nbytes for lin in (getattr(attn, n, None) for n in
-                                            ("q_a", "q_b", "q", "kv_a", "kv_b", "o"))
-                     if lin is not None)
+        total += sum(
+            lin.nbytes
+            for lin in (getattr(attn, n, None) for n in ("q_a", "q_b", "q", "kv_a", "kv_b", "o"))
+            if lin is not None
+        )
         ffn = block.ffn
         if hasattr(ffn, "experts"):
             total += (cfg.num_experts_per_tok + ffn.fused_shared) * ffn.experts.nbytes(0)
@@ -199,7 +245,7 @@ class DecodeReport:
     tok_s: float
     bytes_per_token: int
     read_gbps: float
-    cpu_bytes_per_token: int = 0   # what the CPU reads of it (all of it unless hybrid)
+    cpu_bytes_per_token: int = 0  # what the CPU reads of it (all of it unless hybrid)
     device: str = "cpu"
 
     @property
@@ -212,8 +258,15 @@ class DecodeReport:
         return self.tok_s / self.bound_tok_s
 
 
-def run(directory: Path, prompt_tokens: int = 16, new_tokens: int = 16, seed: int = 0,
-        progress=None, trace=None, device: str = "cpu") -> DecodeReport:
+def run(
+    directory: Path,
+    prompt_tokens: int = 16,
+    new_tokens: int = 16,
+    seed: int = 0,
+    progress=None,
+    trace=None,
+    device: str = "cpu",
+) -> DecodeReport:
     """Load the demo model, prefill a seeded prompt, decode greedily; measure the read limit
     right after with the same threads. trace: a refmoe.trace.Trace for the measured request.
     device: where attention and dense layers run (cuda: hybrid decode)."""
@@ -226,6 +279,15 @@ def run(directory: Path, prompt_tokens: int = 16, new_tokens: int = 16, seed: in
     g = generate(model, prompt, new_tokens, trace=trace)
     steps = sorted(g.step_s)
     tok_s = 1.0 / steps[len(steps) // 2] if steps else 0.0
-    return DecodeReport(cfg.num_hidden_layers, cfg.n_routed_experts, prompt_tokens,
-                        len(g.token_ids), g.ttft_s, tok_s, bytes_per_token(model), read_gbps(),
-                        cpu_bytes_per_token(model), str(model.device))
+    return DecodeReport(
+        cfg.num_hidden_layers,
+        cfg.n_routed_experts,
+        prompt_tokens,
+        len(g.token_ids),
+        g.ttft_s,
+        tok_s,
+        bytes_per_token(model),
+        read_gbps(),
+        cpu_bytes_per_token(model),
+        str(model.device),
+    )

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 def block_dequant(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """codes [N, K] float8_e4m3fn, scale [ceil(N/128), ceil(K/128)] -> [N, K] in dtype."""
     n, k = codes.shape
-    if n % 128 == 0 and k % 128 == 0:            # broadcast the scales, no [N, K] scale copy
+    if n % 128 == 0 and k % 128 == 0:  # broadcast the scales, no [N, K] scale copy
         blocks = codes.view(n // 128, 128, k // 128, 128).to(torch.float32)
         return (blocks * scale[:, None, :, None]).to(dtype).view(n, k)
     s = scale.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
@@ -42,12 +42,13 @@ class Matmul:
         forced = os.environ.get("REFMOE_SLP_MATMUL")
         if forced not in (None, "", "dequant", "scaled_mm"):
             raise ValueError(f"REFMOE_SLP_MATMUL must be dequant or scaled_mm, got {forced!r}")
-        self.why_not = ""      # why the FP8 tensor-core path is not used, when it is not
+        self.why_not = ""  # why the FP8 tensor-core path is not used, when it is not
         self.layouts: dict[tuple[int, int], tuple[bool, bool] | None] = {}  # (N, K) -> layout
         available = device.type == "cuda" and hasattr(torch, "_scaled_mm")
         if forced != "scaled_mm":
-            self.why_not = "dequant is the default (REFMOE_SLP_MATMUL=scaled_mm for the FP8 " \
-                "tensor cores)"
+            self.why_not = (
+                "dequant is the default (REFMOE_SLP_MATMUL=scaled_mm for the FP8 tensor cores)"
+            )
         elif not available:
             self.why_not = "no CUDA device"
         self.kind = "scaled_mm" if forced == "scaled_mm" and available else "dequant"
@@ -73,13 +74,14 @@ class Matmul:
         self.why_not = f"{n}x{k}: {why}" if not self.why_not else self.why_not
         return None, want
 
-    def _scaled(self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
-                layout: tuple[bool, bool]) -> torch.Tensor:
+    def _scaled(
+        self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, layout: tuple[bool, bool]
+    ) -> torch.Tensor:
         m, k = x.shape
-        mp = -(-m // 4) * 4                      # cuBLASLt wants M a multiple of 4
+        mp = -(-m // 4) * 4  # cuBLASLt wants M a multiple of 4
         kb = -(-k // 128)
         xp = F.pad(x.float(), (0, kb * 128 - k, 0, mp - m)).view(mp, kb, 128)
-        amax = xp.abs().amax(-1).clamp(min=1e-12)                           # [Mp, K/128]
+        amax = xp.abs().amax(-1).clamp(min=1e-12)  # [Mp, K/128]
         sa = amax / 448.0
         q = (xp / sa[..., None]).view(mp, kb * 128)[:, :k].to(torch.float8_e4m3fn)
         a_col_major, b_contiguous = layout
@@ -87,7 +89,7 @@ class Matmul:
             sa = sa.t().contiguous().t()
         # the weight's block scales with their K-block count padded to a multiple of 4, as
         # cuBLASLt reads them (the matrix itself is not padded)
-        sb = F.pad(scale.float(), (0, -kb % 4)).t()                      # [Kb4, N/128] view
+        sb = F.pad(scale.float(), (0, -kb % 4)).t()  # [Kb4, N/128] view
         if b_contiguous:
             sb = sb.contiguous()
         y = torch._scaled_mm(q, w.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
@@ -101,9 +103,10 @@ class Matmul:
         back = [f"{n}x{k}" for (n, k), lay in self.layouts.items() if lay is None]
         return f"scaled_mm (dequant for {', '.join(back)})" if back else "scaled_mm"
 
-    def __call__(self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None
-                 ) -> torch.Tensor:
-        if scale is None:                                      # BF16 experts
+    def __call__(
+        self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None
+    ) -> torch.Tensor:
+        if scale is None:  # BF16 experts
             return x @ w.to(self.dtype).T
         if self.kind == "scaled_mm":
             shape = tuple(w.shape)

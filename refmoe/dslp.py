@@ -47,8 +47,9 @@ class ContextParallel:
         self.offset = sum(sizes[:rank])
 
     @staticmethod
-    def split(tokens: int, world: int, host_only: bool = False, cfg=None,
-              past: int = 0) -> list[int]:
+    def split(
+        tokens: int, world: int, host_only: bool = False, cfg=None, past: int = 0
+    ) -> list[int]:
         """Contiguous slices in rank order; host_only: rank 0 gets none, ranks 1.. share.
         Given the model's config, the slices balance the causal attention's cost (later
         tokens attend to more keys, so earlier ranks take more of them:
@@ -75,15 +76,16 @@ class ContextParallel:
         """y [T, H], one partial sum per rank -> the summed rows of this rank's slice."""
         if dist.get_backend(self.group) == "nccl":
             longest = max(self.sizes)
-            padded = torch.zeros((longest * len(self.sizes), y.shape[1]), dtype=y.dtype,
-                                 device=y.device)
+            padded = torch.zeros(
+                (longest * len(self.sizes), y.shape[1]), dtype=y.dtype, device=y.device
+            )
             for r, (lo, n) in enumerate(zip(self._offsets(), self.sizes)):
-                padded[r * longest: r * longest + n] = y[lo: lo + n]
+                padded[r * longest : r * longest + n] = y[lo : lo + n]
             out = torch.empty((longest, y.shape[1]), dtype=y.dtype, device=y.device)
             dist.reduce_scatter_tensor(out, padded, group=self.group)
             return out[: self.sizes[self.rank]]
-        dist.all_reduce(y, group=self.group)            # gloo has no reduce-scatter
-        return y[self.offset: self.offset + self.sizes[self.rank]]
+        dist.all_reduce(y, group=self.group)  # gloo has no reduce-scatter
+        return y[self.offset : self.offset + self.sizes[self.rank]]
 
     def _offsets(self) -> list[int]:
         return [sum(self.sizes[:r]) for r in range(len(self.sizes))]
@@ -96,8 +98,7 @@ class DistributedPrefill:
         self.model, self.group = model, group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         world, rank = self.world, self.rank
-        self.runner = slp.StreamPrefill(model, owned=lambda e: e % world == rank,
-                                        **slp_kwargs)
+        self.runner = slp.StreamPrefill(model, owned=lambda e: e % world == rank, **slp_kwargs)
         self.trace = None
 
     @property
@@ -105,8 +106,9 @@ class DistributedPrefill:
         return self.runner.stats
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor, cache, all_logits: bool = False,
-                host_only: bool = False) -> torch.Tensor:
+    def prefill(
+        self, ids: torch.Tensor, cache, all_logits: bool = False, host_only: bool = False
+    ) -> torch.Tensor:
         """The logits of the last position [1, V] on every rank (all_logits: of every position,
         [T, V]); every rank's cache extended by the whole prompt. host_only: rank 0 computes
         nothing (no tokens, no experts) and only takes part in the exchanges."""
@@ -115,35 +117,43 @@ class DistributedPrefill:
         world, rank = self.world, self.rank
         if host_only and world < 2:
             raise ValueError("host-only DSLP needs at least 2 ranks")
-        r.owned = (lambda e: e % (world - 1) + 1 == rank) if host_only else \
-            (lambda e: e % world == rank)
+        r.owned = (
+            (lambda e: e % (world - 1) + 1 == rank) if host_only else (lambda e: e % world == rank)
+        )
         ids = ids.to(self.model.device)
         outs = []
         for lo in range(0, ids.shape[0], r.chunk_tokens):
-            chunk = ids[lo: lo + r.chunk_tokens]
-            cp = ContextParallel(ContextParallel.split(chunk.shape[0], world, host_only,
-                                                       self.model.cfg, cache.length),
-                                 rank, self.group)
+            chunk = ids[lo : lo + r.chunk_tokens]
+            cp = ContextParallel(
+                ContextParallel.split(
+                    chunk.shape[0], world, host_only, self.model.cfg, cache.length
+                ),
+                rank,
+                self.group,
+            )
             if min(cp.sizes[1:] if host_only else cp.sizes) == 0:
-                raise ValueError(f"a chunk of {chunk.shape[0]} tokens cannot be split across "
-                                 f"{world - host_only} ranks")
-            part = r._chunk(chunk.shape[0], exchange=cp)     # SmallEP across the ranks
-            mine = chunk[cp.offset: cp.offset + cp.sizes[self.rank]]
+                raise ValueError(
+                    f"a chunk of {chunk.shape[0]} tokens cannot be split across "
+                    f"{world - host_only} ranks"
+                )
+            part = r._chunk(chunk.shape[0], exchange=cp)  # SmallEP across the ranks
+            mine = chunk[cp.offset : cp.offset + cp.sizes[self.rank]]
             logits = self.model.forward(mine, cache, experts=part, cp=cp)  # [t_r, V]
             r.stats.chunks += 1
             outs.append(cp.gather(logits) if all_logits else logits[-1:])
         if all_logits:
             return torch.cat(outs)
         last = outs[-1].contiguous()
-        if last.shape[0] == 0:      # a host with no tokens receives the last rank's logits
+        if last.shape[0] == 0:  # a host with no tokens receives the last rank's logits
             last = last.new_empty((1, last.shape[1]))
-        dist.broadcast(last, src=self.world - 1, group=self.group)      # the last slice's
+        dist.broadcast(last, src=self.world - 1, group=self.group)  # the last slice's
         return last
 
 
 # ---------------------------------------------------------------------------------------------
 # A group of ranks in one node: rank 0 in this process, the others spawned
 # ---------------------------------------------------------------------------------------------
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -159,16 +169,24 @@ def _rank_device(device: str, rank: int) -> str:
     return f"cuda:{rank}" if device.startswith("cuda") else "cpu"
 
 
-def _worker(rank: int, world: int, port: int, model_dir: str, device: str, slp_kwargs: dict,
-            threads: int | None) -> None:
+def _worker(
+    rank: int,
+    world: int,
+    port: int,
+    model_dir: str,
+    device: str,
+    slp_kwargs: dict,
+    threads: int | None,
+) -> None:
     """A rank > 0: load the model, then run its share of every prefill rank 0 announces."""
     from refmoe import models
 
     if threads:
         os.environ["REFMOE_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
-    dist.init_process_group(_backend(device), init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world)
+    dist.init_process_group(
+        _backend(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
         _, model = models.load(model_dir, device=_rank_device(device, rank))
         runner = DistributedPrefill(model, **slp_kwargs)
@@ -194,8 +212,15 @@ class Group:
         self.prefiller = DistributedPrefill(model, **slp_kwargs)
 
     @classmethod
-    def start(cls, model, model_dir: str, world: int = 2, threads_per_rank: int | None = None,
-              timeout_s: float = 300.0, **slp_kwargs) -> Group:
+    def start(
+        cls,
+        model,
+        model_dir: str,
+        world: int = 2,
+        threads_per_rank: int | None = None,
+        timeout_s: float = 300.0,
+        **slp_kwargs,
+    ) -> Group:
         import datetime
         import multiprocessing as mp
 
@@ -203,19 +228,30 @@ class Group:
             raise ValueError(f"DSLP needs at least 2 ranks, got {world}")
         device = str(model.device)
         if device.startswith("cuda") and torch.cuda.device_count() < world:
-            raise ValueError(f"DSLP over {world} ranks needs {world} GPUs, this machine has "
-                             f"{torch.cuda.device_count()}")
+            raise ValueError(
+                f"DSLP over {world} ranks needs {world} GPUs, this machine has "
+                f"{torch.cuda.device_count()}"
+            )
         port = _free_port()
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker, daemon=True, name=f"refmoe-dslp-{r}",
-                             args=(r, world, port, str(model_dir), device, slp_kwargs,
-                                   threads_per_rank))
-                 for r in range(1, world)]
+        procs = [
+            ctx.Process(
+                target=_worker,
+                daemon=True,
+                name=f"refmoe-dslp-{r}",
+                args=(r, world, port, str(model_dir), device, slp_kwargs, threads_per_rank),
+            )
+            for r in range(1, world)
+        ]
         for p in procs:
             p.start()
-        dist.init_process_group(_backend(device), init_method=f"tcp://127.0.0.1:{port}",
-                                rank=0, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            _backend(device),
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=0,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
         return cls(model, world, procs, device, **slp_kwargs)
 
     @property
@@ -230,13 +266,15 @@ class Group:
     def trace(self, value) -> None:
         self.prefiller.trace = value
 
-    def prefill(self, ids: torch.Tensor, cache, all_logits: bool = False,
-                host_only: bool = False) -> torch.Tensor:
+    def prefill(
+        self, ids: torch.Tensor, cache, all_logits: bool = False, host_only: bool = False
+    ) -> torch.Tensor:
         """DSLP over every rank, or (host_only) over ranks 1..N-1 with this process only
         receiving the cache: its device stays free for decode."""
         dev = self.model.device
-        dist.broadcast(torch.tensor([ids.shape[0], int(all_logits), int(host_only)],
-                                    device=dev), src=0)
+        dist.broadcast(
+            torch.tensor([ids.shape[0], int(all_logits), int(host_only)], device=dev), src=0
+        )
         ids = ids.to(dev, torch.int64)
         dist.broadcast(ids, src=0)
         return self.prefiller.prefill(ids, cache, all_logits=all_logits, host_only=host_only)
@@ -251,8 +289,10 @@ class Group:
             for p in self.processes:
                 p.join(timeout=30)
                 if p.is_alive():
-                    print(f"refmoe dslp: rank process {p.name} did not exit; killing it",
-                          file=sys.stderr)
+                    print(
+                        f"refmoe dslp: rank process {p.name} did not exit; killing it",
+                        file=sys.stderr,
+                    )
                     p.kill()
 
     def __enter__(self) -> Group:

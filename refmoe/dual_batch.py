@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 class DualBatch:
     def __init__(self):
-        self.locks = (threading.Lock(), threading.Lock())        # attention, experts
+        self.locks = (threading.Lock(), threading.Lock())  # attention, experts
         self.helper = ThreadPoolExecutor(1, thread_name_prefix="refmoe-dbo")
 
     def run(self, step, batches: list) -> list:
@@ -26,8 +26,9 @@ class DualBatch:
         if len(batches) == 1:
             return [step(batches[0], None)]
         if len(batches) != 2:
-            raise ValueError(f"dual-batch overlap runs one or two micro-batches, got "
-                             f"{len(batches)}")
+            raise ValueError(
+                f"dual-batch overlap runs one or two micro-batches, got {len(batches)}"
+            )
         other = self.helper.submit(step, batches[1], self.locks)
         return [step(batches[0], self.locks), other.result()]
 

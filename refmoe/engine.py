@@ -46,14 +46,14 @@ class Request:
     prompt_ids: list[int]
     max_tokens: int
     params: SamplingParams
-    sink: object                          # callable(event dict)
+    sink: object  # callable(event dict)
     stop_ids: set[int] = field(default_factory=set)
     stop_text: list[str] = field(default_factory=list)
     arrival: float = field(default_factory=time.monotonic)
     out: list[int] = field(default_factory=list)
     cache: object = None
     sampler: Sampler | None = None
-    text_sent: int = 0                    # characters of the decoded output already emitted
+    text_sent: int = 0  # characters of the decoded output already emitted
     first_token_at: float | None = None
     last_token_at: float | None = None
     finish_reason: str | None = None
@@ -61,62 +61,88 @@ class Request:
 
 
 class Engine:
-    def __init__(self, model, tokenizer=None, *, kv_tokens: int | None = None,
-                 kv_memory: float | None = None,
-                 max_batch: int = 16, max_queue: int = 256, prefill: str = "auto",
-                 dual_batch: bool | str | None = None, metrics=None,
-                 max_context: int | None = None, trace=None, ranks: int = 1,
-                 model_dir: str | None = None, config: EngineConfig | None = None,
-                 rates=None):
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        *,
+        kv_tokens: int | None = None,
+        kv_memory: float | None = None,
+        max_batch: int = 16,
+        max_queue: int = 256,
+        prefill: str = "auto",
+        dual_batch: bool | str | None = None,
+        metrics=None,
+        max_context: int | None = None,
+        trace=None,
+        ranks: int = 1,
+        model_dir: str | None = None,
+        config: EngineConfig | None = None,
+        rates=None,
+    ):
         """The keyword arguments make an EngineConfig (or pass `config`); rates: the cost
         model's (default: measured at start() when prefill is auto)."""
         self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
-        self.trace = trace              # a refmoe.trace.Trace: steps, layers and requests
+        self.trace = trace  # a refmoe.trace.Trace: steps, layers and requests
         if trace is not None:
             model.trace = trace
         self.context = max_context or model.cfg.max_position_embeddings
-        if kv_memory is not None:   # a KV budget in bytes: as many tokens as fit
+        if kv_memory is not None:  # a KV budget in bytes: as many tokens as fit
             if kv_tokens is not None:
                 raise ValueError("give the KV budget in tokens or in memory, not both")
             per = model.kv_bytes_per_token()
             kv_tokens = int(kv_memory // per)
             if kv_tokens < 1:
-                raise ValueError(f"a KV memory of {kv_memory:.0f} bytes holds no token "
-                                 f"({per} bytes each for this model)")
+                raise ValueError(
+                    f"a KV memory of {kv_memory:.0f} bytes holds no token "
+                    f"({per} bytes each for this model)"
+                )
         self.config = config or EngineConfig(
-            prefill=prefill, dual_batch=dual_batch, ranks=ranks,
-            kv_tokens=kv_tokens or 4 * self.context, max_batch=max_batch, max_queue=max_queue)
+            prefill=prefill,
+            dual_batch=dual_batch,
+            ranks=ranks,
+            kv_tokens=kv_tokens or 4 * self.context,
+            max_batch=max_batch,
+            max_queue=max_queue,
+        )
         if self.config.ranks > 1 and model_dir is None:
-            raise ValueError("DSLP over several ranks needs the model directory (each rank "
-                             "loads it)")
+            raise ValueError(
+                "DSLP over several ranks needs the model directory (each rank loads it)"
+            )
         self.ranks, self.model_dir, self.group = self.config.ranks, model_dir, None
-        self._rates = rates             # the cost model's, measured at start for "auto"
+        self._rates = rates  # the cost model's, measured at start for "auto"
         self.policy = self._policy()
         self.scheduler = self.policy.scheduler()
         self.requests: dict[str, Request] = {}
         self.lock = threading.Condition()
         self.accepting, self.stopping = True, False
         self.ids = itertools.count()
-        self.dual = DualBatch()         # the lock pair and helper thread of dual-batch overlap
-        self.workers = [threading.Thread(target=self._loop, args=(kind,), daemon=True,
-                                         name=f"refmoe-{kind}") for kind in ("prefill", "decode")]
+        self.dual = DualBatch()  # the lock pair and helper thread of dual-batch overlap
+        self.workers = [
+            threading.Thread(target=self._loop, args=(kind,), daemon=True, name=f"refmoe-{kind}")
+            for kind in ("prefill", "decode")
+        ]
         self._moe = [b.ffn for b in model.blocks if hasattr(b.ffn, "seconds")]
         self._expert_s = sum(m.seconds for m in self._moe)
         self.steps = {"prefill": 0, "decode": 0}
-        self._streamer: slp.StreamPrefill | None = None   # one SLP runner, its ring reused
+        self._streamer: slp.StreamPrefill | None = None  # one SLP runner, its ring reused
 
     # -- the public face ------------------------------------------------------------------
 
     def _policy(self) -> Policy:
-        return Policy.build(self.config, self.model.cfg, self._rates,
-                            accelerated=self.model.device.type != "cpu",
-                            can_stream=slp.streamable(self.model))
+        return Policy.build(
+            self.config,
+            self.model.cfg,
+            self._rates,
+            accelerated=self.model.device.type != "cpu",
+            can_stream=slp.streamable(self.model),
+        )
 
     def start(self) -> Engine:
         if self.config.prefill == "auto" and slp.streamable(self.model) and self._rates is None:
             self._rates = slp.model_rates(self.model)
             self.policy.rates = self._rates
-        if self.ranks > 1:       # the other ranks of DSLP: processes that load the model
+        if self.ranks > 1:  # the other ranks of DSLP: processes that load the model
             from refmoe import dslp
 
             self.group = dslp.Group.start(self.model, self.model_dir, self.ranks)
@@ -124,8 +150,15 @@ class Engine:
             w.start()
         return self
 
-    def submit(self, prompt_ids: list[int], max_tokens: int, params: SamplingParams, sink,
-               stop_ids=(), stop_text=()) -> Request:
+    def submit(
+        self,
+        prompt_ids: list[int],
+        max_tokens: int,
+        params: SamplingParams,
+        sink,
+        stop_ids=(),
+        stop_text=(),
+    ) -> Request:
         """Queue a request; raises ValueError (bad request), QueueFull or ShuttingDown."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -136,15 +169,24 @@ class Engine:
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if len(prompt_ids) + max_tokens > self.context:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) "
-                             f"exceeds the context of {self.context} tokens")
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) "
+                f"exceeds the context of {self.context} tokens"
+            )
         if stop_text and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
         with self.lock:
             if not self.accepting:
                 raise ShuttingDown("the server is shutting down")
-            req = Request(f"req-{next(self.ids)}", list(prompt_ids), max_tokens, params, sink,
-                          set(stop_ids), [s for s in stop_text if s])
+            req = Request(
+                f"req-{next(self.ids)}",
+                list(prompt_ids),
+                max_tokens,
+                params,
+                sink,
+                set(stop_ids),
+                [s for s in stop_text if s],
+            )
             self.scheduler.add(Entry(req.id, len(prompt_ids), max_tokens, req.arrival))
             self.requests[req.id] = req
             self._gauges()
@@ -174,8 +216,12 @@ class Engine:
             while self.requests and time.monotonic() < deadline:
                 self.lock.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             for req in list(self.requests.values()):
-                self._fail(req, f"the server shut down before this request finished (it "
-                           f"drained for {drain_s:g} s)", status=503)
+                self._fail(
+                    req,
+                    f"the server shut down before this request finished (it "
+                    f"drained for {drain_s:g} s)",
+                    status=503,
+                )
             self.stopping = True
             self.lock.notify_all()
         for w in self.workers:
@@ -202,17 +248,25 @@ class Engine:
                     self.lock.wait(0.5)
                 if self.stopping:
                     return
-                self._gauges()          # waiting -> prefilling changes both gauges
+                self._gauges()  # waiting -> prefilling changes both gauges
             start = self.trace.now() if self.trace else 0.0
             try:
                 run(plan)
                 if self.trace:
                     n = 1 if kind == "prefill" else len(plan.request_ids)
-                    self.trace.span("scheduler", f"{kind} worker", kind, start,
-                                    self.trace.now() - start, requests=n,
-                                    **({"tokens": plan.tokens, "path": plan.where}
-                                       if kind == "prefill" else
-                                       {"micro_batches": len(plan.micro_batches)}))
+                    self.trace.span(
+                        "scheduler",
+                        f"{kind} worker",
+                        kind,
+                        start,
+                        self.trace.now() - start,
+                        requests=n,
+                        **(
+                            {"tokens": plan.tokens, "path": plan.where}
+                            if kind == "prefill"
+                            else {"micro_batches": len(plan.micro_batches)}
+                        ),
+                    )
             except Exception as e:  # noqa: BLE001 - one failing step fails its requests only
                 ids = [plan.request_id] if isinstance(plan, PrefillPlan) else plan.request_ids
                 with self.lock:
@@ -225,10 +279,10 @@ class Engine:
     def _prefill(self, plan: PrefillPlan) -> None:
         with self.lock:
             req = self.requests.get(plan.request_id)
-            if req is not None and req.cancelled:   # gone before its prefill began
+            if req is not None and req.cancelled:  # gone before its prefill began
                 self._drop(req)
                 return
-        if req is None:                     # failed or dropped while waiting
+        if req is None:  # failed or dropped while waiting
             return
         cache = self.model.new_cache()
         ids = torch.tensor(req.prompt_ids)
@@ -238,8 +292,9 @@ class Engine:
             logits = self.group.prefill(ids, cache, host_only=0 not in plan.device_ids)
         elif plan.where == "slp":
             if self._streamer is None:
-                self._streamer = slp.StreamPrefill(self.model,
-                                                   chunk_tokens=self.policy.chunk_tokens)
+                self._streamer = slp.StreamPrefill(
+                    self.model, chunk_tokens=self.policy.chunk_tokens
+                )
             logits = self._streamer.prefill(ids, cache, modes=plan.streaming)
         else:
             logits = self.model.forward(ids, cache)
@@ -248,12 +303,12 @@ class Engine:
         if self.metrics:
             self.metrics.prompt_tokens.inc(len(req.prompt_ids))
         with self.lock:
-            if req.cancelled or req.finish_reason is not None:   # the step's boundary
+            if req.cancelled or req.finish_reason is not None:  # the step's boundary
                 self._drop(req)
                 return
             req.cache, req.sampler = cache, sampler
             self._emit(req, [token])
-            if req.cancelled:               # hung up on its first token (or its sink broke)
+            if req.cancelled:  # hung up on its first token (or its sink broke)
                 self._drop(req)
             elif req.finish_reason is None:
                 self.scheduler.prefilled(req.id)
@@ -281,11 +336,12 @@ class Engine:
             return
 
         def step(pairs, locks) -> torch.Tensor:
-            return self.model.forward_batch([torch.tensor(r.out[-1:]) for r, _ in pairs],
-                                            [c for _, c in pairs], locks)
+            return self.model.forward_batch(
+                [torch.tensor(r.out[-1:]) for r, _ in pairs], [c for _, c in pairs], locks
+            )
 
-        results = self.dual.run(step, batches)      # two micro-batches: overlapped
-        with self.lock:                     # the step's other boundary
+        results = self.dual.run(step, batches)  # two micro-batches: overlapped
+        with self.lock:  # the step's other boundary
             for pairs, logits in zip(batches, results):
                 for (req, _), row in zip(pairs, logits):
                     if req.finish_reason is not None:
@@ -326,9 +382,9 @@ class Engine:
             # hold back what could be the start of a stop string until it is decided
             hold = 0 if reason else max((len(s) - 1 for s in req.stop_text), default=0)
             upto = max(req.text_sent, len(full) - hold)
-            text, req.text_sent = full[req.text_sent: upto], upto
+            text, req.text_sent = full[req.text_sent : upto], upto
         self._send(req, {"type": "token", "token_ids": tokens, "text": text})
-        if reason:                  # dropped first: a client told "finish" sees its KV freed
+        if reason:  # dropped first: a client told "finish" sees its KV freed
             req.finish_reason = reason
             self._drop(req)
             if m:
@@ -343,12 +399,16 @@ class Engine:
 
     def _drop(self, req: Request) -> None:
         if self.trace is not None and req.id in self.requests:
-            t0 = time.monotonic() - self.trace.now()      # the trace's start, on this clock
+            t0 = time.monotonic() - self.trace.now()  # the trace's start, on this clock
             self.trace.request(
-                id=req.id, arrival=req.arrival - t0, prompt_tokens=len(req.prompt_ids),
-                output_tokens=len(req.out), finish_reason=req.finish_reason,
+                id=req.id,
+                arrival=req.arrival - t0,
+                prompt_tokens=len(req.prompt_ids),
+                output_tokens=len(req.out),
+                finish_reason=req.finish_reason,
                 first_token_time=None if req.first_token_at is None else req.first_token_at - t0,
-                finish_time=time.monotonic() - t0)
+                finish_time=time.monotonic() - t0,
+            )
         self.requests.pop(req.id, None)
         req.cache = None
         self.scheduler.finish(req.id)
@@ -358,12 +418,15 @@ class Engine:
         try:
             req.sink(event)
         except Exception:  # noqa: BLE001 - a broken sink must not stop the engine
-            req.cancelled = True      # its worker drops it at the next step boundary
+            req.cancelled = True  # its worker drops it at the next step boundary
 
     @staticmethod
     def _usage(req: Request) -> dict:
-        return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.out),
-                "total_tokens": len(req.prompt_ids) + len(req.out)}
+        return {
+            "prompt_tokens": len(req.prompt_ids),
+            "completion_tokens": len(req.out),
+            "total_tokens": len(req.prompt_ids) + len(req.out),
+        }
 
     def _gauges(self) -> None:
         if self.metrics:

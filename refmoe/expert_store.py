@@ -18,28 +18,33 @@ ALIGN = 256  # every part of a slot starts at a multiple of this (device loads w
 
 @dataclass(frozen=True, slots=True)
 class Part:
-    name: str               # gate, gate_scale, up, up_scale, down, down_scale
-    offset: int             # bytes from the slot's start
+    name: str  # gate, gate_scale, up, up_scale, down, down_scale
+    offset: int  # bytes from the slot's start
     shape: tuple[int, int]
-    dtype: str              # "fp8" codes, "bf16" bits, or "f32" scales
+    dtype: str  # "fp8" codes, "bf16" bits, or "f32" scales
 
     @property
     def nbytes(self) -> int:
-        return self.shape[0] * self.shape[1] * (4 if self.dtype == "f32" else
-                                                2 if self.dtype == "bf16" else 1)
+        return (
+            self.shape[0]
+            * self.shape[1]
+            * (4 if self.dtype == "f32" else 2 if self.dtype == "bf16" else 1)
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class SlotLayout:
     fmt: str
     parts: tuple[Part, ...]
-    nbytes: int             # one slot, padding included
+    nbytes: int  # one slot, padding included
 
     @classmethod
     def of(cls, experts: kernels.ExpertWeights) -> SlotLayout:
         if experts.fmt not in ("fp8", "bf16"):
-            raise ValueError(f"stream-loading prefill runs FP8 or BF16 experts, not "
-                             f"{experts.fmt!r} (load with --expert-dtype fp8 or bf16)")
+            raise ValueError(
+                f"stream-loading prefill runs FP8 or BF16 experts, not "
+                f"{experts.fmt!r} (load with --expert-dtype fp8 or bf16)"
+            )
         h, i = experts.hidden, experts.intermediate
         parts, off = [], 0
         for kind, (rows, cols) in (("gate", (i, h)), ("up", (i, h)), ("down", (h, i))):
@@ -54,15 +59,22 @@ class SlotLayout:
 
     def sources(self, experts: kernels.ExpertWeights, e: int) -> list[np.ndarray]:
         """Expert e's parts in layout order, as 1-D uint8 views of the host copy."""
-        arrays = {"gate": experts.gate, "up": experts.up, "down": experts.down,
-                  "gate_scale": experts.gate_scale, "up_scale": experts.up_scale,
-                  "down_scale": experts.down_scale}
-        return [np.ascontiguousarray(arrays[p.name][e]).reshape(-1).view(np.uint8)
-                for p in self.parts]
+        arrays = {
+            "gate": experts.gate,
+            "up": experts.up,
+            "down": experts.down,
+            "gate_scale": experts.gate_scale,
+            "up_scale": experts.up_scale,
+            "down_scale": experts.down_scale,
+        }
+        return [
+            np.ascontiguousarray(arrays[p.name][e]).reshape(-1).view(np.uint8) for p in self.parts
+        ]
 
 
-def pack_host(experts: kernels.ExpertWeights, pin: bool) -> tuple[kernels.ExpertWeights,
-                                                                   torch.Tensor]:
+def pack_host(
+    experts: kernels.ExpertWeights, pin: bool
+) -> tuple[kernels.ExpertWeights, torch.Tensor]:
     """Copy a layer's experts into one [E, slot bytes] host buffer (pinned when asked) and
     return ExpertWeights whose arrays are views of it: the buffer becomes the one host copy
     that the CPU kernels read and SLP streams from, one contiguous row per expert."""
@@ -73,11 +85,20 @@ def pack_host(experts: kernels.ExpertWeights, pin: bool) -> tuple[kernels.Expert
     np_dtype = {"fp8": np.uint8, "bf16": np.uint16, "f32": np.float32}
     for e in range(experts.num_experts):
         for part, src in zip(layout.parts, layout.sources(experts, e)):
-            dst = rows[e, part.offset: part.offset + part.nbytes]
+            dst = rows[e, part.offset : part.offset + part.nbytes]
             dst[:] = src
             views[part.name].append(dst.view(np_dtype[part.dtype]).reshape(part.shape))
     packed = kernels.ExpertWeights(
-        experts.fmt, experts.hidden, experts.intermediate, views["gate"], views["up"],
-        views["down"], views.get("gate_scale", []), views.get("up_scale", []),
-        views.get("down_scale", []), group_size=experts.group_size, validate=False)
+        experts.fmt,
+        experts.hidden,
+        experts.intermediate,
+        views["gate"],
+        views["up"],
+        views["down"],
+        views.get("gate_scale", []),
+        views.get("up_scale", []),
+        views.get("down_scale", []),
+        group_size=experts.group_size,
+        validate=False,
+    )
     return packed, buf

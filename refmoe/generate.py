@@ -14,9 +14,9 @@ from refmoe.trace import maybe
 @dataclass(slots=True)
 class Generation:
     token_ids: list[int]
-    finish_reason: str            # "length" or "stop"
-    ttft_s: float                 # prompt in to first generated token
-    decode_s: float               # the rest
+    finish_reason: str  # "length" or "stop"
+    ttft_s: float  # prompt in to first generated token
+    decode_s: float  # the rest
     prompt_tokens: int
     step_s: list[float] = field(default_factory=list)
 
@@ -26,10 +26,18 @@ class Generation:
         return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
 
 
-def generate(model, prompt_ids: list[int], max_tokens: int, params: SamplingParams | None = None,
-             stop_ids: list[int] | None = None, max_context: int | None = None,
-             trace=None, stop_text: list[str] | None = None, decode=None,
-             prefill=None) -> Generation:
+def generate(
+    model,
+    prompt_ids: list[int],
+    max_tokens: int,
+    params: SamplingParams | None = None,
+    stop_ids: list[int] | None = None,
+    max_context: int | None = None,
+    trace=None,
+    stop_text: list[str] | None = None,
+    decode=None,
+    prefill=None,
+) -> Generation:
     """Greedy or sampled continuation of prompt_ids; stops at max_tokens, a stop id, or (with
     decode, ids -> text) once the text contains one of stop_text.
     trace: a refmoe.trace.Trace that gets the prefill and decode spans and the request.
@@ -47,16 +55,24 @@ def generate(model, prompt_ids: list[int], max_tokens: int, params: SamplingPara
         raise ValueError(f"prompt token ids must lie in [0, {vocab}), got {bad[:5]}")
     limit = max_context or model.cfg.max_position_embeddings
     if len(prompt_ids) + max_tokens > limit:
-        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds "
-                         f"the context of {limit} tokens")
+        raise ValueError(
+            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds "
+            f"the context of {limit} tokens"
+        )
     sampler = Sampler(params or SamplingParams())
     stop = set(stop_ids or [])
     cache = model.new_cache()
     model.trace = trace
     arrival = trace.now() if trace else 0.0
     t0 = time.perf_counter()
-    with maybe(trace, "scheduler", "steps", "prefill", tokens=len(prompt_ids),
-               path="slp" if prefill is not None else "cpu"):
+    with maybe(
+        trace,
+        "scheduler",
+        "steps",
+        "prefill",
+        tokens=len(prompt_ids),
+        path="slp" if prefill is not None else "cpu",
+    ):
         if prefill is not None:
             prefill.trace = trace
             logits = prefill.prefill(torch.tensor(prompt_ids), cache)
@@ -77,6 +93,11 @@ def generate(model, prompt_ids: list[int], max_tokens: int, params: SamplingPara
             reason = "stop"
     model.trace = None
     if trace:
-        trace.request(arrival=arrival, prompt_tokens=len(prompt_ids), output_tokens=len(out),
-                      first_token_time=first, finish_time=trace.now())
+        trace.request(
+            arrival=arrival,
+            prompt_tokens=len(prompt_ids),
+            output_tokens=len(out),
+            first_token_time=first,
+            finish_time=trace.now(),
+        )
     return Generation(out, reason, t1 - t0, time.perf_counter() - t1, len(prompt_ids), steps)

@@ -4,8 +4,27 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5,
-                   5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+)
 
 
 class Metrics:
@@ -14,8 +33,9 @@ class Metrics:
         labels = {"model": model}
 
         def hist(name, doc):
-            return Histogram(name, doc, ["model"], registry=r,
-                             buckets=LATENCY_BUCKETS).labels(**labels)
+            return Histogram(name, doc, ["model"], registry=r, buckets=LATENCY_BUCKETS).labels(
+                **labels
+            )
 
         def count(name, doc):
             return Counter(name, doc, ["model"], registry=r).labels(**labels)
@@ -23,8 +43,7 @@ class Metrics:
         def gauge(name, doc):
             return Gauge(name, doc, ["model"], registry=r).labels(**labels)
 
-        self.ttft = hist("refmoe_time_to_first_token_seconds",
-                         "Arrival to first generated token")
+        self.ttft = hist("refmoe_time_to_first_token_seconds", "Arrival to first generated token")
         self.itl = hist("refmoe_inter_token_latency_seconds", "Between consecutive tokens")
         self.e2e = hist("refmoe_e2e_request_latency_seconds", "Arrival to the last token")
         self.waiting = gauge("refmoe_num_requests_waiting", "Requests in the admission queue")
@@ -32,10 +51,12 @@ class Metrics:
         self.kv_usage = gauge("refmoe_kv_cache_usage_ratio", "Reserved share of the KV budget")
         self.prompt_tokens = count("refmoe_prompt_tokens", "Prompt tokens prefilled")
         self.generation_tokens = count("refmoe_generation_tokens", "Tokens generated")
-        self.expert_seconds = count("refmoe_cpu_expert_seconds",
-                                    "Time in the CPU routed-expert kernels")
-        self.requests = Counter("refmoe_requests", "Requests by outcome", ["model", "outcome"],
-                                registry=r)
+        self.expert_seconds = count(
+            "refmoe_cpu_expert_seconds", "Time in the CPU routed-expert kernels"
+        )
+        self.requests = Counter(
+            "refmoe_requests", "Requests by outcome", ["model", "outcome"], registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

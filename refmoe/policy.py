@@ -23,19 +23,20 @@ DUAL_BATCH = ("auto", "on", "off")
 @dataclass(slots=True)
 class EngineConfig:
     """What a user sets (`refmoe serve` flags; the simulator's serve options), validated."""
-    prefill: str = "auto"           # auto (the cost model decides per prompt), cpu, slp
-    dual_batch: str = "auto"        # auto: on where attention runs on an accelerator
-    ranks: int = 1                  # SLP devices; with more than one a prefill may use DSLP
-    kv_tokens: int | None = None    # KV budget in tokens (None: 4 contexts)
-    max_batch: int = 16             # requests per decode step
-    max_queue: int = 256            # waiting requests before QueueFull (HTTP 429)
-    decode_quiet_s: float = 300.0   # DSLP takes every device only after this long without decode
+
+    prefill: str = "auto"  # auto (the cost model decides per prompt), cpu, slp
+    dual_batch: str = "auto"  # auto: on where attention runs on an accelerator
+    ranks: int = 1  # SLP devices; with more than one a prefill may use DSLP
+    kv_tokens: int | None = None  # KV budget in tokens (None: 4 contexts)
+    max_batch: int = 16  # requests per decode step
+    max_queue: int = 256  # waiting requests before QueueFull (HTTP 429)
+    decode_quiet_s: float = 300.0  # DSLP takes every device only after this long without decode
     chunk_tokens: int | None = None  # SLP chunk length (None: the device's default)
 
     def __post_init__(self):
         if self.prefill not in PREFILL:
             raise ValueError(f"prefill must be auto, cpu or slp, got {self.prefill!r}")
-        if self.dual_batch in (None, True, False):       # the engine's older spelling
+        if self.dual_batch in (None, True, False):  # the engine's older spelling
             self.dual_batch = {None: "auto", True: "on", False: "off"}[self.dual_batch]
         if self.dual_batch not in DUAL_BATCH:
             raise ValueError(f"dual_batch must be auto, on or off, got {self.dual_batch!r}")
@@ -53,15 +54,29 @@ class EngineConfig:
 class Policy:
     """EngineConfig applied to one model on one machine. Build it with Policy.build."""
 
-    def __init__(self, config: EngineConfig, cfg: ModelConfig, rates: costmodel.Rates | None,
-                 accelerated: bool, can_stream: bool, chunk_tokens: int):
+    def __init__(
+        self,
+        config: EngineConfig,
+        cfg: ModelConfig,
+        rates: costmodel.Rates | None,
+        accelerated: bool,
+        can_stream: bool,
+        chunk_tokens: int,
+    ):
         self.config, self.cfg, self.rates = config, cfg, rates
         self.accelerated, self.can_stream = accelerated, can_stream
         self.chunk_tokens = config.chunk_tokens or chunk_tokens
 
     @classmethod
-    def build(cls, config: EngineConfig, cfg: ModelConfig, rates: costmodel.Rates | None, *,
-              accelerated: bool, can_stream: bool = True) -> Policy:
+    def build(
+        cls,
+        config: EngineConfig,
+        cfg: ModelConfig,
+        rates: costmodel.Rates | None,
+        *,
+        accelerated: bool,
+        can_stream: bool = True,
+    ) -> Policy:
         """accelerated: attention runs on a GPU (the engine: the model's device is CUDA; the
         simulator: the profile has GPUs). can_stream: SLP can run this model here (its experts
         are FP8 or BF16, and for the simulator there is a GPU to stream to). rates: the cost
@@ -77,7 +92,7 @@ class Policy:
         return d == "on" or (d == "auto" and self.accelerated)
 
     def path(self, tokens: int) -> str:
-        """"cpu" or "slp" for a prompt of `tokens` tokens."""
+        """ "cpu" or "slp" for a prompt of `tokens` tokens."""
         if not self.can_stream:
             return "cpu"
         if self.config.prefill != "auto":
@@ -100,6 +115,14 @@ class Policy:
         """The scheduler this policy drives; its plans carry every decision above."""
         c = self.config
         kv = c.kv_tokens or 4 * self.cfg.max_position_embeddings
-        return Scheduler(kv, c.max_batch, c.max_queue, self.path, self.dual_batch,
-                         devices=c.ranks, decode_quiet_s=c.decode_quiet_s, clock=clock,
-                         details=self.details)
+        return Scheduler(
+            kv,
+            c.max_batch,
+            c.max_queue,
+            self.path,
+            self.dual_batch,
+            devices=c.ranks,
+            decode_quiet_s=c.decode_quiet_s,
+            clock=clock,
+            details=self.details,
+        )

@@ -21,11 +21,15 @@ def _moe_layers(model) -> list[tuple[int, object]]:
 def record(model) -> dict:
     """The routing counted so far by every MoE layer of `model`."""
     cfg = model.cfg
-    return {"n_routed_experts": cfg.n_routed_experts,
-            "num_experts_per_tok": cfg.num_experts_per_tok,
-            "layers": {str(i): {"tokens": int(moe.routed_tokens),
-                                "experts": moe.routed.cpu().tolist()}
-                       for i, moe in _moe_layers(model) if moe.routed_tokens}}
+    return {
+        "n_routed_experts": cfg.n_routed_experts,
+        "num_experts_per_tok": cfg.num_experts_per_tok,
+        "layers": {
+            str(i): {"tokens": int(moe.routed_tokens), "experts": moe.routed.cpu().tolist()}
+            for i, moe in _moe_layers(model)
+            if moe.routed_tokens
+        },
+    }
 
 
 def reset(model) -> None:
@@ -40,23 +44,32 @@ def popularity(rec: dict, source: str = "routing") -> dict[int, np.ndarray]:
     K), checked: a record whose counts cannot come from top-K routing is refused, naming
     `source` and the layer."""
     try:
-        e, k, layers = int(rec["n_routed_experts"]), int(rec["num_experts_per_tok"]), \
-            rec["layers"]
+        e, k, layers = int(rec["n_routed_experts"]), int(rec["num_experts_per_tok"]), rec["layers"]
     except (KeyError, TypeError, ValueError):
-        raise ValueError(f"{source}: not a routing record (needs n_routed_experts, "
-                         f"num_experts_per_tok and layers)") from None
+        raise ValueError(
+            f"{source}: not a routing record (needs n_routed_experts, "
+            f"num_experts_per_tok and layers)"
+        ) from None
     out = {}
     for name, layer in layers.items():
         try:
             tokens, counts = int(layer["tokens"]), np.asarray(layer["experts"], np.float64)
             index = int(name)
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{source}: layer {name!r} needs an integer index, tokens and "
-                             f"experts") from None
-        if counts.shape != (e,) or tokens < 1 or (counts < 0).any() or \
-                (counts > tokens).any() or counts.sum() != tokens * k:
-            raise ValueError(f"{source}: layer {name}: expected {e} counts of at most "
-                             f"{tokens} tokens each, summing to tokens x {k}")
+            raise ValueError(
+                f"{source}: layer {name!r} needs an integer index, tokens and experts"
+            ) from None
+        if (
+            counts.shape != (e,)
+            or tokens < 1
+            or (counts < 0).any()
+            or (counts > tokens).any()
+            or counts.sum() != tokens * k
+        ):
+            raise ValueError(
+                f"{source}: layer {name}: expected {e} counts of at most "
+                f"{tokens} tokens each, summing to tokens x {k}"
+            )
         out[index] = counts / tokens
     if not out:
         raise ValueError(f"{source}: the routing record has no layer")

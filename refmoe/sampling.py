@@ -9,9 +9,9 @@ import torch
 
 @dataclass(slots=True)
 class SamplingParams:
-    temperature: float = 0.0   # 0: greedy
-    top_k: int = 0             # 0: off
-    top_p: float = 1.0         # 1: off
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -44,7 +44,7 @@ class Sampler:
         if p.top_p < 1:
             sorted_logits, order = torch.sort(logits, descending=True)
             probs = torch.softmax(sorted_logits, -1)
-            drop = probs.cumsum(-1) - probs > p.top_p   # keep the smallest prefix >= top_p
+            drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest prefix >= top_p
             logits[order[drop]] = float("-inf")
         probs = torch.softmax(logits, -1)
         return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 @dataclass(slots=True)
 class PrefillPlan:
     """Everything an executor needs to run one prefill; it decides none of it."""
+
     request_id: str
     tokens: int
-    where: str = "cpu"           # "cpu" (routed experts on the CPU kernels) or "slp"
-    devices: int = 1             # SLP devices (ranks); more than one is DSLP
-    device_ids: tuple[int, ...] = (0,)   # which: the last `devices` (device 0 decodes)
-    chunks: int = 1              # SLP chunks (each a full pass over the experts)
-    streaming: tuple[str, ...] = ()      # per chunk: "prefetch" or "selective"
+    where: str = "cpu"  # "cpu" (routed experts on the CPU kernels) or "slp"
+    devices: int = 1  # SLP devices (ranks); more than one is DSLP
+    device_ids: tuple[int, ...] = (0,)  # which: the last `devices` (device 0 decodes)
+    chunks: int = 1  # SLP chunks (each a full pass over the experts)
+    streaming: tuple[str, ...] = ()  # per chunk: "prefetch" or "selective"
 
 
 @dataclass(slots=True)
@@ -47,11 +48,12 @@ class DecodePlan:
 @dataclass(slots=True)
 class Entry:
     """What the scheduler knows of a request."""
+
     request_id: str
     prompt_tokens: int
     max_tokens: int
     arrival: float
-    state: str = "waiting"       # waiting -> prefilling -> decoding -> finished
+    state: str = "waiting"  # waiting -> prefilling -> decoding -> finished
 
     @property
     def reserve(self) -> int:
@@ -88,9 +90,18 @@ class KVBudget:
 
 
 class Scheduler:
-    def __init__(self, kv_tokens: int, max_batch: int = 16, max_queue: int = 256,
-                 choose_path=None, dual_batch: bool = False, devices: int = 1,
-                 decode_quiet_s: float = 300.0, clock=None, details=None):
+    def __init__(
+        self,
+        kv_tokens: int,
+        max_batch: int = 16,
+        max_queue: int = 256,
+        choose_path=None,
+        dual_batch: bool = False,
+        devices: int = 1,
+        decode_quiet_s: float = 300.0,
+        clock=None,
+        details=None,
+    ):
         self.kv = KVBudget(kv_tokens)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.choose_path = choose_path or (lambda tokens: "cpu")
@@ -104,6 +115,7 @@ class Scheduler:
         # has decoded for decode_quiet_s; otherwise one stays with decode (the paper's rule)
         self.devices, self.decode_quiet_s = devices, decode_quiet_s
         import time as _time
+
         self.clock = clock or _time.monotonic
         self.last_decode = -float("inf")
 
@@ -111,8 +123,10 @@ class Scheduler:
 
     def add(self, entry: Entry) -> None:
         if entry.reserve > self.kv.capacity:
-            raise ValueError(f"request {entry.request_id}: prompt + max_tokens = {entry.reserve}"
-                             f" tokens exceeds the KV budget of {self.kv.capacity}")
+            raise ValueError(
+                f"request {entry.request_id}: prompt + max_tokens = {entry.reserve}"
+                f" tokens exceeds the KV budget of {self.kv.capacity}"
+            )
         if len(self.waiting) >= self.max_queue:
             raise QueueFull(f"{len(self.waiting)} requests are waiting (the bound)")
         self.entries[entry.request_id] = entry
@@ -161,19 +175,24 @@ class Scheduler:
             quiet = not self.decoding and self.clock() - self.last_decode >= self.decode_quiet_s
             devices = self.devices if quiet else max(1, self.devices - 1)
         # the last `devices` devices: device 0 stays with decode unless DSLP takes them all
-        ids = tuple(range(self.devices - devices, self.devices)) if where == "slp" else \
-            (self.devices - 1,)
+        ids = (
+            tuple(range(self.devices - devices, self.devices))
+            if where == "slp"
+            else (self.devices - 1,)
+        )
         chunks, streaming = self.details(e.prompt_tokens, where)
-        return PrefillPlan(e.request_id, e.prompt_tokens, where, devices, ids, chunks,
-                           streaming)
+        return PrefillPlan(e.request_id, e.prompt_tokens, where, devices, ids, chunks, streaming)
 
     def next_decode(self) -> DecodePlan | None:
         if not self.decoding:
             return None
         self.last_decode = self.clock()
         ids = self.decoding[: self.max_batch]
-        split = [ids[: (len(ids) + 1) // 2], ids[(len(ids) + 1) // 2:]] \
-            if self.dual_batch and len(ids) >= 2 else [ids]
+        split = (
+            [ids[: (len(ids) + 1) // 2], ids[(len(ids) + 1) // 2 :]]
+            if self.dual_batch and len(ids) >= 2
+            else [ids]
+        )
         return DecodePlan(ids, split)
 
     @property

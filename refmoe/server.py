@@ -62,7 +62,7 @@ class _Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1)
-    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1, description="a 64-bit integer")
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="a 64-bit integer")
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -101,22 +101,37 @@ class DetokenizeRequest(BaseModel):
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 param: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.kind, self.param = status, message, kind, param
         self.headers = headers or {}
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error",
-           param: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param,
-                                   "code": status}}, status_code=status, headers=headers)
+def _error(
+    status: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    headers: dict | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": param, "code": status}},
+        status_code=status,
+        headers=headers,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # The app
 # ---------------------------------------------------------------------------------------------
+
 
 class State:
     """What the app holds: the engine once loaded, or why loading failed."""
@@ -128,8 +143,8 @@ class State:
         self.error: str | None = None
         self.ready = threading.Event()
         self.drain_s = 10.0
-        self.max_body: int | None = None        # bytes; None: from the model's context
-        self.on_load_error = None               # called (from the loader) when loading fails
+        self.max_body: int | None = None  # bytes; None: from the model's context
+        self.on_load_error = None  # called (from the loader) when loading fails
 
     def body_limit(self) -> int:
         """--max-body-mb, or 16 bytes per token of context (a token id in JSON takes at most
@@ -145,7 +160,7 @@ class BodyLimit:
     read (or its Content-Length) pass the limit; nothing past it is read or kept."""
 
     def __init__(self, app, limit):
-        self.app, self.limit = app, limit       # limit: a callable giving bytes
+        self.app, self.limit = app, limit  # limit: a callable giving bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -172,27 +187,48 @@ class BodyLimit:
             if not replayed:
                 replayed = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()              # later: the client's disconnect
+            return await receive()  # later: the client's disconnect
 
         await self.app(scope, replay, send)
 
     @staticmethod
     async def _refuse(send, limit: int) -> None:
-        body = json.dumps({"error": {"message": f"the request body exceeds the limit of "
-                                     f"{limit:,} bytes (--max-body-mb)",
-                                     "type": "invalid_request_error", "param": None,
-                                     "code": 413}}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        body = json.dumps(
+            {
+                "error": {
+                    "message": f"the request body exceeds the limit of "
+                    f"{limit:,} bytes (--max-body-mb)",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": 413,
+                }
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
-def create_app(model_dir: str | Path, *, served_name: str | None = None,
-               api_key: str | None = None, device: str = "auto", drain_s: float = 10.0,
-               engine_kwargs: dict | None = None, model=None,
-               max_body_mb: float | None = None) -> FastAPI:
+def create_app(
+    model_dir: str | Path,
+    *,
+    served_name: str | None = None,
+    api_key: str | None = None,
+    device: str = "auto",
+    drain_s: float = 10.0,
+    engine_kwargs: dict | None = None,
+    model=None,
+    max_body_mb: float | None = None,
+) -> FastAPI:
     """The app for one model directory; the model loads in a background thread when the app
     starts (pass `model` to reuse a loaded one)."""
     model_dir = Path(model_dir)
@@ -214,8 +250,9 @@ def create_app(model_dir: str | Path, *, served_name: str | None = None,
             else:
                 cfg, m = models.load(model_dir, device=device)
             state.cfg, state.tokenizer = cfg, tokenizer
-            state.engine = Engine(m, tokenizer, metrics=metrics, model_dir=str(model_dir),
-                                  **(engine_kwargs or {})).start()
+            state.engine = Engine(
+                m, tokenizer, metrics=metrics, model_dir=str(model_dir), **(engine_kwargs or {})
+            ).start()
         except Exception as e:  # noqa: BLE001 - reported by /health and every request
             state.error = f"{type(e).__name__}: {e}"
             log.error("the model in %s failed to load: %s", model_dir, state.error)
@@ -249,35 +286,42 @@ def create_app(model_dir: str | Path, *, served_name: str | None = None,
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException):
-        return _error(e.status_code, str(e.detail), "not_found_error"
-                      if e.status_code == 404 else "invalid_request_error")
+        return _error(
+            e.status_code,
+            str(e.detail),
+            "not_found_error" if e.status_code == 404 else "invalid_request_error",
+        )
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
-        if api_key and request.url.path not in ("/health", "/metrics", "/docs",
-                                                 "/openapi.json"):
+        if api_key and request.url.path not in ("/health", "/metrics", "/docs", "/openapi.json"):
             given = request.headers.get("authorization", "")
             given = given[7:] if given.startswith("Bearer ") else ""
             # digests of equal length compared in constant time: neither the key's length
             # nor its prefix leaks through timing
-            if not secrets.compare_digest(hashlib.sha256(given.encode()).digest(),
-                                          key_digest):
-                return _error(401, "missing or wrong API key (Authorization: Bearer KEY)",
-                              "authentication_error")
+            if not secrets.compare_digest(hashlib.sha256(given.encode()).digest(), key_digest):
+                return _error(
+                    401,
+                    "missing or wrong API key (Authorization: Bearer KEY)",
+                    "authentication_error",
+                )
         return await call_next(request)
 
     def engine() -> Engine:
         if not state.ready.is_set():
             raise APIError(503, "the model is still loading", "service_unavailable")
         if state.engine is None:
-            raise APIError(503, f"the model failed to load: {state.error}",
-                           "service_unavailable")
+            raise APIError(503, f"the model failed to load: {state.error}", "service_unavailable")
         return state.engine
 
     def check_model(requested: str | None) -> None:
         if requested is not None and requested != name:
-            raise APIError(404, f"model {requested!r} does not exist; this server serves "
-                           f"{name!r}", "not_found_error", "model")
+            raise APIError(
+                404,
+                f"model {requested!r} does not exist; this server serves {name!r}",
+                "not_found_error",
+                "model",
+            )
 
     def tokenizer():
         engine()
@@ -296,8 +340,11 @@ def create_app(model_dir: str | Path, *, served_name: str | None = None,
         if len(stops) > MAX_STOPS or any(len(x) > MAX_STOP_CHARS for x in stops):
             # every stop string is searched for after every token: bound the work one
             # request can put on the decode worker
-            raise APIError(400, f"stop: at most {MAX_STOPS} strings of at most "
-                           f"{MAX_STOP_CHARS} characters", param="stop")
+            raise APIError(
+                400,
+                f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters",
+                param="stop",
+            )
         try:
             params = SamplingParams(body.temperature, max(body.top_k, 0), body.top_p, body.seed)
         except ValueError as e:
@@ -309,12 +356,12 @@ def create_app(model_dir: str | Path, *, served_name: str | None = None,
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
         try:
-            req = eng.submit(prompt, max_tokens, params, sink, state.cfg.eos_token_id or (),
-                             stops)
+            req = eng.submit(prompt, max_tokens, params, sink, state.cfg.eos_token_id or (), stops)
         except QueueFull as e:
             metrics.requests.labels(model=name, outcome="rejected").inc()
-            raise APIError(429, f"too many requests: {e}", "rate_limit_error",
-                           headers={"Retry-After": "1"}) from None
+            raise APIError(
+                429, f"too many requests: {e}", "rate_limit_error", headers={"Retry-After": "1"}
+            ) from None
         except ShuttingDown as e:
             raise APIError(503, str(e), "service_unavailable") from None
         except ValueError as e:
@@ -325,7 +372,9 @@ def create_app(model_dir: str | Path, *, served_name: str | None = None,
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
                 _stream(eng, req, queue, rid, created, chat, include_usage),
-                media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         text, ids, finish, usage = [], [], None, None
         try:
             while finish is None:
@@ -345,28 +394,40 @@ def create_app(model_dir: str | Path, *, served_name: str | None = None,
                 else:
                     metrics.requests.labels(model=name, outcome="error").inc()
                     status = ev.get("status", 500)
-                    raise APIError(status, ev["message"], "service_unavailable"
-                                   if status == 503 else "server_error")
+                    raise APIError(
+                        status,
+                        ev["message"],
+                        "service_unavailable" if status == 503 else "server_error",
+                    )
         except asyncio.CancelledError:
             eng.cancel(req.id)
             raise
         metrics.requests.labels(model=name, outcome="ok").inc()
         content = "".join(text)
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": content},
-                      "finish_reason": finish, "logprobs": None}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": finish,
+                "logprobs": None,
+            }
         else:
             choice = {"index": 0, "text": content, "finish_reason": finish, "logprobs": None}
         choice["token_ids"] = ids
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion",
-                "created": created, "model": name, "choices": [choice], "usage": usage}
+        return {
+            "id": rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": created,
+            "model": name,
+            "choices": [choice],
+            "usage": usage,
+        }
 
     async def _stream(eng, req, queue, rid, created, chat, include_usage):
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(choices, usage=None):
-            out = {"id": rid, "object": kind, "created": created, "model": name,
-                   "choices": choices}
+            out = {"id": rid, "object": kind, "created": created, "model": name, "choices": choices}
             if include_usage:
                 out["usage"] = usage
             return f"data: {json.dumps(out)}\n\n"
@@ -378,21 +439,36 @@ def create_app(model_dir: str | Path, *, served_name: str | None = None,
                 if ev["type"] == "error":
                     metrics.requests.labels(model=name, outcome="error").inc()
                     status = ev.get("status", 500)
-                    yield "data: " + json.dumps({"error": {
-                        "message": ev["message"], "param": None, "code": status,
-                        "type": "service_unavailable" if status == 503 else "server_error"}}
-                    ) + "\n\n"
+                    yield (
+                        "data: "
+                        + json.dumps(
+                            {
+                                "error": {
+                                    "message": ev["message"],
+                                    "param": None,
+                                    "code": status,
+                                    "type": "service_unavailable"
+                                    if status == 503
+                                    else "server_error",
+                                }
+                            }
+                        )
+                        + "\n\n"
+                    )
                     break
                 if ev["type"] == "token":
                     if chat:
                         delta = {"content": ev["text"]}
                         if first:
                             delta["role"] = "assistant"
-                        c = {"index": 0, "delta": delta, "finish_reason": None,
-                             "logprobs": None}
+                        c = {"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}
                     else:
-                        c = {"index": 0, "text": ev["text"], "finish_reason": None,
-                             "logprobs": None}
+                        c = {
+                            "index": 0,
+                            "text": ev["text"],
+                            "finish_reason": None,
+                            "logprobs": None,
+                        }
                     c["token_ids"] = ev["token_ids"]
                     first = False
                     yield chunk([c])
@@ -406,7 +482,7 @@ def create_app(model_dir: str | Path, *, served_name: str | None = None,
                     break
             yield "data: [DONE]\n\n"
         finally:
-            if req.finish_reason is None:     # the client went away mid-stream
+            if req.finish_reason is None:  # the client went away mid-stream
                 eng.cancel(req.id)
                 metrics.requests.labels(model=name, outcome="cancelled").inc()
 
@@ -415,16 +491,20 @@ def create_app(model_dir: str | Path, *, served_name: str | None = None,
         before tokenizing when it cannot fit the context."""
         tok = tokenizer()
         try:
-            return await asyncio.to_thread(tok.encode_bounded, text, engine().context,
-                                           special, param)
+            return await asyncio.to_thread(
+                tok.encode_bounded, text, engine().context, special, param
+            )
         except ValueError as e:
             raise APIError(400, str(e), param=param) from None
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         if body.logprobs is not None:
-            raise APIError(400, "logprobs: log probabilities are not returned by this server; "
-                           "leave the field out", param="logprobs")
+            raise APIError(
+                400,
+                "logprobs: log probabilities are not returned by this server; leave the field out",
+                param="logprobs",
+            )
         if body.echo:
             raise APIError(400, "echo is not supported", param="echo")
         if isinstance(body.prompt, str):
@@ -439,16 +519,24 @@ def create_app(model_dir: str | Path, *, served_name: str | None = None,
     async def chat_completions(body: ChatRequest, request: Request):
         for field_name in ("logprobs", "top_logprobs"):
             if getattr(body, field_name) not in (None, False):
-                raise APIError(400, f"{field_name}: log probabilities are not returned by "
-                               "this server; leave the field out", param=field_name)
+                raise APIError(
+                    400,
+                    f"{field_name}: log probabilities are not returned by "
+                    "this server; leave the field out",
+                    param=field_name,
+                )
         tok = tokenizer()
         limit = engine().context * tok.max_token_chars
         if sum(len(m.content or "") for m in body.messages) > limit:
-            raise APIError(400, f"messages: longer than the context of {engine().context:,} "
-                           "tokens can hold", param="messages")
+            raise APIError(
+                400,
+                f"messages: longer than the context of {engine().context:,} tokens can hold",
+                param="messages",
+            )
         try:
             text = await asyncio.to_thread(
-                tok.apply_chat_template, [m.model_dump() for m in body.messages])
+                tok.apply_chat_template, [m.model_dump() for m in body.messages]
+            )
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         return await generate(request, body, await encode(text, False, "messages"), chat=True)
@@ -458,8 +546,18 @@ def create_app(model_dir: str | Path, *, served_name: str | None = None,
     @app.get("/v1/models")
     async def list_models():
         eng = engine()
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0,
-                                            "owned_by": "refmoe", "max_model_len": eng.context}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "refmoe",
+                    "max_model_len": eng.context,
+                }
+            ],
+        }
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
@@ -469,11 +567,12 @@ def create_app(model_dir: str | Path, *, served_name: str | None = None,
         if body.messages is not None:
             try:
                 text = await asyncio.to_thread(
-                    tok.apply_chat_template, [m.model_dump() for m in body.messages])
+                    tok.apply_chat_template, [m.model_dump() for m in body.messages]
+                )
             except ValueError as e:
                 raise APIError(400, str(e), param="messages") from None
             ids = await asyncio.to_thread(tok.encode, text, False)
-        else:           # off the event loop; the body cap bounds the text
+        else:  # off the event loop; the body cap bounds the text
             ids = await asyncio.to_thread(tok.encode, body.prompt, body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine().context}
 
@@ -483,8 +582,7 @@ def create_app(model_dir: str | Path, *, served_name: str | None = None,
         vocab = state.cfg.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
-            raise APIError(400, f"tokens must lie in [0, {vocab}), got {bad[:5]}",
-                           param="tokens")
+            raise APIError(400, f"tokens must lie in [0, {vocab}), got {bad[:5]}", param="tokens")
         return {"prompt": await asyncio.to_thread(tok.decode, body.tokens)}
 
     @app.get("/health")
@@ -527,23 +625,29 @@ try:
             with super().capture_signals():
                 yield
                 self._captured_signals.clear()
-except ImportError:          # uvicorn is a dependency; only a broken install lands here
+except ImportError:  # uvicorn is a dependency; only a broken install lands here
     Server = None
 
 
-def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000,
-          keep_alive_on_load_error: bool = False, **kwargs) -> int:
+def serve(
+    model_dir: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    keep_alive_on_load_error: bool = False,
+    **kwargs,
+) -> int:
     """Serve until SIGTERM / SIGINT; 0 after a clean drain, 1 when the model failed to load
     (unless keep_alive_on_load_error: then the server stays up answering 503, as before)."""
     parent = logging.getLogger("refmoe")
-    if not parent.handlers:             # beside uvicorn's lines, in their format
+    if not parent.handlers:  # beside uvicorn's lines, in their format
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
         parent.addHandler(handler)
         parent.setLevel(logging.INFO)
     app = create_app(model_dir, **kwargs)
-    server = Server(uvicorn.Config(app, host=host, port=port, log_level="info",
-                                   timeout_graceful_shutdown=5))
+    server = Server(
+        uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    )
     state: State = app.state.refmoe
     if not keep_alive_on_load_error:
         state.on_load_error = lambda: setattr(server, "should_exit", True)

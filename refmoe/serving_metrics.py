@@ -39,16 +39,20 @@ def summary(outcomes: list[Outcome], duration_s: float) -> dict:
     """The figures of vLLM's benchmark, in its field names (times in ms)."""
     ok = [o for o in outcomes if o.ok]
     ttft = [o.ttft_s * 1e3 for o in ok if o.ttft_s is not None]
-    tpot = [(o.e2e_s - o.ttft_s) / (o.output_tokens - 1) * 1e3 for o in ok
-            if o.output_tokens > 1]
+    tpot = [(o.e2e_s - o.ttft_s) / (o.output_tokens - 1) * 1e3 for o in ok if o.output_tokens > 1]
     itl = [x * 1e3 for o in ok for x in o.itl_s]
     inp = sum(o.prompt_tokens for o in ok)
     out = sum(o.output_tokens for o in ok)
-    res = {"completed": len(ok), "failed": len(outcomes) - len(ok), "duration": duration_s,
-           "total_input_tokens": inp, "total_output_tokens": out,
-           "request_throughput": len(ok) / duration_s,
-           "output_throughput": out / duration_s, "total_token_throughput": (inp + out) /
-           duration_s}
+    res = {
+        "completed": len(ok),
+        "failed": len(outcomes) - len(ok),
+        "duration": duration_s,
+        "total_input_tokens": inp,
+        "total_output_tokens": out,
+        "request_throughput": len(ok) / duration_s,
+        "output_throughput": out / duration_s,
+        "total_token_throughput": (inp + out) / duration_s,
+    }
     for name, vals in (("ttft", ttft), ("tpot", tpot), ("itl", itl)):
         res[f"mean_{name}_ms"] = statistics.fmean(vals) if vals else float("nan")
         res[f"median_{name}_ms"] = statistics.median(vals) if vals else float("nan")
@@ -58,18 +62,22 @@ def summary(outcomes: list[Outcome], duration_s: float) -> dict:
 
 def format_summary(r: dict) -> str:
     lines = ["{s:{c}^50}".format(s=" Serving Benchmark Result ", c="=")]
-    rows = [("Successful requests:", r["completed"]),
-            ("Failed requests:", r["failed"]),
-            ("Benchmark duration (s):", f"{r['duration']:.2f}"),
-            ("Total input tokens:", r["total_input_tokens"]),
-            ("Total generated tokens:", r["total_output_tokens"]),
-            ("Request throughput (req/s):", f"{r['request_throughput']:.2f}"),
-            ("Output token throughput (tok/s):", f"{r['output_throughput']:.2f}"),
-            ("Total Token throughput (tok/s):", f"{r['total_token_throughput']:.2f}")]
+    rows = [
+        ("Successful requests:", r["completed"]),
+        ("Failed requests:", r["failed"]),
+        ("Benchmark duration (s):", f"{r['duration']:.2f}"),
+        ("Total input tokens:", r["total_input_tokens"]),
+        ("Total generated tokens:", r["total_output_tokens"]),
+        ("Request throughput (req/s):", f"{r['request_throughput']:.2f}"),
+        ("Output token throughput (tok/s):", f"{r['output_throughput']:.2f}"),
+        ("Total Token throughput (tok/s):", f"{r['total_token_throughput']:.2f}"),
+    ]
     lines += [f"{k:<40}{v:<10}" for k, v in rows]
-    for title, key, label in (("Time to First Token", "ttft", "TTFT"),
-                              ("Time per Output Token (excl. 1st token)", "tpot", "TPOT"),
-                              ("Inter-token Latency", "itl", "ITL")):
+    for title, key, label in (
+        ("Time to First Token", "ttft", "TTFT"),
+        ("Time per Output Token (excl. 1st token)", "tpot", "TPOT"),
+        ("Inter-token Latency", "itl", "ITL"),
+    ):
         lines.append("{s:{c}^50}".format(s=title, c="-"))
         for stat in ("mean", "median", "p99"):
             name = {"mean": "Mean", "median": "Median", "p99": "P99"}[stat]
@@ -78,8 +86,13 @@ def format_summary(r: dict) -> str:
     return "\n".join(lines)
 
 
-def workload(n: int, rate: float, prompt_tokens: tuple[int, int], output_tokens: tuple[int, int],
-             seed: int = 0) -> list[tuple[float, int, int]]:
+def workload(
+    n: int,
+    rate: float,
+    prompt_tokens: tuple[int, int],
+    output_tokens: tuple[int, int],
+    seed: int = 0,
+) -> list[tuple[float, int, int]]:
     """(arrival s, prompt tokens, output tokens) with Poisson arrivals (rate req/s; inf: all at
     once) and lengths uniform in the given ranges."""
     rng = random.Random(seed)

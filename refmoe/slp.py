@@ -38,11 +38,27 @@ from refmoe.device_matmul import Matmul, block_dequant
 from refmoe.expert_store import ALIGN, Part, SlotLayout, pack_host
 from refmoe.slp_lanes import CpuLanes, CudaLanes, _Spans
 
-_block_dequant = block_dequant          # the name tests and older callers use
-__all__ = ["ALIGN", "CUDA_QUEUE_SLOTS", "CpuLanes", "CudaLanes", "Matmul", "Part", "Ring",
-           "SlotLayout", "Stats", "StreamPrefill", "block_dequant", "for_request",
-           "model_rates", "pack_host", "path_for", "pcie_bound_tok_s", "ring_slots",
-           "streamable"]
+_block_dequant = block_dequant  # the name tests and older callers use
+__all__ = [
+    "ALIGN",
+    "CUDA_QUEUE_SLOTS",
+    "CpuLanes",
+    "CudaLanes",
+    "Matmul",
+    "Part",
+    "Ring",
+    "SlotLayout",
+    "Stats",
+    "StreamPrefill",
+    "block_dequant",
+    "for_request",
+    "model_rates",
+    "pack_host",
+    "path_for",
+    "pcie_bound_tok_s",
+    "ring_slots",
+    "streamable",
+]
 
 # On CUDA every load is queued on the copy engine when it is issued, and each small
 # host<->device copy the forward pass makes waits behind what is queued. A ring of a whole
@@ -58,6 +74,7 @@ CUDA_QUEUE_SLOTS = 8
 # the products: device_matmul; the lanes: slp_lanes)
 # ---------------------------------------------------------------------------------------------
 
+
 class Ring:
     """n slots of one layout on the device, each viewed as the expert's tensors."""
 
@@ -65,9 +82,15 @@ class Ring:
         self.layout, self.slots = layout, slots
         self.buf = torch.empty((slots, layout.nbytes), dtype=torch.uint8, device=device)
         torch_dtype = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "f32": torch.float32}
-        self.views = [{p.name: self.buf[s, p.offset: p.offset + p.nbytes]
-                       .view(torch_dtype[p.dtype]).view(p.shape) for p in layout.parts}
-                      for s in range(slots)]
+        self.views = [
+            {
+                p.name: self.buf[s, p.offset : p.offset + p.nbytes]
+                .view(torch_dtype[p.dtype])
+                .view(p.shape)
+                for p in layout.parts
+            }
+            for s in range(slots)
+        ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,8 +101,10 @@ class Ring:
 # The runner: one prefill, chunk by chunk
 # ---------------------------------------------------------------------------------------------
 
-def ring_slots(layout: SlotLayout, experts_per_layer: int, free_bytes: int,
-               reserve_bytes: int) -> int:
+
+def ring_slots(
+    layout: SlotLayout, experts_per_layer: int, free_bytes: int, reserve_bytes: int
+) -> int:
     """Two whole layers when they fit in the free memory left after the reserve, else as many
     slots as fit, at least two (ping-pong)."""
     fit = max(0, free_bytes - reserve_bytes) // layout.nbytes
@@ -106,9 +131,17 @@ class StreamPrefill:
     all). ring: the number of slots (default: sized to free device memory). chunk_tokens:
     the longest chunk (default: 32768 tokens on CUDA, 8192 on the CPU)."""
 
-    def __init__(self, model, device: str | torch.device | None = None, ring: int | None = None,
-                 chunk_tokens: int | None = None, trace=None, pin: bool | None = None,
-                 owned=None, mode: str = "auto"):
+    def __init__(
+        self,
+        model,
+        device: str | torch.device | None = None,
+        ring: int | None = None,
+        chunk_tokens: int | None = None,
+        trace=None,
+        pin: bool | None = None,
+        owned=None,
+        mode: str = "auto",
+    ):
         self.model = model
         self.device = torch.device(device) if device is not None else model.device
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -125,16 +158,19 @@ class StreamPrefill:
         # straight from the checkpoint's mapped pages, which every process shares.
         self.packed = self.device.type == "cuda" if pin is None else pin
         for _, moe in self.moe:
-            if self.packed and (moe.packed is None or (self.device.type == "cuda"
-                                                       and not moe.packed.is_pinned())):
+            if self.packed and (
+                moe.packed is None or (self.device.type == "cuda" and not moe.packed.is_pinned())
+            ):
                 moe.experts, moe.packed = pack_host(moe.experts, self.device.type == "cuda")
         self.layout = SlotLayout.of(self.moe[0][1].experts)
         self.slots_per_layer = self.moe[0][1].experts.num_experts
         self.owned = owned or (lambda e: True)
         # the longest chunk: every chunk streams the experts again, so as long as the
         # activations and attention allow (see _reserve_bytes)
-        self.chunk_tokens = chunk_tokens or costmodel.SLP_CHUNK_TOKENS[
-            "cuda" if self.device.type == "cuda" else "cpu"]
+        self.chunk_tokens = (
+            chunk_tokens
+            or costmodel.SLP_CHUNK_TOKENS["cuda" if self.device.type == "cuda" else "cpu"]
+        )
         self.ring_request = ring
         self.trace = trace
         self.matmul = Matmul(self.device, self.dtype)
@@ -154,10 +190,15 @@ class StreamPrefill:
             slots = max(2, int(self.ring_request))
         elif self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            slots = min(CUDA_QUEUE_SLOTS, ring_slots(
-                self.layout, self.slots_per_layer,
-                free + (self._ring.buf.numel() if self._ring is not None else 0),
-                self._reserve_bytes(tokens)))
+            slots = min(
+                CUDA_QUEUE_SLOTS,
+                ring_slots(
+                    self.layout,
+                    self.slots_per_layer,
+                    free + (self._ring.buf.numel() if self._ring is not None else 0),
+                    self._reserve_bytes(tokens),
+                ),
+            )
         else:
             slots = 2 * self.slots_per_layer
         if self._ring is None or self._ring.slots != slots:
@@ -168,8 +209,9 @@ class StreamPrefill:
     # -- one prefill --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor, cache, modes: tuple[str, ...] | None = None
-                ) -> torch.Tensor:
+    def prefill(
+        self, ids: torch.Tensor, cache, modes: tuple[str, ...] | None = None
+    ) -> torch.Tensor:
         """Logits [T, V] of the prompt ids [T] after the cache, the cache extended; chunk by
         chunk, the cache carried over. modes: each chunk's streaming as a plan gives it
         (refmoe.policy), else this runner's mode."""
@@ -180,13 +222,14 @@ class StreamPrefill:
         ids = ids.to(self.model.device)
         starts = range(0, ids.shape[0], self.chunk_tokens)
         if modes is not None and len(modes) != len(starts):
-            raise ValueError(f"the plan gives {len(modes)} chunk modes for {len(starts)} chunks "
-                             f"of {self.chunk_tokens} tokens")
+            raise ValueError(
+                f"the plan gives {len(modes)} chunk modes for {len(starts)} chunks "
+                f"of {self.chunk_tokens} tokens"
+            )
         for i, lo in enumerate(starts):
-            chunk = ids[lo: lo + self.chunk_tokens]
+            chunk = ids[lo : lo + self.chunk_tokens]
             mode = modes[i] if modes is not None else None
-            out.append(self.model.forward(chunk, cache, experts=self._chunk(chunk.shape[0],
-                                                                           mode)))
+            out.append(self.model.forward(chunk, cache, experts=self._chunk(chunk.shape[0], mode)))
             self.stats.chunks += 1
         self.stats.seconds += time.perf_counter() - start
         return torch.cat(out) if len(out) > 1 else out[0]
@@ -200,10 +243,16 @@ class StreamPrefill:
             mode = costmodel.streaming(cfg, tokens)
         self.stats.mode, self.stats.slots = mode, ring.slots
         spans = _Spans(self.trace, f"slp {self.device}")
-        lanes = CudaLanes(ring.slots, spans, self.device) if self.device.type == "cuda" \
+        lanes = (
+            CudaLanes(ring.slots, spans, self.device)
+            if self.device.type == "cuda"
             else CpuLanes(ring.slots, spans)
-        plan = [(layer, x) for layer, _ in self.moe for x in range(e) if self.owned(x)] \
-            if mode == "prefetch" else None
+        )
+        plan = (
+            [(layer, x) for layer, _ in self.moe for x in range(e) if self.owned(x)]
+            if mode == "prefetch"
+            else None
+        )
         return _Chunk(self, ring, lanes, plan, exchange or _Local())
 
 
@@ -240,8 +289,7 @@ class _Chunk:
         while self.next_load < min(len(self.requests), limit):
             j = self.next_load
             layer, e = self.requests[j]
-            self.lanes.load(j, self._copier(layer, e, j % self.ring.slots),
-                            f"load L{layer} E{e}")
+            self.lanes.load(j, self._copier(layer, e, j % self.ring.slots), f"load L{layer} E{e}")
             self.runner.stats.bytes_streamed += self.ring.layout.nbytes
             self.runner.stats.experts_loaded += 1
             self.next_load += 1
@@ -249,10 +297,11 @@ class _Chunk:
     def moe(self, moe, layer: int, x: torch.Tensor) -> torch.Tensor:
         """The MoE block's output for this rank's x [t, H] (its router over every rank's tokens,
         the streamed routed experts, its shared expert), where x lives."""
-        x_all = self.exchange.gather(x)                                  # [T, H]
-        weights, ids = moe.route(x_all)                                  # same on every rank
-        y = self.layer(layer, x_all, weights, ids,
-                       moe.experts.num_experts - 1 if moe.fused_shared else None)
+        x_all = self.exchange.gather(x)  # [T, H]
+        weights, ids = moe.route(x_all)  # same on every rank
+        y = self.layer(
+            layer, x_all, weights, ids, moe.experts.num_experts - 1 if moe.fused_shared else None
+        )
         y = self.exchange.reduce_scatter(y.to(x.device, torch.float32)).to(x.dtype)  # [t, H]
         return y + moe.shared(x) if moe.shared is not None else y
 
@@ -269,11 +318,18 @@ class _Chunk:
 
         def copy():
             for part, src in zip(layout.parts, parts):
-                dst_np[part.offset: part.offset + part.nbytes] = src
+                dst_np[part.offset : part.offset + part.nbytes] = src
+
         return copy
 
-    def layer(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-              shared_slot: int | None) -> torch.Tensor:
+    def layer(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        ids: torch.Tensor,
+        shared_slot: int | None,
+    ) -> torch.Tensor:
         """y [T, H] float32 on the device = the owned experts' weighted sum for x [T, H]."""
         r = self.runner
         dev = r.device
@@ -293,15 +349,19 @@ class _Chunk:
         bounds = np.concatenate([[0], np.cumsum(counts)])
         xd = x.to(dev, r.dtype)
         y = torch.zeros((t, x.shape[1]), dtype=torch.float32, device=dev)
-        if self.plan is None:                                     # selective: routed experts
-            self.requests += [(layer, e) for e in range(r.slots_per_layer)
-                              if counts[e] and r.owned(e)]
+        if self.plan is None:  # selective: routed experts
+            self.requests += [
+                (layer, e) for e in range(r.slots_per_layer) if counts[e] and r.owned(e)
+            ]
             self._issue_loads()
-        out = [torch.empty((int(counts.max()), x.shape[1]), dtype=r.dtype, device=dev)
-               for _ in range(2)]
+        out = [
+            torch.empty((int(counts.max()), x.shape[1]), dtype=r.dtype, device=dev)
+            for _ in range(2)
+        ]
         last = self.next_compute - 1
-        while self.next_compute < len(self.requests) and self.requests[self.next_compute][0] == \
-                layer:
+        while (
+            self.next_compute < len(self.requests) and self.requests[self.next_compute][0] == layer
+        ):
             j = self.next_compute
             e = self.requests[j][1]
             n = int(counts[e])
@@ -315,7 +375,7 @@ class _Chunk:
                 idx, wt = tok_d[sl], w_d[sl]
 
                 def compute(views=views, buf=buf, idx=idx, wt=wt, n=n):
-                    xe = xd[idx]                                                    # [n, H]
+                    xe = xd[idx]  # [n, H]
                     g = r.matmul(xe, views["gate"], views.get("gate_scale"))
                     u = r.matmul(xe, views["up"], views.get("up_scale"))
                     h = F.silu(g.float()) * u.float()
@@ -360,11 +420,12 @@ def model_rates(model, device: str | None = None):
 def streamable(model) -> bool:
     """Whether SLP can stream this model's routed experts (FP8 or BF16, not INT4)."""
     return any(hasattr(b.ffn, "experts") for b in model.blocks) and all(
-        b.ffn.experts.fmt in ("fp8", "bf16") for b in model.blocks if hasattr(b.ffn, "experts"))
+        b.ffn.experts.fmt in ("fp8", "bf16") for b in model.blocks if hasattr(b.ffn, "experts")
+    )
 
 
 def path_for(model, tokens: int, rates) -> str:
-    """"cpu" or "slp" for a prompt of `tokens` tokens, by the shared cost model."""
+    """ "cpu" or "slp" for a prompt of `tokens` tokens, by the shared cost model."""
     from refmoe import costmodel
 
     if not streamable(model):
@@ -372,8 +433,9 @@ def path_for(model, tokens: int, rates) -> str:
     return costmodel.choose_prefill(model.cfg, tokens, rates).path
 
 
-def for_request(model, tokens: int, path: str = "auto", device: str | None = None,
-                rates=None, **kwargs) -> StreamPrefill | None:
+def for_request(
+    model, tokens: int, path: str = "auto", device: str | None = None, rates=None, **kwargs
+) -> StreamPrefill | None:
     """The prefill runner for a prompt of `tokens` tokens: None for the CPU path, else an
     StreamPrefill. path: cpu, slp, or auto (refmoe.costmodel decides from rates measured once
     per model and device)."""

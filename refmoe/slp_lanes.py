@@ -39,8 +39,10 @@ class CpuLanes:
         self.cond = threading.Condition()
         self.error: BaseException | None = None
         self.queues = {"load": [], "unload": []}
-        self.threads = [threading.Thread(target=self._worker, args=(lane,), daemon=True,
-                                         name=f"slp-{lane}") for lane in ("load", "unload")]
+        self.threads = [
+            threading.Thread(target=self._worker, args=(lane,), daemon=True, name=f"slp-{lane}")
+            for lane in ("load", "unload")
+        ]
         self.closed = False
         for t in self.threads:
             t.start()
@@ -69,20 +71,24 @@ class CpuLanes:
                     return
                 j, fn, label = q.pop(0)
             try:
-                if not label:                                   # a skipped request
+                if not label:  # a skipped request
                     self._mark("unloaded", j)
                     continue
                 if lane == "load":
-                    self._wait("computed", j - self.slots)        # slot j % n is free again
+                    self._wait("computed", j - self.slots)  # slot j % n is free again
                 else:
                     self._wait("computed", j)
                 start = self.spans.trace.now() if self.spans.trace else 0.0
                 fn()
                 if self.spans.trace:
-                    self.spans.add("loader" if lane == "load" else "unloader", label, start,
-                                   self.spans.trace.now())
+                    self.spans.add(
+                        "loader" if lane == "load" else "unloader",
+                        label,
+                        start,
+                        self.spans.trace.now(),
+                    )
                 self._mark("loaded" if lane == "load" else "unloaded", j)
-            except _Closed:                       # abandoned: the forward pass ended early
+            except _Closed:  # abandoned: the forward pass ended early
                 return
             except BaseException as e:  # noqa: BLE001 - handed to the compute thread
                 with self.cond:
@@ -97,7 +103,7 @@ class CpuLanes:
 
     def compute(self, j: int, fn, label: str) -> None:
         self._wait("loaded", j)
-        self._wait("unloaded", j - 2)                              # output buffer j % 2 free
+        self._wait("unloaded", j - 2)  # output buffer j % 2 free
         start = self.spans.trace.now() if self.spans.trace else 0.0
         fn()
         if self.spans.trace:
@@ -198,6 +204,7 @@ class CudaLanes:
         if self.timing:
             for lane, label, a, b, args in self.spans.pending:
                 start = self.base_s + self.base.elapsed_time(a) / 1e3
-                self.spans.add(lane, label, start, self.base_s + self.base.elapsed_time(b) / 1e3,
-                               **args)
+                self.spans.add(
+                    lane, label, start, self.base_s + self.base.elapsed_time(b) / 1e3, **args
+                )
             self.spans.pending.clear()

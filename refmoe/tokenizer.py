@@ -46,14 +46,17 @@ class Tokenizer:
             self._max_chars = max((len(k) for k in self._tok.get_vocab(True)), default=1)
         return self._max_chars
 
-    def encode_bounded(self, text: str, limit: int, special: bool = True,
-                       what: str = "prompt") -> list[int]:
+    def encode_bounded(
+        self, text: str, limit: int, special: bool = True, what: str = "prompt"
+    ) -> list[int]:
         """encode(text), refusing at once (without tokenizing) a text that cannot fit in
         `limit` tokens: it needs at least len(text) / max_token_chars of them."""
         if len(text) > limit * self.max_token_chars:
-            raise ValueError(f"{what}: {len(text):,} characters are at least "
-                             f"{len(text) // self.max_token_chars:,} tokens, more than the "
-                             f"context of {limit:,}")
+            raise ValueError(
+                f"{what}: {len(text):,} characters are at least "
+                f"{len(text) // self.max_token_chars:,} tokens, more than the "
+                f"context of {limit:,}"
+            )
         ids = self.encode(text, special)
         if len(ids) > limit:
             raise ValueError(f"{what}: {len(ids):,} tokens exceed the context of {limit:,}")
@@ -66,13 +69,11 @@ class Tokenizer:
         v = self.config.get(key)
         return v.get("content", "") if isinstance(v, dict) else (v or "")
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True
-                            ) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The conversation rendered by the model's own template."""
         template = self.config.get("chat_template")
         if isinstance(template, list):  # named templates: take "default"
-            template = next((t["template"] for t in template if t.get("name") == "default"),
-                            None)
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
         if not template:
             raise ValueError(f"{self.path.parent / 'tokenizer_config.json'}: no chat_template")
         from jinja2 import TemplateError
@@ -85,7 +86,10 @@ class Tokenizer:
         env.globals["raise_exception"] = raise_exception
         try:
             return env.from_string(template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self._token_text("bos_token"), eos_token=self._token_text("eos_token"))
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self._token_text("bos_token"),
+                eos_token=self._token_text("eos_token"),
+            )
         except TemplateError as e:
             raise ValueError(f"chat template: {e}") from None

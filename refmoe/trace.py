@@ -24,8 +24,16 @@ from refmoe import __version__
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                              capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                cwd=Path(__file__).parent,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -34,14 +42,25 @@ def hardware() -> dict:
     """What the trace ran on, as far as this process can see."""
     from refmoe import cpu
 
-    model = next((line.split(":", 1)[1].strip() for line in
-                  Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) \
-        if Path("/proc/cpuinfo").exists() else platform.processor()
-    info = {"cpu": model, "usable_cpus": len(cpu.usable_cpus()),
-            "numa_nodes": len(cpu.Topology.read().nodes),
-            "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-            "machine": platform.machine()}
+    model = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
+    info = {
+        "cpu": model,
+        "usable_cpus": len(cpu.usable_cpus()),
+        "numa_nodes": len(cpu.Topology.read().nodes),
+        "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "machine": platform.machine(),
+    }
     try:
         import torch
 
@@ -57,8 +76,12 @@ class Trace:
         self.clock = clock
         self.t0 = clock()
         self.events: list[dict] = []
-        self.metadata = {"refmoe_version": __version__, "commit": _commit(), "requests": [],
-                         **(metadata or {})}
+        self.metadata = {
+            "refmoe_version": __version__,
+            "commit": _commit(),
+            "requests": [],
+            **(metadata or {}),
+        }
         self._pids: dict[str, int] = {}
         self._tids: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()  # workers of the engine write from several threads
@@ -70,28 +93,38 @@ class Trace:
     def _ids(self, process: str, lane: str) -> tuple[int, int]:
         if process not in self._pids:
             self._pids[process] = pid = len(self._pids) + 1
-            self.events.append({"ph": "M", "name": "process_name", "pid": pid, "tid": 0,
-                                "args": {"name": process}})
+            self.events.append(
+                {"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": process}}
+            )
         pid = self._pids[process]
         if (process, lane) not in self._tids:
             self._tids[(process, lane)] = tid = len(self._tids) + 1
-            self.events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid,
-                                "args": {"name": lane}})
+            self.events.append(
+                {"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": lane}}
+            )
         return pid, self._tids[(process, lane)]
 
-    def span(self, process: str, lane: str, name: str, start_s: float, dur_s: float,
-             **args) -> None:
+    def span(
+        self, process: str, lane: str, name: str, start_s: float, dur_s: float, **args
+    ) -> None:
         with self._lock:
             pid, tid = self._ids(process, lane)
-        self.events.append({"ph": "X", "name": name, "pid": pid, "tid": tid,
-                            "ts": start_s * 1e6, "dur": max(dur_s, 0.0) * 1e6,
-                            **({"args": args} if args else {})})
+        self.events.append(
+            {
+                "ph": "X",
+                "name": name,
+                "pid": pid,
+                "tid": tid,
+                "ts": start_s * 1e6,
+                "dur": max(dur_s, 0.0) * 1e6,
+                **({"args": args} if args else {}),
+            }
+        )
 
     def counter(self, process: str, name: str, t_s: float, **values: float) -> None:
         with self._lock:
             pid, _ = self._ids(process, name)
-        self.events.append({"ph": "C", "name": name, "pid": pid, "ts": t_s * 1e6,
-                            "args": values})
+        self.events.append({"ph": "C", "name": name, "pid": pid, "ts": t_s * 1e6, "args": values})
 
     @contextmanager
     def region(self, process: str, lane: str, name: str, **args):
@@ -107,8 +140,7 @@ class Trace:
         self.metadata["requests"].append(record)
 
     def to_json(self) -> dict:
-        return {"traceEvents": self.events, "displayTimeUnit": "ms",
-                "metadata": self.metadata}
+        return {"traceEvents": self.events, "displayTimeUnit": "ms", "metadata": self.metadata}
 
     def write(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json()))

@@ -46,7 +46,7 @@ def gemv_ceiling_gbps(reps: int = 15, samples: list | None = None, calls: int = 
     got = []
     for _ in range(reps):
         t1, t2 = timed(c1, s1), timed(c2, s2)
-        if t2 > t1:   # a rep disturbed so that the bigger call ran faster says nothing
+        if t2 > t1:  # a rep disturbed so that the bigger call ran faster says nothing
             got.append(calls * c1.nbytes / (t2 - t1) / 1e9)
     if not got:
         raise RuntimeError("the GEMV ceiling could not be timed: every rep was disturbed")
@@ -74,12 +74,13 @@ def attention_block_us(contexts=(64,), reps: int = 10) -> dict[int, list[float]]
     qk = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
     gen = demo._Codes(0)
     tensors, dtypes = {}, {}
-    for name, shape in (("q_a_proj", (c["q_lora_rank"], h)),
-                        ("q_b_proj", (n * qk, c["q_lora_rank"])),
-                        ("kv_a_proj_with_mqa", (c["kv_lora_rank"] + c["qk_rope_head_dim"], h)),
-                        ("kv_b_proj", (n * (c["qk_nope_head_dim"] + c["v_head_dim"]),
-                                       c["kv_lora_rank"])),
-                        ("o_proj", (h, n * c["v_head_dim"]))):
+    for name, shape in (
+        ("q_a_proj", (c["q_lora_rank"], h)),
+        ("q_b_proj", (n * qk, c["q_lora_rank"])),
+        ("kv_a_proj_with_mqa", (c["kv_lora_rank"] + c["qk_rope_head_dim"], h)),
+        ("kv_b_proj", (n * (c["qk_nope_head_dim"] + c["v_head_dim"]), c["kv_lora_rank"])),
+        ("o_proj", (h, n * c["v_head_dim"])),
+    ):
         codes, scale = gen.matrix(*shape)
         tensors[f"a.{name}.weight"], dtypes[f"a.{name}.weight"] = codes, "F8_E4M3"
         tensors[f"a.{name}.weight_scale_inv"] = scale
@@ -92,11 +93,11 @@ def attention_block_us(contexts=(64,), reps: int = 10) -> dict[int, list[float]]
         del tensors
         attn = MLA(Checkpoint(tmp), "a", cfg)
         caches = {}
-        for ctx in contexts:   # cached tokens as the cache holds them (no prompt to run)
+        for ctx in contexts:  # cached tokens as the cache holds them (no prompt to run)
             caches[ctx] = attn.new_cache()
             caches[ctx].kv.append(torch.randn(ctx, c["kv_lora_rank"] + 2 * rope) * 0.1)
         x, cos, sin = torch.randn(1, h) * 0.1, torch.ones(1, rope), torch.zeros(1, rope)
-        for ctx in contexts:   # warm-up: the absorbed weights, the allocator, the threads
+        for ctx in contexts:  # warm-up: the absorbed weights, the allocator, the threads
             attn(x, cos, sin, 1.0, caches[ctx])
         for _ in range(reps):
             for ctx in contexts:
@@ -129,11 +130,19 @@ def moe_overhead_us(reps: int = 50, samples: list | None = None) -> float:
     rng = np.random.default_rng(1)
     mats = [formats.fp8_quantize(rng.standard_normal((128, 128)))[0] for _ in range(3)]
     scales = [np.ones((1, 1), np.float32)] * 3
-    ew = kernels.ExpertWeights("fp8", 128, 128, mats, list(mats), list(mats), scales,
-                               list(scales), list(scales))
+    ew = kernels.ExpertWeights(
+        "fp8", 128, 128, mats, list(mats), list(mats), scales, list(scales), list(scales)
+    )
     x = np.ones((1, 128), np.float32)
-    times = [t * 1e6 for t in _times(lambda: kernels.fused_moe(
-        x, np.zeros(3, int), np.arange(3), np.ones(3, np.float32), ew), reps)]
+    times = [
+        t * 1e6
+        for t in _times(
+            lambda: kernels.fused_moe(
+                x, np.zeros(3, int), np.arange(3), np.ones(3, np.float32), ew
+            ),
+            reps,
+        )
+    ]
     if samples is not None:
         samples.extend(times)
     return statistics.median(times)
@@ -151,8 +160,9 @@ def gemm_curve(threads: int, reps: int = 3, samples: dict | None = None) -> dict
     return out
 
 
-def moe_curve(threads: int, reps: int = 3, samples: dict | None = None,
-              experts: int = 8) -> dict[int, float]:
+def moe_curve(
+    threads: int, reps: int = 3, samples: dict | None = None, experts: int = 8
+) -> dict[int, float]:
     """Expert weight GB/s of one fused MoE call when every expert serves M tokens: `experts`
     cold DeepSeek-V3 experts (gate, up, down), M tokens each routed to all of them. This is
     the call prefill makes (all experts of a layer in one parallel region), which runs faster
@@ -173,8 +183,7 @@ def moe_curve(threads: int, reps: int = 3, samples: dict | None = None,
         tok = np.repeat(np.arange(m), experts)
         exp = np.tile(np.arange(experts), m)
         rw = np.full(m * experts, 1.0 / experts, np.float32)
-        times = _times(lambda: kernels.fused_moe(x, tok, exp, rw, ew, num_threads=threads),
-                       reps)
+        times = _times(lambda: kernels.fused_moe(x, tok, exp, rw, ew, num_threads=threads), reps)
         gbps = [nbytes / t / 1e9 for t in times]
         out[m] = statistics.median(gbps)
         if samples is not None:
@@ -195,30 +204,48 @@ def calibrate(name: str = "this-machine", reps: int = 5) -> Hardware:
     go into the profile's `samples` (field path -> values), which prediction intervals
     resample (sim/interval.py)."""
     threads, cores = cpu.default_threads(), len(cpu.usable_cpus())
-    cold = bench_gemm("fp8", Shape("deepseek-v3", "gate_up", 2048, 7168), 1, threads,
-                      kernels.variant(), reps, with_torch=False)
+    cold = bench_gemm(
+        "fp8",
+        Shape("deepseek-v3", "gate_up", 2048, 7168),
+        1,
+        threads,
+        kernels.variant(),
+        reps,
+        with_torch=False,
+    )
     read = cold.limit_gbps
-    samples: dict = {"cpu.dram_gbps_per_socket": cold.limit_gbps_samples,
-                     "cpu.fp8_gemv_efficiency": [min(k / r, 1.0) for k, r in
-                                                 zip(cold.gbps_samples, cold.limit_gbps_samples)],
-                     "cpu.fp8_gemv_gbps_per_core": [], "cpu.moe_overhead_us": []}
+    samples: dict = {
+        "cpu.dram_gbps_per_socket": cold.limit_gbps_samples,
+        "cpu.fp8_gemv_efficiency": [
+            min(k / r, 1.0) for k, r in zip(cold.gbps_samples, cold.limit_gbps_samples)
+        ],
+        "cpu.fp8_gemv_gbps_per_core": [],
+        "cpu.moe_overhead_us": [],
+    }
     kernel_read = 0.0
-    if cores > threads:   # the DRAM link: what all cores read; the kernel: what its threads do
+    if cores > threads:  # the DRAM link: what all cores read; the kernel: what its threads do
         kernel_read = read
         samples["cpu.kernel_read_gbps"] = cold.limit_gbps_samples
         samples["cpu.dram_gbps_per_socket"] = all_cores = read_gbps(cores, reps)
         read = statistics.median(all_cores)
-    hw = Hardware(name, CPU(
-        sockets=1, cores_per_socket=cores, dram_gbps_per_socket=read, dram_efficiency=1.0,
-        kernel_threads=threads if cores > threads else 0, kernel_read_gbps=kernel_read,
-        fp8_gemv_gbps_per_core=gemv_ceiling_gbps(
-            samples=samples["cpu.fp8_gemv_gbps_per_core"]),
-        fp8_gemv_efficiency=min(cold.ratio, 1.0),
-        fma_gflops_per_core=kernels.fma_peak_gflops(num_threads=1),
-        layer_overhead_us=0.0,
-        moe_overhead_us=moe_overhead_us(samples=samples["cpu.moe_overhead_us"]),
-        gemm_gbps_by_m=gemm_curve(threads, samples=samples),
-        moe_gbps_by_m=moe_curve(threads, samples=samples)))
+    hw = Hardware(
+        name,
+        CPU(
+            sockets=1,
+            cores_per_socket=cores,
+            dram_gbps_per_socket=read,
+            dram_efficiency=1.0,
+            kernel_threads=threads if cores > threads else 0,
+            kernel_read_gbps=kernel_read,
+            fp8_gemv_gbps_per_core=gemv_ceiling_gbps(samples=samples["cpu.fp8_gemv_gbps_per_core"]),
+            fp8_gemv_efficiency=min(cold.ratio, 1.0),
+            fma_gflops_per_core=kernels.fma_peak_gflops(num_threads=1),
+            layer_overhead_us=0.0,
+            moe_overhead_us=moe_overhead_us(samples=samples["cpu.moe_overhead_us"]),
+            gemm_gbps_by_m=gemm_curve(threads, samples=samples),
+            moe_gbps_by_m=moe_curve(threads, samples=samples),
+        ),
+    )
     # the attention block beyond streaming its projections at the kernel's rate (small
     # matrices, norms, rope, the scores, torch), per sequence and layer: timed whole at V3's
     # dimensions after a few cached contexts, less the weight time the model charges anyway;
@@ -227,14 +254,17 @@ def calibrate(name: str = "this-machine", reps: int = 5) -> Hardware:
     from refmoe.config import ModelConfig
     from sim.costs import attention_bytes
 
-    stream = attention_bytes(ModelConfig.from_dict(demo.demo_config(1, 16))) / (
-        hw.cpu.fp8_stream_gbps() * 1e9) * 1e6
+    stream = (
+        attention_bytes(ModelConfig.from_dict(demo.demo_config(1, 16)))
+        / (hw.cpu.fp8_stream_gbps() * 1e9)
+        * 1e6
+    )
     blocks = attention_block_us(CONTEXTS, max(10, 2 * reps))
     first = blocks[CONTEXTS[0]]
     samples["cpu.layer_overhead_us"] = [max(1.0, t - stream) for t in first]
     hw.cpu.layer_overhead_us = statistics.median(samples["cpu.layer_overhead_us"])
     curve = {CONTEXTS[0]: 0.0}
-    for c in CONTEXTS[1:]:   # each rep against the same rep at the shortest context
+    for c in CONTEXTS[1:]:  # each rep against the same rep at the shortest context
         extra = [max(1e-3, b - a) for a, b in zip(first, blocks[c])]
         samples[f"cpu.attention_us_by_context.{c}"] = extra
         curve[c] = statistics.median(extra)

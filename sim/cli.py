@@ -20,25 +20,36 @@ def _cmd_predict(args) -> int:
     routing = _routing(args, cfg)
 
     def run(profile):
-        return predict(cfg, profile, args.prompt_tokens, args.output_tokens, args.prefill,
-                       args.devices, routing_skew=args.routing_skew, routing=routing)
+        return predict(
+            cfg,
+            profile,
+            args.prompt_tokens,
+            args.output_tokens,
+            args.prefill,
+            args.devices,
+            routing_skew=args.routing_skew,
+            routing=routing,
+        )
 
     p = run(hw)
     band = {}
     if args.interval:
         from sim.interval import bootstrap
 
-        band = bootstrap(lambda h: {"ttft_s": run(h).ttft_s, "tpot_s": run(h).tpot_s}, hw,
-                         args.interval)
+        band = bootstrap(
+            lambda h: {"ttft_s": run(h).ttft_s, "tpot_s": run(h).tpot_s}, hw, args.interval
+        )
     if args.json:
         print(json.dumps({**p.as_dict(), **{f"{k}_interval_90": v for k, v in band.items()}}))
     else:
         path = f"SLP on {p.devices} GPU(s)" if p.prefill == "slp" else "CPU experts"
         iv = {k: f" [90%: {lo * 1e3:.1f}-{hi * 1e3:.1f}]" for k, (lo, hi) in band.items()}
-        print(f"TTFT {p.ttft_s * 1e3:.1f} ms{iv.get('ttft_s', '')} "
-              f"({p.prompt_tokens / p.ttft_s:.0f} prefill tok/s, "
-              f"{path}), TPOT {p.tpot_s * 1e3:.1f} ms{iv.get('tpot_s', '')} "
-              f"({p.decode_tok_s:.2f} tok/s), {p.bytes_per_token / 1e9:.2f} GB per token")
+        print(
+            f"TTFT {p.ttft_s * 1e3:.1f} ms{iv.get('ttft_s', '')} "
+            f"({p.prompt_tokens / p.ttft_s:.0f} prefill tok/s, "
+            f"{path}), TPOT {p.tpot_s * 1e3:.1f} ms{iv.get('tpot_s', '')} "
+            f"({p.decode_tok_s:.2f} tok/s), {p.bytes_per_token / 1e9:.2f} GB per token"
+        )
     return 0
 
 
@@ -61,37 +72,57 @@ def _cmd_serve(args) -> int:
         try:
             lines = open(args.csv).read().splitlines()
             if not lines or lines[0].strip() != "arrived_at,num_prefill_tokens,num_decode_tokens":
-                raise ValueError("the header must be arrived_at,num_prefill_tokens,"
-                                 "num_decode_tokens")
-            reqs = [(float(a), int(p), int(o)) for a, p, o in
-                    (ln.split(",") for ln in lines[1:] if ln.strip())]
+                raise ValueError(
+                    "the header must be arrived_at,num_prefill_tokens,num_decode_tokens"
+                )
+            reqs = [
+                (float(a), int(p), int(o))
+                for a, p, o in (ln.split(",") for ln in lines[1:] if ln.strip())
+            ]
         except (OSError, ValueError) as e:
             raise ValueError(f"{args.csv}: {e}") from None
     else:
-        reqs = workload(args.num_prompts, args.request_rate, args.prompt_len, args.output_len,
-                        args.seed)
+        reqs = workload(
+            args.num_prompts, args.request_rate, args.prompt_len, args.output_len, args.seed
+        )
     hw, cfg = Hardware.load(args.hardware), ModelConfig.from_file(args.model)
     routing = _routing(args, cfg)
-    out = simulate(cfg, hw, reqs, args.max_batch,
-                   prefill=args.prefill, trace=bool(args.trace),
-                   utilization=bool(args.utilization), dual_batch=args.dual_batch,
-                   trace_layers=args.trace_layers, routing_skew=args.routing_skew,
-                   routing=routing)
+    out = simulate(
+        cfg,
+        hw,
+        reqs,
+        args.max_batch,
+        prefill=args.prefill,
+        trace=bool(args.trace),
+        utilization=bool(args.utilization),
+        dual_batch=args.dual_batch,
+        trace_layers=args.trace_layers,
+        routing_skew=args.routing_skew,
+        routing=routing,
+    )
     outcomes, duration = out[0], out[1]
     if args.utilization:
         from sim.serve import plot_utilization
 
-        plot_utilization(out[-1], args.utilization, f"{hw.name}: link utilization, "
-                         f"{len(reqs)} requests, prefill {args.prefill}")
+        plot_utilization(
+            out[-1],
+            args.utilization,
+            f"{hw.name}: link utilization, {len(reqs)} requests, prefill {args.prefill}",
+        )
     from sim.sweep import slo
 
     def figures(outcomes, duration) -> dict:
         """The benchmark block's figures, and with SLOs given their attainment and goodput."""
         r = summary(outcomes, duration)
         if args.slo_ttft is not None or args.slo_tpot is not None:
-            r.update(slo(outcomes, duration, args.slo_ttft if args.slo_ttft is not None
-                         else float("inf"), args.slo_tpot if args.slo_tpot is not None
-                         else float("inf")))
+            r.update(
+                slo(
+                    outcomes,
+                    duration,
+                    args.slo_ttft if args.slo_ttft is not None else float("inf"),
+                    args.slo_tpot if args.slo_tpot is not None else float("inf"),
+                )
+            )
         return r
 
     result = figures(outcomes, duration)
@@ -100,11 +131,21 @@ def _cmd_serve(args) -> int:
         from sim.interval import bootstrap
 
         def rerun(profile):
-            r = figures(*simulate(cfg, profile, reqs, args.max_batch, prefill=args.prefill,
-                                  dual_batch=args.dual_batch, routing_skew=args.routing_skew,
-                                  routing=routing)[:2])
-            return {k: r[k] for k in (*INTERVAL_FIGURES, "slo_attainment", "goodput_req_s")
-                    if k in r}
+            r = figures(
+                *simulate(
+                    cfg,
+                    profile,
+                    reqs,
+                    args.max_batch,
+                    prefill=args.prefill,
+                    dual_batch=args.dual_batch,
+                    routing_skew=args.routing_skew,
+                    routing=routing,
+                )[:2]
+            )
+            return {
+                k: r[k] for k in (*INTERVAL_FIGURES, "slo_attainment", "goodput_req_s") if k in r
+            }
 
         band = bootstrap(rerun, hw, args.interval)
         result["interval_90"] = {k: list(v) for k, v in band.items()}
@@ -117,23 +158,34 @@ def _cmd_serve(args) -> int:
     print(format_summary(result))
     if "slo_attainment" in result:
         within = ", ".join(
-            f"{name} <= {value:g} s" for name, value in (("TTFT", args.slo_ttft),
-                                                        ("TPOT", args.slo_tpot))
-            if value is not None)
+            f"{name} <= {value:g} s"
+            for name, value in (("TTFT", args.slo_ttft), ("TPOT", args.slo_tpot))
+            if value is not None
+        )
         print(f"{'SLO attainment:':<40}{result['slo_attainment']:.2f} ({within})")
         print(f"{'Request goodput (req/s):':<40}{result['goodput_req_s']:.3f}")
     if band:
-        print(f"90% intervals ({args.interval} bootstrap replicates"
-              + (f", drift between {len(hw.runs)} calibrations" if len(hw.runs) > 1 else "")
-              + "):")
+        print(
+            f"90% intervals ({args.interval} bootstrap replicates"
+            + (f", drift between {len(hw.runs)} calibrations" if len(hw.runs) > 1 else "")
+            + "):"
+        )
         for k, (lo, hi) in band.items():
             print(f"  {k:<28}{lo:>10.2f} - {hi:.2f}")
     return 0
 
 
 # the serving figures `refmoe-sim serve --interval` gives intervals for
-INTERVAL_FIGURES = ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
-                    "median_tpot_ms", "p99_tpot_ms", "output_throughput", "request_throughput")
+INTERVAL_FIGURES = (
+    "mean_ttft_ms",
+    "median_ttft_ms",
+    "p99_ttft_ms",
+    "mean_tpot_ms",
+    "median_tpot_ms",
+    "p99_tpot_ms",
+    "output_throughput",
+    "request_throughput",
+)
 
 
 def _cmd_sweep(args) -> int:
@@ -152,21 +204,35 @@ def _cmd_sweep(args) -> int:
 
         progress = lambda it, n: tqdm(it, total=n, desc="sweep", unit="case")  # noqa: E731
     if args.request_rates:
-        rows = sweep.sweep_rates(cfg, hardware, policies, args.request_rates,
-                                 args.num_prompts, args.prompt_len, args.output_len,
-                                 args.slo_ttft, args.slo_tpot, args.seed, args.workers,
-                                 progress)
+        rows = sweep.sweep_rates(
+            cfg,
+            hardware,
+            policies,
+            args.request_rates,
+            args.num_prompts,
+            args.prompt_len,
+            args.output_len,
+            args.slo_ttft,
+            args.slo_tpot,
+            args.seed,
+            args.workers,
+            progress,
+        )
     else:
-        rows = sweep.sweep_lengths(cfg, hardware, policies, args.prompt_tokens,
-                                   args.output_tokens, args.workers, progress)
+        rows = sweep.sweep_lengths(
+            cfg, hardware, policies, args.prompt_tokens, args.output_tokens, args.workers, progress
+        )
     if args.plot:
         sweep.plot(rows, args.plot)
     if args.json:
         print(json.dumps(rows))
     else:
         for r in rows:
-            print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in r.items()))
+            print(
+                ", ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
+                )
+            )
     return 0
 
 
@@ -192,8 +258,7 @@ def _cmd_calibrate(args) -> int:
         runs = []
         for i in range(args.runs):
             if i and args.gap:
-                print(f"calibrate: run {i + 1} of {args.runs} in {args.gap:g} s",
-                      file=sys.stderr)
+                print(f"calibrate: run {i + 1} of {args.runs} in {args.gap:g} s", file=sys.stderr)
                 time.sleep(args.gap)
             runs.append(calibrate(args.name))
         hw = pool(runs, args.name) if len(runs) > 1 else runs[0]
@@ -205,13 +270,15 @@ def _cmd_calibrate(args) -> int:
         print(json.dumps(asdict(hw)))
         return 0
     c = hw.cpu
-    print(f"calibrated {hw.name}: {c.threads} threads, plain read "
-          f"{c.dram_gbps_per_socket * c.sockets:.1f} GB/s, FP8 GEMV "
-          f"{c.fp8_gemv_gbps_per_core:.1f} GB/s per core x {c.fp8_gemv_efficiency:.2f}, "
-          f"fixed per-layer cost {c.layer_overhead_us / 1e3:.2f} ms; "
-          f"{sum(len(v) for v in hw.samples.values())} samples of {len(hw.samples)} fields"
-          + (f", {len(hw.runs)} calibrations pooled" if hw.runs else "")
-          + (f" -> {args.out}" if args.out else " (not saved: --out FILE)"))
+    print(
+        f"calibrated {hw.name}: {c.threads} threads, plain read "
+        f"{c.dram_gbps_per_socket * c.sockets:.1f} GB/s, FP8 GEMV "
+        f"{c.fp8_gemv_gbps_per_core:.1f} GB/s per core x {c.fp8_gemv_efficiency:.2f}, "
+        f"fixed per-layer cost {c.layer_overhead_us / 1e3:.2f} ms; "
+        f"{sum(len(v) for v in hw.samples.values())} samples of {len(hw.samples)} fields"
+        + (f", {len(hw.runs)} calibrations pooled" if hw.runs else "")
+        + (f" -> {args.out}" if args.out else " (not saved: --out FILE)")
+    )
     return 0
 
 
@@ -228,8 +295,7 @@ def _cmd_validate(args) -> int:
     def calibrations(trace: str) -> list[Hardware]:
         """The calibrations taken beside a trace X.json: X-before.yaml and X-after.yaml."""
         base = Path(trace).with_suffix("")
-        found = [p for p in (Path(f"{base}-before.yaml"), Path(f"{base}-after.yaml"))
-                 if p.exists()]
+        found = [p for p in (Path(f"{base}-before.yaml"), Path(f"{base}-after.yaml")) if p.exists()]
         if not found:
             raise ValueError(f"{trace}: no {base.name}-before.yaml or -after.yaml beside it")
         return [Hardware.load(p) for p in found]
@@ -242,8 +308,11 @@ def _cmd_validate(args) -> int:
     drift += drift_pairs([Hardware.load(p) for p in args.drift or []])
     results = []
     for t in args.traces:
-        hw = pool(beside[t], f"{Path(t).stem} calibrations, pooled") if args.beside \
+        hw = (
+            pool(beside[t], f"{Path(t).stem} calibrations, pooled")
+            if args.beside
             else Hardware.load(args.hardware)
+        )
         results.append(validate(t, hw, args.interval, drift=drift or None))
     table = summarize(results)
     if args.plot:
@@ -259,17 +328,26 @@ def _cmd_validate(args) -> int:
             band = ""
             if "interval" in m:
                 lo, hi = m["interval"]
-                band = (f" [90%: {lo * f:.1f}-{hi * f:.1f}, measured "
-                        f"{'inside' if m['inside'] else 'outside'}]")
-            print(f"{r['trace']}: {metric} predicted {m['predicted'] * f:.1f} {unit}{band}, "
-                  f"measured {m['measured'] * f:.1f} {unit}, error {100 * m['error']:+.1f}%")
+                band = (
+                    f" [90%: {lo * f:.1f}-{hi * f:.1f}, measured "
+                    f"{'inside' if m['inside'] else 'outside'}]"
+                )
+            print(
+                f"{r['trace']}: {metric} predicted {m['predicted'] * f:.1f} {unit}{band}, "
+                f"measured {m['measured'] * f:.1f} {unit}, error {100 * m['error']:+.1f}%"
+            )
     print(f"{'metric':<14} {'traces':>6} {'MAPE':>7} {'bias':>7} {'abs error':>12}")
     for metric, t in table.items():
         unit, f = ("tok/s", 1) if metric.endswith("tok_s") else ("ms", 1e3)
-        inside = f"  {t['inside_interval']}/{t['n']} inside the interval" \
-            if "inside_interval" in t else ""
-        print(f"{metric:<14} {t['n']:>6} {100 * t['mape']:>6.1f}% {100 * t['bias']:>+6.1f}% "
-              f"{t['mae'] * f:>8.1f} {unit}{inside}")
+        inside = (
+            f"  {t['inside_interval']}/{t['n']} inside the interval"
+            if "inside_interval" in t
+            else ""
+        )
+        print(
+            f"{metric:<14} {t['n']:>6} {100 * t['mape']:>6.1f}% {100 * t['bias']:>+6.1f}% "
+            f"{t['mae'] * f:>8.1f} {unit}{inside}"
+        )
     return 0
 
 
@@ -278,7 +356,8 @@ def _ints(text: str) -> list[int]:
         return [int(v) for v in text.split(",") if v]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}") from None
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
 
 
 def _floats(text: str) -> list[float]:
@@ -286,7 +365,8 @@ def _floats(text: str) -> list[float]:
         return [float(v) for v in text.split(",") if v]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}") from None
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,54 +377,109 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--hardware", required=True, help="profile YAML or a name in sim/profiles")
     pr.add_argument("--prompt-tokens", type=int, default=1024)
     pr.add_argument("--output-tokens", type=int, default=128)
-    pr.add_argument("--prefill", choices=["cpu", "slp", "auto"], default="auto",
-                    help="prefill path (auto: the engine's cost model picks)")
+    pr.add_argument(
+        "--prefill",
+        choices=["cpu", "slp", "auto"],
+        default="auto",
+        help="prefill path (auto: the engine's cost model picks)",
+    )
     pr.add_argument("--devices", type=int, help="GPUs for SLP (default: all in the profile)")
-    pr.add_argument("--interval", type=int, default=0, metavar="N",
-                    help="a 90%% interval from N bootstrap replicates of the profile's "
-                    "calibration samples (and its drift, when it pools several)")
-    pr.add_argument("--routing-skew", type=float, default=0.0, metavar="S",
-                    help="expert popularity: 0 uniform, else Zipf exponent S")
-    pr.add_argument("--routing", metavar="FILE", help="replay routing recorded by the engine: "
-                    "a routing JSON (refmoe.routing) or a trace from `refmoe bench serve "
-                    "--trace`")
+    pr.add_argument(
+        "--interval",
+        type=int,
+        default=0,
+        metavar="N",
+        help="a 90%% interval from N bootstrap replicates of the profile's "
+        "calibration samples (and its drift, when it pools several)",
+    )
+    pr.add_argument(
+        "--routing-skew",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="expert popularity: 0 uniform, else Zipf exponent S",
+    )
+    pr.add_argument(
+        "--routing",
+        metavar="FILE",
+        help="replay routing recorded by the engine: "
+        "a routing JSON (refmoe.routing) or a trace from `refmoe bench serve "
+        "--trace`",
+    )
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=_cmd_predict)
     from refmoe.serving_metrics import parse_range as _range
 
-    se = sub.add_parser("serve", help="many requests through the engine's scheduler: the "
-                        "serving benchmark's summary, predicted")
+    se = sub.add_parser(
+        "serve",
+        help="many requests through the engine's scheduler: the "
+        "serving benchmark's summary, predicted",
+    )
     se.add_argument("--model", required=True, help="config.json or a model directory")
     se.add_argument("--hardware", required=True)
-    se.add_argument("--csv", help="a request CSV: arrived_at,num_prefill_tokens,"
-                    "num_decode_tokens (else a Poisson workload)")
+    se.add_argument(
+        "--csv",
+        help="a request CSV: arrived_at,num_prefill_tokens,"
+        "num_decode_tokens (else a Poisson workload)",
+    )
     se.add_argument("--num-prompts", type=int, default=100)
     se.add_argument("--request-rate", type=float, default=1.0)
     se.add_argument("--prompt-len", type=_range, default=(16, 64))
     se.add_argument("--output-len", type=_range, default=(8, 32))
     se.add_argument("--max-batch", type=int, default=16)
     se.add_argument("--prefill", choices=["cpu", "slp", "auto"], default="cpu")
-    se.add_argument("--dual-batch", choices=["auto", "on", "off"], default="auto",
-                    help="dual-batch overlap of decode micro-batches (auto: with a GPU)")
+    se.add_argument(
+        "--dual-batch",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="dual-batch overlap of decode micro-batches (auto: with a GPU)",
+    )
     se.add_argument("--seed", type=int, default=0)
-    se.add_argument("--trace", help="write the simulated run as a Chrome trace (the engine's "
-                    "lanes and request records)")
-    se.add_argument("--trace-layers", action="store_true", help="with --trace: per-layer "
-                    "attention and expert spans too, as the engine writes them")
-    se.add_argument("--utilization", metavar="PNG", help="plot every link's load over time "
-                    "(each decode step simulated on its own)")
-    se.add_argument("--routing-skew", type=float, default=0.0, metavar="S",
-                    help="expert popularity: 0 uniform, else Zipf exponent S")
-    se.add_argument("--routing", metavar="FILE", help="replay routing recorded by the engine: "
-                    "a routing JSON (refmoe.routing) or a trace from `refmoe bench serve "
-                    "--trace`")
-    se.add_argument("--slo-ttft", type=float, metavar="S", help="a TTFT SLO in seconds: "
-                    "print the share of requests that meet the SLOs given, and the goodput")
+    se.add_argument(
+        "--trace",
+        help="write the simulated run as a Chrome trace (the engine's lanes and request records)",
+    )
+    se.add_argument(
+        "--trace-layers",
+        action="store_true",
+        help="with --trace: per-layer attention and expert spans too, as the engine writes them",
+    )
+    se.add_argument(
+        "--utilization",
+        metavar="PNG",
+        help="plot every link's load over time (each decode step simulated on its own)",
+    )
+    se.add_argument(
+        "--routing-skew",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="expert popularity: 0 uniform, else Zipf exponent S",
+    )
+    se.add_argument(
+        "--routing",
+        metavar="FILE",
+        help="replay routing recorded by the engine: "
+        "a routing JSON (refmoe.routing) or a trace from `refmoe bench serve "
+        "--trace`",
+    )
+    se.add_argument(
+        "--slo-ttft",
+        type=float,
+        metavar="S",
+        help="a TTFT SLO in seconds: "
+        "print the share of requests that meet the SLOs given, and the goodput",
+    )
     se.add_argument("--slo-tpot", type=float, metavar="S", help="a TPOT SLO in seconds")
-    se.add_argument("--interval", type=int, default=0, metavar="N",
-                    help="90%% intervals of the latency and throughput figures from N "
-                    "bootstrap replicates of the profile's calibration (and its drift, when "
-                    "it pools several)")
+    se.add_argument(
+        "--interval",
+        type=int,
+        default=0,
+        metavar="N",
+        help="90%% intervals of the latency and throughput figures from N "
+        "bootstrap replicates of the profile's calibration (and its drift, when "
+        "it pools several)",
+    )
     se.add_argument("--json", action="store_true")
     se.set_defaults(func=_cmd_serve)
     sw = sub.add_parser("sweep", help="many configurations in parallel processes, with plots")
@@ -364,34 +499,66 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--plot", help="write a PNG")
     sw.add_argument("--json", action="store_true")
     sw.set_defaults(func=_cmd_sweep)
-    rp = sub.add_parser("reproduce-paper", help="the paper's headline numbers, predicted from "
-                        "its machine's spec sheet, beside the paper's")
+    rp = sub.add_parser(
+        "reproduce-paper",
+        help="the paper's headline numbers, predicted from "
+        "its machine's spec sheet, beside the paper's",
+    )
     rp.add_argument("--hardware", default="paper-2x9355-2x5090")
     rp.add_argument("--json", action="store_true")
     rp.set_defaults(func=_cmd_reproduce)
     ca = sub.add_parser("calibrate", help="this machine's profile from micro-benchmarks")
     ca.add_argument("--name", default="this-machine")
     ca.add_argument("--out", help="write the profile YAML here")
-    ca.add_argument("--runs", type=int, default=1, help="calibrate N times and pool the "
-                    "samples; each run's medians are kept, and intervals allow for the drift "
-                    "between consecutive runs")
-    ca.add_argument("--gap", type=float, default=0.0, metavar="S", help="seconds to wait "
-                    "between runs (space them as far apart as the runs you will predict last)")
-    ca.add_argument("--merge", nargs="+", metavar="PROFILE", help="pool these calibrated "
-                    "profiles instead of measuring")
+    ca.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="calibrate N times and pool the "
+        "samples; each run's medians are kept, and intervals allow for the drift "
+        "between consecutive runs",
+    )
+    ca.add_argument(
+        "--gap",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="seconds to wait "
+        "between runs (space them as far apart as the runs you will predict last)",
+    )
+    ca.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="PROFILE",
+        help="pool these calibrated profiles instead of measuring",
+    )
     ca.add_argument("--json", action="store_true")
     ca.set_defaults(func=_cmd_calibrate)
     va = sub.add_parser("validate", help="compare predictions with measured traces")
     va.add_argument("traces", nargs="+")
     va.add_argument("--hardware", help="the profile to replay every trace on")
-    va.add_argument("--beside", action="store_true", help="replay each trace X.json on its own "
-                    "calibrations X-before.yaml and X-after.yaml, pooled; intervals then allow "
-                    "for the drift between the two calibrations around every trace given")
-    va.add_argument("--drift", nargs="+", metavar="PROFILE", help="profiles pooled from "
-                    "several calibrations (calibrate --runs/--merge): intervals allow for the "
-                    "drift between their consecutive runs")
-    va.add_argument("--interval", type=int, default=0, metavar="N",
-                    help="90%% intervals from N bootstrap replicates of the calibration samples")
+    va.add_argument(
+        "--beside",
+        action="store_true",
+        help="replay each trace X.json on its own "
+        "calibrations X-before.yaml and X-after.yaml, pooled; intervals then allow "
+        "for the drift between the two calibrations around every trace given",
+    )
+    va.add_argument(
+        "--drift",
+        nargs="+",
+        metavar="PROFILE",
+        help="profiles pooled from "
+        "several calibrations (calibrate --runs/--merge): intervals allow for the "
+        "drift between their consecutive runs",
+    )
+    va.add_argument(
+        "--interval",
+        type=int,
+        default=0,
+        metavar="N",
+        help="90%% intervals from N bootstrap replicates of the calibration samples",
+    )
     va.add_argument("--plot", help="write predicted-versus-measured as a PNG")
     va.add_argument("--json", action="store_true")
     va.set_defaults(func=_cmd_validate)

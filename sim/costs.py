@@ -18,9 +18,9 @@ def fp8_bytes(n: int, k: int) -> int:
 
 @dataclass(slots=True, frozen=True)
 class LayerCost:
-    attention_bytes: int   # projections of the attention block
-    expert_bytes: int      # routed top-k + shared experts read by one token (MoE layers)
-    dense_bytes: int       # dense MLP (first_k_dense_replace layers)
+    attention_bytes: int  # projections of the attention block
+    expert_bytes: int  # routed top-k + shared experts read by one token (MoE layers)
+    dense_bytes: int  # dense MLP (first_k_dense_replace layers)
 
 
 def attention_bytes(cfg: ModelConfig) -> int:
@@ -35,9 +35,10 @@ def expert_bytes(cfg: ModelConfig) -> int:
 def layer_costs(cfg: ModelConfig) -> list[LayerCost]:
     attn, experts = attention_bytes(cfg), expert_bytes(cfg)
     dense = 3 * fp8_bytes(cfg.intermediate_size, cfg.hidden_size)
-    return [LayerCost(attn, experts if cfg.is_moe_layer(i) else 0,
-                      0 if cfg.is_moe_layer(i) else dense)
-            for i in range(cfg.num_hidden_layers)]
+    return [
+        LayerCost(attn, experts if cfg.is_moe_layer(i) else 0, 0 if cfg.is_moe_layer(i) else dense)
+        for i in range(cfg.num_hidden_layers)
+    ]
 
 
 def head_bytes(cfg: ModelConfig) -> int:
@@ -45,8 +46,9 @@ def head_bytes(cfg: ModelConfig) -> int:
 
 
 def bytes_per_token(cfg: ModelConfig) -> int:
-    return sum(c.attention_bytes + c.expert_bytes + c.dense_bytes for c in layer_costs(cfg)) \
-        + head_bytes(cfg)
+    return sum(
+        c.attention_bytes + c.expert_bytes + c.dense_bytes for c in layer_costs(cfg)
+    ) + head_bytes(cfg)
 
 
 def attention_flops(cfg: ModelConfig, tokens: int, past: int = 0) -> float:

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import simpy
 
-EPS_REL = 1e-9   # a flow with remaining <= EPS_REL * size (+ EPS_ABS) is done
-EPS_ABS = 1e-6   # bytes
+EPS_REL = 1e-9  # a flow with remaining <= EPS_REL * size (+ EPS_ABS) is done
+EPS_ABS = 1e-6  # bytes
 
 
 @dataclass(eq=False)
@@ -48,27 +48,33 @@ class Flow:
     rate: float = 0.0
     start: float = 0.0
     tags: dict = field(default_factory=dict)
-    weights: tuple[float, ...] = ()   # load on each of links per unit rate (default 1)
+    weights: tuple[float, ...] = ()  # load on each of links per unit rate (default 1)
 
 
 class FluidNetwork:
     """The links of one machine and the flows crossing them."""
 
-    def __init__(self, env: simpy.Environment, links: list[Link] | None = None,
-                 record: bool = False):
+    def __init__(
+        self, env: simpy.Environment, links: list[Link] | None = None, record: bool = False
+    ):
         """record: keep a timeline of every link's load (share of its capacity) at each rate
         change, for utilization plots; links: the ones to report (all seen, by default)."""
         self.env = env
         self.flows: list[Flow] = []
         self.timeline: list[tuple[float, dict[str, float]]] | None = [] if record else None
         self._watched = list(links or [])
-        self._last = env.now      # when remaining bytes were last settled
-        self._version = 0         # bumps on every reschedule; older timers are stale
+        self._last = env.now  # when remaining bytes were last settled
+        self._version = 0  # bumps on every reschedule; older timers are stale
         self.bytes_done: dict[str, float] = {}
 
-    def transfer(self, nbytes: float, links: list[Link] | tuple[Link, ...],
-                 cap: float = math.inf, weights: list[float] | tuple[float, ...] | None = None,
-                 **tags) -> simpy.Event:
+    def transfer(
+        self,
+        nbytes: float,
+        links: list[Link] | tuple[Link, ...],
+        cap: float = math.inf,
+        weights: list[float] | tuple[float, ...] | None = None,
+        **tags,
+    ) -> simpy.Event:
         """Start moving nbytes across all of links (at most cap bytes/s; weights: the load on
         each link per byte/s, 1 by default); the returned event succeeds with the Flow when
         the last byte arrives, and carries it as `.flow` before then."""
@@ -79,8 +85,16 @@ class FluidNetwork:
         weights = tuple(float(w) for w in weights) if weights is not None else (1.0,) * len(links)
         if len(weights) != len(links) or any(not w >= 0 for w in weights):
             raise ValueError("weights: one non-negative number per link")
-        flow = Flow(float(nbytes), tuple(links), cap, self.env.event(), float(nbytes),
-                    start=self.env.now, tags=tags, weights=weights)
+        flow = Flow(
+            float(nbytes),
+            tuple(links),
+            cap,
+            self.env.event(),
+            float(nbytes),
+            start=self.env.now,
+            tags=tags,
+            weights=weights,
+        )
         flow.done.flow = flow
         if nbytes == 0:
             flow.done.succeed(flow)
@@ -153,8 +167,11 @@ class FluidNetwork:
         # Done: bytes left within tolerance, or so few that the time to move them does not
         # change the clock (now + dt == now in floating point would re-fire forever).
         tick = max(abs(self.env.now), 1.0) * 1e-12
-        finished = [f for f in self.flows
-                    if f.remaining <= EPS_REL * f.size + EPS_ABS or f.remaining <= f.rate * tick]
+        finished = [
+            f
+            for f in self.flows
+            if f.remaining <= EPS_REL * f.size + EPS_ABS or f.remaining <= f.rate * tick
+        ]
         self.flows = [f for f in self.flows if f not in finished]
         for f in finished:
             f.remaining, f.rate = 0.0, 0.0
@@ -187,8 +204,12 @@ def max_min_rates(flows: list[Flow]) -> None:
             for link, w in zip(f.links, f.weights):
                 left[id(link)] -= inc * w
         full = {lid for lid, c in left.items() if c <= 1e-12 * max(1.0, inc)}
-        still = [f for f in unfrozen if f.rate < f.cap * (1 - 1e-12)
-                 and not any(id(lk) in full and w > 0 for lk, w in zip(f.links, f.weights))]
-        if len(still) == len(unfrozen):   # numerical corner: freeze everything rather than loop
+        still = [
+            f
+            for f in unfrozen
+            if f.rate < f.cap * (1 - 1e-12)
+            and not any(id(lk) in full and w > 0 for lk, w in zip(f.links, f.weights))
+        ]
+        if len(still) == len(unfrozen):  # numerical corner: freeze everything rather than loop
             still = []
         unfrozen = still

@@ -19,13 +19,13 @@ import yaml
 class CPU:
     sockets: int
     cores_per_socket: int
-    dram_gbps_per_socket: float        # peak
-    dram_efficiency: float = 0.85      # plain read / peak
-    fp8_gemv_gbps_per_core: float = 20.0   # compute ceiling of the FP8 GEMV on one core
+    dram_gbps_per_socket: float  # peak
+    dram_efficiency: float = 0.85  # plain read / peak
+    fp8_gemv_gbps_per_core: float = 20.0  # compute ceiling of the FP8 GEMV on one core
     fp8_gemv_efficiency: float = 0.85  # kernel GB/s / plain read, when memory-bound
     fma_gflops_per_core: float = 100.0
-    layer_overhead_us: float = 0.0     # per layer, when attention runs on the CPU (torch glue)
-    moe_overhead_us: float = 0.0       # per MoE call (pool wake-up, routing)
+    layer_overhead_us: float = 0.0  # per layer, when attention runs on the CPU (torch glue)
+    moe_overhead_us: float = 0.0  # per MoE call (pool wake-up, routing)
     # FP8 weight GB/s of all cores when M tokens share each weight (the GEMM tile path); empty:
     # fall back to the FMA peak at 0.6 efficiency
     gemm_gbps_by_m: dict = field(default_factory=dict)
@@ -83,12 +83,15 @@ class CPU:
             return pts[0][1]
         for (c0, t0), (c1, t1) in zip(pts, pts[1:]):  # noqa: B007 - read after the loop
             if context <= c1:
-                break   # else the last segment, extended
+                break  # else the last segment, extended
         return t0 + (context - c0) * (t1 - t0) / (c1 - c0)
 
     def score_gflops(self) -> float:
-        return self.attention_gflops if self.attention_gflops > 0 else \
-            0.5 * self.cores * self.fma_gflops_per_core
+        return (
+            self.attention_gflops
+            if self.attention_gflops > 0
+            else 0.5 * self.cores * self.fma_gflops_per_core
+        )
 
     @property
     def cores(self) -> int:
@@ -108,8 +111,11 @@ class CPU:
     def fp8_stream_gbps(self) -> float:
         """What the FP8 GEMV sustains over DRAM with every core (and over the interconnect,
         when the weights are not placed per node)."""
-        read = min(self.kernel_read_gbps, self.read_gbps()) if self.kernel_read_gbps > 0 \
+        read = (
+            min(self.kernel_read_gbps, self.read_gbps())
+            if self.kernel_read_gbps > 0
             else self.read_gbps()
+        )
         rate = min(read * self.fp8_gemv_efficiency, self.threads * self.fp8_gemv_gbps_per_core)
         if self.remote_share():
             rate = min(rate, self.interconnect_gbps / self.remote_share())
@@ -121,11 +127,11 @@ class GPU:
     name: str
     hbm_gbps: float
     hbm_efficiency: float = 0.8
-    pcie_gbps: float = 50.0            # host-to-device, per direction
-    layer_overhead_us: float = 250.0   # per decoder layer at batch 1
-    expert_tflops: float = 100.0       # SLP's expert matmuls (dense TFLOP/s x efficiency)
-    attention_tflops: float = 100.0    # prefill attention and dense layers (same)
-    socket: int | None = None          # the socket its PCIe root hangs off (default d % sockets)
+    pcie_gbps: float = 50.0  # host-to-device, per direction
+    layer_overhead_us: float = 250.0  # per decoder layer at batch 1
+    expert_tflops: float = 100.0  # SLP's expert matmuls (dense TFLOP/s x efficiency)
+    attention_tflops: float = 100.0  # prefill attention and dense layers (same)
+    socket: int | None = None  # the socket its PCIe root hangs off (default d % sockets)
 
 
 @dataclass(slots=True)
@@ -146,12 +152,15 @@ class Hardware:
         try:
             cpu = CPU(**d["cpu"])
             gpus = [GPU(**g) for g in d.get("gpus") or []]
-            hw = cls(d["name"], cpu, gpus, dict(d.get("samples") or {}),
-                     list(d.get("runs") or []))
+            hw = cls(d["name"], cpu, gpus, dict(d.get("samples") or {}), list(d.get("runs") or []))
         except (KeyError, TypeError) as e:
             raise ValueError(f"{source}: bad hardware profile ({e})") from None
-        for key in ("sockets", "cores_per_socket", "dram_gbps_per_socket",
-                    "fp8_gemv_gbps_per_core"):
+        for key in (
+            "sockets",
+            "cores_per_socket",
+            "dram_gbps_per_socket",
+            "fp8_gemv_gbps_per_core",
+        ):
             if not getattr(cpu, key) > 0:
                 raise ValueError(f"{source}: cpu.{key} must be > 0")
         for key in ("attention_gflops", "layer_overhead_us", "moe_overhead_us"):
@@ -159,22 +168,27 @@ class Hardware:
                 raise ValueError(f"{source}: cpu.{key} must be >= 0")
         for c, t in cpu.attention_us_by_context.items():
             if not (str(c).isdigit() and isinstance(t, (int, float)) and t >= 0):
-                raise ValueError(f"{source}: cpu.attention_us_by_context maps cached tokens "
-                                 f"to microseconds >= 0, got {c}: {t}")
+                raise ValueError(
+                    f"{source}: cpu.attention_us_by_context maps cached tokens "
+                    f"to microseconds >= 0, got {c}: {t}"
+                )
         for key in ("dram_efficiency", "fp8_gemv_efficiency"):
             if not 0 < getattr(cpu, key) <= 1.0:
                 raise ValueError(f"{source}: cpu.{key} must lie in (0, 1]")
         if cpu.sockets > 1 and not cpu.interconnect_gbps > 0:
-            raise ValueError(f"{source}: cpu.interconnect_gbps must be > 0 with "
-                             f"{cpu.sockets} sockets")
+            raise ValueError(
+                f"{source}: cpu.interconnect_gbps must be > 0 with {cpu.sockets} sockets"
+            )
         for key, values in hw.samples.items():
             try:
                 hw.get(key)
             except (AttributeError, IndexError, KeyError, ValueError):
-                raise ValueError(f"{source}: samples.{key} names no field of the profile") \
-                    from None
-            if not isinstance(values, list) or not values or \
-                    not all(isinstance(v, (int, float)) and v > 0 for v in values):
+                raise ValueError(f"{source}: samples.{key} names no field of the profile") from None
+            if (
+                not isinstance(values, list)
+                or not values
+                or not all(isinstance(v, (int, float)) and v > 0 for v in values)
+            ):
                 raise ValueError(f"{source}: samples.{key} must be a list of positive numbers")
         for i, run in enumerate(hw.runs):
             if not isinstance(run, dict) or not run:
@@ -183,14 +197,16 @@ class Hardware:
                 try:
                     hw.get(key)
                 except (AttributeError, IndexError, KeyError, ValueError):
-                    raise ValueError(f"{source}: runs[{i}].{key} names no field of the "
-                                     "profile") from None
+                    raise ValueError(
+                        f"{source}: runs[{i}].{key} names no field of the profile"
+                    ) from None
                 if not isinstance(value, (int, float)) or not value >= 0:
                     raise ValueError(f"{source}: runs[{i}].{key} must be a number >= 0")
         for d, g in enumerate(gpus):
             if g.socket is not None and not 0 <= g.socket < cpu.sockets:
-                raise ValueError(f"{source}: gpus[{d}].socket {g.socket} is not one of the "
-                                 f"{cpu.sockets} sockets")
+                raise ValueError(
+                    f"{source}: gpus[{d}].socket {g.socket} is not one of the {cpu.sockets} sockets"
+                )
             for key in ("hbm_gbps", "pcie_gbps", "expert_tflops", "attention_tflops"):
                 if not getattr(g, key) > 0:
                     raise ValueError(f"{source}: gpus[{d}].{key} must be > 0")

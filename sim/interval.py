@@ -58,8 +58,9 @@ def pool(profiles: list[Hardware], name: str | None = None) -> Hardware:
     for k, values in out.samples.items():
         out.set(k, statistics.median(values))
     # each calibration's own medians, in order (a pooled one contributes its runs)
-    out.runs = [run for p in profiles
-                for run in (p.runs or [{k: p.get(k) for k in sorted(p.samples)}])]
+    out.runs = [
+        run for p in profiles for run in (p.runs or [{k: p.get(k) for k in sorted(p.samples)}])
+    ]
     return out
 
 
@@ -74,19 +75,20 @@ def as_run(hw: Hardware, run: dict) -> Hardware:
 
 def drift_pairs(profiles: list[Hardware]) -> list[tuple[Hardware, Hardware]]:
     """(earlier, later) for every two consecutive calibrations pooled into each profile."""
-    return [(as_run(hw, a), as_run(hw, b)) for hw in profiles
-            for a, b in zip(hw.runs, hw.runs[1:])]
+    return [(as_run(hw, a), as_run(hw, b)) for hw in profiles for a, b in zip(hw.runs, hw.runs[1:])]
 
 
-def drift_ratios(fn: Callable[[Hardware], dict],
-                 pairs: list[tuple[Hardware, Hardware]]) -> list[dict[str, float]]:
+def drift_ratios(
+    fn: Callable[[Hardware], dict], pairs: list[tuple[Hardware, Hardware]]
+) -> list[dict[str, float]]:
     """How far each pair's drift moves this prediction: fn(later) / fn(earlier) per metric,
     and its inverse (the machine is as likely to drift back), so 2 ratios per pair."""
     out = []
     for earlier, later in pairs:
         a, b = fn(earlier), fn(later)
-        ok = {k: b[k] / a[k] for k in a
-              if a[k] > 0 and b.get(k, 0) > 0 and math.isfinite(a[k] / b[k])}
+        ok = {
+            k: b[k] / a[k] for k in a if a[k] > 0 and b.get(k, 0) > 0 and math.isfinite(a[k] / b[k])
+        }
         out += [ok, {k: 1 / r for k, r in ok.items()}]
     return out
 
@@ -99,22 +101,29 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def replicates(fn: Callable[[Hardware], dict], hw: Hardware, n: int = 200,
-               seed: int = 0) -> list[dict]:
+def replicates(
+    fn: Callable[[Hardware], dict], hw: Hardware, n: int = 200, seed: int = 0
+) -> list[dict]:
     """fn(profile) -> {metric: value} on n bootstrap replicates of hw."""
     if not hw.samples:
-        raise ValueError(f"{hw.name}: the profile carries no calibration samples, so no "
-                         "interval (profiles from `refmoe-sim calibrate` do)")
+        raise ValueError(
+            f"{hw.name}: the profile carries no calibration samples, so no "
+            "interval (profiles from `refmoe-sim calibrate` do)"
+        )
     if n < 2:
         raise ValueError("a bootstrap needs n >= 2 replicates")
     rng = random.Random(seed)
     return [fn(resample(hw, rng)) for _ in range(n)]
 
 
-def bootstrap(fn: Callable[[Hardware], dict], hw: Hardware | list[Hardware], n: int = 200,
-              level: float = 0.9, seed: int = 0,
-              drift: list[tuple[Hardware, Hardware]] | None = None
-              ) -> dict[str, tuple[float, float]]:
+def bootstrap(
+    fn: Callable[[Hardware], dict],
+    hw: Hardware | list[Hardware],
+    n: int = 200,
+    level: float = 0.9,
+    seed: int = 0,
+    drift: list[tuple[Hardware, Hardware]] | None = None,
+) -> dict[str, tuple[float, float]]:
     """fn(profile) -> {metric: value}; returns {metric: (low, high)} at the given level.
     hw may be several calibrations of one machine taken at different times: the replicates
     of each (n apiece) then form one mixture, as if the machine, while the predicted run

@@ -32,7 +32,7 @@ class Prediction:
     tpot_s: float
     bytes_per_token: int
     prefill: str = "cpu"
-    devices: int = 0          # GPUs streaming experts (SLP), 0 for the CPU path
+    devices: int = 0  # GPUs streaming experts (SLP), 0 for the CPU path
 
     @property
     def decode_tok_s(self) -> float:
@@ -42,11 +42,12 @@ class Prediction:
         return {**asdict(self), "decode_tok_s": self.decode_tok_s}
 
 
-unique_experts = costmodel.unique_experts      # one definition, re-exported for sim users
+unique_experts = costmodel.unique_experts  # one definition, re-exported for sim users
 
 
-def routing_bins(n_experts: int, k: int, skew: float = 0.0, bins: int = 16
-                 ) -> list[tuple[int, float]]:
+def routing_bins(
+    n_experts: int, k: int, skew: float = 0.0, bins: int = 16
+) -> list[tuple[int, float]]:
     """The routing distribution as (experts, probability a token picks each of them) groups.
     skew 0: uniform, every expert k/E. skew s > 0: Zipf-like popularity, expert e weighted
     (e + 1)^-s, scaled so the probabilities sum to k and none exceeds 1 (a token picks k
@@ -57,7 +58,7 @@ def routing_bins(n_experts: int, k: int, skew: float = 0.0, bins: int = 16
         return [(n_experts, k / n_experts)]
     w = [(e + 1) ** -skew for e in range(n_experts)]
     capped: set[int] = set()
-    while True:   # water-filling: the most popular are capped at 1, the rest share the rest
+    while True:  # water-filling: the most popular are capped at 1, the rest share the rest
         free = [e for e in range(n_experts) if e not in capped]
         scale = (k - len(capped)) / sum(w[e] for e in free)
         over = {e for e in free if w[e] * scale > 1}
@@ -70,21 +71,26 @@ def routing_bins(n_experts: int, k: int, skew: float = 0.0, bins: int = 16
 def _neighbours(p: list[float], bins: int) -> list[tuple[int, float]]:
     """Probabilities in popularity order as `bins` groups of neighbours: (size, mean)."""
     size = -(-len(p) // bins)
-    return [(len(p[i:i + size]), sum(p[i:i + size]) / len(p[i:i + size]))
-            for i in range(0, len(p), size)]
+    return [
+        (len(p[i : i + size]), sum(p[i : i + size]) / len(p[i : i + size]))
+        for i in range(0, len(p), size)
+    ]
 
 
-def recorded_bins(popularity: dict, cfg: ModelConfig, source: str = "routing",
-                  bins: int = 16) -> dict[int, list[tuple[int, float]]]:
+def recorded_bins(
+    popularity: dict, cfg: ModelConfig, source: str = "routing", bins: int = 16
+) -> dict[int, list[tuple[int, float]]]:
     """Routing recorded by the engine (refmoe.routing.popularity: per layer, the probability a
     token picks each expert) as routing_bins groups per layer: the experts sorted by
     popularity, `bins` groups of neighbours, each at its mean probability."""
     out = {}
     for layer, p in sorted(popularity.items()):
         if len(p) != cfg.n_routed_experts or round(float(sum(p))) != cfg.num_experts_per_tok:
-            raise ValueError(f"{source}: routing recorded over {len(p)} experts, top-"
-                             f"{round(float(sum(p)))}; the model routes to "
-                             f"{cfg.num_experts_per_tok} of {cfg.n_routed_experts}")
+            raise ValueError(
+                f"{source}: routing recorded over {len(p)} experts, top-"
+                f"{round(float(sum(p)))}; the model routes to "
+                f"{cfg.num_experts_per_tok} of {cfg.n_routed_experts}"
+            )
         out[layer] = _neighbours(sorted((float(x) for x in p), reverse=True), bins)
     return out
 
@@ -122,16 +128,19 @@ class Machine:
     def __init__(self, env: simpy.Environment, hw: Hardware, record: bool = False):
         self.env, self.hw = env, hw
         self._mixtures: dict = {}
-        self.expert_scale = 1.0   # expert bytes relative to FP8 (INT4: bits per weight / 8)
-        self.gpu_index = 0        # the GPU that runs attention and dense layers
-        self.routing_skew = 0.0   # 0: uniform routing; else see routing_bins
-        self.routing: dict = {}   # recorded routing per layer (load_routing), if any
+        self.expert_scale = 1.0  # expert bytes relative to FP8 (INT4: bits per weight / 8)
+        self.gpu_index = 0  # the GPU that runs attention and dense layers
+        self.routing_skew = 0.0  # 0: uniform routing; else see routing_bins
+        self.routing: dict = {}  # recorded routing per layer (load_routing), if any
         cpu = hw.cpu
-        self.dram = [Link(f"dram{s}", cpu.dram_gbps_per_socket * cpu.dram_efficiency * 1e9)
-                     for s in range(cpu.sockets)]
+        self.dram = [
+            Link(f"dram{s}", cpu.dram_gbps_per_socket * cpu.dram_efficiency * 1e9)
+            for s in range(cpu.sockets)
+        ]
         self.cores = [Link(f"cores{s}", 1.0) for s in range(cpu.sockets)]
-        self.interconnect = Link("interconnect", cpu.interconnect_gbps * 1e9) \
-            if cpu.sockets > 1 else None
+        self.interconnect = (
+            Link("interconnect", cpu.interconnect_gbps * 1e9) if cpu.sockets > 1 else None
+        )
         self.pcie = [Link(f"pcie{d}.h2d", g.pcie_gbps * 1e9) for d, g in enumerate(hw.gpus)]
         self.gpu = [Link(f"gpu{d}", 1.0) for d in range(len(hw.gpus))]
         self.net = FluidNetwork(env, self.links(), record)
@@ -141,8 +150,13 @@ class Machine:
         serving simulator's cost runs for per-layer spans, ignored here."""
 
     def links(self) -> list[Link]:
-        return self.dram + self.cores + ([self.interconnect] if self.interconnect else []) \
-            + self.pcie + self.gpu
+        return (
+            self.dram
+            + self.cores
+            + ([self.interconnect] if self.interconnect else [])
+            + self.pcie
+            + self.gpu
+        )
 
     def work(self, seconds: float, demand: dict):
         """An operation that takes `seconds` alone and loads each link of `demand` with the
@@ -198,7 +212,7 @@ class Machine:
         groups = self.groups(layer, experts, round(p * experts))
         nbytes = seconds = 0.0
         for count, q in groups:
-            if q <= 0:   # experts no token picks
+            if q <= 0:  # experts no token picks
                 continue
             b, t = self.mixture(one, count, tokens, q)
             nbytes, seconds = nbytes + b, seconds + t
@@ -217,10 +231,18 @@ class Machine:
         nbytes = seconds = 0.0
         mean, sd = tokens * p, math.sqrt(tokens * p * (1 - p))
         lo, hi = max(1, int(mean - 12 * sd - 1)), min(tokens, int(mean + 12 * sd + 2))
-        for m in range(lo, hi + 1):   # the rest of the distribution weighs < 1e-30
-            pm = math.exp(math.lgamma(tokens + 1) - math.lgamma(m + 1)
-                          - math.lgamma(tokens - m + 1) + m * math.log(p)
-                          + (tokens - m) * math.log1p(-p)) if p < 1 else float(m == tokens)
+        for m in range(lo, hi + 1):  # the rest of the distribution weighs < 1e-30
+            pm = (
+                math.exp(
+                    math.lgamma(tokens + 1)
+                    - math.lgamma(m + 1)
+                    - math.lgamma(tokens - m + 1)
+                    + m * math.log(p)
+                    + (tokens - m) * math.log1p(-p)
+                )
+                if p < 1
+                else float(m == tokens)
+            )
             nbytes += experts * pm * one
             seconds += experts * pm * one / (self.rate_gbps(m, moe=True) * 1e9)
         return nbytes, seconds
@@ -230,8 +252,11 @@ class Machine:
         the sockets), and the interconnect for the share on other sockets."""
         cpu, pcie = self.hw.cpu, self.hw.gpus[d].pcie_gbps * 1e9
         remote = (cpu.sockets - 1) / cpu.sockets
-        rate = min([pcie] + [c.capacity * cpu.sockets for c in self.dram]
-                   + ([self.interconnect.capacity / remote] if remote else []))
+        rate = min(
+            [pcie]
+            + [c.capacity * cpu.sockets for c in self.dram]
+            + ([self.interconnect.capacity / remote] if remote else [])
+        )
         demand = {self.pcie[d]: rate}
         for s in range(cpu.sockets):
             demand[self.dram[s]] = rate / cpu.sockets
@@ -239,25 +264,36 @@ class Machine:
             demand[self.interconnect] = rate * remote
         yield from self.work(nbytes / rate, demand)
 
-    def device(self, nbytes: float, overhead_s: float, tokens: float = 1.0, flops: float = 0.0,
-               gpu: int | None = None):
+    def device(
+        self,
+        nbytes: float,
+        overhead_s: float,
+        tokens: float = 1.0,
+        flops: float = 0.0,
+        gpu: int | None = None,
+    ):
         """Attention or a dense layer on the device: on a GPU its weights from HBM, or its
         FLOPs at attention_tflops when those take longer (long prompts), plus the per-layer
         cost; without a GPU, FP8 GEMVs on the CPU and the torch glue around them."""
         if self.hw.gpus:
             d = self.gpu_index if gpu is None else gpu
             g = self.hw.gpus[d]
-            t = max(nbytes / (g.hbm_gbps * g.hbm_efficiency * 1e9),
-                    flops / (g.attention_tflops * 1e12)) + overhead_s
+            t = (
+                max(
+                    nbytes / (g.hbm_gbps * g.hbm_efficiency * 1e9),
+                    flops / (g.attention_tflops * 1e12),
+                )
+                + overhead_s
+            )
             yield from self.work(t, {self.gpu[d]: 1.0})
         else:
             yield from self.cpu_fp8(nbytes, tokens)
             # the rest of the block is torch on its own threads (every core), no weights
             yield from self.work(overhead_s, {c: 1.0 for c in self.cores})
 
-
-    def attention_extra(self, cfg: ModelConfig, tokens: int, contexts: tuple = ()
-                        ) -> tuple[float, dict]:
+    def attention_extra(
+        self, cfg: ModelConfig, tokens: int, contexts: tuple = ()
+    ) -> tuple[float, dict]:
         """(seconds, demand) per layer of what attention costs beyond its projections and
         fixed per-sequence cost: reading what each sequence has cached (`contexts`, one count
         per decoding sequence), and on the CPU a prompt's own scores. On a GPU: the caches
@@ -268,27 +304,30 @@ class Machine:
             g = self.hw.gpus[self.gpu_index]
             cached = sum(contexts)
             flops = costs.score_flops(cfg, 1, cached) - costs.score_flops(cfg, 1, 0)
-            t = max(cached * costs.kv_bytes_per_token(cfg) / (g.hbm_gbps * g.hbm_efficiency
-                                                              * 1e9),
-                    flops / (g.attention_tflops * 1e12))
+            t = max(
+                cached * costs.kv_bytes_per_token(cfg) / (g.hbm_gbps * g.hbm_efficiency * 1e9),
+                flops / (g.attention_tflops * 1e12),
+            )
             return t, {self.gpu[self.gpu_index]: 1.0}
         cpu = self.hw.cpu
         t = sum(cpu.attention_us(c) for c in contexts) * 1e-6
-        if tokens > len(contexts):   # a prompt: its tokens attend to each other
+        if tokens > len(contexts):  # a prompt: its tokens attend to each other
             t += costs.score_flops(cfg, tokens) / (cpu.score_gflops() * 1e9)
         return t, {c: 1.0 for c in self.cores}
 
 
-def _step(m: Machine, cfg: ModelConfig, tokens: int, out: dict, sequences: int = 1,
-          contexts: tuple = ()):
+def _step(
+    m: Machine, cfg: ModelConfig, tokens: int, out: dict, sequences: int = 1, contexts: tuple = ()
+):
     """One forward over `tokens` new tokens of `sequences` sequences (a prefill chunk of one,
     or a decode step of `tokens` whose sequences have `contexts` tokens cached). The
     attention block's per-layer cost beyond its weights (the scores, norms, small ops) is
     paid once per sequence, as the engine attends each sequence on its own, plus its cost for
     the cached tokens (Machine.attention_extra)."""
     hw = m.hw
-    layer_overhead = (hw.gpus[0].layer_overhead_us if hw.gpus else hw.cpu.layer_overhead_us) \
-        * 1e-6 * sequences
+    layer_overhead = (
+        (hw.gpus[0].layer_overhead_us if hw.gpus else hw.cpu.layer_overhead_us) * 1e-6 * sequences
+    )
     attn_flops = costs.attention_flops(cfg, tokens)
     extra = m.attention_extra(cfg, tokens, contexts)
     for i, cost in enumerate(costs.layer_costs(cfg)):
@@ -303,8 +342,9 @@ def _step(m: Machine, cfg: ModelConfig, tokens: int, out: dict, sequences: int =
             # each routed expert serves a Binomial(tokens, k/E) number of tokens, and the
             # kernel's rate depends steeply on it (one token: the GEMV; more: tiles), so the
             # expected time is a sum over that distribution, not the rate at the mean
-            yield from m.cpu_fp8_mixed(one, cfg.n_routed_experts, tokens,
-                                       k / cfg.n_routed_experts, layer=i)
+            yield from m.cpu_fp8_mixed(
+                one, cfg.n_routed_experts, tokens, k / cfg.n_routed_experts, layer=i
+            )
             if cfg.n_shared_experts:
                 yield from m.cpu_fp8(cfg.n_shared_experts * one, tokens)
             yield m.env.timeout(hw.cpu.moe_overhead_us * 1e-6)
@@ -325,11 +365,19 @@ def rates(hw: Hardware, devices: int | None = None) -> costmodel.Rates:
         cpu_gemv_gbps=cpu.fp8_stream_gbps(),
         cpu_gflops=cpu.threads * cpu.fma_gflops_per_core * 0.6,
         device_gflops=gpu.expert_tflops * 1e3 if gpu else cpu.threads * cpu.fma_gflops_per_core,
-        devices=max(1, n), device="gpu" if gpu else "cpu")
+        devices=max(1, n),
+        device="gpu" if gpu else "cpu",
+    )
 
 
-def _slp_prefill(m: Machine, cfg: ModelConfig, tokens: int, devices: int | list[int],
-                 out: dict, chunk_tokens: int = costmodel.SLP_CHUNK_TOKENS["cuda"]):
+def _slp_prefill(
+    m: Machine,
+    cfg: ModelConfig,
+    tokens: int,
+    devices: int | list[int],
+    out: dict,
+    chunk_tokens: int = costmodel.SLP_CHUNK_TOKENS["cuda"],
+):
     """SLP over `devices` GPUs (a count: the first N; or their indices), chunk by chunk as
     the engine runs it (at most `chunk_tokens` a chunk, each a full pass over the experts):
     per MoE layer, each GPU streams its 1/N of the expert slots over its own PCIe link while
@@ -348,14 +396,16 @@ def _slp_prefill(m: Machine, cfg: ModelConfig, tokens: int, devices: int | list[
         """Each GPU's bytes of the layer for a chunk of t tokens: its 1/N of the expert slots
         (only those routed to, when the chunk does not hit them all)."""
         slots = cfg.n_routed_experts + cfg.n_shared_experts
-        hit = sum(count * (1 - (1 - q) ** t) for count, q in m.groups(
-            layer, cfg.n_routed_experts, cfg.num_experts_per_tok))
+        hit = sum(
+            count * (1 - (1 - q) ** t)
+            for count, q in m.groups(layer, cfg.n_routed_experts, cfg.num_experts_per_tok)
+        )
         if costmodel.streaming_for(cfg.n_routed_experts, hit) == "selective":
             slots = hit + cfg.n_shared_experts
         return slots / n * costmodel.expert_bytes(cfg)
 
     loaded = {(c, i): env.event() for c in range(len(chunks)) for i in layers}
-    ring = simpy.Container(env, capacity=2, init=2)          # two layers of slots
+    ring = simpy.Container(env, capacity=2, init=2)  # two layers of slots
 
     def stream(d, nbytes):
         yield from m.dma(nbytes, d)
@@ -370,8 +420,13 @@ def _slp_prefill(m: Machine, cfg: ModelConfig, tokens: int, devices: int | list[
 
     def on_each(seconds_of):
         """seconds_of(k, gpu): the k-th of the GPUs' part, all at once; the slowest decides."""
-        return simpy.AllOf(env, [env.process(m.work(seconds_of(k, hw.gpus[d]), {m.gpu[d]: 1.0}))
-                                 for k, d in enumerate(ids)])
+        return simpy.AllOf(
+            env,
+            [
+                env.process(m.work(seconds_of(k, hw.gpus[d]), {m.gpu[d]: 1.0}))
+                for k, d in enumerate(ids)
+            ],
+        )
 
     def receive(d, nbytes):
         rate = hw.gpus[d].pcie_gbps * 1e9
@@ -389,9 +444,15 @@ def _slp_prefill(m: Machine, cfg: ModelConfig, tokens: int, devices: int | list[
         exchange = 2 * t * cfg.hidden_size * 4 * (n - 1) / n if n > 1 else 0.0
         for i, cost in enumerate(costs.layer_costs(cfg)):
             t0 = env.now
-            yield on_each(lambda k, g: max(cost.attention_bytes / (g.hbm_gbps * g.hbm_efficiency
-                                                                   * 1e9),
-                                           attn[k] / (g.attention_tflops * 1e12)) + overhead)
+            yield on_each(
+                lambda k, g: (
+                    max(
+                        cost.attention_bytes / (g.hbm_gbps * g.hbm_efficiency * 1e9),
+                        attn[k] / (g.attention_tflops * 1e12),
+                    )
+                    + overhead
+                )
+            )
             m.mark("device", "attention", f"attention L{i}", t0, tokens=t)
             t0 = env.now
             if cost.expert_bytes:
@@ -403,18 +464,28 @@ def _slp_prefill(m: Machine, cfg: ModelConfig, tokens: int, devices: int | list[
                 yield ring.put(1)
                 m.mark("slp", "experts", f"experts L{i}", t0, tokens=t)
             else:
-                yield on_each(lambda k, g: max(
-                    cost.dense_bytes / (g.hbm_gbps * g.hbm_efficiency * 1e9),
-                    2.0 * sizes[k] * cost.dense_bytes / (g.attention_tflops * 1e12)))
+                yield on_each(
+                    lambda k, g: max(
+                        cost.dense_bytes / (g.hbm_gbps * g.hbm_efficiency * 1e9),
+                        2.0 * sizes[k] * cost.dense_bytes / (g.attention_tflops * 1e12),
+                    )
+                )
                 m.mark("device", "dense mlp", f"dense mlp L{i}", t0, tokens=t)
     yield from m.device(costs.head_bytes(cfg), 0.0, 1, gpu=ids[-1])
     out["t"] = env.now
 
 
-def predict(cfg: ModelConfig, hw: Hardware, prompt_tokens: int, output_tokens: int,
-            prefill: str = "cpu", devices: int | None = None,
-            expert_bits: float | None = None, routing_skew: float = 0.0,
-            routing: dict | None = None) -> Prediction:
+def predict(
+    cfg: ModelConfig,
+    hw: Hardware,
+    prompt_tokens: int,
+    output_tokens: int,
+    prefill: str = "cpu",
+    devices: int | None = None,
+    expert_bits: float | None = None,
+    routing_skew: float = 0.0,
+    routing: dict | None = None,
+) -> Prediction:
     """prefill: cpu, slp or auto (the engine's cost model decides); devices: GPUs for SLP
     (default: all in the profile; more than one is DSLP); expert_bits: bits per routed-expert
     weight, scales included, when the experts are not FP8 (e.g. 4.5 for Q4_K-class INT4),
@@ -426,7 +497,7 @@ def predict(cfg: ModelConfig, hw: Hardware, prompt_tokens: int, output_tokens: i
     if prefill not in ("cpu", "slp", "auto"):
         raise ValueError(f"prefill must be cpu, slp or auto, got {prefill!r}")
     n = len(hw.gpus) if devices is None else devices
-    if prefill == "auto" and not hw.gpus:    # nothing to stream to: the CPU path, as the engine
+    if prefill == "auto" and not hw.gpus:  # nothing to stream to: the CPU path, as the engine
         prefill = "cpu"
     if prefill != "cpu" and not hw.gpus:
         raise ValueError(f"{hw.name}: SLP needs a GPU in the profile")
@@ -460,5 +531,12 @@ def predict(cfg: ModelConfig, hw: Hardware, prompt_tokens: int, output_tokens: i
     env.run()
     steps = marks["steps"]
     tpot = sorted(steps)[len(steps) // 2] if steps else 0.0
-    return Prediction(prompt_tokens, output_tokens, marks["first"], tpot,
-                      costs.bytes_per_token(cfg), prefill, n if prefill == "slp" else 0)
+    return Prediction(
+        prompt_tokens,
+        output_tokens,
+        marks["first"],
+        tpot,
+        costs.bytes_per_token(cfg),
+        prefill,
+        n if prefill == "slp" else 0,
+    )

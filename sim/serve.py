@@ -33,6 +33,7 @@ from sim.predict import Machine, _slp_prefill, _step
 class Part:
     """A stretch of a forward: `seconds` alone, loading each link of `demand` (link -> units
     per second) meanwhile; an empty demand is a plain wait (Python glue, launch gaps)."""
+
     seconds: float
     demand: dict
 
@@ -84,12 +85,18 @@ class Costs:
     GPUs) with sim.predict's per-layer model, then reused: a simulated thousand requests
     costs a few thousand SimPy events, not a few per layer and step."""
 
-    def __init__(self, cfg: ModelConfig, hw: Hardware, machine: Machine,
-                 routing_skew: float = 0.0, routing: dict | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        hw: Hardware,
+        machine: Machine,
+        routing_skew: float = 0.0,
+        routing: dict | None = None,
+    ):
         self.cfg, self.hw, self.memo, self.mixtures = cfg, hw, {}, {}
         self.routing_skew, self.routing = routing_skew, routing or {}
-        self.machine = machine   # the links the parts load
-        self.layers: dict = {}   # key -> the forward's per-layer spans alone (for traces)
+        self.machine = machine  # the links the parts load
+        self.layers: dict = {}  # key -> the forward's per-layer spans alone (for traces)
 
     def __call__(self, tokens: int, path: str = "cpu", gpus: tuple = (0,)) -> list[Part]:
         """path: cpu or slp (a prefill of one sequence), decode (one token each of `tokens`
@@ -98,23 +105,29 @@ class Costs:
         if key not in self.memo:
             env = simpy.Environment()
             m = _Costing(env, self.hw)
-            m._mixtures = self.mixtures          # the same expert mixtures across forwards
+            m._mixtures = self.mixtures  # the same expert mixtures across forwards
             m.gpu_index = gpus[0] if self.hw.gpus else 0
             m.routing_skew, m.routing = self.routing_skew, self.routing
             out: dict = {}
-            run = _slp_prefill(m, self.cfg, tokens, list(gpus), out) if path == "slp" else \
-                _step(m, self.cfg, tokens, out, tokens if path == "decode" else 1)
+            run = (
+                _slp_prefill(m, self.cfg, tokens, list(gpus), out)
+                if path == "slp"
+                else _step(m, self.cfg, tokens, out, tokens if path == "decode" else 1)
+            )
             env.process(run)
             env.run()
             # the links of the throwaway machine -> the same-named links of the real one
             by_name = {lk.name: lk for lk in self.machine.links()}
-            self.memo[key] = [Part(p.seconds, {by_name[lk.name]: w for lk, w in p.demand.items()})
-                              for p in m.parts(env.now)]
+            self.memo[key] = [
+                Part(p.seconds, {by_name[lk.name]: w for lk, w in p.demand.items()})
+                for p in m.parts(env.now)
+            ]
             self.layers[key] = m.spans
         return self.memo[key]
 
-    def layer_spans(self, tr, start: float, dur: float, tokens: int, path: str = "cpu",
-                    gpus: tuple = (0,)) -> None:
+    def layer_spans(
+        self, tr, start: float, dur: float, tokens: int, path: str = "cpu", gpus: tuple = (0,)
+    ) -> None:
         """The forward's per-layer spans (the engine's device / cpu / slp lanes), its alone
         timeline stretched to the `dur` it took in the run."""
         total = self.seconds(tokens, path, gpus)
@@ -152,8 +165,7 @@ class Costs:
             if self.hw.gpus:
                 ga, ca = self._sides(a)
                 gb, cb = self._sides(b)
-                total = sum(max(ga[i], cb[i - 1]) + max(gb[i], ca[i])
-                            for i in range(len(ga)))
+                total = sum(max(ga[i], cb[i - 1]) + max(gb[i], ca[i]) for i in range(len(ga)))
             demand: dict = {}
             for p in parts:
                 for lk, w in p.demand.items():
@@ -171,7 +183,7 @@ class Costs:
         for _, lane, name, t0, t1, _ in self.layers[("decode", sequences, (0,))]:
             i = int(name.rsplit(" L", 1)[1])
             (cpu if lane == "experts" else gpu)[i] += t1 - t0
-        gpu[0] += total - sum(gpu) - sum(cpu)     # the logits (and anything between spans)
+        gpu[0] += total - sum(gpu) - sum(cpu)  # the logits (and anything between spans)
         return gpu, cpu
 
 
@@ -204,12 +216,22 @@ def policy_for(cfg: ModelConfig, hw: Hardware, config: EngineConfig) -> Policy:
     return Policy.build(config, cfg, r, accelerated=bool(hw.gpus), can_stream=bool(hw.gpus))
 
 
-def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, int]],
-             max_batch: int = 16, kv_tokens: int | None = None, prefill: str = "cpu",
-             max_queue: int = 1 << 30, trace: bool = False, blocks: bool = True,
-             utilization: bool = False, dual_batch: str = "auto",
-             trace_layers: bool = False, routing_skew: float = 0.0,
-             routing: dict | None = None):
+def simulate(
+    cfg: ModelConfig,
+    hw: Hardware,
+    requests: list[tuple[float, int, int]],
+    max_batch: int = 16,
+    kv_tokens: int | None = None,
+    prefill: str = "cpu",
+    max_queue: int = 1 << 30,
+    trace: bool = False,
+    blocks: bool = True,
+    utilization: bool = False,
+    dual_batch: str = "auto",
+    trace_layers: bool = False,
+    routing_skew: float = 0.0,
+    routing: dict | None = None,
+):
     """requests: (arrival s, prompt tokens, output tokens). Returns per-request outcomes (times
     in seconds, as the engine's benchmark records them) and the makespan; with trace=True a
     third value, a refmoe.trace.Trace on simulated time with the engine's lanes
@@ -228,10 +250,15 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
 
         from refmoe.trace import Trace
 
-        tr = Trace({"simulated": True, "hardware": {"profile": hw.name},
-                    "model": asdict(cfg), "engine": {"prefill": prefill,
-                                                     "max_batch": max_batch}},
-                   clock=lambda: env.now)
+        tr = Trace(
+            {
+                "simulated": True,
+                "hardware": {"profile": hw.name},
+                "model": asdict(cfg),
+                "engine": {"prefill": prefill, "max_batch": max_batch},
+            },
+            clock=lambda: env.now,
+        )
     blocks = blocks and not utilization
     machine = Machine(env, hw, record=utilization)
     net = machine.net
@@ -256,14 +283,25 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
                 state["prefill_flow"] = None
 
     # the engine's policy, built as the engine builds it: every decision is in the plans
-    config = EngineConfig(prefill=prefill, dual_batch=dual_batch, ranks=max(1, n_gpus),
-                          kv_tokens=kv_tokens, max_batch=max_batch, max_queue=max_queue)
+    config = EngineConfig(
+        prefill=prefill,
+        dual_batch=dual_batch,
+        ranks=max(1, n_gpus),
+        kv_tokens=kv_tokens,
+        max_batch=max_batch,
+        max_queue=max_queue,
+    )
     sched = policy_for(cfg, hw, config).scheduler(clock=lambda: env.now)
     outcomes = [Outcome(a, p) for a, p, _ in requests]
     wants = {}
     last = {}
-    state = {"wake": env.event(), "ended": 0, "prefilling": False,
-             "next_arrival": float("inf"), "prefill_flow": None}
+    state = {
+        "wake": env.event(),
+        "ended": 0,
+        "prefilling": False,
+        "next_arrival": float("inf"),
+        "prefill_flow": None,
+    }
 
     def wake():
         if not state["wake"].triggered:
@@ -298,10 +336,15 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
         if oc.output_tokens >= wants[rid]:
             oc.e2e_s, oc.ok = now - oc.arrived_at, True
             if tr:
-                tr.request(id=f"req-{rid}", arrival=oc.arrived_at,
-                           prompt_tokens=oc.prompt_tokens, output_tokens=oc.output_tokens,
-                           finish_reason="length", first_token_time=oc.arrived_at + oc.ttft_s,
-                           finish_time=now)
+                tr.request(
+                    id=f"req-{rid}",
+                    arrival=oc.arrived_at,
+                    prompt_tokens=oc.prompt_tokens,
+                    output_tokens=oc.output_tokens,
+                    finish_reason="length",
+                    first_token_time=oc.arrived_at + oc.ttft_s,
+                    finish_time=now,
+                )
             sched.finish(rid)
             state["ended"] += 1
 
@@ -317,8 +360,16 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
             yield from forward(cost(plan.tokens, where, gpus), prefill=True)
             state["prefilling"] = False
             if tr:
-                tr.span("scheduler", "prefill worker", "prefill", start, env.now - start,
-                        requests=1, tokens=plan.tokens, path=where)
+                tr.span(
+                    "scheduler",
+                    "prefill worker",
+                    "prefill",
+                    start,
+                    env.now - start,
+                    requests=1,
+                    tokens=plan.tokens,
+                    path=where,
+                )
                 if trace_layers:
                     cost.layer_spans(tr, start, env.now - start, plan.tokens, where, gpus)
             token(plan.request_id)
@@ -335,9 +386,13 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
         context-free parts (memoized per batch shape) and its attention over the cached
         tokens: each request has its prompt and its outputs but the newest (which the step
         feeds) cached."""
+
         def cached(rids):
-            return tuple(outcomes[int(r)].prompt_tokens + outcomes[int(r)].output_tokens - 1
-                         + ahead for r in rids)
+            return tuple(
+                outcomes[int(r)].prompt_tokens + outcomes[int(r)].output_tokens - 1 + ahead
+                for r in rids
+            )
+
         if plan.overlapped:
             a, b = map(cached, plan.micro_batches)
             return cost.overlapped(len(a), len(b)), cost.context(a + b)
@@ -348,12 +403,12 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
         """_beside of a step, its context-free parts' computed once per batch shape (a part's
         rates beside the flow do not depend on its length)."""
         base, context = step(plan, ahead)
-        key = id(base)   # the memoized list itself
+        key = id(base)  # the memoized list itself
         if key not in base_beside:
             base_beside[key] = _beside(base, flow)
         period, progress = base_beside[key]
         for p in context:
-            key = tuple(p.demand.items())   # the same links every step: rates per second
+            key = tuple(p.demand.items())  # the same links every step: rates per second
             if key not in base_beside:
                 base_beside[key] = _beside([Part(1.0, p.demand)], flow)
             dt, got = base_beside[key]
@@ -412,11 +467,18 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
                     at += period
                     for rid in plan.request_ids:
                         token(rid, at)
-            if tr:   # one span per step, as the engine writes them
+            if tr:  # one span per step, as the engine writes them
                 at = t0
                 for per in steps or [env.now - t0]:
-                    tr.span("scheduler", "decode worker", "decode", at, per,
-                            requests=b, micro_batches=len(plan.micro_batches))
+                    tr.span(
+                        "scheduler",
+                        "decode worker",
+                        "decode",
+                        at,
+                        per,
+                        requests=b,
+                        micro_batches=len(plan.micro_batches),
+                    )
                     if trace_layers and not plan.overlapped:
                         cost.layer_spans(tr, at, per, b, "decode")
                     at += per
@@ -429,8 +491,11 @@ def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, in
         env.step()
     start = min((a for a, _, _ in requests), default=0.0)
     end = max((o.arrived_at + o.e2e_s for o in outcomes if o.ok), default=start)
-    result = (outcomes, end - start) + ((tr,) if trace else ()) + \
-        ((machine.net.timeline,) if utilization else ())
+    result = (
+        (outcomes, end - start)
+        + ((tr,) if trace else ())
+        + ((machine.net.timeline,) if utilization else ())
+    )
     return result
 
 
@@ -446,13 +511,15 @@ def plot_utilization(timeline: list, path: str, title: str = "") -> None:
     kinds: dict[str, list[str]] = {}
     for n in names:
         kinds.setdefault(re.sub(r"\d+", "", n.split(".")[0]), []).append(n)
-    fig, axes = plt.subplots(len(kinds), 1, figsize=(10, 1.6 * len(kinds) + 0.6), sharex=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(kinds), 1, figsize=(10, 1.6 * len(kinds) + 0.6), sharex=True, squeeze=False
+    )
     times = [t for t, _ in timeline]
     for ax, (kind, members) in zip(axes[:, 0], kinds.items()):
         for n in members:
-            ax.step(times, [load.get(n, 0.0) for _, load in timeline], where="post", label=n,
-                    lw=0.8)
+            ax.step(
+                times, [load.get(n, 0.0) for _, load in timeline], where="post", label=n, lw=0.8
+            )
         ax.set_ylim(0, 1.05)
         ax.set_ylabel(kind)
         ax.legend(loc="upper right", fontsize=7)

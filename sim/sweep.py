@@ -21,21 +21,39 @@ def _length_case(args) -> dict:
     cfg, hw_name, prefill, tokens, output = args
     hw = Hardware.load(hw_name)
     if prefill != "cpu" and not hw.gpus:
-        return {"hardware": hw.name, "prefill": prefill, "prompt_tokens": tokens,
-                "skipped": "no GPU in the profile"}
+        return {
+            "hardware": hw.name,
+            "prefill": prefill,
+            "prompt_tokens": tokens,
+            "skipped": "no GPU in the profile",
+        }
     p = predict(cfg, hw, tokens, output, prefill=prefill)
-    return {"hardware": hw.name, "prefill": prefill, "chosen": p.prefill, "devices": p.devices,
-            "prompt_tokens": tokens, "ttft_s": p.ttft_s, "tpot_s": p.tpot_s,
-            "prefill_tok_s": tokens / p.ttft_s}
+    return {
+        "hardware": hw.name,
+        "prefill": prefill,
+        "chosen": p.prefill,
+        "devices": p.devices,
+        "prompt_tokens": tokens,
+        "ttft_s": p.ttft_s,
+        "tpot_s": p.tpot_s,
+        "prefill_tok_s": tokens / p.ttft_s,
+    }
 
 
 def slo(outcomes, duration_s: float, ttft_s: float, tpot_s: float) -> dict:
     """The share of requests that finished within both SLOs (TTFT, and TPOT over the tokens
     after the first) and those requests per second: slo_attainment, goodput_req_s."""
-    good = [o for o in outcomes if o.ok and o.ttft_s <= ttft_s and (
-        o.output_tokens < 2 or (o.e2e_s - o.ttft_s) / (o.output_tokens - 1) <= tpot_s)]
-    return {"slo_attainment": len(good) / len(outcomes) if outcomes else float("nan"),
-            "goodput_req_s": len(good) / duration_s if duration_s > 0 else 0.0}
+    good = [
+        o
+        for o in outcomes
+        if o.ok
+        and o.ttft_s <= ttft_s
+        and (o.output_tokens < 2 or (o.e2e_s - o.ttft_s) / (o.output_tokens - 1) <= tpot_s)
+    ]
+    return {
+        "slo_attainment": len(good) / len(outcomes) if outcomes else float("nan"),
+        "goodput_req_s": len(good) / duration_s if duration_s > 0 else 0.0,
+    }
 
 
 def _rate_case(args) -> dict:
@@ -46,15 +64,30 @@ def _rate_case(args) -> dict:
     cfg, hw_name, prefill, rate, n, plen, olen, slo_ttft, slo_tpot, seed = args
     hw = Hardware.load(hw_name)
     if prefill != "cpu" and not hw.gpus:
-        return {"hardware": hw.name, "prefill": prefill, "request_rate": rate,
-                "skipped": "no GPU in the profile"}
-    outcomes, duration = simulate(cfg, hw, workload(n, rate, plen, olen, seed),
-                                  prefill=prefill)
+        return {
+            "hardware": hw.name,
+            "prefill": prefill,
+            "request_rate": rate,
+            "skipped": "no GPU in the profile",
+        }
+    outcomes, duration = simulate(cfg, hw, workload(n, rate, plen, olen, seed), prefill=prefill)
     res = summary(outcomes, duration)
-    return {"hardware": hw.name, "prefill": prefill, "request_rate": rate,
-            **slo(outcomes, duration, slo_ttft, slo_tpot),
-            **{k: res[k] for k in ("mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
-                                   "p99_tpot_ms", "output_throughput")}}
+    return {
+        "hardware": hw.name,
+        "prefill": prefill,
+        "request_rate": rate,
+        **slo(outcomes, duration, slo_ttft, slo_tpot),
+        **{
+            k: res[k]
+            for k in (
+                "mean_ttft_ms",
+                "p99_ttft_ms",
+                "mean_tpot_ms",
+                "p99_tpot_ms",
+                "output_throughput",
+            )
+        },
+    }
 
 
 def _run(fn, cases: list, workers: int | None, progress) -> list[dict]:
@@ -66,19 +99,39 @@ def _run(fn, cases: list, workers: int | None, progress) -> list[dict]:
         return list(progress(it, len(cases)) if progress else it)
 
 
-def sweep_lengths(cfg, hardware: list[str], policies: list[str], lengths: list[int],
-                  output_tokens: int = 8, workers: int | None = None, progress=None
-                  ) -> list[dict]:
-    cases = [(cfg, h, p, t, output_tokens)
-             for h, p, t in itertools.product(hardware, policies, lengths)]
+def sweep_lengths(
+    cfg,
+    hardware: list[str],
+    policies: list[str],
+    lengths: list[int],
+    output_tokens: int = 8,
+    workers: int | None = None,
+    progress=None,
+) -> list[dict]:
+    cases = [
+        (cfg, h, p, t, output_tokens) for h, p, t in itertools.product(hardware, policies, lengths)
+    ]
     return _run(_length_case, cases, workers, progress)
 
 
-def sweep_rates(cfg, hardware: list[str], policies: list[str], rates: list[float],
-                num_prompts: int, prompt_len, output_len, slo_ttft_s: float, slo_tpot_s: float,
-                seed: int = 0, workers: int | None = None, progress=None) -> list[dict]:
-    cases = [(cfg, h, p, r, num_prompts, prompt_len, output_len, slo_ttft_s,
-              slo_tpot_s, seed) for h, p, r in itertools.product(hardware, policies, rates)]
+def sweep_rates(
+    cfg,
+    hardware: list[str],
+    policies: list[str],
+    rates: list[float],
+    num_prompts: int,
+    prompt_len,
+    output_len,
+    slo_ttft_s: float,
+    slo_tpot_s: float,
+    seed: int = 0,
+    workers: int | None = None,
+    progress=None,
+) -> list[dict]:
+    cases = [
+        (cfg, h, p, r, num_prompts, prompt_len, output_len, slo_ttft_s, slo_tpot_s, seed)
+        for h, p, r in itertools.product(hardware, policies, rates)
+    ]
     return _run(_rate_case, cases, workers, progress)
 
 
@@ -94,8 +147,10 @@ def plot(rows: list[dict], path: str) -> None:
     by_rate = rows and "request_rate" in rows[0]
     x, y = ("request_rate", "slo_attainment") if by_rate else ("prompt_tokens", "ttft_s")
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (hw, pol), group in itertools.groupby(sorted(rows, key=lambda r: (
-            r["hardware"], r["prefill"], r[x])), key=lambda r: (r["hardware"], r["prefill"])):
+    for (hw, pol), group in itertools.groupby(
+        sorted(rows, key=lambda r: (r["hardware"], r["prefill"], r[x])),
+        key=lambda r: (r["hardware"], r["prefill"]),
+    ):
         g = list(group)
         ax.plot([r[x] for r in g], [r[y] for r in g], marker="o", label=f"{hw} / {pol}")
     if by_rate:

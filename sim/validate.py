@@ -26,15 +26,25 @@ def load_trace(path: str | Path) -> dict:
 def measured(doc: dict) -> dict:
     """TTFT of the first request and the median decode step, from the trace itself."""
     req = doc["metadata"]["requests"][0]
-    steps = [e["dur"] / 1e6 for e in doc["traceEvents"]
-             if e.get("ph") == "X" and e.get("name") == "decode"]
-    return {"ttft_s": req["first_token_time"] - req["arrival"],
-            "tpot_s": statistics.median(steps) if steps else float("nan"),
-            "prompt_tokens": req["prompt_tokens"], "output_tokens": req["output_tokens"]}
+    steps = [
+        e["dur"] / 1e6
+        for e in doc["traceEvents"]
+        if e.get("ph") == "X" and e.get("name") == "decode"
+    ]
+    return {
+        "ttft_s": req["first_token_time"] - req["arrival"],
+        "tpot_s": statistics.median(steps) if steps else float("nan"),
+        "prompt_tokens": req["prompt_tokens"],
+        "output_tokens": req["output_tokens"],
+    }
 
 
-def validate(path: str | Path, hw: Hardware, interval: int = 0,
-             drift: list[tuple[Hardware, Hardware]] | None = None) -> dict:
+def validate(
+    path: str | Path,
+    hw: Hardware,
+    interval: int = 0,
+    drift: list[tuple[Hardware, Hardware]] | None = None,
+) -> dict:
     """Predicted against measured, per metric; with interval=N also the 90% bootstrap
     interval of each prediction (sim/interval.py) and whether the measurement lies in it.
     drift: (earlier, later) calibrations of this machine whose disagreement the interval
@@ -53,8 +63,10 @@ def validate(path: str | Path, hw: Hardware, interval: int = 0,
             return {"ttft_s": p.ttft_s, "tpot_s": p.tpot_s}
 
     pred = fn(hw)
-    rows = {k: {"predicted": pred[k], "measured": meas[k],
-                "error": (pred[k] - meas[k]) / meas[k]} for k in meas}
+    rows = {
+        k: {"predicted": pred[k], "measured": meas[k], "error": (pred[k] - meas[k]) / meas[k]}
+        for k in meas
+    }
     if interval:
         from sim.interval import bootstrap
 
@@ -64,8 +76,10 @@ def validate(path: str | Path, hw: Hardware, interval: int = 0,
     out = {"trace": str(path), "hardware": hw.name, "metrics": rows}
     threads = (doc["metadata"].get("engine") or {}).get("threads")
     if threads and threads != hw.cpu.threads:
-        out["warning"] = (f"the trace ran the kernels on {threads} threads, the profile on "
-                          f"{hw.cpu.threads}: calibrate with REFMOE_NUM_THREADS={threads}")
+        out["warning"] = (
+            f"the trace ran the kernels on {threads} threads, the profile on "
+            f"{hw.cpu.threads}: calibrate with REFMOE_NUM_THREADS={threads}"
+        )
     if len(doc["metadata"]["requests"]) > 1:
         out["requests"] = len(doc["metadata"]["requests"])
     return out
@@ -85,13 +99,18 @@ def _serving(doc: dict, cfg: ModelConfig):
     engine = doc["metadata"].get("engine") or {}
     path = engine.get("prefill") if engine.get("prefill") in ("cpu", "slp") else "cpu"
     ok = [r for r in reqs if r.get("first_token_time") is not None]
-    tpot = [(r["finish_time"] - r["first_token_time"]) / (r["output_tokens"] - 1) for r in ok
-            if r["output_tokens"] > 1]
-    meas = {"ttft_s": statistics.fmean(r["first_token_time"] - r["arrival"] for r in ok),
-            "tpot_s": statistics.fmean(tpot) if tpot else float("nan"),
-            "e2e_s": statistics.fmean(r["finish_time"] - r["arrival"] for r in ok),
-            "output_tok_s": sum(r["output_tokens"] for r in ok) / (
-                max(r["finish_time"] for r in ok) - t0)}
+    tpot = [
+        (r["finish_time"] - r["first_token_time"]) / (r["output_tokens"] - 1)
+        for r in ok
+        if r["output_tokens"] > 1
+    ]
+    meas = {
+        "ttft_s": statistics.fmean(r["first_token_time"] - r["arrival"] for r in ok),
+        "tpot_s": statistics.fmean(tpot) if tpot else float("nan"),
+        "e2e_s": statistics.fmean(r["finish_time"] - r["arrival"] for r in ok),
+        "output_tok_s": sum(r["output_tokens"] for r in ok)
+        / (max(r["finish_time"] for r in ok) - t0),
+    }
 
     # the routing the engine served this workload with, replayed when the trace has it
     routing = None
@@ -99,16 +118,22 @@ def _serving(doc: dict, cfg: ModelConfig):
         from refmoe.routing import popularity
         from sim.predict import recorded_bins
 
-        routing = recorded_bins(popularity(doc["metadata"]["routing"], "the trace's routing"),
-                                cfg, "the trace's routing")
+        routing = recorded_bins(
+            popularity(doc["metadata"]["routing"], "the trace's routing"),
+            cfg,
+            "the trace's routing",
+        )
 
     def fn(profile: Hardware) -> dict:
         outcomes, duration = simulate(cfg, profile, workload, prefill=path, routing=routing)
         pred = summary(outcomes, duration)
         e2e = [o.e2e_s for o in outcomes if o.ok]
-        return {"ttft_s": pred["mean_ttft_ms"] / 1e3, "tpot_s": pred["mean_tpot_ms"] / 1e3,
-                "e2e_s": statistics.fmean(e2e) if e2e else float("nan"),
-                "output_tok_s": pred["output_throughput"]}
+        return {
+            "ttft_s": pred["mean_ttft_ms"] / 1e3,
+            "tpot_s": pred["mean_tpot_ms"] / 1e3,
+            "e2e_s": statistics.fmean(e2e) if e2e else float("nan"),
+            "output_tok_s": pred["output_throughput"],
+        }
 
     return meas, fn
 
@@ -123,10 +148,12 @@ def summarize(results: list[dict]) -> dict:
     table = {}
     for metric, ms in out.items():
         errs = [m["error"] for m in ms]
-        table[metric] = {"n": len(ms), "mape": statistics.fmean(abs(e) for e in errs),
-                         "bias": statistics.fmean(errs),
-                         "mae": statistics.fmean(abs(m["predicted"] - m["measured"])
-                                                 for m in ms)}
+        table[metric] = {
+            "n": len(ms),
+            "mape": statistics.fmean(abs(e) for e in errs),
+            "bias": statistics.fmean(errs),
+            "mae": statistics.fmean(abs(m["predicted"] - m["measured"]) for m in ms),
+        }
         if all("inside" in m for m in ms):
             table[metric]["inside_interval"] = sum(m["inside"] for m in ms)
     return table
@@ -144,21 +171,28 @@ def plot(results: list[dict], path: str) -> None:
     metrics = sorted({k for r in results for k in r["metrics"]})
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        pts = [(r["metrics"][metric], Path(r["trace"]).stem) for r in results
-               if metric in r["metrics"]]
+        pts = [
+            (r["metrics"][metric], Path(r["trace"]).stem) for r in results if metric in r["metrics"]
+        ]
         for m, label in pts:
             # the interval as drawn, not as error bars about the point: mixed from several
             # calibrations it need not contain the pooled prediction
             line = ax.plot(m["measured"], m["predicted"], "o", label=label)[0]
             if "interval" in m:
                 ax.vlines(m["measured"], *m["interval"], color=line.get_color())
-        vals = [v for m, _ in pts for v in (m["measured"], m["predicted"],
-                                             *m.get("interval", ()))]
+        vals = [v for m, _ in pts for v in (m["measured"], m["predicted"], *m.get("interval", ()))]
         lo, hi = min(vals) / 1.3, max(vals) * 1.3
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-        ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), title=metric,
-               xlabel="measured", ylabel="predicted")
-        for axis in (ax.xaxis, ax.yaxis):      # log minor labels collide on narrow ranges
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlim=(lo, hi),
+            ylim=(lo, hi),
+            title=metric,
+            xlabel="measured",
+            ylabel="predicted",
+        )
+        for axis in (ax.xaxis, ax.yaxis):  # log minor labels collide on narrow ranges
             axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     # the legend beside the panels, not over the first one's points
     handles, labels = axes[0][0].get_legend_handles_labels()

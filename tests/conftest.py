@@ -37,9 +37,24 @@ def cli_generate(model_dir, *args) -> dict:
     import subprocess
     import sys
 
-    return json.loads(subprocess.run(
-        [sys.executable, "-m", "refmoe.cli", "generate", "--model", str(model_dir), "--json",
-         *args], capture_output=True, text=True, timeout=300, check=True).stdout)
+    return json.loads(
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "refmoe.cli",
+                "generate",
+                "--model",
+                str(model_dir),
+                "--json",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        ).stdout
+    )
 
 
 def hf_greedy(m, prompt: list[int], n: int) -> list[int]:
@@ -48,7 +63,7 @@ def hf_greedy(m, prompt: list[int], n: int) -> list[int]:
 
     with torch.no_grad():
         out = m.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def assert_logits_match(m, mine, prompt: list[int], tol: float) -> None:

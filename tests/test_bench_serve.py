@@ -8,24 +8,55 @@ import sys
 
 from test_slp import fp8_dir  # noqa: F401 (fixture)
 
-LABELS = ["Successful requests:", "Benchmark duration (s):", "Total input tokens:",
-          "Total generated tokens:", "Request throughput (req/s):",
-          "Output token throughput (tok/s):", "Total Token throughput (tok/s):",
-          "Mean TTFT (ms):", "Median TTFT (ms):", "P99 TTFT (ms):", "Mean TPOT (ms):",
-          "Median TPOT (ms):", "P99 TPOT (ms):", "Mean ITL (ms):", "Median ITL (ms):",
-          "P99 ITL (ms):"]
+LABELS = [
+    "Successful requests:",
+    "Benchmark duration (s):",
+    "Total input tokens:",
+    "Total generated tokens:",
+    "Request throughput (req/s):",
+    "Output token throughput (tok/s):",
+    "Total Token throughput (tok/s):",
+    "Mean TTFT (ms):",
+    "Median TTFT (ms):",
+    "P99 TTFT (ms):",
+    "Mean TPOT (ms):",
+    "Median TPOT (ms):",
+    "P99 TPOT (ms):",
+    "Mean ITL (ms):",
+    "Median ITL (ms):",
+    "P99 ITL (ms):",
+]
 
 
 def _bench(*args):
-    return subprocess.run([sys.executable, "-m", "refmoe.cli", "bench", "serve", *args],
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "refmoe.cli", "bench", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_poisson_run_writes_block_csv_and_trace(fp8_dir, tmp_path):  # noqa: F811
     csv, trace = tmp_path / "req.csv", tmp_path / "serve.json"
-    r = _bench("--model", str(fp8_dir), "--num-prompts", "6", "--request-rate", "30",
-               "--prompt-len", "3-20", "--output-len", "2-6", "--csv", str(csv),
-               "--trace", str(trace), "--prefill", "cpu")
+    r = _bench(
+        "--model",
+        str(fp8_dir),
+        "--num-prompts",
+        "6",
+        "--request-rate",
+        "30",
+        "--prompt-len",
+        "3-20",
+        "--output-len",
+        "2-6",
+        "--csv",
+        str(csv),
+        "--trace",
+        str(trace),
+        "--prefill",
+        "cpu",
+    )
     assert r.returncode == 0, r.stderr
     assert "Serving Benchmark Result" in r.stdout
     for label in LABELS:
@@ -41,19 +72,22 @@ def test_poisson_run_writes_block_csv_and_trace(fp8_dir, tmp_path):  # noqa: F81
     reqs = t["metadata"]["requests"]
     assert len(reqs) == 6 and all(q["first_token_time"] <= q["finish_time"] for q in reqs)
     assert sorted(q["output_tokens"] for q in reqs) == sorted(
-        int(x.split(",")[2]) for x in lines[1:])
+        int(x.split(",")[2]) for x in lines[1:]
+    )
     # the routing served: every prompt token and every fed-back output token, k experts each
     fed = sum(q["prompt_tokens"] + q["output_tokens"] - 1 for q in reqs)
     rec = t["metadata"]["routing"]
     assert rec["layers"] and all(
         layer["tokens"] == fed and sum(layer["experts"]) == fed * rec["num_experts_per_tok"]
-        for layer in rec["layers"].values())
+        for layer in rec["layers"].values()
+    )
 
 
 def test_interference_and_dual_batch_report_ratios(fp8_dir):  # noqa: F811
     for scenario in ("interference", "dual-batch"):
-        r = _bench("--model", str(fp8_dir), "--scenario", scenario, "--prefill-tokens",
-                   "100", "--json")
+        r = _bench(
+            "--model", str(fp8_dir), "--scenario", scenario, "--prefill-tokens", "100", "--json"
+        )
         assert r.returncode == 0, r.stderr
         row = json.loads(r.stdout)[0]
         assert row["ratio"] > 0 and row["limit"] in (1.15, 1.5)

@@ -6,18 +6,36 @@ import sys
 
 import pytest
 
-REQUIRED = {"op", "dtype", "m", "n", "k", "threads", "variant", "gbps", "limit_gbps", "ratio",
-            "gflops", "time_us"}
+REQUIRED = {
+    "op",
+    "dtype",
+    "m",
+    "n",
+    "k",
+    "threads",
+    "variant",
+    "gbps",
+    "limit_gbps",
+    "ratio",
+    "gflops",
+    "time_us",
+}
 
 
 def run(*args, check=True):
-    return subprocess.run([sys.executable, "-m", "refmoe.cli", *args], capture_output=True,
-                          text=True, timeout=300, check=check)
+    return subprocess.run(
+        [sys.executable, "-m", "refmoe.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=check,
+    )
 
 
 def test_bench_kernels_json():
-    rows = json.loads(run("bench", "kernels", "--quick", "--reps", "1", "--threads", "1",
-                          "--json").stdout)
+    rows = json.loads(
+        run("bench", "kernels", "--quick", "--reps", "1", "--threads", "1", "--json").stdout
+    )
     assert {r["op"] for r in rows} == {"gemv", "gemm", "moe_decode_layer"}
     assert {r["dtype"] for r in rows} == {"fp8", "int4", "bf16"}
     for r in rows:
@@ -41,16 +59,21 @@ def test_info_json():
     assert json.loads(run("--cpu-threads", "3", "info", "--json").stdout)["threads"] == 3
 
 
-@pytest.mark.parametrize("args, message", [
-    (("bench", "kernels", "--threads", "0"), "expected integers >= 1"),
-    (("bench", "kernels", "--variants", "avx9"), "variant 'avx9' is not available"),
-    (("bench", "everything"), "invalid choice"),
-    (("bench", "serve", "--prompt-len", "5-2"), "expected 1 <= LO <= HI"),
-    (("generate", "--model", "/nonexistent", "--prompt-ids", "1", "--prefill", "gpu"),
-     "invalid choice"),
-    (("--cpu-threads", "0", "info"), "--cpu-threads must be >= 1"),
-    (("serve", "--model", "/nonexistent", "--kv-tokens", "10", "--kv-memory", "1"), "not both"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("bench", "kernels", "--threads", "0"), "expected integers >= 1"),
+        (("bench", "kernels", "--variants", "avx9"), "variant 'avx9' is not available"),
+        (("bench", "everything"), "invalid choice"),
+        (("bench", "serve", "--prompt-len", "5-2"), "expected 1 <= LO <= HI"),
+        (
+            ("generate", "--model", "/nonexistent", "--prompt-ids", "1", "--prefill", "gpu"),
+            "invalid choice",
+        ),
+        (("--cpu-threads", "0", "info"), "--cpu-threads must be >= 1"),
+        (("serve", "--model", "/nonexistent", "--kv-tokens", "10", "--kv-memory", "1"), "not both"),
+    ],
+)
 def test_bad_arguments(args, message):
     r = run(*args, check=False)
     assert r.returncode == 2 and message in r.stderr

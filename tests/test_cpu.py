@@ -27,7 +27,7 @@ def test_every_band_has_one_owner(rows, threads):
 
 def test_two_nodes_keep_their_bands_together():
     topo = Topology(((0, 1, 2, 3), (4, 5, 6, 7)))
-    lo, hi = partition_bands(7168, 8, topo)          # 56 bands
+    lo, hi = partition_bands(7168, 8, topo)  # 56 bands
     per_thread = [b - a for a, b in zip(lo, hi)]
     assert per_thread == [7] * 8
     # node 0's threads (0-3) own bands 0..27, node 1's (4-7) own 28..55: one contiguous range
@@ -98,6 +98,7 @@ def test_threads_pinned_to_their_node():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", PIN_SCRIPT], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", PIN_SCRIPT], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     assert out.strip() == "True"

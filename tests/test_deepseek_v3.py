@@ -17,19 +17,49 @@ from refmoe.kernels import formats
 
 transformers = pytest.importorskip("transformers")
 
-BASE = dict(vocab_size=97, hidden_size=72, intermediate_size=96, moe_intermediate_size=40,
-            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
-            n_shared_experts=1, n_routed_experts=8, routed_scaling_factor=2.5, kv_lora_rank=24,
-            q_lora_rank=32, qk_rope_head_dim=8, v_head_dim=12, qk_nope_head_dim=16, n_group=4,
-            topk_group=2, num_experts_per_tok=3, first_k_dense_replace=1, norm_topk_prob=True,
-            max_position_embeddings=256, bos_token_id=0, eos_token_id=None)  # 32 full steps
+BASE = dict(
+    vocab_size=97,
+    hidden_size=72,
+    intermediate_size=96,
+    moe_intermediate_size=40,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_shared_experts=1,
+    n_routed_experts=8,
+    routed_scaling_factor=2.5,
+    kv_lora_rank=24,
+    q_lora_rank=32,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    qk_nope_head_dim=16,
+    n_group=4,
+    topk_group=2,
+    num_experts_per_tok=3,
+    first_k_dense_replace=1,
+    norm_topk_prob=True,
+    max_position_embeddings=256,
+    bos_token_id=0,
+    eos_token_id=None,
+)  # 32 full steps
 VARIANTS = {
     "base": {},
-    "no_q_lora_ungrouped": dict(q_lora_rank=None, n_group=1, topk_group=1, norm_topk_prob=False,
-                                routed_scaling_factor=1.0),
-    "all_moe_yarn": dict(first_k_dense_replace=0, hidden_size=136, rope_scaling=dict(
-        type="yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=32,
-        beta_slow=1, mscale=1.0, mscale_all_dim=1.0)),
+    "no_q_lora_ungrouped": dict(
+        q_lora_rank=None, n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0
+    ),
+    "all_moe_yarn": dict(
+        first_k_dense_replace=0,
+        hidden_size=136,
+        rope_scaling=dict(
+            type="yarn",
+            factor=4.0,
+            original_max_position_embeddings=64,
+            beta_fast=32,
+            beta_slow=1,
+            mscale=1.0,
+            mscale_all_dim=1.0,
+        ),
+    ),
 }
 PROMPT = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 93]
 LOGIT_TOL = 1e-4  # |refmoe - transformers| <= LOGIT_TOL * max |logit|, fp32 math on both sides
@@ -78,15 +108,26 @@ def write_fp8_checkpoint(m, d):
 
     for name, p in m.state_dict().items():
         a = p.detach().float().numpy()
-        if name.endswith("experts.gate_up_proj"):   # transformers 5 fuses the experts in memory
+        if name.endswith("experts.gate_up_proj"):  # transformers 5 fuses the experts in memory
             prefix, inter = name[: -len("gate_up_proj")], a.shape[1] // 2
-            deq[name] = torch.from_numpy(np.stack([np.concatenate([
-                fp8(f"{prefix}{e}.gate_proj.weight", a[e, :inter]),
-                fp8(f"{prefix}{e}.up_proj.weight", a[e, inter:])]) for e in range(a.shape[0])]))
+            deq[name] = torch.from_numpy(
+                np.stack(
+                    [
+                        np.concatenate(
+                            [
+                                fp8(f"{prefix}{e}.gate_proj.weight", a[e, :inter]),
+                                fp8(f"{prefix}{e}.up_proj.weight", a[e, inter:]),
+                            ]
+                        )
+                        for e in range(a.shape[0])
+                    ]
+                )
+            )
         elif name.endswith("experts.down_proj"):
             prefix = name[: -len("down_proj")]
-            deq[name] = torch.from_numpy(np.stack([fp8(f"{prefix}{e}.down_proj.weight", a[e])
-                                                   for e in range(a.shape[0])]))
+            deq[name] = torch.from_numpy(
+                np.stack([fp8(f"{prefix}{e}.down_proj.weight", a[e]) for e in range(a.shape[0])])
+            )
         elif name.endswith("proj.weight") or name.endswith("proj_with_mqa.weight"):
             deq[name] = torch.from_numpy(fp8(name, a))
         else:
@@ -95,8 +136,12 @@ def write_fp8_checkpoint(m, d):
     save_file(tensors, d / "model.safetensors", dtypes)
     cfg = json.loads(json.dumps(m.config.to_dict()))
     cfg["architectures"] = ["DeepseekV3ForCausalLM"]
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
-                                  "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    cfg["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    }
     (d / "config.json").write_text(json.dumps(cfg))
     return deq
 
@@ -126,8 +171,10 @@ def _decode_modes(mine, cfg, ids, past, monkeypatch):
             mine.forward(ids[:past], cache)
         got[mode] = mine.forward(ids[past:], cache)
         assert cache.length == len(ids)
-        assert all(layer.kv.view().shape == (len(ids), cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-                   for layer in cache.layers)
+        assert all(
+            layer.kv.view().shape == (len(ids), cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+            for layer in cache.layers
+        )
     return got
 
 
@@ -138,8 +185,8 @@ def test_absorbed_decode_equals_expanded(saved, monkeypatch, past, new):
     the latent cache holds kv_lora_rank + rope_dim floats per token and layer."""
     _, d = saved
     cfg, mine = models.load(d)
-    got = _decode_modes(mine, cfg, torch.tensor((PROMPT * 5)[:past + new]), past, monkeypatch)
-    assert not mine.blocks[0].attn._absorb_weights().fp8      # float weights: float32 halves
+    got = _decode_modes(mine, cfg, torch.tensor((PROMPT * 5)[: past + new]), past, monkeypatch)
+    assert not mine.blocks[0].attn._absorb_weights().fp8  # float weights: float32 halves
     ref = got["expanded"]
     assert (got["absorbed"] - ref).abs().max() <= 1e-5 * ref.abs().max()
 
@@ -148,8 +195,9 @@ def test_absorbed_decode_equals_expanded(saved, monkeypatch, past, new):
 def fp8_heads(tmp_path_factory):
     """An FP8 checkpoint whose heads are whole 128-row scale blocks (DeepSeek-V3's own head
     dims, two heads), so absorbed decode runs kv_b's FP8 codes per head."""
-    m = random_model(dict(qk_nope_head_dim=128, v_head_dim=128, num_attention_heads=2,
-                          num_key_value_heads=2))
+    m = random_model(
+        dict(qk_nope_head_dim=128, v_head_dim=128, num_attention_heads=2, num_key_value_heads=2)
+    )
     d = tmp_path_factory.mktemp("fp8_heads")
     m.load_state_dict(write_fp8_checkpoint(m, d))
     return m, d
@@ -162,7 +210,7 @@ def test_fp8_absorbed_decode(fp8_heads, monkeypatch, past, new):
     weights; no float32 copy of kv_b is made."""
     m, d = fp8_heads
     cfg, mine = models.load(d)
-    ids = torch.tensor((PROMPT * 5)[:past + new])
+    ids = torch.tensor((PROMPT * 5)[: past + new])
     got = _decode_modes(mine, cfg, ids, past, monkeypatch)
     w = mine.blocks[0].attn._absorb_weights()
     assert w.fp8 and not hasattr(w, "w_uk")
@@ -189,8 +237,11 @@ class TestBadCheckpoints:
         cfg["moe_intermediate_size"] += 8
         (tmp_path / "config.json").write_text(json.dumps(cfg))
         (tmp_path / "model.safetensors").symlink_to(d / "model.safetensors")
-        with pytest.raises(ValueError, match=r"tensor 'model\.layers\.\d\.mlp\.(shared_)?experts"
-                           r".* has shape \[\d+, \d+\], the config needs"):
+        with pytest.raises(
+            ValueError,
+            match=r"tensor 'model\.layers\.\d\.mlp\.(shared_)?experts"
+            r".* has shape \[\d+, \d+\], the config needs",
+        ):
             models.load(tmp_path)
 
     def test_nan_fp8_code_names_tensor(self, tmp_path):
@@ -202,8 +253,11 @@ class TestBadCheckpoints:
         tensors[name][4, 2] = 0xFF
         dtypes = {n: "F8_E4M3" for n in ck.names() if ck.dtype(n) == "float8_e4m3fn"}
         save_file(tensors, tmp_path / "model.safetensors", dtypes)
-        with pytest.raises(ValueError, match=r"experts\.5\.down_proj\.weight'?: NaN FP8 code at "
-                           r"index \(4, 2\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"experts\.5\.down_proj\.weight'?: NaN FP8 code at "
+            r"index \(4, 2\)",
+        ):
             models.load(tmp_path)
 
     def test_unknown_architecture(self, saved, tmp_path):
@@ -217,16 +271,20 @@ class TestBadCheckpoints:
     def test_model_larger_than_memory(self, saved):
         _, d = saved
         ck = Checkpoint(d)
-        with pytest.raises(ValueError, match=r"the weights take .* GiB, more than this "
-                           r"machine's .* GiB of memory"):
+        with pytest.raises(
+            ValueError,
+            match=r"the weights take .* GiB, more than this "
+            r"machine's .* GiB of memory",
+        ):
             ck.check_fits(ck.nbytes - 1)
         ck.check_fits(ck.nbytes)
 
     def test_missing_shard_in_index(self, saved, tmp_path):
         _, d = saved
         (tmp_path / "config.json").write_text((d / "config.json").read_text())
-        (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
-            {"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}))
+        (tmp_path / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}})
+        )
         with pytest.raises(ValueError, match=r"model-00001-of-00002\.safetensors: shard not found"):
             models.load(tmp_path)
 
@@ -273,8 +331,13 @@ def test_device_seam(saved):
 def test_convert_to_fp8(saved, tmp_path):
     m, d = saved
     out = tmp_path / "fp8"
-    subprocess.run([sys.executable, "-m", "refmoe.cli", "convert", "--model", str(d), "--out",
-                    str(out)], capture_output=True, text=True, timeout=300, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "refmoe.cli", "convert", "--model", str(d), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     src, dst = Checkpoint(d), Checkpoint(out)
     name = "model.layers.1.mlp.experts.3.down_proj.weight"
     codes, scale = formats.fp8_quantize(np.array(src.get(name), np.float64))
@@ -284,8 +347,20 @@ def test_convert_to_fp8(saved, tmp_path):
     np.testing.assert_array_equal(dst.get("model.norm.weight"), src.get("model.norm.weight"))
     cfg, mine = models.load(out)
     assert cfg.is_fp8 and mine.blocks[-1].ffn.experts.fmt == "fp8"
-    again = subprocess.run([sys.executable, "-m", "refmoe.cli", "convert", "--model", str(out),
-                            "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "refmoe.cli",
+            "convert",
+            "--model",
+            str(out),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert again.returncode == 2 and "already an FP8 checkpoint" in again.stderr
 
 
@@ -303,15 +378,16 @@ def test_fp8_absorbed_batch_reads_kv_b_once(fp8_heads, monkeypatch):
     for past, new in plan:
         cache = mine.new_cache()
         mine.forward(ids[:past], cache)
-        alone.append(mine.forward(ids[past:past + new], cache)[-1])
+        alone.append(mine.forward(ids[past : past + new], cache)[-1])
         caches.append(mine.new_cache())
         mine.forward(ids[:past], caches[-1])
     calls = []
     real = kernels.fp8_gemm_heads
-    monkeypatch.setattr(kernels, "fp8_gemm_heads",
-                        lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
-    got = mine.forward_batch([ids[p:p + n] for p, n in plan], caches)
+    monkeypatch.setattr(
+        kernels, "fp8_gemm_heads", lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k)
+    )
+    got = mine.forward_batch([ids[p : p + n] for p, n in plan], caches)
     assert len(calls) == 2 * cfg.num_hidden_layers
-    assert all(shape[1] == 5 for shape in calls)                 # 1 + 1 + 3 tokens at once
+    assert all(shape[1] == 5 for shape in calls)  # 1 + 1 + 3 tokens at once
     for row, ref in zip(got, alone):
         assert (row - ref).abs().max() <= 1e-5 * ref.abs().max()

@@ -24,30 +24,73 @@ def test_built_checkpoint_is_a_v3_fp8_checkpoint(demo_dir):
     assert ck.dtype("model.layers.0.mlp.experts.15.down_proj.weight") == "float8_e4m3fn"
     assert ck.get("model.layers.0.mlp.experts.3.up_proj.weight_scale_inv").shape == (16, 56)
     mtime = (demo_dir / "config.json").stat().st_mtime
-    demo.build(demo_dir, layers=1, experts=16)   # cached: not rebuilt
+    demo.build(demo_dir, layers=1, experts=16)  # cached: not rebuilt
     assert (demo_dir / "config.json").stat().st_mtime == mtime
 
 
 def test_run_reports_the_bound(demo_dir):
     r = demo.run(demo_dir, prompt_tokens=4, new_tokens=4)
-    attn = (1536 * 7168 + 128 * 192 * 1536 + 576 * 7168 + 128 * 256 * 512 + 7168 * 16384)
-    attn_scales = sum(-(-n // 128) * -(-k // 128) * 4 for n, k in (
-        (1536, 7168), (128 * 192, 1536), (576, 7168), (128 * 256, 512), (7168, 16384)))
+    attn = 1536 * 7168 + 128 * 192 * 1536 + 576 * 7168 + 128 * 256 * 512 + 7168 * 16384
+    attn_scales = sum(
+        -(-n // 128) * -(-k // 128) * 4
+        for n, k in ((1536, 7168), (128 * 192, 1536), (576, 7168), (128 * 256, 512), (7168, 16384))
+    )
     head = 8192 * 7168 + 64 * 56 * 4
     assert r.bytes_per_token == attn + attn_scales + 9 * demo.EXPERT_BYTES + head
-    assert r.tok_s > 0 and r.read_gbps > 0 and r.bound_tok_s == pytest.approx(
-        r.read_gbps * 1e9 / r.bytes_per_token)
+    assert (
+        r.tok_s > 0
+        and r.read_gbps > 0
+        and r.bound_tok_s == pytest.approx(r.read_gbps * 1e9 / r.bytes_per_token)
+    )
 
 
 def test_cli(demo_dir):
-    out = subprocess.run([sys.executable, "-m", "refmoe.cli", "demo", "--dir", str(demo_dir),
-                          "--layers", "1", "--experts", "16", "--prompt-tokens", "4",
-                          "--max-tokens", "3"], capture_output=True, text=True, timeout=600,
-                         check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "refmoe.cli",
+            "demo",
+            "--dir",
+            str(demo_dir),
+            "--layers",
+            "1",
+            "--experts",
+            "16",
+            "--prompt-tokens",
+            "4",
+            "--max-tokens",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    ).stdout
     assert "TTFT" in out and "tok/s" in out and "bound" in out
     assert "refmoe-sim, calibrated from micro-benchmarks just now" in out
-    rows = json.loads(subprocess.run(
-        [sys.executable, "-m", "refmoe.cli", "bench", "decode", "--dir", str(demo_dir),
-         "--layers", "1", "--experts", "16", "--reps", "1", "--json"],
-        capture_output=True, text=True, timeout=600, check=True).stdout)
+    rows = json.loads(
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "refmoe.cli",
+                "bench",
+                "decode",
+                "--dir",
+                str(demo_dir),
+                "--layers",
+                "1",
+                "--experts",
+                "16",
+                "--reps",
+                "1",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+        ).stdout
+    )
     assert rows[0]["op"] == "decode" and 0 < rows[0]["ratio"] < 2

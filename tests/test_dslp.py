@@ -32,26 +32,25 @@ def test_split_balances_causal_attention(fp8_dir):  # noqa: F811
     weights = sum(n * k for n, k in costmodel.attention_shapes(v3))
     per_key = v3.num_attention_heads * costmodel.score_dims(v3)
 
-    def cost(lo, size, past):    # in units of one attended key
+    def cost(lo, size, past):  # in units of one attended key
         return sum(weights / per_key + past + p + 1 for p in range(lo, lo + size))
 
     for tokens, ranks, past in ((32768, 2, 0), (32768, 3, 0), (12232, 2, 32768), (1000, 4, 7)):
         sizes = costmodel.context_split(v3, tokens, ranks, past)
         assert sum(sizes) == tokens and len(sizes) == ranks
-        assert sizes == sorted(sizes, reverse=True)        # later tokens are dearer
+        assert sizes == sorted(sizes, reverse=True)  # later tokens are dearer
         costs = [cost(sum(sizes[:r]), sizes[r], past) for r in range(ranks)]
-        one = weights / per_key + past + tokens            # the dearest single token
-        assert max(costs) - min(costs) <= 2 * one          # each bound rounded to a token
+        one = weights / per_key + past + tokens  # the dearest single token
+        assert max(costs) - min(costs) <= 2 * one  # each bound rounded to a token
     assert costmodel.context_split(v3, 32768, 2) == [22029, 10739]
     near = costmodel.context_split(v3, 12232, 2, 32768)
     assert abs(near[0] - near[1]) < 0.15 * 12232
-    assert costmodel.context_split(v3, 2, 3).count(0) == 1    # fewer tokens than ranks
+    assert costmodel.context_split(v3, 2, 3).count(0) == 1  # fewer tokens than ranks
     with pytest.raises(ValueError, match="ranks"):
         costmodel.context_split(v3, 10, 0)
     _, model = models.load(fp8_dir)
     tiny = costmodel.context_split(model.cfg, len(PROMPT), 2)
-    assert tiny[0] > tiny[1] and dslp.ContextParallel.split(len(PROMPT), 2, cfg=model.cfg) \
-        == tiny
+    assert tiny[0] > tiny[1] and dslp.ContextParallel.split(len(PROMPT), 2, cfg=model.cfg) == tiny
     assert dslp.ContextParallel.split(len(PROMPT), 3, True, model.cfg) == [0] + tiny
 
 
@@ -59,8 +58,9 @@ def test_split_balances_causal_attention(fp8_dir):  # noqa: F811
 def test_two_ranks_match_plain_prefill(fp8_dir, plain, chunk):  # noqa: F811
     _, model = models.load(fp8_dir)
     want = generate(model, PROMPT, 8).token_ids
-    with dslp.Group.start(model, fp8_dir, world=2, threads_per_rank=1, ring=2,
-                          chunk_tokens=chunk) as group:
+    with dslp.Group.start(
+        model, fp8_dir, world=2, threads_per_rank=1, ring=2, chunk_tokens=chunk
+    ) as group:
         out = group.prefill(torch.tensor(PROMPT), model.new_cache(), all_logits=True)
         assert out.shape == plain.shape
         assert (out - plain).abs().max() <= 1e-5 * plain.abs().max()
@@ -86,12 +86,12 @@ def test_generate_cli_with_two_ranks(fp8_dir):  # noqa: F811
     from conftest import cli_generate
 
     ids = ",".join(map(str, PROMPT))
-    plain_run = cli_generate(fp8_dir, "--prompt-ids", ids, "--max-tokens", "6", "--prefill",
-                             "cpu")
+    plain_run = cli_generate(fp8_dir, "--prompt-ids", ids, "--max-tokens", "6", "--prefill", "cpu")
     # --prefill slp: with auto the cost model decides (test_policy.py), and on a CPU it keeps
     # this prompt on the CPU kernels
-    dslp_run = cli_generate(fp8_dir, "--prompt-ids", ids, "--max-tokens", "6", "--ranks", "2",
-                            "--prefill", "slp")
+    dslp_run = cli_generate(
+        fp8_dir, "--prompt-ids", ids, "--max-tokens", "6", "--ranks", "2", "--prefill", "slp"
+    )
     assert dslp_run["prefill"] == "dslp"
     assert dslp_run["token_ids"] == plain_run["token_ids"]
 
@@ -116,6 +116,7 @@ def test_host_only_prefill_leaves_rank0_idle(fp8_dir, plain, world):  # noqa: F8
         assert group.stats.experts_loaded == 0
         last = group.prefill(torch.tensor(PROMPT), model.new_cache(), host_only=True)
         assert (last[-1] - plain[-1]).abs().max() <= 1e-5 * plain.abs().max()
+
         class HostOnly:
             trace = None
 

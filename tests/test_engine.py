@@ -19,6 +19,7 @@ from refmoe.scheduler import Entry, QueueFull, Scheduler
 # Scheduler
 # ---------------------------------------------------------------------------------------------
 
+
 def test_admission_is_fcfs_within_the_kv_budget():
     s = Scheduler(kv_tokens=100, max_batch=2, max_queue=3)
     s.add(Entry("a", 30, 30, 0.0))
@@ -26,7 +27,7 @@ def test_admission_is_fcfs_within_the_kv_budget():
     s.add(Entry("c", 5, 5, 2.0))
     a = s.next_prefill()
     assert a.request_id == "a" and s.kv.used == 60
-    assert s.next_prefill() is None          # b (70) does not fit; c may not overtake it
+    assert s.next_prefill() is None  # b (70) does not fit; c may not overtake it
     s.prefilled("a")
     assert s.next_decode().request_ids == ["a"]
     s.finish("a")
@@ -57,6 +58,7 @@ def test_queue_bound_and_batches():
 # Engine on the tiny FP8 DeepSeek model
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def model(fp8_dir):  # noqa: F811
     return models.load(fp8_dir)[1]
@@ -74,10 +76,12 @@ def _run(engine, prompts, n, params=None):
             else:
                 ends[i] = ev
                 done[i].set()
+
         return sink
 
-    reqs = [engine.submit(p, n, params or SamplingParams(), sink_for(i))
-            for i, p in enumerate(prompts)]
+    reqs = [
+        engine.submit(p, n, params or SamplingParams(), sink_for(i)) for i, p in enumerate(prompts)
+    ]
     for e in done.values():
         assert e.wait(120), "a request never finished"
     return out, ends, reqs
@@ -91,8 +95,10 @@ def test_batched_decode_matches_lone_requests(model, dual_batch):
     try:
         out, ends, _ = _run(engine, prompts, 10)
         assert [out[i] for i in range(4)] == want
-        assert all(ends[i]["type"] == "finish" and ends[i]["usage"]["completion_tokens"] == 10
-                   for i in range(4))
+        assert all(
+            ends[i]["type"] == "finish" and ends[i]["usage"]["completion_tokens"] == 10
+            for i in range(4)
+        )
         assert engine.kv_usage == 0 and engine.steps["decode"] >= 9
     finally:
         engine.shutdown(1)
@@ -130,11 +136,12 @@ def test_cancel_and_failures_return_the_reservation(model, monkeypatch):
 
         def sink(ev):
             seen.set()
+
         req = engine.submit(PROMPT[:5], 100, SamplingParams(), sink)
         assert seen.wait(60)
         engine.cancel(req.id)
         assert req.cancelled
-        deadline = time.monotonic() + 30       # freed by the decode worker at its next step
+        deadline = time.monotonic() + 30  # freed by the decode worker at its next step
         while engine.kv_usage != 0:
             assert time.monotonic() < deadline, "the cancelled request's KV was never freed"
             time.sleep(0.01)
@@ -147,8 +154,7 @@ def test_cancel_and_failures_return_the_reservation(model, monkeypatch):
         out, _, _ = _run(engine, [PROMPT[:3]], 4)
         assert len(out[0]) == 4
         with pytest.raises(ValueError, match="exceeds the context"):
-            engine.submit(PROMPT[:3], model.cfg.max_position_embeddings, SamplingParams(),
-                          print)
+            engine.submit(PROMPT[:3], model.cfg.max_position_embeddings, SamplingParams(), print)
     finally:
         engine.shutdown(1)
     with pytest.raises(ShuttingDown):
@@ -186,23 +192,28 @@ def test_dual_batch_locks_alternate(model):
 
 def test_devices_policy_keeps_one_for_decode():
     now = [0.0]
-    s = Scheduler(kv_tokens=10_000, choose_path=lambda t: "slp" if t >= 100 else "cpu",
-                  devices=2, decode_quiet_s=300, clock=lambda: now[0])
+    s = Scheduler(
+        kv_tokens=10_000,
+        choose_path=lambda t: "slp" if t >= 100 else "cpu",
+        devices=2,
+        decode_quiet_s=300,
+        clock=lambda: now[0],
+    )
     s.add(Entry("long", 500, 4, 0))
     plan = s.next_prefill()
-    assert plan.where == "slp" and plan.devices == 2        # nothing decoding: both devices
+    assert plan.where == "slp" and plan.devices == 2  # nothing decoding: both devices
     s.prefilled("long")
-    assert s.next_decode() is not None                      # decode ran at t = 0
+    assert s.next_decode() is not None  # decode ran at t = 0
     s.add(Entry("long2", 500, 4, 0))
-    assert s.next_prefill().devices == 1                    # one device stays with decode
+    assert s.next_prefill().devices == 1  # one device stays with decode
     s.finish("long")
     s.finish("long2")
     now[0] = 200.0
     s.add(Entry("long3", 500, 4, 0))
-    assert s.next_prefill().devices == 1                    # decoded 200 s ago: still one
+    assert s.next_prefill().devices == 1  # decoded 200 s ago: still one
     now[0] = 301.0
     s.add(Entry("long4", 500, 4, 0))
-    assert s.next_prefill().devices == 2                    # quiet for 5 minutes: both
+    assert s.next_prefill().devices == 2  # quiet for 5 minutes: both
     s.add(Entry("short", 50, 4, 0))
     assert s.next_prefill().where == "cpu"
 

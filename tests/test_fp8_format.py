@@ -43,8 +43,9 @@ def test_validate_names_the_tensor():
     w = np.zeros((4, 8), np.uint8)
     kernels.validate_fp8(w, "model.layers.3.mlp.experts.7.up_proj.weight")
     w[2, 5] = 0xFF
-    with pytest.raises(ValueError,
-                       match=r"experts\.7\.up_proj\.weight: NaN FP8 code at index \(2, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"experts\.7\.up_proj\.weight: NaN FP8 code at index \(2, 5\)"
+    ):
         kernels.validate_fp8(w, "model.layers.3.mlp.experts.7.up_proj.weight")
 
 
@@ -67,8 +68,12 @@ def test_gemm_exact_under_daz(variant):
 def test_encode_roundtrip_and_ties():
     np.testing.assert_array_equal(formats.fp8_encode(formats.fp8_decode(FINITE)), FINITE)
     rng = np.random.default_rng(1)
-    x = np.concatenate([rng.standard_normal(20000) * 10.0 ** rng.uniform(-4, 2.5, 20000),
-                        (formats.E4M3[1:0x7E] + formats.E4M3[2:0x7F]) / 2])  # exact ties too
+    x = np.concatenate(
+        [
+            rng.standard_normal(20000) * 10.0 ** rng.uniform(-4, 2.5, 20000),
+            (formats.E4M3[1:0x7E] + formats.E4M3[2:0x7F]) / 2,
+        ]
+    )  # exact ties too
     x = np.clip(x, -448, 448)
     ref = torch.from_numpy(x).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
     got = formats.fp8_encode(x)

@@ -21,8 +21,9 @@ from refmoe.kernels import formats
 U = 2.0**-24
 FINITE = np.array([c for c in range(256) if c & 0x7F != 0x7F], np.uint8)
 SUBNORMAL = FINITE[(FINITE & 0x78) == 0]
-SETTINGS = settings(max_examples=60, deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 def check(y: np.ndarray, y64: np.ndarray, mag: np.ndarray, k: int, factor: float = 1.0):
@@ -44,12 +45,19 @@ def fp8_case(draw):
     if codes_kind == "gauss":
         codes, _ = formats.fp8_quantize(rng.standard_normal((n, k)))
     else:
-        pool = {"subnormal": SUBNORMAL, "extreme": np.array([0x7E, 0xFE, 0], np.uint8),
-                "uniform": FINITE}[codes_kind]
+        pool = {
+            "subnormal": SUBNORMAL,
+            "extreme": np.array([0x7E, 0xFE, 0], np.uint8),
+            "uniform": FINITE,
+        }[codes_kind]
         codes = rng.choice(pool, size=(n, k)).astype(np.uint8)
     shape = formats.scale_shape(n, k)
-    exp = {"normal": rng.uniform(-10, -3, shape), "tiny": rng.uniform(-62, -58, shape),
-           "huge": rng.uniform(58, 62, shape), "mixed": rng.uniform(-40, 40, shape)}[scale_kind]
+    exp = {
+        "normal": rng.uniform(-10, -3, shape),
+        "tiny": rng.uniform(-62, -58, shape),
+        "huge": rng.uniform(58, 62, shape),
+        "mixed": rng.uniform(-40, 40, shape),
+    }[scale_kind]
     s = np.exp2(exp).astype(np.float32)
     x = (rng.standard_normal((m, k)) * 10.0 ** rng.uniform(-3, 3, (m, 1))).astype(np.float32)
     return x, codes, s
@@ -91,8 +99,14 @@ def test_variants_agree(case):
 
 
 @SETTINGS
-@given(heads=st.integers(1, 6), blocks=st.integers(1, 3), pick=st.integers(0, 2),
-       m=st.integers(1, 9), k=st.integers(1, 300), seed=st.integers(0, 2**32 - 1))
+@given(
+    heads=st.integers(1, 6),
+    blocks=st.integers(1, 3),
+    pick=st.integers(0, 2),
+    m=st.integers(1, 9),
+    k=st.integers(1, 300),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_fp8_gemm_heads(variant, heads, blocks, pick, m, k, seed):
     """Every head's matrix (one 128-row block out of `blocks`, a strided view into one weight,
     as MLA's value halves are) against float64, bit for bit the plain GEMM on that head alone,
@@ -101,7 +115,7 @@ def test_fp8_gemm_heads(variant, heads, blocks, pick, m, k, seed):
     pick %= blocks
     codes, s = formats.fp8_quantize(rng.standard_normal((heads * blocks * 128, k)))
     w = codes.reshape(heads, blocks, 128, k)[:, pick]
-    sc = s.reshape(heads, blocks, -1)[:, pick:pick + 1]
+    sc = s.reshape(heads, blocks, -1)[:, pick : pick + 1]
     x = rng.standard_normal((heads, m, k)).astype(np.float32)
     y = kernels.fp8_gemm_heads(x, w, sc, variant=variant, num_threads=2)
     naive = kernels.fp8_gemm_heads(x, w, sc, variant=variant, naive=True)
@@ -109,8 +123,13 @@ def test_fp8_gemm_heads(variant, heads, blocks, pick, m, k, seed):
         y64, mag = fp8_reference(x[b], np.ascontiguousarray(w[b]), np.ascontiguousarray(sc[b]))
         check(y[b], y64, mag, k)
         check(naive[b], y64, mag, k)
-        alone = kernels.fp8_gemm(x[b], np.ascontiguousarray(w[b]), np.ascontiguousarray(sc[b]),
-                                 variant=variant, num_threads=2)
+        alone = kernels.fp8_gemm(
+            x[b],
+            np.ascontiguousarray(w[b]),
+            np.ascontiguousarray(sc[b]),
+            variant=variant,
+            num_threads=2,
+        )
         assert np.array_equal(y[b], alone)
 
 
@@ -129,8 +148,13 @@ def test_fp8_gemm_heads_rejects_bad_layouts():
 
 
 @SETTINGS
-@given(m=st.integers(1, 64), n=st.integers(1, 260), k=st.integers(1, 300),
-       group=st.sampled_from([32, 128]), seed=st.integers(0, 2**32 - 1))
+@given(
+    m=st.integers(1, 64),
+    n=st.integers(1, 260),
+    k=st.integers(1, 300),
+    group=st.sampled_from([32, 128]),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_int4_gemm_vs_float64(variant, m, n, k, group, seed):
     rng = np.random.default_rng(seed)
     packed, scales = formats.int4_quantize(rng.standard_normal((n, k)), group)
@@ -149,15 +173,20 @@ def test_q8_activation_error_is_half_a_step():
     rng = np.random.default_rng(11)
     x = (rng.standard_normal((3, 100)) * 50).astype(np.float32)
     q, deq = formats.q8_quantize(x)
-    step = np.repeat(np.abs(np.pad(x, ((0, 0), (0, 28)))).reshape(3, 4, 32).max(-1) / 127, 32,
-                     axis=1)[:, :100]
+    step = np.repeat(
+        np.abs(np.pad(x, ((0, 0), (0, 28)))).reshape(3, 4, 32).max(-1) / 127, 32, axis=1
+    )[:, :100]
     assert (np.abs(deq - x) <= step / 2 * (1 + 1e-6)).all()
     assert np.abs(q).max() <= 127
 
 
 @SETTINGS
-@given(m=st.integers(1, 64), n=st.integers(1, 260), k=st.integers(1, 300),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    m=st.integers(1, 64),
+    n=st.integers(1, 260),
+    k=st.integers(1, 300),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_bf16_gemm_vs_float64(variant, m, n, k, seed):
     rng = np.random.default_rng(seed)
     bits = formats.bf16_encode(rng.standard_normal((n, k)).astype(np.float32))
@@ -175,8 +204,9 @@ def test_thread_count_does_not_change_bits(variant, m):
     x = rng.standard_normal((m, 333)).astype(np.float32)
     ref = kernels.fp8_gemm(x, codes, s, variant=variant, num_threads=1)
     for t in (2, 3, 8):
-        np.testing.assert_array_equal(kernels.fp8_gemm(x, codes, s, variant=variant,
-                                                       num_threads=t), ref)
+        np.testing.assert_array_equal(
+            kernels.fp8_gemm(x, codes, s, variant=variant, num_threads=t), ref
+        )
 
 
 def test_float8_numpy_view_accepted():
@@ -203,17 +233,20 @@ class TestBadInput:
     codes, s = formats.fp8_quantize(rng.standard_normal((130, 200)))
     x = rng.standard_normal((2, 200)).astype(np.float32)
 
-    @pytest.mark.parametrize("args, match", [
-        (lambda c, s, x: (x.astype(np.float64), c, s), "x: expected dtype float32"),
-        (lambda c, s, x: (x[:, :100].copy(), c, s), "x: expected 200 columns"),
-        (lambda c, s, x: (x[0], c, s), "x: expected 2 dimensions"),
-        (lambda c, s, x: (np.asfortranarray(x), c, s), "x: must be C-contiguous"),
-        (lambda c, s, x: (x, c.astype(np.int8), s), "w: expected uint8 or float8_e4m3fn"),
-        (lambda c, s, x: (x, c[:, ::2], s[:, :1]), "w: must be C-contiguous"),
-        (lambda c, s, x: (x, c, s[:1]), r"scale_inv: expected shape \(2, 2\)"),
-        (lambda c, s, x: (x, c, s.astype(np.float16)), "scale_inv: expected dtype float32"),
-        (lambda c, s, x: (x.tolist(), c, s), "x: expected a numpy array"),
-    ])
+    @pytest.mark.parametrize(
+        "args, match",
+        [
+            (lambda c, s, x: (x.astype(np.float64), c, s), "x: expected dtype float32"),
+            (lambda c, s, x: (x[:, :100].copy(), c, s), "x: expected 200 columns"),
+            (lambda c, s, x: (x[0], c, s), "x: expected 2 dimensions"),
+            (lambda c, s, x: (np.asfortranarray(x), c, s), "x: must be C-contiguous"),
+            (lambda c, s, x: (x, c.astype(np.int8), s), "w: expected uint8 or float8_e4m3fn"),
+            (lambda c, s, x: (x, c[:, ::2], s[:, :1]), "w: must be C-contiguous"),
+            (lambda c, s, x: (x, c, s[:1]), r"scale_inv: expected shape \(2, 2\)"),
+            (lambda c, s, x: (x, c, s.astype(np.float16)), "scale_inv: expected dtype float32"),
+            (lambda c, s, x: (x.tolist(), c, s), "x: expected a numpy array"),
+        ],
+    )
     def test_fp8_gemm_errors(self, args, match):
         with pytest.raises(ValueError, match=match):
             kernels.fp8_gemm(*args(self.codes, self.s, self.x))
@@ -260,4 +293,4 @@ def test_a_few_tokens_get_their_lone_numbers(variant, fmt, m):
         run = lambda a: kernels.bf16_gemm(a, w, variant=variant)  # noqa: E731
     together = run(x)
     for i in range(m):
-        assert np.array_equal(together[i], run(x[i:i + 1])[0])
+        assert np.array_equal(together[i], run(x[i : i + 1])[0])

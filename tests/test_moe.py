@@ -30,8 +30,18 @@ def make_experts(fmt: str, e: int, h: int, i: int, seed: int, group: int = 32):
             dense[kind].append(d)
             if s is not None:
                 scales[kind].append(s)
-    ew = kernels.ExpertWeights(fmt, h, i, mats["gate"], mats["up"], mats["down"],
-                               scales["gate"], scales["up"], scales["down"], group_size=group)
+    ew = kernels.ExpertWeights(
+        fmt,
+        h,
+        i,
+        mats["gate"],
+        mats["up"],
+        mats["down"],
+        scales["gate"],
+        scales["up"],
+        scales["down"],
+        group_size=group,
+    )
     return ew, dense
 
 
@@ -55,23 +65,39 @@ def reference_moe(x, tok, exp, rw, dense, q8=False):
         step = 0
         if q8:
             h32 = h.astype(np.float32)
-            step = np.abs(formats.q8_quantize(h32)[1] - h32) + np.repeat(
-                np.abs(np.pad(h32, ((0, 0), (0, -h.shape[1] % 32)))).reshape(
-                    len(idx), -1, 32).max(-1) / 127, 32, axis=1)[:, :h.shape[1]]
+            step = (
+                np.abs(formats.q8_quantize(h32)[1] - h32)
+                + np.repeat(
+                    np.abs(np.pad(h32, ((0, 0), (0, -h.shape[1] % 32))))
+                    .reshape(len(idx), -1, 32)
+                    .max(-1)
+                    / 127,
+                    32,
+                    axis=1,
+                )[:, : h.shape[1]]
+            )
             h = formats.q8_quantize(h32)[1].astype(np.float64)
         np.add.at(y, tok[idx], (h @ dense["down"][e].T) * rw[idx, None])
-        hmag = np.abs(g / (1 + np.exp(-g))) * (np.abs(xe) @ np.abs(dense["up"][e]).T) + \
-            np.abs(u) * (np.abs(xe) @ np.abs(dense["gate"][e]).T)
+        hmag = np.abs(g / (1 + np.exp(-g))) * (np.abs(xe) @ np.abs(dense["up"][e]).T) + np.abs(
+            u
+        ) * (np.abs(xe) @ np.abs(dense["gate"][e]).T)
         hmag = hmag + step * 2.0**24 / (4 * (max(dense["down"][e].shape) + 8))
         np.add.at(mag, tok[idx], (hmag @ np.abs(dense["down"][e]).T) * np.abs(rw[idx, None]))
     return y, mag
 
 
-@settings(max_examples=12, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(fmt=st.sampled_from(["fp8", "int4", "bf16"]), t=st.integers(1, 9),
-       h=st.integers(1, 200), i=st.integers(1, 160), e=st.integers(1, 6),
-       top_k=st.integers(1, 3), seed=st.integers(0, 2**31))
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    fmt=st.sampled_from(["fp8", "int4", "bf16"]),
+    t=st.integers(1, 9),
+    h=st.integers(1, 200),
+    i=st.integers(1, 160),
+    e=st.integers(1, 6),
+    top_k=st.integers(1, 3),
+    seed=st.integers(0, 2**31),
+)
 def test_fused_moe_vs_reference_loop(variant, fmt, t, h, i, e, top_k, seed):
     ew, dense = make_experts(fmt, e, h, i, seed)
     rng = np.random.default_rng(seed + 1)
@@ -89,8 +115,8 @@ def test_fused_moe_vs_reference_loop(variant, fmt, t, h, i, e, top_k, seed):
 def test_unused_experts_and_repeated_tokens(variant):
     ew, dense = make_experts("fp8", 8, 300, 260, seed=3)
     x = np.random.default_rng(4).standard_normal((3, 300)).astype(np.float32)
-    tok = np.array([0, 0, 0, 2])          # token 0 to three experts, token 1 to none
-    exp = np.array([5, 1, 7, 5])          # experts 0, 2, 3, 4, 6 get nothing
+    tok = np.array([0, 0, 0, 2])  # token 0 to three experts, token 1 to none
+    exp = np.array([5, 1, 7, 5])  # experts 0, 2, 3, 4, 6 get nothing
     rw = np.array([0.5, 1.0, 0.25, 2.0], np.float32)
     y = kernels.fused_moe(x, tok, exp, rw, ew, variant=variant)
     ref, mag = reference_moe(x, tok, exp, rw, dense)
@@ -106,8 +132,9 @@ def test_matches_per_expert_gemm():
     g = kernels.fp8_gemm(x, ew.gate[1], ew.gate_scale[1])
     u = kernels.fp8_gemm(x, ew.up[1], ew.up_scale[1])
     h = (g / (1 + np.exp(-g)) * u).astype(np.float32)
-    np.testing.assert_allclose(y, kernels.fp8_gemm(h, ew.down[1], ew.down_scale[1]),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        y, kernels.fp8_gemm(h, ew.down[1], ew.down_scale[1]), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_deterministic_across_threads(variant):
@@ -120,7 +147,8 @@ def test_deterministic_across_threads(variant):
     ref = kernels.fused_moe(x, tok, exp, rw, ew, variant=variant, num_threads=1)
     for t in (2, 3):
         np.testing.assert_array_equal(
-            kernels.fused_moe(x, tok, exp, rw, ew, variant=variant, num_threads=t), ref)
+            kernels.fused_moe(x, tok, exp, rw, ew, variant=variant, num_threads=t), ref
+        )
 
 
 def test_bad_input_is_named():
@@ -138,16 +166,22 @@ def test_bad_input_is_named():
     bad = list(ew.down)
     bad[1] = bad[1][:, :16].copy()
     with pytest.raises(ValueError, match=r"experts\.1\.down_proj\.weight: expected shape"):
-        kernels.ExpertWeights("fp8", 64, 32, ew.gate, ew.up, bad, ew.gate_scale, ew.up_scale,
-                              ew.down_scale)
+        kernels.ExpertWeights(
+            "fp8", 64, 32, ew.gate, ew.up, bad, ew.gate_scale, ew.up_scale, ew.down_scale
+        )
     with pytest.raises(ValueError, match="expert format must be one of"):
         kernels.ExpertWeights("fp4", 64, 32, ew.gate, ew.up, ew.down)
 
 
 def test_no_assignments_gives_zeros():
     ew, _ = make_experts("bf16", 2, 16, 16, seed=10)
-    y = kernels.fused_moe(np.ones((3, 16), np.float32), np.zeros(0, int), np.zeros(0, int),
-                          np.zeros(0, np.float32), ew)
+    y = kernels.fused_moe(
+        np.ones((3, 16), np.float32),
+        np.zeros(0, int),
+        np.zeros(0, int),
+        np.zeros(0, np.float32),
+        ew,
+    )
     assert y.shape == (3, 16) and not y.any()
 
 
@@ -155,10 +189,14 @@ def test_nan_codes_rejected_at_load_with_the_tensor_name():
     ew, _ = make_experts("fp8", 2, 64, 32, seed=11)
     up = [m.copy() for m in ew.up]
     up[1][3, 7] = 0x7F
-    with pytest.raises(ValueError, match=r"experts\.1\.up_proj\.weight: NaN FP8 code at "
-                       r"index \(3, 7\)"):
-        kernels.ExpertWeights("fp8", 64, 32, ew.gate, up, ew.down, ew.gate_scale, ew.up_scale,
-                              ew.down_scale)
+    with pytest.raises(
+        ValueError,
+        match=r"experts\.1\.up_proj\.weight: NaN FP8 code at "
+        r"index \(3, 7\)",
+    ):
+        kernels.ExpertWeights(
+            "fp8", 64, 32, ew.gate, up, ew.down, ew.gate_scale, ew.up_scale, ew.down_scale
+        )
 
 
 def test_int4_from_checkpoint_formats():

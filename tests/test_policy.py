@@ -23,15 +23,18 @@ def model(fp8_dir):  # noqa: F811
     return models.load(fp8_dir)[1]
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    ({"prefill": "gpu"}, "prefill must be auto, cpu or slp"),
-    ({"dual_batch": "maybe"}, "dual_batch must be auto, on or off"),
-    ({"ranks": 0}, "ranks must be >= 1"),
-    ({"max_batch": 0}, "max_batch must be >= 1"),
-    ({"kv_tokens": 0}, "kv_tokens must be >= 1"),
-    ({"chunk_tokens": -5}, "chunk_tokens must be >= 1"),
-    ({"decode_quiet_s": -1.0}, "decode_quiet_s must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"prefill": "gpu"}, "prefill must be auto, cpu or slp"),
+        ({"dual_batch": "maybe"}, "dual_batch must be auto, on or off"),
+        ({"ranks": 0}, "ranks must be >= 1"),
+        ({"max_batch": 0}, "max_batch must be >= 1"),
+        ({"kv_tokens": 0}, "kv_tokens must be >= 1"),
+        ({"chunk_tokens": -5}, "chunk_tokens must be >= 1"),
+        ({"decode_quiet_s": -1.0}, "decode_quiet_s must be >= 0"),
+    ],
+)
 def test_engine_config_names_the_bad_field(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         EngineConfig(**kwargs)
@@ -54,15 +57,16 @@ def test_dual_batch_spellings_and_defaults(model):
 
 def test_plans_carry_chunks_streaming_and_devices(model):
     cfg = model.cfg
-    policy = Policy.build(EngineConfig(prefill="slp", ranks=3, chunk_tokens=8), cfg, None,
-                          accelerated=True)
+    policy = Policy.build(
+        EngineConfig(prefill="slp", ranks=3, chunk_tokens=8), cfg, None, accelerated=True
+    )
     s = policy.scheduler(clock=lambda: 1000.0)
     s.add(Entry("a", 20, 4, 0.0))
     plan = s.next_prefill()
     assert (plan.where, plan.devices, plan.device_ids, plan.chunks) == ("slp", 3, (0, 1, 2), 3)
     assert plan.streaming == tuple(costmodel.streaming(cfg, t) for t in (8, 8, 4))
     s.prefilled("a")
-    s.next_decode()                                 # decode is busy: one device stays with it
+    s.next_decode()  # decode is busy: one device stays with it
     s.add(Entry("b", 5, 4, 0.0))
     plan = s.next_prefill()
     assert (plan.devices, plan.device_ids, plan.chunks) == (2, (1, 2), 1)
@@ -70,18 +74,41 @@ def test_plans_carry_chunks_streaming_and_devices(model):
     s = cpu.scheduler()
     s.add(Entry("c", 20, 4, 0.0))
     plan = s.next_prefill()
-    assert (plan.where, plan.devices, plan.device_ids, plan.chunks, plan.streaming) == \
-        ("cpu", 1, (2,), 1, ())
+    assert (plan.where, plan.devices, plan.device_ids, plan.chunks, plan.streaming) == (
+        "cpu",
+        1,
+        (2,),
+        1,
+        (),
+    )
 
 
 def _drive(sched, clock):
     """One request sequence, every plan it produces, in order."""
     plans = []
-    steps = [("add", "r0", 4, 6), ("add", "r1", 40, 3), ("prefill",), ("prefill",),
-             ("done", "r0"), ("decode",), ("add", "r2", 9, 2), ("prefill",), ("done", "r2"),
-             ("decode",), ("finish", "r0"), ("tick", 400.0), ("finish", "r1"),
-             ("finish", "r2"), ("tick", 400.0), ("add", "r3", 70, 2), ("prefill",),
-             ("done", "r3"), ("add", "r4", 3, 1), ("decode",), ("prefill",)]
+    steps = [
+        ("add", "r0", 4, 6),
+        ("add", "r1", 40, 3),
+        ("prefill",),
+        ("prefill",),
+        ("done", "r0"),
+        ("decode",),
+        ("add", "r2", 9, 2),
+        ("prefill",),
+        ("done", "r2"),
+        ("decode",),
+        ("finish", "r0"),
+        ("tick", 400.0),
+        ("finish", "r1"),
+        ("finish", "r2"),
+        ("tick", 400.0),
+        ("add", "r3", 70, 2),
+        ("prefill",),
+        ("done", "r3"),
+        ("add", "r4", 3, 1),
+        ("decode",),
+        ("prefill",),
+    ]
     for op, *args in steps:
         if op == "add":
             sched.add(Entry(args[0], args[1], args[2], clock.now))
@@ -109,8 +136,7 @@ class _Clock:
 def test_engine_and_simulator_make_identical_plans(model, fp8_dir, prefill):  # noqa: F811
     hw = Hardware.load("paper-2x9355-2x5090")
     # defaults everywhere but what a CPU-only test machine and a GPU profile must share
-    config = EngineConfig(prefill=prefill, dual_batch="on", ranks=2, max_batch=3,
-                          chunk_tokens=32)
+    config = EngineConfig(prefill=prefill, dual_batch="on", ranks=2, max_batch=3, chunk_tokens=32)
     r = profile_rates(hw, 1)
     engine = Engine(model, config=config, rates=r, model_dir=str(fp8_dir))
     sim = policy_for(model.cfg, hw, config).scheduler()
@@ -120,9 +146,10 @@ def test_engine_and_simulator_make_identical_plans(model, fp8_dir, prefill):  # 
     assert a == b
     assert engine.scheduler.kv.capacity == sim.kv.capacity == 4 * model.cfg.max_position_embeddings
     paths = {p.where for p in a if hasattr(p, "where")}
-    if prefill == "auto":   # the cost model on the profile's rates, the same for both
-        assert paths == {costmodel.choose_prefill(model.cfg, t, r, 32).path
-                         for t in (4, 40, 9, 70, 3)}
+    if prefill == "auto":  # the cost model on the profile's rates, the same for both
+        assert paths == {
+            costmodel.choose_prefill(model.cfg, t, r, 32).path for t in (4, 40, 9, 70, 3)
+        }
     else:
         assert paths == {prefill}
     assert any(p.devices == 2 for p in a if hasattr(p, "devices")) == ("slp" in paths)
@@ -131,10 +158,28 @@ def test_engine_and_simulator_make_identical_plans(model, fp8_dir, prefill):  # 
 def test_generate_with_ranks_asks_the_cost_model(fp8_dir):  # noqa: F811
     """--ranks N --prefill auto no longer always runs DSLP: on this CPU the cost model keeps a
     short prompt on the CPU kernels (SLP on a CPU device pays torch's FP8 conversion)."""
-    out = cli_generate(fp8_dir, "--prompt-ids", ",".join(map(str, PROMPT[:6])),
-                       "--max-tokens", "2", "--ranks", "2", "--prefill", "auto")
+    out = cli_generate(
+        fp8_dir,
+        "--prompt-ids",
+        ",".join(map(str, PROMPT[:6])),
+        "--max-tokens",
+        "2",
+        "--ranks",
+        "2",
+        "--prefill",
+        "auto",
+    )
     assert out["prefill"] == "cpu"
-    forced = cli_generate(fp8_dir, "--prompt-ids", ",".join(map(str, PROMPT[:6])),
-                          "--max-tokens", "2", "--ranks", "2", "--prefill", "slp")
+    forced = cli_generate(
+        fp8_dir,
+        "--prompt-ids",
+        ",".join(map(str, PROMPT[:6])),
+        "--max-tokens",
+        "2",
+        "--ranks",
+        "2",
+        "--prefill",
+        "slp",
+    )
     assert forced["prefill"] == "dslp" and forced["token_ids"] == out["token_ids"]
     assert json.dumps(out)

@@ -8,12 +8,26 @@ from refmoe import models
 
 transformers = pytest.importorskip("transformers")
 
-BASE = dict(vocab_size=97, hidden_size=72, intermediate_size=96, moe_intermediate_size=40,
-            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-            num_experts=8, num_experts_per_tok=2, max_position_embeddings=256, eos_token_id=None)
-VARIANTS = {"norm_topk": dict(norm_topk_prob=True),
-            "raw_topk_tied": dict(norm_topk_prob=False, num_experts_per_tok=3,
-                                  tie_word_embeddings=True, num_key_value_heads=4)}
+BASE = dict(
+    vocab_size=97,
+    hidden_size=72,
+    intermediate_size=96,
+    moe_intermediate_size=40,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=256,
+    eos_token_id=None,
+)
+VARIANTS = {
+    "norm_topk": dict(norm_topk_prob=True),
+    "raw_topk_tied": dict(
+        norm_topk_prob=False, num_experts_per_tok=3, tie_word_embeddings=True, num_key_value_heads=4
+    ),
+}
 PROMPT = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 93]
 
 
@@ -36,8 +50,11 @@ def test_logits_match_transformers(saved):
     # the KV budget's unit: keys and values of every KV head, float32, every layer
     cache = mine.new_cache()
     mine.forward(torch.tensor(PROMPT), cache)
-    held = sum(t.buf.element_size() * t.view().numel() for layer in cache.layers
-               for t in (layer.k, layer.v))
+    held = sum(
+        t.buf.element_size() * t.view().numel()
+        for layer in cache.layers
+        for t in (layer.k, layer.v)
+    )
     assert mine.kv_bytes_per_token() * len(PROMPT) == held
 
 

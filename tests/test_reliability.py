@@ -46,20 +46,22 @@ class Client:
 def _wait_idle(engine, timeout=60):
     deadline = time.monotonic() + timeout
     while engine.kv_usage != 0 or engine.requests:
-        assert time.monotonic() < deadline, (f"KV {engine.kv_usage} and requests "
-                                             f"{list(engine.requests)} never freed")
+        assert time.monotonic() < deadline, (
+            f"KV {engine.kv_usage} and requests {list(engine.requests)} never freed"
+        )
         time.sleep(0.01)
 
 
 @pytest.mark.parametrize("dual_batch", [False, True])
 def test_random_disconnects_never_touch_survivors(model, dual_batch):
     rng = random.Random(7 + dual_batch)
-    keep = [PROMPT[i:i + 4 + i % 5] for i in range(6)]
+    keep = [PROMPT[i : i + 4 + i % 5] for i in range(6)]
     n_keep = 14
     want = [generate(model, p, n_keep).token_ids for p in keep]
     metrics = Metrics("tiny")
-    engine = Engine(model, prefill="cpu", max_batch=16, dual_batch=dual_batch,
-                    metrics=metrics).start()
+    engine = Engine(
+        model, prefill="cpu", max_batch=16, dual_batch=dual_batch, metrics=metrics
+    ).start()
     try:
         survivors = []
         doomed = []
@@ -67,14 +69,17 @@ def test_random_disconnects_never_touch_survivors(model, dual_batch):
             c = Client(engine)
             c.req = engine.submit(p, n_keep, SamplingParams(), c)
             survivors.append(c)
-            for _ in range(4):          # four doomed requests beside each survivor
+            for _ in range(4):  # four doomed requests beside each survivor
                 how = rng.choice(["sink", "thread", "raise", "waiting"])
-                prompt = PROMPT[rng.randrange(20):][:rng.randint(2, 12)]
-                d = Client(engine, hang_after=rng.randint(1, 6) if how == "sink" else None,
-                           raise_after=rng.randint(1, 6) if how == "raise" else None)
+                prompt = PROMPT[rng.randrange(20) :][: rng.randint(2, 12)]
+                d = Client(
+                    engine,
+                    hang_after=rng.randint(1, 6) if how == "sink" else None,
+                    raise_after=rng.randint(1, 6) if how == "raise" else None,
+                )
                 d.req = engine.submit(prompt, 40, SamplingParams(), d)
                 doomed.append(d)
-                if how in ("thread", "waiting"):   # from another thread, at a random time
+                if how in ("thread", "waiting"):  # from another thread, at a random time
                     delay = 0.0 if how == "waiting" else rng.uniform(0, 0.3)
                     threading.Timer(delay, engine.cancel, (d.req.id,)).start()
         for c in survivors:
@@ -82,7 +87,7 @@ def test_random_disconnects_never_touch_survivors(model, dual_batch):
         for c, w in zip(survivors, want):
             assert c.end["type"] == "finish", c.end
             assert c.tokens == w
-        for d in doomed:                # none of them failed with an error of the engine's
+        for d in doomed:  # none of them failed with an error of the engine's
             assert d.end is None or d.end["type"] == "finish", d.end
         _wait_idle(engine)
         running = metrics.running._value.get()
@@ -99,7 +104,7 @@ def test_gauges_follow_every_state_change(model):
     try:
         clients = [Client(engine) for _ in range(4)]
         for i, c in enumerate(clients):
-            c.req = engine.submit(PROMPT[i:i + 5], 60, SamplingParams(), c)
+            c.req = engine.submit(PROMPT[i : i + 5], 60, SamplingParams(), c)
         deadline = time.monotonic() + 60
         while min(len(c.tokens) for c in clients) < 2:
             assert time.monotonic() < deadline

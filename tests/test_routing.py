@@ -37,10 +37,12 @@ def test_the_router_counts_what_it_routes(tmp_path):
 
 
 def _record(path, counts: list[int], tokens: int, layers=(3, 4), trace: bool = False):
-    rec = {"n_routed_experts": len(counts), "num_experts_per_tok": 8,
-           "layers": {str(i): {"tokens": tokens, "experts": counts} for i in layers}}
-    path.write_text(json.dumps({"traceEvents": [], "metadata": {"routing": rec}} if trace
-                               else rec))
+    rec = {
+        "n_routed_experts": len(counts),
+        "num_experts_per_tok": 8,
+        "layers": {str(i): {"tokens": tokens, "experts": counts} for i in layers},
+    }
+    path.write_text(json.dumps({"traceEvents": [], "metadata": {"routing": rec}} if trace else rec))
     return str(path)
 
 
@@ -51,8 +53,7 @@ def test_replayed_routing_changes_what_decode_reads(tmp_path):
     uniform = load_routing(_record(tmp_path / "u.json", [8] * 256, 256, trace=True), cfg)
     hot = load_routing(_record(tmp_path / "h.json", [100] * 8 + [0] * 248, 100), cfg)
     plain = predict(cfg, hw, 64, 3)
-    assert predict(cfg, hw, 64, 3, routing=uniform).tpot_s == pytest.approx(plain.tpot_s,
-                                                                         rel=1e-9)
+    assert predict(cfg, hw, 64, 3, routing=uniform).tpot_s == pytest.approx(plain.tpot_s, rel=1e-9)
     import simpy
 
     from sim.predict import Machine
@@ -65,7 +66,7 @@ def test_replayed_routing_changes_what_decode_reads(tmp_path):
     assert step(hot) < 0.75 * step(uniform)
     flat, _ = simulate(cfg, hw, [(0.0, 16, 4)], routing=uniform)
     skewed, _ = simulate(cfg, hw, [(0.0, 16, 4)], routing=hot)
-    assert skewed[0].ttft_s < 0.6 * flat[0].ttft_s   # 16 tokens on 8 experts, not ~100
+    assert skewed[0].ttft_s < 0.6 * flat[0].ttft_s  # 16 tokens on 8 experts, not ~100
 
 
 def test_bad_routing_records_are_refused(tmp_path):

@@ -39,8 +39,9 @@ class Server:
         self.port = _port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = create_app(model_dir, served_name="tiny", **kwargs)
-        self.server = DrainingServer(uvicorn.Config(self.app, host="127.0.0.1",
-                                                    port=self.port, log_level="warning"))
+        self.server = DrainingServer(
+            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 60
@@ -87,6 +88,7 @@ def reference(chat_model):  # noqa: F811
 
     def run(ids, n):
         return generate(model, ids, n, SamplingParams()).token_ids
+
     return run
 
 
@@ -102,37 +104,50 @@ def test_completion_with_token_ids_matches_generate(client, reference):
 
 
 def test_text_prompt_and_chat(client, reference):
-    r = client.completions.create(model="tiny", prompt="hello world", max_tokens=5,
-                                  temperature=0)
+    r = client.completions.create(model="tiny", prompt="hello world", max_tokens=5, temperature=0)
     assert r.usage.prompt_tokens == 2
-    c = client.chat.completions.create(model="tiny", temperature=0, max_tokens=6,
-                                       messages=[{"role": "user", "content": "hello cat"}])
+    c = client.chat.completions.create(
+        model="tiny",
+        temperature=0,
+        max_tokens=6,
+        messages=[{"role": "user", "content": "hello cat"}],
+    )
     assert c.object == "chat.completion" and c.choices[0].message.role == "assistant"
     assert c.usage.prompt_tokens == 5 and c.usage.completion_tokens == 6
     want = reference([0, 2, 4, 7, 3], 6)
-    assert c.choices[0].message.content.split() == [WORDS[t] for t in want
-                                                    if WORDS[t] not in WORDS[:4]]
+    assert c.choices[0].message.content.split() == [
+        WORDS[t] for t in want if WORDS[t] not in WORDS[:4]
+    ]
 
 
 def test_streaming_with_usage(client, reference):
-    chunks = list(client.chat.completions.create(
-        model="tiny", temperature=0, max_tokens=7, stream=True,
-        stream_options={"include_usage": True},
-        messages=[{"role": "user", "content": "the cat"}]))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            temperature=0,
+            max_tokens=7,
+            stream=True,
+            stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": "the cat"}],
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 7
     assert chunks[-2].choices[0].finish_reason == "length"
     text = "".join(c.choices[0].delta.content or "" for c in chunks[:-1])
-    whole = client.chat.completions.create(model="tiny", temperature=0, max_tokens=7,
-                                           messages=[{"role": "user", "content": "the cat"}])
+    whole = client.chat.completions.create(
+        model="tiny", temperature=0, max_tokens=7, messages=[{"role": "user", "content": "the cat"}]
+    )
     assert text == whole.choices[0].message.content
     # completions stream, raw SSE: data lines ending in [DONE]
-    with httpx.stream("POST", client.base_url.join("completions").__str__(), json={
-            "prompt": [4, 5], "max_tokens": 3, "temperature": 0, "stream": True}) as resp:
+    with httpx.stream(
+        "POST",
+        client.base_url.join("completions").__str__(),
+        json={"prompt": [4, 5], "max_tokens": 3, "temperature": 0, "stream": True},
+    ) as resp:
         lines = [ln for ln in resp.iter_lines() if ln]
     assert lines[-1] == "data: [DONE]" and all(ln.startswith("data: ") for ln in lines)
-    assert [json.loads(ln[6:])["choices"][0]["finish_reason"] for ln in lines[:-1]][-1] == \
-        "length"
+    assert [json.loads(ln[6:])["choices"][0]["finish_reason"] for ln in lines[:-1]][-1] == "length"
 
 
 def test_32_concurrent_clients(client, reference):
@@ -149,47 +164,55 @@ def test_32_concurrent_clients(client, reference):
 
 
 def test_cancel_mid_stream_frees_kv(server):
-    with httpx.stream("POST", server.url + "/v1/completions", json={
-            "prompt": [4, 5], "max_tokens": 90, "temperature": 0.7, "seed": 1,
-            "stream": True}) as resp:
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/completions",
+        json={"prompt": [4, 5], "max_tokens": 90, "temperature": 0.7, "seed": 1, "stream": True},
+    ) as resp:
         for i, _ in enumerate(resp.iter_lines()):
             if i >= 4:
-                break                       # the client hangs up here
+                break  # the client hangs up here
     deadline = time.monotonic() + 20
-    while _metric(server.url, "refmoe_kv_cache_usage_ratio") != 0 or \
-            _metric(server.url, "refmoe_num_requests_running") != 0:
+    while (
+        _metric(server.url, "refmoe_kv_cache_usage_ratio") != 0
+        or _metric(server.url, "refmoe_num_requests_running") != 0
+    ):
         assert time.monotonic() < deadline, "KV not freed after the client went away"
         time.sleep(0.05)
     assert httpx.get(server.url + "/health").status_code == 200
 
 
-@pytest.mark.parametrize("body,status,needle", [
-    ("{not json", 400, "JSON"),
-    ({"prompt": [4], "max_tokens": "many"}, 400, "max_tokens"),
-    ({"prompt": list(range(4, 9)) * 20, "max_tokens": 4}, 400, "context"),
-    ({"prompt": [4], "max_tokens": 1000}, 400, "context"),
-    ({"prompt": [4], "temperature": -1}, 400, "temperature"),
-    ({"prompt": [4], "temperature": 1e9}, 400, "temperature"),
-    ({"prompt": [4], "top_p": 0}, 400, "top_p"),
-    ({"prompt": [4], "n": 3}, 400, "n"),
-    ({"prompt": [4], "max_tokens": 0}, 400, "max_tokens"),
-    ({"prompt": [4, 999]}, 400, "token ids"),
-    ({"prompt": []}, 400, "empty"),
-    ({"prompt": ""}, 400, "empty"),
-    ({"max_tokens": 3}, 400, "prompt"),
-    ({"prompt": [4], "model": "gpt-4"}, 404, "does not exist"),
-    ({"prompt": [4], "logprobs": 3}, 400, "logprobs"),
-    ({"prompt": [4], "logprobs": 0}, 400, "logprobs"),
-    ({"prompt": [4], "stop": ["x"] * 17}, 400, "stop"),
-    ({"prompt": [4], "stop": "x" * 257}, 400, "stop"),
-    ({"prompt": [4], "logprobs": -3}, 400, "logprobs"),
-    ({"prompt": [4], "seed": -2**63 - 1}, 400, "seed"),   # found by the schema fuzz
-    ({"prompt": [4], "seed": 2**64}, 400, "seed"),
-])
+@pytest.mark.parametrize(
+    "body,status,needle",
+    [
+        ("{not json", 400, "JSON"),
+        ({"prompt": [4], "max_tokens": "many"}, 400, "max_tokens"),
+        ({"prompt": list(range(4, 9)) * 20, "max_tokens": 4}, 400, "context"),
+        ({"prompt": [4], "max_tokens": 1000}, 400, "context"),
+        ({"prompt": [4], "temperature": -1}, 400, "temperature"),
+        ({"prompt": [4], "temperature": 1e9}, 400, "temperature"),
+        ({"prompt": [4], "top_p": 0}, 400, "top_p"),
+        ({"prompt": [4], "n": 3}, 400, "n"),
+        ({"prompt": [4], "max_tokens": 0}, 400, "max_tokens"),
+        ({"prompt": [4, 999]}, 400, "token ids"),
+        ({"prompt": []}, 400, "empty"),
+        ({"prompt": ""}, 400, "empty"),
+        ({"max_tokens": 3}, 400, "prompt"),
+        ({"prompt": [4], "model": "gpt-4"}, 404, "does not exist"),
+        ({"prompt": [4], "logprobs": 3}, 400, "logprobs"),
+        ({"prompt": [4], "logprobs": 0}, 400, "logprobs"),
+        ({"prompt": [4], "stop": ["x"] * 17}, 400, "stop"),
+        ({"prompt": [4], "stop": "x" * 257}, 400, "stop"),
+        ({"prompt": [4], "logprobs": -3}, 400, "logprobs"),
+        ({"prompt": [4], "seed": -(2**63) - 1}, 400, "seed"),  # found by the schema fuzz
+        ({"prompt": [4], "seed": 2**64}, 400, "seed"),
+    ],
+)
 def test_bad_completion_requests(server, body, status, needle):
     data = body if isinstance(body, str) else json.dumps(body)
-    r = httpx.post(server.url + "/v1/completions", content=data,
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        server.url + "/v1/completions", content=data, headers={"content-type": "application/json"}
+    )
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]["message"]
     assert httpx.get(server.url + "/health").status_code == 200
@@ -198,8 +221,10 @@ def test_bad_completion_requests(server, body, status, needle):
 def test_bad_chat_and_tokenize_requests(server):
     post = lambda path, body: httpx.post(server.url + path, json=body)  # noqa: E731
     assert post("/v1/chat/completions", {"messages": []}).status_code == 400
-    assert post("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}
-                ).status_code == 400
+    assert (
+        post("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}).status_code
+        == 400
+    )
     r = post("/v1/chat/completions", {"messages": [{"role": "system", "content": "x"}]})
     assert r.status_code == 400 and "only user turns" in r.json()["error"]["message"]
     assert post("/detokenize", {"tokens": [1, 99]}).status_code == 400
@@ -209,21 +234,29 @@ def test_bad_chat_and_tokenize_requests(server):
 def test_tokenize_models_metrics(server):
     r = httpx.post(server.url + "/tokenize", json={"prompt": "hello world"}).json()
     assert r["tokens"] == [4, 5] and r["count"] == 2 and r["max_model_len"] == CONTEXT
-    chat = httpx.post(server.url + "/tokenize",
-                      json={"messages": [{"role": "user", "content": "hello cat"}]}).json()
+    chat = httpx.post(
+        server.url + "/tokenize", json={"messages": [{"role": "user", "content": "hello cat"}]}
+    ).json()
     assert chat["tokens"] == [0, 2, 4, 7, 3]
-    assert httpx.post(server.url + "/detokenize", json={"tokens": [6, 7, 8]}).json() == \
-        {"prompt": "the cat sat"}
+    assert httpx.post(server.url + "/detokenize", json={"tokens": [6, 7, 8]}).json() == {
+        "prompt": "the cat sat"
+    }
     models_ = httpx.get(server.url + "/v1/models").json()
     assert models_["data"][0]["id"] == "tiny"
     text = httpx.get(server.url + "/metrics").text
-    for name in ("refmoe_time_to_first_token_seconds_bucket", "refmoe_inter_token_latency_"
-                 "seconds_count", "refmoe_e2e_request_latency_seconds_sum",
-                 "refmoe_num_requests_waiting", "refmoe_kv_cache_usage_ratio",
-                 "refmoe_prompt_tokens_total", "refmoe_generation_tokens_total",
-                 "refmoe_cpu_expert_seconds_total"):
-        assert any(line.startswith(name + "{") and 'model="tiny"' in line
-                   for line in text.splitlines()), name
+    for name in (
+        "refmoe_time_to_first_token_seconds_bucket",
+        "refmoe_inter_token_latency_seconds_count",
+        "refmoe_e2e_request_latency_seconds_sum",
+        "refmoe_num_requests_waiting",
+        "refmoe_kv_cache_usage_ratio",
+        "refmoe_prompt_tokens_total",
+        "refmoe_generation_tokens_total",
+        "refmoe_cpu_expert_seconds_total",
+    ):
+        assert any(
+            line.startswith(name + "{") and 'model="tiny"' in line for line in text.splitlines()
+        ), name
     assert _metric(server.url, "refmoe_generation_tokens_total") > 0
     assert _metric(server.url, "refmoe_cpu_expert_seconds_total") > 0
 
@@ -236,6 +269,7 @@ def _slow_prefill(monkeypatch, gate: threading.Event):
     def slow(self, plan):
         gate.wait(30)
         return real(self, plan)
+
     monkeypatch.setattr(engine.Engine, "_prefill", slow)
 
 
@@ -248,9 +282,9 @@ def test_full_queue_answers_429(chat_model, monkeypatch):  # noqa: F811
         body = {"prompt": [4], "max_tokens": 2}
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(httpx.post, s.url + "/v1/completions", json=body, timeout=60)
-            time.sleep(0.5)          # taken by the (held) prefill worker
+            time.sleep(0.5)  # taken by the (held) prefill worker
             second = pool.submit(httpx.post, s.url + "/v1/completions", json=body, timeout=60)
-            time.sleep(0.5)          # waiting in the queue: the bound is reached
+            time.sleep(0.5)  # waiting in the queue: the bound is reached
             third = httpx.post(s.url + "/v1/completions", json=body)
             assert third.status_code == 429 and third.headers["retry-after"] == "1"
             gate.set()
@@ -267,14 +301,23 @@ def test_health_while_loading_and_api_key(chat_model, monkeypatch):  # noqa: F81
     s = Server(chat_model, api_key="sekret", engine_kwargs={"max_context": CONTEXT})
     try:
         assert httpx.get(s.url + "/health").status_code == 503
-        r = httpx.post(s.url + "/v1/completions", json={"prompt": [4]},
-                       headers={"authorization": "Bearer sekret"})
+        r = httpx.post(
+            s.url + "/v1/completions",
+            json={"prompt": [4]},
+            headers={"authorization": "Bearer sekret"},
+        )
         assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
         gate.set()
         s.wait_ready()
         assert httpx.post(s.url + "/v1/completions", json={"prompt": [4]}).status_code == 401
-        assert httpx.post(s.url + "/v1/completions", json={"prompt": [4]},
-                          headers={"authorization": "Bearer wrong"}).status_code == 401
+        assert (
+            httpx.post(
+                s.url + "/v1/completions",
+                json={"prompt": [4]},
+                headers={"authorization": "Bearer wrong"},
+            ).status_code
+            == 401
+        )
         ok = openai.OpenAI(base_url=s.url + "/v1", api_key="sekret", max_retries=0)
         assert ok.completions.create(model="tiny", prompt=[4], max_tokens=2).usage
     finally:
@@ -288,8 +331,12 @@ def test_shutdown_drains_or_fails_explicitly(chat_model):  # noqa: F811
     got = []
 
     def long_stream():
-        with httpx.stream("POST", s.url + "/v1/completions", timeout=60, json={
-                "prompt": [4], "max_tokens": 90, "stream": True}) as resp:
+        with httpx.stream(
+            "POST",
+            s.url + "/v1/completions",
+            timeout=60,
+            json={"prompt": [4], "max_tokens": 90, "stream": True},
+        ) as resp:
             got.extend(ln for ln in resp.iter_lines() if ln)
 
     t = threading.Thread(target=long_stream)
@@ -298,7 +345,7 @@ def test_shutdown_drains_or_fails_explicitly(chat_model):  # noqa: F811
     s.stop()
     t.join(timeout=30)
     assert not t.is_alive(), "a client hung across shutdown"
-    assert got and (got[-1] == "data: [DONE]")   # finished or told why, then closed
+    assert got and (got[-1] == "data: [DONE]")  # finished or told why, then closed
 
 
 schemathesis = pytest.importorskip("schemathesis")
@@ -306,8 +353,9 @@ SCHEMA = schemathesis.openapi.from_dict(create_app("/nonexistent", served_name="
 
 
 @SCHEMA.parametrize()
-@hypothesis.settings(max_examples=15, deadline=None,
-                     suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.settings(
+    max_examples=15, deadline=None, suppress_health_check=list(hypothesis.HealthCheck)
+)
 def test_fuzz_schema_no_5xx(case, server):
     response = case.call(base_url=server.url, timeout=60)
     assert response.status_code < 500, (case.path, response.text)

@@ -37,25 +37,35 @@ def _slow(model, seconds: float):
     def slow(*a, **k):
         time.sleep(seconds)
         return real(*a, **k)
+
     model.forward_batch = slow
     return real
 
 
 def _stream_lines(url, body, stop_after=None, timeout=60):
     lines = []
-    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True},
-                      timeout=timeout) as r:
+    with httpx.stream(
+        "POST", url + "/v1/completions", json={**body, "stream": True}, timeout=timeout
+    ) as r:
         for line in r.iter_lines():
             if line:
                 lines.append(line)
             if stop_after is not None and len(lines) >= stop_after:
-                break                          # hang up
+                break  # hang up
     return lines
 
 
 def _ids(lines):
-    return [t for ln in lines if ln.startswith("data: {")
-            for t in json.loads(ln[6:])["choices"][0].get("token_ids", [])] if lines else []
+    return (
+        [
+            t
+            for ln in lines
+            if ln.startswith("data: {")
+            for t in json.loads(ln[6:])["choices"][0].get("token_ids", [])
+        ]
+        if lines
+        else []
+    )
 
 
 def test_random_http_disconnects_never_touch_survivors(chat_model, loaded):  # noqa: F811
@@ -63,10 +73,10 @@ def test_random_http_disconnects_never_touch_survivors(chat_model, loaded):  # n
     real = _slow(loaded, 0.01)
     try:
         prompts = {i: [4 + i % 5, 5 + i // 5] for i in range(6)}
-        want = {i: generate(loaded, p, 30, SamplingParams()).token_ids
-                for i, p in prompts.items()}
-        s = Server(chat_model, model=loaded, engine_kwargs={"max_context": CONTEXT,
-                                                            "max_batch": 32})
+        want = {i: generate(loaded, p, 30, SamplingParams()).token_ids for i, p in prompts.items()}
+        s = Server(
+            chat_model, model=loaded, engine_kwargs={"max_context": CONTEXT, "max_batch": 32}
+        )
         s.wait_ready()
         got, errors = {}, []
 
@@ -85,16 +95,14 @@ def test_random_http_disconnects_never_touch_survivors(chat_model, loaded):  # n
                 errors.append(f"survivor {i}: {e!r}")
 
         def doomed(j):
-            body = {"prompt": [4 + j % 5, 6], "max_tokens": 80, "temperature": 0.8,
-                    "seed": j}
+            body = {"prompt": [4 + j % 5, 6], "max_tokens": 80, "temperature": 0.8, "seed": j}
             try:
                 if j % 2:
                     _stream_lines(s.url, body, stop_after=rng.randint(1, 12))
                 else:
-                    httpx.post(s.url + "/v1/completions", json=body,
-                               timeout=rng.uniform(0.02, 0.4))
+                    httpx.post(s.url + "/v1/completions", json=body, timeout=rng.uniform(0.02, 0.4))
             except httpx.TimeoutException:
-                pass                               # the client gave up: a disconnect
+                pass  # the client gave up: a disconnect
 
         threads = [threading.Thread(target=survivor, args=(i,)) for i in range(6)]
         threads += [threading.Thread(target=doomed, args=(j,)) for j in range(30)]
@@ -107,9 +115,11 @@ def test_random_http_disconnects_never_touch_survivors(chat_model, loaded):  # n
         assert not errors, errors
         assert got == want
         deadline = time.monotonic() + 30
-        while (_metric(s.url, "refmoe_kv_cache_usage_ratio"),
-               _metric(s.url, "refmoe_num_requests_running"),
-               _metric(s.url, "refmoe_num_requests_waiting")) != (0, 0, 0):
+        while (
+            _metric(s.url, "refmoe_kv_cache_usage_ratio"),
+            _metric(s.url, "refmoe_num_requests_running"),
+            _metric(s.url, "refmoe_num_requests_waiting"),
+        ) != (0, 0, 0):
             assert time.monotonic() < deadline, "KV or gauges never came back to zero"
             time.sleep(0.05)
         s.stop()
@@ -120,8 +130,7 @@ def test_random_http_disconnects_never_touch_survivors(chat_model, loaded):  # n
 def test_shutdown_ends_streams_with_an_error_event_and_done(chat_model, loaded):  # noqa: F811
     real = _slow(loaded, 0.05)
     try:
-        s = Server(chat_model, model=loaded, drain_s=0.3,
-                   engine_kwargs={"max_context": CONTEXT})
+        s = Server(chat_model, model=loaded, drain_s=0.3, engine_kwargs={"max_context": CONTEXT})
         s.wait_ready()
         out = {}
 
@@ -129,8 +138,9 @@ def test_shutdown_ends_streams_with_an_error_event_and_done(chat_model, loaded):
             out["stream"] = _stream_lines(s.url, {"prompt": [4], "max_tokens": 90})
 
         def plain():
-            out["plain"] = httpx.post(s.url + "/v1/completions", timeout=60,
-                                      json={"prompt": [5], "max_tokens": 90})
+            out["plain"] = httpx.post(
+                s.url + "/v1/completions", timeout=60, json={"prompt": [5], "max_tokens": 90}
+            )
 
         threads = [threading.Thread(target=streamed), threading.Thread(target=plain)]
         for t in threads:
@@ -153,10 +163,23 @@ def test_shutdown_ends_streams_with_an_error_event_and_done(chat_model, loaded):
 
 def _serve(model_dir, *extra):
     port = _port()
-    proc = subprocess.Popen([sys.executable, "-m", "refmoe.cli", "serve", "--model",
-                             str(model_dir), "--port", str(port), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "refmoe.cli",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -183,7 +206,7 @@ def test_sigterm_drains_then_exits_zero(chat_model):  # noqa: F811
         time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
         t.join(30)
-        assert lines and lines[-1] == "data: [DONE]"      # finished, or told why
+        assert lines and lines[-1] == "data: [DONE]"  # finished, or told why
         assert proc.wait(30) == 0
         log = proc.stderr.read()
         assert "Traceback" not in log and "draining" in log, log
@@ -205,15 +228,20 @@ def test_oversized_bodies_and_texts(chat_model):  # noqa: F811
     try:
         s.wait_ready()
         big = json.dumps({"prompt": "hello " * 4000})
-        r = httpx.post(s.url + "/v1/completions", content=big,
-                       headers={"content-type": "application/json"})
+        r = httpx.post(
+            s.url + "/v1/completions", content=big, headers={"content-type": "application/json"}
+        )
         assert r.status_code == 413 and "exceeds" in r.json()["error"]["message"]
 
-        def chunks():                      # no Content-Length: counted as it arrives
+        def chunks():  # no Content-Length: counted as it arrives
             for _ in range(100):
                 yield b" " * 1000
-        r = httpx.post(s.url + "/v1/completions", content=chunks(),
-                       headers={"content-type": "application/json"})
+
+        r = httpx.post(
+            s.url + "/v1/completions",
+            content=chunks(),
+            headers={"content-type": "application/json"},
+        )
         assert r.status_code == 413
         # under the cap but beyond what the context can hold: refused before tokenizing
         t0 = time.monotonic()
@@ -221,8 +249,10 @@ def test_oversized_bodies_and_texts(chat_model):  # noqa: F811
         assert r.status_code == 400 and "context" in r.json()["error"]["message"]
         assert r.json()["error"]["param"] == "prompt"
         assert time.monotonic() - t0 < 5
-        r = httpx.post(s.url + "/v1/chat/completions",
-                       json={"messages": [{"role": "user", "content": "cat " * 2000}]})
+        r = httpx.post(
+            s.url + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "cat " * 2000}]},
+        )
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
         assert httpx.get(s.url + "/health").status_code == 200
     finally:
@@ -232,12 +262,13 @@ def test_oversized_bodies_and_texts(chat_model):  # noqa: F811
 def test_logprobs_refused_by_name(server_default):
     url = server_default.url
     chat = {"messages": [{"role": "user", "content": "hello cat"}], "max_tokens": 2}
-    for extra, field in (({"logprobs": True}, "logprobs"), ({"top_logprobs": 3},
-                                                            "top_logprobs")):
+    for extra, field in (({"logprobs": True}, "logprobs"), ({"top_logprobs": 3}, "top_logprobs")):
         r = httpx.post(url + "/v1/chat/completions", json={**chat, **extra})
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
-    assert httpx.post(url + "/v1/chat/completions",
-                      json={**chat, "logprobs": False}).status_code == 200
+    assert (
+        httpx.post(url + "/v1/chat/completions", json={**chat, "logprobs": False}).status_code
+        == 200
+    )
 
 
 @pytest.fixture(scope="module")

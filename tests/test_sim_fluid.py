@@ -72,9 +72,11 @@ def test_validation():
 
 
 @settings(max_examples=60, deadline=None)
-@given(sizes=st.lists(st.floats(1e-3, 1e9), min_size=1, max_size=12),
-       starts=st.lists(st.floats(0, 10), min_size=12, max_size=12),
-       capacity=st.floats(1e-2, 1e10))
+@given(
+    sizes=st.lists(st.floats(1e-3, 1e9), min_size=1, max_size=12),
+    starts=st.lists(st.floats(0, 10), min_size=12, max_size=12),
+    capacity=st.floats(1e-2, 1e10),
+)
 def test_work_conserving_and_never_stuck(sizes, starts, capacity):
     """One link: it is never idle while bytes wait, so the last flow ends exactly when the
     total work done from the first start would end; and every flow finishes (no float drift

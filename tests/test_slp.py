@@ -21,8 +21,8 @@ from refmoe.trace import Trace
 transformers = pytest.importorskip("transformers")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-PROMPT = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 93] * 5        # 55 tokens: every expert is hit
-TOL = {"cpu": 1e-5, "cuda": 3e-2}                          # x max |logit|; CUDA computes in bf16
+PROMPT = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 93] * 5  # 55 tokens: every expert is hit
+TOL = {"cpu": 1e-5, "cuda": 3e-2}  # x max |logit|; CUDA computes in bf16
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +44,10 @@ def _load(d, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("ring,mode,chunk", [(2, "prefetch", None), (3, "selective", None),
-                                             (None, "auto", 16), (5, "prefetch", 7)])
+@pytest.mark.parametrize(
+    "ring,mode,chunk",
+    [(2, "prefetch", None), (3, "selective", None), (None, "auto", 16), (5, "prefetch", 7)],
+)
 def test_matches_plain_prefill(fp8_dir, plain, device, ring, mode, chunk):
     model = _load(fp8_dir, device)
     runner = slp.StreamPrefill(model, ring=ring, mode=mode, chunk_tokens=chunk)
@@ -88,14 +90,25 @@ def test_cpu_streams_from_the_mapped_checkpoint(fp8_dir):
     before = model.blocks[1].ffn.experts.gate[0]
     slp.StreamPrefill(model)
     assert model.blocks[1].ffn.packed is None and model.blocks[1].ffn.experts.gate[0] is before
-    assert not before.flags.writeable             # a read-only view of the mmap
+    assert not before.flags.writeable  # a read-only view of the mmap
 
 
 def test_greedy_tokens_equal_via_cli(fp8_dir):
     ids = ",".join(map(str, PROMPT))
     cpu = cli_generate(fp8_dir, "--prompt-ids", ids, "--max-tokens", "12", "--prefill", "cpu")
-    streamed = cli_generate(fp8_dir, "--prompt-ids", ids, "--max-tokens", "12", "--prefill",
-                            "slp", "--ring", "2", "--chunk-tokens", "16")
+    streamed = cli_generate(
+        fp8_dir,
+        "--prompt-ids",
+        ids,
+        "--max-tokens",
+        "12",
+        "--prefill",
+        "slp",
+        "--ring",
+        "2",
+        "--chunk-tokens",
+        "16",
+    )
     assert cpu["prefill"] == "cpu" and streamed["prefill"] == "slp"
     assert streamed["token_ids"] == cpu["token_ids"] and len(cpu["token_ids"]) == 12
 
@@ -103,9 +116,19 @@ def test_greedy_tokens_equal_via_cli(fp8_dir):
 def save_tiny_qwen3(d, seed: int) -> None:
     """A 2-layer Qwen3-MoE with 8 BF16 experts (top-2), random weights, saved to d."""
     cfg = transformers.Qwen3MoeConfig(
-        vocab_size=97, hidden_size=72, intermediate_size=96, moe_intermediate_size=40,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        num_experts=8, num_experts_per_tok=2, max_position_embeddings=256, eos_token_id=None)
+        vocab_size=97,
+        hidden_size=72,
+        intermediate_size=96,
+        moe_intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+        eos_token_id=None,
+    )
     torch.manual_seed(seed)
     transformers.Qwen3MoeForCausalLM(cfg).eval().save_pretrained(d)
 
@@ -123,8 +146,11 @@ def test_qwen3_bf16_experts(tmp_path):
 
 def _spans(trace: Trace) -> dict[str, dict[str, tuple[float, float]]]:
     """lane -> (layer, expert) key -> (start, end) in microseconds."""
-    lanes = {e["tid"]: e["args"]["name"] for e in trace.events
-             if e["ph"] == "M" and e["name"] == "thread_name"}
+    lanes = {
+        e["tid"]: e["args"]["name"]
+        for e in trace.events
+        if e["ph"] == "M" and e["name"] == "thread_name"
+    }
     out: dict = {}
     for e in trace.events:
         if e["ph"] == "X":
@@ -152,7 +178,7 @@ def test_lanes_order_and_ring_reuse(fp8_dir, device):
         assert add[key][0] >= comp[key][1] - slack
         if j >= 2:
             assert load[key][0] >= comp[order[j - 2]][1] - slack
-            assert comp[key][0] >= add[order[j - 2]][1] - slack   # output buffer j % 2
+            assert comp[key][0] >= add[order[j - 2]][1] - slack  # output buffer j % 2
     json.dumps(trace.to_json())
 
 
@@ -171,7 +197,7 @@ def test_selective_streams_only_routed_experts(fp8_dir):
     runner = slp.StreamPrefill(model, ring=2, mode="auto")
     runner.prefill(torch.tensor(PROMPT[:2]), model.new_cache())
     assert runner.stats.mode == "selective"
-    want = sum(len(r) + 1 for r in routed)        # routed experts plus the shared one per layer
+    want = sum(len(r) + 1 for r in routed)  # routed experts plus the shared one per layer
     assert runner.stats.experts_loaded == want < 2 * 9
 
 
@@ -185,7 +211,7 @@ def test_a_failing_lane_raises_and_ends(fp8_dir):
     model = _load(fp8_dir, "cpu")
     runner = slp.StreamPrefill(model, ring=2, pin=True)
     moe = model.blocks[2].ffn
-    moe.packed = moe.packed[:, :16]      # a slot's copy now fails on the loader thread
+    moe.packed = moe.packed[:, :16]  # a slot's copy now fails on the loader thread
     with pytest.raises(RuntimeError, match="SLP"):
         runner.prefill(torch.tensor(PROMPT), model.new_cache())
     import threading
@@ -206,27 +232,48 @@ def test_bad_arguments(fp8_dir):
 
 def test_ring_sizing():
     layout = slp.SlotLayout("fp8", (), 44 * 2**20)
-    assert slp.ring_slots(layout, 257, 64 * 2**30, 2**30) == 2 * 257      # two layers fit
+    assert slp.ring_slots(layout, 257, 64 * 2**30, 2**30) == 2 * 257  # two layers fit
     assert slp.ring_slots(layout, 257, 10 * 2**30, 2**30) == (9 * 2**30) // (44 * 2**20)
-    assert slp.ring_slots(layout, 257, 2**30, 2**30) == 2                 # ping-pong at least
-    assert costmodel.streaming(V3, 1) == "selective"           # 8 of 256 experts hit
-    assert costmodel.streaming(V3, 4096) == "prefetch"         # every expert hit
+    assert slp.ring_slots(layout, 257, 2**30, 2**30) == 2  # ping-pong at least
+    assert costmodel.streaming(V3, 1) == "selective"  # 8 of 256 experts hit
+    assert costmodel.streaming(V3, 4096) == "prefetch"  # every expert hit
 
 
 # ---------------------------------------------------------------------------------------------
 # The cost model that picks the path (shared with the simulator)
 # ---------------------------------------------------------------------------------------------
 
-V3 = ModelConfig.from_dict(dict(
-    architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=129280,
-    hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
-    num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
-    n_shared_experts=1, n_routed_experts=256, routed_scaling_factor=2.5, kv_lora_rank=512,
-    q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, n_group=8,
-    topk_group=4, num_experts_per_tok=8, first_k_dense_replace=3, norm_topk_prob=True,
-    max_position_embeddings=163840), "V3")
-PAPER = costmodel.Rates(h2d_gbps=53, cpu_gemv_gbps=900, cpu_gflops=4000, device_gflops=125000,
-                        devices=2)
+V3 = ModelConfig.from_dict(
+    dict(
+        architectures=["DeepseekV3ForCausalLM"],
+        model_type="deepseek_v3",
+        vocab_size=129280,
+        hidden_size=7168,
+        intermediate_size=18432,
+        moe_intermediate_size=2048,
+        num_hidden_layers=61,
+        num_attention_heads=128,
+        num_key_value_heads=128,
+        n_shared_experts=1,
+        n_routed_experts=256,
+        routed_scaling_factor=2.5,
+        kv_lora_rank=512,
+        q_lora_rank=1536,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        qk_nope_head_dim=128,
+        n_group=8,
+        topk_group=4,
+        num_experts_per_tok=8,
+        first_k_dense_replace=3,
+        norm_topk_prob=True,
+        max_position_embeddings=163840,
+    ),
+    "V3",
+)
+PAPER = costmodel.Rates(
+    h2d_gbps=53, cpu_gemv_gbps=900, cpu_gflops=4000, device_gflops=125000, devices=2
+)
 
 
 def test_cost_model_picks_cpu_for_short_slp_for_long():
@@ -236,7 +283,7 @@ def test_cost_model_picks_cpu_for_short_slp_for_long():
     cross = costmodel.crossover_tokens(V3, PAPER, devices=1)
     assert 500 < cross < 20000
     slower = costmodel.Rates(**{**PAPER.as_dict(), "h2d_gbps": 26.5})
-    assert costmodel.crossover_tokens(V3, slower, devices=1) > cross   # slower link: later
+    assert costmodel.crossover_tokens(V3, slower, devices=1) > cross  # slower link: later
 
 
 def test_cost_model_charges_the_device_its_dequantization():
@@ -244,8 +291,9 @@ def test_cost_model_charges_the_device_its_dequantization():
     a few hundred tokens go to the CPU kernels, where the FLOP term alone picks SLP; past
     the point where the conversion amortizes SLP may win again. A GPU's conversion (0: free
     beside the link) changes nothing."""
-    here = costmodel.Rates(h2d_gbps=6.9, cpu_gemv_gbps=12.5, cpu_gflops=84,
-                           device_gflops=138, device_weight_gbps=0.15)
+    here = costmodel.Rates(
+        h2d_gbps=6.9, cpu_gemv_gbps=12.5, cpu_gflops=84, device_gflops=138, device_weight_gbps=0.15
+    )
     flops_only = costmodel.Rates(**{**here.as_dict(), "device_weight_gbps": 0.0})
     assert costmodel.choose_prefill(V3, 360, flops_only).path == "slp"
     assert costmodel.choose_prefill(V3, 360, here).path == "cpu"
@@ -277,7 +325,7 @@ def test_scaled_mm_is_checked_per_weight_shape(monkeypatch):
     with the dequantized one; a shape torch refuses or gets wrong falls back to dequant alone."""
     mm = slp.Matmul(torch.device("cpu"), torch.float32)
     assert mm.kind == "dequant" and mm.used == "dequant"
-    mm.kind, mm.why_not = "scaled_mm", ""       # as on a CUDA device with torch._scaled_mm
+    mm.kind, mm.why_not = "scaled_mm", ""  # as on a CUDA device with torch._scaled_mm
     calls = []
 
     def fake(x, w, scale, layout):
@@ -285,7 +333,8 @@ def test_scaled_mm_is_checked_per_weight_shape(monkeypatch):
         if w.shape[1] == 256:
             raise RuntimeError("Invalid scaling configuration.")
         exact = x.float() @ slp._block_dequant(w, scale, torch.float32).T
-        return exact * (1.5 if layout == slp.Matmul.LAYOUTS[0] else 1.0)   # first one wrong
+        return exact * (1.5 if layout == slp.Matmul.LAYOUTS[0] else 1.0)  # first one wrong
+
     monkeypatch.setattr(mm, "_scaled", fake)
     g = torch.Generator().manual_seed(0)
     for n, k in ((256, 256), (128, 384)):
@@ -297,4 +346,4 @@ def test_scaled_mm_is_checked_per_weight_shape(monkeypatch):
             assert torch.allclose(mm(x, w, s), want, rtol=1e-4, atol=1e-4)
     assert mm.layouts == {(256, 256): None, (128, 384): slp.Matmul.LAYOUTS[1]}
     assert mm.used == "scaled_mm (dequant for 256x256)" and "256x256" in mm.why_not
-    assert calls.count(((128, 384), slp.Matmul.LAYOUTS[1])) == 2      # checked once, then used
+    assert calls.count(((128, 384), slp.Matmul.LAYOUTS[1])) == 2  # checked once, then used

@@ -10,10 +10,12 @@ from tokenizers import models, pre_tokenizers
 from refmoe.tokenizer import Tokenizer
 
 WORDS = ["<s>", "</s>", "<|user|>", "<|assistant|>", "hello", "world", "the", "cat", "sat"]
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
-            "{% if m['role'] == 'user' %}<|user|> {{ m['content'] }} "
-            "{% else %}{{ raise_exception('only user turns') }}{% endif %}{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<|user|> {{ m['content'] }} "
+    "{% else %}{{ raise_exception('only user turns') }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def write_tokenizer(d):
@@ -21,8 +23,11 @@ def write_tokenizer(d):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(WORDS[:4])  # matched before whitespace splitting
     tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": {"content": "<s>"}, "eos_token": "</s>", "chat_template": TEMPLATE}))
+    (d / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"bos_token": {"content": "<s>"}, "eos_token": "</s>", "chat_template": TEMPLATE}
+        )
+    )
 
 
 def test_encode_decode_and_chat(tmp_path):
@@ -42,11 +47,19 @@ def chat_model(tmp_path_factory):
     """A one-layer Qwen3-MoE over the WORDS vocabulary, with its tokenizer files."""
     transformers = pytest.importorskip("transformers")
     d = tmp_path_factory.mktemp("chat_model")
-    cfg = transformers.Qwen3MoeConfig(vocab_size=len(WORDS), hidden_size=32,
-                                      intermediate_size=48, moe_intermediate_size=16,
-                                      num_hidden_layers=1, num_attention_heads=2,
-                                      num_key_value_heads=1, head_dim=16, num_experts=4,
-                                      num_experts_per_tok=2, eos_token_id=None)
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=len(WORDS),
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        eos_token_id=None,
+    )
     transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(d)
     write_tokenizer(d)
     return d

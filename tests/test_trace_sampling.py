@@ -17,12 +17,20 @@ def test_trace_format():
     with t.region("cpu", "experts", "moe L0", tokens=3):
         pass
     t.counter("scheduler", "queue", 0.25, depth=2)
-    t.request(arrival=0.0, prompt_tokens=3, output_tokens=1, first_token_time=0.1,
-              finish_time=0.2)
+    t.request(arrival=0.0, prompt_tokens=3, output_tokens=1, first_token_time=0.1, finish_time=0.2)
     doc = json.loads(json.dumps(t.to_json()))
     spans = [e for e in doc["traceEvents"] if e["ph"] == "X"]
-    assert spans == [{"ph": "X", "name": "moe L0", "pid": 1, "tid": 1, "ts": 500000.0,
-                      "dur": 250000.0, "args": {"tokens": 3}}]
+    assert spans == [
+        {
+            "ph": "X",
+            "name": "moe L0",
+            "pid": 1,
+            "tid": 1,
+            "ts": 500000.0,
+            "dur": 250000.0,
+            "args": {"tokens": 3},
+        }
+    ]
     names = {(e["name"], e["args"]["name"]) for e in doc["traceEvents"] if e["ph"] == "M"}
     assert ("process_name", "cpu") in names and ("thread_name", "experts") in names
     assert doc["metadata"]["hardware"] == {"cpu": "x"} and len(doc["metadata"]["requests"]) == 1
@@ -33,7 +41,7 @@ def test_greedy_and_seeded_sampling():
     logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
     assert Sampler(SamplingParams())(logits) == 1
     draws = [Sampler(SamplingParams(temperature=1.0, seed=7))(logits) for _ in range(3)]
-    assert len(set(draws)) == 1                       # same seed, same draw
+    assert len(set(draws)) == 1  # same seed, same draw
     s = Sampler(SamplingParams(temperature=5.0, top_k=2, seed=1))
     assert {s(logits) for _ in range(200)} == {1, 2}  # only the two best survive top-k
     s = Sampler(SamplingParams(temperature=1.0, top_p=0.5, seed=1))
@@ -45,9 +53,15 @@ def test_greedy_and_seeded_sampling():
     assert {s(logits) for _ in range(20)} == {1}
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(temperature=-1), "temperature"), (dict(top_k=-2), "top_k"),
-    (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p")])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=-1), "temperature"),
+        (dict(top_k=-2), "top_k"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+    ],
+)
 def test_bad_sampling_params(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
@@ -55,15 +69,41 @@ def test_bad_sampling_params(kwargs, message):
 
 def test_generate_writes_trace(tmp_path):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.Qwen3MoeConfig(vocab_size=50, hidden_size=32, intermediate_size=48,
-                                      moe_intermediate_size=16, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                      num_experts=4, num_experts_per_tok=2, eos_token_id=None)
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        eos_token_id=None,
+    )
     transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path / "m")
-    out = subprocess.run([sys.executable, "-m", "refmoe.cli", "generate", "--model",
-                          str(tmp_path / "m"), "--prompt-ids", "1,2,3", "--max-tokens", "3",
-                          "--json", "--trace", str(tmp_path / "t.json")], capture_output=True,
-                         text=True, timeout=300, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "refmoe.cli",
+            "generate",
+            "--model",
+            str(tmp_path / "m"),
+            "--prompt-ids",
+            "1,2,3",
+            "--max-tokens",
+            "3",
+            "--json",
+            "--trace",
+            str(tmp_path / "t.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     assert len(json.loads(out.stdout)["token_ids"]) == 3
     doc = json.loads((tmp_path / "t.json").read_text())
     names = [e["name"] for e in doc["traceEvents"] if e["ph"] == "X"]

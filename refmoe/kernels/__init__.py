@@ -27,8 +27,14 @@ from refmoe.kernels.formats import BLOCK, int4_packed_cols, scale_shape
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
-ALL_VARIANTS = ("avx512_bf16", "avx512", "avx2", "generic", "avx512_emulated",
-                "avx512_bf16_emulated")
+ALL_VARIANTS = (
+    "avx512_bf16",
+    "avx512",
+    "avx2",
+    "generic",
+    "avx512_emulated",
+    "avx512_bf16_emulated",
+)
 _AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"}
 _REQUIRED_FLAGS = {
     "avx512_bf16": _AVX512 | {"avx512_bf16", "avx512vbmi"},
@@ -50,8 +56,9 @@ def _module(name: str) -> ModuleType:
     if name not in ALL_VARIANTS:
         raise ValueError(f"unknown CPU variant {name!r}; known: {', '.join(ALL_VARIANTS)}")
     if not _runs_here(name):
-        raise ValueError(f"CPU variant {name!r} needs {sorted(_REQUIRED_FLAGS[name])}, "
-                         "which this CPU lacks")
+        raise ValueError(
+            f"CPU variant {name!r} needs {sorted(_REQUIRED_FLAGS[name])}, which this CPU lacks"
+        )
     try:
         return importlib.import_module(f"refmoe.kernels._{name}")
     except ImportError as e:
@@ -92,6 +99,7 @@ def variant() -> str:
 # ---------------------------------------------------------------------------------------------
 # Argument checks: every error names the argument and what was expected.
 # ---------------------------------------------------------------------------------------------
+
 
 def _as_codes(w, name: str) -> np.ndarray:
     """uint8 codes from a uint8 or float8_e4m3fn numpy array (or torch tensor)."""
@@ -197,8 +205,19 @@ def validate_fp8(codes, name: str) -> None:
 # GEMV / GEMM: y [M, N] = x [M, K] @ W^T
 # ---------------------------------------------------------------------------------------------
 
-def _gemm(fmt: str, x, w: np.ndarray, s: np.ndarray, n: int, k: int, group: int,
-          num_threads: int | None, variant: str | None, naive: bool) -> np.ndarray:
+
+def _gemm(
+    fmt: str,
+    x,
+    w: np.ndarray,
+    s: np.ndarray,
+    n: int,
+    k: int,
+    group: int,
+    num_threads: int | None,
+    variant: str | None,
+    naive: bool,
+) -> np.ndarray:
     mod = _module(variant or _VARIANT)
     y = np.empty((x.shape[0], n), np.float32)
     wflat, sflat = w.reshape(-1), s.reshape(-1)
@@ -211,8 +230,15 @@ def _gemm(fmt: str, x, w: np.ndarray, s: np.ndarray, n: int, k: int, group: int,
     return y
 
 
-def fp8_gemm(x: np.ndarray, w, scale_inv: np.ndarray, *, num_threads: int | None = None,
-             variant: str | None = None, naive: bool = False) -> np.ndarray:
+def fp8_gemm(
+    x: np.ndarray,
+    w,
+    scale_inv: np.ndarray,
+    *,
+    num_threads: int | None = None,
+    variant: str | None = None,
+    naive: bool = False,
+) -> np.ndarray:
     """y = x @ dequant(w).T with DeepSeek-V3 128x128 block scales.
 
     Args:
@@ -227,8 +253,15 @@ def fp8_gemm(x: np.ndarray, w, scale_inv: np.ndarray, *, num_threads: int | None
     return _gemm("fp8", x, w, s, n, k, 0, num_threads, variant, naive)
 
 
-def fp8_gemm_heads(x: np.ndarray, w, scale_inv: np.ndarray, *, num_threads: int | None = None,
-                   variant: str | None = None, naive: bool = False) -> np.ndarray:
+def fp8_gemm_heads(
+    x: np.ndarray,
+    w,
+    scale_inv: np.ndarray,
+    *,
+    num_threads: int | None = None,
+    variant: str | None = None,
+    naive: bool = False,
+) -> np.ndarray:
     """y[b] = x[b] @ dequant(w[b]).T for B matrices at once, in one parallel region (MLA's
     absorbed decode: every head's slice of kv_b against that head's own vector).
 
@@ -245,45 +278,74 @@ def fp8_gemm_heads(x: np.ndarray, w, scale_inv: np.ndarray, *, num_threads: int 
     if w.strides[2] != 1 or w.strides[1] != k:
         raise ValueError(f"w: each matrix's rows must be contiguous, strides {w.strides}")
     s = scale_inv
-    if not isinstance(s, np.ndarray) or s.dtype != np.float32 or \
-            s.shape != (b, *scale_shape(n, k)):
-        raise ValueError(f"scale_inv: expected float32 {(b, *scale_shape(n, k))}, got "
-                         f"{getattr(s, 'dtype', type(s))} {getattr(s, 'shape', '')}")
+    if not isinstance(s, np.ndarray) or s.dtype != np.float32 or s.shape != (b, *scale_shape(n, k)):
+        raise ValueError(
+            f"scale_inv: expected float32 {(b, *scale_shape(n, k))}, got "
+            f"{getattr(s, 'dtype', type(s))} {getattr(s, 'shape', '')}"
+        )
     if s.strides[2] != 4 or s.strides[1] != 4 * s.shape[2]:
-        raise ValueError(f"scale_inv: each matrix's scales must be contiguous, strides "
-                         f"{s.strides}")
-    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.shape[0] != b or \
-            x.ndim != 3 or x.shape[2] != k or x.shape[1] < 1:
-        raise ValueError(f"x: expected float32 [{b}, M >= 1, {k}], got "
-                         f"{getattr(x, 'dtype', type(x))} {getattr(x, 'shape', '')}")
+        raise ValueError(f"scale_inv: each matrix's scales must be contiguous, strides {s.strides}")
+    if (
+        not isinstance(x, np.ndarray)
+        or x.dtype != np.float32
+        or x.shape[0] != b
+        or x.ndim != 3
+        or x.shape[2] != k
+        or x.shape[1] < 1
+    ):
+        raise ValueError(
+            f"x: expected float32 [{b}, M >= 1, {k}], got "
+            f"{getattr(x, 'dtype', type(x))} {getattr(x, 'shape', '')}"
+        )
     mod = _module(variant or _VARIANT)
     if naive:
         y = np.empty((b, x.shape[1], n), np.float32)
         for i in range(b):
-            mod.gemm_reference(_FMT["fp8"], np.ascontiguousarray(w[i]).reshape(-1),
-                               np.ascontiguousarray(s[i]).reshape(-1), n, k, 0,
-                               np.ascontiguousarray(x[i]), y[i])
+            mod.gemm_reference(
+                _FMT["fp8"],
+                np.ascontiguousarray(w[i]).reshape(-1),
+                np.ascontiguousarray(s[i]).reshape(-1),
+                n,
+                k,
+                0,
+                np.ascontiguousarray(x[i]),
+                y[i],
+            )
         return y
     m = x.shape[1]
-    xp = _pad(np.ascontiguousarray(x).reshape(b * m, k)).reshape(b, m, -1)   # [B, M, Kp]
+    xp = _pad(np.ascontiguousarray(x).reshape(b * m, k)).reshape(b, m, -1)  # [B, M, Kp]
     y = np.empty((b, m, n), np.float32)
     mod.gemm_heads(_FMT["fp8"], w, s, xp, y, _threads(num_threads))
     return y
 
 
-def bf16_gemm(x: np.ndarray, w: np.ndarray, *, num_threads: int | None = None,
-              variant: str | None = None, naive: bool = False) -> np.ndarray:
+def bf16_gemm(
+    x: np.ndarray,
+    w: np.ndarray,
+    *,
+    num_threads: int | None = None,
+    variant: str | None = None,
+    naive: bool = False,
+) -> np.ndarray:
     """y = x @ w.T for bf16 weights given as uint16 bits [N, K]."""
     w = _check(w, "w", np.uint16, 2)
     n, k = w.shape
     x = _check_x(x, k)
-    return _gemm("bf16", x, w.view(np.uint8), np.zeros(0, np.float32), n, k, 0, num_threads,
-                 variant, naive)
+    return _gemm(
+        "bf16", x, w.view(np.uint8), np.zeros(0, np.float32), n, k, 0, num_threads, variant, naive
+    )
 
 
-def int4_gemm(x: np.ndarray, w: np.ndarray, scales: np.ndarray, *, group_size: int = 128,
-              num_threads: int | None = None, variant: str | None = None,
-              naive: bool = False) -> np.ndarray:
+def int4_gemm(
+    x: np.ndarray,
+    w: np.ndarray,
+    scales: np.ndarray,
+    *,
+    group_size: int = 128,
+    num_threads: int | None = None,
+    variant: str | None = None,
+    naive: bool = False,
+) -> np.ndarray:
     """y = x @ dequant(w).T for packed INT4 (see formats.int4_quantize).
 
     Args:
@@ -296,8 +358,9 @@ def int4_gemm(x: np.ndarray, w: np.ndarray, scales: np.ndarray, *, group_size: i
     w = _check(w, "w", np.uint8, 2)
     n = w.shape[0]
     if w.shape[1] != int4_packed_cols(k):
-        raise ValueError(f"w: packed INT4 for K={k} has {int4_packed_cols(k)} columns, "
-                         f"got {w.shape[1]}")
+        raise ValueError(
+            f"w: packed INT4 for K={k} has {int4_packed_cols(k)} columns, got {w.shape[1]}"
+        )
     s = _check(scales, "scales", np.float32, 2, (n, -(-k // group_size)))
     return _gemm("int4", x, w, s, n, k, group_size, num_threads, variant, naive)
 
@@ -305,6 +368,7 @@ def int4_gemm(x: np.ndarray, w: np.ndarray, scales: np.ndarray, *, group_size: i
 # ---------------------------------------------------------------------------------------------
 # Fused routed-expert MLP
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass(slots=True)
 class ExpertWeights:
@@ -332,8 +396,10 @@ class ExpertWeights:
             raise ValueError(f"expert format must be one of {sorted(_FMT)}, got {self.fmt!r}")
         h, i, e = self.hidden, self.intermediate, len(self.gate)
         if e == 0 or len(self.up) != e or len(self.down) != e:
-            raise ValueError(f"need the same nonzero number of gate/up/down matrices, got "
-                             f"{len(self.gate)}/{len(self.up)}/{len(self.down)}")
+            raise ValueError(
+                f"need the same nonzero number of gate/up/down matrices, got "
+                f"{len(self.gate)}/{len(self.up)}/{len(self.down)}"
+            )
         for kind, mats, scales, (rows, cols) in (
             ("gate", self.gate, self.gate_scale, (i, h)),
             ("up", self.up, self.up_scale, (i, h)),
@@ -347,21 +413,39 @@ class ExpertWeights:
                     mats[j] = _check(_as_codes(m, name), name, np.uint8, 2, (rows, cols))
                     if self.validate:
                         validate_fp8(mats[j], name)
-                    _check(scales[j], f"experts.{j}.{kind}_proj.weight_scale_inv", np.float32,
-                           2, scale_shape(rows, cols))
+                    _check(
+                        scales[j],
+                        f"experts.{j}.{kind}_proj.weight_scale_inv",
+                        np.float32,
+                        2,
+                        scale_shape(rows, cols),
+                    )
                 elif self.fmt == "bf16":
                     _check(m, name, np.uint16, 2, (rows, cols))
                 else:
                     _check(m, name, np.uint8, 2, (rows, int4_packed_cols(cols)))
-                    _check(scales[j], f"experts.{j}.{kind}_proj.scales", np.float32, 2,
-                           (rows, -(-cols // self.group_size)))
+                    _check(
+                        scales[j],
+                        f"experts.{j}.{kind}_proj.scales",
+                        np.float32,
+                        2,
+                        (rows, -(-cols // self.group_size)),
+                    )
 
         empty = np.zeros(0, np.float32)
         self._flat = [
-            [m.reshape(-1).view(np.uint8) for m in mats] if kind == "w"
+            [m.reshape(-1).view(np.uint8) for m in mats]
+            if kind == "w"
             else ([s.reshape(-1) for s in mats] if mats else [empty] * e)
-            for kind, mats in (("w", self.gate), ("s", self.gate_scale), ("w", self.up),
-                               ("s", self.up_scale), ("w", self.down), ("s", self.down_scale))]
+            for kind, mats in (
+                ("w", self.gate),
+                ("s", self.gate_scale),
+                ("w", self.up),
+                ("s", self.up_scale),
+                ("w", self.down),
+                ("s", self.down_scale),
+            )
+        ]
 
     @property
     def num_experts(self) -> int:
@@ -373,9 +457,16 @@ class ExpertWeights:
         return sum(p[expert].nbytes for p in parts if p)
 
 
-def fused_moe(x: np.ndarray, token_ids: np.ndarray, expert_ids: np.ndarray,
-              routing_weights: np.ndarray, experts: ExpertWeights, *,
-              num_threads: int | None = None, variant: str | None = None) -> np.ndarray:
+def fused_moe(
+    x: np.ndarray,
+    token_ids: np.ndarray,
+    expert_ids: np.ndarray,
+    routing_weights: np.ndarray,
+    experts: ExpertWeights,
+    *,
+    num_threads: int | None = None,
+    variant: str | None = None,
+) -> np.ndarray:
     """y [T, H] = sum over assignments a of routing_weights[a] * expert_{expert_ids[a]}(x[t_a]).
 
     The expert MLP is down(silu(gate x) * up x). Assignments are grouped by expert so every
@@ -388,18 +479,23 @@ def fused_moe(x: np.ndarray, token_ids: np.ndarray, expert_ids: np.ndarray,
     exp = np.asarray(expert_ids)
     rw = np.asarray(routing_weights)
     if tok.ndim != 1 or exp.shape != tok.shape or rw.shape != tok.shape:
-        raise ValueError(f"token_ids, expert_ids, routing_weights must be 1-D of one length, "
-                         f"got {tok.shape}, {exp.shape}, {rw.shape}")
+        raise ValueError(
+            f"token_ids, expert_ids, routing_weights must be 1-D of one length, "
+            f"got {tok.shape}, {exp.shape}, {rw.shape}"
+        )
     if not (np.issubdtype(tok.dtype, np.integer) and np.issubdtype(exp.dtype, np.integer)):
         raise ValueError("token_ids and expert_ids must be integer arrays")
     if rw.dtype != np.float32:
         raise ValueError(f"routing_weights: expected float32, got {rw.dtype}")
     if tok.size and (tok.min() < 0 or tok.max() >= t_count):
-        raise ValueError(f"token_ids: values must lie in [0, {t_count}), got "
-                         f"[{tok.min()}, {tok.max()}]")
+        raise ValueError(
+            f"token_ids: values must lie in [0, {t_count}), got [{tok.min()}, {tok.max()}]"
+        )
     if exp.size and (exp.min() < 0 or exp.max() >= experts.num_experts):
-        raise ValueError(f"expert_ids: values must lie in [0, {experts.num_experts}), got "
-                         f"[{exp.min()}, {exp.max()}]")
+        raise ValueError(
+            f"expert_ids: values must lie in [0, {experts.num_experts}), got "
+            f"[{exp.min()}, {exp.max()}]"
+        )
     y = np.zeros((t_count, experts.hidden), np.float32)
     if tok.size == 0:
         return y
@@ -412,15 +508,28 @@ def fused_moe(x: np.ndarray, token_ids: np.ndarray, expert_ids: np.ndarray,
     dn_lo, dn_hi = _bands(experts.hidden, t)
     flat = [[part[e] for e in used] for part in experts._flat]
     _module(variant or _VARIANT).moe(
-        _FMT[experts.fmt], experts.group_size, experts.intermediate, x, offsets,
-        np.ascontiguousarray(tok[order], np.int32), np.ascontiguousarray(rw[order]), *flat,
-        y, t, gu_lo, gu_hi, dn_lo, dn_hi)
+        _FMT[experts.fmt],
+        experts.group_size,
+        experts.intermediate,
+        x,
+        offsets,
+        np.ascontiguousarray(tok[order], np.int32),
+        np.ascontiguousarray(rw[order]),
+        *flat,
+        y,
+        t,
+        gu_lo,
+        gu_hi,
+        dn_lo,
+        dn_hi,
+    )
     return y
 
 
 # ---------------------------------------------------------------------------------------------
 # Placement, CPU state, and the bandwidth limit measured beside the kernels
 # ---------------------------------------------------------------------------------------------
+
 
 def place(w: np.ndarray, *, num_threads: int | None = None) -> np.ndarray:
     """A copy of w [rows, ...] whose 128-row bands were first written by the threads that
@@ -444,8 +553,9 @@ def fp8_to_float32(codes: np.ndarray, *, variant: str | None = None) -> np.ndarr
     return out
 
 
-def set_denormals_zero(on: bool, *, num_threads: int | None = None,
-                       variant: str | None = None) -> None:
+def set_denormals_zero(
+    on: bool, *, num_threads: int | None = None, variant: str | None = None
+) -> None:
     """Set MXCSR DAZ+FTZ on this thread and the kernel pool's threads (x86 only)."""
     _module(variant or _VARIANT).denormals_zero(bool(on), _threads(num_threads))
 
@@ -456,8 +566,9 @@ def read_bandwidth_probe(buf: np.ndarray, *, num_threads: int | None = None) -> 
     return _module(_VARIANT).read(b, _threads(num_threads))
 
 
-def fma_peak_gflops(*, num_threads: int | None = None, variant: str | None = None,
-                    seconds: float = 0.2) -> float:
+def fma_peak_gflops(
+    *, num_threads: int | None = None, variant: str | None = None, seconds: float = 0.2
+) -> float:
     """FMA throughput of the kernel threads in GFLOP/s (best of 3 runs of ~seconds/3)."""
     import time
 
@@ -479,8 +590,20 @@ def fma_peak_gflops(*, num_threads: int | None = None, variant: str | None = Non
 
 
 __all__ = [
-    "ALL_VARIANTS", "ExpertWeights", "available_variants", "bf16_gemm", "fma_peak_gflops",
+    "ALL_VARIANTS",
+    "ExpertWeights",
+    "available_variants",
+    "bf16_gemm",
+    "fma_peak_gflops",
     "fp8_gemm",
-    "fp8_to_float32", "fused_moe", "int4_gemm", "pin_threads", "place", "read_bandwidth_probe",
-    "set_denormals_zero", "thread_cpus", "validate_fp8", "variant",
+    "fp8_to_float32",
+    "fused_moe",
+    "int4_gemm",
+    "pin_threads",
+    "place",
+    "read_bandwidth_probe",
+    "set_denormals_zero",
+    "thread_cpus",
+    "validate_fp8",
+    "variant",
 ]

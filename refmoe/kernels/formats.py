@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-BLOCK = 128          # DeepSeek-V3 weight_block_size
-FP8_MAX = 448.0      # largest finite E4M3 value
-INT4_CHUNK = 32      # packing unit along K: 16 bytes hold 32 nibbles
+BLOCK = 128  # DeepSeek-V3 weight_block_size
+FP8_MAX = 448.0  # largest finite E4M3 value
+INT4_CHUNK = 32  # packing unit along K: 16 bytes hold 32 nibbles
 
 
 def _e4m3_table() -> np.ndarray:
@@ -24,8 +24,8 @@ def _e4m3_table() -> np.ndarray:
     return val
 
 
-E4M3 = _e4m3_table()                    # [256] float64
-_POS = E4M3[:0x7F]                       # [127] increasing magnitudes of codes 0x00..0x7E
+E4M3 = _e4m3_table()  # [256] float64
+_POS = E4M3[:0x7F]  # [127] increasing magnitudes of codes 0x00..0x7E
 
 
 def fp8_decode(codes: np.ndarray) -> np.ndarray:
@@ -147,8 +147,9 @@ def q8_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q.astype(np.int8).reshape(pad.shape)[..., :k], deq
 
 
-def int4_from_fp8(codes: np.ndarray, scale_inv: np.ndarray, group: int = 128
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def int4_from_fp8(
+    codes: np.ndarray, scale_inv: np.ndarray, group: int = 128
+) -> tuple[np.ndarray, np.ndarray]:
     """An FP8 block-scaled checkpoint tensor -> packed INT4 (through its exact values)."""
     return int4_quantize(fp8_dequantize(codes, scale_inv), group)
 

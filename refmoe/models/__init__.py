@@ -9,8 +9,13 @@ from refmoe.checkpoint import Checkpoint
 from refmoe.config import ModelConfig
 
 
-def load(model_dir: str | Path, expert_dtype: str | None = None, num_threads: int | None = None,
-         progress=None, device: str = "cpu"):
+def load(
+    model_dir: str | Path,
+    expert_dtype: str | None = None,
+    num_threads: int | None = None,
+    progress=None,
+    device: str = "cpu",
+):
     """(ModelConfig, model) for a Hugging Face model directory. device: where attention and
     dense layers run (auto, cpu, cuda); routed experts always run on the CPU kernels."""
     cfg = ModelConfig.from_file(model_dir)

@@ -39,6 +39,7 @@ from refmoe.models.layers import (
 # MLA: multi-head latent attention with the compressed latent as KV cache
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass(slots=True)
 class LayerCache:
     """Per layer: the MLA cache, [S, kv_lora_rank + rope_dim] (the normalized latent and the
@@ -66,51 +67,68 @@ class MLA:
             self.q_b = Linear(ck, f"{p}.q_b_proj.weight", (n * self.qk_head, cfg.q_lora_rank))
         else:
             self.q = Linear(ck, f"{p}.q_proj.weight", (n * self.qk_head, h))
-        self.kv_a = Linear(ck, f"{p}.kv_a_proj_with_mqa.weight",
-                           (cfg.kv_lora_rank + cfg.qk_rope_head_dim, h))
+        self.kv_a = Linear(
+            ck, f"{p}.kv_a_proj_with_mqa.weight", (cfg.kv_lora_rank + cfg.qk_rope_head_dim, h)
+        )
         self.kv_a_norm = load_dense(ck, f"{p}.kv_a_layernorm.weight", (cfg.kv_lora_rank,))
-        self.kv_b = Linear(ck, f"{p}.kv_b_proj.weight",
-                           (n * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank))
+        self.kv_b = Linear(
+            ck,
+            f"{p}.kv_b_proj.weight",
+            (n * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank),
+        )
         self.o = Linear(ck, f"{p}.o_proj.weight", (h, n * cfg.v_head_dim))
-        self._absorb = None   # kv_b split for absorbed decode, made on first use
+        self._absorb = None  # kv_b split for absorbed decode, made on first use
 
     def cache_bytes_per_token(self) -> int:
         """What one token adds to this layer's cache: the latent and roped key, float32."""
         return 4 * (self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim)
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, softmax_scale: float,
-                 cache: LayerCache, cp=None) -> torch.Tensor:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        softmax_scale: float,
+        cache: LayerCache,
+        cp=None,
+    ) -> torch.Tensor:
         """x [T, H] at positions cache.length .. +T; returns [T, H] and extends the cache.
         cp (context parallel): x is this rank's slice; the latent of every rank's tokens is
         gathered into the cache and the queries sit at cp.offset."""
         return self.batch([x], [(cos, sin)], softmax_scale, [cache], cp)[0]
 
-    def batch(self, xs: list[torch.Tensor], ropes, softmax_scale: float,
-              caches: list[LayerCache], cp=None) -> list[torch.Tensor]:
+    def batch(
+        self, xs: list[torch.Tensor], ropes, softmax_scale: float, caches: list[LayerCache], cp=None
+    ) -> list[torch.Tensor]:
         """Several sequences: the projections run once over all their tokens (each weight
         read once per batch), and so do absorbed decode's kv_b products; rope, the cache and
         the scores per sequence."""
         cfg = self.cfg
         sizes = [x.shape[0] for x in xs]
-        x = xs[0] if len(xs) == 1 else torch.cat(xs)                        # [T, H]
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)  # [T, H]
         if cfg.q_lora_rank:
             q = self.q_b(rms_norm(self.q_a(x), self.q_a_norm, cfg.rms_norm_eps))
         else:
             q = self.q(x)
-        kv = self.kv_a(x)                                                   # [T, lora + rope]
+        kv = self.kv_a(x)  # [T, lora + rope]
         latent, k_rot = kv.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
-        latent = rms_norm(latent, self.kv_a_norm, cfg.rms_norm_eps)         # [T, lora]
-        seqs = [self._extend(qi, li, ki, cos, sin, softmax_scale, cache, cp)
-                for qi, li, ki, (cos, sin), cache in zip(
-                    q.split(sizes), latent.split(sizes), k_rot.split(sizes), ropes, caches)]
+        latent = rms_norm(latent, self.kv_a_norm, cfg.rms_norm_eps)  # [T, lora]
+        seqs = [
+            self._extend(qi, li, ki, cos, sin, softmax_scale, cache, cp)
+            for qi, li, ki, (cos, sin), cache in zip(
+                q.split(sizes), latent.split(sizes), k_rot.split(sizes), ropes, caches
+            )
+        ]
         decode = [i for i, sq in enumerate(seqs) if 0 < sq[0].shape[1] <= ABSORB_MAX_TOKENS]
         outs = [None if i in decode else self._expanded(*sq) for i, sq in enumerate(seqs)]
         if decode:
             for i, o in zip(decode, self._absorbed([seqs[i] for i in decode])):
                 outs[i] = o
-        outs = [o.transpose(0, 1).reshape(t, self.n * cfg.v_head_dim)       # [T, n*v] each
-                for o, t in zip(outs, sizes)]
-        out = self.o(outs[0] if len(outs) == 1 else torch.cat(outs))        # [T, H]
+        outs = [
+            o.transpose(0, 1).reshape(t, self.n * cfg.v_head_dim)  # [T, n*v] each
+            for o, t in zip(outs, sizes)
+        ]
+        out = self.o(outs[0] if len(outs) == 1 else torch.cat(outs))  # [T, H]
         return list(out.split(sizes))
 
     def _extend(self, q, latent, k_rot, cos, sin, softmax_scale, cache: LayerCache, cp):
@@ -118,17 +136,17 @@ class MLA:
         [T, lora], k_rot [T, rope] -> (q_nope [n, T, nope], q_rot [n, T, rope], the cache
         [S, lora + rope], the queries' first position, the softmax scale)."""
         cfg, n, t = self.cfg, self.n, q.shape[0]
-        q = q.view(t, n, self.qk_head).transpose(0, 1)                      # [n, T, qk]
+        q = q.view(t, n, self.qk_head).transpose(0, 1)  # [n, T, qk]
         q_nope, q_rot = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
-        q_rot = apply_rope(q_rot, cos, sin, cfg.rope_interleave)            # [n, T, rope]
-        k_rot = apply_rope(k_rot, cos, sin, cfg.rope_interleave)            # [T, rope]
+        q_rot = apply_rope(q_rot, cos, sin, cfg.rope_interleave)  # [n, T, rope]
+        k_rot = apply_rope(k_rot, cos, sin, cfg.rope_interleave)  # [T, rope]
         start = cache.length
-        new = torch.cat([latent, k_rot], dim=-1)                            # [T, lora + rope]
+        new = torch.cat([latent, k_rot], dim=-1)  # [T, lora + rope]
         if cp is not None:
             new = cp.gather(new)
             start += cp.offset
-        cached = cache.kv.append(new)                                       # [S, lora + rope]
-        return q_nope, q_rot, cached, start, self.qk_head ** -0.5 * softmax_scale
+        cached = cache.kv.append(new)  # [S, lora + rope]
+        return q_nope, q_rot, cached, start, self.qk_head**-0.5 * softmax_scale
 
     def _expanded(self, q_nope, q_rot, cached, start, scale) -> torch.Tensor:
         """Every cached latent expanded through kv_b into per-head keys and values, then plain
@@ -136,9 +154,9 @@ class MLA:
         cfg, n = self.cfg, self.n
         s = cached.shape[0]
         latent, k_rot = cached.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
-        kv = self.kv_b(latent).view(s, n, -1).transpose(0, 1)               # [n, S, nope+v]
+        kv = self.kv_b(latent).view(s, n, -1).transpose(0, 1)  # [n, S, nope+v]
         k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
-        k = torch.cat([k_nope, k_rot.expand(n, s, -1)], dim=-1)              # [n, S, qk]
+        k = torch.cat([k_nope, k_rot.expand(n, s, -1)], dim=-1)  # [n, S, qk]
         return attend(torch.cat([q_nope, q_rot], dim=-1), k, v, start, scale)
 
     def _absorbed(self, seqs: list[tuple]) -> list[torch.Tensor]:
@@ -151,15 +169,15 @@ class MLA:
         cfg, n = self.cfg, self.n
         w = self._absorb_weights()
         ts = [sq[0].shape[1] for sq in seqs]
-        q_lat = w.keys(torch.cat([sq[0] for sq in seqs], dim=1))            # [n, sum T, lora]
+        q_lat = w.keys(torch.cat([sq[0] for sq in seqs], dim=1))  # [n, sum T, lora]
         o_lats = []
         for (_, q_rot, cached, start, scale), ql in zip(seqs, q_lat.split(ts, dim=1)):
             t = ql.shape[1]
-            qc = torch.cat([ql, q_rot], dim=-1).reshape(n * t, -1)          # [n*T, lora+rope]
+            qc = torch.cat([ql, q_rot], dim=-1).reshape(n * t, -1)  # [n*T, lora+rope]
             scores = mask_causal((qc @ cached.T).view(n, t, -1) * scale, start)  # [n, T, S]
             p = torch.softmax(scores, dim=-1).view(n * t, -1)
-            o_lats.append((p @ cached[:, :cfg.kv_lora_rank]).view(n, t, -1))  # [n, T, lora]
-        return list(w.values(torch.cat(o_lats, dim=1)).split(ts, dim=1))   # [n, T, v] each
+            o_lats.append((p @ cached[:, : cfg.kv_lora_rank]).view(n, t, -1))  # [n, T, lora]
+        return list(w.values(torch.cat(o_lats, dim=1)).split(ts, dim=1))  # [n, T, v] each
 
     def _absorb_weights(self) -> Absorbed:
         if self._absorb is None:
@@ -177,15 +195,19 @@ class Absorbed:
     (67 MB a V3 layer)."""
 
     def __init__(self, kv_b: Linear, cfg: ModelConfig):
-        n, nope, v, lora = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim,
-                            cfg.kv_lora_rank)
+        n, nope, v, lora = (
+            cfg.num_attention_heads,
+            cfg.qk_nope_head_dim,
+            cfg.v_head_dim,
+            cfg.kv_lora_rank,
+        )
         self.fp8 = kv_b.codes is not None and nope % BLOCK == 0 and v % BLOCK == 0
         if self.fp8:
             codes = kv_b.codes.reshape(n, nope + v, lora)
             scale = kv_b.scale.reshape(n, (nope + v) // BLOCK, -1)
             self.wk_t = np.ascontiguousarray(codes[:, :nope].transpose(0, 2, 1))  # [n, lora, nope]
-            self.sk_t = np.ascontiguousarray(scale[:, :nope // BLOCK].transpose(0, 2, 1))
-            self.wv, self.sv = codes[:, nope:], scale[:, nope // BLOCK:]     # views, [n, v, lora]
+            self.sk_t = np.ascontiguousarray(scale[:, : nope // BLOCK].transpose(0, 2, 1))
+            self.wv, self.sv = codes[:, nope:], scale[:, nope // BLOCK :]  # views, [n, v, lora]
         else:
             w = kv_b.dense().view(n, nope + v, lora)
             w_uk, w_uv = w.split([nope, v], dim=1)
@@ -213,6 +235,7 @@ ABSORB_MAX_TOKENS = 8
 # ---------------------------------------------------------------------------------------------
 # Block and Transformer
 # ---------------------------------------------------------------------------------------------
+
 
 class Transformer(DecoderModel):
     """The whole DeepSeek-V3 model (see DecoderModel.forward)."""
