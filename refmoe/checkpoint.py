@@ -140,6 +140,8 @@ class Shard:
         e = self.entries[name]
         np_dtype = DTYPES[e["dtype"]][0]
         begin, end = e["data_offsets"]
+        if self._map is None:  # an empty file holds no tensor (the header check said so)
+            raise ValueError(f"{self.path}: tensor {name!r} has no data")
         raw = self._map[self._data_start + begin : self._data_start + end]
         return raw.view(np_dtype).reshape(e["shape"])
 

@@ -168,7 +168,7 @@ def slp_expert_seconds(
     total = 0.0
     for lo in range(0, tokens, chunk):
         t = min(chunk, tokens - lo)
-        slots = cfg.n_routed_experts + cfg.n_shared_experts
+        slots: float = cfg.n_routed_experts + cfg.n_shared_experts
         if streaming(cfg, t) == "selective":  # only what is routed
             slots = (
                 unique_experts(cfg.n_routed_experts, cfg.num_experts_per_tok, t)
@@ -207,7 +207,7 @@ def choose_prefill(
     est = {"cpu": cpu_expert_seconds(cfg, tokens, rates)}
     for n in range(1, max(1, rates.devices) + 1):
         est[f"slp{n}"] = slp_expert_seconds(cfg, tokens, rates, n, chunk_tokens)
-    best = min(est, key=est.get)
+    best = min(est, key=lambda k: est[k])
     return Choice("cpu" if best == "cpu" else "slp", 1 if best == "cpu" else int(best[3:]), est)
 
 

@@ -109,7 +109,7 @@ class Matmul:
         if scale is None:  # BF16 experts
             return x @ w.to(self.dtype).T
         if self.kind == "scaled_mm":
-            shape = tuple(w.shape)
+            shape = (int(w.shape[0]), int(w.shape[1]))
             if shape not in self.layouts:
                 self.layouts[shape], y = self._layout_for(x, w, scale)
                 return y.to(self.dtype)

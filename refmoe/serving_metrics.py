@@ -39,7 +39,11 @@ def summary(outcomes: list[Outcome], duration_s: float) -> dict:
     """The figures of vLLM's benchmark, in its field names (times in ms)."""
     ok = [o for o in outcomes if o.ok]
     ttft = [o.ttft_s * 1e3 for o in ok if o.ttft_s is not None]
-    tpot = [(o.e2e_s - o.ttft_s) / (o.output_tokens - 1) * 1e3 for o in ok if o.output_tokens > 1]
+    tpot = [
+        (o.e2e_s - o.ttft_s) / (o.output_tokens - 1) * 1e3
+        for o in ok
+        if o.output_tokens > 1 and o.e2e_s is not None and o.ttft_s is not None
+    ]
     itl = [x * 1e3 for o in ok for x in o.itl_s]
     inp = sum(o.prompt_tokens for o in ok)
     out = sum(o.output_tokens for o in ok)
@@ -115,9 +119,9 @@ def as_rows(outcomes: list[Outcome]) -> list[dict]:
 
 
 def parse_range(text: str) -> tuple[int, int]:
+    first, _, second = text.partition("-")
     try:
-        lo, _, hi = text.partition("-")
-        lo, hi = int(lo), int(hi or lo)
+        lo, hi = int(first), int(second or first)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected N or LO-HI, got {text!r}") from None
     if not 1 <= lo <= hi:
