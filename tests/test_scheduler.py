@@ -1,0 +1,70 @@
+"""The scheduler (refmoe/scheduler.py) on plain plan objects, as a specification: admission is
+first come, first served within the KV budget and the queue bound; decode batches every
+running request up to max_batch, split in two for dual-batch overlap; with several devices an
+SLP prefill takes them all only when decode has been quiet."""
+
+import pytest
+
+from refmoe.scheduler import Entry, QueueFull, Scheduler
+
+
+def test_admission_is_fcfs_within_the_kv_budget():
+    s = Scheduler(kv_tokens=100, max_batch=2, max_queue=3)
+    s.add(Entry("a", 30, 30, 0.0))
+    s.add(Entry("b", 50, 20, 1.0))
+    s.add(Entry("c", 5, 5, 2.0))
+    a = s.next_prefill()
+    assert a.request_id == "a" and s.kv.used == 60
+    assert s.next_prefill() is None  # b (70) does not fit; c may not overtake it
+    s.prefilled("a")
+    assert s.next_decode().request_ids == ["a"]
+    s.finish("a")
+    assert s.kv.used == 0 and s.next_prefill().request_id == "b"
+    with pytest.raises(ValueError, match="exceeds the KV budget"):
+        s.add(Entry("huge", 90, 20, 3.0))
+
+
+def test_queue_bound_and_batches():
+    s = Scheduler(kv_tokens=1000, max_batch=3, max_queue=2, dual_batch=True)
+    s.add(Entry("a", 1, 1, 0))
+    s.add(Entry("b", 1, 1, 0))
+    with pytest.raises(QueueFull):
+        s.add(Entry("c", 1, 1, 0))
+    for _ in range(2):
+        s.prefilled(s.next_prefill().request_id)
+    for r in "def":
+        s.add(Entry(r, 1, 1, 0))
+        s.prefilled(s.next_prefill().request_id)
+    plan = s.next_decode()
+    assert plan.request_ids == ["a", "b", "d"] and plan.micro_batches == [["a", "b"], ["d"]]
+    assert plan.overlapped
+    s.finish("b")
+    assert s.next_decode().request_ids == ["a", "d", "e"]
+
+
+def test_devices_policy_keeps_one_for_decode():
+    now = [0.0]
+    s = Scheduler(
+        kv_tokens=10_000,
+        choose_path=lambda t: "slp" if t >= 100 else "cpu",
+        devices=2,
+        decode_quiet_s=300,
+        clock=lambda: now[0],
+    )
+    s.add(Entry("long", 500, 4, 0))
+    plan = s.next_prefill()
+    assert plan.where == "slp" and plan.devices == 2  # nothing decoding: both devices
+    s.prefilled("long")
+    assert s.next_decode() is not None  # decode ran at t = 0
+    s.add(Entry("long2", 500, 4, 0))
+    assert s.next_prefill().devices == 1  # one device stays with decode
+    s.finish("long")
+    s.finish("long2")
+    now[0] = 200.0
+    s.add(Entry("long3", 500, 4, 0))
+    assert s.next_prefill().devices == 1  # decoded 200 s ago: still one
+    now[0] = 301.0
+    s.add(Entry("long4", 500, 4, 0))
+    assert s.next_prefill().devices == 2  # quiet for 5 minutes: both
+    s.add(Entry("short", 50, 4, 0))
+    assert s.next_prefill().where == "cpu"
