@@ -23,10 +23,9 @@ from refmoe import kernels
 from refmoe.checkpoint import Checkpoint
 from refmoe.config import ModelConfig
 from refmoe.kernels.formats import BLOCK
+from refmoe.models.decoder import Block, DecoderModel
+from refmoe.models.kv_cache import Growing
 from refmoe.models.layers import (
-    Block,
-    DecoderModel,
-    Growing,
     Linear,
     apply_rope,
     attend,

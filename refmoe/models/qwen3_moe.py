@@ -14,10 +14,9 @@ import torch
 
 from refmoe.checkpoint import Checkpoint
 from refmoe.config import ModelConfig
+from refmoe.models.decoder import Block, DecoderModel
+from refmoe.models.kv_cache import Growing
 from refmoe.models.layers import (
-    Block,
-    DecoderModel,
-    Growing,
     Linear,
     apply_rope,
     attend,

@@ -1,0 +1,45 @@
+"""The caches a decoder keeps per sequence: Growing (a tensor that grows by appending, capacity
+doubling) and KVCache (one cache per layer, of the family's own kind: MLA's latent, GQA's keys
+and values)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class Growing:
+    """A tensor that grows along one dimension by appending; capacity doubles, so a decode step
+    writes its own token instead of copying the whole cache (torch.cat would)."""
+
+    def __init__(self, dim: int):
+        self.dim, self.n, self.buf = dim, 0, None
+
+    def append(self, x: torch.Tensor) -> torch.Tensor:
+        """Append x; return the whole contents (a view)."""
+        t = x.shape[self.dim]
+        if self.buf is None or self.n + t > self.buf.shape[self.dim]:
+            shape = list(x.shape)
+            shape[self.dim] = max(2 * (self.n + t), 64)
+            grown = x.new_empty(shape)
+            if self.buf is not None:
+                grown.narrow(self.dim, 0, self.n).copy_(self.view())
+            self.buf = grown
+        self.buf.narrow(self.dim, self.n, t).copy_(x)
+        self.n += t
+        return self.view()
+
+    def view(self) -> torch.Tensor:
+        return self.buf.narrow(self.dim, 0, self.n)
+
+
+@dataclass(slots=True)
+class KVCache:
+    """One cache per layer, of the family's own kind (latent for MLA, k/v for GQA)."""
+
+    layers: list = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length if self.layers else 0
