@@ -1,5 +1,5 @@
 """Routing as the engine served it: how many tokens each routed expert received, per MoE
-layer, counted by the router itself (refmoe.models.layers.MoE.route) on every path (CPU
+layer, counted by the router itself (refmoe.models.experts.MoE.route) on every path (CPU
 experts, SLP, DSLP). `refmoe bench serve --trace` stores it in the trace's metadata, and the
 simulator replays it (`refmoe-sim predict/serve --routing`) in place of uniform routing.
 
