@@ -59,31 +59,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_prefill(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
 
-    from refmoe import bench_prefill, kernels, models
-    from refmoe.trace import Trace, hardware
+    from refmoe import bench_prefill, models
+    from refmoe.trace import for_run
 
     try:
         directory = args.model or _demo_model(args)
         cfg, model = models.load(directory, device=args.device)
         lengths = args.prompt_tokens or [1024, 4096, 16384]
-        trace = (
-            Trace(
-                {
-                    "hardware": hardware(),
-                    "model": asdict(cfg),
-                    "engine": {
-                        "variant": kernels.variant(),
-                        "threads": kernels._threads(None),
-                        "prefill": "slp",
-                        "device": str(model.device),
-                    },
-                }
-            )
-            if args.trace
-            else None
-        )
+        trace = for_run(cfg, str(model.device), prefill="slp") if args.trace else None
         progress = None
         if not args.json and sys.stderr.isatty():
             from tqdm import tqdm
@@ -115,10 +99,9 @@ def _cmd_bench_prefill(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
 
-    from refmoe import bench_serve, kernels, models, routing
-    from refmoe.trace import Trace, hardware
+    from refmoe import bench_serve, models, routing
+    from refmoe.trace import for_run
 
     try:
         directory = args.model or _demo_model(args)
@@ -136,24 +119,17 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
                 args.num_prompts, args.request_rate, args.prompt_len, args.output_len, args.seed
             )
             trace = (
-                Trace(
-                    {
-                        "hardware": hardware(),
-                        "model": asdict(cfg),
-                        "engine": {
-                            "variant": kernels.variant(),
-                            "threads": kernels._threads(None),
-                            "device": str(model.device),
-                            "prefill": args.prefill,
-                            "workload": {
-                                "num_prompts": args.num_prompts,
-                                "request_rate": args.request_rate,
-                                "prompt_len": args.prompt_len,
-                                "output_len": args.output_len,
-                                "seed": args.seed,
-                            },
-                        },
-                    }
+                for_run(
+                    cfg,
+                    str(model.device),
+                    prefill=args.prefill,
+                    workload={
+                        "num_prompts": args.num_prompts,
+                        "request_rate": args.request_rate,
+                        "prompt_len": args.prompt_len,
+                        "output_len": args.output_len,
+                        "seed": args.seed,
+                    },
                 )
                 if args.trace
                 else None
@@ -309,23 +285,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         cfg, model = models.load(args.model, args.expert_dtype, progress=show, device=args.device)
         trace = None
         if args.trace:
-            from dataclasses import asdict
+            from refmoe.trace import for_run
 
-            from refmoe import kernels
-            from refmoe.trace import Trace, hardware
-
-            trace = Trace(
-                {
-                    "hardware": hardware(),
-                    "model": asdict(cfg),
-                    "engine": {
-                        "variant": kernels.variant(),
-                        "threads": kernels._threads(None),
-                        "expert_dtype": args.expert_dtype or "as stored",
-                        "device": str(model.device),
-                    },
-                }
-            )
+            trace = for_run(cfg, str(model.device), expert_dtype=args.expert_dtype or "as stored")
         from refmoe import slp
         from refmoe.policy import EngineConfig, Policy
         from refmoe.scheduler import Entry
@@ -424,23 +386,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     directory = _demo_model(args)
     trace = None
     if args.trace:
-        from dataclasses import asdict
-
         from refmoe.config import ModelConfig
-        from refmoe.trace import Trace, hardware
+        from refmoe.trace import for_run
 
-        trace = Trace(
-            {
-                "hardware": hardware(),
-                "model": asdict(ModelConfig.from_file(directory)),
-                "engine": {
-                    "variant": kernels.variant(),
-                    "threads": kernels._threads(None),
-                    "expert_dtype": "fp8",
-                    "device": "cpu",
-                },
-            }
-        )
+        trace = for_run(ModelConfig.from_file(directory), "cpu", expert_dtype="fp8")
     r = demo.run(directory, args.prompt_tokens, args.max_tokens, trace=trace)
     if trace:
         trace.metadata["result"] = {

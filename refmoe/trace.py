@@ -146,6 +146,27 @@ class Trace:
         Path(path).write_text(json.dumps(self.to_json()))
 
 
+def for_run(cfg, device: str, **engine) -> Trace:
+    """A measured run's trace: this machine's hardware, the model's config, and the engine's
+    settings (CPU variant and threads, the device, and whatever else the command sets)."""
+    from dataclasses import asdict
+
+    from refmoe import kernels
+
+    return Trace(
+        {
+            "hardware": hardware(),
+            "model": asdict(cfg),
+            "engine": {
+                "variant": kernels.variant(),
+                "threads": kernels._threads(None),
+                "device": device,
+                **engine,
+            },
+        }
+    )
+
+
 @contextmanager
 def maybe(trace: Trace | None, process: str, lane: str, name: str, **args):
     """trace.region when there is a trace, nothing otherwise."""
