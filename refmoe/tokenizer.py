@@ -35,6 +35,12 @@ class Tokenizer:
         return cls(path, config)
 
     def encode(self, text: str, special: bool = True) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: JSON allows it, text has none
+            raise ValueError(
+                f"the text is not valid Unicode ({e.reason} at character {e.start})"
+            ) from None
         return self._tok.encode(text, add_special_tokens=special).ids
 
     @property
@@ -57,7 +63,10 @@ class Tokenizer:
                 f"{len(text) // self.max_token_chars:,} tokens, more than the "
                 f"context of {limit:,}"
             )
-        ids = self.encode(text, special)
+        try:
+            ids = self.encode(text, special)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
         if len(ids) > limit:
             raise ValueError(f"{what}: {len(ids):,} tokens exceed the context of {limit:,}")
         return ids
