@@ -75,10 +75,29 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, description="not supported: must be absent or null")
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content as OpenAI's API sends it; only text is understood."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | None = None
+    content: str | list[ContentPart] | None = None
+
+    def as_turn(self) -> dict:
+        """{"role", "content"} with the content's text parts joined, for the chat template."""
+        c = self.content
+        text = "".join(p.text for p in c) if isinstance(c, list) else c
+        return {"role": self.role, "content": text}
+
+    @property
+    def chars(self) -> int:
+        c = self.content
+        return sum(len(p.text) for p in c) if isinstance(c, list) else len(c or "")
 
 
 class ChatRequest(_Sampling):
@@ -527,7 +546,7 @@ def create_app(
                 )
         tok = tokenizer()
         limit = engine().context * tok.max_token_chars
-        if sum(len(m.content or "") for m in body.messages) > limit:
+        if sum(m.chars for m in body.messages) > limit:
             raise APIError(
                 400,
                 f"messages: longer than the context of {engine().context:,} tokens can hold",
@@ -535,7 +554,7 @@ def create_app(
             )
         try:
             text = await asyncio.to_thread(
-                tok.apply_chat_template, [m.model_dump() for m in body.messages]
+                tok.apply_chat_template, [m.as_turn() for m in body.messages]
             )
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
@@ -567,7 +586,7 @@ def create_app(
         if body.messages is not None:
             try:
                 text = await asyncio.to_thread(
-                    tok.apply_chat_template, [m.model_dump() for m in body.messages]
+                    tok.apply_chat_template, [m.as_turn() for m in body.messages]
                 )
             except ValueError as e:
                 raise APIError(400, str(e), param="messages") from None

@@ -230,6 +230,31 @@ def test_bad_chat_and_tokenize_requests(server):
     assert r.status_code == 400 and "only user turns" in r.json()["error"]["message"]
     assert post("/detokenize", {"tokens": [1, 99]}).status_code == 400
     assert post("/tokenize", {}).status_code == 400
+    image = {"type": "image_url", "image_url": {"url": "data:,"}}
+    r = post("/v1/chat/completions", {"messages": [{"role": "user", "content": [image]}]})
+    assert r.status_code == 400 and "messages.0.content" in r.json()["error"]["message"]
+
+
+def test_chat_content_as_text_parts(server):
+    """Content as OpenAI's list of parts (what agents and SDKs send): text parts joined."""
+    plain = {
+        "messages": [{"role": "user", "content": "hello cat"}],
+        "max_tokens": 3,
+        "temperature": 0,
+    }
+    parts = {
+        **plain,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "cat"}],
+            }
+        ],
+    }
+    a = httpx.post(server.url + "/v1/chat/completions", json=plain).json()
+    b = httpx.post(server.url + "/v1/chat/completions", json=parts).json()
+    assert a["choices"][0]["token_ids"] == b["choices"][0]["token_ids"]
+    assert a["usage"] == b["usage"]
 
 
 def test_tokenize_models_metrics(server):
