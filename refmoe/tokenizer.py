@@ -30,8 +30,18 @@ class Tokenizer:
         if cfg_path.exists():
             try:
                 config = json.loads(cfg_path.read_text())
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"{cfg_path}: must be a JSON object")
+        # transformers 5 saves the template beside the tokenizer as chat_template.jinja, and
+        # reads it before tokenizer_config.json's chat_template, as here
+        jinja = model_dir / "chat_template.jinja"
+        if jinja.exists():
+            try:
+                config = {**config, "chat_template": jinja.read_text()}
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"{jinja}: cannot be read ({e})") from None
         return cls(path, config)
 
     def encode(self, text: str, special: bool = True) -> list[int]:
@@ -84,7 +94,10 @@ class Tokenizer:
         if isinstance(template, list):  # named templates: take "default"
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         if not template:
-            raise ValueError(f"{self.path.parent / 'tokenizer_config.json'}: no chat_template")
+            raise ValueError(
+                f"{self.path.parent}: no chat template (chat_template.jinja, or chat_template "
+                "in tokenizer_config.json)"
+            )
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 

@@ -42,6 +42,22 @@ def test_encode_decode_and_chat(tmp_path):
         tok.apply_chat_template([{"role": "system", "content": "x"}])
 
 
+def test_chat_template_jinja_file_is_read_first(tmp_path):
+    """transformers 5 saves the template as chat_template.jinja; it wins over the JSON's."""
+    write_tokenizer(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    )
+    tok = Tokenizer.from_dir(tmp_path)
+    assert tok.apply_chat_template([{"role": "user", "content": "cat"}]) == "[cat]"
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "chat_template.jinja").unlink()
+    with pytest.raises(ValueError, match="no chat template"):
+        Tokenizer.from_dir(tmp_path).apply_chat_template([{"role": "user", "content": "x"}])
+
+
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
     """A one-layer Qwen3-MoE over the WORDS vocabulary, with its tokenizer files."""
