@@ -5,7 +5,8 @@ request CSV (Vidur's `arrived_at,num_prefill_tokens,num_decode_tokens`).
 
 Definitions (times from the request's arrival): TTFT = first token - arrival; TPOT = (last
 token - first token) / (output tokens - 1); ITL = the gaps between consecutive tokens;
-throughputs over the run's duration. Times in the summary are in ms, vLLM's field names.
+decode speed per user = 1 / TPOT of each request (tok/s); throughputs over the run's
+duration. Times in the summary are in ms, under vLLM's field names.
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ def summary(outcomes: list[Outcome], duration_s: float) -> dict:
         res[f"mean_{name}_ms"] = statistics.fmean(vals) if vals else float("nan")
         res[f"median_{name}_ms"] = statistics.median(vals) if vals else float("nan")
         res[f"p99_{name}_ms"] = _pct(vals, 99)
+    # what a user watching the stream sees: each request's decode speed (1 / its TPOT); the
+    # slowest 1% of users (p1) is the tail, as p99 is for the times
+    speed = [1e3 / t for t in tpot if t > 0]
+    res["mean_decode_tok_s_per_user"] = statistics.fmean(speed) if speed else float("nan")
+    res["median_decode_tok_s_per_user"] = statistics.median(speed) if speed else float("nan")
+    res["p1_decode_tok_s_per_user"] = _pct(speed, 1)
     return res
 
 
@@ -86,6 +93,11 @@ def format_summary(r: dict) -> str:
         for stat in ("mean", "median", "p99"):
             name = {"mean": "Mean", "median": "Median", "p99": "P99"}[stat]
             lines.append(f"{f'{name} {label} (ms):':<40}{r[f'{stat}_{key}_ms']:<10.2f}")
+    if "median_decode_tok_s_per_user" in r:
+        lines.append("{s:{c}^50}".format(s="Decode Speed per User", c="-"))
+        for stat, name in (("mean", "Mean"), ("median", "Median"), ("p1", "P1 (slowest)")):
+            v = r[f"{stat}_decode_tok_s_per_user"]
+            lines.append(f"{f'{name} decode (tok/s):':<40}{v:<10.2f}")
     lines.append("=" * 50)
     return "\n".join(lines)
 
