@@ -414,18 +414,29 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"  bound: {r.read_gbps:.1f} GB/s read (measured now) / {r.bytes_per_token / 1e6:.0f} "
         f"MB = {r.bound_tok_s:.2f} tok/s; achieved {r.ratio:.2f} of it"
     )
-    if args.no_sim:
-        return 0
-    from refmoe.config import ModelConfig
-    from sim.calibrate import calibrate
-    from sim.predict import predict
+    if not args.no_sim:
+        from refmoe.config import ModelConfig
+        from sim.calibrate import calibrate
+        from sim.predict import predict
 
-    hw = calibrate("this machine, calibrated now", reps=3)
-    p = predict(ModelConfig.from_file(directory), hw, r.prompt_tokens, r.new_tokens)
+        print(
+            "  calibrating the simulator on this machine (about a minute; --no-predict skips "
+            "it) ...",
+            flush=True,
+        )
+        hw = calibrate("this machine, calibrated now", reps=3)
+        p = predict(ModelConfig.from_file(directory), hw, r.prompt_tokens, r.new_tokens)
+        print(
+            f"  refmoe-sim, calibrated from micro-benchmarks just now: TTFT {p.ttft_s:.3f} s "
+            f"({(p.ttft_s - r.ttft_s) / r.ttft_s:+.0%}), decode {p.decode_tok_s:.2f} tok/s "
+            f"({(p.decode_tok_s - r.tok_s) / r.tok_s:+.0%})"
+        )
     print(
-        f"  refmoe-sim, calibrated from micro-benchmarks just now: TTFT {p.ttft_s:.3f} s "
-        f"({(p.ttft_s - r.ttft_s) / r.ttft_s:+.0%}), decode {p.decode_tok_s:.2f} tok/s "
-        f"({(p.decode_tok_s - r.tok_s) / r.tok_s:+.0%})"
+        f"\nChat with it (the weights are random, so the text is gibberish; the speed is what "
+        f"the demo shows):\n"
+        f"  refmoe serve --model {directory}\n"
+        f"  curl http://127.0.0.1:8000/v1/chat/completions -H 'content-type: application/json' "
+        f"""-d '{{"messages": [{{"role": "user", "content": "hello"}}], "max_tokens": 16}}'"""
     )
     return 0
 
@@ -618,7 +629,13 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--prompt-tokens", type=int, default=16)
     dm.add_argument("--max-tokens", type=int, default=16)
     dm.add_argument("--trace", metavar="FILE", help="write the measured request's Chrome trace")
-    dm.add_argument("--no-sim", action="store_true", help="skip the simulator's prediction")
+    dm.add_argument(
+        "--no-predict",
+        "--no-sim",
+        dest="no_sim",
+        action="store_true",
+        help="skip the simulator's calibration and prediction (about a minute)",
+    )
     dm.set_defaults(func=_cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks that report ratios to same-run limits")

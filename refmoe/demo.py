@@ -109,12 +109,18 @@ class _Codes:
 def build(
     directory: Path, layers: int, experts: int, vocab: int = 8192, seed: int = 0, progress=None
 ) -> Path:
-    """Write the demo checkpoint (one shard per layer) unless it is already there."""
+    """Write the demo checkpoint (one shard per layer) unless it is already there, and its
+    tokenizer and chat template (refmoe/demo_tokenizer.py) unless they are."""
+    from refmoe import demo_tokenizer
+
     cfg = demo_config(layers, experts, vocab)
     done = directory / "config.json"
     if done.exists() and json.loads(done.read_text()) == cfg:
+        if not (directory / "tokenizer.json").exists():  # built before the demo had one
+            demo_tokenizer.write(directory, vocab)
         return directory
     directory.mkdir(parents=True, exist_ok=True)
+    demo_tokenizer.write(directory, vocab)
     gen = _Codes(seed)
     h, c = cfg["hidden_size"], cfg
     n, qk = c["num_attention_heads"], c["qk_nope_head_dim"] + c["qk_rope_head_dim"]

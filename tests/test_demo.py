@@ -68,6 +68,8 @@ def test_cli(demo_dir):
         check=True,
     ).stdout
     assert "TTFT" in out and "tok/s" in out and "bound" in out
+    assert f"refmoe serve --model {demo_dir}" in out and "gibberish" in out
+
     assert "refmoe-sim, calibrated from micro-benchmarks just now" in out
     rows = json.loads(
         subprocess.run(
@@ -94,3 +96,22 @@ def test_cli(demo_dir):
         ).stdout
     )
     assert rows[0]["op"] == "decode" and 0 < rows[0]["ratio"] < 2
+
+
+def test_the_demo_answers_chat(demo_dir):
+    """The demo ships a tokenizer and a chat template: a chat message through the server's
+    own path (template, tokens, generation, text) works on it."""
+    from refmoe import models
+    from refmoe.demo_tokenizer import ASSISTANT, USER
+    from refmoe.generate import generate
+    from refmoe.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(demo_dir)
+    text = tok.apply_chat_template([{"role": "user", "content": "hello, café"}])
+    assert text.endswith(f"{USER}hello, café{ASSISTANT}")
+    ids = tok.encode(text, False)
+    assert tok.decode(ids) == "hello, café"  # the special tokens decode to nothing
+    cfg, model = models.load(demo_dir)
+    assert max(ids) < cfg.vocab_size
+    g = generate(model, ids, 3)
+    assert len(g.token_ids) == 3 and isinstance(tok.decode(g.token_ids), str)
