@@ -624,7 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="build (once) and run a DeepSeek-V3-shaped FP8 model")
     dm.add_argument("--layers", type=int, help="layers (default: sized to memory)")
-    dm.add_argument("--experts", type=int, help="routed experts per layer (multiple of 8)")
+    dm.add_argument(
+        "--experts", type=int, help="routed experts per layer (a multiple of 8, at least 16)"
+    )
     dm.add_argument("--dir", help="where the model is built (default: ~/.cache/refmoe/demo)")
     dm.add_argument("--prompt-tokens", type=int, default=16)
     dm.add_argument("--max-tokens", type=int, default=16)
@@ -643,7 +645,11 @@ def build_parser() -> argparse.ArgumentParser:
         "what", choices=["kernels", "decode", "prefill", "serve"], help="what to benchmark"
     )
     b.add_argument("--layers", type=int, help="decode, prefill: demo model layers")
-    b.add_argument("--experts", type=int, help="decode, prefill: demo model experts per layer")
+    b.add_argument(
+        "--experts",
+        type=int,
+        help="decode, prefill: demo model experts per layer (a multiple of 8, at least 16)",
+    )
     b.add_argument("--dir", help="decode, prefill: demo model directory")
     b.add_argument("--model", help="prefill, serve: a model directory instead of the demo model")
     b.add_argument(

@@ -80,7 +80,13 @@ def available_variants() -> list[str]:
 def _choose_variant() -> str:
     forced = os.environ.get("REFMOE_CPU_VARIANT")
     if forced:
-        _module(forced)  # raises a clear error for an unknown or unusable variant
+        try:
+            _module(forced)
+        except ValueError as e:  # name the setting, and what this machine can run instead
+            raise ValueError(
+                f"REFMOE_CPU_VARIANT={forced}: {e}; this machine runs: "
+                f"{', '.join(available_variants())}"
+            ) from None
         return forced
     for name in ("avx512_bf16", "avx512", "avx2", "generic"):
         if name in available_variants():
