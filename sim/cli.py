@@ -8,15 +8,17 @@ import os
 import sys
 import time
 
+from sim import catalog
+
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def _cmd_predict(args) -> int:
-    from refmoe.config import ModelConfig
     from sim.hardware import Hardware
     from sim.predict import predict
 
-    cfg, hw = ModelConfig.from_file(args.model), Hardware.load(args.hardware)
+    cfg, hw = catalog.load(args.model), Hardware.load(args.hardware)
+    catalog.check_context(cfg, args.prompt_tokens, args.output_tokens, args.model)
     routing = _routing(args, cfg)
 
     def run(profile):
@@ -63,7 +65,6 @@ def _routing(args, cfg):
 
 
 def _cmd_serve(args) -> int:
-    from refmoe.config import ModelConfig
     from refmoe.serving_metrics import format_summary, summary, workload
     from sim.hardware import Hardware
     from sim.serve import simulate
@@ -85,7 +86,7 @@ def _cmd_serve(args) -> int:
         reqs = workload(
             args.num_prompts, args.request_rate, args.prompt_len, args.output_len, args.seed
         )
-    hw, cfg = Hardware.load(args.hardware), ModelConfig.from_file(args.model)
+    hw, cfg = Hardware.load(args.hardware), catalog.load(args.model)
     routing = _routing(args, cfg)
     out = simulate(
         cfg,
@@ -189,10 +190,9 @@ INTERVAL_FIGURES = (
 
 
 def _cmd_sweep(args) -> int:
-    from refmoe.config import ModelConfig
     from sim import sweep
 
-    cfg = ModelConfig.from_file(args.model)
+    cfg = catalog.load(args.model)
     hardware = args.hardware.split(",")
     policies = args.prefill.split(",")
     bad = [p for p in policies if p not in ("cpu", "slp", "auto")]
@@ -369,11 +369,44 @@ def _floats(text: str) -> list[float]:
         ) from None
 
 
+def _cmd_models(args) -> int:
+    rows = []
+    for name in catalog.names():
+        cfg = catalog.load(name)
+        rows.append(
+            {
+                "name": name,
+                "source": catalog.source(name),
+                "layers": cfg.num_hidden_layers,
+                "hidden": cfg.hidden_size,
+                "experts": cfg.n_routed_experts,
+                "top_k": cfg.num_experts_per_tok,
+                "shared": cfg.n_shared_experts,
+                "context": cfg.max_position_embeddings,
+                "fp8": cfg.is_fp8,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'name':<18}{'layers':>7}{'hidden':>7}{'experts':>8}{'top-k':>6}{'context':>9}  source")
+    for r in rows:
+        print(
+            f"{r['name']:<18}{r['layers']:>7}{r['hidden']:>7}{r['experts']:>8}{r['top_k']:>6}"
+            f"{r['context']:>9}  {r['source']}"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="refmoe-sim", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     pr = sub.add_parser("predict", help="TTFT and TPOT of one request")
-    pr.add_argument("--model", required=True, help="config.json or a model directory")
+    pr.add_argument(
+        "--model",
+        required=True,
+        help="config.json, a model directory, or a name from `refmoe-sim models`",
+    )
     pr.add_argument("--hardware", required=True, help="profile YAML or a name in sim/profiles")
     pr.add_argument("--prompt-tokens", type=int, default=1024)
     pr.add_argument("--output-tokens", type=int, default=128)
@@ -415,7 +448,11 @@ def main(argv: list[str] | None = None) -> int:
         help="many requests through the engine's scheduler: the "
         "serving benchmark's summary, predicted",
     )
-    se.add_argument("--model", required=True, help="config.json or a model directory")
+    se.add_argument(
+        "--model",
+        required=True,
+        help="config.json, a model directory, or a name from `refmoe-sim models`",
+    )
     se.add_argument("--hardware", required=True)
     se.add_argument(
         "--csv",
@@ -483,7 +520,11 @@ def main(argv: list[str] | None = None) -> int:
     se.add_argument("--json", action="store_true")
     se.set_defaults(func=_cmd_serve)
     sw = sub.add_parser("sweep", help="many configurations in parallel processes, with plots")
-    sw.add_argument("--model", required=True, help="config.json or a model directory")
+    sw.add_argument(
+        "--model",
+        required=True,
+        help="config.json, a model directory, or a name from `refmoe-sim models`",
+    )
     sw.add_argument("--hardware", required=True, help="profiles, comma-separated")
     sw.add_argument("--prefill", default="cpu,slp", help="policies: cpu,slp,auto")
     sw.add_argument("--prompt-tokens", type=_ints, default=[256, 1024, 4096, 16384, 32768])
@@ -507,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--hardware", default="paper-2x9355-2x5090")
     rp.add_argument("--json", action="store_true")
     rp.set_defaults(func=_cmd_reproduce)
+    mo = sub.add_parser("models", help="the published model configs usable by name")
+    mo.add_argument("--json", action="store_true")
+    mo.set_defaults(func=_cmd_models)
     ca = sub.add_parser("calibrate", help="this machine's profile from micro-benchmarks")
     ca.add_argument("--name", default="this-machine")
     ca.add_argument("--out", help="write the profile YAML here")

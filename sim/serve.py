@@ -315,6 +315,11 @@ def simulate(
             state["next_arrival"] = a
             yield env.timeout(max(0.0, a - env.now))
             try:
+                if p + o > cfg.max_position_embeddings:  # refused, as the engine refuses it
+                    raise ValueError(
+                        f"prompt ({p} tokens) + max_tokens ({o}) exceeds the context of "
+                        f"{cfg.max_position_embeddings} tokens"
+                    )
                 sched.add(Entry(str(i), p, o, env.now))
                 wants[str(i)] = o
             except (QueueFull, ValueError) as e:

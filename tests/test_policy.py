@@ -183,3 +183,24 @@ def test_generate_with_ranks_asks_the_cost_model(fp8_dir):  # noqa: F811
     )
     assert forced["prefill"] == "dslp" and forced["token_ids"] == out["token_ids"]
     assert json.dumps(out)
+
+
+def test_simulator_models_by_name_and_context():
+    """Published configs ship by name; a request the model cannot hold is refused, by the
+    simulator's serve as by the engine."""
+    from sim import catalog
+    from sim.serve import simulate
+
+    assert {"deepseek-v3", "kimi-k2", "qwen3-235b-a22b"} <= set(catalog.names())
+    v3 = catalog.load("deepseek-v3")
+    assert (v3.max_position_embeddings, v3.n_routed_experts, v3.is_fp8) == (163840, 256, True)
+    assert catalog.load("kimi-k2").num_attention_heads == 64
+    with pytest.raises(ValueError, match="not a model this simulator ships"):
+        catalog.resolve("deepseek-v9")
+    with pytest.raises(ValueError, match="exceed its context of 163,840"):
+        catalog.check_context(v3, 163_000, 1_000, "deepseek-v3")
+    q = catalog.load("qwen3-30b-a3b")
+    hw = Hardware.load("paper-2x9355-2x5090")
+    out, _ = simulate(q, hw, [(0.0, 40_000, 1_000), (0.0, 64, 4)])
+    assert "exceeds the context of 40960" in out[0].error and not out[0].ok
+    assert out[1].ok
