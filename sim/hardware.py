@@ -134,6 +134,33 @@ class GPU:
     socket: int | None = None  # the socket its PCIe root hangs off (default d % sockets)
 
 
+def _build(kind, data, where: str):
+    """kind(**data), with a missing or unknown field named (and what the missing one holds)."""
+    import dataclasses
+
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping of fields, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(known)}"
+        )
+    missing = [
+        n
+        for n, f in known.items()
+        if n not in data
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ValueError(
+            f"{where}: missing required field(s) {', '.join(missing)} "
+            f"(docs/simulator.md lists every field with its unit)"
+        )
+    return kind(**data)
+
+
 @dataclass(slots=True)
 class Hardware:
     name: str
@@ -149,11 +176,18 @@ class Hardware:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "profile") -> Hardware:
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: a hardware profile is a mapping, got {type(d).__name__}")
+        if "name" not in d:
+            raise ValueError(f"{source}: missing field 'name' (the profile's name)")
+        cpu = _build(CPU, d.get("cpu"), f"{source}: cpu")
+        gpus_in = d.get("gpus") or []
+        if not isinstance(gpus_in, list):
+            raise ValueError(f"{source}: gpus must be a list of GPUs")
+        gpus = [_build(GPU, g, f"{source}: gpus[{i}]") for i, g in enumerate(gpus_in)]
         try:
-            cpu = CPU(**d["cpu"])
-            gpus = [GPU(**g) for g in d.get("gpus") or []]
             hw = cls(d["name"], cpu, gpus, dict(d.get("samples") or {}), list(d.get("runs") or []))
-        except (KeyError, TypeError) as e:
+        except (TypeError, ValueError) as e:
             raise ValueError(f"{source}: bad hardware profile ({e})") from None
         for key in (
             "sockets",

@@ -204,3 +204,20 @@ def test_simulator_models_by_name_and_context():
     out, _ = simulate(q, hw, [(0.0, 40_000, 1_000), (0.0, 64, 4)])
     assert "exceeds the context of 40960" in out[0].error and not out[0].ok
     assert out[1].ok
+
+
+def test_hardware_profile_fields_are_named():
+    """A missing required field or an unknown one is named (was a TypeError from __init__)."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(__file__).parent.parent / "sim" / "profiles" / "paper-2x9355-2x5090.yaml"
+    d = yaml.safe_load(path.read_text())
+    del d["gpus"][0]["name"]
+    with pytest.raises(ValueError, match=r"gpus\[0\]: missing required field\(s\) name"):
+        Hardware.from_dict(d, "x.yaml")
+    d = yaml.safe_load(path.read_text())
+    d["cpu"]["dram_gb"] = 3
+    with pytest.raises(ValueError, match="cpu: unknown field"):
+        Hardware.from_dict(d, "x.yaml")
