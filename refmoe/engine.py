@@ -32,6 +32,7 @@ from refmoe.dual_batch import DualBatch
 from refmoe.policy import EngineConfig, Policy
 from refmoe.sampling import Sampler, SamplingParams
 from refmoe.scheduler import DecodePlan, Entry, PrefillPlan, QueueFull
+from refmoe.trace import gauges
 
 __all__ = ["Engine", "QueueFull", "Request", "ShuttingDown"]
 
@@ -429,10 +430,14 @@ class Engine:
         }
 
     def _gauges(self) -> None:
+        """On every state change: the Prometheus gauges, and the trace's counter tracks."""
+        s = self.scheduler
         if self.metrics:
-            self.metrics.waiting.set(self.scheduler.queue_depth)
-            self.metrics.running.set(self.scheduler.running)
-            self.metrics.kv_usage.set(self.scheduler.kv.usage)
+            self.metrics.waiting.set(s.queue_depth)
+            self.metrics.running.set(s.running)
+            self.metrics.kv_usage.set(s.kv.usage)
+        if self.trace is not None:
+            gauges(self.trace, self.trace.now(), s)
 
     def _count_expert_time(self) -> None:
         with self.lock:

@@ -124,7 +124,9 @@ class Trace:
     def counter(self, process: str, name: str, t_s: float, **values: float) -> None:
         with self._lock:
             pid, _ = self._ids(process, name)
-        self.events.append({"ph": "C", "name": name, "pid": pid, "ts": t_s * 1e6, "args": values})
+            self.events.append(
+                {"ph": "C", "name": name, "pid": pid, "ts": t_s * 1e6, "args": values}
+            )
 
     @contextmanager
     def region(self, process: str, lane: str, name: str, **args):
@@ -175,3 +177,12 @@ def maybe(trace: Trace | None, process: str, lane: str, name: str, **args):
     else:
         with trace.region(process, lane, name, **args):
             yield
+
+
+def gauges(trace, t_s: float, scheduler) -> None:
+    """The scheduler's state as counter tracks (Perfetto draws them): requests waiting and
+    running, and the share of the KV budget reserved. The simulator writes the same."""
+    trace.counter(
+        "scheduler", "requests", t_s, waiting=scheduler.queue_depth, running=scheduler.running
+    )
+    trace.counter("scheduler", "kv cache usage", t_s, reserved=round(scheduler.kv.usage, 6))

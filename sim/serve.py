@@ -24,6 +24,7 @@ from refmoe.config import ModelConfig
 from refmoe.policy import EngineConfig, Policy
 from refmoe.scheduler import Entry, QueueFull
 from refmoe.serving_metrics import Outcome
+from refmoe.trace import gauges
 from sim.fluid import Flow, max_min_rates
 from sim.hardware import Hardware
 from sim.predict import Machine, _slp_prefill, _step
@@ -304,6 +305,8 @@ def simulate(
     }
 
     def wake():
+        if tr:  # the scheduler's state as counter tracks, as the engine writes them
+            gauges(tr, env.now, sched)
         if not state["wake"].triggered:
             state["wake"].succeed()
         state["wake"] = env.event()
@@ -351,6 +354,8 @@ def simulate(
                     finish_time=now,
                 )
             sched.finish(rid)
+            if tr:
+                gauges(tr, env.now, sched)
             state["ended"] += 1
 
     def prefill_worker():

@@ -164,3 +164,29 @@ def test_engine_runs_dslp_when_decode_is_quiet(model, fp8_dir):  # noqa: F811
     finally:
         engine.shutdown(1)
     assert engine.group is None
+
+
+def test_trace_has_queue_and_kv_counter_tracks(model):
+    """Queue depth and KV usage as counter tracks, engine and simulator alike."""
+    from refmoe.trace import Trace
+    from sim.hardware import Hardware
+    from sim.serve import simulate
+
+    trace = Trace()
+    engine = Engine(model, prefill="cpu", max_batch=4, trace=trace).start()
+    try:
+        _run(engine, [PROMPT[:5], PROMPT[2:9]], 3)
+    finally:
+        engine.shutdown(1)
+    measured = [e for e in trace.to_json()["traceEvents"] if e["ph"] == "C"]
+    names = {e["name"] for e in measured}
+    assert names == {"requests", "kv cache usage"}
+    assert max(e["args"].get("running", 0) for e in measured) >= 1
+    last = [e for e in measured if e["name"] == "requests"][-1]["args"]
+    assert last == {"waiting": 0, "running": 0}
+    _, _, sim = simulate(
+        model.cfg, Hardware.load("zen3-2vcpu-calibrated"), [(0.0, 5, 3), (0.0, 7, 3)], trace=True
+    )
+    simulated = [e for e in sim.to_json()["traceEvents"] if e["ph"] == "C"]
+    assert {e["name"] for e in simulated} == names
+    assert [e for e in simulated if e["name"] == "requests"][-1]["args"] == last
