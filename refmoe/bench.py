@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from refmoe import kernels
+from refmoe import contention, kernels
 from refmoe.kernels import formats
 
 MIN_BYTES = 100 * 2**20  # weights per timed pass: well past any L3
@@ -49,6 +49,9 @@ class Row:
     torch_speedup: float | None = None
     cpu_busy: float = 0.0  # process CPU time / (wall * threads) while the kernel ran
     loadavg: float = 0.0  # 1-minute load average when the row started
+    others_cores: float = 0.0  # cores other processes used while the row ran (/proc/stat)
+    suspect: str = ""  # why the row should not be trusted (contention, impossible ratio), or ""
+    attempts: int = 1  # runs of the row: contaminated or impossible ones are redone, bounded
     gbps_samples: list[float] = field(default_factory=list)  # one per rep
     limit_gbps_samples: list[float] = field(default_factory=list)  # the read beside each
 
@@ -323,7 +326,9 @@ def bench_kernels(
                 )
     rows = []
     for job in progress(jobs) if progress else jobs:
-        rows.append(job())
+        row, others, why, attempts = contention.measured(job, lambda r: r.ratio)
+        row.others_cores, row.suspect, row.attempts = others, why, attempts
+        rows.append(row)
     return rows
 
 
@@ -332,7 +337,7 @@ def format_rows(rows: list[Row]) -> str:
     head = (
         f"{'op':<17}{'dtype':<6}{'model':<28}{'m':>3}{'thr':>4} {'variant':<16}"
         f"{'time_us':>10}{'GB/s':>7}{'read':>7}{'ratio':>6} {'[min-max]':<11}"
-        f"{'GFLOP/s':>8}{'fma%':>6}{'torch_x':>8}"
+        f"{'GFLOP/s':>8}{'fma%':>6}{'torch_x':>8}  flag"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -342,6 +347,13 @@ def format_rows(rows: list[Row]) -> str:
             f"{r.op:<17}{r.dtype:<6}{r.model:<28}{r.m:>3}{r.threads:>4} {r.variant:<16}"
             f"{r.time_us:>10.1f}{r.gbps:>7.1f}{r.limit_gbps:>7.1f}{r.ratio:>6.2f} "
             f"[{r.ratio_min:.2f}-{r.ratio_max:.2f}]{r.gflops:>8.1f}{fma}{tx}"
+            + (f"  SUSPECT: {r.suspect}" if r.suspect else "")
+        )
+    flagged = sum(1 for r in rows if r.suspect)
+    if flagged:
+        lines.append(
+            f"{flagged} row(s) flagged SUSPECT after {contention.RETRIES + 1} runs each: do not "
+            "quote them (another process held the cores, or the figure is impossible)"
         )
     return "\n".join(lines)
 

@@ -255,19 +255,39 @@ def _cmd_calibrate(args) -> int:
     else:
         if args.runs < 1 or args.gap < 0:
             raise ValueError("calibrate: --runs must be >= 1 and --gap >= 0")
-        runs = []
+        from refmoe import contention
+
+        runs, suspects = [], []
         for i in range(args.runs):
             if i and args.gap:
                 print(f"calibrate: run {i + 1} of {args.runs} in {args.gap:g} s", file=sys.stderr)
                 time.sleep(args.gap)
-            runs.append(calibrate(args.name))
+            # a calibration taken while other processes held the cores is redone (bounded),
+            # and one that stays contaminated is never kept silently
+            hw_i, others, why, attempts = contention.measured(
+                lambda: calibrate(args.name), lambda h: h.cpu.fp8_gemv_efficiency
+            )
+            if why:
+                suspects.append(f"run {i + 1}: {why} (after {attempts} attempts)")
+                print(f"calibrate: SUSPECT run {i + 1}: {why}", file=sys.stderr)
+            runs.append(hw_i)
         hw = pool(runs, args.name) if len(runs) > 1 else runs[0]
     if args.out:
         hw.save(args.out)
+        if not args.merge and suspects:
+            from pathlib import Path
+
+            out = Path(args.out)
+            out.write_text(
+                "".join(f"# SUSPECT calibration {s}\n" for s in suspects) + out.read_text()
+            )
     from dataclasses import asdict
 
     if args.json:
-        print(json.dumps(asdict(hw)))
+        doc = asdict(hw)
+        if not args.merge:
+            doc["suspect"] = suspects
+        print(json.dumps(doc))
         return 0
     c = hw.cpu
     print(

@@ -40,6 +40,10 @@ def test_bench_kernels_json():
     assert {r["dtype"] for r in rows} == {"fp8", "int4", "bf16"}
     for r in rows:
         assert REQUIRED <= r.keys()
+        assert {"others_cores", "suspect", "attempts"} <= r.keys()
+        assert 1 <= r["attempts"] <= 3
+        if r["suspect"]:  # kept flagged only after every redo
+            assert r["attempts"] == 3
         assert r["gbps"] > 0 and r["limit_gbps"] > 0
         assert r["ratio"] == pytest.approx(r["gbps"] / r["limit_gbps"], rel=0.5)
     gemm = next(r for r in rows if r["op"] == "gemm")

@@ -1,0 +1,40 @@
+"""The contamination check of benchmarks and calibration (refmoe/contention.py): another
+process's CPU use during a measurement is seen and flagged; an impossible ratio is flagged
+whatever the load; flagged measurements are redone a bounded number of times."""
+
+import subprocess
+import sys
+import time
+
+from refmoe import contention
+
+
+def test_another_process_on_the_cores_is_seen():
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)
+        with contention.Window() as w:
+            t = time.perf_counter()
+            while time.perf_counter() - t < 0.6:
+                time.sleep(0.01)  # this process idles: whatever runs is someone else
+    finally:
+        hog.kill()
+        hog.wait()
+    assert w.others_cores > 0.5 and w.contaminated
+    assert "other processes used" in contention.suspect(w.others_cores)
+
+
+def test_impossible_ratios_are_flagged_and_redone():
+    class Fake:
+        ratio = 1.6
+
+    calls = []
+
+    def run():
+        calls.append(1)
+        return Fake()
+
+    out, others, why, attempts = contention.measured(run, lambda r: r.ratio)
+    assert attempts == contention.RETRIES + 1 == len(calls)
+    assert "ratio 1.60 > 1.05" in why
+    assert contention.suspect(0.0, 0.93) == ""
