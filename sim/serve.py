@@ -522,19 +522,32 @@ def plot_utilization(timeline: list, path: str, title: str = "") -> None:
     for n in names:
         kinds.setdefault(re.sub(r"\d+", "", n.split(".")[0]), []).append(n)
     fig, axes = plt.subplots(
-        len(kinds), 1, figsize=(10, 1.6 * len(kinds) + 0.6), sharex=True, squeeze=False
+        len(kinds),
+        1,
+        figsize=(11, 1.6 * len(kinds) + 0.6),
+        sharex=True,
+        squeeze=False,
+        layout="constrained",
     )
     times = [t for t, _ in timeline]
+    dashes = ["-", "--", ":", "-."]
     for ax, (kind, members) in zip(axes[:, 0], kinds.items()):
-        for n in members:
+        # each member its own dash and width, drawn widest first, so that socket 0's line stays
+        # visible where socket 1's runs on top of it
+        for j, n in enumerate(members):
             ax.step(
-                times, [load.get(n, 0.0) for _, load in timeline], where="post", label=n, lw=0.8
+                times,
+                [load.get(n, 0.0) for _, load in timeline],
+                where="post",
+                label=n,
+                lw=2.2 - 0.5 * (j % 3),
+                linestyle=dashes[j % len(dashes)],
+                alpha=0.8,
             )
         ax.set_ylim(0, 1.05)
         ax.set_ylabel(kind)
-        ax.legend(loc="upper right", fontsize=7)
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
     axes[-1, 0].set_xlabel("simulated seconds")
     fig.suptitle(title or "link utilization (share of capacity)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

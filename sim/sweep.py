@@ -136,34 +136,63 @@ def sweep_rates(
 
 
 def plot(rows: list[dict], path: str) -> None:
-    """TTFT vs prompt length, or SLO attainment vs request rate, one line per (hardware,
-    policy)."""
+    """Three panels side by side, one line per (hardware, policy), each line its own colour,
+    marker and dash so that none hides another, the legend outside the data: by prompt
+    length, TTFT, TPOT and prefill throughput; by request rate, SLO attainment, TTFT (mean and
+    P99) and output throughput."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if "skipped" not in r]
-    by_rate = rows and "request_rate" in rows[0]
-    x, y = ("request_rate", "slo_attainment") if by_rate else ("prompt_tokens", "ttft_s")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (hw, pol), group in itertools.groupby(
+    by_rate = bool(rows) and "request_rate" in rows[0]
+    if by_rate:
+        x, xlabel = "request_rate", "request rate (req/s)"
+        panels = [
+            ("slo_attainment", "SLO attainment", 1.0, False),
+            ("mean_ttft_ms", "mean TTFT (s)", 1e-3, True),
+            ("output_throughput", "output throughput (tok/s)", 1.0, False),
+        ]
+    else:
+        x, xlabel = "prompt_tokens", "prompt tokens"
+        panels = [
+            ("ttft_s", "TTFT (s)", 1.0, True),
+            ("tpot_s", "TPOT (ms)", 1e3, False),
+            ("prefill_tok_s", "prefill (tok/s)", 1.0, True),
+        ]
+    styles = itertools.cycle(
+        [(m, d) for d in ("-", "--", ":", "-.") for m in ("o", "s", "^", "D", "v", "x")]
+    )
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), layout="constrained")
+    groups = itertools.groupby(
         sorted(rows, key=lambda r: (r["hardware"], r["prefill"], r[x])),
         key=lambda r: (r["hardware"], r["prefill"]),
-    ):
+    )
+    for (hw, pol), group in groups:
         g = list(group)
-        ax.plot([r[x] for r in g], [r[y] for r in g], marker="o", label=f"{hw} / {pol}")
+        marker, dash = next(styles)
+        for ax, (key, _, scale, _) in zip(axes, panels):
+            pts = [(r[x], r[key] * scale) for r in g if key in r]
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker=marker,
+                linestyle=dash,
+                label=f"{hw} / {pol}",
+                alpha=0.85,
+            )
+    for ax, (_, label, _, log_y) in zip(axes, panels):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(label)
+        if not by_rate:
+            ax.set_xscale("log")
+        if log_y:
+            ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
     if by_rate:
-        ax.set_xlabel("request rate (req/s)")
-        ax.set_ylabel("SLO attainment")
-        ax.set_ylim(0, 1.05)
-    else:
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("prompt tokens")
-        ax.set_ylabel("TTFT (s)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        axes[0].set_ylim(0, 1.05)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
