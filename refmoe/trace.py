@@ -90,13 +90,16 @@ class Trace:
         """Seconds since the trace started."""
         return self.clock() - self.t0
 
-    def _ids(self, process: str, lane: str) -> tuple[int, int]:
+    def _pid(self, process: str) -> int:
         if process not in self._pids:
             self._pids[process] = pid = len(self._pids) + 1
             self.events.append(
                 {"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": process}}
             )
-        pid = self._pids[process]
+        return self._pids[process]
+
+    def _ids(self, process: str, lane: str) -> tuple[int, int]:
+        pid = self._pid(process)
         if (process, lane) not in self._tids:
             self._tids[(process, lane)] = tid = len(self._tids) + 1
             self.events.append(
@@ -123,7 +126,7 @@ class Trace:
 
     def counter(self, process: str, name: str, t_s: float, **values: float) -> None:
         with self._lock:
-            pid, _ = self._ids(process, name)
+            pid = self._pid(process)  # a counter is a track of the process, not a lane
             self.events.append(
                 {"ph": "C", "name": name, "pid": pid, "ts": t_s * 1e6, "args": values}
             )

@@ -26,8 +26,9 @@ from refmoe.scheduler import Entry, QueueFull
 from refmoe.serving_metrics import Outcome
 from refmoe.trace import gauges
 from sim.fluid import Flow, max_min_rates
+from sim.forward import _slp_prefill, _step
 from sim.hardware import Hardware
-from sim.predict import Machine, _slp_prefill, _step
+from sim.machine import Machine
 
 
 @dataclass(slots=True)
@@ -263,7 +264,7 @@ def simulate(
     blocks = blocks and not utilization
     machine = Machine(env, hw, record=utilization)
     net = machine.net
-    from sim.predict import routing_bins
+    from sim.routing import routing_bins
 
     routing_bins(cfg.n_routed_experts, cfg.num_experts_per_tok, routing_skew)  # validates
     cost = Costs(cfg, hw, machine, routing_skew, routing)

@@ -1,0 +1,158 @@
+"""One forward pass on the simulated machine, as the engine runs it: a step over some tokens
+of some sequences (attention, dense layers, experts on the CPU kernels), and an SLP prefill
+(a loader streaming each MoE layer's experts over the GPUs' PCIe links into a ring of two
+layers while the GPUs compute, chunk by chunk, with DSLP's exchange)."""
+
+from __future__ import annotations
+
+import simpy
+
+from refmoe import costmodel
+from refmoe.config import ModelConfig
+from sim import costs
+from sim.machine import Machine
+
+
+def _step(
+    m: Machine, cfg: ModelConfig, tokens: int, out: dict, sequences: int = 1, contexts: tuple = ()
+):
+    """One forward over `tokens` new tokens of `sequences` sequences (a prefill chunk of one,
+    or a decode step of `tokens` whose sequences have `contexts` tokens cached). The
+    attention block's per-layer cost beyond its weights (the scores, norms, small ops) is
+    paid once per sequence, as the engine attends each sequence on its own, plus its cost for
+    the cached tokens (Machine.attention_extra)."""
+    hw = m.hw
+    layer_overhead = (
+        (hw.gpus[0].layer_overhead_us if hw.gpus else hw.cpu.layer_overhead_us) * 1e-6 * sequences
+    )
+    attn_flops = costs.attention_flops(cfg, tokens)
+    extra = m.attention_extra(cfg, tokens, contexts)
+    for i, cost in enumerate(costs.layer_costs(cfg)):
+        t0 = m.env.now
+        yield from m.device(cost.attention_bytes, layer_overhead, tokens, attn_flops)
+        yield from m.work(*extra)
+        m.mark("device", "attention", f"attention L{i}", t0, tokens=tokens)
+        t0 = m.env.now
+        if cost.expert_bytes:
+            k = cfg.num_experts_per_tok
+            one = cost.expert_bytes * m.expert_scale / (k + cfg.n_shared_experts)
+            # each routed expert serves a Binomial(tokens, k/E) number of tokens, and the
+            # kernel's rate depends steeply on it (one token: the GEMV; more: tiles), so the
+            # expected time is a sum over that distribution, not the rate at the mean
+            yield from m.cpu_fp8_mixed(
+                one, cfg.n_routed_experts, tokens, k / cfg.n_routed_experts, layer=i
+            )
+            if cfg.n_shared_experts:
+                yield from m.cpu_fp8(cfg.n_shared_experts * one, tokens)
+            yield m.env.timeout(hw.cpu.moe_overhead_us * 1e-6)
+            m.mark("cpu", "experts", f"experts L{i}", t0, tokens=tokens)
+        else:
+            yield from m.device(cost.dense_bytes, 0.0, tokens, 2.0 * tokens * cost.dense_bytes)
+            m.mark("device", "dense mlp", f"dense mlp L{i}", t0, tokens=tokens)
+    yield from m.device(costs.head_bytes(cfg), 0.0, 1)  # logits of the last position only
+    out["t"] = m.env.now
+
+
+def _slp_prefill(
+    m: Machine,
+    cfg: ModelConfig,
+    tokens: int,
+    devices: int | list[int],
+    out: dict,
+    chunk_tokens: int = costmodel.SLP_CHUNK_TOKENS["cuda"],
+):
+    """SLP over `devices` GPUs (a count: the first N; or their indices), chunk by chunk as
+    the engine runs it (at most `chunk_tokens` a chunk, each a full pass over the experts):
+    per MoE layer, each GPU streams its 1/N of the expert slots over its own PCIe link while
+    computing; the ring holds two layers, so the loader runs at most one layer ahead. The
+    chunk's tokens are split in context-parallel slices as the engine splits them
+    (costmodel.context_split: the earlier ranks take more tokens, so that their causal
+    attention costs about the same); each GPU computes the attention and dense layers of its
+    own slice, and the experts it holds for every token of the chunk."""
+    env, hw = m.env, m.hw
+    ids = list(range(devices)) if isinstance(devices, int) else list(devices)
+    n, gpus = len(ids), [hw.gpus[d] for d in ids]
+    layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    chunks = [(lo, min(chunk_tokens, tokens - lo)) for lo in range(0, tokens, chunk_tokens)]
+
+    def per_gpu(layer: int, t: int) -> float:
+        """Each GPU's bytes of the layer for a chunk of t tokens: its 1/N of the expert slots
+        (only those routed to, when the chunk does not hit them all)."""
+        slots = cfg.n_routed_experts + cfg.n_shared_experts
+        hit = sum(
+            count * (1 - (1 - q) ** t)
+            for count, q in m.groups(layer, cfg.n_routed_experts, cfg.num_experts_per_tok)
+        )
+        if costmodel.streaming_for(cfg.n_routed_experts, hit) == "selective":
+            slots = hit + cfg.n_shared_experts
+        return slots / n * costmodel.expert_bytes(cfg)
+
+    loaded = {(c, i): env.event() for c in range(len(chunks)) for i in layers}
+    ring = simpy.Container(env, capacity=2, init=2)  # two layers of slots
+
+    def stream(d, nbytes):
+        yield from m.dma(nbytes, d)
+
+    def loader():
+        for c, (_, t) in enumerate(chunks):
+            for i in layers:
+                yield ring.get(1)
+                nbytes = per_gpu(i, t)
+                yield simpy.AllOf(env, [env.process(stream(d, nbytes)) for d in ids])
+                loaded[(c, i)].succeed()
+
+    def on_each(seconds_of):
+        """seconds_of(k, gpu): the k-th of the GPUs' part, all at once; the slowest decides."""
+        return simpy.AllOf(
+            env,
+            [
+                env.process(m.work(seconds_of(k, hw.gpus[d]), {m.gpu[d]: 1.0}))
+                for k, d in enumerate(ids)
+            ],
+        )
+
+    def receive(d, nbytes):
+        rate = hw.gpus[d].pcie_gbps * 1e9
+        yield from m.work(nbytes / rate, {m.pcie[d]: rate})
+
+    env.process(loader())
+    overhead = gpus[0].layer_overhead_us * 1e-6
+    for c, (lo, t) in enumerate(chunks):
+        sizes = costmodel.context_split(cfg, t, n, lo)
+        starts = [lo + sum(sizes[:k]) for k in range(n)]
+        attn = [costs.attention_flops(cfg, size, start) for size, start in zip(sizes, starts)]
+        # DSLP: each GPU receives the others' share of the chunk's hidden states (all-gather)
+        # and of the summed expert outputs (reduce-scatter), float32, over its own PCIe link,
+        # where it shares the link with the next layer's stream (no NVLink on these boxes)
+        exchange = 2 * t * cfg.hidden_size * 4 * (n - 1) / n if n > 1 else 0.0
+        for i, cost in enumerate(costs.layer_costs(cfg)):
+            t0 = env.now
+            yield on_each(
+                lambda k, g: (
+                    max(
+                        cost.attention_bytes / (g.hbm_gbps * g.hbm_efficiency * 1e9),
+                        attn[k] / (g.attention_tflops * 1e12),
+                    )
+                    + overhead
+                )
+            )
+            m.mark("device", "attention", f"attention L{i}", t0, tokens=t)
+            t0 = env.now
+            if cost.expert_bytes:
+                yield loaded[(c, i)]
+                flops = costmodel.expert_flops(cfg, t) / n
+                yield on_each(lambda k, g: flops / (g.expert_tflops * 1e12))
+                if exchange:
+                    yield simpy.AllOf(env, [env.process(receive(d, exchange)) for d in ids])
+                yield ring.put(1)
+                m.mark("slp", "experts", f"experts L{i}", t0, tokens=t)
+            else:
+                yield on_each(
+                    lambda k, g: max(
+                        cost.dense_bytes / (g.hbm_gbps * g.hbm_efficiency * 1e9),
+                        2.0 * sizes[k] * cost.dense_bytes / (g.attention_tflops * 1e12),
+                    )
+                )
+                m.mark("device", "dense mlp", f"dense mlp L{i}", t0, tokens=t)
+    yield from m.device(costs.head_bytes(cfg), 0.0, 1, gpu=ids[-1])
+    out["t"] = env.now

@@ -1,0 +1,218 @@
+"""The machine the simulator runs on: one box's links (DRAM per socket, the socket link, PCIe
+per GPU, GPU compute, CPU core pools) as fluid-shared links, and the engine's operations on
+them (CPU kernels reading experts, GPU work, copies)."""
+
+from __future__ import annotations
+
+import math
+
+import simpy
+
+from refmoe.config import ModelConfig
+from sim import costs
+from sim.fluid import FluidNetwork, Link
+from sim.hardware import Hardware
+from sim.routing import routing_bins
+
+
+class Machine:
+    """The links of one box and the engine's operations on them.
+
+    Links: each socket's DRAM (plain-read GB/s) and core pool (capacity 1: all its cores), the
+    interconnect between sockets, each GPU's PCIe link (host to device) and the GPU itself
+    (capacity 1: its SMs and HBM, time-shared). Every operation is a flow whose size is its
+    seconds when it runs alone and whose weights are what it loads each link with at full
+    speed, so operations of different kinds slow each other down where they share a link:
+    two CPU kernels halve each other's cores, an SLP stream's DMA reads take DRAM bandwidth
+    from the CPU experts, a decode step's attention waits behind a prefill on the same GPU.
+    """
+
+    def __init__(self, env: simpy.Environment, hw: Hardware, record: bool = False):
+        self.env, self.hw = env, hw
+        self._mixtures: dict = {}
+        self.expert_scale = 1.0  # expert bytes relative to FP8 (INT4: bits per weight / 8)
+        self.gpu_index = 0  # the GPU that runs attention and dense layers
+        self.routing_skew = 0.0  # 0: uniform routing; else see routing_bins
+        self.routing: dict = {}  # recorded routing per layer (load_routing), if any
+        cpu = hw.cpu
+        self.dram = [
+            Link(f"dram{s}", cpu.dram_gbps_per_socket * cpu.dram_efficiency * 1e9)
+            for s in range(cpu.sockets)
+        ]
+        self.cores = [Link(f"cores{s}", 1.0) for s in range(cpu.sockets)]
+        self.interconnect = (
+            Link("interconnect", cpu.interconnect_gbps * 1e9) if cpu.sockets > 1 else None
+        )
+        self.pcie = [Link(f"pcie{d}.h2d", g.pcie_gbps * 1e9) for d, g in enumerate(hw.gpus)]
+        self.gpu = [Link(f"gpu{d}", 1.0) for d in range(len(hw.gpus))]
+        self.net = FluidNetwork(env, self.links(), record)
+
+    def mark(self, process: str, lane: str, name: str, start: float, **args) -> None:
+        """An operation of the forward ended now (the engine's trace lanes); kept by the
+        serving simulator's cost runs for per-layer spans, ignored here."""
+
+    def links(self) -> list[Link]:
+        return (
+            self.dram
+            + self.cores
+            + ([self.interconnect] if self.interconnect else [])
+            + self.pcie
+            + self.gpu
+        )
+
+    def work(self, seconds: float, demand: dict):
+        """An operation that takes `seconds` alone and loads each link of `demand` with the
+        given units per second meanwhile."""
+        if seconds > 0:
+            yield self.net.transfer(seconds, list(demand), 1.0, list(demand.values()))
+
+    def cpu_demand(self, gbps: float) -> dict:
+        """The kernel's threads (all cores, by default) reading weights at gbps, spread evenly
+        over the sockets' DRAM; fewer threads than cores load the core pools with their
+        share, leaving the rest to the other worker."""
+        cpu, d = self.hw.cpu, {}
+        for s in range(cpu.sockets):
+            d[self.cores[s]] = cpu.threads / cpu.cores
+            d[self.dram[s]] = gbps * 1e9 / cpu.sockets
+        if cpu.remote_share():
+            d[self.interconnect] = gbps * 1e9 * cpu.remote_share()
+        return d
+
+    def cpu_fp8(self, nbytes: float, tokens: float = 1.0):
+        """An FP8 kernel call over weights that `tokens` tokens share: a DRAM stream capped by
+        the cores' conversion rate (GEMV) or by the calibrated GEMM rate at that many tokens."""
+        g = self.rate_gbps(tokens)
+        yield from self.work(nbytes / (g * 1e9), self.cpu_demand(g))
+
+    def rate_gbps(self, tokens: float, moe: bool = False) -> float:
+        """The FP8 kernel's weight GB/s when `tokens` tokens share each weight (moe: routed
+        experts inside one fused MoE call)."""
+        cpu = self.hw.cpu
+        cap = cpu.fp8_stream_gbps()
+        if tokens > 1:
+            gemm = cpu.moe_gbps(tokens) if moe else cpu.gemm_gbps(tokens)
+            if gemm is None:  # uncalibrated: the FMA peak at 0.6
+                gemm = cpu.threads * cpu.fma_gflops_per_core * 0.6 / (2 * tokens)
+            cap = min(cap, gemm)
+        return cap
+
+    def groups(self, layer: int, experts: int, k: int) -> list[tuple[int, float]]:
+        """The layer's routing as (experts, probability a token picks each) groups: recorded
+        (a layer the record lacks takes the recorded layer at the same place in the cycle of
+        recorded ones), else uniform or Zipf-skewed (routing_bins)."""
+        if self.routing:
+            if layer not in self.routing:
+                keys = sorted(self.routing)
+                layer = keys[layer % len(keys)]
+            return self.routing[layer]
+        return routing_bins(experts, k, self.routing_skew)
+
+    def cpu_fp8_mixed(self, one: float, experts: int, tokens: int, p: float, layer: int = 0):
+        """`experts` matrices of `one` bytes, each used by Binomial(tokens, p) tokens (or, with
+        recorded or skewed routing, by the layer's popularity groups, Machine.groups): one
+        stream at the rate that takes the expected total time."""
+        groups = self.groups(layer, experts, round(p * experts))
+        nbytes = seconds = 0.0
+        for count, q in groups:
+            if q <= 0:  # experts no token picks
+                continue
+            b, t = self.mixture(one, count, tokens, q)
+            nbytes, seconds = nbytes + b, seconds + t
+        if nbytes > 0:
+            yield from self.work(seconds, self.cpu_demand(nbytes / seconds / 1e9))
+
+    def mixture(self, one: float, experts: int, tokens: int, p: float) -> tuple[float, float]:
+        """(expected bytes, expected seconds) of that call (memoized: every MoE layer of a
+        forward asks the same)."""
+        key = (one, experts, tokens, p)
+        if key not in self._mixtures:
+            self._mixtures[key] = self._mixture(one, experts, tokens, p)
+        return self._mixtures[key]
+
+    def _mixture(self, one: float, experts: int, tokens: int, p: float) -> tuple[float, float]:
+        nbytes = seconds = 0.0
+        mean, sd = tokens * p, math.sqrt(tokens * p * (1 - p))
+        lo, hi = max(1, int(mean - 12 * sd - 1)), min(tokens, int(mean + 12 * sd + 2))
+        for m in range(lo, hi + 1):  # the rest of the distribution weighs < 1e-30
+            pm = (
+                math.exp(
+                    math.lgamma(tokens + 1)
+                    - math.lgamma(m + 1)
+                    - math.lgamma(tokens - m + 1)
+                    + m * math.log(p)
+                    + (tokens - m) * math.log1p(-p)
+                )
+                if p < 1
+                else float(m == tokens)
+            )
+            nbytes += experts * pm * one
+            seconds += experts * pm * one / (self.rate_gbps(m, moe=True) * 1e9)
+        return nbytes, seconds
+
+    def dma(self, nbytes: float, d: int):
+        """Pinned host memory to GPU d: its PCIe link, the DRAM the weights lie in (spread over
+        the sockets), and the interconnect for the share on other sockets."""
+        cpu, pcie = self.hw.cpu, self.hw.gpus[d].pcie_gbps * 1e9
+        remote = (cpu.sockets - 1) / cpu.sockets
+        rate = min(
+            [pcie]
+            + [c.capacity * cpu.sockets for c in self.dram]
+            + ([self.interconnect.capacity / remote] if remote else [])
+        )
+        demand = {self.pcie[d]: rate}
+        for s in range(cpu.sockets):
+            demand[self.dram[s]] = rate / cpu.sockets
+        if remote:
+            demand[self.interconnect] = rate * remote
+        yield from self.work(nbytes / rate, demand)
+
+    def device(
+        self,
+        nbytes: float,
+        overhead_s: float,
+        tokens: float = 1.0,
+        flops: float = 0.0,
+        gpu: int | None = None,
+    ):
+        """Attention or a dense layer on the device: on a GPU its weights from HBM, or its
+        FLOPs at attention_tflops when those take longer (long prompts), plus the per-layer
+        cost; without a GPU, FP8 GEMVs on the CPU and the torch glue around them."""
+        if self.hw.gpus:
+            d = self.gpu_index if gpu is None else gpu
+            g = self.hw.gpus[d]
+            t = (
+                max(
+                    nbytes / (g.hbm_gbps * g.hbm_efficiency * 1e9),
+                    flops / (g.attention_tflops * 1e12),
+                )
+                + overhead_s
+            )
+            yield from self.work(t, {self.gpu[d]: 1.0})
+        else:
+            yield from self.cpu_fp8(nbytes, tokens)
+            # the rest of the block is torch on its own threads (every core), no weights
+            yield from self.work(overhead_s, {c: 1.0 for c in self.cores})
+
+    def attention_extra(
+        self, cfg: ModelConfig, tokens: int, contexts: tuple = ()
+    ) -> tuple[float, dict]:
+        """(seconds, demand) per layer of what attention costs beyond its projections and
+        fixed per-sequence cost: reading what each sequence has cached (`contexts`, one count
+        per decoding sequence), and on the CPU a prompt's own scores. On a GPU: the caches
+        from HBM or the score FLOPs, whichever takes longer; on the CPU: the engine's torch
+        attention after that many cached tokens as calibrated, and a prompt's scores at the
+        calibrated matmul rate, on every core."""
+        if self.hw.gpus:
+            g = self.hw.gpus[self.gpu_index]
+            cached = sum(contexts)
+            flops = costs.score_flops(cfg, 1, cached) - costs.score_flops(cfg, 1, 0)
+            t = max(
+                cached * costs.kv_bytes_per_token(cfg) / (g.hbm_gbps * g.hbm_efficiency * 1e9),
+                flops / (g.attention_tflops * 1e12),
+            )
+            return t, {self.gpu[self.gpu_index]: 1.0}
+        cpu = self.hw.cpu
+        t = sum(cpu.attention_us(c) for c in contexts) * 1e-6
+        if tokens > len(contexts):  # a prompt: its tokens attend to each other
+            t += costs.score_flops(cfg, tokens) / (cpu.score_gflops() * 1e9)
+        return t, {c: 1.0 for c in self.cores}
