@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from test_sim_predict import V3
+from sim_common import V3
 
 from refmoe import models, routing
 from refmoe.config import ModelConfig
