@@ -74,7 +74,10 @@ def test_cli_predict(tmp_path):
         check=True,
     )
     p = json.loads(out.stdout)
-    assert p["tpot_s"] > 0 and p["ttft_s"] > p["tpot_s"]
+    # the command prints what the function predicts for the same inputs
+    want = predict(ModelConfig.from_dict(V3), Hardware.load("paper-2x9355-2x5090"), 64, 4)
+    assert p["tpot_s"] == pytest.approx(want.tpot_s) and p["ttft_s"] == pytest.approx(want.ttft_s)
+    assert p["decode_tok_s"] == pytest.approx(1 / want.tpot_s)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,8 +38,13 @@ def test_serving_validation_on_the_measured_serve_trace():
     )
     assert r["requests"] == 12
     assert set(r["metrics"]) == {"ttft_s", "tpot_s", "e2e_s", "output_tok_s"}
-    for m in r["metrics"].values():
-        assert m["predicted"] > 0 and m["measured"] > 0
+    doc = json.loads((ROOT / "traces" / "serve-demo-avx2-L4-E32.json").read_text())
+    records = doc["metadata"]["requests"]
+    for m in r["metrics"].values():  # error is (predicted - measured) / measured, by definition
+        assert m["error"] == pytest.approx((m["predicted"] - m["measured"]) / m["measured"])
+    # the measured side is the engine's own request records: mean first-token time
+    ttft = [q["first_token_time"] - q["arrival"] for q in records]
+    assert r["metrics"]["ttft_s"]["measured"] == pytest.approx(sum(ttft) / len(ttft))
 
 
 @pytest.mark.parametrize(
