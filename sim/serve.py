@@ -218,105 +218,141 @@ def policy_for(cfg: ModelConfig, hw: Hardware, config: EngineConfig) -> Policy:
     return Policy.build(config, cfg, r, accelerated=bool(hw.gpus), can_stream=bool(hw.gpus))
 
 
-def simulate(
-    cfg: ModelConfig,
-    hw: Hardware,
-    requests: list[tuple[float, int, int]],
-    max_batch: int = 16,
-    kv_tokens: int | None = None,
-    prefill: str = "cpu",
-    max_queue: int = 1 << 30,
-    trace: bool = False,
-    blocks: bool = True,
-    utilization: bool = False,
-    dual_batch: str = "auto",
-    trace_layers: bool = False,
-    routing_skew: float = 0.0,
-    routing: dict | None = None,
-):
-    """requests: (arrival s, prompt tokens, output tokens). Returns per-request outcomes (times
-    in seconds, as the engine's benchmark records them) and the makespan; with trace=True a
-    third value, a refmoe.trace.Trace on simulated time with the engine's lanes
-    (scheduler / prefill worker, decode worker) and one record per request, so a measured
-    and a predicted run open side by side in Perfetto. blocks=False takes every decode step
+@dataclass(slots=True)
+class Run:
+    """What one simulated serving run gives: per-request outcomes (times in seconds, as the
+    engine's benchmark records them), the makespan, and where asked for the Chrome trace on
+    simulated time and the links' load timeline [(time, {link: share of capacity})]."""
+
+    outcomes: list[Outcome]
+    duration_s: float
+    trace: object = None
+    timeline: list | None = None
+
+
+class Simulation:
+    """Many requests through the engine's own policy and scheduler on a simulated machine: an
+    arrival process, a prefill worker and a decode worker as SimPy processes, every forward a
+    set of flows over the machine's fluid links. Simulation(...).run() -> Run.
+
+    requests: (arrival s, prompt tokens, output tokens). blocks=False takes every decode step
     as its own flows (the reference the block fast-forward is tested against).
-    utilization=True (implies blocks=False) returns the links' load timeline as well (last):
-    [(time, {link: share of its capacity})] at every rate change. dual_batch: auto (on when
-    the profile has a GPU, as the engine decides), on or off. trace_layers: also the per-layer
-    spans of every forward (attention, experts), as the engine traces them (large for long
-    runs; overlapped decode steps have none). routing_skew, routing: as sim.predict.predict."""
-    env = simpy.Environment()
-    tr = None
-    if trace:
-        from dataclasses import asdict
+    utilization=True (implies blocks=False) records the links' load timeline. dual_batch:
+    auto (on when the profile has a GPU, as the engine decides), on or off. trace: a
+    refmoe.trace.Trace on simulated time with the engine's lanes (scheduler / prefill worker,
+    decode worker), its counter tracks and one record per request; trace_layers: also the
+    per-layer spans of every forward (large for long runs; overlapped decode steps have none).
+    routing_skew, routing: as sim.predict.predict."""
 
-        from refmoe.trace import Trace
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        hw: Hardware,
+        requests: list[tuple[float, int, int]],
+        max_batch: int = 16,
+        kv_tokens: int | None = None,
+        prefill: str = "cpu",
+        max_queue: int = 1 << 30,
+        trace: bool = False,
+        blocks: bool = True,
+        utilization: bool = False,
+        dual_batch: str = "auto",
+        trace_layers: bool = False,
+        routing_skew: float = 0.0,
+        routing: dict | None = None,
+    ):
+        from sim.routing import routing_bins
 
-        tr = Trace(
-            {
-                "simulated": True,
-                "hardware": {"profile": hw.name},
-                "model": asdict(cfg),
-                "engine": {"prefill": prefill, "max_batch": max_batch},
-            },
-            clock=lambda: env.now,
+        self.cfg, self.hw, self.requests = cfg, hw, requests
+        self.env = env = simpy.Environment()
+        self.tr = None
+        if trace:
+            from dataclasses import asdict
+
+            from refmoe.trace import Trace
+
+            self.tr = Trace(
+                {
+                    "simulated": True,
+                    "hardware": {"profile": hw.name},
+                    "model": asdict(cfg),
+                    "engine": {"prefill": prefill, "max_batch": max_batch},
+                },
+                clock=lambda: env.now,
+            )
+        self.blocks = blocks and not utilization
+        self.utilization, self.trace_layers = utilization, trace_layers
+        self.machine = Machine(env, hw, record=utilization)
+        self.net = self.machine.net
+        routing_bins(cfg.n_routed_experts, cfg.num_experts_per_tok, routing_skew)  # validates
+        self.cost = Costs(cfg, hw, self.machine, routing_skew, routing)
+        # the engine's policy, built as the engine builds it: every decision is in the plans
+        config = EngineConfig(
+            prefill=prefill,
+            dual_batch=dual_batch,
+            ranks=max(1, len(hw.gpus)),
+            kv_tokens=kv_tokens,
+            max_batch=max_batch,
+            max_queue=max_queue,
         )
-    blocks = blocks and not utilization
-    machine = Machine(env, hw, record=utilization)
-    net = machine.net
-    from sim.routing import routing_bins
+        self.sched = policy_for(cfg, hw, config).scheduler(clock=lambda: env.now)
+        self.outcomes = [Outcome(a, p) for a, p, _ in requests]
+        self.wants: dict[str, int] = {}
+        self.last: dict[str, float] = {}
+        self.wake_event = env.event()
+        self.ended = 0
+        self.prefilling = False
+        self.next_arrival = float("inf")
+        self.prefill_flow: Flow | None = None
+        # beside the running prefill flow: a step's context-free parts -> their _beside; a
+        # context part's links -> its _beside per second alone
+        self.base_beside: dict = {"flow": None}
 
-    routing_bins(cfg.n_routed_experts, cfg.num_experts_per_tok, routing_skew)  # validates
-    cost = Costs(cfg, hw, machine, routing_skew, routing)
-    n_gpus = len(hw.gpus)
+    # -- the run ------------------------------------------------------------------------
 
-    def forward(parts: list, prefill: bool = False):
+    def run(self) -> Run:
+        env = self.env
+        env.process(self.arrivals())
+        env.process(self.prefill_worker())
+        env.process(self.decode_worker())
+        while env.peek() != float("inf") and self.ended < len(self.requests):
+            env.step()
+        start = min((a for a, _, _ in self.requests), default=0.0)
+        end = max((o.arrived_at + o.e2e_s for o in self.outcomes if o.ok), default=start)
+        return Run(
+            self.outcomes,
+            end - start,
+            self.tr,
+            self.machine.net.timeline if self.utilization else None,
+        )
+
+    def forward(self, parts: list, prefill: bool = False):
         """Each part as one flow over the links it loads (or a wait); the prefill's running
         flow is published so that decode steps can be taken in blocks beside it."""
         for p in parts:
             if not p.demand:
-                yield env.timeout(p.seconds)
+                yield self.env.timeout(p.seconds)
                 continue
-            ev = net.transfer(p.seconds, list(p.demand), 1.0, list(p.demand.values()))
+            ev = self.net.transfer(p.seconds, list(p.demand), 1.0, list(p.demand.values()))
             if prefill:
-                state["prefill_flow"] = ev.flow
+                self.prefill_flow = ev.flow
             yield ev
             if prefill:
-                state["prefill_flow"] = None
+                self.prefill_flow = None
 
-    # the engine's policy, built as the engine builds it: every decision is in the plans
-    config = EngineConfig(
-        prefill=prefill,
-        dual_batch=dual_batch,
-        ranks=max(1, n_gpus),
-        kv_tokens=kv_tokens,
-        max_batch=max_batch,
-        max_queue=max_queue,
-    )
-    sched = policy_for(cfg, hw, config).scheduler(clock=lambda: env.now)
-    outcomes = [Outcome(a, p) for a, p, _ in requests]
-    wants = {}
-    last = {}
-    state = {
-        "wake": env.event(),
-        "ended": 0,
-        "prefilling": False,
-        "next_arrival": float("inf"),
-        "prefill_flow": None,
-    }
+    def wake(self) -> None:
+        if self.tr:  # the scheduler's state as counter tracks, as the engine writes them
+            gauges(self.tr, self.env.now, self.sched)
+        if not self.wake_event.triggered:
+            self.wake_event.succeed()
+        self.wake_event = self.env.event()
 
-    def wake():
-        if tr:  # the scheduler's state as counter tracks, as the engine writes them
-            gauges(tr, env.now, sched)
-        if not state["wake"].triggered:
-            state["wake"].succeed()
-        state["wake"] = env.event()
-
-    def arrivals():
+    def arrivals(self):
+        env, cfg, requests = self.env, self.cfg, self.requests
         order = sorted(range(len(requests)), key=lambda i: requests[i][0])
         for i in order:
             a, p, o = requests[i]
-            state["next_arrival"] = a
+            self.next_arrival = a
             yield env.timeout(max(0.0, a - env.now))
             try:
                 if p + o > cfg.max_position_embeddings:  # refused, as the engine refuses it
@@ -324,28 +360,27 @@ def simulate(
                         f"prompt ({p} tokens) + max_tokens ({o}) exceeds the context of "
                         f"{cfg.max_position_embeddings} tokens"
                     )
-                sched.add(Entry(str(i), p, o, env.now))
-                wants[str(i)] = o
+                self.sched.add(Entry(str(i), p, o, env.now))
+                self.wants[str(i)] = o
             except (QueueFull, ValueError) as e:
-                outcomes[i].error = str(e)
-                state["ended"] += 1
-            wake()
-        state["next_arrival"] = float("inf")
+                self.outcomes[i].error = str(e)
+                self.ended += 1
+            self.wake()
+        self.next_arrival = float("inf")
 
-    def token(rid: str, at: float | None = None) -> None:
-        i = int(rid)
-        now = env.now if at is None else at
-        oc = outcomes[i]
+    def token(self, rid: str, at: float | None = None) -> None:
+        now = self.env.now if at is None else at
+        oc = self.outcomes[int(rid)]
         if oc.ttft_s is None:
             oc.ttft_s = now - oc.arrived_at
         else:
-            oc.itl_s.append(now - last[rid])
-        last[rid] = now
+            oc.itl_s.append(now - self.last[rid])
+        self.last[rid] = now
         oc.output_tokens += 1
-        if oc.output_tokens >= wants[rid]:
+        if oc.output_tokens >= self.wants[rid]:
             oc.e2e_s, oc.ok = now - oc.arrived_at, True
-            if tr:
-                tr.request(
+            if self.tr:
+                self.tr.request(
                     id=f"req-{rid}",
                     arrival=oc.arrived_at,
                     prompt_tokens=oc.prompt_tokens,
@@ -354,22 +389,23 @@ def simulate(
                     first_token_time=oc.arrived_at + oc.ttft_s,
                     finish_time=now,
                 )
-            sched.finish(rid)
-            if tr:
-                gauges(tr, env.now, sched)
-            state["ended"] += 1
+            self.sched.finish(rid)
+            if self.tr:
+                gauges(self.tr, self.env.now, self.sched)
+            self.ended += 1
 
-    def prefill_worker():
+    def prefill_worker(self):
+        env, sched, tr = self.env, self.sched, self.tr
         while True:
             plan = sched.next_prefill()
             if plan is None:
-                yield state["wake"]
+                yield self.wake_event
                 continue
-            state["prefilling"] = True
+            self.prefilling = True
             start = env.now
             where, gpus = plan.where, plan.device_ids
-            yield from forward(cost(plan.tokens, where, gpus), prefill=True)
-            state["prefilling"] = False
+            yield from self.forward(self.cost(plan.tokens, where, gpus), prefill=True)
+            self.prefilling = False
             if tr:
                 tr.span(
                     "scheduler",
@@ -381,22 +417,19 @@ def simulate(
                     tokens=plan.tokens,
                     path=where,
                 )
-                if trace_layers:
-                    cost.layer_spans(tr, start, env.now - start, plan.tokens, where, gpus)
-            token(plan.request_id)
-            if not outcomes[int(plan.request_id)].ok:
+                if self.trace_layers:
+                    self.cost.layer_spans(tr, start, env.now - start, plan.tokens, where, gpus)
+            self.token(plan.request_id)
+            if not self.outcomes[int(plan.request_id)].ok:
                 sched.prefilled(plan.request_id)
-            wake()
+            self.wake()
 
-    # beside the running prefill flow: a step's context-free parts -> their _beside; a
-    # context part's links -> its _beside per second alone
-    base_beside: dict = {"flow": None}
-
-    def step(plan, ahead: int = 0) -> tuple[list[Part], list[Part]]:
+    def step(self, plan, ahead: int = 0) -> tuple[list[Part], list[Part]]:
         """The decode step `ahead` steps from now (every context one longer per step) as its
         context-free parts (memoized per batch shape) and its attention over the cached
         tokens: each request has its prompt and its outputs but the newest (which the step
         feeds) cached."""
+        outcomes, cost = self.outcomes, self.cost
 
         def cached(rids):
             return tuple(
@@ -410,10 +443,11 @@ def simulate(
         c = cached(plan.request_ids)
         return cost(len(c), "decode"), cost.context(c)
 
-    def beside_cost(plan, ahead: int, flow: Flow) -> tuple[float, float]:
+    def beside_cost(self, plan, ahead: int, flow: Flow) -> tuple[float, float]:
         """_beside of a step, its context-free parts' computed once per batch shape (a part's
         rates beside the flow do not depend on its length)."""
-        base, context = step(plan, ahead)
+        base_beside = self.base_beside
+        base, context = self.step(plan, ahead)
         key = id(base)  # the memoized list itself
         if key not in base_beside:
             base_beside[key] = _beside(base, flow)
@@ -426,37 +460,40 @@ def simulate(
             period, progress = period + dt * p.seconds, progress + got * p.seconds
         return period, progress
 
-    def decode_worker():
+    def decode_worker(self):
+        env, net, sched, tr = self.env, self.net, self.sched, self.tr
+        outcomes, wants = self.outcomes, self.wants
         while True:
             plan = sched.next_decode()
             if plan is None:
-                yield state["wake"]
+                yield self.wake_event
                 continue
             b = len(plan.request_ids)
-            parts = sum(step(plan), [])
+            parts = sum(self.step(plan), [])
             left = min(wants[r] - outcomes[int(r)].output_tokens for r in plan.request_ids)
             # Steps whose outcome is fixed in advance are taken as one block, to the same
             # times: with nothing else running, until an arrival or a finish; beside a running
             # prefill flow (and nothing else), while that flow would not end, the prefill held
             # meanwhile to the average rate it gets beside the steps.
-            beside, steps = state["prefill_flow"], []
-            if not blocks:
+            beside, steps = self.prefill_flow, []
+            done = 0.0
+            if not self.blocks:
                 pass
             elif beside is not None and net.flows == [beside] and left > 2:
-                if base_beside["flow"] is not beside:
-                    base_beside.clear()
-                    base_beside["flow"] = beside
-                rem, done = net.remaining(beside), 0.0
+                if self.base_beside["flow"] is not beside:
+                    self.base_beside.clear()
+                    self.base_beside["flow"] = beside
+                rem = net.remaining(beside)
                 for i in range(left):
-                    period, progress = beside_cost(plan, i, beside)
+                    period, progress = self.beside_cost(plan, i, beside)
                     if progress <= 0 or done + 2 * progress > rem:
                         break
                     steps.append(period)
                     done += progress
-            elif not state["prefilling"] and not sched.waiting and not net.flows:
-                gap, took = state["next_arrival"] - env.now, 0.0
+            elif not self.prefilling and not sched.waiting and not net.flows:
+                gap, took = self.next_arrival - env.now, 0.0
                 for i in range(left):
-                    period = sum(p.seconds for p in sum(step(plan, i), []))
+                    period = sum(p.seconds for p in sum(self.step(plan, i), []))
                     if steps and took + period > gap:
                         break
                     steps.append(period)
@@ -464,9 +501,9 @@ def simulate(
             k = max(1, len(steps))
             t0 = env.now
             if k == 1:
-                yield from forward(parts)
+                yield from self.forward(parts)
                 for rid in plan.request_ids:
-                    token(rid)
+                    self.token(rid)
             else:
                 if beside is not None:
                     net.set_cap(beside, done / sum(steps))
@@ -477,7 +514,7 @@ def simulate(
                 for period in steps:
                     at += period
                     for rid in plan.request_ids:
-                        token(rid, at)
+                        self.token(rid, at)
             if tr:  # one span per step, as the engine writes them
                 at = t0
                 for per in steps or [env.now - t0]:
@@ -490,24 +527,21 @@ def simulate(
                         requests=b,
                         micro_batches=len(plan.micro_batches),
                     )
-                    if trace_layers and not plan.overlapped:
-                        cost.layer_spans(tr, at, per, b, "decode")
+                    if self.trace_layers and not plan.overlapped:
+                        self.cost.layer_spans(tr, at, per, b, "decode")
                     at += per
-            wake()
+            self.wake()
 
-    env.process(arrivals())
-    env.process(prefill_worker())
-    env.process(decode_worker())
-    while env.peek() != float("inf") and state["ended"] < len(requests):
-        env.step()
-    start = min((a for a, _, _ in requests), default=0.0)
-    end = max((o.arrived_at + o.e2e_s for o in outcomes if o.ok), default=start)
-    result = (
-        (outcomes, end - start)
-        + ((tr,) if trace else ())
-        + ((machine.net.timeline,) if utilization else ())
+
+def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, int]], *args, **kw):
+    """Simulation(...).run() as a tuple: (outcomes, makespan), then the trace where
+    trace=True, then the links' load timeline where utilization=True (what callers unpack)."""
+    run = Simulation(cfg, hw, requests, *args, **kw).run()
+    return (
+        (run.outcomes, run.duration_s)
+        + ((run.trace,) if run.trace is not None else ())
+        + ((run.timeline,) if run.timeline is not None else ())
     )
-    return result
 
 
 def plot_utilization(timeline: list, path: str, title: str = "") -> None:

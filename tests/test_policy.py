@@ -6,7 +6,6 @@ every decision an executor needs (path, devices and which, chunks, streaming per
 import json
 
 import pytest
-from conftest import cli_generate
 from test_slp import PROMPT, fp8_dir  # noqa: F401 (fixture)
 
 from refmoe import costmodel, models
@@ -155,11 +154,16 @@ def test_engine_and_simulator_make_identical_plans(model, fp8_dir, prefill):  # 
     assert any(p.devices == 2 for p in a if hasattr(p, "devices")) == ("slp" in paths)
 
 
-def test_generate_with_ranks_asks_the_cost_model(fp8_dir):  # noqa: F811
-    """--ranks N --prefill auto no longer always runs DSLP: on this CPU the cost model keeps a
-    short prompt on the CPU kernels (SLP on a CPU device pays torch's FP8 conversion)."""
-    out = cli_generate(
-        fp8_dir,
+def test_generate_with_ranks_asks_the_cost_model(fp8_dir, monkeypatch, capsys):  # noqa: F811
+    """--ranks N --prefill auto no longer always runs DSLP: it takes the plan the cost model
+    makes from the machine's rates (fixed here: measured ones move with the load), CPU when
+    the CPU kernels win, DSLP when streaming does."""
+    from refmoe import cli, slp
+
+    args = [
+        "generate",
+        "--model",
+        str(fp8_dir),
         "--prompt-ids",
         ",".join(map(str, PROMPT[:6])),
         "--max-tokens",
@@ -168,21 +172,19 @@ def test_generate_with_ranks_asks_the_cost_model(fp8_dir):  # noqa: F811
         "2",
         "--prefill",
         "auto",
+        "--json",
+    ]
+    slow_link = costmodel.Rates(h2d_gbps=0.01, cpu_gemv_gbps=20, cpu_gflops=100, device_gflops=100)
+    fast_link = costmodel.Rates(
+        h2d_gbps=1e6, cpu_gemv_gbps=0.001, cpu_gflops=0.001, device_gflops=1e6
     )
-    assert out["prefill"] == "cpu"
-    forced = cli_generate(
-        fp8_dir,
-        "--prompt-ids",
-        ",".join(map(str, PROMPT[:6])),
-        "--max-tokens",
-        "2",
-        "--ranks",
-        "2",
-        "--prefill",
-        "slp",
-    )
-    assert forced["prefill"] == "dslp" and forced["token_ids"] == out["token_ids"]
-    assert json.dumps(out)
+    got = {}
+    for name, rates in (("cpu", slow_link), ("dslp", fast_link)):
+        monkeypatch.setattr(slp, "model_rates", lambda model, device=None, r=rates: r)
+        assert cli.main(args) == 0
+        got[name] = json.loads(capsys.readouterr().out)
+    assert got["cpu"]["prefill"] == "cpu" and got["dslp"]["prefill"] == "dslp"
+    assert got["cpu"]["token_ids"] == got["dslp"]["token_ids"]
 
 
 def test_simulator_models_by_name_and_context():
