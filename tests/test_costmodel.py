@@ -8,35 +8,9 @@ import pytest
 
 from refmoe import costmodel
 from refmoe.config import ModelConfig
+from sim.paper import V3 as PAPER_V3
 
-V3 = ModelConfig.from_dict(
-    dict(
-        architectures=["DeepseekV3ForCausalLM"],
-        model_type="deepseek_v3",
-        vocab_size=129280,
-        hidden_size=7168,
-        intermediate_size=18432,
-        moe_intermediate_size=2048,
-        num_hidden_layers=61,
-        num_attention_heads=128,
-        num_key_value_heads=128,
-        n_shared_experts=1,
-        n_routed_experts=256,
-        routed_scaling_factor=2.5,
-        kv_lora_rank=512,
-        q_lora_rank=1536,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        qk_nope_head_dim=128,
-        n_group=8,
-        topk_group=4,
-        num_experts_per_tok=8,
-        first_k_dense_replace=3,
-        norm_topk_prob=True,
-        max_position_embeddings=163840,
-    ),
-    "V3",
-)
+V3 = ModelConfig.from_dict(PAPER_V3, "V3")  # DeepSeek-V3 as the paper runs it
 PAPER = costmodel.Rates(
     h2d_gbps=53, cpu_gemv_gbps=900, cpu_gflops=4000, device_gflops=125000, devices=2
 )
