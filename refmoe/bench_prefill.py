@@ -58,6 +58,8 @@ def bench_prefill(
 ) -> tuple[list[PrefillRow], costmodel.Rates]:
     """One prefill per length after a warm-up at the longest; the trace, if given, records
     the longest."""
+    if device is not None and torch.device(device).type == "cuda":
+        slp.pack_model(model, pin=True)  # a CPU-loaded model streamed to a GPU: pin it once
     runner = slp.StreamPrefill(model, device, ring=ring, chunk_tokens=chunk_tokens)
     dev = runner.device
     rates = costmodel.measure_rates(model.cfg, dev)

@@ -102,3 +102,21 @@ def pack_host(
         validate=False,
     )
     return packed, buf
+
+
+def streamable(moe) -> bool:
+    """Whether SLP can stream this MoE block's experts (FP8 or BF16 slots; not INT4)."""
+    return moe.experts.fmt in ("fp8", "bf16")
+
+
+def pack_model(model, pin: bool) -> None:
+    """Pack every MoE layer's routed experts into its one host buffer (pinned for a CUDA
+    device's async copies), once: the model loader does it for a model on CUDA, and a caller
+    that streams a CPU-loaded model to a GPU does it before building the runner. From then on
+    the CPU kernels read the packed copy too."""
+    for block in model.blocks:
+        moe = block.ffn
+        if not hasattr(moe, "experts") or not streamable(moe):
+            continue
+        if moe.packed is None or (pin and not moe.packed.is_pinned()):
+            moe.experts, moe.packed = pack_host(moe.experts, pin)

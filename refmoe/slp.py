@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from refmoe import costmodel
 from refmoe.device_matmul import Matmul, block_dequant
-from refmoe.expert_store import ALIGN, Part, SlotLayout, pack_host
+from refmoe.expert_store import ALIGN, Part, SlotLayout, pack_host, pack_model
 from refmoe.slp_lanes import CpuLanes, CudaLanes, _Spans
 
 _block_dequant = block_dequant  # the name tests and older callers use
@@ -54,6 +54,7 @@ __all__ = [
     "for_request",
     "model_rates",
     "pack_host",
+    "pack_model",
     "path_for",
     "pcie_bound_tok_s",
     "ring_slots",
@@ -153,15 +154,21 @@ class StreamPrefill:
         self.moe = [(b.layer, b.ffn) for b in model.blocks if hasattr(b.ffn, "experts")]
         if not self.moe:
             raise ValueError("the model has no MoE layers to stream")
-        # CUDA: the one host copy is packed into pinned memory once per model (async copies
-        # need it); the CPU kernels read the packed copy from then on. CPU: the loader copies
-        # straight from the checkpoint's mapped pages, which every process shares.
+        # CUDA: the loader streams the one host copy as packed at load into pinned memory
+        # (expert_store.pack_model; async copies need it). CPU: straight from the checkpoint's
+        # mapped pages, which every process shares, unless pin asks for the packed copy. The
+        # runner never packs the model itself: it names what is missing.
         self.packed = self.device.type == "cuda" if pin is None else pin
         for _, moe in self.moe:
             if self.packed and (
                 moe.packed is None or (self.device.type == "cuda" and not moe.packed.is_pinned())
             ):
-                moe.experts, moe.packed = pack_host(moe.experts, self.device.type == "cuda")
+                raise ValueError(
+                    f"SLP on {self.device}: the model's experts are not packed"
+                    f"{' into pinned memory' if self.device.type == 'cuda' else ''}; load the "
+                    "model on that device, or call refmoe.expert_store.pack_model(model, pin="
+                    f"{self.device.type == 'cuda'}) first"
+                )
         self.layout = SlotLayout.of(self.moe[0][1].experts)
         self.slots_per_layer = self.moe[0][1].experts.num_experts
         self.owned = owned or (lambda e: True)
@@ -445,4 +452,6 @@ def for_request(
         raise ValueError(f"prefill must be auto, cpu or slp, got {path!r}")
     if path == "auto" and path_for(model, tokens, rates or model_rates(model, device)) == "cpu":
         return None
+    if device is not None and torch.device(device).type == "cuda":
+        pack_model(model, pin=True)  # a CPU-loaded model streamed to a GPU: pin it once
     return StreamPrefill(model, device, **kwargs)

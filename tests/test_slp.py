@@ -74,6 +74,9 @@ def test_plain_path_reads_the_packed_copy(fp8_dir, plain):
     """Packing (what CUDA does, pinned) moves the experts into one buffer per layer; the CPU
     kernels then read it and give the same logits, bit for bit, and SLP streams from it."""
     model = _load(fp8_dir, "cpu")
+    with pytest.raises(ValueError, match="not packed.*pack_model"):  # never behind its back
+        slp.StreamPrefill(model, pin=True, ring=3)
+    slp.pack_model(model, pin=False)  # as the loader does on CUDA (pinned there)
     runner = slp.StreamPrefill(model, pin=True, ring=3)
     moe = model.blocks[1].ffn
     assert moe.packed is not None and moe.experts.gate[0].base is not None
@@ -207,6 +210,7 @@ def test_int4_experts_are_refused(fp8_dir):
 
 def test_a_failing_lane_raises_and_ends(fp8_dir):
     model = _load(fp8_dir, "cpu")
+    slp.pack_model(model, pin=False)
     runner = slp.StreamPrefill(model, ring=2, pin=True)
     moe = model.blocks[2].ffn
     moe.packed = moe.packed[:, :16]  # a slot's copy now fails on the loader thread

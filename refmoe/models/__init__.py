@@ -25,4 +25,11 @@ def load(
         from refmoe.models import deepseek_v3 as family
     else:
         from refmoe.models import qwen3_moe as family
-    return cfg, family.Transformer(ck, cfg, expert_dtype, num_threads, progress, device)
+    model = family.Transformer(ck, cfg, expert_dtype, num_threads, progress, device)
+    if model.device.type == "cuda":
+        # the one host copy of the routed experts, packed once into pinned memory: what SLP
+        # streams from (async copies need pinned pages) and the CPU kernels read
+        from refmoe.expert_store import pack_model
+
+        pack_model(model, pin=True)
+    return cfg, model

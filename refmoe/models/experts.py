@@ -154,7 +154,7 @@ class MoE:
             else None
         )
         self.num_threads = num_threads
-        self.packed = None  # the experts' packed host buffer, once refmoe.slp made one
+        self.packed = None  # the experts' packed host buffer (refmoe.expert_store.pack_model)
         self.seconds = 0.0  # time spent in the CPU expert kernels (for metrics)
         # routing as served (refmoe.routing): tokens each routed expert received, tokens routed
         # (counted where the router runs, so SLP on a device adds no copy to the host)
