@@ -13,8 +13,9 @@ import os
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 
@@ -293,36 +294,23 @@ def bench_kernels(
 ) -> list[Row]:
     """The standard suite: FP8/INT4/BF16 GEMV, FP8 GEMM M=32, the MoE decode layer."""
     shapes = QUICK if quick else DEEPSEEK + QWEN3
-    jobs = []
+    jobs: list[Callable[[], Row]] = []
+    size = 4 * 2**20 if quick else MIN_BYTES
     for v in variants:
         for t in threads:
-            for shape in shapes:
-                jobs.append(
-                    lambda s=shape, t=t, v=v: bench_gemm(
-                        "fp8", s, 1, t, v, reps, with_torch, 4 * 2**20 if quick else MIN_BYTES
-                    )
-                )
-            for shape in shapes:
-                jobs.append(
-                    lambda s=shape, t=t, v=v: bench_gemm(
-                        "fp8", s, 32, t, v, reps, with_torch, 4 * 2**20 if quick else MIN_BYTES
-                    )
-                )
-            for fmt in ("int4", "bf16"):
-                jobs.append(
-                    lambda s=shapes[0], f=fmt, t=t, v=v: bench_gemm(
-                        f, s, 1, t, v, reps, False, 4 * 2**20 if quick else MIN_BYTES
-                    )
-                )
+            for m in (1, 32):  # GEMV, then the small GEMM, over every shape
+                jobs += [
+                    partial(bench_gemm, "fp8", s, m, t, v, reps, with_torch, size) for s in shapes
+                ]
+            jobs += [
+                partial(bench_gemm, f, shapes[0], 1, t, v, reps, False, size)
+                for f in ("int4", "bf16")
+            ]
             if quick:
-                jobs.append(
-                    lambda t=t, v=v: bench_moe_layer("fp8", 512, 256, 2, t, v, reps, "tiny")
-                )
+                jobs.append(partial(bench_moe_layer, "fp8", 512, 256, 2, t, v, reps, "tiny"))
             else:
                 jobs.append(
-                    lambda t=t, v=v: bench_moe_layer(
-                        "fp8", 7168, 2048, 8, t, v, reps, "deepseek-v3"
-                    )
+                    partial(bench_moe_layer, "fp8", 7168, 2048, 8, t, v, reps, "deepseek-v3")
                 )
     rows = []
     for job in progress(jobs) if progress else jobs:

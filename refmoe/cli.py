@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Any
 
 from refmoe.serving_metrics import parse_range
 
@@ -187,7 +188,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from refmoe import demo
 
         directory = _demo_model(args)
-        rows = []
+        rows: list[dict[str, Any]] = []
         for _ in range(min(args.reps, 3)):
             r = demo.run(directory, 16, 16, device=args.device)
             rows.append(
@@ -233,7 +234,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from tqdm import tqdm
 
         progress = lambda jobs: tqdm(jobs, desc="bench kernels", unit="case")  # noqa: E731
-    rows = bench.bench_kernels(
+    kernel_rows = bench.bench_kernels(
         threads,
         variants,
         reps=args.reps,
@@ -242,9 +243,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         progress=progress,
     )
     if args.json:
-        print(json.dumps(bench.rows_as_dicts(rows)))
+        print(json.dumps(bench.rows_as_dicts(kernel_rows)))
     else:
-        print(bench.format_rows(rows))
+        print(bench.format_rows(kernel_rows))
         print(
             "\nratio = kernel GB/s over a plain read of the same bytes with the same threads, "
             "measured alternately in this run (median, [min-max] over reps);\nfma% = GFLOP/s "
@@ -288,7 +289,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             from refmoe.trace import for_run
 
             trace = for_run(cfg, str(model.device), expert_dtype=args.expert_dtype or "as stored")
-        from refmoe import slp
+        from refmoe import dslp, slp
         from refmoe.policy import EngineConfig, Policy
         from refmoe.scheduler import Entry
 
@@ -309,10 +310,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         sched = policy.scheduler()
         sched.add(Entry("generate", len(prompt), args.max_tokens, 0.0))
         plan = sched.next_prefill()
-        group = runner = None
+        assert plan is not None  # one request, an empty budget: it is planned at once
+        group = None
+        runner: slp.StreamPrefill | dslp.Group | None = None
         if plan.where == "slp" and plan.devices > 1:  # DSLP: this process is rank 0
-            from refmoe import dslp
-
             runner = group = dslp.Group.start(
                 model, args.model, args.ranks, ring=args.ring, chunk_tokens=policy.chunk_tokens
             )

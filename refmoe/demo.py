@@ -134,7 +134,8 @@ def build(
 
     shards = [("embed", None)] + [("layer", i) for i in range(layers)]
     for kind, i in progress(shards) if progress else shards:
-        tensors, dtypes = {}, {}
+        tensors: dict = {}
+        dtypes: dict[str, str] = {}
         if kind == "embed":
             tensors["model.embed_tokens.weight"] = (rng.standard_normal((vocab, h)) * 0.5).astype(
                 np.float32

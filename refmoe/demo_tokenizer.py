@@ -30,7 +30,7 @@ def write(directory: Path, vocab_size: int) -> None:
     vocab = {ch: i for i, ch in enumerate(alphabet)}
     specials = [BOS, EOS, USER, ASSISTANT]
     printable = [chr(c) for c in range(33, 127)]  # byte-level keeps these as they are
-    merges = []
+    merges: list[tuple[str, str]] = []
     room = vocab_size - len(vocab) - len(specials)
     for a in printable:
         for b in printable:

@@ -23,7 +23,9 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,6 +35,9 @@ from refmoe.policy import EngineConfig, Policy
 from refmoe.sampling import Sampler, SamplingParams
 from refmoe.scheduler import DecodePlan, Entry, PrefillPlan, QueueFull
 from refmoe.trace import gauges
+
+if TYPE_CHECKING:
+    from refmoe.dslp import Group
 
 __all__ = ["Engine", "QueueFull", "Request", "ShuttingDown"]
 
@@ -47,7 +52,7 @@ class Request:
     prompt_ids: list[int]
     max_tokens: int
     params: SamplingParams
-    sink: object  # callable(event dict)
+    sink: Callable[[dict], None]  # receives the request's events, from the workers' threads
     stop_ids: set[int] = field(default_factory=set)
     stop_text: list[str] = field(default_factory=list)
     arrival: float = field(default_factory=time.monotonic)
@@ -110,7 +115,8 @@ class Engine:
             raise ValueError(
                 "DSLP over several ranks needs the model directory (each rank loads it)"
             )
-        self.ranks, self.model_dir, self.group = self.config.ranks, model_dir, None
+        self.ranks, self.model_dir = self.config.ranks, model_dir
+        self.group: Group | None = None  # the other ranks of DSLP, once started
         self._rates = rates  # the cost model's, measured at start for "auto"
         self.policy = self._policy()
         self.scheduler = self.policy.scheduler()
@@ -146,6 +152,7 @@ class Engine:
         if self.ranks > 1:  # the other ranks of DSLP: processes that load the model
             from refmoe import dslp
 
+            assert self.model_dir is not None  # checked in __init__
             self.group = dslp.Group.start(self.model, self.model_dir, self.ranks)
         for w in self.workers:
             w.start()
@@ -241,35 +248,36 @@ class Engine:
 
     def _loop(self, kind: str) -> None:
         nxt = self.scheduler.next_prefill if kind == "prefill" else self.scheduler.next_decode
-        run = self._prefill if kind == "prefill" else self._decode
         while True:
             with self.lock:
-                plan = None
+                plan: PrefillPlan | DecodePlan | None = None
                 while not self.stopping and (plan := nxt()) is None:
                     self.lock.wait(0.5)
-                if self.stopping:
+                if self.stopping or plan is None:
                     return
                 self._gauges()  # waiting -> prefilling changes both gauges
             start = self.trace.now() if self.trace else 0.0
+            if isinstance(plan, PrefillPlan):
+                ids = [plan.request_id]
+                detail = {"requests": 1, "tokens": plan.tokens, "path": plan.where}
+            else:
+                ids = plan.request_ids
+                detail = {"requests": len(ids), "micro_batches": len(plan.micro_batches)}
             try:
-                run(plan)
+                if isinstance(plan, PrefillPlan):
+                    self._prefill(plan)
+                else:
+                    self._decode(plan)
                 if self.trace:
-                    n = 1 if kind == "prefill" else len(plan.request_ids)
                     self.trace.span(
                         "scheduler",
                         f"{kind} worker",
                         kind,
                         start,
                         self.trace.now() - start,
-                        requests=n,
-                        **(
-                            {"tokens": plan.tokens, "path": plan.where}
-                            if kind == "prefill"
-                            else {"micro_batches": len(plan.micro_batches)}
-                        ),
+                        **detail,
                     )
             except Exception as e:  # noqa: BLE001 - one failing step fails its requests only
-                ids = [plan.request_id] if isinstance(plan, PrefillPlan) else plan.request_ids
                 with self.lock:
                     for rid in ids:
                         if rid in self.requests:
@@ -287,7 +295,7 @@ class Engine:
             return
         cache = self.model.new_cache()
         ids = torch.tensor(req.prompt_ids)
-        if plan.where == "slp" and self.ranks > 1:
+        if plan.where == "slp" and self.group is not None:
             # every rank (DSLP) when decode has been quiet; else ranks 1..N-1, this process
             # only receiving the cache, so its device stays with decode (the paper's split)
             logits = self.group.prefill(ids, cache, host_only=0 not in plan.device_ids)
@@ -347,7 +355,7 @@ class Engine:
                 for (req, _), row in zip(pairs, logits):
                     if req.finish_reason is not None:
                         continue
-                    if req.cancelled:
+                    if req.cancelled or req.sampler is None:
                         self._drop(req)
                     else:
                         self._emit(req, [req.sampler(row)])
@@ -364,7 +372,7 @@ class Engine:
                 req.first_token_at = now
                 if m:
                     m.ttft.observe(now - req.arrival)
-            elif m:
+            elif m and req.last_token_at is not None:
                 m.itl.observe(now - req.last_token_at)
             req.last_token_at = now
         if m:

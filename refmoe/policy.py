@@ -25,7 +25,9 @@ class EngineConfig:
     """What a user sets (`refmoe serve` flags; the simulator's serve options), validated."""
 
     prefill: str = "auto"  # auto (the cost model decides per prompt), cpu, slp
-    dual_batch: str = "auto"  # auto: on where attention runs on an accelerator
+    # auto: on where attention runs on an accelerator; on, off (None/True/False: the same, as
+    # the engine's keyword spelled it; stored as auto/on/off)
+    dual_batch: str | bool | None = "auto"
     ranks: int = 1  # SLP devices; with more than one a prefill may use DSLP
     kv_tokens: int | None = None  # KV budget in tokens (None: 4 contexts)
     max_batch: int = 16  # requests per decode step

@@ -11,10 +11,12 @@ counts sum to T * K).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
-def _moe_layers(model) -> list[tuple[int, object]]:
+def _moe_layers(model) -> list[tuple[int, Any]]:
     return [(i, b.ffn) for i, b in enumerate(model.blocks) if hasattr(b.ffn, "routed")]
 
 

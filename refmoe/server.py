@@ -318,7 +318,9 @@ def create_app(
             given = given[7:] if given.startswith("Bearer ") else ""
             # digests of equal length compared in constant time: neither the key's length
             # nor its prefix leaks through timing
-            if not secrets.compare_digest(hashlib.sha256(given.encode()).digest(), key_digest):
+            if key_digest is None or not secrets.compare_digest(
+                hashlib.sha256(given.encode()).digest(), key_digest
+            ):
                 return _error(
                     401,
                     "missing or wrong API key (Authorization: Bearer KEY)",
@@ -631,7 +633,7 @@ try:
         does uvicorn close them."""
 
         async def shutdown(self, sockets=None) -> None:
-            state: State = self.config.app.state.refmoe
+            state: State = self.config.app.state.refmoe  # type: ignore[union-attr]
             if state.engine is not None and state.engine.accepting:
                 log.info("draining: up to %.1f s for requests in flight", state.drain_s)
                 await asyncio.to_thread(state.engine.shutdown, state.drain_s)
@@ -645,7 +647,7 @@ try:
                 yield
                 self._captured_signals.clear()
 except ImportError:  # uvicorn is a dependency; only a broken install lands here
-    Server = None
+    Server = None  # type: ignore[assignment,misc]
 
 
 def serve(

@@ -5,6 +5,7 @@ with the same requests, order, ring reuse and trace lanes."""
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import torch
 
@@ -15,7 +16,7 @@ class _Spans:
 
     def __init__(self, trace, process: str):
         self.trace, self.process = trace, process
-        self.pending: list[tuple[str, str, object, object, dict]] = []
+        self.pending: list[tuple[str, str, Any, Any, dict]] = []  # CUDA events, resolved at close
         self.lock = threading.Lock()
 
     def add(self, lane: str, name: str, start: float, end: float, **args) -> None:
@@ -38,7 +39,7 @@ class CpuLanes:
         self.done = {"loaded": -1, "computed": -1, "unloaded": -1}
         self.cond = threading.Condition()
         self.error: BaseException | None = None
-        self.queues = {"load": [], "unload": []}
+        self.queues: dict[str, list] = {"load": [], "unload": []}
         self.threads = [
             threading.Thread(target=self._worker, args=(lane,), daemon=True, name=f"slp-{lane}")
             for lane in ("load", "unload")

@@ -211,4 +211,5 @@ class Block:
         where = ("slp" if streamed is not None else "cpu") if moe else "device"
         with maybe(trace, where, lane, f"{lane} L{self.layer}", tokens=tokens):
             xn = rms_norm(x, self.ffn_norm, self.eps)
-            return x + (self.ffn(xn, streamed, self.layer) if moe else self.ffn(xn))
+            ffn = self.ffn
+            return x + (ffn(xn, streamed, self.layer) if isinstance(ffn, MoE) else ffn(xn))

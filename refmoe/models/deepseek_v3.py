@@ -76,7 +76,7 @@ class MLA:
             (n * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank),
         )
         self.o = Linear(ck, f"{p}.o_proj.weight", (h, n * cfg.v_head_dim))
-        self._absorb = None  # kv_b split for absorbed decode, made on first use
+        self._absorb: Absorbed | None = None  # kv_b split for absorbed decode, made on first use
 
     def cache_bytes_per_token(self) -> int:
         """What one token adds to this layer's cache: the latent and roped key, float32."""
@@ -119,13 +119,14 @@ class MLA:
             )
         ]
         decode = [i for i, sq in enumerate(seqs) if 0 < sq[0].shape[1] <= ABSORB_MAX_TOKENS]
-        outs = [None if i in decode else self._expanded(*sq) for i, sq in enumerate(seqs)]
+        got: dict[int, torch.Tensor] = {
+            i: self._expanded(*sq) for i, sq in enumerate(seqs) if i not in decode
+        }
         if decode:
-            for i, o in zip(decode, self._absorbed([seqs[i] for i in decode])):
-                outs[i] = o
+            got.update(zip(decode, self._absorbed([seqs[i] for i in decode])))
         outs = [
-            o.transpose(0, 1).reshape(t, self.n * cfg.v_head_dim)  # [T, n*v] each
-            for o, t in zip(outs, sizes)
+            got[i].transpose(0, 1).reshape(t, self.n * cfg.v_head_dim)  # [T, n*v] each
+            for i, t in enumerate(sizes)
         ]
         out = self.o(outs[0] if len(outs) == 1 else torch.cat(outs))  # [T, H]
         return list(out.split(sizes))
@@ -202,6 +203,7 @@ class Absorbed:
         )
         self.fp8 = kv_b.codes is not None and nope % BLOCK == 0 and v % BLOCK == 0
         if self.fp8:
+            assert kv_b.codes is not None and kv_b.scale is not None
             codes = kv_b.codes.reshape(n, nope + v, lora)
             scale = kv_b.scale.reshape(n, (nope + v) // BLOCK, -1)
             self.wk_t = np.ascontiguousarray(codes[:, :nope].transpose(0, 2, 1))  # [n, lora, nope]

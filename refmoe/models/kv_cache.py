@@ -14,7 +14,8 @@ class Growing:
     writes its own token instead of copying the whole cache (torch.cat would)."""
 
     def __init__(self, dim: int):
-        self.dim, self.n, self.buf = dim, 0, None
+        self.dim, self.n = dim, 0
+        self.buf: torch.Tensor | None = None
 
     def append(self, x: torch.Tensor) -> torch.Tensor:
         """Append x; return the whole contents (a view)."""
@@ -26,11 +27,14 @@ class Growing:
             if self.buf is not None:
                 grown.narrow(self.dim, 0, self.n).copy_(self.view())
             self.buf = grown
-        self.buf.narrow(self.dim, self.n, t).copy_(x)
+        grown = self.buf
+        grown.narrow(self.dim, self.n, t).copy_(x)
         self.n += t
         return self.view()
 
     def view(self) -> torch.Tensor:
+        if self.buf is None:
+            raise ValueError("an empty cache has no view (append first)")
         return self.buf.narrow(self.dim, 0, self.n)
 
 

@@ -198,12 +198,14 @@ class Linear:
     def nbytes(self) -> int:
         if self.weight is not None:
             return self.weight.numel() * self.weight.element_size()
+        assert self.codes is not None and self.scale is not None  # FP8: both kept
         return self.codes.nbytes + self.scale.nbytes
 
     def dense(self) -> torch.Tensor:
         """The weight as a float32 tensor [N, K]."""
         if self.weight is not None:
             return self.weight
+        assert self.codes is not None and self.scale is not None  # FP8: both kept
         return torch.from_numpy(formats.fp8_dequantize(self.codes, self.scale).astype(np.float32))
 
     def to(self, device: torch.device) -> None:
@@ -217,6 +219,7 @@ class Linear:
             return x @ self.weight.T
         if x.numel() == 0:  # no tokens (a rank that only hosts a prefill): no call
             return x.new_zeros((*x.shape[:-1], self.n), dtype=torch.float32)
+        assert self.codes is not None and self.scale is not None  # FP8: both kept
         x2 = x.reshape(-1, self.k).float().contiguous().numpy()  # [T, K]
         y = kernels.fp8_gemm(x2, self.codes, self.scale)  # [T, N]
         return torch.from_numpy(y).reshape(*x.shape[:-1], self.n)
