@@ -293,7 +293,7 @@ def measure_device(
     rate is 0 (free) when the two times leave no fixed part."""
     import torch
 
-    from refmoe.slp import Matmul
+    from refmoe.device_matmul import Matmul  # the device matmul alone: no import of slp
 
     device = torch.device(device)
     h, i = expert_shape(cfg)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import simpy
 
@@ -43,12 +44,19 @@ class Flow:
     size: float
     links: tuple[Link, ...]
     cap: float
-    done: simpy.Event
+    done: simpy.Event | None  # fires when the flow ends; None for the solver's what-ifs
     remaining: float = 0.0
     rate: float = 0.0
     start: float = 0.0
     tags: dict = field(default_factory=dict)
     weights: tuple[float, ...] = ()  # load on each of links per unit rate (default 1)
+
+
+class Transfer(simpy.Event):
+    """The event of one transfer: it succeeds with its Flow when the last byte arrives, and
+    carries the Flow as `.flow` before then."""
+
+    flow: Flow
 
 
 class FluidNetwork:
@@ -74,7 +82,7 @@ class FluidNetwork:
         cap: float = math.inf,
         weights: list[float] | tuple[float, ...] | None = None,
         **tags,
-    ) -> simpy.Event:
+    ) -> Transfer:
         """Start moving nbytes across all of links (at most cap bytes/s; weights: the load on
         each link per byte/s, 1 by default); the returned event succeeds with the Flow when
         the last byte arrives, and carries it as `.flow` before then."""
@@ -85,24 +93,25 @@ class FluidNetwork:
         weights = tuple(float(w) for w in weights) if weights is not None else (1.0,) * len(links)
         if len(weights) != len(links) or any(not w >= 0 for w in weights):
             raise ValueError("weights: one non-negative number per link")
+        done = Transfer(self.env)
         flow = Flow(
             float(nbytes),
             tuple(links),
             cap,
-            self.env.event(),
+            done,
             float(nbytes),
             start=self.env.now,
             tags=tags,
             weights=weights,
         )
-        flow.done.flow = flow
+        done.flow = flow
         if nbytes == 0:
-            flow.done.succeed(flow)
-            return flow.done
+            done.succeed(flow)
+            return done
         self._settle()
         self.flows.append(flow)
         self._reschedule()
-        return flow.done
+        return done
 
     def remaining(self, flow: Flow) -> float:
         """A running flow's size left, as of now."""
@@ -135,6 +144,8 @@ class FluidNetwork:
         max_min_rates(self.flows)
 
     def _record(self) -> None:
+        if self.timeline is None:
+            return
         load: dict[str, float] = {lk.name: 0.0 for lk in self._watched}
         for f in self.flows:
             for link, w in zip(f.links, f.weights):
@@ -158,7 +169,10 @@ class FluidNetwork:
             raise RuntimeError("flows with zero rate: a link or cap of zero capacity")
         version = self._version
         timer = self.env.timeout(max(finish, 0.0))
-        timer.callbacks.append(lambda _ev, v=version: self._on_timer(v))
+        timer.callbacks.append(partial(self._on_timer_event, version))
+
+    def _on_timer_event(self, version: int, _event: simpy.Event) -> None:
+        self._on_timer(version)
 
     def _on_timer(self, version: int) -> None:
         if version != self._version:  # scheduled for rates that have since changed
@@ -175,7 +189,8 @@ class FluidNetwork:
         self.flows = [f for f in self.flows if f not in finished]
         for f in finished:
             f.remaining, f.rate = 0.0, 0.0
-            f.done.succeed(f)
+            if f.done is not None:
+                f.done.succeed(f)
         self._reschedule()
 
 

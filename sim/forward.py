@@ -78,7 +78,7 @@ def _slp_prefill(
     def per_gpu(layer: int, t: int) -> float:
         """Each GPU's bytes of the layer for a chunk of t tokens: its 1/N of the expert slots
         (only those routed to, when the chunk does not hit them all)."""
-        slots = cfg.n_routed_experts + cfg.n_shared_experts
+        slots: float = cfg.n_routed_experts + cfg.n_shared_experts
         hit = sum(
             count * (1 - (1 - q) ** t)
             for count, q in m.groups(layer, cfg.n_routed_experts, cfg.num_experts_per_tok)

@@ -236,14 +236,14 @@ class Hardware:
                     ) from None
                 if not isinstance(value, (int, float)) or not value >= 0:
                     raise ValueError(f"{source}: runs[{i}].{key} must be a number >= 0")
-        for d, g in enumerate(gpus):
+        for i, g in enumerate(gpus):
             if g.socket is not None and not 0 <= g.socket < cpu.sockets:
                 raise ValueError(
-                    f"{source}: gpus[{d}].socket {g.socket} is not one of the {cpu.sockets} sockets"
+                    f"{source}: gpus[{i}].socket {g.socket} is not one of the {cpu.sockets} sockets"
                 )
             for key in ("hbm_gbps", "pcie_gbps", "expert_tflops", "attention_tflops"):
                 if not getattr(g, key) > 0:
-                    raise ValueError(f"{source}: gpus[{d}].{key} must be > 0")
+                    raise ValueError(f"{source}: gpus[{i}].{key} must be > 0")
         return hw
 
     def get(self, key: str):

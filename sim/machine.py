@@ -74,7 +74,7 @@ class Machine:
         for s in range(cpu.sockets):
             d[self.cores[s]] = cpu.threads / cpu.cores
             d[self.dram[s]] = gbps * 1e9 / cpu.sockets
-        if cpu.remote_share():
+        if cpu.remote_share() and self.interconnect is not None:
             d[self.interconnect] = gbps * 1e9 * cpu.remote_share()
         return d
 
@@ -154,16 +154,17 @@ class Machine:
         the sockets), and the interconnect for the share on other sockets."""
         cpu, pcie = self.hw.cpu, self.hw.gpus[d].pcie_gbps * 1e9
         remote = (cpu.sockets - 1) / cpu.sockets
+        link = self.interconnect if remote else None  # two sockets or more: the socket link
         rate = min(
             [pcie]
             + [c.capacity * cpu.sockets for c in self.dram]
-            + ([self.interconnect.capacity / remote] if remote else [])
+            + ([link.capacity / remote] if link is not None else [])
         )
         demand = {self.pcie[d]: rate}
         for s in range(cpu.sockets):
             demand[self.dram[s]] = rate / cpu.sockets
-        if remote:
-            demand[self.interconnect] = rate * remote
+        if link is not None:
+            demand[link] = rate * remote
         yield from self.work(nbytes / rate, demand)
 
     def device(

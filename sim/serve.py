@@ -95,7 +95,9 @@ class Costs:
         routing_skew: float = 0.0,
         routing: dict | None = None,
     ):
-        self.cfg, self.hw, self.memo, self.mixtures = cfg, hw, {}, {}
+        self.cfg, self.hw = cfg, hw
+        self.memo: dict = {}
+        self.mixtures: dict = {}
         self.routing_skew, self.routing = routing_skew, routing or {}
         self.machine = machine  # the links the parts load
         self.layers: dict = {}  # key -> the forward's per-layer spans alone (for traces)
@@ -318,7 +320,10 @@ class Simulation:
         while env.peek() != float("inf") and self.ended < len(self.requests):
             env.step()
         start = min((a for a, _, _ in self.requests), default=0.0)
-        end = max((o.arrived_at + o.e2e_s for o in self.outcomes if o.ok), default=start)
+        end = max(
+            (o.arrived_at + o.e2e_s for o in self.outcomes if o.ok and o.e2e_s is not None),
+            default=start,
+        )
         return Run(
             self.outcomes,
             end - start,
@@ -453,10 +458,10 @@ class Simulation:
             base_beside[key] = _beside(base, flow)
         period, progress = base_beside[key]
         for p in context:
-            key = tuple(p.demand.items())  # the same links every step: rates per second
-            if key not in base_beside:
-                base_beside[key] = _beside([Part(1.0, p.demand)], flow)
-            dt, got = base_beside[key]
+            links = tuple(p.demand.items())  # the same links every step: rates per second
+            if links not in base_beside:
+                base_beside[links] = _beside([Part(1.0, p.demand)], flow)
+            dt, got = base_beside[links]
             period, progress = period + dt * p.seconds, progress + got * p.seconds
         return period, progress
 

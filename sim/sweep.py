@@ -92,11 +92,11 @@ def _rate_case(args) -> dict:
 
 def _run(fn, cases: list, workers: int | None, progress) -> list[dict]:
     if workers == 1:
-        it = map(fn, cases)
-        return list(progress(it, len(cases)) if progress else it)
+        serial = map(fn, cases)
+        return list(progress(serial, len(cases)) if progress else serial)
     with ProcessPoolExecutor(workers) as pool:
-        it = pool.map(fn, cases)
-        return list(progress(it, len(cases)) if progress else it)
+        spread = pool.map(fn, cases)
+        return list(progress(spread, len(cases)) if progress else spread)
 
 
 def sweep_lengths(

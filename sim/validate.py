@@ -73,7 +73,7 @@ def validate(
         for k, (lo, hi) in bootstrap(fn, hw, interval, drift=drift).items():
             rows[k]["interval"] = [lo, hi]
             rows[k]["inside"] = bool(lo <= meas[k] <= hi)
-    out = {"trace": str(path), "hardware": hw.name, "metrics": rows}
+    out: dict = {"trace": str(path), "hardware": hw.name, "metrics": rows}
     threads = (doc["metadata"].get("engine") or {}).get("threads")
     if threads and threads != hw.cpu.threads:
         out["warning"] = (
