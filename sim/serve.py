@@ -324,6 +324,14 @@ class Simulation:
             (o.arrived_at + o.e2e_s for o in self.outcomes if o.ok and o.e2e_s is not None),
             default=start,
         )
+        timeline = self.machine.net.timeline
+        if self.tr is not None and timeline:
+            # the links' load as counter tracks (process "links", one track per link), where
+            # the run kept every step as flows (utilization=True): decode steps taken in
+            # blocks have none, and a track would show those links idle
+            for t, load in timeline:
+                for link, share in load.items():
+                    self.tr.counter("links", link, t, load=round(share, 6))
         return Run(
             self.outcomes,
             end - start,

@@ -387,3 +387,18 @@ def test_simulated_trace_per_layer_lanes():
         and e["ts"] + e["dur"] <= prefill["ts"] + prefill["dur"] + 1e-3
         for e in inside
     )
+
+
+def test_trace_carries_link_load_tracks_with_utilization():
+    from sim.serve import simulate
+
+    cfg, hw = ModelConfig.from_dict(V3), Hardware.load("paper-2x9355-2x5090")
+    outcomes, _, tr, timeline = simulate(
+        cfg, hw, [(0.0, 64, 3), (0.2, 32, 3)], trace=True, utilization=True
+    )
+    counters = [e for e in tr.to_json()["traceEvents"] if e["ph"] == "C"]
+    links = {e["name"] for e in counters if "load" in e["args"]}
+    assert {"dram0", "dram1", "pcie0.h2d", "gpu0"} <= links
+    assert all(0.0 <= e["args"]["load"] <= 1.0 + 1e-9 for e in counters if "load" in e["args"])
+    # one point per link per rate change of the timeline
+    assert len([e for e in counters if e["name"] == "dram0"]) == len(timeline)
