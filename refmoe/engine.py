@@ -14,8 +14,8 @@ thread (the HTTP server's) through submit / cancel; every change of their state 
 one lock; every wait is a sleep on a condition variable.
 
 Events a request's sink receives (from the workers' threads): {"type": "token", "token_ids",
-"text"} for each new piece, then {"type": "finish", "reason", "usage"} or {"type": "error",
-"message"}.
+"text"} for each new piece, then {"type": "finish", "reason", "stop_sequence", "usage"} or
+{"type": "error", "message", "status"}.
 """
 
 from __future__ import annotations
@@ -382,12 +382,12 @@ class Engine:
             reason = "stop"
         elif len(req.out) >= req.max_tokens:
             reason = "length"
-        text = ""
+        text, matched = "", None
         if self.tokenizer is not None:
             full = self.tokenizer.decode(req.out)
             for s in req.stop_text:
                 if s in full:
-                    full, reason = full[: full.index(s)], "stop"
+                    full, reason, matched = full[: full.index(s)], "stop", s
             # hold back what could be the start of a stop string until it is decided
             hold = 0 if reason else max((len(s) - 1 for s in req.stop_text), default=0)
             upto = max(req.text_sent, len(full) - hold)
@@ -398,7 +398,15 @@ class Engine:
             self._drop(req)
             if m:
                 m.e2e.observe(now - req.arrival)
-            self._send(req, {"type": "finish", "reason": reason, "usage": self._usage(req)})
+            self._send(
+                req,
+                {
+                    "type": "finish",
+                    "reason": reason,
+                    "stop_sequence": matched,  # the stop string that ended it, if one did
+                    "usage": self._usage(req),
+                },
+            )
 
     def _fail(self, req: Request, message: str, status: int = 500) -> None:
         """status: the HTTP status a server should answer with (503: shutting down)."""

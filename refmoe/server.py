@@ -107,6 +107,28 @@ class ChatRequest(_Sampling):
     top_logprobs: int | None = Field(None, description="not supported: must be absent or null")
 
 
+class AnthropicMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["user", "assistant"]
+    content: str | list[ContentPart]
+
+
+class MessagesRequest(BaseModel):
+    """Anthropic's Messages API (/v1/messages), text content."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: int = Field(..., ge=1)
+    messages: list[AnthropicMessage] = Field(..., min_length=1)
+    system: str | list[ContentPart] | None = None
+    stop_sequences: list[str] | None = None
+    stream: bool = False
+    temperature: float = Field(1.0, ge=0.0, le=1.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    tools: list | None = None
+
+
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     prompt: str | None = None
@@ -139,12 +161,21 @@ def _error(
     kind: str = "invalid_request_error",
     param: str | None = None,
     headers: dict | None = None,
+    anthropic: bool = False,
 ) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"message": message, "type": kind, "param": param, "code": status}},
-        status_code=status,
-        headers=headers,
-    )
+    """OpenAI's error shape, or Anthropic's (on /v1/messages)."""
+    if anthropic:
+        kind = {"server_error": "api_error", "service_unavailable": "overloaded_error"}.get(
+            kind, kind
+        )
+        body: dict = {"type": "error", "error": {"type": kind, "message": message}}
+    else:
+        body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _is_anthropic(request: Request) -> bool:
+    return request.url.path.startswith("/v1/messages")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,16 +323,24 @@ def create_app(
     app.add_middleware(BodyLimit, limit=state.body_limit)
 
     @app.exception_handler(APIError)
-    async def api_error(_: Request, e: APIError):
-        return _error(e.status, e.message, e.kind, e.param, e.headers)
+    async def api_error(request: Request, e: APIError):
+        return _error(e.status, e.message, e.kind, e.param, e.headers, _is_anthropic(request))
 
     @app.exception_handler(RequestValidationError)
-    async def bad_body(_: Request, e: RequestValidationError):
+    async def bad_body(request: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        anthropic = _is_anthropic(request)
         if first.get("type") == "json_invalid":
-            return _error(400, f"the body is not valid JSON: {first.get('msg')}")
-        return _error(400, f"{where or 'body'}: {first.get('msg', 'invalid')}", param=where)
+            return _error(
+                400, f"the body is not valid JSON: {first.get('msg')}", anthropic=anthropic
+            )
+        return _error(
+            400,
+            f"{where or 'body'}: {first.get('msg', 'invalid')}",
+            param=where,
+            anthropic=anthropic,
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException):
@@ -316,6 +355,7 @@ def create_app(
         if api_key and request.url.path not in ("/health", "/metrics", "/docs", "/openapi.json"):
             given = request.headers.get("authorization", "")
             given = given[7:] if given.startswith("Bearer ") else ""
+            given = given or request.headers.get("x-api-key", "")  # Anthropic's clients
             # digests of equal length compared in constant time: neither the key's length
             # nor its prefix leaks through timing
             if key_digest is None or not secrets.compare_digest(
@@ -323,8 +363,9 @@ def create_app(
             ):
                 return _error(
                     401,
-                    "missing or wrong API key (Authorization: Bearer KEY)",
+                    "missing or wrong API key (Authorization: Bearer KEY, or x-api-key: KEY)",
                     "authentication_error",
+                    anthropic=_is_anthropic(request),
                 )
         return await call_next(request)
 
@@ -352,22 +393,20 @@ def create_app(
 
     # -- generation ---------------------------------------------------------------------
 
-    async def generate(request: Request, body: _Sampling, prompt: list[int], chat: bool):
-        eng = engine()
-        check_model(body.model)
-        limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
-        max_tokens = limit or (min(256, eng.context - len(prompt)) if chat else 16)
-        stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+    def check_stops(stops: list[str], field: str) -> None:
         if len(stops) > MAX_STOPS or any(len(x) > MAX_STOP_CHARS for x in stops):
             # every stop string is searched for after every token: bound the work one
             # request can put on the decode worker
             raise APIError(
                 400,
-                f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters",
-                param="stop",
+                f"{field}: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters",
+                param=field,
             )
+
+    def submit(eng, prompt, max_tokens, stops, temperature, top_k, top_p, seed):
+        """The request into the engine, its events into an asyncio queue on this loop."""
         try:
-            params = SamplingParams(body.temperature, max(body.top_k, 0), body.top_p, body.seed)
+            params = SamplingParams(temperature, max(top_k, 0), top_p, seed)
         except ValueError as e:
             raise APIError(400, str(e)) from None
         loop = asyncio.get_running_loop()
@@ -387,6 +426,18 @@ def create_app(
             raise APIError(503, str(e), "service_unavailable") from None
         except ValueError as e:
             raise APIError(400, str(e)) from None
+        return req, queue
+
+    async def generate(request: Request, body: _Sampling, prompt: list[int], chat: bool):
+        eng = engine()
+        check_model(body.model)
+        limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        max_tokens = limit or (min(256, eng.context - len(prompt)) if chat else 16)
+        stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        check_stops(stops, "stop")
+        req, queue = submit(
+            eng, prompt, max_tokens, stops, body.temperature, body.top_k, body.top_p, body.seed
+        )
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.stream:
@@ -535,6 +586,148 @@ def create_app(
         else:
             prompt = body.prompt
         return await generate(request, body, prompt, chat=False)
+
+    # -- Anthropic's Messages API -------------------------------------------------------
+
+    STOP_REASONS = {"length": "max_tokens", "stop": "end_turn"}
+
+    def _sse(kind: str, data: dict) -> str:
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n"
+
+    @app.post("/v1/messages")
+    async def messages(body: MessagesRequest, request: Request):
+        """Anthropic's Messages API over the same engine: the system prompt and the turns
+        through the model's chat template; text content blocks; stop reasons end_turn,
+        max_tokens, stop_sequence; streaming with Anthropic's event sequence."""
+        if body.tools:
+            raise APIError(400, "tools: tool use is not supported yet", param="tools")
+        eng = engine()
+        check_model(body.model)
+        tok = tokenizer()
+        turns = [ChatMessage(role=m.role, content=m.content).as_turn() for m in body.messages]
+        if body.system:
+            system = ChatMessage(role="system", content=body.system)
+            turns = [system.as_turn(), *turns]
+        try:
+            text = await asyncio.to_thread(tok.apply_chat_template, turns)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        prompt = await encode(text, False, "messages")
+        stops = body.stop_sequences or []
+        check_stops(stops, "stop_sequences")
+        req, queue = submit(
+            eng, prompt, body.max_tokens, stops, body.temperature, body.top_k, body.top_p, None
+        )
+        mid = f"msg_{uuid.uuid4().hex}"
+        head = {"id": mid, "type": "message", "role": "assistant", "model": name}
+
+        def stop_of(ev: dict) -> tuple[str, str | None]:
+            if ev.get("stop_sequence"):
+                return "stop_sequence", ev["stop_sequence"]
+            return STOP_REASONS.get(ev["reason"], "end_turn"), None
+
+        def usage_of(ev: dict | None, out: int) -> dict:
+            return {
+                "input_tokens": len(prompt),
+                "output_tokens": ev["usage"]["completion_tokens"] if ev else out,
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 0,
+            }
+
+        if body.stream:
+
+            async def events():
+                yield _sse(
+                    "message_start",
+                    {
+                        "message": {
+                            **head,
+                            "content": [],
+                            "stop_reason": None,
+                            "stop_sequence": None,
+                            "usage": usage_of(None, 0),
+                        }
+                    },
+                )
+                yield _sse(
+                    "content_block_start",
+                    {"index": 0, "content_block": {"type": "text", "text": ""}},
+                )
+                try:
+                    while True:
+                        ev = await queue.get()
+                        if ev["type"] == "token":
+                            if ev["text"]:
+                                yield _sse(
+                                    "content_block_delta",
+                                    {
+                                        "index": 0,
+                                        "delta": {"type": "text_delta", "text": ev["text"]},
+                                    },
+                                )
+                        elif ev["type"] == "finish":
+                            reason, seq = stop_of(ev)
+                            yield _sse("content_block_stop", {"index": 0})
+                            yield _sse(
+                                "message_delta",
+                                {
+                                    "delta": {"stop_reason": reason, "stop_sequence": seq},
+                                    "usage": {"output_tokens": ev["usage"]["completion_tokens"]},
+                                },
+                            )
+                            yield _sse("message_stop", {})
+                            metrics.requests.labels(model=name, outcome="ok").inc()
+                            break
+                        else:
+                            metrics.requests.labels(model=name, outcome="error").inc()
+                            status = ev.get("status", 500)
+                            kind = "overloaded_error" if status == 503 else "api_error"
+                            yield _sse("error", {"error": {"type": kind, "message": ev["message"]}})
+                            break
+                finally:
+                    if req.finish_reason is None:  # the client went away mid-stream
+                        eng.cancel(req.id)
+                        metrics.requests.labels(model=name, outcome="cancelled").inc()
+
+            return StreamingResponse(
+                events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
+        parts: list[str] = []
+        finish = None
+        try:
+            while finish is None:
+                try:
+                    ev = await asyncio.wait_for(queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        eng.cancel(req.id)
+                        metrics.requests.labels(model=name, outcome="cancelled").inc()
+                        return Response(status_code=499)
+                    continue
+                if ev["type"] == "token":
+                    parts.append(ev["text"])
+                elif ev["type"] == "finish":
+                    finish = ev
+                else:
+                    metrics.requests.labels(model=name, outcome="error").inc()
+                    status = ev.get("status", 500)
+                    raise APIError(
+                        status,
+                        ev["message"],
+                        "service_unavailable" if status == 503 else "server_error",
+                    )
+        except asyncio.CancelledError:
+            eng.cancel(req.id)
+            raise
+        metrics.requests.labels(model=name, outcome="ok").inc()
+        reason, seq = stop_of(finish)
+        return {
+            **head,
+            "content": [{"type": "text", "text": "".join(parts)}],
+            "stop_reason": reason,
+            "stop_sequence": seq,
+            "usage": usage_of(finish, 0),
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
