@@ -389,6 +389,40 @@ def _floats(text: str) -> list[float]:
         ) from None
 
 
+def _gpu_spec(text: str) -> tuple[str, float, int, float]:
+    try:
+        name, hbm, gen, bf16 = text.split(",")
+        return name, float(hbm), int(gen), float(bf16)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME,HBM_GBPS,PCIE_GEN,BF16_TFLOPS (e.g. RTX5090,1792,5,209), got {text!r}"
+        ) from None
+
+
+def _cmd_profile_new(args) -> int:
+    from sim.hardware import from_spec_sheet
+
+    hw = from_spec_sheet(
+        args.name,
+        args.sockets,
+        args.cores_per_socket,
+        args.channels,
+        args.mts,
+        args.fma_gflops_per_core,
+        args.interconnect_gbps,
+        args.gpu or [],
+    )
+    hw.save(args.out)
+    c = hw.cpu
+    print(
+        f"wrote {args.out}: {c.sockets} x {c.cores_per_socket} cores, "
+        f"{c.dram_gbps_per_socket * c.sockets:.0f} GB/s DRAM peak, {len(hw.gpus)} GPU(s); "
+        f"try: refmoe-sim predict --model deepseek-v3 --hardware {args.out} "
+        "--prompt-tokens 8192 --output-tokens 64"
+    )
+    return 0
+
+
 def _cmd_models(args) -> int:
     rows = []
     for name in catalog.names():
@@ -568,6 +602,31 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--hardware", default="paper-2x9355-2x5090")
     rp.add_argument("--json", action="store_true")
     rp.set_defaults(func=_cmd_reproduce)
+    pf = sub.add_parser("profile", help="hardware profiles: `profile new` from a spec sheet")
+    pf_sub = pf.add_subparsers(dest="profile_command", required=True)
+    pn = pf_sub.add_parser("new", help="write a profile from spec-sheet numbers")
+    pn.add_argument("--name", required=True)
+    pn.add_argument("--out", required=True, help="the YAML file to write")
+    pn.add_argument("--sockets", type=int, required=True)
+    pn.add_argument("--cores-per-socket", type=int, required=True)
+    pn.add_argument("--channels", type=int, required=True, help="DRAM channels per socket")
+    pn.add_argument("--mts", type=float, required=True, help="DRAM MT/s (e.g. 6400)")
+    pn.add_argument(
+        "--fma-gflops-per-core", type=float, default=100.0, help="one core's FMA peak (default 100)"
+    )
+    pn.add_argument(
+        "--interconnect-gbps",
+        type=float,
+        default=0.0,
+        help="socket link GB/s, both directions (required with 2+ sockets)",
+    )
+    pn.add_argument(
+        "--gpu",
+        type=_gpu_spec,
+        action="append",
+        help="NAME,HBM_GBPS,PCIE_GEN,BF16_TFLOPS; repeat per GPU",
+    )
+    pn.set_defaults(func=_cmd_profile_new)
     mo = sub.add_parser("models", help="the published model configs usable by name")
     mo.add_argument("--json", action="store_true")
     mo.set_defaults(func=_cmd_models)

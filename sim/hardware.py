@@ -292,3 +292,50 @@ class Hardware:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(asdict(self), sort_keys=False))
+
+
+PCIE_X16_GBPS = {3: 16.0, 4: 32.0, 5: 64.0, 6: 128.0}  # lane rate per direction, x16
+
+
+def from_spec_sheet(
+    name: str,
+    sockets: int,
+    cores_per_socket: int,
+    channels_per_socket: int,
+    mts: float,
+    fma_gflops_per_core: float = 100.0,
+    interconnect_gbps: float = 0.0,
+    gpus: list[tuple[str, float, int, float]] | None = None,
+) -> Hardware:
+    """A profile from spec-sheet numbers, with the efficiencies docs/simulator.md gives as
+    typical (DRAM read 0.8 of peak, the FP8 kernel 0.85 of the read, pinned copies 0.8 of the
+    PCIe lane rate, expert matmuls 0.5 and attention 0.7 of the dense BF16 rate). gpus: (name,
+    HBM GB/s, PCIe generation at x16, dense BF16 TFLOP/s). Validated as any profile is; a
+    calibration on the box itself (refmoe-sim calibrate) replaces the CPU guesses."""
+    gpu_docs: list[dict] = []
+    doc = {
+        "name": name,
+        "cpu": {
+            "sockets": sockets,
+            "cores_per_socket": cores_per_socket,
+            "dram_gbps_per_socket": channels_per_socket * mts * 8 / 1000,
+            "dram_efficiency": 0.8,
+            "fp8_gemv_efficiency": 0.85,
+            "fma_gflops_per_core": fma_gflops_per_core,
+            "interconnect_gbps": interconnect_gbps,
+        },
+        "gpus": gpu_docs,
+    }
+    for gpu_name, hbm, gen, bf16 in gpus or []:
+        if gen not in PCIE_X16_GBPS:
+            raise ValueError(f"--gpu {gpu_name}: PCIe generation {gen} (known: 3, 4, 5, 6)")
+        gpu_docs.append(
+            {
+                "name": gpu_name,
+                "hbm_gbps": hbm,
+                "pcie_gbps": 0.8 * PCIE_X16_GBPS[gen],
+                "expert_tflops": 0.5 * bf16,
+                "attention_tflops": 0.7 * bf16,
+            }
+        )
+    return Hardware.from_dict(doc, f"spec sheet {name}")

@@ -279,3 +279,40 @@ def test_other_model_configs():
     assert 30e9 < k2.bytes_per_token < 33e9 and 20e9 < q3.bytes_per_token < 23e9
     assert abs(k2.decode_tok_s - 22.4) / 22.4 < 0.10  # the paper's Kimi-K2 figure
     assert q3.decode_tok_s > k2.decode_tok_s
+
+
+def test_profile_new_from_a_spec_sheet(tmp_path, capsys):
+    """`refmoe-sim profile new`: the paper's box from its spec sheet gives a valid profile whose
+    DRAM peak and PCIe rates are the hand-computed ones, and predict runs on it."""
+    out = tmp_path / "box.yaml"
+    args = [
+        "profile",
+        "new",
+        "--name",
+        "box",
+        "--out",
+        str(out),
+        "--sockets",
+        "2",
+        "--cores-per-socket",
+        "32",
+        "--channels",
+        "12",
+        "--mts",
+        "6400",
+        "--interconnect-gbps",
+        "512",
+        "--gpu",
+        "RTX5090,1792,5,209",
+    ]
+    from sim import cli
+
+    assert cli.main(args) == 0
+    hw = Hardware.load(out)
+    assert hw.cpu.dram_gbps_per_socket == 12 * 6400 * 8 / 1000  # 614.4 GB/s
+    assert hw.gpus[0].pcie_gbps == pytest.approx(0.8 * 64)  # PCIe 5.0 x16, pinned copies
+    assert hw.gpus[0].expert_tflops == pytest.approx(104.5)
+    p = predict(ModelConfig.from_dict(V3), hw, 1024, 8)
+    assert p.ttft_s > p.tpot_s
+    assert cli.main(args[:-4]) != 0  # two sockets, no socket link: named, no traceback
+    assert "interconnect_gbps must be > 0 with 2 sockets" in capsys.readouterr().err
