@@ -236,8 +236,15 @@ class StreamPrefill:
         for i, lo in enumerate(starts):
             chunk = ids[lo : lo + self.chunk_tokens]
             mode = modes[i] if modes is not None else None
+            t0, streamed = time.perf_counter(), self.stats.bytes_streamed
+            at = self.trace.now() if self.trace is not None else 0.0
             out.append(self.model.forward(chunk, cache, experts=self._chunk(chunk.shape[0], mode)))
             self.stats.chunks += 1
+            if self.trace is not None:  # the link's average load over the chunk, as a track
+                gbps = (self.stats.bytes_streamed - streamed) / (time.perf_counter() - t0) / 1e9
+                lane = f"slp {self.device}"
+                self.trace.counter(lane, "h2d GB/s", at, gbps=float(f"{gbps:.6g}"))
+                self.trace.counter(lane, "h2d GB/s", self.trace.now(), gbps=0.0)
         self.stats.seconds += time.perf_counter() - start
         return torch.cat(out) if len(out) > 1 else out[0]
 

@@ -180,7 +180,15 @@ def test_lanes_order_and_ring_reuse(fp8_dir, device):
         if j >= 2:
             assert load[key][0] >= comp[order[j - 2]][1] - slack
             assert comp[key][0] >= add[order[j - 2]][1] - slack  # output buffer j % 2
-    json.dumps(trace.to_json())
+    doc = trace.to_json()
+    json.dumps(doc)
+    # the link's load as a counter track: the chunk's bytes over its time, then idle
+    h2d = [e for e in doc["traceEvents"] if e["ph"] == "C" and e["name"] == "h2d GB/s"]
+    assert len(h2d) == 2 and h2d[0]["args"]["gbps"] > 0 and h2d[1]["args"]["gbps"] == 0.0
+    seconds = (h2d[1]["ts"] - h2d[0]["ts"]) / 1e6
+    assert h2d[0]["args"]["gbps"] == pytest.approx(
+        runner.stats.bytes_streamed / seconds / 1e9, rel=0.05
+    )
 
 
 def test_selective_streams_only_routed_experts(fp8_dir):
