@@ -317,7 +317,26 @@ def bench_kernels(
         row, others, why, attempts = contention.measured(job, lambda r: r.ratio)
         row.others_cores, row.suspect, row.attempts = others, why, attempts
         rows.append(row)
+    flag_thread_inversions(rows)
     return rows
+
+
+def flag_thread_inversions(rows: list[Row], factor: float = 0.7) -> None:
+    """More threads far slower than fewer on the same case (under `factor` of their GB/s)
+    cannot be the kernel: something else held the cores. Both rows are flagged."""
+    by_case: dict[tuple, list[Row]] = {}
+    for r in rows:
+        by_case.setdefault((r.op, r.dtype, r.model, r.m, r.variant), []).append(r)
+    for case in by_case.values():
+        case.sort(key=lambda r: r.threads)
+        for few, many in zip(case, case[1:]):
+            if many.threads > few.threads and many.gbps < factor * few.gbps:
+                why = (
+                    f"{many.threads} threads at {many.gbps:.1f} GB/s, {few.threads} at "
+                    f"{few.gbps:.1f}: more threads far slower"
+                )
+                for r in (few, many):
+                    r.suspect = f"{r.suspect}; {why}" if r.suspect else why
 
 
 def format_rows(rows: list[Row]) -> str:

@@ -391,7 +391,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         from refmoe.trace import for_run
 
         trace = for_run(ModelConfig.from_file(directory), "cpu", expert_dtype="fp8")
-    r = demo.run(directory, args.prompt_tokens, args.max_tokens, trace=trace)
+    show = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        show = lambda it: tqdm(it, desc="loading layers", unit="layer")  # noqa: E731
+    r = demo.run(directory, args.prompt_tokens, args.max_tokens, trace=trace, progress=show)
     if trace:
         trace.metadata["result"] = {
             "ttft_s": r.ttft_s,

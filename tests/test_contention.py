@@ -38,3 +38,33 @@ def test_impossible_ratios_are_flagged_and_redone():
     assert attempts == contention.RETRIES + 1 == len(calls)
     assert "ratio 1.60 > 1.05" in why
     assert contention.suspect(0.0, 0.93) == ""
+
+
+def test_more_threads_far_slower_is_flagged():
+    from refmoe.bench import Row, flag_thread_inversions
+
+    def row(threads, gbps):
+        return Row(
+            "gemv",
+            "fp8",
+            "m",
+            1,
+            2048,
+            7168,
+            threads,
+            "avx2",
+            1.0,
+            gbps,
+            20.0,
+            gbps / 20.0,
+            0.0,
+            0.0,
+            1.0,
+        )
+
+    fine = [row(1, 12.0), row(2, 18.0)]
+    flag_thread_inversions(fine)
+    assert all(r.suspect == "" for r in fine)
+    bad = [row(1, 12.0), row(2, 6.0)]
+    flag_thread_inversions(bad)
+    assert all("more threads far slower" in r.suspect for r in bad)
