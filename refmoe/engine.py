@@ -117,8 +117,14 @@ class Engine:
             )
         self.ranks, self.model_dir = self.config.ranks, model_dir
         self.group: Group | None = None  # the other ranks of DSLP, once started
-        self._rates = rates  # the cost model's, measured at start for "auto"
-        self.policy = self._policy()
+        # the policy holds the cost model's rates: given, or measured at start() for "auto"
+        self.policy = Policy.build(
+            self.config,
+            model.cfg,
+            rates,
+            accelerated=model.device.type != "cpu",
+            can_stream=slp.streamable(model),
+        )
         self.scheduler = self.policy.scheduler()
         self.requests: dict[str, Request] = {}
         self.lock = threading.Condition()
@@ -136,19 +142,9 @@ class Engine:
 
     # -- the public face ------------------------------------------------------------------
 
-    def _policy(self) -> Policy:
-        return Policy.build(
-            self.config,
-            self.model.cfg,
-            self._rates,
-            accelerated=self.model.device.type != "cpu",
-            can_stream=slp.streamable(self.model),
-        )
-
     def start(self) -> Engine:
-        if self.config.prefill == "auto" and slp.streamable(self.model) and self._rates is None:
-            self._rates = slp.model_rates(self.model)
-            self.policy.rates = self._rates
+        if self.config.prefill == "auto" and self.policy.can_stream and self.policy.rates is None:
+            self.policy.rates = slp.model_rates(self.model)
         if self.ranks > 1:  # the other ranks of DSLP: processes that load the model
             from refmoe import dslp
 
