@@ -428,6 +428,40 @@ def create_app(
             raise APIError(400, str(e)) from None
         return req, queue
 
+    async def collect(request: Request, eng, req, queue) -> tuple[list, list, dict] | None:
+        """A non-streamed request's events until it ends: (text pieces, token ids, the finish
+        event); None when the client went away (the request is cancelled); an error event
+        becomes the APIError it names."""
+        text: list[str] = []
+        ids: list[int] = []
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        eng.cancel(req.id)
+                        metrics.requests.labels(model=name, outcome="cancelled").inc()
+                        return None
+                    continue
+                if ev["type"] == "token":
+                    text.append(ev["text"])
+                    ids += ev["token_ids"]
+                elif ev["type"] == "finish":
+                    metrics.requests.labels(model=name, outcome="ok").inc()
+                    return text, ids, ev
+                else:
+                    metrics.requests.labels(model=name, outcome="error").inc()
+                    status = ev.get("status", 500)
+                    raise APIError(
+                        status,
+                        ev["message"],
+                        "service_unavailable" if status == 503 else "server_error",
+                    )
+        except asyncio.CancelledError:
+            eng.cancel(req.id)
+            raise
+
     async def generate(request: Request, body: _Sampling, prompt: list[int], chat: bool):
         eng = engine()
         check_model(body.model)
@@ -447,34 +481,11 @@ def create_app(
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        text, ids, finish, usage = [], [], None, None
-        try:
-            while finish is None:
-                try:
-                    ev = await asyncio.wait_for(queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        eng.cancel(req.id)
-                        metrics.requests.labels(model=name, outcome="cancelled").inc()
-                        return Response(status_code=499)
-                    continue
-                if ev["type"] == "token":
-                    text.append(ev["text"])
-                    ids += ev["token_ids"]
-                elif ev["type"] == "finish":
-                    finish, usage = ev["reason"], ev["usage"]
-                else:
-                    metrics.requests.labels(model=name, outcome="error").inc()
-                    status = ev.get("status", 500)
-                    raise APIError(
-                        status,
-                        ev["message"],
-                        "service_unavailable" if status == 503 else "server_error",
-                    )
-        except asyncio.CancelledError:
-            eng.cancel(req.id)
-            raise
-        metrics.requests.labels(model=name, outcome="ok").inc()
+        got = await collect(request, eng, req, queue)
+        if got is None:
+            return Response(status_code=499)  # the client went away
+        text, ids, end = got
+        finish, usage = end["reason"], end["usage"]
         content = "".join(text)
         if chat:
             choice = {
@@ -692,34 +703,10 @@ def create_app(
             return StreamingResponse(
                 events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
-        parts: list[str] = []
-        finish = None
-        try:
-            while finish is None:
-                try:
-                    ev = await asyncio.wait_for(queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        eng.cancel(req.id)
-                        metrics.requests.labels(model=name, outcome="cancelled").inc()
-                        return Response(status_code=499)
-                    continue
-                if ev["type"] == "token":
-                    parts.append(ev["text"])
-                elif ev["type"] == "finish":
-                    finish = ev
-                else:
-                    metrics.requests.labels(model=name, outcome="error").inc()
-                    status = ev.get("status", 500)
-                    raise APIError(
-                        status,
-                        ev["message"],
-                        "service_unavailable" if status == 503 else "server_error",
-                    )
-        except asyncio.CancelledError:
-            eng.cancel(req.id)
-            raise
-        metrics.requests.labels(model=name, outcome="ok").inc()
+        got = await collect(request, eng, req, queue)
+        if got is None:
+            return Response(status_code=499)  # the client went away
+        parts, _, finish = got
         reason, seq = stop_of(finish)
         return {
             **head,
