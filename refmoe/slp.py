@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from refmoe import costmodel
+from refmoe import costmodel, expert_store
 from refmoe.device_matmul import Matmul, block_dequant
 from refmoe.expert_store import ALIGN, Part, SlotLayout, pack_host, pack_model
 from refmoe.slp_lanes import CpuLanes, CudaLanes, _Spans
@@ -51,11 +51,9 @@ __all__ = [
     "Stats",
     "StreamPrefill",
     "block_dequant",
-    "for_request",
     "model_rates",
     "pack_host",
     "pack_model",
-    "path_for",
     "pcie_bound_tok_s",
     "ring_slots",
     "streamable",
@@ -432,33 +430,7 @@ def model_rates(model, device: str | None = None):
 
 
 def streamable(model) -> bool:
-    """Whether SLP can stream this model's routed experts (FP8 or BF16, not INT4)."""
-    return any(hasattr(b.ffn, "experts") for b in model.blocks) and all(
-        b.ffn.experts.fmt in ("fp8", "bf16") for b in model.blocks if hasattr(b.ffn, "experts")
-    )
-
-
-def path_for(model, tokens: int, rates) -> str:
-    """ "cpu" or "slp" for a prompt of `tokens` tokens, by the shared cost model."""
-    from refmoe import costmodel
-
-    if not streamable(model):
-        return "cpu"
-    return costmodel.choose_prefill(model.cfg, tokens, rates).path
-
-
-def for_request(
-    model, tokens: int, path: str = "auto", device: str | None = None, rates=None, **kwargs
-) -> StreamPrefill | None:
-    """The prefill runner for a prompt of `tokens` tokens: None for the CPU path, else an
-    StreamPrefill. path: cpu, slp, or auto (refmoe.costmodel decides from rates measured once
-    per model and device)."""
-    if path == "cpu":
-        return None
-    if path not in ("auto", "slp"):
-        raise ValueError(f"prefill must be auto, cpu or slp, got {path!r}")
-    if path == "auto" and path_for(model, tokens, rates or model_rates(model, device)) == "cpu":
-        return None
-    if device is not None and torch.device(device).type == "cuda":
-        pack_model(model, pin=True)  # a CPU-loaded model streamed to a GPU: pin it once
-    return StreamPrefill(model, device, **kwargs)
+    """Whether SLP can stream this model's routed experts: it has MoE layers and each one's
+    experts are in a slot format (expert_store.streamable: FP8 or BF16, not INT4)."""
+    moes = [b.ffn for b in model.blocks if hasattr(b.ffn, "experts")]
+    return bool(moes) and all(expert_store.streamable(m) for m in moes)

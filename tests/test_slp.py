@@ -14,6 +14,7 @@ from conftest import cli_generate
 from test_deepseek_v3 import random_model, write_fp8_checkpoint
 
 from refmoe import models, slp
+from refmoe.policy import EngineConfig
 from refmoe.trace import Trace
 
 transformers = pytest.importorskip("transformers")
@@ -233,8 +234,8 @@ def test_bad_arguments(fp8_dir):
     model = _load(fp8_dir, "cpu")
     with pytest.raises(ValueError, match="mode"):
         slp.StreamPrefill(model, mode="sometimes")
-    with pytest.raises(ValueError, match="prefill must be"):
-        slp.for_request(model, 10, "gpu")
+    with pytest.raises(ValueError, match="prefill must be"):  # the policy's own check
+        EngineConfig(prefill="gpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             slp.StreamPrefill(model, device="cuda")
