@@ -1,12 +1,16 @@
 """The serving engine: schedule, execute, postprocess, on two workers over one model.
 
-    prefill worker   plan = scheduler.next_prefill(); run the prompt (CPU kernels or SLP, as
-                     the plan says) into a fresh KV cache; sample the first token; hand the
-                     request (and its cache) to decode
+    prefill worker   plan = scheduler.next_prefill(); restore the prompt's cached prefix (if
+                     the prefix cache holds one), run the rest (CPU kernels or SLP, as the plan
+                     says); sample the first token; hand the request (and its cache) to decode
     decode worker    plan = scheduler.next_decode(); one batched step for every running
-                     request (each expert's weights read once for the batch); with dual-batch
-                     overlap, two micro-batches in two threads alternating attention and
-                     experts; sample, stream, finish
+                     request (each expert's weights read once for the batch), carrying a chunk
+                     of a CPU-path prompt when the plan has one (chunked prefill: decode never
+                     waits behind a whole prefill); with dual-batch overlap, two micro-batches
+                     in two threads alternating attention and experts; sample, stream, finish
+
+The prefix cache (refmoe/prefix_cache.py) keeps every prefilled prompt's cache, and every
+finished request's, by token prefix, so an agent's next turn runs only its new tokens.
 
 Both workers share the one model object, so the one host copy of the weights serves both
 (prefill-decode disaggregation inside one process, zero-copy). Requests arrive from any
@@ -21,6 +25,7 @@ Events a request's sink receives (from the workers' threads): {"type": "token", 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -30,16 +35,23 @@ from typing import TYPE_CHECKING
 import torch
 
 from refmoe import slp
+from refmoe.demo import available_memory
 from refmoe.dual_batch import DualBatch
+from refmoe.models.kv_cache import KVCache
 from refmoe.policy import EngineConfig, Policy
+from refmoe.prefix_cache import Hit, PrefixCache
 from refmoe.sampling import Sampler, SamplingParams
-from refmoe.scheduler import DecodePlan, Entry, PrefillPlan, QueueFull
+from refmoe.scheduler import Chunk, DecodePlan, Entry, PrefillPlan, QueueFull
 from refmoe.trace import gauges
 
 if TYPE_CHECKING:
     from refmoe.dslp import Group
 
 __all__ = ["Engine", "QueueFull", "Request", "ShuttingDown"]
+
+log = logging.getLogger("refmoe.engine")
+
+PREFIX_SHARE = 0.1  # of the memory free at start, for the prefix cache by default
 
 
 class ShuttingDown(Exception):
@@ -57,13 +69,15 @@ class Request:
     stop_text: list[str] = field(default_factory=list)
     arrival: float = field(default_factory=time.monotonic)
     out: list[int] = field(default_factory=list)
-    cache: object = None
+    cache: KVCache | None = None
     sampler: Sampler | None = None
     text_sent: int = 0  # characters of the decoded output already emitted
     first_token_at: float | None = None
     last_token_at: float | None = None
     finish_reason: str | None = None
     cancelled: bool = False
+    hit: Hit | None = None  # the cached prefix found for it, until restored
+    cached: int = 0  # prompt tokens restored from the prefix cache
 
 
 class Engine:
@@ -85,6 +99,8 @@ class Engine:
         model_dir: str | None = None,
         config: EngineConfig | None = None,
         rates=None,
+        prefix_cache_gib: float | None = None,
+        chunked_prefill: bool = True,
     ):
         """The keyword arguments make an EngineConfig (or pass `config`); rates: the cost
         model's (default: measured at start() when prefill is auto)."""
@@ -110,6 +126,8 @@ class Engine:
             kv_tokens=kv_tokens or 4 * self.context,
             max_batch=max_batch,
             max_queue=max_queue,
+            chunked_prefill=chunked_prefill,
+            prefix_cache_gib=prefix_cache_gib,
         )
         if self.config.ranks > 1 and model_dir is None:
             raise ValueError(
@@ -125,7 +143,17 @@ class Engine:
             accelerated=model.device.type != "cpu",
             can_stream=slp.streamable(model),
         )
-        self.scheduler = self.policy.scheduler()
+        c = self.config
+        gib = c.prefix_cache_gib
+        room = int(available_memory() * PREFIX_SHARE if gib is None else gib * 2**30)
+        # DSLP's other ranks prefill into caches of their own: no prefix to restore there
+        self.prefix = PrefixCache(room) if room > 0 and c.ranks == 1 else None
+        self.chunks = self.policy.chunk_rule  # fed the decode steps' measured times
+        self.scheduler = self.policy.scheduler(
+            lookup=self._lookup if self.prefix is not None else None
+        )
+        if trace is not None:  # what a simulator replaying this run must know
+            trace.metadata.setdefault("engine", {})["chunked_prefill"] = c.chunked_prefill
         self.requests: dict[str, Request] = {}
         self.lock = threading.Condition()
         self.accepting, self.stopping = True, False
@@ -247,8 +275,17 @@ class Engine:
         while True:
             with self.lock:
                 plan: PrefillPlan | DecodePlan | None = None
-                while not self.stopping and (plan := nxt()) is None:
-                    self.lock.wait(0.5)
+                try:
+                    while not self.stopping and (plan := nxt()) is None:
+                        self.lock.wait(0.5)
+                except Exception as e:  # noqa: BLE001 - a planning bug must not kill the worker
+                    # (every client would then wait forever): the requests it may have left
+                    # half-planned fail with the error, and the worker goes on
+                    log.exception("the %s worker's scheduler failed", kind)
+                    for req in list(self.requests.values()):
+                        if self.scheduler.state(req.id) != "waiting":
+                            self._fail(req, f"the scheduler failed: {type(e).__name__}: {e}")
+                    continue
                 if self.stopping or plan is None:
                     return
                 self._gauges()  # waiting -> prefilling changes both gauges
@@ -257,8 +294,10 @@ class Engine:
                 ids = [plan.request_id]
                 detail = {"requests": 1, "tokens": plan.tokens, "path": plan.where}
             else:
-                ids = plan.request_ids
+                ids = plan.request_ids + ([plan.chunk.request_id] if plan.chunk else [])
                 detail = {"requests": len(ids), "micro_batches": len(plan.micro_batches)}
+                if plan.chunk is not None:
+                    detail["prefill_chunk_tokens"] = plan.chunk.tokens
             try:
                 if isinstance(plan, PrefillPlan):
                     self._prefill(plan)
@@ -289,8 +328,8 @@ class Engine:
                 return
         if req is None:  # failed or dropped while waiting
             return
-        cache = self.model.new_cache()
-        ids = torch.tensor(req.prompt_ids)
+        cache = self._fresh_cache(req, plan.cached)
+        ids = torch.tensor(req.prompt_ids[plan.cached :])
         if plan.where == "slp" and self.group is not None:
             # every rank (DSLP) when decode has been quiet; else ranks 1..N-1, this process
             # only receiving the cache, so its device stays with decode (the paper's split)
@@ -303,10 +342,25 @@ class Engine:
             logits = self._streamer.prefill(ids, cache, modes=plan.streaming)
         else:
             logits = self.model.forward(ids, cache)
+        self._prefilled(req, cache, logits[-1])
+
+    def _fresh_cache(self, req: Request, cached: int):
+        """A new cache for req, holding its cached prefix when the plan restores one."""
+        cache = self.model.new_cache()
+        if cached and req.hit is not None and self.prefix is not None:
+            self.prefix.restore(req.hit, cache, self.model.device)
+            req.cached = cached
+        req.hit = None  # restored (or not needed): its blocks may go
+        return cache
+
+    def _prefilled(self, req: Request, cache, last_logits: torch.Tensor) -> None:
+        """The prompt is in the cache: keep its blocks, sample the first token, decode."""
+        if self.prefix is not None:
+            self.prefix.store(req.prompt_ids, cache)
         sampler = Sampler(req.params)
-        token = sampler(logits[-1])
+        token = sampler(last_logits)
         if self.metrics:
-            self.metrics.prompt_tokens.inc(len(req.prompt_ids))
+            self.metrics.prompt_tokens.inc(len(req.prompt_ids) - req.cached)
         with self.lock:
             if req.cancelled or req.finish_reason is not None:  # the step's boundary
                 self._drop(req)
@@ -326,7 +380,7 @@ class Engine:
         with self.lock:
             batches = []
             for mb in plan.micro_batches:
-                reqs = []
+                seqs = []
                 for rid in mb:
                     req = self.requests.get(rid)
                     if req is None:
@@ -334,21 +388,39 @@ class Engine:
                     if req.cancelled:
                         self._drop(req)
                     else:
-                        reqs.append((req, req.cache))
-                batches.append(reqs)
+                        seqs.append((req, req.cache, torch.tensor(req.out[-1:])))
+                batches.append(seqs)
+            chunk = self._chunk_seq(plan.chunk)
+        decoders = sum(len(b) for b in batches)
+        if chunk is not None:  # the prompt's chunk rides along the first micro-batch
+            batches[0].append(chunk)
         batches = [b for b in batches if b]
         if not batches:
             return
 
-        def step(pairs, locks) -> torch.Tensor:
-            return self.model.forward_batch(
-                [torch.tensor(r.out[-1:]) for r, _ in pairs], [c for _, c in pairs], locks
-            )
+        def step(seqs, locks) -> torch.Tensor:
+            return self.model.forward_batch([i for _, _, i in seqs], [c for _, c, _ in seqs], locks)
 
+        t0 = time.perf_counter()
         results = self.dual.run(step, batches)  # two micro-batches: overlapped
+        n = 0 if chunk is None else int(chunk[2].shape[0])
+        self.chunks.observe(decoders, n, time.perf_counter() - t0)
+        if chunk is not None and plan.chunk is not None:
+            creq, ccache = chunk[0], chunk[1]
+            with self.lock:
+                self.scheduler.chunked(creq.id, n)
+                gone = creq.cancelled or creq.finish_reason is not None
+                if gone:
+                    self._drop(creq)
+                self.lock.notify_all()
+            if plan.chunk.last and not gone:
+                creq.cache = None  # _prefilled hands it back with the sampler
+                self._prefilled(creq, ccache, results[0][-1])
         with self.lock:  # the step's other boundary
-            for pairs, logits in zip(batches, results):
-                for (req, _), row in zip(pairs, logits):
+            for seqs, logits in zip(batches, results):
+                for (req, _, _), row in zip(seqs, logits):
+                    if chunk is not None and req is chunk[0]:
+                        continue
                     if req.finish_reason is not None:
                         continue
                     if req.cancelled or req.sampler is None:
@@ -356,6 +428,23 @@ class Engine:
                     else:
                         self._emit(req, [req.sampler(row)])
             self.lock.notify_all()
+
+    def _chunk_seq(self, chunk: Chunk | None):
+        """(request, its cache, the chunk's token ids) for a plan's prefill chunk (lock held);
+        None when there is none or its request has gone. The cache starts at the first chunk,
+        with the prompt's cached prefix restored."""
+        if chunk is None:
+            return None
+        req = self.requests.get(chunk.request_id)
+        if req is None:
+            return None
+        if req.cancelled:
+            self._drop(req)
+            return None
+        if req.cache is None:
+            req.cache = self._fresh_cache(req, chunk.start)
+        ids = torch.tensor(req.prompt_ids[chunk.start : chunk.start + chunk.tokens])
+        return req, req.cache, ids
 
     # -- postprocess (called with the lock held) -------------------------------------------
 
@@ -422,10 +511,25 @@ class Engine:
                 first_token_time=None if req.first_token_at is None else req.first_token_at - t0,
                 finish_time=time.monotonic() - t0,
             )
+        if req.finish_reason in ("stop", "length") and req.cache is not None and self.prefix:
+            # the whole conversation so far, for its next turn (new blocks only are copied)
+            self.prefix.store(req.prompt_ids + req.out, req.cache)
         self.requests.pop(req.id, None)
         req.cache = None
         self.scheduler.finish(req.id)
         self._gauges()
+
+    def _lookup(self, request_id: str) -> int:
+        """The scheduler asks (lock held) how much of a request's prompt is cached; the hit
+        is kept on the request until its prefill restores it."""
+        req = self.requests.get(request_id)
+        if req is None or self.prefix is None:
+            return 0
+        req.hit = self.prefix.match(req.prompt_ids)
+        if self.metrics:
+            self.metrics.prefix_queries.inc(len(req.prompt_ids))
+            self.metrics.prefix_hits.inc(req.hit.tokens)
+        return req.hit.tokens
 
     def _send(self, req: Request, event: dict) -> None:
         try:
@@ -439,6 +543,7 @@ class Engine:
             "prompt_tokens": len(req.prompt_ids),
             "completion_tokens": len(req.out),
             "total_tokens": len(req.prompt_ids) + len(req.out),
+            "prompt_tokens_details": {"cached_tokens": req.cached},
         }
 
     def _gauges(self) -> None:
@@ -448,6 +553,9 @@ class Engine:
             self.metrics.waiting.set(s.queue_depth)
             self.metrics.running.set(s.running)
             self.metrics.kv_usage.set(s.kv.usage)
+            if self.prefix is not None:
+                self.metrics.prefix_bytes.set(self.prefix.nbytes)
+                self.metrics.prefix_hit_rate.set(self.prefix.stats.hit_rate)
         if self.trace is not None:
             gauges(self.trace, self.trace.now(), s)
 

@@ -54,6 +54,17 @@ class Metrics:
         self.expert_seconds = count(
             "refmoe_cpu_expert_seconds", "Time in the CPU routed-expert kernels"
         )
+        # the prefix cache, counted in tokens as vLLM counts its prefix_cache_queries / hits
+        self.prefix_queries = count(
+            "refmoe_prefix_cache_queries", "Prompt tokens looked up in the prefix cache"
+        )
+        self.prefix_hits = count(
+            "refmoe_prefix_cache_hits", "Prompt tokens found in the prefix cache (not prefilled)"
+        )
+        self.prefix_hit_rate = gauge(
+            "refmoe_prefix_cache_hit_rate", "Prefix cache hits over queries, by tokens, since start"
+        )
+        self.prefix_bytes = gauge("refmoe_prefix_cache_bytes", "Host memory the prefix cache holds")
         self.requests = Counter(
             "refmoe_requests", "Requests by outcome", ["model", "outcome"], registry=r
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from refmoe import costmodel
+from refmoe.chunking import ChunkRule
 from refmoe.config import ModelConfig
 from refmoe.scheduler import Scheduler
 
@@ -34,6 +35,14 @@ class EngineConfig:
     max_queue: int = 256  # waiting requests before QueueFull (HTTP 429)
     decode_quiet_s: float = 300.0  # DSLP takes every device only after this long without decode
     chunk_tokens: int | None = None  # SLP chunk length (None: the device's default)
+    # chunked CPU prefill: while others decode, a CPU-path prompt rides along decode steps
+    # (refmoe/chunking.py) so that their mean time per token grows by at most decode_slowdown
+    # and one step by at most chunk_stall steps; off: it runs whole beside them
+    chunked_prefill: bool = True
+    decode_slowdown: float = 1.2
+    chunk_stall: float = 2.0
+    # host memory for the prefix cache, GiB (None: a share of the memory free at start; 0: off)
+    prefix_cache_gib: float | None = None
 
     def __post_init__(self):
         if self.prefill not in PREFILL:
@@ -51,6 +60,12 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         if self.decode_quiet_s < 0:
             raise ValueError(f"decode_quiet_s must be >= 0, got {self.decode_quiet_s}")
+        if self.decode_slowdown <= 1.0:
+            raise ValueError(f"decode_slowdown must be > 1, got {self.decode_slowdown}")
+        if self.chunk_stall <= 0:
+            raise ValueError(f"chunk_stall must be > 0 decode steps, got {self.chunk_stall}")
+        if self.prefix_cache_gib is not None and self.prefix_cache_gib < 0:
+            raise ValueError(f"prefix_cache_gib must be >= 0, got {self.prefix_cache_gib}")
 
 
 class Policy:
@@ -68,6 +83,9 @@ class Policy:
         self.config, self.cfg, self.rates = config, cfg, rates
         self.accelerated, self.can_stream = accelerated, can_stream
         self.chunk_tokens = config.chunk_tokens or chunk_tokens
+        # chunked CPU prefill: sized from step times the executor reports (observe), measured
+        # by the engine, simulated by the simulator
+        self.chunk_rule = ChunkRule(config.decode_slowdown, config.chunk_stall)
 
     @classmethod
     def build(
@@ -113,8 +131,10 @@ class Policy:
         sizes = [min(c, tokens - lo) for lo in range(0, tokens, c)]
         return len(sizes), tuple(costmodel.streaming(self.cfg, t) for t in sizes)
 
-    def scheduler(self, clock=None) -> Scheduler:
-        """The scheduler this policy drives; its plans carry every decision above."""
+    def scheduler(self, clock=None, lookup=None) -> Scheduler:
+        """The scheduler this policy drives; its plans carry every decision above (chunks of
+        CPU prefills sized by chunk_rule when chunked_prefill is on). lookup: request id ->
+        cached prefix tokens (the executor's prefix cache)."""
         c = self.config
         kv = c.kv_tokens or 4 * self.cfg.max_position_embeddings
         return Scheduler(
@@ -127,4 +147,6 @@ class Policy:
             decode_quiet_s=c.decode_quiet_s,
             clock=clock,
             details=self.details,
+            lookup=lookup,
+            chunk_tokens=self.chunk_rule.tokens if c.chunked_prefill else None,
         )

@@ -5,8 +5,14 @@ engine executes and that the simulator can replay with its own executor.
 Policy, as the paper's technique 3 describes it:
 - admission: a request waits until the KV budget holds its prompt plus max_tokens; the
   waiting queue has a bound (the server answers 429 beyond it);
+- prefix cache: a request's cached prefix is looked up once, when it reaches the head of the
+  queue (`lookup`); the path is chosen for the tokens left to run, not the whole prompt;
 - prefill and decode are separate workers: prefill takes the oldest admitted request, whole
   (chunked by SLP when it runs there), on the path the cost model picks (`where`);
+- chunked CPU prefill (`chunk_tokens` given): while requests decode, a prompt on the CPU path
+  is not run whole beside them (both would share the same cores, and every decode step would
+  wait on it); its tokens ride along decode steps instead, a chunk per step as the rule
+  allows (refmoe/chunking.py), so a decode step waits for at most one chunk;
 - decode batches every running request up to max_batch (continuous batching: a request
   joins at the next step after its prefill, leaves at the step it finishes);
 - dual-batch overlap splits a decode batch of two or more into two halves when it pays (on
@@ -33,12 +39,24 @@ class PrefillPlan:
     device_ids: tuple[int, ...] = (0,)  # which: the last `devices` (device 0 decodes)
     chunks: int = 1  # SLP chunks (each a full pass over the experts)
     streaming: tuple[str, ...] = ()  # per chunk: "prefetch" or "selective"
+    cached: int = 0  # leading prompt tokens restored from the prefix cache, not run
+
+
+@dataclass(slots=True)
+class Chunk:
+    """Prompt tokens start .. start + tokens of a CPU-path prefill, run within a decode step."""
+
+    request_id: str
+    start: int
+    tokens: int
+    last: bool  # the prompt's last chunk: its logits give the first token
 
 
 @dataclass(slots=True)
 class DecodePlan:
     request_ids: list[str]
     micro_batches: list[list[str]] = field(default_factory=list)  # two with dual-batch overlap
+    chunk: Chunk | None = None  # a prefill chunk that rides along this step
 
     @property
     def overlapped(self) -> bool:
@@ -54,6 +72,9 @@ class Entry:
     max_tokens: int
     arrival: float
     state: str = "waiting"  # waiting -> prefilling -> decoding -> finished
+    where: str | None = None  # the prefill path, once looked at
+    cached: int = 0  # leading prompt tokens the prefix cache holds
+    done: int = 0  # prompt tokens run so far by chunks
 
     @property
     def reserve(self) -> int:
@@ -101,12 +122,20 @@ class Scheduler:
         decode_quiet_s: float = 300.0,
         clock=None,
         details=None,
+        lookup=None,
+        chunk_tokens=None,
     ):
         self.kv = KVBudget(kv_tokens)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.choose_path = choose_path or (lambda tokens: "cpu")
         # (tokens, where) -> (chunks, streaming per chunk): refmoe.policy.Policy.details
         self.details = details or (lambda tokens, where: (1, ()))
+        # request_id -> leading prompt tokens cached (the engine's prefix cache)
+        self.lookup = lookup or (lambda request_id: 0)
+        # (decoding requests, prompt tokens left) -> tokens of the next chunk (0: none this
+        # step); None: CPU prefills run whole on the prefill worker
+        self.chunk_tokens = chunk_tokens
+        self.chunking: str | None = None  # the request whose prompt rides along decode steps
         self.dual_batch = dual_batch
         self.entries: dict[str, Entry] = {}
         self.waiting: deque[str] = deque()
@@ -143,6 +172,8 @@ class Scheduler:
             self.decoding.remove(request_id)
         if request_id in self.waiting:
             self.waiting.remove(request_id)
+        if self.chunking == request_id:
+            self.chunking = None
         e.state = "finished"
 
     def prefilled(self, request_id: str) -> None:
@@ -150,6 +181,14 @@ class Scheduler:
         if e is not None and e.state == "prefilling":
             e.state = "decoding"
             self.decoding.append(request_id)
+        if self.chunking == request_id:
+            self.chunking = None
+
+    def chunked(self, request_id: str, tokens: int) -> None:
+        """A chunk of the chunking request ran (its last one: call prefilled too)."""
+        e = self.entries.get(request_id)
+        if e is not None:
+            e.done += tokens
 
     def state(self, request_id: str) -> str | None:
         """waiting, prefilling or decoding; None once finished (or never added)."""
@@ -161,15 +200,15 @@ class Scheduler:
     def next_prefill(self) -> PrefillPlan | None:
         """The oldest waiting request whose reservation fits (first come, first served: a
         large request at the head waits rather than being overtaken forever)."""
-        if not self.waiting:
+        e = self._head()
+        if e is None:
             return None
-        e = self.entries[self.waiting[0]]
-        if not self.kv.fits(e.reserve):
-            return None
+        where = e.where or "cpu"
+        if where == "cpu" and self.chunk_tokens is not None and (self.decoding or self.chunking):
+            return None  # it will ride along decode steps (next_decode)
         self.waiting.popleft()
         self.kv.take(e.reserve)
         e.state = "prefilling"
-        where = self.choose_path(e.prompt_tokens)
         devices = 1
         if where == "slp" and self.devices > 1:
             quiet = not self.decoding and self.clock() - self.last_decode >= self.decode_quiet_s
@@ -180,20 +219,60 @@ class Scheduler:
             if where == "slp"
             else (self.devices - 1,)
         )
-        chunks, streaming = self.details(e.prompt_tokens, where)
-        return PrefillPlan(e.request_id, e.prompt_tokens, where, devices, ids, chunks, streaming)
+        chunks, streaming = self.details(e.prompt_tokens - e.cached, where)
+        return PrefillPlan(
+            e.request_id, e.prompt_tokens, where, devices, ids, chunks, streaming, e.cached
+        )
+
+    def _head(self) -> Entry | None:
+        """The oldest waiting request if its reservation fits, its cached prefix and path
+        decided (once: the lookup pins what it found for the executor)."""
+        if not self.waiting:
+            return None
+        e = self.entries[self.waiting[0]]
+        if not self.kv.fits(e.reserve):
+            return None
+        if e.where is None:
+            e.cached = min(self.lookup(e.request_id), e.prompt_tokens - 1)
+            e.where = self.choose_path(e.prompt_tokens - e.cached)
+        return e
 
     def next_decode(self) -> DecodePlan | None:
-        if not self.decoding:
+        chunk = self._next_chunk()
+        if not self.decoding and chunk is None:
             return None
-        self.last_decode = self.clock()
+        if self.decoding:
+            self.last_decode = self.clock()
         ids = self.decoding[: self.max_batch]
         split = (
             [ids[: (len(ids) + 1) // 2], ids[(len(ids) + 1) // 2 :]]
-            if self.dual_batch and len(ids) >= 2
+            if self.dual_batch and len(ids) >= 2 and chunk is None
             else [ids]
         )
-        return DecodePlan(ids, split)
+        return DecodePlan(ids, split, chunk)
+
+    def _next_chunk(self) -> Chunk | None:
+        """The chunk that rides along this decode step, if any: a CPU-path prompt at the head
+        of the queue starts chunking while others decode; the rule sizes each chunk."""
+        if self.chunk_tokens is None:
+            return None
+        if self.chunking is None and self.decoding:
+            e = self._head()
+            if e is None or e.where != "cpu":
+                return None
+            self.waiting.popleft()
+            self.kv.take(e.reserve)
+            e.state = "prefilling"
+            self.chunking = e.request_id
+        if self.chunking is None:
+            return None
+        e = self.entries[self.chunking]
+        start = e.cached + e.done
+        left = e.prompt_tokens - start
+        n = min(left, self.chunk_tokens(len(self.decoding[: self.max_batch]), left))
+        if n <= 0:
+            return None
+        return Chunk(e.request_id, start, n, n == left)
 
     @property
     def queue_depth(self) -> int:

@@ -262,6 +262,7 @@ class Simulation:
         trace_layers: bool = False,
         routing_skew: float = 0.0,
         routing: dict | None = None,
+        chunked_prefill: bool = True,
     ):
         from sim.routing import routing_bins
 
@@ -296,8 +297,10 @@ class Simulation:
             kv_tokens=kv_tokens,
             max_batch=max_batch,
             max_queue=max_queue,
+            chunked_prefill=chunked_prefill,
         )
-        self.sched = policy_for(cfg, hw, config).scheduler(clock=lambda: env.now)
+        self.policy = policy_for(cfg, hw, config)
+        self.sched = self.policy.scheduler(clock=lambda: env.now)
         self.outcomes = [Outcome(a, p) for a, p, _ in requests]
         self.wants: dict[str, int] = {}
         self.last: dict[str, float] = {}
@@ -481,6 +484,9 @@ class Simulation:
             if plan is None:
                 yield self.wake_event
                 continue
+            if plan.chunk is not None:
+                yield from self.chunked_step(plan)
+                continue
             b = len(plan.request_ids)
             parts = sum(self.step(plan), [])
             left = min(wants[r] - outcomes[int(r)].output_tokens for r in plan.request_ids)
@@ -503,7 +509,12 @@ class Simulation:
                         break
                     steps.append(period)
                     done += progress
-            elif not self.prefilling and not sched.waiting and not net.flows:
+            elif (
+                not self.prefilling
+                and not sched.waiting
+                and sched.chunking is None
+                and not net.flows
+            ):
                 gap, took = self.next_arrival - env.now, 0.0
                 for i in range(left):
                     period = sum(p.seconds for p in sum(self.step(plan, i), []))
@@ -513,8 +524,10 @@ class Simulation:
                     took += period
             k = max(1, len(steps))
             t0 = env.now
+            rule = self.policy.chunk_rule
             if k == 1:
                 yield from self.forward(parts)
+                rule.observe(b, 0, env.now - t0)
                 for rid in plan.request_ids:
                     self.token(rid)
             else:
@@ -526,6 +539,7 @@ class Simulation:
                 at = t0
                 for period in steps:
                     at += period
+                    rule.observe(b, 0, period)
                     for rid in plan.request_ids:
                         self.token(rid, at)
             if tr:  # one span per step, as the engine writes them
@@ -544,6 +558,38 @@ class Simulation:
                         self.cost.layer_spans(tr, at, per, b, "decode")
                     at += per
             self.wake()
+
+    def chunked_step(self, plan):
+        """A decode step that carries a chunk of a CPU prefill (chunked prefill): the step's
+        parts, then the chunk's, one after the other on the same cores; the step's simulated
+        time goes to the policy's chunk rule, as the engine reports its measured one."""
+        env, chunk = self.env, plan.chunk
+        b = len(plan.request_ids)
+        start = env.now
+        parts = sum(self.step(plan), []) if b else []
+        yield from self.forward(parts + self.cost(chunk.tokens, "cpu"))
+        self.policy.chunk_rule.observe(b, chunk.tokens, env.now - start)
+        for rid in plan.request_ids:
+            self.token(rid)
+        self.sched.chunked(chunk.request_id, chunk.tokens)
+        if chunk.last:
+            self.token(chunk.request_id)
+            if not self.outcomes[int(chunk.request_id)].ok:
+                self.sched.prefilled(chunk.request_id)
+        if self.tr:
+            self.tr.span(
+                "scheduler",
+                "decode worker",
+                "decode",
+                start,
+                env.now - start,
+                requests=b + 1,
+                micro_batches=len(plan.micro_batches),
+                prefill_chunk_tokens=chunk.tokens,
+            )
+            if self.trace_layers:
+                self.cost.layer_spans(self.tr, start, env.now - start, b + chunk.tokens, "cpu")
+        self.wake()
 
 
 def simulate(cfg: ModelConfig, hw: Hardware, requests: list[tuple[float, int, int]], *args, **kw):

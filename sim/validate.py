@@ -98,6 +98,8 @@ def _serving(doc: dict, cfg: ModelConfig):
     workload = [(r["arrival"] - t0, r["prompt_tokens"], r["output_tokens"]) for r in reqs]
     engine = doc["metadata"].get("engine") or {}
     path = engine.get("prefill") if engine.get("prefill") in ("cpu", "slp") else "cpu"
+    # traces from before chunked prefill ran every CPU prefill whole beside decode
+    chunked = bool(engine.get("chunked_prefill", False))
     ok = [r for r in reqs if r.get("first_token_time") is not None]
     tpot = [
         (r["finish_time"] - r["first_token_time"]) / (r["output_tokens"] - 1)
@@ -125,7 +127,9 @@ def _serving(doc: dict, cfg: ModelConfig):
         )
 
     def fn(profile: Hardware) -> dict:
-        outcomes, duration = simulate(cfg, profile, workload, prefill=path, routing=routing)
+        outcomes, duration = simulate(
+            cfg, profile, workload, prefill=path, routing=routing, chunked_prefill=chunked
+        )
         pred = summary(outcomes, duration)
         e2e = [o.e2e_s for o in outcomes if o.ok]
         return {

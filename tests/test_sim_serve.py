@@ -235,17 +235,26 @@ def test_sweep_in_processes_with_plots(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_simulated_trace_has_the_engine_lanes():
+@pytest.mark.parametrize("chunked", [False, True])
+def test_simulated_trace_has_the_engine_lanes(chunked):
+    """The second prompt arrives while the first decodes: run whole by the prefill worker, or
+    (chunked prefill) riding along the decode steps, as the engine's spans show it."""
     from sim.serve import simulate
 
     cfg, hw = ModelConfig.from_dict(V3), Hardware.load("paper-2x9355-2x5090")
-    outcomes, _, tr = simulate(cfg, hw, [(0.0, 64, 5), (0.5, 32, 3)], trace=True)
+    outcomes, _, tr = simulate(
+        cfg, hw, [(0.0, 64, 5), (0.5, 32, 3)], trace=True, prefill="cpu", chunked_prefill=chunked
+    )
     doc = tr.to_json()
     lanes = {e["args"]["name"] for e in doc["traceEvents"] if e.get("name") == "thread_name"}
     assert lanes == {"prefill worker", "decode worker"}
     spans = [e for e in doc["traceEvents"] if e["ph"] == "X"]
-    assert sum(e["name"] == "prefill" for e in spans) == 2
-    assert sum(e["args"]["requests"] for e in spans if e["name"] == "decode") == 4 + 2
+    decodes = [e for e in spans if e["name"] == "decode"]
+    with_chunk = [e for e in decodes if "prefill_chunk_tokens" in e["args"]]
+    assert sum(e["name"] == "prefill" for e in spans) == (1 if chunked else 2)
+    assert sum(e["args"]["prefill_chunk_tokens"] for e in with_chunk) == (32 if chunked else 0)
+    # every decode step gives each of its decoding requests a token (the chunk gives none)
+    assert sum(e["args"]["requests"] for e in decodes) - len(with_chunk) == 4 + 2
     reqs = sorted(doc["metadata"]["requests"], key=lambda r: r["arrival"])
     assert [r["output_tokens"] for r in reqs] == [5, 3] and doc["metadata"]["simulated"]
     assert reqs[0]["first_token_time"] == pytest.approx(outcomes[0].ttft_s)
@@ -328,8 +337,9 @@ def test_dual_batch_overlap_in_serve():
 
     cfg, hw = ModelConfig.from_dict(V3), Hardware.load("paper-2x9355-2x5090")
     reqs = [(0.0, 32, 60), (0.0, 32, 60)]
-    on, _ = simulate(cfg, hw, reqs, dual_batch="on")
-    off, _ = simulate(cfg, hw, reqs, dual_batch="off")
+    # both prompts prefilled whole (no chunked prefill), so both decode from the start
+    on, _ = simulate(cfg, hw, reqs, dual_batch="on", chunked_prefill=False)
+    off, _ = simulate(cfg, hw, reqs, dual_batch="off", chunked_prefill=False)
     c = Costs(cfg, hw, Machine(simpy.Environment(), hw))
     gpu = sum(
         p.seconds

@@ -4,7 +4,7 @@ and values)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -47,3 +47,26 @@ class KVCache:
     @property
     def length(self) -> int:
         return self.layers[0].length if self.layers else 0
+
+    def parts(self) -> list[list[Growing]]:
+        """Per layer, the growing tensors its cache holds (MLA: the latent; GQA: keys and
+        values), in a fixed order: what a prefix cache copies out and back."""
+        return [
+            [getattr(c, f.name) for f in fields(c) if isinstance(getattr(c, f.name), Growing)]
+            for c in self.layers
+        ]
+
+    def read(self, lo: int, hi: int) -> list[list[torch.Tensor]]:
+        """Positions lo .. hi of every layer's tensors (views: copy them to keep them)."""
+        if not 0 <= lo <= hi <= self.length:
+            raise ValueError(f"positions {lo}..{hi} outside a cache of {self.length}")
+        return [[g.view().narrow(g.dim, lo, hi - lo) for g in layer] for layer in self.parts()]
+
+    def extend(self, layers: list[list[torch.Tensor]]) -> None:
+        """Append per-layer tensors shaped as read() gives them (the next positions)."""
+        mine = self.parts()
+        if len(layers) != len(mine) or any(len(a) != len(b) for a, b in zip(layers, mine)):
+            raise ValueError("the tensors do not match this cache's layers")
+        for gs, ts in zip(mine, layers):
+            for g, t in zip(gs, ts):
+                g.append(t)

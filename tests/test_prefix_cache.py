@@ -1,0 +1,181 @@
+"""The prefix cache (refmoe/prefix_cache.py): a restored prefix plus the new tokens gives the
+logits a whole prefill gives (MLA and GQA caches); blocks are shared, evicted least recently
+used leaves first within the budget, and a hit survives the eviction of its blocks; in the
+engine, a request that starts with a cached prefix runs only its new tokens, reports them as
+cached_tokens, and generates what it would have without the cache, under cancels and
+evictions."""
+
+import random
+import threading
+
+import pytest
+import torch
+from conftest import randomize_bf16
+from test_engine import _run
+from test_slp import fp8_dir  # noqa: F401 (fixture)
+
+from refmoe import models
+from refmoe.engine import Engine
+from refmoe.generate import generate
+from refmoe.metrics import Metrics
+from refmoe.prefix_cache import PrefixCache
+from refmoe.sampling import SamplingParams
+
+transformers = pytest.importorskip("transformers")
+
+LONG = [(7 * i + 3) % 61 + 1 for i in range(100)]  # 100 tokens: three 32-token blocks
+
+
+@pytest.fixture(scope="module")
+def mla(fp8_dir):  # noqa: F811
+    return models.load(fp8_dir)[1]
+
+
+@pytest.fixture(scope="module")
+def gqa(tmp_path_factory):
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=97,
+        hidden_size=72,
+        intermediate_size=96,
+        moe_intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+        eos_token_id=None,
+    )
+    torch.manual_seed(1)
+    m = transformers.Qwen3MoeForCausalLM(cfg).eval()
+    randomize_bf16(m)
+    d = tmp_path_factory.mktemp("qwen")
+    m.save_pretrained(d)
+    return models.load(d)[1]
+
+
+@pytest.mark.parametrize("family", ["mla", "gqa"])
+def test_restored_prefix_gives_the_whole_prefill_logits(family, request):
+    model = request.getfixturevalue(family)
+    whole = model.forward(torch.tensor(LONG), model.new_cache())
+    pc = PrefixCache(1 << 30)
+    cache = model.new_cache()
+    model.forward(torch.tensor(LONG[:70]), cache)
+    assert pc.store(LONG[:70], cache) == 2  # two full blocks of 32; the 6 left over are not
+    hit = pc.match(LONG)
+    assert hit.tokens == 64 and len(hit.blocks) == 2
+    fresh = model.new_cache()
+    pc.restore(hit, fresh)
+    assert fresh.length == 64
+    rest = model.forward(torch.tensor(LONG[64:]), fresh)
+    tol = 1e-5 * whole.abs().max()
+    assert (rest - whole[64:]).abs().max() <= tol
+    # the restored positions are the stored ones, bit for bit
+    for a, b in zip(fresh.read(0, 64), cache.read(0, 64)):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_match_leaves_a_token_to_run_and_checks_tokens(mla):
+    pc = PrefixCache(1 << 30, block_tokens=4)
+    cache = mla.new_cache()
+    mla.forward(torch.tensor(LONG[:8]), cache)
+    assert pc.store(LONG[:8], cache) == 2
+    assert pc.match(LONG[:8]).tokens == 4  # all 8 cached, but the last token must run
+    assert pc.match(LONG[:9]).tokens == 8
+    assert pc.match([LONG[0] + 1] + LONG[1:9]).tokens == 0  # a different first block
+    assert pc.store(LONG[:8], cache) == 0  # already there: touched, not copied
+    s = pc.stats
+    assert s.queries == 8 + 9 + 9 and s.hits == 12 and s.hit_rate == pytest.approx(12 / 26)
+
+
+def test_eviction_is_lru_leaves_first_within_the_budget(mla):
+    cache = mla.new_cache()
+    mla.forward(torch.tensor(LONG[:64]), cache)
+    probe = PrefixCache(1 << 30, block_tokens=8)
+    probe.store(LONG[:8], cache)
+    per = probe.nbytes  # one block
+    pc = PrefixCache(5 * per, block_tokens=8)
+    assert pc.store(LONG[:32], cache) == 4  # chain A: blocks a0..a3
+    held = pc.match(LONG[:33])  # a hit on all four, held by a "request"
+    assert held.tokens == 32
+    other = [LONG[0] + 1] + LONG[1:24]
+    ocache = mla.new_cache()
+    mla.forward(torch.tensor(other), ocache)
+    pc.store(other, ocache)  # chain B, three blocks: two of A's must go, leaves first
+    assert pc.nbytes <= 5 * per and len(pc) == 5
+    assert pc.match(LONG[:33]).tokens == 16  # a0, a1 kept (a2, a3 were the LRU leaves)
+    assert pc.stats.evicted_blocks == 2
+    # the held hit is whole: its evicted blocks are still its own
+    fresh = mla.new_cache()
+    pc.restore(held, fresh)
+    for a, b in zip(fresh.read(0, 32), cache.read(0, 32)):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="capacity"):
+        PrefixCache(-1)
+
+
+def test_engine_reuses_a_cached_prefix(mla):
+    """Turn 2 of a conversation: turn 1's prompt and reply, then new tokens. Its prefill runs
+    only the new tokens; its output is what a whole prefill gives."""
+    metrics = Metrics("tiny")
+    engine = Engine(mla, prefill="cpu", metrics=metrics, prefix_cache_gib=0.5).start()
+    try:
+        out1, ends1, _ = _run(engine, [LONG[:60]], 8)
+        assert ends1[0]["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+        turn2 = LONG[:60] + out1[0] + LONG[60:90]
+        out2, ends2, _ = _run(engine, [turn2], 8)
+        cached = ends2[0]["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached == 64  # 60 + 8 tokens cached; two full 32-token blocks
+        assert out2[0] == generate(mla, turn2, 8).token_ids
+        assert engine.prefix.stats.hits == 64
+        text = metrics.render().decode()
+        assert "refmoe_prefix_cache_hits_total" in text and "refmoe_prefix_cache_bytes" in text
+        assert 'refmoe_prompt_tokens_total{model="tiny"} ' + str(60.0 + len(turn2) - 64) in text
+    finally:
+        engine.shutdown(1)
+    off = Engine(mla, prefill="cpu", prefix_cache_gib=0)
+    assert off.prefix is None
+
+
+def test_cancels_and_evictions_never_corrupt_a_request(mla):
+    """Many requests sharing prefixes through a cache too small to keep them all, a third of
+    them cancelled at random moments: every one that finishes has the tokens a lone request
+    gets, and the KV budget returns to zero."""
+    rng = random.Random(0)
+    bases = [LONG[:64], [5] + LONG[1:64], LONG[:32] + [9] * 32]
+    prompts = [rng.choice(bases) + [rng.randrange(1, 60) for _ in range(rng.randrange(1, 9))]]
+    prompts += [rng.choice(bases) + [rng.randrange(1, 60) for _ in range(4)] for _ in range(11)]
+    want = {i: generate(mla, p, 4).token_ids for i, p in enumerate(prompts)}
+    engine = Engine(mla, prefill="cpu", max_batch=4, prefix_cache_gib=0.0002).start()
+    assert engine.prefix is not None and engine.prefix.capacity < 2**30
+    got, done, cancelled = {}, {}, set()
+    try:
+        reqs = {}
+        for i, p in enumerate(prompts):
+            done[i] = threading.Event()
+
+            def sink(ev, i=i):
+                if ev["type"] == "token":
+                    got.setdefault(i, []).extend(ev["token_ids"])
+                else:
+                    done[i].set()
+
+            reqs[i] = engine.submit(p, 4, SamplingParams(), sink)
+            if rng.random() < 0.33:
+                engine.cancel(reqs[i].id)
+                cancelled.add(i)
+        for i in done:
+            if i not in cancelled:
+                assert done[i].wait(120)
+        deadline = threading.Event()
+        for _ in range(200):
+            if not engine.requests:
+                break
+            deadline.wait(0.05)
+    finally:
+        engine.shutdown(1)
+    finished = [i for i in done if i not in cancelled]
+    assert finished and all(got[i] == want[i] for i in finished)
+    assert engine.kv_usage == 0
+    assert engine.prefix.nbytes <= engine.prefix.capacity and engine.prefix.stats.hits > 0
