@@ -110,11 +110,16 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         if args.scenario == "interference":
             rows = [
                 bench_serve.interference(
-                    model, prefill_tokens=args.prefill_tokens, prefill=args.prefill
+                    model,
+                    prefill_tokens=args.prefill_tokens,
+                    prefill=args.prefill,
+                    engine_kwargs={"chunked_prefill": args.chunked_prefill == "on"},
                 )
             ]
         elif args.scenario == "dual-batch":
             rows = [bench_serve.dual_batch(model, dual=None)]
+        elif args.scenario == "agent":
+            return _bench_agents(args, cfg, model, directory)
         else:
             reqs = bench_serve.workload(
                 args.num_prompts, args.request_rate, args.prompt_len, args.output_len, args.seed
@@ -447,6 +452,72 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_agents(args: argparse.Namespace, cfg, model, directory) -> int:
+    """`refmoe bench serve --scenario agent`: conversations through the real server."""
+    from refmoe import bench_serve, routing
+    from refmoe.serving_metrics import agent_summary, agent_workload, format_agent_summary
+    from refmoe.trace import for_run
+
+    shape = {
+        "scenario": "agent",
+        "conversations": args.conversations,
+        "turns": args.turns,
+        "context": args.context,
+        "new_tokens": args.new_tokens,
+        "output_len": args.output_len,
+        "think_s": args.think_s,
+        "seed": args.seed,
+    }
+    convos = agent_workload(
+        args.conversations,
+        args.turns,
+        args.context,
+        args.new_tokens,
+        args.output_len,
+        args.think_s,
+        args.seed,
+    )
+    trace = for_run(cfg, str(model.device), prefill=args.prefill, workload=shape)
+    routing.reset(model)
+    engine_kwargs = {
+        "prefill": args.prefill,
+        "max_batch": args.max_batch,
+        "chunked_prefill": args.chunked_prefill == "on",
+        "prefix_cache_gib": args.prefix_cache_gib,
+    }
+    records, duration = bench_serve.run_agents(
+        model, str(directory), convos, trace, args.seed, engine_kwargs
+    )
+    result = agent_summary(records, duration)
+    turns = [
+        {
+            "conversation": r.conversation,
+            "turn": r.turn,
+            "prompt_tokens": r.outcome.prompt_tokens,
+            "cached_tokens": r.cached_tokens,
+            "output_tokens": r.outcome.output_tokens,
+            "sent_s": r.sent_s,
+            "ttft_s": r.outcome.ttft_s,
+            "e2e_s": r.outcome.e2e_s,
+            "error": r.outcome.error,
+        }
+        for r in records
+    ]
+    if args.trace:
+        trace.metadata["result"] = result
+        trace.metadata["turns"] = turns
+        trace.metadata["routing"] = routing.record(model)
+        trace.write(args.trace)
+    if args.json:
+        print(json.dumps({"op": "serve_agent", **result, "turns": turns}))
+    else:
+        print(format_agent_summary(result))
+        for r in records:
+            if not r.outcome.ok:
+                print(f"failed: {r.outcome.error}", file=sys.stderr)
+    return 0 if result["failed"] == 0 else 1
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from refmoe.server import serve
 
@@ -473,6 +544,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             "prefill": args.prefill,
             "ranks": args.ranks,
             "dual_batch": dual_batch,
+            "prefix_cache_gib": args.prefix_cache_gib,
+            "chunked_prefill": args.chunked_prefill == "on",
+            "decode_slowdown": args.decode_slowdown,
         },
     )
 
@@ -490,6 +564,17 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote an FP8 checkpoint to {out}")
     return 0
+
+
+def _float_range(text: str) -> tuple[float, float]:
+    first, _, second = text.partition("-")
+    try:
+        lo, hi = float(first), float(second or first)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected X or LO-HI, got {text!r}") from None
+    if not 0 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected 0 <= LO <= HI, got {text!r}")
+    return lo, hi
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -597,6 +682,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="dual-batch overlap (auto: on when attention runs on a GPU)",
     )
     sv.add_argument(
+        "--prefix-cache-gib",
+        type=float,
+        metavar="GIB",
+        help="host memory for the prefix cache (default: a tenth of the memory free at start; "
+        "0: off)",
+    )
+    sv.add_argument(
+        "--chunked-prefill",
+        choices=["on", "off"],
+        default="on",
+        help="while others decode, run a CPU-path prompt in chunks along their steps (on) or "
+        "whole beside them (off)",
+    )
+    sv.add_argument(
+        "--decode-slowdown",
+        type=float,
+        default=1.2,
+        help="chunked prefill: the most a prefilling prompt may slow the decoding requests' "
+        "mean time per token (1.2: by 20%%)",
+    )
+    sv.add_argument(
         "--ranks",
         type=int,
         default=1,
@@ -660,9 +766,37 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", help="prefill, serve: a model directory instead of the demo model")
     b.add_argument(
         "--scenario",
-        choices=["poisson", "interference", "dual-batch"],
+        choices=["poisson", "interference", "dual-batch", "agent"],
         default="poisson",
         help="serve: what to measure",
+    )
+    b.add_argument("--conversations", type=int, default=2, help="serve agent: conversations")
+    b.add_argument("--turns", type=int, default=3, help="serve agent: turns per conversation")
+    b.add_argument(
+        "--context", type=int, default=4096, help="serve agent: the first turn's prompt tokens"
+    )
+    b.add_argument(
+        "--new-tokens",
+        type=parse_range,
+        default=(200, 400),
+        help="serve agent: tokens each later turn appends (N or LO-HI)",
+    )
+    b.add_argument(
+        "--think-s",
+        type=_float_range,
+        default=(0.5, 2.0),
+        help="serve agent: seconds between a reply and the next turn (X or LO-HI)",
+    )
+    b.add_argument(
+        "--chunked-prefill",
+        choices=["on", "off"],
+        default="on",
+        help="serve: CPU prefill in chunks along decode steps (on) or whole beside them",
+    )
+    b.add_argument(
+        "--prefix-cache-gib",
+        type=float,
+        help="serve agent: the prefix cache's memory (default: a tenth of free memory; 0: off)",
     )
     b.add_argument("--num-prompts", type=int, default=16, help="serve: requests")
     b.add_argument(

@@ -101,6 +101,7 @@ class Engine:
         rates=None,
         prefix_cache_gib: float | None = None,
         chunked_prefill: bool = True,
+        decode_slowdown: float = 1.2,
     ):
         """The keyword arguments make an EngineConfig (or pass `config`); rates: the cost
         model's (default: measured at start() when prefill is auto)."""
@@ -128,6 +129,7 @@ class Engine:
             max_queue=max_queue,
             chunked_prefill=chunked_prefill,
             prefix_cache_gib=prefix_cache_gib,
+            decode_slowdown=decode_slowdown,
         )
         if self.config.ranks > 1 and model_dir is None:
             raise ValueError(

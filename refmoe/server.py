@@ -638,11 +638,13 @@ def create_app(
             return STOP_REASONS.get(ev["reason"], "end_turn"), None
 
         def usage_of(ev: dict | None, out: int) -> dict:
+            # Anthropic counts cache reads apart: input_tokens are the ones prefilled
+            cached = ev["usage"]["prompt_tokens_details"]["cached_tokens"] if ev else 0
             return {
-                "input_tokens": len(prompt),
+                "input_tokens": len(prompt) - cached,
                 "output_tokens": ev["usage"]["completion_tokens"] if ev else out,
                 "cache_creation_input_tokens": 0,
-                "cache_read_input_tokens": 0,
+                "cache_read_input_tokens": cached,
             }
 
         if body.stream:

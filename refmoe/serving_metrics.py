@@ -139,3 +139,100 @@ def parse_range(text: str) -> tuple[int, int]:
     if not 1 <= lo <= hi:
         raise argparse.ArgumentTypeError(f"expected 1 <= LO <= HI, got {text!r}")
     return lo, hi
+
+
+# ---------------------------------------------------------------------------------------------
+# Agents: multi-turn conversations that resend their whole history every turn
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Turn:
+    new_tokens: int  # appended to the conversation so far (turn 1: the whole first context)
+    output_tokens: int
+    think_s: float  # before this turn is sent, after the previous one finished (a tool runs)
+
+
+@dataclass(slots=True)
+class TurnRecord:
+    """One turn as it ran: which conversation, its prompt, what the prefix cache held, and
+    the times of its tokens (seconds from the run's start)."""
+
+    conversation: int
+    turn: int
+    outcome: Outcome
+    cached_tokens: int = 0
+    sent_s: float = 0.0
+    token_times: list[float] = field(default_factory=list)
+
+
+def agent_workload(
+    conversations: int,
+    turns: int,
+    context: int,
+    new_tokens: tuple[int, int],
+    output_tokens: tuple[int, int],
+    think_s: tuple[float, float],
+    seed: int = 0,
+) -> list[list[Turn]]:
+    """Per conversation, its turns: the first sends `context` tokens, each later one appends
+    the previous reply and new_tokens (a tool's result, a user's message) and is sent think_s
+    after the previous reply ends. Conversations start staggered by one think time."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(conversations):
+        convo = [Turn(context, rng.randint(*output_tokens), rng.uniform(*think_s))]
+        convo += [
+            Turn(rng.randint(*new_tokens), rng.randint(*output_tokens), rng.uniform(*think_s))
+            for _ in range(turns - 1)
+        ]
+        out.append(convo)
+    return out
+
+
+def agent_summary(records: list[TurnRecord], duration_s: float) -> dict:
+    """The usual summary over every turn, plus: mean TTFT by turn, the prefix cache's hit rate
+    by tokens, and the decode of other requests while a prompt prefills (mean gap between
+    their tokens inside a prefill's window, over the mean gap outside every window)."""
+    res = summary([r.outcome for r in records], duration_s)
+    ok = [r for r in records if r.outcome.ok and r.outcome.ttft_s is not None]
+    by_turn: dict[int, list[float]] = {}
+    for r in ok:
+        by_turn.setdefault(r.turn, []).append(r.outcome.ttft_s * 1e3)  # type: ignore[operator]
+    res["mean_ttft_ms_by_turn"] = {t: statistics.fmean(v) for t, v in sorted(by_turn.items())}
+    first = res["mean_ttft_ms_by_turn"].get(1)
+    later = [x for t, v in by_turn.items() if t > 1 for x in v]
+    res["later_over_first_ttft"] = (
+        statistics.fmean(later) / first if first and later else float("nan")
+    )
+    prompt = sum(r.outcome.prompt_tokens for r in ok)
+    res["prefix_hit_rate"] = sum(r.cached_tokens for r in ok) / prompt if prompt else 0.0
+    windows = [(r.sent_s, r.sent_s + r.outcome.ttft_s) for r in ok]  # type: ignore[operator]
+    inside: list[float] = []
+    outside: list[float] = []
+    for i, r in enumerate(ok):
+        for a, b in zip(r.token_times, r.token_times[1:]):
+            during = any(lo < b and a < hi for j, (lo, hi) in enumerate(windows) if j != i)
+            (inside if during else outside).append(b - a)
+    res["itl_during_other_prefill_ms"] = statistics.fmean(inside) * 1e3 if inside else float("nan")
+    res["itl_otherwise_ms"] = statistics.fmean(outside) * 1e3 if outside else float("nan")
+    res["itl_during_prefill_ratio"] = (
+        statistics.fmean(inside) / statistics.fmean(outside) if inside and outside else float("nan")
+    )
+    return res
+
+
+def format_agent_summary(r: dict) -> str:
+    lines = [format_summary(r).rsplit("\n", 1)[0]]
+    lines.append("{s:{c}^50}".format(s="Agents", c="-"))
+    for t, v in r["mean_ttft_ms_by_turn"].items():
+        lines.append(f"{f'Mean TTFT, turn {t} (ms):':<40}{v:<10.2f}")
+    lines.append(f"{'Later turns TTFT / turn 1:':<40}{r['later_over_first_ttft']:<10.3f}")
+    lines.append(f"{'Prefix cache hit rate (tokens):':<40}{r['prefix_hit_rate']:<10.3f}")
+    lines.append(
+        f"{'ITL during others prefill (ms):':<40}{r['itl_during_other_prefill_ms']:<10.2f}"
+    )
+    lines.append(f"{'ITL otherwise (ms):':<40}{r['itl_otherwise_ms']:<10.2f}")
+    lines.append(f"{'ITL during / otherwise:':<40}{r['itl_during_prefill_ratio']:<10.3f}")
+    lines.append("=" * 50)
+    return "\n".join(lines)

@@ -118,3 +118,26 @@ def test_errors_in_anthropics_shape(server, client):
     assert r.status_code == 400 and "tools" in r.json()["error"]["message"]
     with pytest.raises(anthropic.NotFoundError):
         client.messages.create(model="claude-x", max_tokens=2, messages=HELLO)
+
+
+def test_a_cached_prefix_is_reported_by_both_apis(server, client):
+    """The same long conversation twice: the second prefills only what the prefix cache lacks,
+    and says so: OpenAI's usage.prompt_tokens_details.cached_tokens, Anthropic's
+    cache_read_input_tokens (its input_tokens then count only the tokens prefilled)."""
+    oa = openai.OpenAI(base_url=server.url + "/v1", api_key="sekret", max_retries=0)
+    ids = [4 + i % 5 for i in range(40)]
+    first = oa.completions.create(model="tiny", prompt=ids, max_tokens=4, temperature=0)
+    again = oa.completions.create(model="tiny", prompt=ids, max_tokens=4, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 32  # one full 32-token block
+    assert again.choices[0].text == first.choices[0].text
+    talk = [{"role": "user", "content": " ".join(["hello cat"] * 20)}]
+    m1 = client.messages.create(
+        model="tiny", max_tokens=4, messages=talk, extra_body={"temperature": 0}
+    )
+    m2 = client.messages.create(
+        model="tiny", max_tokens=4, messages=talk, extra_body={"temperature": 0}
+    )
+    assert m1.usage.cache_read_input_tokens == 0 and m2.usage.cache_read_input_tokens == 32
+    assert m2.usage.input_tokens + 32 == m1.usage.input_tokens
+    assert m2.content[0].text == m1.content[0].text
