@@ -310,28 +310,41 @@ def interference(
         engine.submit(ids(prefill_tokens), 1, SamplingParams(), long)
         long.done.wait()
         t1 = time.perf_counter()
-        time.sleep(0.5)  # a few tokens after it, so the gap spanning its end is counted
-        engine.cancel(req.id)
-        mixed.done.wait(60)
+        # the request alone again, now at the context it reached: its decode steps read a
+        # longer cache than at the start, which is no fault of the prefill's
+        ended = len(mixed.times)
+        while len(mixed.times) < ended + decode_tokens:
+            time.sleep(0.005)
+        engine.cancel(req.id)  # (a cancelled request gets no further event)
+        rule = engine.chunks
     finally:
         engine.shutdown(1)
     gaps = lambda ts: [b - a for a, b in zip(ts, ts[1:])]  # noqa: E731
     during = [b - a for a, b in zip(mixed.times, mixed.times[1:]) if a < t1 and b > t0]
-    base = statistics.median(gaps(alone.times[1:]))
+    before = statistics.median(gaps(alone.times[1:]))
+    after = statistics.median(gaps(mixed.times[ended + 1 :]))
+    # alone over the same contexts: the step time grows about linearly with the context, from
+    # where the request started to where it ended
+    base = (before + after) / 2
     worst = max(during) if during else float("nan")
     mean_during = statistics.fmean(during) if during else float("nan")
     return {
         "op": "interference",
         "prefill_tokens": prefill_tokens,
-        "chunked_prefill": engine.config.chunked_prefill,
+        "chunked_prefill": engine.policy.chunked,
         "prefill_s": t1 - t0,
         "prefill_alone_s": prefill_alone,
         "prefill_slowdown": (t1 - t0) / prefill_alone,
         "tpot_alone_ms": base * 1e3,
+        "tpot_alone_start_ms": before * 1e3,
+        "tpot_alone_end_ms": after * 1e3,
         "tpot_during_prefill_ms": mean_during * 1e3,
         "worst_itl_during_prefill_ms": worst * 1e3,
         "tokens_during_prefill": len(during),
+        "chunks": rule.chunks_run,
+        "mean_chunk_tokens": rule.tokens_run / rule.chunks_run if rule.chunks_run else None,
         "ratio": mean_during / base,
+        "ratio_to_start": mean_during / before,
         "limit": 1.15 if model.device.type != "cpu" else 1.25,
     }
 

@@ -33,6 +33,8 @@ class ChunkRule:
     step_s: dict[int, float] = field(default_factory=dict)  # batch size -> t_d
     token_s: float | None = None  # c: what one prompt token adds to a decode step
     debt_s: float = 0.0
+    chunks_run: int = 0  # steps that carried a chunk, and their prompt tokens (for reports)
+    tokens_run: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self):
@@ -73,6 +75,8 @@ class ChunkRule:
                 self.step_s[decoding] = seconds if old is None else old + EMA * (seconds - old)
                 self.debt_s = max(0.0, self.debt_s - (self.slowdown - 1.0) * seconds)
                 return
+            self.chunks_run += 1
+            self.tokens_run += chunk
             t_d = self.decode_s(decoding)
             base = t_d if t_d is not None else seconds
             extra = max(0.0, seconds - base)

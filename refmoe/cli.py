@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from refmoe.serving_metrics import parse_range
+from refmoe.serving_metrics import parse_float_range, parse_range
 
 # numpy's OpenBLAS pool spins after every BLAS call; on a 2-core machine it steals a core from
 # the kernels. Set before numpy loads (the user's own setting wins).
@@ -113,7 +113,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
                     model,
                     prefill_tokens=args.prefill_tokens,
                     prefill=args.prefill,
-                    engine_kwargs={"chunked_prefill": args.chunked_prefill == "on"},
+                    engine_kwargs={"chunked_prefill": args.chunked_prefill},
                 )
             ]
         elif args.scenario == "dual-batch":
@@ -482,7 +482,7 @@ def _bench_agents(args: argparse.Namespace, cfg, model, directory) -> int:
     engine_kwargs = {
         "prefill": args.prefill,
         "max_batch": args.max_batch,
-        "chunked_prefill": args.chunked_prefill == "on",
+        "chunked_prefill": args.chunked_prefill,
         "prefix_cache_gib": args.prefix_cache_gib,
     }
     records, duration = bench_serve.run_agents(
@@ -545,7 +545,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             "ranks": args.ranks,
             "dual_batch": dual_batch,
             "prefix_cache_gib": args.prefix_cache_gib,
-            "chunked_prefill": args.chunked_prefill == "on",
+            "chunked_prefill": args.chunked_prefill,
             "decode_slowdown": args.decode_slowdown,
         },
     )
@@ -564,17 +564,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote an FP8 checkpoint to {out}")
     return 0
-
-
-def _float_range(text: str) -> tuple[float, float]:
-    first, _, second = text.partition("-")
-    try:
-        lo, hi = float(first), float(second or first)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected X or LO-HI, got {text!r}") from None
-    if not 0 <= lo <= hi:
-        raise argparse.ArgumentTypeError(f"expected 0 <= LO <= HI, got {text!r}")
-    return lo, hi
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -690,10 +679,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument(
         "--chunked-prefill",
-        choices=["on", "off"],
-        default="on",
+        choices=["auto", "on", "off"],
+        default="auto",
         help="while others decode, run a CPU-path prompt in chunks along their steps (on) or "
-        "whole beside them (off)",
+        "whole beside them (off); auto: on where the CPU alone runs the model",
     )
     sv.add_argument(
         "--decode-slowdown",
@@ -783,15 +772,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--think-s",
-        type=_float_range,
+        type=parse_float_range,
         default=(0.5, 2.0),
         help="serve agent: seconds between a reply and the next turn (X or LO-HI)",
     )
     b.add_argument(
         "--chunked-prefill",
-        choices=["on", "off"],
-        default="on",
-        help="serve: CPU prefill in chunks along decode steps (on) or whole beside them",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="serve: CPU prefill in chunks along decode steps (on) or whole beside them (off); "
+        "auto: on where the CPU alone runs the model",
     )
     b.add_argument(
         "--prefix-cache-gib",

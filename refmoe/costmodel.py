@@ -201,10 +201,16 @@ class Choice:
 
 
 def choose_prefill(
-    cfg: ModelConfig, tokens: int, rates: Rates, chunk_tokens: int | None = None
+    cfg: ModelConfig,
+    tokens: int,
+    rates: Rates,
+    chunk_tokens: int | None = None,
+    cpu_share: float = 1.0,
 ) -> Choice:
-    """The fastest path for this prompt by the estimates above."""
-    est = {"cpu": cpu_expert_seconds(cfg, tokens, rates)}
+    """The fastest path for this prompt by the estimates above. cpu_share: the share of the
+    CPU a CPU prefill would get (1: alone; less beside decoding requests, when chunked
+    prefill keeps most of the CPU for them)."""
+    est = {"cpu": cpu_expert_seconds(cfg, tokens, rates) / cpu_share}
     for n in range(1, max(1, rates.devices) + 1):
         est[f"slp{n}"] = slp_expert_seconds(cfg, tokens, rates, n, chunk_tokens)
     best = min(est, key=lambda k: est[k])

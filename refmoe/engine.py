@@ -100,7 +100,7 @@ class Engine:
         config: EngineConfig | None = None,
         rates=None,
         prefix_cache_gib: float | None = None,
-        chunked_prefill: bool = True,
+        chunked_prefill: str | bool = "auto",
         decode_slowdown: float = 1.2,
     ):
         """The keyword arguments make an EngineConfig (or pass `config`); rates: the cost
@@ -155,7 +155,7 @@ class Engine:
             lookup=self._lookup if self.prefix is not None else None
         )
         if trace is not None:  # what a simulator replaying this run must know
-            trace.metadata.setdefault("engine", {})["chunked_prefill"] = c.chunked_prefill
+            trace.metadata.setdefault("engine", {})["chunked_prefill"] = self.policy.chunked
         self.requests: dict[str, Request] = {}
         self.lock = threading.Condition()
         self.accepting, self.stopping = True, False

@@ -37,8 +37,10 @@ class EngineConfig:
     chunk_tokens: int | None = None  # SLP chunk length (None: the device's default)
     # chunked CPU prefill: while others decode, a CPU-path prompt rides along decode steps
     # (refmoe/chunking.py) so that their mean time per token grows by at most decode_slowdown
-    # and one step by at most chunk_stall steps; off: it runs whole beside them
-    chunked_prefill: bool = True
+    # and one step by at most chunk_stall steps; off: it runs whole beside them. auto: on
+    # where nothing but the CPU runs the model; with a GPU the paper's split stays (long
+    # prompts stream to the device while the CPU decodes; short ones run whole)
+    chunked_prefill: str | bool = "auto"
     decode_slowdown: float = 1.2
     chunk_stall: float = 2.0
     # host memory for the prefix cache, GiB (None: a share of the memory free at start; 0: off)
@@ -51,6 +53,12 @@ class EngineConfig:
             self.dual_batch = {None: "auto", True: "on", False: "off"}[self.dual_batch]
         if self.dual_batch not in DUAL_BATCH:
             raise ValueError(f"dual_batch must be auto, on or off, got {self.dual_batch!r}")
+        if self.chunked_prefill in (True, False):
+            self.chunked_prefill = "on" if self.chunked_prefill else "off"
+        if self.chunked_prefill not in DUAL_BATCH:
+            raise ValueError(
+                f"chunked_prefill must be auto, on or off, got {self.chunked_prefill!r}"
+            )
         for name in ("ranks", "max_batch", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -105,21 +113,32 @@ class Policy:
         return cls(config, cfg, rates, accelerated, can_stream, chunk)
 
     @property
+    def chunked(self) -> bool:
+        """Chunked CPU prefill: on, or auto where the model runs on the CPU alone."""
+        c = self.config.chunked_prefill
+        return c == "on" or (c == "auto" and not self.accelerated)
+
+    @property
     def dual_batch(self) -> bool:
         d = self.config.dual_batch
         # auto: overlap pays when attention and experts run on different hardware; on a
         # CPU-only machine both halves would compete for the same cores
         return d == "on" or (d == "auto" and self.accelerated)
 
-    def path(self, tokens: int) -> str:
-        """ "cpu" or "slp" for a prompt of `tokens` tokens."""
+    def path(self, tokens: int, busy: bool = False) -> str:
+        """ "cpu" or "slp" for a prompt of `tokens` tokens; busy: requests are decoding, so
+        with chunked prefill a CPU prefill gets only (slowdown - 1) / slowdown of the CPU."""
         if not self.can_stream:
             return "cpu"
         if self.config.prefill != "auto":
             return self.config.prefill
         if self.rates is None:
             return "cpu"
-        return costmodel.choose_prefill(self.cfg, tokens, self.rates, self.chunk_tokens).path
+        c = self.config
+        share = (c.decode_slowdown - 1) / c.decode_slowdown if busy and self.chunked else 1.0
+        return costmodel.choose_prefill(
+            self.cfg, tokens, self.rates, self.chunk_tokens, cpu_share=share
+        ).path
 
     def details(self, tokens: int, where: str) -> tuple[int, tuple[str, ...]]:
         """(chunks, streaming mode of each chunk) of a prefill: one chunk and no streaming on
@@ -148,5 +167,5 @@ class Policy:
             clock=clock,
             details=self.details,
             lookup=lookup,
-            chunk_tokens=self.chunk_rule.tokens if c.chunked_prefill else None,
+            chunk_tokens=self.chunk_rule.tokens if self.chunked else None,
         )

@@ -127,7 +127,8 @@ class Scheduler:
     ):
         self.kv = KVBudget(kv_tokens)
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.choose_path = choose_path or (lambda tokens: "cpu")
+        # (tokens, busy: requests are decoding) -> "cpu" or "slp"
+        self.choose_path = choose_path or (lambda tokens, busy: "cpu")
         # (tokens, where) -> (chunks, streaming per chunk): refmoe.policy.Policy.details
         self.details = details or (lambda tokens, where: (1, ()))
         # request_id -> leading prompt tokens cached (the engine's prefix cache)
@@ -234,7 +235,7 @@ class Scheduler:
             return None
         if e.where is None:
             e.cached = min(self.lookup(e.request_id), e.prompt_tokens - 1)
-            e.where = self.choose_path(e.prompt_tokens - e.cached)
+            e.where = self.choose_path(e.prompt_tokens - e.cached, bool(self.decoding))
         return e
 
     def next_decode(self) -> DecodePlan | None:

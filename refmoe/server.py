@@ -30,15 +30,17 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from refmoe import tool_calls
 from refmoe.engine import Engine, QueueFull, ShuttingDown
 from refmoe.metrics import Metrics
 from refmoe.sampling import SamplingParams
@@ -83,16 +85,37 @@ class ContentPart(BaseModel):
     text: str
 
 
+class ToolFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict | None = None
+
+
+class ToolSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: ToolFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[dict] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's result: which call it answers
+    name: str | None = None
 
     def as_turn(self) -> dict:
-        """{"role", "content"} with the content's text parts joined, for the chat template."""
+        """{"role", "content"} with the content's text parts joined, and the tool fields that
+        are set, for the chat template."""
         c = self.content
         text = "".join(p.text for p in c) if isinstance(c, list) else c
-        return {"role": self.role, "content": text}
+        turn = {"role": self.role, "content": text}
+        for key in ("tool_calls", "tool_call_id", "name"):
+            if getattr(self, key) is not None:
+                turn[key] = getattr(self, key)
+        return turn
 
     @property
     def chars(self) -> int:
@@ -102,15 +125,53 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1)
+    tools: list[ToolSpec] | None = None
+    tool_choice: str | dict | None = Field(
+        None, description='"none", "auto", "required", or {"type": "function", "function": {...}}'
+    )
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = Field(None, description="not supported: must be absent or false")
     top_logprobs: int | None = Field(None, description="not supported: must be absent or null")
 
 
+class AnthropicBlock(BaseModel):
+    """A content block: text, an assistant's tool_use, or a user's tool_result."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "tool_use", "tool_result"]
+    text: str | None = None
+    id: str | None = None
+    name: str | None = None
+    input: dict | None = None
+    tool_use_id: str | None = None
+    content: str | list[dict] | None = None
+
+    @model_validator(mode="after")
+    def _fields_of_its_type(self):
+        need = {"text": ("text",), "tool_use": ("id", "name"), "tool_result": ("tool_use_id",)}
+        for f in need[self.type]:
+            if getattr(self, f) is None:
+                raise ValueError(f"a {self.type} block needs {f}")
+        return self
+
+
+class AnthropicTool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")
+    description: str | None = None
+    input_schema: dict
+
+
 class AnthropicMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["user", "assistant"]
-    content: str | list[ContentPart]
+    content: str | list[AnthropicBlock]
+
+    def as_turns(self) -> list[dict]:
+        if isinstance(self.content, str):
+            return [{"role": self.role, "content": self.content}]
+        blocks = [b.model_dump() for b in self.content]
+        return tool_calls.from_anthropic_turn(self.role, blocks)
 
 
 class MessagesRequest(BaseModel):
@@ -126,7 +187,8 @@ class MessagesRequest(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=1.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    tools: list | None = None
+    tools: list[AnthropicTool] | None = None
+    tool_choice: dict | None = None
 
 
 class TokenizeRequest(BaseModel):
@@ -266,6 +328,82 @@ class BodyLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+@dataclass(slots=True)
+class ToolPlan:
+    """A chat request's tools: the format its model writes calls in, the specs its template
+    renders, and what the reply is made to start with (a required or named call)."""
+
+    fmt: str
+    specs: list[dict]
+    opening: str = ""
+
+    def stream(self) -> ToolReader:
+        return ToolReader(tool_calls.ToolStream(self.fmt, self.opening), self.opening)
+
+    def read(self, text: str) -> tuple[str, list[tool_calls.ToolCall]]:
+        """A whole reply: (content, calls)."""
+        return self.stream().feed(text, final=True)
+
+
+class ToolReader:
+    """ToolStream, except that a call the model wrote badly is not lost: from there on the
+    reply is passed on as content, the failure logged."""
+
+    def __init__(self, stream: tool_calls.ToolStream, opening: str):
+        self.s, self.opening, self.failed = stream, opening, False
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, list[tool_calls.ToolCall]]:
+        if self.failed:
+            return self._rest(text), []
+        try:
+            return self.s.feed(text, final)
+        except tool_calls.ToolCallError as e:
+            log.warning("a reply's tool call could not be read (%s); passed on as text", e)
+            self.failed = True
+            return self._rest(text), []
+
+    def _rest(self, text: str) -> str:
+        full = self.opening + text
+        out, self.s.done = full[self.s.done :], len(full)
+        return out
+
+
+def plan_tools(tok, specs: list[dict] | None, choice) -> ToolPlan | None:
+    """None when no tools are in play (none given, or tool_choice "none"); a 400 naming the
+    field when the model's template writes no tool calls or tool_choice is not understood."""
+    if choice is not None and not isinstance(choice, (str, dict)):
+        raise APIError(400, "tool_choice: a string or an object", param="tool_choice")
+    if not specs or choice == "none":
+        if isinstance(choice, dict) or choice == "required":
+            raise APIError(400, "tool_choice: names a call, but no tools are given", param="tools")
+        return None
+    fmt = tool_calls.format_of(tok.chat_template)
+    if fmt is None:
+        raise APIError(
+            400,
+            "tools: this model's chat template has no tool-call format refmoe can read "
+            f"({', '.join(tool_calls.FORMATS)})",
+            param="tools",
+        )
+    names = [t["function"]["name"] for t in specs]
+    if choice in (None, "auto"):
+        return ToolPlan(fmt, specs)
+    if choice == "required":
+        return ToolPlan(fmt, specs, tool_calls.opening(fmt))
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if name not in names:
+            raise APIError(
+                400, f"tool_choice: no tool named {name!r} in tools", param="tool_choice"
+            )
+        return ToolPlan(fmt, specs, tool_calls.opening(fmt, name))
+    raise APIError(
+        400,
+        'tool_choice: "none", "auto", "required" or {"type": "function", "function": {"name"}}',
+        param="tool_choice",
+    )
 
 
 def create_app(
@@ -462,7 +600,10 @@ def create_app(
             eng.cancel(req.id)
             raise
 
-    async def generate(request: Request, body: _Sampling, prompt: list[int], chat: bool):
+    async def generate(
+        request: Request, body: _Sampling, prompt: list[int], chat: bool, tools=None
+    ):
+        """tools: the request's ToolPlan (chat with tools), whose calls are read off the reply."""
         eng = engine()
         check_model(body.model)
         limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
@@ -477,7 +618,7 @@ def create_app(
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                _stream(eng, req, queue, rid, created, chat, include_usage),
+                _stream(eng, req, queue, rid, created, chat, include_usage, tools),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
@@ -488,9 +629,16 @@ def create_app(
         finish, usage = end["reason"], end["usage"]
         content = "".join(text)
         if chat:
+            message: dict = {"role": "assistant", "content": content}
+            if tools is not None:
+                content, calls = tools.read(content)
+                message["content"] = content or None
+                if calls:
+                    message["tool_calls"] = [c.as_openai() for c in calls]
+                    finish = "tool_calls"
             choice = {
                 "index": 0,
-                "message": {"role": "assistant", "content": content},
+                "message": message,
                 "finish_reason": finish,
                 "logprobs": None,
             }
@@ -506,8 +654,10 @@ def create_app(
             "usage": usage,
         }
 
-    async def _stream(eng, req, queue, rid, created, chat, include_usage):
+    async def _stream(eng, req, queue, rid, created, chat, include_usage, tools=None):
         kind = "chat.completion.chunk" if chat else "text_completion"
+        reader = tools.stream() if tools is not None else None
+        so_far, called = "", 0
 
         def chunk(choices, usage=None):
             out = {"id": rid, "object": kind, "created": created, "model": name, "choices": choices}
@@ -540,6 +690,18 @@ def create_app(
                     )
                     break
                 if ev["type"] == "token":
+                    if reader is not None:
+                        so_far += ev["text"]
+                        piece, calls = reader.feed(so_far)
+                        for call in calls:  # each call whole, as soon as it is complete
+                            d = {"tool_calls": [{"index": called, **call.as_openai()}]}
+                            if first:
+                                d["role"] = "assistant"
+                                first = False
+                            t = {"index": 0, "delta": d, "finish_reason": None, "logprobs": None}
+                            yield chunk([t])
+                            called += 1
+                        ev = {**ev, "text": piece}
                     if chat:
                         delta = {"content": ev["text"]}
                         if first:
@@ -556,7 +718,21 @@ def create_app(
                     first = False
                     yield chunk([c])
                 else:
-                    c = {"index": 0, "finish_reason": ev["reason"], "logprobs": None}
+                    reason = ev["reason"]
+                    if reader is not None:
+                        piece, calls = reader.feed(so_far, final=True)
+                        if piece:
+                            d = {"content": piece}
+                            t = {"index": 0, "delta": d, "finish_reason": None, "logprobs": None}
+                            yield chunk([t])
+                        for call in calls:
+                            d = {"tool_calls": [{"index": called, **call.as_openai()}]}
+                            t = {"index": 0, "delta": d, "finish_reason": None, "logprobs": None}
+                            yield chunk([t])
+                            called += 1
+                        if called:
+                            reason = "tool_calls"
+                    c = {"index": 0, "finish_reason": reason, "logprobs": None}
                     c.update({"delta": {}} if chat else {"text": ""})
                     yield chunk([c])
                     if include_usage:
@@ -608,21 +784,38 @@ def create_app(
     @app.post("/v1/messages")
     async def messages(body: MessagesRequest, request: Request):
         """Anthropic's Messages API over the same engine: the system prompt and the turns
-        through the model's chat template; text content blocks; stop reasons end_turn,
-        max_tokens, stop_sequence; streaming with Anthropic's event sequence."""
-        if body.tools:
-            raise APIError(400, "tools: tool use is not supported yet", param="tools")
+        through the model's chat template; text, tool_use and tool_result content blocks;
+        tools and tool_choice; stop reasons end_turn, max_tokens, stop_sequence, tool_use;
+        streaming with Anthropic's event sequence."""
         eng = engine()
         check_model(body.model)
         tok = tokenizer()
-        turns = [ChatMessage(role=m.role, content=m.content).as_turn() for m in body.messages]
+        turns = [t for m in body.messages for t in m.as_turns()]
         if body.system:
             system = ChatMessage(role="system", content=body.system)
             turns = [system.as_turn(), *turns]
+        specs = (
+            tool_calls.from_anthropic_tools([t.model_dump() for t in body.tools])
+            if body.tools
+            else None
+        )
+        choice = body.tool_choice or {"type": "auto"}
+        kinds = {"auto": "auto", "any": "required", "none": "none"}
+        if choice.get("type") == "tool":
+            oa_choice: str | dict = {"type": "function", "function": {"name": choice.get("name")}}
+        elif choice.get("type") in kinds:
+            oa_choice = kinds[choice["type"]]
+        else:
+            raise APIError(400, "tool_choice: type auto, any, tool or none", param="tool_choice")
+        tools = plan_tools(tok, specs, oa_choice)
         try:
-            text = await asyncio.to_thread(tok.apply_chat_template, turns)
+            text = await asyncio.to_thread(
+                tok.apply_chat_template, turns, True, tools.specs if tools else None
+            )
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
+        if tools is not None:
+            text += tools.opening
         prompt = await encode(text, False, "messages")
         stops = body.stop_sequences or []
         check_stops(stops, "stop_sequences")
@@ -632,9 +825,11 @@ def create_app(
         mid = f"msg_{uuid.uuid4().hex}"
         head = {"id": mid, "type": "message", "role": "assistant", "model": name}
 
-        def stop_of(ev: dict) -> tuple[str, str | None]:
+        def stop_of(ev: dict, called: bool = False) -> tuple[str, str | None]:
             if ev.get("stop_sequence"):
                 return "stop_sequence", ev["stop_sequence"]
+            if called:
+                return "tool_use", None
             return STOP_REASONS.get(ev["reason"], "end_turn"), None
 
         def usage_of(ev: dict | None, out: int) -> dict:
@@ -666,21 +861,52 @@ def create_app(
                     "content_block_start",
                     {"index": 0, "content_block": {"type": "text", "text": ""}},
                 )
+                reader = tools.stream() if tools is not None else None
+                block, is_text, so_far, called = 0, True, "", 0
+
+                def pieces(piece, calls):
+                    """SSE events for a piece of text and completed calls, each a block."""
+                    nonlocal block, is_text, called
+                    out = []
+                    if piece:
+                        if not is_text:  # text after a call: a new text block
+                            block, is_text = block + 1, True
+                            start = {"type": "text", "text": ""}
+                            out.append(
+                                _sse(
+                                    "content_block_start", {"index": block, "content_block": start}
+                                )
+                            )
+                        delta = {"type": "text_delta", "text": piece}
+                        out.append(_sse("content_block_delta", {"index": block, "delta": delta}))
+                    for call in calls:
+                        use = tool_calls.as_anthropic_block(call)
+                        out.append(_sse("content_block_stop", {"index": block}))
+                        block, is_text, called = block + 1, False, called + 1
+                        start = {**use, "input": {}}
+                        out.append(
+                            _sse("content_block_start", {"index": block, "content_block": start})
+                        )
+                        delta = {"type": "input_json_delta", "partial_json": call.arguments}
+                        out.append(_sse("content_block_delta", {"index": block, "delta": delta}))
+                    return out
+
                 try:
                     while True:
                         ev = await queue.get()
                         if ev["type"] == "token":
-                            if ev["text"]:
-                                yield _sse(
-                                    "content_block_delta",
-                                    {
-                                        "index": 0,
-                                        "delta": {"type": "text_delta", "text": ev["text"]},
-                                    },
-                                )
+                            piece, calls = ev["text"], []
+                            if reader is not None:
+                                so_far += ev["text"]
+                                piece, calls = reader.feed(so_far)
+                            for sse in pieces(piece, calls):
+                                yield sse
                         elif ev["type"] == "finish":
-                            reason, seq = stop_of(ev)
-                            yield _sse("content_block_stop", {"index": 0})
+                            if reader is not None:
+                                for sse in pieces(*reader.feed(so_far, final=True)):
+                                    yield sse
+                            reason, seq = stop_of(ev, called > 0)
+                            yield _sse("content_block_stop", {"index": block})
                             yield _sse(
                                 "message_delta",
                                 {
@@ -709,10 +935,14 @@ def create_app(
         if got is None:
             return Response(status_code=499)  # the client went away
         parts, _, finish = got
-        reason, seq = stop_of(finish)
+        content, calls = "".join(parts), list[tool_calls.ToolCall]()
+        if tools is not None:
+            content, calls = tools.read(content)
+        reason, seq = stop_of(finish, bool(calls))
+        blocks = [{"type": "text", "text": content}] if content or not calls else []
         return {
             **head,
-            "content": [{"type": "text", "text": "".join(parts)}],
+            "content": blocks + [tool_calls.as_anthropic_block(c) for c in calls],
             "stop_reason": reason,
             "stop_sequence": seq,
             "usage": usage_of(finish, 0),
@@ -736,13 +966,21 @@ def create_app(
                 f"messages: longer than the context of {engine().context:,} tokens can hold",
                 param="messages",
             )
+        specs = [t.model_dump() for t in body.tools] if body.tools else None
+        tools = plan_tools(tok, specs, body.tool_choice)
         try:
             text = await asyncio.to_thread(
-                tok.apply_chat_template, [m.as_turn() for m in body.messages]
+                tok.apply_chat_template,
+                [m.as_turn() for m in body.messages],
+                True,
+                tools.specs if tools is not None else None,
             )
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
-        return await generate(request, body, await encode(text, False, "messages"), chat=True)
+        if tools is not None:
+            text += tools.opening  # a required call: the reply starts inside it
+        prompt = await encode(text, False, "messages")
+        return await generate(request, body, prompt, chat=True, tools=tools)
 
     # -- the rest of the API ------------------------------------------------------------
 

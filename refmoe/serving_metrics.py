@@ -130,6 +130,17 @@ def as_rows(outcomes: list[Outcome]) -> list[dict]:
     return [asdict(o) for o in outcomes]
 
 
+def parse_float_range(text: str) -> tuple[float, float]:
+    first, _, second = text.partition("-")
+    try:
+        lo, hi = float(first), float(second or first)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected X or LO-HI, got {text!r}") from None
+    if not 0 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected 0 <= LO <= HI, got {text!r}")
+    return lo, hi
+
+
 def parse_range(text: str) -> tuple[int, int]:
     first, _, second = text.partition("-")
     try:

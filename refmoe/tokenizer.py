@@ -88,11 +88,19 @@ class Tokenizer:
         v = self.config.get(key)
         return v.get("content", "") if isinstance(v, dict) else (v or "")
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The conversation rendered by the model's own template."""
+    @property
+    def chat_template(self) -> str | None:
         template = self.config.get("chat_template")
         if isinstance(template, list):  # named templates: take "default"
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        return template or None
+
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None
+    ) -> str:
+        """The conversation rendered by the model's own template (tools: OpenAI's function
+        specs, which templates that know tools render into the prompt)."""
+        template = self.chat_template
         if not template:
             raise ValueError(
                 f"{self.path.parent}: no chat template (chat_template.jinja, or chat_template "
@@ -109,6 +117,7 @@ class Tokenizer:
         try:
             return env.from_string(template).render(
                 messages=messages,
+                tools=tools,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self._token_text("bos_token"),
                 eos_token=self._token_text("eos_token"),

@@ -69,6 +69,8 @@ def _cmd_serve(args) -> int:
     from sim.hardware import Hardware
     from sim.serve import simulate
 
+    if args.scenario == "agent":
+        return _serve_agents(args)
     if args.csv:
         try:
             lines = open(args.csv).read().splitlines()
@@ -187,6 +189,73 @@ INTERVAL_FIGURES = (
     "output_throughput",
     "request_throughput",
 )
+
+
+def _serve_agents(args) -> int:
+    """`refmoe-sim serve --scenario agent`: the agent benchmark's workload, predicted; with
+    --capacity, how many such agents the box holds within --slo-ttft and --min-tok-s."""
+    from dataclasses import asdict
+
+    from refmoe.serving_metrics import agent_summary, agent_workload, format_agent_summary
+    from sim.agents import capacity
+    from sim.hardware import Hardware
+    from sim.serve import Simulation
+
+    hw, cfg = Hardware.load(args.hardware), catalog.load(args.model)
+    kw = dict(
+        max_batch=args.max_batch,
+        prefill=args.prefill,
+        dual_batch=args.dual_batch,
+        chunked_prefill=args.chunked_prefill,
+        prefix_cache_gib=args.prefix_cache_gib,
+    )
+    if args.capacity:
+        ttft = args.slo_ttft if args.slo_ttft is not None else 10.0
+        n, verdicts = capacity(
+            cfg,
+            hw,
+            ttft,
+            args.min_tok_s,
+            args.turns,
+            args.context,
+            args.new_tokens,
+            args.output_len,
+            args.think_s,
+            most=args.capacity,
+            seed=args.seed,
+            **kw,
+        )
+        if args.json:
+            print(json.dumps({"agents": n, "tried": [asdict(v) for v in verdicts]}))
+        else:
+            for v in verdicts:
+                print(
+                    f"{v.conversations:>4} agents: p90 TTFT {v.p90_ttft_s:8.2f} s, slowest "
+                    f"10% decode {v.decode_tok_s:7.2f} tok/s  {'ok' if v.ok else 'no'}"
+                )
+            print(
+                f"{hw.name} holds {n} concurrent agents within a p90 TTFT of {ttft:g} s and "
+                f"{args.min_tok_s:g} tok/s each ({args.context}-token contexts, "
+                f"{args.turns} turns)"
+            )
+        return 0
+    convos = agent_workload(
+        args.conversations,
+        args.turns,
+        args.context,
+        args.new_tokens,
+        args.output_len,
+        args.think_s,
+        args.seed,
+    )
+    run = Simulation(cfg, hw, [], conversations=convos, trace=bool(args.trace), **kw).run()
+    result = agent_summary(run.records, run.duration_s)
+    if args.trace and run.trace is not None:
+        run.trace.write(args.trace)
+    print(
+        json.dumps({"op": "serve_agent", **result}) if args.json else format_agent_summary(result)
+    )
+    return 0
 
 
 def _cmd_sweep(args) -> int:
@@ -495,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=_cmd_predict)
+    from refmoe.serving_metrics import parse_float_range as _float_range
     from refmoe.serving_metrics import parse_range as _range
 
     se = sub.add_parser(
@@ -512,6 +582,44 @@ def main(argv: list[str] | None = None) -> int:
         "--csv",
         help="a request CSV: arrived_at,num_prefill_tokens,"
         "num_decode_tokens (else a Poisson workload)",
+    )
+    se.add_argument(
+        "--scenario",
+        choices=["poisson", "agent"],
+        default="poisson",
+        help="poisson: open-loop requests (or --csv); agent: multi-turn conversations",
+    )
+    se.add_argument("--conversations", type=int, default=2, help="agent: conversations")
+    se.add_argument("--turns", type=int, default=3, help="agent: turns per conversation")
+    se.add_argument("--context", type=int, default=4096, help="agent: first turn's tokens")
+    se.add_argument(
+        "--new-tokens", type=_range, default=(200, 400), help="agent: tokens each later turn adds"
+    )
+    se.add_argument(
+        "--think-s",
+        type=_float_range,
+        default=(0.5, 2.0),
+        help="agent: seconds between a reply and the next turn (X or LO-HI)",
+    )
+    se.add_argument(
+        "--chunked-prefill",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="CPU prefill in chunks along decode steps or whole (auto: chunks where the "
+        "profile has no GPU, as the engine decides)",
+    )
+    se.add_argument(
+        "--prefix-cache-gib", type=float, default=16.0, help="agent: the prefix cache's memory"
+    )
+    se.add_argument(
+        "--capacity",
+        type=int,
+        metavar="MOST",
+        help="agent: find the most concurrent agents (up to MOST) within --slo-ttft "
+        "(default 10 s, p90) and --min-tok-s each (slowest 10%%)",
+    )
+    se.add_argument(
+        "--min-tok-s", type=float, default=15.0, help="agent --capacity: decode speed per user"
     )
     se.add_argument("--num-prompts", type=int, default=100)
     se.add_argument("--request-rate", type=float, default=1.0)

@@ -16,7 +16,7 @@ serving benchmark, so the two print the same "Serving Benchmark Result" block.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import simpy
 
@@ -24,7 +24,7 @@ from refmoe.config import ModelConfig
 from refmoe.policy import EngineConfig, Policy
 from refmoe.scheduler import Entry, QueueFull
 from refmoe.serving_metrics import Outcome
-from refmoe.trace import gauges
+from refmoe.trace import Trace, gauges
 from sim.fluid import Flow, max_min_rates
 from sim.forward import _slp_prefill, _step
 from sim.hardware import Hardware
@@ -228,8 +228,9 @@ class Run:
 
     outcomes: list[Outcome]
     duration_s: float
-    trace: object = None
+    trace: Trace | None = None
     timeline: list | None = None
+    records: list = field(default_factory=list)  # agents: TurnRecords (conversations only)
 
 
 class Simulation:
@@ -262,8 +263,15 @@ class Simulation:
         trace_layers: bool = False,
         routing_skew: float = 0.0,
         routing: dict | None = None,
-        chunked_prefill: bool = True,
+        chunked_prefill: str | bool = "auto",
+        conversations: list | None = None,
+        prefix_cache_gib: float = 16.0,
     ):
+        """requests: (arrival s, prompt tokens, output tokens), open loop. conversations:
+        agents instead (refmoe.serving_metrics.agent_workload), closed loop: each turn sent
+        think_s after the previous reply, its prompt the whole history plus new tokens, with
+        the engine's prefix cache (prefix_cache_gib of host memory) serving what it can."""
+        from sim.agents import PrefixModel, host_bytes_per_token
         from sim.routing import routing_bins
 
         self.cfg, self.hw, self.requests = cfg, hw, requests
@@ -300,8 +308,21 @@ class Simulation:
             chunked_prefill=chunked_prefill,
         )
         self.policy = policy_for(cfg, hw, config)
-        self.sched = self.policy.scheduler(clock=lambda: env.now)
+        self.conversations = conversations or []
+        self.prefix = (
+            PrefixModel(int(prefix_cache_gib * 2**30), host_bytes_per_token(cfg))
+            if self.conversations and prefix_cache_gib > 0
+            else None
+        )
+        self.sched = self.policy.scheduler(
+            clock=lambda: env.now, lookup=self.lookup if self.prefix is not None else None
+        )
         self.outcomes = [Outcome(a, p) for a, p, _ in requests]
+        self.total = len(requests) + sum(len(c) for c in self.conversations)
+        self.turn_of: dict[str, tuple[int, int]] = {}  # request -> (conversation, turn)
+        self.cached: dict[str, int] = {}
+        self.turn_done: dict[str, simpy.Event] = {}
+        self.sends: dict[int, float] = {}  # conversation -> when its next turn is sent
         self.wants: dict[str, int] = {}
         self.last: dict[str, float] = {}
         self.wake_event = env.event()
@@ -318,9 +339,11 @@ class Simulation:
     def run(self) -> Run:
         env = self.env
         env.process(self.arrivals())
+        for c, turns in enumerate(self.conversations):
+            env.process(self.conversation(c, turns))
         env.process(self.prefill_worker())
         env.process(self.decode_worker())
-        while env.peek() != float("inf") and self.ended < len(self.requests):
+        while env.peek() != float("inf") and self.ended < self.total:
             env.step()
         start = min((a for a, _, _ in self.requests), default=0.0)
         end = max(
@@ -340,7 +363,71 @@ class Simulation:
             end - start,
             self.tr,
             self.machine.net.timeline if self.utilization else None,
+            self.records(),
         )
+
+    def records(self) -> list:
+        """The agents' turns as the agent benchmark records them (conversations only)."""
+        from refmoe.serving_metrics import TurnRecord
+
+        out = []
+        for rid, (c, k) in self.turn_of.items():
+            o = self.outcomes[int(rid)]
+            times = []
+            if o.ttft_s is not None:
+                t = o.arrived_at + o.ttft_s
+                times = [t]
+                for gap in o.itl_s:
+                    t += gap
+                    times.append(t)
+            out.append(TurnRecord(c, k, o, self.cached.get(rid, 0), o.arrived_at, times))
+        return sorted(out, key=lambda r: (r.conversation, r.turn))
+
+    # -- agents ---------------------------------------------------------------------------
+
+    def conversation(self, c: int, turns: list):
+        """One agent: each turn sent think_s after the previous reply, resending it all."""
+        env, history = self.env, 0
+        for k, t in enumerate(turns, 1):
+            self.sends[c] = env.now + t.think_s
+            yield env.timeout(t.think_s)
+            del self.sends[c]
+            prompt = history + t.new_tokens
+            rid = str(len(self.outcomes))
+            self.outcomes.append(Outcome(env.now, prompt))
+            self.turn_of[rid] = (c, k)
+            done = self.turn_done[rid] = env.event()
+            try:
+                if prompt + t.output_tokens > self.cfg.max_position_embeddings:
+                    raise ValueError(
+                        f"prompt ({prompt} tokens) + max_tokens ({t.output_tokens}) exceeds "
+                        f"the context of {self.cfg.max_position_embeddings} tokens"
+                    )
+                self.sched.add(Entry(rid, prompt, t.output_tokens, env.now))
+                self.wants[rid] = t.output_tokens
+            except (QueueFull, ValueError) as e:
+                self.outcomes[int(rid)].error = str(e)
+                self.ended += len(turns) - k + 1  # its later turns never come
+                return
+            self.wake()
+            yield done
+            history = prompt + t.output_tokens
+
+    def lookup(self, rid: str) -> int:
+        """The scheduler asks how much of a turn's prompt the prefix cache holds."""
+        c, _ = self.turn_of[rid]
+        assert self.prefix is not None
+        got = self.cached[rid] = self.prefix.match(c, self.outcomes[int(rid)].prompt_tokens)
+        return got
+
+    def prefilled(self, rid: str) -> None:
+        """A prompt is in its cache: the engine keeps its blocks."""
+        if self.prefix is not None and rid in self.turn_of:
+            self.prefix.store(self.turn_of[rid][0], self.outcomes[int(rid)].prompt_tokens)
+
+    @property
+    def next_send(self) -> float:
+        return min([self.next_arrival, *self.sends.values()])
 
     def forward(self, parts: list, prefill: bool = False):
         """Each part as one flow over the links it loads (or a wait); the prefill's running
@@ -409,6 +496,10 @@ class Simulation:
             if self.tr:
                 gauges(self.tr, self.env.now, self.sched)
             self.ended += 1
+            if rid in self.turn_done:
+                if self.prefix is not None:  # prompt and reply, for the next turn
+                    self.prefix.store(self.turn_of[rid][0], oc.prompt_tokens + oc.output_tokens - 1)
+                self.turn_done.pop(rid).succeed()
 
     def prefill_worker(self):
         env, sched, tr = self.env, self.sched, self.tr
@@ -420,8 +511,10 @@ class Simulation:
             self.prefilling = True
             start = env.now
             where, gpus = plan.where, plan.device_ids
-            yield from self.forward(self.cost(plan.tokens, where, gpus), prefill=True)
+            run = plan.tokens - plan.cached  # a cached prefix is restored, not run
+            yield from self.forward(self.cost(run, where, gpus), prefill=True)
             self.prefilling = False
+            self.prefilled(plan.request_id)
             if tr:
                 tr.span(
                     "scheduler",
@@ -430,11 +523,11 @@ class Simulation:
                     start,
                     env.now - start,
                     requests=1,
-                    tokens=plan.tokens,
+                    tokens=run,
                     path=where,
                 )
                 if self.trace_layers:
-                    self.cost.layer_spans(tr, start, env.now - start, plan.tokens, where, gpus)
+                    self.cost.layer_spans(tr, start, env.now - start, run, where, gpus)
             self.token(plan.request_id)
             if not self.outcomes[int(plan.request_id)].ok:
                 sched.prefilled(plan.request_id)
@@ -515,7 +608,7 @@ class Simulation:
                 and sched.chunking is None
                 and not net.flows
             ):
-                gap, took = self.next_arrival - env.now, 0.0
+                gap, took = self.next_send - env.now, 0.0
                 for i in range(left):
                     period = sum(p.seconds for p in sum(self.step(plan, i), []))
                     if steps and took + period > gap:
@@ -573,6 +666,7 @@ class Simulation:
             self.token(rid)
         self.sched.chunked(chunk.request_id, chunk.tokens)
         if chunk.last:
+            self.prefilled(chunk.request_id)
             self.token(chunk.request_id)
             if not self.outcomes[int(chunk.request_id)].ok:
                 self.sched.prefilled(chunk.request_id)

@@ -135,7 +135,14 @@ class _Clock:
 def test_engine_and_simulator_make_identical_plans(model, fp8_dir, prefill):  # noqa: F811
     hw = Hardware.load("paper-2x9355-2x5090")
     # defaults everywhere but what a CPU-only test machine and a GPU profile must share
-    config = EngineConfig(prefill=prefill, dual_batch="on", ranks=2, max_batch=3, chunk_tokens=32)
+    config = EngineConfig(
+        prefill=prefill,
+        dual_batch="on",
+        chunked_prefill="on",
+        ranks=2,
+        max_batch=3,
+        chunk_tokens=32,
+    )
     r = profile_rates(hw, 1)
     engine = Engine(model, config=config, rates=r, model_dir=str(fp8_dir))
     sim = policy_for(model.cfg, hw, config).scheduler()

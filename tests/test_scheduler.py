@@ -46,7 +46,7 @@ def test_devices_policy_keeps_one_for_decode():
     now = [0.0]
     s = Scheduler(
         kv_tokens=10_000,
-        choose_path=lambda t: "slp" if t >= 100 else "cpu",
+        choose_path=lambda t, busy: "slp" if t >= 100 else "cpu",
         devices=2,
         decode_quiet_s=300,
         clock=lambda: now[0],

@@ -1,0 +1,214 @@
+"""Tool calls: how a model writes them in its output, found there, as a stream or whole.
+
+A family's chat template says which format its model writes, and the template is what tells
+the model about the tools (the server hands it `tools`), so the format is read off the
+template:
+
+    hermes     <tool_call>{"name": ..., "arguments": {...}}</tool_call>, one block per call
+               (Qwen3 and Qwen3-MoE, GLM-4.5's OpenAI-style templates, Hermes-style ones)
+    deepseek   <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{ARGUMENTS}
+               <｜tool▁call▁end｜>...<｜tool▁calls▁end｜> (DeepSeek-V3.1's template; V3-0324
+               writes "function<｜tool▁sep｜>NAME\\n```json\\n{...}\\n```": both are read)
+
+ToolStream takes the decoded text as it grows and gives back the text that is surely content
+(a piece that could be the start of a call marker is held back until it is decided) and each
+call once it is complete. A call whose arguments are not a JSON object is an error that names
+the tool: a server answers it as the model's failure, not the client's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+
+FORMATS = {
+    "hermes": ("<tool_call>", "</tool_call>"),
+    "deepseek": ("<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>"),
+}
+# markers around a group of calls that are not content (DeepSeek's)
+_GROUP = ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>")
+
+
+class ToolCallError(ValueError):
+    """The model wrote a tool call that cannot be read."""
+
+
+@dataclass(slots=True)
+class ToolCall:
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI's shape)
+    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+
+    def as_openai(self) -> dict:
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+def format_of(template: str | None) -> str | None:
+    """The tool-call format a chat template teaches its model; None: it has none."""
+    if not template:
+        return None
+    for name, (start, _) in FORMATS.items():
+        if start in template:
+            return name
+    return None
+
+
+def opening(fmt: str, name: str | None = None) -> str:
+    """What the assistant's reply starts with when a call is required (tool_choice
+    "required", or one named tool): appended to the prompt, so the model continues a call."""
+    start = FORMATS[fmt][0]
+    if fmt == "hermes":
+        return start + "\n" + (f'{{"name": "{name}", "arguments": ' if name else "")
+    return (_GROUP[0] + start) + (f"{name}<｜tool▁sep｜>" if name else "")
+
+
+def _read(fmt: str, body: str) -> ToolCall:
+    body = body.strip()
+    if fmt == "hermes":
+        try:
+            obj = json.loads(body)
+        except json.JSONDecodeError as e:
+            raise ToolCallError(f"a tool call is not JSON ({e}): {body[:200]!r}") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            raise ToolCallError(f"a tool call has no name: {body[:200]!r}")
+        name, args = obj["name"], obj.get("arguments", {})
+    else:
+        head, sep, rest = body.partition("<｜tool▁sep｜>")
+        if not sep:
+            raise ToolCallError(f"a tool call has no <｜tool▁sep｜>: {body[:200]!r}")
+        name = head.strip()
+        if name == "function":  # V3-0324: function<sep>NAME\n```json\n{...}\n```
+            name, _, rest = rest.partition("\n")
+            rest = re.sub(r"^\s*```(?:json)?|```\s*$", "", rest.strip())
+        try:
+            args = json.loads(rest)
+        except json.JSONDecodeError as e:
+            raise ToolCallError(f"tool {name!r}: its arguments are not JSON ({e})") from None
+    if isinstance(args, str):  # some models write the arguments as a JSON string
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            raise ToolCallError(f"tool {name!r}: its arguments are not a JSON object") from None
+    if not isinstance(args, dict):
+        raise ToolCallError(f"tool {name!r}: its arguments are not a JSON object")
+    return ToolCall(name.strip(), json.dumps(args, ensure_ascii=False))
+
+
+class ToolStream:
+    """Feed the whole decoded text so far; get (new content, newly completed calls)."""
+
+    def __init__(self, fmt: str, prefix: str = ""):
+        self.fmt = fmt
+        self.start, self.end = FORMATS[fmt]
+        self.text = prefix  # what the reply began with (a required call's opening)
+        self.done = 0  # characters of text consumed
+        self.calls: list[ToolCall] = []
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, list[ToolCall]]:
+        """text: the reply decoded so far (without the opening). final: nothing follows (an
+        unfinished call is then an error)."""
+        full = self._full(text)
+        content, calls, i = [], [], self.done
+        while i < len(full):
+            at = full.find(self.start, i)
+            if at < 0:
+                # hold back a tail that could begin a marker
+                keep = 0 if final else _partial(full[i:], (self.start, *_GROUP))
+                content.append(full[i : len(full) - keep])
+                i = len(full) - keep
+                break
+            content.append(full[i:at])
+            close = full.find(self.end, at + len(self.start))
+            if close < 0:
+                if final:
+                    raise ToolCallError(f"a tool call never ends: {full[at : at + 200]!r}")
+                i = at
+                break
+            calls.append(_read(self.fmt, full[at + len(self.start) : close]))
+            i = close + len(self.end)
+        self.done = i
+        self.calls += calls
+        text_out = "".join(content)
+        for marker in _GROUP:
+            text_out = text_out.replace(marker, "")
+        return text_out, calls
+
+    def _full(self, text: str) -> str:
+        return self.text + text
+
+
+def _partial(tail: str, markers: tuple[str, ...]) -> int:
+    """Length of the longest end of tail that is a proper start of a marker."""
+    best = 0
+    for m in markers:
+        for n in range(min(len(m) - 1, len(tail)), 0, -1):
+            if tail.endswith(m[:n]):
+                best = max(best, n)
+                break
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# Anthropic's Messages API in OpenAI's shapes (what chat templates are written for)
+# ---------------------------------------------------------------------------------------------
+
+
+def from_anthropic_tools(tools: list[dict]) -> list[dict]:
+    """[{"name", "description", "input_schema"}] -> OpenAI function specs."""
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": t["name"],
+                "description": t.get("description") or "",
+                "parameters": t.get("input_schema") or {"type": "object"},
+            },
+        }
+        for t in tools
+    ]
+
+
+def from_anthropic_turn(role: str, blocks: list[dict]) -> list[dict]:
+    """One Anthropic turn (content blocks) as OpenAI-shaped turns: an assistant's tool_use
+    blocks become its tool_calls; a user's tool_result blocks become "tool" turns (before the
+    user's text, as the results answer the calls)."""
+    text = "".join(b.get("text") or "" for b in blocks if b["type"] == "text")
+    if role == "assistant":
+        calls = [
+            {
+                "id": b["id"],
+                "type": "function",
+                "function": {"name": b["name"], "arguments": json.dumps(b.get("input") or {})},
+            }
+            for b in blocks
+            if b["type"] == "tool_use"
+        ]
+        turn: dict = {"role": "assistant", "content": text}
+        if calls:
+            turn["tool_calls"] = calls
+        return [turn]
+    out = []
+    for b in blocks:
+        if b["type"] == "tool_result":
+            c = b.get("content")
+            if isinstance(c, list):
+                c = "".join(x.get("text") or "" for x in c if x.get("type") == "text")
+            out.append({"role": "tool", "tool_call_id": b["tool_use_id"], "content": c or ""})
+    if text or not out:
+        out.append({"role": "user", "content": text})
+    return out
+
+
+def as_anthropic_block(call: ToolCall) -> dict:
+    return {
+        "type": "tool_use",
+        "id": "toolu_" + call.id.removeprefix("call_"),
+        "name": call.name,
+        "input": json.loads(call.arguments),
+    }
