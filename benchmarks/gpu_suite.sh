@@ -9,8 +9,9 @@
 #   prefill.json       {"prefill": SLP at 4K-32K tokens against the PCIe bound measured in
 #                      the same run, "prefill_cpu": the CPU-expert path beside it at 4K}
 #   slp-trace.json     Chrome trace of the longest SLP prefill (opens in Perfetto)
-#   serve.json         {"interference", "dual_batch"}: decode under a concurrent SLP prefill (interference) and dual-batch
-#                      two-over-one, with attention on the GPU
+#   serve.json         {"interference", "dual_batch", "agent"}: decode under a concurrent SLP
+#                      prefill (interference), dual-batch two-over-one, with attention on the
+#                      GPU; agents (conversations resending their history: prefix cache)
 #   decode.json        hybrid decode: attention and dense layers on the GPU, routed experts on
 #                      the host's CPU kernels, against the host's read bound
 #   kernels.json       the host's kernels (native AVX-512 where it has it) against its read
@@ -25,9 +26,11 @@ exec > >(tee -a "$out/suite.log") 2>&1
 export PYTHONPATH=$PWD/.carry:$PWD PYTHONUNBUFFERED=1 OPENBLAS_NUM_THREADS=1
 demo="--layers ${LAYERS:-1} --experts ${EXPERTS:-256} --dir ${DEMO_DIR:-/tmp/demo}"
 t0=$SECONDS
-step() { echo; echo "== [$((SECONDS - t0)) s] $*"; }
+# STEPS=build,demo,agent (say) runs only those steps (names below); default: all of them
+want() { [ -z "${STEPS:-}" ] || [[ ",$STEPS," == *",$1,"* ]]; }
+step() { want "$1" || return 1; echo; echo "== [$((SECONDS - t0)) s] ${*:2}"; }
 
-step machine
+if step machine machine; then
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max \
   --format=csv 2>/dev/null || echo "no nvidia-smi"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
@@ -35,24 +38,28 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 lscpu | grep -E "Model name|^CPU\(s\)|NUMA node\(s\)"
 echo "AVX-512 flags: $(grep -o 'avx512[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 free -g | head -2; cat /proc/loadavg
+fi
 
-step build
+if step build build; then
 python3 setup.py build_ext --inplace -j 16 > "$out/build.log" 2>&1 \
   || { tail -30 "$out/build.log"; exit 1; }
 rm -f "$out/build.log"
 python3 -m refmoe.cli info
+fi
 
-step device matmul per format
+if step matmul device matmul per format; then
 timeout 90 python3 benchmarks/device_matmul.py --json "$out/device_matmul.json" ${SMALL:+--small}
+fi
 
-step demo model: build once
+if step demo demo model: build once; then
 timeout 150 python3 -c "
 import sys; from pathlib import Path; from refmoe import demo
 demo.build(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))" \
   "${DEMO_DIR:-/tmp/demo}" "${LAYERS:-1}" "${EXPERTS:-256}" || exit 1
 du -sh "${DEMO_DIR:-/tmp/demo}"
+fi
 
-step "SLP prefill at 4K-32K (trace of the longest), CPU experts beside at 4K"
+if step prefill "SLP prefill at 4K-32K (trace of the longest), CPU experts beside at 4K"; then
 timeout 150 python3 -m refmoe.cli bench prefill $demo \
   --prompt-tokens ${TOKENS:-4096,8192,16384,32768} --trace "$out/slp-trace.json" --json \
   > "$out/prefill.json"
@@ -61,30 +68,48 @@ timeout 60 python3 -m refmoe.cli bench prefill $demo --prompt-tokens ${CPU_TOKEN
   --json > "$out/prefill_cpu.json" \
   && python3 -c "import json,sys; [print(r) for r in json.load(open(sys.argv[1]))]" \
        "$out/prefill_cpu.json"
+fi
 
-step "serving: decode under a concurrent SLP prefill; dual-batch two over one"
+if step serve "serving: decode under a concurrent SLP prefill; dual-batch two over one"; then
 timeout 60 python3 -m refmoe.cli bench serve $demo --scenario interference --prefill slp \
   --prefill-tokens ${PREFILL_TOKENS:-8192} --json > "$out/interference.json"
 cat "$out/interference.json"; echo
 timeout 60 python3 -m refmoe.cli bench serve $demo --scenario dual-batch --json \
   > "$out/dual_batch.json"
 cat "$out/dual_batch.json"; echo
+fi
 
-step "hybrid decode: attention on the GPU, routed experts on the host CPU"
+if step agent "agents: conversations resending their history (prefix cache, TTFT by turn)"; then
+timeout 240 python3 -m refmoe.cli bench serve $demo --scenario agent --prefill auto \
+  --conversations ${AGENTS:-4} --turns 3 --context ${AGENT_CONTEXT:-8192} \
+  --new-tokens 200-400 --output-len 32-64 --think-s 0.5-2 --json > "$out/agent.json"
+python3 -c "
+import json, sys
+d = json.load(open(sys.argv[1]))
+print({k: d[k] for k in ('mean_ttft_ms_by_turn', 'later_over_first_ttft', 'prefix_hit_rate',
+      'itl_during_other_prefill_ms', 'itl_otherwise_ms', 'itl_during_prefill_ratio')})
+for t in d['turns']:
+    print(t)" "$out/agent.json"
+fi
+
+if step decode "hybrid decode: attention on the GPU, routed experts on the host CPU"; then
 timeout 60 python3 -m refmoe.cli bench decode $demo --reps 2 --device auto --json > "$out/decode.json"
 cat "$out/decode.json"; echo
+fi
 
-step "host CPU kernels (native variant) against the host's read"
+if step kernels "host CPU kernels (native variant) against the host's read"; then
 timeout 80 python3 -m refmoe.cli bench kernels --reps 3 --no-torch --json > "$out/kernels.json"
 python3 -c "
 import json,sys
 for r in json.load(open(sys.argv[1])):
     print(r['op'], r['dtype'], r.get('m'), r['threads'], r['variant'],
           round(r['gbps'], 1), round(r.get('ratio', 0), 2))" "$out/kernels.json"
+fi
 
-step "CUDA tests (SLP on the device against the plain path)"
+if step tests "CUDA tests (SLP on the device against the plain path)"; then
 timeout ${TEST_S:-90} python3 -m pytest -q -x tests/test_slp.py -k cuda -p no:cacheprovider \
   -W ignore::UserWarning 2>&1 | tail -8
+fi
 
 # fold the small JSON files into one, so the run's files stay within what comes back
 python3 - "$out" <<'EOF'
@@ -98,8 +123,8 @@ def fold(target, names):
             got[name] = json.loads(p.read_text())
         p.unlink(missing_ok=True)
     (out / target).write_text(json.dumps(got, indent=1))
-fold("serve.json", ["interference", "dual_batch"])
+fold("serve.json", ["interference", "dual_batch", "agent"])
 fold("prefill.json", ["prefill", "prefill_cpu"])
 EOF
-step done
+echo; echo "== [$((SECONDS - t0)) s] done"
 ls -la "$out"

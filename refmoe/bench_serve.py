@@ -172,7 +172,7 @@ def _drive_agents(
     rng = random.Random(seed)
     records: list[TurnRecord] = []
 
-    async def turn(client, start, c, k, history, t: Turn) -> list[int]:
+    async def turn(client, start, c, k, history, t: Turn) -> tuple[TurnRecord, list[int]]:
         ids = history + [rng.randrange(vocab) for _ in range(t.new_tokens)]
         rec = TurnRecord(c, k, Outcome(time.perf_counter() - start, len(ids)))
         records.append(rec)
@@ -189,14 +189,14 @@ def _drive_agents(
         async with client.stream("POST", base + "/v1/completions", json=body) as resp:
             if resp.status_code != 200:
                 rec.outcome.error = f"HTTP {resp.status_code}: {await resp.aread()!r}"
-                return ids + out
+                return rec, ids + out
             async for line in resp.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 ev = json.loads(line[6:])
                 if "error" in ev:
                     rec.outcome.error = ev["error"]["message"]
-                    return ids + out
+                    return rec, ids + out
                 if ev.get("usage"):
                     details = ev["usage"].get("prompt_tokens_details") or {}
                     rec.cached_tokens = details.get("cached_tokens", 0)
@@ -211,14 +211,14 @@ def _drive_agents(
             o.itl_s = [b - a for a, b in zip(rec.token_times, rec.token_times[1:])]
             o.e2e_s = rec.token_times[-1] - rec.sent_s
             o.ok = True
-        return ids + out
+        return rec, ids + out
 
     async def conversation(client, start, c: int, turns: list[Turn]) -> None:
         history: list[int] = []
         for k, t in enumerate(turns, 1):
             await asyncio.sleep(t.think_s)
-            history = await turn(client, start, c, k, history, t)
-            if not records[-1].outcome.ok:
+            rec, history = await turn(client, start, c, k, history, t)
+            if not rec.outcome.ok:
                 return  # a failed turn ends its conversation
 
     async def main() -> float:

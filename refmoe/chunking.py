@@ -35,6 +35,7 @@ class ChunkRule:
     debt_s: float = 0.0
     chunks_run: int = 0  # steps that carried a chunk, and their prompt tokens (for reports)
     tokens_run: int = 0
+    last: int = 0  # the last chunk's tokens: the next is at most twice as many
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self):
@@ -62,7 +63,10 @@ class ChunkRule:
                 return 0  # measure a decode step first; or the last chunk is not paid for
             if self.token_s is None:
                 return min(left, 1)  # one token measures c
-            return max(1, min(left, int(self.stall * t_d / max(self.token_s, 1e-12))))
+            n = int(self.stall * t_d / max(self.token_s, 1e-12))
+            # slow start: a chunk at most doubles the last one, so one step measured faster
+            # than it was (noise) cannot make the next chunk stall decode for seconds
+            return max(1, min(left, n, 2 * max(self.last, 1)))
 
     def observe(self, decoding: int, chunk: int, seconds: float) -> None:
         """A decode step of `decoding` requests that carried `chunk` prompt tokens took
@@ -77,6 +81,7 @@ class ChunkRule:
                 return
             self.chunks_run += 1
             self.tokens_run += chunk
+            self.last = chunk
             t_d = self.decode_s(decoding)
             base = t_d if t_d is not None else seconds
             extra = max(0.0, seconds - base)

@@ -27,6 +27,10 @@ def test_rule_measures_first_then_sizes_chunks_from_step_times():
     assert rule.debt_s == pytest.approx(0.05 - 0.25 * 0.100)
     assert rule.tokens(1, 500) == 0  # not paid for yet
     rule.observe(1, 0, 0.100)  # pays back 25 ms
+    assert rule.debt_s == 0 and rule.tokens(1, 500) == 2  # slow start: twice the last chunk
+    rule.observe(1, 2, 0.200)  # +100 ms for two tokens: c stays 50 ms
+    for _ in range(4):  # 100 - 25 ms of debt, paid back 25 ms a step
+        rule.observe(1, 0, 0.100)
     assert rule.debt_s == 0 and rule.tokens(1, 500) == 4  # stall 2 x 100 ms / 50 ms
     assert rule.tokens(1, 3) == 3
     assert rule.decode_s(2) == pytest.approx(0.2)  # unseen batch: scaled from the nearest
@@ -146,3 +150,22 @@ def test_a_chunk_measured_faster_than_the_step_stays_bounded():
     rule.observe(1, 0, 0.100)
     rule.observe(1, 1, 0.090)  # noise: the step with a chunk ran faster than the average
     assert rule.token_s > 0 and rule.tokens(1, 10_000) <= 2 * 256
+
+
+def test_one_step_measured_as_free_does_not_make_a_huge_chunk():
+    """Measured: a first chunk step that ran faster than the decode average (noise) made the
+    next chunk 512 tokens, a 5-second stall. A chunk at most doubles the last one."""
+    rule = ChunkRule(slowdown=1.2, stall=2.0)
+    rule.observe(1, 0, 0.0837)
+    assert rule.tokens(1, 4096) == 1
+    rule.observe(1, 1, 0.0738)  # faster than the decode step alone
+    sizes = []
+    for _ in range(5):
+        n = rule.tokens(1, 4096)
+        sizes.append(n)
+        if n:
+            rule.observe(1, n, 0.0837 + 0.03 * n)
+        else:
+            rule.observe(1, 0, 0.0837)
+    ran = [n for n in sizes if n]
+    assert ran[0] == 2 and all(b <= 2 * a for a, b in zip(ran, ran[1:]))
