@@ -19,11 +19,19 @@
 # V3 MoE layer, 11.3 GB; LAYERS=2 is the 22.6 GB model of docs/slp.md's first H100 run).
 # SIMDe headers (to build the emulated variants) come from .carry/ (no network there):
 #   pip install --no-deps --target .carry simde-py
+# The agent step serves over HTTP, and the GPU machine's Python (3.12) has no uvicorn or
+# fastapi: carry them in .carry_serve/ (wheels for its Python, unzipped; about 30 MB):
+#   pip download -d W --python-version 3.12 --only-binary=:all: --no-deps \
+#     --platform manylinux2014_x86_64 uvicorn fastapi starlette httpx httpcore anyio h11 \
+#     sniffio click prometheus_client pydantic pydantic_core annotated_types \
+#     typing_inspection idna certifi typing_extensions tokenizers jinja2 markupsafe \
+#     opentelemetry-api importlib_metadata zipp   (fastapi 0.165 imports opentelemetry)
+#   for w in W/*.whl; do python -m zipfile -e $w .carry_serve/; done
 # Each step has its own timeout, so one that hangs costs its slot, not the run.
 set -o pipefail
 out=${1:-/tmp/gpu-suite}; mkdir -p "$out"
 exec > >(tee -a "$out/suite.log") 2>&1
-export PYTHONPATH=$PWD/.carry:$PWD PYTHONUNBUFFERED=1 OPENBLAS_NUM_THREADS=1
+export PYTHONPATH=$PWD/.carry:$PWD/.carry_serve:$PWD PYTHONUNBUFFERED=1 OPENBLAS_NUM_THREADS=1
 demo="--layers ${LAYERS:-1} --experts ${EXPERTS:-256} --dir ${DEMO_DIR:-/tmp/demo}"
 t0=$SECONDS
 # STEPS=build,demo,agent (say) runs only those steps (names below); default: all of them

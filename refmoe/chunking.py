@@ -14,7 +14,8 @@ from the steps that carried a chunk, of the time each prompt token added (c). A 
 n = stall * t_d / c tokens (at least 1). A debt paces the chunks: a step with a chunk adds its
 extra time, a step without one pays back (slowdown - 1) of its time, and a chunk runs only when
 the debt is paid (a step that carries one pays back its own decode share too). With no request
-decoding, the whole rest of the prompt runs at once.
+decoding, chunks of ALONE_TOKENS run back to back (the scheduler may switch to a shorter
+prompt between them).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 
 EMA = 0.3  # weight of the newest observation in the moving averages
 MIN_SHARE = 256  # the least a prompt token is taken to add to a step: 1/256 of it
+ALONE_TOKENS = 512  # a chunk when nothing decodes: big enough to run at full speed, small
+# enough that a shorter prompt arriving meanwhile waits for at most one
 
 
 @dataclass
@@ -56,7 +59,7 @@ class ChunkRule:
     def tokens(self, decoding: int, left: int) -> int:
         """Tokens of the next chunk for a step with `decoding` requests (0: not this step)."""
         if decoding == 0:
-            return left
+            return min(left, ALONE_TOKENS)
         with self.lock:
             t_d = self.decode_s(decoding)
             if t_d is None or self.debt_s > 0:

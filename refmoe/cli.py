@@ -301,8 +301,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if args.ranks < 1:
             raise ValueError(f"--ranks must be >= 1, got {args.ranks}")
         # the one policy seam: the same plan the engine would make for this request alone
-        config = EngineConfig(
-            prefill=args.prefill, ranks=args.ranks, chunk_tokens=args.chunk_tokens
+        config = EngineConfig(  # one request: no decode to protect, no chunked prefill
+            prefill=args.prefill,
+            ranks=args.ranks,
+            chunk_tokens=args.chunk_tokens,
+            chunked_prefill="off",
         )
         rates = slp.model_rates(model) if args.prefill == "auto" and slp.streamable(model) else None
         policy = Policy.build(

@@ -9,10 +9,12 @@ Policy, as the paper's technique 3 describes it:
   queue (`lookup`); the path is chosen for the tokens left to run, not the whole prompt;
 - prefill and decode are separate workers: prefill takes the oldest admitted request, whole
   (chunked by SLP when it runs there), on the path the cost model picks (`where`);
-- chunked CPU prefill (`chunk_tokens` given): while requests decode, a prompt on the CPU path
-  is not run whole beside them (both would share the same cores, and every decode step would
-  wait on it); its tokens ride along decode steps instead, a chunk per step as the rule
-  allows (refmoe/chunking.py), so a decode step waits for at most one chunk;
+- chunked CPU prefill (`chunk_tokens` given): a prompt on the CPU path is never run whole
+  beside decoding requests (both would share the same cores, and every decode step would wait
+  on it); its tokens ride along decode steps instead, a chunk per step as the rule allows
+  (refmoe/chunking.py), so a decode step waits for at most one chunk. Several prompts may be
+  part-way (up to MAX_CHUNKING); each step's chunk goes to the one with the fewest tokens
+  left, so an agent's short next turn is not stuck behind another's long first one;
 - decode batches every running request up to max_batch (continuous batching: a request
   joins at the next step after its prefill, leaves at the step it finishes);
 - dual-batch overlap splits a decode batch of two or more into two halves when it pays (on
@@ -110,6 +112,9 @@ class KVBudget:
         return self.used / self.capacity
 
 
+MAX_CHUNKING = 4  # prompts part-way through a chunked prefill at once
+
+
 class Scheduler:
     def __init__(
         self,
@@ -136,7 +141,7 @@ class Scheduler:
         # (decoding requests, prompt tokens left) -> tokens of the next chunk (0: none this
         # step); None: CPU prefills run whole on the prefill worker
         self.chunk_tokens = chunk_tokens
-        self.chunking: str | None = None  # the request whose prompt rides along decode steps
+        self.chunking: list[str] = []  # requests whose prompts ride along decode steps
         self.dual_batch = dual_batch
         self.entries: dict[str, Entry] = {}
         self.waiting: deque[str] = deque()
@@ -173,8 +178,8 @@ class Scheduler:
             self.decoding.remove(request_id)
         if request_id in self.waiting:
             self.waiting.remove(request_id)
-        if self.chunking == request_id:
-            self.chunking = None
+        if request_id in self.chunking:
+            self.chunking.remove(request_id)
         e.state = "finished"
 
     def prefilled(self, request_id: str) -> None:
@@ -182,8 +187,8 @@ class Scheduler:
         if e is not None and e.state == "prefilling":
             e.state = "decoding"
             self.decoding.append(request_id)
-        if self.chunking == request_id:
-            self.chunking = None
+        if request_id in self.chunking:
+            self.chunking.remove(request_id)
 
     def chunked(self, request_id: str, tokens: int) -> None:
         """A chunk of the chunking request ran (its last one: call prefilled too)."""
@@ -205,8 +210,8 @@ class Scheduler:
         if e is None:
             return None
         where = e.where or "cpu"
-        if where == "cpu" and self.chunk_tokens is not None and (self.decoding or self.chunking):
-            return None  # it will ride along decode steps (next_decode)
+        if where == "cpu" and self.chunk_tokens is not None:
+            return None  # it runs in chunks on the decode worker (next_decode)
         self.waiting.popleft()
         self.kv.take(e.reserve)
         e.state = "prefilling"
@@ -254,20 +259,26 @@ class Scheduler:
 
     def _next_chunk(self) -> Chunk | None:
         """The chunk that rides along this decode step, if any: a CPU-path prompt at the head
-        of the queue starts chunking while others decode; the rule sizes each chunk."""
+        of the queue joins the prompts part-way; the one with the fewest tokens left runs the
+        chunk; the rule sizes it."""
         if self.chunk_tokens is None:
             return None
-        if self.chunking is None and self.decoding:
+        while len(self.chunking) < MAX_CHUNKING:
             e = self._head()
             if e is None or e.where != "cpu":
-                return None
+                break
             self.waiting.popleft()
             self.kv.take(e.reserve)
             e.state = "prefilling"
-            self.chunking = e.request_id
-        if self.chunking is None:
+            self.chunking.append(e.request_id)
+        if not self.chunking:
             return None
-        e = self.entries[self.chunking]
+
+        def left_of(rid: str) -> int:
+            e = self.entries[rid]
+            return e.prompt_tokens - e.cached - e.done
+
+        e = self.entries[min(self.chunking, key=left_of)]
         start = e.cached + e.done
         left = e.prompt_tokens - start
         n = min(left, self.chunk_tokens(len(self.decoding[: self.max_batch]), left))

@@ -602,12 +602,7 @@ class Simulation:
                         break
                     steps.append(period)
                     done += progress
-            elif (
-                not self.prefilling
-                and not sched.waiting
-                and sched.chunking is None
-                and not net.flows
-            ):
+            elif not self.prefilling and not sched.waiting and not sched.chunking and not net.flows:
                 gap, took = self.next_send - env.now, 0.0
                 for i in range(left):
                     period = sum(p.seconds for p in sum(self.step(plan, i), []))

@@ -52,7 +52,10 @@ def validate(
     doc = load_trace(path)
     names = {f.name for f in fields(ModelConfig)}
     cfg = ModelConfig(**{k: v for k, v in doc["metadata"]["model"].items() if k in names})
-    if len(doc["metadata"]["requests"]) > 1:
+    shape = (doc["metadata"].get("engine") or {}).get("workload") or {}
+    if shape.get("scenario") == "agent":
+        meas, fn = _agents(doc, cfg, shape)
+    elif len(doc["metadata"]["requests"]) > 1:
         meas, fn = _serving(doc, cfg)
     else:
         got = measured(doc)
@@ -137,6 +140,69 @@ def _serving(doc: dict, cfg: ModelConfig):
             "tpot_s": pred["mean_tpot_ms"] / 1e3,
             "e2e_s": statistics.fmean(e2e) if e2e else float("nan"),
             "output_tok_s": pred["output_throughput"],
+        }
+
+    return meas, fn
+
+
+def _agents(doc: dict, cfg: ModelConfig, shape: dict):
+    """An agent run (`refmoe bench serve --scenario agent --trace`): the same conversations
+    (the workload generator is seeded: its shape in the trace gives the same turns) through
+    the simulator's prefix cache and the engine's scheduler; compares the mean TTFT of first
+    turns and of later turns, the mean TPOT and the prefix hit rate."""
+    from refmoe.serving_metrics import agent_summary, agent_workload
+    from sim.serve import Simulation
+
+    turns = doc["metadata"].get("turns") or []
+    if not turns:
+        raise ValueError("an agent trace without metadata.turns (its per-turn records)")
+    engine = doc["metadata"].get("engine") or {}
+
+    def split(ttft: dict[int, float]) -> tuple[float, float]:
+        later = [v for k, v in ttft.items() if k > 1]
+        return ttft[1], statistics.fmean(later) if later else float("nan")
+
+    by_turn: dict[int, list[float]] = {}
+    for t in turns:
+        if t["ttft_s"] is not None:
+            by_turn.setdefault(t["turn"], []).append(t["ttft_s"])
+    first, later = split({k: statistics.fmean(v) for k, v in by_turn.items()})
+    reqs = doc["metadata"]["requests"]
+    tpot = [
+        (r["finish_time"] - r["first_token_time"]) / (r["output_tokens"] - 1)
+        for r in reqs
+        if r.get("first_token_time") is not None and r["output_tokens"] > 1
+    ]
+    meas = {
+        "ttft_first_turn_s": first,
+        "ttft_later_turns_s": later,
+        "tpot_s": statistics.fmean(tpot),
+        "prefix_hit_rate": sum(t["cached_tokens"] for t in turns)
+        / sum(t["prompt_tokens"] for t in turns),
+    }
+    convos = agent_workload(
+        shape["conversations"],
+        shape["turns"],
+        shape["context"],
+        tuple(shape["new_tokens"]),
+        tuple(shape["output_len"]),
+        tuple(shape["think_s"]),
+        shape["seed"],
+    )
+    path = str(engine["prefill"]) if engine.get("prefill") in ("cpu", "slp") else "cpu"
+    chunked = bool(engine.get("chunked_prefill", False))
+
+    def fn(profile: Hardware) -> dict:
+        run = Simulation(
+            cfg, profile, [], prefill=path, chunked_prefill=chunked, conversations=convos
+        ).run()
+        s = agent_summary(run.records, run.duration_s)
+        first, later = split({k: v / 1e3 for k, v in s["mean_ttft_ms_by_turn"].items()})
+        return {
+            "ttft_first_turn_s": first,
+            "ttft_later_turns_s": later,
+            "tpot_s": s["mean_tpot_ms"] / 1e3,
+            "prefix_hit_rate": s["prefix_hit_rate"],
         }
 
     return meas, fn

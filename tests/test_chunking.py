@@ -55,28 +55,45 @@ def test_pacing_bounds_the_mean_slowdown():
     assert mean >= 1.2 * 0.100  # and the prefill does use what it is given
 
 
-def test_scheduler_hands_a_cpu_prompt_to_decode_steps():
-    sizes = iter([0, 5, 100, 3])
-    s = Scheduler(kv_tokens=10_000, chunk_tokens=lambda decoding, left: min(left, next(sizes)))
+def test_scheduler_hands_cpu_prompts_to_decode_steps():
+    """CPU-path prompts run in chunks on the decode worker, never whole beside decoding
+    requests; a shorter prompt that arrives while a longer one is part-way goes first."""
+    sizes = [10, 0, 5, 3, 100, 0]
+    asked = []
+
+    def rule(decoding, left):
+        asked.append((decoding, left))
+        return sizes.pop(0)
+
+    s = Scheduler(kv_tokens=10_000, chunk_tokens=rule)
     s.add(Entry("a", 10, 5, 0))
-    s.prefilled(s.next_prefill().request_id)  # nobody decoding: prefilled whole
+    assert s.next_prefill() is None  # CPU path: the decode worker runs it
+    plan = s.next_decode()
+    assert plan.request_ids == [] and (plan.chunk.request_id, plan.chunk.last) == ("a", True)
+    s.chunked("a", 10)
+    s.prefilled("a")
     s.add(Entry("b", 20, 5, 0))
-    assert s.next_prefill() is None  # a decodes: b will ride along its steps
     plan = s.next_decode()
-    assert plan.request_ids == ["a"] and plan.chunk is None  # the rule said 0
-    assert s.chunking == "b" and s.state("b") == "prefilling" and s.kv.used == 15 + 25
+    assert plan.request_ids == ["a"] and plan.chunk is None  # the rule said 0 this step
+    assert s.chunking == ["b"] and s.state("b") == "prefilling" and s.kv.used == 15 + 25
     plan = s.next_decode()
-    assert (plan.chunk.start, plan.chunk.tokens, plan.chunk.last) == (0, 5, False)
+    assert (plan.chunk.request_id, plan.chunk.start, plan.chunk.tokens) == ("b", 0, 5)
     s.chunked("b", 5)
+    s.add(Entry("c", 3, 5, 0))  # a short one arrives: it has fewer tokens left than b's 15
     plan = s.next_decode()
-    assert (plan.chunk.start, plan.chunk.tokens, plan.chunk.last) == (5, 15, True)
+    assert (plan.chunk.request_id, plan.chunk.tokens, plan.chunk.last) == ("c", 3, True)
+    s.chunked("c", 3)
+    s.prefilled("c")
+    plan = s.next_decode()
+    assert (plan.chunk.request_id, plan.chunk.start, plan.chunk.tokens) == ("b", 5, 15)
     s.chunked("b", 15)
     s.prefilled("b")
-    assert s.chunking is None and s.next_decode().request_ids == ["a", "b"]
-    s.add(Entry("c", 20, 5, 0))
-    s.next_decode()  # c starts chunking
-    s.finish("c")  # cancelled mid-prompt: its reservation returns
-    assert s.chunking is None and s.kv.used == 15 + 25
+    assert s.chunking == [] and s.next_decode().request_ids == ["a", "c", "b"]
+    assert asked[:3] == [(0, 10), (1, 20), (1, 20)]
+    s.add(Entry("d", 20, 5, 0))
+    s.next_decode()  # d starts chunking (the rule says 0)
+    s.finish("d")  # cancelled mid-prompt: its reservation returns
+    assert s.chunking == [] and s.kv.used == 15 + 8 + 25
 
 
 def test_engine_chunked_prompt_matches_a_whole_prefill(model):  # noqa: F811

@@ -111,7 +111,9 @@ def test_cancel_and_failures_return_the_reservation(model, monkeypatch):
             assert time.monotonic() < deadline, "the cancelled request's KV was never freed"
             time.sleep(0.01)
         # a step that raises fails its requests with an error event, and the engine goes on
+        # (a CPU prompt runs on the decode worker, chunked prefill, through forward_batch)
         monkeypatch.setattr(model, "forward", lambda *a, **k: 1 / 0)
+        monkeypatch.setattr(model, "forward_batch", lambda *a, **k: 1 / 0)
         _, ends, _ = _run(engine, [PROMPT[:3]], 4)
         assert ends[0]["type"] == "error" and "ZeroDivisionError" in ends[0]["message"]
         assert engine.kv_usage == 0

@@ -288,15 +288,18 @@ def test_tokenize_models_metrics(server):
 
 
 def _slow_prefill(monkeypatch, gate: threading.Event):
+    """Hold every prefill until the gate opens: on the prefill worker, and on the decode
+    worker, where CPU prompts run in chunks (chunked prefill)."""
     from refmoe import engine
 
-    real = engine.Engine._prefill
+    for name in ("_prefill", "_decode"):
+        real = getattr(engine.Engine, name)
 
-    def slow(self, plan):
-        gate.wait(30)
-        return real(self, plan)
+        def slow(self, plan, real=real):
+            gate.wait(30)
+            return real(self, plan)
 
-    monkeypatch.setattr(engine.Engine, "_prefill", slow)
+        monkeypatch.setattr(engine.Engine, name, slow)
 
 
 def test_full_queue_answers_429(chat_model, monkeypatch):  # noqa: F811

@@ -237,8 +237,9 @@ def test_sweep_in_processes_with_plots(tmp_path):
 
 @pytest.mark.parametrize("chunked", [False, True])
 def test_simulated_trace_has_the_engine_lanes(chunked):
-    """The second prompt arrives while the first decodes: run whole by the prefill worker, or
-    (chunked prefill) riding along the decode steps, as the engine's spans show it."""
+    """Two CPU prompts, the second arriving while the first decodes: each run whole by the
+    prefill worker, or (chunked prefill) in chunks on the decode worker, the second's riding
+    along the first's decode steps, as the engine's spans show it."""
     from sim.serve import simulate
 
     cfg, hw = ModelConfig.from_dict(V3), Hardware.load("paper-2x9355-2x5090")
@@ -247,12 +248,12 @@ def test_simulated_trace_has_the_engine_lanes(chunked):
     )
     doc = tr.to_json()
     lanes = {e["args"]["name"] for e in doc["traceEvents"] if e.get("name") == "thread_name"}
-    assert lanes == {"prefill worker", "decode worker"}
+    assert lanes == ({"decode worker"} if chunked else {"prefill worker", "decode worker"})
     spans = [e for e in doc["traceEvents"] if e["ph"] == "X"]
     decodes = [e for e in spans if e["name"] == "decode"]
     with_chunk = [e for e in decodes if "prefill_chunk_tokens" in e["args"]]
-    assert sum(e["name"] == "prefill" for e in spans) == (1 if chunked else 2)
-    assert sum(e["args"]["prefill_chunk_tokens"] for e in with_chunk) == (32 if chunked else 0)
+    assert sum(e["name"] == "prefill" for e in spans) == (0 if chunked else 2)
+    assert sum(e["args"]["prefill_chunk_tokens"] for e in with_chunk) == (96 if chunked else 0)
     # every decode step gives each of its decoding requests a token (the chunk gives none)
     assert sum(e["args"]["requests"] for e in decodes) - len(with_chunk) == 4 + 2
     reqs = sorted(doc["metadata"]["requests"], key=lambda r: r["arrival"])
@@ -381,7 +382,15 @@ def test_simulated_trace_per_layer_lanes():
 
     cfg = ModelConfig(**json.loads(TRACE.read_text())["metadata"]["model"])
     hw = Hardware.load("zen3-2vcpu-calibrated")
-    _, _, tr = simulate(cfg, hw, [(0.0, 24, 4), (0.3, 16, 3)], trace=True, trace_layers=True)
+    # prompts whole on the prefill worker (a chunked one's layers ride the decode steps')
+    _, _, tr = simulate(
+        cfg,
+        hw,
+        [(0.0, 24, 4), (0.3, 16, 3)],
+        trace=True,
+        trace_layers=True,
+        chunked_prefill=False,
+    )
     doc = tr.to_json()
     lanes = {e["args"]["name"] for e in doc["traceEvents"] if e.get("name") == "thread_name"}
     assert {"attention", "experts", "prefill worker", "decode worker"} <= lanes
