@@ -413,7 +413,7 @@ def _cmd_validate(args) -> int:
         if r.get("warning"):
             print(f"{r['trace']}: warning: {r['warning']}", file=sys.stderr)
         for metric, m in r["metrics"].items():
-            unit, f = ("tok/s", 1) if metric.endswith("tok_s") else ("ms", 1e3)
+            unit, f = _unit(metric)
             band = ""
             if "interval" in m:
                 lo, hi = m["interval"]
@@ -421,13 +421,14 @@ def _cmd_validate(args) -> int:
                     f" [90%: {lo * f:.1f}-{hi * f:.1f}, measured "
                     f"{'inside' if m['inside'] else 'outside'}]"
                 )
+            d = 1 if unit else 3  # decimals: a rate without a unit (a hit rate) gets more
             print(
-                f"{r['trace']}: {metric} predicted {m['predicted'] * f:.1f} {unit}{band}, "
-                f"measured {m['measured'] * f:.1f} {unit}, error {100 * m['error']:+.1f}%"
+                f"{r['trace']}: {metric} predicted {m['predicted'] * f:.{d}f} {unit}{band}, "
+                f"measured {m['measured'] * f:.{d}f} {unit}, error {100 * m['error']:+.1f}%"
             )
     print(f"{'metric':<14} {'traces':>6} {'MAPE':>7} {'bias':>7} {'abs error':>12}")
     for metric, t in table.items():
-        unit, f = ("tok/s", 1) if metric.endswith("tok_s") else ("ms", 1e3)
+        unit, f = _unit(metric)
         inside = (
             f"  {t['inside_interval']}/{t['n']} inside the interval"
             if "inside_interval" in t
@@ -466,6 +467,15 @@ def _gpu_spec(text: str) -> tuple[str, float, int, float]:
         raise argparse.ArgumentTypeError(
             f"expected NAME,HBM_GBPS,PCIE_GEN,BF16_TFLOPS (e.g. RTX5090,1792,5,209), got {text!r}"
         ) from None
+
+
+def _unit(metric: str) -> tuple[str, float]:
+    """How a validated metric prints: times in ms, rates in tok/s, the rest as they are."""
+    if metric.endswith("tok_s"):
+        return "tok/s", 1.0
+    if metric.endswith("_s"):
+        return "ms", 1e3
+    return "", 1.0
 
 
 def _cmd_profile_new(args) -> int:

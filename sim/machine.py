@@ -194,6 +194,35 @@ class Machine:
             # the rest of the block is torch on its own threads (every core), no weights
             yield from self.work(overhead_s, {c: 1.0 for c in self.cores})
 
+    # the engine's: up to this many new tokens of a sequence take the absorbed attention
+    # (refmoe.models.deepseek_v3.ABSORB_MAX_TOKENS, held equal by tests/test_sim_agents.py;
+    # not imported, so that the simulator does not load torch)
+    ABSORB_MAX_TOKENS = 8
+
+    def prefix_attention(self, cfg: ModelConfig, tokens: int, past: int) -> tuple[float, dict]:
+        """(seconds, demand) per layer of `tokens` new tokens of one sequence attending to
+        the `past` tokens it has cached (a prefix restored from the prefix cache, or the
+        chunks a chunked prefill has run): beyond what a prefill from position 0 costs. On a
+        GPU the cache read once or the score FLOPs; on the CPU a few tokens run the engine's
+        absorbed attention (each as a decode token after `past`), more the expanded one (the
+        score FLOPs at the calibrated matmul rate)."""
+        if past <= 0 or tokens <= 0:
+            return 0.0, {}
+        flops = costs.score_flops(cfg, tokens, past) - costs.score_flops(cfg, tokens, 0)
+        if self.hw.gpus:
+            g = self.hw.gpus[self.gpu_index]
+            t = max(
+                past * costs.kv_bytes_per_token(cfg) / (g.hbm_gbps * g.hbm_efficiency * 1e9),
+                flops / (g.attention_tflops * 1e12),
+            )
+            return t, {self.gpu[self.gpu_index]: 1.0}
+        cpu = self.hw.cpu
+        if tokens <= self.ABSORB_MAX_TOKENS:
+            t = tokens * (cpu.attention_us(past) - cpu.attention_us(0)) * 1e-6
+        else:
+            t = flops / (cpu.score_gflops() * 1e9)
+        return max(t, 0.0), {c: 1.0 for c in self.cores}
+
     def attention_extra(
         self, cfg: ModelConfig, tokens: int, contexts: tuple = ()
     ) -> tuple[float, dict]:

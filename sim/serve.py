@@ -149,6 +149,12 @@ class Costs:
         seconds, demand = self.machine.attention_extra(self.cfg, len(contexts), contexts)
         return [Part(seconds * self.cfg.num_hidden_layers, demand)] if seconds > 0 else []
 
+    def prefix(self, tokens: int, past: int) -> list[Part]:
+        """What `tokens` new tokens of one sequence add by attending to the `past` tokens
+        it has cached (a restored prefix, or the chunks run so far), all layers as one part."""
+        seconds, demand = self.machine.prefix_attention(self.cfg, tokens, past)
+        return [Part(seconds * self.cfg.num_hidden_layers, demand)] if seconds > 0 else []
+
     def overlapped(self, a: int, b: int) -> list[Part]:
         """A decode step of two micro-batches (of a and b sequences) under dual-batch overlap,
         as the engine pipelines it layer by layer: while one runs layer i's attention on the
@@ -512,7 +518,8 @@ class Simulation:
             start = env.now
             where, gpus = plan.where, plan.device_ids
             run = plan.tokens - plan.cached  # a cached prefix is restored, not run
-            yield from self.forward(self.cost(run, where, gpus), prefill=True)
+            parts = self.cost(run, where, gpus) + self.cost.prefix(run, plan.cached)
+            yield from self.forward(parts, prefill=True)
             self.prefilling = False
             self.prefilled(plan.request_id)
             if tr:
@@ -655,7 +662,8 @@ class Simulation:
         b = len(plan.request_ids)
         start = env.now
         parts = sum(self.step(plan), []) if b else []
-        yield from self.forward(parts + self.cost(chunk.tokens, "cpu"))
+        chunk_parts = self.cost(chunk.tokens, "cpu") + self.cost.prefix(chunk.tokens, chunk.start)
+        yield from self.forward(parts + chunk_parts)
         self.policy.chunk_rule.observe(b, chunk.tokens, env.now - start)
         for rid in plan.request_ids:
             self.token(rid)

@@ -147,3 +147,25 @@ def test_cli_capacity(capsys, chunked):
     args += ["--prefill", "auto", "--chunked-prefill", chunked]
     assert main(args) == 0
     assert "concurrent agents within a p90 TTFT of 10 s" in capsys.readouterr().out
+
+
+def test_prefix_attention_follows_the_engines_kernels():
+    """A restored prefix or a chunk's past costs attention: a few new tokens as decode tokens
+    after it (absorbed, the engine's threshold), more as a prompt's scores; nothing without a
+    past; on a GPU the cache read or the FLOPs."""
+    import simpy
+
+    from refmoe.models.deepseek_v3 import ABSORB_MAX_TOKENS
+    from sim.predict import Machine
+
+    cfg = ModelConfig.from_dict(V3)
+    # calibrated on this VM with decode attention by context (the older profile has none)
+    cpu = Machine(simpy.Environment(), Hardware.load("vm-2vcpu-avx512-2026-12-04"))
+    assert cpu.ABSORB_MAX_TOKENS == ABSORB_MAX_TOKENS
+    assert cpu.prefix_attention(cfg, 100, 0) == (0.0, {})
+    few = cpu.prefix_attention(cfg, 2, 4096)[0]
+    assert few > 0 and few == pytest.approx(2 * cpu.prefix_attention(cfg, 1, 4096)[0])
+    many = cpu.prefix_attention(cfg, 512, 4096)[0]
+    assert many > cpu.prefix_attention(cfg, 512, 1024)[0] > 0
+    gpu = Machine(simpy.Environment(), Hardware.load("paper-2x9355-2x5090"))
+    assert 0 < gpu.prefix_attention(cfg, 512, 4096)[0] < many
