@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from refmoe.serving_metrics import parse_float_range, parse_range
+from refmoe.serving_metrics import add_agent_arguments, parse_range
 
 # numpy's OpenBLAS pool spins after every BLAS call; on a 2-core machine it steals a core from
 # the kernels. Set before numpy loads (the user's own setting wins).
@@ -762,23 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="poisson",
         help="serve: what to measure",
     )
-    b.add_argument("--conversations", type=int, default=2, help="serve agent: conversations")
-    b.add_argument("--turns", type=int, default=3, help="serve agent: turns per conversation")
-    b.add_argument(
-        "--context", type=int, default=4096, help="serve agent: the first turn's prompt tokens"
-    )
-    b.add_argument(
-        "--new-tokens",
-        type=parse_range,
-        default=(200, 400),
-        help="serve agent: tokens each later turn appends (N or LO-HI)",
-    )
-    b.add_argument(
-        "--think-s",
-        type=parse_float_range,
-        default=(0.5, 2.0),
-        help="serve agent: seconds between a reply and the next turn (X or LO-HI)",
-    )
+    add_agent_arguments(b, "serve agent: ")
     b.add_argument(
         "--chunked-prefill",
         choices=["auto", "on", "off"],

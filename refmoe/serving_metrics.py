@@ -130,26 +130,45 @@ def as_rows(outcomes: list[Outcome]) -> list[dict]:
     return [asdict(o) for o in outcomes]
 
 
-def parse_float_range(text: str) -> tuple[float, float]:
+def _pair(text: str, kind, least, what: str):
     first, _, second = text.partition("-")
     try:
-        lo, hi = float(first), float(second or first)
+        lo, hi = kind(first), kind(second or first)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected X or LO-HI, got {text!r}") from None
-    if not 0 <= lo <= hi:
-        raise argparse.ArgumentTypeError(f"expected 0 <= LO <= HI, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what} or LO-HI, got {text!r}") from None
+    if not least <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected {least} <= LO <= HI, got {text!r}")
     return lo, hi
+
+
+def parse_float_range(text: str) -> tuple[float, float]:
+    return _pair(text, float, 0, "X")
 
 
 def parse_range(text: str) -> tuple[int, int]:
-    first, _, second = text.partition("-")
-    try:
-        lo, hi = int(first), int(second or first)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or LO-HI, got {text!r}") from None
-    if not 1 <= lo <= hi:
-        raise argparse.ArgumentTypeError(f"expected 1 <= LO <= HI, got {text!r}")
-    return lo, hi
+    return _pair(text, int, 1, "N")
+
+
+def add_agent_arguments(p: argparse.ArgumentParser, prefix: str) -> None:
+    """The agent workload's flags, for the benchmark and the simulator alike (prefix: how
+    their help names the scenario)."""
+    p.add_argument("--conversations", type=int, default=2, help=f"{prefix}conversations")
+    p.add_argument("--turns", type=int, default=3, help=f"{prefix}turns per conversation")
+    p.add_argument(
+        "--context", type=int, default=4096, help=f"{prefix}the first turn's prompt tokens"
+    )
+    p.add_argument(
+        "--new-tokens",
+        type=parse_range,
+        default=(200, 400),
+        help=f"{prefix}tokens each later turn appends (N or LO-HI)",
+    )
+    p.add_argument(
+        "--think-s",
+        type=parse_float_range,
+        default=(0.5, 2.0),
+        help=f"{prefix}seconds between a reply and the next turn (X or LO-HI)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -574,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=_cmd_predict)
-    from refmoe.serving_metrics import parse_float_range as _float_range
+    from refmoe.serving_metrics import add_agent_arguments
     from refmoe.serving_metrics import parse_range as _range
 
     se = sub.add_parser(
@@ -599,18 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         default="poisson",
         help="poisson: open-loop requests (or --csv); agent: multi-turn conversations",
     )
-    se.add_argument("--conversations", type=int, default=2, help="agent: conversations")
-    se.add_argument("--turns", type=int, default=3, help="agent: turns per conversation")
-    se.add_argument("--context", type=int, default=4096, help="agent: first turn's tokens")
-    se.add_argument(
-        "--new-tokens", type=_range, default=(200, 400), help="agent: tokens each later turn adds"
-    )
-    se.add_argument(
-        "--think-s",
-        type=_float_range,
-        default=(0.5, 2.0),
-        help="agent: seconds between a reply and the next turn (X or LO-HI)",
-    )
+    add_agent_arguments(se, "agent: ")
     se.add_argument(
         "--chunked-prefill",
         choices=["auto", "on", "off"],

@@ -104,3 +104,30 @@ def test_interference_and_dual_batch_report_ratios(fp8_dir):  # noqa: F811
         else:
             assert row["ratio"] == pytest.approx(row["tok_s_two"] / row["tok_s_one"])
             assert row["overlap"] is False  # a CPU-only model: dual-batch overlap stays off
+
+
+def test_agent_scenario_through_the_server(fp8_dir, tmp_path):  # noqa: F811
+    """Two conversations of three turns through the real server: every turn resends the
+    history, later turns find it cached, and the trace carries the turns and the workload's
+    shape (what `refmoe-sim validate` replays)."""
+    trace = tmp_path / "agents.json"
+    r = _bench(
+        *("--model", str(fp8_dir), "--scenario", "agent", "--conversations", "2"),
+        *("--turns", "3", "--context", "70", "--new-tokens", "10-20", "--output-len", "4-8"),
+        *("--think-s", "0.05-0.2", "--prefill", "cpu", "--trace", str(trace), "--json"),
+    )
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["op"] == "serve_agent" and got["completed"] == 6 and got["failed"] == 0
+    assert set(got["mean_ttft_ms_by_turn"]) == {"1", "2", "3"}
+    turns = got["turns"]
+    assert [t["turn"] for t in turns] == [1, 2, 3, 1, 2, 3]
+    for prev, t in zip(turns, turns[1:]):
+        if t["turn"] > 1:  # the whole history again, and its full 32-token blocks cached
+            assert t["prompt_tokens"] > prev["prompt_tokens"] + prev["output_tokens"]
+            assert (
+                t["cached_tokens"] == (prev["prompt_tokens"] + prev["output_tokens"] - 1) // 32 * 32
+            )
+    assert 0 < got["prefix_hit_rate"] < 1
+    meta = json.loads(trace.read_text())["metadata"]
+    assert meta["engine"]["workload"]["scenario"] == "agent" and len(meta["turns"]) == 6
