@@ -14,7 +14,8 @@ Policy, as the paper's technique 3 describes it:
   on it); its tokens ride along decode steps instead, a chunk per step as the rule allows
   (refmoe/chunking.py), so a decode step waits for at most one chunk. Several prompts may be
   part-way (up to MAX_CHUNKING); each step's chunk goes to the one with the fewest tokens
-  left, so an agent's short next turn is not stuck behind another's long first one;
+  left, so an agent's short next turn is not stuck behind another's long first one, unless
+  one has been passed over MAX_PASSED times (a stream of short prompts never starves it);
 - decode batches every running request up to max_batch (continuous batching: a request
   joins at the next step after its prefill, leaves at the step it finishes);
 - dual-batch overlap splits a decode batch of two or more into two halves when it pays (on
@@ -77,6 +78,7 @@ class Entry:
     where: str | None = None  # the prefill path, once looked at
     cached: int = 0  # leading prompt tokens the prefix cache holds
     done: int = 0  # prompt tokens run so far by chunks
+    passed: int = 0  # chunks given to shorter prompts since this one's last
 
     @property
     def reserve(self) -> int:
@@ -113,6 +115,7 @@ class KVBudget:
 
 
 MAX_CHUNKING = 4  # prompts part-way through a chunked prefill at once
+MAX_PASSED = 16  # a prompt passed over this many times runs the next chunk (no starving)
 
 
 class Scheduler:
@@ -278,12 +281,16 @@ class Scheduler:
             e = self.entries[rid]
             return e.prompt_tokens - e.cached - e.done
 
-        e = self.entries[min(self.chunking, key=left_of)]
+        starved = [r for r in self.chunking if self.entries[r].passed >= MAX_PASSED]
+        e = self.entries[starved[0] if starved else min(self.chunking, key=left_of)]
         start = e.cached + e.done
         left = e.prompt_tokens - start
         n = min(left, self.chunk_tokens(len(self.decoding[: self.max_batch]), left))
         if n <= 0:
             return None
+        for rid in self.chunking:
+            other = self.entries[rid]
+            other.passed = 0 if other is e else other.passed + 1
         return Chunk(e.request_id, start, n, n == left)
 
     @property

@@ -186,3 +186,24 @@ def test_one_step_measured_as_free_does_not_make_a_huge_chunk():
             rule.observe(1, 0, 0.0837)
     ran = [n for n in sizes if n]
     assert ran[0] == 2 and all(b <= 2 * a for a, b in zip(ran, ran[1:]))
+
+
+def test_a_long_prompt_is_not_starved_by_short_ones():
+    """Shortest first, but a prompt passed over MAX_PASSED times runs the next chunk."""
+    from refmoe.scheduler import MAX_PASSED
+
+    s = Scheduler(kv_tokens=100_000, chunk_tokens=lambda decoding, left: min(left, 4))
+    s.add(Entry("long", 1000, 1, 0))
+    assert s.next_decode().chunk.request_id == "long"
+    s.chunked("long", 4)
+    ran = []
+    for i in range(2 * MAX_PASSED + 2):
+        s.add(Entry(f"short{i}", 3, 1, 0))  # always fewer tokens left than the long one
+        plan = s.next_decode()
+        ran.append(plan.chunk.request_id)
+        s.chunked(plan.chunk.request_id, plan.chunk.tokens)
+        if plan.chunk.last:
+            s.prefilled(plan.chunk.request_id)
+            s.finish(plan.chunk.request_id)
+    assert ran[:MAX_PASSED] == [f"short{i}" for i in range(MAX_PASSED)]
+    assert ran[MAX_PASSED] == ran[2 * MAX_PASSED + 1] == "long" and ran.count("long") == 2
