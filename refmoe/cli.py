@@ -8,7 +8,11 @@ import os
 import sys
 from typing import Any
 
-from refmoe.serving_metrics import add_agent_arguments, parse_range
+from refmoe.serving_metrics import (
+    add_agent_arguments,
+    add_chunked_prefill_argument,
+    parse_range,
+)
 
 # numpy's OpenBLAS pool spins after every BLAS call; on a 2-core machine it steals a core from
 # the kernels. Set before numpy loads (the user's own setting wins).
@@ -680,13 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="host memory for the prefix cache (default: a tenth of the memory free at start; "
         "0: off)",
     )
-    sv.add_argument(
-        "--chunked-prefill",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="while others decode, run a CPU-path prompt in chunks along their steps (on) or "
-        "whole beside them (off); auto: on where the CPU alone runs the model",
-    )
+    add_chunked_prefill_argument(sv)
     sv.add_argument(
         "--decode-slowdown",
         type=float,
@@ -763,13 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve: what to measure",
     )
     add_agent_arguments(b, "serve agent: ")
-    b.add_argument(
-        "--chunked-prefill",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="serve: CPU prefill in chunks along decode steps (on) or whole beside them (off); "
-        "auto: on where the CPU alone runs the model",
-    )
+    add_chunked_prefill_argument(b)
     b.add_argument(
         "--prefix-cache-gib",
         type=float,

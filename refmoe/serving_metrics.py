@@ -171,6 +171,17 @@ def add_agent_arguments(p: argparse.ArgumentParser, prefix: str) -> None:
     )
 
 
+def add_chunked_prefill_argument(p: argparse.ArgumentParser) -> None:
+    """--chunked-prefill, as `refmoe serve`, its benchmark and the simulator take it."""
+    p.add_argument(
+        "--chunked-prefill",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="CPU prompts in chunks along the decode steps (on) or whole beside them (off); "
+        "auto: on where the CPU alone runs the model",
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Agents: multi-turn conversations that resend their whole history every turn
 # ---------------------------------------------------------------------------------------------

@@ -574,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=_cmd_predict)
-    from refmoe.serving_metrics import add_agent_arguments
+    from refmoe.serving_metrics import add_agent_arguments, add_chunked_prefill_argument
     from refmoe.serving_metrics import parse_range as _range
 
     se = sub.add_parser(
@@ -600,13 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         help="poisson: open-loop requests (or --csv); agent: multi-turn conversations",
     )
     add_agent_arguments(se, "agent: ")
-    se.add_argument(
-        "--chunked-prefill",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="CPU prefill in chunks along decode steps or whole (auto: chunks where the "
-        "profile has no GPU, as the engine decides)",
-    )
+    add_chunked_prefill_argument(se)
     se.add_argument(
         "--prefix-cache-gib", type=float, default=16.0, help="agent: the prefix cache's memory"
     )
