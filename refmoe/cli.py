@@ -462,28 +462,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _bench_agents(args: argparse.Namespace, cfg, model, directory) -> int:
     """`refmoe bench serve --scenario agent`: conversations through the real server."""
     from refmoe import bench_serve, routing
-    from refmoe.serving_metrics import agent_summary, agent_workload, format_agent_summary
+    from refmoe.serving_metrics import (
+        agent_shape,
+        agent_summary,
+        agent_workload_of,
+        format_agent_summary,
+    )
     from refmoe.trace import for_run
 
-    shape = {
-        "scenario": "agent",
-        "conversations": args.conversations,
-        "turns": args.turns,
-        "context": args.context,
-        "new_tokens": args.new_tokens,
-        "output_len": args.output_len,
-        "think_s": args.think_s,
-        "seed": args.seed,
-    }
-    convos = agent_workload(
-        args.conversations,
-        args.turns,
-        args.context,
-        args.new_tokens,
-        args.output_len,
-        args.think_s,
-        args.seed,
-    )
+    shape = agent_shape(args)
+    convos = agent_workload_of(shape)
+    shape["scenario"] = "agent"
     trace = for_run(cfg, str(model.device), prefill=args.prefill, workload=shape)
     routing.reset(model)
     engine_kwargs = {

@@ -15,6 +15,7 @@ import argparse
 import random
 import statistics
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -212,7 +213,7 @@ def agent_workload(
     turns: int,
     context: int,
     new_tokens: tuple[int, int],
-    output_tokens: tuple[int, int],
+    output_len: tuple[int, int],
     think_s: tuple[float, float],
     seed: int = 0,
 ) -> list[list[Turn]]:
@@ -222,13 +223,30 @@ def agent_workload(
     rng = random.Random(seed)
     out = []
     for _ in range(conversations):
-        convo = [Turn(context, rng.randint(*output_tokens), rng.uniform(*think_s))]
+        convo = [Turn(context, rng.randint(*output_len), rng.uniform(*think_s))]
         convo += [
-            Turn(rng.randint(*new_tokens), rng.randint(*output_tokens), rng.uniform(*think_s))
+            Turn(rng.randint(*new_tokens), rng.randint(*output_len), rng.uniform(*think_s))
             for _ in range(turns - 1)
         ]
         out.append(convo)
     return out
+
+
+AGENT_SHAPE = ("conversations", "turns", "context", "new_tokens", "output_len", "think_s", "seed")
+
+
+def agent_shape(args: argparse.Namespace) -> dict:
+    """The agent workload's shape from the parsed flags: what a trace records (and the
+    simulator replays through agent_workload_of)."""
+    return {k: getattr(args, k) for k in AGENT_SHAPE}
+
+
+def agent_workload_of(shape: dict) -> list[list[Turn]]:
+    """agent_workload of a shape as agent_shape gives it, or as a trace's JSON holds it."""
+    kw: dict[str, Any] = {
+        k: tuple(shape[k]) if isinstance(shape[k], list) else shape[k] for k in AGENT_SHAPE
+    }
+    return agent_workload(**kw)
 
 
 def agent_summary(records: list[TurnRecord], duration_s: float) -> dict:

@@ -196,7 +196,12 @@ def _serve_agents(args) -> int:
     --capacity, how many such agents the box holds within --slo-ttft and --min-tok-s."""
     from dataclasses import asdict
 
-    from refmoe.serving_metrics import agent_summary, agent_workload, format_agent_summary
+    from refmoe.serving_metrics import (
+        agent_shape,
+        agent_summary,
+        agent_workload_of,
+        format_agent_summary,
+    )
     from sim.agents import capacity
     from sim.hardware import Hardware
     from sim.serve import Simulation
@@ -239,15 +244,7 @@ def _serve_agents(args) -> int:
                 f"{args.turns} turns)"
             )
         return 0
-    convos = agent_workload(
-        args.conversations,
-        args.turns,
-        args.context,
-        args.new_tokens,
-        args.output_len,
-        args.think_s,
-        args.seed,
-    )
+    convos = agent_workload_of(agent_shape(args))
     run = Simulation(cfg, hw, [], conversations=convos, trace=bool(args.trace), **kw).run()
     result = agent_summary(run.records, run.duration_s)
     if args.trace and run.trace is not None:

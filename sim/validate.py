@@ -150,7 +150,7 @@ def _agents(doc: dict, cfg: ModelConfig, shape: dict):
     (the workload generator is seeded: its shape in the trace gives the same turns) through
     the simulator's prefix cache and the engine's scheduler; compares the mean TTFT of first
     turns and of later turns, the mean TPOT and the prefix hit rate."""
-    from refmoe.serving_metrics import agent_summary, agent_workload
+    from refmoe.serving_metrics import agent_summary, agent_workload_of
     from sim.serve import Simulation
 
     turns = doc["metadata"].get("turns") or []
@@ -180,15 +180,7 @@ def _agents(doc: dict, cfg: ModelConfig, shape: dict):
         "prefix_hit_rate": sum(t["cached_tokens"] for t in turns)
         / sum(t["prompt_tokens"] for t in turns),
     }
-    convos = agent_workload(
-        shape["conversations"],
-        shape["turns"],
-        shape["context"],
-        tuple(shape["new_tokens"]),
-        tuple(shape["output_len"]),
-        tuple(shape["think_s"]),
-        shape["seed"],
-    )
+    convos = agent_workload_of(shape)
     path = str(engine["prefill"]) if engine.get("prefill") in ("cpu", "slp") else "cpu"
     chunked = bool(engine.get("chunked_prefill", False))
 
