@@ -27,10 +27,12 @@ import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is loaded where caches exist; the simulator reads BLOCK_TOKENS only
+    import torch
 
-from refmoe.models.kv_cache import KVCache
+    from refmoe.models.kv_cache import KVCache
 
 BLOCK_TOKENS = 32
 
@@ -116,6 +118,8 @@ class PrefixCache:
     @staticmethod
     def restore(hit: Hit, cache: KVCache, device: torch.device | str = "cpu") -> None:
         """Append the hit's blocks to an empty cache (on the model's device)."""
+        import torch
+
         if not hit.blocks:
             return
         if cache.length:
