@@ -10,7 +10,7 @@ from typing import Any
 
 from refmoe.serving_metrics import (
     add_agent_arguments,
-    add_chunked_prefill_argument,
+    add_chunked_prefill_arguments,
     parse_range,
 )
 
@@ -117,7 +117,11 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
                     model,
                     prefill_tokens=args.prefill_tokens,
                     prefill=args.prefill,
-                    engine_kwargs={"chunked_prefill": args.chunked_prefill},
+                    engine_kwargs={
+                        "chunked_prefill": args.chunked_prefill,
+                        "decode_slowdown": args.decode_slowdown,
+                        "chunk_stall": args.chunk_stall,
+                    },
                 )
             ]
         elif args.scenario == "dual-batch":
@@ -479,6 +483,8 @@ def _bench_agents(args: argparse.Namespace, cfg, model, directory) -> int:
         "prefill": args.prefill,
         "max_batch": args.max_batch,
         "chunked_prefill": args.chunked_prefill,
+        "decode_slowdown": args.decode_slowdown,
+        "chunk_stall": args.chunk_stall,
         "prefix_cache_gib": args.prefix_cache_gib,
     }
     records, duration = bench_serve.run_agents(
@@ -543,6 +549,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             "prefix_cache_gib": args.prefix_cache_gib,
             "chunked_prefill": args.chunked_prefill,
             "decode_slowdown": args.decode_slowdown,
+            "chunk_stall": args.chunk_stall,
         },
     )
 
@@ -673,14 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="host memory for the prefix cache (default: a tenth of the memory free at start; "
         "0: off)",
     )
-    add_chunked_prefill_argument(sv)
-    sv.add_argument(
-        "--decode-slowdown",
-        type=float,
-        default=1.2,
-        help="chunked prefill: the most a prefilling prompt may slow the decoding requests' "
-        "mean time per token (1.2: by 20%%)",
-    )
+    add_chunked_prefill_arguments(sv)
     sv.add_argument(
         "--ranks",
         type=int,
@@ -750,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve: what to measure",
     )
     add_agent_arguments(b, "serve agent: ")
-    add_chunked_prefill_argument(b)
+    add_chunked_prefill_arguments(b)
     b.add_argument(
         "--prefix-cache-gib",
         type=float,

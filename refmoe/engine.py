@@ -102,6 +102,7 @@ class Engine:
         prefix_cache_gib: float | None = None,
         chunked_prefill: str | bool = "auto",
         decode_slowdown: float = 1.2,
+        chunk_stall: float = 2.0,
     ):
         """The keyword arguments make an EngineConfig (or pass `config`); rates: the cost
         model's (default: measured at start() when prefill is auto)."""
@@ -130,6 +131,7 @@ class Engine:
             chunked_prefill=chunked_prefill,
             prefix_cache_gib=prefix_cache_gib,
             decode_slowdown=decode_slowdown,
+            chunk_stall=chunk_stall,
         )
         if self.config.ranks > 1 and model_dir is None:
             raise ValueError(

@@ -172,14 +172,29 @@ def add_agent_arguments(p: argparse.ArgumentParser, prefix: str) -> None:
     )
 
 
-def add_chunked_prefill_argument(p: argparse.ArgumentParser) -> None:
-    """--chunked-prefill, as `refmoe serve`, its benchmark and the simulator take it."""
+def add_chunked_prefill_arguments(p: argparse.ArgumentParser) -> None:
+    """Chunked prefill's flags, as `refmoe serve`, its benchmark and the simulator take them
+    (refmoe/chunking.py)."""
     p.add_argument(
         "--chunked-prefill",
         choices=["auto", "on", "off"],
         default="auto",
         help="CPU prompts in chunks along the decode steps (on) or whole beside them (off); "
         "auto: on where the CPU alone runs the model",
+    )
+    p.add_argument(
+        "--decode-slowdown",
+        type=float,
+        default=1.2,
+        help="chunked prefill: the most a prefilling prompt may slow the decoding requests' "
+        "mean time per token (1.2: by 20%%)",
+    )
+    p.add_argument(
+        "--chunk-stall",
+        type=float,
+        default=2.0,
+        help="chunked prefill: the most one chunk may add to one decode step, in decode steps "
+        "(larger: bigger chunks, a faster prefill, longer pauses in the others' streams)",
     )
 
 

@@ -102,6 +102,9 @@ def _cmd_serve(args) -> int:
         trace_layers=args.trace_layers,
         routing_skew=args.routing_skew,
         routing=routing,
+        chunked_prefill=args.chunked_prefill,
+        decode_slowdown=args.decode_slowdown,
+        chunk_stall=args.chunk_stall,
     )
     outcomes, duration = out[0], out[1]
     if args.utilization:
@@ -212,6 +215,8 @@ def _serve_agents(args) -> int:
         prefill=args.prefill,
         dual_batch=args.dual_batch,
         chunked_prefill=args.chunked_prefill,
+        decode_slowdown=args.decode_slowdown,
+        chunk_stall=args.chunk_stall,
         prefix_cache_gib=args.prefix_cache_gib,
     )
     if args.capacity:
@@ -571,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=_cmd_predict)
-    from refmoe.serving_metrics import add_agent_arguments, add_chunked_prefill_argument
+    from refmoe.serving_metrics import add_agent_arguments, add_chunked_prefill_arguments
     from refmoe.serving_metrics import parse_range as _range
 
     se = sub.add_parser(
@@ -597,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         help="poisson: open-loop requests (or --csv); agent: multi-turn conversations",
     )
     add_agent_arguments(se, "agent: ")
-    add_chunked_prefill_argument(se)
+    add_chunked_prefill_arguments(se)
     se.add_argument(
         "--prefix-cache-gib", type=float, default=16.0, help="agent: the prefix cache's memory"
     )

@@ -272,6 +272,8 @@ class Simulation:
         chunked_prefill: str | bool = "auto",
         conversations: list | None = None,
         prefix_cache_gib: float = 16.0,
+        decode_slowdown: float = 1.2,
+        chunk_stall: float = 2.0,
     ):
         """requests: (arrival s, prompt tokens, output tokens), open loop. conversations:
         agents instead (refmoe.serving_metrics.agent_workload), closed loop: each turn sent
@@ -312,6 +314,8 @@ class Simulation:
             max_batch=max_batch,
             max_queue=max_queue,
             chunked_prefill=chunked_prefill,
+            decode_slowdown=decode_slowdown,
+            chunk_stall=chunk_stall,
         )
         self.policy = policy_for(cfg, hw, config)
         self.conversations = conversations or []
