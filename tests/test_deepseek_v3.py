@@ -160,12 +160,15 @@ def test_fp8_checkpoint_against_dequantized_transformers(tmp_path):
 
 def _decode_modes(mine, cfg, ids, past, monkeypatch):
     """The logits of ids[past:] after ids[:past], with attention absorbed (ABSORB_MAX_TOKENS
-    8) and with every cached latent expanded afresh (0); the cache holds the latent alone."""
+    at least the new tokens) and with every cached latent expanded afresh (nothing absorbed);
+    the cache holds the latent alone."""
     from refmoe.models import deepseek_v3
 
     got = {}
-    for mode, absorb in (("absorbed", 8), ("expanded", 0)):
+    new = len(ids) - past
+    for mode, absorb, room in (("absorbed", max(8, new), 1 << 40), ("expanded", 0, 0)):
         monkeypatch.setattr(deepseek_v3, "ABSORB_MAX_TOKENS", absorb)
+        monkeypatch.setattr(deepseek_v3, "ABSORB_BYTES", room)
         cache = mine.new_cache()
         if past:
             mine.forward(ids[:past], cache)
@@ -178,14 +181,16 @@ def _decode_modes(mine, cfg, ids, past, monkeypatch):
     return got
 
 
-@pytest.mark.parametrize("past, new", [(0, 1), (11, 1), (11, 3), (40, 8), (5, 2), (23, 2)])
+@pytest.mark.parametrize(
+    "past, new", [(0, 1), (11, 1), (11, 3), (40, 8), (5, 2), (23, 2), (60, 20), (33, 40)]
+)
 def test_absorbed_decode_equals_expanded(saved, monkeypatch, past, new):
     """Decode attention with kv_b absorbed into the query and output (the latent cache read
     as it is) gives the logits of expanding every cached latent into keys and values afresh;
     the latent cache holds kv_lora_rank + rope_dim floats per token and layer."""
     _, d = saved
     cfg, mine = models.load(d)
-    got = _decode_modes(mine, cfg, torch.tensor((PROMPT * 5)[: past + new]), past, monkeypatch)
+    got = _decode_modes(mine, cfg, torch.tensor((PROMPT * 10)[: past + new]), past, monkeypatch)
     assert not mine.blocks[0].attn._absorb_weights().fp8  # float weights: float32 halves
     ref = got["expanded"]
     assert (got["absorbed"] - ref).abs().max() <= 1e-5 * ref.abs().max()
@@ -203,14 +208,14 @@ def fp8_heads(tmp_path_factory):
     return m, d
 
 
-@pytest.mark.parametrize("past, new", [(0, 1), (11, 1), (30, 3), (40, 8)])
+@pytest.mark.parametrize("past, new", [(0, 1), (11, 1), (30, 3), (40, 8), (60, 20)])
 def test_fp8_absorbed_decode(fp8_heads, monkeypatch, past, new):
     """Absorbed decode through the FP8 per-head kernel (kv_b's value halves read in place, its
     key halves transposed) equals fresh expansion, and transformers on the dequantized
     weights; no float32 copy of kv_b is made."""
     m, d = fp8_heads
     cfg, mine = models.load(d)
-    ids = torch.tensor((PROMPT * 5)[: past + new])
+    ids = torch.tensor((PROMPT * 10)[: past + new])
     got = _decode_modes(mine, cfg, ids, past, monkeypatch)
     w = mine.blocks[0].attn._absorb_weights()
     assert w.fp8 and not hasattr(w, "w_uk")
@@ -391,3 +396,23 @@ def test_fp8_absorbed_batch_reads_kv_b_once(fp8_heads, monkeypatch):
     assert all(shape[1] == 5 for shape in calls)  # 1 + 1 + 3 tokens at once
     for row, ref in zip(got, alone):
         assert (row - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_absorbed_attention_where_it_costs_less():
+    """A chunk of a prompt after a long past runs absorbed when that takes fewer FLOPs than
+    expanding the whole cache through kv_b (measured: 18-token chunks after 2K tokens,
+    expanded, made a chunked prefill 17x slower than alone), within a bound on its scores."""
+    from sim_common import V3
+
+    from refmoe.config import ModelConfig
+    from refmoe.models.deepseek_v3 import MLA
+
+    cfg = ModelConfig.from_dict(V3)  # DeepSeek-V3's attention dimensions, 128 heads
+    mla = MLA.__new__(MLA)  # the rule reads the dimensions only
+    mla.cfg, mla.n = cfg, 128
+    assert mla._absorb_pays(1, 1) and mla._absorb_pays(8, 100_000)  # decode: always
+    assert mla._absorb_pays(20, 2048) and mla._absorb_pays(100, 4096)
+    assert not mla._absorb_pays(2048, 2048)  # a prompt from position 0: expanded
+    assert not mla._absorb_pays(330, 4400)  # a turn after a cached prefix: expanded is cheaper
+    assert not mla._absorb_pays(150, 100_000)  # 7.7 GB of scores: over ABSORB_BYTES
+    assert not mla._absorb_pays(0, 10)

@@ -118,7 +118,9 @@ class MLA:
                 q.split(sizes), latent.split(sizes), k_rot.split(sizes), ropes, caches
             )
         ]
-        decode = [i for i, sq in enumerate(seqs) if 0 < sq[0].shape[1] <= ABSORB_MAX_TOKENS]
+        decode = [
+            i for i, sq in enumerate(seqs) if self._absorb_pays(sq[0].shape[1], sq[2].shape[0])
+        ]
         got: dict[int, torch.Tensor] = {
             i: self._expanded(*sq) for i, sq in enumerate(seqs) if i not in decode
         }
@@ -158,6 +160,26 @@ class MLA:
         k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rot.expand(n, s, -1)], dim=-1)  # [n, S, qk]
         return attend(torch.cat([q_nope, q_rot], dim=-1), k, v, start, scale)
+
+    def _absorb_pays(self, t: int, s: int) -> bool:
+        """Absorbed attention for t new tokens over s cached ones (theirs included): always
+        for a few (decode), and for more when it takes fewer FLOPs than expanding every cached
+        latent through kv_b (a chunk of a prompt after a long past: chunked prefill, a cached
+        prefix) and its [n, t, s] scores fit ABSORB_BYTES."""
+        if t <= 0:
+            return False
+        if t <= ABSORB_MAX_TOKENS:
+            return True
+        cfg, n = self.cfg, self.n
+        lora, rope, nope, v = (
+            cfg.kv_lora_rank,
+            cfg.qk_rope_head_dim,
+            cfg.qk_nope_head_dim,
+            cfg.v_head_dim,
+        )
+        absorbed = n * t * 2 * lora * (nope + v) + n * t * s * 2 * (2 * lora + rope)
+        expanded = 2 * s * lora * n * (nope + v) + n * t * s * 2 * (nope + rope + v)
+        return absorbed < expanded and n * t * s * 4 <= ABSORB_BYTES
 
     def _absorbed(self, seqs: list[tuple]) -> list[torch.Tensor]:
         """A few new tokens per sequence (decode): kv_b's key half folded into the query and
@@ -229,8 +251,10 @@ class Absorbed:
         return torch.bmm(o_lat, self.w_uv.transpose(1, 2))
 
 
-# new tokens per sequence up to which attention runs absorbed (decode); more run expanded
+# new tokens per sequence up to which attention always runs absorbed (decode); more run
+# absorbed only where it costs less than expanding the cache (MLA._absorb_pays)
 ABSORB_MAX_TOKENS = 8
+ABSORB_BYTES = 256 << 20  # the most one absorbed attention's [n, T, S] scores may take
 
 
 # ---------------------------------------------------------------------------------------------
