@@ -10,9 +10,8 @@ import threading
 
 import pytest
 import torch
-from conftest import randomize_bf16
 from test_engine import _run
-from test_slp import fp8_dir  # noqa: F401 (fixture)
+from test_slp import fp8_dir, save_tiny_qwen3  # noqa: F401 (fixture)
 
 from refmoe import models
 from refmoe.engine import Engine
@@ -33,25 +32,8 @@ def mla(fp8_dir):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def gqa(tmp_path_factory):
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=97,
-        hidden_size=72,
-        intermediate_size=96,
-        moe_intermediate_size=40,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_experts=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=256,
-        eos_token_id=None,
-    )
-    torch.manual_seed(1)
-    m = transformers.Qwen3MoeForCausalLM(cfg).eval()
-    randomize_bf16(m)
     d = tmp_path_factory.mktemp("qwen")
-    m.save_pretrained(d)
+    save_tiny_qwen3(d, seed=1)
     return models.load(d)[1]
 
 
