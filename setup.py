@@ -24,16 +24,22 @@ VARIANTS = {
     "generic": ([], []),
     "avx2": (AVX2, [("REFMOE_ISA_AVX2", "1")]),
     "avx512": (AVX512, [("REFMOE_ISA_AVX512", "1")]),
-    # FP8 GEMV through BF16 dot products and VBMI byte permutes (Zen 4+, Sapphire Rapids+).
+    # FP8 GEMV through BF16 dot products and VBMI byte permutes, 4-bit GEMV through VNNI
+    # (Zen 4+, Cooper Lake, Sapphire Rapids+: every CPU with AVX-512 BF16 has VNNI).
     "avx512_bf16": (
-        AVX512 + ["-mavx512bf16", "-mavx512vbmi"],
-        [("REFMOE_ISA_AVX512", "1"), ("REFMOE_BF16DOT", "1")],
+        AVX512 + ["-mavx512bf16", "-mavx512vbmi", "-mavx512vnni"],
+        [("REFMOE_ISA_AVX512", "1"), ("REFMOE_BF16DOT", "1"), ("REFMOE_VNNI", "1")],
     ),
     # The AVX-512 sources through SIMDe: plain C, so they build and are tested anywhere.
     "avx512_emulated": (HOST, [("REFMOE_ISA_AVX512", "1"), ("REFMOE_EMULATED", "1")]),
     "avx512_bf16_emulated": (
         HOST,
-        [("REFMOE_ISA_AVX512", "1"), ("REFMOE_BF16DOT", "1"), ("REFMOE_EMULATED", "1")],
+        [
+            ("REFMOE_ISA_AVX512", "1"),
+            ("REFMOE_BF16DOT", "1"),
+            ("REFMOE_VNNI", "1"),
+            ("REFMOE_EMULATED", "1"),
+        ],
     ),
 }
 
@@ -46,7 +52,11 @@ def extension(name: str, flags: list[str], macros: list[tuple[str, str]]) -> Ext
         define_macros=macros + [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=BASE + flags,
         extra_link_args=["-fopenmp"],
-        depends=["refmoe/kernels/kernels.h", "refmoe/kernels/_kernels.pxi"],
+        depends=[
+            "refmoe/kernels/kernels.h",
+            "refmoe/kernels/lut4.h",
+            "refmoe/kernels/_kernels.pxi",
+        ],
     )
 
 

@@ -84,6 +84,13 @@ def _make(fmt: str, n: int, k: int, seed: int = 0) -> tuple[np.ndarray, ...]:
         return formats.fp8_quantize(w)
     if fmt == "int4":
         return formats.int4_quantize(w, 128)
+    if fmt == "mxfp4":
+        return formats.mxfp4_quantize(w)
+    if fmt == "nvfp4":
+        packed, scales, g = formats.nvfp4_quantize(w)
+        return packed, scales, np.array([g], np.float32)
+    if fmt == "int4g":
+        return formats.int4g_quantize(w, 32)
     return (formats.bf16_encode(w),)
 
 
@@ -142,6 +149,19 @@ def _gemm_call(fmt: str):
         return lambda x, w, t, v: kernels.fp8_gemm(x, w[0], w[1], num_threads=t, variant=v)
     if fmt == "int4":
         return lambda x, w, t, v: kernels.int4_gemm(x, w[0], w[1], num_threads=t, variant=v)
+    # 4-bit: validated once when made (as at load), not on every timed call
+    if fmt == "mxfp4":
+        return lambda x, w, t, v: kernels.mxfp4_gemm(
+            x, w[0], w[1], num_threads=t, variant=v, validate=False
+        )
+    if fmt == "nvfp4":
+        return lambda x, w, t, v: kernels.nvfp4_gemm(
+            x, w[0], w[1], w[2], num_threads=t, variant=v, validate=False
+        )
+    if fmt == "int4g":
+        return lambda x, w, t, v: kernels.int4g_gemm(
+            x, w[0], w[1], num_threads=t, variant=v, validate=False
+        )
     return lambda x, w, t, v: kernels.bf16_gemm(x, w[0], num_threads=t, variant=v)
 
 
@@ -225,6 +245,7 @@ def bench_moe_layer(
     )
     g_all, u_all, d_all = (_copies(b, layers * e) for b in (gate, up, down))
     scales = (lambda ws: [w[1] for w in ws]) if fmt != "bf16" else (lambda ws: [])
+    glob = (lambda ws: [float(w[2][0]) for w in ws]) if fmt == "nvfp4" else (lambda ws: [])
     sets = []
     for layer in range(layers):
         g, u, d = (a[layer * e : (layer + 1) * e] for a in (g_all, u_all, d_all))
@@ -239,6 +260,10 @@ def bench_moe_layer(
                 scales(g),
                 scales(u),
                 scales(d),
+                group_size=32 if fmt == "int4g" else 128,
+                gate_global=glob(g),
+                up_global=glob(u),
+                down_global=glob(d),
             )
         )
     x = np.random.default_rng(3).standard_normal((1, hidden)).astype(np.float32)
@@ -292,7 +317,8 @@ def bench_kernels(
     with_torch: bool = True,
     progress=None,
 ) -> list[Row]:
-    """The standard suite: FP8/INT4/BF16 GEMV, FP8 GEMM M=32, the MoE decode layer."""
+    """The standard suite: FP8/INT4/BF16 GEMV, FP8 GEMM M=32, MXFP4/NVFP4/INT4-g32 GEMV,
+    the MoE decode layer in FP8 and each 4-bit format."""
     shapes = QUICK if quick else DEEPSEEK + QWEN3
     jobs: list[Callable[[], Row]] = []
     size = 4 * 2**20 if quick else MIN_BYTES
@@ -306,12 +332,19 @@ def bench_kernels(
                 partial(bench_gemm, f, shapes[0], 1, t, v, reps, False, size)
                 for f in ("int4", "bf16")
             ]
-            if quick:
-                jobs.append(partial(bench_moe_layer, "fp8", 512, 256, 2, t, v, reps, "tiny"))
-            else:
-                jobs.append(
-                    partial(bench_moe_layer, "fp8", 7168, 2048, 8, t, v, reps, "deepseek-v3")
-                )
+            # the 4-bit formats as stored, at the Kimi-K2 / DeepSeek expert shapes (the same)
+            jobs += [
+                partial(bench_gemm, f, s, 1, t, v, reps, False, size)
+                for f in kernels.LUT4_FORMATS
+                for s in shapes[:2]
+            ]
+            for f in ("fp8", *kernels.LUT4_FORMATS):
+                if quick:
+                    jobs.append(partial(bench_moe_layer, f, 512, 256, 2, t, v, reps, "tiny"))
+                else:
+                    jobs.append(
+                        partial(bench_moe_layer, f, 7168, 2048, 8, t, v, reps, "deepseek-v3")
+                    )
     rows = []
     for job in progress(jobs) if progress else jobs:
         row, others, why, attempts = contention.measured(job, lambda r: r.ratio)

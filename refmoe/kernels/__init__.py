@@ -1,4 +1,5 @@
-"""CPU expert kernels: FP8 (128x128 block scales), BF16 and INT4 GEMV/GEMM and the fused
+"""CPU expert kernels: FP8 (128x128 block scales), BF16, INT4, and the 4-bit formats as
+checkpoints store them (MXFP4, NVFP4, compressed-tensors INT4): GEMV/GEMM and the fused
 routed-expert MLP, compiled once per CPU variant and chosen at import.
 
 Public entry points take and return numpy arrays and check what they are given; the compiled
@@ -37,14 +38,15 @@ ALL_VARIANTS = (
 )
 _AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"}
 _REQUIRED_FLAGS = {
-    "avx512_bf16": _AVX512 | {"avx512_bf16", "avx512vbmi"},
+    "avx512_bf16": _AVX512 | {"avx512_bf16", "avx512vbmi", "avx512_vnni"},
     "avx512": _AVX512,
     "avx2": {"avx2", "fma", "f16c"},
     "generic": set(),
     "avx512_emulated": set(),
     "avx512_bf16_emulated": set(),
 }
-_FMT = {"fp8": 0, "bf16": 1, "int4": 2}
+_FMT = {"fp8": 0, "bf16": 1, "int4": 2, "mxfp4": 3, "nvfp4": 4, "int4g": 5}
+LUT4_FORMATS = ("mxfp4", "nvfp4", "int4g")  # read as stored: lut4.h
 
 
 def _runs_here(name: str) -> bool:
@@ -223,16 +225,17 @@ def _gemm(
     num_threads: int | None,
     variant: str | None,
     naive: bool,
+    gscale: float = 1.0,
 ) -> np.ndarray:
     mod = _module(variant or _VARIANT)
     y = np.empty((x.shape[0], n), np.float32)
-    wflat, sflat = w.reshape(-1), s.reshape(-1)
+    wflat, sflat = w.reshape(-1).view(np.uint8), s.reshape(-1).view(np.uint8)
     if naive:
-        mod.gemm_reference(_FMT[fmt], wflat, sflat, n, k, group, x, y)
+        mod.gemm_reference(_FMT[fmt], wflat, sflat, n, k, group, gscale, x, y)
     else:
         t = _threads(num_threads)
         lo, hi = _bands(n, t)
-        mod.gemm_rows(_FMT[fmt], wflat, sflat, n, k, group, _pad(x), y, t, lo, hi)
+        mod.gemm_rows(_FMT[fmt], wflat, sflat, n, k, group, gscale, _pad(x), y, t, lo, hi)
     return y
 
 
@@ -310,10 +313,11 @@ def fp8_gemm_heads(
             mod.gemm_reference(
                 _FMT["fp8"],
                 np.ascontiguousarray(w[i]).reshape(-1),
-                np.ascontiguousarray(s[i]).reshape(-1),
+                np.ascontiguousarray(s[i]).reshape(-1).view(np.uint8),
                 n,
                 k,
                 0,
+                1.0,
                 np.ascontiguousarray(x[i]),
                 y[i],
             )
@@ -372,6 +376,189 @@ def int4_gemm(
 
 
 # ---------------------------------------------------------------------------------------------
+# The 4-bit formats as stored (lut4.h): MXFP4, NVFP4, compressed-tensors INT4
+# ---------------------------------------------------------------------------------------------
+
+_SCALE_DTYPES = {
+    "mxfp4": ("uint8",),  # E8M0 bytes
+    "nvfp4": ("uint8", "float8_e4m3fn"),
+    "int4g": ("uint16", "bfloat16"),  # bf16 bits
+}
+
+
+def lut4_shapes(fmt: str, k: int, group: int = 32) -> tuple[int, int]:
+    """(stored bytes per row, scales per row) of a 4-bit format for rows of K codes."""
+    if fmt == "mxfp4":
+        return -(-k // formats.MX_BLOCK) * 16, -(-k // formats.MX_BLOCK)
+    if fmt == "nvfp4":
+        return -(-k // formats.NV_BLOCK) * 8, -(-k // formats.NV_BLOCK)
+    if fmt == "int4g":
+        return -(-k // 8) * 4, -(-k // group)
+    raise ValueError(f"not a 4-bit format: {fmt!r}; known: {', '.join(LUT4_FORMATS)}")
+
+
+def _raw(a, name: str, allowed: tuple[str, ...]) -> np.ndarray:
+    """A numpy array (or torch tensor) of one of the allowed dtypes, as contiguous raw bytes of
+    the same shape and item size (uint8 or uint16 or int32)."""
+    if hasattr(a, "numpy") and hasattr(a, "dtype") and not isinstance(a, np.ndarray):
+        import torch
+
+        if a.dtype in (torch.bfloat16, torch.float8_e4m3fn):
+            a = a.view(torch.uint16 if a.dtype == torch.bfloat16 else torch.uint8)
+        a = a.contiguous().numpy()
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy array, got {type(a).__name__}")
+    kind = {"bfloat16": "uint16", "float8_e4m3fn": "uint8"}.get(str(a.dtype), str(a.dtype))
+    if str(a.dtype) not in allowed:
+        raise ValueError(f"{name}: expected dtype {' or '.join(allowed)}, got {a.dtype}")
+    return np.ascontiguousarray(a).view(kind)
+
+
+def validate_lut4(
+    fmt: str,
+    w,
+    scales,
+    k: int,
+    name: str,
+    *,
+    group: int = 32,
+    global_scale=None,
+    values: bool = True,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Check a 4-bit weight as stored and return (rows as bytes [N, row_bytes], scales as raw
+    contiguous codes, global scale). Errors name the tensor, the field and the index.
+
+    mxfp4: w uint8 [N, ceil(K/32), 16] (gpt-oss `*_blocks`) or [N, ceil(K/32)*16]; scales
+        uint8 E8M0 [N, ceil(K/32)], 0xFF (NaN) refused.
+    nvfp4: w uint8 [N, ceil(K/16)*8]; scales E4M3 (uint8 or float8_e4m3fn) [N, ceil(K/16)],
+        NaN codes refused; global_scale a finite positive float32 (weight_scale_2).
+    int4g: w int32 [N, ceil(K/8)] (compressed-tensors weight_packed); scales bf16 (bits or
+        bfloat16) [N, ceil(K/group)], group a multiple of 32, non-finite scales refused.
+    """
+    if fmt == "int4g" and (group < 32 or group % 32):
+        raise ValueError(f"{name}: INT4 group size must be a multiple of 32, got {group}")
+    row_bytes, nscales = lut4_shapes(fmt, k, group)
+    wdt = ("int32",) if fmt == "int4g" else ("uint8",)
+    w = _raw(w, name, wdt)
+    n = w.shape[0] if w.ndim else 0
+    want = (n, row_bytes // w.itemsize)
+    if fmt == "mxfp4" and w.ndim == 3:
+        want3 = (n, nscales, 16)
+        if w.shape != want3:
+            raise ValueError(
+                f"{name}: MXFP4 blocks for K={k}: expected shape {want3}, got {w.shape}"
+            )
+        w = w.reshape(want)
+    if w.ndim != 2 or w.shape != want or n < 1:
+        raise ValueError(
+            f"{name}: {fmt} weight for K={k}: expected shape [N, {want[1]}], got {w.shape}"
+        )
+    sname = (
+        f"{name}_scale"
+        if not name.endswith(("blocks", "weight_packed"))
+        else name.rsplit("_", 1)[0] + "_scales"
+    )
+    s = _raw(scales, sname, _SCALE_DTYPES[fmt])
+    if s.shape != (n, nscales):
+        raise ValueError(f"{sname}: expected shape {(n, nscales)}, got {s.shape}")
+    if fmt == "mxfp4":
+        bad = s == formats.E8M0_NAN
+        if values and not bad.any() and (s >= 253).any():  # 6 * 2^126 is past float32: such blocks
+            big = formats.mxfp4_dequantize(w[(s >= 253).any(axis=1)], s[(s >= 253).any(axis=1)], k)
+            if (np.abs(big) > np.finfo(np.float32).max).any():
+                raise ValueError(
+                    f"{sname}: a block's values exceed float32's range (scale code >= 253)"
+                )
+    elif fmt == "nvfp4":
+        bad = (s & 0x7F) == 0x7F
+    else:
+        bad = (s & 0x7F80) == 0x7F80  # bf16 exponent all ones: inf or NaN
+    if values and bad.any():
+        idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
+        raise ValueError(
+            f"{sname}: {'NaN' if fmt != 'int4g' else 'non-finite'} scale at index {idx}"
+        )
+    g = 1.0
+    if fmt == "nvfp4":
+        if global_scale is None:
+            raise ValueError(f"{name}: NVFP4 needs its global scale (weight_scale_2)")
+        gs = np.asarray(global_scale, dtype=np.float64).reshape(-1)
+        if gs.size != 1 or not np.isfinite(gs[0]) or gs[0] <= 0:
+            raise ValueError(f"{name}_scale_2: expected one finite positive float, got {gs}")
+        g = float(np.float32(gs[0]))
+    return w.view(np.uint8).reshape(n, row_bytes), s, g
+
+
+def _lut4_gemm(fmt, x, w, scales, group, global_scale, num_threads, variant, naive, validate):
+    x = _check_x(x)
+    k = x.shape[1]
+    wb, s, g = validate_lut4(
+        fmt, w, scales, k, "w", group=group, global_scale=global_scale, values=validate
+    )
+    return _gemm(fmt, x, wb, s, wb.shape[0], k, group, num_threads, variant, naive, g)
+
+
+def mxfp4_gemm(
+    x: np.ndarray,
+    blocks,
+    scales,
+    *,
+    num_threads: int | None = None,
+    variant: str | None = None,
+    naive: bool = False,
+    validate: bool = True,
+) -> np.ndarray:
+    """y = x @ dequant(W).T for MXFP4 as gpt-oss stores it (see validate_lut4).
+    x: float32 [M, K]. Returns float32 [M, N]. Activations run as int8 per chunk of 32.
+    validate=False skips the scan of the scale values (shapes and dtypes are always checked):
+    for weights validated once at load."""
+    return _lut4_gemm("mxfp4", x, blocks, scales, 32, None, num_threads, variant, naive, validate)
+
+
+def nvfp4_gemm(
+    x: np.ndarray,
+    weight,
+    weight_scale,
+    weight_scale_2,
+    *,
+    num_threads: int | None = None,
+    variant: str | None = None,
+    naive: bool = False,
+    validate: bool = True,
+) -> np.ndarray:
+    """y = x @ dequant(W).T for NVFP4 as ModelOpt writes it (see validate_lut4)."""
+    return _lut4_gemm(
+        "nvfp4", x, weight, weight_scale, 16, weight_scale_2, num_threads, variant, naive, validate
+    )
+
+
+def int4g_gemm(
+    x: np.ndarray,
+    weight_packed,
+    weight_scale,
+    *,
+    group_size: int = 32,
+    num_threads: int | None = None,
+    variant: str | None = None,
+    naive: bool = False,
+    validate: bool = True,
+) -> np.ndarray:
+    """y = x @ dequant(W).T for compressed-tensors pack-quantized INT4 (see validate_lut4)."""
+    return _lut4_gemm(
+        "int4g",
+        x,
+        weight_packed,
+        weight_scale,
+        group_size,
+        None,
+        num_threads,
+        variant,
+        naive,
+        validate,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Fused routed-expert MLP
 # ---------------------------------------------------------------------------------------------
 
@@ -381,7 +568,8 @@ class ExpertWeights:
     """Routed experts of one MoE layer in one format, one host copy.
 
     gate/up: per expert [I, H] codes; down: [H, I]. Scales per expert as the format needs:
-    FP8 scale_inv [ceil(rows/128), ceil(cols/128)], INT4 [rows, ceil(cols/group)], BF16 none.
+    FP8 scale_inv [ceil(rows/128), ceil(cols/128)], INT4 [rows, ceil(cols/group)], BF16 none,
+    the 4-bit formats as stored (validate_lut4; NVFP4's weight_scale_2 in *_global).
     """
 
     fmt: str
@@ -395,7 +583,11 @@ class ExpertWeights:
     down_scale: list[np.ndarray] = field(default_factory=list)
     group_size: int = 128
     validate: bool = True  # scan FP8 weights for NaN codes (once, at load)
+    gate_global: list[float] = field(default_factory=list)  # NVFP4 weight_scale_2 per expert
+    up_global: list[float] = field(default_factory=list)
+    down_global: list[float] = field(default_factory=list)
     _flat: list = field(default_factory=list, repr=False)  # 1-D views the kernels take
+    _gscale: np.ndarray = field(default_factory=lambda: np.ones((3, 0)), repr=False)
 
     def __post_init__(self) -> None:
         if self.fmt not in _FMT:
@@ -406,16 +598,33 @@ class ExpertWeights:
                 f"need the same nonzero number of gate/up/down matrices, got "
                 f"{len(self.gate)}/{len(self.up)}/{len(self.down)}"
             )
-        for kind, mats, scales, (rows, cols) in (
-            ("gate", self.gate, self.gate_scale, (i, h)),
-            ("up", self.up, self.up_scale, (i, h)),
-            ("down", self.down, self.down_scale, (h, i)),
+        self._gscale = np.ones((3, e))
+        for kind, mats, scales, (rows, cols), glob in (
+            ("gate", self.gate, self.gate_scale, (i, h), self.gate_global),
+            ("up", self.up, self.up_scale, (i, h), self.up_global),
+            ("down", self.down, self.down_scale, (h, i), self.down_global),
         ):
             if self.fmt != "bf16" and len(scales) != e:
                 raise ValueError(f"{kind}_scale: expected {e} scale tensors, got {len(scales)}")
+            if self.fmt == "nvfp4" and len(glob) != e:
+                raise ValueError(f"{kind}_global: expected {e} global scales, got {len(glob)}")
             for j, m in enumerate(mats):
                 name = f"experts.{j}.{kind}_proj.weight"
-                if self.fmt == "fp8":
+                if self.fmt in LUT4_FORMATS:
+                    mats[j], scales[j], g = validate_lut4(
+                        self.fmt,
+                        m,
+                        scales[j],
+                        cols,
+                        name,
+                        group=self.group_size if self.fmt == "int4g" else 32,
+                        global_scale=glob[j] if self.fmt == "nvfp4" else None,
+                        values=self.validate,
+                    )
+                    if mats[j].shape[0] != rows:
+                        raise ValueError(f"{name}: expected {rows} rows, got {mats[j].shape[0]}")
+                    self._gscale[("gate", "up", "down").index(kind), j] = g
+                elif self.fmt == "fp8":
                     mats[j] = _check(_as_codes(m, name), name, np.uint8, 2, (rows, cols))
                     if self.validate:
                         validate_fp8(mats[j], name)
@@ -438,11 +647,11 @@ class ExpertWeights:
                         (rows, -(-cols // self.group_size)),
                     )
 
-        empty = np.zeros(0, np.float32)
+        empty = np.zeros(0, np.uint8)
         self._flat = [
             [m.reshape(-1).view(np.uint8) for m in mats]
             if kind == "w"
-            else ([s.reshape(-1) for s in mats] if mats else [empty] * e)
+            else ([s.reshape(-1).view(np.uint8) for s in mats] if mats else [empty] * e)
             for kind, mats in (
                 ("w", self.gate),
                 ("s", self.gate_scale),
@@ -522,6 +731,7 @@ def fused_moe(
         np.ascontiguousarray(tok[order], np.int32),
         np.ascontiguousarray(rw[order]),
         *flat,
+        np.ascontiguousarray(experts._gscale[:, used]),
         y,
         t,
         gu_lo,
@@ -605,6 +815,11 @@ __all__ = [
     "fp8_to_float32",
     "fused_moe",
     "int4_gemm",
+    "int4g_gemm",
+    "lut4_shapes",
+    "mxfp4_gemm",
+    "nvfp4_gemm",
+    "validate_lut4",
     "pin_threads",
     "place",
     "read_bandwidth_probe",

@@ -12,6 +12,8 @@ cdef extern from "kernels.h" nogil:
         int group
         const void *w
         const float *s
+        const uint8_t *s8
+        float gscale
     void refmoe_init()
     void fp8_to_f32_vec(const uint8_t *codes, float *out, int n, int permuted)
     int gemm(const wmat *W, int M, const float *x, float *y, int nthreads,
@@ -36,14 +38,18 @@ from libc.stdlib cimport malloc, free
 refmoe_init()
 
 
-cdef wmat _wmat(int fmt, const uint8_t[::1] w, const float[::1] s, int n, int k, int group):
+cdef wmat _wmat(int fmt, const uint8_t[::1] w, const uint8_t[::1] s, int n, int k, int group,
+                float gscale):
+    """s: the scales' bytes (float32 for FP8 and INT4, as stored for the lut4.h formats)."""
     cdef wmat W
     W.fmt = fmt
     W.n = n
     W.k = k
     W.group = group
     W.w = &w[0]
-    W.s = &s[0] if s.shape[0] > 0 else NULL
+    W.s8 = &s[0] if s.shape[0] > 0 else NULL
+    W.s = <const float *> W.s8
+    W.gscale = gscale
     return W
 
 
@@ -55,11 +61,12 @@ def fp8_to_float32(const uint8_t[::1] codes,  # IN  [n]
         fp8_to_f32_vec(&codes[0], &out[0], codes.shape[0], gemv_path)
 
 
-def gemm_rows(int fmt, const uint8_t[::1] w, const float[::1] s, int n, int k, int group,
+def gemm_rows(int fmt, const uint8_t[::1] w, const uint8_t[::1] s, int n, int k, int group,
+              float gscale,
               const float[:, ::1] x,   # IN  [M, Kp] zero padded
               float[:, ::1] y,         # OUT [M, N]
               int nthreads, const int[::1] band_lo, const int[::1] band_hi):
-    cdef wmat W = _wmat(fmt, w, s, n, k, group)
+    cdef wmat W = _wmat(fmt, w, s, n, k, group, gscale)
     cdef int rc
     with nogil:
         rc = gemm(&W, x.shape[0], &x[0, 0], &y[0, 0], nthreads, &band_lo[0], &band_hi[0])
@@ -85,6 +92,8 @@ def gemm_heads(int fmt, const uint8_t[:, :, :] w, const float[:, :, :] s,
         mats[b].group = 0
         mats[b].w = &w[b, 0, 0]
         mats[b].s = &s[b, 0, 0]
+        mats[b].s8 = NULL
+        mats[b].gscale = 1.0
     with nogil:
         rc = gemm_batched(mats, B, x.shape[1], &x[0, 0, 0], &y[0, 0, 0], nthreads)
     free(mats)
@@ -92,10 +101,11 @@ def gemm_heads(int fmt, const uint8_t[:, :, :] w, const float[:, :, :] s,
         raise MemoryError("kernel scratch allocation failed")
 
 
-def gemm_reference(int fmt, const uint8_t[::1] w, const float[::1] s, int n, int k, int group,
+def gemm_reference(int fmt, const uint8_t[::1] w, const uint8_t[::1] s, int n, int k, int group,
+                   float gscale,
                    const float[:, ::1] x,  # IN  [M, K]
                    float[:, ::1] y):       # OUT [M, N]
-    cdef wmat W = _wmat(fmt, w, s, n, k, group)
+    cdef wmat W = _wmat(fmt, w, s, n, k, group, gscale)
     cdef int rc
     with nogil:
         rc = gemm_naive(&W, x.shape[0], &x[0, 0], &y[0, 0])
@@ -109,10 +119,11 @@ def moe(int fmt, int group, int I,
         const int[::1] tok,        # IN  [A] token of each assignment
         const float[::1] rw,       # IN  [A] routing weight of each assignment
         list gate_w, list gate_s, list up_w, list up_s, list down_w, list down_s,
+        const double[:, ::1] gscale,  # IN [3, E] NVFP4 global scales of gate, up, down
         float[:, ::1] y,           # OUT [T, H], accumulated into
         int nthreads, const int[::1] gu_lo, const int[::1] gu_hi,
         const int[::1] dn_lo, const int[::1] dn_hi):
-    """y += routed expert MLP; per-slot weights as flat uint8 codes and float32 scales."""
+    """y += routed expert MLP; per-slot weights and scales as flat bytes."""
     import numpy as np
     cdef int T = x.shape[0], H = x.shape[1], E = len(gate_w), e, rc
     cdef int A = offsets[E]
@@ -122,9 +133,9 @@ def moe(int fmt, int group, int I,
         raise MemoryError("expert descriptors")
     try:
         for e in range(E):
-            mats[e] = _wmat(fmt, gate_w[e], gate_s[e], I, H, group)
-            mats[E + e] = _wmat(fmt, up_w[e], up_s[e], I, H, group)
-            mats[2 * E + e] = _wmat(fmt, down_w[e], down_s[e], H, I, group)
+            mats[e] = _wmat(fmt, gate_w[e], gate_s[e], I, H, group, gscale[0, e])
+            mats[E + e] = _wmat(fmt, up_w[e], up_s[e], I, H, group, gscale[1, e])
+            mats[2 * E + e] = _wmat(fmt, down_w[e], down_s[e], H, I, group, gscale[2, e])
         rows = max(A, 1)
         rc = _run_moe(T, H, I, E, x, offsets, tok, rw, mats, y,
                       np.empty((rows, Hp), np.float32), np.empty((rows, I), np.float32),

@@ -157,3 +157,130 @@ def int4_from_fp8(
 def int4_from_bf16(bits: np.ndarray, group: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """A BF16 checkpoint tensor (uint16 bits) -> packed INT4."""
     return int4_quantize(bf16_decode(bits), group)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4-bit formats as checkpoints store them (kernels: lut4.h). Every one puts code 2j of a row in
+# the low nibble of byte j and code 2j + 1 in its high nibble.
+# ---------------------------------------------------------------------------------------------
+
+E2M1 = np.array(
+    [0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float64
+)  # OCP FP4 E2M1: sign, 2 exponent bits (bias 1), 1 mantissa bit; no inf, no NaN
+_E2M1_POS = E2M1[:8]
+MX_BLOCK = 32  # MXFP4: codes per E8M0 scale
+NV_BLOCK = 16  # NVFP4: codes per E4M3 scale
+E8M0_NAN = 0xFF
+
+
+def e2m1_encode(x: np.ndarray) -> np.ndarray:
+    """float -> nearest E2M1 code (0..15), ties to the even code, saturating at +-6."""
+    x = np.asarray(x, dtype=np.float64)
+    if np.isnan(x).any():
+        raise ValueError("e2m1_encode: input contains NaN")
+    mag = np.minimum(np.abs(x), 6.0)
+    hi = np.clip(np.searchsorted(_E2M1_POS, mag), 1, 7)
+    lo = hi - 1
+    d_lo, d_hi = mag - _E2M1_POS[lo], _E2M1_POS[hi] - mag
+    code = np.where((d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0)), hi, lo)
+    return (code | np.where(np.signbit(x) & (code > 0), 8, 0)).astype(np.uint8)
+
+
+def e8m0_decode(codes: np.ndarray) -> np.ndarray:
+    """E8M0 scale bytes -> 2^(code - 127) as float64 (NaN for 0xFF)."""
+    c = np.asarray(codes, dtype=np.uint8).astype(np.int64)
+    return np.where(c == E8M0_NAN, np.nan, np.ldexp(1.0, c - 127))
+
+
+def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """[N, 2B] codes -> [N, B] bytes, code 2j low."""
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+
+
+def _unpack_nibbles(packed: np.ndarray, k: int) -> np.ndarray:
+    """[N, B] bytes -> [N, k] codes (the inverse of _pack_nibbles, cut at k)."""
+    p = np.asarray(packed, dtype=np.uint8)
+    out = np.empty((p.shape[0], 2 * p.shape[1]), np.uint8)
+    out[:, 0::2], out[:, 1::2] = p & 15, p >> 4
+    return out[:, :k]
+
+
+def _padded(w: np.ndarray, cols: int) -> np.ndarray:
+    out = np.zeros((w.shape[0], cols))
+    out[:, : w.shape[1]] = w
+    return out
+
+
+def mxfp4_quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[N, K] float -> (blocks uint8 [N, ceil(K/32), 16], scales uint8 [N, ceil(K/32)]) as
+    gpt-oss stores its experts. The OCP rule: a block's scale is 2^(floor(log2 amax) - 2)
+    (E2M1's largest exponent), elements round to nearest and saturate at 6."""
+    w = np.asarray(w, dtype=np.float64)
+    n, k = w.shape
+    nb = -(-k // MX_BLOCK)
+    blocks = _padded(w, nb * MX_BLOCK).reshape(n, nb, MX_BLOCK)
+    amax = np.abs(blocks).max(axis=2)
+    with np.errstate(divide="ignore"):
+        e = np.where(amax > 0, np.floor(np.log2(np.where(amax > 0, amax, 1))) - 2, 0)
+    e = np.clip(e, -127, 127).astype(np.int64)
+    codes = e2m1_encode(blocks / np.ldexp(1.0, e)[:, :, None])
+    return _pack_nibbles(codes.reshape(n, -1)).reshape(n, nb, 16), (e + 127).astype(np.uint8)
+
+
+def mxfp4_dequantize(blocks: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
+    """Exact float64 [N, k] from MXFP4 blocks [N, G, 16] (or [N, G*16]) and E8M0 scales."""
+    n = blocks.shape[0]
+    codes = _unpack_nibbles(np.asarray(blocks).reshape(n, -1), k)
+    return E2M1[codes] * np.repeat(e8m0_decode(scales), MX_BLOCK, axis=1)[:, :k]
+
+
+def nvfp4_quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.float32]:
+    """[N, K] float -> (weight uint8 [N, ceil(K/16)*8], weight_scale E4M3 codes [N, ceil(K/16)],
+    weight_scale_2 float32) as NVIDIA ModelOpt writes them: the global scale maps the tensor's
+    amax to 6 * 448, each block's E4M3 scale its amax to 6."""
+    w = np.asarray(w, dtype=np.float64)
+    n, k = w.shape
+    nb = -(-k // NV_BLOCK)
+    blocks = _padded(w, nb * NV_BLOCK).reshape(n, nb, NV_BLOCK)
+    amax = float(np.abs(w).max()) if w.size else 0.0
+    g = np.float32(amax / (6 * FP8_MAX) if amax > 0 else 1.0)
+    scale_codes = fp8_encode(np.abs(blocks).max(axis=2) / 6 / np.float64(g))
+    s = fp8_decode(scale_codes) * np.float64(g)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        codes = e2m1_encode(np.where(s[:, :, None] > 0, blocks / s[:, :, None], 0))
+    return _pack_nibbles(codes.reshape(n, -1)), scale_codes, g
+
+
+def nvfp4_dequantize(
+    packed: np.ndarray, scale_codes: np.ndarray, global_scale: float, k: int
+) -> np.ndarray:
+    """Exact float64 [N, k] = E2M1 * E4M3 block scale * global scale."""
+    s = fp8_decode(scale_codes) * np.float64(np.float32(global_scale))
+    return E2M1[_unpack_nibbles(packed, k)] * np.repeat(s, NV_BLOCK, axis=1)[:, :k]
+
+
+def int4g_quantize(w: np.ndarray, group: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """[N, K] float -> (weight_packed int32 [N, ceil(K/8)], weight_scale bf16 bits uint16
+    [N, ceil(K/group)]) as compressed-tensors' pack-quantized INT4 (symmetric) stores them:
+    code i of a word at bits 4i, stored as q + 8; q = clip(rint(w / s), -8, 7) with the bf16 s
+    nearest amax / 7."""
+    w = np.asarray(w, dtype=np.float64)
+    n, k = w.shape
+    ng = -(-k // group)
+    g = _padded(w, ng * group).reshape(n, ng, group)
+    amax = np.abs(g).max(axis=2)
+    bits = bf16_encode(np.where(amax > 0, amax / 7, 1.0).astype(np.float32))
+    s = bf16_decode(bits)
+    q = np.clip(np.rint(g / s[:, :, None]), -8, 7).reshape(n, -1)[:, :k].astype(np.int64) + 8
+    words = -(-k // 8)
+    codes = np.zeros((n, words * 8), np.uint8)  # past K: code 0, as compressed-tensors pads
+    codes[:, :k] = q
+    packed = _pack_nibbles(codes)  # little-endian int32: byte b holds codes 2b, 2b + 1
+    return packed.view("<i4").astype(np.int32), bits
+
+
+def int4g_dequantize(packed: np.ndarray, scale_bits: np.ndarray, k: int, group: int) -> np.ndarray:
+    """Exact float64 [N, k] = (code - 8) * bf16 scale of its group."""
+    p = np.ascontiguousarray(packed, dtype="<i4").view(np.uint8)
+    q = _unpack_nibbles(p, k).astype(np.float64) - 8
+    return q * np.repeat(bf16_decode(scale_bits), group, axis=1)[:, :k]

@@ -2,6 +2,7 @@
  *
  * The variant is chosen by the macros setup.py passes:
  *   REFMOE_ISA_AVX512 (+ REFMOE_BF16DOT)   AVX-512 F/BW/VL (+ BF16 dot, VBMI permutes)
+ *   REFMOE_VNNI                            (with BF16DOT) the 4-bit GEMV through vpdpbusd
  *   REFMOE_ISA_AVX512 + REFMOE_EMULATED    the same source through SIMDe, for machines without it
  *   REFMOE_ISA_AVX2                        AVX2 + F16C + FMA
  *   (none)                                 portable C (GCC/Clang vector extensions)
@@ -16,6 +17,7 @@
  *   FMT_INT4  uint8 [N, ceil(K/32)*16]: per chunk of 32 k, byte j holds k=j in its low nibble
  *             and k=j+16 in its high nibble, code q stands for q-8; float32 scales
  *             [N, ceil(K/group)], group 32 or 128
+ *   FMT_MXFP4, FMT_NVFP4, FMT_INT4G: see lut4.h
  */
 #ifndef REFMOE_KERNELS_H
 #define REFMOE_KERNELS_H
@@ -45,6 +47,10 @@ static inline int team_size(void) { return 1; }
 #define FMT_FP8 0
 #define FMT_BF16 1
 #define FMT_INT4 2
+#define FMT_MXFP4 3 /* lut4.h: the 4-bit formats as checkpoints store them */
+#define FMT_NVFP4 4
+#define FMT_INT4G 5
+static void lut4_init(void);
 #define BAND 128
 #ifndef TILE_ROWS
 #define TILE_ROWS 32
@@ -416,6 +422,7 @@ static inline void load_bf16_tables(__m512i *tab) {
 #endif
 
 static void refmoe_init(void) {
+    lut4_init();
 #if defined(REFMOE_ISA_AVX512) && defined(REFMOE_BF16DOT)
     for (int m = 0; m < 127; m++) {
         float v = fp8_value((uint8_t)m);
@@ -473,7 +480,11 @@ typedef struct {
     int group;        /* INT4 group size (32 or 128) */
     const void *w;    /* codes, see the header comment */
     const float *s;   /* scale_inv (FP8) or group scales (INT4); NULL for BF16 */
+    const uint8_t *s8; /* the same scales as stored bytes (lut4.h formats) */
+    float gscale;     /* NVFP4: the tensor's global scale */
 } wmat;
+
+static void lut4_dequant(const wmat *W, int n, int k0, int width, float *t); /* lut4.h */
 
 static inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 static inline int round_up(int a, int b) { return ceil_div(a, b) * b; }
@@ -522,6 +533,9 @@ static void dequant_tile(const wmat *W, int n0, int rows, int k0, float *tile, i
                 for (int j = 0; j < NV16; j++) vf_store(t + k + j * VL, v[j]);
             }
             for (; k < width; k++) t[k] = bf16_value(w[k]);
+        } else if (W->fmt != FMT_INT4) { /* lut4.h formats */
+            lut4_dequant(W, n, k0, width, t);
+            k = width;
         } else { /* INT4: packed rows are whole chunks of 32, zero code (8) past K */
             int row_bytes = ceil_div(W->k, 32) * 16, ngroups = ceil_div(W->k, W->group);
             const uint8_t *w = (const uint8_t *)W->w + (size_t)n * row_bytes + k0 / 2;
@@ -765,12 +779,48 @@ static void q8_quantize(const float *x, int K, int group, q8x *q, float *xdq) {
     for (int c = 0; c < nc; c++) {
         int k0 = c * 32, k1 = k0 + 32 < K ? k0 + 32 : K, sum = 0;
         float amax = 0.f; /* a > b ? a : b is one maxss; fmaxf is a libm call (NaN rules) */
+        const float magic = 12582912.f;
+#if defined(REFMOE_ISA_AVX2) || (defined(REFMOE_ISA_AVX512) && !defined(REFMOE_EMULATED))
+        if (k1 - k0 == 32) { /* the same operations 8 lanes at a time (bit for bit) */
+            __m256 v[4], m = _mm256_setzero_ps();
+            const __m256 sign = _mm256_set1_ps(-0.f);
+            for (int j = 0; j < 4; j++) {
+                v[j] = _mm256_loadu_ps(x + k0 + 8 * j);
+                m = _mm256_max_ps(_mm256_andnot_ps(sign, v[j]), m);
+            }
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_max_ss(h, _mm_movehdup_ps(h));
+            amax = _mm_cvtss_f32(h);
+            float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+            __m256i qi[4], tot = _mm256_setzero_si256();
+            for (int j = 0; j < 4; j++) {
+                __m256 r = _mm256_sub_ps(
+                    _mm256_add_ps(_mm256_mul_ps(v[j], _mm256_set1_ps(inv)), _mm256_set1_ps(magic)),
+                    _mm256_set1_ps(magic));
+                qi[j] = _mm256_cvttps_epi32(r);
+                tot = _mm256_add_epi32(tot, qi[j]);
+                if (xdq) _mm256_storeu_ps(xdq + k0 + 8 * j, _mm256_mul_ps(r, _mm256_set1_ps(scale)));
+            }
+            __m256i b8 = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]),
+                                            _mm256_packs_epi32(qi[2], qi[3]));
+            b8 = _mm256_permutevar8x32_epi32(b8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256((__m256i *)(q->q + k0), b8);
+            __m128i t = _mm_add_epi32(_mm256_castsi256_si128(tot), _mm256_extracti128_si256(tot, 1));
+            t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+            t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+            sum = _mm_cvtsi128_si32(t);
+            q->xs[c] = scale;
+            if (c % (group / 32) == 0) q->xcorr[c / (group / 32)] = 0.f;
+            q->xcorr[c / (group / 32)] += scale * (float)sum;
+            continue;
+        }
+#endif
         for (int k = k0; k < k1; k++) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
         float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-        /* Branch-free so GCC vectorizes it. Rounds to nearest even as rint does: adding and
-         * subtracting 1.5 * 2^23 leaves the rounded value of |v| <= 127 (no libm call), and
-         * |x| <= amax keeps |v| <= 127 without a clamp. */
-        const float magic = 12582912.f;
+        /* Rounds to nearest even as rint does: adding and subtracting 1.5 * 2^23 leaves the
+         * rounded value of |v| <= 127 (no libm call), and |x| <= amax keeps |v| <= 127 without
+         * a clamp. */
         for (int k = k0; k < k1; k++) {
             int v = (int)((x[k] * inv + magic) - magic);
             q->q[k] = (int8_t)v;
@@ -784,6 +834,8 @@ static void q8_quantize(const float *x, int K, int group, q8x *q, float *xdq) {
         q->xcorr[c / (group / 32)] += scale * (float)sum;
     }
 }
+
+#include "lut4.h"
 
 /* y[n] = sum_g s_w[n,g] * (sum_{c in g} xs[c] * dot(q_w, xq)_c - 8 xcorr[g]), rows [n_lo, n_hi).
  * THE HOT LOOP of INT4 decode: per 32 codes one broadcast load, a shift, an AND, two integer
@@ -989,6 +1041,7 @@ typedef struct {
     float *xdq;  /* [Kp]      INT4 GEMM: x dequantized from q8, [M, Kp] grown on demand */
     uint16_t *parts; /* [3, Kp] BF16-dot FP8 GEMV: x split into three bf16 parts */
     float *tile; /* [TILE_ROWS, B] dequantized tile */
+    lut4x l4;    /*           4-bit GEMV (lut4.h): x by pairs of chunks */
 } scratch;
 
 static int scratch_alloc(scratch *sc, int kmax) {
@@ -999,10 +1052,12 @@ static int scratch_alloc(scratch *sc, int kmax) {
     sc->tile = (float *)amalloc((size_t)TILE_ROWS * BAND * 4);
     sc->parts = (uint16_t *)amalloc((size_t)3 * kp * 2);
     int q8_ok = q8_alloc(&sc->q8, kp); /* every pointer set, so scratch_free is always safe */
-    return sc->xs && sc->xp && sc->tile && sc->parts && q8_ok;
+    int l4_ok = lut4x_alloc(&sc->l4, kp);
+    return sc->xs && sc->xp && sc->tile && sc->parts && q8_ok && l4_ok;
 }
 static void scratch_free(scratch *sc) {
     free(sc->xs); free(sc->xp); free(sc->tile); free(sc->xdq); free(sc->parts); q8_free(&sc->q8);
+    lut4x_free(&sc->l4);
 }
 
 /* Returns 0, or -1 when scratch could not be allocated. INT4 always runs on the int8-quantized
@@ -1038,12 +1093,16 @@ static int rows_gemm(const wmat *W, int n_lo, int n_hi, int M, const float *x, i
     } else if (M == 1 && W->fmt == FMT_INT4) {
         q8_quantize(x, W->k, W->group, &sc->q8, NULL);
         rows_gemv_int4(W, n_lo, n_hi, y, &sc->q8);
-    } else if (W->fmt == FMT_INT4) {
+    } else if (M == 1 && is_lut4(W->fmt)) {
+        lut4x_prepare(x, W->k, &sc->q8, &sc->l4, lut4_offset(W->fmt));
+        rows_gemv_lut4(W, n_lo, n_hi, y, &sc->l4);
+    } else if (W->fmt == FMT_INT4 || is_lut4(W->fmt)) {
         free(sc->xdq);
         sc->xdq = (float *)calloc((size_t)M * ldx, 4);
         if (!sc->xdq) return -1;
         for (int m = 0; m < M; m++)
-            q8_quantize(x + (size_t)m * ldx, W->k, W->group, &sc->q8, sc->xdq + (size_t)m * ldx);
+            q8_quantize(x + (size_t)m * ldx, W->k, W->fmt == FMT_INT4 ? W->group : 32, &sc->q8,
+                        sc->xdq + (size_t)m * ldx);
         return rows_tiled(W, n_lo, n_hi, M, sc->xdq, ldx, y, ldy, sc->tile);
     } else {
         return rows_tiled(W, n_lo, n_hi, M, x, ldx, y, ldy, sc->tile);
@@ -1111,12 +1170,13 @@ static int gemm_batched(const wmat *W, int B, int M, const float *x, float *y, i
  * fp32 accumulation in k order, scale applied per element. x: [M, K] (unpadded). */
 static int gemm_naive(const wmat *W, int M, const float *x, float *y) {
     float *xdq = NULL;
-    if (W->fmt == FMT_INT4) { /* the same int8 activations as the fast path */
+    if (W->fmt == FMT_INT4 || is_lut4(W->fmt)) { /* the same int8 activations as the fast path */
         q8x q;
         xdq = (float *)malloc((size_t)M * W->k * 4 + 4);
         if (!xdq || !q8_alloc(&q, W->k)) { free(xdq); return -1; }
         for (int m = 0; m < M; m++)
-            q8_quantize(x + (size_t)m * W->k, W->k, W->group, &q, xdq + (size_t)m * W->k);
+            q8_quantize(x + (size_t)m * W->k, W->k, W->fmt == FMT_INT4 ? W->group : 32, &q,
+                        xdq + (size_t)m * W->k);
         q8_free(&q);
         x = xdq;
     }
@@ -1132,6 +1192,8 @@ static int gemm_naive(const wmat *W, int M, const float *x, float *y) {
                         W->s[(size_t)(n / BAND) * nkb + k / BAND];
                 else if (W->fmt == FMT_BF16)
                     w = bf16_value(((const uint16_t *)W->w)[(size_t)n * K + k]);
+                else if (is_lut4(W->fmt))
+                    w = lut4_value(W, n, k);
                 else {
                     uint8_t b = ((const uint8_t *)W->w)[(size_t)n * row_bytes + k / 32 * 16 + k % 16];
                     int q = (k % 32) < 16 ? (b & 15) : (b >> 4);

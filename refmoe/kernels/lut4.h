@@ -1,0 +1,333 @@
+/* 4-bit expert formats read as checkpoints store them: every one is a 4-bit code looked up in a
+ * 16-entry table and a scale per group of 16 or 32 codes along K. Included by kernels.h after
+ * the vector layer, wmat and q8x.
+ *
+ *   FMT_MXFP4  OCP microscaling (gpt-oss `*_blocks` / `*_scales`, DeepSeek-V4): E2M1 codes,
+ *              rows of ceil(K/32) blocks of 16 bytes, one E8M0 scale byte per block:
+ *              w = E2M1[code] * 2^(scale - 127); scale 0xFF is NaN (refused at load).
+ *   FMT_NVFP4  NVIDIA ModelOpt: E2M1 codes, rows of ceil(K/16) * 8 bytes, one E4M3 scale byte
+ *              per 16 codes and one float32 per tensor: w = E2M1[code] * E4M3[scale] * global.
+ *   FMT_INT4G  compressed-tensors pack-quantized, symmetric: int32 words of 8 codes (code i at
+ *              bits 4i), rows of ceil(K/8) words, code q stands for q - 8, one bf16 scale per
+ *              group of `group` codes (a multiple of 32): w = (q - 8) * scale.
+ *
+ * All three put code 2j of a row in the low nibble of byte j and code 2j + 1 in its high nibble.
+ * Doubled, every E2M1 value is an integer in [-12, 12] (the 1/2 goes into the scale tables,
+ * exact for every code: 2^(e - 128) is a float32 down to e = 0, a subnormal), so with activations quantized to int8 per chunk of 32 (q8x, as the INT4
+ * kernel does) a chunk's products are exact integer dot products: one byte shuffle turns 32
+ * codes into their int8 values. The activations of each chunk are stored even codes first,
+ * then odd (q8_quantize_evenodd), so the low and the high nibbles of 16 bytes meet their
+ * activations without any shuffle of the weights.
+ */
+#ifndef REFMOE_LUT4_H
+#define REFMOE_LUT4_H
+
+/* The doubled E2M1 values, and the INT4 code offset by 8. */
+static const int8_t E2M1_X2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+static const int8_t INT4_CODES[16] = {-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7};
+static float e8m0_half[256]; /* 2^(e - 127) / 2; NaN at 0xFF */
+static float e4m3_half[256]; /* fp8_value / 2; NaN at 0x7F, 0xFF */
+
+static void lut4_init(void) {
+    for (int e = 0; e < 256; e++) {
+        e8m0_half[e] = e == 255 ? NAN : ldexpf(1.f, e - 128);
+        e4m3_half[e] = fp8_value((uint8_t)e) * 0.5f;
+    }
+}
+
+static inline int is_lut4(int fmt) { return fmt == FMT_MXFP4 || fmt == FMT_NVFP4 || fmt == FMT_INT4G; }
+static inline const int8_t *lut4_values(int fmt) { return fmt == FMT_INT4G ? INT4_CODES : E2M1_X2; }
+
+/* Bytes of one stored row, and scales per row. */
+static inline int lut4_row_bytes(const wmat *W) {
+    if (W->fmt == FMT_MXFP4) return ceil_div(W->k, 32) * 16;
+    if (W->fmt == FMT_NVFP4) return ceil_div(W->k, 16) * 8;
+    return ceil_div(W->k, 8) * 4;
+}
+static inline int lut4_row_scales(const wmat *W) {
+    if (W->fmt == FMT_MXFP4) return ceil_div(W->k, 32);
+    if (W->fmt == FMT_NVFP4) return ceil_div(W->k, 16);
+    return ceil_div(W->k, W->group);
+}
+/* The row's final multiply: NVFP4's global scale. */
+static inline float lut4_post(const wmat *W) { return W->fmt == FMT_NVFP4 ? W->gscale : 1.f; }
+/* Scale of code k of a row whose scale bytes start at sr (halved for the doubled E2M1 values;
+ * before lut4_post). */
+static inline float lut4_scale(const wmat *W, const uint8_t *sr, int k) {
+    if (W->fmt == FMT_MXFP4) return e8m0_half[sr[k / 32]];
+    if (W->fmt == FMT_NVFP4) return e4m3_half[sr[k / 16]];
+    return bf16_value(((const uint16_t *)sr)[k / W->group]);
+}
+static inline size_t lut4_scale_bytes(const wmat *W) { return W->fmt == FMT_INT4G ? 2 : 1; }
+
+/* Value of code k of row n (the naive kernel and the tile dequantization). */
+static inline float lut4_value(const wmat *W, int n, int k) {
+    const uint8_t *row = (const uint8_t *)W->w + (size_t)n * lut4_row_bytes(W);
+    const uint8_t *sr = W->s8 + (size_t)n * lut4_row_scales(W) * lut4_scale_bytes(W);
+    uint8_t b = row[k / 2];
+    int code = k % 2 ? b >> 4 : b & 15;
+    return (float)lut4_values(W->fmt)[code] * lut4_scale(W, sr, k) * lut4_post(W);
+}
+
+/* t[0 : width] = row n, codes k0 .. k0 + width (the tile path, M > GEMV_ROWS_MAX_M). */
+static void lut4_dequant(const wmat *W, int n, int k0, int width, float *t) {
+    const uint8_t *row = (const uint8_t *)W->w + (size_t)n * lut4_row_bytes(W);
+    const uint8_t *sr = W->s8 + (size_t)n * lut4_row_scales(W) * lut4_scale_bytes(W);
+    const int8_t *lut = lut4_values(W->fmt);
+    const float post = lut4_post(W);
+    const int step = W->fmt == FMT_NVFP4 ? 16 : 32; /* k0 is a multiple of 128 */
+    for (int k = 0; k < width; k += step) {
+        float s = lut4_scale(W, sr, k0 + k) * post;
+        int kend = k + step < width ? k + step : width;
+        for (int j = k; j < kend; j++) {
+            uint8_t b = row[(k0 + j) / 2];
+            t[j] = (float)lut[(k0 + j) % 2 ? b >> 4 : b & 15] * s;
+        }
+    }
+}
+
+/* Activations of one token for the 4-bit GEMV, quantized to int8 per chunk of 32 (as q8x, bit
+ * for bit) and laid out by pairs of chunks: 64 bytes per pair, the even codes of chunk 2p, the
+ * even codes of chunk 2p + 1, then the odd codes of each. One 32-byte load of weights then splits
+ * into a low-nibble register and a high-nibble register that meet their activations directly,
+ * and the 8 int32 lanes of their sum cover codes 0-15 and 16-31 of chunk 2p (lanes 0-1, 2-3)
+ * and of chunk 2p + 1 (4-5, 6-7). */
+typedef struct {
+    int8_t *q;     /* [npairs * 64] */
+    float *xs;     /* [npairs * 8] each lane's chunk scale */
+    int32_t *corr; /* [npairs * 8] OFF * (sum of the lane's 8 activations): the x86 kernels
+                      look up code + OFF (unsigned) and subtract this */
+    float *ws;     /* [K / 16 + 16] one row's weight scales as floats (scratch) */
+} lut4x;
+
+static inline int lut4_pos(int k) { /* where code k's activation lies in lut4x.q */
+    int p = k / 64, h = (k % 64) / 32, j = k % 32;
+    return p * 64 + (j % 2) * 32 + h * 16 + j / 2;
+}
+
+static int lut4x_alloc(lut4x *a, int kmax) {
+    int np = ceil_div(kmax, 64) + 1;
+    a->q = (int8_t *)amalloc((size_t)np * 64);
+    a->xs = (float *)amalloc((size_t)np * 8 * 4);
+    a->corr = (int32_t *)amalloc((size_t)np * 8 * 4);
+    a->ws = (float *)amalloc((size_t)(kmax / 16 + 32) * 4);
+    return a->q && a->xs && a->corr && a->ws;
+}
+static void lut4x_free(lut4x *a) { free(a->q); free(a->xs); free(a->corr); free(a->ws); }
+
+/* x [K] -> a, through q (q8_quantize: the same int8 values the tile path and the naive kernel
+ * use). off: the unsigned offset of the format's table (lut4_offset). */
+static void lut4x_prepare(const float *x, int K, q8x *q, lut4x *a, int off) {
+    q8_quantize(x, K, 32, q, NULL); /* q->q is zero past K to the end of its chunk */
+    int nc = ceil_div(K, 32), np = ceil_div(nc, 2);
+    if (nc % 2) memset(a->q + (size_t)(np - 1) * 64, 0, 64);
+    for (int c = 0; c < nc; c++) {
+        int8_t *dst = a->q + (size_t)(c / 2) * 64 + (c % 2) * 16;
+        const int8_t *src = q->q + (size_t)c * 32;
+#if defined(REFMOE_ISA_AVX2) || defined(REFMOE_ISA_AVX512)
+        /* even bytes then odd within each 16, then the two 8-byte runs of each kind together */
+        const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                               0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+        __m256i v = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)src), split);
+        v = _mm256_permute4x64_epi64(v, 0xD8); /* qwords 0, 2, 1, 3 */
+        _mm_storeu_si128((__m128i *)dst, _mm256_castsi256_si128(v));
+        _mm_storeu_si128((__m128i *)(dst + 32), _mm256_extracti128_si256(v, 1));
+#else
+        for (int j = 0; j < 16; j++) {
+            dst[j] = src[2 * j];
+            dst[32 + j] = src[2 * j + 1];
+        }
+#endif
+        for (int i = 0; i < 4; i++) a->xs[(c / 2) * 8 + (c % 2) * 4 + i] = q->xs[c];
+    }
+    if (nc % 2)
+        for (int i = 4; i < 8; i++) a->xs[(np - 1) * 8 + i] = 0.f;
+    for (int p = 0; p < np; p++) { /* lane l: bytes 4l .. 4l + 3 of both halves of the pair */
+        const int8_t *b = a->q + (size_t)p * 64;
+#if defined(REFMOE_ISA_AVX2) || defined(REFMOE_ISA_AVX512)
+        const __m256i ones8 = _mm256_set1_epi8(1);
+        __m256i s16 = _mm256_add_epi16(
+            _mm256_maddubs_epi16(ones8, _mm256_loadu_si256((const __m256i *)b)),
+            _mm256_maddubs_epi16(ones8, _mm256_loadu_si256((const __m256i *)(b + 32))));
+        __m256i s32 = _mm256_madd_epi16(s16, _mm256_set1_epi16((short)off));
+        _mm256_storeu_si256((__m256i *)(a->corr + 8 * p), s32);
+#else
+        for (int l = 0; l < 8; l++)
+            a->corr[8 * p + l] = off * (b[4 * l] + b[4 * l + 1] + b[4 * l + 2] + b[4 * l + 3] +
+                                        b[32 + 4 * l] + b[33 + 4 * l] + b[34 + 4 * l] + b[35 + 4 * l]);
+#endif
+    }
+}
+
+/* The unsigned offset added to every table entry on x86 (maddubs multiplies unsigned bytes). */
+static inline int lut4_offset(int fmt) { return fmt == FMT_INT4G ? 8 : 12; }
+
+/* The codes from chunk c0 to the row's end, scalar, reading only the row's own bytes. */
+static inline float lut4_tail(const wmat *W, const uint8_t *row, const uint8_t *sr, int c0,
+                              const lut4x *a) {
+    const int8_t *lut = lut4_values(W->fmt);
+    float t = 0.f;
+    for (int c = c0; c * 32 < W->k; c++) {
+        float xs = a->xs[(c / 2) * 8 + (c % 2) * 4];
+        for (int k = 32 * c; k < W->k && k < 32 * c + 32; k++) {
+            uint8_t b = row[k / 2];
+            t += (float)(lut[k % 2 ? b >> 4 : b & 15] * a->q[lut4_pos(k)]) *
+                 (xs * lut4_scale(W, sr, k));
+        }
+    }
+    return t;
+}
+
+#if defined(REFMOE_ISA_AVX2) || defined(REFMOE_ISA_AVX512)
+/* 8 E4M3 codes -> 8 floats equal to value * 2^-8 (the fp16 trick of cvt_fp8_16). */
+static inline __m256 e4m3_8(const uint8_t *p) {
+    __m128i h = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)p));
+    h = _mm_and_si128(_mm_slli_epi16(h, 7), _mm_set1_epi16((short)0xBFFF));
+    return _mm256_cvtph_ps(h);
+}
+/* 8 E8M0 codes -> 2^(e - 128): the exponent field, halved (exact down to the subnormal 2^-127),
+ * and e = 0 (whose field is zero) set apart. */
+static inline __m256 e8m0_half_8(const uint8_t *p) {
+    __m256i e = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    __m256 f = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(e, 23)), _mm256_set1_ps(0.5f));
+    return _mm256_blendv_ps(f, _mm256_set1_ps(0x1p-128f),
+                            _mm256_castsi256_ps(_mm256_cmpeq_epi32(e, _mm256_setzero_si256())));
+}
+/* One row's n weight scales as floats into ws: per chunk of 32 (MXFP4, INT4G: lut4_scale) or
+ * per 16 codes (NVFP4: value * 2^-8). */
+static void lut4_row_scales_f32(const wmat *W, const uint8_t *sr, float *ws, int n) {
+    int i = 0;
+    if (W->fmt == FMT_MXFP4)
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(ws + i, e8m0_half_8(sr + i));
+    else if (W->fmt == FMT_NVFP4) /* value * 2^-8: lut4_rows multiplies by 2^7 at the end */
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(ws + i, e4m3_8(sr + i));
+    else if (W->group == 32)
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(ws + i, _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(sr + 2 * i))), 16)));
+    for (; i < n; i++)
+        ws[i] = W->fmt == FMT_NVFP4 ? fp8_value(sr[i]) * 0x1p-8f
+                                    : lut4_scale(W, sr, 32 * i); /* n counts chunks here */
+}
+
+/* Integer partial sums of one pair of chunks (32 bytes of weights), eight int32 lanes as
+ * described at lut4x. With VNNI one dpbusd per half; else maddubs, an int16 add (at most
+ * 2 * 2 * 24 * 127 = 12192), and one madd. corr is subtracted (the unsigned offset). */
+static inline __m256i lut4_pair(const uint8_t *w, const int8_t *xq, const int32_t *corr,
+                                __m256i table, int int4g) {
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    __m256i b = _mm256_loadu_si256((const __m256i *)w);
+    __m256i lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+    if (!int4g) { /* INT4G's codes already are code + 8 */
+        lo = _mm256_shuffle_epi8(table, lo);
+        hi = _mm256_shuffle_epi8(table, hi);
+    }
+    __m256i x0 = _mm256_loadu_si256((const __m256i *)xq);
+    __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 32));
+    __m256i c = _mm256_loadu_si256((const __m256i *)corr);
+#if defined(REFMOE_VNNI)
+    __m256i acc = _mm256_sub_epi32(_mm256_setzero_si256(), c);
+    acc = _mm256_dpbusd_epi32(acc, lo, x0);
+    return _mm256_dpbusd_epi32(acc, hi, x1);
+#else
+    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
+    return _mm256_sub_epi32(_mm256_madd_epi16(p, _mm256_set1_epi16(1)), c);
+#endif
+}
+
+static inline float hsum256(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* THE HOT LOOP of 4-bit decode, one row at a time: per 64 codes (32 bytes) one load, a shift,
+ * two ANDs, two byte shuffles (the table, offset to unsigned), the integer dot products, a
+ * convert, a permute that spreads the pair's weight scales over their lanes, and two multiplies
+ * (the activation scales, then the FMA). The row's scales are decoded 8 at a time first. */
+static inline __attribute__((always_inline)) void lut4_rows(const wmat *W, int fmt, int n_lo,
+                                                            int n_hi, float *y, const lut4x *a) {
+    const int rb = lut4_row_bytes(W), ns = lut4_row_scales(W);
+    const size_t sbytes = lut4_scale_bytes(W);
+    const int nfull = fmt == FMT_MXFP4 ? ceil_div(W->k, 32) : W->k / 32, np = nfull / 2;
+    const int per_chunk = fmt == FMT_NVFP4 ? 2 : 1; /* floats of ws per chunk */
+    int8_t off_table[16];
+    for (int i = 0; i < 16; i++) off_table[i] = (int8_t)(lut4_values(fmt)[i] + lut4_offset(fmt));
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)off_table));
+    /* lanes of pair p from ws: chunk scales 2p, 2p + 1 (or half-chunk scales 4p .. 4p + 3) */
+    const __m256i spread = fmt == FMT_NVFP4 ? _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)
+                                            : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    const float post = fmt == FMT_NVFP4 ? W->gscale * 0x1p7f : lut4_post(W);
+    const int int4g = fmt == FMT_INT4G;
+    for (int n = n_lo; n < n_hi; n++) {
+        const uint8_t *row = (const uint8_t *)W->w + (size_t)n * rb;
+        const uint8_t *sr = W->s8 + (size_t)n * ns * sbytes;
+        int nws = fmt == FMT_INT4G ? ceil_div(W->k, 32) : ns;
+        lut4_row_scales_f32(W, sr, a->ws, nws);
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+        int p = 0;
+        for (; p + 2 <= np; p += 2) {
+            __builtin_prefetch(row + 32 * p + PREFETCH_DIST, 0, 0);
+            __m256 s0 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(a->ws + 2 * per_chunk * p), spread);
+            __m256 s1 = _mm256_permutevar8x32_ps(
+                _mm256_loadu_ps(a->ws + 2 * per_chunk * (p + 1)), spread);
+            __m256i d0 = lut4_pair(row + 32 * p, a->q + 64 * p, a->corr + 8 * p, table, int4g);
+            __m256i d1 = lut4_pair(row + 32 * p + 32, a->q + 64 * p + 64, a->corr + 8 * p + 8,
+                                   table, int4g);
+            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0),
+                                   _mm256_mul_ps(s0, _mm256_loadu_ps(a->xs + 8 * p)), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1),
+                                   _mm256_mul_ps(s1, _mm256_loadu_ps(a->xs + 8 * p + 8)), acc1);
+        }
+        for (; p < np; p++) {
+            __m256 s0 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(a->ws + 2 * per_chunk * p), spread);
+            __m256i d0 = lut4_pair(row + 32 * p, a->q + 64 * p, a->corr + 8 * p, table, int4g);
+            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0),
+                                   _mm256_mul_ps(s0, _mm256_loadu_ps(a->xs + 8 * p)), acc0);
+        }
+        float t = 2 * np * 32 < W->k ? lut4_tail(W, row, sr, 2 * np, a) : 0.f;
+        if (fmt == FMT_NVFP4) t *= 0x1p-7f; /* the tail used lut4_scale (value / 2), not ws */
+        y[n] = (hsum256(_mm256_add_ps(acc0, acc1)) + t) * post;
+    }
+}
+#else
+/* Portable: the same sums per chunk in C, on the signed table values. */
+static inline __attribute__((always_inline)) void lut4_rows(const wmat *W, int fmt, int n_lo,
+                                                            int n_hi, float *y, const lut4x *a) {
+    const int rb = lut4_row_bytes(W), ns = lut4_row_scales(W);
+    const size_t sbytes = lut4_scale_bytes(W);
+    const int nfull = fmt == FMT_MXFP4 ? ceil_div(W->k, 32) : W->k / 32;
+    const int8_t *lut = lut4_values(fmt);
+    const float post = lut4_post(W);
+    for (int n = n_lo; n < n_hi; n++) {
+        const uint8_t *row = (const uint8_t *)W->w + (size_t)n * rb;
+        const uint8_t *sr = W->s8 + (size_t)n * ns * sbytes;
+        float acc = 0.f;
+        int c = 0;
+        for (; c < nfull; c++) {
+            const uint8_t *b = row + 16 * c;
+            int32_t half[2] = {0, 0}; /* codes 0-15, 16-31 */
+            for (int j = 0; j < 16; j++)
+                half[j / 8] += lut[b[j] & 15] * a->q[lut4_pos(32 * c + 2 * j)] +
+                               lut[b[j] >> 4] * a->q[lut4_pos(32 * c + 2 * j + 1)];
+            float xs = a->xs[(c / 2) * 8 + (c % 2) * 4]; /* scales first: |sum| < 2^16 */
+            acc += (float)half[0] * (xs * lut4_scale(W, sr, 32 * c)) +
+                   (float)half[1] * (xs * lut4_scale(W, sr, 32 * c + 16));
+        }
+        float t = c * 32 < W->k ? lut4_tail(W, row, sr, c, a) : 0.f;
+        y[n] = (acc + t) * post;
+    }
+}
+#endif
+
+/* Rows [n_lo, n_hi) of y = x W^T for one token, x already in a (lut4x_prepare). */
+static void rows_gemv_lut4(const wmat *W, int n_lo, int n_hi, float *y, const lut4x *a) {
+    switch (W->fmt) { /* one copy of the loop per format: the scale decoding is inlined */
+    case FMT_MXFP4: lut4_rows(W, FMT_MXFP4, n_lo, n_hi, y, a); break;
+    case FMT_NVFP4: lut4_rows(W, FMT_NVFP4, n_lo, n_hi, y, a); break;
+    default: lut4_rows(W, FMT_INT4G, n_lo, n_hi, y, a); break;
+    }
+}
+
+#endif /* REFMOE_LUT4_H */
