@@ -316,6 +316,7 @@ def bench_kernels(
     quick: bool = False,
     with_torch: bool = True,
     progress=None,
+    dtypes: list[str] | None = None,
 ) -> list[Row]:
     """The standard suite: FP8/INT4/BF16 GEMV, FP8 GEMM M=32, MXFP4/NVFP4/INT4-g32 GEMV,
     the MoE decode layer in FP8 and each 4-bit format."""
@@ -345,6 +346,11 @@ def bench_kernels(
                     jobs.append(
                         partial(bench_moe_layer, f, 7168, 2048, 8, t, v, reps, "deepseek-v3")
                     )
+    if dtypes is not None:  # every job's first argument is its format
+        unknown = set(dtypes) - {job.args[0] for job in jobs}
+        if unknown:
+            raise ValueError(f"--dtypes: no rows for {sorted(unknown)}")
+        jobs = [job for job in jobs if job.args[0] in dtypes]
     rows = []
     for job in progress(jobs) if progress else jobs:
         row, others, why, attempts = contention.measured(job, lambda r: r.ratio)

@@ -254,6 +254,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         quick=args.quick,
         with_torch=not args.no_torch,
         progress=progress,
+        dtypes=args.dtypes.split(",") if args.dtypes else None,
     )
     if args.json:
         print(json.dumps(bench.rows_as_dicts(kernel_rows)))
@@ -803,6 +804,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--variants", help="comma-separated CPU variants (default: the chosen one)")
     b.add_argument("--reps", type=int, default=5, help="timed repetitions per row")
+    b.add_argument(
+        "--dtypes", help="kernels: only these formats, e.g. mxfp4,nvfp4,int4g (default: all)"
+    )
     b.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     b.add_argument("--no-torch", action="store_true", help="skip the torch baseline")
     b.set_defaults(func=_cmd_bench)
