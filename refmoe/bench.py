@@ -13,7 +13,6 @@ import os
 import resource
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache, partial
 
@@ -321,7 +320,7 @@ def bench_kernels(
     """The standard suite: FP8/INT4/BF16 GEMV, FP8 GEMM M=32, MXFP4/NVFP4/INT4-g32 GEMV,
     the MoE decode layer in FP8 and each 4-bit format."""
     shapes = QUICK if quick else DEEPSEEK + QWEN3
-    jobs: list[Callable[[], Row]] = []
+    jobs: list[partial[Row]] = []
     size = 4 * 2**20 if quick else MIN_BYTES
     for v in variants:
         for t in threads:

@@ -562,11 +562,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     show = (lambda it: tqdm(it, desc="converting", unit="shard")) if sys.stderr.isatty() else None
     try:
-        out = convert(args.model, args.out, progress=show)
+        out = convert(args.model, args.out, progress=show, expert_format=args.expert_format)
     except ValueError as e:
         print(f"refmoe convert: {e}", file=sys.stderr)
         return 2
-    print(f"wrote an FP8 checkpoint to {out}")
+    what = "an FP8" if args.expert_format == "fp8" else f"a {args.expert_format.upper()}-expert"
+    print(f"wrote {what} checkpoint to {out}")
     return 0
 
 
@@ -613,8 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument(
         "--expert-dtype",
-        choices=["fp8", "int4", "bf16"],
-        help="routed expert format (default: as stored; BF16/F32 -> bf16)",
+        choices=["fp8", "int4", "bf16", "mxfp4", "nvfp4", "int4g"],
+        help="routed expert format (default: as stored; BF16/F32 -> bf16); another one is "
+        "converted at load",
     )
     g.add_argument(
         "--device",
@@ -709,9 +711,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.set_defaults(func=_cmd_serve)
 
-    cv = sub.add_parser("convert", help="write a BF16/F32 checkpoint in the FP8 block format")
+    cv = sub.add_parser(
+        "convert", help="write a BF16/F32 checkpoint in the FP8 block format or a 4-bit one"
+    )
     cv.add_argument("--model", required=True, help="source model directory")
-    cv.add_argument("--out", required=True, help="directory for the FP8 checkpoint")
+    cv.add_argument("--out", required=True, help="directory for the converted checkpoint")
+    cv.add_argument(
+        "--expert-format",
+        choices=["fp8", "mxfp4", "nvfp4", "int4g"],
+        default="fp8",
+        help="fp8: every projection in 128x128 FP8 blocks; mxfp4, nvfp4, int4g: the routed "
+        "experts as gpt-oss, NVIDIA ModelOpt and compressed-tensors (Kimi K2-Thinking) store them",
+    )
     cv.set_defaults(func=_cmd_convert)
 
     dm = sub.add_parser("demo", help="build (once) and run a DeepSeek-V3-shaped FP8 model")

@@ -69,6 +69,13 @@ class ModelConfig:
         q = self.quantization or {}
         return q.get("quant_method") == "fp8"
 
+    @property
+    def expert_format(self) -> tuple[str, int]:
+        """(format, group size) the routed experts are stored in, from quantization_config:
+        fp8 (128x128 blocks), mxfp4, nvfp4 (ModelOpt), int4g (compressed-tensors
+        pack-quantized), or bf16 where there is none (float checkpoints)."""
+        return expert_format(self.quantization, "quantization_config")
+
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_k_dense_replace and self.n_routed_experts > 0
 
@@ -238,6 +245,10 @@ class ModelConfig:
                     f"{source}: quantization_config supports fmt e4m3 with "
                     f"weight_block_size [128, 128], got {q}"
                 )
+        try:
+            expert_format(q, "quantization_config")
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"{source}: {message}")
@@ -300,3 +311,52 @@ class _Fields:
             }[kind]
             raise ValueError(f"{self.source}: field {name!r} must be {want}, got {v!r:.80}")
         return kind(v)
+
+
+def expert_format(q: dict | None, where: str) -> tuple[str, int]:
+    """The expert format a quantization_config names, with its group size; an unknown or
+    contradictory one is refused naming the field."""
+    if q is None:
+        return "bf16", 0
+    method = q.get("quant_method")
+    if method == "fp8":
+        return "fp8", 128
+    if method == "mxfp4":  # gpt-oss, DeepSeek-V4: E2M1 + E8M0 per 32
+        return "mxfp4", 32
+    if method == "modelopt":
+        algo = q.get("quant_algo")
+        if algo != "NVFP4":
+            raise ValueError(f"{where}.quant_algo: refmoe reads NVFP4 from modelopt, got {algo!r}")
+        if q.get("group_size", 16) != 16:
+            raise ValueError(f"{where}.group_size: NVFP4 scales 16 codes, got {q['group_size']}")
+        return "nvfp4", 16
+    if method == "compressed-tensors":
+        if q.get("format") != "pack-quantized":
+            raise ValueError(
+                f"{where}.format: refmoe reads compressed-tensors pack-quantized, got "
+                f"{q.get('format')!r}"
+            )
+        groups = q.get("config_groups")
+        if not isinstance(groups, dict) or not groups:
+            raise ValueError(f"{where}.config_groups: expected one group of INT4 weights")
+        sizes = set()
+        for gname, group in groups.items():
+            w = (group or {}).get("weights") or {}
+            field = f"{where}.config_groups.{gname}.weights"
+            want = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group"}
+            for key, value in want.items():
+                if w.get(key) != value:
+                    raise ValueError(f"{field}.{key}: expected {value!r}, got {w.get(key)!r}")
+            if w.get("dynamic") or (group or {}).get("input_activations"):
+                raise ValueError(f"{field}: W4A16 only (no activation quantization)")
+            size = w.get("group_size")
+            if not isinstance(size, int) or size < 32 or size % 32:
+                raise ValueError(f"{field}.group_size: a multiple of 32, got {size!r}")
+            sizes.add(size)
+        if len(sizes) != 1:
+            raise ValueError(f"{where}.config_groups: one group size, got {sorted(sizes)}")
+        return "int4g", sizes.pop()
+    raise ValueError(
+        f"{where}.quant_method: refmoe reads fp8, mxfp4, modelopt (NVFP4) and "
+        f"compressed-tensors (pack-quantized INT4), got {method!r}"
+    )

@@ -9,6 +9,7 @@ Legend: T = tokens in this call, H = hidden, E = routed experts, K = experts per
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,6 +25,109 @@ from refmoe.models.layers import FLOAT_DTYPES, MLP, load_dense
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(slots=True)
+class Stored:
+    """One expert projection as the checkpoint holds it (views of the mapped shard)."""
+
+    fmt: str  # fp8, bf16 (any float), mxfp4, nvfp4, int4g
+    w: np.ndarray
+    scale: np.ndarray | None = None
+    global_scale: float = 1.0
+    group: int = 0
+    float_dtype: str = ""  # float32 / float16 / bfloat16 for the float formats
+
+    def dense(self, cols: int) -> np.ndarray:
+        """Exact float64 [rows, cols]."""
+        s = self.scale
+        if s is None:  # a float weight
+            if self.float_dtype == "bfloat16":
+                return formats.bf16_decode(self.w)
+            return np.asarray(self.w, np.float64)
+        if self.fmt == "fp8":
+            return formats.fp8_dequantize(self.w, s)
+        if self.fmt == "mxfp4":
+            return formats.mxfp4_dequantize(self.w, s, cols)
+        if self.fmt == "nvfp4":
+            return formats.nvfp4_dequantize(self.w, s, self.global_scale, cols)
+        return formats.int4g_dequantize(self.w, s, cols, self.group)
+
+
+def stored_format(ck: Checkpoint, base: str) -> str:
+    """The format of projection `base` (e.g. model.layers.1.mlp.experts.0.gate_proj) as the
+    checkpoint stores it, told by its tensors' names and dtypes."""
+    if f"{base}.weight_blocks" in ck:
+        return "mxfp4"
+    if f"{base}.weight_packed" in ck:
+        return "int4g"
+    if f"{base}.weight_scale_2" in ck:
+        return "nvfp4"
+    return "fp8" if ck.dtype(f"{base}.weight") == "float8_e4m3fn" else "bf16"
+
+
+def read_projection(ck: Checkpoint, base: str, shape: tuple[int, int], group: int) -> Stored:
+    """Projection `base` [rows, cols] as stored: gpt-oss's MXFP4 suffixes per projection
+    (weight_blocks uint8 [rows, cols/32, 16], weight_scales uint8 E8M0), ModelOpt NVFP4
+    (weight uint8, weight_scale E4M3, weight_scale_2 float32), compressed-tensors
+    pack-quantized INT4 (weight_packed int32, weight_scale bf16, weight_shape), DeepSeek FP8
+    (weight E4M3, weight_scale_inv float32 per 128x128) or a float weight."""
+    rows, cols = shape
+    fmt = stored_format(ck, base)
+    if fmt == "mxfp4":
+        nb = -(-cols // formats.MX_BLOCK)
+        w = ck.get(f"{base}.weight_blocks", (rows, nb, 16), ("uint8",))
+        return Stored(fmt, w, ck.get(f"{base}.weight_scales", (rows, nb), ("uint8",)))
+    if fmt == "nvfp4":
+        nb = -(-cols // formats.NV_BLOCK)
+        w = ck.get(f"{base}.weight", (rows, nb * 8), ("uint8",))
+        s = ck.get(f"{base}.weight_scale", (rows, nb), ("float8_e4m3fn",))
+        g = np.asarray(ck.get(f"{base}.weight_scale_2", None, ("float32",))).reshape(-1)
+        if g.size != 1 or not g[0] > 0:
+            raise ValueError(f"{ck.dir}: tensor {base}.weight_scale_2: one positive float, got {g}")
+        return Stored(fmt, w, s, float(g[0]))
+    if fmt == "int4g":
+        if group == 0:
+            raise ValueError(
+                f"{ck.dir}: tensor {base}.weight_packed is compressed-tensors INT4 but "
+                "config.json has no compressed-tensors quantization_config (its group size)"
+            )
+        w = ck.get(f"{base}.weight_packed", (rows, -(-cols // 8)), ("int32",))
+        s = ck.get(f"{base}.weight_scale", (rows, -(-cols // group)), ("bfloat16",))
+        if f"{base}.weight_shape" in ck:
+            declared = [int(v) for v in np.asarray(ck.get(f"{base}.weight_shape")).reshape(-1)]
+            if declared != [rows, cols]:
+                raise ValueError(
+                    f"{ck.dir}: tensor {base}.weight_shape is {declared}, the config needs "
+                    f"{[rows, cols]}"
+                )
+        return Stored(fmt, w, s, group=group)
+    w = ck.get(f"{base}.weight", shape, FLOAT_DTYPES + ("float8_e4m3fn",))
+    if fmt == "fp8":
+        s = ck.get(f"{base}.weight_scale_inv", formats.scale_shape(*shape), ("float32",))
+        return Stored(fmt, w, np.ascontiguousarray(s))
+    return Stored(fmt, w, float_dtype=ck.dtype(f"{base}.weight"))
+
+
+def encode(dense: np.ndarray, fmt: str, group: int = 32) -> tuple:
+    """float64 [rows, cols] -> (weight, scale or None, global scale) in a kernel format."""
+    if fmt == "bf16":
+        return formats.bf16_encode(dense), None, 1.0
+    if fmt == "fp8":
+        return (*formats.fp8_quantize(dense), 1.0)
+    if fmt == "int4":
+        return (*formats.int4_quantize(dense, 128), 1.0)
+    if fmt == "mxfp4":
+        return (*formats.mxfp4_quantize(dense), 1.0)
+    if fmt == "nvfp4":
+        w, s, g = formats.nvfp4_quantize(dense)
+        return w, s, float(g)
+    if fmt == "int4g":
+        return (*formats.int4g_quantize(dense, group), 1.0)
+    raise ValueError(f"expert dtype must be one of {', '.join(EXPERT_DTYPES)}, got {fmt!r}")
+
+
+EXPERT_DTYPES = ("fp8", "bf16", "int4", "mxfp4", "nvfp4", "int4g")
+
+
 def load_experts(
     ck: Checkpoint,
     prefix: str,
@@ -32,59 +136,55 @@ def load_experts(
     with_shared: bool = False,
 ) -> kernels.ExpertWeights:
     """Routed experts of one layer in a kernel format (with_shared: the shared expert as one
-    more slot, index n_routed_experts). As stored where possible (FP8 codes and BF16 bits are
-    views of the mapped checkpoint: no copy); converted otherwise."""
+    more slot, index n_routed_experts). As stored where possible (FP8 codes, BF16 bits and the
+    4-bit formats are views of the mapped checkpoint: no copy); converted otherwise
+    (expert_dtype, or a shared expert stored in another format)."""
     h, i = cfg.hidden_size, cfg.moe_intermediate_size
-    first = f"{prefix}.experts.0.gate_proj.weight"
-    stored = ck.dtype(first)
-    fmt = expert_dtype or ("fp8" if stored == "float8_e4m3fn" else "bf16")
-    mats: dict[str, list] = {"gate": [], "up": [], "down": []}
-    scales: dict[str, list] = {"gate": [], "up": [], "down": []}
+    declared, group = cfg.expert_format
+    first = f"{prefix}.experts.0.gate_proj"
+    stored = stored_format(ck, first)
+    if stored in kernels.LUT4_FORMATS and stored != declared:
+        raise ValueError(
+            f"{ck.dir}: tensor {first} is stored as {stored}, but config.json's "
+            f"quantization_config says {declared}"
+        )
+    if declared in kernels.LUT4_FORMATS and stored != declared:
+        raise ValueError(
+            f"{ck.dir}: config.json's quantization_config says {declared}, but tensor {first} "
+            f"is stored as {stored}"
+        )
+    fmt = expert_dtype or stored
+    group = group if stored == "int4g" else 32  # INT4-g: the stored group, else Kimi's 32
+    if fmt not in EXPERT_DTYPES:
+        raise ValueError(f"expert dtype must be one of {', '.join(EXPERT_DTYPES)}, got {fmt!r}")
+    parts: dict[str, list[list]] = {k: [[], [], []] for k in ("gate", "up", "down")}
     slots = [f"experts.{e}" for e in range(cfg.n_routed_experts)]
     for slot in slots + (["shared_experts"] if with_shared else []):
         for kind, shape in (("gate", (i, h)), ("up", (i, h)), ("down", (h, i))):
-            name = f"{prefix}.{slot}.{kind}_proj.weight"
-            w = ck.get(name, shape, FLOAT_DTYPES + ("float8_e4m3fn",))
-            dt = ck.dtype(name)
-            s = (
-                ck.get(name + "_scale_inv", formats.scale_shape(*shape), ("float32",))
-                if dt == "float8_e4m3fn"
-                else None
-            )
-            if fmt == "fp8" and dt == "float8_e4m3fn":
-                mats[kind].append(w)
-                scales[kind].append(np.ascontiguousarray(s))
-                continue
-            dense = (
-                formats.fp8_dequantize(w, s)
-                if s is not None
-                else (formats.bf16_decode(w) if dt == "bfloat16" else np.asarray(w, np.float64))
-            )
-            if fmt == "bf16":
-                mats[kind].append(w if dt == "bfloat16" else formats.bf16_encode(dense))
-            elif fmt == "fp8":
-                c, sc = formats.fp8_quantize(dense)
-                mats[kind].append(c)
-                scales[kind].append(sc)
-            elif fmt == "int4":
-                c, sc = formats.int4_quantize(dense, 128)
-                mats[kind].append(c)
-                scales[kind].append(sc)
+            st = read_projection(ck, f"{prefix}.{slot}.{kind}_proj", shape, group)
+            if st.fmt == fmt and (fmt != "bf16" or st.float_dtype == "bfloat16"):
+                w, s, g = st.w, st.scale, st.global_scale
             else:
-                raise ValueError(f"expert dtype must be fp8, int4 or bf16, got {fmt!r}")
+                w, s, g = encode(st.dense(shape[1]), fmt, group)
+            for part, value in zip(parts[kind], (w, s, g)):
+                part.append(value)
+    lut4 = fmt in kernels.LUT4_FORMATS
     return kernels.ExpertWeights(
         fmt,
         h,
         i,
-        mats["gate"],
-        mats["up"],
-        mats["down"],
-        scales["gate"],
-        scales["up"],
-        scales["down"],
-        group_size=128,
-        validate=False,
-    )  # FP8 codes were checked by Checkpoint.get
+        parts["gate"][0],
+        parts["up"][0],
+        parts["down"][0],
+        [] if fmt == "bf16" else parts["gate"][1],
+        [] if fmt == "bf16" else parts["up"][1],
+        [] if fmt == "bf16" else parts["down"][1],
+        group_size=group if fmt == "int4g" else 128,
+        validate=lut4,  # FP8 codes were checked by Checkpoint.get; 4-bit scales here (cheap)
+        gate_global=parts["gate"][2] if fmt == "nvfp4" else [],
+        up_global=parts["up"][2] if fmt == "nvfp4" else [],
+        down_global=parts["down"][2] if fmt == "nvfp4" else [],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +241,13 @@ class MoE:
         # One shared expert the size of a routed one joins the fused call as one more slot with
         # weight 1: the whole MoE layer is one pass of the thread pool. Wider shared MLPs
         # (n_shared_experts > 1) run beside it.
-        self.fused_shared = cfg.n_shared_experts == 1
+        # (A shared expert stored in another format than the routed ones, as 4-bit checkpoints
+        # keep it in BF16, runs beside them rather than be requantized.)
+        self.fused_shared = cfg.n_shared_experts == 1 and (
+            expert_dtype is not None
+            or stored_format(ck, f"{p}.shared_experts.gate_proj")
+            == stored_format(ck, f"{p}.experts.0.gate_proj")
+        )
         self.experts = load_experts(ck, p, cfg, expert_dtype, with_shared=self.fused_shared)
         self.shared = (
             MLP(
@@ -150,7 +256,7 @@ class MoE:
                 cfg.hidden_size,
                 cfg.moe_intermediate_size * cfg.n_shared_experts,
             )
-            if cfg.n_shared_experts > 1
+            if cfg.n_shared_experts >= 1 and not self.fused_shared
             else None
         )
         self.num_threads = num_threads

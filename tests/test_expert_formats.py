@@ -1,0 +1,189 @@
+"""Checkpoints whose routed experts are stored in the 4-bit formats (MXFP4, NVFP4,
+compressed-tensors INT4), end to end against transformers on the dequantized weights.
+
+Each tiny random model (DeepSeek-V3 and Qwen3-MoE, saved with save_pretrained) is converted by
+`refmoe convert --expert-format F`, loaded by refmoe as stored, and compared with transformers
+running the same model with every routed expert replaced by its exact dequantized values.
+
+The 4-bit kernels run the experts on activations quantized to int8 per chunk of 32 (as ggml's
+q8_0 and KTransformers do): at these toy widths (K = 40-72, two chunks) that moves one expert's
+output by about 1%, and through the routers of later layers the logits by up to 15%. So the
+oracle applies the same quantization to its expert inputs: transformers' own expert code runs,
+with torch.nn.functional.linear given formats.q8_quantize(x) where its weight is an expert's.
+What remains is float32 rounding, held to the bound every family test uses.
+"""
+
+import contextlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import cli_generate, hf_greedy
+from test_deepseek_v3 import PROMPT, random_model
+from test_slp import save_tiny_qwen3
+
+from refmoe import kernels, models
+from refmoe.checkpoint import Checkpoint
+from refmoe.config import ModelConfig
+from refmoe.kernels import formats
+from refmoe.models.experts import read_projection
+
+transformers = pytest.importorskip("transformers")
+TOL = 1e-4
+
+
+@contextlib.contextmanager
+def q8_expert_inputs(m):
+    """transformers' F.linear sees int8-per-32 quantized inputs where the weight is a routed
+    expert's (the gate_up_proj / down_proj parameters of its fused expert modules)."""
+    ptrs = {
+        p.untyped_storage().data_ptr()
+        for n, p in m.named_parameters()
+        if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
+    }
+    real = torch.nn.functional.linear
+    seen = []
+
+    def linear(x, w, b=None):
+        if w.untyped_storage().data_ptr() in ptrs:
+            seen.append(1)
+            flat = x.detach().reshape(-1, x.shape[-1]).float().numpy()
+            x = torch.from_numpy(formats.q8_quantize(flat)[1]).reshape(x.shape).to(x.dtype)
+        return real(x, w, b)
+
+    torch.nn.functional.linear = linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = real
+    assert seen, "the oracle's experts never called F.linear"
+
+
+def convert(src, dst, fmt):
+    return subprocess.run(
+        [sys.executable, "-m", "refmoe.cli", "convert", "--model", str(src), "--out", str(dst)]
+        + ["--expert-format", fmt],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def dequantized_oracle(m, converted) -> None:
+    """Replace m's routed experts (transformers 5 holds them fused: gate_up_proj [E, 2I, H],
+    down_proj [E, H, I]) by the exact values of the converted checkpoint's."""
+    cfg = ModelConfig.from_file(converted)
+    ck, (_, group) = Checkpoint(converted), cfg.expert_format
+    h, i = cfg.hidden_size, cfg.moe_intermediate_size
+    state = m.state_dict()
+    for name in list(state):
+        if not name.endswith("experts.gate_up_proj"):
+            continue
+        prefix = name[: -len("gate_up_proj")]
+        gate_up, down = [], []
+        for e in range(state[name].shape[0]):
+            base = f"{prefix}{e}"
+            g = read_projection(ck, f"{base}.gate_proj", (i, h), group).dense(h)
+            u = read_projection(ck, f"{base}.up_proj", (i, h), group).dense(h)
+            gate_up.append(np.concatenate([g, u]))
+            down.append(read_projection(ck, f"{base}.down_proj", (h, i), group).dense(i))
+        state[name] = torch.from_numpy(np.stack(gate_up)).float()
+        state[prefix + "down_proj"] = torch.from_numpy(np.stack(down)).float()
+    m.load_state_dict(state)
+
+
+@pytest.fixture(scope="module", params=["deepseek_v3", "qwen3_moe"])
+def source(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param)
+    if request.param == "deepseek_v3":
+        random_model({}).save_pretrained(d)
+    else:
+        save_tiny_qwen3(d, seed=3)
+    return d
+
+
+@pytest.mark.parametrize("fmt", kernels.LUT4_FORMATS)
+def test_logits_and_greedy_against_dequantized_transformers(source, fmt, tmp_path):
+    out = tmp_path / fmt
+    done = convert(source, out, fmt)
+    assert done.returncode == 0, done.stderr
+    cfg, mine = models.load(out)
+    assert cfg.expert_format[0] == fmt
+    ffn = next(b.ffn for b in mine.blocks if hasattr(b.ffn, "experts"))
+    assert ffn.experts.fmt == fmt
+    # the routed experts are views of the mapped checkpoint, not copies
+    assert not ffn.experts.gate[0].flags.owndata
+    m = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
+    dequantized_oracle(m, out)
+    m.config._experts_implementation = "eager"  # the loop over experts that calls F.linear
+    with torch.no_grad(), q8_expert_inputs(m):
+        ref = m(torch.tensor([PROMPT])).logits[0]
+        want = hf_greedy(m, PROMPT, 32)
+    got = mine.forward(torch.tensor(PROMPT), mine.new_cache())
+    assert (got - ref).abs().max() <= TOL * ref.abs().max()
+    gen = cli_generate(out, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-tokens", "32")
+    assert len(want) == 32 and gen["token_ids"] == want
+
+
+def test_contradictory_or_unknown_quantization_refused(source, tmp_path):
+    out = tmp_path / "mx"
+    assert convert(source, out, "mxfp4").returncode == 0
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "NVFP4"}
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="stored as mxfp4, but config.json's .* says nvfp4"):
+        models.load(out)
+    cfg["quantization_config"] = {"quant_method": "gptq"}
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="quantization_config.quant_method: refmoe reads"):
+        models.load(out)
+    cfg["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "FP8"}
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="quantization_config.quant_algo"):
+        models.load(out)
+    cfg["quantization_config"] = {"quant_method": "mxfp4"}
+    (out / "config.json").write_text(json.dumps(cfg))
+    again = convert(out, tmp_path / "again", "int4g")
+    assert again.returncode == 2 and "already a" in again.stderr
+
+
+def test_compressed_tensors_fields_checked(source, tmp_path):
+    out = tmp_path / "ct"
+    assert convert(source, out, "int4g").returncode == 0
+    cfg = json.loads((out / "config.json").read_text())
+    weights = cfg["quantization_config"]["config_groups"]["group_0"]["weights"]
+    for key, bad, match in (
+        ("symmetric", False, "weights.symmetric: expected True"),
+        ("num_bits", 8, "weights.num_bits: expected 4"),
+        ("group_size", 48, "weights.group_size: a multiple of 32"),
+    ):
+        broken = json.loads(json.dumps(cfg))
+        broken["quantization_config"]["config_groups"]["group_0"]["weights"][key] = bad
+        (out / "config.json").write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=match):
+            models.load(out)
+    assert weights["group_size"] == 32
+
+
+def test_nan_scale_in_a_checkpoint_named(source, tmp_path):
+    out = tmp_path / "mx"
+    assert convert(source, out, "mxfp4").returncode == 0
+    ck = Checkpoint(out)
+    name = next(n for n in ck.names() if n.endswith("experts.2.up_proj.weight_scales"))
+    shard = ck._shard(name)
+    raw = bytearray(shard.path.read_bytes())
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_len])
+    raw[8 + header_len + header[name]["data_offsets"][0] + 3] = 0xFF
+    shard.path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"experts\.2\.up_proj\.weight_scales?: NaN scale"):
+        models.load(out)
+
+
+def test_load_converts_to_a_4bit_format_on_request(source):
+    cfg, mine = models.load(source, "int4g")
+    ffn = next(b.ffn for b in mine.blocks if hasattr(b.ffn, "experts"))
+    assert ffn.experts.fmt == "int4g" and ffn.experts.group_size == 32
