@@ -1,6 +1,7 @@
 """The expert MLP's products on the device, straight from a ring slot: FP8 experts dequantized
 with their 128x128 block scales (the default) or through the FP8 tensor cores where torch and
-the device take the block scales (opt-in, checked per weight shape)."""
+the device take the block scales (opt-in, checked per weight shape); the 4-bit formats (MXFP4,
+NVFP4, compressed-tensors INT4) streamed packed, as stored, and dequantized on the device."""
 
 from __future__ import annotations
 
@@ -18,6 +19,44 @@ def block_dequant(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) 
         return (blocks * scale[:, None, :, None]).to(dtype).view(n, k)
     s = scale.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
     return (codes.to(torch.float32) * s).to(dtype)
+
+
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def lut4_dequant(
+    fmt: str,
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    global_scale: torch.Tensor | None,
+    k: int,
+    group: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """A 4-bit weight as stored -> [N, k] in dtype, exactly (refmoe/kernels/lut4.h has the
+    layouts): w uint8 [N, row bytes], code 2j of a row in byte j's low nibble; scale uint8
+    E8M0 (mxfp4, per 32), float8_e4m3fn (nvfp4, per 16, times global_scale [1, 1]) or
+    bfloat16 (int4g, per group; code q stands for q - 8)."""
+    key = (fmt, w.device)
+    if key not in _TABLES:
+        table = [float(i - 8) for i in range(16)] if fmt == "int4g" else list(E2M1)
+        _TABLES[key] = torch.tensor(table, dtype=torch.float32, device=w.device)
+    n = w.shape[0]
+    codes = torch.stack([w & 15, w >> 4], dim=-1).reshape(n, -1)[:, :k]
+    values = _TABLES[key][codes.long()]
+    if fmt == "mxfp4":  # 2^(e - 127): exact, down to the subnormal 2^-127
+        s = torch.ldexp(torch.ones(scale.shape, device=w.device), scale.to(torch.int32) - 127)
+        group = 32
+    elif fmt == "nvfp4":
+        s = scale.to(torch.float32)
+        group = 16
+    else:
+        s = scale.to(torch.float32)
+    out = values * s.repeat_interleave(group, 1)[:, :k]
+    if global_scale is not None:
+        out = out * global_scale.reshape(())
+    return out.to(dtype)
 
 
 class Matmul:
@@ -102,6 +141,23 @@ class Matmul:
             return "dequant"
         back = [f"{n}x{k}" for (n, k), lay in self.layouts.items() if lay is None]
         return f"scaled_mm (dequant for {', '.join(back)})" if back else "scaled_mm"
+
+    def expert(
+        self, x: torch.Tensor, views: dict, kind: str, fmt: str, k: int, group: int
+    ) -> torch.Tensor:
+        """x @ W.T for part `kind` (gate, up, down) of a ring slot in format fmt."""
+        if fmt in ("mxfp4", "nvfp4", "int4g"):
+            w = lut4_dequant(
+                fmt,
+                views[kind],
+                views[f"{kind}_scale"],
+                views.get(f"{kind}_global"),
+                k,
+                group,
+                self.dtype,
+            )
+            return x @ w.T
+        return self(x, views[kind], views.get(f"{kind}_scale"))
 
     def __call__(
         self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None

@@ -21,7 +21,7 @@ class Part:
     name: str  # gate, gate_scale, up, up_scale, down, down_scale
     offset: int  # bytes from the slot's start
     shape: tuple[int, int]
-    dtype: str  # "fp8" codes, "bf16" bits, or "f32" scales
+    dtype: str  # "fp8" codes, "bf16" bits, "u8" bytes (4-bit codes, E8M0 scales), "f32"
 
     @property
     def nbytes(self) -> int:
@@ -32,6 +32,10 @@ class Part:
         )
 
 
+# 4-bit formats: the stored row bytes, the scales' slot dtype
+_LUT4_SCALE_DTYPE = {"mxfp4": "u8", "nvfp4": "fp8", "int4g": "bf16"}
+
+
 @dataclass(frozen=True, slots=True)
 class SlotLayout:
     fmt: str
@@ -40,15 +44,27 @@ class SlotLayout:
 
     @classmethod
     def of(cls, experts: kernels.ExpertWeights) -> SlotLayout:
-        if experts.fmt not in ("fp8", "bf16"):
+        """FP8 codes + block scales, BF16 bits, or a 4-bit format's packed bytes + its scales as
+        stored (+ NVFP4's global scale): what streams is what the host holds, no conversion."""
+        if experts.fmt not in STREAMED:
             raise ValueError(
-                f"stream-loading prefill runs FP8 or BF16 experts, not "
-                f"{experts.fmt!r} (load with --expert-dtype fp8 or bf16)"
+                f"stream-loading prefill runs {', '.join(STREAMED)} experts, not "
+                f"{experts.fmt!r} (load with another --expert-dtype)"
             )
         h, i = experts.hidden, experts.intermediate
         parts, off = [], 0
         for kind, (rows, cols) in (("gate", (i, h)), ("up", (i, h)), ("down", (h, i))):
-            names = [(kind, (rows, cols), experts.fmt)]
+            lut4 = experts.fmt in kernels.LUT4_FORMATS
+            if lut4:
+                row_bytes, nscales = kernels.lut4_shapes(experts.fmt, cols, experts.group_size)
+                names = [
+                    (kind, (rows, row_bytes), "u8"),
+                    (f"{kind}_scale", (rows, nscales), _LUT4_SCALE_DTYPE[experts.fmt]),
+                ]
+                if experts.fmt == "nvfp4":
+                    names.append((f"{kind}_global", (1, 1), "f32"))
+            else:
+                names = [(kind, (rows, cols), experts.fmt)]
             if experts.fmt == "fp8":
                 names.append((f"{kind}_scale", scale_shape(rows, cols), "f32"))
             for name, shape, dtype in names:
@@ -67,6 +83,10 @@ class SlotLayout:
             "up_scale": experts.up_scale,
             "down_scale": experts.down_scale,
         }
+        for j, kind in enumerate(("gate", "up", "down")):  # NVFP4's per-matrix global scale
+            arrays[f"{kind}_global"] = [
+                np.array([g], np.float32) for g in experts.global_scales()[j]
+            ]
         return [
             np.ascontiguousarray(arrays[p.name][e]).reshape(-1).view(np.uint8) for p in self.parts
         ]
@@ -82,7 +102,7 @@ def pack_host(
     buf = torch.empty((experts.num_experts, layout.nbytes), dtype=torch.uint8, pin_memory=pin)
     rows = buf.numpy()
     views: dict[str, list[np.ndarray]] = {p.name: [] for p in layout.parts}
-    np_dtype = {"fp8": np.uint8, "bf16": np.uint16, "f32": np.float32}
+    np_dtype = {"fp8": np.uint8, "u8": np.uint8, "bf16": np.uint16, "f32": np.float32}
     for e in range(experts.num_experts):
         for part, src in zip(layout.parts, layout.sources(experts, e)):
             dst = rows[e, part.offset : part.offset + part.nbytes]
@@ -100,13 +120,20 @@ def pack_host(
         views.get("down_scale", []),
         group_size=experts.group_size,
         validate=False,
+        gate_global=[float(g[0, 0]) for g in views.get("gate_global", [])],
+        up_global=[float(g[0, 0]) for g in views.get("up_global", [])],
+        down_global=[float(g[0, 0]) for g in views.get("down_global", [])],
     )
     return packed, buf
 
 
+STREAMED = ("fp8", "bf16", *kernels.LUT4_FORMATS)  # not refmoe's own INT4 (a CPU format)
+
+
 def streamable(moe) -> bool:
-    """Whether SLP can stream this MoE block's experts (FP8 or BF16 slots; not INT4)."""
-    return moe.experts.fmt in ("fp8", "bf16")
+    """Whether SLP can stream this MoE block's experts (FP8, BF16 or the 4-bit formats as
+    stored; not refmoe's own INT4)."""
+    return moe.experts.fmt in STREAMED
 
 
 def pack_model(model, pin: bool) -> None:

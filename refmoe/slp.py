@@ -80,7 +80,12 @@ class Ring:
     def __init__(self, layout: SlotLayout, slots: int, device: torch.device):
         self.layout, self.slots = layout, slots
         self.buf = torch.empty((slots, layout.nbytes), dtype=torch.uint8, device=device)
-        torch_dtype = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "f32": torch.float32}
+        torch_dtype = {
+            "fp8": torch.float8_e4m3fn,
+            "bf16": torch.bfloat16,
+            "f32": torch.float32,
+            "u8": torch.uint8,
+        }
         self.views = [
             {
                 p.name: self.buf[s, p.offset : p.offset + p.nbytes]
@@ -361,6 +366,9 @@ class _Chunk:
         bounds = np.concatenate([[0], np.cumsum(counts)])
         xd = x.to(dev, r.dtype)
         y = torch.zeros((t, x.shape[1]), dtype=torch.float32, device=dev)
+        experts = r.moe[0][1].experts
+        fmt, group = experts.fmt, experts.group_size
+        hidden, inter = experts.hidden, experts.intermediate
         if self.plan is None:  # selective: routed experts
             self.requests += [
                 (layer, e) for e in range(r.slots_per_layer) if counts[e] and r.owned(e)
@@ -388,10 +396,10 @@ class _Chunk:
 
                 def compute(views=views, buf=buf, idx=idx, wt=wt, n=n):
                     xe = xd[idx]  # [n, H]
-                    g = r.matmul(xe, views["gate"], views.get("gate_scale"))
-                    u = r.matmul(xe, views["up"], views.get("up_scale"))
+                    g = r.matmul.expert(xe, views, "gate", fmt, hidden, group)
+                    u = r.matmul.expert(xe, views, "up", fmt, hidden, group)
                     h = F.silu(g.float()) * u.float()
-                    d = r.matmul(h.to(r.dtype), views["down"], views.get("down_scale"))
+                    d = r.matmul.expert(h.to(r.dtype), views, "down", fmt, inter, group)
                     buf[:n] = (d.float() * wt[:, None]).to(r.dtype)
 
                 def unload(buf=buf, idx=idx, n=n):
@@ -431,6 +439,7 @@ def model_rates(model, device: str | None = None):
 
 def streamable(model) -> bool:
     """Whether SLP can stream this model's routed experts: it has MoE layers and each one's
-    experts are in a slot format (expert_store.streamable: FP8 or BF16, not INT4)."""
+    experts are in a slot format (expert_store.streamable: FP8, BF16 or a 4-bit format as
+    stored, not refmoe's own INT4)."""
     moes = [b.ffn for b in model.blocks if hasattr(b.ffn, "experts")]
     return bool(moes) and all(expert_store.streamable(m) for m in moes)

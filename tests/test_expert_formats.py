@@ -124,7 +124,11 @@ def test_logits_and_greedy_against_dequantized_transformers(source, fmt, tmp_pat
         want = hf_greedy(m, PROMPT, 32)
     got = mine.forward(torch.tensor(PROMPT), mine.new_cache())
     assert (got - ref).abs().max() <= TOL * ref.abs().max()
-    gen = cli_generate(out, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-tokens", "32")
+    # the CPU kernels all the way (auto may stream the prompt through SLP, which runs the
+    # experts in float on its device: test_slp_streams_the_packed_bytes)
+    gen = cli_generate(
+        out, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-tokens", "32", "--prefill", "cpu"
+    )
     assert len(want) == 32 and gen["token_ids"] == want
 
 
@@ -187,3 +191,32 @@ def test_load_converts_to_a_4bit_format_on_request(source):
     cfg, mine = models.load(source, "int4g")
     ffn = next(b.ffn for b in mine.blocks if hasattr(b.ffn, "experts"))
     assert ffn.experts.fmt == "int4g" and ffn.experts.group_size == 32
+
+
+@pytest.mark.parametrize("fmt", kernels.LUT4_FORMATS)
+@pytest.mark.parametrize("packed", [False, True])
+def test_slp_streams_the_packed_bytes(source, fmt, packed, tmp_path):
+    """Stream-loading prefill moves the 4-bit bytes as stored (a slot holds the packed codes
+    and the scales, not a conversion) and dequantizes them on its device, in float: its logits
+    match transformers on the dequantized weights without any activation quantization."""
+    from refmoe import expert_store, slp
+
+    out = tmp_path / fmt
+    assert convert(source, out, fmt).returncode == 0
+    _, mine = models.load(out)
+    if packed:  # the one host copy, packed at load (as on CUDA): 4-bit views into it
+        expert_store.pack_model(mine, pin=False)
+    runner = slp.StreamPrefill(mine, ring=2, pin=packed)
+    experts = runner.moe[0][1].experts
+    assert runner.layout.fmt == fmt
+    stored = sum(experts.nbytes(0) for _ in [0])
+    assert stored <= runner.layout.nbytes < stored + 12 * expert_store.ALIGN
+    fp8_like = 3 * experts.hidden * experts.intermediate  # one byte a weight
+    assert runner.layout.nbytes < 0.75 * fp8_like + 12 * expert_store.ALIGN
+    m = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
+    dequantized_oracle(m, out)
+    with torch.no_grad():
+        ref = m(torch.tensor([PROMPT])).logits[0]
+    got = runner.prefill(torch.tensor(PROMPT), mine.new_cache())
+    assert (got - ref).abs().max() <= TOL * ref.abs().max()
+    assert runner.stats.experts_loaded > 0

@@ -438,7 +438,7 @@ def validate_lut4(
     if fmt == "int4g" and (group < 32 or group % 32):
         raise ValueError(f"{name}: INT4 group size must be a multiple of 32, got {group}")
     row_bytes, nscales = lut4_shapes(fmt, k, group)
-    wdt = ("int32",) if fmt == "int4g" else ("uint8",)
+    wdt = ("int32", "uint8") if fmt == "int4g" else ("uint8",)  # int4g: words, or their bytes
     w = _raw(w, name, wdt)
     n = w.shape[0] if w.ndim else 0
     want = (n, row_bytes // w.itemsize)
@@ -665,6 +665,11 @@ class ExpertWeights:
     @property
     def num_experts(self) -> int:
         return len(self.gate)
+
+    def global_scales(self) -> np.ndarray:
+        """[3, E] the per-matrix global scales of gate, up, down (NVFP4's weight_scale_2;
+        1 in every other format)."""
+        return self._gscale
 
     def nbytes(self, expert: int) -> int:
         """Bytes of weights and scales one expert reads."""
