@@ -389,13 +389,15 @@ def _demo_model(args: argparse.Namespace):
 
     layers, experts = demo.size_for_memory(demo.available_memory())
     layers, experts = args.layers or layers, args.experts or experts
-    directory = Path(args.dir) if args.dir else demo.default_dir() / f"L{layers}-E{experts}"
+    fmt = getattr(args, "expert_format", None) or "fp8"
+    name = f"L{layers}-E{experts}" + ("" if fmt == "fp8" else f"-{fmt}")
+    directory = Path(args.dir) if args.dir else demo.default_dir() / name
     show = (
         (lambda it: tqdm(it, desc="building demo model", unit="shard"))
         if sys.stderr.isatty()
         else None
     )
-    return demo.build(directory, layers, experts, progress=show)
+    return demo.build(directory, layers, experts, progress=show, expert_format=fmt)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -407,7 +409,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         from refmoe.config import ModelConfig
         from refmoe.trace import for_run
 
-        trace = for_run(ModelConfig.from_file(directory), "cpu", expert_dtype="fp8")
+        trace = for_run(
+            ModelConfig.from_file(directory), "cpu", expert_dtype=args.expert_format or "fp8"
+        )
     show = None
     if sys.stderr.isatty():
         from tqdm import tqdm
@@ -424,7 +428,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         }
         trace.write(args.trace)
     print(
-        f"refmoe demo: DeepSeek-V3 per-layer shapes (hidden 7168, MLA, 2048-wide FP8 experts, "
+        f"refmoe demo: DeepSeek-V3 per-layer shapes (hidden 7168, MLA, 2048-wide "
+        f"{(args.expert_format or 'fp8').upper()} experts, "
         f"top-8 of {r.experts} + 1 shared), {r.layers} layers, in {directory}"
     )
     print(f"  CPU variant {kernels.variant()}, {kernels._threads(None)} threads")
@@ -731,6 +736,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--experts", type=int, help="routed experts per layer (a multiple of 8, at least 16)"
     )
     dm.add_argument("--dir", help="where the model is built (default: ~/.cache/refmoe/demo)")
+    dm.add_argument(
+        "--expert-format",
+        choices=["fp8", "mxfp4", "nvfp4", "int4g"],
+        help="routed experts' format: fp8 (default), or as the 4-bit releases store them",
+    )
     dm.add_argument("--prompt-tokens", type=int, default=16)
     dm.add_argument("--max-tokens", type=int, default=16)
     dm.add_argument("--trace", metavar="FILE", help="write the measured request's Chrome trace")

@@ -5,6 +5,11 @@ quantization_config, safetensors with weight + weight_scale_inv): hidden 7168, M
 dims, 2048-wide experts, top-8 routing over 8 groups plus one shared expert, seeded random
 weights. Only the number of layers, the number of routed experts per layer and the vocabulary
 are cut down, so each decoded token reads what one V3 layer reads, times the layers kept.
+
+--expert-format mxfp4 | nvfp4 | int4g stores the routed experts as the 4-bit releases do
+(gpt-oss / DeepSeek-V4 MXFP4, ModelOpt NVFP4, Kimi K2-Thinking's compressed-tensors INT4; the
+layouts of refmoe/convert.py), with attention and the shared expert in FP8, as DeepSeek-V4
+keeps them.
 """
 
 from __future__ import annotations
@@ -45,9 +50,16 @@ V3_LAYER = dict(
 EXPERT_BYTES = 3 * 2048 * 7168 + 3 * 16 * 56 * 4  # codes + scales of one FP8 expert
 
 
-def demo_config(layers: int, experts: int, vocab: int = 8192) -> dict:
+def demo_config(layers: int, experts: int, vocab: int = 8192, expert_format: str = "fp8") -> dict:
+    from refmoe.convert import QUANTIZATION_CONFIG
+
     if experts % 8 or experts < 16:
         raise ValueError(f"experts per layer must be a multiple of 8 and >= 16, got {experts}")
+    if expert_format not in QUANTIZATION_CONFIG:
+        raise ValueError(
+            f"--expert-format must be one of {', '.join(QUANTIZATION_CONFIG)}, got "
+            f"{expert_format!r}"
+        )
     return dict(
         architectures=["DeepseekV3ForCausalLM"],
         model_type="deepseek_v3",
@@ -59,12 +71,7 @@ def demo_config(layers: int, experts: int, vocab: int = 8192) -> dict:
         bos_token_id=0,
         eos_token_id=None,
         tie_word_embeddings=False,
-        quantization_config={
-            "quant_method": "fp8",
-            "fmt": "e4m3",
-            "activation_scheme": "dynamic",
-            "weight_block_size": [128, 128],
-        },
+        quantization_config=QUANTIZATION_CONFIG[expert_format],
         **V3_LAYER,
     )
 
@@ -106,14 +113,63 @@ class _Codes:
         return codes, scale * np.float32(0.02 * 4.5 / 448 / np.sqrt(k / 128))
 
 
+class _FourBit:
+    """Seeded routed-expert weights in a 4-bit format, as stored (refmoe/convert.py's tensor
+    names), with the spread of _Codes' FP8 weights: codes drawn from a pool of encoded
+    Gaussian samples, scales near the value that gives each matrix the same standard
+    deviation."""
+
+    def __init__(self, fmt: str, seed: int):
+        self.fmt, self.rng = fmt, np.random.default_rng(seed)
+        g = self.rng.standard_normal(2**17)
+        if fmt == "int4g":
+            codes = np.clip(np.rint(g * 2.5), -8, 7).astype(np.int64) + 8  # std ~2.5 steps
+        else:
+            codes = formats.e2m1_encode(g * 1.5).astype(np.int64)  # std ~1.5 of E2M1's range
+        self.pool = (codes[0::2] | (codes[1::2] << 4)).astype(np.uint8)  # two codes a byte
+        self.spread = 2.5 if fmt == "int4g" else 1.5
+
+    def put(self, tensors: dict, dtypes: dict, name: str, n: int, k: int) -> None:
+        base = name[: -len(".weight")]
+        std = 0.02 / np.sqrt(k / 128) / self.spread  # the scale that gives _Codes' spread
+        packed = self.pool[self.rng.integers(0, len(self.pool), size=(n, k // 2))]
+        if self.fmt == "mxfp4":
+            e = np.clip(
+                np.rint(np.log2(std)) + 127 + self.rng.integers(-1, 2, (n, k // 32)), 0, 254
+            )
+            tensors[f"{base}.weight_blocks"] = packed.reshape(n, k // 32, 16)
+            tensors[f"{base}.weight_scales"] = e.astype(np.uint8)
+            dtypes.update({f"{base}.weight_blocks": "U8", f"{base}.weight_scales": "U8"})
+        elif self.fmt == "nvfp4":
+            g = np.float32(std / 64)  # block scales near 64, mid-range of E4M3
+            s = formats.fp8_encode(self.rng.uniform(32, 96, (n, k // 16)))
+            tensors[f"{base}.weight"], dtypes[f"{base}.weight"] = packed, "U8"
+            tensors[f"{base}.weight_scale"], dtypes[f"{base}.weight_scale"] = s, "F8_E4M3"
+            tensors[f"{base}.weight_scale_2"] = np.array([g], np.float32)
+        else:
+            bits = formats.bf16_encode(
+                (std * self.rng.uniform(0.5, 1.5, (n, k // 32))).astype(np.float32)
+            )
+            tensors[f"{base}.weight_packed"] = packed.view("<i4").astype(np.int32)
+            tensors[f"{base}.weight_scale"], dtypes[f"{base}.weight_scale"] = bits, "BF16"
+            tensors[f"{base}.weight_shape"] = np.array([n, k], np.int64)
+
+
 def build(
-    directory: Path, layers: int, experts: int, vocab: int = 8192, seed: int = 0, progress=None
+    directory: Path,
+    layers: int,
+    experts: int,
+    vocab: int = 8192,
+    seed: int = 0,
+    progress=None,
+    expert_format: str = "fp8",
 ) -> Path:
     """Write the demo checkpoint (one shard per layer) unless it is already there, and its
     tokenizer and chat template (refmoe/demo_tokenizer.py) unless they are."""
     from refmoe import demo_tokenizer
 
-    cfg = demo_config(layers, experts, vocab)
+    cfg = demo_config(layers, experts, vocab, expert_format)
+    four_bit = _FourBit(expert_format, seed + 2) if expert_format != "fp8" else None
     done = directory / "config.json"
     if done.exists() and json.loads(done.read_text()) == cfg:
         if not (directory / "tokenizer.json").exists():  # built before the demo had one
@@ -179,7 +235,11 @@ def build(
                     ("up_proj", (inter, h)),
                     ("down_proj", (h, inter)),
                 ):
-                    put(tensors, dtypes, f"{p}.mlp.{e}.{proj}.weight", shape)
+                    name = f"{p}.mlp.{e}.{proj}.weight"
+                    if four_bit is not None and e != "shared_experts":
+                        four_bit.put(tensors, dtypes, name, *shape)
+                    else:
+                        put(tensors, dtypes, name, shape)
             fname = f"model-layer{i:02d}.safetensors"
         save_file(tensors, directory / fname, dtypes)
         weight_map.update({name: fname for name in tensors})

@@ -115,3 +115,25 @@ def test_the_demo_answers_chat(demo_dir):
     assert max(ids) < cfg.vocab_size
     g = generate(model, ids, 3)
     assert len(g.token_ids) == 3 and isinstance(tok.decode(g.token_ids), str)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int4g"])
+def test_demo_in_a_4bit_expert_format(fmt, tmp_path, demo_dir):
+    """--expert-format: the routed experts as the 4-bit releases store them (FP8 attention and
+    shared expert), loaded as stored; a token reads their packed bytes and scales (about half
+    a byte a weight) instead of FP8's one byte."""
+    from refmoe import kernels
+
+    d = demo.build(tmp_path / fmt, layers=1, experts=16, expert_format=fmt)
+    cfg = ModelConfig.from_file(d)
+    assert cfg.expert_format[0] == fmt
+    r = demo.run(d, prompt_tokens=4, new_tokens=4)
+    scale_bytes = 2 if fmt == "int4g" else 1
+    per_expert = 0
+    for rows, cols in ((2048, 7168), (2048, 7168), (7168, 2048)):
+        row_bytes, nscales = kernels.lut4_shapes(fmt, cols, 32)
+        per_expert += rows * (row_bytes + nscales * scale_bytes)
+    fp8_run = demo.run(demo_dir, 4, 4)  # the same model in FP8
+    # the 8 routed experts a token reads, in the 4-bit format instead of FP8; the rest equal
+    assert fp8_run.bytes_per_token - r.bytes_per_token == 8 * (demo.EXPERT_BYTES - per_expert)
+    assert r.tok_s > 0 and r.new_tokens == 4
