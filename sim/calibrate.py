@@ -191,6 +191,28 @@ def moe_curve(
     return out
 
 
+def format_efficiencies(threads: int, reps: int, samples: dict | None = None) -> dict:
+    """Each 4-bit format's GEMV at V3's gate/up shape, packed-byte GB/s over the plain read
+    measured beside it (refmoe bench kernels' rows): the simulator's per-format rate."""
+    out = {}
+    for fmt in kernels.LUT4_FORMATS:
+        row = bench_gemm(
+            fmt,
+            Shape("deepseek-v3", "gate_up", 2048, 7168),
+            1,
+            threads,
+            kernels.variant(),
+            reps,
+            with_torch=False,
+        )
+        out[fmt] = min(row.ratio, 1.0)
+        if samples is not None:
+            samples[f"cpu.gemv_efficiency_by_format.{fmt}"] = [
+                min(k / r, 1.0) for k, r in zip(row.gbps_samples, row.limit_gbps_samples)
+            ]
+    return out
+
+
 def read_gbps(threads: int, reps: int = 5, nbytes: int = 512 << 20) -> list[float]:
     """Plain read GB/s of a buffer far beyond the caches, with `threads` threads, per rep."""
     buf = np.ones(nbytes, np.uint8)
@@ -244,6 +266,7 @@ def calibrate(name: str = "this-machine", reps: int = 5) -> Hardware:
             moe_overhead_us=moe_overhead_us(samples=samples["cpu.moe_overhead_us"]),
             gemm_gbps_by_m=gemm_curve(threads, samples=samples),
             moe_gbps_by_m=moe_curve(threads, samples=samples),
+            gemv_efficiency_by_format=format_efficiencies(threads, reps, samples=samples),
         ),
     )
     # the attention block beyond streaming its projections at the kernel's rate (small

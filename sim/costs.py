@@ -1,7 +1,10 @@
 """What one token costs, per layer, from a ModelConfig: the weight bytes each part reads.
 
 Counts match the engine's own (refmoe.demo.bytes_per_token): FP8 projections are codes plus
-one float32 scale per 128x128 block; routed experts count top-k plus the shared one.
+one float32 scale per 128x128 block; routed experts count top-k plus the shared one. Routed
+experts are counted in their stored format (a 4-bit one that quantization_config names, else
+FP8); attention, dense layers, shared experts and lm_head as FP8, whatever the checkpoint
+holds (Kimi K2-Thinking keeps them in BF16: twice these bytes).
 """
 
 from __future__ import annotations
@@ -27,9 +30,18 @@ def attention_bytes(cfg: ModelConfig) -> int:
     return sum(fp8_bytes(a, b) for a, b in costmodel.attention_shapes(cfg))
 
 
+def routed_expert_bytes(cfg: ModelConfig) -> int:
+    """One routed expert in its stored format."""
+    return costmodel.expert_bytes(cfg)
+
+
+def shared_expert_bytes(cfg: ModelConfig) -> int:
+    """The shared experts of one layer (FP8)."""
+    return cfg.n_shared_experts * 3 * fp8_bytes(cfg.moe_intermediate_size, cfg.hidden_size)
+
+
 def expert_bytes(cfg: ModelConfig) -> int:
-    one = 3 * fp8_bytes(cfg.moe_intermediate_size, cfg.hidden_size)
-    return (cfg.num_experts_per_tok + cfg.n_shared_experts) * one
+    return cfg.num_experts_per_tok * routed_expert_bytes(cfg) + shared_expert_bytes(cfg)
 
 
 def layer_costs(cfg: ModelConfig) -> list[LayerCost]:

@@ -35,15 +35,21 @@ def _step(
         t0 = m.env.now
         if cost.expert_bytes:
             k = cfg.num_experts_per_tok
-            one = cost.expert_bytes * m.expert_scale / (k + cfg.n_shared_experts)
+            one = costs.routed_expert_bytes(cfg) * m.expert_scale
             # each routed expert serves a Binomial(tokens, k/E) number of tokens, and the
             # kernel's rate depends steeply on it (one token: the GEMV; more: tiles), so the
-            # expected time is a sum over that distribution, not the rate at the mean
+            # expected time is a sum over that distribution, not the rate at the mean; the
+            # GEMV's rate is the stored format's
             yield from m.cpu_fp8_mixed(
-                one, cfg.n_routed_experts, tokens, k / cfg.n_routed_experts, layer=i
+                one,
+                cfg.n_routed_experts,
+                tokens,
+                k / cfg.n_routed_experts,
+                layer=i,
+                fmt=cfg.expert_format[0],
             )
             if cfg.n_shared_experts:
-                yield from m.cpu_fp8(cfg.n_shared_experts * one, tokens)
+                yield from m.cpu_fp8(costs.shared_expert_bytes(cfg) * m.expert_scale, tokens)
             yield m.env.timeout(hw.cpu.moe_overhead_us * 1e-6)
             m.mark("cpu", "experts", f"experts L{i}", t0, tokens=tokens)
         else:

@@ -23,6 +23,9 @@ class CPU:
     dram_efficiency: float = 0.85  # plain read / peak
     fp8_gemv_gbps_per_core: float = 20.0  # compute ceiling of the FP8 GEMV on one core
     fp8_gemv_efficiency: float = 0.85  # kernel GB/s / plain read, when memory-bound
+    # the 4-bit formats' GEMV (mxfp4, nvfp4, int4g): kernel GB/s of packed bytes / plain read,
+    # measured by calibrate; a format missing here runs at the FP8 GEMV's rate
+    gemv_efficiency_by_format: dict = field(default_factory=dict)
     fma_gflops_per_core: float = 100.0
     layer_overhead_us: float = 0.0  # per layer, when attention runs on the CPU (torch glue)
     moe_overhead_us: float = 0.0  # per MoE call (pool wake-up, routing)
@@ -107,6 +110,22 @@ class CPU:
     def remote_share(self) -> float:
         """The share of a CPU kernel's weight reads that crosses the interconnect."""
         return 0.0 if self.numa_aware or self.sockets == 1 else (self.sockets - 1) / self.sockets
+
+    def stream_gbps(self, fmt: str = "fp8") -> float:
+        """What the GEMV of weights stored in fmt sustains (fp8_stream_gbps for FP8, and for
+        a 4-bit format the calibration has not measured)."""
+        eff = self.gemv_efficiency_by_format.get(fmt)
+        if fmt == "fp8" or eff is None:
+            return self.fp8_stream_gbps()
+        read = (
+            min(self.kernel_read_gbps, self.read_gbps())
+            if self.kernel_read_gbps > 0
+            else self.read_gbps()
+        )
+        rate = read * eff
+        if self.remote_share():
+            rate = min(rate, self.interconnect_gbps / self.remote_share())
+        return rate
 
     def fp8_stream_gbps(self) -> float:
         """What the FP8 GEMV sustains over DRAM with every core (and over the interconnect,
@@ -209,6 +228,14 @@ class Hardware:
         for key in ("dram_efficiency", "fp8_gemv_efficiency"):
             if not 0 < getattr(cpu, key) <= 1.0:
                 raise ValueError(f"{source}: cpu.{key} must lie in (0, 1]")
+        for fmt, eff in cpu.gemv_efficiency_by_format.items():
+            if fmt not in ("mxfp4", "nvfp4", "int4g") or not (
+                isinstance(eff, (int, float)) and 0 < eff <= 1.0
+            ):
+                raise ValueError(
+                    f"{source}: cpu.gemv_efficiency_by_format maps mxfp4, nvfp4 or int4g to "
+                    f"an efficiency in (0, 1], got {fmt}: {eff}"
+                )
         if cpu.sockets > 1 and not cpu.interconnect_gbps > 0:
             raise ValueError(
                 f"{source}: cpu.interconnect_gbps must be > 0 with {cpu.sockets} sockets"

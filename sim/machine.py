@@ -84,11 +84,11 @@ class Machine:
         g = self.rate_gbps(tokens)
         yield from self.work(nbytes / (g * 1e9), self.cpu_demand(g))
 
-    def rate_gbps(self, tokens: float, moe: bool = False) -> float:
+    def rate_gbps(self, tokens: float, moe: bool = False, fmt: str = "fp8") -> float:
         """The FP8 kernel's weight GB/s when `tokens` tokens share each weight (moe: routed
-        experts inside one fused MoE call)."""
+        experts inside one fused MoE call); fmt: a 4-bit format's GEMV where calibrated."""
         cpu = self.hw.cpu
-        cap = cpu.fp8_stream_gbps()
+        cap = cpu.stream_gbps(fmt)
         if tokens > 1:
             gemm = cpu.moe_gbps(tokens) if moe else cpu.gemm_gbps(tokens)
             if gemm is None:  # uncalibrated: the FMA peak at 0.6
@@ -107,7 +107,9 @@ class Machine:
             return self.routing[layer]
         return routing_bins(experts, k, self.routing_skew)
 
-    def cpu_fp8_mixed(self, one: float, experts: int, tokens: int, p: float, layer: int = 0):
+    def cpu_fp8_mixed(
+        self, one: float, experts: int, tokens: int, p: float, layer: int = 0, fmt: str = "fp8"
+    ):
         """`experts` matrices of `one` bytes, each used by Binomial(tokens, p) tokens (or, with
         recorded or skewed routing, by the layer's popularity groups, Machine.groups): one
         stream at the rate that takes the expected total time."""
@@ -116,20 +118,24 @@ class Machine:
         for count, q in groups:
             if q <= 0:  # experts no token picks
                 continue
-            b, t = self.mixture(one, count, tokens, q)
+            b, t = self.mixture(one, count, tokens, q, fmt)
             nbytes, seconds = nbytes + b, seconds + t
         if nbytes > 0:
             yield from self.work(seconds, self.cpu_demand(nbytes / seconds / 1e9))
 
-    def mixture(self, one: float, experts: int, tokens: int, p: float) -> tuple[float, float]:
+    def mixture(
+        self, one: float, experts: int, tokens: int, p: float, fmt: str = "fp8"
+    ) -> tuple[float, float]:
         """(expected bytes, expected seconds) of that call (memoized: every MoE layer of a
         forward asks the same)."""
-        key = (one, experts, tokens, p)
+        key = (one, experts, tokens, p, fmt)
         if key not in self._mixtures:
-            self._mixtures[key] = self._mixture(one, experts, tokens, p)
+            self._mixtures[key] = self._mixture(one, experts, tokens, p, fmt)
         return self._mixtures[key]
 
-    def _mixture(self, one: float, experts: int, tokens: int, p: float) -> tuple[float, float]:
+    def _mixture(
+        self, one: float, experts: int, tokens: int, p: float, fmt: str = "fp8"
+    ) -> tuple[float, float]:
         nbytes = seconds = 0.0
         mean, sd = tokens * p, math.sqrt(tokens * p * (1 - p))
         lo, hi = max(1, int(mean - 12 * sd - 1)), min(tokens, int(mean + 12 * sd + 2))
@@ -146,7 +152,7 @@ class Machine:
                 else float(m == tokens)
             )
             nbytes += experts * pm * one
-            seconds += experts * pm * one / (self.rate_gbps(m, moe=True) * 1e9)
+            seconds += experts * pm * one / (self.rate_gbps(m, moe=True, fmt=fmt) * 1e9)
         return nbytes, seconds
 
     def dma(self, nbytes: float, d: int):

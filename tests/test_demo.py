@@ -137,3 +137,6 @@ def test_demo_in_a_4bit_expert_format(fmt, tmp_path, demo_dir):
     # the 8 routed experts a token reads, in the 4-bit format instead of FP8; the rest equal
     assert fp8_run.bytes_per_token - r.bytes_per_token == 8 * (demo.EXPERT_BYTES - per_expert)
     assert r.tok_s > 0 and r.new_tokens == 4
+    from sim import costs  # the simulator counts what the engine reads, format included
+
+    assert costs.bytes_per_token(cfg) == r.bytes_per_token

@@ -316,3 +316,33 @@ def test_profile_new_from_a_spec_sheet(tmp_path, capsys):
     assert p.ttft_s > p.tpot_s
     assert cli.main(args[:-4]) != 0  # two sockets, no socket link: named, no traceback
     assert "interconnect_gbps must be > 0 with 2 sockets" in capsys.readouterr().err
+
+
+def test_4bit_experts_are_counted_as_stored_and_run_at_their_rate():
+    """Kimi-K2-Thinking (compressed-tensors INT4, group 32): a routed expert is its int32 words
+    and bf16 scales, 0.56 of an FP8 one; a profile's calibrated INT4 GEMV efficiency sets its
+    decode rate, and a format the profile lacks runs at the FP8 GEMV's rate."""
+    import copy
+    import dataclasses
+
+    from refmoe import costmodel
+    from sim import catalog
+
+    thinking, k2 = catalog.load("kimi-k2-thinking"), catalog.load("kimi-k2")
+    assert thinking.expert_format == ("int4g", 32)
+    one = 2 * 2048 * (7168 // 8 * 4 + 7168 // 32 * 2) + 7168 * (2048 // 8 * 4 + 2048 // 32 * 2)
+    assert costs.routed_expert_bytes(thinking) == costmodel.expert_bytes(thinking) == one
+    assert one / costs.routed_expert_bytes(k2) == pytest.approx(0.5625, abs=0.001)
+    assert costs.shared_expert_bytes(thinking) == costs.shared_expert_bytes(k2)
+    hw = Hardware.load("vm-2vcpu-avx512-2026-12-04-formats")
+    assert set(hw.cpu.gemv_efficiency_by_format) == {"mxfp4", "nvfp4", "int4g"}
+    slow = copy.deepcopy(hw)
+    slow.cpu.gemv_efficiency_by_format["int4g"] /= 2
+    fast, halved = (predict(thinking, h, 8, 4).tpot_s for h in (hw, slow))
+    assert halved > 1.2 * fast
+    none = copy.deepcopy(hw)
+    none.cpu.gemv_efficiency_by_format = {}
+    assert none.cpu.stream_gbps("int4g") == none.cpu.fp8_stream_gbps()
+    bad = dataclasses.asdict(hw.cpu) | {"gemv_efficiency_by_format": {"int4g": 1.5}}
+    with pytest.raises(ValueError, match="gemv_efficiency_by_format maps"):
+        Hardware.from_dict({"name": "x", "cpu": bad, "gpus": []}, "test")
