@@ -76,7 +76,28 @@ static void lut4_dequant(const wmat *W, int n, int k0, int width, float *t) {
     const int8_t *lut = lut4_values(W->fmt);
     const float post = lut4_post(W);
     const int step = W->fmt == FMT_NVFP4 ? 16 : 32; /* k0 is a multiple of 128 */
-    for (int k = 0; k < width; k += step) {
+    int k0_done = 0;
+#if defined(REFMOE_ISA_AVX2) || defined(REFMOE_ISA_AVX512)
+    /* whole chunks of 32: 16 bytes -> the two nibble vectors -> their values (one byte
+     * shuffle each) -> back in code order (byte unpacks) -> 4 x 8 floats times the scale of
+     * each half (width <= K - k0, so the chunk lies inside the row's bytes) */
+    const __m128i table = _mm_loadu_si128((const __m128i *)lut), mask = _mm_set1_epi8(0x0F);
+    for (; k0_done + 32 <= width; k0_done += 32) {
+        int k = k0_done;
+        __m128i b = _mm_loadu_si128((const __m128i *)(row + (k0 + k) / 2));
+        __m128i vlo = _mm_shuffle_epi8(table, _mm_and_si128(b, mask));
+        __m128i vhi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(b, 4), mask));
+        __m128i c[2] = {_mm_unpacklo_epi8(vlo, vhi), _mm_unpackhi_epi8(vlo, vhi)};
+        for (int h = 0; h < 2; h++) { /* codes 16h .. 16h + 15 */
+            __m256 sv = _mm256_set1_ps(lut4_scale(W, sr, k0 + k + 16 * h) * post);
+            __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c[h]));
+            __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c[h], 8)));
+            _mm256_storeu_ps(t + k + 16 * h, _mm256_mul_ps(f0, sv));
+            _mm256_storeu_ps(t + k + 16 * h + 8, _mm256_mul_ps(f1, sv));
+        }
+    }
+#endif
+    for (int k = k0_done; k < width; k += step) {
         float s = lut4_scale(W, sr, k0 + k) * post;
         int kend = k + step < width ? k + step : width;
         for (int j = k; j < kend; j++) {
