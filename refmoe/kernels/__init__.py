@@ -47,6 +47,7 @@ _REQUIRED_FLAGS = {
 }
 _FMT = {"fp8": 0, "bf16": 1, "int4": 2, "mxfp4": 3, "nvfp4": 4, "int4g": 5}
 LUT4_FORMATS = ("mxfp4", "nvfp4", "int4g")  # read as stored: lut4.h
+_ACTIVATIONS = {"silu": 0, "swiglu_oai": 1}  # kernels.h ACT_*
 
 
 def _runs_here(name: str) -> bool:
@@ -583,6 +584,15 @@ class ExpertWeights:
     down_scale: list[np.ndarray] = field(default_factory=list)
     group_size: int = 128
     validate: bool = True  # scan FP8 weights for NaN codes (once, at load)
+    # the activation: "silu" (silu(gate) * up) or "swiglu_oai" (gpt-oss: gate clamped above at
+    # limit, up to [-limit, limit], (up + 1) * gate * sigmoid(alpha * gate))
+    activation: str = "silu"
+    alpha: float = 1.702
+    limit: float = 7.0
+    # biases per expert (gpt-oss): float32 [I], [I], [H], or empty for none
+    gate_bias: list[np.ndarray] = field(default_factory=list)
+    up_bias: list[np.ndarray] = field(default_factory=list)
+    down_bias: list[np.ndarray] = field(default_factory=list)
     gate_global: list[float] = field(default_factory=list)  # NVFP4 weight_scale_2 per expert
     up_global: list[float] = field(default_factory=list)
     down_global: list[float] = field(default_factory=list)
@@ -598,6 +608,25 @@ class ExpertWeights:
                 f"need the same nonzero number of gate/up/down matrices, got "
                 f"{len(self.gate)}/{len(self.up)}/{len(self.down)}"
             )
+        if self.activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {', '.join(_ACTIVATIONS)}, got {self.activation!r}"
+            )
+        if self.activation == "swiglu_oai" and not (self.limit > 0 and np.isfinite(self.alpha)):
+            raise ValueError(f"swiglu_oai needs limit > 0 and a finite alpha, got {self.limit}")
+        for kind, biases, size in (
+            ("gate", self.gate_bias, i),
+            ("up", self.up_bias, i),
+            ("down", self.down_bias, h),
+        ):
+            if biases and len(biases) != e:
+                raise ValueError(f"{kind}_bias: expected {e} bias vectors, got {len(biases)}")
+            for j, b in enumerate(biases):
+                biases[j] = _check(
+                    np.ascontiguousarray(b), f"experts.{j}.{kind}_proj.bias", np.float32, 1, (size,)
+                )
+                if not np.isfinite(biases[j]).all():
+                    raise ValueError(f"experts.{j}.{kind}_proj.bias: not finite")
         self._gscale = np.ones((3, e))
         for kind, mats, scales, (rows, cols), glob in (
             ("gate", self.gate, self.gate_scale, (i, h), self.gate_global),
@@ -689,8 +718,10 @@ def fused_moe(
 ) -> np.ndarray:
     """y [T, H] = sum over assignments a of routing_weights[a] * expert_{expert_ids[a]}(x[t_a]).
 
-    The expert MLP is down(silu(gate x) * up x). Assignments are grouped by expert so every
-    expert's weights are read once per call, whatever number of tokens it serves.
+    The expert MLP is down(act(gate x + gate_bias, up x + up_bias)) + down_bias, act the
+    experts' activation (silu(g) * u, or gpt-oss's clamped SwiGLU), biases where given.
+    Assignments are grouped by expert so every expert's weights are read once per call,
+    whatever number of tokens it serves.
     Args: x float32 [T, H]; token_ids, expert_ids int [A]; routing_weights float32 [A].
     """
     x = _check_x(x, experts.hidden)
@@ -743,6 +774,13 @@ def fused_moe(
         gu_hi,
         dn_lo,
         dn_hi,
+        _ACTIVATIONS[experts.activation],
+        experts.alpha,
+        experts.limit,
+        *(
+            np.stack([b[e] for e in used]) if b else None
+            for b in (experts.gate_bias, experts.up_bias, experts.down_bias)
+        ),
     )
     return y
 

@@ -14,6 +14,13 @@ cdef extern from "kernels.h" nogil:
         const float *s
         const uint8_t *s8
         float gscale
+    ctypedef struct moe_act:
+        int kind
+        float alpha
+        float limit
+        const float *gate_bias
+        const float *up_bias
+        const float *down_bias
     void refmoe_init()
     void fp8_to_f32_vec(const uint8_t *codes, float *out, int n, int permuted)
     int gemm(const wmat *W, int M, const float *x, float *y, int nthreads,
@@ -23,7 +30,8 @@ cdef extern from "kernels.h" nogil:
     int moe_mlp(int T, int H, int I, int E, const float *x, const int *offsets, const int *tok,
                 const float *rw, const wmat *gate, const wmat *up, const wmat *down, float *y,
                 float *xg, float *g_out, float *u_out, float *h, float *ye, int nthreads,
-                const int *gu_lo, const int *gu_hi, const int *dn_lo, const int *dn_hi)
+                const int *gu_lo, const int *gu_hi, const int *dn_lo, const int *dn_hi,
+                const moe_act *act)
     void place_bands(const uint8_t *src, uint8_t *dst, int rows, size_t row_bytes,
                      int nthreads, const int *band_lo, const int *band_hi)
     void set_denormals_zero(int on, int nthreads)
@@ -122,11 +130,20 @@ def moe(int fmt, int group, int I,
         const double[:, ::1] gscale,  # IN [3, E] NVFP4 global scales of gate, up, down
         float[:, ::1] y,           # OUT [T, H], accumulated into
         int nthreads, const int[::1] gu_lo, const int[::1] gu_hi,
-        const int[::1] dn_lo, const int[::1] dn_hi):
+        const int[::1] dn_lo, const int[::1] dn_hi,
+        int act_kind=0, float alpha=1.0, float limit=0.0,
+        const float[:, ::1] gate_bias=None,  # IN [E, I] per slot, or None
+        const float[:, ::1] up_bias=None,    # IN [E, I]
+        const float[:, ::1] down_bias=None): # IN [E, H]
     """y += routed expert MLP; per-slot weights and scales as flat bytes."""
     import numpy as np
     cdef int T = x.shape[0], H = x.shape[1], E = len(gate_w), e, rc
     cdef int A = offsets[E]
+    cdef moe_act act
+    act.kind, act.alpha, act.limit = act_kind, alpha, limit
+    act.gate_bias = &gate_bias[0, 0] if gate_bias is not None and gate_bias.shape[0] else NULL
+    act.up_bias = &up_bias[0, 0] if up_bias is not None and up_bias.shape[0] else NULL
+    act.down_bias = &down_bias[0, 0] if down_bias is not None and down_bias.shape[0] else NULL
     cdef int Hp = (H + 127) // 128 * 128, Ip = (I + 127) // 128 * 128
     cdef wmat *mats = <wmat *> malloc(3 * max(E, 1) * sizeof(wmat))
     if mats == NULL:
@@ -140,7 +157,8 @@ def moe(int fmt, int group, int I,
         rc = _run_moe(T, H, I, E, x, offsets, tok, rw, mats, y,
                       np.empty((rows, Hp), np.float32), np.empty((rows, I), np.float32),
                       np.empty((rows, I), np.float32), np.empty((rows, Ip), np.float32),
-                      np.empty((rows, H), np.float32), nthreads, gu_lo, gu_hi, dn_lo, dn_hi)
+                      np.empty((rows, H), np.float32), nthreads, gu_lo, gu_hi, dn_lo, dn_hi,
+                      &act)
     finally:
         free(mats)
     if rc != 0:
@@ -151,14 +169,14 @@ cdef int _run_moe(int T, int H, int I, int E, const float[:, ::1] x, const int[:
                   const int[::1] tok, const float[::1] rw, wmat *mats, float[:, ::1] y,
                   float[:, ::1] xg, float[:, ::1] g_out, float[:, ::1] u_out, float[:, ::1] h,
                   float[:, ::1] ye, int nthreads, const int[::1] gu_lo, const int[::1] gu_hi,
-                  const int[::1] dn_lo, const int[::1] dn_hi) except? -2:
+                  const int[::1] dn_lo, const int[::1] dn_hi, const moe_act *act) except? -2:
     cdef int rc
     cdef const int *tokp = &tok[0] if tok.shape[0] > 0 else NULL
     cdef const float *rwp = &rw[0] if rw.shape[0] > 0 else NULL
     with nogil:
         rc = moe_mlp(T, H, I, E, &x[0, 0], &offsets[0], tokp, rwp, mats, mats + E, mats + 2 * E,
                      &y[0, 0], &xg[0, 0], &g_out[0, 0], &u_out[0, 0], &h[0, 0], &ye[0, 0],
-                     nthreads, &gu_lo[0], &gu_hi[0], &dn_lo[0], &dn_hi[0])
+                     nthreads, &gu_lo[0], &gu_hi[0], &dn_lo[0], &dn_hi[0], act)
     return rc
 
 

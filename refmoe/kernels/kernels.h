@@ -1219,11 +1219,31 @@ static int gemm_naive(const wmat *W, int M, const float *x, float *y) {
  * Thread t owns I-bands [gu_lo[t], gu_hi[t]) of every gate/up and H-bands [dn_lo[t], dn_hi[t])
  * of every down projection, so each weight byte is read once per call by the thread that
  * placed it. xg: [A, Hp], h: [A, Ip], ye: [A, H] caller-provided scratch. */
+/* The expert MLP's activations: ACT_SILU silu(g) * u (DeepSeek, Qwen, Kimi, GLM, MiniMax);
+ * ACT_SWIGLU_OAI gpt-oss's clamped SwiGLU, (clamp(u, -limit, limit) + 1) * g' sigmoid(alpha g')
+ * with g' = min(g, limit). */
+#define ACT_SILU 0
+#define ACT_SWIGLU_OAI 1
+typedef struct {
+    int kind;
+    float alpha, limit;
+    const float *gate_bias, *up_bias, *down_bias; /* [E, I], [E, I], [E, H] or NULL */
+} moe_act;
+
+static inline float activate(const moe_act *act, float g, float u) {
+    if (act->kind == ACT_SWIGLU_OAI) {
+        g = g < act->limit ? g : act->limit;
+        u = u < -act->limit ? -act->limit : (u > act->limit ? act->limit : u);
+        return (u + 1.f) * (g / (1.f + expf(-act->alpha * g)));
+    }
+    return g / (1.f + expf(-g)) * u;
+}
+
 static int moe_mlp(int T, int H, int I, int E, const float *x, const int *offsets,
                    const int *tok, const float *rw, const wmat *gate, const wmat *up,
                    const wmat *down, float *y, float *xg, float *g_out, float *u_out,
                    float *h, float *ye, int nthreads, const int *gu_lo, const int *gu_hi,
-                   const int *dn_lo, const int *dn_hi) {
+                   const int *dn_lo, const int *dn_hi, const moe_act *act) {
     const int Hp = round_up(H, BAND), Ip = round_up(I, BAND), A = offsets[E];
     int failed = 0;
     (void)T;
@@ -1250,10 +1270,13 @@ static int moe_mlp(int T, int H, int I, int E, const float *x, const int *offset
                                 g_out + (size_t)a0 * I, I, &sc) != 0;
             failed |= rows_gemm(&up[e], lo, hi, m, xg + (size_t)a0 * Hp, Hp,
                                 u_out + (size_t)a0 * I, I, &sc) != 0;
+            const float *gb = act->gate_bias ? act->gate_bias + (size_t)e * I : NULL;
+            const float *ub = act->up_bias ? act->up_bias + (size_t)e * I : NULL;
             for (int a = a0; a < a0 + m; a++)
                 for (int i = lo; i < hi; i++) {
-                    float g = g_out[(size_t)a * I + i];
-                    h[(size_t)a * Ip + i] = g / (1.f + expf(-g)) * u_out[(size_t)a * I + i];
+                    float g = g_out[(size_t)a * I + i] + (gb ? gb[i] : 0.f);
+                    float u = u_out[(size_t)a * I + i] + (ub ? ub[i] : 0.f);
+                    h[(size_t)a * Ip + i] = activate(act, g, u);
                 }
         }
 #pragma omp barrier
@@ -1269,7 +1292,11 @@ static int moe_mlp(int T, int H, int I, int E, const float *x, const int *offset
             for (int a = a0; a < a0 + m; a++) {
                 float r = rw[a], *yt = y + (size_t)tok[a] * H;
                 const float *src = ye + (size_t)a * H;
-                for (int i = lo; i < hi; i++) yt[i] += r * src[i];
+                const float *db = act->down_bias ? act->down_bias + (size_t)e * H : NULL;
+                if (db)
+                    for (int i = lo; i < hi; i++) yt[i] += r * (src[i] + db[i]);
+                else
+                    for (int i = lo; i < hi; i++) yt[i] += r * src[i];
             }
         }
         scratch_free(&sc);
