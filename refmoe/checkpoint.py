@@ -22,6 +22,7 @@ DTYPES = {
     "F16": (np.float16, "float16"),
     "BF16": (np.uint16, "bfloat16"),
     "F8_E4M3": (np.uint8, "float8_e4m3fn"),
+    "F8_E8M0": (np.uint8, "float8_e8m0fnu"),  # power-of-two scales: 2^(code - 127)
     "I64": (np.int64, "int64"),
     "I32": (np.int32, "int32"),
     "I16": (np.int16, "int16"),
@@ -182,6 +183,28 @@ class Checkpoint:
                 raise ValueError(f"{self.dir / f}: tensor {name!r} listed in the index is missing")
         self.weight_map = weight_map
         self.nbytes = sum(s.path.stat().st_size for s in self.shards.values())
+        self.fp8_block = (128, 128)  # the config's weight_block_size (set by its reader)
+
+    def fp8_scale_inv(self, weight: str, shape: tuple[int, int]) -> np.ndarray:
+        """`weight`_scale_inv as the FP8 kernels take it: float32, one per 128x128 block.
+        Stored per fp8_block (multiples of 128: each scale is repeated over the 128-blocks it
+        covers, exactly), as float32 or as E8M0 codes (decoded exactly; 0xFF, NaN, refused)."""
+        n, k = shape
+        bn, bk = self.fp8_block
+        name = weight + "_scale_inv"
+        stored = (-(-n // bn), -(-k // bk))
+        s = self.get(name, stored, ("float32", "float8_e8m0fnu"))
+        if self.dtype(name) == "float8_e8m0fnu":
+            bad = s == 0xFF
+            if bad.any():
+                idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
+                raise ValueError(
+                    f"{self._shard(name).path}: tensor {name!r}: NaN E8M0 scale at index {idx}"
+                )
+            s = np.ldexp(np.float32(1), s.astype(np.int32) - 127).astype(np.float32)
+        if (bn, bk) != (128, 128):
+            s = np.repeat(np.repeat(s, bn // 128, 0), bk // 128, 1)[: -(-n // 128), : -(-k // 128)]
+        return np.ascontiguousarray(s, np.float32)
 
     def check_fits(self, memory_bytes: int) -> None:
         """Refuse a model whose weights exceed the machine's memory: mapped pages would be

@@ -70,6 +70,15 @@ class ModelConfig:
         return q.get("quant_method") == "fp8"
 
     @property
+    def fp8_block(self) -> tuple[int, int]:
+        """The FP8 weight_block_size (128x128 unless the config says otherwise)."""
+        q = self.quantization or {}
+        if q.get("quant_method") != "fp8":
+            return (128, 128)
+        bn, bk = q.get("weight_block_size", [128, 128])
+        return int(bn), int(bk)
+
+    @property
     def expert_format(self) -> tuple[str, int]:
         """(format, group size) the routed experts are stored in, from quantization_config:
         fp8 (128x128 blocks), mxfp4, nvfp4 (ModelOpt), int4g (compressed-tensors
@@ -237,13 +246,25 @@ class ModelConfig:
             )
         q = self.quantization
         if q is not None and q.get("quant_method") == "fp8":
-            if q.get("fmt", "e4m3") != "e4m3" or list(q.get("weight_block_size", [128, 128])) != [
-                128,
-                128,
-            ]:
+            if q.get("fmt", "e4m3") != "e4m3":
                 raise ValueError(
-                    f"{source}: quantization_config supports fmt e4m3 with "
-                    f"weight_block_size [128, 128], got {q}"
+                    f"{source}: quantization_config.fmt: refmoe reads e4m3, got {q.get('fmt')!r}"
+                )
+            block = q.get("weight_block_size", [128, 128])
+            if not (
+                isinstance(block, list)
+                and len(block) == 2
+                and all(isinstance(b, int) and b > 0 and b % 128 == 0 for b in block)
+            ):
+                raise ValueError(
+                    f"{source}: quantization_config.weight_block_size: two positive multiples "
+                    f"of 128 (the FP8 kernels' block; each scale is repeated over the 128-blocks "
+                    f"it covers), got {block!r}"
+                )
+            if q.get("scale_fmt", "ue8m0") not in ("ue8m0", "fp32", "float32"):
+                raise ValueError(
+                    f"{source}: quantization_config.scale_fmt: ue8m0 or float32, got "
+                    f"{q.get('scale_fmt')!r}"
                 )
         try:
             expert_format(q, "quantization_config")

@@ -220,3 +220,113 @@ def test_slp_streams_the_packed_bytes(source, fmt, packed, tmp_path):
     got = runner.prefill(torch.tensor(PROMPT), mine.new_cache())
     assert (got - ref).abs().max() <= TOL * ref.abs().max()
     assert runner.stats.experts_loaded > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 with other block sizes and E8M0 (power-of-two) scales
+# ---------------------------------------------------------------------------------------------
+
+
+def write_fp8_blocks(m, d, block: tuple[int, int], e8m0: bool) -> dict:
+    """m's projections as FP8 with one scale per block (bn x bk), each a power of two stored as
+    E8M0 codes (F8_E8M0) or float32; returns the exactly dequantized state for transformers."""
+    from refmoe.checkpoint import save_file
+
+    bn, bk = block
+    tensors, dtypes, deq = {}, {}, {}
+
+    def fp8(name, a):
+        n, k = a.shape
+        nb, kb = -(-n // bn), -(-k // bk)
+        pad = np.zeros((nb * bn, kb * bk))
+        pad[:n, :k] = np.abs(a)
+        amax = pad.reshape(nb, bn, kb, bk).max(axis=(1, 3))
+        e = np.ceil(np.log2(np.maximum(amax, 1e-30) / 448.0)).astype(np.int64)  # 2^e >= amax/448
+        full = np.repeat(np.repeat(np.ldexp(1.0, e), bn, 0), bk, 1)[:n, :k]
+        codes = formats.fp8_encode(a / full)
+        tensors[name], dtypes[name] = codes, "F8_E4M3"
+        if e8m0:
+            tensors[name + "_scale_inv"] = (e + 127).astype(np.uint8)
+            dtypes[name + "_scale_inv"] = "F8_E8M0"
+        else:
+            tensors[name + "_scale_inv"] = np.ldexp(1.0, e).astype(np.float32)
+        return (formats.fp8_decode(codes) * full).astype(np.float32)
+
+    for name, p in m.state_dict().items():
+        a = p.detach().float().numpy()
+        if name.endswith("experts.gate_up_proj"):
+            prefix, inter = name[: -len("gate_up_proj")], a.shape[1] // 2
+            deq[name] = torch.from_numpy(
+                np.stack(
+                    [
+                        np.concatenate(
+                            [
+                                fp8(f"{prefix}{e}.gate_proj.weight", a[e, :inter]),
+                                fp8(f"{prefix}{e}.up_proj.weight", a[e, inter:]),
+                            ]
+                        )
+                        for e in range(a.shape[0])
+                    ]
+                )
+            )
+        elif name.endswith("experts.down_proj"):
+            prefix = name[: -len("down_proj")]
+            deq[name] = torch.from_numpy(
+                np.stack([fp8(f"{prefix}{e}.down_proj.weight", a[e]) for e in range(a.shape[0])])
+            )
+        elif name.endswith("proj.weight") or name.endswith("proj_with_mqa.weight"):
+            deq[name] = torch.from_numpy(fp8(name, a))
+        else:
+            tensors[name] = a
+            deq[name] = p.detach().clone()
+    save_file(tensors, d / "model.safetensors", dtypes)
+    cfg = json.loads(json.dumps(m.config.to_dict()))
+    cfg["architectures"] = ["DeepseekV3ForCausalLM"]
+    cfg["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": list(block),
+        "scale_fmt": "ue8m0",
+    }
+    (d / "config.json").write_text(json.dumps(cfg))
+    return deq
+
+
+@pytest.mark.parametrize(
+    "block, e8m0", [((256, 128), True), ((128, 256), False), ((256, 384), True)]
+)
+def test_fp8_other_blocks_and_e8m0_scales(tmp_path, block, e8m0):
+    """DeepSeek-V3.1-style FP8 (power-of-two scales, E8M0 codes or float32) with blocks larger
+    than 128x128, at widths that span several blocks: logits against transformers on the
+    dequantized weights."""
+    m = random_model(dict(hidden_size=272, moe_intermediate_size=160, intermediate_size=288))
+    deq = write_fp8_blocks(m, tmp_path, block, e8m0)
+    m.load_state_dict(deq)
+    with torch.no_grad():
+        ref = m(torch.tensor([PROMPT])).logits[0]
+    cfg, mine = models.load(tmp_path)
+    assert cfg.fp8_block == block and mine.blocks[1].ffn.experts.fmt == "fp8"
+    got = mine.forward(torch.tensor(PROMPT), mine.new_cache())
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_fp8_block_and_e8m0_errors(tmp_path):
+    m = random_model({})
+    write_fp8_blocks(m, tmp_path, (128, 128), True)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"]["weight_block_size"] = [64, 64]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"weight_block_size: two positive multiples of 128"):
+        models.load(tmp_path)
+    cfg["quantization_config"]["weight_block_size"] = [128, 128]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ck = Checkpoint(tmp_path)
+    name = "model.layers.1.mlp.experts.0.up_proj.weight_scale_inv"
+    shard = ck._shard(name)
+    raw = bytearray(shard.path.read_bytes())
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    raw[8 + int.from_bytes(raw[:8], "little") + header[name]["data_offsets"][0]] = 0xFF
+    shard.path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"experts.0.up_proj.weight_scale_inv'?: NaN E8M0"):
+        models.load(tmp_path)

@@ -63,6 +63,7 @@ class DecoderModel:
         device: str = "cpu",
     ):
         self.cfg = cfg
+        ck.fp8_block = cfg.fp8_block  # how its FP8 scales are stored (Checkpoint.fp8_scale_inv)
         h, v = cfg.hidden_size, cfg.vocab_size
         self.embed = load_dense(ck, "model.embed_tokens.weight", (v, h))
         layers = range(cfg.num_hidden_layers)

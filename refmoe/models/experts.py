@@ -102,8 +102,7 @@ def read_projection(ck: Checkpoint, base: str, shape: tuple[int, int], group: in
         return Stored(fmt, w, s, group=group)
     w = ck.get(f"{base}.weight", shape, FLOAT_DTYPES + ("float8_e4m3fn",))
     if fmt == "fp8":
-        s = ck.get(f"{base}.weight_scale_inv", formats.scale_shape(*shape), ("float32",))
-        return Stored(fmt, w, np.ascontiguousarray(s))
+        return Stored(fmt, w, ck.fp8_scale_inv(f"{base}.weight", shape))
     return Stored(fmt, w, float_dtype=ck.dtype(f"{base}.weight"))
 
 

@@ -171,7 +171,7 @@ def load_dense(ck: Checkpoint, name: str, shape: tuple[int, ...]) -> torch.Tenso
     dtype = ck.dtype(name)
     a = ck.get(name, shape, FLOAT_DTYPES + ("float8_e4m3fn",))
     if dtype == "float8_e4m3fn":
-        s = ck.get(name + "_scale_inv", formats.scale_shape(*shape), ("float32",))
+        s = ck.fp8_scale_inv(name, (shape[0], shape[1]))
         return torch.from_numpy(formats.fp8_dequantize(a, s).astype(np.float32))
     if dtype == "bfloat16":
         return torch.from_numpy(formats.bf16_decode(a).astype(np.float32))
@@ -188,9 +188,7 @@ class Linear:
         self.weight = self.codes = self.scale = None
         if ck.dtype(name) == "float8_e4m3fn":
             self.codes = ck.get(name, shape, ("float8_e4m3fn",))
-            self.scale = np.ascontiguousarray(
-                ck.get(name + "_scale_inv", formats.scale_shape(*shape), ("float32",))
-            )
+            self.scale = ck.fp8_scale_inv(name, shape)
         else:
             self.weight = load_dense(ck, name, shape)
 
