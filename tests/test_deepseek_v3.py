@@ -95,20 +95,15 @@ def test_greedy_32_tokens_via_cli(saved):
     assert len(want) == 32 and got["token_ids"] == want
 
 
-def write_fp8_checkpoint(m, d):
-    """The model's weights as a DeepSeek FP8 checkpoint (weight + weight_scale_inv for every
-    linear except gate, norms, embeddings and lm_head); returns the dequantized state."""
-    tensors, dtypes, deq = {}, {}, {}
-
-    def fp8(name, a):
-        codes, s = formats.fp8_quantize(a)
-        tensors[name], dtypes[name] = codes, "F8_E4M3"
-        tensors[name + "_scale_inv"] = s
-        return formats.fp8_dequantize(codes, s).astype(np.float32)
-
+def quantize_state(m, fp8) -> dict:
+    """Walk m's state: fp8(name, array) writes each linear's checkpoint tensors (every linear
+    except the router; routed experts per expert, as checkpoints hold them though transformers
+    5 fuses them in memory) and returns its dequantized values; the rest is kept. Returns the
+    dequantized state for transformers; the caller keeps what fp8 wrote."""
+    deq = {}
     for name, p in m.state_dict().items():
         a = p.detach().float().numpy()
-        if name.endswith("experts.gate_up_proj"):  # transformers 5 fuses the experts in memory
+        if name.endswith("experts.gate_up_proj"):
             prefix, inter = name[: -len("gate_up_proj")], a.shape[1] // 2
             deq[name] = torch.from_numpy(
                 np.stack(
@@ -131,12 +126,33 @@ def write_fp8_checkpoint(m, d):
         elif name.endswith("proj.weight") or name.endswith("proj_with_mqa.weight"):
             deq[name] = torch.from_numpy(fp8(name, a))
         else:
-            tensors[name] = a
+            deq[name] = None  # kept as it is
+    return deq
+
+
+def write_fp8_checkpoint(m, d, fp8=None, quantization: dict | None = None):
+    """The model's weights as a DeepSeek FP8 checkpoint (weight + weight_scale_inv for every
+    linear except gate, norms, embeddings and lm_head); returns the dequantized state.
+    fp8(name, array, tensors, dtypes) -> dequantized: another block rule (default 128x128,
+    scale amax / 448); quantization: the config's quantization_config."""
+    tensors, dtypes = {}, {}
+
+    def default(name, a, tensors, dtypes):
+        codes, s = formats.fp8_quantize(a)
+        tensors[name], dtypes[name] = codes, "F8_E4M3"
+        tensors[name + "_scale_inv"] = s
+        return formats.fp8_dequantize(codes, s).astype(np.float32)
+
+    rule = fp8 or default
+    deq = quantize_state(m, lambda name, a: rule(name, a, tensors, dtypes))
+    for name, p in m.state_dict().items():
+        if deq[name] is None:
+            tensors[name] = p.detach().float().numpy()
             deq[name] = p.detach().clone()
     save_file(tensors, d / "model.safetensors", dtypes)
     cfg = json.loads(json.dumps(m.config.to_dict()))
     cfg["architectures"] = ["DeepseekV3ForCausalLM"]
-    cfg["quantization_config"] = {
+    cfg["quantization_config"] = quantization or {
         "quant_method": "fp8",
         "fmt": "e4m3",
         "activation_scheme": "dynamic",

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import cli_generate, hf_greedy
-from test_deepseek_v3 import PROMPT, random_model
+from test_deepseek_v3 import PROMPT, random_model, write_fp8_checkpoint
 from test_slp import save_tiny_qwen3
 
 from refmoe import kernels, models
@@ -230,12 +230,9 @@ def test_slp_streams_the_packed_bytes(source, fmt, packed, tmp_path):
 def write_fp8_blocks(m, d, block: tuple[int, int], e8m0: bool) -> dict:
     """m's projections as FP8 with one scale per block (bn x bk), each a power of two stored as
     E8M0 codes (F8_E8M0) or float32; returns the exactly dequantized state for transformers."""
-    from refmoe.checkpoint import save_file
-
     bn, bk = block
-    tensors, dtypes, deq = {}, {}, {}
 
-    def fp8(name, a):
+    def fp8(name, a, tensors, dtypes):
         n, k = a.shape
         nb, kb = -(-n // bn), -(-k // bk)
         pad = np.zeros((nb * bn, kb * bk))
@@ -252,45 +249,14 @@ def write_fp8_blocks(m, d, block: tuple[int, int], e8m0: bool) -> dict:
             tensors[name + "_scale_inv"] = np.ldexp(1.0, e).astype(np.float32)
         return (formats.fp8_decode(codes) * full).astype(np.float32)
 
-    for name, p in m.state_dict().items():
-        a = p.detach().float().numpy()
-        if name.endswith("experts.gate_up_proj"):
-            prefix, inter = name[: -len("gate_up_proj")], a.shape[1] // 2
-            deq[name] = torch.from_numpy(
-                np.stack(
-                    [
-                        np.concatenate(
-                            [
-                                fp8(f"{prefix}{e}.gate_proj.weight", a[e, :inter]),
-                                fp8(f"{prefix}{e}.up_proj.weight", a[e, inter:]),
-                            ]
-                        )
-                        for e in range(a.shape[0])
-                    ]
-                )
-            )
-        elif name.endswith("experts.down_proj"):
-            prefix = name[: -len("down_proj")]
-            deq[name] = torch.from_numpy(
-                np.stack([fp8(f"{prefix}{e}.down_proj.weight", a[e]) for e in range(a.shape[0])])
-            )
-        elif name.endswith("proj.weight") or name.endswith("proj_with_mqa.weight"):
-            deq[name] = torch.from_numpy(fp8(name, a))
-        else:
-            tensors[name] = a
-            deq[name] = p.detach().clone()
-    save_file(tensors, d / "model.safetensors", dtypes)
-    cfg = json.loads(json.dumps(m.config.to_dict()))
-    cfg["architectures"] = ["DeepseekV3ForCausalLM"]
-    cfg["quantization_config"] = {
+    quantization = {
         "quant_method": "fp8",
         "fmt": "e4m3",
         "activation_scheme": "dynamic",
         "weight_block_size": list(block),
         "scale_fmt": "ue8m0",
     }
-    (d / "config.json").write_text(json.dumps(cfg))
-    return deq
+    return write_fp8_checkpoint(m, d, fp8, quantization)
 
 
 @pytest.mark.parametrize(
