@@ -79,18 +79,10 @@ def _make(fmt: str, n: int, k: int, seed: int = 0) -> tuple[np.ndarray, ...]:
     """Weights of one expert matrix in fmt, from seeded Gaussians (cached: FP8 encoding of a
     DeepSeek matrix takes seconds)."""
     w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
-    if fmt == "fp8":
-        return formats.fp8_quantize(w)
-    if fmt == "int4":
-        return formats.int4_quantize(w, 128)
-    if fmt == "mxfp4":
-        return formats.mxfp4_quantize(w)
-    if fmt == "nvfp4":
-        packed, scales, g = formats.nvfp4_quantize(w)
-        return packed, scales, np.array([g], np.float32)
-    if fmt == "int4g":
-        return formats.int4g_quantize(w, 32)
-    return (formats.bf16_encode(w),)
+    codes, scale, g = formats.encode(w, fmt, 32)
+    if scale is None:  # bf16
+        return (codes,)
+    return (codes, scale, np.array([g], np.float32)) if fmt == "nvfp4" else (codes, scale)
 
 
 def _cpu_seconds() -> float:

@@ -53,8 +53,8 @@ class SlotLayout:
             )
         h, i = experts.hidden, experts.intermediate
         parts, off = [], 0
+        lut4 = experts.fmt in kernels.LUT4_FORMATS
         for kind, (rows, cols) in (("gate", (i, h)), ("up", (i, h)), ("down", (h, i))):
-            lut4 = experts.fmt in kernels.LUT4_FORMATS
             if lut4:
                 row_bytes, nscales = kernels.lut4_shapes(experts.fmt, cols, experts.group_size)
                 names = [
@@ -83,13 +83,15 @@ class SlotLayout:
             "up_scale": experts.up_scale,
             "down_scale": experts.down_scale,
         }
-        for j, kind in enumerate(("gate", "up", "down")):  # NVFP4's per-matrix global scale
-            arrays[f"{kind}_global"] = [
-                np.array([g], np.float32) for g in experts.global_scales()[j]
-            ]
-        return [
-            np.ascontiguousarray(arrays[p.name][e]).reshape(-1).view(np.uint8) for p in self.parts
-        ]
+        out = []
+        for p in self.parts:
+            if p.name.endswith("_global"):  # NVFP4's per-matrix global scale
+                j = ("gate", "up", "down").index(p.name[: -len("_global")])
+                a = np.array([experts.global_scales()[j, e]], np.float32)
+            else:
+                a = np.ascontiguousarray(arrays[p.name][e])
+            out.append(a.reshape(-1).view(np.uint8))
+        return out
 
 
 def pack_host(

@@ -284,3 +284,25 @@ def int4g_dequantize(packed: np.ndarray, scale_bits: np.ndarray, k: int, group: 
     p = np.ascontiguousarray(packed, dtype="<i4").view(np.uint8)
     q = _unpack_nibbles(p, k).astype(np.float64) - 8
     return q * np.repeat(bf16_decode(scale_bits), group, axis=1)[:, :k]
+
+
+ENCODINGS = ("fp8", "bf16", "int4", "mxfp4", "nvfp4", "int4g")
+
+
+def encode(dense: np.ndarray, fmt: str, group: int = 32) -> tuple:
+    """float [rows, cols] -> (weight, scale or None, global scale) in a kernel format, as
+    the kernels and checkpoints hold it (refmoe's INT4 with groups of 128; int4g with group)."""
+    if fmt == "bf16":
+        return bf16_encode(dense), None, 1.0
+    if fmt == "fp8":
+        return (*fp8_quantize(dense), 1.0)
+    if fmt == "int4":
+        return (*int4_quantize(dense, 128), 1.0)
+    if fmt == "mxfp4":
+        return (*mxfp4_quantize(dense), 1.0)
+    if fmt == "nvfp4":
+        w, s, g = nvfp4_quantize(dense)
+        return w, s, float(g)
+    if fmt == "int4g":
+        return (*int4g_quantize(dense, group), 1.0)
+    raise ValueError(f"expert dtype must be one of {', '.join(ENCODINGS)}, got {fmt!r}")

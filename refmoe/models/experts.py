@@ -106,25 +106,7 @@ def read_projection(ck: Checkpoint, base: str, shape: tuple[int, int], group: in
     return Stored(fmt, w, float_dtype=ck.dtype(f"{base}.weight"))
 
 
-def encode(dense: np.ndarray, fmt: str, group: int = 32) -> tuple:
-    """float64 [rows, cols] -> (weight, scale or None, global scale) in a kernel format."""
-    if fmt == "bf16":
-        return formats.bf16_encode(dense), None, 1.0
-    if fmt == "fp8":
-        return (*formats.fp8_quantize(dense), 1.0)
-    if fmt == "int4":
-        return (*formats.int4_quantize(dense, 128), 1.0)
-    if fmt == "mxfp4":
-        return (*formats.mxfp4_quantize(dense), 1.0)
-    if fmt == "nvfp4":
-        w, s, g = formats.nvfp4_quantize(dense)
-        return w, s, float(g)
-    if fmt == "int4g":
-        return (*formats.int4g_quantize(dense, group), 1.0)
-    raise ValueError(f"expert dtype must be one of {', '.join(EXPERT_DTYPES)}, got {fmt!r}")
-
-
-EXPERT_DTYPES = ("fp8", "bf16", "int4", "mxfp4", "nvfp4", "int4g")
+EXPERT_DTYPES = formats.ENCODINGS
 
 
 def load_experts(
@@ -142,15 +124,12 @@ def load_experts(
     declared, group = cfg.expert_format
     first = f"{prefix}.experts.0.gate_proj"
     stored = stored_format(ck, first)
-    if stored in kernels.LUT4_FORMATS and stored != declared:
+    four_bit = kernels.LUT4_FORMATS
+    if stored != declared and (stored in four_bit or declared in four_bit):
+        # a 4-bit format on either side must be the same on both
         raise ValueError(
             f"{ck.dir}: tensor {first} is stored as {stored}, but config.json's "
             f"quantization_config says {declared}"
-        )
-    if declared in kernels.LUT4_FORMATS and stored != declared:
-        raise ValueError(
-            f"{ck.dir}: config.json's quantization_config says {declared}, but tensor {first} "
-            f"is stored as {stored}"
         )
     fmt = expert_dtype or stored
     group = group if stored == "int4g" else 32  # INT4-g: the stored group, else Kimi's 32
@@ -164,7 +143,7 @@ def load_experts(
             if st.fmt == fmt and (fmt != "bf16" or st.float_dtype == "bfloat16"):
                 w, s, g = st.w, st.scale, st.global_scale
             else:
-                w, s, g = encode(st.dense(shape[1]), fmt, group)
+                w, s, g = formats.encode(st.dense(shape[1]), fmt, group)
             for part, value in zip(parts[kind], (w, s, g)):
                 part.append(value)
     lut4 = fmt in kernels.LUT4_FORMATS
