@@ -1,7 +1,9 @@
 """ModelConfig: the fields refmoe needs from a Hugging Face config.json, validated.
 
 Field names are Hugging Face's (`n_routed_experts`, `topk_group`, `kv_lora_rank`, ...). One
-dataclass serves both families; `architecture` says which model file runs it.
+dataclass serves every family; `architecture` says which model file runs it (`family`), and the
+GQA families' differences are fields here (q/k norms, partial rotary, biases, sinks, sliding
+windows, the router's kind, the expert activation).
 """
 
 from __future__ import annotations
@@ -15,16 +17,25 @@ ARCHITECTURES = {
     "DeepseekV3ForCausalLM": "deepseek_v3",  # DeepSeek-V3/R1/V3.1, Kimi-K2, Moonlight
     "DeepseekV2ForCausalLM": "deepseek_v3",  # same MLA/MoE layout (noaux_tc needs V3 gating)
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Glm4MoeForCausalLM": "glm4_moe",  # GLM-4.5 / 4.6 / 4.7 (and -Air)
+    "MiniMaxM2ForCausalLM": "minimax_m2",  # MiniMax-M2 / M2.x
+    "GptOssForCausalLM": "gpt_oss",  # gpt-oss-20b / 120b
 }
 ALIASES = {  # the same field under the names other releases of transformers write
     "num_experts": ("num_local_experts",),
     "n_routed_experts": ("num_local_experts",),
+    "num_experts_per_tok": ("experts_per_token",),  # gpt-oss's original config
 }
 MODEL_TYPES = {  # when config.json has no architectures list
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "kimi_k2": "DeepseekV3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "glm4_moe": "Glm4MoeForCausalLM",
+    "minimax_m2": "MiniMaxM2ForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
 }
+QK_NORMS = ("head", "all", "none")  # per head (Qwen3, GLM), over all heads at once (MiniMax)
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass(slots=True)
@@ -46,7 +57,16 @@ class ModelConfig:
     topk_group: int = 1
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
-    scoring_func: str = "sigmoid"  # DeepSeek-V3: sigmoid; Qwen3-MoE: softmax
+    # the router: sigmoid (DeepSeek-V3, GLM, MiniMax: with a correction bias for the choice),
+    # softmax (Qwen3: over every expert, then top-k), softmax_topk (gpt-oss: top-k of the
+    # logits, softmax over those k)
+    scoring_func: str = "sigmoid"
+    router_bias: bool = False  # gpt-oss: the router's linear has a bias
+    # the experts: silu(gate) * up, or gpt-oss's clamped SwiGLU with biases on every projection
+    hidden_act: str = "silu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    expert_bias: bool = False
     # attention (MLA for DeepSeek, GQA with q/k norms for Qwen3)
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
@@ -54,6 +74,13 @@ class ModelConfig:
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
     head_dim: int = 0
+    qk_norm: str = "head"  # GQA: QK_NORMS
+    partial_rotary_factor: float = 1.0  # GQA: rope on the first head_dim * this dims
+    attention_bias: bool = False  # GQA: q/k/v biases
+    attention_out_bias: bool = False  # GQA: o_proj bias (gpt-oss)
+    attention_sinks: bool = False  # gpt-oss: a learned logit per head in every softmax
+    sliding_window: int = 0
+    layer_types: list[str] = field(default_factory=list)  # per layer, LAYER_TYPES; [] = full
     rope_interleave: bool = True
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
@@ -87,6 +114,17 @@ class ModelConfig:
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_k_dense_replace and self.n_routed_experts > 0
+
+    @property
+    def rotary_dim(self) -> int:
+        """GQA: the leading dims of each head that rope turns (the rest pass through)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def window(self, layer: int) -> int:
+        """The sliding window layer `layer` attends within, or 0 for full attention."""
+        if self.layer_types and self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return 0
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> ModelConfig:
@@ -159,22 +197,7 @@ class ModelConfig:
                 rope_interleave=get("rope_interleave", bool, True),
             )
         else:
-            hidden = common["hidden_size"]
-            cfg = cls(
-                **common,
-                intermediate_size=get("intermediate_size", int, None) or 0,
-                moe_intermediate_size=need("moe_intermediate_size"),
-                n_routed_experts=need("num_experts"),
-                num_experts_per_tok=need("num_experts_per_tok"),
-                norm_topk_prob=get("norm_topk_prob", bool, False),
-                scoring_func="softmax",
-                head_dim=get("head_dim", int, None) or (hidden // heads if heads > 0 else 0),
-                first_k_dense_replace=0,
-            )
-            if get("mlp_only_layers", list, None) or get("decoder_sparse_step", int, 1) != 1:
-                raise ValueError(
-                    f"{source}: mlp_only_layers / decoder_sparse_step != 1 are not supported"
-                )
+            cfg = cls(**common, **_gqa_fields(family, get, heads, common["hidden_size"], source))
         cfg.validate(source)
         return cfg
 
@@ -227,8 +250,29 @@ class ModelConfig:
             ),
             (1 <= self.topk_group <= self.n_group, "topk_group must lie in [1, n_group]"),
             (
-                self.scoring_func in ("sigmoid", "softmax"),
-                "scoring_func must be sigmoid or softmax",
+                self.scoring_func in ("sigmoid", "softmax", "softmax_topk"),
+                "scoring_func must be sigmoid, softmax or softmax_topk",
+            ),
+            (self.hidden_act in ("silu", "swiglu_oai"), "hidden_act must be silu"),
+            (self.qk_norm in QK_NORMS, f"qk_norm must be one of {QK_NORMS}"),
+            (
+                self.family == "deepseek_v3"
+                or 0 < self.rotary_dim <= self.head_dim
+                and self.rotary_dim % 2 == 0,
+                "partial_rotary_factor (rotary_dim) must give an even number of rotary dims "
+                "in (0, head_dim]",
+            ),
+            (
+                not self.layer_types or len(self.layer_types) == self.num_hidden_layers,
+                "layer_types must name one type per layer (num_hidden_layers)",
+            ),
+            (
+                all(t in LAYER_TYPES for t in self.layer_types),
+                f"layer_types: each one of {LAYER_TYPES}",
+            ),
+            (
+                "sliding_attention" not in self.layer_types or self.sliding_window > 0,
+                "sliding_window must be positive where layer_types has sliding_attention",
             ),
             (
                 self.family != "deepseek_v3" or self.qk_rope_head_dim % 2 == 0,
@@ -246,7 +290,7 @@ class ModelConfig:
             )
         q = self.quantization
         if q is not None and q.get("quant_method") == "fp8":
-            if q.get("fmt", "e4m3") != "e4m3":
+            if q.get("fmt", "e4m3") not in ("e4m3", "float8_e4m3fn"):
                 raise ValueError(
                     f"{source}: quantization_config.fmt: refmoe reads e4m3, got {q.get('fmt')!r}"
                 )
@@ -288,6 +332,95 @@ class ModelConfig:
         except OSError as e:  # a symlink loop, a directory, no permission
             raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
         return cls.from_dict(d, str(path))
+
+
+def _gqa_fields(family: str, get: _Fields, heads: int, hidden: int, source: str) -> dict:
+    """The fields of a GQA family (Qwen3-MoE, GLM-4.5, MiniMax-M2, gpt-oss) from its
+    config.json, under the names each one's release writes."""
+    need = get.need
+    rope = get("rope_parameters", dict, {})
+    head_dim = get("head_dim", int, None) or (hidden // heads if heads > 0 else 0)
+    partial = get("partial_rotary_factor", float, None) or float(
+        rope.get("partial_rotary_factor") or 1.0
+    )
+    rotary_dim = get("rotary_dim", int, None)  # MiniMax-M2's own name for it
+    if rotary_dim is not None and head_dim > 0:
+        partial = rotary_dim / head_dim
+    if family != "gpt_oss" and get("hidden_act", str, "silu") != "silu":
+        raise ValueError(
+            f"{source}: field 'hidden_act': refmoe runs silu, got {get('hidden_act', str)!r}"
+        )
+    f: dict = dict(
+        head_dim=head_dim,
+        partial_rotary_factor=partial,
+        num_experts_per_tok=need("num_experts_per_tok"),
+        first_k_dense_replace=0,
+    )
+    if family == "qwen3_moe":
+        if get("mlp_only_layers", list, None) or get("decoder_sparse_step", int, 1) != 1:
+            raise ValueError(
+                f"{source}: mlp_only_layers / decoder_sparse_step != 1 are not supported"
+            )
+        return f | dict(
+            intermediate_size=get("intermediate_size", int, None) or 0,
+            moe_intermediate_size=need("moe_intermediate_size"),
+            n_routed_experts=need("num_experts"),
+            norm_topk_prob=get("norm_topk_prob", bool, False),
+            scoring_func="softmax",
+            attention_bias=get("attention_bias", bool, False),
+        )
+    if family == "glm4_moe":  # DeepSeek-V3's router and MoE layout under GQA
+        return f | dict(
+            intermediate_size=get("intermediate_size", int, None) or 0,
+            moe_intermediate_size=need("moe_intermediate_size"),
+            n_routed_experts=need("n_routed_experts"),
+            n_shared_experts=get("n_shared_experts", int, None) or 0,
+            first_k_dense_replace=get("first_k_dense_replace", int, None) or 0,
+            n_group=get("n_group", int, None) or 1,
+            topk_group=get("topk_group", int, None) or 1,
+            norm_topk_prob=get("norm_topk_prob", bool, True),
+            routed_scaling_factor=get("routed_scaling_factor", float, 1.0),
+            qk_norm="head" if get("use_qk_norm", bool, False) else "none",
+            attention_bias=get("attention_bias", bool, False),
+        )
+    if family == "minimax_m2":  # experts are intermediate_size wide; no shared expert
+        if get("shared_intermediate_size", int, 0):
+            raise ValueError(
+                f"{source}: field 'shared_intermediate_size': a shared expert "
+                "is not part of MiniMax-M2 (expected 0)"
+            )
+        if get("scoring_func", str, "sigmoid") != "sigmoid":
+            raise ValueError(f"{source}: field 'scoring_func': MiniMax-M2 routes by sigmoid")
+        return f | dict(
+            intermediate_size=0,
+            moe_intermediate_size=need("intermediate_size"),
+            n_routed_experts=need("num_local_experts"),
+            norm_topk_prob=True,
+            routed_scaling_factor=get("routed_scaling_factor", float, 1.0),
+            qk_norm="all" if get("use_qk_norm", bool, True) else "none",
+        )
+    # gpt-oss: sinks, alternating sliding/full layers, biases everywhere, clamped SwiGLU
+    types = get("layer_types", list, None)
+    if types is None:
+        n = need("num_hidden_layers")
+        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    return f | dict(
+        intermediate_size=0,
+        moe_intermediate_size=need("intermediate_size"),
+        n_routed_experts=need("num_local_experts"),
+        scoring_func="softmax_topk",
+        router_bias=True,
+        hidden_act="swiglu_oai",
+        swiglu_alpha=get("swiglu_alpha", float, 1.702),
+        swiglu_limit=get("swiglu_limit", float, 7.0),
+        expert_bias=True,
+        qk_norm="none",
+        attention_bias=get("attention_bias", bool, True),
+        attention_out_bias=get("attention_bias", bool, True),
+        attention_sinks=True,
+        sliding_window=get("sliding_window", int, None) or 0,
+        layer_types=types,
+    )
 
 
 def _is_int(v) -> bool:

@@ -155,6 +155,7 @@ class StreamPrefill:
             raise ValueError(f"SLP mode must be auto, prefetch or selective, got {mode!r}")
         self.mode = mode
         self.moe = [(b.layer, b.ffn) for b in model.blocks if hasattr(b.ffn, "experts")]
+        self._activations: dict[int, ExpertActivation] = {}
         if not self.moe:
             raise ValueError("the model has no MoE layers to stream")
         # CUDA: the loader streams the one host copy as packed at load into pinned memory
@@ -188,6 +189,13 @@ class StreamPrefill:
         self._ring: Ring | None = None
 
     # -- sizing ---------------------------------------------------------------------------
+
+    def activation(self, layer: int) -> ExpertActivation:
+        """The activation (and biases, on the device) of layer's experts, made once."""
+        if layer not in self._activations:
+            moe = dict(self.moe)[layer]
+            self._activations[layer] = ExpertActivation(moe.experts, self.device)
+        return self._activations[layer]
 
     def _reserve_bytes(self, tokens: int) -> int:
         cfg = self.model.cfg
@@ -367,6 +375,7 @@ class _Chunk:
         xd = x.to(dev, r.dtype)
         y = torch.zeros((t, x.shape[1]), dtype=torch.float32, device=dev)
         experts = r.moe[0][1].experts
+        act = r.activation(layer)
         fmt, group = experts.fmt, experts.group_size
         hidden, inter = experts.hidden, experts.intermediate
         if self.plan is None:  # selective: routed experts
@@ -394,12 +403,14 @@ class _Chunk:
                 buf = out[j % 2]
                 idx, wt = tok_d[sl], w_d[sl]
 
-                def compute(views=views, buf=buf, idx=idx, wt=wt, n=n):
+                def compute(views=views, buf=buf, idx=idx, wt=wt, n=n, e=e):
                     xe = xd[idx]  # [n, H]
                     g = r.matmul.expert(xe, views, "gate", fmt, hidden, group)
                     u = r.matmul.expert(xe, views, "up", fmt, hidden, group)
-                    h = F.silu(g.float()) * u.float()
+                    h = act(e, g.float(), u.float())
                     d = r.matmul.expert(h.to(r.dtype), views, "down", fmt, inter, group)
+                    if act.down is not None:
+                        d = d.float() + act.down[e]
                     buf[:n] = (d.float() * wt[:, None]).to(r.dtype)
 
                 def unload(buf=buf, idx=idx, n=n):
@@ -435,6 +446,30 @@ def model_rates(model, device: str | None = None):
     if str(dev) not in cached:
         model.prefill_rates = {**cached, str(dev): costmodel.measure_rates(model.cfg, dev)}
     return model.prefill_rates[str(dev)]
+
+
+class ExpertActivation:
+    """The experts' activation as the CPU kernels apply it (ExpertWeights.activation), in torch
+    on the SLP device: silu(g) * u, or gpt-oss's clamped SwiGLU, with the per-expert gate/up
+    biases added first and the down bias (`down`, [E, H]) after the down projection."""
+
+    def __init__(self, experts, device: torch.device):
+        self.kind, self.alpha, self.limit = experts.activation, experts.alpha, experts.limit
+
+        def stacked(biases):
+            return torch.from_numpy(np.stack(biases)).to(device) if biases else None
+
+        self.gate, self.up = stacked(experts.gate_bias), stacked(experts.up_bias)
+        self.down = stacked(experts.down_bias)
+
+    def __call__(self, e: int, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """g, u [n, I] float32 for expert slot e -> h [n, I]."""
+        if self.gate is not None and self.up is not None:
+            g, u = g + self.gate[e], u + self.up[e]
+        if self.kind == "swiglu_oai":
+            g, u = g.clamp(max=self.limit), u.clamp(-self.limit, self.limit)
+            return (u + 1) * g * torch.sigmoid(self.alpha * g)
+        return F.silu(g) * u
 
 
 def streamable(model) -> bool:

@@ -71,10 +71,28 @@ def attention_flops(cfg: ModelConfig, tokens: int, past: int = 0) -> float:
 
 
 def score_flops(cfg: ModelConfig, tokens: int, past: int = 0) -> float:
-    """The scores and weighted sums of `tokens` new tokens after `past` cached ones: each new
-    token attends to past + its own position, in every head."""
-    context = past + (tokens + 1) / 2
-    return 2.0 * cfg.num_attention_heads * tokens * context * costmodel.score_dims(cfg)
+    """The scores and weighted sums of `tokens` new tokens after `past` cached ones, one layer's
+    worth averaged over the layers: each new token attends to past + its own position in every
+    head, or (sliding-window layers, gpt-oss) to its last `sliding_window` positions only."""
+    per_key = 2.0 * cfg.num_attention_heads * costmodel.score_dims(cfg)
+    full = attended_keys(tokens, past, 0)
+    types = cfg.layer_types
+    if not types or "sliding_attention" not in types:
+        return per_key * full
+    sliding = types.count("sliding_attention") / len(types)
+    window = attended_keys(tokens, past, cfg.sliding_window)
+    return per_key * ((1 - sliding) * full + sliding * window)
+
+
+def attended_keys(tokens: int, past: int, window: int) -> float:
+    """Keys attended, summed over `tokens` new tokens after `past` cached ones: the token at
+    position p sees p + 1 keys, or min(p + 1, window) with a window."""
+    a, b = past + 1, past + tokens  # keys seen by the first and the last new token
+    if window <= 0 or b <= window:
+        return (a + b) * tokens / 2
+    if a >= window:
+        return float(window * tokens)
+    return (a + window) * (window - a + 1) / 2 + (b - window) * window
 
 
 def kv_bytes_per_token(cfg: ModelConfig) -> int:

@@ -95,11 +95,13 @@ def test_greedy_32_tokens_via_cli(saved):
     assert len(want) == 32 and got["token_ids"] == want
 
 
-def quantize_state(m, fp8) -> dict:
+def quantize_state(m, fp8, projections=("gate_proj", "up_proj", "down_proj")) -> dict:
     """Walk m's state: fp8(name, array) writes each linear's checkpoint tensors (every linear
     except the router; routed experts per expert, as checkpoints hold them though transformers
-    5 fuses them in memory) and returns its dequantized values; the rest is kept. Returns the
-    dequantized state for transformers; the caller keeps what fp8 wrote."""
+    5 fuses them in memory, under the family's projection names) and returns its dequantized
+    values; the rest is kept. Returns the dequantized state for transformers; the caller keeps
+    what fp8 wrote."""
+    gate, up, down = projections
     deq = {}
     for name, p in m.state_dict().items():
         a = p.detach().float().numpy()
@@ -110,8 +112,8 @@ def quantize_state(m, fp8) -> dict:
                     [
                         np.concatenate(
                             [
-                                fp8(f"{prefix}{e}.gate_proj.weight", a[e, :inter]),
-                                fp8(f"{prefix}{e}.up_proj.weight", a[e, inter:]),
+                                fp8(f"{prefix}{e}.{gate}.weight", a[e, :inter]),
+                                fp8(f"{prefix}{e}.{up}.weight", a[e, inter:]),
                             ]
                         )
                         for e in range(a.shape[0])
@@ -121,7 +123,7 @@ def quantize_state(m, fp8) -> dict:
         elif name.endswith("experts.down_proj"):
             prefix = name[: -len("down_proj")]
             deq[name] = torch.from_numpy(
-                np.stack([fp8(f"{prefix}{e}.down_proj.weight", a[e]) for e in range(a.shape[0])])
+                np.stack([fp8(f"{prefix}{e}.{down}.weight", a[e]) for e in range(a.shape[0])])
             )
         elif name.endswith("proj.weight") or name.endswith("proj_with_mqa.weight"):
             deq[name] = torch.from_numpy(fp8(name, a))
@@ -130,11 +132,20 @@ def quantize_state(m, fp8) -> dict:
     return deq
 
 
-def write_fp8_checkpoint(m, d, fp8=None, quantization: dict | None = None):
+def write_fp8_checkpoint(
+    m,
+    d,
+    fp8=None,
+    quantization: dict | None = None,
+    projections=("gate_proj", "up_proj", "down_proj"),
+    rename=None,
+):
     """The model's weights as a DeepSeek FP8 checkpoint (weight + weight_scale_inv for every
     linear except gate, norms, embeddings and lm_head); returns the dequantized state.
     fp8(name, array, tensors, dtypes) -> dequantized: another block rule (default 128x128,
-    scale amax / 448); quantization: the config's quantization_config."""
+    scale amax / 448); quantization: the config's quantization_config; projections: the
+    routed experts' names (MiniMax: w1, w3, w2); rename(name) -> the name a tensor is saved
+    under where the family's checkpoints differ from transformers' names in memory."""
     tensors, dtypes = {}, {}
 
     def default(name, a, tensors, dtypes):
@@ -144,14 +155,17 @@ def write_fp8_checkpoint(m, d, fp8=None, quantization: dict | None = None):
         return formats.fp8_dequantize(codes, s).astype(np.float32)
 
     rule = fp8 or default
-    deq = quantize_state(m, lambda name, a: rule(name, a, tensors, dtypes))
+    deq = quantize_state(m, lambda name, a: rule(name, a, tensors, dtypes), projections)
     for name, p in m.state_dict().items():
         if deq[name] is None:
             tensors[name] = p.detach().float().numpy()
             deq[name] = p.detach().clone()
+    if rename is not None:
+        tensors = {rename(k): v for k, v in tensors.items()}
+        dtypes = {rename(k): v for k, v in dtypes.items()}
     save_file(tensors, d / "model.safetensors", dtypes)
     cfg = json.loads(json.dumps(m.config.to_dict()))
-    cfg["architectures"] = ["DeepseekV3ForCausalLM"]
+    cfg["architectures"] = [type(m).__name__]
     cfg["quantization_config"] = quantization or {
         "quant_method": "fp8",
         "fmt": "e4m3",

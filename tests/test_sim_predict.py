@@ -1,6 +1,7 @@
 """The single-request prediction: costs from a config, profiles, the prefill paths, attention
 over the context, routing, other model configs, the CLI."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -346,3 +347,37 @@ def test_4bit_experts_are_counted_as_stored_and_run_at_their_rate():
     bad = dataclasses.asdict(hw.cpu) | {"gemv_efficiency_by_format": {"int4g": 1.5}}
     with pytest.raises(ValueError, match="gemv_efficiency_by_format maps"):
         Hardware.from_dict({"name": "x", "cpu": bad, "gpus": []}, "test")
+
+
+def test_published_family_configs():
+    """The published configs of GLM-4.5(-Air), MiniMax-M2 and gpt-oss (sim/models) load and
+    predict: bytes per token as their active parameters say (GLM-4.5 32B active, Air 12B,
+    MiniMax-M2 10B, FP8 but for gpt-oss's MXFP4 experts), and gpt-oss's sliding layers cap
+    their score cost at the window."""
+    from sim import catalog
+
+    hw = Hardware.load("paper-2x9355-2x5090")
+    active = {"glm-4.5": 32e9, "glm-4.5-air": 12e9, "minimax-m2": 10e9}
+    for name, params in active.items():
+        cfg = catalog.load(name)
+        got = predict(cfg, hw, 32, 8).bytes_per_token
+        assert 0.85 * params < got < 1.15 * params, (name, got)
+    oss = catalog.load("gpt-oss-120b")
+    assert oss.family == "gpt_oss" and oss.expert_format == ("mxfp4", 32)
+    assert oss.window(0) == 128 and oss.window(1) == 0
+    # 5.1B active: about 4.2B of it in MXFP4 experts (0.53 bytes each), the rest FP8
+    assert 2.5e9 < predict(oss, hw, 32, 8).bytes_per_token < 4e9
+    # scores: half the layers see at most 128 keys, so long contexts cost about half of full
+    full = dataclasses.replace(oss, layer_types=[])
+    at_64k = costs.score_flops(oss, 1, 65536) / costs.score_flops(full, 1, 65536)
+    assert 0.5 <= at_64k < 0.501
+    assert costs.score_flops(oss, 8, 0) == costs.score_flops(full, 8, 0)  # inside the window
+
+
+@pytest.mark.parametrize(
+    "tokens,past,window", [(1, 0, 4), (5, 0, 4), (3, 2, 4), (7, 9, 4), (9, 1, 4)]
+)
+def test_attended_keys_counts_each_token(tokens, past, window):
+    brute = sum(min(p + 1, window) for p in range(past, past + tokens))
+    assert costs.attended_keys(tokens, past, window) == brute
+    assert costs.attended_keys(tokens, past, 0) == sum(p + 1 for p in range(past, past + tokens))

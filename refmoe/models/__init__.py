@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -21,9 +22,7 @@ def load(
     cfg = ModelConfig.from_file(model_dir)
     ck = Checkpoint(model_dir)
     ck.check_fits(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    from refmoe.models import deepseek_v3, qwen3_moe
-
-    family = deepseek_v3 if cfg.family == "deepseek_v3" else qwen3_moe
+    family = importlib.import_module(f"refmoe.models.{cfg.family}")
     model = family.Transformer(ck, cfg, expert_dtype, num_threads, progress, device)
     if model.device.type == "cuda":
         # the one host copy of the routed experts, packed once into pinned memory: what SLP

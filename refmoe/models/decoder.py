@@ -14,7 +14,7 @@ import torch
 
 from refmoe.checkpoint import Checkpoint
 from refmoe.config import ModelConfig
-from refmoe.models.experts import MoE
+from refmoe.models.experts import DEEPSEEK, MoE, MoENames
 from refmoe.models.kv_cache import KVCache
 from refmoe.models.layers import MLP, Linear, load_dense, rms_norm, rope_parameters
 from refmoe.trace import maybe
@@ -186,17 +186,27 @@ class Block:
         return list(x.split(sizes))
 
     def __init__(
-        self, ck: Checkpoint, layer: int, cfg: ModelConfig, attn, expert_dtype, num_threads
+        self,
+        ck: Checkpoint,
+        layer: int,
+        cfg: ModelConfig,
+        attn,
+        expert_dtype,
+        num_threads,
+        ffn: str = "mlp",
+        names: MoENames = DEEPSEEK,
     ):
+        """ffn: the name of the layer's MLP or MoE block (MiniMax: block_sparse_moe); names:
+        where its MoE block keeps its tensors."""
         p = f"model.layers.{layer}"
         self.layer, self.eps = layer, cfg.rms_norm_eps
         self.attn_norm = load_dense(ck, f"{p}.input_layernorm.weight", (cfg.hidden_size,))
         self.ffn_norm = load_dense(ck, f"{p}.post_attention_layernorm.weight", (cfg.hidden_size,))
         self.attn = attn
         self.ffn = (
-            MoE(ck, f"{p}.mlp", cfg, expert_dtype, num_threads)
+            MoE(ck, f"{p}.{ffn}", cfg, expert_dtype, num_threads, names)
             if cfg.is_moe_layer(layer)
-            else MLP(ck, f"{p}.mlp", cfg.hidden_size, cfg.intermediate_size)
+            else MLP(ck, f"{p}.{ffn}", cfg.hidden_size, cfg.intermediate_size)
         )
 
     def __call__(
@@ -214,3 +224,14 @@ class Block:
             xn = rms_norm(x, self.ffn_norm, self.eps)
             ffn = self.ffn
             return x + (ffn(xn, streamed, self.layer) if isinstance(ffn, MoE) else ffn(xn))
+
+
+def smoke(transformer: type[DecoderModel]) -> None:
+    """python -m refmoe.models.FAMILY MODEL_DIR: load the model, print the last logits' top 5
+    after three tokens."""
+    import sys
+
+    cfg = ModelConfig.from_file(sys.argv[1])
+    model = transformer(Checkpoint(sys.argv[1]), cfg)
+    logits = model.forward(torch.tensor([1, 2, 3]), model.new_cache())
+    print(logits.shape, logits[-1].topk(5))

@@ -1,7 +1,8 @@
 """The MoE block: routed experts loaded once into a CPU kernel format (the one host copy the
-CPU kernels read and SLP streams), the router (DeepSeek-V3's noaux_tc and Qwen3's softmax
-top-k), and the block that runs them (routed experts on the CPU kernels, the shared expert
-fused into the same call or beside it).
+CPU kernels read and SLP streams), the router (DeepSeek-V3's noaux_tc, as GLM and MiniMax use
+it; Qwen3's softmax top-k; gpt-oss's softmax over the top-k logits), and the block that runs
+them (routed experts on the CPU kernels, the shared expert fused into the same call or beside
+it). Where each family keeps these tensors: MoENames.
 
 Legend: T = tokens in this call, H = hidden, E = routed experts, K = experts per token.
 """
@@ -109,12 +110,71 @@ def read_projection(ck: Checkpoint, base: str, shape: tuple[int, int], group: in
 EXPERT_DTYPES = formats.ENCODINGS
 
 
+@dataclass(frozen=True, slots=True)
+class MoENames:
+    """Where a family keeps its MoE block's tensors, relative to the block's prefix."""
+
+    router: str = "gate"  # {router}.weight [E, H] (and {router}.bias with cfg.router_bias)
+    correction_bias: str = "gate.e_score_correction_bias"  # sigmoid routers: for the choice
+    projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    # gpt-oss: every expert in one tensor per projection, experts.gate_up_proj[_blocks,
+    # _scales, _bias] with gate and up interleaved by rows, experts.down_proj[...]
+    fused: bool = False
+
+
+DEEPSEEK = MoENames()  # DeepSeek-V3, Qwen3-MoE, GLM-4.5
+MINIMAX = MoENames(correction_bias="e_score_correction_bias", projections=("w1", "w3", "w2"))
+GPT_OSS = MoENames(router="router", fused=True)
+
+
+def read_fused(
+    ck: Checkpoint, prefix: str, cfg: ModelConfig, e: int
+) -> tuple[list[Stored], list[np.ndarray]]:
+    """Expert e of gpt-oss's fused tensors: (gate, up, down as Stored [rows, cols]; their biases
+    float32). As released: MXFP4 experts.gate_up_proj_blocks [E, 2I, H/32, 16] and _scales
+    [E, 2I, H/32], gate on even rows, up on odd (each copied out once into its own contiguous
+    rows: the bytes as stored, reordered); as transformers saves a float model:
+    experts.gate_up_proj [E, H, 2I] (x @ W, gate on even columns)."""
+    h, i, n = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
+    gu, dn = f"{prefix}.experts.gate_up_proj", f"{prefix}.experts.down_proj"
+    if f"{gu}_blocks" in ck:
+        nh, ni = -(-h // formats.MX_BLOCK), -(-i // formats.MX_BLOCK)
+        gub = ck.get(f"{gu}_blocks", (n, 2 * i, nh, 16), ("uint8",))[e]
+        gus = ck.get(f"{gu}_scales", (n, 2 * i, nh), ("uint8",))[e]
+        mats = [
+            Stored("mxfp4", np.ascontiguousarray(gub[0::2]), np.ascontiguousarray(gus[0::2])),
+            Stored("mxfp4", np.ascontiguousarray(gub[1::2]), np.ascontiguousarray(gus[1::2])),
+            Stored(
+                "mxfp4",
+                ck.get(f"{dn}_blocks", (n, h, ni, 16), ("uint8",))[e],
+                ck.get(f"{dn}_scales", (n, h, ni), ("uint8",))[e],
+            ),
+        ]
+    else:
+        w = ck.get(gu, (n, h, 2 * i), FLOAT_DTYPES)[e]
+        d = ck.get(dn, (n, i, h), FLOAT_DTYPES)[e]
+        dt = ck.dtype(gu)
+        mats = [
+            Stored("bf16", np.ascontiguousarray(w[:, 0::2].T), float_dtype=dt),
+            Stored("bf16", np.ascontiguousarray(w[:, 1::2].T), float_dtype=dt),
+            Stored("bf16", np.ascontiguousarray(d.T), float_dtype=ck.dtype(dn)),
+        ]
+    gub = load_dense(ck, f"{gu}_bias", (n, 2 * i))[e].numpy()
+    biases = [
+        np.ascontiguousarray(gub[0::2]),
+        np.ascontiguousarray(gub[1::2]),
+        load_dense(ck, f"{dn}_bias", (n, h))[e].numpy().copy(),
+    ]
+    return mats, biases
+
+
 def load_experts(
     ck: Checkpoint,
     prefix: str,
     cfg: ModelConfig,
     expert_dtype: str | None,
     with_shared: bool = False,
+    names: MoENames = DEEPSEEK,
 ) -> kernels.ExpertWeights:
     """Routed experts of one layer in a kernel format (with_shared: the shared expert as one
     more slot, index n_routed_experts). As stored where possible (FP8 codes, BF16 bits and the
@@ -122,8 +182,13 @@ def load_experts(
     (expert_dtype, or a shared expert stored in another format)."""
     h, i = cfg.hidden_size, cfg.moe_intermediate_size
     declared, group = cfg.expert_format
-    first = f"{prefix}.experts.0.gate_proj"
-    stored = stored_format(ck, first)
+    gate_name, up_name, down_name = names.projections
+    if names.fused:
+        first = f"{prefix}.experts.gate_up_proj"
+        stored = "mxfp4" if f"{first}_blocks" in ck else "bf16"
+    else:
+        first = f"{prefix}.experts.0.{gate_name}"
+        stored = stored_format(ck, first)
     four_bit = kernels.LUT4_FORMATS
     if stored != declared and (stored in four_bit or declared in four_bit):
         # a 4-bit format on either side must be the same on both
@@ -136,10 +201,20 @@ def load_experts(
     if fmt not in EXPERT_DTYPES:
         raise ValueError(f"expert dtype must be one of {', '.join(EXPERT_DTYPES)}, got {fmt!r}")
     parts: dict[str, list[list]] = {k: [[], [], []] for k in ("gate", "up", "down")}
+    biases: dict[str, list[np.ndarray]] = {"gate": [], "up": [], "down": []}
     slots = [f"experts.{e}" for e in range(cfg.n_routed_experts)]
-    for slot in slots + (["shared_experts"] if with_shared else []):
-        for kind, shape in (("gate", (i, h)), ("up", (i, h)), ("down", (h, i))):
-            st = read_projection(ck, f"{prefix}.{slot}.{kind}_proj", shape, group)
+    for e, slot in enumerate(slots + (["shared_experts"] if with_shared else [])):
+        kinds = (("gate", (i, h)), ("up", (i, h)), ("down", (h, i)))
+        if names.fused:
+            mats, vecs = read_fused(ck, prefix, cfg, e)
+            for (kind, _), b in zip(kinds, vecs):
+                biases[kind].append(b)
+        else:
+            mats = [
+                read_projection(ck, f"{prefix}.{slot}.{name}", shape, group)
+                for name, (_, shape) in zip((gate_name, up_name, down_name), kinds)
+            ]
+        for (kind, shape), st in zip(kinds, mats):
             if st.fmt == fmt and (fmt != "bf16" or st.float_dtype == "bfloat16"):
                 w, s, g = st.w, st.scale, st.global_scale
             else:
@@ -162,6 +237,12 @@ def load_experts(
         gate_global=parts["gate"][2] if fmt == "nvfp4" else [],
         up_global=parts["up"][2] if fmt == "nvfp4" else [],
         down_global=parts["down"][2] if fmt == "nvfp4" else [],
+        activation=cfg.hidden_act,
+        alpha=cfg.swiglu_alpha,
+        limit=cfg.swiglu_limit,
+        gate_bias=biases["gate"],
+        up_bias=biases["up"],
+        down_bias=biases["down"],
     )
 
 
@@ -171,25 +252,32 @@ def load_experts(
 
 
 class Gate:
-    """The router. DeepSeek-V3 (noaux_tc): sigmoid scores, correction bias for selection only,
-    the top topk_group groups by the sum of their two best biased scores, top-k experts within
-    them. Qwen3-MoE: softmax scores, plain top-k. Weights are the unbiased scores, normalized
-    when norm_topk_prob, times routed_scaling_factor (1 for Qwen3)."""
+    """The router. sigmoid (DeepSeek-V3's noaux_tc, GLM, MiniMax): sigmoid scores, correction
+    bias for selection only, the top topk_group groups by the sum of their two best biased
+    scores, top-k experts within them. softmax (Qwen3-MoE): softmax scores, plain top-k. Weights
+    are the unbiased scores, normalized when norm_topk_prob, times routed_scaling_factor.
+    softmax_topk (gpt-oss): the top-k logits (the router's linear has a bias), softmax over
+    those k."""
 
-    def __init__(self, ck: Checkpoint, p: str, cfg: ModelConfig):
+    def __init__(self, ck: Checkpoint, p: str, cfg: ModelConfig, names: MoENames = DEEPSEEK):
         self.cfg = cfg
-        self.weight = load_dense(ck, f"{p}.weight", (cfg.n_routed_experts, cfg.hidden_size))
-        bias = f"{p}.e_score_correction_bias"
-        self.bias = (
-            load_dense(ck, bias, (cfg.n_routed_experts,))
-            if bias in ck
-            else torch.zeros(cfg.n_routed_experts)
+        e = cfg.n_routed_experts
+        self.weight = load_dense(ck, f"{p}.{names.router}.weight", (e, cfg.hidden_size))
+        self.logit_bias = (
+            load_dense(ck, f"{p}.{names.router}.bias", (e,)) if cfg.router_bias else None
         )
+        bias = f"{p}.{names.correction_bias}"
+        self.bias = load_dense(ck, bias, (e,)) if bias in ck else torch.zeros(e)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights [T, K] float32, expert ids [T, K])."""
         cfg, t = self.cfg, x.shape[0]
         logits = x.float() @ self.weight.float().T  # [T, E]
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias
+        if cfg.scoring_func == "softmax_topk":
+            top, ids = logits.topk(cfg.num_experts_per_tok, dim=-1)  # [T, K]
+            return top.softmax(-1) * cfg.routed_scaling_factor, ids
         scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(-1)
         choice = scores + self.bias
         if cfg.n_group > 1:
@@ -214,8 +302,9 @@ class MoE:
         cfg: ModelConfig,
         expert_dtype: str | None,
         num_threads: int | None,
+        names: MoENames = DEEPSEEK,
     ):
-        self.gate = Gate(ck, f"{p}.gate", cfg)
+        self.gate = Gate(ck, p, cfg, names)
         # One shared expert the size of a routed one joins the fused call as one more slot with
         # weight 1: the whole MoE layer is one pass of the thread pool. Wider shared MLPs
         # (n_shared_experts > 1) run beside it.
@@ -226,7 +315,7 @@ class MoE:
             or stored_format(ck, f"{p}.shared_experts.gate_proj")
             == stored_format(ck, f"{p}.experts.0.gate_proj")
         )
-        self.experts = load_experts(ck, p, cfg, expert_dtype, with_shared=self.fused_shared)
+        self.experts = load_experts(ck, p, cfg, expert_dtype, self.fused_shared, names)
         self.shared = (
             MLP(
                 ck,

@@ -123,15 +123,20 @@ def attend(
     start: int,
     scale: float,
     budget_bytes: int = 1 << 30,
+    window: int = 0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of queries at positions start .. start+T over keys 0 .. S.
     q [n, T, d], k [n, S, d], v [n, S, dv] -> [n, T, dv]. Query blocks keep the score matrix
-    under budget_bytes, so a long prompt never builds an [n, T, S] tensor at once."""
+    under budget_bytes, so a long prompt never builds an [n, T, S] tensor at once.
+    window > 0: a query at position p sees keys p - window + 1 .. p only (sliding-window
+    layers), and a block reads only the keys its queries can see. sinks [n] (gpt-oss): one more
+    logit per head in every softmax's denominator, attending to nothing."""
     n, t, _ = q.shape
     s = k.shape[1]
     if t == 0:  # a rank that only hosts a distributed prefill attends for no query
         return q.new_zeros((n, 0, v.shape[2]))
-    if q.is_cuda:
+    if q.is_cuda and window == 0 and sinks is None:
         out = _fused_attention(q, k, v, start, scale)
         if out is not None:
             return out
@@ -139,22 +144,31 @@ def attend(
     outs = []
     for lo in range(0, t, block):
         hi = min(t, lo + block)
-        scores = (q[:, lo:hi] @ k.transpose(1, 2)) * scale  # [n, b, S]
-        outs.append(torch.softmax(mask_causal(scores, start + lo), dim=-1) @ v)
+        first = max(0, start + lo - window + 1) if window > 0 else 0  # the oldest key seen
+        scores = (q[:, lo:hi] @ k[:, first:].transpose(1, 2)) * scale  # [n, b, S - first]
+        scores = mask_causal(scores, start + lo, first, window)
+        if sinks is None:
+            outs.append(torch.softmax(scores, dim=-1) @ v[:, first:])
+            continue
+        sink = sinks.to(scores.dtype)[:, None, None].expand(n, hi - lo, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+        outs.append(probs @ v[:, first:])
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
-def mask_causal(scores: torch.Tensor, start: int) -> torch.Tensor:
-    """scores [..., T, S] of queries at positions start .. start+T over keys 0 .. S, with every
-    key ahead of its query at -inf (untouched when none is)."""
+def mask_causal(scores: torch.Tensor, start: int, first: int = 0, window: int = 0) -> torch.Tensor:
+    """scores [..., T, S] of queries at positions start .. start+T over keys first .. first+S,
+    with every key ahead of its query at -inf, and with window > 0 every key window or more
+    behind it too (untouched when none is)."""
     t, s = scores.shape[-2:]
-    if start + 1 >= s:
+    keys = first + torch.arange(s, device=scores.device)[None, :]  # [1, S]
+    queries = (start + torch.arange(t, device=scores.device))[:, None]  # [T, 1]
+    hidden = keys > queries
+    if window > 0:
+        hidden |= keys <= queries - window
+    elif start + 1 >= first + s:  # every key at or behind every query
         return scores
-    ahead = (
-        torch.arange(s, device=scores.device)[None, :]
-        > (start + torch.arange(t, device=scores.device))[:, None]
-    )  # [T, S]
-    return scores.masked_fill(ahead, float("-inf"))
+    return scores.masked_fill(hidden, float("-inf"))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
