@@ -16,6 +16,7 @@ from pathlib import Path
 ARCHITECTURES = {
     "DeepseekV3ForCausalLM": "deepseek_v3",  # DeepSeek-V3/R1/V3.1, Kimi-K2, Moonlight
     "DeepseekV2ForCausalLM": "deepseek_v3",  # same MLA/MoE layout (noaux_tc needs V3 gating)
+    "DeepseekV32ForCausalLM": "deepseek_v32",  # DeepSeek-V3.2(-Exp): V3 + DSA's indexer
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "Glm4MoeForCausalLM": "glm4_moe",  # GLM-4.5 / 4.6 / 4.7 (and -Air)
     "MiniMaxM2ForCausalLM": "minimax_m2",  # MiniMax-M2 / M2.x
@@ -28,12 +29,14 @@ ALIASES = {  # the same field under the names other releases of transformers wri
 }
 MODEL_TYPES = {  # when config.json has no architectures list
     "deepseek_v3": "DeepseekV3ForCausalLM",
+    "deepseek_v32": "DeepseekV32ForCausalLM",
     "kimi_k2": "DeepseekV3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "glm4_moe": "Glm4MoeForCausalLM",
     "minimax_m2": "MiniMaxM2ForCausalLM",
     "gpt_oss": "GptOssForCausalLM",
 }
+MLA_FAMILIES = ("deepseek_v3", "deepseek_v32")
 QK_NORMS = ("head", "all", "none")  # per head (Qwen3, GLM), over all heads at once (MiniMax)
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -82,6 +85,11 @@ class ModelConfig:
     sliding_window: int = 0
     layer_types: list[str] = field(default_factory=list)  # per layer, LAYER_TYPES; [] = full
     rope_interleave: bool = True
+    # DSA (DeepSeek-V3.2): the lightning indexer's heads and width; each query attends to the
+    # index_topk cached tokens it scores highest
+    index_n_heads: int = 0
+    index_head_dim: int = 0
+    index_topk: int = 0
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
     max_position_embeddings: int = 4096
@@ -114,6 +122,11 @@ class ModelConfig:
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_k_dense_replace and self.n_routed_experts > 0
+
+    @property
+    def is_mla(self) -> bool:
+        """Multi-head latent attention (the DeepSeek-V3 families); else GQA."""
+        return self.family in MLA_FAMILIES
 
     @property
     def rotary_dim(self) -> int:
@@ -175,7 +188,7 @@ class ModelConfig:
             eos_token_id=[] if eos is None else ([eos] if _is_int(eos) else list(eos)),
             quantization=get("quantization_config", dict, None),
         )
-        if family == "deepseek_v3":
+        if family in MLA_FAMILIES:
             cfg = cls(
                 **common,
                 intermediate_size=need("intermediate_size"),
@@ -195,6 +208,15 @@ class ModelConfig:
                 qk_rope_head_dim=need("qk_rope_head_dim"),
                 v_head_dim=need("v_head_dim"),
                 rope_interleave=get("rope_interleave", bool, True),
+                **(
+                    dict(
+                        index_n_heads=need("index_n_heads"),
+                        index_head_dim=need("index_head_dim"),
+                        index_topk=need("index_topk"),
+                    )
+                    if family == "deepseek_v32"
+                    else {}
+                ),
             )
         else:
             cfg = cls(**common, **_gqa_fields(family, get, heads, common["hidden_size"], source))
@@ -219,13 +241,15 @@ class ModelConfig:
         ]
         sizes += (
             ["kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"]
-            if self.family == "deepseek_v3"
+            if self.is_mla
             else ["head_dim"]
         )
         if self.first_k_dense_replace > 0:
             sizes.append("intermediate_size")
+        if self.family == "deepseek_v32":
+            sizes += ["index_n_heads", "index_head_dim", "index_topk", "q_lora_rank"]
         for name in sizes:  # a zero size is the config's fault, not a tensor's
-            if getattr(self, name) <= 0:
+            if (getattr(self, name) or 0) <= 0:
                 raise ValueError(
                     f"{source}: field {name!r} must be positive, got {getattr(self, name)}"
                 )
@@ -256,9 +280,7 @@ class ModelConfig:
             (self.hidden_act in ("silu", "swiglu_oai"), "hidden_act must be silu"),
             (self.qk_norm in QK_NORMS, f"qk_norm must be one of {QK_NORMS}"),
             (
-                self.family == "deepseek_v3"
-                or 0 < self.rotary_dim <= self.head_dim
-                and self.rotary_dim % 2 == 0,
+                self.is_mla or 0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0,
                 "partial_rotary_factor (rotary_dim) must give an even number of rotary dims "
                 "in (0, head_dim]",
             ),
@@ -275,11 +297,15 @@ class ModelConfig:
                 "sliding_window must be positive where layer_types has sliding_attention",
             ),
             (
-                self.family != "deepseek_v3" or self.qk_rope_head_dim % 2 == 0,
+                not self.is_mla or self.qk_rope_head_dim % 2 == 0,
                 "qk_rope_head_dim must be even",
             ),
+            (
+                self.family != "deepseek_v32" or self.qk_rope_head_dim <= self.index_head_dim,
+                "index_head_dim must hold qk_rope_head_dim (the indexer ropes its first dims)",
+            ),
         ]
-        if self.family == "deepseek_v3" and self.n_group > 1:
+        if self.is_mla and self.n_group > 1:
             per_group = self.n_routed_experts // self.n_group
             checks.append((per_group >= 2, "each expert group needs >= 2 experts (top-2 sum)"))
             checks.append(

@@ -86,7 +86,7 @@ SLP_CHUNK_TOKENS = {"cuda": 32768, "cpu": 8192}
 def attention_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
     """The attention block's projections, [N, K] each: MLA's (DeepSeek) or GQA's (Qwen3)."""
     h, n = cfg.hidden_size, cfg.num_attention_heads
-    if cfg.family == "deepseek_v3":
+    if cfg.is_mla:
         qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         shapes = [
             (cfg.kv_lora_rank + cfg.qk_rope_head_dim, h),
@@ -102,7 +102,7 @@ def attention_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
 
 def score_dims(cfg: ModelConfig) -> int:
     """Per head, the query-key and value widths one attended key costs (qk + v)."""
-    if cfg.family == "deepseek_v3":
+    if cfg.is_mla:
         return cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim
     return 2 * cfg.head_dim
 

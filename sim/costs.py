@@ -98,6 +98,6 @@ def attended_keys(tokens: int, past: int, window: int) -> float:
 def kv_bytes_per_token(cfg: ModelConfig) -> int:
     """One cached token of one layer as a GPU engine keeps it in BF16: MLA's compressed latent
     and rotary key (DeepSeek-V3: 576 values), or GQA's keys and values."""
-    if cfg.family == "deepseek_v3":
+    if cfg.is_mla:
         return 2 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
     return 2 * 2 * cfg.num_key_value_heads * cfg.head_dim

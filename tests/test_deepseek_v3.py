@@ -125,7 +125,9 @@ def quantize_state(m, fp8, projections=("gate_proj", "up_proj", "down_proj")) ->
             deq[name] = torch.from_numpy(
                 np.stack([fp8(f"{prefix}{e}.{down}.weight", a[e]) for e in range(a.shape[0])])
             )
-        elif name.endswith("proj.weight") or name.endswith("proj_with_mqa.weight"):
+        elif name.endswith(
+            ("proj.weight", "proj_with_mqa.weight", "indexer.wq_b.weight", "indexer.wk.weight")
+        ):
             deq[name] = torch.from_numpy(fp8(name, a))
         else:
             deq[name] = None  # kept as it is

@@ -105,8 +105,10 @@ class MLA:
         cfg = self.cfg
         sizes = [x.shape[0] for x in xs]
         x = xs[0] if len(xs) == 1 else torch.cat(xs)  # [T, H]
+        q_resid = None  # the query's normalized low-rank latent (DSA's indexer reads it too)
         if cfg.q_lora_rank:
-            q = self.q_b(rms_norm(self.q_a(x), self.q_a_norm, cfg.rms_norm_eps))
+            q_resid = rms_norm(self.q_a(x), self.q_a_norm, cfg.rms_norm_eps)
+            q = self.q_b(q_resid)
         else:
             q = self.q(x)
         kv = self.kv_a(x)  # [T, lora + rope]
@@ -118,14 +120,25 @@ class MLA:
                 q.split(sizes), latent.split(sizes), k_rot.split(sizes), ropes, caches
             )
         ]
+        sels = [
+            self.select(xi, ri, cos, sin, cache, sq[3], cp)
+            for xi, ri, (cos, sin), cache, sq in zip(
+                x.split(sizes),
+                q_resid.split(sizes) if q_resid is not None else [None] * len(sizes),
+                ropes,
+                caches,
+                seqs,
+            )
+        ]
         decode = [
             i for i, sq in enumerate(seqs) if self._absorb_pays(sq[0].shape[1], sq[2].shape[0])
         ]
         got: dict[int, torch.Tensor] = {
-            i: self._expanded(*sq) for i, sq in enumerate(seqs) if i not in decode
+            i: self._expanded(*sq, sel=sels[i]) for i, sq in enumerate(seqs) if i not in decode
         }
         if decode:
-            got.update(zip(decode, self._absorbed([seqs[i] for i in decode])))
+            absorbed = self._absorbed([seqs[i] for i in decode], [sels[i] for i in decode])
+            got.update(zip(decode, absorbed))
         outs = [
             got[i].transpose(0, 1).reshape(t, self.n * cfg.v_head_dim)  # [T, n*v] each
             for i, t in enumerate(sizes)
@@ -133,7 +146,9 @@ class MLA:
         out = self.o(outs[0] if len(outs) == 1 else torch.cat(outs))  # [T, H]
         return list(out.split(sizes))
 
-    def _extend(self, q, latent, k_rot, cos, sin, softmax_scale, cache: LayerCache, cp):
+    def _extend(
+        self, q, latent, k_rot, cos, sin, softmax_scale, cache: LayerCache, cp
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, float]:
         """One sequence: rope, and its new latents into the cache. q [T, n*qk], latent
         [T, lora], k_rot [T, rope] -> (q_nope [n, T, nope], q_rot [n, T, rope], the cache
         [S, lora + rope], the queries' first position, the softmax scale)."""
@@ -150,16 +165,26 @@ class MLA:
         cached = cache.kv.append(new)  # [S, lora + rope]
         return q_nope, q_rot, cached, start, self.qk_head**-0.5 * softmax_scale
 
-    def _expanded(self, q_nope, q_rot, cached, start, scale) -> torch.Tensor:
+    def select(self, x, q_resid, cos, sin, cache, start: int, cp) -> torch.Tensor | None:
+        """The cached positions each new token attends to, [T, k], or None for all of them
+        (causal): MLA attends densely; DSA (deepseek_v32.py) picks them with its indexer."""
+        return None
+
+    def _expanded(self, q_nope, q_rot, cached, start, scale, sel=None) -> torch.Tensor:
         """Every cached latent expanded through kv_b into per-head keys and values, then plain
-        attention: a prompt (one GEMM over S tokens, cheap beside the T x S scores)."""
+        attention: a prompt (one GEMM over S tokens, cheap beside the T x S scores). sel
+        [T, k]: the positions each query may attend to (DSA), else every causal one."""
         cfg, n = self.cfg, self.n
         s = cached.shape[0]
         latent, k_rot = cached.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         kv = self.kv_b(latent).view(s, n, -1).transpose(0, 1)  # [n, S, nope+v]
         k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rot.expand(n, s, -1)], dim=-1)  # [n, S, qk]
-        return attend(torch.cat([q_nope, q_rot], dim=-1), k, v, start, scale)
+        allowed = None
+        if sel is not None:
+            allowed = torch.zeros((sel.shape[0], s), dtype=torch.bool, device=sel.device)
+            allowed.scatter_(1, sel, True)  # [T, S]
+        return attend(torch.cat([q_nope, q_rot], dim=-1), k, v, start, scale, allowed=allowed)
 
     def _absorb_pays(self, t: int, s: int) -> bool:
         """Absorbed attention for t new tokens over s cached ones (theirs included): always
@@ -181,25 +206,43 @@ class MLA:
         expanded = 2 * s * lora * n * (nope + v) + n * t * s * 2 * (nope + rope + v)
         return absorbed < expanded and n * t * s * 4 <= ABSORB_BYTES
 
-    def _absorbed(self, seqs: list[tuple]) -> list[torch.Tensor]:
+    def _absorbed(self, seqs: list[tuple], sels: list) -> list[torch.Tensor]:
         """A few new tokens per sequence (decode): kv_b's key half folded into the query and
         its value half applied after, so every head scores against the shared latent
         directly: q_nope . (W_uk c) = (W_uk^T q_nope) . c, and sum_s p_s W_uv c_s =
         W_uv (sum_s p_s c_s). Each cache is read as it is, one [n*T, lora + rope] x
         [S, lora + rope] product; the two kv_b products run once over every sequence's tokens,
-        so the batch reads kv_b once. seqs: _extend's tuples; returns [n, T, v] each."""
+        so the batch reads kv_b once. With a selection (DSA, sels[i] [T, k]) each query scores
+        only the k cached rows it selected, gathered: the step's attention reads k rows, not
+        S. seqs: _extend's tuples; returns [n, T, v] each."""
         cfg, n = self.cfg, self.n
         w = self._absorb_weights()
         ts = [sq[0].shape[1] for sq in seqs]
         q_lat = w.keys(torch.cat([sq[0] for sq in seqs], dim=1))  # [n, sum T, lora]
         o_lats = []
-        for (_, q_rot, cached, start, scale), ql in zip(seqs, q_lat.split(ts, dim=1)):
+        for (_, q_rot, cached, start, scale), ql, sel in zip(seqs, q_lat.split(ts, dim=1), sels):
             t = ql.shape[1]
+            if sel is not None:
+                o_lats.append(
+                    self._sparse(torch.cat([ql, q_rot], dim=-1), cached, sel, start, scale)
+                )
+                continue
             qc = torch.cat([ql, q_rot], dim=-1).reshape(n * t, -1)  # [n*T, lora+rope]
             scores = mask_causal((qc @ cached.T).view(n, t, -1) * scale, start)  # [n, T, S]
             p = torch.softmax(scores, dim=-1).view(n * t, -1)
             o_lats.append((p @ cached[:, : cfg.kv_lora_rank]).view(n, t, -1))  # [n, T, lora]
         return list(w.values(torch.cat(o_lats, dim=1)).split(ts, dim=1))  # [n, T, v] each
+
+    def _sparse(self, qc, cached, sel, start: int, scale: float) -> torch.Tensor:
+        """Absorbed attention over selected rows: qc [n, T, lora + rope], sel [T, k] ->
+        [n, T, lora]. A selected position ahead of its query (where fewer than k were causal)
+        is masked."""
+        t = sel.shape[0]
+        rows = cached[sel]  # [T, k, lora + rope]
+        scores = torch.einsum("ntd,tkd->ntk", qc, rows) * scale
+        ahead = sel > (start + torch.arange(t, device=sel.device))[:, None]  # [T, k]
+        p = torch.softmax(scores.masked_fill(ahead, float("-inf")), dim=-1)
+        return torch.einsum("ntk,tkl->ntl", p, rows[..., : self.cfg.kv_lora_rank])
 
     def _absorb_weights(self) -> Absorbed:
         if self._absorb is None:

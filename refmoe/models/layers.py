@@ -125,18 +125,20 @@ def attend(
     budget_bytes: int = 1 << 30,
     window: int = 0,
     sinks: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of queries at positions start .. start+T over keys 0 .. S.
     q [n, T, d], k [n, S, d], v [n, S, dv] -> [n, T, dv]. Query blocks keep the score matrix
     under budget_bytes, so a long prompt never builds an [n, T, S] tensor at once.
     window > 0: a query at position p sees keys p - window + 1 .. p only (sliding-window
     layers), and a block reads only the keys its queries can see. sinks [n] (gpt-oss): one more
-    logit per head in every softmax's denominator, attending to nothing."""
+    logit per head in every softmax's denominator, attending to nothing. allowed [T, S] bool
+    (DSA): the keys each query may attend to besides the causal rule."""
     n, t, _ = q.shape
     s = k.shape[1]
     if t == 0:  # a rank that only hosts a distributed prefill attends for no query
         return q.new_zeros((n, 0, v.shape[2]))
-    if q.is_cuda and window == 0 and sinks is None:
+    if q.is_cuda and window == 0 and sinks is None and allowed is None:
         out = _fused_attention(q, k, v, start, scale)
         if out is not None:
             return out
@@ -147,6 +149,8 @@ def attend(
         first = max(0, start + lo - window + 1) if window > 0 else 0  # the oldest key seen
         scores = (q[:, lo:hi] @ k[:, first:].transpose(1, 2)) * scale  # [n, b, S - first]
         scores = mask_causal(scores, start + lo, first, window)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed[lo:hi, first:], float("-inf"))
         if sinks is None:
             outs.append(torch.softmax(scores, dim=-1) @ v[:, first:])
             continue
