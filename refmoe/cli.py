@@ -202,6 +202,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         directory = _demo_model(args)
         rows: list[dict[str, Any]] = []
+        if args.contexts:
+            rows = demo.decode_at_contexts(directory, args.contexts, steps=args.reps)
+            if args.json:
+                print(json.dumps(rows))
+            for row in [] if args.json else rows:
+                print(
+                    f"decode {row['model']} at {row['context']} cached tokens "
+                    f"({row['attention']}): {row['step_ms']:.1f} ms a step "
+                    f"[{row['step_ms_min']:.1f}-{row['step_ms_max']:.1f}], "
+                    f"{row['over_first']:.2f}x the step at {args.contexts[0]}"
+                )
+            return 0
         for _ in range(min(args.reps, 3)):
             r = demo.run(directory, 16, 16, device=args.device)
             rows.append(
@@ -390,14 +402,16 @@ def _demo_model(args: argparse.Namespace):
     layers, experts = demo.size_for_memory(demo.available_memory())
     layers, experts = args.layers or layers, args.experts or experts
     fmt = getattr(args, "expert_format", None) or "fp8"
+    family = getattr(args, "family", None) or "deepseek_v3"
     name = f"L{layers}-E{experts}" + ("" if fmt == "fp8" else f"-{fmt}")
+    name += "" if family == "deepseek_v3" else f"-{family}"
     directory = Path(args.dir) if args.dir else demo.default_dir() / name
     show = (
         (lambda it: tqdm(it, desc="building demo model", unit="shard"))
         if sys.stderr.isatty()
         else None
     )
-    return demo.build(directory, layers, experts, progress=show, expert_format=fmt)
+    return demo.build(directory, layers, experts, progress=show, expert_format=fmt, family=family)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -741,6 +755,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["fp8", "mxfp4", "nvfp4", "int4g"],
         help="routed experts' format: fp8 (default), or as the 4-bit releases store them",
     )
+    dm.add_argument(
+        "--family",
+        choices=["deepseek_v3", "deepseek_v32"],
+        help="the demo model's family: deepseek_v3 (default), or deepseek_v32 (V3's "
+        "layers with DeepSeek-V3.2's DSA indexer: 64 heads of 128, top 2,048)",
+    )
     dm.add_argument("--prompt-tokens", type=int, default=16)
     dm.add_argument("--max-tokens", type=int, default=16)
     dm.add_argument("--trace", metavar="FILE", help="write the measured request's Chrome trace")
@@ -764,6 +784,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode, prefill: demo model experts per layer (a multiple of 8, at least 16)",
     )
     b.add_argument("--dir", help="decode, prefill: demo model directory")
+    b.add_argument(
+        "--family",
+        choices=["deepseek_v3", "deepseek_v32"],
+        help="decode: the demo model's family: deepseek_v3 (default), or deepseek_v32 (V3's "
+        "layers with DeepSeek-V3.2's DSA indexer: 64 heads of 128, top 2,048)",
+    )
+    b.add_argument(
+        "--contexts",
+        type=lambda v: [int(x) for x in v.split(",")],
+        help="decode: cached tokens to decode after, e.g. 2048,32768 (the caches filled with "
+        "synthetic entries: a step's cost, not its tokens, is measured); with --family "
+        "deepseek_v32 also dense MLA at each, for comparison",
+    )
     b.add_argument("--model", help="prefill, serve: a model directory instead of the demo model")
     b.add_argument(
         "--scenario",

@@ -50,9 +50,24 @@ V3_LAYER = dict(
 EXPERT_BYTES = 3 * 2048 * 7168 + 3 * 16 * 56 * 4  # codes + scales of one FP8 expert
 
 
-def demo_config(layers: int, experts: int, vocab: int = 8192, expert_format: str = "fp8") -> dict:
+# DeepSeek-V3.2's lightning indexer as released: 64 heads of 128, each query's top 2,048
+V32_INDEXER = dict(index_n_heads=64, index_head_dim=128, index_topk=2048)
+FAMILIES = ("deepseek_v3", "deepseek_v32")
+
+
+def demo_config(
+    layers: int,
+    experts: int,
+    vocab: int = 8192,
+    expert_format: str = "fp8",
+    family: str = "deepseek_v3",
+) -> dict:
+    """The demo model's config.json: DeepSeek-V3's layer shapes (deepseek_v32: and V3.2's
+    DSA indexer)."""
     from refmoe.convert import QUANTIZATION_CONFIG
 
+    if family not in FAMILIES:
+        raise ValueError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
     if experts % 8 or experts < 16:
         raise ValueError(f"experts per layer must be a multiple of 8 and >= 16, got {experts}")
     if expert_format not in QUANTIZATION_CONFIG:
@@ -60,9 +75,10 @@ def demo_config(layers: int, experts: int, vocab: int = 8192, expert_format: str
             f"--expert-format must be one of {', '.join(QUANTIZATION_CONFIG)}, got "
             f"{expert_format!r}"
         )
+    v32 = family == "deepseek_v32"
     return dict(
-        architectures=["DeepseekV3ForCausalLM"],
-        model_type="deepseek_v3",
+        architectures=["DeepseekV32ForCausalLM" if v32 else "DeepseekV3ForCausalLM"],
+        model_type=family,
         vocab_size=vocab,
         num_hidden_layers=layers,
         n_routed_experts=experts,
@@ -73,6 +89,7 @@ def demo_config(layers: int, experts: int, vocab: int = 8192, expert_format: str
         tie_word_embeddings=False,
         quantization_config=QUANTIZATION_CONFIG[expert_format],
         **V3_LAYER,
+        **(V32_INDEXER if v32 else {}),
     )
 
 
@@ -163,12 +180,13 @@ def build(
     seed: int = 0,
     progress=None,
     expert_format: str = "fp8",
+    family: str = "deepseek_v3",
 ) -> Path:
     """Write the demo checkpoint (one shard per layer) unless it is already there, and its
     tokenizer and chat template (refmoe/demo_tokenizer.py) unless they are."""
     from refmoe import demo_tokenizer
 
-    cfg = demo_config(layers, experts, vocab, expert_format)
+    cfg = demo_config(layers, experts, vocab, expert_format, family)
     four_bit = _FourBit(expert_format, seed + 2) if expert_format != "fp8" else None
     done = directory / "config.json"
     if done.exists() and json.loads(done.read_text()) == cfg:
@@ -217,6 +235,13 @@ def build(
                 (n * (c["qk_nope_head_dim"] + c["v_head_dim"]), c["kv_lora_rank"]),
             )
             put(tensors, dtypes, f"{a}.o_proj.weight", (h, n * c["v_head_dim"]))
+            if family == "deepseek_v32":  # the indexer: FP8 projections, a layer norm
+                ih, idim = c["index_n_heads"], c["index_head_dim"]
+                put(tensors, dtypes, f"{a}.indexer.wq_b.weight", (ih * idim, c["q_lora_rank"]))
+                put(tensors, dtypes, f"{a}.indexer.wk.weight", (idim, h))
+                put(tensors, dtypes, f"{a}.indexer.weights_proj.weight", (ih, h))
+                tensors[f"{a}.indexer.k_norm.weight"] = np.ones(idim, np.float32)
+                tensors[f"{a}.indexer.k_norm.bias"] = np.zeros(idim, np.float32)
             for norm, size in (
                 (f"{a}.q_a_layernorm", c["q_lora_rank"]),
                 (f"{a}.kv_a_layernorm", c["kv_lora_rank"]),
@@ -358,3 +383,55 @@ def run(
         cpu_bytes_per_token(model),
         str(model.device),
     )
+
+
+def decode_at_contexts(directory: Path, contexts: list[int], steps: int = 5) -> list[dict]:
+    """Decode steps of the demo model after `contexts` cached tokens each: every layer's cache
+    is filled with synthetic entries (random latents and, for DSA, indexer keys: what a step
+    costs depends on how many there are, not on their values), then `steps` single-token
+    steps are timed (median, min, max). A DeepSeek-V3.2 model is measured twice: with its
+    indexer (sparse), and with index_topk past every context (dense MLA, what V3 does)."""
+    import torch
+
+    from refmoe import models
+
+    if any(c < 1 for c in contexts) or steps < 1:
+        raise ValueError(f"contexts and steps must be positive, got {contexts}, {steps}")
+    cfg, model = models.load(directory)
+    modes = ["sparse", "dense"] if cfg.family == "deepseek_v32" else ["dense"]
+    topk, lora = cfg.index_topk, cfg.kv_lora_rank
+    rows: list[dict] = []
+    gen = torch.Generator().manual_seed(0)
+    for mode in modes:
+        cfg.index_topk = topk if mode == "sparse" else 1 << 40
+        first = None
+        for context in contexts:
+            cache = model.new_cache()
+            for layer in cache.layers:  # MLA's latents (and DSA's indexer keys)
+                layer.kv.append(torch.randn(context, lora + cfg.qk_rope_head_dim, generator=gen))
+                if cfg.family == "deepseek_v32":
+                    layer.keys.append(torch.randn(context, cfg.index_head_dim, generator=gen))
+            model.forward(torch.tensor([5]), cache)  # warm-up
+            times = []
+            for i in range(steps):
+                start = time.perf_counter()
+                model.forward(torch.tensor([7 + i]), cache)
+                times.append(time.perf_counter() - start)
+            times.sort()
+            ms = 1e3 * times[len(times) // 2]
+            first = first or ms
+            rows.append(
+                {
+                    "op": "decode_at_context",
+                    "model": f"demo-{cfg.family}-L{cfg.num_hidden_layers}-E{cfg.n_routed_experts}",
+                    "attention": mode if cfg.family == "deepseek_v32" else "mla",
+                    "context": context,
+                    "step_ms": ms,
+                    "step_ms_min": 1e3 * times[0],
+                    "step_ms_max": 1e3 * times[-1],
+                    "over_first": ms / first,
+                    "threads": kernels._threads(None),
+                }
+            )
+    cfg.index_topk = topk
+    return rows

@@ -138,3 +138,24 @@ def test_bad_configs_named(change, field):
     d.update(change)
     with pytest.raises(ValueError, match=field):
         ModelConfig.from_dict(d)
+
+
+def test_decode_at_contexts_measures_sparse_and_dense(saved):
+    """`refmoe bench decode --contexts` on a DSA model: each context's caches (latents and
+    indexer keys) filled, single-token steps timed, with the indexer and with dense MLA."""
+    from refmoe import demo
+
+    _, d = saved
+    rows = demo.decode_at_contexts(d, [8, 40], steps=2)
+    assert [(r["attention"], r["context"]) for r in rows] == [
+        ("sparse", 8),
+        ("sparse", 40),
+        ("dense", 8),
+        ("dense", 40),
+    ]
+    assert all(r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"] for r in rows)
+    assert rows[0]["over_first"] == 1.0
+    cfg = ModelConfig.from_dict(demo.demo_config(1, 16, family="deepseek_v32"))
+    assert cfg.family == "deepseek_v32" and (cfg.index_n_heads, cfg.index_topk) == (64, 2048)
+    with pytest.raises(ValueError, match="--family"):
+        demo.demo_config(1, 16, family="glm4_moe")
