@@ -17,6 +17,7 @@ ARCHITECTURES = {
     "DeepseekV3ForCausalLM": "deepseek_v3",  # DeepSeek-V3/R1/V3.1, Kimi-K2, Moonlight
     "DeepseekV2ForCausalLM": "deepseek_v3",  # same MLA/MoE layout (noaux_tc needs V3 gating)
     "DeepseekV32ForCausalLM": "deepseek_v32",  # DeepSeek-V3.2(-Exp): V3 + DSA's indexer
+    "GlmMoeDsaForCausalLM": "glm_moe_dsa",  # GLM-5: DSA with layers sharing a selection
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "Glm4MoeForCausalLM": "glm4_moe",  # GLM-4.5 / 4.6 / 4.7 (and -Air)
     "MiniMaxM2ForCausalLM": "minimax_m2",  # MiniMax-M2 / M2.x
@@ -30,13 +31,15 @@ ALIASES = {  # the same field under the names other releases of transformers wri
 MODEL_TYPES = {  # when config.json has no architectures list
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "deepseek_v32": "DeepseekV32ForCausalLM",
+    "glm_moe_dsa": "GlmMoeDsaForCausalLM",
     "kimi_k2": "DeepseekV3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "glm4_moe": "Glm4MoeForCausalLM",
     "minimax_m2": "MiniMaxM2ForCausalLM",
     "gpt_oss": "GptOssForCausalLM",
 }
-MLA_FAMILIES = ("deepseek_v3", "deepseek_v32")
+MLA_FAMILIES = ("deepseek_v3", "deepseek_v32", "glm_moe_dsa")
+DSA_FAMILIES = ("deepseek_v32", "glm_moe_dsa")
 QK_NORMS = ("head", "all", "none")  # per head (Qwen3, GLM), over all heads at once (MiniMax)
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -90,6 +93,8 @@ class ModelConfig:
     index_n_heads: int = 0
     index_head_dim: int = 0
     index_topk: int = 0
+    indexer_types: list[str] = field(default_factory=list)  # per layer full | shared; [] = full
+    index_rope_interleave: bool = False  # GLM-5 ropes the indexer interleaved, V3.2 half-split
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
     max_position_embeddings: int = 4096
@@ -127,6 +132,11 @@ class ModelConfig:
     def is_mla(self) -> bool:
         """Multi-head latent attention (the DeepSeek-V3 families); else GQA."""
         return self.family in MLA_FAMILIES
+
+    @property
+    def is_dsa(self) -> bool:
+        """DeepSeek Sparse Attention: MLA with the lightning indexer (V3.2, GLM-5)."""
+        return self.family in DSA_FAMILIES
 
     @property
     def rotary_dim(self) -> int:
@@ -189,8 +199,7 @@ class ModelConfig:
             quantization=get("quantization_config", dict, None),
         )
         if family in MLA_FAMILIES:
-            cfg = cls(
-                **common,
+            mla = dict(
                 intermediate_size=need("intermediate_size"),
                 moe_intermediate_size=need("moe_intermediate_size"),
                 n_routed_experts=need("n_routed_experts"),
@@ -208,16 +217,10 @@ class ModelConfig:
                 qk_rope_head_dim=need("qk_rope_head_dim"),
                 v_head_dim=need("v_head_dim"),
                 rope_interleave=get("rope_interleave", bool, True),
-                **(
-                    dict(
-                        index_n_heads=need("index_n_heads"),
-                        index_head_dim=need("index_head_dim"),
-                        index_topk=need("index_topk"),
-                    )
-                    if family == "deepseek_v32"
-                    else {}
-                ),
             )
+            if family in DSA_FAMILIES:
+                mla |= _dsa_fields(family, get, source)
+            cfg = cls(**common, **mla)
         else:
             cfg = cls(**common, **_gqa_fields(family, get, heads, common["hidden_size"], source))
         cfg.validate(source)
@@ -246,7 +249,7 @@ class ModelConfig:
         )
         if self.first_k_dense_replace > 0:
             sizes.append("intermediate_size")
-        if self.family == "deepseek_v32":
+        if self.is_dsa:
             sizes += ["index_n_heads", "index_head_dim", "index_topk", "q_lora_rank"]
         for name in sizes:  # a zero size is the config's fault, not a tensor's
             if (getattr(self, name) or 0) <= 0:
@@ -301,8 +304,15 @@ class ModelConfig:
                 "qk_rope_head_dim must be even",
             ),
             (
-                self.family != "deepseek_v32" or self.qk_rope_head_dim <= self.index_head_dim,
+                not self.is_dsa or self.qk_rope_head_dim <= self.index_head_dim,
                 "index_head_dim must hold qk_rope_head_dim (the indexer ropes its first dims)",
+            ),
+            (
+                not self.indexer_types
+                or len(self.indexer_types) == self.num_hidden_layers
+                and set(self.indexer_types) <= {"full", "shared"}
+                and self.indexer_types[0] == "full",
+                "indexer_types: full or shared per layer (num_hidden_layers), the first full",
             ),
         ]
         if self.is_mla and self.n_group > 1:
@@ -358,6 +368,45 @@ class ModelConfig:
         except OSError as e:  # a symlink loop, a directory, no permission
             raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
         return cls.from_dict(d, str(path))
+
+
+def _dsa_fields(family: str, get: _Fields, source: str) -> dict:
+    """DSA's indexer fields (DeepSeek-V3.2, GLM-5). GLM-5's layers either run their indexer
+    (full) or reuse the previous full layer's selection (shared): indexer_types, else as
+    transformers derives it from index_topk_pattern ("FSS...") or index_topk_freq and
+    index_skip_topk_offset; its dense layers come as mlp_layer_types."""
+    need = get.need
+    f: dict = dict(
+        index_n_heads=need("index_n_heads"),
+        index_head_dim=need("index_head_dim"),
+        index_topk=need("index_topk"),
+    )
+    if family != "glm_moe_dsa":
+        return f
+    n = need("num_hidden_layers")
+    types = get("indexer_types", list, None)
+    pattern = get("index_topk_pattern", str, None)
+    if types is None and pattern is not None:
+        bad = set(pattern) - {"F", "S"}
+        if bad:
+            raise ValueError(
+                f"{source}: field 'index_topk_pattern': F or S per layer, got {pattern!r}"
+            )
+        types = ["full" if c == "F" else "shared" for c in pattern]
+    if types is None:
+        freq = max(get("index_topk_freq", int, 1), 1)
+        offset = get("index_skip_topk_offset", int, 2)
+        types = ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(n)]
+    mlp = get("mlp_layer_types", list, None)
+    dense = get("first_k_dense_replace", int, None) or 0
+    if mlp is not None:
+        dense = sum(1 for t in mlp if t == "dense")
+        if mlp != ["dense"] * dense + ["sparse"] * (len(mlp) - dense) or len(mlp) != n:
+            raise ValueError(
+                f"{source}: field 'mlp_layer_types': refmoe runs dense layers first, then MoE "
+                f"(one per layer), got {mlp!r}"
+            )
+    return f | dict(indexer_types=types, index_rope_interleave=True, first_k_dense_replace=dense)
 
 
 def _gqa_fields(family: str, get: _Fields, heads: int, hidden: int, source: str) -> dict:

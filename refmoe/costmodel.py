@@ -93,9 +93,15 @@ def attention_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
             (n * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank),
             (h, n * cfg.v_head_dim),
         ]
-        return shapes + (
+        shapes += (
             [(cfg.q_lora_rank, h), (n * qk, cfg.q_lora_rank)] if cfg.q_lora_rank else [(n * qk, h)]
         )
+        if cfg.is_dsa and cfg.q_lora_rank:  # the indexer (averaged over GLM-5's shared layers)
+            ih, idim = cfg.index_n_heads, cfg.index_head_dim
+            full = 1.0 - cfg.indexer_types.count("shared") / max(len(cfg.indexer_types), 1)
+            for rows, cols in ((ih * idim, cfg.q_lora_rank), (idim, h), (ih, h)):
+                shapes.append((max(1, round(rows * full)), cols))
+        return shapes
     d, g = cfg.head_dim, cfg.num_key_value_heads
     return [(n * d, h), (g * d, h), (g * d, h), (h, n * d)]
 

@@ -394,11 +394,12 @@ def decode_at_contexts(directory: Path, contexts: list[int], steps: int = 5) -> 
     import torch
 
     from refmoe import models
+    from refmoe.models import deepseek_v32
 
     if any(c < 1 for c in contexts) or steps < 1:
         raise ValueError(f"contexts and steps must be positive, got {contexts}, {steps}")
     cfg, model = models.load(directory)
-    modes = ["sparse", "dense"] if cfg.family == "deepseek_v32" else ["dense"]
+    modes = ["sparse", "dense"] if cfg.is_dsa else ["dense"]
     topk, lora = cfg.index_topk, cfg.kv_lora_rank
     rows: list[dict] = []
     gen = torch.Generator().manual_seed(0)
@@ -409,7 +410,7 @@ def decode_at_contexts(directory: Path, contexts: list[int], steps: int = 5) -> 
             cache = model.new_cache()
             for layer in cache.layers:  # MLA's latents (and DSA's indexer keys)
                 layer.kv.append(torch.randn(context, lora + cfg.qk_rope_head_dim, generator=gen))
-                if cfg.family == "deepseek_v32":
+                if isinstance(layer, deepseek_v32.LayerCache):
                     layer.keys.append(torch.randn(context, cfg.index_head_dim, generator=gen))
             model.forward(torch.tensor([5]), cache)  # warm-up
             times = []
@@ -424,7 +425,7 @@ def decode_at_contexts(directory: Path, contexts: list[int], steps: int = 5) -> 
                 {
                     "op": "decode_at_context",
                     "model": f"demo-{cfg.family}-L{cfg.num_hidden_layers}-E{cfg.n_routed_experts}",
-                    "attention": mode if cfg.family == "deepseek_v32" else "mla",
+                    "attention": mode if cfg.is_dsa else "mla",
                     "context": context,
                     "step_ms": ms,
                     "step_ms_min": 1e3 * times[0],

@@ -40,7 +40,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from refmoe import tool_calls
+from refmoe import reasoning, tool_calls
 from refmoe.engine import Engine, QueueFull, ShuttingDown
 from refmoe.metrics import Metrics
 from refmoe.sampling import SamplingParams
@@ -601,9 +601,16 @@ def create_app(
             raise
 
     async def generate(
-        request: Request, body: _Sampling, prompt: list[int], chat: bool, tools=None
+        request: Request,
+        body: _Sampling,
+        prompt: list[int],
+        chat: bool,
+        tools=None,
+        think: bool | None = None,
     ):
-        """tools: the request's ToolPlan (chat with tools), whose calls are read off the reply."""
+        """tools: the request's ToolPlan (chat with tools), whose calls are read off the reply.
+        think: None when the model writes no reasoning block, else whether the reply starts
+        inside one (refmoe.reasoning); the reasoning is returned as reasoning_content."""
         eng = engine()
         check_model(body.model)
         limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
@@ -618,7 +625,7 @@ def create_app(
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                _stream(eng, req, queue, rid, created, chat, include_usage, tools),
+                _stream(eng, req, queue, rid, created, chat, include_usage, tools, think),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
@@ -629,7 +636,12 @@ def create_app(
         finish, usage = end["reason"], end["usage"]
         content = "".join(text)
         if chat:
+            thought = ""
+            if think is not None:
+                thought, content = reasoning.split(content, think)
             message: dict = {"role": "assistant", "content": content}
+            if thought:
+                message["reasoning_content"] = thought
             if tools is not None:
                 content, calls = tools.read(content)
                 message["content"] = content or None
@@ -654,10 +666,11 @@ def create_app(
             "usage": usage,
         }
 
-    async def _stream(eng, req, queue, rid, created, chat, include_usage, tools=None):
+    async def _stream(eng, req, queue, rid, created, chat, include_usage, tools=None, think=None):
         kind = "chat.completion.chunk" if chat else "text_completion"
         reader = tools.stream() if tools is not None else None
-        so_far, called = "", 0
+        thinking = reasoning.ReasoningStream(think) if think is not None else None
+        so_far, raw, called = "", "", 0
 
         def chunk(choices, usage=None):
             out = {"id": rid, "object": kind, "created": created, "model": name, "choices": choices}
@@ -690,6 +703,11 @@ def create_app(
                     )
                     break
                 if ev["type"] == "token":
+                    thought = ""
+                    if thinking is not None:  # the reasoning first, apart from the content
+                        raw += ev["text"]
+                        thought, piece = thinking.feed(raw)
+                        ev = {**ev, "text": piece}
                     if reader is not None:
                         so_far += ev["text"]
                         piece, calls = reader.feed(so_far)
@@ -703,7 +721,9 @@ def create_app(
                             called += 1
                         ev = {**ev, "text": piece}
                     if chat:
-                        delta = {"content": ev["text"]}
+                        delta = {"content": ev["text"]} if ev["text"] or not thought else {}
+                        if thought:
+                            delta["reasoning_content"] = thought
                         if first:
                             delta["role"] = "assistant"
                         c = {"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}
@@ -719,7 +739,18 @@ def create_app(
                     yield chunk([c])
                 else:
                     reason = ev["reason"]
+                    rest = ""
+                    if thinking is not None:  # what the reasoning stream held back
+                        thought, rest = thinking.feed(raw, final=True)
+                        if thought:
+                            d = {"reasoning_content": thought}
+                            t = {"index": 0, "delta": d, "finish_reason": None, "logprobs": None}
+                            yield chunk([t])
+                    if reader is None and rest:
+                        t = {"index": 0, "delta": {"content": rest}, "finish_reason": None}
+                        yield chunk([{**t, "logprobs": None}])
                     if reader is not None:
+                        so_far += rest
                         piece, calls = reader.feed(so_far, final=True)
                         if piece:
                             d = {"content": piece}
@@ -816,6 +847,7 @@ def create_app(
             raise APIError(400, str(e), param="messages") from None
         if tools is not None:
             text += tools.opening
+        think = reasoning.starts_inside(text) if reasoning.format_of(tok.chat_template) else None
         prompt = await encode(text, False, "messages")
         stops = body.stop_sequences or []
         check_stops(stops, "stop_sequences")
@@ -857,12 +889,35 @@ def create_app(
                         }
                     },
                 )
+                # a thinking model's reply opens with a thinking block, then the text
+                thinking = reasoning.ReasoningStream(think) if think is not None else None
+                opened = {"type": "thinking", "thinking": ""} if thinking else None
                 yield _sse(
                     "content_block_start",
-                    {"index": 0, "content_block": {"type": "text", "text": ""}},
+                    {"index": 0, "content_block": opened or {"type": "text", "text": ""}},
                 )
                 reader = tools.stream() if tools is not None else None
-                block, is_text, so_far, called = 0, True, "", 0
+                block, is_text, so_far, called, raw = 0, True, "", 0, ""
+                in_thought = thinking is not None
+
+                def thoughts(thought: str, piece: str) -> list[str]:
+                    """SSE events for reasoning, and the thinking block's end where the
+                    content begins."""
+                    nonlocal block, in_thought
+                    out = []
+                    if thought:
+                        delta = {"type": "thinking_delta", "thinking": thought}
+                        out.append(_sse("content_block_delta", {"index": block, "delta": delta}))
+                    if piece and in_thought:
+                        sig = {"type": "signature_delta", "signature": ""}
+                        out.append(_sse("content_block_delta", {"index": block, "delta": sig}))
+                        out.append(_sse("content_block_stop", {"index": block}))
+                        block, in_thought = block + 1, False
+                        start = {"type": "text", "text": ""}
+                        out.append(
+                            _sse("content_block_start", {"index": block, "content_block": start})
+                        )
+                    return out
 
                 def pieces(piece, calls):
                     """SSE events for a piece of text and completed calls, each a block."""
@@ -896,12 +951,25 @@ def create_app(
                         ev = await queue.get()
                         if ev["type"] == "token":
                             piece, calls = ev["text"], []
+                            if thinking is not None:
+                                raw += ev["text"]
+                                thought, piece = thinking.feed(raw)
+                                for sse in thoughts(thought, piece):
+                                    yield sse
                             if reader is not None:
-                                so_far += ev["text"]
+                                so_far += piece
                                 piece, calls = reader.feed(so_far)
                             for sse in pieces(piece, calls):
                                 yield sse
                         elif ev["type"] == "finish":
+                            if thinking is not None:  # what the reasoning stream held back
+                                thought, rest = thinking.feed(raw, final=True)
+                                for sse in thoughts(thought, rest):
+                                    yield sse
+                                if reader is None:
+                                    for sse in pieces(rest, []):
+                                        yield sse
+                                so_far += rest
                             if reader is not None:
                                 for sse in pieces(*reader.feed(so_far, final=True)):
                                     yield sse
@@ -936,10 +1004,15 @@ def create_app(
             return Response(status_code=499)  # the client went away
         parts, _, finish = got
         content, calls = "".join(parts), list[tool_calls.ToolCall]()
+        thought = ""
+        if think is not None:
+            thought, content = reasoning.split(content, think)
         if tools is not None:
             content, calls = tools.read(content)
         reason, seq = stop_of(finish, bool(calls))
         blocks = [{"type": "text", "text": content}] if content or not calls else []
+        if thought:  # Anthropic's shape for a model's reasoning (no signature: not Claude's)
+            blocks = [{"type": "thinking", "thinking": thought, "signature": ""}] + blocks
         return {
             **head,
             "content": blocks + [tool_calls.as_anthropic_block(c) for c in calls],
@@ -979,8 +1052,9 @@ def create_app(
             raise APIError(400, str(e), param="messages") from None
         if tools is not None:
             text += tools.opening  # a required call: the reply starts inside it
+        think = reasoning.starts_inside(text) if reasoning.format_of(tok.chat_template) else None
         prompt = await encode(text, False, "messages")
-        return await generate(request, body, prompt, chat=True, tools=tools)
+        return await generate(request, body, prompt, chat=True, tools=tools, think=think)
 
     # -- the rest of the API ------------------------------------------------------------
 

@@ -9,6 +9,13 @@ template:
     deepseek   <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{ARGUMENTS}
                <｜tool▁call▁end｜>...<｜tool▁calls▁end｜> (DeepSeek-V3.1's template; V3-0324
                writes "function<｜tool▁sep｜>NAME\\n```json\\n{...}\\n```": both are read)
+    glm        <tool_call>NAME\\n<arg_key>K</arg_key>\\n<arg_value>V</arg_value>...</tool_call>
+               (GLM-4.5 and later: a string value raw, others as JSON)
+    minimax    <minimax:tool_call>\\n<invoke name="NAME">\\n<parameter name="K">V</parameter>
+               ...</invoke>...</minimax:tool_call> (MiniMax-M2: one block, several invokes)
+    kimi       <|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:I
+               <|tool_call_argument_begin|>{ARGUMENTS}<|tool_call_end|>...
+               <|tool_calls_section_end|> (Kimi-K2)
 
 ToolStream takes the decoded text as it grows and gives back the text that is surely content
 (a piece that could be the start of a call marker is held back until it is decided) and each
@@ -26,9 +33,23 @@ from dataclasses import dataclass, field
 FORMATS = {
     "hermes": ("<tool_call>", "</tool_call>"),
     "deepseek": ("<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>"),
+    "glm": ("<tool_call>", "</tool_call>"),
+    "minimax": ("<minimax:tool_call>", "</minimax:tool_call>"),
+    "kimi": ("<|tool_call_begin|>", "<|tool_call_end|>"),
 }
-# markers around a group of calls that are not content (DeepSeek's)
-_GROUP = ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>")
+# what in a chat template tells its format, most specific first (GLM's calls open as Hermes's)
+_TOLD_BY = (
+    ("glm", "<arg_key>"),
+    ("minimax", "<minimax:tool_call>"),
+    ("kimi", "<|tool_call_begin|>"),
+    ("hermes", "<tool_call>"),
+    ("deepseek", "<｜tool▁call▁begin｜>"),
+)
+# markers around a group of calls that are not content
+GROUPS = {
+    "deepseek": ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"),
+    "kimi": ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"),
+}
 
 
 class ToolCallError(ValueError):
@@ -53,10 +74,7 @@ def format_of(template: str | None) -> str | None:
     """The tool-call format a chat template teaches its model; None: it has none."""
     if not template:
         return None
-    for name, (start, _) in FORMATS.items():
-        if start in template:
-            return name
-    return None
+    return next((name for name, sign in _TOLD_BY if sign in template), None)
 
 
 def opening(fmt: str, name: str | None = None) -> str:
@@ -65,11 +83,64 @@ def opening(fmt: str, name: str | None = None) -> str:
     start = FORMATS[fmt][0]
     if fmt == "hermes":
         return start + "\n" + (f'{{"name": "{name}", "arguments": ' if name else "")
-    return (_GROUP[0] + start) + (f"{name}<｜tool▁sep｜>" if name else "")
+    if fmt == "glm":
+        return start + (f"{name}\n" if name else "")
+    if fmt == "minimax":
+        return start + "\n" + (f'<invoke name="{name}">\n' if name else "")
+    if fmt == "kimi":
+        return (
+            GROUPS[fmt][0]
+            + start
+            + (f"functions.{name}:0<|tool_call_argument_begin|>" if name else "")
+        )
+    return (GROUPS[fmt][0] + start) + (f"{name}<｜tool▁sep｜>" if name else "")
+
+
+def _value(text: str):
+    """An argument written as text (GLM, MiniMax): JSON where it reads as JSON, else the
+    string as written (without the whitespace around it)."""
+    text = text.strip()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _read_all(fmt: str, body: str) -> list[ToolCall]:
+    """The calls in one block (MiniMax's holds several invokes; the others one call)."""
+    if fmt != "minimax":
+        return [_read(fmt, body)]
+    calls = []
+    for m in re.finditer(r'<invoke name="([^"]*)">(.*?)</invoke>', body, re.S):
+        params = re.findall(r'<parameter name="([^"]*)">(.*?)</parameter>', m.group(2), re.S)
+        args = {k: _value(v.strip()) for k, v in params}
+        calls.append(ToolCall(m.group(1).strip(), json.dumps(args, ensure_ascii=False)))
+    if not calls:
+        raise ToolCallError(f"a MiniMax tool call has no <invoke>: {body[:200]!r}")
+    return calls
 
 
 def _read(fmt: str, body: str) -> ToolCall:
     body = body.strip()
+    if fmt == "glm":
+        name = body.partition("<arg_key>")[0].strip()
+        pairs = re.findall(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", body, re.S)
+        if not name:
+            raise ToolCallError(f"a GLM tool call has no name: {body[:200]!r}")
+        args = {k.strip(): _value(v) for k, v in pairs}
+        return ToolCall(name, json.dumps(args, ensure_ascii=False))
+    if fmt == "kimi":
+        head, sep, rest = body.partition("<|tool_call_argument_begin|>")
+        if not sep:
+            raise ToolCallError(f"a Kimi tool call has no arguments: {body[:200]!r}")
+        name = head.strip().removeprefix("functions.").rsplit(":", 1)[0]
+        try:
+            args = json.loads(rest)
+        except json.JSONDecodeError as e:
+            raise ToolCallError(f"tool {name!r}: its arguments are not JSON ({e})") from None
+        if not isinstance(args, dict):
+            raise ToolCallError(f"tool {name!r}: its arguments are not a JSON object")
+        return ToolCall(name, json.dumps(args, ensure_ascii=False))
     if fmt == "hermes":
         try:
             obj = json.loads(body)
@@ -106,6 +177,7 @@ class ToolStream:
     def __init__(self, fmt: str, prefix: str = ""):
         self.fmt = fmt
         self.start, self.end = FORMATS[fmt]
+        self.group = GROUPS.get(fmt, ())
         self.text = prefix  # what the reply began with (a required call's opening)
         self.done = 0  # characters of text consumed
         self.calls: list[ToolCall] = []
@@ -119,7 +191,7 @@ class ToolStream:
             at = full.find(self.start, i)
             if at < 0:
                 # hold back a tail that could begin a marker
-                keep = 0 if final else _partial(full[i:], (self.start, *_GROUP))
+                keep = 0 if final else _partial(full[i:], (self.start, *self.group))
                 content.append(full[i : len(full) - keep])
                 i = len(full) - keep
                 break
@@ -130,12 +202,12 @@ class ToolStream:
                     raise ToolCallError(f"a tool call never ends: {full[at : at + 200]!r}")
                 i = at
                 break
-            calls.append(_read(self.fmt, full[at + len(self.start) : close]))
+            calls += _read_all(self.fmt, full[at + len(self.start) : close])
             i = close + len(self.end)
         self.done = i
         self.calls += calls
         text_out = "".join(content)
-        for marker in _GROUP:
+        for marker in self.group:
             text_out = text_out.replace(marker, "")
         return text_out, calls
 

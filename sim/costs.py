@@ -73,9 +73,14 @@ def attention_flops(cfg: ModelConfig, tokens: int, past: int = 0) -> float:
 def score_flops(cfg: ModelConfig, tokens: int, past: int = 0) -> float:
     """The scores and weighted sums of `tokens` new tokens after `past` cached ones, one layer's
     worth averaged over the layers: each new token attends to past + its own position in every
-    head, or (sliding-window layers, gpt-oss) to its last `sliding_window` positions only."""
+    head, or (sliding-window layers, gpt-oss) to its last `sliding_window` positions only, or
+    (DSA) to the index_topk its indexer picks, the indexer scoring every key."""
     per_key = 2.0 * cfg.num_attention_heads * costmodel.score_dims(cfg)
     full = attended_keys(tokens, past, 0)
+    if cfg.is_dsa:  # MLA over each token's top index_topk; the indexer over every key
+        shared = cfg.indexer_types.count("shared") / max(len(cfg.indexer_types), 1)
+        indexer = 2.0 * cfg.index_n_heads * cfg.index_head_dim * (1 - shared)
+        return per_key * attended_keys(tokens, past, cfg.index_topk) + indexer * full
     types = cfg.layer_types
     if not types or "sliding_attention" not in types:
         return per_key * full

@@ -1,8 +1,10 @@
-"""DeepSeek-V3.2 (DSA: MLA plus the lightning indexer) against transformers: tiny random
-configs with index_topk below the prompt's length so that the selection is exercised (in the
-prompt's expanded attention, in absorbed decode, and in chunks after a cached past), logits
-within 1e-4, 32 greedy tokens through `refmoe generate` with the CPU and SLP prefills, an FP8
-checkpoint, and a check that the selection changes the result (sparse is not dense)."""
+"""DeepSeek-V3.2 and GLM-5 (DSA: MLA plus the lightning indexer; GLM-5 with its interleaved
+indexer rope and layers sharing the previous full layer's selection) against transformers:
+tiny random configs with index_topk below the prompt's length so that the selection is
+exercised (in the prompt's expanded attention, in absorbed decode, and in chunks after a cached
+past), logits within 1e-4, 32 greedy tokens through `refmoe generate` with the CPU and SLP
+prefills, an FP8 checkpoint, and a check that the selection changes the result (sparse is not
+dense)."""
 
 import copy
 
@@ -45,14 +47,20 @@ BASE = dict(
     bos_token_id=0,
     eos_token_id=None,
 )
-VARIANTS = {"topk4": {}, "topk7_yarn": dict(index_topk=7, index_head_dim=24)}
+VARIANTS = {
+    "topk4": {},
+    "topk7_wide": dict(index_topk=7, index_head_dim=24),
+    "glm5_FSF": dict(index_topk_pattern="FSF", index_topk=5),  # GLM-5: layer 1 shares layer 0's
+}
 PROMPT = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 93]
 
 
 def build(variant="topk4", seed=2, **change):
-    cfg = transformers.DeepseekV32Config(**{**BASE, **VARIANTS[variant], **change})
+    glm = variant.startswith("glm5")
+    kind = "GlmMoeDsa" if glm else "DeepseekV32"
+    cfg = getattr(transformers, f"{kind}Config")(**{**BASE, **VARIANTS[variant], **change})
     torch.manual_seed(seed)
-    m = transformers.DeepseekV32ForCausalLM(cfg).eval()
+    m = getattr(transformers, f"{kind}ForCausalLM")(cfg).eval()
     randomize_bf16(m, bias_buffers=("e_score_correction_bias",))
     return m
 
@@ -68,7 +76,7 @@ def saved(request, tmp_path_factory):
 def test_logits_match_transformers(saved):
     m, d = saved
     cfg, mine = models.load(d)
-    assert cfg.family == "deepseek_v32" and cfg.index_topk < len(PROMPT)
+    assert cfg.is_dsa and cfg.index_topk < len(PROMPT)
     assert_logits_match(m, mine, PROMPT, 1e-4)  # one forward, and token by token
     # a chunk after a cached past (prefix cache, chunked prefill): the same logits
     with torch.no_grad():
@@ -99,7 +107,8 @@ def test_selection_matters(saved, tmp_path):
     sparse = mine.forward(torch.tensor(PROMPT), mine.new_cache())
     dense = copy.deepcopy(m)
     for layer in dense.model.layers:
-        layer.self_attn.indexer.index_topk = 1000
+        if layer.self_attn.indexer is not None:
+            layer.self_attn.indexer.index_topk = 1000
     with torch.no_grad():
         ref_dense = dense(torch.tensor([PROMPT])).logits[0]
     assert (sparse[-1] - ref_dense[-1]).abs().max() > 1e-2 * ref_dense.abs().max()
@@ -159,3 +168,28 @@ def test_decode_at_contexts_measures_sparse_and_dense(saved):
     assert cfg.family == "deepseek_v32" and (cfg.index_n_heads, cfg.index_topk) == (64, 2048)
     with pytest.raises(ValueError, match="--family"):
         demo.demo_config(1, 16, family="glm4_moe")
+
+
+def test_glm5_shared_layers(saved):
+    """GLM-5: a shared layer runs no indexer, keeps no indexer cache, and attends to the
+    positions the full layer before it picked."""
+    m, d = saved
+    cfg, mine = models.load(d)
+    if cfg.family != "glm_moe_dsa":
+        pytest.skip("GLM-5 only")
+    assert cfg.indexer_types == ["full", "shared", "full"] and cfg.index_rope_interleave
+    assert mine.blocks[1].attn.indexer is None and mine.blocks[2].attn.indexer is not None
+    cache = mine.new_cache()
+    mine.forward(torch.tensor(PROMPT), cache)
+    assert cache.layers[1].source is cache.layers[0] and not hasattr(cache.layers[1], "keys")
+    assert cache.layers[0].picked is not None and cache.layers[0].picked.shape[1] == 5
+    with pytest.raises(ValueError, match="index_topk_pattern"):
+        ModelConfig.from_dict(
+            m.config.to_dict() | {"indexer_types": None, "index_topk_pattern": "FX"}
+        )
+    with pytest.raises(ValueError, match="indexer_types"):
+        ModelConfig.from_dict(m.config.to_dict() | {"indexer_types": ["shared", "full", "full"]})
+    with pytest.raises(ValueError, match="mlp_layer_types"):
+        ModelConfig.from_dict(
+            m.config.to_dict() | {"mlp_layer_types": ["sparse", "dense", "sparse"]}
+        )

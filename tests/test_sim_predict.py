@@ -381,3 +381,23 @@ def test_attended_keys_counts_each_token(tokens, past, window):
     brute = sum(min(p + 1, window) for p in range(past, past + tokens))
     assert costs.attended_keys(tokens, past, window) == brute
     assert costs.attended_keys(tokens, past, 0) == sum(p + 1 for p in range(past, past + tokens))
+
+
+def test_dsa_scores_cap_at_the_top_k():
+    """DeepSeek-V3.2 (sim/models/deepseek-v3.2): MLA scores only index_topk keys per token,
+    its indexer every key; below the top-k it costs V3's scores plus the indexer's."""
+    from refmoe import costmodel
+    from sim import catalog
+
+    v3, v32 = catalog.load("deepseek-v3"), catalog.load("deepseek-v3.2")
+    assert v32.is_dsa and v32.index_topk == 2048
+    per_key = 2.0 * v3.num_attention_heads * costmodel.score_dims(v3)
+    indexer = 2.0 * v32.index_n_heads * v32.index_head_dim
+    short = costs.score_flops(v32, 1, 1000)
+    assert short == pytest.approx(costs.score_flops(v3, 1, 1000) + indexer * 1001)
+    assert costs.score_flops(v32, 1, 65536) == pytest.approx(per_key * 2048 + indexer * 65537)
+    # the indexer (64 x 128 a key) is then most of it: a quarter of dense MLA at 64K
+    assert costs.score_flops(v32, 1, 65536) < 0.25 * costs.score_flops(v3, 1, 65536)
+    assert costs.attention_bytes(v32) > costs.attention_bytes(v3)  # the indexer's weights
+    hw = Hardware.load("paper-2x9355-2x5090")
+    assert predict(v32, hw, 32768, 8).ttft_s < predict(v3, hw, 32768, 8).ttft_s

@@ -1,4 +1,6 @@
-"""DeepSeek-V3.2 (DeepseekV32ForCausalLM): DeepSeek-V3 with DeepSeek Sparse Attention (DSA).
+"""DeepSeek-V3.2 (DeepseekV32ForCausalLM): DeepSeek-V3 with DeepSeek Sparse Attention (DSA);
+GLM-5 (glm_moe_dsa.py) runs the same with two differences (config fields): its indexer ropes
+interleaved, and `shared` layers reuse the selection of the full layer before them.
 A lightning indexer scores every cached token for each new one, cheaply (index_n_heads heads of
 index_head_dim, one shared key per token, ReLU'd dot products weighted per head), and each
 query attends through MLA to the index_topk tokens it scores highest (2,048 in the release);
@@ -25,15 +27,25 @@ from refmoe.checkpoint import Checkpoint
 from refmoe.config import ModelConfig
 from refmoe.models import deepseek_v3
 from refmoe.models.decoder import Block, smoke
-from refmoe.models.kv_cache import Growing
+from refmoe.models.kv_cache import Growing, KVCache
 from refmoe.models.layers import Linear, apply_rope, load_dense, mask_causal
 
 
 @dataclass(slots=True)
 class LayerCache(deepseek_v3.LayerCache):
-    """MLA's latent cache and the indexer's keys, [S, d]."""
+    """MLA's latent cache and the indexer's keys, [S, d]; `picked`: the positions this call's
+    tokens attend to (what shared layers after it reuse), None for all."""
 
     keys: Growing = field(default_factory=lambda: Growing(0))
+    picked: torch.Tensor | None = None
+
+
+@dataclass(slots=True)
+class SharedLayerCache(deepseek_v3.LayerCache):
+    """A shared layer (GLM-5): MLA's latent cache, and the cache of the full layer whose
+    selection it reuses (linked by Transformer.new_cache)."""
+
+    source: LayerCache | None = None
 
 
 class Indexer:
@@ -50,9 +62,10 @@ class Indexer:
         self.weights_proj = Linear(ck, f"{p}.weights_proj.weight", (h, cfg.hidden_size))
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate-half rope on the first qk_rope_head_dim dims of x [..., T, d]."""
-        r = self.cfg.qk_rope_head_dim
-        return torch.cat([apply_rope(x[..., :r], cos, sin, False), x[..., r:]], dim=-1)
+        """Rope on the first qk_rope_head_dim dims of x [..., T, d]: rotate-half (V3.2) or
+        interleaved pairs (GLM-5)."""
+        r, inter = self.cfg.qk_rope_head_dim, self.cfg.index_rope_interleave
+        return torch.cat([apply_rope(x[..., :r], cos, sin, inter), x[..., r:]], dim=-1)
 
     def __call__(
         self, x, q_resid, cos, sin, cache: LayerCache, start: int, cp, budget_bytes: int = 1 << 28
@@ -83,28 +96,45 @@ class Indexer:
 
 
 class DSA(deepseek_v3.MLA):
-    """MLA whose queries attend to the tokens the indexer selects."""
+    """MLA whose queries attend to the tokens the indexer selects: its own indexer's (a full
+    layer), or the previous full layer's (a shared one, GLM-5)."""
 
-    new_cache = LayerCache
-
-    def __init__(self, ck: Checkpoint, p: str, cfg: ModelConfig):
+    def __init__(self, ck: Checkpoint, p: str, cfg: ModelConfig, layer: int):
         super().__init__(ck, p, cfg)
-        self.indexer = Indexer(ck, f"{p}.indexer", cfg)
+        self.shared = bool(cfg.indexer_types) and cfg.indexer_types[layer] == "shared"
+        self.indexer = None if self.shared else Indexer(ck, f"{p}.indexer", cfg)
+        self.new_cache = SharedLayerCache if self.shared else LayerCache
 
     def cache_bytes_per_token(self) -> int:
-        """The latent and roped key, and the indexer's key, float32."""
-        return super().cache_bytes_per_token() + 4 * self.cfg.index_head_dim
+        """The latent and roped key, and (a full layer) the indexer's key, float32."""
+        own = 0 if self.shared else 4 * self.cfg.index_head_dim
+        return super().cache_bytes_per_token() + own
 
     def select(self, x, q_resid, cos, sin, cache, start, cp) -> torch.Tensor | None:
-        return self.indexer(x, q_resid, cos, sin, cache, start, cp)
+        if self.indexer is None:
+            assert cache.source is not None  # linked by Transformer.new_cache
+            return cache.source.picked
+        cache.picked = self.indexer(x, q_resid, cos, sin, cache, start, cp)
+        return cache.picked
 
 
 class Transformer(deepseek_v3.Transformer):
     """The whole DeepSeek-V3.2 model (see DecoderModel.forward)."""
 
     def make_block(self, ck, layer, cfg, expert_dtype, num_threads) -> Block:
-        attn = DSA(ck, f"model.layers.{layer}.self_attn", cfg)
+        attn = DSA(ck, f"model.layers.{layer}.self_attn", cfg, layer)
         return Block(ck, layer, cfg, attn, expert_dtype, num_threads)
+
+    def new_cache(self) -> KVCache:
+        """Per layer its cache; each shared layer's linked to the last full layer's before it."""
+        cache = super().new_cache()
+        full = None
+        for layer in cache.layers:
+            if isinstance(layer, SharedLayerCache):
+                layer.source = full
+            else:
+                full = layer
+        return cache
 
 
 if __name__ == "__main__":  # smoke run: python -m refmoe.models.deepseek_v32 MODEL_DIR
