@@ -219,7 +219,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             rows.append(
                 {
                     "op": "decode",
-                    "model": f"demo-v3-L{r.layers}-E{r.experts}",
+                    "model": f"demo-{args.family or 'deepseek_v3'}-L{r.layers}-E{r.experts}",
                     "threads": kernels._threads(None),
                     "variant": kernels.variant(),
                     "device": r.device,
@@ -401,8 +401,8 @@ def _demo_model(args: argparse.Namespace):
 
     layers, experts = demo.size_for_memory(demo.available_memory())
     layers, experts = args.layers or layers, args.experts or experts
-    fmt = getattr(args, "expert_format", None) or "fp8"
     family = getattr(args, "family", None) or "deepseek_v3"
+    fmt = getattr(args, "expert_format", None) or ("mxfp4" if family == "gpt_oss" else "fp8")
     name = f"L{layers}-E{experts}" + ("" if fmt == "fp8" else f"-{fmt}")
     name += "" if family == "deepseek_v3" else f"-{family}"
     directory = Path(args.dir) if args.dir else demo.default_dir() / name
@@ -757,9 +757,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dm.add_argument(
         "--family",
-        choices=["deepseek_v3", "deepseek_v32"],
-        help="the demo model's family: deepseek_v3 (default), or deepseek_v32 (V3's "
-        "layers with DeepSeek-V3.2's DSA indexer: 64 heads of 128, top 2,048)",
+        choices=["deepseek_v3", "deepseek_v32", "glm4_moe", "minimax_m2", "gpt_oss"],
+        help="the demo model's family and layer shapes: deepseek_v3 (default), "
+        "deepseek_v32 (with DeepSeek-V3.2's DSA indexer: 64 heads of 128, top 2,048), "
+        "glm4_moe (GLM-4.5-Air's layer), minimax_m2, gpt_oss (gpt-oss-120b's, MXFP4 experts)",
     )
     dm.add_argument("--prompt-tokens", type=int, default=16)
     dm.add_argument("--max-tokens", type=int, default=16)
@@ -786,9 +787,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dir", help="decode, prefill: demo model directory")
     b.add_argument(
         "--family",
-        choices=["deepseek_v3", "deepseek_v32"],
-        help="decode: the demo model's family: deepseek_v3 (default), or deepseek_v32 (V3's "
-        "layers with DeepSeek-V3.2's DSA indexer: 64 heads of 128, top 2,048)",
+        choices=["deepseek_v3", "deepseek_v32", "glm4_moe", "minimax_m2", "gpt_oss"],
+        help="decode: the demo model's family and layer shapes: deepseek_v3 (default), "
+        "deepseek_v32 (with DeepSeek-V3.2's DSA indexer: 64 heads of 128, top 2,048), "
+        "glm4_moe (GLM-4.5-Air's layer), minimax_m2, gpt_oss (gpt-oss-120b's, MXFP4 experts)",
     )
     b.add_argument(
         "--contexts",

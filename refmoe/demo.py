@@ -52,7 +52,54 @@ EXPERT_BYTES = 3 * 2048 * 7168 + 3 * 16 * 56 * 4  # codes + scales of one FP8 ex
 
 # DeepSeek-V3.2's lightning indexer as released: 64 heads of 128, each query's top 2,048
 V32_INDEXER = dict(index_n_heads=64, index_head_dim=128, index_topk=2048)
-FAMILIES = ("deepseek_v3", "deepseek_v32")
+# one layer of each GQA family as published (GLM-4.5-Air, MiniMax-M2, gpt-oss-120b), all MoE
+GQA_LAYERS = {
+    "glm4_moe": dict(
+        architectures=["Glm4MoeForCausalLM"],
+        hidden_size=4096,
+        num_attention_heads=96,
+        num_key_value_heads=8,
+        head_dim=128,
+        partial_rotary_factor=0.5,
+        attention_bias=True,
+        use_qk_norm=False,
+        moe_intermediate_size=1408,
+        intermediate_size=10944,
+        n_shared_experts=1,
+        num_experts_per_tok=8,
+        routed_scaling_factor=1.0,
+        norm_topk_prob=True,
+        rms_norm_eps=1e-5,
+        rope_theta=1e6,
+    ),
+    "minimax_m2": dict(
+        architectures=["MiniMaxM2ForCausalLM"],
+        hidden_size=3072,
+        num_attention_heads=48,
+        num_key_value_heads=8,
+        head_dim=128,
+        rotary_dim=64,
+        intermediate_size=1536,
+        num_experts_per_tok=8,
+        use_qk_norm=True,
+        rms_norm_eps=1e-6,
+        rope_theta=5e6,
+    ),
+    "gpt_oss": dict(
+        architectures=["GptOssForCausalLM"],
+        hidden_size=2880,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=64,
+        intermediate_size=2880,
+        num_experts_per_tok=4,
+        sliding_window=128,
+        attention_bias=True,
+        rms_norm_eps=1e-5,
+        rope_theta=150000.0,
+    ),
+}
+FAMILIES = ("deepseek_v3", "deepseek_v32", *GQA_LAYERS)
 
 
 def demo_config(
@@ -68,6 +115,8 @@ def demo_config(
 
     if family not in FAMILIES:
         raise ValueError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    if family in GQA_LAYERS:
+        return _gqa_config(family, layers, experts, vocab, expert_format)
     if experts % 8 or experts < 16:
         raise ValueError(f"experts per layer must be a multiple of 8 and >= 16, got {experts}")
     if expert_format not in QUANTIZATION_CONFIG:
@@ -91,6 +140,37 @@ def demo_config(
         **V3_LAYER,
         **(V32_INDEXER if v32 else {}),
     )
+
+
+def _gqa_config(family: str, layers: int, experts: int, vocab: int, expert_format: str) -> dict:
+    """A GQA family's demo config: its published layer; FP8 projections and experts, except
+    gpt-oss's experts, MXFP4 as released (its only format)."""
+    from refmoe.convert import QUANTIZATION_CONFIG
+
+    oss = family == "gpt_oss"
+    if expert_format != ("mxfp4" if oss else "fp8"):
+        raise ValueError(
+            f"--family {family}: its demo's experts are {'mxfp4' if oss else 'fp8'} "
+            f"(--expert-format), got {expert_format!r}"
+        )
+    count = "num_local_experts" if family != "glm4_moe" else "n_routed_experts"
+    cfg = dict(
+        model_type=family,
+        vocab_size=vocab,
+        num_hidden_layers=layers,
+        max_position_embeddings=131072,
+        bos_token_id=0,
+        eos_token_id=None,
+        tie_word_embeddings=False,
+        quantization_config=QUANTIZATION_CONFIG[expert_format],
+        **GQA_LAYERS[family],
+    )
+    cfg[count] = experts
+    if oss:
+        cfg["layer_types"] = [
+            "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)
+        ]
+    return cfg
 
 
 def size_for_memory(available: int, fraction: float = 0.4) -> tuple[int, int]:
@@ -195,6 +275,8 @@ def build(
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     demo_tokenizer.write(directory, vocab)
+    if family in GQA_LAYERS:
+        return _build_gqa(directory, cfg, family, seed, progress)
     gen = _Codes(seed)
     h, c = cfg["hidden_size"], cfg
     n, qk = c["num_attention_heads"], c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
@@ -275,6 +357,101 @@ def build(
     return directory
 
 
+def _build_gqa(directory: Path, cfg: dict, family: str, seed: int, progress) -> Path:
+    """The GQA families' demo checkpoint, under each family's tensor names (see
+    refmoe/models/experts.MoENames): FP8 projections, float norms, biases, sinks and routers;
+    gpt-oss's experts fused in MXFP4 as released, the others' per expert in FP8."""
+    gen, four = _Codes(seed), _FourBit("mxfp4", seed + 2)
+    rng = np.random.default_rng(seed + 1)
+    h, n, g, d = (
+        cfg["hidden_size"],
+        cfg["num_attention_heads"],
+        cfg["num_key_value_heads"],
+        cfg["head_dim"],
+    )
+    vocab, layers = cfg["vocab_size"], cfg["num_hidden_layers"]
+    experts = cfg.get("num_local_experts") or cfg["n_routed_experts"]
+    inter = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+    oss, minimax = family == "gpt_oss", family == "minimax_m2"
+
+    def put(tensors, dtypes, name, shape):
+        codes, scale = gen.matrix(*shape)
+        tensors[name], dtypes[name] = codes, "F8_E4M3"
+        tensors[name + "_scale_inv"] = scale
+
+    def small(*shape):
+        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+
+    weight_map = {}
+    shards = [("embed", None)] + [("layer", i) for i in range(layers)]
+    for kind, i in progress(shards) if progress else shards:
+        tensors: dict = {}
+        dtypes: dict[str, str] = {}
+        if kind == "embed":
+            tensors["model.embed_tokens.weight"] = (rng.standard_normal((vocab, h)) * 0.5).astype(
+                np.float32
+            )
+            tensors["model.norm.weight"] = np.ones(h, np.float32)
+            put(tensors, dtypes, "lm_head.weight", (vocab, h))
+            fname = "model-embed.safetensors"
+        else:
+            p, a = f"model.layers.{i}", f"model.layers.{i}.self_attn"
+            for proj, shape in (("q", (n * d, h)), ("k", (g * d, h)), ("v", (g * d, h))):
+                put(tensors, dtypes, f"{a}.{proj}_proj.weight", shape)
+                if cfg.get("attention_bias"):
+                    tensors[f"{a}.{proj}_proj.bias"] = small(shape[0])
+            put(tensors, dtypes, f"{a}.o_proj.weight", (h, n * d))
+            if oss:
+                tensors[f"{a}.o_proj.bias"], tensors[f"{a}.sinks"] = small(h), small(n)
+            if minimax:  # q/k norms over all heads at once
+                tensors[f"{a}.q_norm.weight"] = np.ones(n * d, np.float32)
+                tensors[f"{a}.k_norm.weight"] = np.ones(g * d, np.float32)
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                tensors[f"{p}.{norm}.weight"] = np.ones(h, np.float32)
+            m = f"{p}.block_sparse_moe" if minimax else f"{p}.mlp"
+            router = f"{m}.router" if oss else f"{m}.gate"
+            tensors[f"{router}.weight"] = small(experts, h)
+            if oss:
+                tensors[f"{router}.bias"] = small(experts)
+            else:
+                bias = (
+                    f"{m}.e_score_correction_bias"
+                    if minimax
+                    else f"{m}.gate.e_score_correction_bias"
+                )
+                tensors[bias] = np.zeros(experts, np.float32)
+            if oss:  # fused MXFP4, gate and up interleaved by rows
+                for proj, rows, cols in (("gate_up_proj", 2 * inter, h), ("down_proj", h, inter)):
+                    blocks, scales = [], []
+                    for _ in range(experts):
+                        one: dict = {}
+                        four.put(one, {}, "x.weight", rows, cols)
+                        blocks.append(one["x.weight_blocks"])
+                        scales.append(one["x.weight_scales"])
+                    name = f"{m}.experts.{proj}"
+                    tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = (
+                        np.stack(blocks),
+                        np.stack(scales),
+                    )
+                    dtypes.update({f"{name}_blocks": "U8", f"{name}_scales": "U8"})
+                    tensors[f"{name}_bias"] = small(experts, rows)
+            else:
+                names = ("w1", "w3", "w2") if minimax else ("gate_proj", "up_proj", "down_proj")
+                slots = [f"experts.{e}" for e in range(experts)]
+                slots += ["shared_experts"] if cfg.get("n_shared_experts") else []
+                for slot in slots:
+                    for proj, shape in zip(names, ((inter, h), (inter, h), (h, inter))):
+                        put(tensors, dtypes, f"{m}.{slot}.{proj}.weight", shape)
+            fname = f"model-layer{i:02d}.safetensors"
+        save_file(tensors, directory / fname, dtypes)
+        weight_map.update({name: fname for name in tensors})
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    (directory / "config.json").write_text(json.dumps(cfg))  # last: half-built is rebuilt
+    return directory
+
+
 def default_dir() -> Path:
     base = Path(os.environ.get("REFMOE_CACHE", Path.home() / ".cache" / "refmoe"))
     return base / "demo"
@@ -288,9 +465,14 @@ def bytes_per_token(model) -> int:
         attn = block.attn
         total += sum(
             lin.nbytes
-            for lin in (getattr(attn, n, None) for n in ("q_a", "q_b", "q", "kv_a", "kv_b", "o"))
+            for lin in (
+                getattr(attn, n, None) for n in ("q_a", "q_b", "q", "k", "v", "kv_a", "kv_b", "o")
+            )
             if lin is not None
         )
+        indexer = getattr(attn, "indexer", None)  # DSA
+        if indexer is not None:
+            total += sum(lin.nbytes for lin in (indexer.wq_b, indexer.wk, indexer.weights_proj))
         ffn = block.ffn
         if hasattr(ffn, "experts"):
             total += (cfg.num_experts_per_tok + ffn.fused_shared) * ffn.experts.nbytes(0)

@@ -140,3 +140,39 @@ def test_demo_in_a_4bit_expert_format(fmt, tmp_path, demo_dir):
     from sim import costs  # the simulator counts what the engine reads, format included
 
     assert costs.bytes_per_token(cfg) == r.bytes_per_token
+
+
+@pytest.mark.parametrize("family", ["minimax_m2", "gpt_oss", "glm4_moe"])
+def test_demo_of_a_gqa_family(family, tmp_path):
+    """`refmoe demo --family F`: the family's published layer under its own tensor names
+    (gpt-oss: MXFP4 experts fused as released), loaded by its model file, decoding; the bound
+    counts every projection (q, k, v, o), the routed top-k (and GLM's shared expert) in their
+    stored bytes, and lm_head."""
+    d = demo.build(
+        tmp_path,
+        layers=1,
+        experts=16,
+        family=family,
+        expert_format="mxfp4" if family == "gpt_oss" else "fp8",
+    )
+    cfg = ModelConfig.from_file(d)
+    assert cfg.family == family and cfg.n_routed_experts == 16
+    r = demo.run(d, prompt_tokens=4, new_tokens=3)
+    assert r.new_tokens == 3 and r.tok_s > 0
+    h, n, g, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+    def fp8(rows, cols):
+        return rows * cols + -(-rows // 128) * -(-cols // 128) * 4
+
+    attn = fp8(n * dh, h) + 2 * fp8(g * dh, h) + fp8(h, n * dh)
+    i, k = cfg.moe_intermediate_size, cfg.num_experts_per_tok
+    if family == "gpt_oss":  # MXFP4: half a byte a weight, one scale byte per 32
+        expert = 2 * (i * h // 2 + i * h // 32) + h * i // 2 + h * i // 32
+    else:
+        expert = 3 * fp8(i, h)
+    experts = (k + cfg.n_shared_experts) * expert
+    assert r.bytes_per_token == attn + experts + fp8(cfg.vocab_size, h)
+    with pytest.raises(ValueError, match="--expert-format"):
+        demo.demo_config(
+            1, 16, expert_format="fp8" if family == "gpt_oss" else "mxfp4", family=family
+        )
