@@ -392,6 +392,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_family_argument(parser: argparse.ArgumentParser, pre: str) -> None:
+    from refmoe.demo import FAMILIES
+
+    parser.add_argument(
+        "--family",
+        choices=FAMILIES,
+        help=f"{pre}the demo model's family and layer shapes: deepseek_v3 (default), "
+        "deepseek_v32 (with DeepSeek-V3.2's DSA indexer: 64 heads of 128, top 2,048), "
+        "glm4_moe (GLM-4.5-Air's layer), minimax_m2, gpt_oss (gpt-oss-120b's, MXFP4 experts)",
+    )
+
+
 def _demo_model(args: argparse.Namespace):
     from pathlib import Path
 
@@ -755,13 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["fp8", "mxfp4", "nvfp4", "int4g"],
         help="routed experts' format: fp8 (default), or as the 4-bit releases store them",
     )
-    dm.add_argument(
-        "--family",
-        choices=["deepseek_v3", "deepseek_v32", "glm4_moe", "minimax_m2", "gpt_oss"],
-        help="the demo model's family and layer shapes: deepseek_v3 (default), "
-        "deepseek_v32 (with DeepSeek-V3.2's DSA indexer: 64 heads of 128, top 2,048), "
-        "glm4_moe (GLM-4.5-Air's layer), minimax_m2, gpt_oss (gpt-oss-120b's, MXFP4 experts)",
-    )
+    add_family_argument(dm, "")
     dm.add_argument("--prompt-tokens", type=int, default=16)
     dm.add_argument("--max-tokens", type=int, default=16)
     dm.add_argument("--trace", metavar="FILE", help="write the measured request's Chrome trace")
@@ -785,13 +791,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode, prefill: demo model experts per layer (a multiple of 8, at least 16)",
     )
     b.add_argument("--dir", help="decode, prefill: demo model directory")
-    b.add_argument(
-        "--family",
-        choices=["deepseek_v3", "deepseek_v32", "glm4_moe", "minimax_m2", "gpt_oss"],
-        help="decode: the demo model's family and layer shapes: deepseek_v3 (default), "
-        "deepseek_v32 (with DeepSeek-V3.2's DSA indexer: 64 heads of 128, top 2,048), "
-        "glm4_moe (GLM-4.5-Air's layer), minimax_m2, gpt_oss (gpt-oss-120b's, MXFP4 experts)",
-    )
+    add_family_argument(b, "decode: ")
     b.add_argument(
         "--contexts",
         type=lambda v: [int(x) for x in v.split(",")],

@@ -199,17 +199,9 @@ class ModelConfig:
             quantization=get("quantization_config", dict, None),
         )
         if family in MLA_FAMILIES:
-            mla = dict(
+            mla = _noaux_tc_fields(get) | dict(
                 intermediate_size=need("intermediate_size"),
-                moe_intermediate_size=need("moe_intermediate_size"),
-                n_routed_experts=need("n_routed_experts"),
                 num_experts_per_tok=need("num_experts_per_tok"),
-                n_shared_experts=get("n_shared_experts", int, None) or 0,
-                first_k_dense_replace=get("first_k_dense_replace", int, None) or 0,
-                n_group=get("n_group", int, None) or 1,
-                topk_group=get("topk_group", int, None) or 1,
-                norm_topk_prob=get("norm_topk_prob", bool, True),
-                routed_scaling_factor=get("routed_scaling_factor", float, 1.0),
                 scoring_func=get("scoring_func", str, "sigmoid"),
                 q_lora_rank=get("q_lora_rank", int, None),
                 kv_lora_rank=need("kv_lora_rank"),
@@ -367,7 +359,49 @@ class ModelConfig:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         except OSError as e:  # a symlink loop, a directory, no permission
             raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
-        return cls.from_dict(d, str(path))
+        cfg = cls.from_dict(d, str(path))
+        # generation_config.json's end tokens end a reply too (gpt-oss ends a tool call with
+        # <|call|>, listed there and not in config.json), as transformers' generate reads them
+        for eos in _generation_eos(path.parent / "generation_config.json"):
+            if eos not in cfg.eos_token_id:
+                cfg.eos_token_id.append(eos)
+        return cfg
+
+
+def _generation_eos(path: Path) -> list[int]:
+    """The eos_token_id of a generation_config.json (an integer or a list), [] where there is
+    no such file or field; anything else is refused naming the file and the field."""
+    if not path.exists():
+        return []
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    eos = d.get("eos_token_id") if isinstance(d, dict) else None
+    if eos is None:
+        return []
+    if _is_int(eos):
+        return [eos]
+    if isinstance(eos, list) and all(_is_int(e) for e in eos):
+        return list(eos)
+    raise ValueError(
+        f"{path}: field 'eos_token_id' must be an integer or a list of integers, got {eos!r}"
+    )
+
+
+def _noaux_tc_fields(get: _Fields) -> dict:
+    """DeepSeek-V3's MoE block as its config names it (V3, V3.2, GLM-4.5, GLM-5): routed and
+    shared experts, dense first layers, the group-limited router and its scaling."""
+    return dict(
+        moe_intermediate_size=get.need("moe_intermediate_size"),
+        n_routed_experts=get.need("n_routed_experts"),
+        n_shared_experts=get("n_shared_experts", int, None) or 0,
+        first_k_dense_replace=get("first_k_dense_replace", int, None) or 0,
+        n_group=get("n_group", int, None) or 1,
+        topk_group=get("topk_group", int, None) or 1,
+        norm_topk_prob=get("norm_topk_prob", bool, True),
+        routed_scaling_factor=get("routed_scaling_factor", float, 1.0),
+    )
 
 
 def _dsa_fields(family: str, get: _Fields, source: str) -> dict:
@@ -445,18 +479,14 @@ def _gqa_fields(family: str, get: _Fields, heads: int, hidden: int, source: str)
             attention_bias=get("attention_bias", bool, False),
         )
     if family == "glm4_moe":  # DeepSeek-V3's router and MoE layout under GQA
-        return f | dict(
-            intermediate_size=get("intermediate_size", int, None) or 0,
-            moe_intermediate_size=need("moe_intermediate_size"),
-            n_routed_experts=need("n_routed_experts"),
-            n_shared_experts=get("n_shared_experts", int, None) or 0,
-            first_k_dense_replace=get("first_k_dense_replace", int, None) or 0,
-            n_group=get("n_group", int, None) or 1,
-            topk_group=get("topk_group", int, None) or 1,
-            norm_topk_prob=get("norm_topk_prob", bool, True),
-            routed_scaling_factor=get("routed_scaling_factor", float, 1.0),
-            qk_norm="head" if get("use_qk_norm", bool, False) else "none",
-            attention_bias=get("attention_bias", bool, False),
+        return (
+            f
+            | _noaux_tc_fields(get)
+            | dict(
+                intermediate_size=get("intermediate_size", int, None) or 0,
+                qk_norm="head" if get("use_qk_norm", bool, False) else "none",
+                attention_bias=get("attention_bias", bool, False),
+            )
         )
     if family == "minimax_m2":  # experts are intermediate_size wide; no shared expert
         if get("shared_intermediate_size", int, 0):

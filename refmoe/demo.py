@@ -210,6 +210,44 @@ class _Codes:
         return codes, scale * np.float32(0.02 * 4.5 / 448 / np.sqrt(k / 128))
 
 
+class _Shards:
+    """The demo checkpoint's writer: FP8 projections (put), one shard for the embeddings,
+    final norm and lm_head, one per layer (filled by the builder's layer function), the
+    index, and config.json last (a half-built directory is rebuilt)."""
+
+    def __init__(self, directory: Path, cfg: dict, seed: int):
+        self.directory, self.cfg = directory, cfg
+        self.gen, self.rng = _Codes(seed), np.random.default_rng(seed + 1)
+
+    def put(self, tensors: dict, dtypes: dict, name: str, shape: tuple[int, int]) -> None:
+        codes, scale = self.gen.matrix(*shape)
+        tensors[name], dtypes[name] = codes, "F8_E4M3"
+        tensors[name + "_scale_inv"] = scale
+
+    def write(self, layers: int, layer, progress=None) -> Path:
+        h, vocab, weight_map = self.cfg["hidden_size"], self.cfg["vocab_size"], {}
+        shards = [-1, *range(layers)]
+        for i in progress(shards) if progress else shards:
+            tensors: dict = {}
+            dtypes: dict[str, str] = {}
+            if i < 0:
+                embed = self.rng.standard_normal((vocab, h)) * 0.5
+                tensors["model.embed_tokens.weight"] = embed.astype(np.float32)
+                tensors["model.norm.weight"] = np.ones(h, np.float32)
+                self.put(tensors, dtypes, "lm_head.weight", (vocab, h))
+                fname = "model-embed.safetensors"
+            else:
+                layer(i, tensors, dtypes)
+                fname = f"model-layer{i:02d}.safetensors"
+            save_file(tensors, self.directory / fname, dtypes)
+            weight_map.update({name: fname for name in tensors})
+        (self.directory / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map})
+        )
+        (self.directory / "config.json").write_text(json.dumps(self.cfg))
+        return self.directory
+
+
 class _FourBit:
     """Seeded routed-expert weights in a 4-bit format, as stored (refmoe/convert.py's tensor
     names), with the spread of _Codes' FP8 weights: codes drawn from a pool of encoded
@@ -277,179 +315,131 @@ def build(
     demo_tokenizer.write(directory, vocab)
     if family in GQA_LAYERS:
         return _build_gqa(directory, cfg, family, seed, progress)
-    gen = _Codes(seed)
+    w = _Shards(directory, cfg, seed)
     h, c = cfg["hidden_size"], cfg
     n, qk = c["num_attention_heads"], c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
-    rng = np.random.default_rng(seed + 1)
-    weight_map = {}
 
-    def put(tensors, dtypes, name, shape):
-        codes, scale = gen.matrix(*shape)
-        tensors[name], dtypes[name] = codes, "F8_E4M3"
-        tensors[name + "_scale_inv"] = scale
-
-    shards = [("embed", None)] + [("layer", i) for i in range(layers)]
-    for kind, i in progress(shards) if progress else shards:
-        tensors: dict = {}
-        dtypes: dict[str, str] = {}
-        if kind == "embed":
-            tensors["model.embed_tokens.weight"] = (rng.standard_normal((vocab, h)) * 0.5).astype(
-                np.float32
-            )
-            tensors["model.norm.weight"] = np.ones(h, np.float32)
-            put(tensors, dtypes, "lm_head.weight", (vocab, h))
-            fname = "model-embed.safetensors"
-        else:
-            p = f"model.layers.{i}"
-            a = f"{p}.self_attn"
-            put(tensors, dtypes, f"{a}.q_a_proj.weight", (c["q_lora_rank"], h))
-            put(tensors, dtypes, f"{a}.q_b_proj.weight", (n * qk, c["q_lora_rank"]))
-            put(
-                tensors,
-                dtypes,
-                f"{a}.kv_a_proj_with_mqa.weight",
-                (c["kv_lora_rank"] + c["qk_rope_head_dim"], h),
-            )
-            put(
-                tensors,
-                dtypes,
-                f"{a}.kv_b_proj.weight",
-                (n * (c["qk_nope_head_dim"] + c["v_head_dim"]), c["kv_lora_rank"]),
-            )
-            put(tensors, dtypes, f"{a}.o_proj.weight", (h, n * c["v_head_dim"]))
-            if family == "deepseek_v32":  # the indexer: FP8 projections, a layer norm
-                ih, idim = c["index_n_heads"], c["index_head_dim"]
-                put(tensors, dtypes, f"{a}.indexer.wq_b.weight", (ih * idim, c["q_lora_rank"]))
-                put(tensors, dtypes, f"{a}.indexer.wk.weight", (idim, h))
-                put(tensors, dtypes, f"{a}.indexer.weights_proj.weight", (ih, h))
-                tensors[f"{a}.indexer.k_norm.weight"] = np.ones(idim, np.float32)
-                tensors[f"{a}.indexer.k_norm.bias"] = np.zeros(idim, np.float32)
-            for norm, size in (
-                (f"{a}.q_a_layernorm", c["q_lora_rank"]),
-                (f"{a}.kv_a_layernorm", c["kv_lora_rank"]),
-                (f"{p}.input_layernorm", h),
-                (f"{p}.post_attention_layernorm", h),
+    def layer(i: int, tensors: dict, dtypes: dict) -> None:
+        p = f"model.layers.{i}"
+        a = f"{p}.self_attn"
+        w.put(tensors, dtypes, f"{a}.q_a_proj.weight", (c["q_lora_rank"], h))
+        w.put(tensors, dtypes, f"{a}.q_b_proj.weight", (n * qk, c["q_lora_rank"]))
+        w.put(
+            tensors,
+            dtypes,
+            f"{a}.kv_a_proj_with_mqa.weight",
+            (c["kv_lora_rank"] + c["qk_rope_head_dim"], h),
+        )
+        w.put(
+            tensors,
+            dtypes,
+            f"{a}.kv_b_proj.weight",
+            (n * (c["qk_nope_head_dim"] + c["v_head_dim"]), c["kv_lora_rank"]),
+        )
+        w.put(tensors, dtypes, f"{a}.o_proj.weight", (h, n * c["v_head_dim"]))
+        if family == "deepseek_v32":  # the indexer: FP8 projections, a layer norm
+            ih, idim = c["index_n_heads"], c["index_head_dim"]
+            w.put(tensors, dtypes, f"{a}.indexer.wq_b.weight", (ih * idim, c["q_lora_rank"]))
+            w.put(tensors, dtypes, f"{a}.indexer.wk.weight", (idim, h))
+            w.put(tensors, dtypes, f"{a}.indexer.weights_proj.weight", (ih, h))
+            tensors[f"{a}.indexer.k_norm.weight"] = np.ones(idim, np.float32)
+            tensors[f"{a}.indexer.k_norm.bias"] = np.zeros(idim, np.float32)
+        for norm, size in (
+            (f"{a}.q_a_layernorm", c["q_lora_rank"]),
+            (f"{a}.kv_a_layernorm", c["kv_lora_rank"]),
+            (f"{p}.input_layernorm", h),
+            (f"{p}.post_attention_layernorm", h),
+        ):
+            tensors[f"{norm}.weight"] = np.ones(size, np.float32)
+        tensors[f"{p}.mlp.gate.weight"] = (w.rng.standard_normal((experts, h)) * 0.02).astype(
+            np.float32
+        )
+        tensors[f"{p}.mlp.gate.e_score_correction_bias"] = np.zeros(experts, np.float32)
+        inter = c["moe_intermediate_size"]
+        for e in [f"experts.{j}" for j in range(experts)] + ["shared_experts"]:
+            for proj, shape in (
+                ("gate_proj", (inter, h)),
+                ("up_proj", (inter, h)),
+                ("down_proj", (h, inter)),
             ):
-                tensors[f"{norm}.weight"] = np.ones(size, np.float32)
-            tensors[f"{p}.mlp.gate.weight"] = (rng.standard_normal((experts, h)) * 0.02).astype(
-                np.float32
-            )
-            tensors[f"{p}.mlp.gate.e_score_correction_bias"] = np.zeros(experts, np.float32)
-            inter = c["moe_intermediate_size"]
-            for e in [f"experts.{j}" for j in range(experts)] + ["shared_experts"]:
-                for proj, shape in (
-                    ("gate_proj", (inter, h)),
-                    ("up_proj", (inter, h)),
-                    ("down_proj", (h, inter)),
-                ):
-                    name = f"{p}.mlp.{e}.{proj}.weight"
-                    if four_bit is not None and e != "shared_experts":
-                        four_bit.put(tensors, dtypes, name, *shape)
-                    else:
-                        put(tensors, dtypes, name, shape)
-            fname = f"model-layer{i:02d}.safetensors"
-        save_file(tensors, directory / fname, dtypes)
-        weight_map.update({name: fname for name in tensors})
-    (directory / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map})
-    )
-    done.write_text(json.dumps(cfg))  # last: a half-built directory is rebuilt
-    return directory
+                name = f"{p}.mlp.{e}.{proj}.weight"
+                if four_bit is not None and e != "shared_experts":
+                    four_bit.put(tensors, dtypes, name, *shape)
+                else:
+                    w.put(tensors, dtypes, name, shape)
+
+    return w.write(layers, layer, progress)
 
 
 def _build_gqa(directory: Path, cfg: dict, family: str, seed: int, progress) -> Path:
     """The GQA families' demo checkpoint, under each family's tensor names (see
     refmoe/models/experts.MoENames): FP8 projections, float norms, biases, sinks and routers;
     gpt-oss's experts fused in MXFP4 as released, the others' per expert in FP8."""
-    gen, four = _Codes(seed), _FourBit("mxfp4", seed + 2)
-    rng = np.random.default_rng(seed + 1)
+    w, four = _Shards(directory, cfg, seed), _FourBit("mxfp4", seed + 2)
     h, n, g, d = (
         cfg["hidden_size"],
         cfg["num_attention_heads"],
         cfg["num_key_value_heads"],
         cfg["head_dim"],
     )
-    vocab, layers = cfg["vocab_size"], cfg["num_hidden_layers"]
+    layers = cfg["num_hidden_layers"]
     experts = cfg.get("num_local_experts") or cfg["n_routed_experts"]
     inter = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
     oss, minimax = family == "gpt_oss", family == "minimax_m2"
 
-    def put(tensors, dtypes, name, shape):
-        codes, scale = gen.matrix(*shape)
-        tensors[name], dtypes[name] = codes, "F8_E4M3"
-        tensors[name + "_scale_inv"] = scale
+    put = w.put
 
     def small(*shape):
-        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+        return (w.rng.standard_normal(shape) * 0.02).astype(np.float32)
 
-    weight_map = {}
-    shards = [("embed", None)] + [("layer", i) for i in range(layers)]
-    for kind, i in progress(shards) if progress else shards:
-        tensors: dict = {}
-        dtypes: dict[str, str] = {}
-        if kind == "embed":
-            tensors["model.embed_tokens.weight"] = (rng.standard_normal((vocab, h)) * 0.5).astype(
-                np.float32
-            )
-            tensors["model.norm.weight"] = np.ones(h, np.float32)
-            put(tensors, dtypes, "lm_head.weight", (vocab, h))
-            fname = "model-embed.safetensors"
+    def layer(i: int, tensors: dict, dtypes: dict) -> None:
+        p, a = f"model.layers.{i}", f"model.layers.{i}.self_attn"
+        for proj, shape in (("q", (n * d, h)), ("k", (g * d, h)), ("v", (g * d, h))):
+            put(tensors, dtypes, f"{a}.{proj}_proj.weight", shape)
+            if cfg.get("attention_bias"):
+                tensors[f"{a}.{proj}_proj.bias"] = small(shape[0])
+        put(tensors, dtypes, f"{a}.o_proj.weight", (h, n * d))
+        if oss:
+            tensors[f"{a}.o_proj.bias"], tensors[f"{a}.sinks"] = small(h), small(n)
+        if minimax:  # q/k norms over all heads at once
+            tensors[f"{a}.q_norm.weight"] = np.ones(n * d, np.float32)
+            tensors[f"{a}.k_norm.weight"] = np.ones(g * d, np.float32)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            tensors[f"{p}.{norm}.weight"] = np.ones(h, np.float32)
+        m = f"{p}.block_sparse_moe" if minimax else f"{p}.mlp"
+        router = f"{m}.router" if oss else f"{m}.gate"
+        tensors[f"{router}.weight"] = small(experts, h)
+        if oss:
+            tensors[f"{router}.bias"] = small(experts)
         else:
-            p, a = f"model.layers.{i}", f"model.layers.{i}.self_attn"
-            for proj, shape in (("q", (n * d, h)), ("k", (g * d, h)), ("v", (g * d, h))):
-                put(tensors, dtypes, f"{a}.{proj}_proj.weight", shape)
-                if cfg.get("attention_bias"):
-                    tensors[f"{a}.{proj}_proj.bias"] = small(shape[0])
-            put(tensors, dtypes, f"{a}.o_proj.weight", (h, n * d))
-            if oss:
-                tensors[f"{a}.o_proj.bias"], tensors[f"{a}.sinks"] = small(h), small(n)
-            if minimax:  # q/k norms over all heads at once
-                tensors[f"{a}.q_norm.weight"] = np.ones(n * d, np.float32)
-                tensors[f"{a}.k_norm.weight"] = np.ones(g * d, np.float32)
-            for norm in ("input_layernorm", "post_attention_layernorm"):
-                tensors[f"{p}.{norm}.weight"] = np.ones(h, np.float32)
-            m = f"{p}.block_sparse_moe" if minimax else f"{p}.mlp"
-            router = f"{m}.router" if oss else f"{m}.gate"
-            tensors[f"{router}.weight"] = small(experts, h)
-            if oss:
-                tensors[f"{router}.bias"] = small(experts)
-            else:
-                bias = (
-                    f"{m}.e_score_correction_bias"
-                    if minimax
-                    else f"{m}.gate.e_score_correction_bias"
+            bias = (
+                f"{m}.e_score_correction_bias" if minimax else f"{m}.gate.e_score_correction_bias"
+            )
+            tensors[bias] = np.zeros(experts, np.float32)
+        if oss:  # fused MXFP4, gate and up interleaved by rows
+            for proj, rows, cols in (("gate_up_proj", 2 * inter, h), ("down_proj", h, inter)):
+                blocks, scales = [], []
+                for _ in range(experts):
+                    one: dict = {}
+                    four.put(one, {}, "x.weight", rows, cols)
+                    blocks.append(one["x.weight_blocks"])
+                    scales.append(one["x.weight_scales"])
+                name = f"{m}.experts.{proj}"
+                tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = (
+                    np.stack(blocks),
+                    np.stack(scales),
                 )
-                tensors[bias] = np.zeros(experts, np.float32)
-            if oss:  # fused MXFP4, gate and up interleaved by rows
-                for proj, rows, cols in (("gate_up_proj", 2 * inter, h), ("down_proj", h, inter)):
-                    blocks, scales = [], []
-                    for _ in range(experts):
-                        one: dict = {}
-                        four.put(one, {}, "x.weight", rows, cols)
-                        blocks.append(one["x.weight_blocks"])
-                        scales.append(one["x.weight_scales"])
-                    name = f"{m}.experts.{proj}"
-                    tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = (
-                        np.stack(blocks),
-                        np.stack(scales),
-                    )
-                    dtypes.update({f"{name}_blocks": "U8", f"{name}_scales": "U8"})
-                    tensors[f"{name}_bias"] = small(experts, rows)
-            else:
-                names = ("w1", "w3", "w2") if minimax else ("gate_proj", "up_proj", "down_proj")
-                slots = [f"experts.{e}" for e in range(experts)]
-                slots += ["shared_experts"] if cfg.get("n_shared_experts") else []
-                for slot in slots:
-                    for proj, shape in zip(names, ((inter, h), (inter, h), (h, inter))):
-                        put(tensors, dtypes, f"{m}.{slot}.{proj}.weight", shape)
-            fname = f"model-layer{i:02d}.safetensors"
-        save_file(tensors, directory / fname, dtypes)
-        weight_map.update({name: fname for name in tensors})
-    (directory / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map})
-    )
-    (directory / "config.json").write_text(json.dumps(cfg))  # last: half-built is rebuilt
-    return directory
+                dtypes.update({f"{name}_blocks": "U8", f"{name}_scales": "U8"})
+                tensors[f"{name}_bias"] = small(experts, rows)
+        else:
+            names = ("w1", "w3", "w2") if minimax else ("gate_proj", "up_proj", "down_proj")
+            slots = [f"experts.{e}" for e in range(experts)]
+            slots += ["shared_experts"] if cfg.get("n_shared_experts") else []
+            for slot in slots:
+                for proj, shape in zip(names, ((inter, h), (inter, h), (h, inter))):
+                    put(tensors, dtypes, f"{m}.{slot}.{proj}.weight", shape)
+
+    return w.write(layers, layer, progress)
 
 
 def default_dir() -> Path:

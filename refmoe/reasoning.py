@@ -16,6 +16,8 @@ gpt-oss's harmony channels are not read here.
 
 from __future__ import annotations
 
+from refmoe.tool_calls import partial_marker
+
 OPEN, CLOSE = "<think>", "</think>"
 
 
@@ -52,7 +54,7 @@ class ReasoningStream:
             elif self.state == "think":
                 at = text.find(CLOSE, i)
                 if at < 0:  # hold back a tail that could begin </think>
-                    keep = 0 if final else _partial(text[i:], CLOSE)
+                    keep = 0 if final else partial_marker(text[i:], (CLOSE,))
                     thought.append(text[i : len(text) - keep])
                     i = len(text) - keep
                     break
@@ -71,11 +73,3 @@ def split(text: str, inside: bool = False) -> tuple[str, str]:
     """A whole reply: (reasoning without the whitespace around it, content)."""
     thought, content = ReasoningStream(inside).feed(text, final=True)
     return thought.strip(), content
-
-
-def _partial(tail: str, marker: str) -> int:
-    """Length of the longest end of tail that is a proper start of marker."""
-    for n in range(min(len(marker) - 1, len(tail)), 0, -1):
-        if tail.endswith(marker[:n]):
-            return n
-    return 0

@@ -31,6 +31,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -40,7 +41,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from refmoe import reasoning, tool_calls
+from refmoe import harmony, reasoning, tool_calls
 from refmoe.engine import Engine, QueueFull, ShuttingDown
 from refmoe.metrics import Metrics
 from refmoe.sampling import SamplingParams
@@ -370,6 +371,47 @@ class ToolReader:
         return out
 
 
+class ReplyReader:
+    """A chat reply read as it grows: (new reasoning, new content, newly completed tool calls)
+    per feed of the whole text so far. The model's markup decides how: gpt-oss's harmony
+    channels (refmoe.harmony), or a <think> block (refmoe.reasoning) and then content with
+    tool calls in the template's format (ToolPlan). think: None (no reasoning block) or
+    whether the reply starts inside one."""
+
+    def __init__(self, tools: ToolPlan | None, think: bool | None, harmony_: bool = False):
+        self.harmony = harmony.HarmonyStream(tools.opening if tools else "") if harmony_ else None
+        self.thinking = reasoning.ReasoningStream(think) if think is not None else None
+        self.tools = tools.stream() if tools is not None and not harmony_ else None
+        self.calls_wanted = tools is not None
+        self.content, self.done = "", 0  # the content so far; characters of text read
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, str, list[tool_calls.ToolCall]]:
+        if self.harmony is not None:
+            thought, piece, calls = self.harmony.feed(text, final)
+            return thought, piece, calls if self.calls_wanted else []
+        thought = ""
+        if self.thinking is not None:
+            thought, piece = self.thinking.feed(text, final)
+        else:
+            piece, self.done = text[self.done :], len(text)
+        if self.tools is None:
+            return thought, piece, []
+        self.content += piece
+        piece, calls = self.tools.feed(self.content, final)
+        return thought, piece, calls
+
+
+def reply_markup(tok, prompt_text: str) -> tuple[bool | None, str]:
+    """(think, markup) of a chat reply to prompt_text: markup "harmony" for gpt-oss's
+    template (no <think> block then); else think is None when the template teaches no
+    reasoning block, or whether the reply starts inside one."""
+    if harmony.is_harmony(tok.chat_template):
+        return None, "harmony"
+    if reasoning.format_of(tok.chat_template) is None:
+        return None, ""
+    return reasoning.starts_inside(prompt_text), ""
+
+
 def plan_tools(tok, specs: list[dict] | None, choice) -> ToolPlan | None:
     """None when no tools are in play (none given, or tool_choice "none"); a 400 naming the
     field when the model's template writes no tool calls or tool_choice is not understood."""
@@ -379,7 +421,8 @@ def plan_tools(tok, specs: list[dict] | None, choice) -> ToolPlan | None:
         if isinstance(choice, dict) or choice == "required":
             raise APIError(400, "tool_choice: names a call, but no tools are given", param="tools")
         return None
-    fmt = tool_calls.format_of(tok.chat_template)
+    fmt = "harmony" if harmony.is_harmony(tok.chat_template) else None
+    fmt = fmt or tool_calls.format_of(tok.chat_template)
     if fmt is None:
         raise APIError(
             400,
@@ -388,17 +431,18 @@ def plan_tools(tok, specs: list[dict] | None, choice) -> ToolPlan | None:
             param="tools",
         )
     names = [t["function"]["name"] for t in specs]
+    opening = harmony.opening if fmt == "harmony" else partial(tool_calls.opening, fmt)
     if choice in (None, "auto"):
         return ToolPlan(fmt, specs)
     if choice == "required":
-        return ToolPlan(fmt, specs, tool_calls.opening(fmt))
+        return ToolPlan(fmt, specs, opening())
     if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
         if name not in names:
             raise APIError(
                 400, f"tool_choice: no tool named {name!r} in tools", param="tool_choice"
             )
-        return ToolPlan(fmt, specs, tool_calls.opening(fmt, name))
+        return ToolPlan(fmt, specs, opening(name))
     raise APIError(
         400,
         'tool_choice: "none", "auto", "required" or {"type": "function", "function": {"name"}}',
@@ -607,10 +651,12 @@ def create_app(
         chat: bool,
         tools=None,
         think: bool | None = None,
+        markup: str = "",
     ):
         """tools: the request's ToolPlan (chat with tools), whose calls are read off the reply.
         think: None when the model writes no reasoning block, else whether the reply starts
-        inside one (refmoe.reasoning); the reasoning is returned as reasoning_content."""
+        inside one (refmoe.reasoning); the reasoning is returned as reasoning_content.
+        markup: "harmony" for gpt-oss's channels (refmoe.harmony)."""
         eng = engine()
         check_model(body.model)
         limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
@@ -625,7 +671,7 @@ def create_app(
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                _stream(eng, req, queue, rid, created, chat, include_usage, tools, think),
+                _stream(eng, req, queue, rid, created, chat, include_usage, tools, think, markup),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
@@ -636,14 +682,12 @@ def create_app(
         finish, usage = end["reason"], end["usage"]
         content = "".join(text)
         if chat:
-            thought = ""
-            if think is not None:
-                thought, content = reasoning.split(content, think)
+            reader = ReplyReader(tools, think, markup == "harmony")
+            thought, content, calls = reader.feed(content, final=True)
             message: dict = {"role": "assistant", "content": content}
-            if thought:
-                message["reasoning_content"] = thought
+            if thought.strip():
+                message["reasoning_content"] = thought.strip()
             if tools is not None:
-                content, calls = tools.read(content)
                 message["content"] = content or None
                 if calls:
                     message["tool_calls"] = [c.as_openai() for c in calls]
@@ -666,11 +710,12 @@ def create_app(
             "usage": usage,
         }
 
-    async def _stream(eng, req, queue, rid, created, chat, include_usage, tools=None, think=None):
+    async def _stream(
+        eng, req, queue, rid, created, chat, include_usage, tools=None, think=None, markup=""
+    ):
         kind = "chat.completion.chunk" if chat else "text_completion"
-        reader = tools.stream() if tools is not None else None
-        thinking = reasoning.ReasoningStream(think) if think is not None else None
-        so_far, raw, called = "", "", 0
+        reader = ReplyReader(tools, think, markup == "harmony") if chat else None
+        so_far, called, first = "", 0, True
 
         def chunk(choices, usage=None):
             out = {"id": rid, "object": kind, "created": created, "model": name, "choices": choices}
@@ -678,7 +723,31 @@ def create_app(
                 out["usage"] = usage
             return f"data: {json.dumps(out)}\n\n"
 
-        first = True
+        def deltas(thought: str, piece: str, calls, token_ids=None) -> list[str]:
+            """A chat chunk for the reasoning and content of one feed (with its token ids,
+            even when both are held back), then one per completed call."""
+            nonlocal first, called
+            out: list[str] = []
+            if thought or piece or token_ids is not None:
+                delta: dict = {"content": piece} if piece or not thought else {}
+                if thought:
+                    delta["reasoning_content"] = thought
+                if first:
+                    delta["role"], first = "assistant", False
+                c = {"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}
+                if token_ids is not None:
+                    c["token_ids"] = token_ids
+                out.append(chunk([c]))
+            for call in calls:  # each call whole, as soon as it is complete
+                d: dict = {"tool_calls": [{"index": called, **call.as_openai()}]}
+                if first:
+                    d["role"], first = "assistant", False
+                out.append(
+                    chunk([{"index": 0, "delta": d, "finish_reason": None, "logprobs": None}])
+                )
+                called += 1
+            return out
+
         try:
             while True:
                 ev = await queue.get()
@@ -703,64 +772,20 @@ def create_app(
                     )
                     break
                 if ev["type"] == "token":
-                    thought = ""
-                    if thinking is not None:  # the reasoning first, apart from the content
-                        raw += ev["text"]
-                        thought, piece = thinking.feed(raw)
-                        ev = {**ev, "text": piece}
                     if reader is not None:
                         so_far += ev["text"]
-                        piece, calls = reader.feed(so_far)
-                        for call in calls:  # each call whole, as soon as it is complete
-                            d = {"tool_calls": [{"index": called, **call.as_openai()}]}
-                            if first:
-                                d["role"] = "assistant"
-                                first = False
-                            t = {"index": 0, "delta": d, "finish_reason": None, "logprobs": None}
-                            yield chunk([t])
-                            called += 1
-                        ev = {**ev, "text": piece}
-                    if chat:
-                        delta = {"content": ev["text"]} if ev["text"] or not thought else {}
-                        if thought:
-                            delta["reasoning_content"] = thought
-                        if first:
-                            delta["role"] = "assistant"
-                        c = {"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}
-                    else:
-                        c = {
-                            "index": 0,
-                            "text": ev["text"],
-                            "finish_reason": None,
-                            "logprobs": None,
-                        }
+                        for out in deltas(*reader.feed(so_far), token_ids=ev["token_ids"]):
+                            yield out
+                        continue
+                    c = {"index": 0, "text": ev["text"], "finish_reason": None, "logprobs": None}
                     c["token_ids"] = ev["token_ids"]
                     first = False
                     yield chunk([c])
                 else:
                     reason = ev["reason"]
-                    rest = ""
-                    if thinking is not None:  # what the reasoning stream held back
-                        thought, rest = thinking.feed(raw, final=True)
-                        if thought:
-                            d = {"reasoning_content": thought}
-                            t = {"index": 0, "delta": d, "finish_reason": None, "logprobs": None}
-                            yield chunk([t])
-                    if reader is None and rest:
-                        t = {"index": 0, "delta": {"content": rest}, "finish_reason": None}
-                        yield chunk([{**t, "logprobs": None}])
-                    if reader is not None:
-                        so_far += rest
-                        piece, calls = reader.feed(so_far, final=True)
-                        if piece:
-                            d = {"content": piece}
-                            t = {"index": 0, "delta": d, "finish_reason": None, "logprobs": None}
-                            yield chunk([t])
-                        for call in calls:
-                            d = {"tool_calls": [{"index": called, **call.as_openai()}]}
-                            t = {"index": 0, "delta": d, "finish_reason": None, "logprobs": None}
-                            yield chunk([t])
-                            called += 1
+                    if reader is not None:  # what the readers held back
+                        for out in deltas(*reader.feed(so_far, final=True)):
+                            yield out
                         if called:
                             reason = "tool_calls"
                     c = {"index": 0, "finish_reason": reason, "logprobs": None}
@@ -847,7 +872,7 @@ def create_app(
             raise APIError(400, str(e), param="messages") from None
         if tools is not None:
             text += tools.opening
-        think = reasoning.starts_inside(text) if reasoning.format_of(tok.chat_template) else None
+        think, markup = reply_markup(tok, text)
         prompt = await encode(text, False, "messages")
         stops = body.stop_sequences or []
         check_stops(stops, "stop_sequences")
@@ -890,25 +915,24 @@ def create_app(
                     },
                 )
                 # a thinking model's reply opens with a thinking block, then the text
-                thinking = reasoning.ReasoningStream(think) if think is not None else None
-                opened = {"type": "thinking", "thinking": ""} if thinking else None
+                reader = ReplyReader(tools, think, markup == "harmony")
+                in_thought = think is not None or markup == "harmony"
+                opened = {"type": "thinking", "thinking": ""} if in_thought else None
                 yield _sse(
                     "content_block_start",
                     {"index": 0, "content_block": opened or {"type": "text", "text": ""}},
                 )
-                reader = tools.stream() if tools is not None else None
-                block, is_text, so_far, called, raw = 0, True, "", 0, ""
-                in_thought = thinking is not None
+                block, is_text, so_far, called = 0, True, "", 0
 
-                def thoughts(thought: str, piece: str) -> list[str]:
+                def thoughts(thought: str, after: bool) -> list[str]:
                     """SSE events for reasoning, and the thinking block's end where the
-                    content begins."""
+                    content or a call begins (after)."""
                     nonlocal block, in_thought
                     out = []
                     if thought:
                         delta = {"type": "thinking_delta", "thinking": thought}
                         out.append(_sse("content_block_delta", {"index": block, "delta": delta}))
-                    if piece and in_thought:
+                    if after and in_thought:
                         sig = {"type": "signature_delta", "signature": ""}
                         out.append(_sse("content_block_delta", {"index": block, "delta": sig}))
                         out.append(_sse("content_block_stop", {"index": block}))
@@ -949,30 +973,16 @@ def create_app(
                 try:
                     while True:
                         ev = await queue.get()
-                        if ev["type"] == "token":
-                            piece, calls = ev["text"], []
-                            if thinking is not None:
-                                raw += ev["text"]
-                                thought, piece = thinking.feed(raw)
-                                for sse in thoughts(thought, piece):
-                                    yield sse
-                            if reader is not None:
-                                so_far += piece
-                                piece, calls = reader.feed(so_far)
+                        if ev["type"] in ("token", "finish"):  # a finish: what was held back
+                            so_far += ev["text"] if ev["type"] == "token" else ""
+                            thought, piece, calls = reader.feed(so_far, ev["type"] == "finish")
+                            for sse in thoughts(thought, bool(piece or calls)):
+                                yield sse
                             for sse in pieces(piece, calls):
                                 yield sse
-                        elif ev["type"] == "finish":
-                            if thinking is not None:  # what the reasoning stream held back
-                                thought, rest = thinking.feed(raw, final=True)
-                                for sse in thoughts(thought, rest):
-                                    yield sse
-                                if reader is None:
-                                    for sse in pieces(rest, []):
-                                        yield sse
-                                so_far += rest
-                            if reader is not None:
-                                for sse in pieces(*reader.feed(so_far, final=True)):
-                                    yield sse
+                        if ev["type"] == "token":
+                            continue
+                        if ev["type"] == "finish":
                             reason, seq = stop_of(ev, called > 0)
                             yield _sse("content_block_stop", {"index": block})
                             yield _sse(
@@ -1003,12 +1013,10 @@ def create_app(
         if got is None:
             return Response(status_code=499)  # the client went away
         parts, _, finish = got
-        content, calls = "".join(parts), list[tool_calls.ToolCall]()
-        thought = ""
-        if think is not None:
-            thought, content = reasoning.split(content, think)
-        if tools is not None:
-            content, calls = tools.read(content)
+        thought, content, calls = ReplyReader(tools, think, markup == "harmony").feed(
+            "".join(parts), final=True
+        )
+        thought = thought.strip()
         reason, seq = stop_of(finish, bool(calls))
         blocks = [{"type": "text", "text": content}] if content or not calls else []
         if thought:  # Anthropic's shape for a model's reasoning (no signature: not Claude's)
@@ -1052,9 +1060,11 @@ def create_app(
             raise APIError(400, str(e), param="messages") from None
         if tools is not None:
             text += tools.opening  # a required call: the reply starts inside it
-        think = reasoning.starts_inside(text) if reasoning.format_of(tok.chat_template) else None
+        think, markup = reply_markup(tok, text)
         prompt = await encode(text, False, "messages")
-        return await generate(request, body, prompt, chat=True, tools=tools, think=think)
+        return await generate(
+            request, body, prompt, chat=True, tools=tools, think=think, markup=markup
+        )
 
     # -- the rest of the API ------------------------------------------------------------
 

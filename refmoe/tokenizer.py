@@ -7,6 +7,17 @@ import json
 from pathlib import Path
 
 
+def markup() -> frozenset[str]:
+    """The markers refmoe's reply readers look for (refmoe.tool_calls, refmoe.reasoning,
+    refmoe.harmony): special tokens with these texts stay in decoded text."""
+    from refmoe import harmony, reasoning, tool_calls
+
+    marks = {m for pair in tool_calls.FORMATS.values() for m in pair}
+    marks |= {m for pair in tool_calls.GROUPS.values() for m in pair}
+    marks |= {"<｜tool▁sep｜>", "<|tool_call_argument_begin|>"}
+    return frozenset(marks | {reasoning.OPEN, reasoning.CLOSE} | set(harmony.MARKERS))
+
+
 class Tokenizer:
     def __init__(self, path: Path, config: dict | None = None):
         from tokenizers import Tokenizer as HFTokenizer
@@ -18,6 +29,7 @@ class Tokenizer:
         self.config = config or {}
         self.path = path
         self._max_chars: int | None = None
+        self._drop: set[int] | None = None
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer | None:
@@ -82,7 +94,21 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids)
+        """Text of ids without special tokens, except those that are markup refmoe reads
+        off a reply (tool-call and reasoning markers, gpt-oss's harmony channels: markup()),
+        which some tokenizers mark special; the control tokens (bos, eos, pad, unk) always
+        go."""
+        drop = self._dropped_ids()
+        return self._tok.decode([i for i in ids if i not in drop], skip_special_tokens=False)
+
+    def _dropped_ids(self) -> set[int]:
+        if self._drop is None:
+            added = self._tok.get_added_tokens_decoder()
+            self._drop = {i for i, t in added.items() if t.special and t.content not in markup()}
+            names = ("bos_token", "eos_token", "pad_token", "unk_token")
+            control = (self._tok.token_to_id(self._token_text(k)) for k in names)
+            self._drop |= {i for i in control if i is not None and i in added}
+        return self._drop
 
     def _token_text(self, key: str) -> str:
         v = self.config.get(key)

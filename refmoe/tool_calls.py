@@ -191,7 +191,7 @@ class ToolStream:
             at = full.find(self.start, i)
             if at < 0:
                 # hold back a tail that could begin a marker
-                keep = 0 if final else _partial(full[i:], (self.start, *self.group))
+                keep = 0 if final else partial_marker(full[i:], (self.start, *self.group))
                 content.append(full[i : len(full) - keep])
                 i = len(full) - keep
                 break
@@ -215,7 +215,7 @@ class ToolStream:
         return self.text + text
 
 
-def _partial(tail: str, markers: tuple[str, ...]) -> int:
+def partial_marker(tail: str, markers: tuple[str, ...]) -> int:
     """Length of the longest end of tail that is a proper start of a marker."""
     best = 0
     for m in markers:

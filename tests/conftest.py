@@ -78,3 +78,51 @@ def assert_logits_match(m, mine, prompt: list[int], tol: float) -> None:
     cache = mine.new_cache()
     steps = torch.cat([mine.forward(torch.tensor([t]), cache) for t in prompt])
     assert (steps - ref).abs().max() <= tol * ref.abs().max()
+
+
+def write_scripted_model(d, words, chain, template, eos, specials, bos=None) -> None:
+    """A scripted model in d: a one-layer Qwen3-MoE whose layer adds nothing and whose lm_head
+    maps each token to its successor in `chain`, so that greedy decoding after a prompt ending
+    in chain[0] writes chain[1:]; real safetensors, a word-level tokenizer over `words` (the
+    first `specials` of them special tokens) and tokenizer_config.json with `template`."""
+    import json
+
+    import torch
+    import transformers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    ids = {w: i for i, w in enumerate(words)}
+    h = 32
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=len(words),
+        hidden_size=h,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+        eos_token_id=ids[eos],
+        tie_word_embeddings=False,
+    )
+    m = transformers.Qwen3MoeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "o_proj" in name or "down_proj" in name:
+                p.zero_()  # the layer adds nothing: the last hidden state is the embedding
+        m.model.embed_tokens.weight.copy_(torch.eye(len(words), h))
+        head = torch.zeros(len(words), h)
+        for a, b in zip(chain, chain[1:]):
+            head[ids[b], ids[a]] = 10.0  # token a's one-hot picks b
+        m.lm_head.weight.copy_(head)
+    m.save_pretrained(d)
+    tok = HFTokenizer(models.WordLevel(ids, unk_token="ok"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(list(words[:specials]))
+    tok.save(str(d / "tokenizer.json"))
+    config = {"bos_token": bos or words[0], "eos_token": eos, "chat_template": template}
+    (d / "tokenizer_config.json").write_text(json.dumps(config))

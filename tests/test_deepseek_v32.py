@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 from conftest import assert_logits_match, cli_generate, hf_greedy, randomize_bf16
+from test_deepseek_v3 import BASE as V3_BASE
 from test_deepseek_v3 import write_fp8_checkpoint
 
 from refmoe import models, slp
@@ -18,35 +19,9 @@ from refmoe.config import ModelConfig
 
 transformers = pytest.importorskip("transformers")
 
-BASE = dict(
-    vocab_size=97,
-    hidden_size=72,
-    intermediate_size=96,
-    moe_intermediate_size=40,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    n_shared_experts=1,
-    n_routed_experts=8,
-    routed_scaling_factor=2.5,
-    kv_lora_rank=24,
-    q_lora_rank=32,
-    qk_rope_head_dim=8,
-    v_head_dim=12,
-    qk_nope_head_dim=16,
-    n_group=4,
-    topk_group=2,
-    num_experts_per_tok=3,
-    first_k_dense_replace=1,
-    max_position_embeddings=256,
-    # 16 indexer heads: ties in the index (all heads' ReLUs zero) are rare enough not to make
-    # the top-k ambiguous
-    index_n_heads=16,
-    index_head_dim=16,
-    index_topk=4,
-    bos_token_id=0,
-    eos_token_id=None,
-)
+# DeepSeek-V3's test model with the indexer; 16 indexer heads: ties in the index (all heads'
+# ReLUs zero) are rare enough not to make the top-k ambiguous
+BASE = {**V3_BASE, "index_n_heads": 16, "index_head_dim": 16, "index_topk": 4}
 VARIANTS = {
     "topk4": {},
     "topk7_wide": dict(index_topk=7, index_head_dim=24),
@@ -167,7 +142,7 @@ def test_decode_at_contexts_measures_sparse_and_dense(saved):
     cfg = ModelConfig.from_dict(demo.demo_config(1, 16, family="deepseek_v32"))
     assert cfg.family == "deepseek_v32" and (cfg.index_n_heads, cfg.index_topk) == (64, 2048)
     with pytest.raises(ValueError, match="--family"):
-        demo.demo_config(1, 16, family="glm4_moe")
+        demo.demo_config(1, 16, family="qwen3_moe")
 
 
 def test_glm5_shared_layers(saved):

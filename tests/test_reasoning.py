@@ -7,10 +7,8 @@ itself (the reply starts inside it) and teaches GLM's tool calls."""
 import json
 
 import pytest
-import torch
+from conftest import write_scripted_model
 from test_server import Server
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import models, pre_tokenizers
 
 from refmoe import reasoning
 from refmoe.tool_calls import ToolCallError, ToolStream, format_of, opening
@@ -174,40 +172,7 @@ ASK = [{"role": "user", "content": "weather in Paris"}]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("thinking")
-    h = 32
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=len(WORDS),
-        hidden_size=h,
-        intermediate_size=48,
-        moe_intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        num_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=256,
-        eos_token_id=W["</s>"],
-        tie_word_embeddings=False,
-    )
-    m = transformers.Qwen3MoeForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "o_proj" in name or "down_proj" in name:
-                p.zero_()  # the layer adds nothing: the last hidden state is the embedding
-        m.model.embed_tokens.weight.copy_(torch.eye(len(WORDS), h))
-        head = torch.zeros(len(WORDS), h)
-        for a, b in zip(CHAIN, CHAIN[1:]):
-            head[W[b], W[a]] = 10.0  # token a's one-hot picks b
-        m.lm_head.weight.copy_(head)
-    m.save_pretrained(d)
-    tok = HFTokenizer(models.WordLevel(W, unk_token="ok"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(WORDS[:4])
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "chat_template": TEMPLATE})
-    )
+    write_scripted_model(d, WORDS, CHAIN, TEMPLATE, eos="</s>", specials=4, bos="<s>")
     s = Server(d, engine_kwargs={"max_context": 256})
     s.wait_ready()
     yield s
