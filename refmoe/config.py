@@ -22,6 +22,7 @@ ARCHITECTURES = {
     "Glm4MoeForCausalLM": "glm4_moe",  # GLM-4.5 / 4.6 / 4.7 (and -Air)
     "MiniMaxM2ForCausalLM": "minimax_m2",  # MiniMax-M2 / M2.x
     "GptOssForCausalLM": "gpt_oss",  # gpt-oss-20b / 120b
+    "Qwen3NextForCausalLM": "qwen3_next",  # Qwen3-Next: Gated DeltaNet + gated attention
 }
 ALIASES = {  # the same field under the names other releases of transformers write
     "num_experts": ("num_local_experts",),
@@ -37,11 +38,12 @@ MODEL_TYPES = {  # when config.json has no architectures list
     "glm4_moe": "Glm4MoeForCausalLM",
     "minimax_m2": "MiniMaxM2ForCausalLM",
     "gpt_oss": "GptOssForCausalLM",
+    "qwen3_next": "Qwen3NextForCausalLM",
 }
 MLA_FAMILIES = ("deepseek_v3", "deepseek_v32", "glm_moe_dsa")
 DSA_FAMILIES = ("deepseek_v32", "glm_moe_dsa")
 QK_NORMS = ("head", "all", "none")  # per head (Qwen3, GLM), over all heads at once (MiniMax)
-LAYER_TYPES = ("full_attention", "sliding_attention")
+LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention")
 
 
 @dataclass(slots=True)
@@ -87,6 +89,15 @@ class ModelConfig:
     attention_sinks: bool = False  # gpt-oss: a learned logit per head in every softmax
     sliding_window: int = 0
     layer_types: list[str] = field(default_factory=list)  # per layer, LAYER_TYPES; [] = full
+    attention_output_gate: bool = False  # Qwen3-Next: o_proj(attn * sigmoid(gate from q_proj))
+    norm_offset: bool = False  # Qwen3-Next: every RMSNorm scales by (1 + weight)
+    # Gated DeltaNet (linear_attention layers, Qwen3-Next): heads and widths, conv kernel
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 0
+    shared_expert_intermediate_size: int = 0  # Qwen3-Next: one shared expert, sigmoid-gated
     rope_interleave: bool = True
     # DSA (DeepSeek-V3.2): the lightning indexer's heads and width; each query attends to the
     # index_topk cached tokens it scores highest
@@ -292,6 +303,20 @@ class ModelConfig:
                 "sliding_window must be positive where layer_types has sliding_attention",
             ),
             (
+                "linear_attention" not in self.layer_types
+                or min(
+                    self.linear_num_key_heads,
+                    self.linear_key_head_dim,
+                    self.linear_value_head_dim,
+                    self.linear_conv_kernel_dim,
+                )
+                > 0
+                and self.linear_num_value_heads % max(self.linear_num_key_heads, 1) == 0
+                and self.linear_num_value_heads > 0,
+                "linear_attention layers need positive linear_* sizes, linear_num_value_heads "
+                "a multiple of linear_num_key_heads",
+            ),
+            (
                 not self.is_mla or self.qk_rope_head_dim % 2 == 0,
                 "qk_rope_head_dim must be even",
             ),
@@ -477,6 +502,35 @@ def _gqa_fields(family: str, get: _Fields, heads: int, hidden: int, source: str)
             norm_topk_prob=get("norm_topk_prob", bool, False),
             scoring_func="softmax",
             attention_bias=get("attention_bias", bool, False),
+        )
+    if family == "qwen3_next":  # Qwen3-MoE's router; linear and gated attention; (1 + w) norms
+        if get("mlp_only_layers", list, None) or get("decoder_sparse_step", int, 1) != 1:
+            raise ValueError(
+                f"{source}: mlp_only_layers / decoder_sparse_step != 1 are not supported"
+            )
+        n = need("num_hidden_layers")
+        types = get("layer_types", list, None) or [
+            "full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(n)
+        ]
+        return f | dict(
+            intermediate_size=get("intermediate_size", int, None) or 0,
+            moe_intermediate_size=need("moe_intermediate_size"),
+            n_routed_experts=need("num_experts"),
+            norm_topk_prob=get("norm_topk_prob", bool, True),
+            scoring_func="softmax",
+            attention_bias=get("attention_bias", bool, False),
+            attention_out_bias=get("attention_bias", bool, False),
+            attention_output_gate=True,
+            norm_offset=True,
+            partial_rotary_factor=get("partial_rotary_factor", float, None)
+            or float(rope.get("partial_rotary_factor") or 0.25),
+            layer_types=types,
+            linear_num_key_heads=need("linear_num_key_heads"),
+            linear_num_value_heads=need("linear_num_value_heads"),
+            linear_key_head_dim=need("linear_key_head_dim"),
+            linear_value_head_dim=need("linear_value_head_dim"),
+            linear_conv_kernel_dim=need("linear_conv_kernel_dim"),
+            shared_expert_intermediate_size=get("shared_expert_intermediate_size", int, 0),
         )
     if family == "glm4_moe":  # DeepSeek-V3's router and MoE layout under GQA
         return (

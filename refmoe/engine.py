@@ -150,8 +150,10 @@ class Engine:
         c = self.config
         gib = c.prefix_cache_gib
         room = int(available_memory() * PREFIX_SHARE if gib is None else gib * 2**30)
-        # DSLP's other ranks prefill into caches of their own: no prefix to restore there
-        self.prefix = PrefixCache(room) if room > 0 and c.ranks == 1 else None
+        # DSLP's other ranks prefill into caches of their own: no prefix to restore there; a
+        # model with recurrent layers (linear attention) has no prefix to cut out of its state
+        positional = model.new_cache().positional
+        self.prefix = PrefixCache(room) if room > 0 and c.ranks == 1 and positional else None
         self.chunks = self.policy.chunk_rule  # fed the decode steps' measured times
         self.scheduler = self.policy.scheduler(
             lookup=self._lookup if self.prefix is not None else None

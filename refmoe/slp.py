@@ -328,7 +328,7 @@ class _Chunk:
             layer, x_all, weights, ids, moe.experts.num_experts - 1 if moe.fused_shared else None
         )
         y = self.exchange.reduce_scatter(y.to(x.device, torch.float32)).to(x.dtype)  # [t, H]
-        return y + moe.shared(x) if moe.shared is not None else y
+        return y + moe.shared_out(x)
 
     def _copier(self, layer: int, e: int, slot: int):
         """A function that copies expert e of the layer into the slot: one contiguous row of

@@ -16,7 +16,7 @@ from refmoe.checkpoint import Checkpoint
 from refmoe.config import ModelConfig
 from refmoe.models.experts import DEEPSEEK, MoE, MoENames
 from refmoe.models.kv_cache import KVCache
-from refmoe.models.layers import MLP, Linear, load_dense, rms_norm, rope_parameters
+from refmoe.models.layers import MLP, Linear, load_dense, load_norm, rms_norm, rope_parameters
 from refmoe.trace import maybe
 
 
@@ -71,7 +71,7 @@ class DecoderModel:
             self.make_block(ck, i, cfg, expert_dtype, num_threads)
             for i in (progress(layers) if progress else layers)
         ]
-        self.norm = load_dense(ck, "model.norm.weight", (h,))
+        self.norm = load_norm(ck, "model.norm.weight", h, cfg)
         self.head = (
             None
             if cfg.tie_word_embeddings and "lm_head.weight" not in ck
@@ -200,8 +200,8 @@ class Block:
         where its MoE block keeps its tensors."""
         p = f"model.layers.{layer}"
         self.layer, self.eps = layer, cfg.rms_norm_eps
-        self.attn_norm = load_dense(ck, f"{p}.input_layernorm.weight", (cfg.hidden_size,))
-        self.ffn_norm = load_dense(ck, f"{p}.post_attention_layernorm.weight", (cfg.hidden_size,))
+        self.attn_norm = load_norm(ck, f"{p}.input_layernorm.weight", cfg.hidden_size, cfg)
+        self.ffn_norm = load_norm(ck, f"{p}.post_attention_layernorm.weight", cfg.hidden_size, cfg)
         self.attn = attn
         self.ffn = (
             MoE(ck, f"{p}.{ffn}", cfg, expert_dtype, num_threads, names)

@@ -120,11 +120,15 @@ class MoENames:
     # gpt-oss: every expert in one tensor per projection, experts.gate_up_proj[_blocks,
     # _scales, _bias] with gate and up interleaved by rows, experts.down_proj[...]
     fused: bool = False
+    # Qwen3-Next: one shared expert (shared_expert) scaled per token by sigmoid(x . w) of
+    # shared_expert_gate.weight [1, H]; "" where the shared experts have no gate
+    shared_gate: str = ""
 
 
 DEEPSEEK = MoENames()  # DeepSeek-V3, Qwen3-MoE, GLM-4.5
 MINIMAX = MoENames(correction_bias="e_score_correction_bias", projections=("w1", "w3", "w2"))
 GPT_OSS = MoENames(router="router", fused=True)
+QWEN3_NEXT = MoENames(shared_gate="shared_expert_gate")
 
 
 def read_fused(
@@ -326,6 +330,13 @@ class MoE:
             if cfg.n_shared_experts >= 1 and not self.fused_shared
             else None
         )
+        self.shared_gate = None  # Qwen3-Next's gated shared expert
+        if names.shared_gate and cfg.shared_expert_intermediate_size:
+            size = cfg.shared_expert_intermediate_size
+            self.shared = MLP(ck, f"{p}.shared_expert", cfg.hidden_size, size)
+            self.shared_gate = load_dense(
+                ck, f"{p}.{names.shared_gate}.weight", (1, cfg.hidden_size)
+            )
         self.num_threads = num_threads
         self.packed = None  # the experts' packed host buffer (refmoe.expert_store.pack_model)
         self.seconds = 0.0  # time spent in the CPU expert kernels (for metrics)
@@ -361,4 +372,12 @@ class MoE:
         y = kernels.fused_moe(xs, tok, ids_np, w_np, self.experts, num_threads=self.num_threads)
         self.seconds += time.perf_counter() - start
         out = torch.from_numpy(y).to(x.device)
-        return out + self.shared(x) if self.shared is not None else out
+        return out + self.shared_out(x)
+
+    def shared_out(self, x: torch.Tensor) -> torch.Tensor | float:
+        """What the shared experts that run beside the routed ones add for x [T, H] (0.0
+        where none does): their MLP, times sigmoid(x . w) where they are gated (Qwen3-Next)."""
+        if self.shared is None:
+            return 0.0
+        y = self.shared(x)
+        return y * torch.sigmoid(x @ self.shared_gate.T) if self.shared_gate is not None else y

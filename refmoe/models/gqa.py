@@ -20,7 +20,7 @@ from refmoe.config import ModelConfig
 from refmoe.models.decoder import Block, DecoderModel
 from refmoe.models.experts import DEEPSEEK
 from refmoe.models.kv_cache import Growing
-from refmoe.models.layers import Linear, apply_rope, attend, load_dense, rms_norm
+from refmoe.models.layers import Linear, apply_rope, attend, load_dense, load_norm, rms_norm
 
 
 @dataclass(slots=True)
@@ -41,7 +41,8 @@ class GQA:
     def __init__(self, ck: Checkpoint, p: str, cfg: ModelConfig, layer: int = 0):
         h, n, g, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.cfg, self.n, self.g, self.d, self.r = cfg, n, g, d, cfg.rotary_dim
-        self.q = Linear(ck, f"{p}.q_proj.weight", (n * d, h))
+        gate = 2 if cfg.attention_output_gate else 1  # Qwen3-Next: each head's gate beside it
+        self.q = Linear(ck, f"{p}.q_proj.weight", (gate * n * d, h))
         self.k = Linear(ck, f"{p}.k_proj.weight", (g * d, h))
         self.v = Linear(ck, f"{p}.v_proj.weight", (g * d, h))
         self.o = Linear(ck, f"{p}.o_proj.weight", (h, n * d))
@@ -49,7 +50,7 @@ class GQA:
         def bias(name: str, size: int, present: bool) -> torch.Tensor | None:
             return load_dense(ck, f"{p}.{name}.bias", (size,)) if present else None
 
-        self.q_bias = bias("q_proj", n * d, cfg.attention_bias)
+        self.q_bias = bias("q_proj", gate * n * d, cfg.attention_bias)
         self.k_bias = bias("k_proj", g * d, cfg.attention_bias)
         self.v_bias = bias("v_proj", g * d, cfg.attention_bias)
         self.o_bias = bias("o_proj", h, cfg.attention_out_bias)
@@ -57,8 +58,8 @@ class GQA:
         q_size, k_size = (d, d) if cfg.qk_norm == "head" else (n * d, g * d)
         self.q_norm = self.k_norm = None
         if cfg.qk_norm != "none":
-            self.q_norm = load_dense(ck, f"{p}.q_norm.weight", (q_size,))
-            self.k_norm = load_dense(ck, f"{p}.k_norm.weight", (k_size,))
+            self.q_norm = load_norm(ck, f"{p}.q_norm.weight", q_size, cfg)
+            self.k_norm = load_norm(ck, f"{p}.k_norm.weight", k_size, cfg)
         self.sinks = load_dense(ck, f"{p}.sinks", (n,)) if cfg.attention_sinks else None
         self.window = cfg.window(layer)
 
@@ -99,8 +100,13 @@ class GQA:
         return list(out.split(sizes))  # [T, H] each
 
     def _attend(self, q, k, v, cos, sin, softmax_scale, cache: LayerCache, cp) -> torch.Tensor:
-        """One sequence: q [T, n*d], k and v [T, g*d] -> [T, n*d]."""
+        """One sequence: q [T, n*d] (with the output gate: [T, n*2d], each head's query then
+        its gate), k and v [T, g*d] -> [T, n*d]."""
         eps, t, n, g, d = self.cfg.rms_norm_eps, q.shape[0], self.n, self.g, self.d
+        gate = None
+        if self.cfg.attention_output_gate:
+            q, gate = q.view(t, n, 2 * d).split(d, dim=-1)
+            q, gate = q.reshape(t, n * d), gate.reshape(t, n * d)
         qn, kn, mode = self.q_norm, self.k_norm, self.cfg.qk_norm
         if qn is not None and kn is not None and mode == "all":
             q, k = rms_norm(q, qn, eps), rms_norm(k, kn, eps)
@@ -116,7 +122,8 @@ class GQA:
         vv = cache.v.append(v).repeat_interleave(n // g, dim=0)
         scale = d**-0.5 * softmax_scale
         out = attend(q, kk, vv, start, scale, window=self.window, sinks=self.sinks)  # [n, T, d]
-        return out.transpose(0, 1).reshape(t, n * d)
+        out = out.transpose(0, 1).reshape(t, n * d)
+        return out if gate is None else out * torch.sigmoid(gate)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [heads, T, d]: rotate-half rope on the first r dims, the rest as they are."""

@@ -48,6 +48,13 @@ class KVCache:
     def length(self) -> int:
         return self.layers[0].length if self.layers else 0
 
+    @property
+    def positional(self) -> bool:
+        """Whether every layer's cache holds one entry per position, so that any prefix of it
+        can be read out and restored (parts, read, extend); a recurrent layer's state
+        (linear attention) cannot be cut at an earlier position."""
+        return not any(getattr(c, "recurrent", False) for c in self.layers)
+
     def parts(self) -> list[list[Growing]]:
         """Per layer, the growing tensors its cache holds (MLA: the latent; GQA: keys and
         values), in a fixed order: what a prefix cache copies out and back."""
@@ -58,12 +65,18 @@ class KVCache:
 
     def read(self, lo: int, hi: int) -> list[list[torch.Tensor]]:
         """Positions lo .. hi of every layer's tensors (views: copy them to keep them)."""
+        if not self.positional:
+            raise ValueError(
+                "a cache with recurrent layers (linear attention) has no prefix to read"
+            )
         if not 0 <= lo <= hi <= self.length:
             raise ValueError(f"positions {lo}..{hi} outside a cache of {self.length}")
         return [[g.view().narrow(g.dim, lo, hi - lo) for g in layer] for layer in self.parts()]
 
     def extend(self, layers: list[list[torch.Tensor]]) -> None:
         """Append per-layer tensors shaped as read() gives them (the next positions)."""
+        if not self.positional:
+            raise ValueError("a cache with recurrent layers (linear attention) takes no prefix")
         mine = self.parts()
         if len(layers) != len(mine) or any(len(a) != len(b) for a, b in zip(layers, mine)):
             raise ValueError("the tensors do not match this cache's layers")

@@ -196,6 +196,13 @@ def load_dense(ck: Checkpoint, name: str, shape: tuple[int, ...]) -> torch.Tenso
     return torch.from_numpy(np.array(a, dtype=np.float32))
 
 
+def load_norm(ck: Checkpoint, name: str, size: int, cfg: ModelConfig) -> torch.Tensor:
+    """An RMSNorm's scale: the stored weight, or 1 + it where the family stores the offset
+    from one (Qwen3-Next: cfg.norm_offset)."""
+    w = load_dense(ck, name, (size,))
+    return w + 1.0 if cfg.norm_offset else w
+
+
 class Linear:
     """y = x W^T for one projection. FP8 weights stay as stored (codes and weight_scale_inv,
     views of the mapped checkpoint) and run through the CPU kernels; other dtypes become float32

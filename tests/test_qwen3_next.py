@@ -1,0 +1,132 @@
+"""Qwen3-Next (Gated DeltaNet linear attention, gated full attention, (1 + w) norms, a
+sigmoid-gated shared expert) against transformers: tiny random configs saved with
+save_pretrained, logits within 1e-4 in one pass, token by token (the recurrent state carried)
+and in chunks; 32 greedy tokens through `refmoe generate` with the CPU and SLP prefills; the
+serving engine without a prefix cache for it (its state cannot be cut at a prefix); a prompt
+refused across DSLP ranks; bad configs named."""
+
+import json
+
+import pytest
+import torch
+from conftest import assert_logits_match, cli_generate, hf_greedy, randomize_bf16
+
+from refmoe import models, slp
+from refmoe.config import ModelConfig
+from refmoe.engine import Engine
+
+transformers = pytest.importorskip("transformers")
+
+BASE = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=8,
+    num_experts_per_tok=2,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    linear_conv_kernel_dim=4,
+    max_position_embeddings=256,
+    eos_token_id=None,
+)
+VARIANTS = {
+    "base": {},  # layers linear, linear, linear, full; 2 value heads per key head
+    "mixed": dict(
+        layer_types=["full_attention", "linear_attention", "full_attention", "linear_attention"],
+        linear_num_value_heads=2,
+        norm_topk_prob=False,
+        num_experts_per_tok=3,
+        partial_rotary_factor=0.5,
+    ),
+}
+PROMPT = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 93]
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def saved(request, tmp_path_factory):
+    cfg = transformers.Qwen3NextConfig(**{**BASE, **VARIANTS[request.param]})
+    torch.manual_seed(3)
+    m = transformers.Qwen3NextForCausalLM(cfg).eval()
+    randomize_bf16(m)
+    d = tmp_path_factory.mktemp(request.param)
+    m.save_pretrained(d)
+    return m, d
+
+
+def test_logits_match_transformers(saved):
+    m, d = saved
+    cfg, mine = models.load(d)
+    assert cfg.family == "qwen3_next" and "linear_attention" in cfg.layer_types
+    assert_logits_match(m, mine, PROMPT, 1e-4)  # one pass, and token by token
+    with torch.no_grad():
+        ref = m(torch.tensor([PROMPT])).logits[0]
+    cache = mine.new_cache()  # in chunks: the convolution and the state carried across
+    out = torch.cat([mine.forward(torch.tensor(PROMPT[i : i + 4]), cache) for i in (0, 4, 8)])
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert cache.length == len(PROMPT) and not cache.positional
+    # the fixed state a sequence keeps: conv inputs and the recurrent state, per linear layer
+    linear = [b.attn for b in mine.blocks if hasattr(b.attn, "state_bytes")]
+    c = linear[0]
+    per = 4 * (c.channels * 3 + c.hv * c.dk * c.dv)
+    assert mine.state_bytes() == per * len(linear)
+    with pytest.raises(ValueError, match="recurrent"):
+        cache.read(0, 4)
+
+
+def test_greedy_32_tokens_via_cli(saved):
+    m, d = saved
+    want = hf_greedy(m, PROMPT, 32)
+    ids = ",".join(map(str, PROMPT))
+    for prefill in ("cpu", "slp"):
+        got = cli_generate(d, "--prompt-ids", ids, "--max-tokens", "32", "--prefill", prefill)
+        assert got["token_ids"] == want, prefill
+
+
+def test_slp_equals_cpu(saved):
+    _, d = saved
+    _, mine = models.load(d)
+    plain = mine.forward(torch.tensor(PROMPT), mine.new_cache())
+    runner = slp.StreamPrefill(mine, ring=2, chunk_tokens=4)
+    out = runner.prefill(torch.tensor(PROMPT), mine.new_cache())
+    assert (out[-1] - plain[-1]).abs().max() <= 1e-4 * plain.abs().max()
+
+
+def test_engine_runs_without_a_prefix_cache(saved):
+    """The engine serves it with the prefix cache off (a state has no prefix), and a prompt
+    split across DSLP ranks is refused by the layer, naming why."""
+    _, d = saved
+    _, mine = models.load(d)
+    eng = Engine(mine, prefix_cache_gib=1.0)
+    assert eng.prefix is None
+
+    class Split:  # what a DSLP rank passes: its slice of a prompt
+        offset = 0
+
+    block = next(b for b in mine.blocks if hasattr(b.attn, "state_bytes"))
+    with pytest.raises(ValueError, match="DSLP"):
+        block.attn(torch.zeros(2, 64), None, None, 1.0, block.attn.new_cache(), Split())
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"linear_num_key_heads": 3}, "linear_num_value_heads"),
+        ({"linear_conv_kernel_dim": 0}, "linear_"),
+        ({"layer_types": ["linear_attention"] * 3}, "layer_types"),
+        ({"decoder_sparse_step": 2}, "decoder_sparse_step"),
+    ],
+)
+def test_bad_configs_named(change, field, tmp_path):
+    d = transformers.Qwen3NextConfig(**BASE).to_dict()
+    d.update(change)
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=field):
+        ModelConfig.from_file(tmp_path)
