@@ -343,10 +343,6 @@ class ToolPlan:
     def stream(self) -> ToolReader:
         return ToolReader(tool_calls.ToolStream(self.fmt, self.opening), self.opening)
 
-    def read(self, text: str) -> tuple[str, list[tool_calls.ToolCall]]:
-        """A whole reply: (content, calls)."""
-        return self.stream().feed(text, final=True)
-
 
 class ToolReader:
     """ToolStream, except that a call the model wrote badly is not lost: from there on the

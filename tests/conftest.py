@@ -126,3 +126,10 @@ def write_scripted_model(d, words, chain, template, eos, specials, bos=None) -> 
     tok.save(str(d / "tokenizer.json"))
     config = {"bos_token": bos or words[0], "eos_token": eos, "chat_template": template}
     (d / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def assert_cache_bytes(mine, cache, tokens: int) -> None:
+    """The KV budget's unit: what the cache's growing tensors hold after `tokens` tokens
+    (every layer's keys and values, latents, indexer keys) is kv_bytes_per_token each."""
+    held = sum(g.buf.element_size() * g.view().numel() for layer in cache.parts() for g in layer)
+    assert mine.kv_bytes_per_token() * tokens == held

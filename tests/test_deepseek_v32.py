@@ -10,7 +10,13 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_logits_match, cli_generate, hf_greedy, randomize_bf16
+from conftest import (
+    assert_cache_bytes,
+    assert_logits_match,
+    cli_generate,
+    hf_greedy,
+    randomize_bf16,
+)
 from test_deepseek_v3 import BASE as V3_BASE
 from test_deepseek_v3 import write_fp8_checkpoint
 
@@ -61,8 +67,7 @@ def test_logits_match_transformers(saved):
     out = mine.forward(torch.tensor(PROMPT[5:]), cache)
     assert (out - ref[5:]).abs().max() <= 1e-4 * ref.abs().max()
     # the cache: latent + roped key + the indexer's key per token and layer
-    held = sum(g.buf.element_size() * g.view().numel() for layer in cache.parts() for g in layer)
-    assert mine.kv_bytes_per_token() * len(PROMPT) == held
+    assert_cache_bytes(mine, cache, len(PROMPT))
 
 
 def test_greedy_32_tokens_via_cli(saved):

@@ -2,7 +2,13 @@
 
 import pytest
 import torch
-from conftest import assert_logits_match, cli_generate, hf_greedy, randomize_bf16
+from conftest import (
+    assert_cache_bytes,
+    assert_logits_match,
+    cli_generate,
+    hf_greedy,
+    randomize_bf16,
+)
 
 from refmoe import models
 
@@ -50,12 +56,7 @@ def test_logits_match_transformers(saved):
     # the KV budget's unit: keys and values of every KV head, float32, every layer
     cache = mine.new_cache()
     mine.forward(torch.tensor(PROMPT), cache)
-    held = sum(
-        t.buf.element_size() * t.view().numel()
-        for layer in cache.layers
-        for t in (layer.k, layer.v)
-    )
-    assert mine.kv_bytes_per_token() * len(PROMPT) == held
+    assert_cache_bytes(mine, cache, len(PROMPT))
 
 
 def test_greedy_32_tokens_via_cli(saved):

@@ -23,7 +23,7 @@ from refmoe import kernels
 from refmoe.checkpoint import Checkpoint
 from refmoe.config import ModelConfig
 from refmoe.kernels.formats import BLOCK
-from refmoe.models.decoder import Block, DecoderModel
+from refmoe.models.decoder import Block, DecoderModel, smoke
 from refmoe.models.kv_cache import Growing
 from refmoe.models.layers import (
     Linear,
@@ -318,9 +318,4 @@ class Transformer(DecoderModel):
 
 
 if __name__ == "__main__":  # smoke run: python -m refmoe.models.deepseek_v3 MODEL_DIR
-    import sys
-
-    cfg = ModelConfig.from_file(sys.argv[1])
-    model = Transformer(Checkpoint(sys.argv[1]), cfg)
-    logits = model.forward(torch.tensor([1, 2, 3]), model.new_cache())
-    print(logits.shape, logits[-1].topk(5))
+    smoke(Transformer)

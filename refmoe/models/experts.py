@@ -131,21 +131,19 @@ GPT_OSS = MoENames(router="router", fused=True)
 QWEN3_NEXT = MoENames(shared_gate="shared_expert_gate")
 
 
-def read_fused(
-    ck: Checkpoint, prefix: str, cfg: ModelConfig, e: int
-) -> tuple[list[Stored], list[np.ndarray]]:
-    """Expert e of gpt-oss's fused tensors: (gate, up, down as Stored [rows, cols]; their biases
-    float32). As released: MXFP4 experts.gate_up_proj_blocks [E, 2I, H/32, 16] and _scales
-    [E, 2I, H/32], gate on even rows, up on odd (each copied out once into its own contiguous
-    rows: the bytes as stored, reordered); as transformers saves a float model:
-    experts.gate_up_proj [E, H, 2I] (x @ W, gate on even columns)."""
+def read_fused(ck: Checkpoint, prefix: str, cfg: ModelConfig, e: int) -> list[Stored]:
+    """Expert e of gpt-oss's fused tensors: gate, up, down as Stored [rows, cols]. As
+    released: MXFP4 experts.gate_up_proj_blocks [E, 2I, H/32, 16] and _scales [E, 2I, H/32],
+    gate on even rows, up on odd (each copied out once into its own contiguous rows: the bytes
+    as stored, reordered); as transformers saves a float model: experts.gate_up_proj
+    [E, H, 2I] (x @ W, gate on even columns)."""
     h, i, n = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
     gu, dn = f"{prefix}.experts.gate_up_proj", f"{prefix}.experts.down_proj"
     if f"{gu}_blocks" in ck:
         nh, ni = -(-h // formats.MX_BLOCK), -(-i // formats.MX_BLOCK)
         gub = ck.get(f"{gu}_blocks", (n, 2 * i, nh, 16), ("uint8",))[e]
         gus = ck.get(f"{gu}_scales", (n, 2 * i, nh), ("uint8",))[e]
-        mats = [
+        return [
             Stored("mxfp4", np.ascontiguousarray(gub[0::2]), np.ascontiguousarray(gus[0::2])),
             Stored("mxfp4", np.ascontiguousarray(gub[1::2]), np.ascontiguousarray(gus[1::2])),
             Stored(
@@ -154,22 +152,23 @@ def read_fused(
                 ck.get(f"{dn}_scales", (n, h, ni), ("uint8",))[e],
             ),
         ]
-    else:
-        w = ck.get(gu, (n, h, 2 * i), FLOAT_DTYPES)[e]
-        d = ck.get(dn, (n, i, h), FLOAT_DTYPES)[e]
-        dt = ck.dtype(gu)
-        mats = [
-            Stored("bf16", np.ascontiguousarray(w[:, 0::2].T), float_dtype=dt),
-            Stored("bf16", np.ascontiguousarray(w[:, 1::2].T), float_dtype=dt),
-            Stored("bf16", np.ascontiguousarray(d.T), float_dtype=ck.dtype(dn)),
-        ]
-    gub = load_dense(ck, f"{gu}_bias", (n, 2 * i))[e].numpy()
-    biases = [
-        np.ascontiguousarray(gub[0::2]),
-        np.ascontiguousarray(gub[1::2]),
-        load_dense(ck, f"{dn}_bias", (n, h))[e].numpy().copy(),
+    w = ck.get(gu, (n, h, 2 * i), FLOAT_DTYPES)[e]
+    d = ck.get(dn, (n, i, h), FLOAT_DTYPES)[e]
+    dt = ck.dtype(gu)
+    return [
+        Stored("bf16", np.ascontiguousarray(w[:, 0::2].T), float_dtype=dt),
+        Stored("bf16", np.ascontiguousarray(w[:, 1::2].T), float_dtype=dt),
+        Stored("bf16", np.ascontiguousarray(d.T), float_dtype=ck.dtype(dn)),
     ]
-    return mats, biases
+
+
+def fused_biases(ck: Checkpoint, prefix: str, cfg: ModelConfig) -> list[np.ndarray]:
+    """gpt-oss's expert biases, read once per layer: gate [E, I], up [E, I] (the even and odd
+    columns of gate_up_proj_bias) and down [E, H], float32."""
+    h, i, n = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
+    gub = load_dense(ck, f"{prefix}.experts.gate_up_proj_bias", (n, 2 * i)).numpy()
+    down = load_dense(ck, f"{prefix}.experts.down_proj_bias", (n, h)).numpy()
+    return [np.ascontiguousarray(gub[:, 0::2]), np.ascontiguousarray(gub[:, 1::2]), down]
 
 
 def load_experts(
@@ -205,14 +204,12 @@ def load_experts(
     if fmt not in EXPERT_DTYPES:
         raise ValueError(f"expert dtype must be one of {', '.join(EXPERT_DTYPES)}, got {fmt!r}")
     parts: dict[str, list[list]] = {k: [[], [], []] for k in ("gate", "up", "down")}
-    biases: dict[str, list[np.ndarray]] = {"gate": [], "up": [], "down": []}
+    biases: list = fused_biases(ck, prefix, cfg) if names.fused else [[], [], []]  # rows: experts
     slots = [f"experts.{e}" for e in range(cfg.n_routed_experts)]
     for e, slot in enumerate(slots + (["shared_experts"] if with_shared else [])):
         kinds = (("gate", (i, h)), ("up", (i, h)), ("down", (h, i)))
         if names.fused:
-            mats, vecs = read_fused(ck, prefix, cfg, e)
-            for (kind, _), b in zip(kinds, vecs):
-                biases[kind].append(b)
+            mats = read_fused(ck, prefix, cfg, e)
         else:
             mats = [
                 read_projection(ck, f"{prefix}.{slot}.{name}", shape, group)
@@ -244,9 +241,9 @@ def load_experts(
         activation=cfg.hidden_act,
         alpha=cfg.swiglu_alpha,
         limit=cfg.swiglu_limit,
-        gate_bias=biases["gate"],
-        up_bias=biases["up"],
-        down_bias=biases["down"],
+        gate_bias=list(biases[0]),
+        up_bias=list(biases[1]),
+        down_bias=list(biases[2]),
     )
 
 
