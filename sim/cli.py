@@ -307,6 +307,77 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
+def _peer_params(items: list[str]) -> dict:
+    """ENGINE:FIELD=VALUE items -> {engine: {field: value}} (numbers and true/false)."""
+    out: dict = {}
+    for item in items:
+        try:
+            engine, rest = item.split(":", 1)
+            key, value = rest.split("=", 1)
+        except ValueError:
+            raise ValueError(
+                f"--peer {item!r}: expected ENGINE:FIELD=VALUE, "
+                "e.g. ktransformers:offload_above=8192"
+            ) from None
+        v: object
+        if value.lower() in ("true", "false"):
+            v = value.lower() == "true"
+        else:
+            try:
+                v = int(value)
+            except ValueError:
+                try:
+                    v = float(value)
+                except ValueError:
+                    raise ValueError(f"--peer {item!r}: {value!r} is not a number") from None
+        out.setdefault(engine, {})[key] = v
+    return out
+
+
+def _cmd_compare(args) -> int:
+    from sim import compare, peers, workloads
+    from sim.hardware import Hardware
+
+    cfg = catalog.load(args.model)
+    hw = Hardware.load(args.hardware)
+    wl = workloads.get(args.workload).scaled(args.num_prompts, args.request_rate)
+    engines = tuple(args.engines.split(","))
+    overrides = _peer_params(args.peer or [])
+    for name, params in overrides.items():
+        peers.peer(name, params)  # names a bad engine or field before anything runs
+    progress = None
+    if sys.stderr.isatty() and not args.json:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(engines), desc="compare", unit="engine")
+        progress = lambda name: bar.update(1)  # noqa: E731
+    res = compare.compare(
+        cfg,
+        hw,
+        wl,
+        engines,
+        tuple(args.prompt_tokens),
+        args.interference_tokens,
+        overrides,
+        progress,
+    )
+    res["model"] = args.model
+    if args.plot:
+        compare.plot(res, args.plot)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(compare.format_table(res))
+        print(
+            f"\nworkload {wl.name}: {wl.what}; SLOs: TTFT {wl.slo_ttft_s:g} s, TPOT "
+            f"{wl.slo_tpot_s * 1e3:.0f} ms"
+        )
+        for name in engines:
+            if name in peers.PEERS:
+                print(f"{name}: {peers.PEERS[name].source}")
+    return 0
+
+
 def _cmd_reproduce(args) -> int:
     from sim.hardware import Hardware
     from sim.paper import format_rows, reproduce
@@ -697,6 +768,40 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--plot", help="write a PNG")
     sw.add_argument("--json", action="store_true")
     sw.set_defaults(func=_cmd_sweep)
+    cp = sub.add_parser(
+        "compare",
+        help="refmoe's policies beside llama.cpp's and KTransformers' on one box (sim/peers.py)",
+    )
+    cp.add_argument(
+        "--model",
+        required=True,
+        help="config.json, a model directory, or a name from `refmoe-sim models`",
+    )
+    cp.add_argument("--hardware", required=True, help="profile YAML or a name in sim/profiles")
+    cp.add_argument(
+        "--workload", default="mixed", help="chat, long-prompt, mixed or agent (sim/workloads.py)"
+    )
+    cp.add_argument("--engines", default="refmoe,llama.cpp,ktransformers")
+    cp.add_argument("--prompt-tokens", type=_ints, default=[1024, 4096, 16384, 32768])
+    cp.add_argument(
+        "--interference-tokens",
+        type=int,
+        default=16384,
+        help="the long prompt that prefills beside a decoding request",
+    )
+    cp.add_argument(
+        "--num-prompts", type=int, help="the workload's requests (agents: conversations)"
+    )
+    cp.add_argument("--request-rate", type=float, help="the workload's arrival rate (req/s)")
+    cp.add_argument(
+        "--peer",
+        action="append",
+        metavar="ENGINE:FIELD=VALUE",
+        help="a peer's parameter (sim/peers.py Peer), e.g. llama.cpp:forward_tokens=4096",
+    )
+    cp.add_argument("--plot", help="write a PNG")
+    cp.add_argument("--json", action="store_true")
+    cp.set_defaults(func=_cmd_compare)
     rp = sub.add_parser(
         "reproduce-paper",
         help="the paper's headline numbers, predicted from "

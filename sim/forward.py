@@ -162,3 +162,36 @@ def _slp_prefill(
                 m.mark("device", "dense mlp", f"dense mlp L{i}", t0, tokens=t)
     yield from m.device(costs.head_bytes(cfg), 0.0, 1, gpu=ids[-1])
     out["t"] = env.now
+
+
+def _offload_prefill(m: Machine, cfg: ModelConfig, tokens: int, out: dict):
+    """A forward over `tokens` tokens as the peers offload a large batch to the GPU (see
+    sim/peers.py): per layer, attention on the GPU, then the layer's whole expert tensors
+    (every routed expert and the shared ones, whichever the batch routes to) copied over
+    PCIe, then the experts computed on the GPU: copy and compute one after the other, nothing
+    streamed ahead. Weight bytes are m.expert_scale times the checkpoint's FP8 ones."""
+    hw = m.hw
+    d = m.gpu_index
+    g = hw.gpus[d]
+    overhead = g.layer_overhead_us * 1e-6
+    attn_flops = costs.attention_flops(cfg, tokens)
+    layer_bytes = (
+        cfg.n_routed_experts * costs.routed_expert_bytes(cfg) + costs.shared_expert_bytes(cfg)
+    ) * m.expert_scale
+    for i, cost in enumerate(costs.layer_costs(cfg)):
+        t0 = m.env.now
+        yield from m.device(cost.attention_bytes, overhead, tokens, attn_flops)
+        m.mark("device", "attention", f"attention L{i}", t0, tokens=tokens)
+        t0 = m.env.now
+        if cost.expert_bytes:
+            yield from m.dma(layer_bytes, d)
+            m.mark("device", "copy", f"copy L{i}", t0, tokens=tokens)
+            t0 = m.env.now
+            flops = costmodel.expert_flops(cfg, tokens)
+            yield from m.work(flops / (g.expert_tflops * 1e12), {m.gpu[d]: 1.0})
+            m.mark("device", "experts", f"experts L{i}", t0, tokens=tokens)
+        else:
+            yield from m.device(cost.dense_bytes, 0.0, tokens, 2.0 * tokens * cost.dense_bytes)
+            m.mark("device", "dense mlp", f"dense mlp L{i}", t0, tokens=tokens)
+    yield from m.device(costs.head_bytes(cfg), 0.0, 1)
+    out["t"] = m.env.now

@@ -151,6 +151,7 @@ class GPU:
     expert_tflops: float = 100.0  # SLP's expert matmuls (dense TFLOP/s x efficiency)
     attention_tflops: float = 100.0  # prefill attention and dense layers (same)
     socket: int | None = None  # the socket its PCIe root hangs off (default d % sockets)
+    memory_gb: float = 0.0  # its memory (0: not given); what fits, and peers' chunk sizes
 
 
 def _build(kind, data, where: str):

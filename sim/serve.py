@@ -26,7 +26,7 @@ from refmoe.scheduler import Entry, QueueFull
 from refmoe.serving_metrics import Outcome
 from refmoe.trace import Trace, gauges
 from sim.fluid import Flow, max_min_rates
-from sim.forward import _slp_prefill, _step
+from sim.forward import _offload_prefill, _slp_prefill, _step
 from sim.hardware import Hardware
 from sim.machine import Machine
 
@@ -94,8 +94,10 @@ class Costs:
         machine: Machine,
         routing_skew: float = 0.0,
         routing: dict | None = None,
+        expert_scale: float = 1.0,
     ):
         self.cfg, self.hw = cfg, hw
+        self.expert_scale = expert_scale  # expert bytes relative to FP8 (a peer's Q8_0)
         self.memo: dict = {}
         self.mixtures: dict = {}
         self.routing_skew, self.routing = routing_skew, routing or {}
@@ -104,7 +106,8 @@ class Costs:
 
     def __call__(self, tokens: int, path: str = "cpu", gpus: tuple = (0,)) -> list[Part]:
         """path: cpu or slp (a prefill of one sequence), decode (one token each of `tokens`
-        sequences)."""
+        sequences), offload (a peer's batch with its experts copied to the GPU, whole layers,
+        sim.forward._offload_prefill)."""
         key = (path, tokens, gpus)
         if key not in self.memo:
             env = simpy.Environment()
@@ -112,12 +115,14 @@ class Costs:
             m._mixtures = self.mixtures  # the same expert mixtures across forwards
             m.gpu_index = gpus[0] if self.hw.gpus else 0
             m.routing_skew, m.routing = self.routing_skew, self.routing
+            m.expert_scale = self.expert_scale
             out: dict = {}
-            run = (
-                _slp_prefill(m, self.cfg, tokens, list(gpus), out)
-                if path == "slp"
-                else _step(m, self.cfg, tokens, out, tokens if path == "decode" else 1)
-            )
+            if path == "slp":
+                run = _slp_prefill(m, self.cfg, tokens, list(gpus), out)
+            elif path == "offload":
+                run = _offload_prefill(m, self.cfg, tokens, out)
+            else:
+                run = _step(m, self.cfg, tokens, out, tokens if path == "decode" else 1)
             env.process(run)
             env.run()
             # the links of the throwaway machine -> the same-named links of the real one
