@@ -378,6 +378,42 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _cmd_advise(args) -> int:
+    from sim import advise, workloads
+
+    cfg = catalog.load(args.model)
+    wl = workloads.get(args.workload).scaled(args.num_prompts, args.request_rate)
+    if args.slo_ttft is not None or args.slo_tpot is not None:
+        from dataclasses import replace
+
+        wl = replace(
+            wl,
+            slo_ttft_s=wl.slo_ttft_s if args.slo_ttft is None else args.slo_ttft,
+            slo_tpot_s=wl.slo_tpot_s if args.slo_tpot is None else args.slo_tpot,
+        )
+    parts = advise.load_parts(args.parts)
+    progress = None
+    if sys.stderr.isatty() and not args.json:
+        from tqdm import tqdm
+
+        progress = lambda it, n: tqdm(it, total=n, desc="advise", unit="box")  # noqa: E731
+    res = advise.advise(
+        cfg, wl, parts, args.max_gpus, args.budget, args.workers, args.ray, progress
+    )
+    res["model"] = args.model
+    if args.plot:
+        advise.plot(res, args.plot)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(advise.format_front(res))
+        print(
+            "\nattainment [range]: the same box with every rate 15% lower and higher "
+            "(spec-sheet efficiencies are guesses); prices are the catalog's"
+        )
+    return 0
+
+
 def _cmd_reproduce(args) -> int:
     from sim.hardware import Hardware
     from sim.paper import format_rows, reproduce
@@ -802,6 +838,36 @@ def main(argv: list[str] | None = None) -> int:
     cp.add_argument("--plot", help="write a PNG")
     cp.add_argument("--json", action="store_true")
     cp.set_defaults(func=_cmd_compare)
+    ad = sub.add_parser(
+        "advise",
+        help="which box to buy: every box a parts catalog makes, simulated, its Pareto front",
+    )
+    ad.add_argument(
+        "--model",
+        required=True,
+        help="config.json, a model directory, or a name from `refmoe-sim models`",
+    )
+    ad.add_argument(
+        "--workload", default="chat", help="chat, long-prompt, mixed or agent (sim/workloads.py)"
+    )
+    ad.add_argument("--slo-ttft", type=float, help="seconds (default: the workload's)")
+    ad.add_argument("--slo-tpot", type=float, help="seconds (default: the workload's)")
+    ad.add_argument("--budget", type=float, help="USD: boxes above it are dropped")
+    ad.add_argument(
+        "--parts", help="a parts catalog YAML with your prices (default: sim/parts.yaml)"
+    )
+    ad.add_argument("--max-gpus", type=int, default=8)
+    ad.add_argument(
+        "--num-prompts", type=int, help="the workload's requests (agents: conversations)"
+    )
+    ad.add_argument("--request-rate", type=float, help="the workload's arrival rate (req/s)")
+    ad.add_argument("--workers", type=int, help="processes (default: one per CPU; 1: none)")
+    ad.add_argument(
+        "--ray", metavar="ADDRESS", help="run the boxes as Ray tasks there (local: start one here)"
+    )
+    ad.add_argument("--plot", help="write a PNG")
+    ad.add_argument("--json", action="store_true")
+    ad.set_defaults(func=_cmd_advise)
     rp = sub.add_parser(
         "reproduce-paper",
         help="the paper's headline numbers, predicted from "

@@ -106,3 +106,14 @@ def kv_bytes_per_token(cfg: ModelConfig) -> int:
     if cfg.is_mla:
         return 2 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
     return 2 * 2 * cfg.num_key_value_heads * cfg.head_dim
+
+
+def model_bytes(cfg: ModelConfig) -> int:
+    """The whole model as the engine holds it in host memory: every layer's attention, all
+    routed experts (their stored format) and shared ones or its dense MLP, lm_head and the
+    embeddings (BF16)."""
+    routed = cfg.n_routed_experts * routed_expert_bytes(cfg) + shared_expert_bytes(cfg)
+    layers = sum(
+        c.attention_bytes + (routed if c.expert_bytes else c.dense_bytes) for c in layer_costs(cfg)
+    )
+    return layers + head_bytes(cfg) + 2 * cfg.vocab_size * cfg.hidden_size
