@@ -29,6 +29,19 @@ class Outcome:
     ok: bool = False
     error: str = ""
 
+    def token(self, now: float, last: float, wanted: int) -> bool:
+        """A token came at `now` (the previous one at `last`; ignored for the first): its
+        TTFT or gap; True when that was the `wanted`-th, which ends the request."""
+        if self.ttft_s is None:
+            self.ttft_s = now - self.arrived_at
+        else:
+            self.itl_s.append(now - last)
+        self.output_tokens += 1
+        if self.output_tokens >= wanted:
+            self.e2e_s, self.ok = now - self.arrived_at, True
+            return True
+        return False
+
 
 def _pct(values: list[float], q: float) -> float:
     if not values:

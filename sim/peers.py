@@ -199,15 +199,10 @@ class PeerSimulation:
                 self.wake_event.succeed()
 
     def token(self, rid: int) -> None:
-        now, oc = self.env.now, self.outcomes[rid]
-        if oc.ttft_s is None:
-            oc.ttft_s = now - oc.arrived_at
-        else:
-            oc.itl_s.append(now - self.last[rid])
+        now = self.env.now
+        done = self.outcomes[rid].token(now, self.last.get(rid, now), self.wants[rid])
         self.last[rid] = now
-        oc.output_tokens += 1
-        if oc.output_tokens >= self.wants[rid]:
-            oc.e2e_s, oc.ok = now - oc.arrived_at, True
+        if done:
             self.ended += 1
             if rid in self.running:
                 self.running.remove(rid)

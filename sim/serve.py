@@ -489,15 +489,10 @@ class Simulation:
     def token(self, rid: str, at: float | None = None) -> None:
         now = self.env.now if at is None else at
         oc = self.outcomes[int(rid)]
-        if oc.ttft_s is None:
-            oc.ttft_s = now - oc.arrived_at
-        else:
-            oc.itl_s.append(now - self.last[rid])
+        done = oc.token(now, self.last.get(rid, now), self.wants[rid])
         self.last[rid] = now
-        oc.output_tokens += 1
-        if oc.output_tokens >= self.wants[rid]:
-            oc.e2e_s, oc.ok = now - oc.arrived_at, True
-            if self.tr:
+        if done:
+            if self.tr and oc.ttft_s is not None:
                 self.tr.request(
                     id=f"req-{rid}",
                     arrival=oc.arrived_at,
