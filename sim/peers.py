@@ -265,7 +265,10 @@ class PeerSimulation:
                 continue
             decoding = list(self.running)
             if self.peer.mixed or not self.prompts:
-                chunks, extra = self.take(self.step_tokens if self.peer.mixed else 0)
+                # llama.cpp's n_batch counts the decode tokens it carries
+                chunks, extra = self.take(
+                    self.step_tokens - len(decoding) if self.peer.mixed else 0
+                )
             else:  # a prefill batch first; decode waits
                 decoding = []
                 chunks, extra = self.take(self.chunk)

@@ -87,9 +87,11 @@ def test_decode_waits_for_a_whole_prefill_under_sglang_and_rides_in_llama_cpp_st
     kt = interference("ktransformers", cfg, hw, 8192)
     assert kt["worst_gap_s"] >= kt["prefill_s"] * 0.99
     ll = interference("llama.cpp", cfg, hw, 8192)
-    step = ll["prefill_alone_s"] / 4  # 8,192 tokens: four steps of 2,048
+    # 8,192 tokens alone: four steps of 2,048; beside a decode, each step carries its token
+    # and 2,047 prompt tokens (n_batch counts both), so a fifth step takes the last few
+    step = ll["prefill_alone_s"] / 4
     assert ll["worst_gap_s"] == pytest.approx(step, rel=0.1)
-    assert 0.7 * step < ll["itl_during_ms"] / 1e3 <= step * 1.1  # and the step in flight
+    assert 0.6 * step < ll["itl_during_ms"] / 1e3 <= step * 1.1  # with the steps in flight
     ref = interference("refmoe", cfg, hw, 8192)
     assert ref["slowdown"] < 1.2 < ll["slowdown"]
     assert ref["request_tpot_ratio"] < kt["request_tpot_ratio"]
