@@ -45,7 +45,7 @@ from refmoe.config import ModelConfig
 from refmoe.serving_metrics import Outcome
 from sim.hardware import Hardware
 from sim.machine import Machine
-from sim.serve import Costs, Part, Run
+from sim.serve import Costs, Part, Run, makespan, run_parts
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,12 +175,7 @@ class PeerSimulation:
         env.process(self.worker())
         while env.peek() != float("inf") and self.ended < len(self.requests):
             env.step()
-        start = min((a for a, _, _ in self.requests), default=0.0)
-        end = max(
-            (o.arrived_at + o.e2e_s for o in self.outcomes if o.ok and o.e2e_s is not None),
-            default=start,
-        )
-        return Run(self.outcomes, end - start)
+        return Run(self.outcomes, makespan(self.requests, self.outcomes))
 
     def arrivals(self):
         env, cfg = self.env, self.cfg
@@ -247,15 +242,6 @@ class PeerSimulation:
                 self.running.append(p.rid)
                 self.token(p.rid)
 
-    def run_parts(self, parts: list[Part]):
-        for p in parts:
-            if not p.demand:
-                yield self.env.timeout(p.seconds)
-            else:
-                yield self.machine.net.transfer(
-                    p.seconds, list(p.demand), 1.0, list(p.demand.values())
-                )
-
     def worker(self):
         while True:
             self.admit()
@@ -283,7 +269,7 @@ class PeerSimulation:
                 longest = max(self.outcomes[p.rid].prompt_tokens for p, _ in chunks)
                 for lo in range(0, total, self.chunk):
                     parts += self.forward(min(self.chunk, total - lo), longest)
-            yield from self.run_parts(parts + extra)
+            yield from run_parts(self.env, self.machine.net, parts + extra)
             for rid in decoding:
                 self.token(rid)
             self.finish_chunks(chunks)

@@ -222,6 +222,31 @@ def _beside(parts: list[Part], other: Flow) -> tuple[float, float]:
     return period, progress
 
 
+def run_parts(env: simpy.Environment, net, parts: list[Part], publish=None):
+    """Each part as one flow over the links it loads (or a wait); publish(flow) hears of each
+    flow as it starts and publish(None) as it ends."""
+    for p in parts:
+        if not p.demand:
+            yield env.timeout(p.seconds)
+            continue
+        ev = net.transfer(p.seconds, list(p.demand), 1.0, list(p.demand.values()))
+        if publish:
+            publish(ev.flow)
+        yield ev
+        if publish:
+            publish(None)
+
+
+def makespan(requests: list[tuple[float, int, int]], outcomes: list[Outcome]) -> float:
+    """From the first arrival to the last finish of a request that finished."""
+    start = min((a for a, _, _ in requests), default=0.0)
+    end = max(
+        (o.arrived_at + o.e2e_s for o in outcomes if o.ok and o.e2e_s is not None),
+        default=start,
+    )
+    return end - start
+
+
 def policy_for(cfg: ModelConfig, hw: Hardware, config: EngineConfig) -> Policy:
     """The engine's policy on a hardware profile: rates read off the profile (one device, as
     the engine measures its own), accelerated and able to stream where it has GPUs."""
@@ -360,11 +385,6 @@ class Simulation:
         env.process(self.decode_worker())
         while env.peek() != float("inf") and self.ended < self.total:
             env.step()
-        start = min((a for a, _, _ in self.requests), default=0.0)
-        end = max(
-            (o.arrived_at + o.e2e_s for o in self.outcomes if o.ok and o.e2e_s is not None),
-            default=start,
-        )
         timeline = self.machine.net.timeline
         if self.tr is not None and timeline:
             # the links' load as counter tracks (process "links", one track per link), where
@@ -375,7 +395,7 @@ class Simulation:
                     self.tr.counter("links", link, t, load=round(share, 6))
         return Run(
             self.outcomes,
-            end - start,
+            makespan(self.requests, self.outcomes),
             self.tr,
             self.machine.net.timeline if self.utilization else None,
             self.records(),
@@ -445,18 +465,12 @@ class Simulation:
         return min([self.next_arrival, *self.sends.values()])
 
     def forward(self, parts: list, prefill: bool = False):
-        """Each part as one flow over the links it loads (or a wait); the prefill's running
-        flow is published so that decode steps can be taken in blocks beside it."""
-        for p in parts:
-            if not p.demand:
-                yield self.env.timeout(p.seconds)
-                continue
-            ev = self.net.transfer(p.seconds, list(p.demand), 1.0, list(p.demand.values()))
-            if prefill:
-                self.prefill_flow = ev.flow
-            yield ev
-            if prefill:
-                self.prefill_flow = None
+        """run_parts; the prefill's running flow is published so that decode steps can be
+        taken in blocks beside it."""
+        yield from run_parts(self.env, self.net, parts, self.publish if prefill else None)
+
+    def publish(self, flow: Flow | None) -> None:
+        self.prefill_flow = flow
 
     def wake(self) -> None:
         if self.tr:  # the scheduler's state as counter tracks, as the engine writes them
