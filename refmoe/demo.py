@@ -108,15 +108,23 @@ def demo_config(
     vocab: int = 8192,
     expert_format: str = "fp8",
     family: str = "deepseek_v3",
+    shape: dict | None = None,
 ) -> dict:
     """The demo model's config.json: DeepSeek-V3's layer shapes (deepseek_v32: and V3.2's
-    DSA indexer)."""
+    DSA indexer). shape: other layer shapes in place of V3's (hidden_size,
+    moe_intermediate_size, num_experts_per_tok, num_attention_heads, ...; DeepSeek families
+    only), for models of shapes the simulator was not calibrated on."""
     from refmoe.convert import QUANTIZATION_CONFIG
 
     if family not in FAMILIES:
         raise ValueError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
     if family in GQA_LAYERS:
+        if shape:
+            raise ValueError(f"shape overrides are for the DeepSeek families, not {family!r}")
         return _gqa_config(family, layers, experts, vocab, expert_format)
+    unknown = sorted(set(shape or {}) - set(V3_LAYER))
+    if unknown:
+        raise ValueError(f"shape: unknown layer fields {', '.join(unknown)}")
     if experts % 8 or experts < 16:
         raise ValueError(f"experts per layer must be a multiple of 8 and >= 16, got {experts}")
     if expert_format not in QUANTIZATION_CONFIG:
@@ -137,7 +145,7 @@ def demo_config(
         eos_token_id=None,
         tie_word_embeddings=False,
         quantization_config=QUANTIZATION_CONFIG[expert_format],
-        **V3_LAYER,
+        **{**V3_LAYER, **(shape or {})},
         **(V32_INDEXER if v32 else {}),
     )
 
@@ -299,12 +307,14 @@ def build(
     progress=None,
     expert_format: str = "fp8",
     family: str = "deepseek_v3",
+    shape: dict | None = None,
 ) -> Path:
     """Write the demo checkpoint (one shard per layer) unless it is already there, and its
-    tokenizer and chat template (refmoe/demo_tokenizer.py) unless they are."""
+    tokenizer and chat template (refmoe/demo_tokenizer.py) unless they are. shape: as
+    demo_config."""
     from refmoe import demo_tokenizer
 
-    cfg = demo_config(layers, experts, vocab, expert_format, family)
+    cfg = demo_config(layers, experts, vocab, expert_format, family, shape)
     four_bit = _FourBit(expert_format, seed + 2) if expert_format != "fp8" else None
     done = directory / "config.json"
     if done.exists() and json.loads(done.read_text()) == cfg:

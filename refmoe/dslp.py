@@ -138,7 +138,9 @@ class DistributedPrefill:
                 )
             part = r._chunk(chunk.shape[0], exchange=cp)  # SmallEP across the ranks
             mine = chunk[cp.offset : cp.offset + cp.sizes[self.rank]]
-            logits = self.model.forward(mine, cache, experts=part, cp=cp)  # [t_r, V]
+            logits = self.model.forward(  # [t_r, V], or this slice's last [1, V]
+                mine, cache, experts=part, cp=cp, logits="all" if all_logits else "last"
+            )
             r.stats.chunks += 1
             outs.append(cp.gather(logits) if all_logits else logits[-1:])
         if all_logits:

@@ -345,9 +345,9 @@ class Engine:
                 self._streamer = slp.StreamPrefill(
                     self.model, chunk_tokens=self.policy.chunk_tokens
                 )
-            logits = self._streamer.prefill(ids, cache, modes=plan.streaming)
+            logits = self._streamer.prefill(ids, cache, modes=plan.streaming, all_logits=False)
         else:
-            logits = self.model.forward(ids, cache)
+            logits = self.model.forward(ids, cache, logits="last")
         self._prefilled(req, cache, logits[-1])
 
     def _fresh_cache(self, req: Request, cached: int):

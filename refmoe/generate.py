@@ -41,8 +41,9 @@ def generate(
     """Greedy or sampled continuation of prompt_ids; stops at max_tokens, a stop id, or (with
     decode, ids -> text) once the text contains one of stop_text.
     trace: a refmoe.trace.Trace that gets the prefill and decode spans and the request.
-    prefill: a refmoe.slp.StreamPrefill to run the prompt through (SLP), or None for the plain
-    path (routed experts on the CPU kernels)."""
+    prefill: a refmoe.slp.StreamPrefill or refmoe.dslp group to run the prompt through (SLP,
+    DSLP; anything with prefill(ids, cache, all_logits=False)), or None for the plain path
+    (routed experts on the CPU kernels)."""
     if stop_text and decode is None:
         raise ValueError("stop strings need a tokenizer")
     if not prompt_ids:
@@ -75,9 +76,9 @@ def generate(
     ):
         if prefill is not None:
             prefill.trace = trace
-            logits = prefill.prefill(torch.tensor(prompt_ids), cache)
+            logits = prefill.prefill(torch.tensor(prompt_ids), cache, all_logits=False)
         else:
-            logits = model.forward(torch.tensor(prompt_ids), cache)
+            logits = model.forward(torch.tensor(prompt_ids), cache, logits="last")
         out = [sampler(logits[-1])]
     t1 = time.perf_counter()
     first = trace.now() if trace else 0.0

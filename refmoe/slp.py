@@ -228,11 +228,16 @@ class StreamPrefill:
 
     @torch.no_grad()
     def prefill(
-        self, ids: torch.Tensor, cache, modes: tuple[str, ...] | None = None
+        self,
+        ids: torch.Tensor,
+        cache,
+        modes: tuple[str, ...] | None = None,
+        all_logits: bool = True,
     ) -> torch.Tensor:
         """Logits [T, V] of the prompt ids [T] after the cache, the cache extended; chunk by
         chunk, the cache carried over. modes: each chunk's streaming as a plan gives it
-        (refmoe.policy), else this runner's mode."""
+        (refmoe.policy), else this runner's mode. all_logits=False: the last position's
+        only, [1, V] (the LM head runs once, not per prompt token)."""
         start = time.perf_counter()
         out = []
         # the ids go up before the chunk queues its loads: a small copy issued later would wait
@@ -249,7 +254,14 @@ class StreamPrefill:
             mode = modes[i] if modes is not None else None
             t0, streamed = time.perf_counter(), self.stats.bytes_streamed
             at = self.trace.now() if self.trace is not None else 0.0
-            out.append(self.model.forward(chunk, cache, experts=self._chunk(chunk.shape[0], mode)))
+            which = (
+                "all" if all_logits else "last" if lo + self.chunk_tokens >= len(ids) else "none"
+            )
+            out.append(
+                self.model.forward(
+                    chunk, cache, experts=self._chunk(chunk.shape[0], mode), logits=which
+                )
+            )
             self.stats.chunks += 1
             if self.trace is not None:  # the link's average load over the chunk, as a track
                 gbps = (self.stats.bytes_streamed - streamed) / (time.perf_counter() - t0) / 1e9
@@ -257,7 +269,7 @@ class StreamPrefill:
                 self.trace.counter(lane, "h2d GB/s", at, gbps=float(f"{gbps:.6g}"))
                 self.trace.counter(lane, "h2d GB/s", self.trace.now(), gbps=0.0)
         self.stats.seconds += time.perf_counter() - start
-        return torch.cat(out) if len(out) > 1 else out[0]
+        return torch.cat(out) if len(out) > 1 else out[0]  # "none" chunks add no rows
 
     def _chunk(self, tokens: int, mode: str | None = None, exchange=None) -> _Chunk:
         ring = self._ring_for(tokens)

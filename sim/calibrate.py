@@ -55,12 +55,25 @@ def gemv_ceiling_gbps(reps: int = 15, samples: list | None = None, calls: int = 
     return statistics.median(got)
 
 
-def attention_block_us(contexts=(64,), reps: int = 10) -> dict[int, list[float]]:
+# a small MLA block (hidden 1024, 8 heads, 1.4 MB of FP8 projections): its decode step is
+# almost all fixed cost (norms, rope, the small ops, torch), which V3's 187 MB hide
+SMALL_ATTENTION = dict(
+    hidden_size=1024,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    q_lora_rank=256,
+)
+
+
+def attention_block_us(
+    contexts=(64,), reps: int = 10, shape: dict | None = None
+) -> dict[int, list[float]]:
     """One decode step of a DeepSeek-V3 attention block at its real dimensions (MLA, 128
-    heads, FP8 projections through the CPU kernels, 187 MB) after each of `contexts` cached
-    tokens: per context, every rep's time in microseconds. The contexts take turns within
-    each rep (one block, one cache per context), so that this machine's drift between reps
-    falls on all of them alike and their differences stay clean."""
+    heads, FP8 projections through the CPU kernels, 187 MB), or at `shape`'s (demo_config's
+    overrides), after each of `contexts` cached tokens: per context, every rep's time in
+    microseconds. The contexts take turns within each rep (one block, one cache per
+    context), so that this machine's drift between reps falls on all of them alike and their
+    differences stay clean."""
     import torch
 
     from refmoe import demo
@@ -68,7 +81,7 @@ def attention_block_us(contexts=(64,), reps: int = 10) -> dict[int, list[float]]
     from refmoe.config import ModelConfig
     from refmoe.models.deepseek_v3 import MLA
 
-    c = demo.demo_config(1, 16)
+    c = demo.demo_config(1, 16, shape=shape)
     cfg = ModelConfig.from_dict(c)
     h, n = c["hidden_size"], c["num_attention_heads"]
     qk = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
@@ -148,11 +161,17 @@ def moe_overhead_us(reps: int = 50, samples: list | None = None) -> float:
     return statistics.median(times)
 
 
-def gemm_curve(threads: int, reps: int = 3, samples: dict | None = None) -> dict[int, float]:
+CURVE_M = (2, 4, 8, 16, 32, 64, 128)  # tokens per weight the GEMM and MoE curves are timed at
+QUICK_M = (2, 8, 32, 128)
+
+
+def gemm_curve(
+    threads: int, reps: int = 3, samples: dict | None = None, ms: tuple = CURVE_M
+) -> dict[int, float]:
     """FP8 weight GB/s of all cores at M tokens per weight (cold DeepSeek gate/up)."""
     shape = Shape("deepseek-v3", "gate_up", 2048, 7168)
     out = {}
-    for m in (2, 4, 8, 16, 32, 64, 128):
+    for m in ms:
         row = bench_gemm("fp8", shape, m, threads, kernels.variant(), reps, with_torch=False)
         out[m] = row.gbps
         if samples is not None:
@@ -161,7 +180,11 @@ def gemm_curve(threads: int, reps: int = 3, samples: dict | None = None) -> dict
 
 
 def moe_curve(
-    threads: int, reps: int = 3, samples: dict | None = None, experts: int = 8
+    threads: int,
+    reps: int = 3,
+    samples: dict | None = None,
+    experts: int = 8,
+    ms: tuple = CURVE_M,
 ) -> dict[int, float]:
     """Expert weight GB/s of one fused MoE call when every expert serves M tokens: `experts`
     cold DeepSeek-V3 experts (gate, up, down), M tokens each routed to all of them. This is
@@ -178,7 +201,7 @@ def moe_curve(
     ew = kernels.ExpertWeights("fp8", h, inter, g, u, d, gs, us, ds)
     nbytes = sum(a.nbytes for a in (*g, *u, *d)) + sum(a.nbytes for a in (*gs, *us, *ds))
     out = {}
-    for m in (2, 4, 8, 16, 32, 64, 128):
+    for m in ms:
         x = rng.standard_normal((m, h)).astype(np.float32)
         tok = np.repeat(np.arange(m), experts)
         exp = np.tile(np.arange(experts), m)
@@ -220,11 +243,14 @@ def read_gbps(threads: int, reps: int = 5, nbytes: int = 512 << 20) -> list[floa
     return [nbytes / t / 1e9 for t in times]
 
 
-def calibrate(name: str = "this-machine", reps: int = 5) -> Hardware:
+def calibrate(name: str = "this-machine", reps: int = 5, quick: bool = False) -> Hardware:
     """This machine as one socket of its usable cores, the kernels at their default thread
     count (REFMOE_NUM_THREADS). Every number is the median of its reps; the reps themselves
     go into the profile's `samples` (field path -> values), which prediction intervals
-    resample (sim/interval.py)."""
+    resample (sim/interval.py). quick: fewer points on each curve and fewer reps of the
+    attention block (a smoke run's calibration, a fifth of the time; never for figures)."""
+    ms = QUICK_M if quick else CURVE_M
+    contexts = QUICK_CONTEXTS if quick else CONTEXTS
     threads, cores = cpu.default_threads(), len(cpu.usable_cpus())
     cold = bench_gemm(
         "fp8",
@@ -264,39 +290,54 @@ def calibrate(name: str = "this-machine", reps: int = 5) -> Hardware:
             fma_gflops_per_core=kernels.fma_peak_gflops(num_threads=1),
             layer_overhead_us=0.0,
             moe_overhead_us=moe_overhead_us(samples=samples["cpu.moe_overhead_us"]),
-            gemm_gbps_by_m=gemm_curve(threads, samples=samples),
-            moe_gbps_by_m=moe_curve(threads, samples=samples),
+            gemm_gbps_by_m=gemm_curve(threads, samples=samples, ms=ms),
+            moe_gbps_by_m=moe_curve(threads, samples=samples, experts=4 if quick else 8, ms=ms),
             gemv_efficiency_by_format=format_efficiencies(threads, reps, samples=samples),
         ),
     )
     # the attention block beyond streaming its projections at the kernel's rate (small
-    # matrices, norms, rope, the scores, torch), per sequence and layer: timed whole at V3's
-    # dimensions after a few cached contexts, less the weight time the model charges anyway;
-    # the shortest context's cost is the fixed part, the rest a curve over the context
+    # matrices, norms, rope, the scores, torch), per sequence and layer: timed whole after a
+    # few cached contexts, at V3's dimensions and on a small block of few heads. The small
+    # block's step after the shortest context, less its (small) weight time, is the fixed
+    # per-layer cost (`layer_overhead_us`): taken from V3's block instead, it is the small
+    # difference of two large times (11 ms less 10.4 ms of weights), which this machine's
+    # noise drowned (0.001-0.4 ms, where the small block measures 0.75 ms). What the longer
+    # contexts add over the shortest is the curve at each head count.
     from refmoe import demo
     from refmoe.config import ModelConfig
     from sim.costs import attention_bytes
 
-    stream = (
-        attention_bytes(ModelConfig.from_dict(demo.demo_config(1, 16)))
-        / (hw.cpu.fp8_stream_gbps() * 1e9)
-        * 1e6
-    )
-    blocks = attention_block_us(CONTEXTS, max(10, 2 * reps))
-    first = blocks[CONTEXTS[0]]
-    samples["cpu.layer_overhead_us"] = [max(1.0, t - stream) for t in first]
-    hw.cpu.layer_overhead_us = statistics.median(samples["cpu.layer_overhead_us"])
-    curve = {CONTEXTS[0]: 0.0}
-    for c in CONTEXTS[1:]:  # each rep against the same rep at the shortest context
-        extra = [max(1e-3, b - a) for a, b in zip(first, blocks[c])]
-        samples[f"cpu.attention_us_by_context.{c}"] = extra
-        curve[c] = statistics.median(extra)
-    hw.cpu.attention_us_by_context = curve
+    def stream_us(shape):
+        cfg = ModelConfig.from_dict(demo.demo_config(1, 16, shape=shape))
+        return attention_bytes(cfg) / (hw.cpu.fp8_stream_gbps() * 1e9) * 1e6
+
+    n = max(3 if quick else 10, 2 * reps)
+    for shape, curve_field in (
+        (None, "attention_us_by_context"),
+        (SMALL_ATTENTION, "attention_us_by_context_few_heads"),
+    ):
+        blocks = attention_block_us(contexts, n, shape)
+        first = blocks[contexts[0]]
+        if shape is SMALL_ATTENTION:
+            stream = stream_us(shape)
+            samples["cpu.layer_overhead_us"] = [max(1.0, t - stream) for t in first]
+            hw.cpu.layer_overhead_us = statistics.median(samples["cpu.layer_overhead_us"])
+        curve = {contexts[0]: 0.0}
+        for c in contexts[1:]:  # each rep against the same rep at the shortest context
+            extra = [max(1e-3, b - a) for a, b in zip(first, blocks[c])]
+            samples[f"cpu.{curve_field}.{c}"] = extra
+            curve[c] = statistics.median(extra)
+        setattr(hw.cpu, curve_field, curve)
+    hw.cpu.attention_heads = ModelConfig.from_dict(demo.demo_config(1, 16)).num_attention_heads
+    hw.cpu.attention_few_heads = SMALL_ATTENTION["num_attention_heads"]
     samples["cpu.attention_gflops"] = []
-    hw.cpu.attention_gflops = attention_gflops(samples=samples["cpu.attention_gflops"])
+    hw.cpu.attention_gflops = attention_gflops(
+        tokens=512 if quick else 1024, samples=samples["cpu.attention_gflops"]
+    )
     hw.samples = samples
     return hw
 
 
 # the cached tokens the attention block is timed after
 CONTEXTS = (16, 64, 256, 1024, 4096, 16384)
+QUICK_CONTEXTS = (16, 256, 4096)

@@ -504,6 +504,8 @@ def _cmd_validate(args) -> int:
     beside = {t: calibrations(t) for t in args.traces} if args.beside else {}
     drift = [(each[0], each[-1]) for each in beside.values() if len(each) > 1]
     drift += drift_pairs([Hardware.load(p) for p in args.drift or []])
+    if args.lanes:
+        return _lanes(args)
     results = []
     for t in args.traces:
         hw = (
@@ -547,6 +549,30 @@ def _cmd_validate(args) -> int:
             f"{metric:<14} {t['n']:>6} {100 * t['mape']:>6.1f}% {100 * t['bias']:>+6.1f}% "
             f"{t['mae'] * f:>8.1f} {unit}{inside}"
         )
+    return 0
+
+
+def _lanes(args) -> int:
+    """validate --lanes OUT.json: one single-request trace's measured and simulated per-layer
+    lanes, side by side in one Perfetto file, and where the time goes per lane."""
+    from pathlib import Path
+
+    from sim.hardware import Hardware
+    from sim.lanes import compare, format_rows
+    from sim.validate import load_trace
+
+    if len(args.traces) != 1 or not args.hardware:
+        raise ValueError("validate --lanes: give one trace and --hardware PROFILE")
+    doc = load_trace(args.traces[0])
+    if len(doc["metadata"]["requests"]) != 1:
+        raise ValueError(f"{args.traces[0]}: --lanes takes a single request's trace")
+    rows, merged = compare(doc, Hardware.load(args.hardware))
+    Path(args.lanes).write_text(json.dumps(merged))
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(format_rows(rows))
+        print(f"measured and simulated lanes side by side -> {args.lanes} (opens in Perfetto)")
     return 0
 
 
@@ -957,6 +983,12 @@ def main(argv: list[str] | None = None) -> int:
         help="90%% intervals from N bootstrap replicates of the calibration samples",
     )
     va.add_argument("--plot", help="write predicted-versus-measured as a PNG")
+    va.add_argument(
+        "--lanes",
+        metavar="OUT.json",
+        help="one single-request trace: its measured and simulated per-layer lanes side by "
+        "side in one Perfetto file, and the time per phase and lane, measured and simulated",
+    )
     va.add_argument("--json", action="store_true")
     va.set_defaults(func=_cmd_validate)
     args = p.parse_args(argv)

@@ -53,6 +53,13 @@ class CPU:
     # GFLOP/s of all cores (0: half the FMA peak)
     attention_us_by_context: dict = field(default_factory=dict)
     attention_gflops: float = 0.0
+    # the heads of the block that curve was timed on (DeepSeek-V3's 128), and the same curve
+    # timed on a block of attention_few_heads heads (empty: none): with both, a model's
+    # curve lies between them, linear in its head count (reading the latent cache costs the
+    # same for any head count, the scores scale with the heads)
+    attention_heads: int = 128
+    attention_us_by_context_few_heads: dict = field(default_factory=dict)
+    attention_few_heads: int = 8
 
     def gemm_gbps(self, m: float) -> float | None:
         """Interpolated (log-log) from the calibrated points; past the last point the GEMM is
@@ -76,10 +83,20 @@ class CPU:
                 return math.exp(math.log(g0) + f * (math.log(g1) - math.log(g0)))
         return pts[-1][1] * pts[-1][0] / m
 
-    def attention_us(self, context: float) -> float:
+    def attention_us(self, context: float, heads: int | None = None) -> float:
         """The decode attention's cost after `context` cached tokens, beyond the fixed
-        per-sequence cost (attention_us_by_context)."""
-        pts = sorted((int(k), float(v)) for k, v in self.attention_us_by_context.items())
+        per-sequence cost (attention_us_by_context), for a model of `heads` attention heads
+        where the profile has the curve at two head counts (else as timed)."""
+        many = self._context_curve(self.attention_us_by_context, context)
+        if heads is None or not self.attention_us_by_context_few_heads:
+            return many
+        few = self._context_curve(self.attention_us_by_context_few_heads, context)
+        f = (heads - self.attention_few_heads) / (self.attention_heads - self.attention_few_heads)
+        return max(0.0, few + f * (many - few))
+
+    @staticmethod
+    def _context_curve(points: dict, context: float) -> float:
+        pts = sorted((int(k), float(v)) for k, v in points.items())
         if not pts:
             return 0.0
         if context <= pts[0][0] or len(pts) == 1:
@@ -220,12 +237,17 @@ class Hardware:
         for key in ("attention_gflops", "layer_overhead_us", "moe_overhead_us"):
             if not getattr(cpu, key) >= 0:
                 raise ValueError(f"{source}: cpu.{key} must be >= 0")
-        for c, t in cpu.attention_us_by_context.items():
-            if not (str(c).isdigit() and isinstance(t, (int, float)) and t >= 0):
-                raise ValueError(
-                    f"{source}: cpu.attention_us_by_context maps cached tokens "
-                    f"to microseconds >= 0, got {c}: {t}"
-                )
+        for name in ("attention_us_by_context", "attention_us_by_context_few_heads"):
+            for c, t in getattr(cpu, name).items():
+                if not (str(c).isdigit() and isinstance(t, (int, float)) and t >= 0):
+                    raise ValueError(
+                        f"{source}: cpu.{name} maps cached tokens to microseconds >= 0, "
+                        f"got {c}: {t}"
+                    )
+        if not 0 < cpu.attention_few_heads < cpu.attention_heads:
+            raise ValueError(
+                f"{source}: cpu.attention_few_heads must lie in (0, cpu.attention_heads)"
+            )
         for key in ("dram_efficiency", "fp8_gemv_efficiency"):
             if not 0 < getattr(cpu, key) <= 1.0:
                 raise ValueError(f"{source}: cpu.{key} must lie in (0, 1]")

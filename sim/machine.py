@@ -224,7 +224,8 @@ class Machine:
             return t, {self.gpu[self.gpu_index]: 1.0}
         cpu = self.hw.cpu
         if tokens <= self.ABSORB_MAX_TOKENS:
-            t = tokens * (cpu.attention_us(past) - cpu.attention_us(0)) * 1e-6
+            heads = cfg.num_attention_heads
+            t = tokens * (cpu.attention_us(past, heads) - cpu.attention_us(0, heads)) * 1e-6
         else:
             t = flops / (cpu.score_gflops() * 1e9)
         return max(t, 0.0), {c: 1.0 for c in self.cores}
@@ -248,7 +249,7 @@ class Machine:
             )
             return t, {self.gpu[self.gpu_index]: 1.0}
         cpu = self.hw.cpu
-        t = sum(cpu.attention_us(c) for c in contexts) * 1e-6
+        t = sum(cpu.attention_us(c, cfg.num_attention_heads) for c in contexts) * 1e-6
         if tokens > len(contexts):  # a prompt: its tokens attend to each other
             t += costs.score_flops(cfg, tokens) / (cpu.score_gflops() * 1e9)
         return t, {c: 1.0 for c in self.cores}

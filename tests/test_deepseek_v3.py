@@ -448,3 +448,33 @@ def test_absorbed_attention_where_it_costs_less():
     assert not mla._absorb_pays(330, 4400)  # a turn after a cached prefix: expanded is cheaper
     assert not mla._absorb_pays(150, 100_000)  # 7.7 GB of scores: over ABSORB_BYTES
     assert not mla._absorb_pays(0, 10)
+
+
+def test_prefill_runs_the_lm_head_on_the_last_position_only(saved):
+    """A prefill samples one token: generate, the engine's CPU prefill and SLP give the LM
+    head one row, not the prompt's T rows (the simulator charges no head over the prompt)."""
+    from refmoe import slp
+    from refmoe.generate import generate
+
+    _, d = saved
+    _, mine = models.load(d)
+    ids = torch.tensor(PROMPT)
+    full = mine.forward(ids, mine.new_cache())
+    last = mine.forward(ids, mine.new_cache(), logits="last")
+    assert last.shape == (1, full.shape[1])
+    torch.testing.assert_close(last, full[-1:])
+    rows = []
+    head = mine.head
+
+    def counting(x):
+        rows.append(x.shape[0])
+        return head(x)
+
+    mine.head = counting
+    g = generate(mine, PROMPT, 3)
+    assert rows == [1, 1, 1] and len(g.token_ids) == 3
+    rows.clear()
+    runner = slp.StreamPrefill(mine, ring=2, chunk_tokens=4)
+    out = runner.prefill(ids, mine.new_cache(), all_logits=False)
+    torch.testing.assert_close(out, full[-1:])
+    assert rows == [1]

@@ -120,8 +120,8 @@ def test_host_only_prefill_leaves_rank0_idle(fp8_dir, plain, world):  # noqa: F8
         class HostOnly:
             trace = None
 
-            def prefill(self, ids, c):
-                return group.prefill(ids, c, host_only=True)
+            def prefill(self, ids, c, all_logits=False):
+                return group.prefill(ids, c, all_logits=all_logits, host_only=True)
 
         got = generate(model, PROMPT, 6, prefill=HostOnly())
         assert got.token_ids == want

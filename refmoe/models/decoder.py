@@ -121,11 +121,19 @@ class DecoderModel:
         return KVCache([block.attn.new_cache() for block in self.blocks])
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, cache: KVCache, experts=None, cp=None) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, cache: KVCache, experts=None, cp=None, logits: str = "all"
+    ) -> torch.Tensor:
         """ids [T] (the next T tokens after the cache) -> logits [T, V] float32.
         experts: a refmoe.slp chunk that runs the routed experts (stream-loading prefill).
         cp: a refmoe.dslp.ContextParallel when the chunk is split across ranks: ids are this
-        rank's slice, at cp.offset within the chunk; every rank's cache gets the whole chunk."""
+        rank's slice, at cp.offset within the chunk; every rank's cache gets the whole chunk.
+        logits: "all" positions', the "last" one's only ([1, V]; [0, V] for no ids), or
+        "none" ([0, V]: a chunk whose states only go into the cache): a prefill that samples
+        one token skips the LM head over the rest of the prompt (T x V x H multiply-adds, as
+        much as a layer's experts on a short prompt)."""
+        if logits not in ("all", "last", "none"):
+            raise ValueError(f"logits must be all, last or none, got {logits!r}")
         t, ids = ids.shape[0], ids.to(self.device)
         first = cache.length + (cp.offset if cp is not None else 0)
         pos = torch.arange(first, first + t, dtype=torch.float32, device=self.device)
@@ -138,6 +146,10 @@ class DecoderModel:
         finally:
             if experts is not None:
                 experts.close()
+        if logits != "all":
+            x = x[-1:] if logits == "last" else x[:0]
+        if x.shape[0] == 0:
+            return torch.zeros((0, self.cfg.vocab_size), device=self.device)
         x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
         return x @ self.embed.T if self.head is None else self.head(x)
 
