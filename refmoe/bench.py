@@ -297,6 +297,8 @@ def bench_moe_layer(
         gflops=2 * 3 * e * hidden * inter / per / 1e9,
         cpu_busy=busy,
         loadavg=loadavg,
+        gbps_samples=[nbytes * layers / t / 1e9 for t in tk],
+        limit_gbps_samples=[nbytes * layers / t / 1e9 for t in tr],
     )
 
 

@@ -487,6 +487,10 @@ def _cmd_validate(args) -> int:
     from sim.interval import drift_pairs, pool
     from sim.validate import plot, summarize, validate
 
+    if args.live:
+        return _live(args)
+    if not args.traces:
+        raise ValueError("validate: give TRACE.json files, or --live")
     if not args.hardware and not args.beside:
         raise ValueError("validate: give --hardware PROFILE or --beside")
 
@@ -549,6 +553,43 @@ def _cmd_validate(args) -> int:
             f"{metric:<14} {t['n']:>6} {100 * t['mape']:>6.1f}% {100 * t['bias']:>+6.1f}% "
             f"{t['mae'] * f:>8.1f} {unit}{inside}"
         )
+    return 0
+
+
+def _live(args) -> int:
+    """validate --live: calibrations and held-out segments in turn (sim/live.py)."""
+    from pathlib import Path
+
+    from sim import live
+
+    if args.traces:
+        raise ValueError("validate --live measures its own segments: give no traces")
+    if args.segments < 1 or args.reps < 1:
+        raise ValueError("validate --live: --segments and --reps must be >= 1")
+    show = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        show = lambda it: tqdm(it, desc="calibrate + segment", unit="segment")  # noqa: E731
+    out = Path(args.out or "live-validation")
+    results = live.run(
+        out,
+        args.segments,
+        args.reps,
+        args.interval or 20,
+        quick=args.quick,
+        models=Path(args.models) if args.models else None,
+        progress=show,
+    )
+    if args.plot:
+        from sim.validate import plot
+
+        plot(results["segments"], args.plot)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print(live.format_results(results))
+        print(f"calibrations, traces and live.json under {out}/")
     return 0
 
 
@@ -958,7 +999,21 @@ def main(argv: list[str] | None = None) -> int:
     ca.add_argument("--json", action="store_true")
     ca.set_defaults(func=_cmd_calibrate)
     va = sub.add_parser("validate", help="compare predictions with measured traces")
-    va.add_argument("traces", nargs="+")
+    va.add_argument("traces", nargs="*")
+    va.add_argument(
+        "--live",
+        action="store_true",
+        help="measure instead: short calibrations and held-out workloads (other hidden "
+        "sizes, expert counts, top-k, formats, threads, contexts) in turn, each predicted "
+        "from the calibration just before it; prints the distribution of the errors",
+    )
+    va.add_argument("--segments", type=int, default=6, help="--live: workloads to measure")
+    va.add_argument("--reps", type=int, default=3, help="--live: reps of each calibration")
+    va.add_argument("--out", help="--live: where segments are kept (default live-validation/)")
+    va.add_argument("--models", help="--live: where the held-out models are built")
+    va.add_argument(
+        "--quick", action="store_true", help="--live: tiny models, quick calibrations (smoke)"
+    )
     va.add_argument("--hardware", help="the profile to replay every trace on")
     va.add_argument(
         "--beside",

@@ -40,6 +40,7 @@ def _step(
             # kernel's rate depends steeply on it (one token: the GEMV; more: tiles), so the
             # expected time is a sum over that distribution, not the rate at the mean; the
             # GEMV's rate is the stored format's
+            weights = 3 * cfg.moe_intermediate_size * cfg.hidden_size
             yield from m.cpu_fp8_mixed(
                 one,
                 cfg.n_routed_experts,
@@ -47,9 +48,12 @@ def _step(
                 k / cfg.n_routed_experts,
                 layer=i,
                 fmt=cfg.expert_format[0],
+                bytes_per_weight=one / weights,
             )
-            if cfg.n_shared_experts:
-                yield from m.cpu_fp8(costs.shared_expert_bytes(cfg) * m.expert_scale, tokens)
+            if cfg.n_shared_experts:  # in the same fused call
+                yield from m.cpu_fp8(
+                    costs.shared_expert_bytes(cfg) * m.expert_scale, tokens, moe=True
+                )
             yield m.env.timeout(hw.cpu.moe_overhead_us * 1e-6)
             m.mark("cpu", "experts", f"experts L{i}", t0, tokens=tokens)
         else:

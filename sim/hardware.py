@@ -58,6 +58,10 @@ class CPU:
     # curve lies between them, linear in its head count (reading the latent cache costs the
     # same for any head count, the scores scale with the heads)
     attention_heads: int = 128
+    # the decode MoE call itself (one token, top-8 routed experts and the shared one of
+    # DeepSeek-V3, fused in one call as the engine makes it), kernel GB/s of the stored bytes
+    # over the plain read beside it, per format (fp8 too); empty: the GEMV's efficiencies
+    moe_decode_efficiency_by_format: dict = field(default_factory=dict)
     attention_us_by_context_few_heads: dict = field(default_factory=dict)
     attention_few_heads: int = 8
 
@@ -134,6 +138,22 @@ class CPU:
         eff = self.gemv_efficiency_by_format.get(fmt)
         if fmt == "fp8" or eff is None:
             return self.fp8_stream_gbps()
+        read = (
+            min(self.kernel_read_gbps, self.read_gbps())
+            if self.kernel_read_gbps > 0
+            else self.read_gbps()
+        )
+        rate = read * eff
+        if self.remote_share():
+            rate = min(rate, self.interconnect_gbps / self.remote_share())
+        return rate
+
+    def moe_stream_gbps(self, fmt: str = "fp8") -> float:
+        """What the decode MoE call sustains over experts stored in fmt (stream_gbps where
+        the calibration has not timed that call)."""
+        eff = self.moe_decode_efficiency_by_format.get(fmt)
+        if eff is None:
+            return self.stream_gbps(fmt)
         read = (
             min(self.kernel_read_gbps, self.read_gbps())
             if self.kernel_read_gbps > 0
@@ -251,6 +271,14 @@ class Hardware:
         for key in ("dram_efficiency", "fp8_gemv_efficiency"):
             if not 0 < getattr(cpu, key) <= 1.0:
                 raise ValueError(f"{source}: cpu.{key} must lie in (0, 1]")
+        for fmt, eff in cpu.moe_decode_efficiency_by_format.items():
+            if fmt not in ("fp8", "mxfp4", "nvfp4", "int4g") or not (
+                isinstance(eff, (int, float)) and 0 < eff <= 1.0
+            ):
+                raise ValueError(
+                    f"{source}: cpu.moe_decode_efficiency_by_format maps fp8, mxfp4, nvfp4 or "
+                    f"int4g to an efficiency in (0, 1], got {fmt}: {eff}"
+                )
         for fmt, eff in cpu.gemv_efficiency_by_format.items():
             if fmt not in ("mxfp4", "nvfp4", "int4g") or not (
                 isinstance(eff, (int, float)) and 0 < eff <= 1.0

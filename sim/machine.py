@@ -78,22 +78,29 @@ class Machine:
             d[self.interconnect] = gbps * 1e9 * cpu.remote_share()
         return d
 
-    def cpu_fp8(self, nbytes: float, tokens: float = 1.0):
+    def cpu_fp8(self, nbytes: float, tokens: float = 1.0, moe: bool = False):
         """An FP8 kernel call over weights that `tokens` tokens share: a DRAM stream capped by
-        the cores' conversion rate (GEMV) or by the calibrated GEMM rate at that many tokens."""
-        g = self.rate_gbps(tokens)
+        the cores' conversion rate (GEMV) or by the calibrated GEMM rate at that many tokens
+        (moe: inside the fused MoE call, as the shared expert runs)."""
+        g = self.rate_gbps(tokens, moe=moe)
         yield from self.work(nbytes / (g * 1e9), self.cpu_demand(g))
 
-    def rate_gbps(self, tokens: float, moe: bool = False, fmt: str = "fp8") -> float:
-        """The FP8 kernel's weight GB/s when `tokens` tokens share each weight (moe: routed
-        experts inside one fused MoE call); fmt: a 4-bit format's GEMV where calibrated."""
+    def rate_gbps(
+        self, tokens: float, moe: bool = False, fmt: str = "fp8", bytes_per_weight: float = 1.0
+    ) -> float:
+        """The kernel's GB/s of stored weight bytes when `tokens` tokens share each weight
+        (moe: inside one fused MoE call, whose one-token rate the calibration times per
+        format); fmt: the weights' format, bytes_per_weight its stored bytes per weight.
+        Beyond one token the calibrated GEMM curve caps it: a rate in FP8 bytes, so in
+        weights per second (compute on the weights, whatever their storage), taken to the
+        stored bytes at bytes_per_weight (a 4-bit expert takes as long per weight as FP8)."""
         cpu = self.hw.cpu
-        cap = cpu.stream_gbps(fmt)
+        cap = cpu.moe_stream_gbps(fmt) if moe else cpu.stream_gbps(fmt)
         if tokens > 1:
             gemm = cpu.moe_gbps(tokens) if moe else cpu.gemm_gbps(tokens)
             if gemm is None:  # uncalibrated: the FMA peak at 0.6
                 gemm = cpu.threads * cpu.fma_gflops_per_core * 0.6 / (2 * tokens)
-            cap = min(cap, gemm)
+            cap = min(cap, gemm * bytes_per_weight)
         return cap
 
     def groups(self, layer: int, experts: int, k: int) -> list[tuple[int, float]]:
@@ -108,7 +115,14 @@ class Machine:
         return routing_bins(experts, k, self.routing_skew)
 
     def cpu_fp8_mixed(
-        self, one: float, experts: int, tokens: int, p: float, layer: int = 0, fmt: str = "fp8"
+        self,
+        one: float,
+        experts: int,
+        tokens: int,
+        p: float,
+        layer: int = 0,
+        fmt: str = "fp8",
+        bytes_per_weight: float = 1.0,
     ):
         """`experts` matrices of `one` bytes, each used by Binomial(tokens, p) tokens (or, with
         recorded or skewed routing, by the layer's popularity groups, Machine.groups): one
@@ -118,23 +132,35 @@ class Machine:
         for count, q in groups:
             if q <= 0:  # experts no token picks
                 continue
-            b, t = self.mixture(one, count, tokens, q, fmt)
+            b, t = self.mixture(one, count, tokens, q, fmt, bytes_per_weight)
             nbytes, seconds = nbytes + b, seconds + t
         if nbytes > 0:
             yield from self.work(seconds, self.cpu_demand(nbytes / seconds / 1e9))
 
     def mixture(
-        self, one: float, experts: int, tokens: int, p: float, fmt: str = "fp8"
+        self,
+        one: float,
+        experts: int,
+        tokens: int,
+        p: float,
+        fmt: str = "fp8",
+        bytes_per_weight: float = 1.0,
     ) -> tuple[float, float]:
         """(expected bytes, expected seconds) of that call (memoized: every MoE layer of a
         forward asks the same)."""
-        key = (one, experts, tokens, p, fmt)
+        key = (one, experts, tokens, p, fmt, bytes_per_weight)
         if key not in self._mixtures:
-            self._mixtures[key] = self._mixture(one, experts, tokens, p, fmt)
+            self._mixtures[key] = self._mixture(one, experts, tokens, p, fmt, bytes_per_weight)
         return self._mixtures[key]
 
     def _mixture(
-        self, one: float, experts: int, tokens: int, p: float, fmt: str = "fp8"
+        self,
+        one: float,
+        experts: int,
+        tokens: int,
+        p: float,
+        fmt: str = "fp8",
+        bytes_per_weight: float = 1.0,
     ) -> tuple[float, float]:
         nbytes = seconds = 0.0
         mean, sd = tokens * p, math.sqrt(tokens * p * (1 - p))
@@ -152,7 +178,8 @@ class Machine:
                 else float(m == tokens)
             )
             nbytes += experts * pm * one
-            seconds += experts * pm * one / (self.rate_gbps(m, moe=True, fmt=fmt) * 1e9)
+            rate = self.rate_gbps(m, moe=True, fmt=fmt, bytes_per_weight=bytes_per_weight)
+            seconds += experts * pm * one / (rate * 1e9)
         return nbytes, seconds
 
     def dma(self, nbytes: float, d: int):
