@@ -67,7 +67,7 @@ def bench_prefill(
     # warm-up at the longest length: CUDA context, kernels, the ring, and the allocator's
     # blocks, so that no timed run pays for growing device memory
     warm = torch.randint(0, model.cfg.vocab_size, (max(lengths),), generator=g)
-    runner.prefill(warm, model.new_cache())
+    runner.prefill(warm, model.new_cache(), all_logits=False)
     rows = []
     for t in progress(lengths) if progress else lengths:
         if t + 1 > model.cfg.max_position_embeddings:
@@ -81,7 +81,7 @@ def bench_prefill(
         runner.trace = trace if t == max(lengths) else None
         _sync(dev)
         start = time.perf_counter()
-        logits = runner.prefill(ids, model.new_cache())
+        logits = runner.prefill(ids, model.new_cache(), all_logits=False)  # as the engine
         logits[-1].cpu()
         _sync(dev)
         ttft = time.perf_counter() - start
@@ -91,7 +91,7 @@ def bench_prefill(
         cpu_tok_s = None
         if with_cpu:
             start = time.perf_counter()
-            model.forward(ids, model.new_cache())[-1].cpu()
+            model.forward(ids, model.new_cache(), logits="last")[-1].cpu()
             cpu_tok_s = t / (time.perf_counter() - start)
         choice = costmodel.choose_prefill(model.cfg, t, rates)
         rows.append(

@@ -87,14 +87,14 @@ def attention_block_us(
     qk = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
     gen = demo._Codes(0)
     tensors, dtypes = {}, {}
-    for name, shape in (
+    for name, dims in (
         ("q_a_proj", (c["q_lora_rank"], h)),
         ("q_b_proj", (n * qk, c["q_lora_rank"])),
         ("kv_a_proj_with_mqa", (c["kv_lora_rank"] + c["qk_rope_head_dim"], h)),
         ("kv_b_proj", (n * (c["qk_nope_head_dim"] + c["v_head_dim"]), c["kv_lora_rank"])),
         ("o_proj", (h, n * c["v_head_dim"])),
     ):
-        codes, scale = gen.matrix(*shape)
+        codes, scale = gen.matrix(*dims)
         tensors[f"a.{name}.weight"], dtypes[f"a.{name}.weight"] = codes, "F8_E4M3"
         tensors[f"a.{name}.weight_scale_inv"] = scale
     tensors["a.q_a_layernorm.weight"] = np.ones(c["q_lora_rank"], np.float32)

@@ -234,7 +234,9 @@ def plot(results: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         pts = [
-            (r["metrics"][metric], Path(r["trace"]).stem) for r in results if metric in r["metrics"]
+            (r["metrics"][metric], r.get("segment") or Path(r["trace"]).stem)
+            for r in results
+            if metric in r["metrics"]
         ]
         for m, label in pts:
             # the interval as drawn, not as error bars about the point: mixed from several
