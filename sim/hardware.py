@@ -138,12 +138,17 @@ class CPU:
         eff = self.gemv_efficiency_by_format.get(fmt)
         if fmt == "fp8" or eff is None:
             return self.fp8_stream_gbps()
+        return self._stream_at(eff)
+
+    def _stream_at(self, efficiency: float) -> float:
+        """The kernels' read (their threads' plain read) at that efficiency, over the
+        interconnect too when the weights are not placed per node."""
         read = (
             min(self.kernel_read_gbps, self.read_gbps())
             if self.kernel_read_gbps > 0
             else self.read_gbps()
         )
-        rate = read * eff
+        rate = read * efficiency
         if self.remote_share():
             rate = min(rate, self.interconnect_gbps / self.remote_share())
         return rate
@@ -152,17 +157,7 @@ class CPU:
         """What the decode MoE call sustains over experts stored in fmt (stream_gbps where
         the calibration has not timed that call)."""
         eff = self.moe_decode_efficiency_by_format.get(fmt)
-        if eff is None:
-            return self.stream_gbps(fmt)
-        read = (
-            min(self.kernel_read_gbps, self.read_gbps())
-            if self.kernel_read_gbps > 0
-            else self.read_gbps()
-        )
-        rate = read * eff
-        if self.remote_share():
-            rate = min(rate, self.interconnect_gbps / self.remote_share())
-        return rate
+        return self.stream_gbps(fmt) if eff is None else self._stream_at(eff)
 
     def fp8_stream_gbps(self) -> float:
         """What the FP8 GEMV sustains over DRAM with every core (and over the interconnect,

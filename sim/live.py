@@ -43,18 +43,19 @@ class Case:
     quick: bool = field(default=False, compare=False)
 
 
+H4096 = dict(  # a DeepSeek-V2-like layer: hidden 4096, 64 heads, top-6 of 1536-wide experts
+    hidden_size=4096,
+    moe_intermediate_size=1536,
+    num_experts_per_tok=6,
+    num_attention_heads=64,
+    num_key_value_heads=64,
+)
 # hidden size, experts, top-k, format, threads and context all vary; none is the demo's
 # (hidden 7168, FP8, top-8, every core) in more than two of them
 CASES = (
     Case(
         "h4096-e48-k6-fp8",
-        dict(
-            hidden_size=4096,
-            moe_intermediate_size=1536,
-            num_experts_per_tok=6,
-            num_attention_heads=64,
-            num_key_value_heads=64,
-        ),
+        H4096,
         48,
         3,
         prompt=384,
@@ -110,13 +111,7 @@ CASES = (
     ),
     Case(
         "h4096-e48-k6-fp8-1k",
-        dict(
-            hidden_size=4096,
-            moe_intermediate_size=1536,
-            num_experts_per_tok=6,
-            num_attention_heads=64,
-            num_key_value_heads=64,
-        ),
+        H4096,
         48,
         3,
         prompt=1024,

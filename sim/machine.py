@@ -137,21 +137,12 @@ class Machine:
         if nbytes > 0:
             yield from self.work(seconds, self.cpu_demand(nbytes / seconds / 1e9))
 
-    def mixture(
-        self,
-        one: float,
-        experts: int,
-        tokens: int,
-        p: float,
-        fmt: str = "fp8",
-        bytes_per_weight: float = 1.0,
-    ) -> tuple[float, float]:
-        """(expected bytes, expected seconds) of that call (memoized: every MoE layer of a
-        forward asks the same)."""
-        key = (one, experts, tokens, p, fmt, bytes_per_weight)
-        if key not in self._mixtures:
-            self._mixtures[key] = self._mixture(one, experts, tokens, p, fmt, bytes_per_weight)
-        return self._mixtures[key]
+    def mixture(self, *call) -> tuple[float, float]:
+        """(expected bytes, expected seconds) of that call, its arguments those of _mixture
+        (memoized: every MoE layer of a forward asks the same)."""
+        if call not in self._mixtures:
+            self._mixtures[call] = self._mixture(*call)
+        return self._mixtures[call]
 
     def _mixture(
         self,
