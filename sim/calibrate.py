@@ -267,8 +267,9 @@ def calibrate(name: str = "this-machine", reps: int = 5, quick: bool = False) ->
     """This machine as one socket of its usable cores, the kernels at their default thread
     count (REFMOE_NUM_THREADS). Every number is the median of its reps; the reps themselves
     go into the profile's `samples` (field path -> values), which prediction intervals
-    resample (sim/interval.py). quick: fewer points on each curve and fewer reps of the
-    attention block (a smoke run's calibration, a fifth of the time; never for figures)."""
+    resample (sim/interval.py). quick: fewer points on each curve, fewer reps of the
+    attention block, the decode MoE call in FP8 only (a smoke run's calibration, measured
+    27 s against 33 s before that call was added; never for figures)."""
     ms = QUICK_M if quick else CURVE_M
     contexts = QUICK_CONTEXTS if quick else CONTEXTS
     threads, cores = cpu.default_threads(), len(cpu.usable_cpus())
@@ -351,7 +352,7 @@ def calibrate(name: str = "this-machine", reps: int = 5, quick: bool = False) ->
             samples[f"cpu.{curve_field}.{c}"] = extra
             curve[c] = statistics.median(extra)
         setattr(hw.cpu, curve_field, curve)
-    hw.cpu.attention_heads = ModelConfig.from_dict(demo.demo_config(1, 16)).num_attention_heads
+    hw.cpu.attention_heads = int(demo.V3_LAYER["num_attention_heads"])
     hw.cpu.attention_few_heads = SMALL_ATTENTION["num_attention_heads"]
     samples["cpu.attention_gflops"] = []
     hw.cpu.attention_gflops = attention_gflops(

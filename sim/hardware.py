@@ -58,12 +58,12 @@ class CPU:
     # curve lies between them, linear in its head count (reading the latent cache costs the
     # same for any head count, the scores scale with the heads)
     attention_heads: int = 128
+    attention_us_by_context_few_heads: dict = field(default_factory=dict)
+    attention_few_heads: int = 8
     # the decode MoE call itself (one token, top-8 routed experts and the shared one of
     # DeepSeek-V3, fused in one call as the engine makes it), kernel GB/s of the stored bytes
     # over the plain read beside it, per format (fp8 too); empty: the GEMV's efficiencies
     moe_decode_efficiency_by_format: dict = field(default_factory=dict)
-    attention_us_by_context_few_heads: dict = field(default_factory=dict)
-    attention_few_heads: int = 8
 
     def gemm_gbps(self, m: float) -> float | None:
         """Interpolated (log-log) from the calibrated points; past the last point the GEMM is
@@ -162,15 +162,8 @@ class CPU:
     def fp8_stream_gbps(self) -> float:
         """What the FP8 GEMV sustains over DRAM with every core (and over the interconnect,
         when the weights are not placed per node)."""
-        read = (
-            min(self.kernel_read_gbps, self.read_gbps())
-            if self.kernel_read_gbps > 0
-            else self.read_gbps()
-        )
-        rate = min(read * self.fp8_gemv_efficiency, self.threads * self.fp8_gemv_gbps_per_core)
-        if self.remote_share():
-            rate = min(rate, self.interconnect_gbps / self.remote_share())
-        return rate
+        ceiling = self.threads * self.fp8_gemv_gbps_per_core  # the cores' conversion rate
+        return min(self._stream_at(self.fp8_gemv_efficiency), ceiling)
 
 
 @dataclass(slots=True)
