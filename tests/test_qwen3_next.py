@@ -7,6 +7,8 @@ refused across DSLP ranks; bad configs named."""
 
 import json
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 import torch
 from conftest import assert_logits_match, cli_generate, hf_greedy, randomize_bf16
@@ -14,6 +16,7 @@ from conftest import assert_logits_match, cli_generate, hf_greedy, randomize_bf1
 from refmoe import models, slp
 from refmoe.config import ModelConfig
 from refmoe.engine import Engine
+from refmoe.models import qwen3_next
 
 transformers = pytest.importorskip("transformers")
 
@@ -130,3 +133,59 @@ def test_bad_configs_named(change, field, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(d))
     with pytest.raises(ValueError, match=field):
         ModelConfig.from_file(tmp_path)
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(
+    t=st.integers(1, 150),
+    heads=st.integers(1, 3),
+    dk=st.sampled_from([4, 8, 16]),
+    dv=st.sampled_from([4, 8]),
+    chunk=st.sampled_from([1, 7, 16, 64]),
+    decay_scale=st.sampled_from([0.01, 1.0, 20.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_chunked_delta_rule_matches_float64_recurrence(t, heads, dk, dv, chunk, decay_scale, seed):
+    """The chunked form (prompts) against the token-by-token recurrence run in float64, from
+    a nonzero state, over lengths that are and are not multiples of the chunk; decays from
+    nearly none to nearly total."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    q = qwen3_next.l2_normalize(rand(t, heads, dk)) * dk**-0.5
+    k = qwen3_next.l2_normalize(rand(t, heads, dk))
+    v = rand(t, heads, dv)
+    beta = torch.rand(t, heads, generator=gen, dtype=torch.float64)
+    g = -decay_scale * torch.rand(t, heads, generator=gen, dtype=torch.float64)
+    s0 = rand(heads, dk, dv)
+    want_out, want_s = qwen3_next.delta_rule_recurrent(q, k, v, beta, g, s0)
+    f32 = [x.float() for x in (q, k, v, beta, g, s0)]
+    out, s = qwen3_next.delta_rule_chunked(*f32, chunk=chunk)
+    assert out.dtype == torch.float32 and out.shape == (t, heads, dv)
+    scale = want_out.abs().max().item() + 1e-30
+    assert (out.double() - want_out).abs().max().item() <= 2e-5 * max(scale, 1.0)
+    assert (s.double() - want_s).abs().max().item() <= 2e-5 * max(want_s.abs().max().item(), 1.0)
+
+
+def test_prompt_takes_the_chunked_rule_and_decode_the_recurrent(saved, monkeypatch):
+    """A long prompt runs the chunked form, a decode step the recurrence; both give
+    transformers' logits (test_logits_match_transformers) and agree with each other here."""
+    _, d = saved
+    _, mine = models.load(d)
+    calls = []
+    for name in ("delta_rule_chunked", "delta_rule_recurrent"):
+        real = getattr(qwen3_next, name)
+
+        def spy(*a, _real=real, _name=name, **kw):
+            calls.append((_name, a[0].shape[0]))
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(qwen3_next, name, spy)
+    prompt = torch.tensor((PROMPT * 3)[:30])
+    cache = mine.new_cache()
+    mine.forward(prompt, cache)
+    mine.forward(torch.tensor([4]), cache)
+    assert ("delta_rule_chunked", 30) in calls and ("delta_rule_recurrent", 1) in calls
+    assert not [c for c in calls if c[0] == "delta_rule_recurrent" and c[1] > 8]

@@ -14,8 +14,10 @@ dt_bias)):
 after a causal depthwise convolution (kernel linear_conv_kernel_dim, SiLU) over the token's
 q, k, v; the output is RMS-normed per head and gated by silu(z). Its cache is the state S
 [value heads, d_k, d_v] and the convolution's last kernel - 1 inputs: a sequence's memory
-does not grow with its length. Prefill runs the same recurrence token by token (not the chunked
-form), in torch on the device.
+does not grow with its length. A decode step runs the recurrence itself
+(`delta_rule_recurrent`, also the reference); a prompt runs its chunked form
+(`delta_rule_chunked`: per chunk of 64 tokens one triangular solve and a handful of matrix
+products instead of 64 dependent rank-one updates), in torch on the device.
 
 What this means elsewhere: a linear layer's state cannot be cut at an earlier position, so
 these models run without the prefix cache (refmoe.engine turns it off: KVCache.positional),
@@ -57,6 +59,62 @@ class LinearCache:
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+# The gated delta rule, two ways. Legend: T tokens, H value heads, K / V key / value widths;
+# q, k [T, H, K] (q already scaled), v [T, H, V], beta and g (the log decay, <= 0) [T, H],
+# state [H, K, V]. Both return (out [T, H, V], the state after the last token).
+
+
+def delta_rule_recurrent(q, k, v, beta, g, state) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token by token, as the model defines it: the reference, and a decode step."""
+    s, out = state, v.new_empty(v.shape)
+    decay = g.exp()
+    for i in range(q.shape[0]):
+        s = s * decay[i][:, None, None]
+        remembered = torch.einsum("hkv,hk->hv", s, k[i])
+        s = s + k[i][:, :, None] * ((v[i] - remembered) * beta[i][:, None])[:, None, :]
+        out[i] = torch.einsum("hkv,hk->hv", s, q[i])
+    return out, s
+
+
+def delta_rule_chunked(q, k, v, beta, g, state, chunk: int = 64):
+    """The same result a chunk of C tokens at a time. Within a chunk that starts from state
+    S0, with Gi the running sum of g and the decay from token j to token i exp(Gi - Gj), the
+    values each token writes, U = beta (v - what the decayed state already recalls for k),
+    depend on one another only through earlier tokens of the chunk:
+
+        (I + A) U = beta (V - exp(G) K S0),   A_ij = beta_i exp(Gi - Gj) k_i.k_j  (j < i)
+
+    a unit lower-triangular solve. Then every output and the next chunk's state are products:
+
+        O = exp(G) Q S0 + (exp(Gi - Gj) q_i.k_j, j <= i) U
+        S = exp(G_C) S0 + K^T (exp(G_C - G) U)
+
+    Every exponent is a sum of g <= 0 over a span, so no factor exceeds 1."""
+    t = q.shape[0]
+    out, s = v.new_empty(v.shape), state
+    causal = torch.ones(chunk, chunk, dtype=torch.bool).tril()  # [C, C], j <= i
+    for c0 in range(0, t, chunk):
+        n = min(chunk, t - c0)
+        qc, kc, vc = (x[c0 : c0 + n].transpose(0, 1) for x in (q, k, v))  # [H, n, K|V]
+        bc = beta[c0 : c0 + n].T[:, :, None]  # [H, n, 1]
+        gc = g[c0 : c0 + n].T.cumsum(-1)  # [H, n], running log decay
+        span = gc[:, :, None] - gc[:, None, :]  # [H, n, n], Gi - Gj
+        decay = span.masked_fill(~causal[:n, :n], float("-inf")).exp()  # 0 above the diagonal
+        start = gc.exp()[:, :, None]  # [H, n, 1], decay from the chunk's start
+        a = bc * decay * (kc @ kc.transpose(1, 2))  # [H, n, n]; its diagonal is ignored
+        rhs = bc * (vc - start * (kc @ s))  # [H, n, V]
+        u = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)
+        out[c0 : c0 + n] = (start * (qc @ s) + (decay * (qc @ kc.transpose(1, 2))) @ u).transpose(
+            0, 1
+        )
+        to_end = (gc[:, -1:] - gc).exp()[:, :, None]  # [H, n, 1]
+        s = gc[:, -1].exp()[:, None, None] * s + kc.transpose(1, 2) @ (to_end * u)
+    return out, s
+
+
+RECURRENT_TOKENS = 8  # up to this many new tokens (decode, a short chunk) run token by token
 
 
 class GatedDeltaNet:
@@ -130,15 +188,10 @@ class GatedDeltaNet:
         k = l2_normalize(k.view(t, hk, dk)).repeat_interleave(r, dim=1)
         v = v.view(t, hv, dv)
         beta = torch.sigmoid(b)  # [T, hv]
-        decay = torch.exp(-self.a_log.exp() * F.softplus(a + self.dt_bias))  # [T, hv]
+        g = -self.a_log.exp() * F.softplus(a + self.dt_bias)  # [T, hv], log decay
         s = cache.state if cache.state is not None else v.new_zeros(hv, dk, dv)
-        out = v.new_empty(t, hv, dv)
-        for i in range(t):
-            s = s * decay[i][:, None, None]
-            remembered = torch.einsum("hkv,hk->hv", s, k[i])
-            delta = (v[i] - remembered) * beta[i][:, None]
-            s = s + k[i][:, :, None] * delta[:, None, :]
-            out[i] = torch.einsum("hkv,hk->hv", s, q[i])
+        rule = delta_rule_recurrent if t <= RECURRENT_TOKENS else delta_rule_chunked
+        out, s = rule(q, k, v, beta, g, s)
         cache.state, cache.n = s, cache.n + t
         out = rms_norm(out, self.norm, self.cfg.rms_norm_eps) * F.silu(z)  # per head, gated
         return out.reshape(t, hv * dv)
