@@ -182,6 +182,7 @@ class Checkpoint:
             if name not in self.shards[f].entries:
                 raise ValueError(f"{self.dir / f}: tensor {name!r} listed in the index is missing")
         self.weight_map = weight_map
+        self.stored: dict[str, str] = {}  # a name read by -> the name in the file (see alias)
         self.nbytes = sum(s.path.stat().st_size for s in self.shards.values())
         self.fp8_block = (128, 128)  # the config's weight_block_size (set by its reader)
 
@@ -215,6 +216,25 @@ class Checkpoint:
                 f"than this machine's {memory_bytes / 2**30:.1f} GiB of memory"
             )
 
+    def alias(self, stored: str, seen: str) -> int:
+        """Read tensors stored under the prefix `stored` by the prefix `seen` (Qwen3.5 keeps
+        its text model under model.language_model., the family code reads model.); names
+        that already exist are kept as stored. Errors still name a tensor as the file holds
+        it. Returns how many names were aliased."""
+        moved = {
+            seen + name[len(stored) :]: name for name in self.weight_map if name.startswith(stored)
+        }
+        clash = sorted(set(moved) & set(self.weight_map))
+        if clash:
+            raise ValueError(
+                f"{self.dir}: tensor {clash[0]!r} is stored both as itself and under "
+                f"{stored!r}; a checkpoint holds one copy"
+            )
+        for new, old in moved.items():
+            self.weight_map[new] = self.weight_map.pop(old)
+            self.stored[new] = old
+        return len(moved)
+
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
@@ -228,14 +248,17 @@ class Checkpoint:
             raise ValueError(f"{self.dir}: tensor {name!r} not found in the checkpoint") from None
 
     def dtype(self, name: str) -> str:
-        return self._shard(name).dtype(name)
+        return self._shard(name).dtype(self.stored.get(name, name))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shard(name).shape(self.stored.get(name, name))
 
     def get(
         self, name: str, shape: tuple[int, ...] | None = None, dtypes: tuple[str, ...] | None = None
     ) -> np.ndarray:
         """The tensor as a read-only view of the mapped shard, checked against the expected
         shape and dtypes (names as in DTYPES)."""
-        shard = self._shard(name)
+        shard, name = self._shard(name), self.stored.get(name, name)
         where = f"{shard.path}: tensor {name!r}"
         if shape is not None and shard.shape(name) != tuple(shape):
             raise ValueError(

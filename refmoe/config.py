@@ -23,7 +23,10 @@ ARCHITECTURES = {
     "MiniMaxM2ForCausalLM": "minimax_m2",  # MiniMax-M2 / M2.x
     "GptOssForCausalLM": "gpt_oss",  # gpt-oss-20b / 120b
     "Qwen3NextForCausalLM": "qwen3_next",  # Qwen3-Next: Gated DeltaNet + gated attention
+    "Qwen3_5MoeForCausalLM": "qwen3_5_moe",  # Qwen3.5 / 3.6 MoE: Qwen3-Next's layers
+    "Qwen3_5MoeForConditionalGeneration": "qwen3_5_moe",  # as released: text under text_config
 }
+TEXT_CONFIG_FAMILIES = ("qwen3_5_moe",)  # released with a vision tower: text_config is the model
 ALIASES = {  # the same field under the names other releases of transformers write
     "num_experts": ("num_local_experts",),
     "n_routed_experts": ("num_local_experts",),
@@ -39,6 +42,8 @@ MODEL_TYPES = {  # when config.json has no architectures list
     "minimax_m2": "MiniMaxM2ForCausalLM",
     "gpt_oss": "GptOssForCausalLM",
     "qwen3_next": "Qwen3NextForCausalLM",
+    "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
+    "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM",
 }
 MLA_FAMILIES = ("deepseek_v3", "deepseek_v32", "glm_moe_dsa")
 DSA_FAMILIES = ("deepseek_v32", "glm_moe_dsa")
@@ -177,6 +182,12 @@ class ModelConfig:
                 f"refmoe runs {sorted(ARCHITECTURES)}"
             )
         family = ARCHITECTURES[arch]
+        if family in TEXT_CONFIG_FAMILIES and "text_config" in d:
+            # the language model's fields, over the release's top level (quantization_config
+            # and tie_word_embeddings may sit there); the vision tower is not loaded
+            text = get("text_config", dict)
+            outer = {k: v for k, v in d.items() if k not in ("text_config", "vision_config")}
+            return cls.from_dict(outer | text | {"architectures": [arch]}, f"{source} text_config")
         need = get.need
 
         rope = get("rope_parameters", dict, {})
@@ -503,20 +514,25 @@ def _gqa_fields(family: str, get: _Fields, heads: int, hidden: int, source: str)
             scoring_func="softmax",
             attention_bias=get("attention_bias", bool, False),
         )
-    if family == "qwen3_next":  # Qwen3-MoE's router; linear and gated attention; (1 + w) norms
+    if family in ("qwen3_next", "qwen3_5_moe"):
+        # Qwen3-MoE's router (Qwen3.5's always normalizes its top-k); linear and gated
+        # attention; (1 + w) norms. Qwen3.5's multimodal rope (mrope_section) gives a text
+        # token the same angle on every section: plain rope over its partial rotary dims.
         if get("mlp_only_layers", list, None) or get("decoder_sparse_step", int, 1) != 1:
             raise ValueError(
                 f"{source}: mlp_only_layers / decoder_sparse_step != 1 are not supported"
             )
-        n = need("num_hidden_layers")
+        n, every = need("num_hidden_layers"), get("full_attention_interval", int, 4)
+        if every < 1:
+            raise ValueError(f"{source}: field 'full_attention_interval' must be positive")
         types = get("layer_types", list, None) or [
-            "full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(n)
+            "full_attention" if (i + 1) % every == 0 else "linear_attention" for i in range(n)
         ]
         return f | dict(
             intermediate_size=get("intermediate_size", int, None) or 0,
             moe_intermediate_size=need("moe_intermediate_size"),
             n_routed_experts=need("num_experts"),
-            norm_topk_prob=get("norm_topk_prob", bool, True),
+            norm_topk_prob=family == "qwen3_5_moe" or get("norm_topk_prob", bool, True),
             scoring_func="softmax",
             attention_bias=get("attention_bias", bool, False),
             attention_out_bias=get("attention_bias", bool, False),

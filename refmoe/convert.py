@@ -139,7 +139,7 @@ def convert(src: str | Path, dst: str | Path, progress=None, expert_format: str 
                     tensors[name], dtypes[name] = np.array(ck.get(name)), ST_DTYPE[dtype]
             elif (
                 QUANTIZED.match(name)
-                and len(ck._shard(name).shape(name)) == 2
+                and len(ck.shape(name)) == 2
                 and dtype in ("float32", "bfloat16", "float16")
             ):
                 codes, scale = formats.fp8_quantize(_float(ck, name))

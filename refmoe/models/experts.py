@@ -162,6 +162,20 @@ def read_fused(ck: Checkpoint, prefix: str, cfg: ModelConfig, e: int) -> list[St
     ]
 
 
+def read_stacked(ck: Checkpoint, prefix: str, cfg: ModelConfig, e: int) -> list[Stored]:
+    """Expert e where every expert sits in one float tensor per projection, as transformers 5
+    keeps them and Qwen3.5 releases them: experts.gate_up_proj [E, 2I, H] (gate rows, then
+    up rows) and experts.down_proj [E, H, I]. Each part is a view of the mapped file."""
+    h, i, n = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
+    gu, dn = f"{prefix}.experts.gate_up_proj", f"{prefix}.experts.down_proj"
+    w = ck.get(gu, (n, 2 * i, h), FLOAT_DTYPES)[e]  # [2I, H]
+    return [
+        Stored("bf16", w[:i], float_dtype=ck.dtype(gu)),
+        Stored("bf16", w[i:], float_dtype=ck.dtype(gu)),
+        Stored("bf16", ck.get(dn, (n, h, i), FLOAT_DTYPES)[e], float_dtype=ck.dtype(dn)),
+    ]
+
+
 def fused_biases(ck: Checkpoint, prefix: str, cfg: ModelConfig) -> list[np.ndarray]:
     """gpt-oss's expert biases, read once per layer: gate [E, I], up [E, I] (the even and odd
     columns of gate_up_proj_bias) and down [E, H], float32."""
@@ -186,7 +200,10 @@ def load_experts(
     h, i = cfg.hidden_size, cfg.moe_intermediate_size
     declared, group = cfg.expert_format
     gate_name, up_name, down_name = names.projections
-    if names.fused:
+    # every expert in one tensor per projection: gpt-oss's layout (names.fused), or stacked
+    # (transformers 5, Qwen3.5) where a family that names experts one by one has none
+    stacked = not names.fused and f"{prefix}.experts.gate_up_proj" in ck
+    if names.fused or stacked:
         first = f"{prefix}.experts.gate_up_proj"
         stored = "mxfp4" if f"{first}_blocks" in ck else "bf16"
     else:
@@ -210,6 +227,8 @@ def load_experts(
         kinds = (("gate", (i, h)), ("up", (i, h)), ("down", (h, i)))
         if names.fused:
             mats = read_fused(ck, prefix, cfg, e)
+        elif stacked and e < cfg.n_routed_experts:
+            mats = read_stacked(ck, prefix, cfg, e)
         else:
             mats = [
                 read_projection(ck, f"{prefix}.{slot}.{name}", shape, group)

@@ -130,14 +130,18 @@ class GatedDeltaNet:
         )
         self.cfg, self.hk, self.hv, self.dk, self.dv = cfg, hk, hv, dk, dv
         self.channels = 2 * hk * dk + hv * dv
-        self.qkvz = Linear(ck, f"{p}.in_proj_qkvz.weight", (2 * hk * dk + 2 * hv * dv, h))
-        self.ba = Linear(ck, f"{p}.in_proj_ba.weight", (2 * hv, h))
+        self.load_projections(ck, p, h)
         conv = load_dense(ck, f"{p}.conv1d.weight", (self.channels, 1, kernel))
         self.conv = conv.contiguous()  # [C, 1, kernel], depthwise
         self.dt_bias = load_dense(ck, f"{p}.dt_bias", (hv,))
         self.a_log = load_dense(ck, f"{p}.A_log", (hv,))
         self.norm = load_dense(ck, f"{p}.norm.weight", (dv,))
         self.out = Linear(ck, f"{p}.out_proj.weight", (h, hv * dv))
+
+    def load_projections(self, ck: Checkpoint, p: str, h: int) -> None:
+        hk, hv, dk, dv = self.hk, self.hv, self.dk, self.dv
+        self.qkvz = Linear(ck, f"{p}.in_proj_qkvz.weight", (2 * hk * dk + 2 * hv * dv, h))
+        self.ba = Linear(ck, f"{p}.in_proj_ba.weight", (2 * hv, h))
 
     def cache_bytes_per_token(self) -> int:
         """Nothing grows per token (state_bytes is fixed per sequence)."""
@@ -156,27 +160,32 @@ class GatedDeltaNet:
         sequence over its own state."""
         if cp is not None:
             raise ValueError(
-                "linear attention (Qwen3-Next) carries a state from token to token: a prompt "
-                "cannot be split across DSLP ranks; use one rank"
+                "linear attention (Qwen3-Next, Qwen3.5) carries a state from token to token: a "
+                "prompt cannot be split across DSLP ranks; use one rank"
             )
         sizes = [x.shape[0] for x in xs]
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
-        qkvz, ba = self.qkvz(x), self.ba(x)
-        outs = [
-            self._sequence(a, b, c) for a, b, c in zip(qkvz.split(sizes), ba.split(sizes), caches)
-        ]
+        parts = [p.split(sizes) for p in self.project(x)]
+        outs = [self._sequence(*one, cache) for *one, cache in zip(*parts, caches)]
         out = self.out(outs[0] if len(outs) == 1 else torch.cat(outs))
         return list(out.split(sizes))
 
-    def _sequence(self, qkvz: torch.Tensor, ba: torch.Tensor, cache: LinearCache) -> torch.Tensor:
-        """One sequence's T tokens -> [T, hv * dv]; advances its cache."""
-        t, hk, hv, dk, dv = qkvz.shape[0], self.hk, self.hv, self.dk, self.dv
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [T, H] -> the convolution's input q|k|v [T, C], the gate z [T, hv, dv], b and a
+        [T, hv]. Qwen3-Next lays its two projections out per key head: q, k, then its r value
+        heads' v and z; then its r b's and r a's."""
+        t, hk, hv, dk, dv = x.shape[0], self.hk, self.hv, self.dk, self.dv
         r = hv // hk  # value heads per key head
-        # the projections are laid out per key head: q, k, then its r value heads' v and z
-        q, k, v, z = qkvz.view(t, hk, 2 * dk + 2 * r * dv).split([dk, dk, r * dv, r * dv], -1)
-        b, a = ba.view(t, hk, 2 * r).split([r, r], -1)
-        z, b, a = z.reshape(t, hv, dv), b.reshape(t, hv), a.reshape(t, hv)
+        qkvz = self.qkvz(x).view(t, hk, 2 * dk + 2 * r * dv)
+        q, k, v, z = qkvz.split([dk, dk, r * dv, r * dv], -1)
+        b, a = self.ba(x).view(t, hk, 2 * r).split([r, r], -1)
         mixed = torch.cat([q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)], -1)  # [T, C]
+        return mixed, z.reshape(t, hv, dv), b.reshape(t, hv), a.reshape(t, hv)
+
+    def _sequence(self, mixed, z, b, a, cache: LinearCache) -> torch.Tensor:
+        """One sequence's T tokens (project's parts) -> [T, hv * dv]; advances its cache."""
+        t, hk, hv, dk, dv = mixed.shape[0], self.hk, self.hv, self.dk, self.dv
+        r = hv // hk
         # causal depthwise convolution, continuing from the inputs the cache kept
         kernel = self.conv.shape[-1]
         past = cache.conv if cache.conv is not None else mixed.new_zeros(self.channels, kernel - 1)
@@ -201,12 +210,13 @@ class Transformer(gqa.Transformer):
     """The whole Qwen3-Next model (see DecoderModel.forward)."""
 
     names = QWEN3_NEXT
+    linear = GatedDeltaNet
 
     def make_block(self, ck, layer, cfg, expert_dtype, num_threads) -> Block:
         p = f"model.layers.{layer}"
         attn: GatedDeltaNet | gqa.GQA
         if cfg.layer_types[layer] == "linear_attention":
-            attn = GatedDeltaNet(ck, f"{p}.linear_attn", cfg)
+            attn = self.linear(ck, f"{p}.linear_attn", cfg)
         else:
             attn = gqa.GQA(ck, f"{p}.self_attn", cfg, layer)
         return Block(ck, layer, cfg, attn, expert_dtype, num_threads, self.ffn, self.names)

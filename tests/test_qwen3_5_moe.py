@@ -1,0 +1,195 @@
+"""Qwen3.5-MoE against transformers' Qwen3_5MoeForCausalLM: tiny random configs, saved two ways
+(as save_pretrained writes the text model, and as Qwen releases it: config nested under
+text_config, tensors under model.language_model. beside a vision tower and an MTP head, experts
+stacked in one tensor per projection, shards with an index); logits within 1e-4 in one pass,
+token by token and in chunks; 32 greedy tokens through `refmoe generate` with the CPU and SLP
+prefills; SLP equal to the CPU path; bad configs named."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_logits_match, cli_generate, hf_greedy, randomize_bf16
+
+from refmoe import models, slp
+from refmoe.checkpoint import Checkpoint, save_file
+from refmoe.config import ModelConfig
+
+transformers = pytest.importorskip("transformers")
+
+BASE = dict(
+    vocab_size=97,
+    hidden_size=64,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=8,
+    num_experts_per_tok=2,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    linear_conv_kernel_dim=4,
+    max_position_embeddings=256,
+    eos_token_id=None,
+)
+VARIANTS = {
+    "base": {},  # linear, linear, linear, full; 2 value heads per key head; rotary 0.25
+    "mixed": dict(
+        layer_types=["full_attention", "linear_attention", "linear_attention", "full_attention"],
+        linear_num_value_heads=2,
+        num_experts_per_tok=3,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6, partial_rotary_factor=0.5),
+    ),
+}
+PROMPT = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 93]
+
+
+def released_layout(saved, to, text_config: dict) -> None:
+    """Rewrite a save_pretrained directory the way Qwen publishes Qwen3.5: the config under
+    text_config of Qwen3_5MoeForConditionalGeneration, the text model under
+    model.language_model., experts stacked, a vision tower and an MTP head beside it, two
+    shards and an index."""
+    ck = Checkpoint(saved)
+    n = text_config["num_experts"]
+    tensors: dict = {}
+    for name in ck.names():
+        a = np.array(ck.get(name))
+        if ".mlp.experts." in name:
+            continue
+        tensors[name.replace("model.", "model.language_model.", 1)] = a
+    for layer in range(text_config["num_hidden_layers"]):
+        p = f"model.layers.{layer}.mlp.experts"
+        get = lambda e, w, p=p: np.array(ck.get(f"{p}.{e}.{w}_proj.weight"))  # noqa: E731
+        q = f"model.language_model.layers.{layer}.mlp.experts"
+        tensors[f"{q}.gate_up_proj"] = np.stack(
+            [np.concatenate([get(e, "gate"), get(e, "up")]) for e in range(n)]
+        )
+        tensors[f"{q}.down_proj"] = np.stack([get(e, "down") for e in range(n)])
+    tensors["model.visual.patch_embed.proj.weight"] = np.zeros((4, 3), np.float32)
+    tensors["mtp.fc.weight"] = np.zeros((4, 4), np.float32)
+    names = sorted(tensors)
+    half = {
+        n: ("model-00001-of-00002.safetensors" if i % 2 else "model-00002-of-00002.safetensors")
+        for i, n in enumerate(names)
+    }
+    # BF16 as released (every value is a BF16 value already: randomize_bf16): the top half
+    bf16 = {
+        n: (a.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        for n, a in tensors.items()
+    }
+    for shard in set(half.values()):
+        part = [n for n in names if half[n] == shard]
+        save_file({n: bf16[n] for n in part}, to / shard, {n: "BF16" for n in part})
+    (to / "model.safetensors.index.json").write_text(json.dumps({"weight_map": half}))
+    (to / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+                "model_type": "qwen3_5_moe",
+                "tie_word_embeddings": False,
+                "text_config": {**text_config, "model_type": "qwen3_5_moe_text"},
+                "vision_config": {"depth": 2, "hidden_size": 4},
+            }
+        )
+    )
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def saved(request, tmp_path_factory):
+    cfg = transformers.Qwen3_5MoeTextConfig(**{**BASE, **VARIANTS[request.param]})
+    torch.manual_seed(5)
+    m = transformers.Qwen3_5MoeForCausalLM(cfg).eval()
+    randomize_bf16(m)
+    d = tmp_path_factory.mktemp(request.param)
+    m.save_pretrained(d)
+    released = tmp_path_factory.mktemp(request.param + "-released")
+    released_layout(d, released, json.loads((d / "config.json").read_text()))
+    return m, d, released
+
+
+def test_logits_match_transformers(saved):
+    m, d, released = saved
+    with torch.no_grad():
+        ref = m(torch.tensor([PROMPT])).logits[0]
+    for where in (d, released):
+        cfg, mine = models.load(where)
+        assert cfg.family == "qwen3_5_moe" and cfg.norm_topk_prob
+        assert_logits_match(m, mine, PROMPT, 1e-4)  # one pass, and token by token
+        cache = mine.new_cache()  # in chunks: the convolution and the state carried across
+        out = torch.cat([mine.forward(torch.tensor(PROMPT[i : i + 4]), cache) for i in (0, 4, 8)])
+        assert (out - ref).abs().max() <= 1e-4 * ref.abs().max(), where
+        assert not cache.positional and mine.state_bytes() > 0
+
+
+def test_released_experts_are_views_of_the_file(saved):
+    """The stacked experts are read where they lie: a BF16 expert's gate rows are a view of
+    the mapped shard, not a copy."""
+    _, _, released = saved
+    _, mine = models.load(released)
+    experts = mine.blocks[0].ffn.experts
+    w = experts.gate[0]
+    assert isinstance(w, np.ndarray) and w.base is not None and not w.flags.owndata
+
+
+def test_greedy_32_tokens_via_cli(saved):
+    m, _, released = saved
+    want = hf_greedy(m, PROMPT, 32)
+    ids = ",".join(map(str, PROMPT))
+    for prefill in ("cpu", "slp"):
+        got = cli_generate(
+            released, "--prompt-ids", ids, "--max-tokens", "32", "--prefill", prefill
+        )
+        assert got["token_ids"] == want, prefill
+
+
+def test_slp_equals_cpu(saved):
+    _, d, _ = saved
+    _, mine = models.load(d)
+    prompt = torch.tensor((PROMPT * 8)[:80])  # past a delta-rule chunk's 64 tokens
+    plain = mine.forward(prompt, mine.new_cache())
+    runner = slp.StreamPrefill(mine, ring=2, chunk_tokens=16)
+    out = runner.prefill(prompt, mine.new_cache())
+    assert (out[-1] - plain[-1]).abs().max() <= 1e-4 * plain.abs().max()
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"full_attention_interval": 0, "layer_types": None}, "full_attention_interval"),
+        ({"linear_num_key_heads": 3}, "linear_num_value_heads"),
+        ({"mlp_only_layers": [1]}, "mlp_only_layers"),
+        ({"hidden_size": "64"}, "hidden_size"),
+    ],
+)
+def test_bad_configs_named(change, field, tmp_path):
+    text = transformers.Qwen3_5MoeTextConfig(**BASE).to_dict() | change
+    d = {"architectures": ["Qwen3_5MoeForConditionalGeneration"], "text_config": text}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=field) as e:
+        ModelConfig.from_file(tmp_path)
+    assert "text_config" in str(e.value)
+
+
+def test_text_config_must_be_an_object(tmp_path):
+    d = {"architectures": ["Qwen3_5MoeForConditionalGeneration"], "text_config": [1]}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="text_config"):
+        ModelConfig.from_file(tmp_path)
+
+
+def test_a_tensor_stored_twice_is_refused(saved, tmp_path):
+    """A checkpoint holding the same tensor under its plain and its released name is refused,
+    naming it (which copy the model read would be a guess)."""
+    _, d, _ = saved
+    ck = Checkpoint(d)
+    tensors = {n: np.array(ck.get(n)) for n in ck.names()}
+    tensors["model.language_model.norm.weight"] = tensors["model.norm.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((d / "config.json").read_text())
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        models.load(tmp_path)
