@@ -165,8 +165,8 @@ class GatedDeltaNet:
             )
         sizes = [x.shape[0] for x in xs]
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
-        parts = [p.split(sizes) for p in self.project(x)]
-        outs = [self._sequence(*one, cache) for *one, cache in zip(*parts, caches)]
+        mixed, z, b, a = (p.split(sizes) for p in self.project(x))
+        outs = [self._sequence(*one) for one in zip(mixed, z, b, a, caches)]
         out = self.out(outs[0] if len(outs) == 1 else torch.cat(outs))
         return list(out.split(sizes))
 
