@@ -38,7 +38,7 @@ from refmoe import slp
 from refmoe.demo import available_memory
 from refmoe.dual_batch import DualBatch
 from refmoe.models.kv_cache import KVCache
-from refmoe.policy import EngineConfig, Policy
+from refmoe.policy import EngineConfig, Policy, fixed_state_tokens
 from refmoe.prefix_cache import Hit, PrefixCache
 from refmoe.sampling import Sampler, SamplingParams
 from refmoe.scheduler import Chunk, DecodePlan, Entry, PrefillPlan, QueueFull
@@ -114,7 +114,7 @@ class Engine:
         if kv_memory is not None:  # a KV budget in bytes: as many tokens as fit
             if kv_tokens is not None:
                 raise ValueError("give the KV budget in tokens or in memory, not both")
-            per = model.kv_bytes_per_token()
+            per = max(model.kv_bytes_per_token(), 1)  # 1: every layer recurrent (see policy)
             kv_tokens = int(kv_memory // per)
             if kv_tokens < 1:
                 raise ValueError(
@@ -155,8 +155,10 @@ class Engine:
         positional = model.new_cache().positional
         self.prefix = PrefixCache(room) if room > 0 and c.ranks == 1 and positional else None
         self.chunks = self.policy.chunk_rule  # fed the decode steps' measured times
+        state = getattr(model, "state_bytes", lambda: 0)()  # linear attention's fixed state
         self.scheduler = self.policy.scheduler(
-            lookup=self._lookup if self.prefix is not None else None
+            lookup=self._lookup if self.prefix is not None else None,
+            state_tokens=fixed_state_tokens(state, model.kv_bytes_per_token()),
         )
         if trace is not None:  # what a simulator replaying this run must know
             trace.metadata.setdefault("engine", {})["chunked_prefill"] = self.policy.chunked

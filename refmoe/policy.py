@@ -150,10 +150,11 @@ class Policy:
         sizes = [min(c, tokens - lo) for lo in range(0, tokens, c)]
         return len(sizes), tuple(costmodel.streaming(self.cfg, t) for t in sizes)
 
-    def scheduler(self, clock=None, lookup=None) -> Scheduler:
+    def scheduler(self, clock=None, lookup=None, state_tokens: int = 0) -> Scheduler:
         """The scheduler this policy drives; its plans carry every decision above (chunks of
         CPU prefills sized by chunk_rule when chunked_prefill is on). lookup: request id ->
-        cached prefix tokens (the executor's prefix cache)."""
+        cached prefix tokens (the executor's prefix cache); state_tokens: the fixed state a
+        sequence keeps, in tokens of the KV budget (see fixed_state_tokens)."""
         c = self.config
         kv = c.kv_tokens or 4 * self.cfg.max_position_embeddings
         return Scheduler(
@@ -168,4 +169,15 @@ class Policy:
             details=self.details,
             lookup=lookup,
             chunk_tokens=self.chunk_rule.tokens if self.chunked else None,
+            state_tokens=state_tokens,
         )
+
+
+def fixed_state_tokens(state_bytes: int, bytes_per_token: int) -> int:
+    """A sequence's fixed state (linear attention's recurrent state and convolution inputs,
+    whatever its length) as tokens of the KV budget: the tokens whose cache takes as much
+    memory, rounded up. A model whose every layer is recurrent has no per-token cache: its
+    budget counts one token per byte of state."""
+    if state_bytes <= 0:
+        return 0
+    return -(-state_bytes // bytes_per_token) if bytes_per_token > 0 else state_bytes

@@ -79,10 +79,11 @@ class Entry:
     cached: int = 0  # leading prompt tokens the prefix cache holds
     done: int = 0  # prompt tokens run so far by chunks
     passed: int = 0  # chunks given to shorter prompts since this one's last
+    state_tokens: int = 0  # the fixed state a sequence keeps, in tokens' worth of cache
 
     @property
     def reserve(self) -> int:
-        return self.prompt_tokens + self.max_tokens
+        return self.prompt_tokens + self.max_tokens + self.state_tokens
 
 
 class QueueFull(Exception):
@@ -90,8 +91,9 @@ class QueueFull(Exception):
 
 
 class KVBudget:
-    """Token slots of KV cache: reserved whole (prompt + max_tokens) at admission, returned on
-    finish, error or cancel."""
+    """Token slots of KV cache: reserved whole (prompt + max_tokens, and a model with linear
+    attention layers its fixed state per sequence as so many tokens' worth) at admission,
+    returned on finish, error or cancel."""
 
     def __init__(self, tokens: int):
         if tokens < 1:
@@ -132,8 +134,12 @@ class Scheduler:
         details=None,
         lookup=None,
         chunk_tokens=None,
+        state_tokens: int = 0,
     ):
         self.kv = KVBudget(kv_tokens)
+        # the fixed state each sequence keeps beside its growing cache (linear attention's
+        # recurrent state: Qwen3-Next, Qwen3.5), counted in tokens of the budget
+        self.state_tokens = state_tokens
         self.max_batch, self.max_queue = max_batch, max_queue
         # (tokens, busy: requests are decoding) -> "cpu" or "slp"
         self.choose_path = choose_path or (lambda tokens, busy: "cpu")
@@ -160,9 +166,11 @@ class Scheduler:
     # -- requests in and out ------------------------------------------------------------
 
     def add(self, entry: Entry) -> None:
+        entry.state_tokens = self.state_tokens
         if entry.reserve > self.kv.capacity:
+            state = f" + its fixed state ({self.state_tokens})" if self.state_tokens else ""
             raise ValueError(
-                f"request {entry.request_id}: prompt + max_tokens = {entry.reserve}"
+                f"request {entry.request_id}: prompt + max_tokens{state} = {entry.reserve}"
                 f" tokens exceeds the KV budget of {self.kv.capacity}"
             )
         if len(self.waiting) >= self.max_queue:

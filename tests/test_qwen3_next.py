@@ -189,3 +189,21 @@ def test_prompt_takes_the_chunked_rule_and_decode_the_recurrent(saved, monkeypat
     mine.forward(torch.tensor([4]), cache)
     assert ("delta_rule_chunked", 30) in calls and ("delta_rule_recurrent", 1) in calls
     assert not [c for c in calls if c[0] == "delta_rule_recurrent" and c[1] > 8]
+
+
+def test_engine_budget_counts_the_fixed_state(saved):
+    """The engine's KV budget holds each sequence's recurrent state as tokens' worth of its
+    cache: a KV memory of 100 tokens plus one state admits one such request, not two."""
+    from refmoe.policy import fixed_state_tokens
+
+    _, d = saved
+    _, mine = models.load(d)
+    per, state = mine.kv_bytes_per_token(), mine.state_bytes()
+    eng = Engine(mine, kv_memory=per * 100 + state)
+    want = fixed_state_tokens(state, per)
+    assert want > 0 and eng.scheduler.state_tokens == want
+    assert eng.scheduler.kv.capacity == 100 + state // per
+    with pytest.raises(ValueError, match="fixed state"):
+        from refmoe.scheduler import Entry
+
+        eng.scheduler.add(Entry("r", 90, 20, 0.0))

@@ -68,3 +68,25 @@ def test_devices_policy_keeps_one_for_decode():
     assert s.next_prefill().devices == 2  # quiet for 5 minutes: both
     s.add(Entry("short", 50, 4, 0))
     assert s.next_prefill().where == "cpu"
+
+
+def test_a_fixed_state_per_sequence_is_reserved_with_its_tokens():
+    """Linear attention (Qwen3-Next, Qwen3.5) keeps a fixed state per sequence beside its
+    growing cache: the budget reserves it with every request and returns it at the end."""
+    s = Scheduler(kv_tokens=100, max_batch=4, state_tokens=25)
+    s.add(Entry("a", 20, 10, 0.0))
+    s.add(Entry("b", 20, 10, 1.0))
+    assert s.next_prefill().request_id == "a" and s.kv.used == 55
+    assert s.next_prefill() is None  # 30 tokens would fit; 30 + its state does not
+    s.finish("a")
+    assert s.kv.used == 0 and s.next_prefill().request_id == "b" and s.kv.used == 55
+    with pytest.raises(ValueError, match="fixed state"):
+        s.add(Entry("c", 50, 40, 2.0))  # 90 tokens fit, 90 + 25 do not
+
+
+def test_fixed_state_tokens():
+    from refmoe.policy import fixed_state_tokens
+
+    assert fixed_state_tokens(0, 4096) == 0
+    assert fixed_state_tokens(4096, 4096) == 1 and fixed_state_tokens(4097, 4096) == 2
+    assert fixed_state_tokens(1000, 0) == 1000  # no per-token cache at all: bytes
