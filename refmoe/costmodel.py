@@ -103,7 +103,33 @@ def attention_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
                 shapes.append((max(1, round(rows * full)), cols))
         return shapes
     d, g = cfg.head_dim, cfg.num_key_value_heads
-    return [(n * d, h), (g * d, h), (g * d, h), (h, n * d)]
+    gated = 2 if cfg.attention_output_gate else 1  # Qwen3-Next: q_proj also yields the gate
+    shapes = [(gated * n * d, h), (g * d, h), (g * d, h), (h, n * d)]
+    linear = linear_share(cfg)
+    if not linear:
+        return shapes
+    # Gated DeltaNet layers (Qwen3-Next, Qwen3.5) beside the full ones: each part's rows
+    # scaled by its share of the layers, so the block is the layers' average
+    hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    own = [(2 * hk * dk + 2 * hv * dv, h), (2 * hv, h), (h, hv * dv)]
+    return [(max(1, round(r * (1 - linear))), c) for r, c in shapes] + [
+        (max(1, round(r * linear)), c) for r, c in own
+    ]
+
+
+def linear_share(cfg: ModelConfig) -> float:
+    """The share of layers whose attention is linear (a fixed state, no cache to read)."""
+    types = cfg.layer_types
+    return types.count("linear_attention") / len(types) if types else 0.0
+
+
+def recurrent_flops(cfg: ModelConfig) -> float:
+    """One token's gated delta rule in one linear layer: decaying the state, recalling k,
+    the rank-one update and reading q, each about 2 x value heads x d_k x d_v FLOPs; the
+    same for any context."""
+    hv, dk, dv = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    return 8.0 * hv * dk * dv
 
 
 def score_dims(cfg: ModelConfig) -> int:

@@ -77,6 +77,10 @@ def score_flops(cfg: ModelConfig, tokens: int, past: int = 0) -> float:
     (DSA) to the index_topk its indexer picks, the indexer scoring every key."""
     per_key = 2.0 * cfg.num_attention_heads * costmodel.score_dims(cfg)
     full = attended_keys(tokens, past, 0)
+    linear = costmodel.linear_share(cfg)
+    if linear:  # Gated DeltaNet layers: a fixed recurrence per token, whatever the context
+        recurrent = tokens * costmodel.recurrent_flops(cfg)
+        return (1 - linear) * per_key * full + linear * recurrent
     if cfg.is_dsa:  # MLA over each token's top index_topk; the indexer over every key
         shared = cfg.indexer_types.count("shared") / max(len(cfg.indexer_types), 1)
         indexer = 2.0 * cfg.index_n_heads * cfg.index_head_dim * (1 - shared)
@@ -102,10 +106,23 @@ def attended_keys(tokens: int, past: int, window: int) -> float:
 
 def kv_bytes_per_token(cfg: ModelConfig) -> int:
     """One cached token of one layer as a GPU engine keeps it in BF16: MLA's compressed latent
-    and rotary key (DeepSeek-V3: 576 values), or GQA's keys and values."""
+    and rotary key (DeepSeek-V3: 576 values), or GQA's keys and values; averaged over the
+    layers where some are linear attention (they cache no token)."""
     if cfg.is_mla:
         return 2 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-    return 2 * 2 * cfg.num_key_value_heads * cfg.head_dim
+    full = 1 - costmodel.linear_share(cfg)
+    return round(2 * 2 * cfg.num_key_value_heads * cfg.head_dim * full)
+
+
+def state_bytes(cfg: ModelConfig) -> int:
+    """The fixed state one sequence keeps, all layers together: each linear-attention layer's
+    recurrent state [value heads, d_k, d_v] in float32 and its convolution's last kernel - 1
+    inputs in BF16; 0 for a model without such layers."""
+    linear = cfg.layer_types.count("linear_attention") if cfg.layer_types else 0
+    hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    channels = 2 * hk * dk + hv * dv
+    return linear * (4 * hv * dk * dv + 2 * channels * (cfg.linear_conv_kernel_dim - 1))
 
 
 def model_bytes(cfg: ModelConfig) -> int:

@@ -8,6 +8,7 @@ import math
 
 import simpy
 
+from refmoe import costmodel
 from refmoe.config import ModelConfig
 from sim import costs
 from sim.fluid import FluidNetwork, Link
@@ -241,9 +242,9 @@ class Machine:
             )
             return t, {self.gpu[self.gpu_index]: 1.0}
         cpu = self.hw.cpu
-        if tokens <= self.ABSORB_MAX_TOKENS:
-            heads = cfg.num_attention_heads
-            t = tokens * (cpu.attention_us(past, heads) - cpu.attention_us(0, heads)) * 1e-6
+        if tokens <= self.ABSORB_MAX_TOKENS:  # linear-attention layers read no past
+            heads, full = cfg.num_attention_heads, 1 - costmodel.linear_share(cfg)
+            t = tokens * full * (cpu.attention_us(past, heads) - cpu.attention_us(0, heads)) * 1e-6
         else:
             t = flops / (cpu.score_gflops() * 1e9)
         return max(t, 0.0), {c: 1.0 for c in self.cores}
@@ -266,8 +267,17 @@ class Machine:
                 flops / (g.attention_tflops * 1e12),
             )
             return t, {self.gpu[self.gpu_index]: 1.0}
-        cpu = self.hw.cpu
-        t = sum(cpu.attention_us(c, cfg.num_attention_heads) for c in contexts) * 1e-6
+        cpu, heads = self.hw.cpu, cfg.num_attention_heads
+        # a linear-attention layer (its share of the layers) costs what attention costs with
+        # nothing cached, whatever the context: its state is fixed
+        full = 1 - costmodel.linear_share(cfg)
+        t = (
+            sum(
+                full * cpu.attention_us(c, heads) + (1 - full) * cpu.attention_us(0, heads)
+                for c in contexts
+            )
+            * 1e-6
+        )
         if tokens > len(contexts):  # a prompt: its tokens attend to each other
             t += costs.score_flops(cfg, tokens) / (cpu.score_gflops() * 1e9)
         return t, {c: 1.0 for c in self.cores}

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 import simpy
 
 from refmoe.config import ModelConfig
-from refmoe.policy import EngineConfig, Policy
+from refmoe.policy import EngineConfig, Policy, fixed_state_tokens
 from refmoe.scheduler import Entry, QueueFull
 from refmoe.serving_metrics import Outcome
 from refmoe.trace import Trace, gauges
+from sim import costs
 from sim.fluid import Flow, max_min_rates
 from sim.forward import _offload_prefill, _slp_prefill, _step
 from sim.hardware import Hardware
@@ -354,8 +355,11 @@ class Simulation:
             if self.conversations and prefix_cache_gib > 0
             else None
         )
+        per_token = costs.kv_bytes_per_token(cfg) * cfg.num_hidden_layers
         self.sched = self.policy.scheduler(
-            clock=lambda: env.now, lookup=self.lookup if self.prefix is not None else None
+            clock=lambda: env.now,
+            lookup=self.lookup if self.prefix is not None else None,
+            state_tokens=fixed_state_tokens(costs.state_bytes(cfg), per_token),
         )
         self.outcomes = [Outcome(a, p) for a, p, _ in requests]
         self.total = len(requests) + sum(len(c) for c in self.conversations)

@@ -401,3 +401,51 @@ def test_dsa_scores_cap_at_the_top_k():
     assert costs.attention_bytes(v32) > costs.attention_bytes(v3)  # the indexer's weights
     hw = Hardware.load("paper-2x9355-2x5090")
     assert predict(v32, hw, 32768, 8).ttft_s < predict(v3, hw, 32768, 8).ttft_s
+
+
+def test_linear_attention_decode_is_nearly_flat_in_context():
+    """Qwen3.5-35B-A3B as published (3 of 4 layers Gated DeltaNet): with attention on a GPU,
+    decode after 128K cached tokens costs little more than after 2K, because only its
+    full-attention layers read a cache, while the same model with every layer full attention
+    grows far more. On a CPU-only box (the VM's calibrated torch attention) the full layers'
+    scores at 128K still dominate, but the growth is well under half the dense model's. Its KV
+    per token is the full layers' alone, its fixed state counted apart."""
+    from refmoe.config import ModelConfig as MC
+    from sim.catalog import resolve
+
+    hybrid = MC.from_file(resolve("qwen3.5-35b-a3b"))
+    dense = dataclasses.replace(hybrid, layer_types=["full_attention"] * hybrid.num_hidden_layers)
+    assert costs.kv_bytes_per_token(hybrid) * 4 == costs.kv_bytes_per_token(dense)
+    # 30 linear layers: state 32 x 128 x 128 floats and 3 x 8192 BF16 conv inputs each
+    assert costs.state_bytes(hybrid) == 30 * (4 * 32 * 128 * 128 + 2 * 8192 * 3)
+    assert costs.state_bytes(dense) == 0
+    for profile, gpu in (("xeon8480-2s-4090", True), ("vm-2vcpu-avx512-2026-12-04", False)):
+        hw = Hardware.load(profile)
+
+        def growth(cfg):
+            short = predict(cfg, hw, 2048, 16).tpot_s
+            return predict(cfg, hw, 131072, 16).tpot_s / short
+
+        flat, grows = growth(hybrid), growth(dense)
+        assert not gpu or flat < 1.3, (profile, flat)
+        assert flat - 1 < 0.5 * (grows - 1), (profile, flat, grows)
+
+
+def test_linear_attention_state_is_reserved_by_the_simulated_scheduler():
+    """refmoe-sim serve reserves each request's fixed state in the KV budget as the engine
+    does: a budget that holds two requests' tokens but not their states runs them one after
+    the other; one that holds both states runs them together."""
+    from refmoe.config import ModelConfig as MC
+    from refmoe.policy import fixed_state_tokens
+    from sim.catalog import resolve
+    from sim.serve import Simulation
+
+    cfg = MC.from_file(resolve("qwen3.5-35b-a3b"))
+    per = costs.kv_bytes_per_token(cfg) * cfg.num_hidden_layers
+    state = fixed_state_tokens(costs.state_bytes(cfg), per)
+    assert state > 100  # 63 MB of state against 40 KB a token
+    hw, reqs = Hardware.load("xeon8480-2s-4090"), [(0.0, 64, 8), (0.0, 64, 8)]
+    tight = Simulation(cfg, hw, reqs, kv_tokens=2 * 72 + state).run().outcomes
+    assert tight[1].ttft_s > tight[0].e2e_s  # waited for the first one's state to return
+    room = Simulation(cfg, hw, reqs, kv_tokens=2 * (72 + state)).run().outcomes
+    assert room[1].ttft_s < room[0].e2e_s
