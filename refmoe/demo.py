@@ -460,19 +460,15 @@ def default_dir() -> Path:
 def bytes_per_token(model) -> int:
     """Weight bytes one decoded token reads: every projection, the experts it is routed to
     (top-k plus the shared one), and lm_head."""
+    from refmoe.models.layers import Linear
+
     cfg, total = model.cfg, 0
     for block in model.blocks:
+        # every projection of the attention block, whatever its kind (MLA, GQA, a linear
+        # layer's in/out projections), and DSA's indexer's
         attn = block.attn
-        total += sum(
-            lin.nbytes
-            for lin in (
-                getattr(attn, n, None) for n in ("q_a", "q_b", "q", "k", "v", "kv_a", "kv_b", "o")
-            )
-            if lin is not None
-        )
-        indexer = getattr(attn, "indexer", None)  # DSA
-        if indexer is not None:
-            total += sum(lin.nbytes for lin in (indexer.wq_b, indexer.wk, indexer.weights_proj))
+        parts = [attn] + ([attn.indexer] if getattr(attn, "indexer", None) is not None else [])
+        total += sum(v.nbytes for p in parts for v in vars(p).values() if isinstance(v, Linear))
         ffn = block.ffn
         if hasattr(ffn, "experts"):
             total += (cfg.num_experts_per_tok + ffn.fused_shared) * ffn.experts.nbytes(0)
