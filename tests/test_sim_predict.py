@@ -422,7 +422,7 @@ def test_linear_attention_decode_is_nearly_flat_in_context():
     for profile, gpu in (("xeon8480-2s-4090", True), ("vm-2vcpu-avx512-2026-12-04", False)):
         hw = Hardware.load(profile)
 
-        def growth(cfg):
+        def growth(cfg, hw=hw):
             short = predict(cfg, hw, 2048, 16).tpot_s
             return predict(cfg, hw, 131072, 16).tpot_s / short
 
