@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_logits_match, cli_generate, hf_greedy, randomize_bf16
+from test_qwen3_next import BASE as NEXT_BASE
+from test_qwen3_next import PROMPT
 
 from refmoe import models, slp
 from refmoe.checkpoint import Checkpoint, save_file
@@ -18,25 +20,8 @@ from refmoe.config import ModelConfig
 
 transformers = pytest.importorskip("transformers")
 
-BASE = dict(
-    vocab_size=97,
-    hidden_size=64,
-    moe_intermediate_size=32,
-    shared_expert_intermediate_size=32,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    num_experts=8,
-    num_experts_per_tok=2,
-    linear_num_key_heads=2,
-    linear_num_value_heads=4,
-    linear_key_head_dim=8,
-    linear_value_head_dim=8,
-    linear_conv_kernel_dim=4,
-    max_position_embeddings=256,
-    eos_token_id=None,
-)
+# Qwen3-Next's tiny shapes (its layers are these); Qwen3.5 has no dense intermediate_size
+BASE = {k: v for k, v in NEXT_BASE.items() if k != "intermediate_size"}
 VARIANTS = {
     "base": {},  # linear, linear, linear, full; 2 value heads per key head; rotary 0.25
     "mixed": dict(
@@ -46,7 +31,6 @@ VARIANTS = {
         rope_parameters=dict(rope_type="default", rope_theta=1e6, partial_rotary_factor=0.5),
     ),
 }
-PROMPT = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 93]
 
 
 def released_layout(saved, to, text_config: dict) -> None:
