@@ -218,9 +218,9 @@ class Checkpoint:
 
     def alias(self, stored: str, seen: str) -> int:
         """Read tensors stored under the prefix `stored` by the prefix `seen` (Qwen3.5 keeps
-        its text model under model.language_model., the family code reads model.); names
-        that already exist are kept as stored. Errors still name a tensor as the file holds
-        it. Returns how many names were aliased."""
+        its text model under model.language_model., the family code reads model.); a name
+        stored both ways is refused (which copy is the model's would be a guess). Errors still
+        name a tensor as the file holds it. Returns how many names were aliased."""
         moved = {
             seen + name[len(stored) :]: name for name in self.weight_map if name.startswith(stored)
         }
