@@ -31,6 +31,18 @@ def randomize_bf16(model, bias_buffers=()) -> None:
                 b.copy_(torch.randn_like(b) * 0.1)
 
 
+def save_random(directory, model_cls, config, seed: int):
+    """A tiny random transformers model: built after torch.manual_seed(seed), its weights
+    randomize_bf16'd, saved with save_pretrained into directory; returns it (in eval mode)."""
+    import torch
+
+    torch.manual_seed(seed)
+    m = model_cls(config).eval()
+    randomize_bf16(m)
+    m.save_pretrained(directory)
+    return m
+
+
 def cli_generate(model_dir, *args) -> dict:
     """`refmoe generate --model DIR --json ARGS...` as a user runs it; the parsed JSON."""
     import json

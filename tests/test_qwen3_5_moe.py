@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import assert_logits_match, cli_generate, hf_greedy, randomize_bf16
+from conftest import assert_logits_match, cli_generate, hf_greedy, save_random
 from test_qwen3_next import BASE as NEXT_BASE
 from test_qwen3_next import PROMPT
 
@@ -86,11 +86,8 @@ def released_layout(saved, to, text_config: dict) -> None:
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def saved(request, tmp_path_factory):
     cfg = transformers.Qwen3_5MoeTextConfig(**{**BASE, **VARIANTS[request.param]})
-    torch.manual_seed(5)
-    m = transformers.Qwen3_5MoeForCausalLM(cfg).eval()
-    randomize_bf16(m)
     d = tmp_path_factory.mktemp(request.param)
-    m.save_pretrained(d)
+    m = save_random(d, transformers.Qwen3_5MoeForCausalLM, cfg, seed=5)
     released = tmp_path_factory.mktemp(request.param + "-released")
     released_layout(d, released, json.loads((d / "config.json").read_text()))
     return m, d, released

@@ -7,7 +7,7 @@ from conftest import (
     assert_logits_match,
     cli_generate,
     hf_greedy,
-    randomize_bf16,
+    save_random,
 )
 
 from refmoe import models
@@ -40,11 +40,8 @@ PROMPT = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 93]
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def saved(request, tmp_path_factory):
     cfg = transformers.Qwen3MoeConfig(**{**BASE, **VARIANTS[request.param]})
-    torch.manual_seed(1)
-    m = transformers.Qwen3MoeForCausalLM(cfg).eval()
-    randomize_bf16(m)
     d = tmp_path_factory.mktemp(request.param)
-    m.save_pretrained(d)
+    m = save_random(d, transformers.Qwen3MoeForCausalLM, cfg, seed=1)
     return m, d
 
 

@@ -11,7 +11,7 @@ import hypothesis
 import hypothesis.strategies as st
 import pytest
 import torch
-from conftest import assert_logits_match, cli_generate, hf_greedy, randomize_bf16
+from conftest import assert_logits_match, cli_generate, hf_greedy, save_random
 
 from refmoe import models, slp
 from refmoe.config import ModelConfig
@@ -56,11 +56,8 @@ PROMPT = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 93]
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def saved(request, tmp_path_factory):
     cfg = transformers.Qwen3NextConfig(**{**BASE, **VARIANTS[request.param]})
-    torch.manual_seed(3)
-    m = transformers.Qwen3NextForCausalLM(cfg).eval()
-    randomize_bf16(m)
     d = tmp_path_factory.mktemp(request.param)
-    m.save_pretrained(d)
+    m = save_random(d, transformers.Qwen3NextForCausalLM, cfg, seed=3)
     return m, d
 
 
