@@ -400,7 +400,8 @@ def add_family_argument(parser: argparse.ArgumentParser, pre: str) -> None:
         choices=FAMILIES,
         help=f"{pre}the demo model's family and layer shapes: deepseek_v3 (default), "
         "deepseek_v32 (with DeepSeek-V3.2's DSA indexer: 64 heads of 128, top 2,048), "
-        "glm4_moe (GLM-4.5-Air's layer), minimax_m2, gpt_oss (gpt-oss-120b's, MXFP4 experts)",
+        "glm4_moe (GLM-4.5-Air's layer), minimax_m2, gpt_oss (gpt-oss-120b's, MXFP4 experts), "
+        "qwen3_next (Qwen3-Next-80B-A3B's: three Gated DeltaNet layers to one of full attention)",
     )
 
 
@@ -453,11 +454,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             "bound_tok_s": r.bound_tok_s,
         }
         trace.write(args.trace)
-    print(
-        f"refmoe demo: DeepSeek-V3 per-layer shapes (hidden 7168, MLA, 2048-wide "
-        f"{(args.expert_format or 'fp8').upper()} experts, "
-        f"top-8 of {r.experts} + 1 shared), {r.layers} layers, in {directory}"
-    )
+    from refmoe.config import ModelConfig
+
+    shapes = demo.describe(ModelConfig.from_file(directory))
+    print(f"refmoe demo: {shapes}, {r.layers} layers, in {directory}")
     print(f"  CPU variant {kernels.variant()}, {kernels._threads(None)} threads")
     print(f"  prompt {r.prompt_tokens} tokens: TTFT {r.ttft_s:.3f} s")
     print(

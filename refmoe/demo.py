@@ -98,6 +98,26 @@ GQA_LAYERS = {
         rms_norm_eps=1e-5,
         rope_theta=150000.0,
     ),
+    # Qwen3-Next-80B-A3B: three Gated DeltaNet layers to one of gated full attention
+    "qwen3_next": dict(
+        architectures=["Qwen3NextForCausalLM"],
+        hidden_size=2048,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        head_dim=256,
+        partial_rotary_factor=0.25,
+        linear_num_key_heads=16,
+        linear_num_value_heads=32,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        linear_conv_kernel_dim=4,
+        moe_intermediate_size=512,
+        shared_expert_intermediate_size=512,
+        num_experts_per_tok=10,
+        norm_topk_prob=True,
+        rms_norm_eps=1e-6,
+        rope_theta=1e7,
+    ),
 }
 FAMILIES = ("deepseek_v3", "deepseek_v32", *GQA_LAYERS)
 
@@ -161,7 +181,9 @@ def _gqa_config(family: str, layers: int, experts: int, vocab: int, expert_forma
             f"--family {family}: its demo's experts are {'mxfp4' if oss else 'fp8'} "
             f"(--expert-format), got {expert_format!r}"
         )
-    count = "num_local_experts" if family != "glm4_moe" else "n_routed_experts"
+    count = {"glm4_moe": "n_routed_experts", "qwen3_next": "num_experts"}.get(
+        family, "num_local_experts"
+    )
     cfg = dict(
         model_type=family,
         vocab_size=vocab,
@@ -177,6 +199,11 @@ def _gqa_config(family: str, layers: int, experts: int, vocab: int, expert_forma
     if oss:
         cfg["layer_types"] = [
             "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)
+        ]
+    if family == "qwen3_next":  # every fourth layer full, and the last (fewer than 4 layers)
+        cfg["layer_types"] = [
+            "full_attention" if i % 4 == 3 or i == layers - 1 else "linear_attention"
+            for i in range(layers)
         ]
     return cfg
 
@@ -241,7 +268,8 @@ class _Shards:
             if i < 0:
                 embed = self.rng.standard_normal((vocab, h)) * 0.5
                 tensors["model.embed_tokens.weight"] = embed.astype(np.float32)
-                tensors["model.norm.weight"] = np.ones(h, np.float32)
+                one = 0.0 if self.cfg["model_type"] == "qwen3_next" else 1.0  # its 1 + w
+                tensors["model.norm.weight"] = np.full(h, one, np.float32)
                 self.put(tensors, dtypes, "lm_head.weight", (vocab, h))
                 fname = "model-embed.safetensors"
             else:
@@ -393,17 +421,47 @@ def _build_gqa(directory: Path, cfg: dict, family: str, seed: int, progress) -> 
         cfg["head_dim"],
     )
     layers = cfg["num_hidden_layers"]
-    experts = cfg.get("num_local_experts") or cfg["n_routed_experts"]
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg["n_routed_experts"]
     inter = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
-    oss, minimax = family == "gpt_oss", family == "minimax_m2"
+    oss, minimax, qwen = family == "gpt_oss", family == "minimax_m2", family == "qwen3_next"
+    offset = 0.0 if qwen else 1.0  # Qwen3-Next's norms scale by 1 + the stored weight
 
     put = w.put
 
     def small(*shape):
         return (w.rng.standard_normal(shape) * 0.02).astype(np.float32)
 
+    def linear_attention(p: str, tensors: dict, dtypes: dict) -> None:
+        """Qwen3-Next's Gated DeltaNet: FP8 projections (b and a as floats: 2 rows a value
+        head), its convolution, decays and norm as floats."""
+        hk, hv = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
+        dk, dv = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"]
+        channels = 2 * hk * dk + hv * dv
+        put(tensors, dtypes, f"{p}.in_proj_qkvz.weight", (channels + hv * dv, h))
+        tensors[f"{p}.in_proj_ba.weight"] = small(2 * hv, h)
+        conv = w.rng.standard_normal((channels, 1, cfg["linear_conv_kernel_dim"])) * 0.5
+        tensors[f"{p}.conv1d.weight"] = conv.astype(np.float32)
+        tensors[f"{p}.dt_bias"] = np.ones(hv, np.float32)
+        tensors[f"{p}.A_log"] = np.log(w.rng.uniform(1, 16, hv)).astype(np.float32)
+        tensors[f"{p}.norm.weight"] = np.ones(dv, np.float32)
+        put(tensors, dtypes, f"{p}.out_proj.weight", (h, hv * dv))
+
     def layer(i: int, tensors: dict, dtypes: dict) -> None:
         p, a = f"model.layers.{i}", f"model.layers.{i}.self_attn"
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            tensors[f"{p}.{norm}.weight"] = np.full(h, offset, np.float32)
+        if qwen:
+            _qwen3_next_moe(f"{p}.mlp", tensors, dtypes)
+            if cfg["layer_types"][i] == "linear_attention":
+                linear_attention(f"{p}.linear_attn", tensors, dtypes)
+                return
+            put(tensors, dtypes, f"{a}.q_proj.weight", (2 * n * d, h))  # each head's gate too
+            put(tensors, dtypes, f"{a}.k_proj.weight", (g * d, h))
+            put(tensors, dtypes, f"{a}.v_proj.weight", (g * d, h))
+            put(tensors, dtypes, f"{a}.o_proj.weight", (h, n * d))
+            tensors[f"{a}.q_norm.weight"] = np.zeros(d, np.float32)
+            tensors[f"{a}.k_norm.weight"] = np.zeros(d, np.float32)
+            return
         for proj, shape in (("q", (n * d, h)), ("k", (g * d, h)), ("v", (g * d, h))):
             put(tensors, dtypes, f"{a}.{proj}_proj.weight", shape)
             if cfg.get("attention_bias"):
@@ -414,8 +472,6 @@ def _build_gqa(directory: Path, cfg: dict, family: str, seed: int, progress) -> 
         if minimax:  # q/k norms over all heads at once
             tensors[f"{a}.q_norm.weight"] = np.ones(n * d, np.float32)
             tensors[f"{a}.k_norm.weight"] = np.ones(g * d, np.float32)
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            tensors[f"{p}.{norm}.weight"] = np.ones(h, np.float32)
         m = f"{p}.block_sparse_moe" if minimax else f"{p}.mlp"
         router = f"{m}.router" if oss else f"{m}.gate"
         tensors[f"{router}.weight"] = small(experts, h)
@@ -448,6 +504,16 @@ def _build_gqa(directory: Path, cfg: dict, family: str, seed: int, progress) -> 
             for slot in slots:
                 for proj, shape in zip(names, ((inter, h), (inter, h), (h, inter))):
                     put(tensors, dtypes, f"{m}.{slot}.{proj}.weight", shape)
+
+    def _qwen3_next_moe(m: str, tensors: dict, dtypes: dict) -> None:
+        """A softmax router, FP8 experts, one shared expert and its per-token gate."""
+        tensors[f"{m}.gate.weight"] = small(experts, h)
+        tensors[f"{m}.shared_expert_gate.weight"] = small(1, h)
+        for slot in [f"experts.{e}" for e in range(experts)] + ["shared_expert"]:
+            for proj, shape in zip(
+                ("gate_proj", "up_proj", "down_proj"), ((inter, h), (inter, h), (h, inter))
+            ):
+                put(tensors, dtypes, f"{m}.{slot}.{proj}.weight", shape)
 
     return w.write(layers, layer, progress)
 
@@ -491,6 +557,28 @@ def cpu_bytes_per_token(model) -> int:
         if hasattr(ffn, "experts"):
             total += (cfg.num_experts_per_tok + ffn.fused_shared) * ffn.experts.nbytes(0)
     return total
+
+
+def describe(cfg) -> str:
+    """The demo model's shapes in a line, from its config (a ModelConfig): family, width,
+    attention, experts."""
+    types = cfg.layer_types or ["full_attention"] * cfg.num_hidden_layers
+    if cfg.kv_lora_rank:
+        attention = "MLA" + (" + DSA indexer" if cfg.family == "deepseek_v32" else "")
+    elif "linear_attention" in types:
+        attention = (
+            f"{types.count('linear_attention')} Gated DeltaNet + "
+            f"{types.count('full_attention')} gated full-attention layers"
+        )
+    else:
+        attention = f"GQA {cfg.num_attention_heads}/{cfg.num_key_value_heads} heads"
+    shared = cfg.n_shared_experts + bool(cfg.shared_expert_intermediate_size)
+    fmt = cfg.expert_format[0]
+    return (
+        f"{cfg.family} per-layer shapes (hidden {cfg.hidden_size}, {attention}, "
+        f"{cfg.moe_intermediate_size}-wide {fmt.upper()} experts, top-{cfg.num_experts_per_tok} "
+        f"of {cfg.n_routed_experts}" + (f" + {shared} shared" if shared else "") + ")"
+    )
 
 
 def read_gbps(nbytes: int = 512 * 2**20, reps: int = 3) -> float:

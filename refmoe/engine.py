@@ -150,15 +150,22 @@ class Engine:
         c = self.config
         gib = c.prefix_cache_gib
         room = int(available_memory() * PREFIX_SHARE if gib is None else gib * 2**30)
-        # DSLP's other ranks prefill into caches of their own: no prefix to restore there; a
-        # model with recurrent layers (linear attention) has no prefix to cut out of its state
-        positional = model.new_cache().positional
-        self.prefix = PrefixCache(room) if room > 0 and c.ranks == 1 and positional else None
-        self.chunks = self.policy.chunk_rule  # fed the decode steps' measured times
         state = getattr(model, "state_bytes", lambda: 0)()  # linear attention's fixed state
+        state_tokens = fixed_state_tokens(state, model.kv_bytes_per_token())
+        # a model with recurrent layers (linear attention) caches snapshots of their state:
+        # a long prompt's about as far apart as the state is large in tokens of KV, so that
+        # they take about as much memory as the prefix they follow
+        self.recurrent = not model.new_cache().positional
+        # DSLP's other ranks prefill into caches of their own: no prefix to restore there
+        self.prefix = (
+            PrefixCache(room, snapshot_every=max(state_tokens, 1))
+            if room > 0 and c.ranks == 1
+            else None
+        )
+        self.chunks = self.policy.chunk_rule  # fed the decode steps' measured times
         self.scheduler = self.policy.scheduler(
             lookup=self._lookup if self.prefix is not None else None,
-            state_tokens=fixed_state_tokens(state, model.kv_bytes_per_token()),
+            state_tokens=state_tokens,
         )
         if trace is not None:  # what a simulator replaying this run must know
             trace.metadata.setdefault("engine", {})["chunked_prefill"] = self.policy.chunked
@@ -359,6 +366,8 @@ class Engine:
             self.prefix.restore(req.hit, cache, self.model.device)
             req.cached = cached
         req.hit = None  # restored (or not needed): its blocks may go
+        if self.recurrent and self.prefix is not None:  # where its state is snapshotted
+            cache.mark(self.prefix.marks(len(req.prompt_ids), cache.length))
         return cache
 
     def _prefilled(self, req: Request, cache, last_logits: torch.Tensor) -> None:
@@ -521,7 +530,7 @@ class Engine:
             )
         if req.finish_reason in ("stop", "length") and req.cache is not None and self.prefix:
             # the whole conversation so far, for its next turn (new blocks only are copied)
-            self.prefix.store(req.prompt_ids + req.out, req.cache)
+            self.prefix.store(req.prompt_ids + req.out, req.cache, now=True)
         self.requests.pop(req.id, None)
         req.cache = None
         self.scheduler.finish(req.id)
@@ -533,7 +542,7 @@ class Engine:
         req = self.requests.get(request_id)
         if req is None or self.prefix is None:
             return 0
-        req.hit = self.prefix.match(req.prompt_ids)
+        req.hit = self.prefix.match(req.prompt_ids, recurrent=self.recurrent)
         if self.metrics:
             self.metrics.prefix_queries.inc(len(req.prompt_ids))
             self.metrics.prefix_hits.inc(req.hit.tokens)

@@ -16,6 +16,17 @@ the whole conversation) prefills only what is new.
                  to its start, so a parent is always more recent than its children, and only
                  blocks with no cached children are evicted
 
+    snapshots    a cache with recurrent layers (linear attention: Qwen3-Next, Qwen3.5) has no
+                 prefix to cut out of their state, so it is kept at chosen positions instead:
+                 a snapshot is a leaf under the full block its position falls after, holding
+                 the tokens past that block (the tail, fewer than a block), the positional
+                 layers' entries for them, and every recurrent layer's (conv, state) at that
+                 position. Positions: the prompt's last but one token (so an agent's next turn,
+                 or the same prompt again, finds it), every `snapshot_every` tokens of a long
+                 prompt (so requests that share only a long system prompt share it) and the
+                 end of a finished request. A match for such a model is the longest prefix
+                 that ends at a snapshot; the state is restored, the rest prefilled.
+
 A Hit holds its blocks' tensors, so a block evicted after a match is still whole for the
 request that matched it (its memory returns when that request has restored it); nothing a
 request reads is freed under it. Thread-safe: the engine's workers call it from their threads.
@@ -35,6 +46,7 @@ if TYPE_CHECKING:  # torch is loaded where caches exist; the simulator reads BLO
     from refmoe.models.kv_cache import KVCache
 
 BLOCK_TOKENS = 32
+SNAPSHOT_BLOCKS = 64  # a long prompt's snapshots, blocks apart, unless the engine says
 
 
 @dataclass(eq=False, slots=True)
@@ -45,6 +57,7 @@ class Block:
     tensors: list[list[torch.Tensor]]  # per layer, per growing part (host memory)
     nbytes: int
     children: int = 0
+    states: list | None = None  # a snapshot: per recurrent layer (conv, state) at its end
 
 
 @dataclass(slots=True)
@@ -61,28 +74,42 @@ class Stats:
 
     queries: int = 0  # prompt tokens looked up
     hits: int = 0  # of those, found cached
-    stored_blocks: int = 0
+    stored_blocks: int = 0  # snapshots included
     evicted_blocks: int = 0
+    stored_snapshots: int = 0
 
     @property
     def hit_rate(self) -> float:
         return self.hits / self.queries if self.queries else 0.0
 
 
-def _key(parent: bytes | None, tokens: tuple[int, ...]) -> bytes:
-    h = hashlib.blake2b(parent or b"", digest_size=16)
+def _key(parent: bytes | None, tokens: tuple[int, ...], snapshot: bool = False) -> bytes:
+    h = hashlib.blake2b((b"snapshot" if snapshot else b"") + (parent or b""), digest_size=16)
     h.update(b"".join(t.to_bytes(4, "little") for t in tokens))
     return h.digest()
 
 
 class PrefixCache:
-    def __init__(self, capacity_bytes: int, block_tokens: int = BLOCK_TOKENS):
+    def __init__(
+        self,
+        capacity_bytes: int,
+        block_tokens: int = BLOCK_TOKENS,
+        snapshot_every: int | None = None,
+    ):
+        """snapshot_every: how many prompt tokens apart a long prompt's snapshots are (for
+        caches with recurrent layers; rounded up to whole blocks; None: one block's worth of
+        tokens times SNAPSHOT_BLOCKS)."""
         if capacity_bytes < 0:
             raise ValueError(f"prefix cache capacity must be >= 0 bytes, got {capacity_bytes}")
         if block_tokens < 1:
             raise ValueError(f"prefix cache block_tokens must be >= 1, got {block_tokens}")
+        every = snapshot_every if snapshot_every is not None else SNAPSHOT_BLOCKS * block_tokens
+        if every < 1:
+            raise ValueError(f"prefix cache snapshot_every must be >= 1 token, got {every}")
         self.capacity, self.block_tokens = capacity_bytes, block_tokens
+        self.snapshot_every = -(-every // block_tokens) * block_tokens
         self.blocks: OrderedDict[bytes, Block] = OrderedDict()  # least recently used first
+        self.snaps: dict[bytes | None, set[bytes]] = {}  # a block's key -> its snapshots' keys
         self.nbytes = 0
         self.stats = Stats()
         self.lock = threading.Lock()
@@ -99,8 +126,21 @@ class PrefixCache:
             yield key, parent, tokens
             parent = key
 
-    def match(self, ids: list[int]) -> Hit:
-        """The longest cached prefix of ids that leaves at least one token to run."""
+    def _key_of(self, ids: list[int], upto: int) -> bytes | None:
+        """The key of the full block that ends at upto (None at 0: the root)."""
+        chain = list(self._chain(ids, upto))
+        return chain[-1][0] if chain else None
+
+    def marks(self, prompt_tokens: int, cached: int) -> list[int]:
+        """Where a prompt's recurrent layers keep snapshots as it is prefilled after its first
+        `cached` tokens: every snapshot_every tokens, and its last token but one."""
+        every, last = self.snapshot_every, prompt_tokens - 1
+        periodic = range(every * (cached // every + 1), last, every)
+        return [p for p in [*periodic, last] if p > cached]
+
+    def match(self, ids: list[int], recurrent: bool = False) -> Hit:
+        """The longest cached prefix of ids that leaves at least one token to run; for a cache
+        with recurrent layers, the longest that ends at a snapshot."""
         with self.lock:
             self.stats.queries += len(ids)
             found: list[Block] = []
@@ -109,70 +149,140 @@ class PrefixCache:
                 if blk is None or blk.tokens != tokens:  # a miss (or a hash collision)
                     break
                 found.append(blk)
-            for blk in reversed(found):  # parents end up more recent than their children
-                self.blocks.move_to_end(blk.key)
             hit = Hit(len(found) * self.block_tokens, found)
+            if recurrent:
+                hit = self._snapshot_hit(ids, found)
+            for blk in reversed(hit.blocks):  # parents end up more recent than their children
+                self.blocks.move_to_end(blk.key)
             self.stats.hits += hit.tokens
             return hit
 
+    def _snapshot_hit(self, ids: list[int], found: list[Block]) -> Hit:
+        """The longest snapshot under the found chain whose tail ids continue with (lock held)."""
+        best = Hit()
+        for depth in range(len(found) + 1):
+            parent, base = (found[depth - 1].key if depth else None), depth * self.block_tokens
+            for key in self.snaps.get(parent, ()):
+                snap = self.blocks[key]
+                end = base + len(snap.tokens)
+                if best.tokens < end < len(ids) and tuple(ids[base:end]) == snap.tokens:
+                    best = Hit(end, found[:depth] + [snap])
+        return best
+
     @staticmethod
     def restore(hit: Hit, cache: KVCache, device: torch.device | str = "cpu") -> None:
-        """Append the hit's blocks to an empty cache (on the model's device)."""
+        """Put the hit's prefix into an empty cache (on the model's device): the positional
+        layers' entries, and for a cache with recurrent layers, their snapshotted states."""
         import torch
 
         if not hit.blocks:
             return
-        if cache.length:
-            raise ValueError("a prefix restores into an empty cache")
-        cache.extend(
+        states = hit.blocks[-1].states
+        if cache.recurrent_layers() and states is None:
+            raise ValueError("a cache with recurrent layers restores only a hit on a snapshot")
+        layers = [
             [
-                [
-                    torch.cat([blk.tensors[layer][j] for blk in hit.blocks], dim=g.dim).to(device)
-                    for j, g in enumerate(gs)
-                ]
-                for layer, gs in enumerate(cache.parts())
+                torch.cat([blk.tensors[layer][j] for blk in hit.blocks], dim=g.dim).to(device)
+                for j, g in enumerate(gs)
             ]
-        )
+            for layer, gs in enumerate(cache.parts())
+        ]
+        moved = [(conv.to(device), state.to(device)) for conv, state in states or []]
+        cache.restore(layers, moved, hit.tokens)
 
-    def store(self, ids: list[int], cache: KVCache) -> int:
+    def store(self, ids: list[int], cache: KVCache, now: bool = False) -> int:
         """Keep the full blocks of cache (whose positions hold ids[:cache.length]); returns
-        how many blocks were new. Copies only blocks not cached yet."""
+        how many blocks (snapshots included) were new. Copies only blocks not cached yet. A
+        cache with recurrent layers keeps the snapshots its marks took, and with now=True its
+        state at its end, each with the blocks before it (no others: without a snapshot
+        after them they could not be restored)."""
         upto = min(len(ids), cache.length)
-        if self.capacity == 0 or upto < self.block_tokens:
+        if self.capacity == 0:
             return 0
+        if not cache.recurrent_layers():
+            return self._store_chain(ids, upto, cache)[0]
+        snapshots = cache.snapshots()
+        if now and cache.length <= len(ids):
+            snapshots[cache.length] = cache.states()
         new = 0
-        chain = list(self._chain(ids, upto))
-        for i, (key, parent, tokens) in enumerate(chain):
+        for end in sorted(p for p in snapshots if 0 < p <= upto):
+            base = end - end % self.block_tokens
+            stored, whole = self._store_chain(ids, base, cache)
+            new += stored
+            if not whole:
+                break
+            new += self._store_snapshot(ids, base, end, cache, snapshots[end])
+        return new
+
+    def _store_chain(self, ids: list[int], upto: int, cache: KVCache) -> tuple[int, bool]:
+        """The full blocks of ids[:upto]: (how many were new, whether all are held now)."""
+        new = 0
+        for i, (key, parent, tokens) in enumerate(self._chain(ids, upto)):
             with self.lock:
                 blk = self.blocks.get(key)
                 if blk is not None and blk.tokens == tokens:
                     self.blocks.move_to_end(key)
                     continue
             lo = i * self.block_tokens
-            tensors = [
-                [t.to("cpu", copy=True) for t in layer]
-                for layer in cache.read(lo, lo + self.block_tokens)
-            ]
-            nbytes = sum(t.numel() * t.element_size() for layer in tensors for t in layer)
-            if nbytes > self.capacity:
-                return new
-            with self.lock:
-                if key in self.blocks:
-                    continue  # stored meanwhile
-                if parent is not None:
-                    if parent not in self.blocks:
-                        return new  # its parent was evicted meanwhile: the chain ends here
-                    self.blocks.move_to_end(parent)  # not the next to go
-                self._evict(self.capacity - nbytes)
-                if parent is not None and parent not in self.blocks:
-                    return new  # the budget holds no more than the rest of this chain
-                self.blocks[key] = Block(key, parent, tokens, tensors, nbytes)
-                if parent is not None:
-                    self.blocks[parent].children += 1
-                self.nbytes += nbytes
-                self.stats.stored_blocks += 1
-                new += 1
-        return new
+            block = self._copy(key, parent, tokens, cache.read(lo, lo + self.block_tokens))
+            held = self._insert(block)
+            if held is None:
+                return new, False
+            new += held
+        return new, True
+
+    def _store_snapshot(self, ids, base: int, end: int, cache: KVCache, states) -> int:
+        parent = self._key_of(ids, base)
+        tail = tuple(ids[base:end])
+        key = _key(parent, tail, snapshot=True)
+        with self.lock:
+            if key in self.blocks:
+                self.blocks.move_to_end(key)
+                return 0
+        block = self._copy(key, parent, tail, cache.read(base, end), states)
+        held = self._insert(block)
+        if held:
+            self.stats.stored_snapshots += 1
+        return int(bool(held))
+
+    @staticmethod
+    def _copy(key, parent, tokens, layers, states=None) -> Block:
+        """A block of host copies of a cache's entries (and states)."""
+        tensors = [[t.to("cpu", copy=True) for t in layer] for layer in layers]
+        kept = None
+        if states is not None:
+            kept = [(c.to("cpu", copy=True), s.to("cpu", copy=True)) for c, s in states]
+        nbytes = sum(t.numel() * t.element_size() for layer in tensors for t in layer)
+        nbytes += sum(
+            c.numel() * c.element_size() + s.numel() * s.element_size() for c, s in kept or []
+        )
+        return Block(key, parent, tokens, tensors, nbytes, states=kept)
+
+    def _insert(self, blk: Block) -> bool | None:
+        """Keep blk, evicting to make room: True if kept, False if it was already there, None
+        if it cannot be kept (too big, or its parent is gone)."""
+        if blk.nbytes > self.capacity:
+            return None
+        with self.lock:
+            if blk.key in self.blocks:
+                self.blocks.move_to_end(blk.key)
+                return False  # stored meanwhile
+            parent = blk.parent
+            if parent is not None:
+                if parent not in self.blocks:
+                    return None  # its parent was evicted meanwhile: the chain ends here
+                self.blocks.move_to_end(parent)  # not the next to go
+            self._evict(self.capacity - blk.nbytes)
+            if parent is not None and parent not in self.blocks:
+                return None  # the budget holds no more than the rest of this chain
+            self.blocks[blk.key] = blk
+            if parent is not None:
+                self.blocks[parent].children += 1
+            if blk.states is not None:
+                self.snaps.setdefault(parent, set()).add(blk.key)
+            self.nbytes += blk.nbytes
+            self.stats.stored_blocks += 1
+            return True
 
     def _evict(self, target: int) -> None:
         """Evict least recently used leaves until at most target bytes are held (lock held)."""
@@ -183,5 +293,10 @@ class PrefixCache:
             del self.blocks[leaf.key]
             self.nbytes -= leaf.nbytes
             self.stats.evicted_blocks += 1
+            if leaf.states is not None:
+                under = self.snaps[leaf.parent]
+                under.discard(leaf.key)
+                if not under:
+                    del self.snaps[leaf.parent]
             if leaf.parent is not None and leaf.parent in self.blocks:
                 self.blocks[leaf.parent].children -= 1

@@ -176,3 +176,36 @@ def test_demo_of_a_gqa_family(family, tmp_path):
         demo.demo_config(
             1, 16, expert_format="fp8" if family == "gpt_oss" else "mxfp4", family=family
         )
+
+
+def test_demo_of_qwen3_next(tmp_path):
+    """`refmoe demo --family qwen3_next`: Qwen3-Next-80B-A3B's layers (three Gated DeltaNet
+    to one gated full attention; with fewer than four, the last is full), decoding; the bound
+    counts each linear layer's projections (b and a as floats), the full layer's gated q, k,
+    v, o, the routed top-10 and the shared expert, and lm_head."""
+    d = demo.build(tmp_path, layers=4, experts=16, family="qwen3_next")
+    cfg = ModelConfig.from_file(d)
+    assert cfg.family == "qwen3_next" and cfg.layer_types == ["linear_attention"] * 3 + [
+        "full_attention"
+    ]
+    assert demo.demo_config(2, 16, family="qwen3_next")["layer_types"] == [
+        "linear_attention",
+        "full_attention",
+    ]
+    r = demo.run(d, prompt_tokens=12, new_tokens=3)
+    assert r.new_tokens == 3 and r.tok_s > 0
+    h, n, g, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+    def fp8(rows, cols):
+        return rows * cols + -(-rows // 128) * -(-cols // 128) * 4
+
+    hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    linear = fp8(2 * hk * dk + 2 * hv * dv, h) + 2 * hv * h * 4 + fp8(h, hv * dv)
+    full = fp8(2 * n * dh, h) + 2 * fp8(g * dh, h) + fp8(h, n * dh)
+    experts = (cfg.num_experts_per_tok + 1) * 3 * fp8(cfg.moe_intermediate_size, h)
+    want = 3 * linear + full + 4 * experts + fp8(cfg.vocab_size, h)
+    assert r.bytes_per_token == want
+    assert demo.describe(cfg).startswith(
+        "qwen3_next per-layer shapes (hidden 2048, 3 Gated DeltaNet + 1 gated full-attention"
+    )

@@ -1,19 +1,22 @@
 """The prefix cache (refmoe/prefix_cache.py): a restored prefix plus the new tokens gives the
-logits a whole prefill gives (MLA and GQA caches); blocks are shared, evicted least recently
-used leaves first within the budget, and a hit survives the eviction of its blocks; in the
-engine, a request that starts with a cached prefix runs only its new tokens, reports them as
-cached_tokens, and generates what it would have without the cache, under cancels and
-evictions."""
+logits a whole prefill gives (MLA and GQA caches, and a hybrid linear-attention cache restored
+from state snapshots, taken on the CPU and SLP paths); blocks are shared, evicted least
+recently used leaves first within the budget, and a hit survives the eviction of its blocks;
+in the engine, a request that starts with a cached prefix runs only its new tokens, reports
+them as cached_tokens, and generates what it would have without the cache, under cancels and
+evictions, for the hybrid model too."""
 
 import random
 import threading
 
 import pytest
 import torch
+from conftest import save_random
 from test_engine import _run
+from test_qwen3_next import BASE as QWEN3_NEXT
 from test_slp import fp8_dir, save_tiny_qwen3  # noqa: F401 (fixture)
 
-from refmoe import models
+from refmoe import models, slp
 from refmoe.engine import Engine
 from refmoe.generate import generate
 from refmoe.metrics import Metrics
@@ -34,6 +37,14 @@ def mla(fp8_dir):  # noqa: F811
 def gqa(tmp_path_factory):
     d = tmp_path_factory.mktemp("qwen")
     save_tiny_qwen3(d, seed=1)
+    return models.load(d)[1]
+
+
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory):
+    """Qwen3-Next: three Gated DeltaNet layers, then one of full attention."""
+    d = tmp_path_factory.mktemp("qwen3_next")
+    save_random(d, transformers.Qwen3NextForCausalLM, transformers.Qwen3NextConfig(**QWEN3_NEXT), 5)
     return models.load(d)[1]
 
 
@@ -120,10 +131,12 @@ def test_engine_reuses_a_cached_prefix(mla):
     assert off.prefix is None
 
 
-def test_cancels_and_evictions_never_corrupt_a_request(mla):
+@pytest.mark.parametrize("family", ["mla", "hybrid"])
+def test_cancels_and_evictions_never_corrupt_a_request(family, request):
     """Many requests sharing prefixes through a cache too small to keep them all, a third of
     them cancelled at random moments: every one that finishes has the tokens a lone request
     gets, and the KV budget returns to zero."""
+    mla = request.getfixturevalue(family)
     rng = random.Random(0)
     bases = [LONG[:64], [5] + LONG[1:64], LONG[:32] + [9] * 32]
     prompts = [rng.choice(bases) + [rng.randrange(1, 60) for _ in range(rng.randrange(1, 9))]]
@@ -161,3 +174,105 @@ def test_cancels_and_evictions_never_corrupt_a_request(mla):
     assert finished and all(got[i] == want[i] for i in finished)
     assert engine.kv_usage == 0
     assert engine.prefix.nbytes <= engine.prefix.capacity and engine.prefix.stats.hits > 0
+
+
+def test_snapshots_restore_a_hybrid_model_exactly(hybrid):
+    """Linear attention keeps no prefix; snapshots of its state at marked positions, with
+    the full layers' blocks before them, restore it: a restored prefix plus the rest gives the
+    whole prefill's logits, on the path that took them (CPU or SLP) and in chunks."""
+    whole = hybrid.forward(torch.tensor(LONG), hybrid.new_cache())
+    tol = 1e-4 * whole.abs().max()  # a prompt cut elsewhere sums in another order (float32)
+    pc = PrefixCache(1 << 30, block_tokens=32, snapshot_every=32)
+    assert pc.marks(80, 0) == [32, 64, 79] and pc.marks(80, 40) == [64, 79]
+    cache = hybrid.new_cache()
+    cache.mark([40, 70])
+    hybrid.forward(torch.tensor(LONG[:70]), cache)
+    # a block, a snapshot at 40 (8 tokens past it), the next block, a snapshot at 70
+    assert pc.store(LONG[:70], cache) == 4 and pc.stats.stored_snapshots == 2
+    assert cache.snapshots() == {}  # taken
+    with pytest.raises(ValueError, match="recurrent"):
+        cache.extend(cache.read(0, 4))
+    for ids, end in [(LONG, 70), (LONG[:60], 40), (LONG[:41], 40), (LONG[:40], 0)]:
+        assert pc.match(ids, recurrent=True).tokens == end
+    assert pc.match(LONG).tokens == 64  # the positional view: two blocks, no state
+    with pytest.raises(ValueError, match="snapshot"):
+        pc.restore(pc.match(LONG), hybrid.new_cache())
+    went_on = hybrid.forward(torch.tensor(LONG[70:]), cache)  # the cache that took them
+    for ids, end in [(LONG, 70), (LONG[:60], 40)]:
+        fresh = hybrid.new_cache()
+        pc.restore(pc.match(ids, recurrent=True), fresh)
+        assert fresh.length == end
+        rest = hybrid.forward(torch.tensor(LONG[end:]), fresh)
+        assert (rest - whole[end:]).abs().max() <= tol, end
+        if end == 70:  # restored bit for bit
+            assert torch.equal(rest, went_on)
+    # the SLP path and a chunked prompt take the same snapshots as one CPU pass
+    marks = [8, 33, 50]
+    plain = hybrid.new_cache()
+    plain.mark(marks)
+    hybrid.forward(torch.tensor(LONG[:60]), plain)
+    streamed = hybrid.new_cache()
+    streamed.mark(marks)
+    slp.StreamPrefill(hybrid, ring=2, chunk_tokens=16).prefill(torch.tensor(LONG[:60]), streamed)
+    chunked = hybrid.new_cache()
+    chunked.mark(marks)
+    for lo in range(0, 60, 7):
+        hybrid.forward(torch.tensor(LONG[lo : min(lo + 7, 60)]), chunked)
+    want = plain.snapshots()
+    assert sorted(want) == marks
+    for other in (streamed.snapshots(), chunked.snapshots()):
+        assert sorted(other) == marks
+        for p in marks:
+            for (c1, s1), (c2, s2) in zip(want[p], other[p]):
+                for a, b in ((c1, c2), (s1, s2)):  # the layers below summed in other orders
+                    assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+
+
+def test_snapshots_evict_as_leaves_and_count_their_state(hybrid):
+    """A snapshot's bytes are its state's plus its tail's entries; snapshots are leaves,
+    evicted least recently used first, and the index of them follows."""
+    caches = {}
+    for p in (10, 20, 40):
+        c = caches[p] = hybrid.new_cache()
+        c.mark([p])
+        hybrid.forward(torch.tensor(LONG[: p + 1]), c)
+    state = hybrid.state_bytes()
+    full = PrefixCache(1 << 30, block_tokens=32)
+    sizes = []
+    for c in caches.values():
+        before = full.nbytes
+        full.store(LONG, c)
+        sizes.append(full.nbytes - before)
+    per_token = (sizes[1] - sizes[0]) // 10  # the full layer's k and v
+    assert sizes[0] == state + 10 * per_token and sizes[2] == state + 40 * per_token
+    pc = PrefixCache(full.nbytes - 1, block_tokens=32)  # all but one byte of the three
+    for p in (10, 20, 40):
+        c = hybrid.new_cache()
+        c.mark([p])
+        hybrid.forward(torch.tensor(LONG[: p + 1]), c)
+        assert pc.store(LONG, c) >= 1
+    assert pc.nbytes <= pc.capacity and pc.stats.evicted_blocks == 1
+    assert pc.match(LONG[:15], recurrent=True).tokens == 0  # the one at 10 went first
+    assert pc.match(LONG[:25], recurrent=True).tokens == 20
+    assert pc.match(LONG[:50], recurrent=True).tokens == 40
+    held = {k for keys in pc.snaps.values() for k in keys}
+    assert held == {k for k, b in pc.blocks.items() if b.states is not None} and len(held) == 2
+
+
+def test_engine_reuses_a_hybrid_models_snapshots(hybrid):
+    """An agent's turn 2 restores turn 1's state where turn 1 ended; the same prompt again
+    restores it at its last token but one; the tokens are what a whole prefill gives."""
+    engine = Engine(hybrid, prefill="cpu", prefix_cache_gib=0.5).start()
+    try:
+        assert engine.prefix is not None and engine.recurrent
+        out1, ends1, _ = _run(engine, [LONG[:60]], 8)
+        assert out1[0] == generate(hybrid, LONG[:60], 8).token_ids
+        turn2 = LONG[:60] + out1[0] + LONG[60:90]
+        out2, ends2, _ = _run(engine, [turn2], 8)
+        assert ends2[0]["usage"]["prompt_tokens_details"]["cached_tokens"] == 60 + 8 - 1
+        assert out2[0] == generate(hybrid, turn2, 8).token_ids
+        again, ends3, _ = _run(engine, [turn2], 8)
+        assert ends3[0]["usage"]["prompt_tokens_details"]["cached_tokens"] == len(turn2) - 1
+        assert again[0] == out2[0]
+    finally:
+        engine.shutdown(1)

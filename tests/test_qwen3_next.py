@@ -2,8 +2,8 @@
 sigmoid-gated shared expert) against transformers: tiny random configs saved with
 save_pretrained, logits within 1e-4 in one pass, token by token (the recurrent state carried)
 and in chunks; 32 greedy tokens through `refmoe generate` with the CPU and SLP prefills; the
-serving engine without a prefix cache for it (its state cannot be cut at a prefix); a prompt
-refused across DSLP ranks; bad configs named."""
+serving engine with a prefix cache of state snapshots for it (its state cannot be cut at a
+prefix); a prompt refused across DSLP ranks; bad configs named."""
 
 import json
 
@@ -77,8 +77,12 @@ def test_logits_match_transformers(saved):
     c = linear[0]
     per = 4 * (c.channels * 3 + c.hv * c.dk * c.dv)
     assert mine.state_bytes() == per * len(linear)
+    # no prefix can be cut out of it: its linear layers hold no entries per position
+    assert [len(layer) for layer in cache.read(0, 4)] == [
+        0 if isinstance(c, qwen3_next.LinearCache) else 2 for c in cache.layers
+    ]
     with pytest.raises(ValueError, match="recurrent"):
-        cache.read(0, 4)
+        cache.extend(cache.read(0, 4))
 
 
 def test_greedy_32_tokens_via_cli(saved):
@@ -99,13 +103,13 @@ def test_slp_equals_cpu(saved):
     assert (out[-1] - plain[-1]).abs().max() <= 1e-4 * plain.abs().max()
 
 
-def test_engine_runs_without_a_prefix_cache(saved):
-    """The engine serves it with the prefix cache off (a state has no prefix), and a prompt
-    split across DSLP ranks is refused by the layer, naming why."""
+def test_engine_caches_snapshots_and_dslp_is_refused(saved):
+    """The engine's prefix cache keeps state snapshots for it (tested in test_prefix_cache),
+    and a prompt split across DSLP ranks is refused by the layer, naming why."""
     _, d = saved
     _, mine = models.load(d)
     eng = Engine(mine, prefix_cache_gib=1.0)
-    assert eng.prefix is None
+    assert eng.prefix is not None and eng.recurrent
 
     class Split:  # what a DSLP rank passes: its slice of a prompt
         offset = 0

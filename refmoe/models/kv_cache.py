@@ -52,23 +52,26 @@ class KVCache:
     def positional(self) -> bool:
         """Whether every layer's cache holds one entry per position, so that any prefix of it
         can be read out and restored (parts, read, extend); a recurrent layer's state
-        (linear attention) cannot be cut at an earlier position."""
-        return not any(getattr(c, "recurrent", False) for c in self.layers)
+        (linear attention) cannot be cut at an earlier position: a prefix of a cache with
+        recurrent layers is its positional layers' entries plus the recurrent layers' states
+        snapshotted at that position (mark, snapshots, states)."""
+        return not self.recurrent_layers()
+
+    def recurrent_layers(self) -> list:
+        return [c for c in self.layers if getattr(c, "recurrent", False)]
 
     def parts(self) -> list[list[Growing]]:
         """Per layer, the growing tensors its cache holds (MLA: the latent; GQA: keys and
-        values), in a fixed order: what a prefix cache copies out and back."""
+        values; a recurrent layer: none), in a fixed order: what a prefix cache copies out and
+        back."""
         return [
             [getattr(c, f.name) for f in fields(c) if isinstance(getattr(c, f.name), Growing)]
             for c in self.layers
         ]
 
     def read(self, lo: int, hi: int) -> list[list[torch.Tensor]]:
-        """Positions lo .. hi of every layer's tensors (views: copy them to keep them)."""
-        if not self.positional:
-            raise ValueError(
-                "a cache with recurrent layers (linear attention) has no prefix to read"
-            )
+        """Positions lo .. hi of every layer's tensors (views: copy them to keep them); a
+        recurrent layer has none (its state at a position is a snapshot)."""
         if not 0 <= lo <= hi <= self.length:
             raise ValueError(f"positions {lo}..{hi} outside a cache of {self.length}")
         return [[g.view().narrow(g.dim, lo, hi - lo) for g in layer] for layer in self.parts()]
@@ -76,10 +79,54 @@ class KVCache:
     def extend(self, layers: list[list[torch.Tensor]]) -> None:
         """Append per-layer tensors shaped as read() gives them (the next positions)."""
         if not self.positional:
-            raise ValueError("a cache with recurrent layers (linear attention) takes no prefix")
+            raise ValueError(
+                "a cache with recurrent layers (linear attention) cannot be appended to: "
+                "restore a prefix with its states into an empty one (restore)"
+            )
+        self._append(layers)
+
+    def restore(self, layers: list[list[torch.Tensor]], states: list, length: int) -> None:
+        """Into an empty cache: a prefix of `length` positions, as read() gives them, and
+        (when it has recurrent layers) their (conv, state) snapshotted at that length."""
+        recurrent = self.recurrent_layers()
+        if self.length:
+            raise ValueError("a prefix restores into an empty cache")
+        if len(states) != len(recurrent):
+            raise ValueError(f"{len(recurrent)} recurrent layers, {len(states)} states given")
+        self._append(layers)
+        held = [g.n for gs in self.parts() for g in gs]
+        if held and held[0] != length:
+            raise ValueError(f"the prefix holds {held[0]} positions, not {length}")
+        for c, (conv, state) in zip(recurrent, states):
+            c.set(length, conv, state)
+
+    def _append(self, layers: list[list[torch.Tensor]]) -> None:
         mine = self.parts()
         if len(layers) != len(mine) or any(len(a) != len(b) for a, b in zip(layers, mine)):
             raise ValueError("the tensors do not match this cache's layers")
         for gs, ts in zip(mine, layers):
             for g, t in zip(gs, ts):
                 g.append(t)
+
+    # -- recurrent layers' snapshots (the prefix cache's view of linear attention) ---------
+
+    def mark(self, positions: list[int]) -> None:
+        """Have every recurrent layer keep its state as a prompt passes these positions."""
+        for c in self.recurrent_layers():
+            c.marks = sorted(set(positions))
+
+    def snapshots(self) -> dict[int, list]:
+        """Take the states the marks kept: position -> per recurrent layer (conv, state), for
+        the positions every recurrent layer has passed."""
+        recurrent = self.recurrent_layers()
+        if not recurrent:
+            return {}
+        common = set.intersection(*(set(c.snaps) for c in recurrent))
+        taken = {p: [c.snaps[p] for c in recurrent] for p in sorted(common)}
+        for c in recurrent:
+            c.snaps = {p: v for p, v in c.snaps.items() if p not in common}
+        return taken
+
+    def states(self) -> list:
+        """Per recurrent layer, (conv, state) now (at self.length)."""
+        return [c.now() for c in self.recurrent_layers()]

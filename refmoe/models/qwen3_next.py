@@ -29,7 +29,7 @@ value heads, dk / dv = their widths.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -45,16 +45,30 @@ from refmoe.models.layers import Linear, load_dense, rms_norm
 @dataclass(slots=True)
 class LinearCache:
     """Per sequence, one linear layer: the convolution's last inputs [C, kernel - 1], the
-    recurrent state [hv, dk, dv], and how many tokens they have seen."""
+    recurrent state [hv, dk, dv], and how many tokens they have seen. No prefix can be cut out
+    of it, so a prefix cache keeps snapshots instead: `marks` are the positions (tokens seen)
+    at which the layer keeps its (conv, state) in `snaps` as a prompt passes them."""
 
     conv: torch.Tensor | None = None
     state: torch.Tensor | None = None
     n: int = 0
+    marks: list[int] = field(default_factory=list)
+    snaps: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     recurrent = True  # not position-indexed: no prefix can be cut out of it
 
     @property
     def length(self) -> int:
         return self.n
+
+    def now(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conv, state) after the tokens seen so far."""
+        if self.conv is None or self.state is None:
+            raise ValueError("an empty linear-attention cache has no state to snapshot")
+        return self.conv, self.state
+
+    def set(self, n: int, conv: torch.Tensor, state: torch.Tensor) -> None:
+        """Start from a snapshot taken after n tokens (copies: the snapshot stays whole)."""
+        self.n, self.conv, self.state = n, conv.clone(), state.clone()
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -199,9 +213,19 @@ class GatedDeltaNet:
         beta = torch.sigmoid(b)  # [T, hv]
         g = -self.a_log.exp() * F.softplus(a + self.dt_bias)  # [T, hv], log decay
         s = cache.state if cache.state is not None else v.new_zeros(hv, dk, dv)
-        rule = delta_rule_recurrent if t <= RECURRENT_TOKENS else delta_rule_chunked
-        out, s = rule(q, k, v, beta, g, s)
-        cache.state, cache.n = s, cache.n + t
+        # the marked positions this call passes cut it into pieces, each piece's end state kept
+        n0 = cache.n
+        cuts = sorted({m - n0 for m in cache.marks if n0 < m < n0 + t} | {t})
+        outs, lo = [], 0
+        for hi in cuts:
+            rule = delta_rule_recurrent if hi - lo <= RECURRENT_TOKENS else delta_rule_chunked
+            o, s = rule(q[lo:hi], k[lo:hi], v[lo:hi], beta[lo:hi], g[lo:hi], s)
+            outs.append(o)
+            if n0 + hi in cache.marks:  # the inputs before it, and the state (never mutated)
+                cache.snaps[n0 + hi] = (seq[:, hi : hi + kernel - 1].clone(), s)
+            lo = hi
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        cache.state, cache.n = s, n0 + t
         out = rms_norm(out, self.norm, self.cfg.rms_norm_eps) * F.silu(z)  # per head, gated
         return out.reshape(t, hv * dv)
 
