@@ -10,7 +10,8 @@
                      in two threads alternating attention and experts; sample, stream, finish
 
 The prefix cache (refmoe/prefix_cache.py) keeps every prefilled prompt's cache, and every
-finished request's, by token prefix, so an agent's next turn runs only its new tokens.
+finished request's, by token prefix, so an agent's next turn runs only its new tokens; for a
+model with linear attention, snapshots of its state at positions marked before the prefill.
 
 Both workers share the one model object, so the one host copy of the weights serves both
 (prefill-decode disaggregation inside one process, zero-copy). Requests arrive from any

@@ -126,11 +126,6 @@ class PrefixCache:
             yield key, parent, tokens
             parent = key
 
-    def _key_of(self, ids: list[int], upto: int) -> bytes | None:
-        """The key of the full block that ends at upto (None at 0: the root)."""
-        chain = list(self._chain(ids, upto))
-        return chain[-1][0] if chain else None
-
     def marks(self, prompt_tokens: int, cached: int) -> list[int]:
         """Where a prompt's recurrent layers keep snapshots as it is prefilled after its first
         `cached` tokens: every snapshot_every tokens, and its last token but one."""
@@ -200,24 +195,29 @@ class PrefixCache:
         if self.capacity == 0:
             return 0
         if not cache.recurrent_layers():
-            return self._store_chain(ids, upto, cache)[0]
+            return self._store_chain(list(self._chain(ids, upto)), 0, cache)[0]
         snapshots = cache.snapshots()
         if now and cache.length <= len(ids):
             snapshots[cache.length] = cache.states()
-        new = 0
-        for end in sorted(p for p in snapshots if 0 < p <= upto):
-            base = end - end % self.block_tokens
-            stored, whole = self._store_chain(ids, base, cache)
-            new += stored
+        ends = sorted(p for p in snapshots if 0 < p <= upto)
+        b = self.block_tokens
+        chain = list(self._chain(ids, ends[-1] - ends[-1] % b)) if ends else []
+        new, depth = 0, 0
+        for end in ends:
+            stored, whole = self._store_chain(chain[: end // b], depth, cache)
+            new, depth = new + stored, end // b
             if not whole:
                 break
-            new += self._store_snapshot(ids, base, end, cache, snapshots[end])
+            parent = chain[depth - 1][0] if depth else None
+            new += self._store_snapshot(parent, ids, depth * b, end, cache, snapshots[end])
         return new
 
-    def _store_chain(self, ids: list[int], upto: int, cache: KVCache) -> tuple[int, bool]:
-        """The full blocks of ids[:upto]: (how many were new, whether all are held now)."""
+    def _store_chain(self, chain: list, start: int, cache: KVCache) -> tuple[int, bool]:
+        """The blocks chain[start:] (from _chain): (how many were new, whether all are held
+        now)."""
         new = 0
-        for i, (key, parent, tokens) in enumerate(self._chain(ids, upto)):
+        for i in range(start, len(chain)):
+            key, parent, tokens = chain[i]
             with self.lock:
                 blk = self.blocks.get(key)
                 if blk is not None and blk.tokens == tokens:
@@ -231,8 +231,8 @@ class PrefixCache:
             new += held
         return new, True
 
-    def _store_snapshot(self, ids, base: int, end: int, cache: KVCache, states) -> int:
-        parent = self._key_of(ids, base)
+    def _store_snapshot(self, parent, ids, base: int, end: int, cache: KVCache, states) -> int:
+        """A snapshot at end under the block parent (None: the root) that ends at base."""
         tail = tuple(ids[base:end])
         key = _key(parent, tail, snapshot=True)
         with self.lock:

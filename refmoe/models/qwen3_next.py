@@ -20,8 +20,8 @@ does not grow with its length. A decode step runs the recurrence itself
 products instead of 64 dependent rank-one updates), in torch on the device.
 
 What this means elsewhere: a linear layer's state cannot be cut at an earlier position, so
-these models run without the prefix cache (refmoe.engine turns it off: KVCache.positional),
-and a prompt cannot be split across DSLP ranks (refused).
+the prefix cache keeps snapshots of it at positions the engine marks (LinearCache.marks; see
+refmoe/prefix_cache.py), and a prompt cannot be split across DSLP ranks (refused).
 
 Legend: T = tokens in this call, C = convolution channels (2 hk dk + hv dv), hk / hv = key /
 value heads, dk / dv = their widths.
