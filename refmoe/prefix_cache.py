@@ -89,6 +89,14 @@ def _key(parent: bytes | None, tokens: tuple[int, ...], snapshot: bool = False) 
     return h.digest()
 
 
+def snapshot_marks(prompt_tokens: int, cached: int, every: int) -> list[int]:
+    """Where a prompt prefilled after its first `cached` tokens has its recurrent layers'
+    state snapshotted: every `every` tokens, and its last token but one."""
+    last = prompt_tokens - 1
+    periodic = range(every * (cached // every + 1), last, every)
+    return [p for p in [*periodic, last] if p > cached]
+
+
 class PrefixCache:
     def __init__(
         self,
@@ -128,10 +136,8 @@ class PrefixCache:
 
     def marks(self, prompt_tokens: int, cached: int) -> list[int]:
         """Where a prompt's recurrent layers keep snapshots as it is prefilled after its first
-        `cached` tokens: every snapshot_every tokens, and its last token but one."""
-        every, last = self.snapshot_every, prompt_tokens - 1
-        periodic = range(every * (cached // every + 1), last, every)
-        return [p for p in [*periodic, last] if p > cached]
+        `cached` tokens (snapshot_marks)."""
+        return snapshot_marks(prompt_tokens, cached, self.snapshot_every)
 
     def match(self, ids: list[int], recurrent: bool = False) -> Hit:
         """The longest cached prefix of ids that leaves at least one token to run; for a cache

@@ -7,7 +7,10 @@ per conversation, the full blocks of the longest prefix stored (its prompt when 
 prompt and reply when finished), in host memory at the engine's float32 cache bytes per token,
 evicted least recently used, a conversation's blocks together (the engine evicts block by
 block, leaves first: for one chain that is the same order). A lookup leaves one token to run,
-as the engine's does.
+as the engine's does. A model with linear attention (state_bytes > 0) is cached as the engine
+caches it, by snapshots of its state: at a prefilled prompt's marks (refmoe.prefix_cache.
+snapshot_marks) and a finished turn's end, each costing the state's bytes beside the tokens'
+entries; a lookup finds the last snapshot before the prompt's last token.
 
 capacity() sweeps the number of concurrent conversations through sim.serve.Simulation (the
 engine's own scheduler, chunked prefill and prefix lookups) and answers with the largest that
@@ -20,7 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from refmoe.config import ModelConfig
-from refmoe.prefix_cache import BLOCK_TOKENS
+from refmoe.prefix_cache import BLOCK_TOKENS, snapshot_marks
 from refmoe.serving_metrics import agent_summary, agent_workload
 from sim.costs import kv_bytes_per_token
 from sim.hardware import Hardware
@@ -32,14 +35,30 @@ def host_bytes_per_token(cfg: ModelConfig) -> int:
 
 
 class PrefixModel:
-    def __init__(self, capacity_bytes: int, bytes_per_token: int, block: int = BLOCK_TOKENS):
+    def __init__(
+        self,
+        capacity_bytes: int,
+        bytes_per_token: int,
+        block: int = BLOCK_TOKENS,
+        state_bytes: int = 0,
+        snapshot_every: int = 1,
+    ):
+        """state_bytes, snapshot_every: a linear-attention model's state and the spacing of a
+        long prompt's snapshots (as refmoe.engine sets them: the state in tokens of KV)."""
         self.capacity, self.per, self.block = capacity_bytes, bytes_per_token, block
+        self.state = state_bytes
+        self.every = -(-max(snapshot_every, 1) // block) * block
         self.held: OrderedDict[int, int] = OrderedDict()  # conversation -> tokens, LRU first
+        self.snaps: dict[int, list[int]] = {}  # conversation -> its snapshots' positions
         self.queries = self.hits = self.evictions = 0
+
+    def _bytes(self, conversation: int) -> int:
+        held = self.held.get(conversation, 0)
+        return held * self.per + len(self.snaps.get(conversation, ())) * self.state
 
     @property
     def nbytes(self) -> int:
-        return sum(self.held.values()) * self.per
+        return sum(self._bytes(c) for c in self.held)
 
     def match(self, conversation: int, prompt: int) -> int:
         """Cached tokens for a prompt of this conversation (its history is a prefix)."""
@@ -47,22 +66,41 @@ class PrefixModel:
         have = self.held.get(conversation, 0)
         if have:
             self.held.move_to_end(conversation)
-        got = min(have, (prompt - 1) // self.block * self.block)
+        if self.state:
+            got = max((p for p in self.snaps.get(conversation, ()) if p < prompt), default=0)
+        else:
+            got = min(have, (prompt - 1) // self.block * self.block)
         self.hits += got
         return got
 
-    def store(self, conversation: int, tokens: int) -> None:
-        """The conversation's first `tokens` tokens are cached (its full blocks kept)."""
-        full = tokens // self.block * self.block
-        if full <= self.held.get(conversation, 0) or full * self.per > self.capacity:
-            return
-        self.held[conversation] = full
+    def store(self, conversation: int, tokens: int, cached: int | None = None) -> None:
+        """The conversation's first `tokens` tokens are cached (its full blocks kept): a
+        prompt just prefilled after `cached` restored tokens, or (cached None) a finished
+        turn. With linear attention: snapshots at the prompt's marks, or the turn's end."""
+        if self.state:
+            new = [tokens] if cached is None else snapshot_marks(tokens, cached, self.every)
+            was = (self.held.get(conversation, 0), self.snaps.get(conversation, []))
+            snaps = sorted(set(was[1]) | set(new))
+            if not snaps:
+                return
+            self.held[conversation], self.snaps[conversation] = max(was[0], snaps[-1]), snaps
+            if self._bytes(conversation) > self.capacity:  # not kept: as it was
+                self.held[conversation], self.snaps[conversation] = was
+                if not was[1]:
+                    del self.held[conversation], self.snaps[conversation]
+                return
+        else:
+            full = tokens // self.block * self.block
+            if full <= self.held.get(conversation, 0) or full * self.per > self.capacity:
+                return
+            self.held[conversation] = full
         self.held.move_to_end(conversation)
         while self.nbytes > self.capacity:
             victim = next(iter(self.held))
             if victim == conversation:
                 break
             del self.held[victim]
+            self.snaps.pop(victim, None)
             self.evictions += 1
 
 

@@ -350,16 +350,22 @@ class Simulation:
         )
         self.policy = policy_for(cfg, hw, config)
         self.conversations = conversations or []
+        per_token = costs.kv_bytes_per_token(cfg) * cfg.num_hidden_layers
+        state_tokens = fixed_state_tokens(costs.state_bytes(cfg), per_token)
         self.prefix = (
-            PrefixModel(int(prefix_cache_gib * 2**30), host_bytes_per_token(cfg))
+            PrefixModel(
+                int(prefix_cache_gib * 2**30),
+                host_bytes_per_token(cfg),
+                state_bytes=costs.state_bytes(cfg),
+                snapshot_every=state_tokens,  # as refmoe.engine spaces them
+            )
             if self.conversations and prefix_cache_gib > 0
             else None
         )
-        per_token = costs.kv_bytes_per_token(cfg) * cfg.num_hidden_layers
         self.sched = self.policy.scheduler(
             clock=lambda: env.now,
             lookup=self.lookup if self.prefix is not None else None,
-            state_tokens=fixed_state_tokens(costs.state_bytes(cfg), per_token),
+            state_tokens=state_tokens,
         )
         self.outcomes = [Outcome(a, p) for a, p, _ in requests]
         self.total = len(requests) + sum(len(c) for c in self.conversations)
@@ -462,7 +468,8 @@ class Simulation:
     def prefilled(self, rid: str) -> None:
         """A prompt is in its cache: the engine keeps its blocks."""
         if self.prefix is not None and rid in self.turn_of:
-            self.prefix.store(self.turn_of[rid][0], self.outcomes[int(rid)].prompt_tokens)
+            prompt, cached = self.outcomes[int(rid)].prompt_tokens, self.cached.get(rid, 0)
+            self.prefix.store(self.turn_of[rid][0], prompt, cached)
 
     @property
     def next_send(self) -> float:

@@ -30,6 +30,44 @@ def test_prefix_model_matches_stores_and_evicts_like_the_engine():
     assert host_bytes_per_token(ModelConfig.from_dict(V3)) == 4 * 576 * 61
 
 
+def test_prefix_model_keeps_snapshots_for_linear_attention():
+    """A linear-attention model is cached as the engine caches it: snapshots at a prompt's
+    marks and a turn's end, each costing the state's bytes; a lookup finds the last one
+    before the prompt's last token."""
+    from refmoe.prefix_cache import PrefixCache
+
+    pm = PrefixModel(10_000, bytes_per_token=10, block=32, state_bytes=1000, snapshot_every=40)
+    assert pm.every == 64
+    pm.store(0, 100, cached=0)  # a prompt of 100: snapshots at 64 and 99, as the engine marks
+    assert PrefixCache(1, 32, snapshot_every=40).marks(100, 0) == [64, 99]
+    assert pm.snaps[0] == [64, 99] and pm.nbytes == 99 * 10 + 2 * 1000
+    assert pm.match(0, 100) == 99 and pm.match(0, 99) == 64 and pm.match(0, 64) == 0
+    pm.store(0, 107)  # the turn ends 8 tokens later
+    assert pm.match(0, 300) == 107 and pm.snaps[0] == [64, 99, 107]
+    pm.store(1, 300, cached=0)  # 5 snapshots and 299 tokens: 7,990 bytes; 0 (4,070) must go
+    assert set(pm.held) == {1} and pm.evictions == 1 and pm.nbytes <= pm.capacity
+    pm.store(2, 2000, cached=0)  # more than the whole budget: not kept, 1 stays
+    assert set(pm.held) == {1} and 2 not in pm.snaps
+
+
+def test_later_turns_of_a_linear_attention_model_restore_their_state():
+    """Qwen3.5-35B-A3B's published config, two agents on the paper's box: later turns restore
+    the snapshot at the previous turn's end (every token of it, not whole blocks)."""
+    from sim.catalog import resolve
+
+    cfg = ModelConfig.from_file(resolve("qwen3.5-35b-a3b"))
+    convos = agent_workload(2, 3, 4096, (200, 400), (32, 64), (1.0, 2.0), seed=1)
+    run = Simulation(cfg, Hardware.load("paper-2x9355-2x5090"), [], conversations=convos).run()
+    for r in run.records:
+        prev = [
+            x.outcome
+            for x in run.records
+            if (x.conversation, x.turn) == (r.conversation, r.turn - 1)
+        ]
+        want = prev[0].prompt_tokens + prev[0].output_tokens - 1 if prev else 0
+        assert r.cached_tokens == want
+
+
 def _run(hw, convos, **kw):
     cfg = ModelConfig.from_dict(V3)
     run = Simulation(cfg, Hardware.load(hw), [], conversations=convos, **kw).run()

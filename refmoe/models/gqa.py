@@ -118,8 +118,7 @@ class GQA:
         start = cache.length
         if cp is not None:
             k, v, start = cp.gather(k, dim=1), cp.gather(v, dim=1), start + cp.offset
-        kk = cache.k.append(k).repeat_interleave(n // g, dim=0)  # [n, S, d]
-        vv = cache.v.append(v).repeat_interleave(n // g, dim=0)
+        kk, vv = cache.k.append(k), cache.v.append(v)  # [g, S, d]: grouped, never copied
         scale = d**-0.5 * softmax_scale
         out = attend(q, kk, vv, start, scale, window=self.window, sinks=self.sinks)  # [n, T, d]
         out = out.transpose(0, 1).reshape(t, n * d)

@@ -110,6 +110,7 @@ def _fused_attention(q, k, v, start: int, scale: float) -> torch.Tensor | None:
                 attn_mask=mask,
                 is_causal=mask is None and t > 1,
                 scale=scale,
+                enable_gqa=k.shape[0] != q.shape[0],
             )[0]
     except RuntimeError:
         return None
@@ -128,35 +129,44 @@ def attend(
     allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of queries at positions start .. start+T over keys 0 .. S.
-    q [n, T, d], k [n, S, d], v [n, S, dv] -> [n, T, dv]. Query blocks keep the score matrix
+    q [n, T, d], k [g, S, d], v [g, S, dv] -> [n, T, dv], where g divides n (GQA: each key
+    head serves n / g consecutive query heads, which are stacked as rows of one product over
+    its keys, so the cache is never copied per query head). Query blocks keep the score matrix
     under budget_bytes, so a long prompt never builds an [n, T, S] tensor at once.
     window > 0: a query at position p sees keys p - window + 1 .. p only (sliding-window
     layers), and a block reads only the keys its queries can see. sinks [n] (gpt-oss): one more
     logit per head in every softmax's denominator, attending to nothing. allowed [T, S] bool
     (DSA): the keys each query may attend to besides the causal rule."""
-    n, t, _ = q.shape
-    s = k.shape[1]
+    n, t, d = q.shape
+    g, s, dv = k.shape[0], k.shape[1], v.shape[2]
+    if n % g or v.shape[0] != g:
+        raise ValueError(f"{n} query heads over {g} key and {v.shape[0]} value heads")
     if t == 0:  # a rank that only hosts a distributed prefill attends for no query
-        return q.new_zeros((n, 0, v.shape[2]))
+        return q.new_zeros((n, 0, dv))
     if q.is_cuda and window == 0 and sinks is None and allowed is None:
         out = _fused_attention(q, k, v, start, scale)
         if out is not None:
             return out
+    r = n // g  # query heads per key head
+    grouped = q.reshape(g, r, t, d)
     block = max(1, min(t, budget_bytes // max(1, n * s * 4)))
     outs = []
     for lo in range(0, t, block):
         hi = min(t, lo + block)
+        b = hi - lo
         first = max(0, start + lo - window + 1) if window > 0 else 0  # the oldest key seen
-        scores = (q[:, lo:hi] @ k[:, first:].transpose(1, 2)) * scale  # [n, b, S - first]
-        scores = mask_causal(scores, start + lo, first, window)
+        rows = grouped[:, :, lo:hi].reshape(g, r * b, d)
+        scores = (rows @ k[:, first:].transpose(1, 2)).view(g, r, b, s - first) * scale
+        scores = mask_causal(scores, start + lo, first, window)  # [g, r, b, S - first]
         if allowed is not None:
             scores = scores.masked_fill(~allowed[lo:hi, first:], float("-inf"))
-        if sinks is None:
-            outs.append(torch.softmax(scores, dim=-1) @ v[:, first:])
-            continue
-        sink = sinks.to(scores.dtype)[:, None, None].expand(n, hi - lo, 1)
-        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
-        outs.append(probs @ v[:, first:])
+        if sinks is not None:
+            sink = sinks.to(scores.dtype).view(g, r, 1, 1).expand(g, r, b, 1)
+            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1)
+        out = probs.reshape(g, r * b, s - first) @ v[:, first:]  # [g, r b, dv]
+        outs.append(out.view(n, b, dv))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
