@@ -651,22 +651,50 @@ def run(
     )
 
 
+def _fill(layer, cfg, context: int, gen) -> None:
+    """One layer's cache as if `context` tokens had run: synthetic entries of its kind (MLA's
+    latents and DSA's indexer keys, GQA's keys and values) or, for a linear-attention layer, a
+    random state that has seen that many tokens."""
+    import torch
+
+    from refmoe.models import deepseek_v32, gqa, qwen3_next
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    if isinstance(layer, qwen3_next.LinearCache):
+        hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        channels = 2 * hk * dk + hv * dv
+        layer.set(context, rand(channels, cfg.linear_conv_kernel_dim - 1), rand(hv, dk, dv))
+    elif isinstance(layer, gqa.LayerCache):
+        g, d = cfg.num_key_value_heads, cfg.head_dim
+        layer.k.append(rand(g, context, d))
+        layer.v.append(rand(g, context, d))
+    else:  # MLA's latents (and DSA's indexer keys)
+        layer.kv.append(rand(context, cfg.kv_lora_rank + cfg.qk_rope_head_dim))
+        if isinstance(layer, deepseek_v32.LayerCache):
+            layer.keys.append(rand(context, cfg.index_head_dim))
+
+
 def decode_at_contexts(directory: Path, contexts: list[int], steps: int = 5) -> list[dict]:
     """Decode steps of the demo model after `contexts` cached tokens each: every layer's cache
-    is filled with synthetic entries (random latents and, for DSA, indexer keys: what a step
-    costs depends on how many there are, not on their values), then `steps` single-token
+    is filled with synthetic entries (_fill: what a step costs depends on how many there are,
+    not on their values), then `steps` single-token
     steps are timed (median, min, max). A DeepSeek-V3.2 model is measured twice: with its
     indexer (sparse), and with index_topk past every context (dense MLA, what V3 does)."""
     import torch
 
     from refmoe import models
-    from refmoe.models import deepseek_v32
 
     if any(c < 1 for c in contexts) or steps < 1:
         raise ValueError(f"contexts and steps must be positive, got {contexts}, {steps}")
     cfg, model = models.load(directory)
     modes = ["sparse", "dense"] if cfg.is_dsa else ["dense"]
-    topk, lora = cfg.index_topk, cfg.kv_lora_rank
+    topk = cfg.index_topk
+    kind = "mla" if cfg.kv_lora_rank else "gqa"
+    if "linear_attention" in (cfg.layer_types or []):
+        kind += " + linear"
     rows: list[dict] = []
     gen = torch.Generator().manual_seed(0)
     for mode in modes:
@@ -674,10 +702,8 @@ def decode_at_contexts(directory: Path, contexts: list[int], steps: int = 5) -> 
         first = None
         for context in contexts:
             cache = model.new_cache()
-            for layer in cache.layers:  # MLA's latents (and DSA's indexer keys)
-                layer.kv.append(torch.randn(context, lora + cfg.qk_rope_head_dim, generator=gen))
-                if isinstance(layer, deepseek_v32.LayerCache):
-                    layer.keys.append(torch.randn(context, cfg.index_head_dim, generator=gen))
+            for layer in cache.layers:
+                _fill(layer, cfg, context, gen)
             model.forward(torch.tensor([5]), cache)  # warm-up
             times = []
             for i in range(steps):
@@ -691,7 +717,7 @@ def decode_at_contexts(directory: Path, contexts: list[int], steps: int = 5) -> 
                 {
                     "op": "decode_at_context",
                     "model": f"demo-{cfg.family}-L{cfg.num_hidden_layers}-E{cfg.n_routed_experts}",
-                    "attention": mode if cfg.is_dsa else "mla",
+                    "attention": mode if cfg.is_dsa else kind,
                     "context": context,
                     "step_ms": ms,
                     "step_ms_min": 1e3 * times[0],

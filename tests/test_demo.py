@@ -206,6 +206,8 @@ def test_demo_of_qwen3_next(tmp_path):
     experts = (cfg.num_experts_per_tok + 1) * 3 * fp8(cfg.moe_intermediate_size, h)
     want = 3 * linear + full + 4 * experts + fp8(cfg.vocab_size, h)
     assert r.bytes_per_token == want
+    rows = demo.decode_at_contexts(d, [8, 64], steps=1)  # synthetic caches of both kinds
+    assert [r["attention"] for r in rows] == ["gqa + linear"] * 2 and rows[1]["step_ms"] > 0
     assert demo.describe(cfg).startswith(
         "qwen3_next per-layer shapes (hidden 2048, 3 Gated DeltaNet + 1 gated full-attention"
     )
