@@ -25,6 +25,7 @@ Events a request's sink receives (from the workers' threads): {"type": "token", 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -189,6 +190,11 @@ class Engine:
     def start(self) -> Engine:
         if self.config.prefill == "auto" and self.policy.can_stream and self.policy.rates is None:
             self.policy.rates = slp.model_rates(self.model)
+        if self.trace is not None and self.policy.rates is not None:
+            # the rates "auto" chose each prompt's path by: a replay can choose as it did
+            self.trace.metadata.setdefault("engine", {})["rates"] = dataclasses.asdict(
+                self.policy.rates
+            )
         if self.ranks > 1:  # the other ranks of DSLP: processes that load the model
             from refmoe import dslp
 

@@ -123,7 +123,9 @@ def attention_block_us(
 def attention_gflops(tokens: int = 1024, reps: int = 3, samples: list | None = None) -> float:
     """GFLOP/s of the engine's causal attention over a prompt (refmoe.models.layers.attend,
     DeepSeek-V3's 128 heads of 192 + 128 dims) of `tokens` tokens: the rate a prompt's own
-    scores and weighted sums run at on the CPU (median of reps, into `samples`)."""
+    scores and weighted sums run at on the CPU (median of reps, into `samples`). It counts
+    the causal FLOPs (each query over the keys at or behind it), half of what attend
+    computes (every key, masked): CPU.score_gflops converts."""
     import torch
 
     from refmoe.models.layers import attend
@@ -136,6 +138,28 @@ def attention_gflops(tokens: int = 1024, reps: int = 3, samples: list | None = N
     if samples is not None:
         samples.extend(got)
     return statistics.median(got)
+
+
+def slp_lane(reps: int = 3, samples: dict | None = None) -> tuple[float, float, float]:
+    """SLP's lanes where the device is this CPU, as the engine measures them at start
+    (refmoe.costmodel.measure_h2d_gbps and measure_device, on DeepSeek-V3's expert shape):
+    (the loader's memory-to-memory copy GB/s, the compute lane's FP8 dequantization GB/s,
+    its matmul GFLOP/s), medians of reps, each rep's into `samples` (field path -> values)."""
+    from refmoe import costmodel, demo
+    from refmoe.config import ModelConfig
+
+    cfg = ModelConfig.from_dict(demo.demo_config(1, 16))
+    copy, dequant, gflops = [], [], []
+    for _ in range(reps):
+        copy.append(costmodel.measure_h2d_gbps("cpu"))
+        g, w = costmodel.measure_device(cfg, "cpu")
+        gflops.append(g)
+        dequant.append(w)
+    if samples is not None:
+        samples["cpu.slp_copy_gbps"] = copy
+        samples["cpu.slp_dequant_gbps"] = dequant
+        samples["cpu.slp_gflops"] = gflops
+    return statistics.median(copy), statistics.median(dequant), statistics.median(gflops)
 
 
 def moe_overhead_us(reps: int = 50, samples: list | None = None) -> float:
@@ -357,6 +381,9 @@ def calibrate(name: str = "this-machine", reps: int = 5, quick: bool = False) ->
     samples["cpu.attention_gflops"] = []
     hw.cpu.attention_gflops = attention_gflops(
         tokens=512 if quick else 1024, samples=samples["cpu.attention_gflops"]
+    )
+    hw.cpu.slp_copy_gbps, hw.cpu.slp_dequant_gbps, hw.cpu.slp_gflops = slp_lane(
+        2 if quick else reps, samples
     )
     hw.samples = samples
     return hw

@@ -70,13 +70,16 @@ def attention_flops(cfg: ModelConfig, tokens: int, past: int = 0) -> float:
     return 2.0 * tokens * attention_bytes(cfg) + score_flops(cfg, tokens, past)
 
 
-def score_flops(cfg: ModelConfig, tokens: int, past: int = 0) -> float:
+def score_flops(cfg: ModelConfig, tokens: int, past: int = 0, dense: bool = False) -> float:
     """The scores and weighted sums of `tokens` new tokens after `past` cached ones, one layer's
     worth averaged over the layers: each new token attends to past + its own position in every
     head, or (sliding-window layers, gpt-oss) to its last `sliding_window` positions only, or
-    (DSA) to the index_topk its indexer picks, the indexer scoring every key."""
+    (DSA) to the index_topk its indexer picks, the indexer scoring every key. dense: what the
+    engine's torch attention on the CPU computes instead (refmoe.models.layers.attend): every
+    new token's scores over every key up to the last new one (past + tokens; with a window, the
+    window and the new tokens), the causal rule and DSA's choice applied as masks."""
     per_key = 2.0 * cfg.num_attention_heads * costmodel.score_dims(cfg)
-    full = attended_keys(tokens, past, 0)
+    full = tokens * (past + tokens) if dense else attended_keys(tokens, past, 0)
     linear = costmodel.linear_share(cfg)
     if linear:  # Gated DeltaNet layers: a fixed recurrence per token, whatever the context
         recurrent = tokens * costmodel.recurrent_flops(cfg)
@@ -84,12 +87,16 @@ def score_flops(cfg: ModelConfig, tokens: int, past: int = 0) -> float:
     if cfg.is_dsa:  # MLA over each token's top index_topk; the indexer over every key
         shared = cfg.indexer_types.count("shared") / max(len(cfg.indexer_types), 1)
         indexer = 2.0 * cfg.index_n_heads * cfg.index_head_dim * (1 - shared)
-        return per_key * attended_keys(tokens, past, cfg.index_topk) + indexer * full
+        picked = full if dense else attended_keys(tokens, past, cfg.index_topk)
+        return per_key * picked + indexer * full
     types = cfg.layer_types
     if not types or "sliding_attention" not in types:
         return per_key * full
     sliding = types.count("sliding_attention") / len(types)
-    window = attended_keys(tokens, past, cfg.sliding_window)
+    if dense:
+        window = tokens * min(past + tokens, cfg.sliding_window + tokens)
+    else:
+        window = attended_keys(tokens, past, cfg.sliding_window)
     return per_key * ((1 - sliding) * full + sliding * window)
 
 

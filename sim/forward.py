@@ -80,22 +80,16 @@ def _slp_prefill(
     attention costs about the same); each GPU computes the attention and dense layers of its
     own slice, and the experts it holds for every token of the chunk."""
     env, hw = m.env, m.hw
+    if not hw.gpus:  # the engine without a GPU streams to the CPU itself
+        yield from _cpu_slp_prefill(m, cfg, tokens, out)
+        return
     ids = list(range(devices)) if isinstance(devices, int) else list(devices)
     n, gpus = len(ids), [hw.gpus[d] for d in ids]
     layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
     chunks = [(lo, min(chunk_tokens, tokens - lo)) for lo in range(0, tokens, chunk_tokens)]
 
     def per_gpu(layer: int, t: int) -> float:
-        """Each GPU's bytes of the layer for a chunk of t tokens: its 1/N of the expert slots
-        (only those routed to, when the chunk does not hit them all)."""
-        slots: float = cfg.n_routed_experts + cfg.n_shared_experts
-        hit = sum(
-            count * (1 - (1 - q) ** t)
-            for count, q in m.groups(layer, cfg.n_routed_experts, cfg.num_experts_per_tok)
-        )
-        if costmodel.streaming_for(cfg.n_routed_experts, hit) == "selective":
-            slots = hit + cfg.n_shared_experts
-        return slots / n * costmodel.expert_bytes(cfg)
+        return _streamed_bytes(m, cfg, layer, t) / n
 
     loaded = {(c, i): env.event() for c in range(len(chunks)) for i in layers}
     ring = simpy.Container(env, capacity=2, init=2)  # two layers of slots
@@ -165,6 +159,82 @@ def _slp_prefill(
                 )
                 m.mark("device", "dense mlp", f"dense mlp L{i}", t0, tokens=t)
     yield from m.device(costs.head_bytes(cfg), 0.0, 1, gpu=ids[-1])
+    out["t"] = env.now
+
+
+def _streamed_bytes(m: Machine, cfg: ModelConfig, layer: int, tokens: int) -> float:
+    """The bytes SLP streams of one MoE layer for a chunk of `tokens` tokens: every expert
+    slot (routed and shared), or only those the chunk routes to when it does not hit them all
+    (costmodel.streaming_for), at the layer's routing (Machine.groups)."""
+    slots: float = cfg.n_routed_experts + cfg.n_shared_experts
+    hit = sum(
+        count * (1 - (1 - q) ** tokens)
+        for count, q in m.groups(layer, cfg.n_routed_experts, cfg.num_experts_per_tok)
+    )
+    if costmodel.streaming_for(cfg.n_routed_experts, hit) == "selective":
+        slots = hit + cfg.n_shared_experts
+    return slots * costmodel.expert_bytes(cfg)
+
+
+def _cpu_slp_prefill(
+    m: Machine,
+    cfg: ModelConfig,
+    tokens: int,
+    out: dict,
+    chunk_tokens: int = costmodel.SLP_CHUNK_TOKENS["cpu"],
+):
+    """SLP where the device is the CPU (refmoe.slp on a machine without a GPU): attention
+    and dense layers as a CPU prefill runs them (_step's costs, plus each later chunk's
+    scores over the chunks before it); per MoE layer, a loader thread copies the streamed
+    experts' bytes into the ring in host memory (one core's share, DRAM read and write) at
+    most one layer ahead, and the compute lane dequantizes them and runs torch's matmuls on
+    every core (CPU.slp_rates, as refmoe.costmodel.measure_device times them)."""
+    env, cpu = m.env, m.hw.cpu
+    copy_gbps, dequant_gbps, gflops = cpu.slp_rates()
+    layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    chunks = [(lo, min(chunk_tokens, tokens - lo)) for lo in range(0, tokens, chunk_tokens)]
+    loaded = {(c, i): env.event() for c in range(len(chunks)) for i in layers}
+    ring = simpy.Container(env, capacity=2, init=2)  # two layers of slots
+    streamed = {
+        (c, i): _streamed_bytes(m, cfg, i, t) for c, (_, t) in enumerate(chunks) for i in layers
+    }
+    one_core = {core: 1.0 / cpu.cores for core in m.cores}
+
+    def loader():
+        for c in range(len(chunks)):
+            for i in layers:
+                yield ring.get(1)
+                nbytes = streamed[(c, i)]
+                rate = copy_gbps * 1e9
+                demand = {**one_core, **{d: 2 * rate / len(m.dram) for d in m.dram}}
+                yield from m.work(nbytes / rate, demand)
+                loaded[(c, i)].succeed()
+
+    env.process(loader())
+    every_core = {core: 1.0 for core in m.cores}
+    for c, (lo, t) in enumerate(chunks):
+        attn_flops = costs.attention_flops(cfg, t)
+        extra = m.attention_extra(cfg, t)
+        past = m.prefix_attention(cfg, t, lo)
+        for i, cost in enumerate(costs.layer_costs(cfg)):
+            t0 = env.now
+            yield from m.device(cost.attention_bytes, cpu.layer_overhead_us * 1e-6, t, attn_flops)
+            yield from m.work(*extra)
+            yield from m.work(*past)
+            m.mark("device", "attention", f"attention L{i}", t0, tokens=t)
+            t0 = env.now
+            if cost.expert_bytes:
+                yield loaded[(c, i)]
+                nbytes = streamed[(c, i)]
+                seconds = costmodel.expert_flops(cfg, t) / (gflops * 1e9)
+                seconds += nbytes / (dequant_gbps * 1e9)
+                yield from m.work(seconds, every_core)
+                yield ring.put(1)
+                m.mark("slp", "experts", f"experts L{i}", t0, tokens=t)
+            else:
+                yield from m.device(cost.dense_bytes, 0.0, t, 2.0 * t * cost.dense_bytes)
+                m.mark("device", "dense mlp", f"dense mlp L{i}", t0, tokens=t)
+    yield from m.device(costs.head_bytes(cfg), 0.0, 1)
     out["t"] = env.now
 
 

@@ -64,6 +64,25 @@ class CPU:
     # DeepSeek-V3, fused in one call as the engine makes it), kernel GB/s of the stored bytes
     # over the plain read beside it, per format (fp8 too); empty: the GEMV's efficiencies
     moe_decode_efficiency_by_format: dict = field(default_factory=dict)
+    # SLP where the "device" is the CPU itself (the engine on a machine without a GPU, prefill
+    # auto or slp): its loader copies each expert's stored bytes into a ring slot in host
+    # memory (slp_copy_gbps, memory to memory, one thread), and its compute lane dequantizes
+    # them (slp_dequant_gbps of FP8 weight bytes) and runs torch's float32 matmuls
+    # (slp_gflops, every core), as refmoe.costmodel.measure_device times them; 0: not
+    # calibrated (half the read for the copy; 0.1 GB/s per thread for the dequantization,
+    # torch's FP8 conversion as a 2-vCPU Zen 4 VM measured it on 2026-12-05; 0.6 of the FMA
+    # peak for the matmuls)
+    slp_copy_gbps: float = 0.0
+    slp_dequant_gbps: float = 0.0
+    slp_gflops: float = 0.0
+
+    def slp_rates(self) -> tuple[float, float, float]:
+        """(copy GB/s, dequantization GB/s, matmul GFLOP/s) of SLP on this CPU."""
+        return (
+            self.slp_copy_gbps or self.read_gbps() / 2,
+            self.slp_dequant_gbps or 0.1 * self.threads,
+            self.slp_gflops or 0.6 * self.threads * self.fma_gflops_per_core,
+        )
 
     def gemm_gbps(self, m: float) -> float | None:
         """Interpolated (log-log) from the calibrated points; past the last point the GEMM is
@@ -111,8 +130,12 @@ class CPU:
         return t0 + (context - c0) * (t1 - t0) / (c1 - c0)
 
     def score_gflops(self) -> float:
+        """The rate of the engine's CPU attention products (refmoe.models.layers.attend), in
+        the FLOPs they compute (sim.costs.score_flops dense): it scores every query over every
+        key and masks, so over the calibration's prompt from position 0 it computes twice the
+        causal FLOPs attention_gflops counts (calibrate.attention_gflops)."""
         return (
-            self.attention_gflops
+            2.0 * self.attention_gflops
             if self.attention_gflops > 0
             else 0.5 * self.cores * self.fma_gflops_per_core
         )

@@ -229,11 +229,16 @@ class Machine:
         the `past` tokens it has cached (a prefix restored from the prefix cache, or the
         chunks a chunked prefill has run): beyond what a prefill from position 0 costs. On a
         GPU the cache read once or the score FLOPs; on the CPU a few tokens run the engine's
-        absorbed attention (each as a decode token after `past`), more the expanded one (the
-        score FLOPs at the calibrated matmul rate)."""
+        absorbed attention (each as a decode token after `past`), more the expanded one: the
+        score FLOPs torch's masked product computes (every key; costs.score_flops dense) at
+        the calibrated matmul rate, and for MLA the cached latents expanded through kv_b (a
+        GEMM over `past` more tokens, at the FP8 kernels' rate for that many)."""
         if past <= 0 or tokens <= 0:
             return 0.0, {}
-        flops = costs.score_flops(cfg, tokens, past) - costs.score_flops(cfg, tokens, 0)
+        dense = not self.hw.gpus  # torch's masked product on the CPU: every key is scored
+        flops = costs.score_flops(cfg, tokens, past, dense) - costs.score_flops(
+            cfg, tokens, 0, dense
+        )
         if self.hw.gpus:
             g = self.hw.gpus[self.gpu_index]
             t = max(
@@ -247,6 +252,11 @@ class Machine:
             t = tokens * full * (cpu.attention_us(past, heads) - cpu.attention_us(0, heads)) * 1e-6
         else:
             t = flops / (cpu.score_gflops() * 1e9)
+            if cfg.is_mla:  # kv_b over every cached latent, not only the new tokens'
+                n = cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+                kv_b = costs.fp8_bytes(n, cfg.kv_lora_rank)
+                m = past + tokens
+                t += kv_b / (self.rate_gbps(m) * 1e9) * past / m
         return max(t, 0.0), {c: 1.0 for c in self.cores}
 
     def attention_extra(
@@ -279,5 +289,5 @@ class Machine:
             * 1e-6
         )
         if tokens > len(contexts):  # a prompt: its tokens attend to each other
-            t += costs.score_flops(cfg, tokens) / (cpu.score_gflops() * 1e9)
+            t += costs.score_flops(cfg, tokens, dense=True) / (cpu.score_gflops() * 1e9)
         return t, {c: 1.0 for c in self.cores}

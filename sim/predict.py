@@ -59,14 +59,25 @@ unique_experts = costmodel.unique_experts  # one definition, re-exported for sim
 
 
 def rates(hw: Hardware, devices: int | None = None) -> costmodel.Rates:
-    """The cost model's rates from a hardware profile."""
+    """The cost model's rates from a hardware profile, as the engine measures them at start
+    (refmoe.costmodel.measure_rates): the CPU kernels' GEMV rate and their GFLOP/s at 64
+    tokens (the calibrated GEMM curve there, else 0.6 of the FMA peak); SLP's link, matmul
+    and dequantization rates on the first GPU, or where the profile has none on the CPU
+    itself (CPU.slp_rates), as the engine streams on a machine without a GPU."""
     cpu, gpu = hw.cpu, hw.gpus[0] if hw.gpus else None
     n = len(hw.gpus) if devices is None else devices
+    at64 = cpu.gemm_gbps(64)
+    cpu_gflops = at64 * 2 * 64 if at64 else cpu.threads * cpu.fma_gflops_per_core * 0.6
+    if gpu is not None:
+        link, dequant, gflops = gpu.pcie_gbps, 0.0, gpu.expert_tflops * 1e3
+    else:
+        link, dequant, gflops = cpu.slp_rates()
     return costmodel.Rates(
-        h2d_gbps=gpu.pcie_gbps if gpu else cpu.read_gbps(),
+        h2d_gbps=link,
         cpu_gemv_gbps=cpu.fp8_stream_gbps(),
-        cpu_gflops=cpu.threads * cpu.fma_gflops_per_core * 0.6,
-        device_gflops=gpu.expert_tflops * 1e3 if gpu else cpu.threads * cpu.fma_gflops_per_core,
+        cpu_gflops=cpu_gflops,
+        device_gflops=gflops,
+        device_weight_gbps=dequant,
         devices=max(1, n),
         device="gpu" if gpu else "cpu",
     )
@@ -84,7 +95,8 @@ def predict(
     routing: dict | None = None,
 ) -> Prediction:
     """prefill: cpu, slp or auto (the engine's cost model decides); devices: GPUs for SLP
-    (default: all in the profile; more than one is DSLP); expert_bits: bits per routed-expert
+    (default: all in the profile; more than one is DSLP; a profile without a GPU streams to
+    the CPU itself, sim.forward._cpu_slp_prefill); expert_bits: bits per routed-expert
     weight, scales included, when the experts are not FP8 (e.g. 4.5 for Q4_K-class INT4),
     read by the CPU kernels at the same efficiency; routing_skew: 0 for uniform routing, else the
     Zipf exponent of expert popularity (routing_bins); routing: recorded routing per layer
@@ -93,15 +105,19 @@ def predict(
         raise ValueError("prompt_tokens and output_tokens must be >= 1")
     if prefill not in ("cpu", "slp", "auto"):
         raise ValueError(f"prefill must be cpu, slp or auto, got {prefill!r}")
-    n = len(hw.gpus) if devices is None else devices
-    if prefill == "auto" and not hw.gpus:  # nothing to stream to: the CPU path, as the engine
+    # without a GPU, SLP streams to the CPU itself (one "device"), as the engine does; a
+    # conversion to refmoe's own INT4 (expert_bits) is not streamable there
+    n = (len(hw.gpus) if devices is None else devices) if hw.gpus else 1
+    if prefill == "auto" and not hw.gpus and expert_bits is not None:
         prefill = "cpu"
-    if prefill != "cpu" and not hw.gpus:
-        raise ValueError(f"{hw.name}: SLP needs a GPU in the profile")
-    if prefill != "cpu" and not 1 <= n <= len(hw.gpus):
+    if prefill != "cpu" and hw.gpus and not 1 <= n <= len(hw.gpus):
         raise ValueError(f"{hw.name} has {len(hw.gpus)} GPUs, asked for {n}")
+    if prefill != "cpu" and not hw.gpus and devices not in (None, 1):
+        raise ValueError(f"{hw.name} has no GPU: SLP on the CPU is one device, asked for {n}")
     if prefill == "auto":
-        choice = costmodel.choose_prefill(cfg, prompt_tokens, rates(hw, n))
+        choice = costmodel.choose_prefill(
+            cfg, prompt_tokens, rates(hw, n), None if hw.gpus else costmodel.SLP_CHUNK_TOKENS["cpu"]
+        )
         prefill, n = choice.path, choice.devices
     env = simpy.Environment()
     m = Machine(env, hw)

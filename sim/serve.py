@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import simpy
 
+from refmoe import costmodel
 from refmoe.config import ModelConfig
 from refmoe.policy import EngineConfig, Policy, fixed_state_tokens
 from refmoe.scheduler import Entry, QueueFull
@@ -248,13 +249,19 @@ def makespan(requests: list[tuple[float, int, int]], outcomes: list[Outcome]) ->
     return end - start
 
 
-def policy_for(cfg: ModelConfig, hw: Hardware, config: EngineConfig) -> Policy:
+def policy_for(
+    cfg: ModelConfig, hw: Hardware, config: EngineConfig, rates: costmodel.Rates | None = None
+) -> Policy:
     """The engine's policy on a hardware profile: rates read off the profile (one device, as
-    the engine measures its own), accelerated and able to stream where it has GPUs."""
-    from sim.predict import rates
+    the engine measures its own), accelerated where it has GPUs. SLP streams to the GPUs, or
+    on a profile without one to the CPU itself, as the engine does (every format a config
+    declares is streamable). rates: the engine's own, where a trace recorded them, so that
+    "auto" chooses each prompt's path as the engine did (else the profile's)."""
+    from sim.predict import rates as profile_rates
 
-    r = rates(hw, 1) if hw.gpus and config.prefill == "auto" else None
-    return Policy.build(config, cfg, r, accelerated=bool(hw.gpus), can_stream=bool(hw.gpus))
+    r = (rates or profile_rates(hw, 1)) if config.prefill == "auto" else None
+    streamable = cfg.n_routed_experts > 0
+    return Policy.build(config, cfg, r, accelerated=bool(hw.gpus), can_stream=streamable)
 
 
 @dataclass(slots=True)
@@ -305,11 +312,13 @@ class Simulation:
         prefix_cache_gib: float = 16.0,
         decode_slowdown: float = 1.2,
         chunk_stall: float = 2.0,
+        rates: costmodel.Rates | None = None,
     ):
         """requests: (arrival s, prompt tokens, output tokens), open loop. conversations:
         agents instead (refmoe.serving_metrics.agent_workload), closed loop: each turn sent
         think_s after the previous reply, its prompt the whole history plus new tokens, with
-        the engine's prefix cache (prefix_cache_gib of host memory) serving what it can."""
+        the engine's prefix cache (prefix_cache_gib of host memory) serving what it can.
+        rates: the cost model's rates prefill "auto" chooses paths by (policy_for)."""
         from sim.agents import PrefixModel, host_bytes_per_token
         from sim.routing import routing_bins
 
@@ -348,7 +357,7 @@ class Simulation:
             decode_slowdown=decode_slowdown,
             chunk_stall=chunk_stall,
         )
-        self.policy = policy_for(cfg, hw, config)
+        self.policy = policy_for(cfg, hw, config, rates)
         self.conversations = conversations or []
         per_token = costs.kv_bytes_per_token(cfg) * cfg.num_hidden_layers
         state_tokens = fixed_state_tokens(costs.state_bytes(cfg), per_token)

@@ -100,7 +100,8 @@ def _serving(doc: dict, cfg: ModelConfig):
     t0 = min(r["arrival"] for r in reqs)
     workload = [(r["arrival"] - t0, r["prompt_tokens"], r["output_tokens"]) for r in reqs]
     engine = doc["metadata"].get("engine") or {}
-    path = engine.get("prefill") if engine.get("prefill") in ("cpu", "slp") else "cpu"
+    # the engine's own policy: "auto" lets the cost model choose per prompt, as it did
+    path = engine.get("prefill") if engine.get("prefill") in ("cpu", "slp", "auto") else "cpu"
     # traces from before chunked prefill ran every CPU prefill whole beside decode
     chunked = bool(engine.get("chunked_prefill", False))
     ok = [r for r in reqs if r.get("first_token_time") is not None]
@@ -131,7 +132,13 @@ def _serving(doc: dict, cfg: ModelConfig):
 
     def fn(profile: Hardware) -> dict:
         outcomes, duration = simulate(
-            cfg, profile, workload, prefill=path, routing=routing, chunked_prefill=chunked
+            cfg,
+            profile,
+            workload,
+            prefill=path,
+            routing=routing,
+            chunked_prefill=chunked,
+            rates=engine_rates(engine),
         )
         pred = summary(outcomes, duration)
         e2e = [o.e2e_s for o in outcomes if o.ok]
@@ -181,12 +188,19 @@ def _agents(doc: dict, cfg: ModelConfig, shape: dict):
         / sum(t["prompt_tokens"] for t in turns),
     }
     convos = agent_workload_of(shape)
-    path = str(engine["prefill"]) if engine.get("prefill") in ("cpu", "slp") else "cpu"
+    path = str(engine["prefill"]) if engine.get("prefill") in ("cpu", "slp", "auto") else "cpu"
     chunked = bool(engine.get("chunked_prefill", False))
+    rates = engine_rates(engine)
 
     def fn(profile: Hardware) -> dict:
         run = Simulation(
-            cfg, profile, [], prefill=path, chunked_prefill=chunked, conversations=convos
+            cfg,
+            profile,
+            [],
+            prefill=path,
+            chunked_prefill=chunked,
+            conversations=convos,
+            rates=rates,
         ).run()
         s = agent_summary(run.records, run.duration_s)
         first, later = split({k: v / 1e3 for k, v in s["mean_ttft_ms_by_turn"].items()})
@@ -198,6 +212,15 @@ def _agents(doc: dict, cfg: ModelConfig, shape: dict):
         }
 
     return meas, fn
+
+
+def engine_rates(engine: dict):
+    """The cost model's rates the engine chose paths by, where its trace recorded them
+    (refmoe.engine, prefill auto), else None (the profile's)."""
+    from refmoe import costmodel
+
+    got = engine.get("rates")
+    return costmodel.Rates(**got) if isinstance(got, dict) else None
 
 
 def summarize(results: list[dict]) -> dict:

@@ -163,6 +163,34 @@ def test_engine_and_simulator_make_identical_plans(model, fp8_dir, prefill):  # 
     assert any(p.devices == 2 for p in a if hasattr(p, "devices")) == ("slp" in paths)
 
 
+def test_engine_and_simulator_agree_without_a_gpu(model):  # noqa: F811
+    """On a CPU-only profile the simulator's policy streams as the engine's does (the CPU is
+    SLP's device there): the same plans from the same rates, and the rates "auto" chose by
+    go into the engine's trace, where sim.validate replays them."""
+    import dataclasses
+
+    from refmoe.trace import Trace
+    from sim.validate import engine_rates
+
+    hw = Hardware.load("zen3-2vcpu-calibrated")
+    hw.cpu.slp_copy_gbps, hw.cpu.slp_dequant_gbps, hw.cpu.slp_gflops = 20.0, 50.0, 400.0
+    config = EngineConfig(prefill="auto", max_batch=3, chunk_tokens=32)
+    r = profile_rates(hw, 1)
+    trace = Trace()
+    engine = Engine(model, config=config, rates=r, trace=trace)
+    policy = policy_for(model.cfg, hw, config)
+    assert engine.policy.can_stream and policy.can_stream
+    assert not engine.policy.accelerated and not policy.accelerated
+    sim = policy.scheduler()
+    clocks = _Clock(), _Clock()
+    engine.scheduler.clock, sim.clock = clocks
+    assert _drive(engine.scheduler, clocks[0]) == _drive(sim, clocks[1])
+    engine.start()
+    engine.shutdown(1)
+    recorded = trace.metadata["engine"]["rates"]
+    assert recorded == dataclasses.asdict(r) and engine_rates(trace.metadata["engine"]) == r
+
+
 def test_generate_with_ranks_asks_the_cost_model(fp8_dir, monkeypatch, capsys):  # noqa: F811
     """--ranks N --prefill auto no longer always runs DSLP: it takes the plan the cost model
     makes from the machine's rates (fixed here: measured ones move with the load), CPU when

@@ -9,6 +9,7 @@ import sys
 import pytest
 from sim_common import TRACE, V3
 
+from refmoe import costmodel
 from refmoe.config import ModelConfig
 from sim import costs
 from sim.hardware import Hardware
@@ -112,12 +113,55 @@ def test_auto_prefill_follows_the_cost_model():
     assert long.ttft_s < cpu.ttft_s
 
 
-def test_slp_needs_a_gpu():
+def test_slp_without_a_gpu_streams_to_the_cpu():
+    """A profile without a GPU runs SLP as the engine does there: the CPU is the device.
+    Per MoE layer the compute lane dequantizes the layer's streamed experts and runs their
+    matmuls on every core (CPU.slp_rates), while the loader's copy runs a layer ahead, so
+    with a fast copy each rate adds exactly its own term to the first token's time."""
     cfg = ModelConfig.from_dict(V3)
-    with pytest.raises(ValueError, match="needs a GPU"):
-        predict(cfg, Hardware.load("zen3-2vcpu-calibrated"), 4096, 2, prefill="slp")
+    hw = Hardware.load("zen3-2vcpu-calibrated")
+    hw.cpu.slp_copy_gbps, hw.cpu.slp_dequant_gbps, hw.cpu.slp_gflops = 1e6, 0.5, 100.0
+    base = predict(cfg, hw, 4096, 2, prefill="slp")
+    assert (base.prefill, base.devices) == ("slp", 1)
+    layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    flops = costmodel.expert_flops(cfg, 4096)  # one layer's, every token's top-k and shared
+    hw.cpu.slp_gflops = 50.0
+    slower = predict(cfg, hw, 4096, 2, prefill="slp")
+    assert slower.ttft_s - base.ttft_s == pytest.approx(
+        layers * flops * (1 / 50e9 - 1 / 100e9), rel=1e-6
+    )
+    # 4096 tokens hit every expert: the whole layer is streamed and dequantized
+    streamed = (cfg.n_routed_experts + cfg.n_shared_experts) * costmodel.expert_bytes(cfg)
+    hw.cpu.slp_gflops, hw.cpu.slp_dequant_gbps = 100.0, 0.25
+    assert predict(cfg, hw, 4096, 2, prefill="slp").ttft_s - base.ttft_s == pytest.approx(
+        layers * streamed * (1 / 0.25e9 - 1 / 0.5e9), rel=1e-6
+    )
+    with pytest.raises(ValueError, match="no GPU"):
+        predict(cfg, hw, 4096, 2, prefill="slp", devices=2)
     with pytest.raises(ValueError, match="has 2 GPUs"):
         predict(cfg, Hardware.load("paper-2x9355-2x5090"), 4096, 2, prefill="slp", devices=3)
+
+
+def test_auto_without_a_gpu_chooses_as_the_engine():
+    """prefill auto on a CPU-only profile: the engine's cost model over the profile's rates
+    (the CPU kernels against SLP on the CPU) picks the path, in predict and in the serving
+    simulator's policy alike: the CPU for a short prompt; SLP for a long one when its lanes
+    are fast, the CPU when they are slow."""
+    from refmoe.policy import EngineConfig
+    from sim.predict import rates
+    from sim.serve import policy_for
+
+    cfg = ModelConfig.from_dict(V3)
+    hw = Hardware.load("zen3-2vcpu-calibrated")
+    hw.cpu.slp_copy_gbps, hw.cpu.slp_dequant_gbps, hw.cpu.slp_gflops = 20.0, 50.0, 400.0
+    policy = policy_for(cfg, hw, EngineConfig(prefill="auto"))
+    for tokens, want in ((16, "cpu"), (8192, "slp")):
+        chosen = costmodel.choose_prefill(cfg, tokens, rates(hw, 1), 8192).path
+        assert chosen == want == policy.path(tokens)
+        assert predict(cfg, hw, tokens, 2, prefill="auto").prefill == want
+    hw.cpu.slp_gflops = 1.0  # a matmul lane this slow never wins
+    assert predict(cfg, hw, 8192, 2, prefill="auto").prefill == "cpu"
+    assert policy_for(cfg, hw, EngineConfig(prefill="auto")).path(8192) == "cpu"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,16 +184,18 @@ def test_attention_cost_grows_with_the_context():
         layers * (30000 + 601 * 145) * 1e-6, rel=1e-9
     )
     assert hw.cpu.attention_us(100) == 500.0 and hw.cpu.attention_us(-1) == 0.0
+    # torch's masked product scores every key (1000 x 1000), at twice the rate the
+    # calibration counts (it counts the causal half of what ran)
     scores = (
         2
         * cfg.num_attention_heads
         * 1000
-        * 500.5
+        * 1000
         * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
     )
     default = 0.5 * 2 * hw.cpu.fma_gflops_per_core * 1e9  # uncalibrated: half the FMA peak
     assert grown.ttft_s - flat.ttft_s == pytest.approx(
-        layers * (scores / 40e9 - scores / default), rel=1e-9
+        layers * (scores / 80e9 - scores / default), rel=1e-9
     )
     v3, box = ModelConfig.from_dict(V3), Hardware.load("paper-2x9355-2x5090")
     short, long = predict(v3, box, 64, 3), predict(v3, box, 32768, 3, prefill="slp")
