@@ -348,11 +348,11 @@ def measure_device(
     rate is 0 (free) when the two times leave no fixed part."""
     import torch
 
-    from refmoe.device_matmul import Matmul  # the device matmul alone: no import of slp
+    from refmoe.device_matmul import Matmul, compute_dtype  # no import of slp
 
     device = torch.device(device)
     h, i = expert_shape(cfg)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = compute_dtype(device)  # what SLP's compute lane runs in there
     mm = Matmul(device, dtype)
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(i, h, generator=g) * 0.05).to(torch.float8_e4m3fn).to(device)

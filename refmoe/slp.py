@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from refmoe import costmodel, expert_store
-from refmoe.device_matmul import Matmul, block_dequant
+from refmoe.device_matmul import Matmul, block_dequant, compute_dtype
 from refmoe.expert_store import ALIGN, Part, SlotLayout, pack_host, pack_model
 from refmoe.slp_lanes import CpuLanes, CudaLanes, _Spans
 
@@ -150,7 +150,7 @@ class StreamPrefill:
         self.device = torch.device(device) if device is not None else model.device
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("SLP device cuda: CUDA is not available on this machine")
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = compute_dtype(self.device)
         if mode not in ("auto", "prefetch", "selective"):
             raise ValueError(f"SLP mode must be auto, prefetch or selective, got {mode!r}")
         self.mode = mode

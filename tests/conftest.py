@@ -3,6 +3,10 @@
 import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's own pool must not spin beside ours
+# SLP on the CPU computes in float32 here, whatever the CPU: the tests hold it to the CPU path
+# at float32's tolerance (and DSLP's tokens equal); its bf16 lane, the default where the CPU
+# has bf16 dot products, has its own tests (test_slp.py)
+os.environ.setdefault("REFMOE_SLP_DTYPE", "f32")
 
 import pytest  # noqa: E402
 

@@ -294,3 +294,48 @@ def test_a_few_tokens_get_their_lone_numbers(variant, fmt, m):
     together = run(x)
     for i in range(m):
         assert np.array_equal(together[i], run(x[i : i + 1])[0])
+
+
+@SETTINGS
+@given(
+    n=st.integers(1, 300),
+    k=st.integers(1, 300),
+    block=st.sampled_from([(128, 128), (1, 1), (16, 32), (200, 64), (128, 96)]),
+    threads=st.integers(1, 3),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_fp8_dequant_vs_float64(variant, n, k, block, threads, seed):
+    """SLP's CPU dequantization: every finite code times its block's scale, exactly the
+    float32 rounding of the float64 product (a code has 4 significant bits, a scale 24: the
+    product is exact in float64), and with bf16 that float32 rounded to nearest even."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(seed)
+    bn, bk = block
+    codes = rng.choice(FINITE, size=(n, k)).astype(np.uint8)
+    s = np.exp2(rng.uniform(-40, 40, (-(-n // bn), -(-k // bk)))).astype(np.float32)
+    per = np.repeat(np.repeat(s.astype(np.float64), bn, 0)[:n], bk, 1)[:, :k]
+    want = (formats.fp8_decode(codes) * per).astype(np.float32)
+    got = kernels.fp8_dequant(codes, s, block, variant=variant, num_threads=threads)
+    assert got.dtype == np.float32 and np.array_equal(got, want)
+    bits = kernels.fp8_dequant(codes, s, block, bf16=True, variant=variant, num_threads=threads)
+    assert bits.dtype == np.uint16
+    assert np.array_equal(bits, want.astype(ml_dtypes.bfloat16).view(np.uint16))
+
+
+def test_fp8_dequant_refuses_bad_input_and_converts_as_the_gemv():
+    codes = np.zeros((4, 130), np.uint8)
+    with pytest.raises(ValueError, match="scale: expected shape"):
+        kernels.fp8_dequant(codes, np.ones((1, 1), np.float32))
+    codes[2, 129] = 0x7F
+    with pytest.raises(ValueError, match="codes"):
+        kernels.fp8_dequant(codes, np.ones((1, 2), np.float32))
+    # unvalidated (codes checked at load), a NaN code gives NaN, as torch's conversion does
+    out = kernels.fp8_dequant(codes, np.ones((1, 2), np.float32), validate=False)
+    assert np.isnan(out[2, 129]) and np.count_nonzero(np.isnan(out)) == 1
+    with pytest.raises(ValueError, match="block"):
+        kernels.fp8_dequant(codes[:, :2], np.ones((1, 1), np.float32), (0, 128))
+    # the vector conversions the kernels use, both of them, against the table
+    for gemv_path in (False, True):
+        got = kernels.fp8_to_float32(FINITE, gemv_path=gemv_path)
+        assert np.array_equal(got, formats.fp8_decode(FINITE).astype(np.float32))

@@ -280,3 +280,31 @@ def test_scaled_mm_is_checked_per_weight_shape(monkeypatch):
     assert mm.layouts == {(256, 256): None, (128, 384): slp.Matmul.LAYOUTS[1]}
     assert mm.used == "scaled_mm (dequant for 256x256)" and "256x256" in mm.why_not
     assert calls.count(((128, 384), slp.Matmul.LAYOUTS[1])) == 2  # checked once, then used
+
+
+def test_bf16_compute_lane_on_the_cpu(fp8_dir, plain, monkeypatch):
+    """Where the CPU has bf16 dot products (AVX512_BF16, AMX) SLP on the CPU computes in bf16,
+    as on CUDA (torch's bf16 matmul about 3x its float32 on a Zen 4), within CUDA's tolerance
+    of the plain path; elsewhere float32; REFMOE_SLP_DTYPE forces either, and the cost model
+    times the lane in the dtype it will run."""
+    from refmoe.device_matmul import compute_dtype
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("REFMOE_SLP_DTYPE")
+    assert compute_dtype(cpu, {"avx2", "avx512f", "avx512_bf16"}) == torch.bfloat16
+    assert compute_dtype(cpu, {"avx2", "amx_bf16"}) == torch.bfloat16
+    assert compute_dtype(cpu, {"avx2", "fma", "avx512f"}) == torch.float32
+    assert compute_dtype(torch.device("cuda"), set()) == torch.bfloat16
+    monkeypatch.setenv("REFMOE_SLP_DTYPE", "fp16")
+    with pytest.raises(ValueError, match="REFMOE_SLP_DTYPE"):
+        compute_dtype(cpu, set())
+    monkeypatch.setenv("REFMOE_SLP_DTYPE", "bf16")
+    assert compute_dtype(cpu, {"avx2"}) == torch.bfloat16
+    model = _load(fp8_dir, "cpu")
+    runner = slp.StreamPrefill(model, ring=2, mode="prefetch")
+    assert runner.dtype == torch.bfloat16
+    out = runner.prefill(torch.tensor(PROMPT), model.new_cache())
+    err = (out - plain).abs().max()
+    assert 0 < err <= TOL["cuda"] * plain.abs().max()  # bf16: close, not equal
+    monkeypatch.setenv("REFMOE_SLP_DTYPE", "f32")
+    assert slp.StreamPrefill(model, ring=2).dtype == torch.float32

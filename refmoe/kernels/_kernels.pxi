@@ -32,6 +32,8 @@ cdef extern from "kernels.h" nogil:
                 float *xg, float *g_out, float *u_out, float *h, float *ye, int nthreads,
                 const int *gu_lo, const int *gu_hi, const int *dn_lo, const int *dn_hi,
                 const moe_act *act)
+    void fp8_dequant_rows(const uint8_t *codes, const float *scale, int n, int k, int bn,
+                          int bk, void *out, int bf16, int nthreads)
     void place_bands(const uint8_t *src, uint8_t *dst, int rows, size_t row_bytes,
                      int nthreads, const int *band_lo, const int *band_hi)
     void set_denormals_zero(int on, int nthreads)
@@ -185,6 +187,16 @@ def place(const uint8_t[:, ::1] src, uint8_t[:, ::1] dst, int nthreads,
     with nogil:
         place_bands(&src[0, 0], &dst[0, 0], src.shape[0], src.shape[1], nthreads, &band_lo[0],
                     &band_hi[0])
+
+
+def fp8_dequant(const uint8_t[:, ::1] codes,  # IN  [n, k]
+                const float[:, ::1] scale,    # IN  [ceil(n / bn), ceil(k / bk)]
+                int bn, int bk,
+                uint8_t[:, ::1] out,          # OUT [n, k * (2 or 4)] bytes
+                bint bf16, int nthreads):
+    with nogil:
+        fp8_dequant_rows(&codes[0, 0], &scale[0, 0], codes.shape[0], codes.shape[1], bn, bk,
+                         &out[0, 0], bf16, nthreads)
 
 
 def denormals_zero(bint on, int nthreads):

@@ -1322,6 +1322,43 @@ static void place_bands(const uint8_t *src, uint8_t *dst, int rows, size_t row_b
     }
 }
 
+/* FP8 E4M3 codes [n, k] with one float32 scale per bn x bk block (scale [ceil(n/bn),
+ * ceil(k/bk)], row-major) -> out [n, k] float32, or bfloat16 rounded to nearest even (bf16):
+ * the dequantization of SLP's compute lane where its device is the CPU. A table of the 256
+ * codes' values times the block's scale, rows split evenly over the threads. Exactly
+ * code * scale in float32 (the caller rejects NaN codes). */
+static void fp8_dequant_rows(const uint8_t *codes, const float *scale, int n, int k, int bn,
+                             int bk, void *out, int bf16, int nthreads) {
+    float lut[256];
+    for (int i = 0; i < 256; i++) lut[i] = fp8_value((uint8_t)i);
+    int sk = ceil_div(k, bk);
+#pragma omp parallel num_threads(nthreads)
+    {
+        int t = thread_id(), nt = team_size();
+        int lo = (int)((long)n * t / nt), hi = (int)((long)n * (t + 1) / nt);
+        for (int r = lo; r < hi; r++) {
+            const uint8_t *c = codes + (size_t)r * k;
+            const float *s = scale + (size_t)(r / bn) * sk;
+            for (int j0 = 0; j0 < k; j0 += bk) {
+                float sc = s[j0 / bk];
+                int j1 = j0 + bk < k ? j0 + bk : k;
+                if (bf16) {
+                    uint16_t *o = (uint16_t *)out + (size_t)r * k;
+                    for (int j = j0; j < j1; j++) {
+                        float v = lut[c[j]] * sc;
+                        uint32_t u;
+                        memcpy(&u, &v, 4);
+                        o[j] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+                    }
+                } else {
+                    float *o = (float *)out + (size_t)r * k;
+                    for (int j = j0; j < j1; j++) o[j] = lut[c[j]] * sc;
+                }
+            }
+        }
+    }
+}
+
 /* Pins pool thread t to the CPUs cpus[offsets[t] .. offsets[t+1]) (its NUMA node's), so the
  * bands it first-touched stay local. Thread 0 is the calling thread. Returns the number of
  * threads whose affinity could not be set. */
