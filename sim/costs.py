@@ -79,7 +79,7 @@ def score_flops(cfg: ModelConfig, tokens: int, past: int = 0, dense: bool = Fals
     new token's scores over every key up to the last new one (past + tokens; with a window, the
     window and the new tokens), the causal rule and DSA's choice applied as masks."""
     per_key = 2.0 * cfg.num_attention_heads * costmodel.score_dims(cfg)
-    full = tokens * (past + tokens) if dense else attended_keys(tokens, past, 0)
+    full: float = tokens * (past + tokens) if dense else attended_keys(tokens, past, 0)
     linear = costmodel.linear_share(cfg)
     if linear:  # Gated DeltaNet layers: a fixed recurrence per token, whatever the context
         recurrent = tokens * costmodel.recurrent_flops(cfg)
@@ -93,6 +93,7 @@ def score_flops(cfg: ModelConfig, tokens: int, past: int = 0, dense: bool = Fals
     if not types or "sliding_attention" not in types:
         return per_key * full
     sliding = types.count("sliding_attention") / len(types)
+    window: float
     if dense:
         window = tokens * min(past + tokens, cfg.sliding_window + tokens)
     else:
