@@ -255,13 +255,15 @@ def choose_prefill(
     rates: Rates,
     chunk_tokens: int | None = None,
     cpu_share: float = 1.0,
+    slp_wait_s: float = 0.0,
 ) -> Choice:
     """The fastest path for this prompt by the estimates above. cpu_share: the share of the
     CPU a CPU prefill would get (1: alone; less beside decoding requests, when chunked
-    prefill keeps most of the CPU for them)."""
+    prefill keeps most of the CPU for them); slp_wait_s: how long SLP would first wait for
+    the prefill worker (busy with another prompt) while a chunked CPU prefill starts now."""
     est = {"cpu": cpu_expert_seconds(cfg, tokens, rates) / cpu_share}
     for n in range(1, max(1, rates.devices) + 1):
-        est[f"slp{n}"] = slp_expert_seconds(cfg, tokens, rates, n, chunk_tokens)
+        est[f"slp{n}"] = slp_wait_s + slp_expert_seconds(cfg, tokens, rates, n, chunk_tokens)
     best = min(est, key=lambda k: est[k])
     return Choice("cpu" if best == "cpu" else "slp", 1 if best == "cpu" else int(best[3:]), est)
 

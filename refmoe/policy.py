@@ -125,9 +125,11 @@ class Policy:
         # CPU-only machine both halves would compete for the same cores
         return d == "on" or (d == "auto" and self.accelerated)
 
-    def path(self, tokens: int, busy: bool = False) -> str:
+    def path(self, tokens: int, busy: bool = False, wait_s: float = 0.0) -> str:
         """ "cpu" or "slp" for a prompt of `tokens` tokens; busy: requests are decoding, so
-        with chunked prefill a CPU prefill gets only (slowdown - 1) / slowdown of the CPU."""
+        with chunked prefill a CPU prefill gets only (slowdown - 1) / slowdown of the CPU;
+        wait_s: how long the prefill worker stays busy with another prompt, which SLP would
+        wait out and a chunked CPU prefill (on the decode worker) would not."""
         if not self.can_stream:
             return "cpu"
         if self.config.prefill != "auto":
@@ -136,8 +138,9 @@ class Policy:
             return "cpu"
         c = self.config
         share = (c.decode_slowdown - 1) / c.decode_slowdown if busy and self.chunked else 1.0
+        wait = wait_s if self.chunked else 0.0  # unchunked, both paths wait for the worker
         return costmodel.choose_prefill(
-            self.cfg, tokens, self.rates, self.chunk_tokens, cpu_share=share
+            self.cfg, tokens, self.rates, self.chunk_tokens, cpu_share=share, slp_wait_s=wait
         ).path
 
     def details(self, tokens: int, where: str) -> tuple[int, tuple[str, ...]]:

@@ -141,8 +141,14 @@ class Scheduler:
         # recurrent state: Qwen3-Next, Qwen3.5), counted in tokens of the budget
         self.state_tokens = state_tokens
         self.max_batch, self.max_queue = max_batch, max_queue
-        # (tokens, busy: requests are decoding) -> "cpu" or "slp"
-        self.choose_path = choose_path or (lambda tokens, busy: "cpu")
+        # (tokens, busy: requests are decoding, wait_s: how long the prefill worker stays
+        # busy) -> "cpu" or "slp"
+        self.choose_path = choose_path or (lambda tokens, busy, wait_s: "cpu")
+        # the prompt on the prefill worker (request, start, tokens it runs, path) and the
+        # seconds per token each path's last prompt there took, as this scheduler's clock saw
+        # them (the engine's and the simulator's alike): what a waiting prompt would wait
+        self.worker: tuple[str, float, int, str] | None = None
+        self.seconds_per_token: dict[str, float] = {}
         # (tokens, where) -> (chunks, streaming per chunk): refmoe.policy.Policy.details
         self.details = details or (lambda tokens, where: (1, ()))
         # request_id -> leading prompt tokens cached (the engine's prefix cache)
@@ -191,9 +197,15 @@ class Scheduler:
             self.waiting.remove(request_id)
         if request_id in self.chunking:
             self.chunking.remove(request_id)
+        if self.worker is not None and self.worker[0] == request_id:
+            self.worker = None  # cancelled or failed: its time says nothing
         e.state = "finished"
 
     def prefilled(self, request_id: str) -> None:
+        if self.worker is not None and self.worker[0] == request_id:
+            _, start, tokens, where = self.worker
+            self.seconds_per_token[where] = (self.clock() - start) / max(tokens, 1)
+            self.worker = None
         e = self.entries.get(request_id)
         if e is not None and e.state == "prefilling":
             e.state = "decoding"
@@ -237,6 +249,7 @@ class Scheduler:
             else (self.devices - 1,)
         )
         chunks, streaming = self.details(e.prompt_tokens - e.cached, where)
+        self.worker = (e.request_id, self.clock(), e.prompt_tokens - e.cached, where)
         return PrefillPlan(
             e.request_id, e.prompt_tokens, where, devices, ids, chunks, streaming, e.cached
         )
@@ -251,8 +264,19 @@ class Scheduler:
             return None
         if e.where is None:
             e.cached = min(self.lookup(e.request_id), e.prompt_tokens - 1)
-            e.where = self.choose_path(e.prompt_tokens - e.cached, bool(self.decoding))
+            e.where = self.choose_path(
+                e.prompt_tokens - e.cached, bool(self.decoding), self.worker_wait()
+            )
         return e
+
+    def worker_wait(self) -> float:
+        """Seconds until the prefill worker is free, by the time its prompt's path took per
+        token last time there (0: idle, or no such prompt has finished yet)."""
+        if self.worker is None:
+            return 0.0
+        _, start, tokens, where = self.worker
+        rate = self.seconds_per_token.get(where)
+        return 0.0 if rate is None else max(0.0, tokens * rate - (self.clock() - start))
 
     def next_decode(self) -> DecodePlan | None:
         chunk = self._next_chunk()

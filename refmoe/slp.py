@@ -101,10 +101,6 @@ class Ring:
 # The runner: one prefill, chunk by chunk
 # ---------------------------------------------------------------------------------------------
 
-# ---------------------------------------------------------------------------------------------
-# The runner: one prefill, chunk by chunk
-# ---------------------------------------------------------------------------------------------
-
 
 def ring_slots(
     layout: SlotLayout, experts_per_layer: int, free_bytes: int, reserve_bytes: int

@@ -123,9 +123,9 @@ def attention_block_us(
 def attention_gflops(tokens: int = 1024, reps: int = 3, samples: list | None = None) -> float:
     """GFLOP/s of the engine's causal attention over a prompt (refmoe.models.layers.attend,
     DeepSeek-V3's 128 heads of 192 + 128 dims) of `tokens` tokens: the rate a prompt's own
-    scores and weighted sums run at on the CPU (median of reps, into `samples`). It counts
-    the causal FLOPs (each query over the keys at or behind it), half of what attend
-    computes (every key, masked): CPU.score_gflops converts."""
+    scores and weighted sums run at on the CPU (median of reps, into `samples`), in causal
+    FLOPs (each query over the keys at or behind it: the flash kernel attend runs skips the
+    rest)."""
     import torch
 
     from refmoe.models.layers import attend
@@ -160,6 +160,42 @@ def slp_lane(reps: int = 3, samples: dict | None = None) -> tuple[float, float, 
         samples["cpu.slp_dequant_gbps"] = dequant
         samples["cpu.slp_gflops"] = gflops
     return statistics.median(copy), statistics.median(dequant), statistics.median(gflops)
+
+
+def linear_gflops(tokens: int = 1024, reps: int = 3, samples: list | None = None) -> float:
+    """A linear-attention layer's prompt beyond its projections, as the engine runs it
+    (refmoe.models.qwen3_next.GatedDeltaNet._sequence: the causal convolution, the norms and
+    gates, the chunked gated delta rule) at Qwen3-Next's shape (16 key and 32 value heads of
+    128, kernel 4), in the recurrence's FLOPs (costmodel.recurrent_flops per token) per
+    second: the rate a linear layer's prompt runs at on the CPU besides its FP8 projections
+    (median of reps, into `samples`). The delta rule is about 40% of that time."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from refmoe.models.qwen3_next import GatedDeltaNet, LinearCache
+
+    hk, hv, d, kernel = 16, 32, 128, 4
+    layer = object.__new__(GatedDeltaNet)  # the engine's own code, without a checkpoint
+    layer.cfg = SimpleNamespace(rms_norm_eps=1e-6)
+    layer.hk, layer.hv, layer.dk, layer.dv = hk, hv, d, d
+    layer.channels = 2 * hk * d + hv * d
+    g = torch.Generator().manual_seed(4)
+    layer.conv = torch.randn(layer.channels, 1, kernel, generator=g) * 0.3
+    layer.dt_bias = torch.randn(hv, generator=g)
+    layer.a_log = torch.randn(hv, generator=g) * 0.5
+    layer.norm = torch.ones(d)
+    mixed = torch.randn(tokens, layer.channels, generator=g)
+    z = torch.randn(tokens, hv, d, generator=g)
+    b, a = torch.randn(tokens, hv, generator=g), torch.randn(tokens, hv, generator=g)
+    flops = tokens * 8.0 * hv * d * d
+    got = [
+        flops / t / 1e9
+        for t in _times(lambda: layer._sequence(mixed, z, b, a, LinearCache()), reps)
+    ]
+    if samples is not None:
+        samples.extend(got)
+    return statistics.median(got)
 
 
 def moe_overhead_us(reps: int = 50, samples: list | None = None) -> float:
@@ -381,6 +417,10 @@ def calibrate(name: str = "this-machine", reps: int = 5, quick: bool = False) ->
     samples["cpu.attention_gflops"] = []
     hw.cpu.attention_gflops = attention_gflops(
         tokens=512 if quick else 1024, samples=samples["cpu.attention_gflops"]
+    )
+    samples["cpu.linear_gflops"] = []
+    hw.cpu.linear_gflops = linear_gflops(
+        tokens=512 if quick else 1024, samples=samples["cpu.linear_gflops"]
     )
     hw.cpu.slp_copy_gbps, hw.cpu.slp_dequant_gbps, hw.cpu.slp_gflops = slp_lane(
         2 if quick else reps, samples

@@ -101,6 +101,12 @@ def score_flops(cfg: ModelConfig, tokens: int, past: int = 0, dense: bool = Fals
     return per_key * ((1 - sliding) * full + sliding * window)
 
 
+def recurrent_part(cfg: ModelConfig, tokens: int) -> float:
+    """What score_flops counts for the linear-attention layers (their share of the layers):
+    the recurrence over `tokens` new tokens, whatever the context; 0 without such layers."""
+    return costmodel.linear_share(cfg) * tokens * costmodel.recurrent_flops(cfg)
+
+
 def attended_keys(tokens: int, past: int, window: int) -> float:
     """Keys attended, summed over `tokens` new tokens after `past` cached ones: the token at
     position p sees p + 1 keys, or min(p + 1, window) with a window."""

@@ -53,6 +53,11 @@ class CPU:
     # GFLOP/s of all cores (0: half the FMA peak)
     attention_us_by_context: dict = field(default_factory=dict)
     attention_gflops: float = 0.0
+    # a linear-attention layer's prompt beyond its projections (Qwen3-Next / Qwen3.5: the
+    # convolution, norms, gates and the chunked gated delta rule, as the engine runs them), in
+    # the recurrence's FLOPs (refmoe.costmodel.recurrent_flops per token) per second;
+    # 0: attention_gflops
+    linear_gflops: float = 0.0
     # the heads of the block that curve was timed on (DeepSeek-V3's 128), and the same curve
     # timed on a block of attention_few_heads heads (empty: none): with both, a model's
     # curve lies between them, linear in its head count (reading the latent cache costs the
@@ -130,15 +135,21 @@ class CPU:
         return t0 + (context - c0) * (t1 - t0) / (c1 - c0)
 
     def score_gflops(self) -> float:
-        """The rate of the engine's CPU attention products (refmoe.models.layers.attend), in
-        the FLOPs they compute (sim.costs.score_flops dense): it scores every query over every
-        key and masks, so over the calibration's prompt from position 0 it computes twice the
-        causal FLOPs attention_gflops counts (calibrate.attention_gflops)."""
+        """The rate of the engine's CPU attention over a prompt (refmoe.models.layers.attend:
+        torch's flash kernel from CPU_FLASH_MIN_TOKENS queries on), in the FLOPs it computes:
+        a prompt from position 0 its causal FLOPs (the kernel skips the hidden blocks), a
+        chunk after a cached past every key's (sim.costs.score_flops dense: the causal rule
+        there is a mask)."""
         return (
-            2.0 * self.attention_gflops
+            self.attention_gflops
             if self.attention_gflops > 0
             else 0.5 * self.cores * self.fma_gflops_per_core
         )
+
+    def recurrence_gflops(self) -> float:
+        """The rate a prompt's linear-attention layers run at (linear_gflops, else the
+        attention's)."""
+        return self.linear_gflops if self.linear_gflops > 0 else self.score_gflops()
 
     @property
     def cores(self) -> int:

@@ -230,15 +230,14 @@ class Machine:
         chunks a chunked prefill has run): beyond what a prefill from position 0 costs. On a
         GPU the cache read once or the score FLOPs; on the CPU a few tokens run the engine's
         absorbed attention (each as a decode token after `past`), more the expanded one: the
-        score FLOPs torch's masked product computes (every key; costs.score_flops dense) at
-        the calibrated matmul rate, and for MLA the cached latents expanded through kv_b (a
+        chunk's scores over every key (the causal rule a mask there; costs.score_flops dense)
+        at the calibrated rate, less the causal FLOPs of the same tokens from position 0
+        (charged with the chunk), and for MLA the cached latents expanded through kv_b (a
         GEMM over `past` more tokens, at the FP8 kernels' rate for that many)."""
         if past <= 0 or tokens <= 0:
             return 0.0, {}
-        dense = not self.hw.gpus  # torch's masked product on the CPU: every key is scored
-        flops = costs.score_flops(cfg, tokens, past, dense) - costs.score_flops(
-            cfg, tokens, 0, dense
-        )
+        dense = not self.hw.gpus  # on the CPU a masked kernel: every key is scored
+        flops = costs.score_flops(cfg, tokens, past, dense) - costs.score_flops(cfg, tokens, 0)
         if self.hw.gpus:
             g = self.hw.gpus[self.gpu_index]
             t = max(
@@ -289,5 +288,7 @@ class Machine:
             * 1e-6
         )
         if tokens > len(contexts):  # a prompt: its tokens attend to each other
-            t += costs.score_flops(cfg, tokens, dense=True) / (cpu.score_gflops() * 1e9)
+            flops, rec = costs.score_flops(cfg, tokens), costs.recurrent_part(cfg, tokens)
+            t += (flops - rec) / (cpu.score_gflops() * 1e9)
+            t += rec / (cpu.recurrence_gflops() * 1e9)
         return t, {c: 1.0 for c in self.cores}

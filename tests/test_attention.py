@@ -12,7 +12,7 @@ import torch
 from test_slp import save_tiny_qwen3
 
 from refmoe import models
-from refmoe.models import gqa
+from refmoe.models import gqa, layers
 from refmoe.models.layers import attend
 
 
@@ -76,6 +76,41 @@ def test_attend_matches_float64(groups, t, past, window, sinks, allow, budget, s
     )
     want = naive(q, k, v, past, 0.3, window, sink, allowed)
     assert got.shape == want.shape
+    assert np.abs(got.numpy() - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+
+
+@hypothesis.settings(max_examples=15, deadline=None)
+@hypothesis.given(
+    groups=st.sampled_from([(4, 4), (8, 2), (6, 1)]),
+    t=st.integers(layers.CPU_FLASH_MIN_TOKENS, layers.CPU_FLASH_MIN_TOKENS + 40),
+    past=st.sampled_from([0, 1, 37]),
+    dims=st.sampled_from([(8, 8), (12, 8)]),  # (query/key, value): MLA's value is narrower
+    seed=st.integers(0, 2**16),
+)
+def test_cpu_flash_path_matches_float64(groups, t, past, dims, seed):
+    """From CPU_FLASH_MIN_TOKENS queries on, attention on the CPU runs torch's flash kernel
+    (causal from position 0, or masked after a cached past), within float32's tolerance of
+    the float64 reference as the grouped product is."""
+    n, g = groups
+    d, dv = dims
+    rng = np.random.default_rng(seed)
+    s = past + t
+    q = rng.standard_normal((n, t, d)).astype(np.float32)
+    k = rng.standard_normal((g, s, d)).astype(np.float32)
+    v = rng.standard_normal((g, s, dv)).astype(np.float32)
+    calls = []
+    fused = layers._fused_attention
+
+    def spy(*args):
+        out = fused(*args)
+        calls.append(out is not None)
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layers, "_fused_attention", spy)
+        got = attend(*(torch.from_numpy(x) for x in (q, k, v)), past, 0.3)
+    assert calls == [True]  # the flash kernel took it
+    want = naive(q, k, v, past, 0.3)
     assert np.abs(got.numpy() - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
 
 

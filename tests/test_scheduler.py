@@ -46,7 +46,7 @@ def test_devices_policy_keeps_one_for_decode():
     now = [0.0]
     s = Scheduler(
         kv_tokens=10_000,
-        choose_path=lambda t, busy: "slp" if t >= 100 else "cpu",
+        choose_path=lambda t, busy, wait_s: "slp" if t >= 100 else "cpu",
         devices=2,
         decode_quiet_s=300,
         clock=lambda: now[0],
@@ -90,3 +90,59 @@ def test_fixed_state_tokens():
     assert fixed_state_tokens(0, 4096) == 0
     assert fixed_state_tokens(4096, 4096) == 1 and fixed_state_tokens(4097, 4096) == 2
     assert fixed_state_tokens(1000, 0) == 1000  # no per-token cache at all: bytes
+
+
+def test_a_short_prompt_does_not_queue_behind_a_long_slp_prefill():
+    """The agent case (a 201-token turn arriving while another conversation's 4K-token first
+    turn streams by SLP for 22 s): the path is chosen with the time the prefill worker stays
+    busy, measured from the last prompt of that path there, so with chunked prefill the short
+    turn rides the decode steps now instead of waiting for the worker. Measured on this VM
+    before the fix: that turn's TTFT 21.9 s where the other later turns took 1.6 s."""
+    from refmoe import costmodel
+    from refmoe.config import ModelConfig
+    from refmoe.policy import EngineConfig, Policy
+
+    now = [0.0]
+    seen = []
+
+    def choose(tokens, busy, wait_s):
+        seen.append((tokens, round(wait_s, 6)))
+        return "slp" if tokens >= 1000 or wait_s == 0 else "cpu"
+
+    s = Scheduler(
+        kv_tokens=100_000,
+        choose_path=choose,
+        clock=lambda: now[0],
+        chunk_tokens=lambda decoding, left: left,
+    )
+    s.add(Entry("a1", 4096, 32, 0))
+    assert s.next_prefill().where == "slp" and s.worker_wait() == 0.0  # nothing measured yet
+    now[0] = 22.0
+    s.prefilled("a1")
+    assert s.seconds_per_token == {"slp": 22.0 / 4096} and s.worker is None
+    s.add(Entry("b1", 4096, 32, 0))
+    now[0] = 22.5
+    assert s.next_prefill().request_id == "b1"
+    now[0] = 23.5
+    assert s.worker_wait() == pytest.approx(21.0)
+    s.add(Entry("a2", 201, 32, 0))
+    assert s.next_prefill() is None  # not the worker: chunks on the decode worker
+    assert s.next_decode().chunk.request_id == "a2"
+    assert seen[-1] == (201, 21.0)
+    now[0] = 60.0  # past its expected end: no wait left
+    assert s.worker_wait() == 0.0
+    s.finish("b1")  # cancelled on the worker: no measurement, the worker is free
+    assert s.worker is None and s.seconds_per_token == {"slp": 22.0 / 4096}
+    # the policy adds the wait to SLP only where a CPU prefill would not wait (chunked)
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    trace = Path(__file__).parents[1] / "traces/agents/qwen3-next-L4-E32-2x3-4096.json"
+    meta = json.loads(trace.read_text())["metadata"]["model"]  # the Qwen3-Next demo's
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    cfg = ModelConfig(**{k: v for k, v in meta.items() if k in names})
+    rates = costmodel.Rates(14.3, 12.0, 113.0, 436.0, device_weight_gbps=2.3, device="cpu")
+    for chunked, want in (("on", "cpu"), ("off", "slp")):
+        p = Policy.build(EngineConfig(chunked_prefill=chunked), cfg, rates, accelerated=False)
+        assert p.path(201) == "slp" and p.path(201, wait_s=21.0) == want

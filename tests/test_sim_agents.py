@@ -2,14 +2,22 @@
 keeps it, closed-loop conversations through the engine's scheduler (its prefix lookups and
 chunked prefill), and the capacity question, on a profile of the paper's box."""
 
+import dataclasses
+import json
+from pathlib import Path
+
 import pytest
 from sim_common import V3
 
+from refmoe import costmodel
 from refmoe.config import ModelConfig
 from refmoe.serving_metrics import Turn, agent_summary, agent_workload
+from sim import costs
 from sim.agents import PrefixModel, capacity, host_bytes_per_token
 from sim.hardware import Hardware
 from sim.serve import Simulation
+
+QWEN3_NEXT_TRACE = Path(__file__).parents[1] / "traces/agents/qwen3-next-L4-E32-2x3-4096.json"
 
 
 def test_prefix_model_matches_stores_and_evicts_like_the_engine():
@@ -207,6 +215,22 @@ def test_prefix_attention_follows_the_engines_kernels():
     assert many > cpu.prefix_attention(cfg, 512, 1024)[0] > 0
     gpu = Machine(simpy.Environment(), Hardware.load("paper-2x9355-2x5090"))
     assert 0 < gpu.prefix_attention(cfg, 512, 4096)[0] < many
+    # exactly: the chunk scored over every key at the calibrated rate, less the causal
+    # FLOPs from position 0 it is charged with anyway, plus (MLA) kv_b over the past latents
+    per_key = 2 * 128 * (128 + 64 + 128)
+    scores = per_key * (512 * (4096 + 512) - 512 * 513 / 2) / (cpu.hw.cpu.attention_gflops * 1e9)
+    kv_b = costs.fp8_bytes(128 * (128 + 128), 512)
+    expand = kv_b / (cpu.rate_gbps(4096 + 512) * 1e9) * 4096 / (4096 + 512)
+    assert many == pytest.approx(scores + expand, rel=1e-12)
+    # Qwen3-Next's demo (GQA, 1 layer in 4 of full attention): no kv_b; its linear layers'
+    # recurrence costs the same after a past as from position 0
+    meta = json.loads(QWEN3_NEXT_TRACE.read_text())["metadata"]["model"]
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    qwen = ModelConfig(**{k: v for k, v in meta.items() if k in names})
+    per_key = 2 * qwen.num_attention_heads * costmodel.score_dims(qwen)
+    keys = 201 * (4127 + 201) - 201 * 202 / 2
+    got = cpu.prefix_attention(qwen, 201, 4127)[0]
+    assert got == pytest.approx(0.25 * per_key * keys / (cpu.hw.cpu.attention_gflops * 1e9))
 
 
 def test_the_simulator_does_not_load_torch():

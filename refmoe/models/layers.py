@@ -83,10 +83,20 @@ def apply_rope(
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+# from this many queries on, attention on the CPU runs torch's flash kernel (it never builds
+# the score matrix and skips the blocks the causal rule hides); fewer (decode, a short chunk)
+# run the grouped product below, faster there (measured on a 2-vCPU Zen 4 over 4,096 keys:
+# 16 query heads on 2 KV heads, 1 token 1.2 ms against 2.7; 128 tokens 98 against 78)
+CPU_FLASH_MIN_TOKENS = 64
+
+
 def _fused_attention(q, k, v, start: int, scale: float) -> torch.Tensor | None:
-    """CUDA: flash or memory-efficient attention in bf16 (v padded to q's head size when they
-    differ, as in MLA); None when neither kernel takes the shapes (never the math backend,
-    which would build the whole score matrix)."""
+    """Fused attention through torch's scaled_dot_product_attention: on CUDA flash or
+    memory-efficient attention in bf16; on the CPU its flash kernel in the inputs' dtype
+    (float32: within 1e-6 of the product below, 2.5x as fast over a 1,024-token prompt of 128
+    heads, 1.7x for 201 tokens after 4,127 cached). v is padded to q's head size when they
+    differ (MLA). None when no such kernel takes the shapes (never the math backend, which
+    would build the whole score matrix)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     t, s, dv = q.shape[1], k.shape[1], v.shape[-1]
@@ -98,14 +108,17 @@ def _fused_attention(q, k, v, start: int, scale: float) -> torch.Tensor | None:
             <= (start + torch.arange(t, device=q.device))[:, None]
         )
     )  # [T, S] keep
-    vb = v.to(torch.bfloat16)
+    cuda = q.is_cuda
+    dtype = torch.bfloat16 if cuda else q.dtype
+    backends = [SDPBackend.FLASH_ATTENTION] + ([SDPBackend.EFFICIENT_ATTENTION] if cuda else [])
+    vb = v.to(dtype)
     if dv < q.shape[-1]:
         vb = F.pad(vb, (0, q.shape[-1] - dv))
     try:
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        with sdpa_kernel(backends):
             out = F.scaled_dot_product_attention(  # the fused kernels want [B, n, T, d]
-                q.to(torch.bfloat16)[None],
-                k.to(torch.bfloat16)[None],
+                q.to(dtype)[None],
+                k.to(dtype)[None],
                 vb[None],
                 attn_mask=mask,
                 is_causal=mask is None and t > 1,
@@ -143,7 +156,8 @@ def attend(
         raise ValueError(f"{n} query heads over {g} key and {v.shape[0]} value heads")
     if t == 0:  # a rank that only hosts a distributed prefill attends for no query
         return q.new_zeros((n, 0, dv))
-    if q.is_cuda and window == 0 and sinks is None and allowed is None:
+    fused = q.is_cuda or (t >= CPU_FLASH_MIN_TOKENS and q.dtype == torch.float32)
+    if fused and window == 0 and sinks is None and allowed is None:
         out = _fused_attention(q, k, v, start, scale)
         if out is not None:
             return out
