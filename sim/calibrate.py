@@ -170,14 +170,16 @@ def linear_gflops(tokens: int = 1024, reps: int = 3, samples: list | None = None
     second: the rate a linear layer's prompt runs at on the CPU besides its FP8 projections
     (median of reps, into `samples`). The delta rule is about 40% of that time."""
     from types import SimpleNamespace
+    from typing import cast
 
     import torch
 
+    from refmoe.config import ModelConfig
     from refmoe.models.qwen3_next import GatedDeltaNet, LinearCache
 
     hk, hv, d, kernel = 16, 32, 128, 4
     layer = object.__new__(GatedDeltaNet)  # the engine's own code, without a checkpoint
-    layer.cfg = SimpleNamespace(rms_norm_eps=1e-6)
+    layer.cfg = cast(ModelConfig, SimpleNamespace(rms_norm_eps=1e-6))  # all _sequence reads
     layer.hk, layer.hv, layer.dk, layer.dv = hk, hv, d, d
     layer.channels = 2 * hk * d + hv * d
     g = torch.Generator().manual_seed(4)
