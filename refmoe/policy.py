@@ -143,6 +143,16 @@ class Policy:
             self.cfg, tokens, self.rates, self.chunk_tokens, cpu_share=share, slp_wait_s=wait
         ).path
 
+    def seconds(self, tokens: int, where: str) -> float:
+        """The cost model's estimate of a prefill's experts on `where` ("cpu" or "slp" on one
+        device), what the scheduler scales by measured prefills to tell how long the prefill
+        worker stays busy; without rates, the tokens (a rate per token)."""
+        if self.rates is None:
+            return float(tokens)
+        if where == "slp":
+            return costmodel.slp_expert_seconds(self.cfg, tokens, self.rates, 1, self.chunk_tokens)
+        return costmodel.cpu_expert_seconds(self.cfg, tokens, self.rates)
+
     def details(self, tokens: int, where: str) -> tuple[int, tuple[str, ...]]:
         """(chunks, streaming mode of each chunk) of a prefill: one chunk and no streaming on
         the CPU path; on SLP, chunks of chunk_tokens, each streaming every expert ("prefetch")
@@ -173,6 +183,7 @@ class Policy:
             lookup=lookup,
             chunk_tokens=self.chunk_rule.tokens if self.chunked else None,
             state_tokens=state_tokens,
+            estimate=self.seconds,
         )
 
 

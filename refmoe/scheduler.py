@@ -135,6 +135,7 @@ class Scheduler:
         lookup=None,
         chunk_tokens=None,
         state_tokens: int = 0,
+        estimate=None,
     ):
         self.kv = KVBudget(kv_tokens)
         # the fixed state each sequence keeps beside its growing cache (linear attention's
@@ -144,11 +145,15 @@ class Scheduler:
         # (tokens, busy: requests are decoding, wait_s: how long the prefill worker stays
         # busy) -> "cpu" or "slp"
         self.choose_path = choose_path or (lambda tokens, busy, wait_s: "cpu")
-        # the prompt on the prefill worker (request, start, tokens it runs, path) and the
-        # seconds per token each path's last prompt there took, as this scheduler's clock saw
-        # them (the engine's and the simulator's alike): what a waiting prompt would wait
+        # the prompt on the prefill worker (request, start, tokens it runs, path), and per
+        # path what its last prompt there took over what `estimate` (tokens, where) ->
+        # seconds said (the cost model's, from the policy: its fixed costs, such as SLP's
+        # stream, do not grow with the tokens; default: the tokens, so a rate per token), as
+        # this scheduler's clock saw it (the engine's and the simulator's alike): how long
+        # a waiting prompt would wait for the worker
         self.worker: tuple[str, float, int, str] | None = None
-        self.seconds_per_token: dict[str, float] = {}
+        self.estimate = estimate or (lambda tokens, where: float(tokens))
+        self.observed: dict[str, float] = {}
         # (tokens, where) -> (chunks, streaming per chunk): refmoe.policy.Policy.details
         self.details = details or (lambda tokens, where: (1, ()))
         # request_id -> leading prompt tokens cached (the engine's prefix cache)
@@ -204,7 +209,7 @@ class Scheduler:
     def prefilled(self, request_id: str) -> None:
         if self.worker is not None and self.worker[0] == request_id:
             _, start, tokens, where = self.worker
-            self.seconds_per_token[where] = (self.clock() - start) / max(tokens, 1)
+            self.observed[where] = (self.clock() - start) / max(self.estimate(tokens, where), 1e-9)
             self.worker = None
         e = self.entries.get(request_id)
         if e is not None and e.state == "prefilling":
@@ -270,13 +275,16 @@ class Scheduler:
         return e
 
     def worker_wait(self) -> float:
-        """Seconds until the prefill worker is free, by the time its prompt's path took per
-        token last time there (0: idle, or no such prompt has finished yet)."""
+        """Seconds until the prefill worker is free: its prompt's estimate, scaled as the last
+        prompt of that path there came out against its own, less the time it has run (0:
+        idle, or no such prompt has finished yet)."""
         if self.worker is None:
             return 0.0
         _, start, tokens, where = self.worker
-        rate = self.seconds_per_token.get(where)
-        return 0.0 if rate is None else max(0.0, tokens * rate - (self.clock() - start))
+        ratio = self.observed.get(where)
+        if ratio is None:
+            return 0.0
+        return max(0.0, ratio * self.estimate(tokens, where) - (self.clock() - start))
 
     def next_decode(self) -> DecodePlan | None:
         chunk = self._next_chunk()

@@ -119,7 +119,7 @@ def test_a_short_prompt_does_not_queue_behind_a_long_slp_prefill():
     assert s.next_prefill().where == "slp" and s.worker_wait() == 0.0  # nothing measured yet
     now[0] = 22.0
     s.prefilled("a1")
-    assert s.seconds_per_token == {"slp": 22.0 / 4096} and s.worker is None
+    assert s.observed == {"slp": 22.0 / 4096} and s.worker is None  # default: per token
     s.add(Entry("b1", 4096, 32, 0))
     now[0] = 22.5
     assert s.next_prefill().request_id == "b1"
@@ -132,7 +132,7 @@ def test_a_short_prompt_does_not_queue_behind_a_long_slp_prefill():
     now[0] = 60.0  # past its expected end: no wait left
     assert s.worker_wait() == 0.0
     s.finish("b1")  # cancelled on the worker: no measurement, the worker is free
-    assert s.worker is None and s.seconds_per_token == {"slp": 22.0 / 4096}
+    assert s.worker is None and s.observed == {"slp": 22.0 / 4096}
     # the policy adds the wait to SLP only where a CPU prefill would not wait (chunked)
     import dataclasses
     import json
@@ -146,3 +146,19 @@ def test_a_short_prompt_does_not_queue_behind_a_long_slp_prefill():
     for chunked, want in (("on", "cpu"), ("off", "slp")):
         p = Policy.build(EngineConfig(chunked_prefill=chunked), cfg, rates, accelerated=False)
         assert p.path(201) == "slp" and p.path(201, wait_s=21.0) == want
+    # the policy's scheduler scales the cost model's estimate (SLP's stream is a fixed cost a
+    # rate per token would overcharge a long prompt by), by what the last prompt took
+    p = Policy.build(EngineConfig(), cfg, rates, accelerated=False)
+    s = p.scheduler(clock=lambda: now[0])
+    now[0] = 0.0
+    s.add(Entry("short", 201, 8, 0))
+    assert s.next_prefill().where == "slp"  # the worker idle: SLP's estimate wins
+    now[0] = 1.3
+    s.prefilled("short")
+    ratio = 1.3 / p.seconds(201, "slp")
+    assert s.observed == {"slp": pytest.approx(ratio)}
+    s.add(Entry("long", 4096, 8, 0))
+    assert s.next_prefill().where == "slp"
+    now[0] = 2.3
+    assert s.worker_wait() == pytest.approx(ratio * p.seconds(4096, "slp") - 1.0)
+    assert p.seconds(4096, "slp") < 4096 / 201 * p.seconds(201, "slp")  # the fixed stream
