@@ -22,7 +22,7 @@ import time
 import torch
 
 from refmoe import kernels
-from refmoe.device_matmul import block_dequant
+from refmoe.device_matmul import block_dequant, torch_block_dequant
 from refmoe.models import layers
 
 # (label, query heads, key heads, new tokens, keys, q/k dims, v dims)
@@ -92,9 +92,7 @@ def main() -> None:
     codes, sc = w.view(torch.uint8).numpy(), scale.numpy()
 
     def torch_dequant():
-        n, kk = w.shape
-        blocks = w.view(n // 128, 128, kk // 128, 128).to(torch.float32)
-        return (blocks * scale[:, None, :, None]).view(n, kk)
+        return torch_block_dequant(w, scale, torch.float32)
 
     ab(
         "FP8 dequantization 2,048 x 7,168 to float32 (kernel vs torch)",

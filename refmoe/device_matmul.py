@@ -47,6 +47,14 @@ def block_dequant(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) 
         )
         got = torch.from_numpy(out)
         return got.view(torch.bfloat16) if dtype == torch.bfloat16 else got
+    return torch_block_dequant(codes, scale, dtype)
+
+
+def torch_block_dequant(
+    codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """block_dequant in torch on any device (what the CPU ran before the kernel)."""
+    n, k = codes.shape
     if n % 128 == 0 and k % 128 == 0:  # broadcast the scales, no [N, K] scale copy
         blocks = codes.view(n // 128, 128, k // 128, 128).to(torch.float32)
         return (blocks * scale[:, None, :, None]).to(dtype).view(n, k)

@@ -25,7 +25,6 @@ Events a request's sink receives (from the workers' threads): {"type": "token", 
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import threading
@@ -192,9 +191,7 @@ class Engine:
             self.policy.rates = slp.model_rates(self.model)
         if self.trace is not None and self.policy.rates is not None:
             # the rates "auto" chose each prompt's path by: a replay can choose as it did
-            self.trace.metadata.setdefault("engine", {})["rates"] = dataclasses.asdict(
-                self.policy.rates
-            )
+            self.trace.metadata.setdefault("engine", {})["rates"] = self.policy.rates.as_dict()
         if self.ranks > 1:  # the other ranks of DSLP: processes that load the model
             from refmoe import dslp
 

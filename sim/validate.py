@@ -7,6 +7,7 @@ import statistics
 from dataclasses import fields
 from pathlib import Path
 
+from refmoe import costmodel
 from refmoe.config import ModelConfig
 from sim.hardware import Hardware
 from sim.predict import predict
@@ -100,10 +101,7 @@ def _serving(doc: dict, cfg: ModelConfig):
     t0 = min(r["arrival"] for r in reqs)
     workload = [(r["arrival"] - t0, r["prompt_tokens"], r["output_tokens"]) for r in reqs]
     engine = doc["metadata"].get("engine") or {}
-    # the engine's own policy: "auto" lets the cost model choose per prompt, as it did
-    path = engine.get("prefill") if engine.get("prefill") in ("cpu", "slp", "auto") else "cpu"
-    # traces from before chunked prefill ran every CPU prefill whole beside decode
-    chunked = bool(engine.get("chunked_prefill", False))
+    path, chunked, rates = engine_policy(engine)
     ok = [r for r in reqs if r.get("first_token_time") is not None]
     tpot = [
         (r["finish_time"] - r["first_token_time"]) / (r["output_tokens"] - 1)
@@ -138,7 +136,7 @@ def _serving(doc: dict, cfg: ModelConfig):
             prefill=path,
             routing=routing,
             chunked_prefill=chunked,
-            rates=engine_rates(engine),
+            rates=rates,
         )
         pred = summary(outcomes, duration)
         e2e = [o.e2e_s for o in outcomes if o.ok]
@@ -188,9 +186,7 @@ def _agents(doc: dict, cfg: ModelConfig, shape: dict):
         / sum(t["prompt_tokens"] for t in turns),
     }
     convos = agent_workload_of(shape)
-    path = str(engine["prefill"]) if engine.get("prefill") in ("cpu", "slp", "auto") else "cpu"
-    chunked = bool(engine.get("chunked_prefill", False))
-    rates = engine_rates(engine)
+    path, chunked, rates = engine_policy(engine)
 
     def fn(profile: Hardware) -> dict:
         run = Simulation(
@@ -214,13 +210,20 @@ def _agents(doc: dict, cfg: ModelConfig, shape: dict):
     return meas, fn
 
 
-def engine_rates(engine: dict):
+def engine_rates(engine: dict) -> costmodel.Rates | None:
     """The cost model's rates the engine chose paths by, where its trace recorded them
     (refmoe.engine, prefill auto), else None (the profile's)."""
-    from refmoe import costmodel
-
     got = engine.get("rates")
     return costmodel.Rates(**got) if isinstance(got, dict) else None
+
+
+def engine_policy(engine: dict) -> tuple[str, bool, costmodel.Rates | None]:
+    """What a replay takes from a trace's metadata.engine: the prefill policy (auto lets the
+    cost model choose per prompt, as the engine did; cpu where the trace names none), chunked
+    prefill (traces from before it ran every CPU prefill whole beside decode) and the
+    recorded rates (engine_rates)."""
+    path = engine.get("prefill") if engine.get("prefill") in ("cpu", "slp", "auto") else "cpu"
+    return str(path), bool(engine.get("chunked_prefill", False)), engine_rates(engine)
 
 
 def summarize(results: list[dict]) -> dict:
