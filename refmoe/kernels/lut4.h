@@ -13,11 +13,12 @@
  *
  * All three put code 2j of a row in the low nibble of byte j and code 2j + 1 in its high nibble.
  * Doubled, every E2M1 value is an integer in [-12, 12] (the 1/2 goes into the scale tables,
- * exact for every code: 2^(e - 128) is a float32 down to e = 0, a subnormal), so with activations quantized to int8 per chunk of 32 (q8x, as the INT4
- * kernel does) a chunk's products are exact integer dot products: one byte shuffle turns 32
- * codes into their int8 values. The activations of each chunk are stored even codes first,
- * then odd (q8_quantize_evenodd), so the low and the high nibbles of 16 bytes meet their
- * activations without any shuffle of the weights.
+ * exact for every code: 2^(e - 128) is a float32 down to e = 0, a subnormal), so with
+ * activations quantized to int8 per chunk of 32 (q8x, as the INT4 kernel does) a chunk's
+ * products are exact integer dot products: one byte shuffle turns 32 codes into their int8
+ * values. The activations are stored even codes apart from odd ones (lut4x), so the low and
+ * the high nibbles of the weight bytes meet their activations without any shuffle of the
+ * weights.
  */
 #ifndef REFMOE_LUT4_H
 #define REFMOE_LUT4_H
@@ -108,42 +109,46 @@ static void lut4_dequant(const wmat *W, int n, int k0, int width, float *t) {
 }
 
 /* Activations of one token for the 4-bit GEMV, quantized to int8 per chunk of 32 (as q8x, bit
- * for bit) and laid out by pairs of chunks: 64 bytes per pair, the even codes of chunk 2p, the
- * even codes of chunk 2p + 1, then the odd codes of each. One 32-byte load of weights then splits
- * into a low-nibble register and a high-nibble register that meet their activations directly,
- * and the 8 int32 lanes of their sum cover codes 0-15 and 16-31 of chunk 2p (lanes 0-1, 2-3)
- * and of chunk 2p + 1 (4-5, 6-7). */
+ * for bit) and laid out by quads of chunks (128 codes, 64 bytes of weights): 128 bytes per
+ * quad, the even codes of chunks 4q .. 4q + 3 (16 bytes each), then their odd codes. A 64-byte
+ * load of weights (the AVX-512 loop) splits into a low-nibble and a high-nibble register that
+ * meet the two halves directly; a 32-byte load (pair p = chunks 2p, 2p + 1) meets the 32 bytes
+ * at lut4_xlo(p) and the 32 bytes 64 further on. The 8 int32 lanes of a pair's sum cover codes
+ * 0-15 and 16-31 of chunk 2p (lanes 0-1, 2-3) and of chunk 2p + 1 (4-5, 6-7); xs and ncorr
+ * hold 8 lanes per pair, pairs in order (so 16 per quad, in the 512-bit lanes' order). */
 typedef struct {
-    int8_t *q;     /* [npairs * 64] */
-    float *xs;     /* [npairs * 8] each lane's chunk scale */
-    int32_t *corr; /* [npairs * 8] OFF * (sum of the lane's 8 activations): the x86 kernels
-                      look up code + OFF (unsigned) and subtract this */
-    float *ws;     /* [K / 16 + 16] one row's weight scales as floats (scratch) */
+    int8_t *q;      /* [nquads * 128] */
+    float *xs;      /* [nquads * 16] each lane's chunk scale */
+    int32_t *ncorr; /* [nquads * 16] -OFF * (sum of the lane's 8 activations): the x86 kernels
+                       look up code + OFF (unsigned), and start each lane's sum here */
+    float *ws;      /* [LUT4_WS(K)] one row's weight scales as floats (scratch) */
 } lut4x;
+#define LUT4_WS(k) ((k) / 16 + 32) /* floats of one row's scales, with room for wide loads */
 
+static inline int lut4_xlo(int p) { return 128 * (p / 2) + 32 * (p % 2); } /* pair p's even codes */
 static inline int lut4_pos(int k) { /* where code k's activation lies in lut4x.q */
-    int p = k / 64, h = (k % 64) / 32, j = k % 32;
-    return p * 64 + (j % 2) * 32 + h * 16 + j / 2;
+    int c = k / 32, j = k % 32;
+    return 128 * (c / 4) + (j % 2) * 64 + (c % 4) * 16 + j / 2;
 }
 
 static int lut4x_alloc(lut4x *a, int kmax) {
-    int np = ceil_div(kmax, 64) + 1;
-    a->q = (int8_t *)amalloc((size_t)np * 64);
-    a->xs = (float *)amalloc((size_t)np * 8 * 4);
-    a->corr = (int32_t *)amalloc((size_t)np * 8 * 4);
-    a->ws = (float *)amalloc((size_t)(kmax / 16 + 32) * 4);
-    return a->q && a->xs && a->corr && a->ws;
+    int nq = ceil_div(kmax, 128) + 1;
+    a->q = (int8_t *)amalloc((size_t)nq * 128);
+    a->xs = (float *)amalloc((size_t)nq * 16 * 4);
+    a->ncorr = (int32_t *)amalloc((size_t)nq * 16 * 4);
+    a->ws = (float *)amalloc((size_t)LUT4_WS(kmax) * 4);
+    return a->q && a->xs && a->ncorr && a->ws;
 }
-static void lut4x_free(lut4x *a) { free(a->q); free(a->xs); free(a->corr); free(a->ws); }
+static void lut4x_free(lut4x *a) { free(a->q); free(a->xs); free(a->ncorr); free(a->ws); }
 
 /* x [K] -> a, through q (q8_quantize: the same int8 values the tile path and the naive kernel
  * use). off: the unsigned offset of the format's table (lut4_offset). */
 static void lut4x_prepare(const float *x, int K, q8x *q, lut4x *a, int off) {
     q8_quantize(x, K, 32, q, NULL); /* q->q is zero past K to the end of its chunk */
-    int nc = ceil_div(K, 32), np = ceil_div(nc, 2);
-    if (nc % 2) memset(a->q + (size_t)(np - 1) * 64, 0, 64);
+    int nc = ceil_div(K, 32), nq = ceil_div(nc, 4);
+    if (nc % 4) memset(a->q + (size_t)(nq - 1) * 128, 0, 128); /* the last quad's missing chunks */
     for (int c = 0; c < nc; c++) {
-        int8_t *dst = a->q + (size_t)(c / 2) * 64 + (c % 2) * 16;
+        int8_t *dst = a->q + lut4_pos(32 * c);
         const int8_t *src = q->q + (size_t)c * 32;
 #if defined(REFMOE_ISA_AVX2) || defined(REFMOE_ISA_AVX512)
         /* even bytes then odd within each 16, then the two 8-byte runs of each kind together */
@@ -152,30 +157,30 @@ static void lut4x_prepare(const float *x, int K, q8x *q, lut4x *a, int off) {
         __m256i v = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)src), split);
         v = _mm256_permute4x64_epi64(v, 0xD8); /* qwords 0, 2, 1, 3 */
         _mm_storeu_si128((__m128i *)dst, _mm256_castsi256_si128(v));
-        _mm_storeu_si128((__m128i *)(dst + 32), _mm256_extracti128_si256(v, 1));
+        _mm_storeu_si128((__m128i *)(dst + 64), _mm256_extracti128_si256(v, 1));
 #else
         for (int j = 0; j < 16; j++) {
             dst[j] = src[2 * j];
-            dst[32 + j] = src[2 * j + 1];
+            dst[64 + j] = src[2 * j + 1];
         }
 #endif
         for (int i = 0; i < 4; i++) a->xs[(c / 2) * 8 + (c % 2) * 4 + i] = q->xs[c];
     }
-    if (nc % 2)
-        for (int i = 4; i < 8; i++) a->xs[(np - 1) * 8 + i] = 0.f;
-    for (int p = 0; p < np; p++) { /* lane l: bytes 4l .. 4l + 3 of both halves of the pair */
-        const int8_t *b = a->q + (size_t)p * 64;
+    for (int i = nc * 4; i < nq * 16; i++) a->xs[i] = 0.f;
+    for (int p = 0; p < 2 * nq; p++) { /* lane l: bytes 4l .. 4l + 3 of both halves of the pair */
+        const int8_t *b = a->q + lut4_xlo(p);
 #if defined(REFMOE_ISA_AVX2) || defined(REFMOE_ISA_AVX512)
         const __m256i ones8 = _mm256_set1_epi8(1);
         __m256i s16 = _mm256_add_epi16(
             _mm256_maddubs_epi16(ones8, _mm256_loadu_si256((const __m256i *)b)),
-            _mm256_maddubs_epi16(ones8, _mm256_loadu_si256((const __m256i *)(b + 32))));
-        __m256i s32 = _mm256_madd_epi16(s16, _mm256_set1_epi16((short)off));
-        _mm256_storeu_si256((__m256i *)(a->corr + 8 * p), s32);
+            _mm256_maddubs_epi16(ones8, _mm256_loadu_si256((const __m256i *)(b + 64))));
+        __m256i s32 = _mm256_madd_epi16(s16, _mm256_set1_epi16((short)-off));
+        _mm256_storeu_si256((__m256i *)(a->ncorr + 8 * p), s32);
 #else
         for (int l = 0; l < 8; l++)
-            a->corr[8 * p + l] = off * (b[4 * l] + b[4 * l + 1] + b[4 * l + 2] + b[4 * l + 3] +
-                                        b[32 + 4 * l] + b[33 + 4 * l] + b[34 + 4 * l] + b[35 + 4 * l]);
+            a->ncorr[8 * p + l] = -off * (b[4 * l] + b[4 * l + 1] + b[4 * l + 2] + b[4 * l + 3] +
+                                          b[64 + 4 * l] + b[65 + 4 * l] + b[66 + 4 * l] +
+                                          b[67 + 4 * l]);
 #endif
     }
 }
@@ -232,9 +237,10 @@ static void lut4_row_scales_f32(const wmat *W, const uint8_t *sr, float *ws, int
 }
 
 /* Integer partial sums of one pair of chunks (32 bytes of weights), eight int32 lanes as
- * described at lut4x. With VNNI one dpbusd per half; else maddubs, an int16 add (at most
- * 2 * 2 * 24 * 127 = 12192), and one madd. corr is subtracted (the unsigned offset). */
-static inline __m256i lut4_pair(const uint8_t *w, const int8_t *xq, const int32_t *corr,
+ * described at lut4x: xq is the pair's even codes (lut4_xlo), its odd ones 64 bytes on. With
+ * VNNI one dpbusd per half, starting from ncorr (the unsigned offset taken back); else
+ * maddubs, an int16 add (at most 2 * 2 * 24 * 127 = 12192), one madd, and ncorr added. */
+static inline __m256i lut4_pair(const uint8_t *w, const int8_t *xq, const int32_t *ncorr,
                                 __m256i table, int int4g) {
     const __m256i mask = _mm256_set1_epi8(0x0F);
     __m256i b = _mm256_loadu_si256((const __m256i *)w);
@@ -244,15 +250,13 @@ static inline __m256i lut4_pair(const uint8_t *w, const int8_t *xq, const int32_
         hi = _mm256_shuffle_epi8(table, hi);
     }
     __m256i x0 = _mm256_loadu_si256((const __m256i *)xq);
-    __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 32));
-    __m256i c = _mm256_loadu_si256((const __m256i *)corr);
+    __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 64));
+    __m256i c = _mm256_loadu_si256((const __m256i *)ncorr);
 #if defined(REFMOE_VNNI)
-    __m256i acc = _mm256_sub_epi32(_mm256_setzero_si256(), c);
-    acc = _mm256_dpbusd_epi32(acc, lo, x0);
-    return _mm256_dpbusd_epi32(acc, hi, x1);
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(c, lo, x0), hi, x1);
 #else
     __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
-    return _mm256_sub_epi32(_mm256_madd_epi16(p, _mm256_set1_epi16(1)), c);
+    return _mm256_add_epi32(_mm256_madd_epi16(p, _mm256_set1_epi16(1)), c);
 #endif
 }
 
@@ -263,16 +267,100 @@ static inline float hsum256(__m256 a) {
     return _mm_cvtss_f32(s);
 }
 
-/* THE HOT LOOP of 4-bit decode, one row at a time: per 64 codes (32 bytes) one load, a shift,
- * two ANDs, two byte shuffles (the table, offset to unsigned), the integer dot products, a
- * convert, a permute that spreads the pair's weight scales over their lanes, and two multiplies
- * (the activation scales, then the FMA). The row's scales are decoded 8 at a time first. */
+#if defined(REFMOE_VNNI)
+/* Integer partial sums of one quad of chunks (64 bytes of weights at w), sixteen int32 lanes:
+ * the lanes of pair 2q, then of pair 2q + 1; xlo, xhi, ncorr: the quad's activations. The
+ * table lookups are VBMI byte permutes, which read 6 bits of each index: with the 16-entry
+ * table repeated four times, bits 4-5 (the other nibble, after the shift) choose among
+ * identical copies, so no mask is needed. INT4G's codes are their own unsigned values and
+ * keep the masks. */
+static inline __m512i lut4_quad(const uint8_t *w, __m512i xlo, __m512i xhi, __m512i ncorr,
+                                __m512i table, int int4g) {
+    __m512i b = _mm512_loadu_si512((const void *)w), lo, hi;
+#if !defined(REFMOE_EMULATED)
+    __asm__("" : "+v"(b)); /* one load of the line: GCC otherwise reads it for each operand */
+#endif
+    hi = _mm512_srli_epi16(b, 4);
+    if (int4g) {
+        const __m512i mask = _mm512_set1_epi8(0x0F);
+        lo = _mm512_and_si512(b, mask);
+        hi = _mm512_and_si512(hi, mask);
+    } else {
+        lo = _mm512_permutexvar_epi8(b, table);
+        hi = _mm512_permutexvar_epi8(hi, table);
+    }
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ncorr, lo, xlo), hi, xhi);
+}
+
+/* The whole quads of one row, into acc: pairs [0, np rounded down to even); returns the pairs
+ * done. (Two rows at a time, sharing the activations' loads, ran at 32 GB/s a core in L2
+ * against 31 for one, but at 0.5 of the read from DRAM on two threads, against 0.9-1.0:
+ * measured on the 2-vCPU Zen 4 VM, 2026-12-05; one row it is.) */
+static inline __attribute__((always_inline)) int
+lut4_quads(const uint8_t *row, const float *ws, int np, int per_chunk, const lut4x *a,
+           __m512i table4, __m512i spread4, int int4g, __m256 *acc) {
+    __m512 w = _mm512_setzero_ps();
+    int p = 0;
+    for (; p + 2 <= np; p += 2) {
+        __builtin_prefetch(row + 32 * p + PREFETCH_DIST, 0, 0);
+        __m512i xlo = _mm512_loadu_si512((const void *)(a->q + lut4_xlo(p)));
+        __m512i xhi = _mm512_loadu_si512((const void *)(a->q + lut4_xlo(p) + 64));
+        __m512i nc = _mm512_loadu_si512((const void *)(a->ncorr + 8 * p));
+        __m512 s = _mm512_permutexvar_ps(
+            spread4, _mm512_castps256_ps512(_mm256_loadu_ps(ws + 2 * per_chunk * p)));
+        __m512i d = lut4_quad(row + 32 * p, xlo, xhi, nc, table4, int4g);
+        w = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d),
+                            _mm512_mul_ps(s, _mm512_loadu_ps(a->xs + 8 * p)), w);
+    }
+    *acc = _mm256_add_ps(_mm512_castps512_ps256(w), _mm512_extractf32x8_ps(w, 1));
+    return p;
+}
+#endif
+
+/* The rest of one row from pair p on, into acc0: whole pairs in 256-bit registers, then the
+ * codes past the last whole pair; returns the row's value. */
+static inline __attribute__((always_inline)) float
+lut4_rest(const wmat *W, int fmt, const uint8_t *row, const uint8_t *sr, const float *ws, int p,
+          int np, const lut4x *a, __m256i table, __m256i spread, int per_chunk, float post,
+          int int4g, __m256 acc0) {
+    __m256 acc1 = _mm256_setzero_ps();
+    for (; p + 2 <= np; p += 2) {
+        __builtin_prefetch(row + 32 * p + PREFETCH_DIST, 0, 0);
+        __m256 s0 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(ws + 2 * per_chunk * p), spread);
+        __m256 s1 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(ws + 2 * per_chunk * (p + 1)), spread);
+        __m256i d0 = lut4_pair(row + 32 * p, a->q + lut4_xlo(p), a->ncorr + 8 * p, table, int4g);
+        __m256i d1 = lut4_pair(row + 32 * p + 32, a->q + lut4_xlo(p + 1), a->ncorr + 8 * p + 8,
+                               table, int4g);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0),
+                               _mm256_mul_ps(s0, _mm256_loadu_ps(a->xs + 8 * p)), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1),
+                               _mm256_mul_ps(s1, _mm256_loadu_ps(a->xs + 8 * p + 8)), acc1);
+    }
+    for (; p < np; p++) {
+        __m256 s0 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(ws + 2 * per_chunk * p), spread);
+        __m256i d0 = lut4_pair(row + 32 * p, a->q + lut4_xlo(p), a->ncorr + 8 * p, table, int4g);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0),
+                               _mm256_mul_ps(s0, _mm256_loadu_ps(a->xs + 8 * p)), acc0);
+    }
+    float t = 2 * np * 32 < W->k ? lut4_tail(W, row, sr, 2 * np, a) : 0.f;
+    if (fmt == FMT_NVFP4) t *= 0x1p-7f; /* the tail used lut4_scale (value / 2), not ws */
+    return (hsum256(_mm256_add_ps(acc0, acc1)) + t) * post;
+}
+
+/* THE HOT LOOP of 4-bit decode, one row at a time. With VNNI and VBMI (lut4_quads), per 128
+ * codes (64 bytes, one cache line): one load, a shift, two byte permutes (the table, offset to
+ * unsigned), two dpbusd starting from the offset's correction, a convert, a permute that
+ * spreads the quad's weight scales over their lanes, and two multiplies (the activation
+ * scales, then the FMA). Elsewhere the same per 64 codes in 256-bit registers, with two ANDs
+ * before the byte shuffles and maddubs / madd for the dot products. Each row's scales are
+ * decoded 8 at a time first. */
 static inline __attribute__((always_inline)) void lut4_rows(const wmat *W, int fmt, int n_lo,
                                                             int n_hi, float *y, const lut4x *a) {
     const int rb = lut4_row_bytes(W), ns = lut4_row_scales(W);
     const size_t sbytes = lut4_scale_bytes(W);
     const int nfull = fmt == FMT_MXFP4 ? ceil_div(W->k, 32) : W->k / 32, np = nfull / 2;
     const int per_chunk = fmt == FMT_NVFP4 ? 2 : 1; /* floats of ws per chunk */
+    const int nws = fmt == FMT_INT4G ? ceil_div(W->k, 32) : ns;
     int8_t off_table[16];
     for (int i = 0; i < 16; i++) off_table[i] = (int8_t)(lut4_values(fmt)[i] + lut4_offset(fmt));
     const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)off_table));
@@ -281,35 +369,25 @@ static inline __attribute__((always_inline)) void lut4_rows(const wmat *W, int f
                                             : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
     const float post = fmt == FMT_NVFP4 ? W->gscale * 0x1p7f : lut4_post(W);
     const int int4g = fmt == FMT_INT4G;
+#if defined(REFMOE_VNNI)
+    const __m512i table4 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)off_table));
+    /* lanes of quad q from ws: chunk scales 4q .. 4q + 3 (or half-chunk scales 8q .. 8q + 7) */
+    const __m512i spread4 =
+        fmt == FMT_NVFP4
+            ? _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7)
+            : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+#endif
     for (int n = n_lo; n < n_hi; n++) {
         const uint8_t *row = (const uint8_t *)W->w + (size_t)n * rb;
         const uint8_t *sr = W->s8 + (size_t)n * ns * sbytes;
-        int nws = fmt == FMT_INT4G ? ceil_div(W->k, 32) : ns;
         lut4_row_scales_f32(W, sr, a->ws, nws);
-        __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+        __m256 acc = _mm256_setzero_ps();
         int p = 0;
-        for (; p + 2 <= np; p += 2) {
-            __builtin_prefetch(row + 32 * p + PREFETCH_DIST, 0, 0);
-            __m256 s0 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(a->ws + 2 * per_chunk * p), spread);
-            __m256 s1 = _mm256_permutevar8x32_ps(
-                _mm256_loadu_ps(a->ws + 2 * per_chunk * (p + 1)), spread);
-            __m256i d0 = lut4_pair(row + 32 * p, a->q + 64 * p, a->corr + 8 * p, table, int4g);
-            __m256i d1 = lut4_pair(row + 32 * p + 32, a->q + 64 * p + 64, a->corr + 8 * p + 8,
-                                   table, int4g);
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0),
-                                   _mm256_mul_ps(s0, _mm256_loadu_ps(a->xs + 8 * p)), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1),
-                                   _mm256_mul_ps(s1, _mm256_loadu_ps(a->xs + 8 * p + 8)), acc1);
-        }
-        for (; p < np; p++) {
-            __m256 s0 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(a->ws + 2 * per_chunk * p), spread);
-            __m256i d0 = lut4_pair(row + 32 * p, a->q + 64 * p, a->corr + 8 * p, table, int4g);
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0),
-                                   _mm256_mul_ps(s0, _mm256_loadu_ps(a->xs + 8 * p)), acc0);
-        }
-        float t = 2 * np * 32 < W->k ? lut4_tail(W, row, sr, 2 * np, a) : 0.f;
-        if (fmt == FMT_NVFP4) t *= 0x1p-7f; /* the tail used lut4_scale (value / 2), not ws */
-        y[n] = (hsum256(_mm256_add_ps(acc0, acc1)) + t) * post;
+#if defined(REFMOE_VNNI)
+        p = lut4_quads(row, a->ws, np, per_chunk, a, table4, spread4, int4g, &acc);
+#endif
+        y[n] = lut4_rest(W, fmt, row, sr, a->ws, p, np, a, table, spread, per_chunk, post, int4g,
+                         acc);
     }
 }
 #else
