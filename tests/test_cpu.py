@@ -102,3 +102,30 @@ def test_threads_pinned_to_their_node():
         [sys.executable, "-c", PIN_SCRIPT], capture_output=True, text=True, timeout=120, check=True
     ).stdout
     assert out.strip() == "True"
+
+
+DEFAULT_AFTER_PIN_SCRIPT = """
+import os
+from refmoe import kernels
+from refmoe.cpu import Topology
+os.environ.pop("REFMOE_NUM_THREADS", None)
+cpus = sorted(os.sched_getaffinity(0))[:2]
+os.sched_setaffinity(0, cpus)
+before = kernels._threads(None)
+kernels.pin_threads(2, Topology(((cpus[0],), (cpus[1],))))   # the caller now runs on one CPU
+print(before, kernels._threads(None), len(os.sched_getaffinity(0)))
+"""
+
+
+@pytest.mark.skipif(len(cpu.usable_cpus()) < 2, reason="needs two CPUs")
+def test_default_threads_survive_pinning():
+    """Pinning narrows the calling thread's affinity to its node; the default pool size must
+    stay what the process was given (it halved on a two-node machine after the first call)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", DEFAULT_AFTER_PIN_SCRIPT],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout.split()
+    assert out == ["2", "2", "1"], out

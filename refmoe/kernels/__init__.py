@@ -148,7 +148,10 @@ def _check_x(x, k: int | None = None) -> np.ndarray:
 
 
 def _threads(num_threads: int | None) -> int:
-    n = default_threads() if num_threads is None else int(num_threads)
+    if num_threads is None:
+        n = _default_threads(os.environ.get("REFMOE_NUM_THREADS"))
+    else:
+        n = int(num_threads)
     if n < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
     if n not in _PINNED and (len(_topology().nodes) > 1 or os.environ.get("REFMOE_PIN") == "1"):
@@ -157,6 +160,14 @@ def _threads(num_threads: int | None) -> int:
 
 
 _PINNED: set[int] = set()
+
+
+@lru_cache(maxsize=8)
+def _default_threads(env: str | None) -> int:
+    """default_threads() as it was at the first call (per REFMOE_NUM_THREADS value): it reads
+    the cgroup on every call (11 us, on every GEMV), and pin_threads narrows the calling
+    thread's affinity mask to one node, which must not shrink the default pool after it."""
+    return default_threads()
 
 
 def pin_threads(num_threads: int, topology: Topology | None = None) -> None:
@@ -474,23 +485,8 @@ def validate_lut4(
     s = _raw(scales, sname, _SCALE_DTYPES[fmt])
     if s.shape != (n, nscales):
         raise ValueError(f"{sname}: expected shape {(n, nscales)}, got {s.shape}")
-    if fmt == "mxfp4":
-        bad = s == formats.E8M0_NAN
-        if values and not bad.any() and (s >= 253).any():  # 6 * 2^126 is past float32: such blocks
-            big = formats.mxfp4_dequantize(w[(s >= 253).any(axis=1)], s[(s >= 253).any(axis=1)], k)
-            if (np.abs(big) > np.finfo(np.float32).max).any():
-                raise ValueError(
-                    f"{sname}: a block's values exceed float32's range (scale code >= 253)"
-                )
-    elif fmt == "nvfp4":
-        bad = (s & 0x7F) == 0x7F
-    else:
-        bad = (s & 0x7F80) == 0x7F80  # bf16 exponent all ones: inf or NaN
-    if values and bad.any():
-        idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
-        raise ValueError(
-            f"{sname}: {'NaN' if fmt != 'int4g' else 'non-finite'} scale at index {idx}"
-        )
+    if values:  # a scan of every scale: skipped for weights validated once at load
+        _check_lut4_scales(fmt, w, s, k, sname)
     g = 1.0
     if fmt == "nvfp4":
         if global_scale is None:
@@ -500,6 +496,29 @@ def validate_lut4(
             raise ValueError(f"{name}_scale_2: expected one finite positive float, got {gs}")
         g = float(np.float32(gs[0]))
     return w.view(np.uint8).reshape(n, row_bytes), s, g
+
+
+def _check_lut4_scales(fmt: str, w: np.ndarray, s: np.ndarray, k: int, sname: str) -> None:
+    """Refuse NaN (MXFP4, NVFP4) or non-finite (INT4 bf16) scale codes, naming the index, and
+    MXFP4 blocks whose values pass float32's range."""
+    if fmt == "mxfp4":
+        bad = s == formats.E8M0_NAN
+        if not bad.any() and (s >= 253).any():  # 6 * 2^126 is past float32: such blocks
+            rows = (s >= 253).any(axis=1)
+            big = formats.mxfp4_dequantize(w[rows], s[rows], k)
+            if (np.abs(big) > np.finfo(np.float32).max).any():
+                raise ValueError(
+                    f"{sname}: a block's values exceed float32's range (scale code >= 253)"
+                )
+    elif fmt == "nvfp4":
+        bad = (s & 0x7F) == 0x7F
+    else:
+        bad = (s & 0x7F80) == 0x7F80  # bf16 exponent all ones: inf or NaN
+    if bad.any():
+        idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
+        raise ValueError(
+            f"{sname}: {'NaN' if fmt != 'int4g' else 'non-finite'} scale at index {idx}"
+        )
 
 
 def _lut4_gemm(fmt, x, w, scales, group, global_scale, num_threads, variant, naive, validate):
