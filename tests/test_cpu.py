@@ -126,6 +126,9 @@ def test_default_threads_survive_pinning():
 
     out = subprocess.run(
         [sys.executable, "-c", DEFAULT_AFTER_PIN_SCRIPT],
-        capture_output=True, text=True, timeout=120, check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     ).stdout.split()
     assert out == ["2", "2", "1"], out
