@@ -149,3 +149,15 @@ def assert_cache_bytes(mine, cache, tokens: int) -> None:
     (every layer's keys and values, latents, indexer keys) is kv_bytes_per_token each."""
     held = sum(g.buf.element_size() * g.view().numel() for layer in cache.parts() for g in layer)
     assert mine.kv_bytes_per_token() * tokens == held
+
+
+@pytest.fixture(params=kernels.FP8_GEMV_ROUTES)
+def fp8_route(request, variant):
+    """Each FP8 GEMV route where the variant has two (avx512_bf16 builds); the fp32 one alone
+    elsewhere. Restores the process's route afterwards."""
+    if request.param == "bf16" and "bf16" not in variant:
+        pytest.skip(f"{variant} has one FP8 GEMV route")
+    before = kernels.fp8_gemv_route()
+    kernels.set_fp8_gemv_route(request.param)
+    yield request.param
+    kernels.set_fp8_gemv_route(before)

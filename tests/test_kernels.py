@@ -71,7 +71,7 @@ def fp8_reference(x, codes, s):
 
 @SETTINGS
 @given(case=fp8_case())
-def test_fp8_gemm_vs_float64(variant, case):
+def test_fp8_gemm_vs_float64(variant, fp8_route, case):
     x, codes, s = case
     y64, mag = fp8_reference(x, codes, s)
     check(kernels.fp8_gemm(x, codes, s, variant=variant, num_threads=2), y64, mag, x.shape[1])
@@ -79,7 +79,7 @@ def test_fp8_gemm_vs_float64(variant, case):
 
 @SETTINGS
 @given(case=fp8_case())
-def test_fp8_naive_beside_fast(variant, case):
+def test_fp8_naive_beside_fast(variant, fp8_route, case):
     x, codes, s = case
     y64, mag = fp8_reference(x, codes, s)
     naive = kernels.fp8_gemm(x, codes, s, variant=variant, naive=True)
@@ -94,8 +94,50 @@ def test_variants_agree(case):
     x, codes, s = case
     _, mag = fp8_reference(x, codes, s)
     base = kernels.fp8_gemm(x, codes, s).astype(np.float64)
-    for v in kernels.available_variants():
-        check(kernels.fp8_gemm(x, codes, s, variant=v), base, mag, x.shape[1], factor=2.0)
+    for route in kernels.FP8_GEMV_ROUTES:
+        kernels.set_fp8_gemv_route(route)
+        try:
+            for v in kernels.available_variants():
+                got = kernels.fp8_gemm(x, codes, s, variant=v)
+                check(got, base, mag, x.shape[1], factor=2.0)
+        finally:
+            kernels.set_fp8_gemv_route("fp32")
+
+
+@pytest.mark.parametrize(
+    "pair", [("avx512_bf16", "avx512"), ("avx512_bf16_emulated", "avx512_emulated")]
+)
+def test_fp8_fp32_route_is_the_avx512_gemv(pair):
+    """On its fp32 route (the default) a BF16 build's FP8 GEMV is the avx512 build's, bit for bit,
+    and on its bf16 route it is not that code (the two round differently)."""
+    if not set(pair) <= set(kernels.available_variants()):
+        pytest.skip(f"{pair} not both built and runnable here")
+    rng = np.random.default_rng(7)
+    codes, s = formats.fp8_quantize(rng.standard_normal((256, 1000)))
+    x = rng.standard_normal((1, 1000)).astype(np.float32)
+    plain = kernels.fp8_gemm(x, codes, s, variant=pair[1])
+    assert kernels.fp8_gemv_route(pair[0]) == "fp32"
+    assert np.array_equal(kernels.fp8_gemm(x, codes, s, variant=pair[0]), plain)
+    kernels.set_fp8_gemv_route("bf16")
+    try:
+        assert kernels.fp8_gemv_route(pair[0]) == "bf16"
+        assert kernels.fp8_gemv_route(pair[1]) == "fp32"  # one route there
+        assert not np.array_equal(kernels.fp8_gemm(x, codes, s, variant=pair[0]), plain)
+    finally:
+        kernels.set_fp8_gemv_route("fp32")
+
+
+def test_fp8_route_setting_is_checked():
+    import subprocess
+    import sys
+
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        kernels.set_fp8_gemv_route("fp16")
+    env = dict(__import__("os").environ, REFMOE_FP8_GEMV="fp16")
+    res = subprocess.run(
+        [sys.executable, "-c", "import refmoe.kernels"], env=env, capture_output=True, text=True
+    )
+    assert res.returncode != 0 and "REFMOE_FP8_GEMV" in res.stderr
 
 
 @SETTINGS
@@ -335,7 +377,12 @@ def test_fp8_dequant_refuses_bad_input_and_converts_as_the_gemv():
     assert np.isnan(out[2, 129]) and np.count_nonzero(np.isnan(out)) == 1
     with pytest.raises(ValueError, match="block"):
         kernels.fp8_dequant(codes[:, :2], np.ones((1, 1), np.float32), (0, 128))
-    # the vector conversions the kernels use, both of them, against the table
-    for gemv_path in (False, True):
-        got = kernels.fp8_to_float32(FINITE, gemv_path=gemv_path)
-        assert np.array_equal(got, formats.fp8_decode(FINITE).astype(np.float32))
+    # the vector conversions the kernels use, all of them, against the table
+    for route in kernels.FP8_GEMV_ROUTES:
+        kernels.set_fp8_gemv_route(route)
+        try:
+            for gemv_path in (False, True):
+                got = kernels.fp8_to_float32(FINITE, gemv_path=gemv_path)
+                assert np.array_equal(got, formats.fp8_decode(FINITE).astype(np.float32))
+        finally:
+            kernels.set_fp8_gemv_route("fp32")

@@ -3,14 +3,17 @@
 # default: GGML_NATIVE) and benchmarks/peer/ggml_gemv.c against it, from the llama.cpp sources
 # that the llama-cpp-python source distribution on the package index carries.
 #
-#   bash benchmarks/peer/build_ggml.sh [WORKDIR]      (default build/peer; a few minutes)
-#   -> WORKDIR/ggml_gemv, and WORKDIR/llama.cpp-commit.txt naming the sources' version
+#   bash benchmarks/peer/build_ggml.sh [--tools] [WORKDIR]   (default build/peer; minutes)
+#   -> WORKDIR/ggml_gemv, and WORKDIR/llama.cpp-commit.txt naming the sources' version;
+#      with --tools also WORKDIR/llama-build/bin/llama-bench (for benchmarks/peer_decode.py)
 #
 # LLAMA_CPP_PYTHON_VERSION picks the sdist (default 0.3.36: llama.cpp 0c1e570, ggml 0.25.3);
 # LLAMA_CPP_SDIST=path.tar.gz uses one already downloaded.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
+tools=0
+if [[ ${1:-} == --tools ]]; then tools=1; shift; fi
 work=$(mkdir -p "${1:-build/peer}" && cd "${1:-build/peer}" && pwd)
 version=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
 sdist=${LLAMA_CPP_SDIST:-$work/llama_cpp_python-$version.tar.gz}
@@ -43,4 +46,16 @@ gcc -O2 -o "$work/ggml_gemv" "$here/ggml_gemv.c" -I"$llama/ggml/include" \
     grep -m1 -io 'llama\.cpp@[0-9a-f]\{7,\}' "$src/CHANGELOG.md" || true
     grep -h 'set(GGML_VERSION_[MP]' "$llama/ggml/CMakeLists.txt" || true
 } >"$work/llama.cpp-commit.txt"
+if ((tools)); then
+    # llama-bench needs libllama and common: a second build tree with the tools on
+    tb=$work/llama-build
+    if [[ ! -x $tb/bin/llama-bench ]]; then
+        cmake -S "$llama" -B "$tb" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+            -DBUILD_SHARED_LIBS=OFF -DGGML_OPENMP=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+            -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
+            -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_COMMON=ON >>"$work/cmake.log"
+        cmake --build "$tb" -j "$(nproc)" --target llama-bench >>"$work/cmake.log"
+    fi
+    echo "$tb/bin/llama-bench"
+fi
 echo "$work/ggml_gemv"

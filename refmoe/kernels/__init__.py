@@ -63,9 +63,42 @@ def _module(name: str) -> ModuleType:
             f"CPU variant {name!r} needs {sorted(_REQUIRED_FLAGS[name])}, which this CPU lacks"
         )
     try:
-        return importlib.import_module(f"refmoe.kernels._{name}")
+        mod = importlib.import_module(f"refmoe.kernels._{name}")
     except ImportError as e:
         raise ValueError(f"CPU variant {name!r} was not built ({e})") from e
+    if name not in _ROUTED:  # first use: the FP8 GEMV route chosen for the process
+        mod.fp8_route(_FP8_ROUTE == "bf16")
+        _ROUTED.add(name)
+    return mod
+
+
+# The FP8 GEMV's route in the builds that have two (avx512_bf16 and its emulation): "fp32", the
+# AVX-512 route the avx512 build runs, unless REFMOE_FP8_GEMV=bf16 asks for BF16 dot products
+# with x in three bf16 parts. fp32 by default: on the one such CPU measured (a 2-vCPU Zen 4,
+# 2026-12-06) it decoded the demo 20-30% faster (kernels.md). Both meet the same error bound.
+FP8_GEMV_ROUTES = ("fp32", "bf16")
+_FP8_ROUTE = os.environ.get("REFMOE_FP8_GEMV", "fp32")
+if _FP8_ROUTE not in FP8_GEMV_ROUTES:
+    raise ValueError(f"REFMOE_FP8_GEMV: expected fp32 or bf16, got {_FP8_ROUTE!r}")
+_ROUTED: set[str] = set()
+
+
+def set_fp8_gemv_route(route: str) -> None:
+    """Choose the FP8 GEMV's route ("fp32" or "bf16") for every build that has both, from now
+    on. Call it before kernels run on other threads (tests and benchmarks switch it)."""
+    global _FP8_ROUTE
+    if route not in FP8_GEMV_ROUTES:
+        raise ValueError(f"FP8 GEMV route must be fp32 or bf16, got {route!r}")
+    _FP8_ROUTE = route
+    for name in list(_ROUTED):
+        importlib.import_module(f"refmoe.kernels._{name}").fp8_route(route == "bf16")
+
+
+def fp8_gemv_route(variant: str | None = None) -> str:
+    """The route the FP8 GEMV takes in a variant (default: the chosen one): "bf16" only in a
+    build with BF16 dot products and with that route chosen."""
+    has_bf16 = _module(variant or _VARIANT).fp8_route(_FP8_ROUTE == "bf16")
+    return "bf16" if has_bf16 and _FP8_ROUTE == "bf16" else "fp32"
 
 
 def available_variants() -> list[str]:

@@ -421,6 +421,23 @@ static inline void load_bf16_tables(__m512i *tab) {
 
 #endif
 
+/* The FP8 GEMV's route where the build has both (avx512_bf16): 1 = BF16 dot products with x in
+ * three bf16 parts, 0 = the AVX-512 fp32 route that the avx512 build runs. Set once, before the
+ * kernels run (set_fp8_route); 0 unless asked: on the one AVX-512 BF16 CPU measured (a Zen 4,
+ * 512-bit ops issued as two halves) the fp32 route decoded 20-30% faster, see kernels.md. */
+static int fp8_gemv_bf16 = 0;
+
+/* Returns whether this build has the BF16 route (the setting is kept only where it has). */
+static int set_fp8_route(int bf16) {
+#if defined(REFMOE_ISA_AVX512) && defined(REFMOE_BF16DOT)
+    fp8_gemv_bf16 = bf16 != 0;
+    return 1;
+#else
+    (void)bf16;
+    return 0;
+#endif
+}
+
 static void refmoe_init(void) {
     lut4_init();
 #if defined(REFMOE_ISA_AVX512) && defined(REFMOE_BF16DOT)
@@ -441,7 +458,7 @@ static void refmoe_init(void) {
 static void fp8_to_f32_vec(const uint8_t *codes, float *out, int n, int permuted) {
     unsigned int csr = fpenv_enter();
 #if defined(REFMOE_ISA_AVX512) && defined(REFMOE_BF16DOT)
-    if (permuted) { /* this variant's GEMV conversion: tables, sign, unpack, permute */
+    if (permuted && fp8_gemv_bf16) { /* the BF16 route's conversion: tables, sign, unpack, permute */
         __m512i tab[4], wv[2];
         uint16_t words[64];
         load_bf16_tables(tab);
@@ -1084,10 +1101,11 @@ static int rows_gemm(const wmat *W, int n_lo, int n_hi, int M, const float *x, i
     }
     if (M == 1 && W->fmt == FMT_FP8) {
 #if defined(REFMOE_ISA_AVX512) && defined(REFMOE_BF16DOT)
-        rows_gemv_fp8_bf16(W, n_lo, n_hi, x, y, sc->parts);
-#else
-        rows_gemv_fp8(W, n_lo, n_hi, x, y, sc->xs, sc->xp);
+        if (fp8_gemv_bf16)
+            rows_gemv_fp8_bf16(W, n_lo, n_hi, x, y, sc->parts);
+        else
 #endif
+        rows_gemv_fp8(W, n_lo, n_hi, x, y, sc->xs, sc->xp);
     } else if (M == 1 && W->fmt == FMT_BF16) {
         rows_gemv_bf16(W, n_lo, n_hi, x, y, sc->xp);
     } else if (M == 1 && W->fmt == FMT_INT4) {
