@@ -350,7 +350,7 @@ def interference(
 
 
 def dual_batch(model, tokens: int = 24, dual: bool | None = None, seed: int = 0) -> dict:
-    """Aggregate decode tok/s: two requests decoding together over one alone."""
+    """Aggregate decode tok/s: two, then four requests decoding together, over one alone."""
     from refmoe.engine import Engine
     from refmoe.sampling import SamplingParams
 
@@ -365,18 +365,20 @@ def dual_batch(model, tokens: int = 24, dual: bool | None = None, seed: int = 0)
         n = sum(sum(1 for x in t.times if lo < x <= hi) for t in timers)
         return n / (hi - lo)
 
-    try:
-        one = _Timer()
-        engine.submit(ids(8), tokens, SamplingParams(), one)
-        one.done.wait()
-        pair = [_Timer(), _Timer()]
-        for t in pair:
-            engine.submit(ids(8), tokens, SamplingParams(), t)
-        for t in pair:
+    def together(n: int) -> float:
+        """Prompts are prefilled one after another, so each request of a group decodes longer
+        (tokens x (2n - 1)): the first must still run when the last starts."""
+        group = [_Timer() for _ in range(n)]
+        for t in group:
+            engine.submit(ids(8), tokens * (2 * n - 1), SamplingParams(), t)
+        for t in group:
             t.done.wait()
+        return decode_rate(group)
+
+    try:
+        r1, r2, r4 = together(1), together(2), together(4)
     finally:
         engine.shutdown(1)
-    r1, r2 = decode_rate([one]), decode_rate(pair)
     return {
         "op": "dual_batch",
         "overlap": engine.scheduler.dual_batch,
@@ -384,4 +386,6 @@ def dual_batch(model, tokens: int = 24, dual: bool | None = None, seed: int = 0)
         "tok_s_two": r2,
         "ratio": r2 / r1,
         "limit": 1.5,
+        "tok_s_four": r4,
+        "ratio_four": r4 / r1,
     }

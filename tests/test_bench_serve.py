@@ -103,6 +103,7 @@ def test_interference_and_dual_batch_report_ratios(fp8_dir):  # noqa: F811
             assert 0 < row["prefill_s"] and row["prefill_tokens"] == 100
         else:
             assert row["ratio"] == pytest.approx(row["tok_s_two"] / row["tok_s_one"])
+            assert row["ratio_four"] == pytest.approx(row["tok_s_four"] / row["tok_s_one"])
             assert row["overlap"] is False  # a CPU-only model: dual-batch overlap stays off
 
 

@@ -425,7 +425,7 @@ static inline void load_bf16_tables(__m512i *tab) {
  * three bf16 parts, 0 = the AVX-512 fp32 route that the avx512 build runs. Set once, before the
  * kernels run (set_fp8_route); 0 unless asked: on the one AVX-512 BF16 CPU measured (a Zen 4,
  * 512-bit ops issued as two halves) the fp32 route decoded 20-30% faster, see kernels.md. */
-static int fp8_gemv_bf16 = 0;
+static int fp8_gemv_bf16 __attribute__((unused)) = 0;
 
 /* Returns whether this build has the BF16 route (the setting is kept only where it has). */
 static int set_fp8_route(int bf16) {
@@ -699,11 +699,9 @@ static int rows_tiled(const wmat *W, int n_lo, int n_hi, int M, const float *x, 
  * |x| * s it is lowered so xs stays finite, and 2^(-FP8_GEMV_LOG2 - E) is applied per row at
  * the end. xp: x in FP8_PERM order, made once per call; xs: scratch [Kp]. Columns past the
  * last multiple of 32 in K run in scalar code. */
-static void rows_gemv_fp8(const wmat *W, int n_lo, int n_hi, const float *x, float *y,
-                          float *xs, float *xp) {
-    const int K = W->k, nkb = ceil_div(K, BAND), K32 = K / 32 * 32;
-    const uint8_t *codes = (const uint8_t *)W->w;
-    vf vmax = vf_zero(); /* max |x| as max(x, -x): independent lanes, no serial chain */
+/* max |x[0:K32)| as max(x, -x): independent lanes, no serial chain */
+static float fp8_xmax(const float *x, int K32) {
+    vf vmax = vf_zero();
     for (int k = 0; k < K32; k += VL) {
         vf v = vf_load(x + k);
         vmax = vf_max(vmax, vf_max(v, vf_mul(v, vf_set1(-1.f))));
@@ -711,59 +709,127 @@ static void rows_gemv_fp8(const wmat *W, int n_lo, int n_hi, const float *x, flo
     float lanes[VL], xmax = 0.f;
     vf_store(lanes, vmax);
     for (int j = 0; j < VL; j++) xmax = fmaxf(xmax, lanes[j]);
-    permute_x32(x, xp, K32);
-    int band = -1;
-    float unscale = 1.f, s_tail = 0.f;
-    for (int n = n_lo; n < n_hi;) {
-        if (n / BAND != band) { /* new band: fold its scales into x */
-            band = n / BAND;
-            const float *sb = W->s + (size_t)band * nkb;
-            float smax = 0.f;
-            for (int kb = 0; kb < nkb; kb++) smax = fmaxf(smax, fabsf(sb[kb]));
-            float amax = xmax * smax; /* bounds |x * s| over the band */
-            int e = -FP8_GEMV_LOG2;
-            if (amax > 0.f && ilogbf(amax) + 1 + e > 126) e = 126 - (ilogbf(amax) + 1);
-            unscale = ldexpf(1.f, -FP8_GEMV_LOG2 - e);
-            s_tail = sb[nkb - 1];
-            vf pow2e = vf_set1(ldexpf(1.f, e)); /* (x * s) * 2^E: s * 2^E alone may overflow */
-            for (int kb = 0; kb * BAND < K32; kb++) {
-                vf sc = vf_set1(sb[kb]);
-                int kend = (kb + 1) * BAND < K32 ? (kb + 1) * BAND : K32;
-                for (int k = kb * BAND; k < kend; k += VL)
-                    vf_store(xs + k, vf_mul(vf_mul(vf_load(xp + k), sc), pow2e));
-            }
-        }
-        int band_end = (band + 1) * BAND < n_hi ? (band + 1) * BAND : n_hi;
-        /* THE HOT LOOP: one row at a time, 64 codes per step into 2 x NV32 independent
-         * accumulators, enough chains to cover the FMA latency while every accumulator stays
-         * in a register (sharing xs loads between rows made GCC spill one, putting a
-         * store-forward on a dependency chain). xs comes from L1 as FMA memory operands. */
-        for (; n < band_end; n++) {
-            const uint8_t *w0 = codes + (size_t)n * K;
-            vf a0[NV32], a1[NV32], v[NV32];
-            for (int j = 0; j < NV32; j++) a0[j] = a1[j] = vf_zero();
-            int k = 0;
-            for (; k + 64 <= K32; k += 64) {
-                /* one cache line per step: ask for the line PREFETCH_DIST ahead (rows are
-                 * contiguous, so this runs on into the next row) to keep DRAM busy while the
-                 * core converts; the hardware prefetcher alone leaves the two serialized */
-                __builtin_prefetch(w0 + k + PREFETCH_DIST, 0, 0);
-                cvt_fp8_32_perm(w0 + k, v);
-                for (int j = 0; j < NV32; j++) a0[j] = vf_fma(v[j], vf_load(xs + k + j * VL), a0[j]);
-                cvt_fp8_32_perm(w0 + k + 32, v);
+    return xmax;
+}
+
+/* One token's activations for one band: xs = xp * s * 2^E block by block; *unscale =
+ * 2^(-FP8_GEMV_LOG2 - E) and *s_tail = the last column block's scale (for the scalar tail). */
+static void fp8_fold_band(const wmat *W, int band, float xmax, const float *xp, float *xs,
+                          float *unscale, float *s_tail) {
+    const int K32 = W->k / 32 * 32, nkb = ceil_div(W->k, BAND);
+    const float *sb = W->s + (size_t)band * nkb;
+    float smax = 0.f;
+    for (int kb = 0; kb < nkb; kb++) smax = fmaxf(smax, fabsf(sb[kb]));
+    float amax = xmax * smax; /* bounds |x * s| over the band */
+    int e = -FP8_GEMV_LOG2;
+    if (amax > 0.f && ilogbf(amax) + 1 + e > 126) e = 126 - (ilogbf(amax) + 1);
+    *unscale = ldexpf(1.f, -FP8_GEMV_LOG2 - e);
+    *s_tail = sb[nkb - 1];
+    vf pow2e = vf_set1(ldexpf(1.f, e)); /* (x * s) * 2^E: s * 2^E alone may overflow */
+    for (int kb = 0; kb * BAND < K32; kb++) {
+        vf sc = vf_set1(sb[kb]);
+        int kend = (kb + 1) * BAND < K32 ? (kb + 1) * BAND : K32;
+        for (int k = kb * BAND; k < kend; k += VL)
+            vf_store(xs + k, vf_mul(vf_mul(vf_load(xp + k), sc), pow2e));
+    }
+}
+
+#define FP8_MT_MAX 4 /* tokens one pass over the codes serves (rows_gemv_fp8_tokens) */
+
+/* THE HOT LOOP: rows [n, n_end) of one band for MT tokens (1 = the lone GEMV), one row at a
+ * time, 64 codes per step, each converted once and multiplied into every token's 2 x NV32
+ * independent accumulators: enough chains to cover the FMA latency while every accumulator
+ * stays in a register (sharing xs loads between rows made GCC spill one, putting a
+ * store-forward on a dependency chain). xs[t] comes from L1 as FMA memory operands. Token t's
+ * accumulators see exactly the operations of its lone GEMV, in the same order: its numbers do
+ * not depend on the other tokens. */
+static inline __attribute__((always_inline)) void
+fp8_rows(const wmat *W, int n, int n_end, int MT, float *const *xs, const float *const *x,
+         float *const *y, const float *unscale, const float *s_tail) {
+    const int K = W->k, K32 = K / 32 * 32;
+    const uint8_t *codes = (const uint8_t *)W->w;
+    for (; n < n_end; n++) {
+        const uint8_t *w0 = codes + (size_t)n * K;
+        vf a0[FP8_MT_MAX][NV32], a1[FP8_MT_MAX][NV32], v[NV32];
+        for (int t = 0; t < MT; t++)
+            for (int j = 0; j < NV32; j++) a0[t][j] = a1[t][j] = vf_zero();
+        int k = 0;
+        for (; k + 64 <= K32; k += 64) {
+            /* one cache line per step: ask for the line PREFETCH_DIST ahead (rows are
+             * contiguous, so this runs on into the next row) to keep DRAM busy while the
+             * core converts; the hardware prefetcher alone leaves the two serialized */
+            __builtin_prefetch(w0 + k + PREFETCH_DIST, 0, 0);
+            cvt_fp8_32_perm(w0 + k, v);
+            for (int t = 0; t < MT; t++)
                 for (int j = 0; j < NV32; j++)
-                    a1[j] = vf_fma(v[j], vf_load(xs + k + 32 + j * VL), a1[j]);
-            }
-            if (k < K32) {
-                cvt_fp8_32_perm(w0 + k, v);
-                for (int j = 0; j < NV32; j++) a0[j] = vf_fma(v[j], vf_load(xs + k + j * VL), a0[j]);
-            }
-            for (int j = 0; j < NV32; j++) a0[j] = vf_add(a0[j], a1[j]);
-            for (int j = 1; j < NV32; j++) a0[0] = vf_add(a0[0], a0[j]);
-            float t0 = 0.f;
-            for (k = K32; k < K; k++) t0 += fp8_value(w0[k]) * x[k] * s_tail;
-            y[n] = vf_hsum(a0[0]) * unscale + t0;
+                    a0[t][j] = vf_fma(v[j], vf_load(xs[t] + k + j * VL), a0[t][j]);
+            cvt_fp8_32_perm(w0 + k + 32, v);
+            for (int t = 0; t < MT; t++)
+                for (int j = 0; j < NV32; j++)
+                    a1[t][j] = vf_fma(v[j], vf_load(xs[t] + k + 32 + j * VL), a1[t][j]);
         }
+        if (k < K32) {
+            cvt_fp8_32_perm(w0 + k, v);
+            for (int t = 0; t < MT; t++)
+                for (int j = 0; j < NV32; j++)
+                    a0[t][j] = vf_fma(v[j], vf_load(xs[t] + k + j * VL), a0[t][j]);
+        }
+        for (int t = 0; t < MT; t++) {
+            for (int j = 0; j < NV32; j++) a0[t][j] = vf_add(a0[t][j], a1[t][j]);
+            for (int j = 1; j < NV32; j++) a0[t][0] = vf_add(a0[t][0], a0[t][j]);
+            float t0 = 0.f;
+            for (int kk = K32; kk < K; kk++) t0 += fp8_value(w0[kk]) * x[t][kk] * s_tail[t];
+            y[t][n] = vf_hsum(a0[t][0]) * unscale[t] + t0;
+        }
+    }
+}
+
+/* FP8: the 128x128 block scale is folded into the activation once per band,
+ * xs = x * s * 2^E, so the inner loop is convert + FMA with no per-weight scaling. E undoes the
+ * conversion's power of two (2^FP8_GEMV_LOG2) as far as fp32 range allows: for a large
+ * |x| * s it is lowered so xs stays finite, and 2^(-FP8_GEMV_LOG2 - E) is applied per row at
+ * the end. xp: x in FP8_PERM order, made once per call; xs: scratch [Kp]. Columns past the
+ * last multiple of 32 in K run in scalar code. */
+static void rows_gemv_fp8(const wmat *W, int n_lo, int n_hi, const float *x, float *y,
+                          float *xs, float *xp) {
+    const int K32 = W->k / 32 * 32;
+    float xmax = fp8_xmax(x, K32), unscale = 1.f, s_tail = 0.f;
+    permute_x32(x, xp, K32);
+    for (int n = n_lo; n < n_hi;) {
+        int band = n / BAND, band_end = (band + 1) * BAND < n_hi ? (band + 1) * BAND : n_hi;
+        fp8_fold_band(W, band, xmax, xp, xs, &unscale, &s_tail);
+        fp8_rows(W, n, band_end, 1, &xs, &x, &y, &unscale, &s_tail);
+        n = band_end;
+    }
+}
+
+/* The same for 2 to FP8_MT_MAX tokens (x, y: rows ldx, ldy apart) in one pass over the codes:
+ * batched decode on a CPU that converts FP8 slower than it reads it. buf: [2 M Kp] floats.
+ * Each token's row of y is bit for bit its lone GEMV's. */
+static void rows_gemv_fp8_tokens(const wmat *W, int n_lo, int n_hi, int M, const float *x,
+                                 int ldx, float *y, int ldy, float *buf) {
+    const int K32 = W->k / 32 * 32, kp = round_up(W->k, BAND);
+    float xmax[FP8_MT_MAX], unscale[FP8_MT_MAX], s_tail[FP8_MT_MAX];
+    float *xs[FP8_MT_MAX], *xp[FP8_MT_MAX], *yt[FP8_MT_MAX];
+    const float *xt[FP8_MT_MAX];
+    for (int t = 0; t < M; t++) {
+        xt[t] = x + (size_t)t * ldx;
+        yt[t] = y + (size_t)t * ldy;
+        xs[t] = buf + (size_t)(2 * t) * kp;
+        xp[t] = buf + (size_t)(2 * t + 1) * kp;
+        xmax[t] = fp8_xmax(xt[t], K32);
+        permute_x32(xt[t], xp[t], K32);
+    }
+    for (int n = n_lo; n < n_hi;) {
+        int band = n / BAND, band_end = (band + 1) * BAND < n_hi ? (band + 1) * BAND : n_hi;
+        for (int t = 0; t < M; t++)
+            fp8_fold_band(W, band, xmax[t], xp[t], xs[t], &unscale[t], &s_tail[t]);
+        switch (M) { /* one copy of the loop per count: the accumulators stay in registers */
+        case 2: fp8_rows(W, n, band_end, 2, xs, xt, yt, unscale, s_tail); break;
+        case 3: fp8_rows(W, n, band_end, 3, xs, xt, yt, unscale, s_tail); break;
+        default: fp8_rows(W, n, band_end, 4, xs, xt, yt, unscale, s_tail); break;
+        }
+        n = band_end;
     }
 }
 
@@ -1082,6 +1148,17 @@ static void scratch_free(scratch *sc) {
 static int rows_gemm(const wmat *W, int n_lo, int n_hi, int M, const float *x, int ldx,
                      float *y, int ldy, scratch *sc) {
     if (n_lo >= n_hi) return 0;
+#if defined(REFMOE_ISA_AVX512)
+    if (M > 1 && M <= FP8_MT_MAX && W->fmt == FMT_FP8 && !fp8_gemv_bf16) {
+        /* FP8 for a few tokens: each code converted once for all of them (2 x NV32
+         * accumulators a token: 16 registers at 4 tokens, which AVX-512 has and AVX2 has not) */
+        float *buf = (float *)amalloc((size_t)2 * M * round_up(W->k, BAND) * 4);
+        if (!buf) return -1;
+        rows_gemv_fp8_tokens(W, n_lo, n_hi, M, x, ldx, y, ldy, buf);
+        free(buf);
+        return 0;
+    }
+#endif
     if (M > 1 && M <= GEMV_ROWS_MAX_M && W->fmt != FMT_INT4) {
         /* A few tokens (batched decode: an expert shared by 2-4 requests): the GEMV once per
          * token, band by band, so the band's second and later passes come from cache. The tile
