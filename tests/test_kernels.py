@@ -320,19 +320,28 @@ def test_place_copies_exactly():
 
 
 @pytest.mark.parametrize("m", [2, 3, 4])
-@pytest.mark.parametrize("fmt", ["fp8", "bf16"])
+@pytest.mark.parametrize("fmt", ["fp8", "bf16", "mxfp4", "nvfp4", "int4g"])
 def test_a_few_tokens_get_their_lone_numbers(variant, fmt, m):
-    """Up to 4 tokens run the GEMV per token (band by band): each row of the product is
-    bit-identical to that token run alone, so batched decode changes no result."""
+    """Up to 4 tokens run the GEMV per token (band by band) or, FP8 on AVX2 / AVX-512, once
+    over the codes for all of them: each row of the product is bit-identical to that token run
+    alone, so batched decode changes no result."""
     rng = np.random.default_rng(m)
-    n, k = 300, 700
+    n, k = 300, 7210 if fmt == "fp8" else 700  # FP8: 64-code steps, one of 32, a scalar tail
     x = rng.standard_normal((m, k)).astype(np.float32)
     if fmt == "fp8":
         w, s = formats.fp8_quantize(rng.standard_normal((n, k)))
         run = lambda a: kernels.fp8_gemm(a, w, s, variant=variant)  # noqa: E731
-    else:
+    elif fmt == "bf16":
         w = formats.bf16_encode(rng.standard_normal((n, k)))
         run = lambda a: kernels.bf16_gemm(a, w, variant=variant)  # noqa: E731
+    else:
+        w, s, g = formats.encode(rng.standard_normal((n, k)).astype(np.float32), fmt, 32)
+        call = {"mxfp4": kernels.mxfp4_gemm, "int4g": kernels.int4g_gemm}
+        run = (  # noqa: E731
+            (lambda a: kernels.nvfp4_gemm(a, w, s, g, variant=variant))
+            if fmt == "nvfp4"
+            else (lambda a: call[fmt](a, w, s, variant=variant))
+        )
     together = run(x)
     for i in range(m):
         assert np.array_equal(together[i], run(x[i : i + 1])[0])
