@@ -1143,6 +1143,30 @@ static void scratch_free(scratch *sc) {
     lut4x_free(&sc->l4);
 }
 
+#if defined(REFMOE_VNNI)
+/* The 4-bit GEMV for 2 to LUT4_MT_MAX tokens in one pass over the codes (rows_gemv_lut4):
+ * token 0's activations in sc->l4, the others' in buffers of this call. */
+static int rows_gemv_lut4_tokens(const wmat *W, int n_lo, int n_hi, int M, const float *x,
+                                 int ldx, float *y, int ldy, scratch *sc) {
+    lut4x more[LUT4_MT_MAX - 1];
+    const lut4x *at[LUT4_MT_MAX];
+    float *yt[LUT4_MT_MAX];
+    int ok = 1, made = 0;
+    for (; made < M - 1; made++)
+        if (!lut4x_alloc(&more[made], W->k)) { ok = 0; made++; break; }
+    if (ok)
+        for (int t = 0; t < M; t++) {
+            lut4x *a = t ? &more[t - 1] : &sc->l4;
+            lut4x_prepare(x + (size_t)t * ldx, W->k, &sc->q8, a, lut4_offset(W->fmt));
+            at[t] = a;
+            yt[t] = y + (size_t)t * ldy;
+        }
+    if (ok) rows_gemv_lut4(W, n_lo, n_hi, M, yt, at);
+    for (int t = 0; t < made; t++) lut4x_free(&more[t]);
+    return ok ? 0 : -1;
+}
+#endif
+
 /* Returns 0, or -1 when scratch could not be allocated. INT4 always runs on the int8-quantized
  * activations, so a token gets the same numbers whether it is alone (GEMV) or in a batch. */
 static int rows_gemm(const wmat *W, int n_lo, int n_hi, int M, const float *x, int ldx,
@@ -1160,6 +1184,10 @@ static int rows_gemm(const wmat *W, int n_lo, int n_hi, int M, const float *x, i
         free(buf);
         return 0;
     }
+#endif
+#if defined(REFMOE_VNNI)
+    if (M > 1 && M <= LUT4_MT_MAX && is_lut4(W->fmt))
+        return rows_gemv_lut4_tokens(W, n_lo, n_hi, M, x, ldx, y, ldy, sc);
 #endif
     if (M > 1 && M <= GEMV_ROWS_MAX_M && W->fmt != FMT_INT4) {
         /* A few tokens (batched decode: an expert shared by 2-4 requests): the GEMV once per
@@ -1191,8 +1219,10 @@ static int rows_gemm(const wmat *W, int n_lo, int n_hi, int M, const float *x, i
         q8_quantize(x, W->k, W->group, &sc->q8, NULL);
         rows_gemv_int4(W, n_lo, n_hi, y, &sc->q8);
     } else if (M == 1 && is_lut4(W->fmt)) {
+        float *yt[1] = {y};
+        const lut4x *at[1] = {&sc->l4};
         lut4x_prepare(x, W->k, &sc->q8, &sc->l4, lut4_offset(W->fmt));
-        rows_gemv_lut4(W, n_lo, n_hi, y, &sc->l4);
+        rows_gemv_lut4(W, n_lo, n_hi, 1, yt, at);
     } else if (W->fmt == FMT_INT4 || is_lut4(W->fmt)) {
         free(sc->xdq);
         sc->xdq = (float *)calloc((size_t)M * ldx, 4);

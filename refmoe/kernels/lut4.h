@@ -124,6 +124,7 @@ typedef struct {
     float *ws;      /* [LUT4_WS(K)] one row's weight scales as floats (scratch) */
 } lut4x;
 #define LUT4_WS(k) ((k) / 16 + 32) /* floats of one row's scales, with room for wide loads */
+#define LUT4_MT_MAX 4 /* tokens one pass over a row serves (lut4_rows, VNNI builds) */
 
 static inline int lut4_xlo(int p) { return 128 * (p / 2) + 32 * (p % 2); } /* pair p's even codes */
 static inline int lut4_pos(int k) { /* where code k's activation lies in lut4x.q */
@@ -274,45 +275,53 @@ static inline float hsum256(__m256 a) {
  * table repeated four times, bits 4-5 (the other nibble, after the shift) choose among
  * identical copies, so no mask is needed. INT4G's codes are their own unsigned values and
  * keep the masks. */
-static inline __m512i lut4_quad(const uint8_t *w, __m512i xlo, __m512i xhi, __m512i ncorr,
-                                __m512i table, int int4g) {
-    __m512i b = _mm512_loadu_si512((const void *)w), lo, hi;
+static inline void lut4_quad_codes(const uint8_t *w, __m512i table, int int4g, __m512i *lo,
+                                   __m512i *hi) {
+    __m512i b = _mm512_loadu_si512((const void *)w);
 #if !defined(REFMOE_EMULATED)
     __asm__("" : "+v"(b)); /* one load of the line: GCC otherwise reads it for each operand */
 #endif
-    hi = _mm512_srli_epi16(b, 4);
+    *hi = _mm512_srli_epi16(b, 4);
     if (int4g) {
         const __m512i mask = _mm512_set1_epi8(0x0F);
-        lo = _mm512_and_si512(b, mask);
-        hi = _mm512_and_si512(hi, mask);
+        *lo = _mm512_and_si512(b, mask);
+        *hi = _mm512_and_si512(*hi, mask);
     } else {
-        lo = _mm512_permutexvar_epi8(b, table);
-        hi = _mm512_permutexvar_epi8(hi, table);
+        *lo = _mm512_permutexvar_epi8(b, table);
+        *hi = _mm512_permutexvar_epi8(*hi, table);
     }
-    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ncorr, lo, xlo), hi, xhi);
 }
 
-/* The whole quads of one row, into acc: pairs [0, np rounded down to even); returns the pairs
- * done. (Two rows at a time, sharing the activations' loads, ran at 32 GB/s a core in L2
- * against 31 for one, but at 0.5 of the read from DRAM on two threads, against 0.9-1.0:
- * measured on the 2-vCPU Zen 4 VM, 2026-12-05; one row it is.) */
+/* The whole quads of one row for MT tokens (a[t]: token t's activations), into acc[t]: pairs
+ * [0, np rounded down to even); returns the pairs done. The line is loaded and looked up once,
+ * then each token runs its two dpbusd (from its offset correction), a convert and its scale
+ * FMA: token t sees exactly the operations of its lone pass, in the same order. (Two rows at a
+ * time, sharing the activations' loads, ran at 32 GB/s a core in L2 against 31 for one, but
+ * at 0.5 of the read from DRAM on two threads, against 0.9-1.0: measured on the 2-vCPU Zen 4
+ * VM, 2026-12-05; one row it is.) */
 static inline __attribute__((always_inline)) int
-lut4_quads(const uint8_t *row, const float *ws, int np, int per_chunk, const lut4x *a,
-           __m512i table4, __m512i spread4, int int4g, __m256 *acc) {
-    __m512 w = _mm512_setzero_ps();
+lut4_quads(const uint8_t *row, const float *ws, int np, int per_chunk, const lut4x *const *a,
+           int MT, __m512i table4, __m512i spread4, int int4g, __m256 *acc) {
+    __m512 w[LUT4_MT_MAX];
+    for (int t = 0; t < MT; t++) w[t] = _mm512_setzero_ps();
     int p = 0;
     for (; p + 2 <= np; p += 2) {
         __builtin_prefetch(row + 32 * p + PREFETCH_DIST, 0, 0);
-        __m512i xlo = _mm512_loadu_si512((const void *)(a->q + lut4_xlo(p)));
-        __m512i xhi = _mm512_loadu_si512((const void *)(a->q + lut4_xlo(p) + 64));
-        __m512i nc = _mm512_loadu_si512((const void *)(a->ncorr + 8 * p));
+        __m512i lo, hi;
+        lut4_quad_codes(row + 32 * p, table4, int4g, &lo, &hi);
         __m512 s = _mm512_permutexvar_ps(
             spread4, _mm512_castps256_ps512(_mm256_loadu_ps(ws + 2 * per_chunk * p)));
-        __m512i d = lut4_quad(row + 32 * p, xlo, xhi, nc, table4, int4g);
-        w = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d),
-                            _mm512_mul_ps(s, _mm512_loadu_ps(a->xs + 8 * p)), w);
+        for (int t = 0; t < MT; t++) {
+            __m512i xlo = _mm512_loadu_si512((const void *)(a[t]->q + lut4_xlo(p)));
+            __m512i xhi = _mm512_loadu_si512((const void *)(a[t]->q + lut4_xlo(p) + 64));
+            __m512i nc = _mm512_loadu_si512((const void *)(a[t]->ncorr + 8 * p));
+            __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(nc, lo, xlo), hi, xhi);
+            w[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d),
+                                   _mm512_mul_ps(s, _mm512_loadu_ps(a[t]->xs + 8 * p)), w[t]);
+        }
     }
-    *acc = _mm256_add_ps(_mm512_castps512_ps256(w), _mm512_extractf32x8_ps(w, 1));
+    for (int t = 0; t < MT; t++)
+        acc[t] = _mm256_add_ps(_mm512_castps512_ps256(w[t]), _mm512_extractf32x8_ps(w[t], 1));
     return p;
 }
 #endif
@@ -354,10 +363,12 @@ lut4_rest(const wmat *W, int fmt, const uint8_t *row, const uint8_t *sr, const f
  * scales, then the FMA). Elsewhere the same per 64 codes in 256-bit registers, with two ANDs
  * before the byte shuffles and maddubs / madd for the dot products. Each row's scales are
  * decoded 8 at a time first. */
-static inline __attribute__((always_inline)) void lut4_rows(const wmat *W, int fmt, int n_lo,
-                                                            int n_hi, float *y, const lut4x *a) {
+static inline __attribute__((always_inline)) void
+lut4_rows(const wmat *W, int fmt, int n_lo, int n_hi, int MT, float *const *y,
+          const lut4x *const *a) { /* MT tokens: 1, or up to LUT4_MT_MAX with VNNI */
     const int rb = lut4_row_bytes(W), ns = lut4_row_scales(W);
     const size_t sbytes = lut4_scale_bytes(W);
+    float *ws = a[0]->ws; /* the row's weight scales, shared by the tokens */
     const int nfull = fmt == FMT_MXFP4 ? ceil_div(W->k, 32) : W->k / 32, np = nfull / 2;
     const int per_chunk = fmt == FMT_NVFP4 ? 2 : 1; /* floats of ws per chunk */
     const int nws = fmt == FMT_INT4G ? ceil_div(W->k, 32) : ns;
@@ -380,20 +391,27 @@ static inline __attribute__((always_inline)) void lut4_rows(const wmat *W, int f
     for (int n = n_lo; n < n_hi; n++) {
         const uint8_t *row = (const uint8_t *)W->w + (size_t)n * rb;
         const uint8_t *sr = W->s8 + (size_t)n * ns * sbytes;
-        lut4_row_scales_f32(W, sr, a->ws, nws);
-        __m256 acc = _mm256_setzero_ps();
+        lut4_row_scales_f32(W, sr, ws, nws);
+        __m256 acc[LUT4_MT_MAX];
         int p = 0;
 #if defined(REFMOE_VNNI)
-        p = lut4_quads(row, a->ws, np, per_chunk, a, table4, spread4, int4g, &acc);
+        p = lut4_quads(row, ws, np, per_chunk, a, MT, table4, spread4, int4g, acc);
+#else
+        acc[0] = _mm256_setzero_ps();
 #endif
-        y[n] = lut4_rest(W, fmt, row, sr, a->ws, p, np, a, table, spread, per_chunk, post, int4g,
-                         acc);
+        for (int t = 0; t < MT; t++)
+            y[t][n] = lut4_rest(W, fmt, row, sr, ws, p, np, a[t], table, spread, per_chunk, post,
+                                int4g, acc[t]);
     }
 }
 #else
 /* Portable: the same sums per chunk in C, on the signed table values. */
-static inline __attribute__((always_inline)) void lut4_rows(const wmat *W, int fmt, int n_lo,
-                                                            int n_hi, float *y, const lut4x *a) {
+static inline __attribute__((always_inline)) void
+lut4_rows(const wmat *W, int fmt, int n_lo, int n_hi, int MT, float *const *yt,
+          const lut4x *const *at) { /* MT: 1 here (rows_gemm) */
+    (void)MT;
+    float *y = yt[0];
+    const lut4x *a = at[0];
     const int rb = lut4_row_bytes(W), ns = lut4_row_scales(W);
     const size_t sbytes = lut4_scale_bytes(W);
     const int nfull = fmt == FMT_MXFP4 ? ceil_div(W->k, 32) : W->k / 32;
@@ -420,12 +438,26 @@ static inline __attribute__((always_inline)) void lut4_rows(const wmat *W, int f
 }
 #endif
 
-/* Rows [n_lo, n_hi) of y = x W^T for one token, x already in a (lut4x_prepare). */
-static void rows_gemv_lut4(const wmat *W, int n_lo, int n_hi, float *y, const lut4x *a) {
-    switch (W->fmt) { /* one copy of the loop per format: the scale decoding is inlined */
-    case FMT_MXFP4: lut4_rows(W, FMT_MXFP4, n_lo, n_hi, y, a); break;
-    case FMT_NVFP4: lut4_rows(W, FMT_NVFP4, n_lo, n_hi, y, a); break;
-    default: lut4_rows(W, FMT_INT4G, n_lo, n_hi, y, a); break;
+/* Rows [n_lo, n_hi) of y = x W^T for MT tokens (y[t], activations a[t] from lut4x_prepare):
+ * MT = 1, or 2 to LUT4_MT_MAX where VNNI is (one pass over the codes; each token's numbers its
+ * lone pass's). */
+static void rows_gemv_lut4(const wmat *W, int n_lo, int n_hi, int MT, float *const *y,
+                           const lut4x *const *a) {
+    switch (W->fmt * 8 + MT) { /* one copy of the loop per format and count: inlined scales */
+#if defined(REFMOE_VNNI)
+    case FMT_MXFP4 * 8 + 2: lut4_rows(W, FMT_MXFP4, n_lo, n_hi, 2, y, a); break;
+    case FMT_MXFP4 * 8 + 3: lut4_rows(W, FMT_MXFP4, n_lo, n_hi, 3, y, a); break;
+    case FMT_MXFP4 * 8 + 4: lut4_rows(W, FMT_MXFP4, n_lo, n_hi, 4, y, a); break;
+    case FMT_NVFP4 * 8 + 2: lut4_rows(W, FMT_NVFP4, n_lo, n_hi, 2, y, a); break;
+    case FMT_NVFP4 * 8 + 3: lut4_rows(W, FMT_NVFP4, n_lo, n_hi, 3, y, a); break;
+    case FMT_NVFP4 * 8 + 4: lut4_rows(W, FMT_NVFP4, n_lo, n_hi, 4, y, a); break;
+    case FMT_INT4G * 8 + 2: lut4_rows(W, FMT_INT4G, n_lo, n_hi, 2, y, a); break;
+    case FMT_INT4G * 8 + 3: lut4_rows(W, FMT_INT4G, n_lo, n_hi, 3, y, a); break;
+    case FMT_INT4G * 8 + 4: lut4_rows(W, FMT_INT4G, n_lo, n_hi, 4, y, a); break;
+#endif
+    case FMT_MXFP4 * 8 + 1: lut4_rows(W, FMT_MXFP4, n_lo, n_hi, 1, y, a); break;
+    case FMT_NVFP4 * 8 + 1: lut4_rows(W, FMT_NVFP4, n_lo, n_hi, 1, y, a); break;
+    default: lut4_rows(W, FMT_INT4G, n_lo, n_hi, 1, y, a); break;
     }
 }
 
