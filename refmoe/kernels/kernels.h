@@ -1143,7 +1143,7 @@ static void scratch_free(scratch *sc) {
     lut4x_free(&sc->l4);
 }
 
-#if defined(REFMOE_VNNI)
+#if defined(REFMOE_ISA_AVX2) || defined(REFMOE_ISA_AVX512)
 /* The 4-bit GEMV for 2 to LUT4_MT_MAX tokens in one pass over the codes (rows_gemv_lut4):
  * token 0's activations in sc->l4, the others' in buffers of this call. */
 static int rows_gemv_lut4_tokens(const wmat *W, int n_lo, int n_hi, int M, const float *x,
@@ -1185,7 +1185,7 @@ static int rows_gemm(const wmat *W, int n_lo, int n_hi, int M, const float *x, i
         return 0;
     }
 #endif
-#if defined(REFMOE_VNNI)
+#if defined(REFMOE_ISA_AVX2) || defined(REFMOE_ISA_AVX512)
     if (M > 1 && M <= LUT4_MT_MAX && is_lut4(W->fmt))
         return rows_gemv_lut4_tokens(W, n_lo, n_hi, M, x, ldx, y, ldy, sc);
 #endif

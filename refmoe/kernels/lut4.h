@@ -124,7 +124,7 @@ typedef struct {
     float *ws;      /* [LUT4_WS(K)] one row's weight scales as floats (scratch) */
 } lut4x;
 #define LUT4_WS(k) ((k) / 16 + 32) /* floats of one row's scales, with room for wide loads */
-#define LUT4_MT_MAX 4 /* tokens one pass over a row serves (lut4_rows, VNNI builds) */
+#define LUT4_MT_MAX 4 /* tokens one pass over a row serves (lut4_rows, x86 builds) */
 
 static inline int lut4_xlo(int p) { return 128 * (p / 2) + 32 * (p % 2); } /* pair p's even codes */
 static inline int lut4_pos(int k) { /* where code k's activation lies in lut4x.q */
@@ -238,18 +238,24 @@ static void lut4_row_scales_f32(const wmat *W, const uint8_t *sr, float *ws, int
 }
 
 /* Integer partial sums of one pair of chunks (32 bytes of weights), eight int32 lanes as
- * described at lut4x: xq is the pair's even codes (lut4_xlo), its odd ones 64 bytes on. With
+ * described at lut4x, in two steps: the codes looked up (lut4_pair_codes, once for every token
+ * of a pass), then one token's sums (lut4_pair_dot): xq is the pair's even codes (lut4_xlo),
+ * its odd ones 64 bytes on. With
  * VNNI one dpbusd per half, starting from ncorr (the unsigned offset taken back); else
  * maddubs, an int16 add (at most 2 * 2 * 24 * 127 = 12192), one madd, and ncorr added. */
-static inline __m256i lut4_pair(const uint8_t *w, const int8_t *xq, const int32_t *ncorr,
-                                __m256i table, int int4g) {
+static inline void lut4_pair_codes(const uint8_t *w, __m256i table, int int4g, __m256i *lo,
+                                   __m256i *hi) {
     const __m256i mask = _mm256_set1_epi8(0x0F);
     __m256i b = _mm256_loadu_si256((const __m256i *)w);
-    __m256i lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+    *lo = _mm256_and_si256(b, mask);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
     if (!int4g) { /* INT4G's codes already are code + 8 */
-        lo = _mm256_shuffle_epi8(table, lo);
-        hi = _mm256_shuffle_epi8(table, hi);
+        *lo = _mm256_shuffle_epi8(table, *lo);
+        *hi = _mm256_shuffle_epi8(table, *hi);
     }
+}
+static inline __m256i lut4_pair_dot(__m256i lo, __m256i hi, const int8_t *xq,
+                                    const int32_t *ncorr) {
     __m256i x0 = _mm256_loadu_si256((const __m256i *)xq);
     __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 64));
     __m256i c = _mm256_loadu_si256((const __m256i *)ncorr);
@@ -326,34 +332,48 @@ lut4_quads(const uint8_t *row, const float *ws, int np, int per_chunk, const lut
 }
 #endif
 
-/* The rest of one row from pair p on, into acc0: whole pairs in 256-bit registers, then the
- * codes past the last whole pair; returns the row's value. */
-static inline __attribute__((always_inline)) float
+/* The rest of row n from pair p on for MT tokens, token t from acc[t]: whole pairs in 256-bit
+ * registers, then the codes past the last whole pair; writes y[t][n]. Each pair's codes are
+ * looked up once; token t sees exactly the operations of its lone pass. */
+static inline __attribute__((always_inline)) void
 lut4_rest(const wmat *W, int fmt, const uint8_t *row, const uint8_t *sr, const float *ws, int p,
-          int np, const lut4x *a, __m256i table, __m256i spread, int per_chunk, float post,
-          int int4g, __m256 acc0) {
-    __m256 acc1 = _mm256_setzero_ps();
+          int np, const lut4x *const *a, int MT, __m256i table, __m256i spread, int per_chunk,
+          float post, int int4g, const __m256 *acc, float *const *y, int n) {
+    __m256 acc0[LUT4_MT_MAX], acc1[LUT4_MT_MAX];
+    for (int t = 0; t < MT; t++) acc0[t] = acc[t], acc1[t] = _mm256_setzero_ps();
     for (; p + 2 <= np; p += 2) {
         __builtin_prefetch(row + 32 * p + PREFETCH_DIST, 0, 0);
         __m256 s0 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(ws + 2 * per_chunk * p), spread);
         __m256 s1 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(ws + 2 * per_chunk * (p + 1)), spread);
-        __m256i d0 = lut4_pair(row + 32 * p, a->q + lut4_xlo(p), a->ncorr + 8 * p, table, int4g);
-        __m256i d1 = lut4_pair(row + 32 * p + 32, a->q + lut4_xlo(p + 1), a->ncorr + 8 * p + 8,
-                               table, int4g);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0),
-                               _mm256_mul_ps(s0, _mm256_loadu_ps(a->xs + 8 * p)), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1),
-                               _mm256_mul_ps(s1, _mm256_loadu_ps(a->xs + 8 * p + 8)), acc1);
+        __m256i lo0, hi0, lo1, hi1;
+        lut4_pair_codes(row + 32 * p, table, int4g, &lo0, &hi0);
+        lut4_pair_codes(row + 32 * p + 32, table, int4g, &lo1, &hi1);
+        for (int t = 0; t < MT; t++) {
+            __m256i d0 = lut4_pair_dot(lo0, hi0, a[t]->q + lut4_xlo(p), a[t]->ncorr + 8 * p);
+            __m256i d1 =
+                lut4_pair_dot(lo1, hi1, a[t]->q + lut4_xlo(p + 1), a[t]->ncorr + 8 * p + 8);
+            acc0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0),
+                                      _mm256_mul_ps(s0, _mm256_loadu_ps(a[t]->xs + 8 * p)), acc0[t]);
+            acc1[t] = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(d1), _mm256_mul_ps(s1, _mm256_loadu_ps(a[t]->xs + 8 * p + 8)),
+                acc1[t]);
+        }
     }
     for (; p < np; p++) {
         __m256 s0 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(ws + 2 * per_chunk * p), spread);
-        __m256i d0 = lut4_pair(row + 32 * p, a->q + lut4_xlo(p), a->ncorr + 8 * p, table, int4g);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0),
-                               _mm256_mul_ps(s0, _mm256_loadu_ps(a->xs + 8 * p)), acc0);
+        __m256i lo0, hi0;
+        lut4_pair_codes(row + 32 * p, table, int4g, &lo0, &hi0);
+        for (int t = 0; t < MT; t++) {
+            __m256i d0 = lut4_pair_dot(lo0, hi0, a[t]->q + lut4_xlo(p), a[t]->ncorr + 8 * p);
+            acc0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0),
+                                      _mm256_mul_ps(s0, _mm256_loadu_ps(a[t]->xs + 8 * p)), acc0[t]);
+        }
     }
-    float t = 2 * np * 32 < W->k ? lut4_tail(W, row, sr, 2 * np, a) : 0.f;
-    if (fmt == FMT_NVFP4) t *= 0x1p-7f; /* the tail used lut4_scale (value / 2), not ws */
-    return (hsum256(_mm256_add_ps(acc0, acc1)) + t) * post;
+    for (int t = 0; t < MT; t++) {
+        float tail = 2 * np * 32 < W->k ? lut4_tail(W, row, sr, 2 * np, a[t]) : 0.f;
+        if (fmt == FMT_NVFP4) tail *= 0x1p-7f; /* the tail used lut4_scale (value / 2), not ws */
+        y[t][n] = (hsum256(_mm256_add_ps(acc0[t], acc1[t])) + tail) * post;
+    }
 }
 
 /* THE HOT LOOP of 4-bit decode, one row at a time. With VNNI and VBMI (lut4_quads), per 128
@@ -365,7 +385,7 @@ lut4_rest(const wmat *W, int fmt, const uint8_t *row, const uint8_t *sr, const f
  * decoded 8 at a time first. */
 static inline __attribute__((always_inline)) void
 lut4_rows(const wmat *W, int fmt, int n_lo, int n_hi, int MT, float *const *y,
-          const lut4x *const *a) { /* MT tokens: 1, or up to LUT4_MT_MAX with VNNI */
+          const lut4x *const *a) { /* MT tokens: 1 to LUT4_MT_MAX */
     const int rb = lut4_row_bytes(W), ns = lut4_row_scales(W);
     const size_t sbytes = lut4_scale_bytes(W);
     float *ws = a[0]->ws; /* the row's weight scales, shared by the tokens */
@@ -397,11 +417,10 @@ lut4_rows(const wmat *W, int fmt, int n_lo, int n_hi, int MT, float *const *y,
 #if defined(REFMOE_VNNI)
         p = lut4_quads(row, ws, np, per_chunk, a, MT, table4, spread4, int4g, acc);
 #else
-        acc[0] = _mm256_setzero_ps();
+        for (int t = 0; t < MT; t++) acc[t] = _mm256_setzero_ps();
 #endif
-        for (int t = 0; t < MT; t++)
-            y[t][n] = lut4_rest(W, fmt, row, sr, ws, p, np, a[t], table, spread, per_chunk, post,
-                                int4g, acc[t]);
+        lut4_rest(W, fmt, row, sr, ws, p, np, a, MT, table, spread, per_chunk, post, int4g, acc,
+                  y, n);
     }
 }
 #else
@@ -439,12 +458,12 @@ lut4_rows(const wmat *W, int fmt, int n_lo, int n_hi, int MT, float *const *yt,
 #endif
 
 /* Rows [n_lo, n_hi) of y = x W^T for MT tokens (y[t], activations a[t] from lut4x_prepare):
- * MT = 1, or 2 to LUT4_MT_MAX where VNNI is (one pass over the codes; each token's numbers its
- * lone pass's). */
+ * MT = 1, or 2 to LUT4_MT_MAX in the x86 builds (one pass over the codes; each token's numbers
+ * its lone pass's). */
 static void rows_gemv_lut4(const wmat *W, int n_lo, int n_hi, int MT, float *const *y,
                            const lut4x *const *a) {
     switch (W->fmt * 8 + MT) { /* one copy of the loop per format and count: inlined scales */
-#if defined(REFMOE_VNNI)
+#if defined(REFMOE_ISA_AVX2) || defined(REFMOE_ISA_AVX512)
     case FMT_MXFP4 * 8 + 2: lut4_rows(W, FMT_MXFP4, n_lo, n_hi, 2, y, a); break;
     case FMT_MXFP4 * 8 + 3: lut4_rows(W, FMT_MXFP4, n_lo, n_hi, 3, y, a); break;
     case FMT_MXFP4 * 8 + 4: lut4_rows(W, FMT_MXFP4, n_lo, n_hi, 4, y, a); break;
