@@ -690,15 +690,9 @@ static int rows_tiled(const wmat *W, int n_lo, int n_hi, int M, const float *x, 
 }
 
 /* ====================================================================================== */
-/* GEMV (M = 1) straight from the codes: THE HOT LOOP of decode.                          */
+/* GEMV (M = 1, or a few tokens) straight from the codes: THE HOT LOOP of decode.         */
 /* ====================================================================================== */
 
-/* FP8: the 128x128 block scale is folded into the activation once per band,
- * xs = x * s * 2^E, so the inner loop is convert + FMA with no per-weight scaling. E undoes the
- * conversion's power of two (2^FP8_GEMV_LOG2) as far as fp32 range allows: for a large
- * |x| * s it is lowered so xs stays finite, and 2^(-FP8_GEMV_LOG2 - E) is applied per row at
- * the end. xp: x in FP8_PERM order, made once per call; xs: scratch [Kp]. Columns past the
- * last multiple of 32 in K run in scalar code. */
 /* max |x[0:K32)| as max(x, -x): independent lanes, no serial chain */
 static float fp8_xmax(const float *x, int K32) {
     vf vmax = vf_zero();
@@ -734,7 +728,7 @@ static void fp8_fold_band(const wmat *W, int band, float xmax, const float *xp, 
     }
 }
 
-#define FP8_MT_MAX 4 /* tokens one pass over the codes serves (rows_gemv_fp8_tokens) */
+#define FP8_MT_MAX 4 /* tokens one pass over the codes serves (rows_gemv_fp8) */
 
 /* THE HOT LOOP: rows [n, n_end) of one band for MT tokens (1 = the lone GEMV), one row at a
  * time, 64 codes per step, each converted once and multiplied into every token's 2 x NV32
@@ -788,35 +782,19 @@ fp8_rows(const wmat *W, int n, int n_end, int MT, float *const *xs, const float 
  * xs = x * s * 2^E, so the inner loop is convert + FMA with no per-weight scaling. E undoes the
  * conversion's power of two (2^FP8_GEMV_LOG2) as far as fp32 range allows: for a large
  * |x| * s it is lowered so xs stays finite, and 2^(-FP8_GEMV_LOG2 - E) is applied per row at
- * the end. xp: x in FP8_PERM order, made once per call; xs: scratch [Kp]. Columns past the
- * last multiple of 32 in K run in scalar code. */
-static void rows_gemv_fp8(const wmat *W, int n_lo, int n_hi, const float *x, float *y,
-                          float *xs, float *xp) {
+ * the end. Columns past the last multiple of 32 in K run in scalar code. M tokens, 1 to
+ * FP8_MT_MAX (x, y: rows ldx, ldy apart), in one pass over the codes (fp8_rows): batched decode
+ * on a CPU that converts FP8 slower than it reads it; each token's row of y is bit for bit its
+ * lone GEMV's. Scratch per token: xp[t] (x in FP8_PERM order, made once per call) and xs[t],
+ * [Kp] floats each. */
+static void rows_gemv_fp8(const wmat *W, int n_lo, int n_hi, int M, const float *x, int ldx,
+                          float *y, int ldy, float *const *xs, float *const *xp) {
     const int K32 = W->k / 32 * 32;
-    float xmax = fp8_xmax(x, K32), unscale = 1.f, s_tail = 0.f;
-    permute_x32(x, xp, K32);
-    for (int n = n_lo; n < n_hi;) {
-        int band = n / BAND, band_end = (band + 1) * BAND < n_hi ? (band + 1) * BAND : n_hi;
-        fp8_fold_band(W, band, xmax, xp, xs, &unscale, &s_tail);
-        fp8_rows(W, n, band_end, 1, &xs, &x, &y, &unscale, &s_tail);
-        n = band_end;
-    }
-}
-
-/* The same for 2 to FP8_MT_MAX tokens (x, y: rows ldx, ldy apart) in one pass over the codes:
- * batched decode on a CPU that converts FP8 slower than it reads it. buf: [2 M Kp] floats.
- * Each token's row of y is bit for bit its lone GEMV's. */
-static void rows_gemv_fp8_tokens(const wmat *W, int n_lo, int n_hi, int M, const float *x,
-                                 int ldx, float *y, int ldy, float *buf) {
-    const int K32 = W->k / 32 * 32, kp = round_up(W->k, BAND);
-    float xmax[FP8_MT_MAX], unscale[FP8_MT_MAX], s_tail[FP8_MT_MAX];
-    float *xs[FP8_MT_MAX], *xp[FP8_MT_MAX], *yt[FP8_MT_MAX];
+    float xmax[FP8_MT_MAX], unscale[FP8_MT_MAX], s_tail[FP8_MT_MAX], *yt[FP8_MT_MAX];
     const float *xt[FP8_MT_MAX];
     for (int t = 0; t < M; t++) {
         xt[t] = x + (size_t)t * ldx;
         yt[t] = y + (size_t)t * ldy;
-        xs[t] = buf + (size_t)(2 * t) * kp;
-        xp[t] = buf + (size_t)(2 * t + 1) * kp;
         xmax[t] = fp8_xmax(xt[t], K32);
         permute_x32(xt[t], xp[t], K32);
     }
@@ -825,6 +803,7 @@ static void rows_gemv_fp8_tokens(const wmat *W, int n_lo, int n_hi, int M, const
         for (int t = 0; t < M; t++)
             fp8_fold_band(W, band, xmax[t], xp[t], xs[t], &unscale[t], &s_tail[t]);
         switch (M) { /* one copy of the loop per count: the accumulators stay in registers */
+        case 1: fp8_rows(W, n, band_end, 1, xs, xt, yt, unscale, s_tail); break;
         case 2: fp8_rows(W, n, band_end, 2, xs, xt, yt, unscale, s_tail); break;
         case 3: fp8_rows(W, n, band_end, 3, xs, xt, yt, unscale, s_tail); break;
         default: fp8_rows(W, n, band_end, 4, xs, xt, yt, unscale, s_tail); break;
@@ -1178,9 +1157,11 @@ static int rows_gemm(const wmat *W, int n_lo, int n_hi, int M, const float *x, i
          * accumulators a token: 16 of AVX-512's 32 registers at 4 tokens; AVX2's 16 hold them
          * for one token, so GCC spills some from two on, and it still beat a pass per token:
          * 1.2-1.35x at M = 2 and 4, 2048 x 7168, the Zen 4 VM running the avx2 build) */
-        float *buf = (float *)amalloc((size_t)2 * M * round_up(W->k, BAND) * 4);
+        const int kp = round_up(W->k, BAND);
+        float *buf = (float *)amalloc((size_t)2 * M * kp * 4), *xs[FP8_MT_MAX], *xp[FP8_MT_MAX];
         if (!buf) return -1;
-        rows_gemv_fp8_tokens(W, n_lo, n_hi, M, x, ldx, y, ldy, buf);
+        for (int t = 0; t < M; t++) xs[t] = buf + (size_t)(2 * t) * kp, xp[t] = xs[t] + kp;
+        rows_gemv_fp8(W, n_lo, n_hi, M, x, ldx, y, ldy, xs, xp);
         free(buf);
         return 0;
     }
@@ -1212,7 +1193,7 @@ static int rows_gemm(const wmat *W, int n_lo, int n_hi, int M, const float *x, i
             rows_gemv_fp8_bf16(W, n_lo, n_hi, x, y, sc->parts);
         else
 #endif
-        rows_gemv_fp8(W, n_lo, n_hi, x, y, sc->xs, sc->xp);
+        rows_gemv_fp8(W, n_lo, n_hi, 1, x, 0, y, 0, &sc->xs, &sc->xp);
     } else if (M == 1 && W->fmt == FMT_BF16) {
         rows_gemv_bf16(W, n_lo, n_hi, x, y, sc->xp);
     } else if (M == 1 && W->fmt == FMT_INT4) {
