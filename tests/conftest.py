@@ -1,6 +1,7 @@
 """Shared fixtures: every variant that is built and runs here, and quiet BLAS threads."""
 
 import os
+from contextlib import contextmanager
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's own pool must not spin beside ours
 # SLP on the CPU computes in float32 here, whatever the CPU: the tests hold it to the CPU path
@@ -151,13 +152,21 @@ def assert_cache_bytes(mine, cache, tokens: int) -> None:
     assert mine.kv_bytes_per_token() * tokens == held
 
 
+@contextmanager
+def fp8_route_as(route: str):
+    """The FP8 GEMV on `route` inside the block, the process's setting restored after."""
+    before = kernels.set_fp8_gemv_route(route)
+    try:
+        yield route
+    finally:
+        kernels.set_fp8_gemv_route(before)
+
+
 @pytest.fixture(params=kernels.FP8_GEMV_ROUTES)
 def fp8_route(request, variant):
     """Each FP8 GEMV route where the variant has two (avx512_bf16 builds); the fp32 one alone
-    elsewhere. Restores the process's route afterwards."""
-    if request.param == "bf16" and "bf16" not in variant:
-        pytest.skip(f"{variant} has one FP8 GEMV route")
-    before = kernels.fp8_gemv_route()
-    kernels.set_fp8_gemv_route(request.param)
-    yield request.param
-    kernels.set_fp8_gemv_route(before)
+    elsewhere."""
+    with fp8_route_as(request.param):
+        if kernels.fp8_gemv_route(variant) != request.param:
+            pytest.skip(f"{variant} has one FP8 GEMV route")
+        yield request.param

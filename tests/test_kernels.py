@@ -12,6 +12,7 @@ themselves are exact integers.
 
 import numpy as np
 import pytest
+from conftest import fp8_route_as
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -95,13 +96,10 @@ def test_variants_agree(case):
     _, mag = fp8_reference(x, codes, s)
     base = kernels.fp8_gemm(x, codes, s).astype(np.float64)
     for route in kernels.FP8_GEMV_ROUTES:
-        kernels.set_fp8_gemv_route(route)
-        try:
+        with fp8_route_as(route):
             for v in kernels.available_variants():
                 got = kernels.fp8_gemm(x, codes, s, variant=v)
                 check(got, base, mag, x.shape[1], factor=2.0)
-        finally:
-            kernels.set_fp8_gemv_route("fp32")
 
 
 @pytest.mark.parametrize(
@@ -115,16 +113,14 @@ def test_fp8_fp32_route_is_the_avx512_gemv(pair):
     rng = np.random.default_rng(7)
     codes, s = formats.fp8_quantize(rng.standard_normal((256, 1000)))
     x = rng.standard_normal((1, 1000)).astype(np.float32)
-    plain = kernels.fp8_gemm(x, codes, s, variant=pair[1])
-    assert kernels.fp8_gemv_route(pair[0]) == "fp32"
-    assert np.array_equal(kernels.fp8_gemm(x, codes, s, variant=pair[0]), plain)
-    kernels.set_fp8_gemv_route("bf16")
-    try:
+    with fp8_route_as("fp32"):
+        plain = kernels.fp8_gemm(x, codes, s, variant=pair[1])
+        assert kernels.fp8_gemv_route(pair[0]) == "fp32"
+        assert np.array_equal(kernels.fp8_gemm(x, codes, s, variant=pair[0]), plain)
+    with fp8_route_as("bf16"):
         assert kernels.fp8_gemv_route(pair[0]) == "bf16"
         assert kernels.fp8_gemv_route(pair[1]) == "fp32"  # one route there
         assert not np.array_equal(kernels.fp8_gemm(x, codes, s, variant=pair[0]), plain)
-    finally:
-        kernels.set_fp8_gemv_route("fp32")
 
 
 def test_fp8_route_setting_is_checked():
@@ -388,10 +384,7 @@ def test_fp8_dequant_refuses_bad_input_and_converts_as_the_gemv():
         kernels.fp8_dequant(codes[:, :2], np.ones((1, 1), np.float32), (0, 128))
     # the vector conversions the kernels use, all of them, against the table
     for route in kernels.FP8_GEMV_ROUTES:
-        kernels.set_fp8_gemv_route(route)
-        try:
+        with fp8_route_as(route):
             for gemv_path in (False, True):
                 got = kernels.fp8_to_float32(FINITE, gemv_path=gemv_path)
                 assert np.array_equal(got, formats.fp8_decode(FINITE).astype(np.float32))
-        finally:
-            kernels.set_fp8_gemv_route("fp32")

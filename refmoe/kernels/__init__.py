@@ -83,21 +83,26 @@ if _FP8_ROUTE not in FP8_GEMV_ROUTES:
 _ROUTED: set[str] = set()
 
 
-def set_fp8_gemv_route(route: str) -> None:
+_BF16_DOT_VARIANTS = ("avx512_bf16", "avx512_bf16_emulated")  # the builds with both routes
+
+
+def set_fp8_gemv_route(route: str) -> str:
     """Choose the FP8 GEMV's route ("fp32" or "bf16") for every build that has both, from now
-    on. Call it before kernels run on other threads (tests and benchmarks switch it)."""
+    on; returns the setting it replaces. Call it before kernels run on other threads (tests and
+    benchmarks switch it)."""
     global _FP8_ROUTE
     if route not in FP8_GEMV_ROUTES:
         raise ValueError(f"FP8 GEMV route must be fp32 or bf16, got {route!r}")
-    _FP8_ROUTE = route
+    before, _FP8_ROUTE = _FP8_ROUTE, route
     for name in list(_ROUTED):
         importlib.import_module(f"refmoe.kernels._{name}").fp8_route(route == "bf16")
+    return before
 
 
 def fp8_gemv_route(variant: str | None = None) -> str:
     """The route the FP8 GEMV takes in a variant (default: the chosen one): "bf16" only in a
     build with BF16 dot products and with that route chosen."""
-    has_bf16 = _module(variant or _VARIANT).fp8_route(_FP8_ROUTE == "bf16")
+    has_bf16 = (variant or _VARIANT) in _BF16_DOT_VARIANTS
     return "bf16" if has_bf16 and _FP8_ROUTE == "bf16" else "fp32"
 
 
