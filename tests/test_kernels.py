@@ -20,6 +20,19 @@ from refmoe import kernels
 from refmoe.kernels import formats
 
 U = 2.0**-24
+WHOLE = formats.WHOLE
+# FP8 scale blocks as checkpoints store them: DeepSeek's 128 x 128 (drawn most), per output
+# channel, per tensor, other weight_block_sizes, and blocks that end inside a chunk of 32 codes
+FP8_BLOCKS = [(128, 128)] * 4 + [
+    (1, WHOLE),
+    (WHOLE, WHOLE),
+    (64, 64),
+    (1, 128),
+    (256, 384),
+    (48, 80),
+    (16, 40),
+    (200, 7),
+]
 FINITE = np.array([c for c in range(256) if c & 0x7F != 0x7F], np.uint8)
 SUBNORMAL = FINITE[(FINITE & 0x78) == 0]
 SETTINGS = settings(
@@ -42,9 +55,10 @@ def fp8_case(draw):
     seed = draw(st.integers(0, 2**32 - 1))
     codes_kind = draw(st.sampled_from(["gauss", "subnormal", "extreme", "uniform"]))
     scale_kind = draw(st.sampled_from(["normal", "tiny", "huge", "mixed"]))
+    block = draw(st.sampled_from(FP8_BLOCKS))
     rng = np.random.default_rng(seed)
     if codes_kind == "gauss":
-        codes, _ = formats.fp8_quantize(rng.standard_normal((n, k)))
+        codes, _ = formats.fp8_quantize(rng.standard_normal((n, k)), block)
     else:
         pool = {
             "subnormal": SUBNORMAL,
@@ -52,7 +66,7 @@ def fp8_case(draw):
             "uniform": FINITE,
         }[codes_kind]
         codes = rng.choice(pool, size=(n, k)).astype(np.uint8)
-    shape = formats.scale_shape(n, k)
+    shape = formats.scale_shape(n, k, block)
     exp = {
         "normal": rng.uniform(-10, -3, shape),
         "tiny": rng.uniform(-62, -58, shape),
@@ -61,11 +75,11 @@ def fp8_case(draw):
     }[scale_kind]
     s = np.exp2(exp).astype(np.float32)
     x = (rng.standard_normal((m, k)) * 10.0 ** rng.uniform(-3, 3, (m, 1))).astype(np.float32)
-    return x, codes, s
+    return x, codes, s, block
 
 
-def fp8_reference(x, codes, s):
-    w = formats.fp8_dequantize(codes, s)
+def fp8_reference(x, codes, s, block=(128, 128)):
+    w = formats.fp8_dequantize(codes, s, block)
     x64 = x.astype(np.float64)
     return x64 @ w.T, np.abs(x64) @ np.abs(w).T
 
@@ -73,32 +87,33 @@ def fp8_reference(x, codes, s):
 @SETTINGS
 @given(case=fp8_case())
 def test_fp8_gemm_vs_float64(variant, fp8_route, case):
-    x, codes, s = case
-    y64, mag = fp8_reference(x, codes, s)
-    check(kernels.fp8_gemm(x, codes, s, variant=variant, num_threads=2), y64, mag, x.shape[1])
+    x, codes, s, block = case
+    y64, mag = fp8_reference(x, codes, s, block)
+    y = kernels.fp8_gemm(x, codes, s, block=block, variant=variant, num_threads=2)
+    check(y, y64, mag, x.shape[1])
 
 
 @SETTINGS
 @given(case=fp8_case())
 def test_fp8_naive_beside_fast(variant, fp8_route, case):
-    x, codes, s = case
-    y64, mag = fp8_reference(x, codes, s)
-    naive = kernels.fp8_gemm(x, codes, s, variant=variant, naive=True)
+    x, codes, s, block = case
+    y64, mag = fp8_reference(x, codes, s, block)
+    naive = kernels.fp8_gemm(x, codes, s, block=block, variant=variant, naive=True)
     check(naive, y64, mag, x.shape[1])
-    fast = kernels.fp8_gemm(x, codes, s, variant=variant)
+    fast = kernels.fp8_gemm(x, codes, s, block=block, variant=variant)
     check(fast, naive.astype(np.float64), mag, x.shape[1], factor=2.0)
 
 
 @SETTINGS
 @given(case=fp8_case())
 def test_variants_agree(case):
-    x, codes, s = case
-    _, mag = fp8_reference(x, codes, s)
-    base = kernels.fp8_gemm(x, codes, s).astype(np.float64)
+    x, codes, s, block = case
+    _, mag = fp8_reference(x, codes, s, block)
+    base = kernels.fp8_gemm(x, codes, s, block=block).astype(np.float64)
     for route in kernels.FP8_GEMV_ROUTES:
         with fp8_route_as(route):
             for v in kernels.available_variants():
-                got = kernels.fp8_gemm(x, codes, s, variant=v)
+                got = kernels.fp8_gemm(x, codes, s, block=block, variant=v)
                 check(got, base, mag, x.shape[1], factor=2.0)
 
 
@@ -144,30 +159,26 @@ def test_fp8_route_setting_is_checked():
     m=st.integers(1, 9),
     k=st.integers(1, 300),
     seed=st.integers(0, 2**32 - 1),
+    block=st.sampled_from([(128, 128), (1, WHOLE), (64, 64), (32, 48)]),
 )
-def test_fp8_gemm_heads(variant, heads, blocks, pick, m, k, seed):
+def test_fp8_gemm_heads(variant, heads, blocks, pick, m, k, seed, block):
     """Every head's matrix (one 128-row block out of `blocks`, a strided view into one weight,
     as MLA's value halves are) against float64, bit for bit the plain GEMM on that head alone,
-    and the naive kernel beside it."""
+    and the naive kernel beside it; scale blocks of 128 rows or fewer."""
     rng = np.random.default_rng(seed)
     pick %= blocks
-    codes, s = formats.fp8_quantize(rng.standard_normal((heads * blocks * 128, k)))
+    codes, s = formats.fp8_quantize(rng.standard_normal((heads * blocks * 128, k)), block)
     w = codes.reshape(heads, blocks, 128, k)[:, pick]
-    sc = s.reshape(heads, blocks, -1)[:, pick : pick + 1]
+    sc = s.reshape(heads, blocks, -1, s.shape[1])[:, pick]
     x = rng.standard_normal((heads, m, k)).astype(np.float32)
-    y = kernels.fp8_gemm_heads(x, w, sc, variant=variant, num_threads=2)
-    naive = kernels.fp8_gemm_heads(x, w, sc, variant=variant, naive=True)
+    y = kernels.fp8_gemm_heads(x, w, sc, block=block, variant=variant, num_threads=2)
+    naive = kernels.fp8_gemm_heads(x, w, sc, block=block, variant=variant, naive=True)
     for b in range(heads):
-        y64, mag = fp8_reference(x[b], np.ascontiguousarray(w[b]), np.ascontiguousarray(sc[b]))
+        wb, sb = np.ascontiguousarray(w[b]), np.ascontiguousarray(sc[b])
+        y64, mag = fp8_reference(x[b], wb, sb, block)
         check(y[b], y64, mag, k)
         check(naive[b], y64, mag, k)
-        alone = kernels.fp8_gemm(
-            x[b],
-            np.ascontiguousarray(w[b]),
-            np.ascontiguousarray(sc[b]),
-            variant=variant,
-            num_threads=2,
-        )
+        alone = kernels.fp8_gemm(x[b], wb, sb, block=block, variant=variant, num_threads=2)
         assert np.array_equal(y[b], alone)
 
 
@@ -316,17 +327,19 @@ def test_place_copies_exactly():
 
 
 @pytest.mark.parametrize("m", [2, 3, 4])
-@pytest.mark.parametrize("fmt", ["fp8", "bf16", "mxfp4", "nvfp4", "int4g"])
+@pytest.mark.parametrize("fmt", ["fp8", "fp8-channel", "fp8-48x80", "bf16", "mxfp4", "nvfp4", "int4g"])
 def test_a_few_tokens_get_their_lone_numbers(variant, fmt, m):
     """Up to 4 tokens run the GEMV per token (band by band) or, FP8 on AVX2 / AVX-512, once
     over the codes for all of them: each row of the product is bit-identical to that token run
     alone, so batched decode changes no result."""
     rng = np.random.default_rng(m)
-    n, k = 300, 7210 if fmt == "fp8" else 700  # FP8: 64-code steps, one of 32, a scalar tail
+    fp8 = fmt.startswith("fp8")
+    n, k = 300, 7210 if fp8 else 700  # FP8: 64-code steps, one of 32, a scalar tail
     x = rng.standard_normal((m, k)).astype(np.float32)
-    if fmt == "fp8":
-        w, s = formats.fp8_quantize(rng.standard_normal((n, k)))
-        run = lambda a: kernels.fp8_gemm(a, w, s, variant=variant)  # noqa: E731
+    if fp8:
+        block = {"fp8": (128, 128), "fp8-channel": (1, WHOLE), "fp8-48x80": (48, 80)}[fmt]
+        w, s = formats.fp8_quantize(rng.standard_normal((n, k)), block)
+        run = lambda a: kernels.fp8_gemm(a, w, s, block=block, variant=variant)  # noqa: E731
     elif fmt == "bf16":
         w = formats.bf16_encode(rng.standard_normal((n, k)))
         run = lambda a: kernels.bf16_gemm(a, w, variant=variant)  # noqa: E731

@@ -9,8 +9,19 @@ from refmoe import kernels
 from refmoe.kernels import formats
 
 
+FP8_BLOCKS = {  # FP8 expert formats by their scale block
+    "fp8": (128, 128),
+    "fp8-channel": (1, formats.WHOLE),
+    "fp8-tensor": (formats.WHOLE, formats.WHOLE),
+    "fp8-64x48": (64, 48),
+}
+
+
 def make_experts(fmt: str, e: int, h: int, i: int, seed: int, group: int = 32):
-    """ExpertWeights plus the exact float64 matrices they stand for."""
+    """ExpertWeights plus the exact float64 matrices they stand for (fmt "fp8-channel" etc.:
+    FP8 with that scale block)."""
+    block = FP8_BLOCKS.get(fmt, (128, 128))
+    fmt = "fp8" if fmt in FP8_BLOCKS else fmt
     rng = np.random.default_rng(seed)
     mats, scales, dense = {}, {}, {}
     for kind, (rows, cols) in (("gate", (i, h)), ("up", (i, h)), ("down", (h, i))):
@@ -18,8 +29,8 @@ def make_experts(fmt: str, e: int, h: int, i: int, seed: int, group: int = 32):
         for _ in range(e):
             w = rng.standard_normal((rows, cols)) / np.sqrt(cols)
             if fmt == "fp8":
-                c, s = formats.fp8_quantize(w)
-                d = formats.fp8_dequantize(c, s)
+                c, s = formats.fp8_quantize(w, block)
+                d = formats.fp8_dequantize(c, s, block)
             elif fmt == "int4":
                 c, s = formats.int4_quantize(w, group)
                 d = formats.int4_dequantize(c, s, cols, group)
@@ -41,6 +52,7 @@ def make_experts(fmt: str, e: int, h: int, i: int, seed: int, group: int = 32):
         scales["up"],
         scales["down"],
         group_size=group,
+        fp8_block=block,
     )
     return ew, dense
 
@@ -90,7 +102,7 @@ def reference_moe(x, tok, exp, rw, dense, q8=False):
     max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    fmt=st.sampled_from(["fp8", "int4", "bf16"]),
+    fmt=st.sampled_from(["fp8", "int4", "bf16", *FP8_BLOCKS]),
     t=st.integers(1, 9),
     h=st.integers(1, 200),
     i=st.integers(1, 160),

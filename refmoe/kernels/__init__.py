@@ -18,7 +18,7 @@ import numpy as np
 
 from refmoe.cpu import Topology, cpu_flags, default_threads, partition_bands
 from refmoe.kernels import formats
-from refmoe.kernels.formats import BLOCK, int4_packed_cols, scale_shape
+from refmoe.kernels.formats import BLOCK, check_block, int4_packed_cols, scale_shape
 
 # libgomp reads this once, when the first OpenMP module loads: at a barrier or between
 # parallel regions a thread spins 10,000 times (a few microseconds), then sleeps on a futex.
@@ -276,16 +276,17 @@ def _gemm(
     variant: str | None,
     naive: bool,
     gscale: float = 1.0,
+    block: tuple[int, int] = (BLOCK, BLOCK),
 ) -> np.ndarray:
     mod = _module(variant or _VARIANT)
     y = np.empty((x.shape[0], n), np.float32)
     wflat, sflat = w.reshape(-1).view(np.uint8), s.reshape(-1).view(np.uint8)
     if naive:
-        mod.gemm_reference(_FMT[fmt], wflat, sflat, n, k, group, gscale, x, y)
+        mod.gemm_reference(_FMT[fmt], wflat, sflat, n, k, group, gscale, x, y, *block)
     else:
         t = _threads(num_threads)
         lo, hi = _bands(n, t)
-        mod.gemm_rows(_FMT[fmt], wflat, sflat, n, k, group, gscale, _pad(x), y, t, lo, hi)
+        mod.gemm_rows(_FMT[fmt], wflat, sflat, n, k, group, gscale, _pad(x), y, t, lo, hi, *block)
     return y
 
 
@@ -294,22 +295,26 @@ def fp8_gemm(
     w,
     scale_inv: np.ndarray,
     *,
+    block: tuple[int, int] = (BLOCK, BLOCK),
     num_threads: int | None = None,
     variant: str | None = None,
     naive: bool = False,
 ) -> np.ndarray:
-    """y = x @ dequant(w).T with DeepSeek-V3 128x128 block scales.
+    """y = x @ dequant(w).T with one scale per block of `block` = (bn, bk) rows and columns:
+    DeepSeek-V3's 128 x 128 by default, any other weight_block_size, (1, WHOLE) per output
+    channel, (WHOLE, WHOLE) per tensor (formats.WHOLE: the block spans the dimension).
 
     Args:
         x: float32 [M, K]; w: uint8 or float8_e4m3fn [N, K];
-        scale_inv: float32 [ceil(N/128), ceil(K/128)].
+        scale_inv: float32 [ceil(N/bn), ceil(K/bk)].
     Returns: float32 [M, N].
     """
     w = _check(_as_codes(w, "w"), "w", np.uint8, 2)
     n, k = w.shape
     x = _check_x(x, k)
-    s = _check(scale_inv, "scale_inv", np.float32, 2, scale_shape(n, k))
-    return _gemm("fp8", x, w, s, n, k, 0, num_threads, variant, naive)
+    block = check_block(block)
+    s = _check(scale_inv, "scale_inv", np.float32, 2, scale_shape(n, k, block))
+    return _gemm("fp8", x, w, s, n, k, 0, num_threads, variant, naive, block=block)
 
 
 def fp8_gemm_heads(
@@ -317,6 +322,7 @@ def fp8_gemm_heads(
     w,
     scale_inv: np.ndarray,
     *,
+    block: tuple[int, int] = (BLOCK, BLOCK),
     num_threads: int | None = None,
     variant: str | None = None,
     naive: bool = False,
@@ -327,9 +333,10 @@ def fp8_gemm_heads(
     Args:
         x: float32 [B, M, K]; w: uint8 or float8_e4m3fn [B, N, K], each matrix's rows
             contiguous (the matrices themselves may be strided views into one weight);
-        scale_inv: float32 [B, ceil(N/128), ceil(K/128)], likewise.
+        scale_inv: float32 [B, ceil(N/bn), ceil(K/bk)], likewise (block as fp8_gemm's).
     Returns: float32 [B, M, N].
     """
+    block = check_block(block)
     w = _as_codes(w, "w")
     if w.dtype != np.uint8 or w.ndim != 3:
         raise ValueError(f"w: expected uint8 [B, N, K], got {w.dtype} with shape {w.shape}")
@@ -337,9 +344,10 @@ def fp8_gemm_heads(
     if w.strides[2] != 1 or w.strides[1] != k:
         raise ValueError(f"w: each matrix's rows must be contiguous, strides {w.strides}")
     s = scale_inv
-    if not isinstance(s, np.ndarray) or s.dtype != np.float32 or s.shape != (b, *scale_shape(n, k)):
+    want = (b, *scale_shape(n, k, block))
+    if not isinstance(s, np.ndarray) or s.dtype != np.float32 or s.shape != want:
         raise ValueError(
-            f"scale_inv: expected float32 {(b, *scale_shape(n, k))}, got "
+            f"scale_inv: expected float32 {want}, got "
             f"{getattr(s, 'dtype', type(s))} {getattr(s, 'shape', '')}"
         )
     if s.strides[2] != 4 or s.strides[1] != 4 * s.shape[2]:
@@ -370,12 +378,13 @@ def fp8_gemm_heads(
                 1.0,
                 np.ascontiguousarray(x[i]),
                 y[i],
+                *block,
             )
         return y
     m = x.shape[1]
     xp = _pad(np.ascontiguousarray(x).reshape(b * m, k)).reshape(b, m, -1)  # [B, M, Kp]
     y = np.empty((b, m, n), np.float32)
-    mod.gemm_heads(_FMT["fp8"], w, s, xp, y, _threads(num_threads))
+    mod.gemm_heads(_FMT["fp8"], w, s, xp, y, _threads(num_threads), *block)
     return y
 
 
@@ -638,7 +647,8 @@ class ExpertWeights:
     """Routed experts of one MoE layer in one format, one host copy.
 
     gate/up: per expert [I, H] codes; down: [H, I]. Scales per expert as the format needs:
-    FP8 scale_inv [ceil(rows/128), ceil(cols/128)], INT4 [rows, ceil(cols/group)], BF16 none,
+    FP8 scale_inv [ceil(rows/bn), ceil(cols/bk)] (fp8_block, as fp8_gemm's block), INT4
+    [rows, ceil(cols/group)], BF16 none,
     the 4-bit formats as stored (validate_lut4; NVFP4's weight_scale_2 in *_global).
     """
 
@@ -652,6 +662,7 @@ class ExpertWeights:
     up_scale: list[np.ndarray] = field(default_factory=list)
     down_scale: list[np.ndarray] = field(default_factory=list)
     group_size: int = 128
+    fp8_block: tuple[int, int] = (BLOCK, BLOCK)
     validate: bool = True  # scan FP8 weights for NaN codes (once, at load)
     # the activation: "silu" (silu(gate) * up) or "swiglu_oai" (gpt-oss: gate clamped above at
     # limit, up to [-limit, limit], (up + 1) * gate * sigmoid(alpha * gate))
@@ -696,6 +707,7 @@ class ExpertWeights:
                 )
                 if not np.isfinite(biases[j]).all():
                     raise ValueError(f"experts.{j}.{kind}_proj.bias: not finite")
+        self.fp8_block = check_block(self.fp8_block, "fp8_block")
         self._gscale = np.ones((3, e))
         for kind, mats, scales, (rows, cols), glob in (
             ("gate", self.gate, self.gate_scale, (i, h), self.gate_global),
@@ -731,7 +743,7 @@ class ExpertWeights:
                         f"experts.{j}.{kind}_proj.weight_scale_inv",
                         np.float32,
                         2,
-                        scale_shape(rows, cols),
+                        scale_shape(rows, cols, self.fp8_block),
                     )
                 elif self.fmt == "bf16":
                     _check(m, name, np.uint16, 2, (rows, cols))
@@ -850,6 +862,7 @@ def fused_moe(
             np.stack([b[e] for e in used]) if b else None
             for b in (experts.gate_bias, experts.up_bias, experts.down_bias)
         ),
+        experts.fp8_block,
     )
     return y
 

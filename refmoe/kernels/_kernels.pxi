@@ -10,6 +10,8 @@ cdef extern from "kernels.h" nogil:
         int n
         int k
         int group
+        int bn
+        int bk
         const void *w
         const float *s
         const uint8_t *s8
@@ -50,13 +52,16 @@ refmoe_init()
 
 
 cdef wmat _wmat(int fmt, const uint8_t[::1] w, const uint8_t[::1] s, int n, int k, int group,
-                float gscale):
-    """s: the scales' bytes (float32 for FP8 and INT4, as stored for the lut4.h formats)."""
+                float gscale, int bn=128, int bk=128):
+    """s: the scales' bytes (float32 for FP8 and INT4, as stored for the lut4.h formats);
+    bn x bk: the block one FP8 scale covers."""
     cdef wmat W
     W.fmt = fmt
     W.n = n
     W.k = k
     W.group = group
+    W.bn = bn
+    W.bk = bk
     W.w = &w[0]
     W.s8 = &s[0] if s.shape[0] > 0 else NULL
     W.s = <const float *> W.s8
@@ -81,8 +86,9 @@ def gemm_rows(int fmt, const uint8_t[::1] w, const uint8_t[::1] s, int n, int k,
               float gscale,
               const float[:, ::1] x,   # IN  [M, Kp] zero padded
               float[:, ::1] y,         # OUT [M, N]
-              int nthreads, const int[::1] band_lo, const int[::1] band_hi):
-    cdef wmat W = _wmat(fmt, w, s, n, k, group, gscale)
+              int nthreads, const int[::1] band_lo, const int[::1] band_hi,
+              int bn=128, int bk=128):
+    cdef wmat W = _wmat(fmt, w, s, n, k, group, gscale, bn, bk)
     cdef int rc
     with nogil:
         rc = gemm(&W, x.shape[0], &x[0, 0], &y[0, 0], nthreads, &band_lo[0], &band_hi[0])
@@ -93,10 +99,10 @@ def gemm_rows(int fmt, const uint8_t[::1] w, const uint8_t[::1] s, int n, int k,
 def gemm_heads(int fmt, const uint8_t[:, :, :] w, const float[:, :, :] s,
                const float[:, :, ::1] x,   # IN  [B, M, Kp] zero padded
                float[:, :, ::1] y,         # OUT [B, M, N]
-               int nthreads):
+               int nthreads, int bn=128, int bk=128):
     """y[b] = x[b] @ W[b]^T for B matrices w [B, N, K] (rows of one matrix contiguous; the
     matrices may lie anywhere, e.g. every other 128-row block of one weight) with scales
-    s [B, ceil(N/128), ceil(K/128)]."""
+    s [B, ceil(N/bn), ceil(K/bk)]."""
     cdef int B = w.shape[0], N = w.shape[1], K = w.shape[2], b, rc
     cdef wmat *mats = <wmat *> malloc(max(B, 1) * sizeof(wmat))
     if mats == NULL:
@@ -106,6 +112,8 @@ def gemm_heads(int fmt, const uint8_t[:, :, :] w, const float[:, :, :] s,
         mats[b].n = N
         mats[b].k = K
         mats[b].group = 0
+        mats[b].bn = bn
+        mats[b].bk = bk
         mats[b].w = &w[b, 0, 0]
         mats[b].s = &s[b, 0, 0]
         mats[b].s8 = NULL
@@ -120,8 +128,9 @@ def gemm_heads(int fmt, const uint8_t[:, :, :] w, const float[:, :, :] s,
 def gemm_reference(int fmt, const uint8_t[::1] w, const uint8_t[::1] s, int n, int k, int group,
                    float gscale,
                    const float[:, ::1] x,  # IN  [M, K]
-                   float[:, ::1] y):       # OUT [M, N]
-    cdef wmat W = _wmat(fmt, w, s, n, k, group, gscale)
+                   float[:, ::1] y,        # OUT [M, N]
+                   int bn=128, int bk=128):
+    cdef wmat W = _wmat(fmt, w, s, n, k, group, gscale, bn, bk)
     cdef int rc
     with nogil:
         rc = gemm_naive(&W, x.shape[0], &x[0, 0], &y[0, 0])
@@ -142,11 +151,12 @@ def moe(int fmt, int group, int I,
         int act_kind=0, float alpha=1.0, float limit=0.0,
         const float[:, ::1] gate_bias=None,  # IN [E, I] per slot, or None
         const float[:, ::1] up_bias=None,    # IN [E, I]
-        const float[:, ::1] down_bias=None): # IN [E, H]
+        const float[:, ::1] down_bias=None,  # IN [E, H]
+        block=(128, 128)):                   # FP8: the block one scale covers
     """y += routed expert MLP; per-slot weights and scales as flat bytes."""
     import numpy as np
     cdef int T = x.shape[0], H = x.shape[1], E = len(gate_w), e, rc
-    cdef int A = offsets[E]
+    cdef int A = offsets[E], bn = block[0], bk = block[1]
     cdef moe_act act
     act.kind, act.alpha, act.limit = act_kind, alpha, limit
     act.gate_bias = &gate_bias[0, 0] if gate_bias is not None and gate_bias.shape[0] else NULL
@@ -158,9 +168,9 @@ def moe(int fmt, int group, int I,
         raise MemoryError("expert descriptors")
     try:
         for e in range(E):
-            mats[e] = _wmat(fmt, gate_w[e], gate_s[e], I, H, group, gscale[0, e])
-            mats[E + e] = _wmat(fmt, up_w[e], up_s[e], I, H, group, gscale[1, e])
-            mats[2 * E + e] = _wmat(fmt, down_w[e], down_s[e], H, I, group, gscale[2, e])
+            mats[e] = _wmat(fmt, gate_w[e], gate_s[e], I, H, group, gscale[0, e], bn, bk)
+            mats[E + e] = _wmat(fmt, up_w[e], up_s[e], I, H, group, gscale[1, e], bn, bk)
+            mats[2 * E + e] = _wmat(fmt, down_w[e], down_s[e], H, I, group, gscale[2, e], bn, bk)
         rows = max(A, 1)
         rc = _run_moe(T, H, I, E, x, offsets, tok, rw, mats, y,
                       np.empty((rows, Hp), np.float32), np.empty((rows, I), np.float32),

@@ -1,4 +1,5 @@
-"""Weight formats in numpy: FP8 E4M3 with 128x128 block scales, BF16 bits, packed INT4.
+"""Weight formats in numpy: FP8 E4M3 with block scales (DeepSeek's 128x128 or any other block),
+BF16 bits, packed INT4.
 
 Encoders (float -> codes) make test weights and let the loader convert checkpoints; decoders
 (codes -> float64) are the exact references the kernels are tested against.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 BLOCK = 128  # DeepSeek-V3 weight_block_size
+WHOLE = 2**30  # an FP8 block size spanning its dimension: (1, WHOLE) per channel, per tensor both
 FP8_MAX = 448.0  # largest finite E4M3 value
 INT4_CHUNK = 32  # packing unit along K: 16 bytes hold 32 nibbles
 
@@ -56,29 +58,50 @@ def fp8_nan_index(codes: np.ndarray) -> tuple[int, ...] | None:
     return tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
 
 
-def scale_shape(n: int, k: int) -> tuple[int, int]:
-    return (-(-n // BLOCK), -(-k // BLOCK))
+def scale_shape(n: int, k: int, block: tuple[int, int] = (BLOCK, BLOCK)) -> tuple[int, int]:
+    """Shape of the FP8 scales of an [n, k] weight, one per block = (bn, bk) (edge blocks too)."""
+    bn, bk = block
+    return (-(-n // bn), -(-k // bk))
 
 
-def fp8_quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[N, K] float -> (codes uint8 [N, K], scale_inv float32 [ceil(N/128), ceil(K/128)]),
-    one scale per 128x128 block (edge blocks included) so that its amax maps to 448."""
+def check_block(block, name: str = "block") -> tuple[int, int]:
+    """(bn, bk) as two positive ints, or a ValueError naming `name`."""
+    try:
+        bn, bk = block
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected two block sizes (rows, columns), got {block!r}") from None
+    ok = all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b > 0 for b in (bn, bk))
+    if not ok or max(bn, bk) > WHOLE:
+        raise ValueError(f"{name}: expected two positive block sizes up to 2^30, got {block!r}")
+    return int(bn), int(bk)
+
+
+def expand_scales(scale: np.ndarray, shape: tuple[int, int], block=(BLOCK, BLOCK)) -> np.ndarray:
+    """float64 [n, k]: each element's block scale."""
+    n, k = shape
+    bn, bk = min(block[0], n), min(block[1], k)
+    return np.repeat(np.repeat(np.asarray(scale, np.float64), bn, 0)[:n], bk, 1)[:, :k]
+
+
+def fp8_quantize(w: np.ndarray, block=(BLOCK, BLOCK)) -> tuple[np.ndarray, np.ndarray]:
+    """[N, K] float -> (codes uint8 [N, K], scale_inv float32 [ceil(N/bn), ceil(K/bk)]), one
+    scale per bn x bk block (edge blocks included) so that its amax maps to 448. DeepSeek's
+    128 x 128 by default; (1, K) is per output channel, (N, K) per tensor."""
     w = np.asarray(w, dtype=np.float64)
     n, k = w.shape
-    nb, kb = scale_shape(n, k)
-    pad = np.zeros((nb * BLOCK, kb * BLOCK))
+    bn, bk = check_block(block)
+    bn, bk = min(bn, n), min(bk, k)  # the same blocks (WHOLE spans its dimension)
+    nb, kb = scale_shape(n, k, (bn, bk))
+    pad = np.zeros((nb * bn, kb * bk))
     pad[:n, :k] = np.abs(w)
-    amax = pad.reshape(nb, BLOCK, kb, BLOCK).max(axis=(1, 3))
+    amax = pad.reshape(nb, bn, kb, bk).max(axis=(1, 3))
     scale_inv = np.where(amax > 0, amax / FP8_MAX, 1.0).astype(np.float32)
-    full = np.repeat(np.repeat(scale_inv.astype(np.float64), BLOCK, 0), BLOCK, 1)[:n, :k]
-    return fp8_encode(w / full), scale_inv
+    return fp8_encode(w / expand_scales(scale_inv, (n, k), (bn, bk))), scale_inv
 
 
-def fp8_dequantize(codes: np.ndarray, scale_inv: np.ndarray) -> np.ndarray:
-    """Exact float64 [N, K] = fp8(codes) * scale_inv[n // 128, k // 128]."""
-    n, k = codes.shape
-    full = np.repeat(np.repeat(scale_inv.astype(np.float64), BLOCK, 0), BLOCK, 1)[:n, :k]
-    return fp8_decode(codes) * full
+def fp8_dequantize(codes: np.ndarray, scale_inv: np.ndarray, block=(BLOCK, BLOCK)) -> np.ndarray:
+    """Exact float64 [N, K] = fp8(codes) * scale_inv[n // bn, k // bk]."""
+    return fp8_decode(codes) * expand_scales(scale_inv, codes.shape, block)
 
 
 def bf16_encode(x: np.ndarray) -> np.ndarray:

@@ -12,7 +12,9 @@
  * with zeros to Kp), B = 128 (block / band size).
  *
  * Weight formats (y = x W^T, W is [N, K]):
- *   FMT_FP8   uint8 E4M3 codes [N, K] and float32 scale_inv [ceil(N/B), ceil(K/B)]
+ *   FMT_FP8   uint8 E4M3 codes [N, K] and float32 scale_inv [ceil(N/bn), ceil(K/bk)], one
+ *             per bn x bk block as the checkpoint stores them: DeepSeek's 128 x 128, any other
+ *             weight_block_size, per output channel (1 x K), per tensor (N x K)
  *   FMT_BF16  uint16 bf16 bits [N, K], no scale
  *   FMT_INT4  uint8 [N, ceil(K/32)*16]: per chunk of 32 k, byte j holds k=j in its low nibble
  *             and k=j+16 in its high nibble, code q stands for q-8; float32 scales
@@ -495,6 +497,7 @@ typedef struct {
     int fmt;          /* FMT_* */
     int n, k;         /* W is [n, k] */
     int group;        /* INT4 group size (32 or 128) */
+    int bn, bk;       /* FP8: the rows and columns one scale covers (128 x 128 for DeepSeek) */
     const void *w;    /* codes, see the header comment */
     const float *s;   /* scale_inv (FP8) or group scales (INT4); NULL for BF16 */
     const uint8_t *s8; /* the same scales as stored bytes (lut4.h formats) */
@@ -502,6 +505,14 @@ typedef struct {
 } wmat;
 
 static void lut4_dequant(const wmat *W, int n, int k0, int width, float *t); /* lut4.h */
+
+/* FP8: the scales of row n's block row, one per bk columns (fp8_nkb of them) */
+static inline int fp8_nkb(const wmat *W) { return (W->k + W->bk - 1) / W->bk; }
+static inline const float *fp8_srow(const wmat *W, int n) {
+    return W->s + (size_t)(n / W->bn) * fp8_nkb(W);
+}
+/* FP8_PERM order: position p of a 32-code chunk holds column FP8_PERM[p] of the chunk */
+static inline int fp8_perm_col(int k) { return (k & ~31) + FP8_PERM[k & 31]; }
 
 static inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 static inline int round_up(int a, int b) { return ceil_div(a, b) * b; }
@@ -519,29 +530,43 @@ static void dequant_tile(const wmat *W, int n0, int rows, int k0, float *tile, i
         float *t = tile + (size_t)r * BAND;
         int k = 0;
         if (W->fmt == FMT_FP8 && perm) {
+            /* chunk by chunk of 32: one scale where the chunk lies in one column block
+             * (always, for bk a multiple of 32), else each code its own */
             const uint8_t *w = (const uint8_t *)W->w + (size_t)n * W->k + k0;
-            float s = W->s[(size_t)(n / BAND) * ceil_div(W->k, BAND) + k0 / BAND];
-            float s_fold = s * FP8_GEMV_UNDO; /* a power of two: exact, or inf on overflow */
-            vf sv = vf_set1(s_fold), v[NV32];
-            if (isfinite(s_fold)) {
-                for (; k0 + k + 32 <= K32 && k + 32 <= width; k += 32) {
+            const float *sr = fp8_srow(W, n);
+            const int bk = W->bk;
+            for (; k0 + k + 32 <= K32 && k + 32 <= width; k += 32) {
+                int c = k0 + k, kb = c / bk;
+                float s = sr[kb];
+                float s_fold = s * FP8_GEMV_UNDO; /* a power of two: exact, or inf on overflow */
+                if ((c + 31) / bk != kb) {
+                    for (int j = 0; j < 32; j++)
+                        t[k + j] = fp8_value(w[k + FP8_PERM[j]]) * sr[(c + FP8_PERM[j]) / bk];
+                } else if (isfinite(s_fold)) {
+                    vf sv = vf_set1(s_fold), v[NV32];
                     cvt_fp8_32_perm(w + k, v);
                     for (int j = 0; j < NV32; j++) vf_store(t + k + j * VL, vf_mul(v[j], sv));
-                }
-            } else { /* a huge scale: scalar, same order */
-                for (; k0 + k + 32 <= K32 && k + 32 <= width; k += 32)
+                } else { /* a huge scale: scalar, same order */
                     for (int j = 0; j < 32; j++) t[k + j] = fp8_value(w[k + FP8_PERM[j]]) * s;
+                }
             }
-            for (; k < width; k++) t[k] = fp8_value(w[k]) * s;
+            for (; k < width; k++) t[k] = fp8_value(w[k]) * sr[(k0 + k) / bk];
         } else if (W->fmt == FMT_FP8) {
             const uint8_t *w = (const uint8_t *)W->w + (size_t)n * W->k + k0;
-            float s = W->s[(size_t)(n / BAND) * ceil_div(W->k, BAND) + k0 / BAND];
-            vf sv = vf_set1(s * 256.f), v[NV16];
+            const float *sr = fp8_srow(W, n);
+            const int bk = W->bk;
+            vf v[NV16];
             for (; k + 16 <= width; k += 16) {
+                int c = k0 + k, kb = c / bk;
+                if ((c + 15) / bk != kb) {
+                    for (int j = 0; j < 16; j++) t[k + j] = fp8_value(w[k + j]) * sr[(c + j) / bk];
+                    continue;
+                }
+                vf sv = vf_set1(sr[kb] * 256.f);
                 cvt_fp8_16(w + k, v);
                 for (int j = 0; j < NV16; j++) vf_store(t + k + j * VL, vf_mul(v[j], sv));
             }
-            for (; k < width; k++) t[k] = fp8_value(w[k]) * s;
+            for (; k < width; k++) t[k] = fp8_value(w[k]) * sr[(k0 + k) / bk];
         } else if (W->fmt == FMT_BF16) {
             const uint16_t *w = (const uint16_t *)W->w + (size_t)n * W->k + k0;
             vf v[NV16];
@@ -706,41 +731,49 @@ static float fp8_xmax(const float *x, int K32) {
     return xmax;
 }
 
-/* One token's activations for one band: xs = xp * s * 2^E block by block; *unscale =
- * 2^(-FP8_GEMV_LOG2 - E) and *s_tail = the last column block's scale (for the scalar tail). */
-static void fp8_fold_band(const wmat *W, int band, float xmax, const float *xp, float *xs,
-                          float *unscale, float *s_tail) {
-    const int K32 = W->k / 32 * 32, nkb = ceil_div(W->k, BAND);
-    const float *sb = W->s + (size_t)band * nkb;
-    float smax = 0.f;
-    for (int kb = 0; kb < nkb; kb++) smax = fmaxf(smax, fabsf(sb[kb]));
-    float amax = xmax * smax; /* bounds |x * s| over the band */
+/* One token's activations for the rows of one scale row sb (fp8_nkb(W) scales): xs = xp * s *
+ * 2^E column block by column block, or xp * 2^E with rowscale (one scale per row, applied to
+ * the row's sum); *unscale = 2^(-FP8_GEMV_LOG2 - E). xp is in FP8_PERM order: a column block
+ * that does not end on a chunk of 32 takes each position's scale by the column it holds. */
+static void fp8_fold(const wmat *W, const float *sb, int rowscale, float xmax, const float *xp,
+                     float *xs, float *unscale) {
+    const int K32 = W->k / 32 * 32, nkb = fp8_nkb(W), bk = W->bk;
+    float smax = rowscale ? 1.f : 0.f;
+    for (int kb = 0; !rowscale && kb < nkb; kb++) smax = fmaxf(smax, fabsf(sb[kb]));
+    float amax = xmax * smax; /* bounds |x * s| over the rows */
     int e = -FP8_GEMV_LOG2;
     if (amax > 0.f && ilogbf(amax) + 1 + e > 126) e = 126 - (ilogbf(amax) + 1);
     *unscale = ldexpf(1.f, -FP8_GEMV_LOG2 - e);
-    *s_tail = sb[nkb - 1];
     vf pow2e = vf_set1(ldexpf(1.f, e)); /* (x * s) * 2^E: s * 2^E alone may overflow */
-    for (int kb = 0; kb * BAND < K32; kb++) {
-        vf sc = vf_set1(sb[kb]);
-        int kend = (kb + 1) * BAND < K32 ? (kb + 1) * BAND : K32;
-        for (int k = kb * BAND; k < kend; k += VL)
-            vf_store(xs + k, vf_mul(vf_mul(vf_load(xp + k), sc), pow2e));
+    if (rowscale) {
+        for (int k = 0; k < K32; k += VL) vf_store(xs + k, vf_mul(vf_load(xp + k), pow2e));
+    } else if (bk % 32 == 0) {
+        for (int kb = 0; kb * bk < K32; kb++) {
+            vf sc = vf_set1(sb[kb]);
+            int kend = (kb + 1) * bk < K32 ? (kb + 1) * bk : K32;
+            for (int k = kb * bk; k < kend; k += VL)
+                vf_store(xs + k, vf_mul(vf_mul(vf_load(xp + k), sc), pow2e));
+        }
+    } else {
+        const float p2 = ldexpf(1.f, e);
+        for (int k = 0; k < K32; k++) xs[k] = xp[k] * sb[fp8_perm_col(k) / bk] * p2;
     }
 }
 
 #define FP8_MT_MAX 4 /* tokens one pass over the codes serves (rows_gemv_fp8) */
 
-/* THE HOT LOOP: rows [n, n_end) of one band for MT tokens (1 = the lone GEMV), one row at a
- * time, 64 codes per step, each converted once and multiplied into every token's 2 x NV32
+/* THE HOT LOOP: rows [n, n_end) of one scale row for MT tokens (1 = the lone GEMV), one row at
+ * a time, 64 codes per step, each converted once and multiplied into every token's 2 x NV32
  * independent accumulators: enough chains to cover the FMA latency while every accumulator
  * stays in a register (sharing xs loads between rows made GCC spill one, putting a
  * store-forward on a dependency chain). xs[t] comes from L1 as FMA memory operands. Token t's
  * accumulators see exactly the operations of its lone GEMV, in the same order: its numbers do
- * not depend on the other tokens. */
+ * not depend on the other tokens. sb: the rows' scale row (for the scalar tail); rowscale: each
+ * row's sum is multiplied by its own scale instead (fp8_fold). */
 static inline __attribute__((always_inline)) void
 fp8_rows(const wmat *W, int n, int n_end, int MT, float *const *xs, const float *const *x,
-         float *const *y, const float *unscale, const float *s_tail) {
-    const int K = W->k, K32 = K / 32 * 32;
+         float *const *y, const float *unscale, const float *sb, int rowscale) {
+    const int K = W->k, K32 = K / 32 * 32, bk = W->bk;
     const uint8_t *codes = (const uint8_t *)W->w;
     for (; n < n_end; n++) {
         const uint8_t *w0 = codes + (size_t)n * K;
@@ -768,29 +801,32 @@ fp8_rows(const wmat *W, int n, int n_end, int MT, float *const *xs, const float 
                 for (int j = 0; j < NV32; j++)
                     a0[t][j] = vf_fma(v[j], vf_load(xs[t] + k + j * VL), a0[t][j]);
         }
+        const float rs = rowscale ? W->s[n / W->bn] : 1.f;
         for (int t = 0; t < MT; t++) {
             for (int j = 0; j < NV32; j++) a0[t][j] = vf_add(a0[t][j], a1[t][j]);
             for (int j = 1; j < NV32; j++) a0[t][0] = vf_add(a0[t][0], a0[t][j]);
             float t0 = 0.f;
-            for (int kk = K32; kk < K; kk++) t0 += fp8_value(w0[kk]) * x[t][kk] * s_tail[t];
-            y[t][n] = vf_hsum(a0[t][0]) * unscale[t] + t0;
+            for (int kk = K32; kk < K; kk++)
+                t0 += fp8_value(w0[kk]) * x[t][kk] * (rowscale ? 1.f : sb[kk / bk]);
+            y[t][n] = (vf_hsum(a0[t][0]) * unscale[t] + t0) * rs;
         }
     }
 }
 
-/* FP8: the 128x128 block scale is folded into the activation once per band,
- * xs = x * s * 2^E, so the inner loop is convert + FMA with no per-weight scaling. E undoes the
- * conversion's power of two (2^FP8_GEMV_LOG2) as far as fp32 range allows: for a large
- * |x| * s it is lowered so xs stays finite, and 2^(-FP8_GEMV_LOG2 - E) is applied per row at
- * the end. Columns past the last multiple of 32 in K run in scalar code. M tokens, 1 to
- * FP8_MT_MAX (x, y: rows ldx, ldy apart), in one pass over the codes (fp8_rows): batched decode
- * on a CPU that converts FP8 slower than it reads it; each token's row of y is bit for bit its
- * lone GEMV's. Scratch per token: xp[t] (x in FP8_PERM order, made once per call) and xs[t],
- * [Kp] floats each. */
+/* FP8: the block scale is folded into the activation once per scale row (a 128-row band for
+ * DeepSeek's blocks), xs = x * s * 2^E, so the inner loop is convert + FMA with no per-weight
+ * scaling; a weight with one scale per row and none along K (per channel) is folded once and
+ * each row's sum scaled. E undoes the conversion's power of two (2^FP8_GEMV_LOG2) as far as
+ * fp32 range allows: for a large |x| * s it is lowered so xs stays finite, and
+ * 2^(-FP8_GEMV_LOG2 - E) is applied per row at the end. Columns past the last multiple of 32
+ * in K run in scalar code. M tokens, 1 to FP8_MT_MAX (x, y: rows ldx, ldy apart), in one pass
+ * over the codes (fp8_rows): batched decode on a CPU that converts FP8 slower than it reads
+ * it; each token's row of y is bit for bit its lone GEMV's. Scratch per token: xp[t] (x in
+ * FP8_PERM order, made once per call) and xs[t], [Kp] floats each. */
 static void rows_gemv_fp8(const wmat *W, int n_lo, int n_hi, int M, const float *x, int ldx,
                           float *y, int ldy, float *const *xs, float *const *xp) {
-    const int K32 = W->k / 32 * 32;
-    float xmax[FP8_MT_MAX], unscale[FP8_MT_MAX], s_tail[FP8_MT_MAX], *yt[FP8_MT_MAX];
+    const int K32 = W->k / 32 * 32, rowscale = fp8_nkb(W) == 1 && W->bn < BAND;
+    float xmax[FP8_MT_MAX], unscale[FP8_MT_MAX], *yt[FP8_MT_MAX];
     const float *xt[FP8_MT_MAX];
     for (int t = 0; t < M; t++) {
         xt[t] = x + (size_t)t * ldx;
@@ -799,16 +835,18 @@ static void rows_gemv_fp8(const wmat *W, int n_lo, int n_hi, int M, const float 
         permute_x32(xt[t], xp[t], K32);
     }
     for (int n = n_lo; n < n_hi;) {
-        int band = n / BAND, band_end = (band + 1) * BAND < n_hi ? (band + 1) * BAND : n_hi;
-        for (int t = 0; t < M; t++)
-            fp8_fold_band(W, band, xmax[t], xp[t], xs[t], &unscale[t], &s_tail[t]);
+        /* the rows that share a scale row (all of them with rowscale), folded once */
+        int end = n_hi;
+        if (!rowscale && (long)(n / W->bn + 1) * W->bn < n_hi) end = (n / W->bn + 1) * W->bn;
+        const float *sb = fp8_srow(W, n);
+        for (int t = 0; t < M; t++) fp8_fold(W, sb, rowscale, xmax[t], xp[t], xs[t], &unscale[t]);
         switch (M) { /* one copy of the loop per count: the accumulators stay in registers */
-        case 1: fp8_rows(W, n, band_end, 1, xs, xt, yt, unscale, s_tail); break;
-        case 2: fp8_rows(W, n, band_end, 2, xs, xt, yt, unscale, s_tail); break;
-        case 3: fp8_rows(W, n, band_end, 3, xs, xt, yt, unscale, s_tail); break;
-        default: fp8_rows(W, n, band_end, 4, xs, xt, yt, unscale, s_tail); break;
+        case 1: fp8_rows(W, n, end, 1, xs, xt, yt, unscale, sb, rowscale); break;
+        case 2: fp8_rows(W, n, end, 2, xs, xt, yt, unscale, sb, rowscale); break;
+        case 3: fp8_rows(W, n, end, 3, xs, xt, yt, unscale, sb, rowscale); break;
+        default: fp8_rows(W, n, end, 4, xs, xt, yt, unscale, sb, rowscale); break;
         }
-        n = band_end;
+        n = end;
     }
 }
 
@@ -1053,12 +1091,14 @@ static void split_x_bf16(const float *x, int K64, uint16_t *parts) {
     }
 }
 
-/* y[n] = sum over 128-blocks of s[nb, kb] * (W[n, block] . x[block]), rows [n_lo, n_hi).
- * parts: scratch [3 * Kp] uint16. THE HOT LOOP: per 64 codes one load, three byte permutes, a
+/* y[n] = sum over column blocks of s[nb, kb] * (W[n, block] . x[block]), rows [n_lo, n_hi),
+ * for blocks of whole 64-code steps or one block along K (fp8_bf16_fits). parts: scratch
+ * [3 * Kp] uint16. THE HOT LOOP: per 64 codes one load, three byte permutes, a
  * ternary logic, two unpacks, two qword permutes and six dot products. */
 static void rows_gemv_fp8_bf16(const wmat *W, int n_lo, int n_hi, const float *x, float *y,
                                uint16_t *parts) {
-    const int K = W->k, nkb = ceil_div(K, BAND), K64 = K / 64 * 64;
+    const int K = W->k, K64 = K / 64 * 64, bk = W->bk;
+    const int step = fp8_nkb(W) == 1 ? (K64 > 64 ? K64 : 64) : bk;
     const uint8_t *codes = (const uint8_t *)W->w;
     __m512i tab[4], wv[2];
     load_bf16_tables(tab);
@@ -1066,11 +1106,11 @@ static void rows_gemv_fp8_bf16(const wmat *W, int n_lo, int n_hi, const float *x
     const uint16_t *xh = parts, *xm = parts + K64, *xl = parts + 2 * K64;
     for (int n = n_lo; n < n_hi; n++) {
         const uint8_t *w = codes + (size_t)n * K;
-        const float *sb = W->s + (size_t)(n / BAND) * nkb;
+        const float *sb = fp8_srow(W, n);
         __m512 total = _mm512_setzero_ps();
-        for (int k0 = 0; k0 < K64; k0 += BAND) {
+        for (int k0 = 0; k0 < K64; k0 += step) {
             __m512 ah = _mm512_setzero_ps(), am = ah, al = ah;
-            int kend = k0 + BAND < K64 ? k0 + BAND : K64;
+            int kend = k0 + step < K64 ? k0 + step : K64;
             for (int k = k0; k < kend; k += 64) {
                 __builtin_prefetch(w + k + PREFETCH_DIST, 0, 0);
                 cvt_fp8_64_bf16(w + k, tab, wv);
@@ -1083,14 +1123,18 @@ static void rows_gemv_fp8_bf16(const wmat *W, int n_lo, int n_hi, const float *x
                 }
             }
             total = _mm512_fmadd_ps(_mm512_add_ps(ah, _mm512_add_ps(am, al)),
-                                    _mm512_set1_ps(sb[k0 / BAND]), total);
+                                    _mm512_set1_ps(sb[k0 / bk]), total);
         }
         float t = 0.f;
-        for (int k = K64; k < K; k++) t += fp8_value(w[k]) * x[k] * sb[k / BAND];
+        for (int k = K64; k < K; k++) t += fp8_value(w[k]) * x[k] * sb[k / bk];
         y[n] = vf_hsum(total) + t;
     }
 }
 #endif
+
+/* Whether the BF16-dot route takes this weight's scales: column blocks of whole 64-code steps
+ * (DeepSeek's 128), or one block along K; other blocks run the fp32 route. */
+static inline int fp8_bf16_fits(const wmat *W) { return W->bk % 64 == 0 || fp8_nkb(W) == 1; }
 
 /* ====================================================================================== */
 /* One thread's share of y = x W^T: rows [n_lo, n_hi), all M rows of x.                     */
@@ -1189,7 +1233,7 @@ static int rows_gemm(const wmat *W, int n_lo, int n_hi, int M, const float *x, i
     }
     if (M == 1 && W->fmt == FMT_FP8) {
 #if defined(REFMOE_ISA_AVX512) && defined(REFMOE_BF16DOT)
-        if (fp8_gemv_bf16)
+        if (fp8_gemv_bf16 && fp8_bf16_fits(W))
             rows_gemv_fp8_bf16(W, n_lo, n_hi, x, y, sc->parts);
         else
 #endif
@@ -1288,7 +1332,7 @@ static int gemm_naive(const wmat *W, int M, const float *x, float *y) {
         q8_free(&q);
         x = xdq;
     }
-    int K = W->k, nkb = ceil_div(K, BAND), ng = W->fmt == FMT_INT4 ? ceil_div(K, W->group) : 0;
+    int K = W->k, ng = W->fmt == FMT_INT4 ? ceil_div(K, W->group) : 0;
     int row_bytes = ceil_div(K, 32) * 16;
     for (int m = 0; m < M; m++)
         for (int n = 0; n < W->n; n++) {
@@ -1297,7 +1341,7 @@ static int gemm_naive(const wmat *W, int M, const float *x, float *y) {
                 float w;
                 if (W->fmt == FMT_FP8)
                     w = fp8_value(((const uint8_t *)W->w)[(size_t)n * K + k]) *
-                        W->s[(size_t)(n / BAND) * nkb + k / BAND];
+                        fp8_srow(W, n)[k / W->bk];
                 else if (W->fmt == FMT_BF16)
                     w = bf16_value(((const uint16_t *)W->w)[(size_t)n * K + k]);
                 else if (is_lut4(W->fmt))
