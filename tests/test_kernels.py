@@ -327,7 +327,9 @@ def test_place_copies_exactly():
 
 
 @pytest.mark.parametrize("m", [2, 3, 4])
-@pytest.mark.parametrize("fmt", ["fp8", "fp8-channel", "fp8-48x80", "bf16", "mxfp4", "nvfp4", "int4g"])
+@pytest.mark.parametrize(
+    "fmt", ["fp8", "fp8-channel", "fp8-48x80", "bf16", "mxfp4", "nvfp4", "int4g"]
+)
 def test_a_few_tokens_get_their_lone_numbers(variant, fmt, m):
     """Up to 4 tokens run the GEMV per token (band by band) or, FP8 on AVX2 / AVX-512, once
     over the codes for all of them: each row of the product is bit-identical to that token run

@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 from refmoe import kernels
 from refmoe.kernels import formats
 
-
 FP8_BLOCKS = {  # FP8 expert formats by their scale block
     "fp8": (128, 128),
     "fp8-channel": (1, formats.WHOLE),

@@ -66,14 +66,14 @@ def scale_shape(n: int, k: int, block: tuple[int, int] = (BLOCK, BLOCK)) -> tupl
 
 def check_block(block, name: str = "block") -> tuple[int, int]:
     """(bn, bk) as two positive ints, or a ValueError naming `name`."""
-    try:
-        bn, bk = block
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected two block sizes (rows, columns), got {block!r}") from None
-    ok = all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b > 0 for b in (bn, bk))
-    if not ok or max(bn, bk) > WHOLE:
-        raise ValueError(f"{name}: expected two positive block sizes up to 2^30, got {block!r}")
-    return int(bn), int(bk)
+    sizes = list(block) if isinstance(block, tuple | list) else []
+    ok = len(sizes) == 2 and all(
+        isinstance(b, int | np.integer) and not isinstance(b, bool) and 0 < b <= WHOLE
+        for b in sizes
+    )
+    if not ok:
+        raise ValueError(f"{name}: expected two block sizes in [1, 2^30], got {block!r}")
+    return int(sizes[0]), int(sizes[1])
 
 
 def expand_scales(scale: np.ndarray, shape: tuple[int, int], block=(BLOCK, BLOCK)) -> np.ndarray:
