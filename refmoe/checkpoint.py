@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from refmoe.kernels import formats
+
 # safetensors dtype -> (numpy dtype of the view, the name refmoe uses)
 DTYPES = {
     "F64": (np.float64, "float64"),
@@ -184,18 +186,35 @@ class Checkpoint:
         self.weight_map = weight_map
         self.stored: dict[str, str] = {}  # a name read by -> the name in the file (see alias)
         self.nbytes = sum(s.path.stat().st_size for s in self.shards.values())
-        self.fp8_block = (128, 128)  # the config's weight_block_size (set by its reader)
+        # the block one FP8 scale covers, and whether the config names none (a lone stored
+        # scale is then the tensor's), from config.json's quantization_config where it has one
+        self.fp8_block, self.fp8_block_default = _fp8_block_of(self.dir)
 
-    def fp8_scale_inv(self, weight: str, shape: tuple[int, int]) -> np.ndarray:
-        """`weight`_scale_inv as the FP8 kernels take it: float32, one per 128x128 block.
-        Stored per fp8_block (multiples of 128: each scale is repeated over the 128-blocks it
-        covers, exactly), as float32 or as E8M0 codes (decoded exactly; 0xFF, NaN, refused)."""
+    def fp8_scales(self, weight: str, shape: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+        """The scales of FP8 weight `weight` [n, k] as the FP8 kernels take them, with the block
+        one scale covers: float32 [ceil(n/bn), ceil(k/bk)] and (bn, bk) = fp8_block (set from
+        the config: DeepSeek's weight_block_size of any size, compressed-tensors' block,
+        channel (1, WHOLE) or tensor (WHOLE, WHOLE) strategy). Read as stored, with no
+        repetition: `weight`_scale_inv (DeepSeek) or `weight`_scale (compressed-tensors,
+        AutoFP8), float32, bfloat16 or float16 (exact in float32) or E8M0 codes (decoded
+        exactly; 0xFF, NaN, refused). A single stored scale ([], [1] or [1, 1]) is the
+        tensor's where the config gives no block (AutoFP8's per-tensor FP8)."""
         n, k = shape
-        bn, bk = self.fp8_block
+        block = self.fp8_block
         name = weight + "_scale_inv"
-        stored = (-(-n // bn), -(-k // bk))
-        s = self.get(name, stored, ("float32", "float8_e8m0fnu"))
-        if self.dtype(name) == "float8_e8m0fnu":
+        if name not in self and weight + "_scale" in self:
+            name = weight + "_scale"
+        dtypes = ("float32", "float8_e8m0fnu", "bfloat16", "float16")
+        stored = formats.scale_shape(n, k, block)
+        lone = name in self and self.shape(name) in ((), (1,), (1, 1))
+        if lone and (self.fp8_block_default or stored == (1, 1)):
+            if self.fp8_block_default:
+                block = (formats.WHOLE, formats.WHOLE)
+            s = np.asarray(self.get(name, None, dtypes)).reshape(1, 1)
+        else:
+            s = self.get(name, stored, dtypes)
+        dtype = self.dtype(name)
+        if dtype == "float8_e8m0fnu":
             bad = s == 0xFF
             if bad.any():
                 idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
@@ -203,9 +222,16 @@ class Checkpoint:
                     f"{self._shard(name).path}: tensor {name!r}: NaN E8M0 scale at index {idx}"
                 )
             s = np.ldexp(np.float32(1), s.astype(np.int32) - 127).astype(np.float32)
-        if (bn, bk) != (128, 128):
-            s = np.repeat(np.repeat(s, bn // 128, 0), bk // 128, 1)[: -(-n // 128), : -(-k // 128)]
-        return np.ascontiguousarray(s, np.float32)
+        elif dtype == "bfloat16":
+            s = formats.bf16_decode(s).astype(np.float32)
+            bad = ~np.isfinite(s)
+            if bad.any():
+                idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
+                raise ValueError(
+                    f"{self._shard(name).path}: tensor {name!r}: {s[idx]} at index {idx}; a "
+                    "scale must be finite"
+                )
+        return np.ascontiguousarray(s, np.float32), block
 
     def check_fits(self, memory_bytes: int) -> None:
         """Refuse a model whose weights exceed the machine's memory: mapped pages would be
@@ -282,6 +308,26 @@ class Checkpoint:
                     f"{where}: NaN FP8 code at index {idx}; checkpoints never hold NaN"
                 )
         return a
+
+
+def _fp8_block_of(directory: Path) -> tuple[tuple[int, int], bool]:
+    """(block, named by no config) for the FP8 scales of the checkpoint in `directory`, from its
+    config.json; (128, 128) where it has none or it is not FP8 (ModelConfig names the errors of
+    a malformed one)."""
+    from refmoe.config import fp8_block
+
+    try:
+        q = json.loads((directory / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return (128, 128), True
+    q = q if isinstance(q, dict) else None
+    try:
+        block = fp8_block(q, "quantization_config")
+    except ValueError:
+        block = None
+    if block is None or q is None:
+        return (128, 128), True
+    return block, q.get("quant_method") == "fp8" and "weight_block_size" not in q
 
 
 def save_file(

@@ -593,7 +593,13 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     show = (lambda it: tqdm(it, desc="converting", unit="shard")) if sys.stderr.isatty() else None
     try:
-        out = convert(args.model, args.out, progress=show, expert_format=args.expert_format)
+        out = convert(
+            args.model,
+            args.out,
+            progress=show,
+            expert_format=args.expert_format,
+            fp8_scales=args.fp8_scales,
+        )
     except ValueError as e:
         print(f"refmoe convert: {e}", file=sys.stderr)
         return 2
@@ -753,6 +759,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="fp8",
         help="fp8: every projection in 128x128 FP8 blocks; mxfp4, nvfp4, int4g: the routed "
         "experts as gpt-oss, NVIDIA ModelOpt and compressed-tensors (Kimi K2-Thinking) store them",
+    )
+    cv.add_argument(
+        "--fp8-scales",
+        default="128x128",
+        metavar="LAYOUT",
+        help="FP8: the block one scale covers, RxC (DeepSeek's weight_scale_inv, default "
+        "128x128), or as compressed-tensors writes them: channel, tensor, ct-RxC",
     )
     cv.set_defaults(func=_cmd_convert)
 

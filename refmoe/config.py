@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from refmoe.kernels import formats
+
 ARCHITECTURES = {
     "DeepseekV3ForCausalLM": "deepseek_v3",  # DeepSeek-V3/R1/V3.1, Kimi-K2, Moonlight
     "DeepseekV2ForCausalLM": "deepseek_v3",  # same MLA/MoE layout (noaux_tc needs V3 gating)
@@ -122,17 +124,21 @@ class ModelConfig:
 
     @property
     def is_fp8(self) -> bool:
-        q = self.quantization or {}
-        return q.get("quant_method") == "fp8"
+        """FP8 weights: DeepSeek's quant_method fp8 or compressed-tensors float-quantized."""
+        return fp8_block(self.quantization, "quantization_config") is not None
 
     @property
     def fp8_block(self) -> tuple[int, int]:
-        """The FP8 weight_block_size (128x128 unless the config says otherwise)."""
+        """The block one FP8 scale covers, in the kernels' terms (formats.WHOLE spans the
+        dimension): weight_block_size (128 x 128 where the config names none), or
+        compressed-tensors' block_structure, channel (1, WHOLE) or tensor (WHOLE, WHOLE)."""
+        return fp8_block(self.quantization, "quantization_config") or (128, 128)
+
+    @property
+    def fp8_block_default(self) -> bool:
+        """An FP8 config that names no block (a lone stored scale is then per tensor)."""
         q = self.quantization or {}
-        if q.get("quant_method") != "fp8":
-            return (128, 128)
-        bn, bk = q.get("weight_block_size", [128, 128])
-        return int(bn), int(bk)
+        return q.get("quant_method") == "fp8" and "weight_block_size" not in q
 
     @property
     def expert_format(self) -> tuple[str, int]:
@@ -358,17 +364,6 @@ class ModelConfig:
                 raise ValueError(
                     f"{source}: quantization_config.fmt: refmoe reads e4m3, got {q.get('fmt')!r}"
                 )
-            block = q.get("weight_block_size", [128, 128])
-            if not (
-                isinstance(block, list)
-                and len(block) == 2
-                and all(isinstance(b, int) and b > 0 and b % 128 == 0 for b in block)
-            ):
-                raise ValueError(
-                    f"{source}: quantization_config.weight_block_size: two positive multiples "
-                    f"of 128 (the FP8 kernels' block; each scale is repeated over the 128-blocks "
-                    f"it covers), got {block!r}"
-                )
             if q.get("scale_fmt", "ue8m0") not in ("ue8m0", "fp32", "float32"):
                 raise ValueError(
                     f"{source}: quantization_config.scale_fmt: ue8m0 or float32, got "
@@ -376,6 +371,7 @@ class ModelConfig:
                 )
         try:
             expert_format(q, "quantization_config")
+            fp8_block(q, "quantization_config")
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
         for ok, message in checks:
@@ -660,10 +656,13 @@ def expert_format(q: dict | None, where: str) -> tuple[str, int]:
             raise ValueError(f"{where}.group_size: NVFP4 scales 16 codes, got {q['group_size']}")
         return "nvfp4", 16
     if method == "compressed-tensors":
+        if q.get("format") == "float-quantized":  # FP8 weights (llm-compressor's FP8 schemes)
+            fp8_block(q, where)
+            return "fp8", 128
         if q.get("format") != "pack-quantized":
             raise ValueError(
-                f"{where}.format: refmoe reads compressed-tensors pack-quantized, got "
-                f"{q.get('format')!r}"
+                f"{where}.format: refmoe reads compressed-tensors pack-quantized (INT4) and "
+                f"float-quantized (FP8), got {q.get('format')!r}"
             )
         groups = q.get("config_groups")
         if not isinstance(groups, dict) or not groups:
@@ -687,5 +686,59 @@ def expert_format(q: dict | None, where: str) -> tuple[str, int]:
         return "int4g", sizes.pop()
     raise ValueError(
         f"{where}.quant_method: refmoe reads fp8, mxfp4, modelopt (NVFP4) and "
-        f"compressed-tensors (pack-quantized INT4), got {method!r}"
+        f"compressed-tensors (pack-quantized INT4, float-quantized FP8), got {method!r}"
     )
+
+
+def _block_sizes(block, field: str) -> tuple[int, int]:
+    if not (
+        isinstance(block, list | tuple)
+        and len(block) == 2
+        and all(
+            isinstance(b, int) and not isinstance(b, bool) and 0 < b < formats.WHOLE for b in block
+        )
+    ):
+        raise ValueError(f"{field}: two positive block sizes (rows, columns), got {block!r}")
+    return int(block[0]), int(block[1])
+
+
+def fp8_block(q: dict | None, where: str) -> tuple[int, int] | None:
+    """The block one FP8 weight scale covers, from a quantization_config (None: not FP8):
+    quant_method fp8 with any weight_block_size (128 x 128 where it names none), or
+    compressed-tensors float-quantized with strategy block (its block_structure), channel
+    (1, WHOLE) or tensor (WHOLE, WHOLE). Activation quantization a config asks for
+    (input_activations) is not applied: activations stay float32 (W8A16), which is what the
+    weights alone define. A config that contradicts itself is refused naming the field."""
+    if q is None:
+        return None
+    if q.get("quant_method") == "fp8":
+        return _block_sizes(q.get("weight_block_size", [128, 128]), f"{where}.weight_block_size")
+    if q.get("quant_method") != "compressed-tensors" or q.get("format") != "float-quantized":
+        return None
+    groups = q.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise ValueError(f"{where}.config_groups: expected one group of FP8 weights")
+    blocks = set()
+    for gname, group in groups.items():
+        w = (group or {}).get("weights") or {}
+        field = f"{where}.config_groups.{gname}.weights"
+        want = {"num_bits": 8, "type": "float", "symmetric": True}
+        for key, value in want.items():
+            if w.get(key) != value:
+                raise ValueError(f"{field}.{key}: expected {value!r}, got {w.get(key)!r}")
+        if w.get("dynamic"):
+            raise ValueError(f"{field}.dynamic: FP8 weights carry their scales, got True")
+        strategy = w.get("strategy")
+        if strategy == "block":
+            blocks.add(_block_sizes(w.get("block_structure"), f"{field}.block_structure"))
+        elif strategy == "channel":
+            blocks.add((1, formats.WHOLE))
+        elif strategy == "tensor":
+            blocks.add((formats.WHOLE, formats.WHOLE))
+        else:
+            raise ValueError(
+                f"{field}.strategy: refmoe reads FP8 by block, channel or tensor, got {strategy!r}"
+            )
+    if len(blocks) != 1:
+        raise ValueError(f"{where}.config_groups: one FP8 weight scheme, got {len(blocks)}")
+    return blocks.pop()

@@ -1,8 +1,13 @@
 """`refmoe convert`: a BF16/F32 checkpoint to a quantized format, once.
 
 fp8 (the default): every projection weight (`*_proj.weight`, `kv_a_proj_with_mqa.weight`,
-routed and shared experts included) becomes E4M3 codes plus a float32 `weight_scale_inv` per
-128x128 block, as DeepSeek's own releases store them.
+routed and shared experts included) becomes E4M3 codes plus float32 scales, laid out as
+`fp8_scales` says:
+  128x128 (the default), or any RxC: `weight_scale_inv` per block, as DeepSeek's own releases
+         store them, {"quant_method": "fp8", "weight_block_size": [R, C]}
+  channel, tensor, ct-RxC: `weight_scale` [N, 1], [1] or per block, as llm-compressor's FP8
+         schemes write them (compressed-tensors "float-quantized", strategy channel, tensor
+         or block; activations declared dynamic per token, which refmoe leaves in float)
 
 mxfp4, nvfp4, int4g: the routed experts only (`mlp.experts.N.*_proj.weight`), as the 4-bit
 releases ship them (attention, dense layers and shared experts stay as they are):
@@ -80,7 +85,7 @@ def _four_bit(name: str, w: np.ndarray, fmt: str) -> tuple[dict, dict]:
     return t, {f"{base}.weight_packed": "I32", f"{base}.weight_scale": "BF16"}
 
 
-QUANTIZATION_CONFIG = {
+QUANTIZATION_CONFIG: dict[str, dict] = {
     "fp8": {
         "quant_method": "fp8",
         "fmt": "e4m3",
@@ -108,12 +113,63 @@ QUANTIZATION_CONFIG = {
 }
 
 
-def convert(src: str | Path, dst: str | Path, progress=None, expert_format: str = "fp8") -> Path:
+def fp8_layout(text: str) -> tuple[str, tuple[int, int]]:
+    """--fp8-scales: (layout "deepseek" or "compressed-tensors", the block one scale covers)."""
+    layout = "deepseek"
+    if text in ("channel", "tensor"):
+        whole = formats.WHOLE
+        return "compressed-tensors", (1, whole) if text == "channel" else (whole, whole)
+    if text.startswith("ct-"):
+        layout, text = "compressed-tensors", text[3:]
+    m = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not m or min(int(m.group(1)), int(m.group(2))) < 1:
+        raise ValueError(
+            f"--fp8-scales: RxC (a block of R rows and C columns, e.g. 128x128), ct-RxC, "
+            f"channel or tensor, got {text!r}"
+        )
+    return layout, formats.check_block((int(m.group(1)), int(m.group(2))), "--fp8-scales")
+
+
+def fp8_quantization_config(layout: str, block: tuple[int, int]) -> dict:
+    """The quantization_config of FP8 weights in `layout` with scales per `block`."""
+    if layout == "deepseek":
+        return QUANTIZATION_CONFIG["fp8"] | {"weight_block_size": list(block)}
+    whole = formats.WHOLE
+    strategy = {(1, whole): "channel", (whole, whole): "tensor"}.get(block, "block")
+    weights: dict = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False}
+    weights["strategy"] = strategy
+    if strategy == "block":
+        weights["block_structure"] = list(block)
+    activations = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True}
+    activations["strategy"] = "token"
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": weights,
+                "input_activations": activations,
+            }
+        },
+        "ignore": ["lm_head"],
+    }
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    progress=None,
+    expert_format: str = "fp8",
+    fp8_scales: str = "128x128",
+) -> Path:
     src, dst = Path(src), Path(dst)
     if expert_format not in FORMATS:
         raise ValueError(
             f"--expert-format must be one of {', '.join(FORMATS)}, got {expert_format!r}"
         )
+    layout, block = fp8_layout(fp8_scales)
     cfg_dict = json.loads((src / "config.json").read_text())
     cfg = ModelConfig.from_dict(cfg_dict, str(src / "config.json"))
     if cfg.quantization is not None:
@@ -142,9 +198,13 @@ def convert(src: str | Path, dst: str | Path, progress=None, expert_format: str 
                 and len(ck.shape(name)) == 2
                 and dtype in ("float32", "bfloat16", "float16")
             ):
-                codes, scale = formats.fp8_quantize(_float(ck, name))
+                codes, scale = formats.fp8_quantize(_float(ck, name), block)
                 tensors[name], dtypes[name] = codes, "F8_E4M3"
-                tensors[name + "_scale_inv"] = scale
+                if layout == "deepseek":
+                    tensors[name + "_scale_inv"] = scale
+                else:  # compressed-tensors: per channel [N, 1], per tensor [1]
+                    per_tensor = block == (formats.WHOLE, formats.WHOLE)
+                    tensors[name + "_scale"] = scale.reshape(-1) if per_tensor else scale
             else:
                 tensors[name], dtypes[name] = np.array(ck.get(name)), ST_DTYPE[dtype]
         fname = f"model-{group}.safetensors"
@@ -156,6 +216,10 @@ def convert(src: str | Path, dst: str | Path, progress=None, expert_format: str 
     for f in COPIED:
         if (src / f).exists():
             shutil.copy(src / f, dst / f)
-    cfg_dict["quantization_config"] = QUANTIZATION_CONFIG[expert_format]
+    cfg_dict["quantization_config"] = (
+        fp8_quantization_config(layout, block)
+        if expert_format == "fp8"
+        else QUANTIZATION_CONFIG[expert_format]
+    )
     (dst / "config.json").write_text(json.dumps(cfg_dict, indent=2))  # last: marks it complete
     return dst

@@ -31,10 +31,16 @@ def compute_dtype(device: torch.device, flags: set[str] | None = None) -> torch.
     return torch.bfloat16 if flags & {"avx512_bf16", "amx_bf16"} else torch.float32
 
 
-def block_dequant(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """codes [N, K] float8_e4m3fn, scale [ceil(N/128), ceil(K/128)] -> [N, K] in dtype. On the
-    CPU through the kernels' threaded table (kernels.fp8_dequant: the same values, about 20x
-    torch's conversion on a 2-vCPU Zen 4); elsewhere in torch."""
+def block_dequant(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    dtype: torch.dtype,
+    block: tuple[int, int] = (128, 128),
+) -> torch.Tensor:
+    """codes [N, K] float8_e4m3fn, scale [ceil(N/bn), ceil(K/bk)] (one per block = (bn, bk),
+    DeepSeek's 128 x 128 by default) -> [N, K] in dtype. On the CPU through the kernels'
+    threaded table (kernels.fp8_dequant: the same values, about 20x torch's conversion on a
+    2-vCPU Zen 4); elsewhere in torch."""
     n, k = codes.shape
     if codes.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
         from refmoe import kernels
@@ -42,23 +48,28 @@ def block_dequant(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) 
         out = kernels.fp8_dequant(
             codes.contiguous().view(torch.uint8).numpy(),
             scale.to(torch.float32).contiguous().numpy(),
+            block,
             bf16=dtype == torch.bfloat16,
             validate=False,  # a NaN code gives NaN, as torch's conversion does
         )
         got = torch.from_numpy(out)
         return got.view(torch.bfloat16) if dtype == torch.bfloat16 else got
-    return torch_block_dequant(codes, scale, dtype)
+    return torch_block_dequant(codes, scale, dtype, block)
 
 
 def torch_block_dequant(
-    codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    dtype: torch.dtype,
+    block: tuple[int, int] = (128, 128),
 ) -> torch.Tensor:
     """block_dequant in torch on any device (what the CPU ran before the kernel)."""
     n, k = codes.shape
-    if n % 128 == 0 and k % 128 == 0:  # broadcast the scales, no [N, K] scale copy
-        blocks = codes.view(n // 128, 128, k // 128, 128).to(torch.float32)
+    bn, bk = min(block[0], n), min(block[1], k)  # a block as wide as its dimension, or wider
+    if n % bn == 0 and k % bk == 0:  # broadcast the scales, no [N, K] scale copy
+        blocks = codes.view(n // bn, bn, k // bk, bk).to(torch.float32)
         return (blocks * scale[:, None, :, None]).to(dtype).view(n, k)
-    s = scale.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
+    s = scale.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
     return (codes.to(torch.float32) * s).to(dtype)
 
 
@@ -184,9 +195,17 @@ class Matmul:
         return f"scaled_mm (dequant for {', '.join(back)})" if back else "scaled_mm"
 
     def expert(
-        self, x: torch.Tensor, views: dict, kind: str, fmt: str, k: int, group: int
+        self,
+        x: torch.Tensor,
+        views: dict,
+        kind: str,
+        fmt: str,
+        k: int,
+        group: int,
+        block: tuple[int, int] = (128, 128),
     ) -> torch.Tensor:
-        """x @ W.T for part `kind` (gate, up, down) of a ring slot in format fmt."""
+        """x @ W.T for part `kind` (gate, up, down) of a ring slot in format fmt (FP8: scales
+        per block)."""
         if fmt in ("mxfp4", "nvfp4", "int4g"):
             w = lut4_dequant(
                 fmt,
@@ -198,13 +217,19 @@ class Matmul:
                 self.dtype,
             )
             return x @ w.T
-        return self(x, views[kind], views.get(f"{kind}_scale"))
+        return self(x, views[kind], views.get(f"{kind}_scale"), block)
 
     def __call__(
-        self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        scale: torch.Tensor | None,
+        block: tuple[int, int] = (128, 128),
     ) -> torch.Tensor:
         if scale is None:  # BF16 experts
             return x @ w.to(self.dtype).T
+        if block != (128, 128):  # the tensor cores' path takes DeepSeek's blocks only
+            return x @ block_dequant(w, scale, self.dtype, block).T
         if self.kind == "scaled_mm":
             shape = (int(w.shape[0]), int(w.shape[1]))
             if shape not in self.layouts:

@@ -66,7 +66,7 @@ class SlotLayout:
             else:
                 names = [(kind, (rows, cols), experts.fmt)]
             if experts.fmt == "fp8":
-                names.append((f"{kind}_scale", scale_shape(rows, cols), "f32"))
+                names.append((f"{kind}_scale", scale_shape(rows, cols, experts.fp8_block), "f32"))
             for name, shape, dtype in names:
                 part = Part(name, off, shape, dtype)
                 parts.append(part)

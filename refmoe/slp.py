@@ -384,7 +384,7 @@ class _Chunk:
         y = torch.zeros((t, x.shape[1]), dtype=torch.float32, device=dev)
         experts = r.moe[0][1].experts
         act = r.activation(layer)
-        fmt, group = experts.fmt, experts.group_size
+        fmt, group, block = experts.fmt, experts.group_size, experts.fp8_block
         hidden, inter = experts.hidden, experts.intermediate
         if self.plan is None:  # selective: routed experts
             self.requests += [
@@ -413,10 +413,10 @@ class _Chunk:
 
                 def compute(views=views, buf=buf, idx=idx, wt=wt, n=n, e=e):
                     xe = xd[idx]  # [n, H]
-                    g = r.matmul.expert(xe, views, "gate", fmt, hidden, group)
-                    u = r.matmul.expert(xe, views, "up", fmt, hidden, group)
+                    g = r.matmul.expert(xe, views, "gate", fmt, hidden, group, block)
+                    u = r.matmul.expert(xe, views, "up", fmt, hidden, group, block)
                     h = act(e, g.float(), u.float())
-                    d = r.matmul.expert(h.to(r.dtype), views, "down", fmt, inter, group)
+                    d = r.matmul.expert(h.to(r.dtype), views, "down", fmt, inter, group, block)
                     if act.down is not None:
                         d = d.float() + act.down[e]
                     buf[:n] = (d.float() * wt[:, None]).to(r.dtype)

@@ -281,9 +281,14 @@ def test_fp8_block_and_e8m0_errors(tmp_path):
     m = random_model({})
     write_fp8_blocks(m, tmp_path, (128, 128), True)
     cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"]["weight_block_size"] = [64, 0]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"weight_block_size: two positive block sizes"):
+        models.load(tmp_path)
+    # any block is read, but the stored scales must be the ones it gives
     cfg["quantization_config"]["weight_block_size"] = [64, 64]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"weight_block_size: two positive multiples of 128"):
+    with pytest.raises(ValueError, match=r"weight_scale_inv' has shape \[1, 1\], the config needs"):
         models.load(tmp_path)
     cfg["quantization_config"]["weight_block_size"] = [128, 128]
     (tmp_path / "config.json").write_text(json.dumps(cfg))

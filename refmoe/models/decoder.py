@@ -63,7 +63,9 @@ class DecoderModel:
         device: str = "cpu",
     ):
         self.cfg = cfg
-        ck.fp8_block = cfg.fp8_block  # how its FP8 scales are stored (Checkpoint.fp8_scale_inv)
+        # how its FP8 scales are stored (Checkpoint.fp8_scales): the config read as the model
+        # is (a release's text_config included) over the checkpoint's own reading of it
+        ck.fp8_block, ck.fp8_block_default = cfg.fp8_block, cfg.fp8_block_default
         h, v = cfg.hidden_size, cfg.vocab_size
         self.embed = load_dense(ck, "model.embed_tokens.weight", (v, h))
         layers = range(cfg.num_hidden_layers)

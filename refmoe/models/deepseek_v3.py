@@ -22,7 +22,7 @@ import torch
 from refmoe import kernels
 from refmoe.checkpoint import Checkpoint
 from refmoe.config import ModelConfig
-from refmoe.kernels.formats import BLOCK
+from refmoe.kernels.formats import WHOLE
 from refmoe.models.decoder import Block, DecoderModel, smoke
 from refmoe.models.kv_cache import Growing
 from refmoe.models.layers import (
@@ -253,7 +253,8 @@ class MLA:
 class Absorbed:
     """kv_b split per head for absorbed decode: keys(q_nope) = W_uk^T q_nope per head, and
     values(o_lat) = W_uv o_lat per head. FP8 on the CPU (where each head's halves are whole
-    128-row scale blocks, as in DeepSeek-V3): the value halves are read where they lie in the
+    row blocks of its scales, as DeepSeek-V3's 128-row blocks are, or one block spans every
+    row, per tensor): the value halves are read where they lie in the
     checkpoint and the key halves from a transposed copy of their codes (8.4 MB a V3 layer),
     every head in one kernel call (kernels.fp8_gemm_heads): a step reads kv_b's 17 MB once.
     Otherwise (float weights, a GPU, heads off the scale blocks) float32 per head, made once
@@ -266,14 +267,23 @@ class Absorbed:
             cfg.v_head_dim,
             cfg.kv_lora_rank,
         )
-        self.fp8 = kv_b.codes is not None and nope % BLOCK == 0 and v % BLOCK == 0
+        bn, bk = kv_b.block
+        whole = kv_b.scale is not None and kv_b.scale.shape[0] == 1  # one row block
+        self.fp8 = kv_b.codes is not None and (nope % bn == 0 and v % bn == 0 or whole)
         if self.fp8:
             assert kv_b.codes is not None and kv_b.scale is not None
             codes = kv_b.codes.reshape(n, nope + v, lora)
-            scale = kv_b.scale.reshape(n, (nope + v) // BLOCK, -1)
+            if whole:  # every head's halves in the one row block: its scales, each head's
+                bn = WHOLE
+                scale = np.repeat(kv_b.scale[None], n, 0)  # [n, 1, ceil(lora / bk)]
+                sk, sv = scale, scale
+            else:
+                scale = kv_b.scale.reshape(n, (nope + v) // bn, -1)
+                sk, sv = scale[:, : nope // bn], scale[:, nope // bn :]
             self.wk_t = np.ascontiguousarray(codes[:, :nope].transpose(0, 2, 1))  # [n, lora, nope]
-            self.sk_t = np.ascontiguousarray(scale[:, : nope // BLOCK].transpose(0, 2, 1))
-            self.wv, self.sv = codes[:, nope:], scale[:, nope // BLOCK :]  # views, [n, v, lora]
+            self.sk_t = np.ascontiguousarray(sk.transpose(0, 2, 1))  # transposed: block (bk, bn)
+            self.wv, self.sv = codes[:, nope:], sv  # views, [n, v, lora]
+            self.block_k, self.block_v = (bk, bn), (bn, bk)
         else:
             w = kv_b.dense().view(n, nope + v, lora)
             w_uk, w_uv = w.split([nope, v], dim=1)
@@ -283,14 +293,16 @@ class Absorbed:
         """[n, T, nope] -> [n, T, lora]"""
         if self.fp8:
             x = q_nope.float().contiguous().numpy()
-            return torch.from_numpy(kernels.fp8_gemm_heads(x, self.wk_t, self.sk_t))
+            y = kernels.fp8_gemm_heads(x, self.wk_t, self.sk_t, block=self.block_k)
+            return torch.from_numpy(y)
         return torch.bmm(q_nope, self.w_uk)
 
     def values(self, o_lat: torch.Tensor) -> torch.Tensor:
         """[n, T, lora] -> [n, T, v]"""
         if self.fp8:
             x = o_lat.float().contiguous().numpy()
-            return torch.from_numpy(kernels.fp8_gemm_heads(x, self.wv, self.sv))
+            y = kernels.fp8_gemm_heads(x, self.wv, self.sv, block=self.block_v)
+            return torch.from_numpy(y)
         return torch.bmm(o_lat, self.w_uv.transpose(1, 2))
 
 

@@ -36,6 +36,7 @@ class Stored:
     global_scale: float = 1.0
     group: int = 0
     float_dtype: str = ""  # float32 / float16 / bfloat16 for the float formats
+    block: tuple[int, int] = (formats.BLOCK, formats.BLOCK)  # FP8: the block one scale covers
 
     def dense(self, cols: int) -> np.ndarray:
         """Exact float64 [rows, cols]."""
@@ -45,7 +46,7 @@ class Stored:
                 return formats.bf16_decode(self.w)
             return np.asarray(self.w, np.float64)
         if self.fmt == "fp8":
-            return formats.fp8_dequantize(self.w, s)
+            return formats.fp8_dequantize(self.w, s, self.block)
         if self.fmt == "mxfp4":
             return formats.mxfp4_dequantize(self.w, s, cols)
         if self.fmt == "nvfp4":
@@ -69,8 +70,9 @@ def read_projection(ck: Checkpoint, base: str, shape: tuple[int, int], group: in
     """Projection `base` [rows, cols] as stored: gpt-oss's MXFP4 suffixes per projection
     (weight_blocks uint8 [rows, cols/32, 16], weight_scales uint8 E8M0), ModelOpt NVFP4
     (weight uint8, weight_scale E4M3, weight_scale_2 float32), compressed-tensors
-    pack-quantized INT4 (weight_packed int32, weight_scale bf16, weight_shape), DeepSeek FP8
-    (weight E4M3, weight_scale_inv float32 per 128x128) or a float weight."""
+    pack-quantized INT4 (weight_packed int32, weight_scale bf16, weight_shape), FP8 (weight
+    E4M3 with DeepSeek's weight_scale_inv per block or compressed-tensors' weight_scale per
+    block, channel or tensor: Checkpoint.fp8_scales) or a float weight."""
     rows, cols = shape
     fmt = stored_format(ck, base)
     if fmt == "mxfp4":
@@ -103,7 +105,8 @@ def read_projection(ck: Checkpoint, base: str, shape: tuple[int, int], group: in
         return Stored(fmt, w, s, group=group)
     w = ck.get(f"{base}.weight", shape, FLOAT_DTYPES + ("float8_e4m3fn",))
     if fmt == "fp8":
-        return Stored(fmt, w, ck.fp8_scale_inv(f"{base}.weight", shape))
+        scale, block = ck.fp8_scales(f"{base}.weight", shape)
+        return Stored(fmt, w, scale, block=block)
     return Stored(fmt, w, float_dtype=ck.dtype(f"{base}.weight"))
 
 
@@ -220,6 +223,10 @@ def load_experts(
     group = group if stored == "int4g" else 32  # INT4-g: the stored group, else Kimi's 32
     if fmt not in EXPERT_DTYPES:
         raise ValueError(f"expert dtype must be one of {', '.join(EXPERT_DTYPES)}, got {fmt!r}")
+    # FP8: the block of the stored scales, which a projection converted to FP8 takes too
+    block = (formats.BLOCK, formats.BLOCK)
+    if stored == "fp8" and fmt == "fp8":
+        block = read_projection(ck, first, (i, h), group).block
     parts: dict[str, list[list]] = {k: [[], [], []] for k in ("gate", "up", "down")}
     biases: list = fused_biases(ck, prefix, cfg) if names.fused else [[], [], []]  # rows: experts
     slots = [f"experts.{e}" for e in range(cfg.n_routed_experts)]
@@ -236,7 +243,15 @@ def load_experts(
             ]
         for (kind, shape), st in zip(kinds, mats):
             if st.fmt == fmt and (fmt != "bf16" or st.float_dtype == "bfloat16"):
+                if fmt == "fp8" and st.block != block:
+                    raise ValueError(
+                        f"{ck.dir}: {prefix}.{slot}: FP8 scales per {st.block}, the layer's "
+                        f"other experts per {block}"
+                    )
                 w, s, g = st.w, st.scale, st.global_scale
+            elif fmt == "fp8":
+                w, s = formats.fp8_quantize(st.dense(shape[1]), block)
+                g = 1.0
             else:
                 w, s, g = formats.encode(st.dense(shape[1]), fmt, group)
             for part, value in zip(parts[kind], (w, s, g)):
@@ -253,6 +268,7 @@ def load_experts(
         [] if fmt == "bf16" else parts["up"][1],
         [] if fmt == "bf16" else parts["down"][1],
         group_size=group if fmt == "int4g" else 128,
+        fp8_block=block,
         validate=lut4,  # FP8 codes were checked by Checkpoint.get; 4-bit scales here (cheap)
         gate_global=parts["gate"][2] if fmt == "nvfp4" else [],
         up_global=parts["up"][2] if fmt == "nvfp4" else [],

@@ -209,12 +209,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def load_dense(ck: Checkpoint, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """A device weight as float32; FP8 ones are dequantized with their weight_scale_inv."""
+    """A device weight as float32; FP8 ones are dequantized with their block scales."""
     dtype = ck.dtype(name)
     a = ck.get(name, shape, FLOAT_DTYPES + ("float8_e4m3fn",))
     if dtype == "float8_e4m3fn":
-        s = ck.fp8_scale_inv(name, (shape[0], shape[1]))
-        return torch.from_numpy(formats.fp8_dequantize(a, s).astype(np.float32))
+        s, block = ck.fp8_scales(name, (shape[0], shape[1]))
+        return torch.from_numpy(formats.fp8_dequantize(a, s, block).astype(np.float32))
     if dtype == "bfloat16":
         return torch.from_numpy(formats.bf16_decode(a).astype(np.float32))
     return torch.from_numpy(np.array(a, dtype=np.float32))
@@ -228,16 +228,17 @@ def load_norm(ck: Checkpoint, name: str, size: int, cfg: ModelConfig) -> torch.T
 
 
 class Linear:
-    """y = x W^T for one projection. FP8 weights stay as stored (codes and weight_scale_inv,
-    views of the mapped checkpoint) and run through the CPU kernels; other dtypes become float32
-    torch tensors. Legend: N = out features, K = in features."""
+    """y = x W^T for one projection. FP8 weights stay as stored (codes, views of the mapped
+    checkpoint, and their scales, one per `block`) and run through the CPU kernels; other
+    dtypes become float32 torch tensors. Legend: N = out features, K = in features."""
 
     def __init__(self, ck: Checkpoint, name: str, shape: tuple[int, int]):
         self.n, self.k = shape
         self.weight = self.codes = self.scale = None
+        self.block = (formats.BLOCK, formats.BLOCK)
         if ck.dtype(name) == "float8_e4m3fn":
             self.codes = ck.get(name, shape, ("float8_e4m3fn",))
-            self.scale = ck.fp8_scale_inv(name, shape)
+            self.scale, self.block = ck.fp8_scales(name, shape)
         else:
             self.weight = load_dense(ck, name, shape)
 
@@ -253,7 +254,8 @@ class Linear:
         if self.weight is not None:
             return self.weight
         assert self.codes is not None and self.scale is not None  # FP8: both kept
-        return torch.from_numpy(formats.fp8_dequantize(self.codes, self.scale).astype(np.float32))
+        w = formats.fp8_dequantize(self.codes, self.scale, self.block)
+        return torch.from_numpy(w.astype(np.float32))
 
     def to(self, device: torch.device) -> None:
         """On an accelerator the projection runs there on the dequantized weight; on the CPU it
@@ -268,7 +270,7 @@ class Linear:
             return x.new_zeros((*x.shape[:-1], self.n), dtype=torch.float32)
         assert self.codes is not None and self.scale is not None  # FP8: both kept
         x2 = x.reshape(-1, self.k).float().contiguous().numpy()  # [T, K]
-        y = kernels.fp8_gemm(x2, self.codes, self.scale)  # [T, N]
+        y = kernels.fp8_gemm(x2, self.codes, self.scale, block=self.block)  # [T, N]
         return torch.from_numpy(y).reshape(*x.shape[:-1], self.n)
 
 
