@@ -5,6 +5,7 @@ kernels then read in place of the checkpoint's pages."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,17 +111,15 @@ def pack_host(
             dst = rows[e, part.offset : part.offset + part.nbytes]
             dst[:] = src
             views[part.name].append(dst.view(np_dtype[part.dtype]).reshape(part.shape))
-    packed = kernels.ExpertWeights(
-        experts.fmt,
-        experts.hidden,
-        experts.intermediate,
-        views["gate"],
-        views["up"],
-        views["down"],
-        views.get("gate_scale", []),
-        views.get("up_scale", []),
-        views.get("down_scale", []),
-        group_size=experts.group_size,
+    # every other field (the activation, its constants, biases, the FP8 block) as it was
+    packed = dataclasses.replace(
+        experts,
+        gate=views["gate"],
+        up=views["up"],
+        down=views["down"],
+        gate_scale=views.get("gate_scale", []),
+        up_scale=views.get("up_scale", []),
+        down_scale=views.get("down_scale", []),
         validate=False,
         gate_global=[float(g[0, 0]) for g in views.get("gate_global", [])],
         up_global=[float(g[0, 0]) for g in views.get("up_global", [])],

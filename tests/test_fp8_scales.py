@@ -254,3 +254,26 @@ def test_scales_that_do_not_fit_the_block_are_named(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", {k: v for k, v in dtypes.items() if v})
     with pytest.raises(ValueError, match=rf"tensor '{name}': nan at index \(5, 0\)"):
         models.load(tmp_path)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_slp_streams_each_layout_as_stored(written, packed):
+    """Stream-loading prefill moves the FP8 codes and the scales as stored (a slot holds
+    exactly their bytes, whatever the block) and dequantizes them with their block on its
+    device: the logits match transformers on the dequantized weights."""
+    from refmoe import expert_store, slp
+
+    case, m, d = written
+    _, block, _ = CASES[case]
+    _, mine = models.load(d)
+    if packed:
+        expert_store.pack_model(mine, pin=False)
+    runner = slp.StreamPrefill(mine, ring=2, pin=packed)
+    experts = runner.moe[0][1].experts
+    assert runner.layout.fmt == "fp8" and experts.fp8_block == block
+    assert experts.nbytes(0) <= runner.layout.nbytes < experts.nbytes(0) + 6 * expert_store.ALIGN
+    with torch.no_grad():
+        ref = m(torch.tensor([PROMPT])).logits[0]
+    got = runner.prefill(torch.tensor(PROMPT), mine.new_cache())
+    assert (got - ref).abs().max() <= LOGIT_TOL * ref.abs().max()
+    assert runner.stats.experts_loaded > 0

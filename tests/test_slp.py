@@ -8,6 +8,7 @@ cases run where a GPU is present."""
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import cli_generate
@@ -308,3 +309,49 @@ def test_bf16_compute_lane_on_the_cpu(fp8_dir, plain, monkeypatch):
     assert 0 < err <= TOL["cuda"] * plain.abs().max()  # bf16: close, not equal
     monkeypatch.setenv("REFMOE_SLP_DTYPE", "f32")
     assert slp.StreamPrefill(model, ring=2).dtype == torch.float32
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
+def test_packing_keeps_every_expert_field(fmt):
+    """The packed host copy differs from the experts it packs in where the bytes lie only: the
+    activation (gpt-oss's clamped SwiGLU with its alpha and limit), the biases and the FP8
+    block carry over, so the CPU kernels reading it compute what they computed before (packing
+    once dropped them all: a gpt-oss model on CUDA ran SiLU without biases on the CPU)."""
+    from refmoe import expert_store, kernels
+    from refmoe.kernels import formats
+
+    rng = np.random.default_rng(5)
+    h, i, e = 64, 96, 3
+    block = (1, formats.WHOLE)
+    mats: dict = {"gate": [], "up": [], "down": []}
+    scales: dict = {"gate": [], "up": [], "down": []}
+    for kind, shape in (("gate", (i, h)), ("up", (i, h)), ("down", (h, i))):
+        for _ in range(e):
+            w = rng.standard_normal(shape).astype(np.float32)
+            c, s, _ = (
+                (*formats.fp8_quantize(w, block), 1.0) if fmt == "fp8" else formats.encode(w, fmt)
+            )
+            mats[kind].append(c)
+            scales[kind].append(s)
+    experts = kernels.ExpertWeights(
+        fmt,
+        h,
+        i,
+        *(mats[k] for k in ("gate", "up", "down")),
+        *(scales[k] for k in ("gate", "up", "down")),
+        fp8_block=block if fmt == "fp8" else (128, 128),
+        activation="swiglu_oai",
+        alpha=1.5,
+        limit=3.0,
+        gate_bias=[rng.standard_normal(i).astype(np.float32) for _ in range(e)],
+        up_bias=[rng.standard_normal(i).astype(np.float32) for _ in range(e)],
+        down_bias=[rng.standard_normal(h).astype(np.float32) for _ in range(e)],
+    )
+    packed, _ = expert_store.pack_host(experts, pin=False)
+    for f in ("activation", "alpha", "limit", "fp8_block", "group_size"):
+        assert getattr(packed, f) == getattr(experts, f), f
+    x = rng.standard_normal((4, h)).astype(np.float32)
+    tok, exp = np.repeat(np.arange(4), 2), np.tile([0, 2], 4)
+    rw = np.ones(8, np.float32)
+    want = kernels.fused_moe(x, tok, exp, rw, experts)
+    assert np.array_equal(kernels.fused_moe(x, tok, exp, rw, packed), want)
