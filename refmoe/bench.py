@@ -75,11 +75,22 @@ def _copies(base: tuple[np.ndarray, ...], count: int) -> list[tuple[np.ndarray, 
     return [tuple(np.roll(a, i, axis=0) for a in base) for i in range(count)]
 
 
+# FP8 rows by the block one scale covers: DeepSeek's 128 x 128, and compressed-tensors' per
+# output channel (llm-compressor's FP8_DYNAMIC releases) and per tensor
+FP8_BLOCKS = {
+    "fp8": (128, 128),
+    "fp8-channel": (1, formats.WHOLE),
+    "fp8-tensor": (formats.WHOLE, formats.WHOLE),
+}
+
+
 @lru_cache(maxsize=8)
 def _make(fmt: str, n: int, k: int, seed: int = 0) -> tuple[np.ndarray, ...]:
     """Weights of one expert matrix in fmt, from seeded Gaussians (cached: FP8 encoding of a
     DeepSeek matrix takes seconds)."""
     w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
+    if fmt in FP8_BLOCKS:
+        return formats.fp8_quantize(w, FP8_BLOCKS[fmt])
     codes, scale, g = formats.encode(w, fmt, 32)
     if scale is None:  # bf16
         return (codes,)
@@ -137,8 +148,11 @@ def _torch_time(fmt: str, x: np.ndarray, w: tuple[np.ndarray, ...], threads: int
 
 
 def _gemm_call(fmt: str):
-    if fmt == "fp8":
-        return lambda x, w, t, v: kernels.fp8_gemm(x, w[0], w[1], num_threads=t, variant=v)
+    if fmt in FP8_BLOCKS:
+        block = FP8_BLOCKS[fmt]
+        return lambda x, w, t, v: kernels.fp8_gemm(
+            x, w[0], w[1], block=block, num_threads=t, variant=v
+        )
     if fmt == "int4":
         return lambda x, w, t, v: kernels.int4_gemm(x, w[0], w[1], num_threads=t, variant=v)
     # 4-bit: validated once when made (as at load), not on every timed call
@@ -194,7 +208,7 @@ def bench_gemm(
         k=shape.k,
         threads=threads,
         variant=variant,
-        fp8_route=kernels.fp8_gemv_route(variant) if fmt == "fp8" else "",
+        fp8_route=kernels.fp8_gemv_route(variant) if fmt in FP8_BLOCKS else "",
         time_us=per * 1e6,
         gbps=nbytes / per / 1e9,
         limit_gbps=total / statistics.median(tr) / 1e9,
@@ -244,7 +258,7 @@ def bench_moe_layer(
         g, u, d = (a[layer * e : (layer + 1) * e] for a in (g_all, u_all, d_all))
         sets.append(
             kernels.ExpertWeights(
-                fmt,
+                "fp8" if fmt in FP8_BLOCKS else fmt,
                 hidden,
                 inter,
                 [w[0] for w in g],
@@ -254,6 +268,7 @@ def bench_moe_layer(
                 scales(u),
                 scales(d),
                 group_size=32 if fmt == "int4g" else 128,
+                fp8_block=FP8_BLOCKS.get(fmt, (128, 128)),
                 gate_global=glob(g),
                 up_global=glob(u),
                 down_global=glob(d),
@@ -290,7 +305,7 @@ def bench_moe_layer(
         k=hidden,
         threads=threads,
         variant=variant,
-        fp8_route=kernels.fp8_gemv_route(variant) if fmt == "fp8" else "",
+        fp8_route=kernels.fp8_gemv_route(variant) if fmt in FP8_BLOCKS else "",
         time_us=per * 1e6,
         gbps=nbytes / per / 1e9,
         limit_gbps=nbytes * layers / statistics.median(tr) / 1e9,
@@ -314,8 +329,9 @@ def bench_kernels(
     progress=None,
     dtypes: list[str] | None = None,
 ) -> list[Row]:
-    """The standard suite: FP8/INT4/BF16 GEMV, FP8 GEMM M=32, MXFP4/NVFP4/INT4-g32 GEMV,
-    the MoE decode layer in FP8 and each 4-bit format."""
+    """The standard suite: FP8/INT4/BF16 GEMV, FP8 GEMM M=32, MXFP4/NVFP4/INT4-g32 GEMV and
+    per-channel FP8 (fp8-channel) GEMV, the MoE decode layer in FP8 (both) and each 4-bit
+    format."""
     shapes = QUICK if quick else DEEPSEEK + QWEN3
     jobs: list[partial[Row]] = []
     size = 4 * 2**20 if quick else MIN_BYTES
@@ -329,13 +345,14 @@ def bench_kernels(
                 partial(bench_gemm, f, shapes[0], 1, t, v, reps, False, size)
                 for f in ("int4", "bf16")
             ]
-            # the 4-bit formats as stored, at the Kimi-K2 / DeepSeek expert shapes (the same)
+            # the 4-bit formats as stored, at the Kimi-K2 / DeepSeek expert shapes (the same),
+            # and FP8 with one scale per output channel
             jobs += [
                 partial(bench_gemm, f, s, 1, t, v, reps, False, size)
-                for f in kernels.LUT4_FORMATS
+                for f in (*kernels.LUT4_FORMATS, "fp8-channel")
                 for s in shapes[:2]
             ]
-            for f in ("fp8", *kernels.LUT4_FORMATS):
+            for f in ("fp8", "fp8-channel", *kernels.LUT4_FORMATS):
                 if quick:
                     jobs.append(partial(bench_moe_layer, f, 512, 256, 2, t, v, reps, "tiny"))
                 else:
@@ -377,7 +394,7 @@ def flag_thread_inversions(rows: list[Row], factor: float = 0.7) -> None:
 def format_rows(rows: list[Row]) -> str:
     """The human block: one line per row, bandwidth and ratios first."""
     head = (
-        f"{'op':<17}{'dtype':<6}{'model':<28}{'m':>3}{'thr':>4} {'variant':<16}"
+        f"{'op':<17}{'dtype':<12}{'model':<28}{'m':>3}{'thr':>4} {'variant':<16}"
         f"{'time_us':>10}{'GB/s':>7}{'read':>7}{'ratio':>6} {'[min-max]':<11}"
         f"{'GFLOP/s':>8}{'fma%':>6}{'torch_x':>8}  flag"
     )
@@ -386,7 +403,7 @@ def format_rows(rows: list[Row]) -> str:
         fma = f"{100 * r.fma_ratio:5.0f}%" if r.fma_ratio is not None else "     -"
         tx = f"{r.torch_speedup:7.1f}x" if r.torch_speedup is not None else "       -"
         lines.append(
-            f"{r.op:<17}{r.dtype:<6}{r.model:<28}{r.m:>3}{r.threads:>4} "
+            f"{r.op:<17}{r.dtype:<12}{r.model:<28}{r.m:>3}{r.threads:>4} "
             f"{r.variant + ('/bf16' if r.fp8_route == 'bf16' else ''):<16}"
             f"{r.time_us:>10.1f}{r.gbps:>7.1f}{r.limit_gbps:>7.1f}{r.ratio:>6.2f} "
             f"[{r.ratio_min:.2f}-{r.ratio_max:.2f}]{r.gflops:>8.1f}{fma}{tx}"

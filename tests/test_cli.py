@@ -37,9 +37,11 @@ def test_bench_kernels_json():
         run("bench", "kernels", "--quick", "--reps", "1", "--threads", "1", "--json").stdout
     )
     assert {r["op"] for r in rows} == {"gemv", "gemm", "moe_decode_layer"}
-    assert {r["dtype"] for r in rows} == {"fp8", "int4", "bf16", "mxfp4", "nvfp4", "int4g"}
+    dtypes = {"fp8", "fp8-channel", "int4", "bf16", "mxfp4", "nvfp4", "int4g"}
+    assert {r["dtype"] for r in rows} == dtypes
     assert {r["dtype"] for r in rows if r["op"] == "moe_decode_layer"} == {
         "fp8",
+        "fp8-channel",
         "mxfp4",
         "nvfp4",
         "int4g",
