@@ -56,16 +56,23 @@ def expert_shape(cfg: ModelConfig) -> tuple[int, int]:
     return cfg.hidden_size, cfg.moe_intermediate_size
 
 
-def matrix_bytes(fmt: str, n: int, k: int, group: int = 32) -> int:
-    """Bytes of one [N, K] routed-expert matrix as stored: FP8 codes and 128x128 block
-    scales, or a 4-bit format's packed codes and scales (refmoe/kernels/lut4.h)."""
+def fp8_matrix_bytes(n: int, k: int, block: tuple[int, int] = (128, 128)) -> int:
+    """Bytes of one [N, K] FP8 matrix: codes and a float32 scale per block (bn, bk)."""
+    return n * k + 4 * -(-n // block[0]) * -(-k // block[1])
+
+
+def matrix_bytes(
+    fmt: str, n: int, k: int, group: int = 32, block: tuple[int, int] = (128, 128)
+) -> int:
+    """Bytes of one [N, K] routed-expert matrix as stored: FP8 codes and block scales (one
+    per `block`), or a 4-bit format's packed codes and scales (refmoe/kernels/lut4.h)."""
     if fmt == "mxfp4":
         return n * (-(-k // 32) * 17)  # 16 bytes of codes + one E8M0 byte per 32
     if fmt == "nvfp4":
         return n * (-(-k // 16) * 9)  # 8 bytes of codes + one E4M3 byte per 16
     if fmt == "int4g":
         return n * (-(-k // 8) * 4 + -(-k // group) * 2)  # int32 words + a bf16 per group
-    return n * k + -(-n // 128) * -(-k // 128) * 4
+    return fp8_matrix_bytes(n, k, block)
 
 
 def expert_bytes(cfg: ModelConfig) -> int:
@@ -76,7 +83,8 @@ def expert_bytes(cfg: ModelConfig) -> int:
     fmt, group = cfg.expert_format
     if fmt not in ("mxfp4", "nvfp4", "int4g"):
         fmt = "fp8"
-    return 2 * matrix_bytes(fmt, i, h, group) + matrix_bytes(fmt, h, i, group)
+    block = cfg.fp8_block
+    return 2 * matrix_bytes(fmt, i, h, group, block) + matrix_bytes(fmt, h, i, group, block)
 
 
 # the longest chunk SLP runs in one pass over the experts, by the device it runs on

@@ -1,7 +1,8 @@
 """What one token costs, per layer, from a ModelConfig: the weight bytes each part reads.
 
 Counts match the engine's own (refmoe.demo.bytes_per_token): FP8 projections are codes plus
-one float32 scale per 128x128 block; routed experts count top-k plus the shared one. Routed
+one float32 scale per block of the config's (128x128, per channel, ...); routed experts count
+top-k plus the shared one. Routed
 experts are counted in their stored format (a 4-bit one that quantization_config names, else
 FP8); attention, dense layers, shared experts and lm_head as FP8, whatever the checkpoint
 holds (Kimi K2-Thinking keeps them in BF16: twice these bytes).
@@ -15,8 +16,8 @@ from refmoe import costmodel
 from refmoe.config import ModelConfig
 
 
-def fp8_bytes(n: int, k: int) -> int:
-    return n * k + -(-n // 128) * -(-k // 128) * 4
+def fp8_bytes(n: int, k: int, block: tuple[int, int] = (128, 128)) -> int:
+    return costmodel.fp8_matrix_bytes(n, k, block)
 
 
 @dataclass(slots=True, frozen=True)
@@ -27,7 +28,7 @@ class LayerCost:
 
 
 def attention_bytes(cfg: ModelConfig) -> int:
-    return sum(fp8_bytes(a, b) for a, b in costmodel.attention_shapes(cfg))
+    return sum(fp8_bytes(a, b, cfg.fp8_block) for a, b in costmodel.attention_shapes(cfg))
 
 
 def routed_expert_bytes(cfg: ModelConfig) -> int:
@@ -37,7 +38,8 @@ def routed_expert_bytes(cfg: ModelConfig) -> int:
 
 def shared_expert_bytes(cfg: ModelConfig) -> int:
     """The shared experts of one layer (FP8)."""
-    return cfg.n_shared_experts * 3 * fp8_bytes(cfg.moe_intermediate_size, cfg.hidden_size)
+    i, h = cfg.moe_intermediate_size, cfg.hidden_size
+    return cfg.n_shared_experts * 3 * fp8_bytes(i, h, cfg.fp8_block)
 
 
 def expert_bytes(cfg: ModelConfig) -> int:
@@ -46,7 +48,7 @@ def expert_bytes(cfg: ModelConfig) -> int:
 
 def layer_costs(cfg: ModelConfig) -> list[LayerCost]:
     attn, experts = attention_bytes(cfg), expert_bytes(cfg)
-    dense = 3 * fp8_bytes(cfg.intermediate_size, cfg.hidden_size)
+    dense = 3 * fp8_bytes(cfg.intermediate_size, cfg.hidden_size, cfg.fp8_block)
     return [
         LayerCost(attn, experts if cfg.is_moe_layer(i) else 0, 0 if cfg.is_moe_layer(i) else dense)
         for i in range(cfg.num_hidden_layers)
@@ -54,7 +56,7 @@ def layer_costs(cfg: ModelConfig) -> list[LayerCost]:
 
 
 def head_bytes(cfg: ModelConfig) -> int:
-    return fp8_bytes(cfg.vocab_size, cfg.hidden_size)
+    return fp8_bytes(cfg.vocab_size, cfg.hidden_size, cfg.fp8_block)
 
 
 def bytes_per_token(cfg: ModelConfig) -> int:

@@ -253,7 +253,7 @@ class Machine:
             t = flops / (cpu.score_gflops() * 1e9)
             if cfg.is_mla:  # kv_b over every cached latent, not only the new tokens'
                 n = cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-                kv_b = costs.fp8_bytes(n, cfg.kv_lora_rank)
+                kv_b = costs.fp8_bytes(n, cfg.kv_lora_rank, cfg.fp8_block)
                 m = past + tokens
                 t += kv_b / (self.rate_gbps(m) * 1e9) * past / m
         return max(t, 0.0), {c: 1.0 for c in self.cores}

@@ -493,3 +493,28 @@ def test_linear_attention_state_is_reserved_by_the_simulated_scheduler():
     assert tight[1].ttft_s > tight[0].e2e_s  # waited for the first one's state to return
     room = Simulation(cfg, hw, reqs, kv_tokens=2 * (72 + state)).run().outcomes
     assert room[1].ttft_s < room[0].e2e_s
+
+
+def test_fp8_scales_counted_per_their_block():
+    """An FP8 release whose scales are per output channel (compressed-tensors float-quantized,
+    llm-compressor's FP8_DYNAMIC) reads its codes and one float32 per row: the simulator counts
+    those bytes, as the engine's loaded model does, and predicts as for DeepSeek's blocks."""
+    import dataclasses
+
+    from refmoe import costmodel
+    from refmoe.convert import fp8_quantization_config
+    from refmoe.kernels import formats
+    from sim import catalog
+
+    base = catalog.load("qwen3-30b-a3b")
+    channel = dataclasses.replace(
+        base, quantization=fp8_quantization_config("compressed-tensors", (1, formats.WHOLE))
+    )
+    assert channel.is_fp8 and channel.fp8_block == (1, formats.WHOLE)
+    h, i = base.hidden_size, base.moe_intermediate_size
+    assert costmodel.expert_bytes(channel) == 2 * (i * h + 4 * i) + h * i + 4 * h
+    blocks = 4 * (2 * -(-i // 128) * -(-h // 128) + -(-h // 128) * -(-i // 128))
+    assert costmodel.expert_bytes(base) == 3 * h * i + blocks
+    hw = Hardware.load("vm-2vcpu-avx512-2026-12-04-formats")
+    a, b = (predict(c, hw, 256, 4) for c in (base, channel))
+    assert b.tpot_s == pytest.approx(a.tpot_s, rel=0.02)
