@@ -277,3 +277,22 @@ def test_slp_streams_each_layout_as_stored(written, packed):
     got = runner.prefill(torch.tensor(PROMPT), mine.new_cache())
     assert (got - ref).abs().max() <= LOGIT_TOL * ref.abs().max()
     assert runner.stats.experts_loaded > 0
+
+
+@pytest.mark.parametrize(
+    "block", [(128, 128), (1, WHOLE), (WHOLE, WHOLE), (64, 48), (32, 96), (200, 7)]
+)
+@pytest.mark.parametrize("shape", [(256, 384), (130, 75)])
+def test_device_dequant_takes_the_block(block, shape):
+    """The device side of SLP (torch on a GPU, the kernels' table on the CPU) dequantizes every
+    block layout exactly: code times its block's scale in float32, the broadcast path where the
+    blocks tile the matrix and the repeated one where they do not."""
+    from refmoe.device_matmul import block_dequant, torch_block_dequant
+
+    rng = np.random.default_rng(9)
+    codes, s = formats.fp8_quantize(rng.standard_normal(shape), block)
+    want = formats.fp8_dequantize(codes, s, block).astype(np.float32)
+    c = torch.from_numpy(codes).view(torch.float8_e4m3fn)
+    for run in (torch_block_dequant, block_dequant):
+        got = run(c, torch.from_numpy(s), torch.float32, block).numpy()
+        assert np.array_equal(got, want), run.__name__
