@@ -247,18 +247,36 @@ class Checkpoint:
         its text model under model.language_model., the family code reads model.); a name
         stored both ways is refused (which copy is the model's would be a guess). Errors still
         name a tensor as the file holds it. Returns how many names were aliased."""
-        moved = {
-            seen + name[len(stored) :]: name for name in self.weight_map if name.startswith(stored)
-        }
-        clash = sorted(set(moved) & set(self.weight_map))
+        return self.rename(
+            lambda name: seen + name[len(stored) :] if name.startswith(stored) else name,
+            f"under {stored!r}",
+        )
+
+    def rename(self, seen_as, how: str = "under another name") -> int:
+        """Read every stored tensor by the name seen_as(its stored name) gives (a release's
+        own names read by the family code's); a name stored both ways, or two stored names
+        read as one, is refused. Errors still name a tensor as the file holds it. Returns
+        how many names changed."""
+        moved: dict[str, str] = {}
+        for name in self.weight_map:
+            new = seen_as(name)
+            if new != name:
+                if new in moved:
+                    raise ValueError(
+                        f"{self.dir}: tensors {moved[new]!r} and {name!r} are both read as "
+                        f"{new!r}; a checkpoint holds one copy"
+                    )
+                moved[new] = name
+        clash = sorted(set(moved) & (set(self.weight_map) - set(moved.values())))
         if clash:
             raise ValueError(
-                f"{self.dir}: tensor {clash[0]!r} is stored both as itself and under "
-                f"{stored!r}; a checkpoint holds one copy"
+                f"{self.dir}: tensor {clash[0]!r} is stored both as itself and {how} "
+                f"({moved[clash[0]]!r}); a checkpoint holds one copy"
             )
+        shards = {old: self.weight_map.pop(old) for old in moved.values()}
         for new, old in moved.items():
-            self.weight_map[new] = self.weight_map.pop(old)
-            self.stored[new] = old
+            self.weight_map[new] = shards[old]
+            self.stored[new] = self.stored.pop(old, old)
         return len(moved)
 
     def __contains__(self, name: str) -> bool:

@@ -27,6 +27,7 @@ ARCHITECTURES = {
     "Qwen3NextForCausalLM": "qwen3_next",  # Qwen3-Next: Gated DeltaNet + gated attention
     "Qwen3_5MoeForCausalLM": "qwen3_5_moe",  # Qwen3.5 / 3.6 MoE: Qwen3-Next's layers
     "Qwen3_5MoeForConditionalGeneration": "qwen3_5_moe",  # as released: text under text_config
+    "DeepseekV4ForCausalLM": "deepseek_v4",  # DeepSeek-V4(-Flash/-Pro): CSA/HCA, mHC, hash MoE
 }
 TEXT_CONFIG_FAMILIES = ("qwen3_5_moe",)  # released with a vision tower: text_config is the model
 ALIASES = {  # the same field under the names other releases of transformers write
@@ -46,11 +47,19 @@ MODEL_TYPES = {  # when config.json has no architectures list
     "qwen3_next": "Qwen3NextForCausalLM",
     "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
     "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM",
+    "deepseek_v4": "DeepseekV4ForCausalLM",
 }
 MLA_FAMILIES = ("deepseek_v3", "deepseek_v32", "glm_moe_dsa")
 DSA_FAMILIES = ("deepseek_v32", "glm_moe_dsa")
 QK_NORMS = ("head", "all", "none")  # per head (Qwen3, GLM), over all heads at once (MiniMax)
 LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention")
+# DeepSeek-V4's attention kinds: a sliding window alone, or beside compressed entries of every
+# compress_rates[kind] tokens (CSA: chosen per query by an indexer; HCA: all of them)
+V4_LAYER_TYPES = (
+    "sliding_attention",
+    "compressed_sparse_attention",
+    "heavily_compressed_attention",
+)
 
 
 @dataclass(slots=True)
@@ -113,6 +122,18 @@ class ModelConfig:
     index_topk: int = 0
     indexer_types: list[str] = field(default_factory=list)  # per layer full | shared; [] = full
     index_rope_interleave: bool = False  # GLM-5 ropes the indexer interleaved, V3.2 half-split
+    # DeepSeek-V4: compressed attention (compress_rates per layer type, their own rope base and
+    # scaling), hc_mult residual streams mixed per layer (mHC, Sinkhorn iterations), hash-routed
+    # first MoE layers (mlp_layer_types hash_moe / moe), a grouped output projection
+    compress_rates: dict = field(default_factory=dict)
+    compress_rope_theta: float = 0.0
+    compress_rope_scaling: dict | None = None
+    hc_mult: int = 0
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    mlp_layer_types: list[str] = field(default_factory=list)
+    o_groups: int = 0
+    o_lora_rank: int = 0
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
     max_position_embeddings: int = 4096
@@ -171,6 +192,45 @@ class ModelConfig:
             return self.sliding_window
         return 0
 
+    def _v4_checks(self) -> list[tuple[bool, str]]:
+        n, types = self.num_hidden_layers, self.layer_types
+        csa = "compressed_sparse_attention" in types
+        rates = [self.compress_rates.get(t, 0) for t in V4_LAYER_TYPES[1:]]
+        return [
+            (self.num_key_value_heads == 1, "num_key_value_heads: DeepSeek-V4 shares one KV head"),
+            (len(types) == n, "layer_types must name one type per layer (num_hidden_layers)"),
+            (
+                all(isinstance(r, int) and r > 0 for r in rates),
+                "compress_rates: a positive integer per compressed layer type",
+            ),
+            (self.sliding_window > 0, "sliding_window must be positive"),
+            (
+                self.hc_mult >= 1 and self.hc_sinkhorn_iters >= 1,
+                "hc_mult and hc_sinkhorn_iters >= 1",
+            ),
+            (
+                len(self.mlp_layer_types) == n
+                and all(t in ("hash_moe", "moe") for t in self.mlp_layer_types),
+                "mlp_layer_types: hash_moe or moe per layer (num_hidden_layers)",
+            ),
+            (
+                self.o_groups > 0
+                and self.o_lora_rank > 0
+                and self.num_attention_heads % self.o_groups == 0,
+                "o_groups must divide num_attention_heads; o_groups and o_lora_rank positive",
+            ),
+            (
+                not csa or min(self.index_n_heads, self.index_head_dim, self.index_topk) > 0,
+                "index_n_heads, index_head_dim and index_topk must be positive with "
+                "compressed_sparse_attention layers",
+            ),
+            (
+                not csa or self.rotary_dim <= self.index_head_dim,
+                "index_head_dim must hold the rotary dims (the indexer ropes its last ones)",
+            ),
+            (self.compress_rope_theta > 0, "compress_rope_theta must be positive"),
+        ]
+
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> ModelConfig:
         """Build and validate; every error names the source and the field."""
@@ -226,6 +286,10 @@ class ModelConfig:
             eos_token_id=[] if eos is None else ([eos] if _is_int(eos) else list(eos)),
             quantization=get("quantization_config", dict, None),
         )
+        if family == "deepseek_v4":
+            cfg = cls(**(common | _v4_fields(get, source)))
+            cfg.validate(source)
+            return cfg
         if family in MLA_FAMILIES:
             mla = _noaux_tc_fields(get) | dict(
                 intermediate_size=need("intermediate_size"),
@@ -297,10 +361,10 @@ class ModelConfig:
             ),
             (1 <= self.topk_group <= self.n_group, "topk_group must lie in [1, n_group]"),
             (
-                self.scoring_func in ("sigmoid", "softmax", "softmax_topk"),
-                "scoring_func must be sigmoid, softmax or softmax_topk",
+                self.scoring_func in ("sigmoid", "softmax", "softmax_topk", "sqrtsoftplus"),
+                "scoring_func must be sigmoid, softmax, softmax_topk or sqrtsoftplus",
             ),
-            (self.hidden_act in ("silu", "swiglu_oai"), "hidden_act must be silu"),
+            (self.hidden_act in ("silu", "swiglu_oai", "silu_clamp"), "hidden_act must be silu"),
             (self.qk_norm in QK_NORMS, f"qk_norm must be one of {QK_NORMS}"),
             (
                 self.is_mla or 0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0,
@@ -312,8 +376,12 @@ class ModelConfig:
                 "layer_types must name one type per layer (num_hidden_layers)",
             ),
             (
-                all(t in LAYER_TYPES for t in self.layer_types),
-                f"layer_types: each one of {LAYER_TYPES}",
+                all(
+                    t in (V4_LAYER_TYPES if self.family == "deepseek_v4" else LAYER_TYPES)
+                    for t in self.layer_types
+                ),
+                "layer_types: each one of "
+                f"{V4_LAYER_TYPES if self.family == 'deepseek_v4' else LAYER_TYPES}",
             ),
             (
                 "sliding_attention" not in self.layer_types or self.sliding_window > 0,
@@ -358,6 +426,8 @@ class ModelConfig:
                     "topk_group groups must hold at least num_experts_per_tok experts",
                 )
             )
+        if self.family == "deepseek_v4":
+            checks += self._v4_checks()
         q = self.quantization
         if q is not None and q.get("quant_method") == "fp8":
             if q.get("fmt", "e4m3") not in ("e4m3", "float8_e4m3fn"):
@@ -433,6 +503,101 @@ def _noaux_tc_fields(get: _Fields) -> dict:
         topk_group=get("topk_group", int, None) or 1,
         norm_topk_prob=get("norm_topk_prob", bool, True),
         routed_scaling_factor=get("routed_scaling_factor", float, 1.0),
+    )
+
+
+def _v4_fields(get: _Fields, source: str) -> dict:
+    """DeepSeek-V4's fields, under the names its release writes (compress_ratios per layer,
+    num_hash_layers, qk_rope_head_dim, a flat rope_scaling) or transformers' (layer_types,
+    compress_rates, mlp_layer_types, partial_rotary_factor, rope_parameters main/compress):
+    the sliding-only layers rope with rope_theta unscaled, the compressed ones with
+    compress_rope_theta and the scaling (YaRN with its attention factor 1, as the reference)."""
+    need = get.need
+    n, head_dim = need("num_hidden_layers"), need("head_dim")
+    rates = {
+        "compressed_sparse_attention": 4,
+        "heavily_compressed_attention": 128,
+        **get("compress_rates", dict, {}),
+    }
+    types = get("layer_types", list, None)
+    ratios = get("compress_ratios", list, None)
+    if types is None and ratios is not None:
+        by_ratio = {
+            0: "sliding_attention",
+            rates["compressed_sparse_attention"]: "compressed_sparse_attention",
+            rates["heavily_compressed_attention"]: "heavily_compressed_attention",
+        }
+        if any(r not in by_ratio for r in ratios):
+            raise ValueError(
+                f"{source}: field 'compress_ratios': each one of {sorted(by_ratio)}, got {ratios}"
+            )
+        types = [by_ratio[r] for r in ratios]
+    if types is None:
+        types = ["heavily_compressed_attention"] * min(n, 2) + [
+            "compressed_sparse_attention" if i % 2 else "heavily_compressed_attention"
+            for i in range(max(n - 2, 0))
+        ]
+    mlp = get("mlp_layer_types", list, None)
+    if mlp is None:
+        hashed = get("num_hash_layers", int, 3)
+        mlp = ["hash_moe"] * min(n, hashed) + ["moe"] * max(0, n - hashed)
+    rope = get("rope_parameters", dict, None) or {}
+    partial = get("partial_rotary_factor", float, None)
+    if partial is None and get("qk_rope_head_dim", int, None) is not None:
+        partial = get("qk_rope_head_dim", int) / head_dim
+    main, compress = rope.get("main"), rope.get("compress")
+    if not isinstance(main, dict) or not isinstance(compress, dict):
+        flat = {k: v for k, v in (get("rope_scaling", dict, None) or rope).items()}
+        main = {"rope_theta": get("rope_theta", float, 10000.0)}
+        compress = {**flat, "rope_theta": get("compress_rope_theta", float, 160000.0)}
+    partial = partial or float(main.get("partial_rotary_factor") or 64 / 512)
+    scaling = {
+        k: v for k, v in compress.items() if k not in ("rope_theta", "partial_rotary_factor")
+    }
+    if scaling.get("rope_type", scaling.get("type", "default")) == "yarn":
+        scaling.setdefault("attention_factor", 1.0)  # the reference leaves cos/sin unscaled
+    else:
+        scaling = {}
+    if get("hidden_act", str, "silu") != "silu":
+        raise ValueError(
+            f"{source}: field 'hidden_act': refmoe runs silu, got {get('hidden_act', str)!r}"
+        )
+    scoring = get("scoring_func", str, "sqrtsoftplus")
+    if scoring not in ("sqrtsoftplus", "sigmoid", "softmax"):
+        raise ValueError(
+            f"{source}: field 'scoring_func': sqrtsoftplus, sigmoid or softmax, got {scoring!r}"
+        )
+    return dict(
+        head_dim=head_dim,
+        partial_rotary_factor=partial,
+        intermediate_size=0,
+        moe_intermediate_size=need("moe_intermediate_size"),
+        n_routed_experts=need("n_routed_experts"),
+        num_experts_per_tok=need("num_experts_per_tok"),
+        n_shared_experts=get("n_shared_experts", int, None) or 0,
+        norm_topk_prob=True,  # V4's routers always normalize the chosen scores
+        routed_scaling_factor=get("routed_scaling_factor", float, 1.0),
+        scoring_func=scoring,
+        hidden_act="silu_clamp",  # silu(min(gate, limit)) * clamp(up, -limit, limit)
+        swiglu_limit=get("swiglu_limit", float, 10.0),
+        q_lora_rank=need("q_lora_rank"),
+        sliding_window=need("sliding_window"),
+        layer_types=types,
+        compress_rates=rates,
+        rope_theta=float(main.get("rope_theta") or 10000.0),
+        rope_scaling=None,
+        compress_rope_theta=float(compress.get("rope_theta") or 160000.0),
+        compress_rope_scaling=scaling or None,
+        hc_mult=need("hc_mult"),
+        hc_sinkhorn_iters=get("hc_sinkhorn_iters", int, 20),
+        hc_eps=get("hc_eps", float, 1e-6),
+        mlp_layer_types=mlp,
+        o_groups=need("o_groups"),
+        o_lora_rank=need("o_lora_rank"),
+        index_n_heads=get("index_n_heads", int, None) or 0,
+        index_head_dim=get("index_head_dim", int, None) or 0,
+        index_topk=get("index_topk", int, None) or 0,
+        attention_sinks=True,
     )
 
 

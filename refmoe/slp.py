@@ -458,7 +458,8 @@ def model_rates(model, device: str | None = None):
 
 class ExpertActivation:
     """The experts' activation as the CPU kernels apply it (ExpertWeights.activation), in torch
-    on the SLP device: silu(g) * u, or gpt-oss's clamped SwiGLU, with the per-expert gate/up
+    on the SLP device: silu(g) * u, gpt-oss's clamped SwiGLU or DeepSeek-V4's clamped SiLU,
+    with the per-expert gate/up
     biases added first and the down bias (`down`, [E, H]) after the down projection."""
 
     def __init__(self, experts, device: torch.device):
@@ -477,6 +478,8 @@ class ExpertActivation:
         if self.kind == "swiglu_oai":
             g, u = g.clamp(max=self.limit), u.clamp(-self.limit, self.limit)
             return (u + 1) * g * torch.sigmoid(self.alpha * g)
+        if self.kind == "silu_clamp":
+            g, u = g.clamp(max=self.limit), u.clamp(-self.limit, self.limit)
         return F.silu(g) * u
 
 

@@ -368,11 +368,13 @@ def test_fused_moe_vs_float64(variant, fmt):
     )
 
 
+@pytest.mark.parametrize("activation", ["swiglu_oai", "silu_clamp"])
 @pytest.mark.parametrize("fmt", ["mxfp4", "bf16"])
-def test_fused_moe_gpt_oss_activation_and_biases(variant, fmt):
+def test_fused_moe_gpt_oss_activation_and_biases(variant, fmt, activation):
     """gpt-oss's experts: biases on gate, up and down, and the clamped SwiGLU
     (up clamped to [-limit, limit], gate clamped above at limit, (up + 1) * gate *
-    sigmoid(alpha * gate)), against float64 with values far enough out to clamp."""
+    sigmoid(alpha * gate)); DeepSeek-V4's clamped SiLU (the same clamps, silu(gate) * up):
+    against float64 with values far enough out to clamp."""
     rng = np.random.default_rng(10)
     h, i, e, alpha, limit = 96, 64, 3, 1.702, 7.0
     if fmt == "mxfp4":
@@ -409,7 +411,7 @@ def test_fused_moe_gpt_oss_activation_and_biases(variant, fmt):
         scales["gate"],
         scales["up"],
         scales["down"],
-        activation="swiglu_oai",
+        activation=activation,
         alpha=alpha,
         limit=limit,
         gate_bias=bias["gate"],
@@ -432,7 +434,10 @@ def test_fused_moe_gpt_oss_activation_and_biases(variant, fmt):
         u = dense["up"][ex] @ xd + bias["up"][ex]
         clamped += int((g > limit).sum() + (np.abs(u) > limit).sum())
         g, u = np.minimum(g, limit), np.clip(u, -limit, limit)
-        act = (u + 1) * g / (1 + np.exp(-alpha * g))
+        if activation == "swiglu_oai":
+            act = (u + 1) * g / (1 + np.exp(-alpha * g))
+        else:
+            act = g / (1 + np.exp(-g)) * u
         hd = q8(act)
         ref[t] += r * (dense["down"][ex] @ hd + bias["down"][ex])
         mag[t] += r * (np.abs(dense["down"][ex]) @ np.abs(hd) + np.abs(bias["down"][ex]))
@@ -458,7 +463,7 @@ def test_fused_moe_gpt_oss_activation_and_biases(variant, fmt):
 def test_activation_and_bias_errors():
     w = [formats.bf16_encode(np.ones((8, 16)))]
     d = [formats.bf16_encode(np.ones((16, 8)))]
-    with pytest.raises(ValueError, match="activation must be one of silu, swiglu_oai"):
+    with pytest.raises(ValueError, match="activation must be one of silu, swiglu_oai, silu_clamp"):
         kernels.ExpertWeights("bf16", 16, 8, w, w, d, activation="gelu")
     with pytest.raises(ValueError, match=r"experts.0.down_proj.bias: expected shape \(16,\)"):
         kernels.ExpertWeights("bf16", 16, 8, w, w, d, down_bias=[np.zeros(8, np.float32)])

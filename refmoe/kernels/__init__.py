@@ -47,7 +47,7 @@ _REQUIRED_FLAGS = {
 }
 _FMT = {"fp8": 0, "bf16": 1, "int4": 2, "mxfp4": 3, "nvfp4": 4, "int4g": 5}
 LUT4_FORMATS = ("mxfp4", "nvfp4", "int4g")  # read as stored: lut4.h
-_ACTIVATIONS = {"silu": 0, "swiglu_oai": 1}  # kernels.h ACT_*
+_ACTIVATIONS = {"silu": 0, "swiglu_oai": 1, "silu_clamp": 2}  # kernels.h ACT_*
 
 
 def _runs_here(name: str) -> bool:
@@ -664,8 +664,9 @@ class ExpertWeights:
     group_size: int = 128
     fp8_block: tuple[int, int] = (BLOCK, BLOCK)
     validate: bool = True  # scan FP8 weights for NaN codes (once, at load)
-    # the activation: "silu" (silu(gate) * up) or "swiglu_oai" (gpt-oss: gate clamped above at
-    # limit, up to [-limit, limit], (up + 1) * gate * sigmoid(alpha * gate))
+    # the activation: "silu" (silu(gate) * up), "swiglu_oai" (gpt-oss: gate clamped above at
+    # limit, up to [-limit, limit], (up + 1) * gate * sigmoid(alpha * gate)) or "silu_clamp"
+    # (DeepSeek-V4: the same clamps, silu(gate) * up)
     activation: str = "silu"
     alpha: float = 1.702
     limit: float = 7.0
@@ -694,6 +695,8 @@ class ExpertWeights:
             )
         if self.activation == "swiglu_oai" and not (self.limit > 0 and np.isfinite(self.alpha)):
             raise ValueError(f"swiglu_oai needs limit > 0 and a finite alpha, got {self.limit}")
+        if self.activation == "silu_clamp" and not self.limit > 0:
+            raise ValueError(f"silu_clamp needs limit > 0, got {self.limit}")
         for kind, biases, size in (
             ("gate", self.gate_bias, i),
             ("up", self.up_bias, i),

@@ -1373,9 +1373,10 @@ static int gemm_naive(const wmat *W, int M, const float *x, float *y) {
  * placed it. xg: [A, Hp], h: [A, Ip], ye: [A, H] caller-provided scratch. */
 /* The expert MLP's activations: ACT_SILU silu(g) * u (DeepSeek, Qwen, Kimi, GLM, MiniMax);
  * ACT_SWIGLU_OAI gpt-oss's clamped SwiGLU, (clamp(u, -limit, limit) + 1) * g' sigmoid(alpha g')
- * with g' = min(g, limit). */
+ * with g' = min(g, limit); ACT_SILU_CLAMP DeepSeek-V4's, silu(g') * clamp(u, -limit, limit). */
 #define ACT_SILU 0
 #define ACT_SWIGLU_OAI 1
+#define ACT_SILU_CLAMP 2
 typedef struct {
     int kind;
     float alpha, limit;
@@ -1387,6 +1388,10 @@ static inline float activate(const moe_act *act, float g, float u) {
         g = g < act->limit ? g : act->limit;
         u = u < -act->limit ? -act->limit : (u > act->limit ? act->limit : u);
         return (u + 1.f) * (g / (1.f + expf(-act->alpha * g)));
+    }
+    if (act->kind == ACT_SILU_CLAMP) {
+        g = g < act->limit ? g : act->limit;
+        u = u < -act->limit ? -act->limit : (u > act->limit ? act->limit : u);
     }
     return g / (1.f + expf(-g)) * u;
 }

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from refmoe import kernels
 from refmoe.checkpoint import Checkpoint
@@ -293,7 +294,10 @@ class Gate:
     scores, top-k experts within them. softmax (Qwen3-MoE): softmax scores, plain top-k. Weights
     are the unbiased scores, normalized when norm_topk_prob, times routed_scaling_factor.
     softmax_topk (gpt-oss): the top-k logits (the router's linear has a bias), softmax over
-    those k."""
+    those k. sqrtsoftplus (DeepSeek-V4): sqrt(softplus(logits)) scores, as sigmoid's. A hash
+    router (DeepSeek-V4's first layers, a `tid2eid` [V, K] table beside its weight) takes the
+    experts from the token ids instead (`tokens`, set by the block before the call); their
+    weights are still the scores'."""
 
     def __init__(self, ck: Checkpoint, p: str, cfg: ModelConfig, names: MoENames = DEEPSEEK):
         self.cfg = cfg
@@ -304,6 +308,19 @@ class Gate:
         )
         bias = f"{p}.{names.correction_bias}"
         self.bias = load_dense(ck, bias, (e,)) if bias in ck else torch.zeros(e)
+        table = f"{p}.{names.router}.tid2eid"
+        self.tid2eid = None
+        if table in ck:
+            self.tid2eid = torch.from_numpy(
+                np.array(
+                    ck.get(table, (cfg.vocab_size, cfg.num_experts_per_tok), ("int64", "int32"))
+                )
+            ).long()
+            if self.tid2eid.numel() and not (
+                0 <= int(self.tid2eid.min()) and int(self.tid2eid.max()) < e
+            ):
+                raise ValueError(f"{ck.dir}: tensor {table}: expert ids outside [0, {e})")
+        self.tokens: torch.Tensor | None = None  # the token ids of x, for a hash router
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights [T, K] float32, expert ids [T, K])."""
@@ -314,7 +331,17 @@ class Gate:
         if cfg.scoring_func == "softmax_topk":
             top, ids = logits.topk(cfg.num_experts_per_tok, dim=-1)  # [T, K]
             return top.softmax(-1) * cfg.routed_scaling_factor, ids
-        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(-1)
+        if cfg.scoring_func == "sqrtsoftplus":
+            scores = F.softplus(logits).sqrt()
+        else:
+            scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(-1)
+        if self.tid2eid is not None:
+            if self.tokens is None or self.tokens.shape[0] != t:
+                raise ValueError("a hash router needs the token ids of its inputs (Gate.tokens)")
+            ids = self.tid2eid.to(x.device)[self.tokens.to(x.device)]  # [T, K]
+            weights = scores.gather(1, ids)
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+            return weights * cfg.routed_scaling_factor, ids
         choice = scores + self.bias
         if cfg.n_group > 1:
             groups = choice.view(t, cfg.n_group, -1).topk(2, dim=-1)[0].sum(-1)  # [T, G]
@@ -358,6 +385,7 @@ class MoE:
                 f"{p}.shared_experts",
                 cfg.hidden_size,
                 cfg.moe_intermediate_size * cfg.n_shared_experts,
+                cfg.swiglu_limit if cfg.hidden_act == "silu_clamp" else 0.0,
             )
             if cfg.n_shared_experts >= 1 and not self.fused_shared
             else None

@@ -280,10 +280,17 @@ class Linear:
 
 
 class MLP:
-    def __init__(self, ck: Checkpoint, p: str, h: int, inter: int):
+    """down(silu(gate x) * up x); limit > 0 (DeepSeek-V4): gate clamped above at limit and up
+    to [-limit, limit] first."""
+
+    def __init__(self, ck: Checkpoint, p: str, h: int, inter: int, limit: float = 0.0):
         self.gate = Linear(ck, f"{p}.gate_proj.weight", (inter, h))
         self.up = Linear(ck, f"{p}.up_proj.weight", (inter, h))
         self.down = Linear(ck, f"{p}.down_proj.weight", (h, inter))
+        self.limit = limit
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        g, u = self.gate(x), self.up(x)
+        if self.limit > 0:
+            g, u = g.clamp(max=self.limit), u.clamp(-self.limit, self.limit)
+        return self.down(F.silu(g) * u)

@@ -1,0 +1,304 @@
+"""DeepSeek-V4 end to end against transformers' DeepseekV4ForCausalLM (the oracle): tiny random
+configs with every attention kind (sliding only, CSA with its indexer, HCA), hash-routed and
+learned MoE layers, hyper-connections of 2 and 3 streams, the compressed rope with and
+without YaRN, saved with save_pretrained (which writes DeepSeek's release names), loaded by
+refmoe, compared on logits (one prefill, token by token, in chunks) and 32 greedy tokens
+through `refmoe generate`.
+
+The indexer's top-k meets exact ties where every head's relu(q . k) is 0 (few indexer heads
+make that common at these sizes); torch.topk breaks them by position among the entries the
+call holds, so a prefill of the whole prompt and a prefill of part of it may pick different
+(equally scored) entries for the same query: transformers does so itself. Each refmoe run is
+therefore compared with transformers run the same way (the same calls over the cache)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import cli_generate, hf_greedy, randomize_bf16
+
+from refmoe import models
+from refmoe.checkpoint import Checkpoint
+from refmoe.config import ModelConfig
+from refmoe.models import deepseek_v4
+
+transformers = pytest.importorskip("transformers")
+
+BASE = dict(
+    vocab_size=97,
+    hidden_size=64,
+    moe_intermediate_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=32,
+    q_lora_rank=24,
+    num_experts_per_tok=2,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    hc_mult=2,
+    sliding_window=8,
+    o_groups=2,
+    o_lora_rank=16,
+    index_n_heads=4,
+    index_head_dim=16,
+    index_topk=3,
+    compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+    layer_types=[
+        "sliding_attention",
+        "compressed_sparse_attention",
+        "heavily_compressed_attention",
+        "compressed_sparse_attention",
+    ],
+    mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
+    partial_rotary_factor=0.25,
+    max_position_embeddings=256,
+    swiglu_limit=1.0,  # the clamps bite at these weights
+    eos_token_id=None,
+)
+VARIANTS = {
+    "base": {},
+    "yarn_three_streams": dict(
+        hc_mult=3,
+        hc_sinkhorn_iters=5,
+        o_groups=4,
+        index_topk=2,
+        num_experts_per_tok=3,
+        compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4},
+        layer_types=[
+            "compressed_sparse_attention",
+            "heavily_compressed_attention",
+            "sliding_attention",
+            "compressed_sparse_attention",
+        ],
+        mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"],
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 32,
+            "beta_fast": 32,
+            "beta_slow": 1,
+        },
+        partial_rotary_factor=0.5,
+    ),
+}
+PROMPT = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 93, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+TOL = 1e-4
+
+
+def random_model(overrides: dict, seed: int = 0):
+    cfg = transformers.DeepseekV4Config(**{**BASE, **overrides})
+    torch.manual_seed(seed)
+    m = transformers.DeepseekV4ForCausalLM(cfg).eval()
+    randomize_bf16(m, bias_buffers=("e_score_correction_bias",))
+    with torch.no_grad():
+        for layer in m.model.layers:
+            if layer.mlp.is_hash:
+                table = layer.mlp.gate.tid2eid
+                table.copy_(
+                    torch.stack(
+                        [
+                            torch.randperm(cfg.n_routed_experts)[: table.shape[1]]
+                            for _ in range(table.shape[0])
+                        ]
+                    )
+                )
+    return m
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def saved(request, tmp_path_factory):
+    m = random_model(VARIANTS[request.param])
+    d = tmp_path_factory.mktemp(request.param)
+    m.save_pretrained(d)
+    return m, d
+
+
+def hf_run(m, ids: list[int], splits: list[int]) -> torch.Tensor:
+    """transformers' logits for ids fed as the chunks that splits cut, over one cache."""
+    from transformers import DynamicCache
+
+    cache, outs, lo = DynamicCache(config=m.config), [], 0
+    with torch.no_grad():
+        for hi in [*splits, len(ids)]:
+            outs.append(m(torch.tensor([ids[lo:hi]]), cache=cache, use_cache=True).logits[0])
+            lo = hi
+    return torch.cat(outs)
+
+
+def mine_run(mine, ids: list[int], splits: list[int]) -> torch.Tensor:
+    cache, outs, lo = mine.new_cache(), [], 0
+    for hi in [*splits, len(ids)]:
+        outs.append(mine.forward(torch.tensor(ids[lo:hi]), cache))
+        lo = hi
+    assert cache.length == len(ids)
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize(
+    "splits",
+    [[], [13], [7, 8, 16], list(range(1, len(PROMPT)))],  # whole, 2 chunks, 4, token by token
+    ids=["prefill", "two_chunks", "four_chunks", "token_by_token"],
+)
+def test_logits_match_transformers(saved, splits):
+    m, d = saved
+    cfg, mine = models.load(d)
+    assert cfg.family == "deepseek_v4" and len(mine.blocks) == 4
+    ref = hf_run(m, PROMPT, splits)
+    got = mine_run(mine, PROMPT, splits)
+    assert (got - ref).abs().max() <= TOL * ref.abs().max()
+
+
+def test_greedy_32_tokens_via_cli(saved):
+    m, d = saved
+    want = hf_greedy(m, PROMPT, 32)
+    got = cli_generate(d, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-tokens", "32")
+    assert len(want) == 32 and got["token_ids"] == want
+
+
+def test_batched_decode_is_each_sequence_alone(saved):
+    """forward_batch (several sequences, the MoE layers over all their tokens at once) gives
+    each sequence the logits it gets alone."""
+    _, d = saved
+    _, mine = models.load(d)
+    prompts = [PROMPT[:9], PROMPT[4:21], PROMPT[2:5]]
+    caches = [mine.new_cache() for _ in prompts]
+    for p, c in zip(prompts, caches):
+        mine.forward(torch.tensor(p[:-1]), c)
+    got = mine.forward_batch([torch.tensor(p[-1:]) for p in prompts], caches)
+    for p, row in zip(prompts, got):
+        alone = mine_run(mine, p, [len(p) - 1])[-1]
+        assert (row - alone).abs().max() <= 1e-5 * alone.abs().max()
+
+
+def test_release_names_read_as_transformers_names():
+    """DeepSeek's release names (what save_pretrained writes back) map onto transformers' own,
+    one by one; transformers' names pass unchanged."""
+    pairs = {
+        "embed.weight": "model.embed_tokens.weight",
+        "head.weight": "lm_head.weight",
+        "norm.weight": "model.norm.weight",
+        "hc_head_fn": "model.hc_head.hc_fn",
+        "layers.3.attn.wq_a.weight": "model.layers.3.self_attn.q_a_proj.weight",
+        "model.layers.3.attn.wq_b.weight": "model.layers.3.self_attn.q_b_proj.weight",
+        "layers.3.attn.norm.weight": "model.layers.3.self_attn.kv_norm.weight",
+        "layers.3.attn.attn_sink": "model.layers.3.self_attn.sinks",
+        "layers.3.attn.compressor.ape": "model.layers.3.self_attn.compressor.position_bias",
+        "layers.3.attn.indexer.compressor.wkv.weight": (
+            "model.layers.3.self_attn.compressor.indexer.kv_proj.weight"
+        ),
+        "layers.3.attn.indexer.wq_b.weight": (
+            "model.layers.3.self_attn.compressor.indexer.q_b_proj.weight"
+        ),
+        "layers.3.attn.indexer.weights_proj.weight": (
+            "model.layers.3.self_attn.compressor.indexer.scorer.weights_proj.weight"
+        ),
+        "layers.3.hc_attn_fn": "model.layers.3.attn_hc.fn",
+        "layers.3.hc_ffn_scale": "model.layers.3.ffn_hc.scale",
+        "layers.3.attn_norm.weight": "model.layers.3.input_layernorm.weight",
+        "layers.3.ffn_norm.weight": "model.layers.3.post_attention_layernorm.weight",
+        "layers.3.ffn.gate.bias": "model.layers.3.mlp.gate.e_score_correction_bias",
+        "layers.0.ffn.gate.tid2eid": "model.layers.0.mlp.gate.tid2eid",
+        "layers.3.ffn.experts.17.w1.weight": "model.layers.3.mlp.experts.17.gate_proj.weight",
+        "layers.3.ffn.experts.17.w2.weight_scale_inv": (
+            "model.layers.3.mlp.experts.17.down_proj.weight_scale_inv"
+        ),
+        "layers.3.ffn.shared_experts.w3.weight": "model.layers.3.mlp.shared_experts.up_proj.weight",
+    }
+    for release, hf in pairs.items():
+        assert deepseek_v4.hf_name(release) == hf, release
+        assert deepseek_v4.hf_name(hf) == hf, hf
+
+
+def test_one_tensor_under_two_names_refused(saved, tmp_path):
+    _, d = saved
+    ck = Checkpoint(d)
+    from refmoe.checkpoint import save_file
+
+    tensors = {n: np.array(ck.get(n)) for n in ck.names()}
+    tensors["model.layers.0.self_attn.q_a_proj.weight"] = tensors["model.layers.0.attn.wq_a.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((d / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"q_a_proj.weight' is stored both as itself"):
+        models.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(num_key_value_heads=2), "num_key_value_heads: DeepSeek-V4 shares one KV head"),
+        (dict(o_groups=3), "o_groups must divide num_attention_heads"),
+        (dict(layer_types=["full_attention"] * 4), "layer_types: each one of"),
+        (dict(mlp_layer_types=["dense"] * 4), "mlp_layer_types: hash_moe or moe per layer"),
+        (dict(index_topk=0), "index_n_heads, index_head_dim and index_topk must be positive"),
+        (dict(scoring_func="tanh"), "field 'scoring_func'"),
+        (dict(compress_ratios=[0, 4, 7, 4], layer_types=None), "field 'compress_ratios'"),
+    ],
+)
+def test_bad_configs_named(change, match, tmp_path):
+    m = random_model({})
+    m.config.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(change)
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_dict(cfg, "config.json")
+
+
+def test_release_config_fields(tmp_path):
+    """The release's own config names (compress_ratios per layer, num_hash_layers,
+    qk_rope_head_dim, a flat YaRN rope_scaling) read as transformers reads them."""
+    m = random_model(VARIANTS["yarn_three_streams"])
+    m.config.save_pretrained(tmp_path)
+    mine = ModelConfig.from_file(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    rates = raw["compress_rates"]
+    release = {k: v for k, v in raw.items() if k not in ("layer_types", "mlp_layer_types")}
+    release |= {
+        "compress_ratios": [rates.get(t, 0) for t in raw["layer_types"]],
+        "num_hash_layers": 2,
+        "qk_rope_head_dim": 16,
+        "rope_scaling": raw["rope_parameters"]["compress"] | {"rope_theta": None},
+        "rope_parameters": None,
+        "partial_rotary_factor": None,
+    }
+    release = {k: v for k, v in release.items() if v is not None}
+    release["rope_scaling"] = {k: v for k, v in release["rope_scaling"].items() if v is not None}
+    theirs = ModelConfig.from_dict(release, "config.json")
+    for f in ("layer_types", "mlp_layer_types", "rotary_dim", "compress_rope_scaling"):
+        assert getattr(theirs, f) == getattr(mine, f), f
+
+
+def test_slp_matches_the_cpu_path(saved):
+    """Stream-loading prefill (the routed experts streamed to its device, here the CPU lane,
+    hash layers routed by the prompt's token ids) gives the CPU path's logits."""
+    from refmoe import slp
+
+    _, d = saved
+    _, mine = models.load(d)
+    want = mine.forward(torch.tensor(PROMPT), mine.new_cache())
+    runner = slp.StreamPrefill(mine, ring=2, pin=False)
+    got = runner.prefill(torch.tensor(PROMPT), mine.new_cache())
+    assert runner.stats.experts_loaded > 0
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_a_cut_prefix_restores_and_continues(saved):
+    """The cache is positional: a prefix read out of one cache and restored into an empty one
+    continues as a cache that ran that prefix itself (what the prefix cache does between agent
+    turns); the compressed entries are rebuilt from the restored positions."""
+    _, d = saved
+    _, mine = models.load(d)
+    whole = mine.new_cache()
+    mine.forward(torch.tensor(PROMPT[:20]), whole)
+    cut = mine.new_cache()
+    cut.restore(whole.read(0, 17), [], 17)
+    got = mine.forward(torch.tensor(PROMPT[17:]), cut)
+    again = mine.new_cache()
+    mine.forward(torch.tensor(PROMPT[:17]), again)
+    want = mine.forward(torch.tensor(PROMPT[17:]), again)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    for block, layer in zip(mine.blocks, cut.layers):  # every closed window's entry, once
+        if block.attn.rate:
+            assert layer.entries.shape[0] == len(PROMPT) // block.attn.rate
