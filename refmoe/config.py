@@ -284,7 +284,7 @@ class ModelConfig:
             tie_word_embeddings=get("tie_word_embeddings", bool, False),
             bos_token_id=get("bos_token_id", int, None),
             eos_token_id=[] if eos is None else ([eos] if _is_int(eos) else list(eos)),
-            quantization=get("quantization_config", dict, None),
+            quantization=_quantization(get),
         )
         if family == "deepseek_v4":
             cfg = cls(**(common | _v4_fields(get, source)))
@@ -504,6 +504,16 @@ def _noaux_tc_fields(get: _Fields) -> dict:
         norm_topk_prob=get("norm_topk_prob", bool, True),
         routed_scaling_factor=get("routed_scaling_factor", float, 1.0),
     )
+
+
+def _quantization(get: _Fields) -> dict | None:
+    """quantization_config, with DeepSeek-V4's top-level expert_dtype folded in (V4.1 writes it
+    inside, as transformers reads both)."""
+    q = get("quantization_config", dict, None)
+    expert_dtype = get("expert_dtype", str, None)
+    if q is not None and expert_dtype is not None and "expert_dtype" not in q:
+        q = q | {"expert_dtype": expert_dtype}
+    return q
 
 
 def _v4_fields(get: _Fields, source: str) -> dict:
@@ -810,7 +820,10 @@ def expert_format(q: dict | None, where: str) -> tuple[str, int]:
         return "bf16", 0
     method = q.get("quant_method")
     if method == "fp8":
-        return "fp8", 128
+        fp4 = q.get("expert_dtype", "fp8")  # DeepSeek-V4: FP4 experts, FP8 everything else
+        if fp4 not in ("fp8", "fp4"):
+            raise ValueError(f"{where}.expert_dtype: fp8 or fp4, got {fp4!r}")
+        return ("mxfp4", 32) if fp4 == "fp4" else ("fp8", 128)
     if method == "mxfp4":  # gpt-oss, DeepSeek-V4: E2M1 + E8M0 per 32
         return "mxfp4", 32
     if method == "modelopt":

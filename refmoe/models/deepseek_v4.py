@@ -97,6 +97,8 @@ def hf_name(name: str) -> str:
         return f"model.hc_head.hc_{m.group(1)}"
     if not bare.startswith("layers."):
         return name
+    if bare.endswith(".scale") and not bare.endswith("_hc.scale"):  # FP8 / FP4 block scales
+        bare = bare[: -len(".scale")] + ".weight_scale_inv"
     for pattern, repl in _LAYER_NAMES:
         bare = re.sub(pattern, repl, bare)
     return "model." + bare

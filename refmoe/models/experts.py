@@ -64,7 +64,10 @@ def stored_format(ck: Checkpoint, base: str) -> str:
         return "int4g"
     if f"{base}.weight_scale_2" in ck:
         return "nvfp4"
-    return "fp8" if ck.dtype(f"{base}.weight") == "float8_e4m3fn" else "bf16"
+    dtype = ck.dtype(f"{base}.weight")
+    if dtype == "int8" and f"{base}.weight_scale_inv" in ck:
+        return "mxfp4"  # DeepSeek-V4: E2M1 pairs in int8, E8M0 scales per 32 (MXFP4's bytes)
+    return "fp8" if dtype == "float8_e4m3fn" else "bf16"
 
 
 def read_projection(ck: Checkpoint, base: str, shape: tuple[int, int], group: int) -> Stored:
@@ -76,6 +79,16 @@ def read_projection(ck: Checkpoint, base: str, shape: tuple[int, int], group: in
     block, channel or tensor: Checkpoint.fp8_scales) or a float weight."""
     rows, cols = shape
     fmt = stored_format(ck, base)
+    if fmt == "mxfp4" and f"{base}.weight_blocks" not in ck:  # DeepSeek-V4's FP4 experts
+        if cols % formats.MX_BLOCK:
+            raise ValueError(
+                f"{ck.dir}: tensor {base}.weight: FP4 experts need their {cols} columns in "
+                f"whole blocks of {formats.MX_BLOCK}"
+            )
+        nb = cols // formats.MX_BLOCK
+        w = ck.get(f"{base}.weight", (rows, cols // 2), ("int8",)).view(np.uint8)
+        s = ck.get(f"{base}.weight_scale_inv", (rows, nb), ("float8_e8m0fnu",))
+        return Stored(fmt, w.reshape(rows, nb, 16), s)
     if fmt == "mxfp4":
         nb = -(-cols // formats.MX_BLOCK)
         w = ck.get(f"{base}.weight_blocks", (rows, nb, 16), ("uint8",))
