@@ -401,7 +401,9 @@ def add_family_argument(parser: argparse.ArgumentParser, pre: str) -> None:
         help=f"{pre}the demo model's family and layer shapes: deepseek_v3 (default), "
         "deepseek_v32 (with DeepSeek-V3.2's DSA indexer: 64 heads of 128, top 2,048), "
         "glm4_moe (GLM-4.5-Air's layer), minimax_m2, gpt_oss (gpt-oss-120b's, MXFP4 experts), "
-        "qwen3_next (Qwen3-Next-80B-A3B's: three Gated DeltaNet layers to one of full attention)",
+        "qwen3_next (Qwen3-Next-80B-A3B's: three Gated DeltaNet layers to one of full attention), "
+        "deepseek_v4 (DeepSeek-V4-Flash's: CSA / HCA compressed attention, 4 residual streams, "
+        "FP4 experts)",
     )
 
 
@@ -415,7 +417,9 @@ def _demo_model(args: argparse.Namespace):
     layers, experts = demo.size_for_memory(demo.available_memory())
     layers, experts = args.layers or layers, args.experts or experts
     family = getattr(args, "family", None) or "deepseek_v3"
-    fmt = getattr(args, "expert_format", None) or ("mxfp4" if family == "gpt_oss" else "fp8")
+    fmt = getattr(args, "expert_format", None) or (
+        "mxfp4" if family in ("gpt_oss", "deepseek_v4") else "fp8"
+    )
     name = f"L{layers}-E{experts}" + ("" if fmt == "fp8" else f"-{fmt}")
     name += "" if family == "deepseek_v3" else f"-{family}"
     directory = Path(args.dir) if args.dir else demo.default_dir() / name

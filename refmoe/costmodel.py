@@ -92,8 +92,11 @@ SLP_CHUNK_TOKENS = {"cuda": 32768, "cpu": 8192}
 
 
 def attention_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
-    """The attention block's projections, [N, K] each: MLA's (DeepSeek) or GQA's (Qwen3)."""
+    """The attention block's projections, [N, K] each: MLA's (DeepSeek) or GQA's (Qwen3), or
+    DeepSeek-V4's (its compressors and indexer scaled by the share of layers that have them)."""
     h, n = cfg.hidden_size, cfg.num_attention_heads
+    if cfg.family == "deepseek_v4":
+        return _v4_attention_shapes(cfg)
     if cfg.is_mla:
         qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         shapes = [
@@ -124,6 +127,26 @@ def attention_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
     return [(max(1, round(r * (1 - linear))), c) for r, c in shapes] + [
         (max(1, round(r * linear)), c) for r, c in own
     ]
+
+
+def v4_shares(cfg: ModelConfig) -> tuple[float, float]:
+    """DeepSeek-V4: the shares of CSA and of HCA layers."""
+    types, n = cfg.layer_types, max(len(cfg.layer_types), 1)
+    return (
+        types.count("compressed_sparse_attention") / n,
+        types.count("heavily_compressed_attention") / n,
+    )
+
+
+def _v4_attention_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
+    h, n, d, rank = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.q_lora_rank or 0
+    g, lora = cfg.o_groups, cfg.o_lora_rank
+    shapes = [(rank, h), (n * d, rank), (d, h), (g * lora, n * d // g), (h, g * lora)]
+    csa, hca = v4_shares(cfg)
+    ni, di = cfg.index_n_heads, cfg.index_head_dim
+    own = [(csa, 2 * d, h), (csa, 2 * d, h), (hca, d, h), (hca, d, h)]  # compressors kv, gate
+    own += [(csa, 2 * di, h), (csa, 2 * di, h), (csa, ni * di, rank), (csa, ni, h)]  # indexer
+    return shapes + [(max(1, round(rows * share)), cols) for share, rows, cols in own if share]
 
 
 def linear_share(cfg: ModelConfig) -> float:

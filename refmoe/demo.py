@@ -119,7 +119,36 @@ GQA_LAYERS = {
         rope_theta=1e7,
     ),
 }
-FAMILIES = ("deepseek_v3", "deepseek_v32", *GQA_LAYERS)
+# DeepSeek-V4-Flash's layer (transformers' DeepseekV4Config defaults, documented as
+# deepseek-ai/DeepSeek-V4-Flash-Base): one KV head of 512, 64 query heads, grouped output
+# projection, 4 residual streams, CSA / HCA compressed attention beside a 128-token window
+V4_LAYER = dict(
+    hidden_size=4096,
+    moe_intermediate_size=2048,
+    num_attention_heads=64,
+    num_key_value_heads=1,
+    head_dim=512,
+    q_lora_rank=1024,
+    num_experts_per_tok=6,
+    n_shared_experts=1,
+    scoring_func="sqrtsoftplus",
+    routed_scaling_factor=1.5,
+    hc_mult=4,
+    hc_sinkhorn_iters=20,
+    sliding_window=128,
+    o_groups=8,
+    o_lora_rank=1024,
+    index_n_heads=64,
+    index_head_dim=128,
+    index_topk=512,
+    compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
+    compress_rope_theta=160000.0,
+    partial_rotary_factor=64 / 512,
+    swiglu_limit=10.0,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+)
+FAMILIES = ("deepseek_v3", "deepseek_v32", "deepseek_v4", *GQA_LAYERS)
 
 
 def demo_config(
@@ -138,6 +167,10 @@ def demo_config(
 
     if family not in FAMILIES:
         raise ValueError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    if family == "deepseek_v4":
+        if shape:
+            raise ValueError("shape overrides are for the DeepSeek-V3 families")
+        return _v4_config(layers, experts, vocab, expert_format)
     if family in GQA_LAYERS:
         if shape:
             raise ValueError(f"shape overrides are for the DeepSeek families, not {family!r}")
@@ -167,6 +200,46 @@ def demo_config(
         quantization_config=QUANTIZATION_CONFIG[expert_format],
         **{**V3_LAYER, **(shape or {})},
         **(V32_INDEXER if v32 else {}),
+    )
+
+
+def _v4_config(layers: int, experts: int, vocab: int, expert_format: str) -> dict:
+    """DeepSeek-V4's demo config: V4-Flash's layer, FP8 projections with E8M0 scales and FP4
+    routed experts as released (expert_dtype fp4); layers as transformers lays them out (two
+    HCA, then CSA and HCA in turn), the first three MoE layers hash-routed."""
+    if expert_format != "mxfp4":
+        raise ValueError(
+            f"--family deepseek_v4: its demo's experts are FP4 as released (--expert-format "
+            f"mxfp4), got {expert_format!r}"
+        )
+    top_k = 6  # V4_LAYER's num_experts_per_tok
+    if experts < top_k:
+        raise ValueError(f"experts per layer must be at least {top_k}, got {experts}")
+    return dict(
+        architectures=["DeepseekV4ForCausalLM"],
+        model_type="deepseek_v4",
+        vocab_size=vocab,
+        num_hidden_layers=layers,
+        n_routed_experts=experts,
+        layer_types=["heavily_compressed_attention"] * min(layers, 2)
+        + [
+            "compressed_sparse_attention" if i % 2 else "heavily_compressed_attention"
+            for i in range(max(layers - 2, 0))
+        ],
+        mlp_layer_types=["hash_moe"] * min(layers, 3) + ["moe"] * max(0, layers - 3),
+        max_position_embeddings=1048576,
+        bos_token_id=0,
+        eos_token_id=None,
+        tie_word_embeddings=False,
+        quantization_config={
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
+            "scale_fmt": "ue8m0",
+            "expert_dtype": "fp4",
+        },
+        **V4_LAYER,
     )
 
 
@@ -259,7 +332,8 @@ class _Shards:
         tensors[name], dtypes[name] = codes, "F8_E4M3"
         tensors[name + "_scale_inv"] = scale
 
-    def write(self, layers: int, layer, progress=None) -> Path:
+    def write(self, layers: int, layer, progress=None, top=None) -> Path:
+        """top(tensors, dtypes): more tensors for the shard of the embeddings."""
         h, vocab, weight_map = self.cfg["hidden_size"], self.cfg["vocab_size"], {}
         shards = [-1, *range(layers)]
         for i in progress(shards) if progress else shards:
@@ -271,6 +345,8 @@ class _Shards:
                 one = 0.0 if self.cfg["model_type"] == "qwen3_next" else 1.0  # its 1 + w
                 tensors["model.norm.weight"] = np.full(h, one, np.float32)
                 self.put(tensors, dtypes, "lm_head.weight", (vocab, h))
+                if top is not None:
+                    top(tensors, dtypes)
                 fname = "model-embed.safetensors"
             else:
                 layer(i, tensors, dtypes)
@@ -353,6 +429,8 @@ def build(
     demo_tokenizer.write(directory, vocab)
     if family in GQA_LAYERS:
         return _build_gqa(directory, cfg, family, seed, progress)
+    if family == "deepseek_v4":
+        return _build_v4(directory, cfg, seed, progress)
     w = _Shards(directory, cfg, seed)
     h, c = cfg["hidden_size"], cfg
     n, qk = c["num_attention_heads"], c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
@@ -407,6 +485,104 @@ def build(
                     w.put(tensors, dtypes, name, shape)
 
     return w.write(layers, layer, progress)
+
+
+def _build_v4(directory: Path, cfg: dict, seed: int, progress) -> Path:
+    """DeepSeek-V4's demo checkpoint under transformers' names: FP8 projections, float norms,
+    sinks, compressor biases and hyper-connections, a hash table for the hash-routed layers,
+    and the routed experts FP4 as released (E2M1 pairs in int8, E8M0 scales per 32)."""
+    w, four = _Shards(directory, cfg, seed), _FourBit("mxfp4", seed + 2)
+    c, h = cfg, cfg["hidden_size"]
+    n, d, rank, experts = (
+        c["num_attention_heads"],
+        c["head_dim"],
+        c["q_lora_rank"],
+        c["n_routed_experts"],
+    )
+    g, lora, hc = c["o_groups"], c["o_lora_rank"], c["hc_mult"]
+    inter, k = c["moe_intermediate_size"], c["num_experts_per_tok"]
+
+    def layer(i: int, tensors: dict, dtypes: dict) -> None:
+        p, kind = f"model.layers.{i}", c["layer_types"][i]
+        a = f"{p}.self_attn"
+        for name, shape in (
+            ("q_a_proj", (rank, h)),
+            ("q_b_proj", (n * d, rank)),
+            ("kv_proj", (d, h)),
+            ("o_a_proj", (g * lora, n * d // g)),
+            ("o_b_proj", (h, g * lora)),
+        ):
+            w.put(tensors, dtypes, f"{a}.{name}.weight", shape)
+        tensors[f"{a}.q_a_norm.weight"] = np.ones(rank, np.float32)
+        tensors[f"{a}.kv_norm.weight"] = np.ones(d, np.float32)
+        tensors[f"{a}.sinks"] = np.zeros(n, np.float32)
+        rate = c["compress_rates"].get(kind, 0)
+        csa = kind == "compressed_sparse_attention"
+        parts = [(f"{a}.compressor", d, csa)]
+        if csa:
+            parts.append((f"{a}.compressor.indexer", c["index_head_dim"], True))
+            ih = c["index_n_heads"] * c["index_head_dim"]
+            w.put(tensors, dtypes, f"{a}.compressor.indexer.q_b_proj.weight", (ih, rank))
+            w.put(
+                tensors,
+                dtypes,
+                f"{a}.compressor.indexer.scorer.weights_proj.weight",
+                (c["index_n_heads"], h),
+            )
+        for prefix, width, overlap in parts if rate else []:
+            wide = (2 if overlap else 1) * width
+            w.put(tensors, dtypes, f"{prefix}.kv_proj.weight", (wide, h))
+            w.put(tensors, dtypes, f"{prefix}.gate_proj.weight", (wide, h))
+            tensors[f"{prefix}.position_bias"] = np.zeros((rate, wide), np.float32)
+            tensors[f"{prefix}.kv_norm.weight"] = np.ones(width, np.float32)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            tensors[f"{p}.{norm}.weight"] = np.ones(h, np.float32)
+        for mix in ("attn_hc", "ffn_hc"):
+            tensors[f"{p}.{mix}.fn"] = (
+                w.rng.standard_normal(((2 + hc) * hc, hc * h)) * 0.01
+            ).astype(np.float32)
+            tensors[f"{p}.{mix}.base"] = np.zeros((2 + hc) * hc, np.float32)
+            tensors[f"{p}.{mix}.scale"] = np.ones(3, np.float32)
+        m = f"{p}.mlp"
+        tensors[f"{m}.gate.weight"] = (w.rng.standard_normal((experts, h)) * 0.02).astype(
+            np.float32
+        )
+        if c["mlp_layer_types"][i] == "hash_moe":
+            tensors[f"{m}.gate.tid2eid"] = np.stack(
+                [w.rng.permutation(experts)[:k] for _ in range(c["vocab_size"])]
+            ).astype(np.int64)
+        else:
+            tensors[f"{m}.gate.e_score_correction_bias"] = np.zeros(experts, np.float32)
+        for e in range(experts):  # FP4 as released: the MXFP4 bytes in int8, E8M0 scales
+            for proj, (rows, cols) in (
+                ("gate_proj", (inter, h)),
+                ("up_proj", (inter, h)),
+                ("down_proj", (h, inter)),
+            ):
+                base = f"{m}.experts.{e}.{proj}"
+                held: dict = {}
+                four.put(held, {}, f"{base}.weight", rows, cols)
+                tensors[f"{base}.weight"] = (
+                    held[f"{base}.weight_blocks"].reshape(rows, -1).view(np.int8)
+                )
+                dtypes[f"{base}.weight"] = "I8"
+                tensors[f"{base}.weight_scale_inv"] = held[f"{base}.weight_scales"]
+                dtypes[f"{base}.weight_scale_inv"] = "F8_E8M0"
+        for proj, shape in (
+            ("gate_proj", (inter, h)),
+            ("up_proj", (inter, h)),
+            ("down_proj", (h, inter)),
+        ):
+            w.put(tensors, dtypes, f"{m}.shared_experts.{proj}.weight", shape)
+
+    def top(tensors: dict, dtypes: dict) -> None:  # the final hyper-connection head
+        tensors["model.hc_head.hc_fn"] = (w.rng.standard_normal((hc, hc * h)) * 0.01).astype(
+            np.float32
+        )
+        tensors["model.hc_head.hc_base"] = np.zeros(hc, np.float32)
+        tensors["model.hc_head.hc_scale"] = np.ones(1, np.float32)
+
+    return w.write(c["num_hidden_layers"], layer, progress, top)
 
 
 def _build_gqa(directory: Path, cfg: dict, family: str, seed: int, progress) -> Path:

@@ -82,6 +82,8 @@ def score_flops(cfg: ModelConfig, tokens: int, past: int = 0, dense: bool = Fals
     window and the new tokens), the causal rule and DSA's choice applied as masks."""
     per_key = 2.0 * cfg.num_attention_heads * costmodel.score_dims(cfg)
     full: float = tokens * (past + tokens) if dense else attended_keys(tokens, past, 0)
+    if cfg.family == "deepseek_v4":
+        return _v4_score_flops(cfg, tokens, past, dense, per_key, full)
     linear = costmodel.linear_share(cfg)
     if linear:  # Gated DeltaNet layers: a fixed recurrence per token, whatever the context
         recurrent = tokens * costmodel.recurrent_flops(cfg)
@@ -101,6 +103,25 @@ def score_flops(cfg: ModelConfig, tokens: int, past: int = 0, dense: bool = Fals
     else:
         window = attended_keys(tokens, past, cfg.sliding_window)
     return per_key * ((1 - sliding) * full + sliding * window)
+
+
+def _v4_score_flops(
+    cfg: ModelConfig, tokens: int, past: int, dense: bool, per_key: float, full: float
+) -> float:
+    """DeepSeek-V4: every layer its sliding window; a CSA layer also the index_topk of the
+    entries closed before the token (one per 4 tokens) and its indexer's scores over all of
+    them; an HCA layer every entry (one per 128). dense (the engine on the CPU): every entry
+    scored and masked, as the window's keys past it."""
+    csa, hca = costmodel.v4_shares(cfg)
+    rate_c = cfg.compress_rates.get("compressed_sparse_attention", 4)
+    rate_h = cfg.compress_rates.get("heavily_compressed_attention", 128)
+    w = cfg.sliding_window
+    window = tokens * min(past + tokens, w + tokens) if dense else attended_keys(tokens, past, w)
+    picked = (
+        full / rate_c if dense else attended_keys(tokens, past, cfg.index_topk * rate_c) / rate_c
+    )
+    indexer = 2.0 * cfg.index_n_heads * cfg.index_head_dim * full / rate_c
+    return per_key * (window + csa * picked + hca * full / rate_h) + csa * indexer
 
 
 def recurrent_part(cfg: ModelConfig, tokens: int) -> float:
@@ -126,6 +147,12 @@ def kv_bytes_per_token(cfg: ModelConfig) -> int:
     layers where some are linear attention (they cache no token)."""
     if cfg.is_mla:
         return 2 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    if cfg.family == "deepseek_v4":  # the entries a token adds (its window is a fixed state)
+        csa, hca = costmodel.v4_shares(cfg)
+        rate_c = cfg.compress_rates.get("compressed_sparse_attention", 4)
+        rate_h = cfg.compress_rates.get("heavily_compressed_attention", 128)
+        d, di = cfg.head_dim, cfg.index_head_dim
+        return round(2 * (csa * (d + di) / rate_c + hca * d / rate_h))
     full = 1 - costmodel.linear_share(cfg)
     return round(2 * 2 * cfg.num_key_value_heads * cfg.head_dim * full)
 

@@ -246,7 +246,8 @@ class Machine:
             )
             return t, {self.gpu[self.gpu_index]: 1.0}
         cpu = self.hw.cpu
-        if tokens <= self.ABSORB_MAX_TOKENS:  # linear-attention layers read no past
+        v4 = cfg.family == "deepseek_v4"  # its window and entries: by FLOPs, not MLA's curve
+        if tokens <= self.ABSORB_MAX_TOKENS and not v4:  # linear-attention layers read no past
             heads, full = cfg.num_attention_heads, 1 - costmodel.linear_share(cfg)
             t = tokens * full * (cpu.attention_us(past, heads) - cpu.attention_us(0, heads)) * 1e-6
         else:
@@ -280,13 +281,21 @@ class Machine:
         # a linear-attention layer (its share of the layers) costs what attention costs with
         # nothing cached, whatever the context: its state is fixed
         full = 1 - costmodel.linear_share(cfg)
-        t = (
-            sum(
-                full * cpu.attention_us(c, heads) + (1 - full) * cpu.attention_us(0, heads)
+        if cfg.family == "deepseek_v4":  # a window and compressed entries, by their FLOPs
+            t = sum(
+                cpu.attention_us(0, heads) * 1e-6
+                + (costs.score_flops(cfg, 1, c, True) - costs.score_flops(cfg, 1, 0, True))
+                / (cpu.score_gflops() * 1e9)
                 for c in contexts
             )
-            * 1e-6
-        )
+        else:
+            t = (
+                sum(
+                    full * cpu.attention_us(c, heads) + (1 - full) * cpu.attention_us(0, heads)
+                    for c in contexts
+                )
+                * 1e-6
+            )
         if tokens > len(contexts):  # a prompt: its tokens attend to each other
             flops, rec = costs.score_flops(cfg, tokens), costs.recurrent_part(cfg, tokens)
             t += (flops - rec) / (cpu.score_gflops() * 1e9)

@@ -518,3 +518,34 @@ def test_fp8_scales_counted_per_their_block():
     hw = Hardware.load("vm-2vcpu-avx512-2026-12-04-formats")
     a, b = (predict(c, hw, 256, 4) for c in (base, channel))
     assert b.tpot_s == pytest.approx(a.tpot_s, rel=0.02)
+
+
+def test_deepseek_v4_flash_decode_stays_flat_in_context():
+    """DeepSeek-V4-Flash (sim/models: transformers' V4 defaults, the release's FP8 + FP4
+    quantization): a token reads its FP8 projections, compressors and indexers (averaged over
+    CSA / HCA layers) and six FP4 routed experts plus the FP8 shared one; its attention sees a
+    128-token window and compressed entries, so decode at 128K costs nearly what it costs at
+    2K, where DeepSeek-V3's MLA reads every cached latent."""
+    from refmoe import costmodel
+    from sim import catalog
+
+    v4 = catalog.load("deepseek-v4-flash")
+    assert v4.family == "deepseek_v4" and v4.expert_format == ("mxfp4", 32)
+    h, i = v4.hidden_size, v4.moe_intermediate_size
+    fp4 = 3 * h * (i // 32 * 17)  # MXFP4: 16 bytes of codes and one scale per 32
+    assert costs.routed_expert_bytes(v4) == 2 * i * (h // 32 * 17) + h * (i // 32 * 17) == fp4
+    per_layer = costs.attention_bytes(v4) + costs.expert_bytes(v4)
+    assert 150e6 < per_layer < 300e6  # ~100 MB of FP8 attention, ~105 MB of experts
+    hw = Hardware.load("paper-2x9355-2x5090")
+    tpot = {c: predict(v4, hw, c, 16).tpot_s for c in (2048, 131072)}
+    assert tpot[131072] < 1.1 * tpot[2048]
+    v3 = ModelConfig.from_dict(V3)
+    dense = {c: predict(v3, hw, c, 16).tpot_s for c in (2048, 131072)}
+    assert dense[131072] / dense[2048] > tpot[131072] / tpot[2048]
+    assert costmodel.attention_shapes(v4)[:5] == [
+        (1024, 4096),
+        (64 * 512, 1024),
+        (512, 4096),
+        (8 * 1024, 64 * 512 // 8),
+        (4096, 8 * 1024),
+    ]
