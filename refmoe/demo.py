@@ -702,15 +702,12 @@ def default_dir() -> Path:
 def bytes_per_token(model) -> int:
     """Weight bytes one decoded token reads: every projection, the experts it is routed to
     (top-k plus the shared one), and lm_head."""
-    from refmoe.models.layers import Linear
 
     cfg, total = model.cfg, 0
     for block in model.blocks:
         # every projection of the attention block, whatever its kind (MLA, GQA, a linear
-        # layer's in/out projections), and DSA's indexer's
-        attn = block.attn
-        parts = [attn] + ([attn.indexer] if getattr(attn, "indexer", None) is not None else [])
-        total += sum(v.nbytes for p in parts for v in vars(p).values() if isinstance(v, Linear))
+        # layer's in/out projections), and its parts' (DSA's indexer, V4's compressors)
+        total += sum(linear.nbytes for linear in _linears(block.attn))
         ffn = block.ffn
         if hasattr(ffn, "experts"):
             total += (cfg.num_experts_per_tok + ffn.fused_shared) * ffn.experts.nbytes(0)
@@ -719,6 +716,24 @@ def bytes_per_token(model) -> int:
         else:
             total += sum(m.nbytes for m in (ffn.gate, ffn.up, ffn.down))
     return total + (model.head.nbytes if model.head is not None else model.embed.nbytes)
+
+
+def _linears(part, seen=None) -> list:
+    """The projections (layers.Linear) of a model part and of the refmoe.models objects it
+    holds, each once."""
+    from refmoe.models.layers import Linear
+
+    seen = set() if seen is None else seen
+    found = []
+    for value in vars(part).values() if hasattr(part, "__dict__") else []:
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, Linear):
+            found.append(value)
+        elif type(value).__module__.startswith("refmoe.models"):
+            found += _linears(value, seen)
+    return found
 
 
 def cpu_bytes_per_token(model) -> int:

@@ -211,3 +211,30 @@ def test_demo_of_qwen3_next(tmp_path):
     assert demo.describe(cfg).startswith(
         "qwen3_next per-layer shapes (hidden 2048, 3 Gated DeltaNet + 1 gated full-attention"
     )
+
+
+def test_demo_of_deepseek_v4(tmp_path):
+    """`refmoe demo --family deepseek_v4`: V4-Flash's layer (64 heads on one KV head of 512,
+    the grouped output projection, an HCA layer's compressor), FP8 projections with E8M0 block
+    scales and FP4 routed experts as released, decoding; the bound counts every projection
+    (the compressor's too), the six routed experts in their FP4 bytes, the FP8 shared expert,
+    and lm_head."""
+    d = demo.build(tmp_path, layers=1, experts=8, family="deepseek_v4", expert_format="mxfp4")
+    cfg = ModelConfig.from_file(d)
+    assert cfg.family == "deepseek_v4" and cfg.layer_types == ["heavily_compressed_attention"]
+    assert cfg.mlp_layer_types == ["hash_moe"] and cfg.expert_format == ("mxfp4", 32)
+    r = demo.run(d, prompt_tokens=6, new_tokens=3)
+    assert r.new_tokens == 3 and r.tok_s > 0
+    h, n, dh, rank = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.q_lora_rank
+    g, lora, i = cfg.o_groups, cfg.o_lora_rank, cfg.moe_intermediate_size
+
+    def fp8(rows, cols):
+        return rows * cols + -(-rows // 128) * -(-cols // 128) * 4
+
+    attn = fp8(rank, h) + fp8(n * dh, rank) + fp8(dh, h) + fp8(g * lora, n * dh // g)
+    attn += fp8(h, g * lora) + 2 * fp8(dh, h)  # o_b; the compressor's kv and gate
+    fp4 = 2 * (i * h // 2 + i * h // 32) + h * i // 2 + h * i // 32
+    experts = cfg.num_experts_per_tok * fp4 + 3 * fp8(i, h)
+    assert r.bytes_per_token == attn + experts + fp8(cfg.vocab_size, h)
+    with pytest.raises(ValueError, match="--expert-format"):
+        demo.demo_config(1, 8, expert_format="fp8", family="deepseek_v4")
