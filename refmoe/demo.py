@@ -848,12 +848,23 @@ def _fill(layer, cfg, context: int, gen) -> None:
     random state that has seen that many tokens."""
     import torch
 
-    from refmoe.models import deepseek_v32, gqa, qwen3_next
+    from refmoe.models import deepseek_v4, deepseek_v32, gqa, qwen3_next
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen)
 
-    if isinstance(layer, qwen3_next.LinearCache):
+    if isinstance(layer, deepseek_v4.LayerCache):  # keys, and the compressors' inputs
+        d, di, csa = cfg.head_dim, cfg.index_head_dim, layer.ikv is not None
+        layer.kv.append(rand(context, d))
+        for part, wide in (
+            (layer.ckv, (2 if csa else 1) * d),
+            (layer.cgate, (2 if csa else 1) * d),
+            (layer.ikv, 2 * di),
+            (layer.igate, 2 * di),
+        ):
+            if part is not None:
+                part.append(rand(context, wide))
+    elif isinstance(layer, qwen3_next.LinearCache):
         hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
         dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
         channels = 2 * hk * dk + hv * dv
@@ -883,7 +894,7 @@ def decode_at_contexts(directory: Path, contexts: list[int], steps: int = 5) -> 
     cfg, model = models.load(directory)
     modes = ["sparse", "dense"] if cfg.is_dsa else ["dense"]
     topk = cfg.index_topk
-    kind = "mla" if cfg.kv_lora_rank else "gqa"
+    kind = "mla" if cfg.kv_lora_rank else ("v4" if cfg.family == "deepseek_v4" else "gqa")
     if "linear_attention" in (cfg.layer_types or []):
         kind += " + linear"
     rows: list[dict] = []
