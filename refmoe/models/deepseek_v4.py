@@ -419,7 +419,8 @@ class Attention:
 
     def _attend(self, q, keys, entries, allowed, start, budget_bytes: int = 1 << 28):
         """Softmax over [the window's keys; the allowed entries; the head's sink] of each
-        query; the value is the key. Query blocks keep the scores under budget_bytes."""
+        query; the value is the key. Query blocks keep the scores under budget_bytes; a block
+        scores only the entries one of its queries may see (a CSA decode step: its top-k)."""
         n, t, d = q.shape
         e = 0 if entries is None else entries.shape[0]
         block = max(1, min(t, budget_bytes // max(1, n * (self.window + t + e) * 4)))
@@ -432,8 +433,10 @@ class Attention:
             kpos = first + torch.arange(kv.shape[0], device=q.device)[None, :]
             hidden = (kpos > qpos) | (kpos <= qpos - self.window)  # [b, W]
             if e:
-                kv = torch.cat([kv, entries])
-                hidden = torch.cat([hidden, ~allowed[lo:hi]], dim=1)
+                seen = allowed[lo:hi]  # only the entries some query of the block attends to:
+                cols = seen.any(0).nonzero().squeeze(1)  # a decode step's top-k, not all E
+                kv = torch.cat([kv, entries[cols]])
+                hidden = torch.cat([hidden, ~seen[:, cols]], dim=1)
             scores = (q[:, lo:hi] @ kv.T) * d**-0.5  # [n, b, W + E]
             scores = scores.masked_fill(hidden, float("-inf"))
             sink = self.sinks.to(scores.dtype).view(n, 1, 1).expand(n, hi - lo, 1)
