@@ -110,16 +110,18 @@ def _v4_score_flops(
 ) -> float:
     """DeepSeek-V4: every layer its sliding window; a CSA layer also the index_topk of the
     entries closed before the token (one per 4 tokens) and its indexer's scores over all of
-    them; an HCA layer every entry (one per 128). dense (the engine on the CPU): every entry
-    scored and masked, as the window's keys past it."""
+    them; an HCA layer every entry (one per 128). dense (the engine on the CPU): a block of
+    queries scores every entry one of them picked (at most all of them) and every HCA entry,
+    masked, as the window's keys past it."""
     csa, hca = costmodel.v4_shares(cfg)
     rate_c = cfg.compress_rates.get("compressed_sparse_attention", 4)
     rate_h = cfg.compress_rates.get("heavily_compressed_attention", 128)
     w = cfg.sliding_window
     window = tokens * min(past + tokens, w + tokens) if dense else attended_keys(tokens, past, w)
-    picked = (
-        full / rate_c if dense else attended_keys(tokens, past, cfg.index_topk * rate_c) / rate_c
-    )
+    if dense:
+        picked = tokens * min((past + tokens) / rate_c, tokens * cfg.index_topk)
+    else:
+        picked = attended_keys(tokens, past, cfg.index_topk * rate_c) / rate_c
     indexer = 2.0 * cfg.index_n_heads * cfg.index_head_dim * full / rate_c
     return per_key * (window + csa * picked + hca * full / rate_h) + csa * indexer
 
