@@ -403,3 +403,35 @@ def test_release_quantization_against_dequantized_transformers(tmp_path):
         ref = hf_run(m, PROMPT, [])
     got = mine_run(mine, PROMPT, [])
     assert (got - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+def test_engine_batches_and_reuses_prefixes(saved):
+    """The serving engine runs it as any family: requests batched in decode (dual batch too)
+    generate what each generates alone, and a second turn that resends the first one's prompt
+    reuses the cached prefix (its positions restored, the entries rebuilt from them)."""
+    from test_engine import _run
+
+    from refmoe.engine import Engine
+    from refmoe.generate import generate
+
+    _, d = saved
+    _, mine = models.load(d)
+    prompts = [PROMPT[:11], PROMPT[3:9], PROMPT[:4], PROMPT[2:25]]
+    want = [generate(mine, p, 8).token_ids for p in prompts]
+    for dual in (False, True):
+        engine = Engine(mine, max_batch=4, prefill="cpu", dual_batch=dual).start()
+        try:
+            out, _, _ = _run(engine, prompts, 8)
+            assert [out[i] for i in range(4)] == want
+        finally:
+            engine.shutdown(1)
+    engine = Engine(mine, prefill="cpu", prefix_cache_gib=0.5).start()
+    try:
+        first = (PROMPT * 2)[:40]  # more than one 32-token block of the prefix cache
+        _run(engine, [first], 4)
+        second = first + PROMPT[20:25]
+        out, ends, _ = _run(engine, [second], 6)
+        assert out[0] == generate(mine, second, 6).token_ids
+        assert ends[0]["usage"]["prompt_tokens_details"]["cached_tokens"] == 32
+    finally:
+        engine.shutdown(1)
