@@ -111,9 +111,21 @@ class DecoderModel:
             xs = block.batch(
                 xs, ropes, self.softmax_scale, [c.layers[layer] for c in caches], self.trace, locks
             )
-        x = torch.stack([x[-1] for x in xs])  # [B, H]
+        return self._head(torch.stack([x[-1] for x in xs]))  # [B, V]
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm and lm_head (or the tied embeddings): x [T, H] -> logits [T, V]."""
         x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
         return x @ self.embed.T if self.head is None else self.head(x)
+
+    def _logits(self, x: torch.Tensor, logits: str) -> torch.Tensor:
+        """forward's logits of the last hidden states x [T, ...] (see forward: all, last,
+        none)."""
+        if logits != "all":
+            x = x[-1:] if logits == "last" else x[:0]
+        if x.shape[0] == 0:
+            return torch.zeros((0, self.cfg.vocab_size), device=self.device)
+        return self._head(x)
 
     def kv_bytes_per_token(self) -> int:
         """Host or device bytes one cached token takes, all layers together."""
@@ -148,12 +160,7 @@ class DecoderModel:
         finally:
             if experts is not None:
                 experts.close()
-        if logits != "all":
-            x = x[-1:] if logits == "last" else x[:0]
-        if x.shape[0] == 0:
-            return torch.zeros((0, self.cfg.vocab_size), device=self.device)
-        x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
-        return x @ self.embed.T if self.head is None else self.head(x)
+        return self._logits(x, logits)
 
 
 class Block:

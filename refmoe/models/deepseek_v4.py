@@ -502,8 +502,9 @@ class Transformer(DecoderModel):
         return Block(ck, layer, cfg, expert_dtype, num_threads)
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
-        x = rms_norm(self.hc_head(x), self.norm, self.cfg.rms_norm_eps)
-        return x @ self.embed.T if self.head is None else self.head(x)
+        """The streams [T, c, H] collapsed by the hyper-connection head, then the final norm
+        and lm_head."""
+        return super()._head(self.hc_head(x))
 
     @torch.no_grad()
     def forward(
@@ -528,11 +529,7 @@ class Transformer(DecoderModel):
         finally:
             if experts is not None:
                 experts.close()
-        if logits != "all":
-            x = x[-1:] if logits == "last" else x[:0]
-        if x.shape[0] == 0:
-            return torch.zeros((0, self.cfg.vocab_size), device=self.device)
-        return self._head(x)
+        return self._logits(x, logits)
 
     @torch.no_grad()
     def forward_batch(self, ids: list[torch.Tensor], caches: list, locks=None) -> torch.Tensor:
