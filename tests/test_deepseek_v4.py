@@ -435,3 +435,17 @@ def test_engine_batches_and_reuses_prefixes(saved):
         assert ends[0]["usage"]["prompt_tokens_details"]["cached_tokens"] == 32
     finally:
         engine.shutdown(1)
+
+
+def test_context_parallel_prefill_refused_by_name(saved):
+    """A prompt split across DSLP ranks is refused, naming why, before any layer runs."""
+    _, d = saved
+    _, mine = models.load(d)
+
+    class Split:  # what a DSLP rank passes: its slice of a prompt
+        offset = 0
+
+    cache = mine.new_cache()
+    with pytest.raises(ValueError, match="no context-parallel prefill"):
+        mine.forward(torch.tensor(PROMPT[:4]), cache, cp=Split())
+    assert cache.length == 0
