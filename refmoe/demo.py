@@ -756,6 +756,16 @@ def describe(cfg) -> str:
     types = cfg.layer_types or ["full_attention"] * cfg.num_hidden_layers
     if cfg.kv_lora_rank:
         attention = "MLA" + (" + DSA indexer" if cfg.family == "deepseek_v32" else "")
+    elif cfg.family == "deepseek_v4":
+        csa, hca = (
+            types.count("compressed_sparse_attention"),
+            types.count("heavily_compressed_attention"),
+        )
+        attention = (
+            f"{cfg.num_attention_heads} heads on one KV head of {cfg.head_dim}, a "
+            f"{cfg.sliding_window}-token window, {csa} CSA + {hca} HCA layers, "
+            f"{cfg.hc_mult} residual streams"
+        )
     elif "linear_attention" in types:
         attention = (
             f"{types.count('linear_attention')} Gated DeltaNet + "
