@@ -222,15 +222,8 @@ class Checkpoint:
                     f"{self._shard(name).path}: tensor {name!r}: NaN E8M0 scale at index {idx}"
                 )
             s = np.ldexp(np.float32(1), s.astype(np.int32) - 127).astype(np.float32)
-        elif dtype == "bfloat16":
+        elif dtype == "bfloat16":  # checked finite by get
             s = formats.bf16_decode(s).astype(np.float32)
-            bad = ~np.isfinite(s)
-            if bad.any():
-                idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
-                raise ValueError(
-                    f"{self._shard(name).path}: tensor {name!r}: {s[idx]} at index {idx}; a "
-                    "scale must be finite"
-                )
         return np.ascontiguousarray(s, np.float32), block
 
     def check_fits(self, memory_bytes: int) -> None:
@@ -313,11 +306,13 @@ class Checkpoint:
                 f"{where} has dtype {shard.dtype(name)}, expected one of {', '.join(dtypes)}"
             )
         a = shard.array(name)
-        if name.endswith(("_scale_inv", "_scale", "_scale_2")) and a.dtype.kind == "f":
-            bad = ~np.isfinite(a)
+        bf16 = shard.dtype(name) == "bfloat16"
+        if name.endswith(("_scale_inv", "_scale", "_scale_2")) and (a.dtype.kind == "f" or bf16):
+            values = formats.bf16_decode(a) if bf16 else a
+            bad = ~np.isfinite(values)
             if bad.any():
                 idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
-                raise ValueError(f"{where}: {a[idx]} at index {idx}; a scale must be finite")
+                raise ValueError(f"{where}: {values[idx]} at index {idx}; a scale must be finite")
         if shard.dtype(name) == "float8_e4m3fn":
             bad = (a & 0x7F) == 0x7F
             if bad.any():
@@ -332,20 +327,13 @@ def _fp8_block_of(directory: Path) -> tuple[tuple[int, int], bool]:
     """(block, named by no config) for the FP8 scales of the checkpoint in `directory`, from its
     config.json; (128, 128) where it has none or it is not FP8 (ModelConfig names the errors of
     a malformed one)."""
-    from refmoe.config import fp8_block
+    from refmoe.config import fp8_scheme
 
     try:
         q = json.loads((directory / "config.json").read_text()).get("quantization_config")
+        return fp8_scheme(q if isinstance(q, dict) else None)
     except (OSError, ValueError, AttributeError):
         return (128, 128), True
-    q = q if isinstance(q, dict) else None
-    try:
-        block = fp8_block(q, "quantization_config")
-    except ValueError:
-        block = None
-    if block is None or q is None:
-        return (128, 128), True
-    return block, q.get("quant_method") == "fp8" and "weight_block_size" not in q
 
 
 def save_file(

@@ -153,13 +153,12 @@ class ModelConfig:
         """The block one FP8 scale covers, in the kernels' terms (formats.WHOLE spans the
         dimension): weight_block_size (128 x 128 where the config names none), or
         compressed-tensors' block_structure, channel (1, WHOLE) or tensor (WHOLE, WHOLE)."""
-        return fp8_block(self.quantization, "quantization_config") or (128, 128)
+        return fp8_scheme(self.quantization)[0]
 
     @property
     def fp8_block_default(self) -> bool:
         """An FP8 config that names no block (a lone stored scale is then per tensor)."""
-        q = self.quantization or {}
-        return q.get("quant_method") == "fp8" and "weight_block_size" not in q
+        return fp8_scheme(self.quantization)[1]
 
     @property
     def expert_format(self) -> tuple[str, int]:
@@ -878,6 +877,16 @@ def _block_sizes(block, field: str) -> tuple[int, int]:
     ):
         raise ValueError(f"{field}: two positive block sizes (rows, columns), got {block!r}")
     return int(block[0]), int(block[1])
+
+
+def fp8_scheme(q: dict | None) -> tuple[tuple[int, int], bool]:
+    """(the block one FP8 scale covers, 128 x 128 where none is named; whether the config
+    names none: quant_method fp8 without weight_block_size, or no FP8 at all)."""
+    block = fp8_block(q, "quantization_config")
+    named = block is not None and not (
+        q is not None and q.get("quant_method") == "fp8" and "weight_block_size" not in q
+    )
+    return block or (128, 128), not named
 
 
 def fp8_block(q: dict | None, where: str) -> tuple[int, int] | None:
