@@ -104,10 +104,6 @@ def hf_name(name: str) -> str:
     return "model." + bare
 
 
-def unweighted_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-
 def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [..., T, d] with its last r = 2 x cos.shape[-1] dims turned by interleaved pairs
     (x[2i], x[2i+1]) at angles cos/sin [T, r/2]; the pairs stay where they are."""
@@ -122,9 +118,10 @@ class Rope:
     """The two rope kinds: main (rope_theta, sliding-only layers) and compress
     (compress_rope_theta with its scaling: compressed layers, their entries and indexer)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, main: torch.Tensor):
+        """main: the model's inv_freq (DecoderModel's, from rope_theta unscaled)."""
         r = cfg.rotary_dim
-        self.main, _, _ = rope_parameters(cfg, r)
+        self.main = main
         squeezed = dataclasses.replace(
             cfg, rope_theta=cfg.compress_rope_theta, rope_scaling=cfg.compress_rope_scaling
         )
@@ -159,7 +156,7 @@ class HyperConnection:
 
     def __call__(self, x: torch.Tensor):
         t, c = x.shape[0], self.c
-        mix = unweighted_rms(x.reshape(t, -1), self.norm_eps) @ self.fn.T  # [T, (2 + c) c]
+        mix = rms_norm(x.reshape(t, -1), None, self.norm_eps) @ self.fn.T  # [T, (2 + c) c]
         pre_w, post_w, comb_w = mix.split([c, c, c * c], dim=-1)
         pre_b, post_b, comb_b = self.base.split([c, c, c * c])
         pre = torch.sigmoid(pre_w * self.scale[0] + pre_b) + self.eps
@@ -195,7 +192,7 @@ class HyperHead:
         self.scale = load_dense(ck, "model.hc_head.hc_scale", (1,))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        mixes = unweighted_rms(x.reshape(x.shape[0], -1), self.norm_eps) @ self.fn.T  # [T, c]
+        mixes = rms_norm(x.reshape(x.shape[0], -1), None, self.norm_eps) @ self.fn.T  # [T, c]
         pre = torch.sigmoid(mixes * self.scale + self.base) + self.eps
         return (pre.unsqueeze(-1) * x).sum(1)
 
@@ -261,6 +258,14 @@ class Compressor:
         pooled = rms_norm(pooled, self.norm, self.eps)
         cos, sin = rope.angles("compress", torch.arange(lo, hi, device=ckv.device) * r)
         return rope_tail(pooled, cos, sin)
+
+    def extend(self, x, kv: Growing, gate: Growing, held, closed: int, rope: Rope):
+        """Append x's projections to the per-position kv and gate; return the entries pooled
+        so far (`held`, or None) extended to the `closed` windows."""
+        ckv, cgate = kv.append(self.kv(x)), gate.append(self.gate(x))
+        have = 0 if held is None else held.shape[0]
+        new = self.entries(ckv, cgate, have, closed, rope)
+        return new if held is None else torch.cat([held, new])
 
 
 class Indexer:
@@ -350,19 +355,13 @@ class Attention:
     def _compressed(self, x: torch.Tensor, cache: LayerCache, rope: Rope) -> None:
         """Append this call's compressor inputs and pool every window closed since."""
         assert self.compressor is not None and cache.ckv is not None and cache.cgate is not None
-        comp, s = self.compressor, cache.kv.n
-        ckv, cgate = cache.ckv.append(comp.kv(x)), cache.cgate.append(comp.gate(x))
-        have = 0 if cache.entries is None else cache.entries.shape[0]
-        new = comp.entries(ckv, cgate, have, s // self.rate, rope)
-        cache.entries = new if cache.entries is None else torch.cat([cache.entries, new])
+        closed = cache.kv.n // self.rate
+        comp = self.compressor
+        cache.entries = comp.extend(x, cache.ckv, cache.cgate, cache.entries, closed, rope)
         if self.indexer is not None:
             assert cache.ikv is not None and cache.igate is not None
-            ic = self.indexer.compressor
-            ikv, igate = cache.ikv.append(ic.kv(x)), cache.igate.append(ic.gate(x))
-            have = 0 if cache.index_keys is None else cache.index_keys.shape[0]
-            new = ic.entries(ikv, igate, have, s // self.rate, rope)
-            keys = cache.index_keys
-            cache.index_keys = new if keys is None else torch.cat([keys, new])
+            ic, keys = self.indexer.compressor, cache.index_keys
+            cache.index_keys = ic.extend(x, cache.ikv, cache.igate, keys, closed, rope)
 
     def grouped_out(self, o: torch.Tensor) -> torch.Tensor:
         """o [T, n D] -> hidden: each of the g head groups to o_lora_rank (o_a, block
@@ -398,7 +397,7 @@ class Attention:
         positions = torch.arange(start, start + t, device=x.device)
         cos, sin = rope.angles(self.rope_kind, positions)
         q_res = rms_norm(self.q_a(x), self.q_a_norm, self.eps)
-        q = unweighted_rms(self.q_b(q_res).view(t, n, d), self.eps).transpose(0, 1)
+        q = rms_norm(self.q_b(q_res).view(t, n, d), None, self.eps).transpose(0, 1)
         q = rope_tail(q, cos, sin)  # [n, T, D]
         kv = rope_tail(rms_norm(self.kv(x), self.kv_norm, self.eps), cos, sin)  # [T, D]
         keys = cache.kv.append(kv)  # [S, D]
@@ -494,7 +493,7 @@ class Transformer(DecoderModel):
         self.rope_dim = cfg.rotary_dim
         super().__init__(ck, cfg, *args, **kwargs)
         self.hc_head = HyperHead(ck, cfg)
-        self.rope = Rope(cfg)
+        self.rope = Rope(cfg, self.inv_freq)
         if self.device.type != "cpu":
             raise ValueError("DeepSeek-V4 runs its attention on the CPU for now (--device cpu)")
 

@@ -199,8 +199,10 @@ def mask_causal(scores: torch.Tensor, start: int, first: int = 0, window: int = 
     return scores.masked_fill(hidden, float("-inf"))
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """weight * x / rms(x) over the last dim; weight None: unweighted (DeepSeek-V4's)."""
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return normed if weight is None else weight * normed
 
 
 # ---------------------------------------------------------------------------------------------
