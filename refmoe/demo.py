@@ -553,12 +553,13 @@ def _build_v4(directory: Path, cfg: dict, seed: int, progress) -> Path:
             ).astype(np.int64)
         else:
             tensors[f"{m}.gate.e_score_correction_bias"] = np.zeros(experts, np.float32)
+        projections = (
+            ("gate_proj", (inter, h)),
+            ("up_proj", (inter, h)),
+            ("down_proj", (h, inter)),
+        )
         for e in range(experts):  # FP4 as released: the MXFP4 bytes in int8, E8M0 scales
-            for proj, (rows, cols) in (
-                ("gate_proj", (inter, h)),
-                ("up_proj", (inter, h)),
-                ("down_proj", (h, inter)),
-            ):
+            for proj, (rows, cols) in projections:
                 base = f"{m}.experts.{e}.{proj}"
                 held: dict = {}
                 four.put(held, {}, f"{base}.weight", rows, cols)
@@ -568,11 +569,7 @@ def _build_v4(directory: Path, cfg: dict, seed: int, progress) -> Path:
                 dtypes[f"{base}.weight"] = "I8"
                 tensors[f"{base}.weight_scale_inv"] = held[f"{base}.weight_scales"]
                 dtypes[f"{base}.weight_scale_inv"] = "F8_E8M0"
-        for proj, shape in (
-            ("gate_proj", (inter, h)),
-            ("up_proj", (inter, h)),
-            ("down_proj", (h, inter)),
-        ):
+        for proj, shape in projections:
             w.put(tensors, dtypes, f"{m}.shared_experts.{proj}.weight", shape)
 
     def top(tensors: dict, dtypes: dict) -> None:  # the final hyper-connection head
