@@ -98,17 +98,21 @@ def test_random_disconnects_never_touch_survivors(model, dual_batch):
 
 
 def test_gauges_follow_every_state_change(model):
-    """Four decoding requests are four running, none waiting (was reported 1 and 3)."""
+    """Four decoding requests are four running, none waiting (was reported 1 and 3). Each may
+    generate up to 240 tokens (the tiny model's context is 256): the first request has 14-26
+    tokens by the time the last one's second arrives (measured), and with 60 it could finish
+    under load before the gauges were read (a CI run saw 1 running)."""
     metrics = Metrics("tiny")
     engine = Engine(model, prefill="cpu", max_batch=8, metrics=metrics).start()
     try:
         clients = [Client(engine) for _ in range(4)]
         for i, c in enumerate(clients):
-            c.req = engine.submit(PROMPT[i : i + 5], 60, SamplingParams(), c)
+            c.req = engine.submit(PROMPT[i : i + 5], 240, SamplingParams(), c)
         deadline = time.monotonic() + 60
         while min(len(c.tokens) for c in clients) < 2:
             assert time.monotonic() < deadline
             time.sleep(0.01)
+        assert all(c.end is None for c in clients), [len(c.tokens) for c in clients]
         assert metrics.running._value.get() == 4
         assert metrics.waiting._value.get() == 0
         for c in clients:
