@@ -297,7 +297,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if args.prompt_ids is not None:
             prompt = args.prompt_ids
         elif tok is None:
-            raise ValueError(f"{args.model}: no tokenizer.json; pass --prompt-ids")
+            raise ValueError(
+                f"{args.model}: no tokenizer.json (or tiktoken.model); pass --prompt-ids"
+            )
         elif args.chat:  # the template writes the special tokens itself
             prompt = tok.encode(
                 tok.apply_chat_template([{"role": "user", "content": args.prompt}]), False
@@ -635,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="continue a prompt with a Hugging Face model directory")
     g.add_argument("--model", required=True, help="directory with config.json and safetensors")
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text (needs tokenizer.json)")
+    src.add_argument("--prompt", help="prompt text (needs tokenizer.json or tiktoken.model)")
     src.add_argument("--prompt-ids", type=_id_list, help="prompt token ids, e.g. 1,2,3")
     g.add_argument(
         "--chat",
@@ -647,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop",
         action="append",
         metavar="TEXT",
-        help="stop once the output contains TEXT (repeatable; needs tokenizer.json)",
+        help="stop once the output contains TEXT (repeatable; needs a tokenizer)",
     )
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0)

@@ -50,7 +50,9 @@ ST_DTYPE = {
 }
 COPIED = (
     "tokenizer.json",
+    "tiktoken.model",  # Kimi's tokenizer
     "tokenizer_config.json",
+    "chat_template.jinja",
     "generation_config.json",
     "special_tokens_map.json",
 )

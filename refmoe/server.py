@@ -566,7 +566,9 @@ def create_app(
     def tokenizer():
         engine()
         if state.tokenizer is None:
-            raise APIError(400, f"{name} has no tokenizer.json: send token ids")
+            raise APIError(
+                400, f"{name} has no tokenizer (tokenizer.json or tiktoken.model): send token ids"
+            )
         return state.tokenizer
 
     # -- generation ---------------------------------------------------------------------

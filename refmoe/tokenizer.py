@@ -1,5 +1,6 @@
-"""Text <-> token ids through the model directory's tokenizer.json (Hugging Face tokenizers),
-and chat prompts through tokenizer_config.json's chat_template (jinja2, sandboxed)."""
+"""Text <-> token ids through the model directory's tokenizer.json (Hugging Face tokenizers), or
+Kimi's tiktoken.model read as the same (refmoe.tiktoken_bpe), and chat prompts through
+tokenizer_config.json's chat_template (jinja2, sandboxed)."""
 
 from __future__ import annotations
 
@@ -20,13 +21,19 @@ def markup() -> frozenset[str]:
 
 class Tokenizer:
     def __init__(self, path: Path, config: dict | None = None):
+        """path: tokenizer.json, or a tiktoken.model (Kimi's) with config its tokenizer_config."""
         from tokenizers import Tokenizer as HFTokenizer
 
-        try:
-            self._tok = HFTokenizer.from_file(str(path))
-        except Exception as e:  # the library raises its own exception types
-            raise ValueError(f"{path}: cannot load tokenizer ({e})") from None
         self.config = config or {}
+        if path.name == "tiktoken.model":
+            from refmoe import tiktoken_bpe
+
+            self._tok = tiktoken_bpe.build(path, self.config, f"{path.parent}")
+        else:
+            try:
+                self._tok = HFTokenizer.from_file(str(path))
+            except Exception as e:  # the library raises its own exception types
+                raise ValueError(f"{path}: cannot load tokenizer ({e})") from None
         self.path = path
         self._max_chars: int | None = None
         self._drop: set[int] | None = None
@@ -35,6 +42,8 @@ class Tokenizer:
     def from_dir(cls, model_dir: str | Path) -> Tokenizer | None:
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
+        if not path.exists():
+            path = model_dir / "tiktoken.model"  # Kimi's releases ship this instead
         if not path.exists():
             return None
         cfg_path = model_dir / "tokenizer_config.json"

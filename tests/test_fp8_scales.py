@@ -131,6 +131,9 @@ def test_convert_writes_each_layout(scales, tmp_path):
     src = tmp_path / "src"
     m = random_model({}, seed=1)
     m.save_pretrained(src)
+    tokenizer_files = {"tiktoken.model": "IQ== 0\n", "chat_template.jinja": "{{ messages }}"}
+    for f, text in tokenizer_files.items():  # Kimi's tokenizer, transformers 5's template
+        (src / f).write_text(text)
     out = tmp_path / scales
     done = subprocess.run(
         [sys.executable, "-m", "refmoe.cli", "convert", "--model", str(src), "--out", str(out)]
@@ -140,6 +143,7 @@ def test_convert_writes_each_layout(scales, tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
+    assert {f: (out / f).read_text() for f in tokenizer_files} == tokenizer_files
     q = json.loads((out / "config.json").read_text())["quantization_config"]
     cfg = ModelConfig.from_file(out)
     if scales in ("channel", "tensor") or scales.startswith("ct-"):

@@ -104,3 +104,220 @@ def test_stop_string(chat_model):
     first = words.index(word)
     assert stopped["token_ids"] == free["token_ids"][: first + 1]
     assert stopped["finish_reason"] == "stop" and word not in stopped["text"]
+
+
+# --- Kimi's tokenizer: tiktoken.model + tokenizer_config.json, no tokenizer.json ---
+
+KIMI_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. It's 2026 and we're serving 1,234 tokens/s. "
+    "def forward(self, x):\n    return self.proj(x) + 42\n\n"
+    "模型在本地运行，混合专家的权重存放在内存中。我们测量每秒生成的词元数量。"
+    "Kimi K2 思考模型 handles 中文English混合 text, URLs like https://example.com/a?b=1 "
+    "and numbers 3.14159 or 1000000; DON'T SHOUT, I'LL ask again. "
+)
+# a few of Kimi-K2's named special ids (offsets from the first special id); the rest reserved
+KIMI_SPECIALS = {
+    0: "[BOS]",
+    1: "[EOS]",
+    2: "<|im_end|>",
+    3: "<|im_user|>",
+    4: "<|im_assistant|>",
+    10: "<|im_system|>",
+    11: "<|tool_calls_section_begin|>",
+    12: "<|tool_calls_section_end|>",
+    13: "<|tool_call_begin|>",
+    14: "<|tool_call_argument_begin|>",
+    15: "<|tool_call_end|>",
+    17: "<|im_middle|>",
+    255: "[PAD]",
+}
+KIMI_TEMPLATE = (
+    "{% for m in messages %}<|im_{{ m['role'] }}|>{{ m['role'] }}<|im_middle|>"
+    "{{ m['content'] }}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|im_assistant|>assistant<|im_middle|>{% endif %}"
+)
+
+
+def train_ranks(text: str, merges: int) -> dict[bytes, int]:
+    """BPE ranks as tiktoken's trainer makes them: the 256 bytes, then the most frequent
+    adjacent pair within whitespace-led pieces, merged, merges times over."""
+    import re
+    from collections import Counter
+
+    ranks = {bytes([b]): b for b in range(256)}
+    words = [[bytes([c]) for c in w.encode()] for w in re.findall(r"\s?\S+", text)]
+    for _ in range(merges):
+        pairs = Counter(p for w in words for p in zip(w, w[1:]))
+        if not pairs:
+            break
+        (a, b), _ = pairs.most_common(1)[0]
+        ranks[a + b] = len(ranks)
+        for w in words:
+            i = 0
+            while i < len(w) - 1:
+                if w[i] == a and w[i + 1] == b:
+                    w[i : i + 2] = [a + b]
+                i += 1
+    return ranks
+
+
+def write_kimi_tokenizer(d, ranks, **config):
+    import base64
+
+    lines = [f"{base64.b64encode(t).decode()} {r}" for t, r in ranks.items()]
+    (d / "tiktoken.model").write_text("\n".join(lines) + "\n")
+    n = len(ranks)
+    config = {
+        "added_tokens_decoder": {str(n + k): {"content": v} for k, v in KIMI_SPECIALS.items()},
+        "bos_token": "[BOS]",
+        "eos_token": "[EOS]",
+        "chat_template": KIMI_TEMPLATE,
+        **config,
+    }
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def kimi(tmp_path_factory):
+    """A Kimi-style tokenizer directory and tiktoken's own encoder over the same files."""
+    import tiktoken
+
+    from refmoe.tiktoken_bpe import KIMI_PATTERN
+
+    d = tmp_path_factory.mktemp("kimi")
+    ranks = train_ranks(KIMI_CORPUS * 3, 300)
+    write_kimi_tokenizer(d, ranks)
+    n = len(ranks)
+    specials = {f"<|reserved_token_{i}|>": i for i in range(n, n + 256)}
+    for k, v in KIMI_SPECIALS.items():
+        del specials[f"<|reserved_token_{n + k}|>"]
+        specials[v] = n + k
+    oracle = tiktoken.Encoding(
+        "kimi", pat_str=KIMI_PATTERN, mergeable_ranks=ranks, special_tokens=specials
+    )
+    return d, oracle, n
+
+
+def test_kimi_splits_han_runs_apart():
+    """The pattern's one difference from GPT-4's: Han runs are pieces of their own (the splits
+    Kimi's published tokenizer makes)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from refmoe.tiktoken_bpe import KIMI_PATTERN
+
+    split = pre_tokenizers.Split(Regex(KIMI_PATTERN), behavior="isolated")
+    assert [p for p, _ in split.pre_tokenize_str("中文English混合")] == ["中文", "English", "混合"]
+    assert [p for p, _ in split.pre_tokenize_str("北京市 Pascal")] == ["北京市", " Pascal"]
+    assert [p for p, _ in split.pre_tokenize_str("I'LL go")] == ["I'LL", " go"]
+
+
+KIMI_CHARS = (
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 \n\t\r.,;:'\"!?()[]{}<>/=+-_#"
+    "模型在本地运行混合专家权重中文思考ひらがなカタカナ한국어Приветéüñ\u0301😀🚀"
+)
+
+
+def kimi_texts():
+    from hypothesis import strategies as st
+
+    return st.text(alphabet=st.sampled_from(KIMI_CHARS), max_size=80) | st.sampled_from(
+        [KIMI_CORPUS, KIMI_CORPUS[:57], "  \n\n  x", "it's DON'T we'VE", "１２３４ 12345678"]
+    )
+
+
+def test_kimi_encodes_as_tiktoken(kimi):
+    """tiktoken.model read as a byte-level BPE gives tiktoken's ids, and decodes back."""
+    from hypothesis import given, settings
+
+    d, oracle, _ = kimi
+    tok = Tokenizer.from_dir(d)
+
+    @settings(max_examples=300, deadline=None)
+    @given(kimi_texts())
+    def check(text):
+        ids = tok.encode(text)
+        assert ids == oracle.encode(text, allowed_special="all"), text
+        assert tok.decode(ids) == text
+
+    check()
+
+
+def test_kimi_special_tokens_and_chat(kimi):
+    d, oracle, n = kimi
+    tok = Tokenizer.from_dir(d)
+    text = tok.apply_chat_template([{"role": "user", "content": "混合 experts"}])
+    assert text.startswith("<|im_user|>user<|im_middle|>混合 experts<|im_end|>")
+    ids = tok.encode(text)
+    assert ids == oracle.encode(text, allowed_special="all")
+    assert ids[0] == n + 3 and ids.count(n + 17) == 2  # <|im_user|>, <|im_middle|> twice
+    # control tokens leave the decoded text; the tool-call markup refmoe reads stays
+    call = "<|tool_calls_section_begin|><|tool_call_begin|>functions.now:0"
+    assert tok.decode([n] + tok.encode(call) + [n + 1]) == call
+    assert tok.encode(f"<|reserved_token_{n + 200}|>") == [n + 200]
+    assert tok.max_token_chars >= max(len(t) for t in oracle.token_byte_values())
+
+
+def test_kimi_add_bos_token(tmp_path):
+    write_kimi_tokenizer(tmp_path, train_ranks(KIMI_CORPUS, 20), add_bos_token=True)
+    tok = Tokenizer.from_dir(tmp_path)
+    n = 276
+    assert tok.encode("hi")[0] == n and tok.encode("hi", special=False)[0] != n
+
+
+def test_kimi_bad_files_are_named(tmp_path):
+    ranks = train_ranks(KIMI_CORPUS, 20)
+    write_kimi_tokenizer(tmp_path, ranks)
+    path = tmp_path / "tiktoken.model"
+    good = path.read_text()
+    lines = good.splitlines()
+    for bad, message in [
+        (lines[:5] + ["bm90IGJhc2U2NA== x"] + lines[5:], r"model, line 6: invalid literal"),
+        (lines[:5] + ["!!!! 5"] + lines[5:], r"tiktoken.model, line 6: "),
+        (lines + [lines[3].split()[0] + " 999"], r"line 277: token .* listed twice"),
+        (lines[:260] + lines[261:], r"ranks must be 0..274"),
+        ([ln for ln in lines if not ln.startswith("AA==")], r"single bytes are not tokens"),
+    ]:
+        path.write_text("\n".join(bad))
+        with pytest.raises(ValueError, match=message):
+            Tokenizer.from_dir(tmp_path)
+    path.write_text(good)
+    write_kimi_tokenizer(tmp_path, ranks, added_tokens_decoder={"12": {"content": "x"}})
+    with pytest.raises(ValueError, match="id 12 lies outside the special ids 276..531"):
+        Tokenizer.from_dir(tmp_path)
+    dup = {"276": {"content": "[X]"}, "277": {"content": "[X]"}}
+    write_kimi_tokenizer(tmp_path, ranks, added_tokens_decoder=dup)
+    with pytest.raises(ValueError, match=r"special token '\[X\]' named twice"):
+        Tokenizer.from_dir(tmp_path)
+
+
+def test_generate_with_kimi_tokenizer(kimi, tmp_path):
+    """`refmoe generate --chat` over a model directory holding Kimi's tokenizer files."""
+    import shutil
+
+    transformers = pytest.importorskip("transformers")
+    d, oracle, n = kimi
+    for f in ("tiktoken.model", "tokenizer_config.json"):
+        shutil.copy(d / f, tmp_path / f)
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=n + 256,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        eos_token_id=None,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path)
+    out = cli_generate(tmp_path, "--prompt", "中文 experts", "--max-tokens", "6", "--chat")
+    rendered = Tokenizer.from_dir(tmp_path).apply_chat_template(
+        [{"role": "user", "content": "中文 experts"}]
+    )
+    assert out["prompt_tokens"] == len(oracle.encode(rendered, allowed_special="all"))
+    assert out["text"] == tok_text(tmp_path, out["token_ids"])
