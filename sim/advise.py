@@ -167,6 +167,7 @@ def profile(box: Box, parts: dict, scale: float = 1.0) -> Hardware:
             gpu.hbm_gbps *= scale
             gpu.pcie_gbps *= scale
             gpu.expert_tflops *= scale
+            gpu.fp8_expert_tflops *= scale
             gpu.attention_tflops *= scale
     return hw
 

@@ -52,6 +52,8 @@ def _cmd_predict(args) -> int:
             f"{path}), TPOT {p.tpot_s * 1e3:.1f} ms{iv.get('tpot_s', '')} "
             f"({p.decode_tok_s:.2f} tok/s), {p.bytes_per_token / 1e9:.2f} GB per token"
         )
+        if p.device_matmuls:
+            print(f"device matmuls: {p.device_matmuls}")
     return 0
 
 

@@ -121,6 +121,7 @@ def _slp_prefill(
 
     env.process(loader())
     overhead = gpus[0].layer_overhead_us * 1e-6
+    fmt = cfg.expert_format[0]  # BF16 or FP8 matmuls on the devices (GPU.matmul_precision)
     for c, (lo, t) in enumerate(chunks):
         sizes = costmodel.context_split(cfg, t, n, lo)
         starts = [lo + sum(sizes[:k]) for k in range(n)]
@@ -145,7 +146,7 @@ def _slp_prefill(
             if cost.expert_bytes:
                 yield loaded[(c, i)]
                 flops = costmodel.expert_flops(cfg, t) / n
-                yield on_each(lambda k, g: flops / (g.expert_tflops * 1e12))
+                yield on_each(lambda k, g: flops / (g.expert_rate(fmt) * 1e12))
                 if exchange:
                     yield simpy.AllOf(env, [env.process(receive(d, exchange)) for d in ids])
                 yield ring.put(1)
@@ -262,7 +263,8 @@ def _offload_prefill(m: Machine, cfg: ModelConfig, tokens: int, out: dict):
             m.mark("device", "copy", f"copy L{i}", t0, tokens=tokens)
             t0 = m.env.now
             flops = costmodel.expert_flops(cfg, tokens)
-            yield from m.work(flops / (g.expert_tflops * 1e12), {m.gpu[d]: 1.0})
+            rate = g.expert_rate(cfg.expert_format[0])
+            yield from m.work(flops / (rate * 1e12), {m.gpu[d]: 1.0})
             m.mark("device", "experts", f"experts L{i}", t0, tokens=tokens)
         else:
             yield from m.device(cost.dense_bytes, 0.0, tokens, 2.0 * tokens * cost.dense_bytes)

@@ -207,10 +207,24 @@ class GPU:
     hbm_efficiency: float = 0.8
     pcie_gbps: float = 50.0  # host-to-device, per direction
     layer_overhead_us: float = 250.0  # per decoder layer at batch 1
-    expert_tflops: float = 100.0  # SLP's expert matmuls (dense TFLOP/s x efficiency)
-    attention_tflops: float = 100.0  # prefill attention and dense layers (same)
+    expert_tflops: float = 100.0  # SLP's expert matmuls in BF16 (dense TFLOP/s x efficiency)
+    attention_tflops: float = 100.0  # prefill attention and dense layers (same; always BF16)
+    # FP8 experts on the FP8 tensor cores (the engine's REFMOE_SLP_MATMUL=scaled_mm), TFLOP/s x
+    # efficiency; 0, the engine's default: every expert dequantized and multiplied in BF16
+    fp8_expert_tflops: float = 0.0
     socket: int | None = None  # the socket its PCIe root hangs off (default d % sockets)
     memory_gb: float = 0.0  # its memory (0: not given); what fits, and peers' chunk sizes
+
+    def matmul_precision(self, fmt: str) -> str:
+        """The precision SLP's expert matmuls run in for experts stored in fmt: fp8 on the FP8
+        tensor cores where the profile gives their rate and the experts are FP8 (the engine
+        sends 4-bit experts through dequantization whatever it is asked), else bf16."""
+        return "fp8" if fmt == "fp8" and self.fp8_expert_tflops > 0 else "bf16"
+
+    def expert_rate(self, fmt: str) -> float:
+        """SLP's expert matmul rate, TFLOP/s, for experts stored in fmt."""
+        fp8 = self.matmul_precision(fmt) == "fp8"
+        return self.fp8_expert_tflops if fp8 else self.expert_tflops
 
 
 def _build(kind, data, where: str):
@@ -344,6 +358,8 @@ class Hardware:
             for key in ("hbm_gbps", "pcie_gbps", "expert_tflops", "attention_tflops"):
                 if not getattr(g, key) > 0:
                     raise ValueError(f"{source}: gpus[{i}].{key} must be > 0")
+            if not g.fp8_expert_tflops >= 0:
+                raise ValueError(f"{source}: gpus[{i}].fp8_expert_tflops must be >= 0")
         return hw
 
     def get(self, key: str):

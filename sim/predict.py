@@ -46,6 +46,7 @@ class Prediction:
     bytes_per_token: int
     prefill: str = "cpu"
     devices: int = 0  # GPUs streaming experts (SLP), 0 for the CPU path
+    device_matmuls: str = ""  # the precision and rates of the GPUs' matmuls it assumes
 
     @property
     def decode_tok_s(self) -> float:
@@ -58,18 +59,20 @@ class Prediction:
 unique_experts = costmodel.unique_experts  # one definition, re-exported for sim users
 
 
-def rates(hw: Hardware, devices: int | None = None) -> costmodel.Rates:
+def rates(hw: Hardware, devices: int | None = None, fmt: str = "fp8") -> costmodel.Rates:
     """The cost model's rates from a hardware profile, as the engine measures them at start
     (refmoe.costmodel.measure_rates): the CPU kernels' GEMV rate and their GFLOP/s at 64
     tokens (the calibrated GEMM curve there, else 0.6 of the FMA peak); SLP's link, matmul
     and dequantization rates on the first GPU, or where the profile has none on the CPU
-    itself (CPU.slp_rates), as the engine streams on a machine without a GPU."""
+    itself (CPU.slp_rates), as the engine streams on a machine without a GPU. fmt: the
+    experts' stored format (the GPU's matmul rate for it, GPU.expert_rate)."""
     cpu, gpu = hw.cpu, hw.gpus[0] if hw.gpus else None
     n = len(hw.gpus) if devices is None else devices
     at64 = cpu.gemm_gbps(64)
     cpu_gflops = at64 * 2 * 64 if at64 else cpu.threads * cpu.fma_gflops_per_core * 0.6
     if gpu is not None:
-        link, dequant, gflops = gpu.pcie_gbps, 0.0, gpu.expert_tflops * 1e3
+        link, dequant = gpu.pcie_gbps, 0.0
+        gflops = gpu.expert_rate(fmt) * 1e3
     else:
         link, dequant, gflops = cpu.slp_rates()
     return costmodel.Rates(
@@ -116,7 +119,10 @@ def predict(
         raise ValueError(f"{hw.name} has no GPU: SLP on the CPU is one device, asked for {n}")
     if prefill == "auto":
         choice = costmodel.choose_prefill(
-            cfg, prompt_tokens, rates(hw, n), None if hw.gpus else costmodel.SLP_CHUNK_TOKENS["cpu"]
+            cfg,
+            prompt_tokens,
+            rates(hw, n, cfg.expert_format[0]),
+            None if hw.gpus else costmodel.SLP_CHUNK_TOKENS["cpu"],
         )
         prefill, n = choice.path, choice.devices
     env = simpy.Environment()
@@ -152,4 +158,16 @@ def predict(
         costs.bytes_per_token(cfg),
         prefill,
         n if prefill == "slp" else 0,
+        device_matmuls(hw, cfg.expert_format[0]) if hw.gpus else "",
     )
+
+
+def device_matmuls(hw: Hardware, fmt: str) -> str:
+    """What a prediction assumes of the first GPU's matmuls, in words: experts stored in fmt
+    (BF16 after dequantization on the device, or FP8 on its tensor cores) and attention."""
+    g = hw.gpus[0]
+    if g.matmul_precision(fmt) == "fp8":
+        experts = f"experts FP8 at {g.fp8_expert_tflops:.0f} TFLOP/s (REFMOE_SLP_MATMUL=scaled_mm)"
+    else:
+        experts = f"experts BF16 at {g.expert_tflops:.0f} TFLOP/s (stored {fmt}, dequantized)"
+    return f"{experts}, attention BF16 at {g.attention_tflops:.0f} TFLOP/s"

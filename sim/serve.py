@@ -259,7 +259,7 @@ def policy_for(
     "auto" chooses each prompt's path as the engine did (else the profile's)."""
     from sim.predict import rates as profile_rates
 
-    r = (rates or profile_rates(hw, 1)) if config.prefill == "auto" else None
+    r = (rates or profile_rates(hw, 1, cfg.expert_format[0])) if config.prefill == "auto" else None
     streamable = cfg.n_routed_experts > 0
     return Policy.build(config, cfg, r, accelerated=bool(hw.gpus), can_stream=streamable)
 

@@ -5,10 +5,12 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from sim_common import TRACE, V3
 
+import sim
 from refmoe import costmodel
 from refmoe.config import ModelConfig
 from sim import costs
@@ -102,6 +104,40 @@ def test_slp_streaming_floor_and_two_gpus():
     stream = 58 * 128.5 * 44e6 / 53e9
     exchange = 58 * 2 * 8192 * 7168 * 4 / 2 / 53e9
     assert two.ttft_s > (stream + exchange) * 0.98
+
+
+def test_device_matmul_precision_is_the_profiles():
+    """The profile says which precision SLP's expert matmuls run in: BF16 after dequantization
+    (expert_tflops, the engine's default), or FP8 experts on the FP8 tensor cores at
+    fp8_expert_tflops (REFMOE_SLP_MATMUL=scaled_mm), which 4-bit experts never take."""
+    fp8_v3 = {**V3, "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+    mx_v3 = {**V3, "quantization_config": {"quant_method": "mxfp4"}}
+    hw = Hardware.load("paper-2x9355-2x5090")
+    fast = dataclasses.replace(
+        hw, gpus=[dataclasses.replace(g, fp8_expert_tflops=400.0) for g in hw.gpus]
+    )
+    runs = {}
+    for name, doc in (("fp8", fp8_v3), ("mxfp4", mx_v3)):
+        cfg = ModelConfig.from_dict(doc)
+        runs[name] = [predict(cfg, h, 32768, 2, prefill="slp", devices=1) for h in (hw, fast)]
+    bf16, fp8 = runs["fp8"]
+    assert fp8.ttft_s < 0.9 * bf16.ttft_s  # the experts' matmuls are a third of it here
+    assert bf16.device_matmuls.startswith("experts BF16 at 105 TFLOP/s (stored fp8")
+    assert fp8.device_matmuls.startswith("experts FP8 at 400 TFLOP/s")
+    a, b = runs["mxfp4"]
+    assert a.ttft_s == b.ttft_s and b.device_matmuls.startswith("experts BF16")
+    assert "attention BF16 at 146 TFLOP/s" in fp8.device_matmuls
+    assert predict(ModelConfig.from_dict(V3), hw, 64, 2).device_matmuls.startswith("experts")
+    cpu_only = Hardware.load("zen3-2vcpu-calibrated")
+    assert predict(ModelConfig.from_dict(V3), cpu_only, 64, 2).device_matmuls == ""
+    import yaml
+
+    doc = yaml.safe_load(
+        Path(sim.__file__).parent.joinpath("profiles/paper-2x9355-2x5090.yaml").read_text()
+    )
+    doc["gpus"][1]["fp8_expert_tflops"] = -1
+    with pytest.raises(ValueError, match=r"gpus\[1\]\.fp8_expert_tflops must be >= 0"):
+        Hardware.from_dict(doc)
 
 
 def test_auto_prefill_follows_the_cost_model():
