@@ -97,6 +97,27 @@ def assert_logits_match(m, mine, prompt: list[int], tol: float) -> None:
     assert (steps - ref).abs().max() <= tol * ref.abs().max()
 
 
+def tiny_qwen3_moe_config(vocab_size: int, **changes):
+    """The tests' smallest Qwen3-MoE (hidden 32, 1 layer, 2 heads over 1 KV head, 4 experts,
+    top-2, no EOS): transformers' config, with `changes` applied."""
+    import transformers
+
+    fields = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        eos_token_id=None,
+    )
+    return transformers.Qwen3MoeConfig(**{**fields, **changes})
+
+
 def write_scripted_model(d, words, chain, template, eos, specials, bos=None) -> None:
     """A scripted model in d: a one-layer Qwen3-MoE whose layer adds nothing and whose lm_head
     maps each token to its successor in `chain`, so that greedy decoding after a prompt ending
@@ -111,17 +132,9 @@ def write_scripted_model(d, words, chain, template, eos, specials, bos=None) -> 
 
     ids = {w: i for i, w in enumerate(words)}
     h = 32
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=len(words),
+    cfg = tiny_qwen3_moe_config(
+        len(words),
         hidden_size=h,
-        intermediate_size=48,
-        moe_intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        num_experts=4,
-        num_experts_per_tok=2,
         max_position_embeddings=256,
         eos_token_id=ids[eos],
         tie_word_embeddings=False,

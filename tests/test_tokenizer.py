@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import cli_generate
+from conftest import cli_generate, tiny_qwen3_moe_config
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
@@ -63,19 +63,7 @@ def chat_model(tmp_path_factory):
     """A one-layer Qwen3-MoE over the WORDS vocabulary, with its tokenizer files."""
     transformers = pytest.importorskip("transformers")
     d = tmp_path_factory.mktemp("chat_model")
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=len(WORDS),
-        hidden_size=32,
-        intermediate_size=48,
-        moe_intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        num_experts=4,
-        num_experts_per_tok=2,
-        eos_token_id=None,
-    )
+    cfg = tiny_qwen3_moe_config(len(WORDS))
     import torch
 
     torch.manual_seed(0)  # the same weights whatever ran before (tests read its words)
@@ -298,19 +286,7 @@ def test_generate_with_kimi_tokenizer(kimi, tmp_path):
     d, oracle, n = kimi
     for f in ("tiktoken.model", "tokenizer_config.json"):
         shutil.copy(d / f, tmp_path / f)
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=n + 256,
-        hidden_size=32,
-        intermediate_size=48,
-        moe_intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        num_experts=4,
-        num_experts_per_tok=2,
-        eos_token_id=None,
-    )
+    cfg = tiny_qwen3_moe_config(n + 256)
     import torch
 
     torch.manual_seed(0)

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_qwen3_moe_config
 
 from refmoe.sampling import Sampler, SamplingParams
 from refmoe.trace import Trace
@@ -69,19 +70,7 @@ def test_bad_sampling_params(kwargs, message):
 
 def test_generate_writes_trace(tmp_path):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=48,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        num_experts=4,
-        num_experts_per_tok=2,
-        eos_token_id=None,
-    )
+    cfg = tiny_qwen3_moe_config(50, num_hidden_layers=2)
     transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path / "m")
     out = subprocess.run(
         [
