@@ -12,9 +12,9 @@ tokens as a merge, ordered by the rank of the token it makes, gives the BPE mode
 choice at every step; `ignore_merges` takes a piece that is itself a token whole, as tiktoken
 does first. tests/test_tokenizer.py holds the result against tiktoken itself.
 
-Left alone: tokenization_kimi.py also cuts a text at runs of more than 25,000 whitespace or
-non-whitespace characters before encoding (a guard on tiktoken's time), which can change the
-ids of such a run only.
+tokenization_kimi.py also cuts a text before encoding, into pieces of at most 400,000
+characters, and those at runs of more than 25,000 whitespace or non-whitespace characters (a
+guard on tiktoken's time); no token crosses a cut. `cuts` makes the same pieces.
 """
 
 from __future__ import annotations
@@ -41,6 +41,28 @@ KIMI_PATTERN = "|".join(
     ]
 )
 NUM_SPECIAL = 256  # ids len(ranks) .. len(ranks) + 255
+MAX_CHARS = 400_000  # tokenization_kimi.py's pieces of a text
+MAX_RUN = 25_000  # its longest run of whitespace, or of anything else, in one piece
+
+
+def cuts(text: str) -> list[str]:
+    """The pieces Kimi's tokenizer encodes one by one: MAX_CHARS at a time, each cut again
+    wherever a run of whitespace or of non-whitespace reaches MAX_RUN + 1 characters (the
+    run's next character starts a new piece)."""
+    pieces = []
+    for lo in range(0, max(len(text), 1), MAX_CHARS):
+        chunk, start, run = text[lo : lo + MAX_CHARS], 0, 0
+        space = chunk[:1].isspace()
+        for i, ch in enumerate(chunk):
+            if ch.isspace() != space:
+                space, run = not space, 1
+            else:
+                run += 1
+                if run > MAX_RUN:
+                    pieces.append(chunk[start:i])
+                    start, run = i, 1
+        pieces.append(chunk[start:])
+    return pieces
 
 
 def byte_chars() -> list[str]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from refmoe import tiktoken_bpe
+
 
 def markup() -> frozenset[str]:
     """The markers refmoe's reply readers look for (refmoe.tool_calls, refmoe.reasoning,
@@ -26,8 +28,6 @@ class Tokenizer:
 
         self.config = config or {}
         if path.name == "tiktoken.model":
-            from refmoe import tiktoken_bpe
-
             self._tok = tiktoken_bpe.build(path, self.config, f"{path.parent}")
         else:
             try:
@@ -72,6 +72,14 @@ class Tokenizer:
             raise ValueError(
                 f"the text is not valid Unicode ({e.reason} at character {e.start})"
             ) from None
+        if self.path.name == "tiktoken.model" and (
+            len(text) > tiktoken_bpe.MAX_RUN
+        ):  # Kimi's tokenizer encodes a long text in pieces (tiktoken_bpe.cuts)
+            pieces = tiktoken_bpe.cuts(text)
+            ids = self._tok.encode(pieces[0], add_special_tokens=special).ids
+            for piece in pieces[1:]:
+                ids += self._tok.encode(piece, add_special_tokens=False).ids
+            return ids
         return self._tok.encode(text, add_special_tokens=special).ids
 
     @property

@@ -297,3 +297,23 @@ def test_generate_with_kimi_tokenizer(kimi, tmp_path):
     )
     assert out["prompt_tokens"] == len(oracle.encode(rendered, allowed_special="all"))
     assert out["text"] == tok_text(tmp_path, out["token_ids"])
+
+
+def test_kimi_cuts_long_texts_as_its_tokenizer(kimi):
+    """tokenization_kimi.py encodes 400,000 characters at a time and cuts a run of more than
+    25,000 whitespace or non-whitespace characters; no token crosses a cut."""
+    d, oracle, _ = kimi
+    tok = Tokenizer.from_dir(d)
+
+    def tt(text):
+        return oracle.encode(text, allowed_special="all")
+
+    run = "ex" * 15_000  # one run of 30,000 non-whitespace characters ("ex" is a token)
+    x = " x " + run + " y"  # cut before the run's 25,001st character: inside an "ex"
+    assert tok.encode(x) == tt(x[:25_003]) + tt(x[25_003:]) != tt(x[:25_002]) + tt(x[25_002:])
+    spaces = "\n" * 25_001 + "z"
+    assert tok.encode(spaces) == tt("\n" * 25_000) + tt("\nz")
+    text = "abcde" + "模型 the experts, " * 25_001  # the 400,000th character inside "experts"
+    assert text[399_999:400_001] == "er"
+    assert tok.encode(text) == tt(text[:400_000]) + tt(text[400_000:]) != tt(text)
+    assert tok.decode(tok.encode(text)) == text
