@@ -27,7 +27,8 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         self.config = config or {}
-        if path.name == "tiktoken.model":
+        self._kimi = path.name == "tiktoken.model"  # encodes a long text in pieces (cuts)
+        if self._kimi:
             self._tok = tiktoken_bpe.build(path, self.config, f"{path.parent}")
         else:
             try:
@@ -72,9 +73,7 @@ class Tokenizer:
             raise ValueError(
                 f"the text is not valid Unicode ({e.reason} at character {e.start})"
             ) from None
-        if self.path.name == "tiktoken.model" and (
-            len(text) > tiktoken_bpe.MAX_RUN
-        ):  # Kimi's tokenizer encodes a long text in pieces (tiktoken_bpe.cuts)
+        if self._kimi and len(text) > tiktoken_bpe.MAX_RUN:  # shorter: one piece
             pieces = tiktoken_bpe.cuts(text)
             ids = self._tok.encode(pieces[0], add_special_tokens=special).ids
             for piece in pieces[1:]:
