@@ -69,13 +69,13 @@ def byte_chars() -> list[str]:
     """GPT-2's byte-level alphabet: byte b as one printable character (tokenizers' ByteLevel)."""
     from tokenizers import pre_tokenizers
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    printable = [b for b in range(256) if chr(b) in alphabet]  # the bytes that stand for themselves
-    chars = [chr(b) for b in range(256)]
-    shifted = 256
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())  # printable bytes stand for themselves
+    chars, shifted = [], 256
     for b in range(256):
-        if b not in printable:
-            chars[b] = chr(shifted)
+        if chr(b) in alphabet:
+            chars.append(chr(b))
+        else:  # the others, in order, from U+0100 on
+            chars.append(chr(shifted))
             shifted += 1
     return chars
 
@@ -127,8 +127,9 @@ def special_tokens(config: dict, first_id: int, where: str) -> dict[int, str]:
     return names
 
 
-def build(path: Path, config: dict, where: str):
-    """A tokenizers.Tokenizer equal to tiktoken over `path`'s ranks with Kimi's pattern."""
+def build(path: Path, config: dict, where: str, bos: str = ""):
+    """A tokenizers.Tokenizer equal to tiktoken over `path`'s ranks with Kimi's pattern; bos:
+    the bos_token's text, put first where config asks for add_bos_token."""
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -163,8 +164,6 @@ def build(path: Path, config: dict, where: str):
     for i, name in names.items():  # added tokens take the next free ids: check they did
         if tok.token_to_id(name) != i:
             raise ValueError(f"{where}: special token {name!r} named twice")
-    bos = config.get("bos_token")
-    bos = bos.get("content") if isinstance(bos, dict) else bos
     if config.get("add_bos_token") and bos:
         bos_id = tok.token_to_id(bos)
         if bos_id is None:

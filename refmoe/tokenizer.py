@@ -29,7 +29,8 @@ class Tokenizer:
         self.config = config or {}
         self._kimi = path.name == "tiktoken.model"  # encodes a long text in pieces (cuts)
         if self._kimi:
-            self._tok = tiktoken_bpe.build(path, self.config, f"{path.parent}")
+            bos = self._token_text("bos_token")
+            self._tok = tiktoken_bpe.build(path, self.config, f"{path.parent}", bos)
         else:
             try:
                 self._tok = HFTokenizer.from_file(str(path))

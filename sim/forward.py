@@ -250,6 +250,7 @@ def _offload_prefill(m: Machine, cfg: ModelConfig, tokens: int, out: dict):
     g = hw.gpus[d]
     overhead = g.layer_overhead_us * 1e-6
     attn_flops = costs.attention_flops(cfg, tokens)
+    rate = g.expert_rate(cfg.expert_format[0])  # BF16 or FP8 matmuls (GPU.matmul_precision)
     layer_bytes = (
         cfg.n_routed_experts * costs.routed_expert_bytes(cfg) + costs.shared_expert_bytes(cfg)
     ) * m.expert_scale
@@ -263,7 +264,6 @@ def _offload_prefill(m: Machine, cfg: ModelConfig, tokens: int, out: dict):
             m.mark("device", "copy", f"copy L{i}", t0, tokens=tokens)
             t0 = m.env.now
             flops = costmodel.expert_flops(cfg, tokens)
-            rate = g.expert_rate(cfg.expert_format[0])
             yield from m.work(flops / (rate * 1e12), {m.gpu[d]: 1.0})
             m.mark("device", "experts", f"experts L{i}", t0, tokens=tokens)
         else:
