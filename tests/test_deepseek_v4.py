@@ -15,6 +15,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from conftest import cli_generate, hf_greedy, randomize_bf16
 
@@ -449,3 +451,48 @@ def test_context_parallel_prefill_refused_by_name(saved):
     with pytest.raises(ValueError, match="no context-parallel prefill"):
         mine.forward(torch.tensor(PROMPT[:4]), cache, cp=Split())
     assert cache.length == 0
+
+
+def _sinkhorn_numpy(a: np.ndarray, iters: int, eps: float) -> np.ndarray:
+    """The naive loop beside the kernel: numpy's float32 sums and divisions."""
+    eps = np.float32(eps)
+    a = a / (a.sum(-2, keepdims=True) + eps)
+    for _ in range(iters - 1):
+        a = a / (a.sum(-1, keepdims=True) + eps)
+        a = a / (a.sum(-2, keepdims=True) + eps)
+    return a
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    t=st.integers(1, 4),
+    c=st.integers(1, 8),
+    iters=st.integers(1, 24),
+    scale=st.floats(-3, 3),
+    seed=st.integers(0, 2**31),
+)
+def test_sinkhorn_kernel_against_numpy(t, c, iters, scale, seed):
+    """kernels.sinkhorn (the hyper-connections' mixing matrices) against the numpy loop:
+    bit for bit up to 7 streams (numpy adds fewer than 8 numbers in index order, as the kernel
+    does; from 8 on it sums in pairs), within float32 rounding at 8; in every CPU variant."""
+    from refmoe import kernels
+
+    a = np.random.default_rng(seed).random((t, c, c)).astype(np.float32) * np.float32(10.0**scale)
+    want = _sinkhorn_numpy(a, iters, 1e-6)
+    before = a.copy()
+    for variant in kernels.available_variants():
+        got = kernels.sinkhorn(a, iters, 1e-6, variant=variant)
+        if c < 8:
+            np.testing.assert_array_equal(got, want)
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(a, before)  # the input is not touched
+
+
+def test_sinkhorn_kernel_rejects_bad_shapes():
+    from refmoe import kernels
+
+    with pytest.raises(ValueError, match=r"\[T, c, c\]"):
+        kernels.sinkhorn(np.ones((2, 3, 4), np.float32), 20, 1e-6)
+    with pytest.raises(ValueError, match="iters"):
+        kernels.sinkhorn(np.ones((1, 4, 4), np.float32), 0, 1e-6)

@@ -934,6 +934,21 @@ def fp8_dequant(
     return out
 
 
+def sinkhorn(a: np.ndarray, iters: int, eps: float, *, variant: str | None = None) -> np.ndarray:
+    """Sinkhorn-Knopp on a float32 [T, c, c] (DeepSeek-V4's hyper-connections): columns
+    normalized, then rows and columns in turn, iters passes of each kind (the first pass columns
+    only), every sum + eps before it divides. Returns a new array; the same float32 operations
+    in the same order as numpy's a / (a.sum(axis, keepdims=True) + eps), without numpy's cost
+    per call (about 80 of them for 20 passes)."""
+    a = np.array(a, dtype=np.float32, order="C", copy=True)
+    if a.ndim != 3 or a.shape[1] != a.shape[2]:
+        raise ValueError(f"sinkhorn: expected float32 [T, c, c], got shape {a.shape}")
+    if iters < 1:
+        raise ValueError(f"sinkhorn: iters must be >= 1, got {iters}")
+    _module(variant or _VARIANT).sinkhorn(a, int(iters), float(eps))
+    return a
+
+
 def set_denormals_zero(
     on: bool, *, num_threads: int | None = None, variant: str | None = None
 ) -> None:
@@ -971,6 +986,7 @@ def fma_peak_gflops(
 
 
 __all__ = [
+    "sinkhorn",
     "ALL_VARIANTS",
     "ExpertWeights",
     "available_variants",

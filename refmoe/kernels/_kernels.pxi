@@ -42,6 +42,7 @@ cdef extern from "kernels.h" nogil:
     void set_denormals_zero(int on, int nthreads)
     uint64_t read_bytes(const uint8_t *p, size_t n, int nthreads)
     float fma_burn(long iters, int nthreads)
+    void sinkhorn_inplace(float *a, int T, int c, int iters, float eps)
     int pin_threads(int nthreads, const int *offsets, const int *cpus)
     void thread_affinity(int nthreads, int *out)
     int VL
@@ -232,6 +233,16 @@ def fma_peak_flops(long iters, int nthreads):
     with nogil:
         fma_burn(iters, nthreads)
     return float(nthreads) * iters * 10 * VL * 2
+
+
+def sinkhorn(float[:, :, ::1] a, int iters, float eps):
+    """Sinkhorn-Knopp in place on a [T, c, c] (see sinkhorn_inplace)."""
+    if a.shape[1] != a.shape[2]:
+        raise ValueError("sinkhorn: matrices must be square")
+    if a.shape[0] == 0:
+        return
+    with nogil:
+        sinkhorn_inplace(&a[0, 0, 0], a.shape[0], a.shape[1], iters, eps)
 
 
 def pin(int nthreads, const int[::1] offsets, const int[::1] cpus):
