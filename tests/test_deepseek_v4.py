@@ -15,10 +15,10 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 import torch
 from conftest import cli_generate, hf_greedy, randomize_bf16
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from refmoe import models
 from refmoe.checkpoint import Checkpoint
