@@ -132,3 +132,31 @@ def test_default_threads_survive_pinning():
         check=True,
     ).stdout.split()
     assert out == ["2", "2", "1"], out
+
+
+def test_gemv_runs_no_thread_without_rows(monkeypatch):
+    """On one node a GEMV of fewer bands than threads runs on as many threads as it has bands
+    (every range non-empty, the first on the calling thread); on several nodes the partition
+    keeps every thread, as the pool was pinned and the weights placed for them. The products
+    are the same either way."""
+    import numpy as np
+
+    from refmoe import kernels
+    from refmoe.kernels import formats
+
+    one = Topology(((0, 1, 2, 3),))
+    monkeypatch.setattr(kernels, "_topology", lambda: one)
+    for rows, threads, want in ((8, 4, 1), (200, 4, 2), (BAND * 4, 4, 4), (BAND * 9, 4, 4)):
+        lo, hi = kernels._gemm_bands(rows, threads)
+        assert len(lo) == want and all(b > a for a, b in zip(lo, hi)), (rows, threads)
+        assert sorted(owners(lo, hi)) == list(range(-(-rows // BAND)))
+    two = Topology(((0, 1), (2, 3)))
+    monkeypatch.setattr(kernels, "_topology", lambda: two)
+    assert len(kernels._gemm_bands(8, 4)[0]) == 4
+
+    monkeypatch.setattr(kernels, "_topology", lambda: one)
+    rng = np.random.default_rng(0)
+    w, s = formats.fp8_quantize(rng.standard_normal((200, 256)).astype(np.float32), (128, 128))
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    alone = kernels.fp8_gemm(x, w, s, num_threads=1)
+    np.testing.assert_array_equal(kernels.fp8_gemm(x, w, s, num_threads=4), alone)
