@@ -496,3 +496,39 @@ def test_sinkhorn_kernel_rejects_bad_shapes():
         kernels.sinkhorn(np.ones((2, 3, 4), np.float32), 20, 1e-6)
     with pytest.raises(ValueError, match="iters"):
         kernels.sinkhorn(np.ones((1, 4, 4), np.float32), 0, 1e-6)
+
+
+@pytest.mark.parametrize("streams, hidden, tokens", [(2, 64, 1), (4, 96, 3), (3, 40, 5)])
+def test_hyper_collapse_kernel_against_torch(streams, hidden, tokens):
+    """kernels.hyper_collapse (the whole hyper-connection ahead of a block in one call) against
+    the torch operations transformers runs (HyperConnection.reference), in every CPU variant,
+    on weights scaled as trained ones are (mixes of a few units)."""
+    from refmoe import kernels
+
+    rng = np.random.default_rng(streams * 1000 + hidden)
+    hc = object.__new__(deepseek_v4.HyperConnection)
+    hc.c, hc.eps, hc.iters, hc.norm_eps = streams, 1e-6, 20, 1e-6
+    m = (2 + streams) * streams
+    hc.fn = torch.from_numpy(rng.standard_normal((m, streams * hidden)).astype(np.float32) * 0.1)
+    hc.base = torch.from_numpy(rng.standard_normal(m).astype(np.float32))
+    hc.scale = torch.from_numpy(rng.uniform(0.5, 2.0, 3).astype(np.float32))
+    x = torch.from_numpy(rng.standard_normal((tokens, streams, hidden)).astype(np.float32))
+    want = hc.reference(x)
+    for variant in kernels.available_variants():
+        got = kernels.hyper_collapse(
+            x.numpy(),
+            hc.fn.numpy(),
+            hc.base.numpy(),
+            hc.scale.numpy(),
+            1e-6,
+            1e-6,
+            20,
+            variant=variant,
+            num_threads=2,
+        )
+        for g, w, name in zip(got, want, ("post", "comb", "collapsed")):
+            np.testing.assert_allclose(g, w.numpy(), rtol=2e-5, atol=2e-6, err_msg=name)
+    with pytest.raises(ValueError, match="fn: expected shape"):
+        kernels.hyper_collapse(
+            x.numpy(), hc.fn.numpy()[1:], hc.base.numpy(), hc.scale.numpy(), 1e-6, 1e-6, 20
+        )

@@ -964,6 +964,44 @@ def sinkhorn(a: np.ndarray, iters: int, eps: float, *, variant: str | None = Non
     return a
 
 
+def hyper_collapse(
+    x: np.ndarray,
+    fn: np.ndarray,
+    base: np.ndarray,
+    scale: np.ndarray,
+    norm_eps: float,
+    hc_eps: float,
+    iters: int,
+    *,
+    num_threads: int | None = None,
+    variant: str | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """DeepSeek-V4's hyper-connection ahead of a block, in one call: x float32 [T, c, H] (the
+    streams), fn [(2 + c) c, c H], base [(2 + c) c], scale [3]. Returns post [T, c], comb
+    [T, c, c] (row softmax, then Sinkhorn-Knopp as `sinkhorn`) and the collapsed streams
+    [T, H] (pre-weighted sum), as transformers' DeepseekV4HyperConnection computes them (within
+    float32 rounding: the rms scale is applied to the dot products, not to x first)."""
+    x = _check(x, "x", np.float32, 3)
+    t, c, h = x.shape
+    m = (2 + c) * c
+    fn = _check(fn, "fn", np.float32, 2, (m, c * h))
+    base = _check(base, "base", np.float32, 1, (m,))
+    scale = _check(scale, "scale", np.float32, 1, (3,))
+    if c > 64 or iters < 1:
+        raise ValueError(
+            f"hyper_collapse: need 1 <= c <= 64 streams and iters >= 1, got {c}, {iters}"
+        )
+    mix = np.empty((t, m), np.float32)
+    post, comb = np.empty((t, c), np.float32), np.empty((t, c, c), np.float32)
+    col = np.empty((t, h), np.float32)
+    if t:
+        threads = min(_threads(num_threads), m)
+        _module(variant or _VARIANT).hyper_collapse(
+            x, fn, base, scale, norm_eps, hc_eps, int(iters), mix, post, comb, col, threads
+        )
+    return post, comb, col
+
+
 def set_denormals_zero(
     on: bool, *, num_threads: int | None = None, variant: str | None = None
 ) -> None:
@@ -1001,6 +1039,7 @@ def fma_peak_gflops(
 
 
 __all__ = [
+    "hyper_collapse",
     "sinkhorn",
     "ALL_VARIANTS",
     "ExpertWeights",

@@ -43,6 +43,9 @@ cdef extern from "kernels.h" nogil:
     uint64_t read_bytes(const uint8_t *p, size_t n, int nthreads)
     float fma_burn(long iters, int nthreads)
     void sinkhorn_inplace(float *a, int T, int c, int iters, float eps)
+    void hc_collapse(const float *x, int T, int c, int H, const float *fn, const float *base,
+                     const float *scale, float norm_eps, float hc_eps, int iters,
+                     float *mix, float *post, float *comb, float *col, int nthreads)
     int pin_threads(int nthreads, const int *offsets, const int *cpus)
     void thread_affinity(int nthreads, int *out)
     int VL
@@ -243,6 +246,18 @@ def sinkhorn(float[:, :, ::1] a, int iters, float eps):
         return
     with nogil:
         sinkhorn_inplace(&a[0, 0, 0], a.shape[0], a.shape[1], iters, eps)
+
+
+def hyper_collapse(const float[:, :, ::1] x, const float[:, ::1] fn, const float[::1] base,
+                   const float[::1] scale, float norm_eps, float hc_eps, int iters,
+                   float[:, ::1] mix, float[:, ::1] post, float[:, :, ::1] comb,
+                   float[:, ::1] col, int nthreads):
+    """DeepSeek-V4's hyper-connection ahead of a block (see hc_collapse); shapes checked by
+    refmoe.kernels.hyper_collapse."""
+    with nogil:
+        hc_collapse(&x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2], &fn[0, 0], &base[0],
+                    &scale[0], norm_eps, hc_eps, iters, &mix[0, 0], &post[0, 0], &comb[0, 0, 0],
+                    &col[0, 0], nthreads)
 
 
 def pin(int nthreads, const int[::1] offsets, const int[::1] cpus):

@@ -1627,6 +1627,67 @@ static void sinkhorn_inplace(float *a, int T, int c, int iters, float eps) {
     }
 }
 
+/* DeepSeek-V4's hyper-connection ahead of a block, for T tokens of c streams of H: from the
+ * streams x [T, c * H], the mixes (2 + c) c = m of the rms-normed streams through fn [m, c H]
+ * (the dot products split over the threads by mix), scaled per part (scale[0] the c pre mixes,
+ * scale[1] the c post mixes, scale[2] the c * c comb mixes) plus base [m]; then
+ * pre = sigmoid + hc_eps, post [T, c] = 2 sigmoid, comb [T, c, c] = row softmax + hc_eps
+ * through Sinkhorn-Knopp, col [T, H] = sum_i pre_i x_i. One call instead of some twenty torch
+ * operations of a few microseconds each. mix: scratch [T, m]. */
+static void hc_collapse(const float *x, int T, int c, int H, const float *fn, const float *base,
+                        const float *scale, float norm_eps, float hc_eps, int iters,
+                        float *mix, float *post, float *comb, float *col, int nthreads) {
+    const int m = (2 + c) * c, K = c * H;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int tid = thread_id(), nt = team_size();
+        for (int t = 0; t < T; t++) {
+            const float *xt = x + (size_t)t * K;
+            vf ss = vf_zero();
+            int k = 0;
+            for (; k + VL <= K; k += VL) ss = vf_fma(vf_load(xt + k), vf_load(xt + k), ss);
+            float sq = vf_hsum(ss);
+            for (; k < K; k++) sq += xt[k] * xt[k];
+            float r = 1.f / sqrtf(sq / (float)K + norm_eps);
+            for (int j = m * tid / nt; j < m * (tid + 1) / nt; j++) {
+                const float *w = fn + (size_t)j * K;
+                vf a0 = vf_zero(), a1 = vf_zero();
+                int i = 0;
+                for (; i + 2 * VL <= K; i += 2 * VL) {
+                    a0 = vf_fma(vf_load(xt + i), vf_load(w + i), a0);
+                    a1 = vf_fma(vf_load(xt + i + VL), vf_load(w + i + VL), a1);
+                }
+                float d = vf_hsum(vf_add(a0, a1));
+                for (; i < K; i++) d += xt[i] * w[i];
+                mix[(size_t)t * m + j] = d * r;
+            }
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        float *z = mix + (size_t)t * m, *p = post + (size_t)t * c, *cb = comb + (size_t)t * c * c;
+        float pre[64];
+        for (int j = 0; j < m; j++) z[j] = z[j] * scale[j < c ? 0 : j < 2 * c ? 1 : 2] + base[j];
+        for (int i = 0; i < c; i++) {
+            pre[i] = 1.f / (1.f + expf(-z[i])) + hc_eps;
+            p[i] = 2.f / (1.f + expf(-z[c + i]));
+        }
+        for (int i = 0; i < c; i++) {
+            const float *row = z + 2 * c + i * c;
+            float mx = row[0], sum = 0.f;
+            for (int j = 1; j < c; j++) mx = row[j] > mx ? row[j] : mx;
+            for (int j = 0; j < c; j++) sum += cb[i * c + j] = expf(row[j] - mx);
+            for (int j = 0; j < c; j++) cb[i * c + j] = cb[i * c + j] / sum + hc_eps;
+        }
+        sinkhorn_inplace(cb, 1, c, iters, hc_eps);
+        const float *xt = x + (size_t)t * K;
+        for (int h = 0; h < H; h++) {
+            float a = 0.f;
+            for (int i = 0; i < c; i++) a += pre[i] * xt[(size_t)i * H + h];
+            col[(size_t)t * H + h] = a;
+        }
+    }
+}
+
 /* FMA peak of the threads used: each runs iters steps of 10 independent FMA chains (enough to
  * cover the latency on every core we know). flops = nthreads * iters * 10 * VL * 2. */
 static float fma_burn(long iters, int nthreads) {
