@@ -5,6 +5,7 @@ tokenizer_config.json's chat_template (jinja2, sandboxed)."""
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 from refmoe import tiktoken_bpe
@@ -150,13 +151,8 @@ class Tokenizer:
                 "in tokenizer_config.json)"
             )
         from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        def raise_exception(message):
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
+        env = _template_env()
         try:
             return env.from_string(template).render(
                 messages=messages,
@@ -167,3 +163,42 @@ class Tokenizer:
             )
         except TemplateError as e:
             raise ValueError(f"chat template: {e}") from None
+
+
+@lru_cache(maxsize=1)
+def _template_env():
+    """A sandboxed jinja2 environment that renders chat templates as transformers does (its
+    apply_chat_template is the oracle): tojson as json.dumps, unicode and <, >, & kept as
+    written (jinja2's own filter escapes them for HTML, and a tool whose description said
+    "it's" or "<b>" reached the model as \\u0027 and \\u003c); break and continue in
+    loops; strftime_now; {% generation %} blocks rendered as their body (transformers only
+    marks their span)."""
+    from datetime import datetime
+
+    from jinja2 import TemplateError, nodes
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body).set_lineno(lineno)
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env

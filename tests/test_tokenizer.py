@@ -341,3 +341,43 @@ def test_deepseek_v4_release_tokenizer(tmp_path):
     assert [tok.encode(s) for s in specials] == [[128821], [128822], [128825], [128828]]
     bos = tok.encode("<｜begin▁of▁sentence｜>")
     assert tok.decode(bos + tok.encode("<think>1 + 1</think>2")) == "<think>1 + 1</think>2"
+
+
+def test_templates_render_as_transformers_does(tmp_path):
+    """Tool specs through tojson (unicode, <, >, &, ' kept as written, not HTML-escaped),
+    `{% break %}`, strftime_now and {% generation %} blocks: refmoe's rendering against
+    transformers' apply_chat_template on the same files."""
+    transformers = pytest.importorskip("transformers")
+    write_tokenizer(tmp_path)
+    template = (
+        "{% if tools %}{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
+        "{{ tools[0] | tojson(indent=2) }}{% endif %}"
+        "{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}"
+        "{% if m['role'] == 'assistant' %}{% generation %}[{{ m['content'] }}]{% endgeneration %}"
+        "{% else %}<{{ m['role'] }}> {{ m['content'] }}{% endif %}{% endfor %}"
+        "{{ strftime_now('%Y') }}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["chat_template"], cfg["bos_token"] = template, "<s>"  # transformers reads a string
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "fetch",
+                "description": "Returns the page's <body> & headers, café, 中文",
+                "parameters": {"type": "object", "properties": {"url": {"type": "string"}}},
+            },
+        }
+    ]
+    messages = [
+        {"role": "user", "content": "it's <b> & co"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "cut by the break"},
+    ]
+    ours = Tokenizer.from_dir(tmp_path).apply_chat_template(messages, True, tools)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=True
+    )
+    assert ours == theirs
+    assert "café" in ours and "<body> &" in ours and "cut by" not in ours
