@@ -33,7 +33,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -106,6 +106,7 @@ class ChatMessage(BaseModel):
     tool_calls: list[dict] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool's result: which call it answers
     name: str | None = None
+    reasoning_content: str | None = None  # an assistant's earlier reasoning (agent loops)
 
     def as_turn(self) -> dict:
         """{"role", "content"} with the content's text parts joined, and the tool fields that
@@ -113,7 +114,7 @@ class ChatMessage(BaseModel):
         c = self.content
         text = "".join(p.text for p in c) if isinstance(c, list) else c
         turn = {"role": self.role, "content": text}
-        for key in ("tool_calls", "tool_call_id", "name"):
+        for key in ("tool_calls", "tool_call_id", "name", "reasoning_content"):
             if getattr(self, key) is not None:
                 turn[key] = getattr(self, key)
         return turn
@@ -131,6 +132,11 @@ class ChatRequest(_Sampling):
         None, description='"none", "auto", "required", or {"type": "function", "function": {...}}'
     )
     max_completion_tokens: int | None = Field(None, ge=1)
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None,
+        description="variables for the chat template, as vLLM and SGLang take them: "
+        '{"thinking": true} (DeepSeek-V3.1, V4), {"enable_thinking": false} (Qwen3)',
+    )
     logprobs: bool | None = Field(None, description="not supported: must be absent or false")
     top_logprobs: int | None = Field(None, description="not supported: must be absent or null")
 
@@ -1045,14 +1051,24 @@ def create_app(
                 f"messages: longer than the context of {engine().context:,} tokens can hold",
                 param="messages",
             )
-        specs = [t.model_dump() for t in body.tools] if body.tools else None
+        # the specs as the client wrote them (a field it left out is not rendered as null)
+        specs = [t.model_dump(exclude_unset=True) for t in body.tools] if body.tools else None
         tools = plan_tools(tok, specs, body.tool_choice)
+        extra = body.chat_template_kwargs or {}
+        taken = sorted(set(extra) & set(tok.TEMPLATE_VARIABLES))
+        if taken:
+            raise APIError(
+                400,
+                f"chat_template_kwargs: {', '.join(taken)} cannot be set (the request sets it)",
+                param="chat_template_kwargs",
+            )
         try:
             text = await asyncio.to_thread(
                 tok.apply_chat_template,
                 [m.as_turn() for m in body.messages],
                 True,
                 tools.specs if tools is not None else None,
+                extra,
             )
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None

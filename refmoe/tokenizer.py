@@ -19,6 +19,7 @@ def markup() -> frozenset[str]:
     marks = {m for pair in tool_calls.FORMATS.values() for m in pair}
     marks |= {m for pair in tool_calls.GROUPS.values() for m in pair}
     marks |= {"<｜tool▁sep｜>", "<|tool_call_argument_begin|>"}
+    marks.add(tool_calls.DSML)  # DeepSeek-V4's markup token: "<" + it + "tool_calls>"
     return frozenset(marks | {reasoning.OPEN, reasoning.CLOSE} | set(harmony.MARKERS))
 
 
@@ -66,6 +67,10 @@ class Tokenizer:
                 config = {**config, "chat_template": jinja.read_text()}
             except (OSError, UnicodeDecodeError) as e:
                 raise ValueError(f"{jinja}: cannot be read ({e})") from None
+        if not config.get("chat_template"):  # a release whose prompt format is Python code
+            bundled = BUNDLED_TEMPLATES.get(_model_type(model_dir) or "")
+            if bundled is not None:
+                config = {**config, "chat_template": (TEMPLATES / bundled).read_text()}
         return cls(path, config)
 
     def encode(self, text: str, special: bool = True) -> list[int]:
@@ -139,11 +144,22 @@ class Tokenizer:
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         return template or None
 
+    # what apply_chat_template itself sets; extra variables may not
+    TEMPLATE_VARIABLES = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
+
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list | None = None,
+        extra: dict | None = None,
     ) -> str:
         """The conversation rendered by the model's own template (tools: OpenAI's function
-        specs, which templates that know tools render into the prompt)."""
+        specs, which templates that know tools render into the prompt; extra: the template's
+        own variables, such as thinking or enable_thinking)."""
+        taken = sorted(set(extra or ()) & set(self.TEMPLATE_VARIABLES))
+        if taken:
+            raise ValueError(f"template variables {', '.join(taken)} are set by the call")
         template = self.chat_template
         if not template:
             raise ValueError(
@@ -155,6 +171,7 @@ class Tokenizer:
         env = _template_env()
         try:
             return env.from_string(template).render(
+                **(extra or {}),
                 messages=messages,
                 tools=tools,
                 add_generation_prompt=add_generation_prompt,
@@ -163,6 +180,28 @@ class Tokenizer:
             )
         except TemplateError as e:
             raise ValueError(f"chat template: {e}") from None
+
+
+# Families whose releases ship their chat format as Python (DeepSeek-V4's
+# encoding/encoding_dsv4.py) rather than a template: refmoe's template renders the same text.
+TEMPLATES = Path(__file__).parent / "templates"
+BUNDLED_TEMPLATES = {"deepseek_v4": "deepseek_v4.jinja"}
+
+
+def _model_type(model_dir: Path) -> str | None:
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # no model config beside the tokenizer: no family to go by
+    return cfg.get("model_type") if isinstance(cfg, dict) else None
+
+
+def _fromjson(text: str):
+    """JSON text -> its value, or None where it is not JSON (templates test the result)."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return None
 
 
 @lru_cache(maxsize=1)
@@ -199,6 +238,7 @@ def _template_env():
         trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols]
     )
     env.filters["tojson"] = tojson
+    env.filters["fromjson"] = _fromjson  # refmoe's own (the bundled templates use it)
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env

@@ -16,6 +16,11 @@ template:
     kimi       <|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:I
                <|tool_call_argument_begin|>{ARGUMENTS}<|tool_call_end|>...
                <|tool_calls_section_end|> (Kimi-K2)
+    dsml       <｜DSML｜tool_calls>\n<｜DSML｜invoke name="NAME">\n<｜DSML｜parameter name="K"
+               string="true|false">V</｜DSML｜parameter>...</｜DSML｜invoke>...
+               </｜DSML｜tool_calls> (DeepSeek-V4; V3.2 names the block function_calls:
+               dsml-v32). One block, several invokes; string="true" marks a value written
+               raw, "false" one written as JSON.
 
 ToolStream takes the decoded text as it grows and gives back the text that is surely content
 (a piece that could be the start of a call marker is held back until it is decided) and each
@@ -30,18 +35,23 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
+DSML = "｜DSML｜"  # DeepSeek-V4 and V3.2's markup token (fullwidth bars)
 FORMATS = {
     "hermes": ("<tool_call>", "</tool_call>"),
     "deepseek": ("<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>"),
     "glm": ("<tool_call>", "</tool_call>"),
     "minimax": ("<minimax:tool_call>", "</minimax:tool_call>"),
     "kimi": ("<|tool_call_begin|>", "<|tool_call_end|>"),
+    "dsml": (f"<{DSML}tool_calls>", f"</{DSML}tool_calls>"),
+    "dsml-v32": (f"<{DSML}function_calls>", f"</{DSML}function_calls>"),
 }
 # what in a chat template tells its format, most specific first (GLM's calls open as Hermes's)
 _TOLD_BY = (
     ("glm", "<arg_key>"),
     ("minimax", "<minimax:tool_call>"),
     ("kimi", "<|tool_call_begin|>"),
+    ("dsml", f"<{DSML}tool_calls>"),
+    ("dsml-v32", f"<{DSML}function_calls>"),
     ("hermes", "<tool_call>"),
     ("deepseek", "<｜tool▁call▁begin｜>"),
 )
@@ -87,6 +97,8 @@ def opening(fmt: str, name: str | None = None) -> str:
         return start + (f"{name}\n" if name else "")
     if fmt == "minimax":
         return start + "\n" + (f'<invoke name="{name}">\n' if name else "")
+    if fmt in ("dsml", "dsml-v32"):
+        return "\n\n" + start + "\n" + (f'<{DSML}invoke name="{name}">\n' if name else "")
     if fmt == "kimi":
         return (
             GROUPS[fmt][0]
@@ -106,8 +118,40 @@ def _value(text: str):
         return text
 
 
+_DSML_INVOKE = re.compile(rf'<{DSML}invoke name="([^"]*)">(.*?)</{DSML}invoke>', re.S)
+_DSML_PARAM = re.compile(
+    rf'<{DSML}parameter name="([^"]*)" string="(true|false)">(.*?)</{DSML}parameter>', re.S
+)
+
+
+def _read_dsml(body: str) -> list[ToolCall]:
+    """DeepSeek-V4 / V3.2's block: each invoke's parameters, a string="true" value as written,
+    a string="false" one as JSON."""
+    calls = []
+    for m in _DSML_INVOKE.finditer(body):
+        name, args = m.group(1).strip(), {}
+        for key, is_str, value in _DSML_PARAM.findall(m.group(2)):
+            if key in args:
+                raise ToolCallError(f"tool {name!r}: parameter {key!r} given twice")
+            if is_str == "true":
+                args[key] = value
+                continue
+            try:
+                args[key] = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ToolCallError(
+                    f"tool {name!r}: parameter {key!r} is marked non-string but is not JSON ({e})"
+                ) from None
+        calls.append(ToolCall(name, json.dumps(args, ensure_ascii=False)))
+    if not calls:
+        raise ToolCallError(f"a DSML tool-call block has no invoke: {body[:200]!r}")
+    return calls
+
+
 def _read_all(fmt: str, body: str) -> list[ToolCall]:
-    """The calls in one block (MiniMax's holds several invokes; the others one call)."""
+    """The calls in one block (MiniMax's and DSML's hold several invokes; the others one)."""
+    if fmt in ("dsml", "dsml-v32"):
+        return _read_dsml(body)
     if fmt != "minimax":
         return [_read(fmt, body)]
     calls = []
