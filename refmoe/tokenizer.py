@@ -68,7 +68,7 @@ class Tokenizer:
             except (OSError, UnicodeDecodeError) as e:
                 raise ValueError(f"{jinja}: cannot be read ({e})") from None
         if not config.get("chat_template"):  # a release whose prompt format is Python code
-            bundled = BUNDLED_TEMPLATES.get(_model_type(model_dir) or "")
+            bundled = BUNDLED_TEMPLATES.get(_family(model_dir) or "")
             if bundled is not None:
                 config = {**config, "chat_template": (TEMPLATES / bundled).read_text()}
         return cls(path, config)
@@ -185,15 +185,24 @@ class Tokenizer:
 # Families whose releases ship their chat format as Python (DeepSeek-V4's
 # encoding/encoding_dsv4.py) rather than a template: refmoe's template renders the same text.
 TEMPLATES = Path(__file__).parent / "templates"
-BUNDLED_TEMPLATES = {"deepseek_v4": "deepseek_v4.jinja"}
+BUNDLED_TEMPLATES = {"deepseek_v4": "deepseek_v4.jinja", "deepseek_v32": "deepseek_v32.jinja"}
 
 
-def _model_type(model_dir: Path) -> str | None:
+def _family(model_dir: Path) -> str | None:
+    """The model family of config.json beside the tokenizer, if any (as refmoe.config reads
+    it: the architecture, else the model type)."""
+    from refmoe.config import ARCHITECTURES, MODEL_TYPES
+
     try:
         cfg = json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError):
         return None  # no model config beside the tokenizer: no family to go by
-    return cfg.get("model_type") if isinstance(cfg, dict) else None
+    if not isinstance(cfg, dict):
+        return None
+    arch = cfg.get("architectures")
+    if isinstance(arch, list) and arch and isinstance(arch[0], str):
+        return ARCHITECTURES.get(arch[0])
+    return ARCHITECTURES.get(MODEL_TYPES.get(str(cfg.get("model_type")), ""))
 
 
 def _fromjson(text: str):

