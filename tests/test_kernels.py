@@ -403,3 +403,31 @@ def test_fp8_dequant_refuses_bad_input_and_converts_as_the_gemv():
             for gemv_path in (False, True):
                 got = kernels.fp8_to_float32(FINITE, gemv_path=gemv_path)
                 assert np.array_equal(got, formats.fp8_decode(FINITE).astype(np.float32))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    n=st.integers(1, 300),
+    scale=st.floats(-20, 20),
+    weighted=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+def test_rms_norm_against_float64(rows, n, scale, weighted, seed):
+    """kernels.rms_norm (every model's RMSNorm on the CPU) against float64 numpy, in every
+    variant: within float32 rounding of the scale and the products; each row the same alone
+    as among others (decode's one row and a prefill's many agree)."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, n)) * 2.0**scale).astype(np.float32)
+    w = rng.standard_normal(n).astype(np.float32) if weighted else None
+    x64 = x.astype(np.float64)
+    want = x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + 1e-6)
+    if weighted:
+        want = want * w
+    for variant in kernels.available_variants():
+        got = kernels.rms_norm(x, w, 1e-6, variant=variant)
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-30)
+        alone = kernels.rms_norm(x[-1:], w, 1e-6, variant=variant)
+        np.testing.assert_array_equal(alone[0], got[-1])
+    with pytest.raises(ValueError, match=r"weight must have shape \(%d,\)" % n):
+        kernels.rms_norm(x, np.ones(n + 1, np.float32), 1e-6)

@@ -43,6 +43,7 @@ cdef extern from "kernels.h" nogil:
     uint64_t read_bytes(const uint8_t *p, size_t n, int nthreads)
     float fma_burn(long iters, int nthreads)
     void sinkhorn_inplace(float *a, int T, int c, int iters, float eps)
+    void rms_norm_rows(const float *x, const float *w, float *y, long rows, int n, float eps)
     void hc_collapse(const float *x, int T, int c, int H, const float *fn, const float *base,
                      const float *scale, float norm_eps, float hc_eps, int iters,
                      float *mix, float *post, float *comb, float *col, int nthreads)
@@ -236,6 +237,16 @@ def fma_peak_flops(long iters, int nthreads):
     with nogil:
         fma_burn(iters, nthreads)
     return float(nthreads) * iters * 10 * VL * 2
+
+
+def rms_norm(const float[:, ::1] x, const float[::1] w, float[:, ::1] y, float eps,
+             bint weighted):
+    """y = RMSNorm of x's rows (weighted: times w); shapes checked by refmoe.kernels."""
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        return
+    with nogil:
+        rms_norm_rows(&x[0, 0], &w[0] if weighted else NULL, &y[0, 0], x.shape[0], x.shape[1],
+                      eps)
 
 
 def sinkhorn(float[:, :, ::1] a, int iters, float eps):

@@ -1603,6 +1603,38 @@ static uint64_t read_bytes(const uint8_t *p, size_t n, int nthreads) {
     return total;
 }
 
+/* RMSNorm of rows: y[r] = (x[r] * rsqrt(mean(x[r]^2) + eps)) * w (w NULL: unweighted), the
+ * same operations as the torch expression the models use, in one pass over the squares and
+ * one over the products; the sum of squares in VL-wide lanes (its order is not torch's, so a
+ * result may differ from torch's in the last bit). Rows are independent: a row's result does
+ * not depend on the rows beside it. */
+static void rms_norm_rows(const float *x, const float *w, float *y, long rows, int n, float eps) {
+    for (long r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * n;
+        float *yr = y + (size_t)r * n;
+        vf a0 = vf_zero(), a1 = vf_zero();
+        int k = 0;
+        for (; k + 2 * VL <= n; k += 2 * VL) {
+            vf v0 = vf_load(xr + k), v1 = vf_load(xr + k + VL);
+            a0 = vf_fma(v0, v0, a0);
+            a1 = vf_fma(v1, v1, a1);
+        }
+        float sq = vf_hsum(vf_add(a0, a1));
+        for (; k < n; k++) sq += xr[k] * xr[k];
+        float inv = 1.f / sqrtf(sq / (float)n + eps);
+        vf vi = vf_set1(inv);
+        k = 0;
+        if (w) {
+            for (; k + VL <= n; k += VL)
+                vf_store(yr + k, vf_mul(vf_mul(vf_load(xr + k), vi), vf_load(w + k)));
+            for (; k < n; k++) yr[k] = (xr[k] * inv) * w[k];
+        } else {
+            for (; k + VL <= n; k += VL) vf_store(yr + k, vf_mul(vf_load(xr + k), vi));
+            for (; k < n; k++) yr[k] = xr[k] * inv;
+        }
+    }
+}
+
 /* Sinkhorn-Knopp in place on T matrices c x c (DeepSeek-V4's hyper-connection mixing,
  * c = hc_mult, 4 in the release): columns scaled to sum to 1, then rows and columns in turn,
  * iters passes in all, each sum + eps before it divides. Float32 throughout, each sum added
