@@ -429,5 +429,5 @@ def test_rms_norm_against_float64(rows, n, scale, weighted, seed):
         np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-30)
         alone = kernels.rms_norm(x[-1:], w, 1e-6, variant=variant)
         np.testing.assert_array_equal(alone[0], got[-1])
-    with pytest.raises(ValueError, match=r"weight must have shape \(%d,\)" % n):
+    with pytest.raises(ValueError, match=rf"weight must have shape \({n},\)"):
         kernels.rms_norm(x, np.ones(n + 1, np.float32), 1e-6)
