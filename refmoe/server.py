@@ -132,6 +132,11 @@ class ChatRequest(_Sampling):
         None, description='"none", "auto", "required", or {"type": "function", "function": {...}}'
     )
     max_completion_tokens: int | None = Field(None, ge=1)
+    reasoning_effort: Literal["minimal", "low", "medium", "high", "max"] | None = Field(
+        None,
+        description="the template's reasoning_effort variable (gpt-oss: its Reasoning level; "
+        'DeepSeek-V4: "max" adds its preamble in thinking mode)',
+    )
     chat_template_kwargs: dict[str, Any] | None = Field(
         None,
         description="variables for the chat template, as vLLM and SGLang take them: "
@@ -196,6 +201,24 @@ class MessagesRequest(BaseModel):
     top_k: int = Field(0, ge=0)
     tools: list[AnthropicTool] | None = None
     tool_choice: dict | None = None
+    thinking: dict | None = Field(
+        None,
+        description='{"type": "enabled", "budget_tokens": N} or {"type": "disabled"}: sets the '
+        "chat template's thinking switches (thinking: DeepSeek-V3.1/V3.2/V4; enable_thinking: "
+        "Qwen3); absent, the template's default",
+    )
+
+
+def thinking_variables(thinking: dict | None) -> dict[str, bool]:
+    """Anthropic's thinking parameter as chat-template variables (the families' own names for
+    the switch; a template reads the one it knows)."""
+    if thinking is None:
+        return {}
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind not in ("enabled", "disabled"):
+        raise APIError(400, 'thinking: type must be "enabled" or "disabled"', param="thinking")
+    on = kind == "enabled"
+    return {"thinking": on, "enable_thinking": on}
 
 
 class TokenizeRequest(BaseModel):
@@ -868,9 +891,10 @@ def create_app(
         else:
             raise APIError(400, "tool_choice: type auto, any, tool or none", param="tool_choice")
         tools = plan_tools(tok, specs, oa_choice)
+        extra = thinking_variables(body.thinking)
         try:
             text = await asyncio.to_thread(
-                tok.apply_chat_template, turns, True, tools.specs if tools else None
+                tok.apply_chat_template, turns, True, tools.specs if tools else None, extra
             )
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
@@ -1054,7 +1078,9 @@ def create_app(
         # the specs as the client wrote them (a field it left out is not rendered as null)
         specs = [t.model_dump(exclude_unset=True) for t in body.tools] if body.tools else None
         tools = plan_tools(tok, specs, body.tool_choice)
-        extra = body.chat_template_kwargs or {}
+        extra = dict(body.chat_template_kwargs or {})
+        if body.reasoning_effort is not None:
+            extra.setdefault("reasoning_effort", body.reasoning_effort)
         taken = sorted(set(extra) & set(tok.TEMPLATE_VARIABLES))
         if taken:
             raise APIError(

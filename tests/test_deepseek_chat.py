@@ -373,3 +373,46 @@ def test_served_chat_template_kwargs_cannot_set_the_request(v4_server):
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["param"] == "chat_template_kwargs" and "messages, tools" in err["message"]
+
+
+def test_served_reasoning_effort_and_anthropic_thinking(v4_server):
+    """OpenAI's reasoning_effort and Anthropic's thinking parameter reach the template as its
+    variables: V4's "max" preamble in thinking mode; thinking enabled opens the reply inside
+    <think> (a thinking block, "plan"), disabled closes it."""
+    import httpx
+
+    anthropic = pytest.importorskip("anthropic")
+    d, s, oa = v4_server
+    tok = Tokenizer.from_dir(d)
+    ask = [{"role": "user", "content": "weather in Paris"}]
+    r = oa.chat.completions.create(
+        model="tiny",
+        messages=ask,
+        max_tokens=4,
+        reasoning_effort="max",  # the openai client's field; "max" is V4's own level
+        extra_body={"chat_template_kwargs": {"thinking": True}},
+    )
+    prompt = tok.apply_chat_template(ask, True, None, {"thinking": True, "reasoning_effort": "max"})
+    assert "Reasoning Effort: Absolute maximum" in prompt
+    assert r.usage.prompt_tokens == len(tok.encode(prompt, False))
+
+    client = anthropic.Anthropic(base_url=s.url, api_key="none", max_retries=0)
+    on = client.messages.create(
+        model="tiny",
+        max_tokens=3,
+        messages=ask,
+        thinking={"type": "enabled", "budget_tokens": 1024},
+    )
+    assert [b.type for b in on.content][:1] == ["thinking"] and on.content[0].thinking == "plan"
+    on_prompt = tok.apply_chat_template(ask, True, None, {"thinking": True})
+    assert on.usage.input_tokens == len(tok.encode(on_prompt, False))
+    off = client.messages.create(
+        model="tiny", max_tokens=3, messages=ask, thinking={"type": "disabled"}
+    )
+    assert all(b.type != "thinking" for b in off.content)
+    bad = httpx.post(
+        s.url + "/v1/messages",
+        json={"model": "tiny", "max_tokens": 3, "messages": ask, "thinking": {"type": "on"}},
+        timeout=60,
+    )
+    assert bad.status_code == 400 and "thinking" in bad.text
