@@ -851,8 +851,8 @@ def run(
 
 def _fill(layer, cfg, context: int, gen) -> None:
     """One layer's cache as if `context` tokens had run: synthetic entries of its kind (MLA's
-    latents and DSA's indexer keys, GQA's keys and values) or, for a linear-attention layer, a
-    random state that has seen that many tokens."""
+    latents and DSA's indexer keys, GQA's keys and values, a sliding layer's last window) or,
+    for a linear-attention layer, a random state that has seen that many tokens."""
     import torch
 
     from refmoe.models import deepseek_v4, deepseek_v32, gqa, qwen3_next
@@ -876,6 +876,9 @@ def _fill(layer, cfg, context: int, gen) -> None:
         dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
         channels = 2 * hk * dk + hv * dv
         layer.set(context, rand(channels, cfg.linear_conv_kernel_dim - 1), rand(hv, dk, dv))
+    elif isinstance(layer, gqa.WindowCache):  # a sliding layer: its last window only
+        g, d, held = cfg.num_key_value_heads, cfg.head_dim, min(context, layer.keep)
+        layer.set(context, rand(g, held, d), rand(g, held, d))
     elif isinstance(layer, gqa.LayerCache):
         g, d = cfg.num_key_value_heads, cfg.head_dim
         layer.k.append(rand(g, context, d))

@@ -155,19 +155,27 @@ def kv_bytes_per_token(cfg: ModelConfig) -> int:
         rate_h = cfg.compress_rates.get("heavily_compressed_attention", 128)
         d, di = cfg.head_dim, cfg.index_head_dim
         return round(2 * (csa * (d + di) / rate_c + hca * d / rate_h))
-    full = 1 - costmodel.linear_share(cfg)
+    types = cfg.layer_types or []
+    sliding = types.count("sliding_attention") / len(types) if types else 0.0
+    full = 1 - costmodel.linear_share(cfg) - sliding  # a sliding layer keeps only its window
     return round(2 * 2 * cfg.num_key_value_heads * cfg.head_dim * full)
 
 
 def state_bytes(cfg: ModelConfig) -> int:
     """The fixed state one sequence keeps, all layers together: each linear-attention layer's
     recurrent state [value heads, d_k, d_v] in float32 and its convolution's last kernel - 1
-    inputs in BF16; 0 for a model without such layers."""
-    linear = cfg.layer_types.count("linear_attention") if cfg.layer_types else 0
+    inputs in BF16, and each sliding-window layer's window of keys and values in BF16 (as
+    refmoe keeps it: gqa.WindowCache); 0 for a model with neither."""
+    types = cfg.layer_types or []
+    linear = types.count("linear_attention")
     hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
     dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
     channels = 2 * hk * dk + hv * dv
-    return linear * (4 * hv * dk * dv + 2 * channels * (cfg.linear_conv_kernel_dim - 1))
+    windows = 0
+    if cfg.family != "deepseek_v4":  # V4's windows are counted with its entries (costs above)
+        per = 2 * 2 * cfg.num_key_value_heads * cfg.head_dim * cfg.sliding_window
+        windows = types.count("sliding_attention") * per
+    return linear * (4 * hv * dk * dv + 2 * channels * (cfg.linear_conv_kernel_dim - 1)) + windows
 
 
 def model_bytes(cfg: ModelConfig) -> int:

@@ -276,3 +276,69 @@ def test_engine_reuses_a_hybrid_models_snapshots(hybrid):
         assert again[0] == out2[0]
     finally:
         engine.shutdown(1)
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    """gpt-oss: full attention, a sliding window of 2, full attention (test_families' tiny
+    config, the window narrower than every prompt here)."""
+    from test_families import build
+
+    d = tmp_path_factory.mktemp("gpt_oss")
+    build("gpt_oss", "full_first").save_pretrained(d)
+    return models.load(d)[1]
+
+
+def test_sliding_layers_keep_their_window_only(windowed):
+    """A sliding layer's cache holds its last `window` positions, whatever the length: the
+    KV budget counts the full layers per token and the windows as fixed state; chunked and
+    token-by-token prefill give the whole prefill's logits."""
+    from refmoe.models.gqa import WindowCache
+
+    whole = windowed.forward(torch.tensor(LONG), (cache := windowed.new_cache()))
+    windows = [c for c in cache.layers if isinstance(c, WindowCache)]
+    assert len(windows) == 1 and windows[0].k.shape[1] == windows[0].keep == 2
+    assert windows[0].length == cache.length == len(LONG)
+    full = [b.attn for b in windowed.blocks if b.attn.window == 0]
+    assert windowed.kv_bytes_per_token() == sum(a.cache_bytes_per_token() for a in full) > 0
+    assert windowed.state_bytes() == 2 * 4 * windowed.cfg.num_key_value_heads * 2 * (
+        windowed.cfg.head_dim
+    )
+    tol = 1e-4 * whole.abs().max()
+    for step in (1, 3, 7):
+        c = windowed.new_cache()
+        parts = [windowed.forward(torch.tensor(LONG[i : i + step]), c) for i in range(0, 100, step)]
+        assert (torch.cat(parts) - whole).abs().max() <= tol, step
+
+
+def test_window_snapshots_restore_exactly_and_the_engine_reuses_them(windowed):
+    """The prefix cache keeps a sliding layer's window as a snapshot (a linear-attention
+    layer's way): a restored prefix plus the rest gives the whole prefill's logits, bit for bit
+    the cache that ran on; the engine's next turn restores it and generates what a whole
+    prefill gives."""
+    whole = windowed.forward(torch.tensor(LONG), windowed.new_cache())
+    pc = PrefixCache(1 << 30, block_tokens=32, snapshot_every=32)
+    cache = windowed.new_cache()
+    cache.mark([40, 70])
+    windowed.forward(torch.tensor(LONG[:70]), cache)
+    assert pc.store(LONG[:70], cache) == 4 and pc.stats.stored_snapshots == 2
+    went_on = windowed.forward(torch.tensor(LONG[70:]), cache)
+    for ids, end in [(LONG, 70), (LONG[:60], 40)]:
+        fresh = windowed.new_cache()
+        pc.restore(pc.match(ids, recurrent=True), fresh)
+        assert fresh.length == end
+        rest = windowed.forward(torch.tensor(LONG[end:]), fresh)
+        assert (rest - whole[end:]).abs().max() <= 1e-4 * whole.abs().max(), end
+        if end == 70:
+            assert torch.equal(rest, went_on)
+    engine = Engine(windowed, prefill="cpu", prefix_cache_gib=0.5).start()
+    try:
+        assert engine.recurrent
+        out1, _, _ = _run(engine, [LONG[:60]], 8)
+        assert out1[0] == generate(windowed, LONG[:60], 8).token_ids
+        turn2 = LONG[:60] + out1[0] + LONG[60:90]
+        out2, ends2, _ = _run(engine, [turn2], 8)
+        assert ends2[0]["usage"]["prompt_tokens_details"]["cached_tokens"] == 60 + 8 - 1
+        assert out2[0] == generate(windowed, turn2, 8).token_ids
+    finally:
+        engine.shutdown(1)

@@ -73,7 +73,7 @@ def test_logits_match_transformers(saved):
     assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
     assert cache.length == len(PROMPT) and not cache.positional
     # the fixed state a sequence keeps: conv inputs and the recurrent state, per linear layer
-    linear = [b.attn for b in mine.blocks if hasattr(b.attn, "state_bytes")]
+    linear = [b.attn for b in mine.blocks if isinstance(b.attn, qwen3_next.GatedDeltaNet)]
     c = linear[0]
     per = 4 * (c.channels * 3 + c.hv * c.dk * c.dv)
     assert mine.state_bytes() == per * len(linear)
@@ -114,7 +114,7 @@ def test_engine_caches_snapshots_and_dslp_is_refused(saved):
     class Split:  # what a DSLP rank passes: its slice of a prompt
         offset = 0
 
-    block = next(b for b in mine.blocks if hasattr(b.attn, "state_bytes"))
+    block = next(b for b in mine.blocks if isinstance(b.attn, qwen3_next.GatedDeltaNet))
     with pytest.raises(ValueError, match="DSLP"):
         block.attn(torch.zeros(2, 64), None, None, 1.0, block.attn.new_cache(), Split())
 

@@ -131,6 +131,11 @@ class DecoderModel:
         """Host or device bytes one cached token takes, all layers together."""
         return sum(block.attn.cache_bytes_per_token() for block in self.blocks)
 
+    def state_bytes(self) -> int:
+        """The fixed cache one sequence keeps beside its growing ones: linear-attention layers'
+        states and sliding-window layers' windows."""
+        return sum(getattr(b.attn, "state_bytes", lambda: 0)() for b in self.blocks)
+
     def new_cache(self) -> KVCache:
         return KVCache([block.attn.new_cache() for block in self.blocks])
 

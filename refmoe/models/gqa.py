@@ -2,8 +2,9 @@
 gpt-oss), one class whose options come from the config: q/k RMSNorm per head (Qwen3, GLM with
 use_qk_norm) or over all heads at once (MiniMax-M2), rope on the first rotary_dim dims of each
 head (partial rotary: GLM, MiniMax), q/k/v and o biases (GLM, gpt-oss), learned sinks and
-sliding-window layers (gpt-oss). The cache keeps every position's keys and values, a sliding
-layer's too (a window's attention reads only its last `window` keys).
+sliding-window layers (gpt-oss). A full layer's cache keeps every position's keys and values;
+a sliding layer's keeps its last `window` positions only (WindowCache), a fixed size per
+sequence like a linear-attention layer's state, and snapshotted for the prefix cache as one.
 
 Legend: T = tokens in this call, S = tokens in the cache, n = query heads, g = key/value heads,
 d = head_dim, r = rotary dims.
@@ -35,9 +36,60 @@ class LayerCache:
         return self.k.n
 
 
-class GQA:
-    new_cache = LayerCache
+@dataclass(slots=True)
+class WindowCache:
+    """A sliding-window layer: the keys (roped) and values of its last `keep` positions,
+    [g, <= keep, d] each, and how many tokens it has seen. A query at position p reads keys
+    p - window + 1 .. p only, so nothing older is kept. No prefix can be cut out of it at an
+    earlier position, so, as for a linear-attention layer, the prefix cache keeps snapshots:
+    `marks` are the positions at which its window is kept in `snaps` as a prompt passes them.
+    k and v are replaced, never written in place, so a snapshot or a step's reader keeps what
+    it took."""
 
+    keep: int = 0
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    n: int = 0
+    marks: list[int] = field(default_factory=list)
+    snaps: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    recurrent = True  # not position-indexed: no prefix can be cut out of it
+
+    @property
+    def length(self) -> int:
+        return self.n
+
+    def now(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) of the window after the tokens seen so far."""
+        if self.k is None or self.v is None:
+            raise ValueError("an empty sliding-window cache has no window to snapshot")
+        return self.k, self.v
+
+    def set(self, n: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Start from a snapshot taken after n tokens (copies: the snapshot stays whole)."""
+        if k.shape[1] > self.keep or k.shape[1] > n:
+            raise ValueError(f"a window of {k.shape[1]} positions after {n} tokens")
+        self.n, self.k, self.v = n, k.clone(), v.clone()
+
+    def attend_and_append(self, k: torch.Tensor, v: torch.Tensor):
+        """The keys and values this call attends over ([g, held + T, d]: the window, then k and
+        v [g, T, d] of positions n .. n + T), the position of the first of them; then keep the
+        last `keep` and the windows the marks in (n, n + T] ask for."""
+        kk, vv, held = k, v, 0
+        if self.k is not None and self.v is not None:
+            held = self.k.shape[1]
+            kk, vv = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
+        first, t = self.n - held, k.shape[1]
+        for m in self.marks:
+            if self.n < m <= self.n + t:
+                lo = max(0, m - self.keep - first)
+                self.snaps[m] = (kk[:, lo : m - first].clone(), vv[:, lo : m - first].clone())
+        cut = max(0, kk.shape[1] - self.keep)
+        self.k, self.v = kk[:, cut:].contiguous(), vv[:, cut:].contiguous()
+        self.n += t
+        return kk, vv, first
+
+
+class GQA:
     def __init__(self, ck: Checkpoint, p: str, cfg: ModelConfig, layer: int = 0):
         h, n, g, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.cfg, self.n, self.g, self.d, self.r = cfg, n, g, d, cfg.rotary_dim
@@ -63,9 +115,18 @@ class GQA:
         self.sinks = load_dense(ck, f"{p}.sinks", (n,)) if cfg.attention_sinks else None
         self.window = cfg.window(layer)
 
+    def new_cache(self) -> LayerCache | WindowCache:
+        """Every position for a full layer; the last `window` for a sliding one."""
+        return WindowCache(self.window) if self.window > 0 else LayerCache()
+
     def cache_bytes_per_token(self) -> int:
-        """What one token adds to this layer's cache: its keys and values, float32."""
-        return 2 * 4 * self.g * self.d
+        """What one token adds to this layer's cache: its keys and values, float32 (nothing
+        for a sliding layer, whose window is state_bytes)."""
+        return 0 if self.window > 0 else 2 * 4 * self.g * self.d
+
+    def state_bytes(self) -> int:
+        """The fixed cache one sequence keeps in a sliding layer: its window's keys and values."""
+        return 2 * 4 * self.g * self.d * self.window if self.window > 0 else 0
 
     def __call__(
         self,
@@ -118,9 +179,14 @@ class GQA:
         start = cache.length
         if cp is not None:
             k, v, start = cp.gather(k, dim=1), cp.gather(v, dim=1), start + cp.offset
-        kk, vv = cache.k.append(k), cache.v.append(v)  # [g, S, d]: grouped, never copied
         scale = d**-0.5 * softmax_scale
-        out = attend(q, kk, vv, start, scale, window=self.window, sinks=self.sinks)  # [n, T, d]
+        if isinstance(cache, WindowCache):  # the window, then this call's keys
+            kk, vv, first = cache.attend_and_append(k, v)
+        else:
+            kk, vv, first = cache.k.append(k), cache.v.append(v), 0  # [g, S, d], never copied
+        out = attend(
+            q, kk, vv, start, scale, window=self.window, sinks=self.sinks, key_start=first
+        )  # [n, T, d]
         out = out.transpose(0, 1).reshape(t, n * d)
         return out if gate is None else out * torch.sigmoid(gate)
 

@@ -140,8 +140,10 @@ def attend(
     window: int = 0,
     sinks: torch.Tensor | None = None,
     allowed: torch.Tensor | None = None,
+    key_start: int = 0,
 ) -> torch.Tensor:
-    """Causal attention of queries at positions start .. start+T over keys 0 .. S.
+    """Causal attention of queries at positions start .. start+T over keys key_start ..
+    key_start+S (key_start > 0: a sliding window's cache, which holds only its last keys).
     q [n, T, d], k [g, S, d], v [g, S, dv] -> [n, T, dv], where g divides n (GQA: each key
     head serves n / g consecutive query heads, which are stacked as rows of one product over
     its keys, so the cache is never copied per query head). Query blocks keep the score matrix
@@ -156,6 +158,8 @@ def attend(
         raise ValueError(f"{n} query heads over {g} key and {v.shape[0]} value heads")
     if t == 0:  # a rank that only hosts a distributed prefill attends for no query
         return q.new_zeros((n, 0, dv))
+    if key_start and (window <= 0 or allowed is not None):
+        raise ValueError("keys from a later position than 0 come only from a sliding window")
     fused = q.is_cuda or (t >= CPU_FLASH_MIN_TOKENS and q.dtype == torch.float32)
     if fused and window == 0 and sinks is None and allowed is None:
         out = _fused_attention(q, k, v, start, scale)
@@ -168,10 +172,12 @@ def attend(
     for lo in range(0, t, block):
         hi = min(t, lo + block)
         b = hi - lo
-        first = max(0, start + lo - window + 1) if window > 0 else 0  # the oldest key seen
+        # the oldest key any query of the block sees, as a position and as an index into k
+        first = max(key_start, start + lo - window + 1) if window > 0 else 0
+        i0, seen = first - key_start, s - (first - key_start)
         rows = grouped[:, :, lo:hi].reshape(g, r * b, d)
-        scores = (rows @ k[:, first:].transpose(1, 2)).view(g, r, b, s - first) * scale
-        scores = mask_causal(scores, start + lo, first, window)  # [g, r, b, S - first]
+        scores = (rows @ k[:, i0:].transpose(1, 2)).view(g, r, b, seen) * scale
+        scores = mask_causal(scores, start + lo, first, window)  # [g, r, b, seen]
         if allowed is not None:
             scores = scores.masked_fill(~allowed[lo:hi, first:], float("-inf"))
         if sinks is not None:
@@ -179,7 +185,7 @@ def attend(
             probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
         else:
             probs = torch.softmax(scores, dim=-1)
-        out = probs.reshape(g, r * b, s - first) @ v[:, first:]  # [g, r b, dv]
+        out = probs.reshape(g, r * b, seen) @ v[:, i0:]  # [g, r b, dv]
         outs.append(out.view(n, b, dv))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 

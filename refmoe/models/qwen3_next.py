@@ -245,10 +245,6 @@ class Transformer(gqa.Transformer):
             attn = gqa.GQA(ck, f"{p}.self_attn", cfg, layer)
         return Block(ck, layer, cfg, attn, expert_dtype, num_threads, self.ffn, self.names)
 
-    def state_bytes(self) -> int:
-        """The fixed state one sequence keeps beside its growing caches."""
-        return sum(getattr(b.attn, "state_bytes", lambda: 0)() for b in self.blocks)
-
 
 if __name__ == "__main__":  # smoke run: python -m refmoe.models.qwen3_next MODEL_DIR
     smoke(Transformer)
