@@ -141,6 +141,28 @@ def test_tools_without_a_system_prompt_results_and_user_turns_join():
     )
 
 
+def test_tool_results_follow_the_calls_order():
+    """Results joined in one user turn go in the order of the calls they answer (DeepSeek's
+    encoder sorts them by tool_call_id; an unknown id counts as the first call), text blocks
+    where they were."""
+    calls = [{**CALL, "id": f"c{i}"} for i in range(3)]
+    convo = [
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": "", "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "c2", "content": "r2"},
+        {"role": "tool", "tool_call_id": "zz", "content": "unknown"},
+        {"role": "tool", "tool_call_id": "c1", "content": "r1"},
+        {"role": "user", "content": "then?"},
+        {"role": "tool", "tool_call_id": "c0", "content": "r0"},
+    ]
+    out = render(convo)
+    want = ["unknown", "r0", "r1", "then?", "r2"]  # c0's result moves ahead of c1's and c2's
+    joined = out[out.rindex(U) + len(U) : out.rindex(A)]
+    assert joined == "\n\n".join(
+        w if w == "then?" else f"<tool_result>{w}</tool_result>" for w in want
+    )
+
+
 def test_arguments_as_objects_or_text_and_developer_turns():
     args = {"q": "x", "n": 2, "flags": [True, None], "opt": {"k": "v"}}
     call = {"function": {"name": "s", "arguments": args}}
