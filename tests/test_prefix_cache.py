@@ -259,23 +259,27 @@ def test_snapshots_evict_as_leaves_and_count_their_state(hybrid):
     assert held == {k for k, b in pc.blocks.items() if b.states is not None} and len(held) == 2
 
 
-def test_engine_reuses_a_hybrid_models_snapshots(hybrid):
+def agent_turns_reuse_snapshots(model) -> None:
     """An agent's turn 2 restores turn 1's state where turn 1 ended; the same prompt again
     restores it at its last token but one; the tokens are what a whole prefill gives."""
-    engine = Engine(hybrid, prefill="cpu", prefix_cache_gib=0.5).start()
+    engine = Engine(model, prefill="cpu", prefix_cache_gib=0.5).start()
     try:
         assert engine.prefix is not None and engine.recurrent
         out1, ends1, _ = _run(engine, [LONG[:60]], 8)
-        assert out1[0] == generate(hybrid, LONG[:60], 8).token_ids
+        assert out1[0] == generate(model, LONG[:60], 8).token_ids
         turn2 = LONG[:60] + out1[0] + LONG[60:90]
         out2, ends2, _ = _run(engine, [turn2], 8)
         assert ends2[0]["usage"]["prompt_tokens_details"]["cached_tokens"] == 60 + 8 - 1
-        assert out2[0] == generate(hybrid, turn2, 8).token_ids
+        assert out2[0] == generate(model, turn2, 8).token_ids
         again, ends3, _ = _run(engine, [turn2], 8)
         assert ends3[0]["usage"]["prompt_tokens_details"]["cached_tokens"] == len(turn2) - 1
         assert again[0] == out2[0]
     finally:
         engine.shutdown(1)
+
+
+def test_engine_reuses_a_hybrid_models_snapshots(hybrid):
+    agent_turns_reuse_snapshots(hybrid)
 
 
 @pytest.fixture(scope="module")
@@ -331,14 +335,4 @@ def test_window_snapshots_restore_exactly_and_the_engine_reuses_them(windowed):
         assert (rest - whole[end:]).abs().max() <= 1e-4 * whole.abs().max(), end
         if end == 70:
             assert torch.equal(rest, went_on)
-    engine = Engine(windowed, prefill="cpu", prefix_cache_gib=0.5).start()
-    try:
-        assert engine.recurrent
-        out1, _, _ = _run(engine, [LONG[:60]], 8)
-        assert out1[0] == generate(windowed, LONG[:60], 8).token_ids
-        turn2 = LONG[:60] + out1[0] + LONG[60:90]
-        out2, ends2, _ = _run(engine, [turn2], 8)
-        assert ends2[0]["usage"]["prompt_tokens_details"]["cached_tokens"] == 60 + 8 - 1
-        assert out2[0] == generate(windowed, turn2, 8).token_ids
-    finally:
-        engine.shutdown(1)
+    agent_turns_reuse_snapshots(windowed)

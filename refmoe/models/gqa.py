@@ -20,7 +20,7 @@ from refmoe.checkpoint import Checkpoint
 from refmoe.config import ModelConfig
 from refmoe.models.decoder import Block, DecoderModel
 from refmoe.models.experts import DEEPSEEK
-from refmoe.models.kv_cache import Growing
+from refmoe.models.kv_cache import Growing, Snapshotted
 from refmoe.models.layers import Linear, apply_rope, attend, load_dense, load_norm, rms_norm
 
 
@@ -37,38 +37,21 @@ class LayerCache:
 
 
 @dataclass(slots=True)
-class WindowCache:
+class WindowCache(Snapshotted):
     """A sliding-window layer: the keys (roped) and values of its last `keep` positions,
-    [g, <= keep, d] each, and how many tokens it has seen. A query at position p reads keys
-    p - window + 1 .. p only, so nothing older is kept. No prefix can be cut out of it at an
-    earlier position, so, as for a linear-attention layer, the prefix cache keeps snapshots:
-    `marks` are the positions at which its window is kept in `snaps` as a prompt passes them.
-    k and v are replaced, never written in place, so a snapshot or a step's reader keeps what
-    it took."""
+    [g, <= keep, d] each. A query at position p reads keys p - window + 1 .. p only, so nothing
+    older is kept; snapshotted for the prefix cache as a linear-attention state is
+    (Snapshotted)."""
 
+    PARTS = ("k", "v")
     keep: int = 0
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
-    n: int = 0
-    marks: list[int] = field(default_factory=list)
-    snaps: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    recurrent = True  # not position-indexed: no prefix can be cut out of it
 
-    @property
-    def length(self) -> int:
-        return self.n
-
-    def now(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(keys, values) of the window after the tokens seen so far."""
-        if self.k is None or self.v is None:
-            raise ValueError("an empty sliding-window cache has no window to snapshot")
-        return self.k, self.v
-
-    def set(self, n: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Start from a snapshot taken after n tokens (copies: the snapshot stays whole)."""
-        if k.shape[1] > self.keep or k.shape[1] > n:
-            raise ValueError(f"a window of {k.shape[1]} positions after {n} tokens")
-        self.n, self.k, self.v = n, k.clone(), v.clone()
+    def set(self, n: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        if a.shape[1] > self.keep or a.shape[1] > n:
+            raise ValueError(f"a window of {a.shape[1]} positions after {n} tokens")
+        Snapshotted.set(self, n, a, b)
 
     def attend_and_append(self, k: torch.Tensor, v: torch.Tensor):
         """The keys and values this call attends over ([g, held + T, d]: the window, then k and
@@ -117,7 +100,7 @@ class GQA:
 
     def new_cache(self) -> LayerCache | WindowCache:
         """Every position for a full layer; the last `window` for a sliding one."""
-        return WindowCache(self.window) if self.window > 0 else LayerCache()
+        return WindowCache(keep=self.window) if self.window > 0 else LayerCache()
 
     def cache_bytes_per_token(self) -> int:
         """What one token adds to this layer's cache: its keys and values, float32 (nothing

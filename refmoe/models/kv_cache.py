@@ -39,6 +39,39 @@ class Growing:
 
 
 @dataclass(slots=True)
+class Snapshotted:
+    """A layer cache of fixed size per sequence (a linear-attention layer's state, a sliding
+    layer's window): two tensors named by PARTS and how many tokens they have seen. No prefix
+    can be cut out of it at an earlier position, so a prefix cache keeps snapshots instead:
+    `marks` are the positions (tokens seen) at which the layer keeps its two tensors in `snaps`
+    as a prompt passes them. The tensors are replaced, never written in place, so a snapshot or
+    a reader keeps what it took."""
+
+    PARTS = ("a", "b")  # the subclass's two tensor fields
+    n: int = 0
+    marks: list[int] = field(default_factory=list)
+    snaps: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    recurrent = True  # not position-indexed: no prefix can be cut out of it
+
+    @property
+    def length(self) -> int:
+        return self.n
+
+    def now(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two tensors after the tokens seen so far."""
+        a, b = (getattr(self, name) for name in self.PARTS)
+        if a is None or b is None:
+            raise ValueError(f"an empty {type(self).__name__} has nothing to snapshot")
+        return a, b
+
+    def set(self, n: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Start from a snapshot taken after n tokens (copies: the snapshot stays whole)."""
+        self.n = n
+        for name, t in zip(self.PARTS, (a, b)):
+            setattr(self, name, t.clone())
+
+
+@dataclass(slots=True)
 class KVCache:
     """One cache per layer, of the family's own kind (latent for MLA, k/v for GQA)."""
 

@@ -29,7 +29,7 @@ value heads, dk / dv = their widths.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,36 +39,18 @@ from refmoe.config import ModelConfig
 from refmoe.models import gqa
 from refmoe.models.decoder import Block, smoke
 from refmoe.models.experts import QWEN3_NEXT
+from refmoe.models.kv_cache import Snapshotted
 from refmoe.models.layers import Linear, load_dense, rms_norm
 
 
 @dataclass(slots=True)
-class LinearCache:
-    """Per sequence, one linear layer: the convolution's last inputs [C, kernel - 1], the
-    recurrent state [hv, dk, dv], and how many tokens they have seen. No prefix can be cut out
-    of it, so a prefix cache keeps snapshots instead: `marks` are the positions (tokens seen)
-    at which the layer keeps its (conv, state) in `snaps` as a prompt passes them."""
+class LinearCache(Snapshotted):
+    """Per sequence, one linear layer: the convolution's last inputs [C, kernel - 1] and the
+    recurrent state [hv, dk, dv], snapshotted for the prefix cache (Snapshotted)."""
 
+    PARTS = ("conv", "state")
     conv: torch.Tensor | None = None
     state: torch.Tensor | None = None
-    n: int = 0
-    marks: list[int] = field(default_factory=list)
-    snaps: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    recurrent = True  # not position-indexed: no prefix can be cut out of it
-
-    @property
-    def length(self) -> int:
-        return self.n
-
-    def now(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(conv, state) after the tokens seen so far."""
-        if self.conv is None or self.state is None:
-            raise ValueError("an empty linear-attention cache has no state to snapshot")
-        return self.conv, self.state
-
-    def set(self, n: int, conv: torch.Tensor, state: torch.Tensor) -> None:
-        """Start from a snapshot taken after n tokens (copies: the snapshot stays whole)."""
-        self.n, self.conv, self.state = n, conv.clone(), state.clone()
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
