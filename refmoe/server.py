@@ -1081,13 +1081,12 @@ def create_app(
         extra = dict(body.chat_template_kwargs or {})
         if body.reasoning_effort is not None:
             extra.setdefault("reasoning_effort", body.reasoning_effort)
-        taken = sorted(set(extra) & set(tok.TEMPLATE_VARIABLES))
-        if taken:
+        try:
+            tok.check_template_variables(extra)
+        except ValueError as e:
             raise APIError(
-                400,
-                f"chat_template_kwargs: {', '.join(taken)} cannot be set (the request sets it)",
-                param="chat_template_kwargs",
-            )
+                400, f"chat_template_kwargs: {e}", param="chat_template_kwargs"
+            ) from None
         try:
             text = await asyncio.to_thread(
                 tok.apply_chat_template,

@@ -147,6 +147,12 @@ class Tokenizer:
     # what apply_chat_template itself sets; extra variables may not
     TEMPLATE_VARIABLES = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
 
+    def check_template_variables(self, extra: dict | None) -> None:
+        """A ValueError naming the variables in extra that the call itself sets."""
+        taken = sorted(set(extra or ()) & set(self.TEMPLATE_VARIABLES))
+        if taken:
+            raise ValueError(f"{', '.join(taken)} are set by the call, not as template variables")
+
     def apply_chat_template(
         self,
         messages: list[dict],
@@ -157,9 +163,7 @@ class Tokenizer:
         """The conversation rendered by the model's own template (tools: OpenAI's function
         specs, which templates that know tools render into the prompt; extra: the template's
         own variables, such as thinking or enable_thinking)."""
-        taken = sorted(set(extra or ()) & set(self.TEMPLATE_VARIABLES))
-        if taken:
-            raise ValueError(f"template variables {', '.join(taken)} are set by the call")
+        self.check_template_variables(extra)
         template = self.chat_template
         if not template:
             raise ValueError(

@@ -1675,12 +1675,6 @@ static void hc_collapse(const float *x, int T, int c, int H, const float *fn, co
         int tid = thread_id(), nt = team_size();
         for (int t = 0; t < T; t++) {
             const float *xt = x + (size_t)t * K;
-            vf ss = vf_zero();
-            int k = 0;
-            for (; k + VL <= K; k += VL) ss = vf_fma(vf_load(xt + k), vf_load(xt + k), ss);
-            float sq = vf_hsum(ss);
-            for (; k < K; k++) sq += xt[k] * xt[k];
-            float r = 1.f / sqrtf(sq / (float)K + norm_eps);
             for (int j = m * tid / nt; j < m * (tid + 1) / nt; j++) {
                 const float *w = fn + (size_t)j * K;
                 vf a0 = vf_zero(), a1 = vf_zero();
@@ -1691,14 +1685,22 @@ static void hc_collapse(const float *x, int T, int c, int H, const float *fn, co
                 }
                 float d = vf_hsum(vf_add(a0, a1));
                 for (; i < K; i++) d += xt[i] * w[i];
-                mix[(size_t)t * m + j] = d * r;
+                mix[(size_t)t * m + j] = d;
             }
         }
     }
-    for (int t = 0; t < T; t++) {
+    for (int t = 0; t < T; t++) { /* the rms scale once per token, then the gates */
+        const float *xt = x + (size_t)t * K;
+        vf ss = vf_zero();
+        int k = 0;
+        for (; k + VL <= K; k += VL) ss = vf_fma(vf_load(xt + k), vf_load(xt + k), ss);
+        float sq = vf_hsum(ss);
+        for (; k < K; k++) sq += xt[k] * xt[k];
+        float r = 1.f / sqrtf(sq / (float)K + norm_eps);
         float *z = mix + (size_t)t * m, *p = post + (size_t)t * c, *cb = comb + (size_t)t * c * c;
         float pre[64];
-        for (int j = 0; j < m; j++) z[j] = z[j] * scale[j < c ? 0 : j < 2 * c ? 1 : 2] + base[j];
+        for (int j = 0; j < m; j++)
+            z[j] = (z[j] * r) * scale[j < c ? 0 : j < 2 * c ? 1 : 2] + base[j];
         for (int i = 0; i < c; i++) {
             pre[i] = 1.f / (1.f + expf(-z[i])) + hc_eps;
             p[i] = 2.f / (1.f + expf(-z[c + i]));
@@ -1711,7 +1713,6 @@ static void hc_collapse(const float *x, int T, int c, int H, const float *fn, co
             for (int j = 0; j < c; j++) cb[i * c + j] = cb[i * c + j] / sum + hc_eps;
         }
         sinkhorn_inplace(cb, 1, c, iters, hc_eps);
-        const float *xt = x + (size_t)t * K;
         for (int h = 0; h < H; h++) {
             float a = 0.f;
             for (int i = 0; i < c; i++) a += pre[i] * xt[(size_t)i * H + h];
