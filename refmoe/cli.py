@@ -301,9 +301,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 f"{args.model}: no tokenizer.json (or tiktoken.model); pass --prompt-ids"
             )
         elif args.chat:  # the template writes the special tokens itself
-            prompt = tok.encode(
-                tok.apply_chat_template([{"role": "user", "content": args.prompt}]), False
-            )
+            turn = [{"role": "user", "content": args.prompt}]
+            extra = _template_kwargs(args.chat_template_kwargs)
+            prompt = tok.encode(tok.apply_chat_template(turn, True, None, extra), False)
         else:
             prompt = tok.encode(args.prompt)
         show = (
@@ -407,6 +407,19 @@ def add_family_argument(parser: argparse.ArgumentParser, pre: str) -> None:
         "deepseek_v4 (DeepSeek-V4-Flash's: CSA / HCA compressed attention, 4 residual streams, "
         "FP4 experts)",
     )
+
+
+def _template_kwargs(text: str | None) -> dict | None:
+    """--chat-template-kwargs: a JSON object, or a ValueError naming the option."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--chat-template-kwargs: not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError("--chat-template-kwargs: must be a JSON object")
+    return value
 
 
 def _demo_model(args: argparse.Namespace):
@@ -643,6 +656,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat",
         action="store_true",
         help="wrap --prompt as a user message in the model's chat template",
+    )
+    g.add_argument(
+        "--chat-template-kwargs",
+        metavar="JSON",
+        help="with --chat: the template's variables, e.g. '{\"thinking\": true}' (DeepSeek) or "
+        "'{\"enable_thinking\": false}' (Qwen3)",
     )
     g.add_argument("--max-tokens", type=int, default=32)
     g.add_argument(

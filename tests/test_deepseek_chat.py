@@ -438,3 +438,25 @@ def test_served_reasoning_effort_and_anthropic_thinking(v4_server):
         timeout=60,
     )
     assert bad.status_code == 400 and "thinking" in bad.text
+
+
+def test_generate_chat_takes_template_variables(v4_server, capsys):
+    """`refmoe generate --chat --chat-template-kwargs JSON`: the template's variables from the
+    command line (thinking mode: the reply starts with the thought); bad JSON named."""
+    from conftest import cli_generate
+
+    from refmoe import cli
+
+    d, _, _ = v4_server
+    tok = Tokenizer.from_dir(d)
+    out = cli_generate(
+        d, "--prompt", "weather in Paris", "--chat", "--max-tokens", "2",
+        "--chat-template-kwargs", '{"thinking": true}',
+    )  # fmt: skip
+    ask = [{"role": "user", "content": "weather in Paris"}]
+    want = tok.encode(tok.apply_chat_template(ask, True, None, {"thinking": True}), False)
+    assert out["prompt_tokens"] == len(want) and out["text"].startswith("plan")
+    for bad, needle in (("{", "not JSON"), ("[1]", "must be a JSON object")):
+        code = cli.main(["generate", "--model", str(d), "--prompt", "x", "--chat",
+                         "--chat-template-kwargs", bad])  # fmt: skip
+        assert code == 2 and f"--chat-template-kwargs: {needle}" in capsys.readouterr().err
