@@ -155,6 +155,12 @@ def linear_share(cfg: ModelConfig) -> float:
     return types.count("linear_attention") / len(types) if types else 0.0
 
 
+def sliding_share(cfg: ModelConfig) -> float:
+    """The share of layers whose attention is a sliding window (a fixed window to read and keep)."""
+    types = cfg.layer_types
+    return types.count("sliding_attention") / len(types) if types else 0.0
+
+
 def recurrent_flops(cfg: ModelConfig) -> float:
     """One token's gated delta rule in one linear layer: decaying the state, recalling k,
     the rank-one update and reading q, each about 2 x value heads x d_k x d_v FLOPs; the

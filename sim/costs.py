@@ -93,10 +93,9 @@ def score_flops(cfg: ModelConfig, tokens: int, past: int = 0, dense: bool = Fals
         indexer = 2.0 * cfg.index_n_heads * cfg.index_head_dim * (1 - shared)
         picked = full if dense else attended_keys(tokens, past, cfg.index_topk)
         return per_key * picked + indexer * full
-    types = cfg.layer_types
-    if not types or "sliding_attention" not in types:
+    sliding = costmodel.sliding_share(cfg)
+    if not sliding:
         return per_key * full
-    sliding = types.count("sliding_attention") / len(types)
     window: float
     if dense:
         window = tokens * min(past + tokens, cfg.sliding_window + tokens)
@@ -155,9 +154,8 @@ def kv_bytes_per_token(cfg: ModelConfig) -> int:
         rate_h = cfg.compress_rates.get("heavily_compressed_attention", 128)
         d, di = cfg.head_dim, cfg.index_head_dim
         return round(2 * (csa * (d + di) / rate_c + hca * d / rate_h))
-    types = cfg.layer_types or []
-    sliding = types.count("sliding_attention") / len(types) if types else 0.0
-    full = 1 - costmodel.linear_share(cfg) - sliding  # a sliding layer keeps only its window
+    # a sliding layer keeps only its window (state_bytes)
+    full = 1 - costmodel.linear_share(cfg) - costmodel.sliding_share(cfg)
     return round(2 * 2 * cfg.num_key_value_heads * cfg.head_dim * full)
 
 
