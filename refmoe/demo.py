@@ -860,17 +860,14 @@ def _fill(layer, cfg, context: int, gen) -> None:
     def rand(*shape):
         return torch.randn(*shape, generator=gen)
 
-    if isinstance(layer, deepseek_v4.LayerCache):  # keys, and the compressors' inputs
-        d, di, csa = cfg.head_dim, cfg.index_head_dim, layer.ikv is not None
-        layer.kv.append(rand(context, d))
-        for part, wide in (
-            (layer.ckv, (2 if csa else 1) * d),
-            (layer.cgate, (2 if csa else 1) * d),
-            (layer.ikv, 2 * di),
-            (layer.igate, 2 * di),
-        ):
-            if part is not None:
-                part.append(rand(context, wide))
+    if isinstance(layer, deepseek_v4.LayerCache):  # window, open windows, closed entries
+        window, *projections = layer.now()  # empty, each as wide as the layer keeps it
+        tail = context - layer.tail_start(context)
+        open_ = [rand(tail, p.shape[1]) for p in projections]
+        layer.set(context, rand(min(context, layer.keep), window.shape[1]), *open_)
+        for grown, width in ((layer.entries, cfg.head_dim), (layer.index_keys, cfg.index_head_dim)):
+            if grown is not None:
+                grown.append(rand(context // layer.rate, width))
     elif isinstance(layer, qwen3_next.LinearCache):
         hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
         dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim

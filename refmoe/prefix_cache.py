@@ -16,11 +16,12 @@ the whole conversation) prefills only what is new.
                  to its start, so a parent is always more recent than its children, and only
                  blocks with no cached children are evicted
 
-    snapshots    a cache with recurrent layers (linear attention: Qwen3-Next, Qwen3.5) has no
-                 prefix to cut out of their state, so it is kept at chosen positions instead:
+    snapshots    a cache with recurrent layers (linear attention: Qwen3-Next, Qwen3.5; sliding
+                 windows: gpt-oss, DeepSeek-V4) has no prefix to cut out of their state, so
+                 it is kept at chosen positions instead:
                  a snapshot is a leaf under the full block its position falls after, holding
                  the tokens past that block (the tail, fewer than a block), the positional
-                 layers' entries for them, and every recurrent layer's (conv, state) at that
+                 layers' entries for them, and every recurrent layer's tensors at that
                  position. Positions: the prompt's last but one token (so an agent's next turn,
                  or the same prompt again, finds it), every `snapshot_every` tokens of a long
                  prompt (so requests that share only a long system prompt share it) and the
@@ -57,7 +58,7 @@ class Block:
     tensors: list[list[torch.Tensor]]  # per layer, per growing part (host memory)
     nbytes: int
     children: int = 0
-    states: list | None = None  # a snapshot: per recurrent layer (conv, state) at its end
+    states: list | None = None  # a snapshot: per recurrent layer its tensors at its end
 
 
 @dataclass(slots=True)
@@ -188,7 +189,7 @@ class PrefixCache:
             ]
             for layer, gs in enumerate(cache.parts())
         ]
-        moved = [(conv.to(device), state.to(device)) for conv, state in states or []]
+        moved = [tuple(t.to(device) for t in state) for state in states or []]
         cache.restore(layers, moved, hit.tokens)
 
     def store(self, ids: list[int], cache: KVCache, now: bool = False) -> int:
@@ -257,11 +258,9 @@ class PrefixCache:
         tensors = [[t.to("cpu", copy=True) for t in layer] for layer in layers]
         kept = None
         if states is not None:
-            kept = [(c.to("cpu", copy=True), s.to("cpu", copy=True)) for c, s in states]
+            kept = [tuple(t.to("cpu", copy=True) for t in state) for state in states]
         nbytes = sum(t.numel() * t.element_size() for layer in tensors for t in layer)
-        nbytes += sum(
-            c.numel() * c.element_size() + s.numel() * s.element_size() for c, s in kept or []
-        )
+        nbytes += sum(t.numel() * t.element_size() for state in kept or [] for t in state)
         return Block(key, parent, tokens, tensors, nbytes, states=kept)
 
     def _insert(self, blk: Block) -> bool | None:

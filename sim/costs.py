@@ -163,17 +163,37 @@ def state_bytes(cfg: ModelConfig) -> int:
     """The fixed state one sequence keeps, all layers together: each linear-attention layer's
     recurrent state [value heads, d_k, d_v] in float32 and its convolution's last kernel - 1
     inputs in BF16, and each sliding-window layer's window of keys and values in BF16 (as
-    refmoe keeps it: gqa.WindowCache); 0 for a model with neither."""
+    refmoe keeps it: gqa.WindowCache; DeepSeek-V4's windows and open compressor windows:
+    _v4_state_bytes); 0 for a model with none of them."""
     types = cfg.layer_types or []
     linear = types.count("linear_attention")
     hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
     dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
     channels = 2 * hk * dk + hv * dv
-    windows = 0
-    if cfg.family != "deepseek_v4":  # V4's windows are counted with its entries (costs above)
-        per = 2 * 2 * cfg.num_key_value_heads * cfg.head_dim * cfg.sliding_window
-        windows = types.count("sliding_attention") * per
+    if cfg.family == "deepseek_v4":
+        return _v4_state_bytes(cfg)
+    per = 2 * 2 * cfg.num_key_value_heads * cfg.head_dim * cfg.sliding_window
+    windows = types.count("sliding_attention") * per
     return linear * (4 * hv * dk * dv + 2 * channels * (cfg.linear_conv_kernel_dim - 1)) + windows
+
+
+def _v4_state_bytes(cfg: ModelConfig) -> int:
+    """DeepSeek-V4, in BF16: every layer's window of key-values (one shared head), and on a
+    compressed layer the compressor's (and the indexer's) kv and gate projections of the
+    windows not closed yet: up to rate - 1 positions, 2 rate - 1 where windows overlap (CSA),
+    as refmoe keeps them (deepseek_v4.LayerCache). The entries a token adds are
+    kv_bytes_per_token."""
+    d, di = cfg.head_dim, cfg.index_head_dim
+    total = 0
+    for kind in cfg.layer_types:
+        values = cfg.sliding_window * d
+        rate = cfg.compress_rates.get(kind, 0)
+        if rate and kind == "compressed_sparse_attention":
+            values += (2 * rate - 1) * 2 * (2 * d + 2 * di)
+        elif rate:
+            values += (rate - 1) * 2 * d
+        total += 2 * values
+    return total
 
 
 def model_bytes(cfg: ModelConfig) -> int:

@@ -286,24 +286,80 @@ def test_slp_matches_the_cpu_path(saved):
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
-def test_a_cut_prefix_restores_and_continues(saved):
-    """The cache is positional: a prefix read out of one cache and restored into an empty one
-    continues as a cache that ran that prefix itself (what the prefix cache does between agent
-    turns); the compressed entries are rebuilt from the restored positions."""
+@pytest.mark.parametrize("mark", [3, 8, 13, 17])
+def test_a_snapshot_restores_and_continues(saved, mark):
+    """The prefix cache's path: marks taken as a prompt passes them (inside a call, or at its
+    end), the entries read by position and the window and open windows restored from the
+    snapshot, continue exactly as a cache that ran that prefix itself; each closed window's
+    entry is held once."""
     _, d = saved
     _, mine = models.load(d)
     whole = mine.new_cache()
-    mine.forward(torch.tensor(PROMPT[:20]), whole)
+    whole.mark([mark, 20])
+    mine.forward(torch.tensor(PROMPT[:11]), whole)
+    mine.forward(torch.tensor(PROMPT[11:20]), whole)
+    snaps = whole.snapshots()
+    assert sorted(snaps) == [mark, 20]
     cut = mine.new_cache()
-    cut.restore(whole.read(0, 17), [], 17)
-    got = mine.forward(torch.tensor(PROMPT[17:]), cut)
+    cut.restore(whole.read(0, mark), snaps[mark], mark)
+    got = mine.forward(torch.tensor(PROMPT[mark:]), cut)
     again = mine.new_cache()
-    mine.forward(torch.tensor(PROMPT[:17]), again)
-    want = mine.forward(torch.tensor(PROMPT[17:]), again)
+    mine.forward(torch.tensor(PROMPT[:mark]), again)
+    want = mine.forward(torch.tensor(PROMPT[mark:]), again)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
-    for block, layer in zip(mine.blocks, cut.layers):  # every closed window's entry, once
+    for block, layer in zip(mine.blocks, cut.layers):
         if block.attn.rate:
-            assert layer.entries.shape[0] == len(PROMPT) // block.attn.rate
+            assert layer.entries.n == len(PROMPT) // block.attn.rate
+            mine_, theirs = layer.entries.view(), again.layers[block.layer].entries.view()
+            assert torch.allclose(mine_, theirs, atol=1e-5)  # computed in other chunks
+
+
+def test_a_snapshot_of_the_wrong_size_is_refused(saved):
+    """A snapshot whose window or open windows do not fit its position is named, not
+    restored: a later step would pool the wrong positions."""
+    _, d = saved
+    _, mine = models.load(d)
+    whole = mine.new_cache()
+    whole.mark([13])
+    mine.forward(torch.tensor(PROMPT[:15]), whole)
+    states = whole.snapshots()[13]
+    compressed = next(i for i, b in enumerate(mine.blocks) if b.attn.rate)
+    window, *open_ = states[compressed]
+    bad = list(states)
+    bad[compressed] = (window, *(t[1:] for t in open_))
+    with pytest.raises(ValueError, match="open-window"):
+        mine.new_cache().restore(whole.read(0, 13), bad, 13)
+    bad[compressed] = (window,)
+    with pytest.raises(ValueError, match="snapshot is 5 tensors"):
+        mine.new_cache().restore(whole.read(0, 13), bad, 13)
+
+
+def test_the_cache_stays_bounded(saved):
+    """After a prompt many windows long, each layer holds the last sliding_window key-values,
+    the projections of at most one open window (two with overlap) and one entry per closed
+    window; its bytes stay within state_bytes plus cache_bytes_per_token a position, and a
+    decode step after it gives the logits of a whole prefill."""
+    _, d = saved
+    cfg, mine = models.load(d)
+    ids = (PROMPT * 5)[:121]
+    cache = mine.new_cache()
+    mine.forward(torch.tensor(ids[:100]), cache)
+    for token in ids[100:]:
+        step = mine.forward(torch.tensor([token]), cache)
+    want = mine.forward(torch.tensor(ids), mine.new_cache())[-1]
+    assert (step[-1] - want).abs().max() <= 1e-4 * want.abs().max()
+    n = len(ids)
+    for block, layer in zip(mine.blocks, cache.layers):
+        attn = block.attn
+        assert layer.kv.shape[0] == cfg.sliding_window
+        if attn.rate:
+            open_ = n % attn.rate + (attn.rate if layer.overlap else 0)
+            assert layer.ckv.shape[0] == layer.cgate.shape[0] == open_
+            assert layer.entries.n == n // attn.rate
+        held = sum(t.numel() * 4 for t in layer.now())
+        assert held <= attn.state_bytes()
+        grown = sum(g.n * g.buf[0].numel() * 4 for g in (layer.entries, layer.index_keys) if g)
+        assert grown <= attn.cache_bytes_per_token() * n
 
 
 def write_release_checkpoint(m, d) -> dict:
@@ -410,7 +466,8 @@ def test_release_quantization_against_dequantized_transformers(tmp_path):
 def test_engine_batches_and_reuses_prefixes(saved):
     """The serving engine runs it as any family: requests batched in decode (dual batch too)
     generate what each generates alone, and a second turn that resends the first one's prompt
-    reuses the cached prefix (its positions restored, the entries rebuilt from them)."""
+    reuses the cached prefix up to the snapshot at the first prompt's last token but one (its
+    entries restored by position, the window and open windows from the snapshot)."""
     from test_engine import _run
 
     from refmoe.engine import Engine
@@ -434,7 +491,7 @@ def test_engine_batches_and_reuses_prefixes(saved):
         second = first + PROMPT[20:25]
         out, ends, _ = _run(engine, [second], 6)
         assert out[0] == generate(mine, second, 6).token_ids
-        assert ends[0]["usage"]["prompt_tokens_details"]["cached_tokens"] == 32
+        assert ends[0]["usage"]["prompt_tokens_details"]["cached_tokens"] == len(first) - 1
     finally:
         engine.shutdown(1)
 

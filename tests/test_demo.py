@@ -172,6 +172,8 @@ def test_demo_of_a_gqa_family(family, tmp_path):
         expert = 3 * fp8(i, h)
     experts = (k + cfg.n_shared_experts) * expert
     assert r.bytes_per_token == attn + experts + fp8(cfg.vocab_size, h)
+    rows = demo.decode_at_contexts(d, [8, 300], steps=1)  # 300: two closed HCA windows
+    assert [r["attention"] for r in rows] == ["v4"] * 2 and rows[1]["step_ms"] > 0
     with pytest.raises(ValueError, match="--expert-format"):
         demo.demo_config(
             1, 16, expert_format="fp8" if family == "gpt_oss" else "mxfp4", family=family
@@ -236,5 +238,7 @@ def test_demo_of_deepseek_v4(tmp_path):
     fp4 = 2 * (i * h // 2 + i * h // 32) + h * i // 2 + h * i // 32
     experts = cfg.num_experts_per_tok * fp4 + 3 * fp8(i, h)
     assert r.bytes_per_token == attn + experts + fp8(cfg.vocab_size, h)
+    rows = demo.decode_at_contexts(d, [8, 300], steps=1)  # 300: two closed HCA windows
+    assert [r["attention"] for r in rows] == ["v4"] * 2 and rows[1]["step_ms"] > 0
     with pytest.raises(ValueError, match="--expert-format"):
         demo.demo_config(1, 8, expert_format="fp8", family="deepseek_v4")

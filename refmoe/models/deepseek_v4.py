@@ -21,11 +21,14 @@
   first layers routed by a fixed token -> experts table (hash_moe), experts and the shared
   expert with a clamped SiLU (silu(min(g, limit)) * clamp(u, -limit, limit)).
 
-The cache of a layer holds, per position, its roped key-value and its compressors' inputs
-(the pooled entries are computed from them as windows close, kept beside them, and never
-change), so any prefix of a cache can be cut and restored as for the other families (the
-prefix cache). That costs memory a compressed-only cache would not: per position and layer
-head_dim floats, plus 2 or 4 x head_dim (and the indexer's) on compressed layers.
+The cache of a layer is bounded as the reference's is (LayerCache): the roped key-values of
+the last sliding_window positions, the compressors' inputs of the windows not closed yet (and,
+for overlapping ones, of the last closed window, which the next entry pools too), and the
+pooled entries of every closed window, which never change. Only the entries grow: one per
+`rate` positions (CSA: head_dim + the indexer's index_head_dim floats per 4 positions, HCA:
+head_dim per 128), against head_dim floats a position on every layer for a cache that kept
+every position. The window and the open windows cannot be cut at an earlier position, so
+the prefix cache snapshots them (kv_cache.Snapshotted) and cuts the entries by position.
 
 Tensor names: DeepSeek's as released (layers.N.attn.wq_a, ffn.experts.N.w1, hc_attn_fn,
 embed, head, ...; transformers' save_pretrained writes them too) are read as transformers
@@ -50,7 +53,7 @@ from refmoe.config import ModelConfig
 from refmoe.kernels import formats
 from refmoe.models.decoder import DecoderModel, smoke
 from refmoe.models.experts import MoE
-from refmoe.models.kv_cache import Growing
+from refmoe.models.kv_cache import Growing, Snapshotted
 from refmoe.models.layers import Linear, load_dense, load_norm, rms_norm, rope_parameters
 from refmoe.trace import maybe
 
@@ -217,22 +220,75 @@ class HyperHead:
 
 
 @dataclass(slots=True)
-class LayerCache:
-    """Per position: the roped key-value [S, D]; on compressed layers the compressor's kv and
-    gate projections [S, w] (and the indexer's). entries / index_keys: the pooled entries of
-    the windows closed so far, derived from those and extended as windows close."""
+class LayerCache(Snapshotted):
+    """One layer of one sequence, bounded: kv, the roped key-values of the last `keep`
+    positions [<= keep, D]; on a compressed layer (rate > 0) ckv / cgate (and the indexer's
+    ikv / igate), the compressors' projections [P, wide] of positions tail_start(n) .. n - 1,
+    which the entries still to close pool; entries / index_keys, the pooled entries of the
+    n // rate windows closed so far (Growing, a row per `rate` positions). The parts a
+    sliding layer lacks are empty tensors. The window and the projections are snapshotted at
+    the marks for the prefix cache (Snapshotted); the entries are positional rows."""
 
-    kv: Growing = dataclasses.field(default_factory=lambda: Growing(0))
-    ckv: Growing | None = None
-    cgate: Growing | None = None
-    ikv: Growing | None = None
-    igate: Growing | None = None
-    entries: torch.Tensor | None = None
-    index_keys: torch.Tensor | None = None
+    PARTS = ("kv", "ckv", "cgate", "ikv", "igate")
+    keep: int = 0
+    rate: int = 0
+    overlap: bool = False
+    kv: torch.Tensor | None = None
+    ckv: torch.Tensor | None = None
+    cgate: torch.Tensor | None = None
+    ikv: torch.Tensor | None = None
+    igate: torch.Tensor | None = None
+    entries: Growing | None = None
+    index_keys: Growing | None = None
 
-    @property
-    def length(self) -> int:
-        return self.kv.n
+    def tail_start(self, n: int) -> int:
+        """The first position whose projections a cache of n positions still needs: the open
+        window's first, or with overlap the last closed window's (entry w pools window w - 1's
+        first half-series)."""
+        if not self.rate:
+            return n
+        closed = n // self.rate
+        return max(0, (closed - 1 if self.overlap else closed) * self.rate)
+
+    def set(self, n: int, *parts: torch.Tensor) -> None:
+        if len(parts) != len(self.PARTS):  # named by Snapshotted.set
+            return Snapshotted.set(self, n, *parts)
+        kv, tail = parts[0].shape[0], parts[1].shape[0]
+        if kv > min(self.keep, n) or (self.rate and tail != n - self.tail_start(n)):
+            raise ValueError(
+                f"a DeepSeek-V4 layer snapshot after {n} tokens holds {kv} window positions "
+                f"and {tail} open-window ones (window {self.keep}, rate {self.rate})"
+            )
+        Snapshotted.set(self, n, *parts)
+
+    def extend(self, kv: torch.Tensor, projections: list[torch.Tensor]):
+        """Take this call's kv [T, D] (positions n .. n + T) and compressor projections (ckv,
+        cgate, ikv, igate as the layer has them). Returns (keys, first): the window then kv, and
+        the first key's position; (tails, base): the held projections then this call's, and
+        their first position. Keeps what later calls need and, for each mark in (n, n + T],
+        the parts as they stand after it."""
+        assert self.kv is not None
+        t, first, base = kv.shape[0], self.n - self.kv.shape[0], self.tail_start(self.n)
+        keys = torch.cat([self.kv, kv])
+        held = [getattr(self, name) for name in self.PARTS[1:]]
+        tails = [torch.cat([h, p]) for h, p in zip(held, projections)]
+        tails += held[len(tails) :]  # the parts this layer lacks stay empty
+        for m in self.marks:
+            if self.n < m <= self.n + t:
+                lo = self.tail_start(m) - base
+                window = keys[max(0, m - self.keep - first) : m - first].clone()
+                self.snaps[m] = (window, *(p[lo : m - base].clone() for p in tails))
+        self.n += t
+        self.kv = _last(keys, keys.shape[0] - self.keep)
+        cut = self.tail_start(self.n) - base
+        self.ckv, self.cgate, self.ikv, self.igate = (_last(p, cut) for p in tails)
+        return keys, first, tails, base
+
+
+def _last(t: torch.Tensor, cut: int) -> torch.Tensor:
+    """t from row cut on; a copy when that frees most of t (a prompt's tensors)."""
+    kept = t[max(0, cut) :]
+    return kept.clone() if cut > kept.shape[0] else kept
 
 
 class Compressor:
@@ -252,19 +308,25 @@ class Compressor:
         self.bias = load_dense(ck, f"{p}.position_bias", (rate, wide))
         self.norm = load_norm(ck, f"{p}.kv_norm.weight", width, cfg)
 
-    def entries(self, ckv: torch.Tensor, cgate: torch.Tensor, lo: int, hi: int, rope: Rope):
-        """Entries lo .. hi [hi - lo, width] from the per-position projections [S, wide]."""
+    def entries(
+        self, ckv: torch.Tensor, cgate: torch.Tensor, lo: int, hi: int, rope: Rope, base: int = 0
+    ):
+        """Entries lo .. hi [hi - lo, width] from the projections [P, wide] of positions base ..
+        base + P (which must hold window lo - 1's with overlap, else window lo's, to hi's)."""
         r, w, n = self.rate, self.width, hi - lo
         if n <= 0:
             return ckv.new_zeros((0, w))
-        kv = ckv[lo * r : hi * r].reshape(n, r, -1)
-        gate = cgate[lo * r : hi * r].reshape(n, r, -1) + self.bias
+        at = lo * r - base
+        if at < 0 or (self.overlap and lo > 0 and at < r) or hi * r - base > ckv.shape[0]:
+            raise ValueError(f"entries {lo}..{hi} need positions the projections from {base} lack")
+        kv = ckv[at : at + n * r].reshape(n, r, -1)
+        gate = cgate[at : at + n * r].reshape(n, r, -1) + self.bias
         if self.overlap:
             prev_kv = ckv.new_zeros((n, r, w))
             prev_gate = cgate.new_full((n, r, w), float("-inf"))
             if lo > 0:
-                prev_kv[0] = ckv[(lo - 1) * r : lo * r, :w]
-                prev_gate[0] = cgate[(lo - 1) * r : lo * r, :w] + self.bias[:, :w]
+                prev_kv[0] = ckv[at - r : at, :w]
+                prev_gate[0] = cgate[at - r : at, :w] + self.bias[:, :w]
             prev_kv[1:], prev_gate[1:] = kv[:-1, :, :w], gate[:-1, :, :w]
             kv = torch.cat([prev_kv, kv[..., w:]], dim=1)  # [n, 2r, w]
             gate = torch.cat([prev_gate, gate[..., w:]], dim=1)
@@ -272,14 +334,6 @@ class Compressor:
         pooled = rms_norm(pooled, self.norm, self.eps)
         cos, sin = rope.angles("compress", torch.arange(lo, hi, device=ckv.device) * r)
         return rope_tail(pooled, cos, sin)
-
-    def extend(self, x, kv: Growing, gate: Growing, held, closed: int, rope: Rope):
-        """Append x's projections to the per-position kv and gate; return the entries pooled
-        so far (`held`, or None) extended to the `closed` windows."""
-        ckv, cgate = kv.append(self.kv(x)), gate.append(self.gate(x))
-        have = 0 if held is None else held.shape[0]
-        new = self.entries(ckv, cgate, have, closed, rope)
-        return new if held is None else torch.cat([held, new])
 
 
 class Indexer:
@@ -351,31 +405,59 @@ class Attention:
         self._o_a_dense: torch.Tensor | None = None
 
     def new_cache(self) -> LayerCache:
-        cache = LayerCache()
-        if self.compressor is not None:
-            cache.ckv, cache.cgate = Growing(0), Growing(0)
+        d, csa = self.d, self.kind == CSA
+        wide = (2 if csa else 1) * d if self.rate else 0
+        iwide = 2 * self.indexer.d if self.indexer is not None else 0
+        empty = torch.empty
+        cache = LayerCache(keep=self.window, rate=self.rate, overlap=csa, kv=empty(0, d))
+        cache.ckv, cache.cgate, cache.ikv, cache.igate = (
+            empty(0, wide),
+            empty(0, wide),
+            empty(0, iwide),
+            empty(0, iwide),
+        )
+        if self.rate:
+            cache.entries = Growing(0, self.rate)
+            cache.entries.append(empty(0, d))
         if self.indexer is not None:
-            cache.ikv, cache.igate = Growing(0), Growing(0)
+            cache.index_keys = Growing(0, self.rate)
+            cache.index_keys.append(empty(0, self.indexer.d))
         return cache
 
     def cache_bytes_per_token(self) -> int:
-        floats = self.d
-        if self.compressor is not None:
-            floats += 2 * (2 if self.kind == CSA else 1) * self.d
-        if self.indexer is not None:
-            floats += 4 * self.indexer.d
+        """What the cache grows by a position: its share of an entry (and the indexer's key)
+        on a compressed layer, nothing on a sliding one (its window is state_bytes)."""
+        if not self.rate:
+            return 0
+        floats = self.d + (self.indexer.d if self.indexer is not None else 0)
+        return -(-4 * floats // self.rate)
+
+    def state_bytes(self) -> int:
+        """The fixed part of a sequence's cache at its largest: the window's key-values and the
+        compressors' projections of up to one open window (two with overlap) less a position."""
+        floats = self.window * self.d
+        if self.rate:
+            held = (2 if self.kind == CSA else 1) * self.rate - 1
+            wide = 2 * (2 if self.kind == CSA else 1) * self.d
+            if self.indexer is not None:
+                wide += 2 * 2 * self.indexer.d
+            floats += held * wide
         return 4 * floats
 
-    def _compressed(self, x: torch.Tensor, cache: LayerCache, rope: Rope) -> None:
-        """Append this call's compressor inputs and pool every window closed since."""
-        assert self.compressor is not None and cache.ckv is not None and cache.cgate is not None
-        closed = cache.kv.n // self.rate
-        comp = self.compressor
-        cache.entries = comp.extend(x, cache.ckv, cache.cgate, cache.entries, closed, rope)
+    def _compressed(self, cache: LayerCache, tails, base: int, start: int, t: int, rope: Rope):
+        """Pool the windows this call closed into the cache's entries (and the indexer's
+        keys); returns both, every closed window's."""
+        assert self.compressor is not None and cache.entries is not None
+        have, closed = start // self.rate, (start + t) // self.rate
+        entries = cache.entries.append(
+            self.compressor.entries(tails[0], tails[1], have, closed, rope, base)
+        )
+        keys = None
         if self.indexer is not None:
-            assert cache.ikv is not None and cache.igate is not None
-            ic, keys = self.indexer.compressor, cache.index_keys
-            cache.index_keys = ic.extend(x, cache.ikv, cache.igate, keys, closed, rope)
+            assert cache.index_keys is not None
+            ic = self.indexer.compressor
+            keys = cache.index_keys.append(ic.entries(tails[2], tails[3], have, closed, rope, base))
+        return entries, keys
 
     def grouped_out(self, o: torch.Tensor) -> torch.Tensor:
         """o [T, n D] -> hidden: each of the g head groups to o_lora_rank (o_a, block
@@ -414,36 +496,41 @@ class Attention:
         q = rms_norm(self.q_b(q_res).view(t, n, d), None, self.eps).transpose(0, 1)
         q = rope_tail(q, cos, sin)  # [n, T, D]
         kv = rope_tail(rms_norm(self.kv(x), self.kv_norm, self.eps), cos, sin)  # [T, D]
-        keys = cache.kv.append(kv)  # [S, D]
+        projections = []
+        if self.compressor is not None:
+            projections = [self.compressor.kv(x), self.compressor.gate(x)]
+        if self.indexer is not None:
+            ic = self.indexer.compressor
+            projections += [ic.kv(x), ic.gate(x)]
+        keys, first, tails, base = cache.extend(kv, projections)  # keys [W + T, D]
         entries, allowed = None, None
         if self.compressor is not None:
-            self._compressed(x, cache, rope)
-            entries = cache.entries
+            entries, index_keys = self._compressed(cache, tails, base, start, t, rope)
             if self.indexer is not None:
-                allowed = self.indexer.allowed(x, q_res, positions, cache.index_keys, rope)
+                allowed = self.indexer.allowed(x, q_res, positions, index_keys, rope)
             else:  # HCA: every entry whose window closed before the query
-                assert entries is not None
                 e = entries.shape[0]
                 closed = (positions + 1) // self.rate
                 allowed = torch.arange(e, device=x.device)[None, :] < closed[:, None]
-        out = self._attend(q, keys, entries, allowed, start)  # [n, T, D]
+        out = self._attend(q, keys, first, entries, allowed, start)  # [n, T, D]
         out = rope_tail(out, cos, -sin)  # the value's rope undone at the query's position
         return self.grouped_out(out.transpose(0, 1).reshape(t, n * d))
 
-    def _attend(self, q, keys, entries, allowed, start, budget_bytes: int = 1 << 28):
+    def _attend(self, q, keys, first, entries, allowed, start, budget_bytes: int = 1 << 28):
         """Softmax over [the window's keys; the allowed entries; the head's sink] of each
-        query; the value is the key. Query blocks keep the scores under budget_bytes; a block
-        scores only the entries one of its queries may see (a CSA decode step: its top-k)."""
+        query; the value is the key. keys: positions first .. start + T. Query blocks keep the
+        scores under budget_bytes; a block scores only the entries one of its queries may see
+        (a CSA decode step: its top-k)."""
         n, t, d = q.shape
         e = 0 if entries is None else entries.shape[0]
         block = max(1, min(t, budget_bytes // max(1, n * (self.window + t + e) * 4)))
         outs = []
         for lo in range(0, t, block):
             hi = min(t, lo + block)
-            first = max(0, start + lo - self.window + 1)
-            kv = keys[first : start + hi]  # [W, D]
+            oldest = max(0, start + lo - self.window + 1)
+            kv = keys[oldest - first : start + hi - first]  # [W, D]
             qpos = start + torch.arange(lo, hi, device=q.device)[:, None]  # [b, 1]
-            kpos = first + torch.arange(kv.shape[0], device=q.device)[None, :]
+            kpos = oldest + torch.arange(kv.shape[0], device=q.device)[None, :]
             hidden = (kpos > qpos) | (kpos <= qpos - self.window)  # [b, W]
             if e:
                 seen = allowed[lo:hi]  # only the entries some query of the block attends to:

@@ -48,10 +48,11 @@ class WindowCache(Snapshotted):
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
 
-    def set(self, n: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        if a.shape[1] > self.keep or a.shape[1] > n:
-            raise ValueError(f"a window of {a.shape[1]} positions after {n} tokens")
-        Snapshotted.set(self, n, a, b)
+    def set(self, n: int, *parts: torch.Tensor) -> None:
+        held = parts[0].shape[1] if parts else 0
+        if held > self.keep or held > n:
+            raise ValueError(f"a window of {held} positions after {n} tokens")
+        Snapshotted.set(self, n, *parts)
 
     def attend_and_append(self, k: torch.Tensor, v: torch.Tensor):
         """The keys and values this call attends over ([g, held + T, d]: the window, then k and

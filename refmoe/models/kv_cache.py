@@ -5,16 +5,22 @@ and values)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import torch
 
 
 class Growing:
     """A tensor that grows along one dimension by appending; capacity doubles, so a decode step
-    writes its own token instead of copying the whole cache (torch.cat would)."""
+    writes its own token instead of copying the whole cache (torch.cat would). rate: positions
+    per row (1: a row per position; DeepSeek-V4's compressed entries: one per `rate`
+    positions, the row of positions (i - 1) rate .. i rate - 1 written once the i-th window has
+    closed, so a cache of n positions holds n // rate of them)."""
 
-    def __init__(self, dim: int):
-        self.dim, self.n = dim, 0
+    def __init__(self, dim: int, rate: int = 1):
+        if rate < 1:
+            raise ValueError(f"a growing cache holds a row per >= 1 positions, got rate {rate}")
+        self.dim, self.n, self.rate = dim, 0, rate
         self.buf: torch.Tensor | None = None
 
     def append(self, x: torch.Tensor) -> torch.Tensor:
@@ -41,33 +47,40 @@ class Growing:
 @dataclass(slots=True)
 class Snapshotted:
     """A layer cache of fixed size per sequence (a linear-attention layer's state, a sliding
-    layer's window): two tensors named by PARTS and how many tokens they have seen. No prefix
-    can be cut out of it at an earlier position, so a prefix cache keeps snapshots instead:
-    `marks` are the positions (tokens seen) at which the layer keeps its two tensors in `snaps`
-    as a prompt passes them. The tensors are replaced, never written in place, so a snapshot or
-    a reader keeps what it took."""
+    layer's window, DeepSeek-V4's window and open compressor windows): the tensors named by
+    PARTS and how many tokens they have seen. No prefix can be cut out of them at an earlier
+    position, so a prefix cache keeps snapshots instead: `marks` are the positions (tokens
+    seen) at which the layer keeps its PARTS in `snaps` as a prompt passes them. The tensors
+    are replaced, never written in place, so a snapshot or a reader keeps what it took. A
+    subclass may hold Growing fields beside them (positional, read and restored as any
+    cache's)."""
 
-    PARTS = ("a", "b")  # the subclass's two tensor fields
+    PARTS: ClassVar[tuple[str, ...]] = ("a", "b")  # the subclass's tensor fields
     n: int = 0
     marks: list[int] = field(default_factory=list)
-    snaps: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    snaps: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     recurrent = True  # not position-indexed: no prefix can be cut out of it
 
     @property
     def length(self) -> int:
         return self.n
 
-    def now(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two tensors after the tokens seen so far."""
-        a, b = (getattr(self, name) for name in self.PARTS)
-        if a is None or b is None:
+    def now(self) -> tuple[torch.Tensor, ...]:
+        """The PARTS after the tokens seen so far."""
+        parts = tuple(getattr(self, name) for name in self.PARTS)
+        if any(t is None for t in parts):
             raise ValueError(f"an empty {type(self).__name__} has nothing to snapshot")
-        return a, b
+        return parts
 
-    def set(self, n: int, a: torch.Tensor, b: torch.Tensor) -> None:
+    def set(self, n: int, *parts: torch.Tensor) -> None:
         """Start from a snapshot taken after n tokens (copies: the snapshot stays whole)."""
+        if len(parts) != len(self.PARTS):
+            raise ValueError(
+                f"a {type(self).__name__} snapshot is {len(self.PARTS)} tensors "
+                f"{self.PARTS}, got {len(parts)}"
+            )
         self.n = n
-        for name, t in zip(self.PARTS, (a, b)):
+        for name, t in zip(self.PARTS, parts):
             setattr(self, name, t.clone())
 
 
@@ -103,11 +116,16 @@ class KVCache:
         ]
 
     def read(self, lo: int, hi: int) -> list[list[torch.Tensor]]:
-        """Positions lo .. hi of every layer's tensors (views: copy them to keep them); a
-        recurrent layer has none (its state at a position is a snapshot)."""
+        """Positions lo .. hi of every layer's tensors (views: copy them to keep them): rows
+        lo // rate .. hi // rate of a part with a row per `rate` positions, so reads of
+        consecutive ranges put together hold what one read of their whole span holds; a
+        recurrent layer's state has none (its state at a position is a snapshot)."""
         if not 0 <= lo <= hi <= self.length:
             raise ValueError(f"positions {lo}..{hi} outside a cache of {self.length}")
-        return [[g.view().narrow(g.dim, lo, hi - lo) for g in layer] for layer in self.parts()]
+        return [
+            [g.view().narrow(g.dim, lo // g.rate, hi // g.rate - lo // g.rate) for g in layer]
+            for layer in self.parts()
+        ]
 
     def extend(self, layers: list[list[torch.Tensor]]) -> None:
         """Append per-layer tensors shaped as read() gives them (the next positions)."""
@@ -120,18 +138,20 @@ class KVCache:
 
     def restore(self, layers: list[list[torch.Tensor]], states: list, length: int) -> None:
         """Into an empty cache: a prefix of `length` positions, as read() gives them, and
-        (when it has recurrent layers) their (conv, state) snapshotted at that length."""
+        (when it has recurrent layers) their PARTS snapshotted at that length."""
         recurrent = self.recurrent_layers()
         if self.length:
             raise ValueError("a prefix restores into an empty cache")
         if len(states) != len(recurrent):
             raise ValueError(f"{len(recurrent)} recurrent layers, {len(states)} states given")
         self._append(layers)
-        held = [g.n for gs in self.parts() for g in gs]
-        if held and held[0] != length:
-            raise ValueError(f"the prefix holds {held[0]} positions, not {length}")
-        for c, (conv, state) in zip(recurrent, states):
-            c.set(length, conv, state)
+        for g in (g for gs in self.parts() for g in gs):
+            if g.n != length // g.rate:
+                raise ValueError(
+                    f"the prefix holds {g.n * g.rate} positions (rows of {g.rate}), not {length}"
+                )
+        for c, state in zip(recurrent, states):
+            c.set(length, *state)
 
     def _append(self, layers: list[list[torch.Tensor]]) -> None:
         mine = self.parts()
@@ -149,7 +169,7 @@ class KVCache:
             c.marks = sorted(set(positions))
 
     def snapshots(self) -> dict[int, list]:
-        """Take the states the marks kept: position -> per recurrent layer (conv, state), for
+        """Take the states the marks kept: position -> per recurrent layer its PARTS, for
         the positions every recurrent layer has passed."""
         recurrent = self.recurrent_layers()
         if not recurrent:
@@ -161,5 +181,6 @@ class KVCache:
         return taken
 
     def states(self) -> list:
-        """Per recurrent layer, (conv, state) now (at self.length)."""
+        """Per recurrent layer, its PARTS now (at self.length): (conv, state) for linear
+        attention."""
         return [c.now() for c in self.recurrent_layers()]
