@@ -211,7 +211,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                     f"decode {row['model']} at {row['context']} cached tokens "
                     f"({row['attention']}): {row['step_ms']:.1f} ms a step "
                     f"[{row['step_ms_min']:.1f}-{row['step_ms_max']:.1f}], "
-                    f"{row['over_first']:.2f}x the step at {args.contexts[0]}"
+                    f"{row['over_first']:.2f}x the step at {args.contexts[0]}; "
+                    f"the cache holds {row['cache_bytes'] / 2**20:.1f} MiB"
                 )
             return 0
         for _ in range(min(args.reps, 3)):

@@ -932,6 +932,7 @@ def decode_at_contexts(directory: Path, contexts: list[int], steps: int = 5) -> 
                     "step_ms_min": 1e3 * times[0],
                     "step_ms_max": 1e3 * times[-1],
                     "over_first": ms / first,
+                    "cache_bytes": cache.nbytes(),
                     "threads": kernels._threads(None),
                 }
             )

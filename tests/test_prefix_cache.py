@@ -293,6 +293,25 @@ def windowed(tmp_path_factory):
     return models.load(d)[1]
 
 
+def test_a_cache_counts_the_memory_it_holds():
+    """KVCache.nbytes: a growing buffer's whole capacity, each storage once (a window and a
+    snapshot view of it are one storage), snapshots not taken yet included."""
+    from refmoe.models import gqa
+    from refmoe.models.kv_cache import KVCache
+
+    full, window = gqa.LayerCache(), gqa.WindowCache(keep=4)
+    full.k.append(torch.zeros(2, 5, 8))
+    full.v.append(torch.zeros(2, 5, 8))
+    window.set(5, torch.zeros(2, 4, 8), torch.zeros(2, 4, 8))
+    cache = KVCache([full, window])
+    grown = 2 * (2 * 64 * 8 * 4)  # k and v: capacity max(2 x 5, 64) positions
+    assert cache.nbytes() == grown + 2 * (2 * 4 * 8 * 4)
+    window.snaps[5] = (window.k, window.v[:, :2])  # the same storages
+    assert cache.nbytes() == grown + 2 * (2 * 4 * 8 * 4)
+    window.snaps[3] = (torch.zeros(2, 3, 8), torch.zeros(2, 3, 8))
+    assert cache.nbytes() == grown + 2 * (2 * 4 * 8 * 4) + 2 * (2 * 3 * 8 * 4)
+
+
 def test_sliding_layers_keep_their_window_only(windowed):
     """A sliding layer's cache holds its last `window` positions, whatever the length: the
     KV budget counts the full layers per token and the windows as fixed state; chunked and

@@ -103,6 +103,29 @@ class KVCache:
         snapshotted at that position (mark, snapshots, states)."""
         return not self.recurrent_layers()
 
+    def nbytes(self) -> int:
+        """The memory the cache holds: every tensor and growing buffer of its layers (their
+        storages, each once; a growing buffer's whole capacity), snapshots not taken yet
+        included."""
+        seen: dict[int, int] = {}
+
+        def hold(t) -> None:
+            if isinstance(t, Growing):
+                t = t.buf
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+            elif isinstance(t, (tuple, list)):
+                for x in t:
+                    hold(x)
+            elif isinstance(t, dict):
+                hold(list(t.values()))
+
+        for c in self.layers:
+            for f in fields(c):
+                hold(getattr(c, f.name))
+        return sum(seen.values())
+
     def recurrent_layers(self) -> list:
         return [c for c in self.layers if getattr(c, "recurrent", False)]
 
