@@ -546,6 +546,60 @@ def test_sinkhorn_kernel_against_numpy(t, c, iters, scale, seed):
     np.testing.assert_array_equal(a, before)  # the input is not touched
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    t=st.integers(1, 3),
+    n=st.integers(1, 9),
+    d=st.integers(1, 70),
+    e=st.integers(1, 300),
+    threads=st.integers(1, 3),
+    seed=st.integers(0, 2**31),
+)
+def test_indexer_kernel_against_float64(t, n, d, e, threads, seed):
+    """kernels.indexer_scores (the lightning indexer's sum_h w_h relu(q_h . k)) against float64
+    numpy, in every CPU variant: odd heads, widths that are not whole vectors, key counts that
+    split unevenly over the threads; within float32 rounding of the sum of |w| |q . k|."""
+    from refmoe import kernels
+
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((t, n, d)).astype(np.float32)
+    w = rng.standard_normal((t, n)).astype(np.float32)
+    keys = rng.standard_normal((e, d)).astype(np.float32)
+    dots = np.einsum("thd,ed->the", q.astype(np.float64), keys.astype(np.float64))
+    want = np.einsum("th,the->te", w.astype(np.float64), np.maximum(dots, 0.0))
+    bound = np.einsum(
+        "th,the->te",
+        np.abs(w).astype(np.float64),
+        np.einsum("thd,ed->the", np.abs(q).astype(np.float64), np.abs(keys).astype(np.float64)),
+    )
+    for variant in kernels.available_variants():
+        got = kernels.indexer_scores(q, w, keys, num_threads=threads, variant=variant)
+        assert got.shape == (t, e) and got.dtype == np.float32
+        assert np.all(np.abs(got - want) <= 1e-5 * bound + 1e-30), variant
+
+
+def test_indexer_kernel_is_the_models_reference():
+    """The indexer's scores through the kernel equal the torch form transformers runs
+    (Indexer.reference: an n x T x E intermediate) within float32 rounding, and refuse keys of
+    another width by name."""
+    from refmoe import kernels
+
+    ix = object.__new__(deepseek_v4.Indexer)
+    ix.n, ix.d = 6, 40
+    g = torch.Generator().manual_seed(3)
+    q, w = torch.randn(6, 5, 40, generator=g), torch.randn(5, 6, generator=g)
+    keys = torch.randn(77, 40, generator=g)
+    want = ix.reference(q, w, keys)
+    got = ix.scores(q, w, keys)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    with pytest.raises(ValueError, match="keys are 39 wide"):
+        kernels.indexer_scores(
+            np.ones((1, 2, 40), np.float32),
+            np.ones((1, 2), np.float32),
+            np.ones((3, 39), np.float32),
+        )
+
+
 def test_sinkhorn_kernel_rejects_bad_shapes():
     from refmoe import kernels
 

@@ -1032,6 +1032,31 @@ def hyper_collapse(
     return post, comb, col
 
 
+def indexer_scores(
+    q: np.ndarray,
+    w: np.ndarray,
+    keys: np.ndarray,
+    *,
+    num_threads: int | None = None,
+    variant: str | None = None,
+) -> np.ndarray:
+    """DeepSeek-V4's lightning indexer: scores [T, E] = sum over heads h of w[t, h] relu(q[t,
+    h] . keys[e]), for q float32 [T, n, d], w [T, n] and keys [E, d]; the keys split over the
+    threads. One pass over the keys per query, without the n x T x E intermediate the torch
+    form (relu(q @ keys.T) weighted and summed over heads) writes and reads back."""
+    q = _check(q, "q", np.float32, 3)
+    t, n, d = q.shape
+    w = _check(w, "w", np.float32, 2, (t, n))
+    keys = _check(keys, "keys", np.float32, 2)
+    if keys.shape[1] != d:
+        raise ValueError(f"indexer_scores: keys are {keys.shape[1]} wide, the queries {d}")
+    out = np.empty((t, keys.shape[0]), np.float32)
+    if t and keys.shape[0]:
+        threads = max(1, min(_threads(num_threads), keys.shape[0] // 64 or 1))
+        _module(variant or _VARIANT).indexer_scores(q, w, keys, out, threads)
+    return out
+
+
 def set_denormals_zero(
     on: bool, *, num_threads: int | None = None, variant: str | None = None
 ) -> None:
@@ -1069,6 +1094,7 @@ def fma_peak_gflops(
 
 
 __all__ = [
+    "indexer_scores",
     "rms_norm",
     "hyper_collapse",
     "sinkhorn",

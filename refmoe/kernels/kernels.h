@@ -1721,6 +1721,76 @@ static void hc_collapse(const float *x, int T, int c, int H, const float *fn, co
     }
 }
 
+/* DeepSeek-V4's lightning indexer: out[t, e] = sum_h w[t, h] relu(q[t, h] . k[e]) for T
+ * queries of n heads of d (q [T, n, d], w [T, n]) against E keys [E, d], the keys split over
+ * the threads. Four keys by two heads at a time (8 accumulators, 4 key and 2 query vectors:
+ * 14 registers, under AVX2's 16), each dot summed across its lanes once; one pass over the
+ * keys per query, where the torch form writes and reads back n x E scores. */
+static void index_scores(const float *q, const float *w, const float *keys, int T, int n, int d,
+                         long E, float *out, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        int tid = thread_id(), nt = team_size();
+        long e0 = E * tid / nt, e1 = E * (tid + 1) / nt;
+        for (int t = 0; t < T; t++) {
+            const float *qt = q + (size_t)t * n * d, *wt = w + (size_t)t * n;
+            float *o = out + (size_t)t * E;
+            long e = e0;
+            for (; e + 4 <= e1; e += 4) {
+                const float *k = keys + (size_t)e * d;
+                float s[4] = {0.f, 0.f, 0.f, 0.f};
+                int h = 0;
+                for (; h + 2 <= n; h += 2) {
+                    const float *qa = qt + (size_t)h * d, *qb = qa + d;
+                    vf a0 = vf_zero(), a1 = vf_zero(), a2 = vf_zero(), a3 = vf_zero();
+                    vf b0 = vf_zero(), b1 = vf_zero(), b2 = vf_zero(), b3 = vf_zero();
+                    int i = 0;
+                    for (; i + VL <= d; i += VL) {
+                        vf x = vf_load(qa + i), y = vf_load(qb + i), kv;
+                        kv = vf_load(k + i), a0 = vf_fma(x, kv, a0), b0 = vf_fma(y, kv, b0);
+                        kv = vf_load(k + d + i), a1 = vf_fma(x, kv, a1), b1 = vf_fma(y, kv, b1);
+                        kv = vf_load(k + 2 * d + i), a2 = vf_fma(x, kv, a2), b2 = vf_fma(y, kv, b2);
+                        kv = vf_load(k + 3 * d + i), a3 = vf_fma(x, kv, a3), b3 = vf_fma(y, kv, b3);
+                    }
+                    float da[4] = {0.f, 0.f, 0.f, 0.f}, db[4] = {0.f, 0.f, 0.f, 0.f};
+                    vf_hsum4_add(a0, a1, a2, a3, da);
+                    vf_hsum4_add(b0, b1, b2, b3, db);
+                    for (; i < d; i++)
+                        for (int j = 0; j < 4; j++) {
+                            da[j] += qa[i] * k[(size_t)j * d + i];
+                            db[j] += qb[i] * k[(size_t)j * d + i];
+                        }
+                    for (int j = 0; j < 4; j++)
+                        s[j] += wt[h] * (da[j] > 0.f ? da[j] : 0.f) +
+                                wt[h + 1] * (db[j] > 0.f ? db[j] : 0.f);
+                }
+                for (; h < n; h++) /* an odd head */
+                    for (int j = 0; j < 4; j++) {
+                        const float *qa = qt + (size_t)h * d, *kj = k + (size_t)j * d;
+                        float dot = 0.f;
+                        for (int i = 0; i < d; i++) dot += qa[i] * kj[i];
+                        s[j] += wt[h] * (dot > 0.f ? dot : 0.f);
+                    }
+                for (int j = 0; j < 4; j++) o[e + j] = s[j];
+            }
+            for (; e < e1; e++) { /* the last keys of the thread's range */
+                const float *kj = keys + (size_t)e * d;
+                float sum = 0.f;
+                for (int h = 0; h < n; h++) {
+                    const float *qa = qt + (size_t)h * d;
+                    vf a = vf_zero();
+                    int i = 0;
+                    for (; i + VL <= d; i += VL) a = vf_fma(vf_load(qa + i), vf_load(kj + i), a);
+                    float dot = vf_hsum(a);
+                    for (; i < d; i++) dot += qa[i] * kj[i];
+                    sum += wt[h] * (dot > 0.f ? dot : 0.f);
+                }
+                o[e] = sum;
+            }
+        }
+    }
+}
+
 /* FMA peak of the threads used: each runs iters steps of 10 independent FMA chains (enough to
  * cover the latency on every core we know). flops = nthreads * iters * 10 * VL * 2. */
 static float fma_burn(long iters, int nthreads) {

@@ -364,13 +364,28 @@ class Indexer:
         q = self.q(q_res).view(t, self.n, self.d).transpose(0, 1)  # [n, T, d]
         cos, sin = rope.angles("compress", positions)
         q = rope_tail(q, cos, sin)
-        scores = torch.relu(q @ keys.T) * self.d**-0.5  # [n, T, E]
         w = self.weights(x) * self.n**-0.5  # [T, n]
-        index = (scores * w.T.unsqueeze(-1)).sum(0)  # [T, E]
+        index = self.scores(q, w, keys)  # [T, E]
         closed = (positions + 1) // self.rate  # entries before each query
         future = torch.arange(e, device=x.device)[None, :] >= closed[:, None]
         top = index.masked_fill(future, float("-inf")).topk(min(self.topk, e), dim=-1).indices
         return allowed.scatter_(1, top, top < closed[:, None])
+
+    def scores(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """[T, E]: sum over heads h of w[t, h] relu(q[h, t] . k_e) / sqrt(d), for q [n, T, d]:
+        one kernel pass over the keys on the CPU (kernels.indexer_scores), torch elsewhere
+        (reference)."""
+        if q.device.type != "cpu" or q.dtype != torch.float32 or keys.dtype != torch.float32:
+            return self.reference(q, w, keys)
+        qt = np.ascontiguousarray(q.transpose(0, 1).numpy())  # [T, n, d]
+        ws = np.ascontiguousarray((w * self.d**-0.5).numpy())  # relu(s) a = relu(s a), a > 0
+        return torch.from_numpy(kernels.indexer_scores(qt, ws, np.ascontiguousarray(keys.numpy())))
+
+    def reference(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """The scores as transformers computes them: relu(q @ keys.T) / sqrt(d), weighted by w
+        and summed over heads (an n x T x E intermediate)."""
+        scores = torch.relu(q @ keys.T) * self.d**-0.5  # [n, T, E]
+        return (scores * w.T.unsqueeze(-1)).sum(0)
 
 
 # ---------------------------------------------------------------------------------------------

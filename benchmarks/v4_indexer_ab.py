@@ -1,0 +1,108 @@
+"""A/B of DeepSeek-V4's lightning indexer on the CPU: the scores through one kernel pass over
+the keys (kernels.indexer_scores, what the model runs) against the torch form transformers
+runs (Indexer.reference: relu(q @ keys.T), weighted, summed over heads), alternating in one
+process. Usage:
+
+    python benchmarks/v4_indexer_ab.py DEMO_DIR [CONTEXT ...]
+
+DEMO_DIR: a V4 demo (refmoe demo --family deepseek_v4 --layers 4 --experts 32 --dir DIR).
+Prints, as JSON lines: the scores alone for one query of V4-Flash's indexer (64 heads of 128)
+against E = CONTEXT / 4 entries, medians of 15 calls per round [the rounds' medians]; then the
+demo's decode step at each context with either (three rounds, 7 steps each); the load average
+and this process's CPU time over wall time around them (2 threads: up to 2.0).
+"""
+
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from refmoe import demo
+from refmoe.models import deepseek_v4
+
+KERNEL, REFERENCE = deepseek_v4.Indexer.scores, deepseek_v4.Indexer.reference
+
+
+def use(name: str) -> None:
+    deepseek_v4.Indexer.scores = KERNEL if name == "kernel" else REFERENCE
+
+
+def scores_alone(contexts: list[int]) -> list[dict]:
+    ix = object.__new__(deepseek_v4.Indexer)
+    ix.n, ix.d = 64, 128
+    g = torch.Generator().manual_seed(0)
+    q, w = torch.randn(64, 1, 128, generator=g), torch.randn(1, 64, generator=g)
+    rows = []
+    for c in contexts:
+        keys = torch.randn(c // 4, 128, generator=g)
+        got: dict[str, list[float]] = {"kernel": [], "reference": []}
+        for _ in range(3):
+            for name in got:
+                use(name)
+                times = []
+                for _ in range(15):
+                    t0 = time.perf_counter()
+                    ix.scores(q, w, keys)
+                    times.append(time.perf_counter() - t0)
+                got[name].append(1e3 * statistics.median(times))
+        k, r = statistics.median(got["kernel"]), statistics.median(got["reference"])
+        rows.append(
+            {
+                "op": "indexer_scores",
+                "entries": c // 4,
+                "kernel_ms": k,
+                "reference_ms": r,
+                "rounds": got,
+                "reference_over_kernel": r / k,
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    directory = Path(sys.argv[1])
+    contexts = [int(c) for c in sys.argv[2:]] or [8192, 32768, 131072]
+    load0, cpu0, wall0 = os.getloadavg()[0], time.process_time(), time.perf_counter()
+    for row in scores_alone(contexts):
+        print(json.dumps(row))
+    got: dict[str, list[list[float]]] = {"kernel": [], "reference": []}
+    for _ in range(3):
+        for name in got:
+            use(name)
+            rows = demo.decode_at_contexts(directory, contexts, steps=7)
+            got[name].append([r["step_ms"] for r in rows])
+    use("kernel")
+    for i, c in enumerate(contexts):
+        k = statistics.median(r[i] for r in got["kernel"])
+        r = statistics.median(r[i] for r in got["reference"])
+        print(
+            json.dumps(
+                {
+                    "op": "decode_step",
+                    "context": c,
+                    "kernel_ms": k,
+                    "reference_ms": r,
+                    "rounds": {n: [v[i] for v in got[n]] for n in got},
+                    "reference_over_kernel": r / k,
+                }
+            )
+        )
+    wall = time.perf_counter() - wall0
+    print(
+        json.dumps(
+            {
+                "load_before": load0,
+                "load_after": os.getloadavg()[0],
+                "cpu_over_wall": (time.process_time() - cpu0) / wall,
+                "wall_s": wall,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
