@@ -7,7 +7,9 @@ process. Usage:
 
 DEMO_DIR: a V4 demo (refmoe demo --family deepseek_v4 --layers 4 --experts 32 --dir DIR).
 Prints, as JSON lines: the scores alone for one query of V4-Flash's indexer (64 heads of 128)
-against E = CONTEXT / 4 entries, medians of 15 calls per round [the rounds' medians]; then the
+against E = CONTEXT / 4 entries, medians of 15 calls per round [the rounds' medians]; those of
+a prompt's last 512 queries (contexts up to 32K: the torch form's intermediate is 64 x 512 x E
+floats); then the
 demo's decode step at each context with either (three rounds, 7 steps each); the load average
 and this process's CPU time over wall time around them (2 threads: up to 2.0).
 """
@@ -39,6 +41,7 @@ def scores_alone(contexts: list[int]) -> list[dict]:
     rows = []
     for c in contexts:
         keys = torch.randn(c // 4, 128, generator=g)
+        closed = torch.tensor([c // 4])
         got: dict[str, list[float]] = {"kernel": [], "reference": []}
         for _ in range(3):
             for name in got:
@@ -46,7 +49,7 @@ def scores_alone(contexts: list[int]) -> list[dict]:
                 times = []
                 for _ in range(15):
                     t0 = time.perf_counter()
-                    ix.scores(q, w, keys)
+                    ix.scores(q, w, keys, closed)
                     times.append(time.perf_counter() - t0)
                 got[name].append(1e3 * statistics.median(times))
         k, r = statistics.median(got["kernel"]), statistics.median(got["reference"])
@@ -63,11 +66,48 @@ def scores_alone(contexts: list[int]) -> list[dict]:
     return rows
 
 
+def prompt_chunk(contexts: list[int], t: int = 512) -> list[dict]:
+    """The scores of a prompt's last t queries (positions c - t .. c - 1, each against the
+    entries closed before it) against c // 4 entries, both forms, 3 alternating rounds of 3."""
+    ix = object.__new__(deepseek_v4.Indexer)
+    ix.n, ix.d = 64, 128
+    g = torch.Generator().manual_seed(1)
+    q, w = torch.randn(64, t, 128, generator=g), torch.randn(t, 64, generator=g)
+    rows = []
+    for c in contexts:
+        keys = torch.randn(c // 4, 128, generator=g)
+        closed = (torch.arange(c - t, c) + 1) // 4
+        got: dict[str, list[float]] = {"kernel": [], "reference": []}
+        for _ in range(3):
+            for name in got:
+                use(name)
+                times = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    ix.scores(q, w, keys, closed)
+                    times.append(time.perf_counter() - t0)
+                got[name].append(1e3 * statistics.median(times))
+        k, r = statistics.median(got["kernel"]), statistics.median(got["reference"])
+        rows.append(
+            {
+                "op": "indexer_scores_prompt_chunk",
+                "queries": t,
+                "entries": c // 4,
+                "kernel_ms": k,
+                "reference_ms": r,
+                "rounds": got,
+                "reference_over_kernel": r / k,
+            }
+        )
+    use("kernel")
+    return rows
+
+
 def main() -> None:
     directory = Path(sys.argv[1])
     contexts = [int(c) for c in sys.argv[2:]] or [8192, 32768, 131072]
     load0, cpu0, wall0 = os.getloadavg()[0], time.process_time(), time.perf_counter()
-    for row in scores_alone(contexts):
+    for row in scores_alone(contexts) + prompt_chunk([c for c in contexts if c <= 32768]):
         print(json.dumps(row))
     got: dict[str, list[list[float]]] = {"kernel": [], "reference": []}
     for _ in range(3):

@@ -548,23 +548,40 @@ def test_sinkhorn_kernel_against_numpy(t, c, iters, scale, seed):
 
 @settings(max_examples=40, deadline=None)
 @given(
-    t=st.integers(1, 3),
+    t=st.integers(1, 7),
     n=st.integers(1, 9),
     d=st.integers(1, 70),
     e=st.integers(1, 300),
     threads=st.integers(1, 3),
+    limited=st.booleans(),
     seed=st.integers(0, 2**31),
 )
-def test_indexer_kernel_against_float64(t, n, d, e, threads, seed):
+def test_indexer_kernel_against_float64(t, n, d, e, threads, limited, seed):
     """kernels.indexer_scores (the lightning indexer's sum_h w_h relu(q_h . k)) against float64
     numpy, in every CPU variant: odd heads, widths that are not whole vectors, key counts that
-    split unevenly over the threads; within float32 rounding of the sum of |w| |q . k|."""
+    split unevenly over the threads, queries split over threads or keys; within float32
+    rounding of the sum of |w| |q . k|; with limits, exactly -inf past each query's."""
+    _indexer_against_float64(t, n, d, e, threads, limited, seed)
+
+
+@pytest.mark.parametrize(
+    "t, n, d, e", [(1, 64, 128, 37), (5, 7, 32, 9), (2, 2, 16, 4), (1, 3, 64, 130)]
+)
+def test_indexer_kernel_whole_vectors(t, n, d, e):
+    """Widths that are whole vectors (V4-Flash's 128 among them): the x86 path that sums eight
+    dots across lanes at once, with odd and even head counts."""
+    for threads in (1, 2):
+        _indexer_against_float64(t, n, d, e, threads, t > 1, seed=t * 1000 + n)
+
+
+def _indexer_against_float64(t, n, d, e, threads, limited, seed):
     from refmoe import kernels
 
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((t, n, d)).astype(np.float32)
     w = rng.standard_normal((t, n)).astype(np.float32)
     keys = rng.standard_normal((e, d)).astype(np.float32)
+    limits = rng.integers(-1, e + 2, t).astype(np.int32) if limited else None
     dots = np.einsum("thd,ed->the", q.astype(np.float64), keys.astype(np.float64))
     want = np.einsum("th,the->te", w.astype(np.float64), np.maximum(dots, 0.0))
     bound = np.einsum(
@@ -572,16 +589,18 @@ def test_indexer_kernel_against_float64(t, n, d, e, threads, seed):
         np.abs(w).astype(np.float64),
         np.einsum("thd,ed->the", np.abs(q).astype(np.float64), np.abs(keys).astype(np.float64)),
     )
+    seen = np.ones((t, e), bool) if limits is None else np.arange(e)[None] < limits[:, None]
     for variant in kernels.available_variants():
-        got = kernels.indexer_scores(q, w, keys, num_threads=threads, variant=variant)
+        got = kernels.indexer_scores(q, w, keys, limits, num_threads=threads, variant=variant)
         assert got.shape == (t, e) and got.dtype == np.float32
-        assert np.all(np.abs(got - want) <= 1e-5 * bound + 1e-30), variant
+        assert np.all(np.abs(got - want)[seen] <= 1e-5 * bound[seen] + 1e-30), variant
+        assert np.all(got[~seen] == -np.inf), variant
 
 
 def test_indexer_kernel_is_the_models_reference():
     """The indexer's scores through the kernel equal the torch form transformers runs
-    (Indexer.reference: an n x T x E intermediate) within float32 rounding, and refuse keys of
-    another width by name."""
+    (Indexer.reference: an n x T x E intermediate, the entries not closed masked) within
+    float32 rounding, -inf where that is; keys of another width are refused by name."""
     from refmoe import kernels
 
     ix = object.__new__(deepseek_v4.Indexer)
@@ -589,9 +608,12 @@ def test_indexer_kernel_is_the_models_reference():
     g = torch.Generator().manual_seed(3)
     q, w = torch.randn(6, 5, 40, generator=g), torch.randn(5, 6, generator=g)
     keys = torch.randn(77, 40, generator=g)
-    want = ix.reference(q, w, keys)
-    got = ix.scores(q, w, keys)
-    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    closed = torch.tensor([0, 3, 40, 77, 77])
+    want = ix.reference(q, w, keys, closed)
+    got = ix.scores(q, w, keys, closed)
+    finite = want.isfinite()
+    assert torch.equal(finite, got.isfinite())
+    assert (got - want)[finite].abs().max() <= 1e-5 * want[finite].abs().max()
     with pytest.raises(ValueError, match="keys are 39 wide"):
         kernels.indexer_scores(
             np.ones((1, 2, 40), np.float32),

@@ -1036,24 +1036,28 @@ def indexer_scores(
     q: np.ndarray,
     w: np.ndarray,
     keys: np.ndarray,
+    limits: np.ndarray | None = None,
     *,
     num_threads: int | None = None,
     variant: str | None = None,
 ) -> np.ndarray:
     """DeepSeek-V4's lightning indexer: scores [T, E] = sum over heads h of w[t, h] relu(q[t,
-    h] . keys[e]), for q float32 [T, n, d], w [T, n] and keys [E, d]; the keys split over the
-    threads. One pass over the keys per query, without the n x T x E intermediate the torch
-    form (relu(q @ keys.T) weighted and summed over heads) writes and reads back."""
+    h] . keys[e]), for q float32 [T, n, d], w [T, n] and keys [E, d]; with limits (int32 [T])
+    only e < limits[t] is scored and the rest is -inf (the entries a query may not see yet are
+    never computed). One pass over the keys per query, without the n x T x E intermediate the
+    torch form (relu(q @ keys.T) weighted and summed over heads) writes and reads back."""
     q = _check(q, "q", np.float32, 3)
     t, n, d = q.shape
     w = _check(w, "w", np.float32, 2, (t, n))
     keys = _check(keys, "keys", np.float32, 2)
     if keys.shape[1] != d:
         raise ValueError(f"indexer_scores: keys are {keys.shape[1]} wide, the queries {d}")
+    lim = np.zeros(1, np.int32) if limits is None else _check(limits, "limits", np.int32, 1, (t,))
     out = np.empty((t, keys.shape[0]), np.float32)
     if t and keys.shape[0]:
-        threads = max(1, min(_threads(num_threads), keys.shape[0] // 64 or 1))
-        _module(variant or _VARIANT).indexer_scores(q, w, keys, out, threads)
+        threads = max(1, min(_threads(num_threads), max(t, keys.shape[0] // 64)))
+        mod = _module(variant or _VARIANT)
+        mod.indexer_scores(q, w, keys, lim, limits is not None, out, threads)
     return out
 
 

@@ -48,7 +48,7 @@ cdef extern from "kernels.h" nogil:
                      const float *scale, float norm_eps, float hc_eps, int iters,
                      float *mix, float *post, float *comb, float *col, int nthreads)
     void index_scores(const float *q, const float *w, const float *keys, int T, int n, int d,
-                      long E, float *out, int nthreads)
+                      long E, const int *limit, float *out, int nthreads)
     int pin_threads(int nthreads, const int *offsets, const int *cpus)
     void thread_affinity(int nthreads, int *out)
     int VL
@@ -274,14 +274,14 @@ def hyper_collapse(const float[:, :, ::1] x, const float[:, ::1] fn, const float
 
 
 def indexer_scores(const float[:, :, ::1] q, const float[:, ::1] w, const float[:, ::1] keys,
-                   float[:, ::1] out, int nthreads):
+                   const int[::1] limit, bint limited, float[:, ::1] out, int nthreads):
     """DeepSeek-V4's lightning indexer scores (see index_scores); shapes checked by
     refmoe.kernels.indexer_scores."""
     if q.shape[0] == 0 or keys.shape[0] == 0:
         return
     with nogil:
         index_scores(&q[0, 0, 0], &w[0, 0], &keys[0, 0], q.shape[0], q.shape[1], q.shape[2],
-                     keys.shape[0], &out[0, 0], nthreads)
+                     keys.shape[0], &limit[0] if limited else NULL, &out[0, 0], nthreads)
 
 
 def pin(int nthreads, const int[::1] offsets, const int[::1] cpus):

@@ -1721,72 +1721,137 @@ static void hc_collapse(const float *x, int T, int c, int H, const float *fn, co
     }
 }
 
-/* DeepSeek-V4's lightning indexer: out[t, e] = sum_h w[t, h] relu(q[t, h] . k[e]) for T
- * queries of n heads of d (q [T, n, d], w [T, n]) against E keys [E, d], the keys split over
- * the threads. Four keys by two heads at a time (8 accumulators, 4 key and 2 query vectors:
- * 14 registers, under AVX2's 16), each dot summed across its lanes once; one pass over the
- * keys per query, where the torch form writes and reads back n x E scores. */
+/* The dot products of two query heads (qa, qb) with four keys (k, rows d apart), over the
+ * first whole vectors of d: eight accumulators, 4 key and 2 query vectors (14 registers, under
+ * AVX2's 16); i is left at the first element not covered. */
+#define INDEX_DOTS_4x2(qa, qb, k, d, i)                                                        \
+    vf a0 = vf_zero(), a1 = vf_zero(), a2 = vf_zero(), a3 = vf_zero();                        \
+    vf b0 = vf_zero(), b1 = vf_zero(), b2 = vf_zero(), b3 = vf_zero();                        \
+    for (i = 0; i + VL <= (d); i += VL) {                                                      \
+        vf x = vf_load((qa) + i), y = vf_load((qb) + i), kv;                                   \
+        kv = vf_load((k) + i), a0 = vf_fma(x, kv, a0), b0 = vf_fma(y, kv, b0);                  \
+        kv = vf_load((k) + (d) + i), a1 = vf_fma(x, kv, a1), b1 = vf_fma(y, kv, b1);            \
+        kv = vf_load((k) + 2 * (d) + i), a2 = vf_fma(x, kv, a2), b2 = vf_fma(y, kv, b2);        \
+        kv = vf_load((k) + 3 * (d) + i), a3 = vf_fma(x, kv, a3), b3 = vf_fma(y, kv, b3);        \
+    }
+
+#if defined(REFMOE_ISA_AVX2) || defined(REFMOE_ISA_AVX512)
+#if defined(REFMOE_ISA_AVX512)
+static inline __m256 vf_fold256(vf a) {
+    return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+}
+#else
+static inline __m256 vf_fold256(vf a) { return a; }
+#endif
+/* [sum a0, .., sum a3, sum b0, .., sum b3]: eight lane sums in one vector (a hadd tree). */
+static inline __m256 hsum8_256(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 b0, __m256 b1,
+                               __m256 b2, __m256 b3) {
+    __m256 ha = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    __m256 hb = _mm256_hadd_ps(_mm256_hadd_ps(b0, b1), _mm256_hadd_ps(b2, b3));
+    return _mm256_add_ps(_mm256_permute2f128_ps(ha, hb, 0x20), _mm256_permute2f128_ps(ha, hb, 0x31));
+}
+#endif
+
+/* DeepSeek-V4's lightning indexer, one query against keys e0 .. e1: o[e] = sum_h w[h]
+ * relu(q[h] . k[e]) for n heads of d (q [n, d], w [n]), keys [E, d]. Four keys by two heads at
+ * a time (INDEX_DOTS_4x2); on x86 with d a whole number of vectors, the eight dots are summed
+ * across lanes into one vector, and relu and the heads' weights applied to it there; else per
+ * dot. */
+static void index_scores_range(const float *qt, const float *wt, const float *keys, int n, int d,
+                               long e0, long e1, float *o) {
+    long e = e0;
+    int i;
+#if defined(REFMOE_ISA_AVX2) || defined(REFMOE_ISA_AVX512)
+    if (d % VL == 0)
+        for (; e + 4 <= e1; e += 4) {
+            const float *k = keys + (size_t)e * d;
+            __m256 acc = _mm256_setzero_ps();
+            int h = 0;
+            for (; h + 2 <= n; h += 2) {
+                const float *qa = qt + (size_t)h * d, *qb = qa + d;
+                INDEX_DOTS_4x2(qa, qb, k, d, i)
+                __m256 r = hsum8_256(vf_fold256(a0), vf_fold256(a1), vf_fold256(a2),
+                                     vf_fold256(a3), vf_fold256(b0), vf_fold256(b1),
+                                     vf_fold256(b2), vf_fold256(b3));
+                __m256 wv = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(wt[h])),
+                                                 _mm_set1_ps(wt[h + 1]), 1);
+                acc = _mm256_fmadd_ps(_mm256_max_ps(r, _mm256_setzero_ps()), wv, acc);
+            }
+            float s[4];
+            _mm_storeu_ps(s, _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1)));
+            for (; h < n; h++) /* an odd head */
+                for (int j = 0; j < 4; j++) {
+                    const float *qa = qt + (size_t)h * d, *kj = k + (size_t)j * d;
+                    vf a = vf_zero();
+                    for (i = 0; i < d; i += VL) a = vf_fma(vf_load(qa + i), vf_load(kj + i), a);
+                    float dot = vf_hsum(a);
+                    s[j] += wt[h] * (dot > 0.f ? dot : 0.f);
+                }
+            for (int j = 0; j < 4; j++) o[e + j] = s[j];
+        }
+#endif
+    for (; e + 4 <= e1; e += 4) {
+        const float *k = keys + (size_t)e * d;
+        float s[4] = {0.f, 0.f, 0.f, 0.f};
+        int h = 0;
+        for (; h + 2 <= n; h += 2) {
+            const float *qa = qt + (size_t)h * d, *qb = qa + d;
+            INDEX_DOTS_4x2(qa, qb, k, d, i)
+            float da[4] = {0.f, 0.f, 0.f, 0.f}, db[4] = {0.f, 0.f, 0.f, 0.f};
+            vf_hsum4_add(a0, a1, a2, a3, da);
+            vf_hsum4_add(b0, b1, b2, b3, db);
+            for (; i < d; i++)
+                for (int j = 0; j < 4; j++) {
+                    da[j] += qa[i] * k[(size_t)j * d + i];
+                    db[j] += qb[i] * k[(size_t)j * d + i];
+                }
+            for (int j = 0; j < 4; j++)
+                s[j] += wt[h] * (da[j] > 0.f ? da[j] : 0.f) +
+                        wt[h + 1] * (db[j] > 0.f ? db[j] : 0.f);
+        }
+        for (; h < n; h++) /* an odd head */
+            for (int j = 0; j < 4; j++) {
+                const float *qa = qt + (size_t)h * d, *kj = k + (size_t)j * d;
+                float dot = 0.f;
+                for (i = 0; i < d; i++) dot += qa[i] * kj[i];
+                s[j] += wt[h] * (dot > 0.f ? dot : 0.f);
+            }
+        for (int j = 0; j < 4; j++) o[e + j] = s[j];
+    }
+    for (; e < e1; e++) { /* the range's last keys */
+        const float *kj = keys + (size_t)e * d;
+        float sum = 0.f;
+        for (int h = 0; h < n; h++) {
+            const float *qa = qt + (size_t)h * d;
+            vf a = vf_zero();
+            for (i = 0; i + VL <= d; i += VL) a = vf_fma(vf_load(qa + i), vf_load(kj + i), a);
+            float dot = vf_hsum(a);
+            for (; i < d; i++) dot += qa[i] * kj[i];
+            sum += wt[h] * (dot > 0.f ? dot : 0.f);
+        }
+        o[e] = sum;
+    }
+}
+
+/* The indexer's scores of T queries (q [T, n, d], w [T, n]) against E keys [E, d]: out[t, e]
+ * for e < limit[t] (limit NULL: every key), -inf past it (the entries a query may not see yet,
+ * never computed: half of a prompt's pairs). A prompt's queries go to the threads in turn
+ * (their limits grow along the prompt), a decode step's keys are split between them. One pass
+ * over the keys per query, where the torch form writes and reads back n x T x E scores. */
 static void index_scores(const float *q, const float *w, const float *keys, int T, int n, int d,
-                         long E, float *out, int nthreads) {
+                         long E, const int *limit, float *out, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
     {
-        int tid = thread_id(), nt = team_size();
-        long e0 = E * tid / nt, e1 = E * (tid + 1) / nt;
-        for (int t = 0; t < T; t++) {
-            const float *qt = q + (size_t)t * n * d, *wt = w + (size_t)t * n;
+        int tid = thread_id(), nt = team_size(), by_token = T >= 2 * nt;
+        for (int t = by_token ? tid : 0; t < T; t += by_token ? nt : 1) {
+            long lim = limit ? (limit[t] < 0 ? 0 : limit[t] > E ? E : limit[t]) : E;
+            int parts = by_token ? 1 : nt, part = by_token ? 0 : tid;
             float *o = out + (size_t)t * E;
-            long e = e0;
-            for (; e + 4 <= e1; e += 4) {
-                const float *k = keys + (size_t)e * d;
-                float s[4] = {0.f, 0.f, 0.f, 0.f};
-                int h = 0;
-                for (; h + 2 <= n; h += 2) {
-                    const float *qa = qt + (size_t)h * d, *qb = qa + d;
-                    vf a0 = vf_zero(), a1 = vf_zero(), a2 = vf_zero(), a3 = vf_zero();
-                    vf b0 = vf_zero(), b1 = vf_zero(), b2 = vf_zero(), b3 = vf_zero();
-                    int i = 0;
-                    for (; i + VL <= d; i += VL) {
-                        vf x = vf_load(qa + i), y = vf_load(qb + i), kv;
-                        kv = vf_load(k + i), a0 = vf_fma(x, kv, a0), b0 = vf_fma(y, kv, b0);
-                        kv = vf_load(k + d + i), a1 = vf_fma(x, kv, a1), b1 = vf_fma(y, kv, b1);
-                        kv = vf_load(k + 2 * d + i), a2 = vf_fma(x, kv, a2), b2 = vf_fma(y, kv, b2);
-                        kv = vf_load(k + 3 * d + i), a3 = vf_fma(x, kv, a3), b3 = vf_fma(y, kv, b3);
-                    }
-                    float da[4] = {0.f, 0.f, 0.f, 0.f}, db[4] = {0.f, 0.f, 0.f, 0.f};
-                    vf_hsum4_add(a0, a1, a2, a3, da);
-                    vf_hsum4_add(b0, b1, b2, b3, db);
-                    for (; i < d; i++)
-                        for (int j = 0; j < 4; j++) {
-                            da[j] += qa[i] * k[(size_t)j * d + i];
-                            db[j] += qb[i] * k[(size_t)j * d + i];
-                        }
-                    for (int j = 0; j < 4; j++)
-                        s[j] += wt[h] * (da[j] > 0.f ? da[j] : 0.f) +
-                                wt[h + 1] * (db[j] > 0.f ? db[j] : 0.f);
-                }
-                for (; h < n; h++) /* an odd head */
-                    for (int j = 0; j < 4; j++) {
-                        const float *qa = qt + (size_t)h * d, *kj = k + (size_t)j * d;
-                        float dot = 0.f;
-                        for (int i = 0; i < d; i++) dot += qa[i] * kj[i];
-                        s[j] += wt[h] * (dot > 0.f ? dot : 0.f);
-                    }
-                for (int j = 0; j < 4; j++) o[e + j] = s[j];
-            }
-            for (; e < e1; e++) { /* the last keys of the thread's range */
-                const float *kj = keys + (size_t)e * d;
-                float sum = 0.f;
-                for (int h = 0; h < n; h++) {
-                    const float *qa = qt + (size_t)h * d;
-                    vf a = vf_zero();
-                    int i = 0;
-                    for (; i + VL <= d; i += VL) a = vf_fma(vf_load(qa + i), vf_load(kj + i), a);
-                    float dot = vf_hsum(a);
-                    for (; i < d; i++) dot += qa[i] * kj[i];
-                    sum += wt[h] * (dot > 0.f ? dot : 0.f);
-                }
-                o[e] = sum;
-            }
+            index_scores_range(q + (size_t)t * n * d, w + (size_t)t * n, keys, n, d,
+                               lim * part / parts, lim * (part + 1) / parts, o);
+            for (long e = lim + (E - lim) * part / parts; e < lim + (E - lim) * (part + 1) / parts;
+                 e++)
+                o[e] = -INFINITY;
         }
     }
 }

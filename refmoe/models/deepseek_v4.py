@@ -365,27 +365,32 @@ class Indexer:
         cos, sin = rope.angles("compress", positions)
         q = rope_tail(q, cos, sin)
         w = self.weights(x) * self.n**-0.5  # [T, n]
-        index = self.scores(q, w, keys)  # [T, E]
         closed = (positions + 1) // self.rate  # entries before each query
-        future = torch.arange(e, device=x.device)[None, :] >= closed[:, None]
-        top = index.masked_fill(future, float("-inf")).topk(min(self.topk, e), dim=-1).indices
+        index = self.scores(q, w, keys, closed)  # [T, E], -inf where not closed
+        top = index.topk(min(self.topk, e), dim=-1).indices
         return allowed.scatter_(1, top, top < closed[:, None])
 
-    def scores(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """[T, E]: sum over heads h of w[t, h] relu(q[h, t] . k_e) / sqrt(d), for q [n, T, d]:
-        one kernel pass over the keys on the CPU (kernels.indexer_scores), torch elsewhere
+    def scores(self, q, w, keys, closed: torch.Tensor) -> torch.Tensor:
+        """[T, E]: sum over heads h of w[t, h] relu(q[h, t] . k_e) / sqrt(d) for q [n, T, d] and
+        the entries e < closed[t], -inf for the rest: one kernel pass over the keys on the CPU
+        (kernels.indexer_scores, which skips the entries past each query's), torch elsewhere
         (reference)."""
         if q.device.type != "cpu" or q.dtype != torch.float32 or keys.dtype != torch.float32:
-            return self.reference(q, w, keys)
+            return self.reference(q, w, keys, closed)
         qt = np.ascontiguousarray(q.transpose(0, 1).numpy())  # [T, n, d]
         ws = np.ascontiguousarray((w * self.d**-0.5).numpy())  # relu(s) a = relu(s a), a > 0
-        return torch.from_numpy(kernels.indexer_scores(qt, ws, np.ascontiguousarray(keys.numpy())))
+        limits = closed.to(torch.int32).numpy()
+        return torch.from_numpy(
+            kernels.indexer_scores(qt, ws, np.ascontiguousarray(keys.numpy()), limits)
+        )
 
-    def reference(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    def reference(self, q, w, keys, closed: torch.Tensor) -> torch.Tensor:
         """The scores as transformers computes them: relu(q @ keys.T) / sqrt(d), weighted by w
-        and summed over heads (an n x T x E intermediate)."""
+        and summed over heads (an n x T x E intermediate), the entries not closed masked."""
         scores = torch.relu(q @ keys.T) * self.d**-0.5  # [n, T, E]
-        return (scores * w.T.unsqueeze(-1)).sum(0)
+        index = (scores * w.T.unsqueeze(-1)).sum(0)
+        future = torch.arange(keys.shape[0], device=q.device)[None, :] >= closed[:, None]
+        return index.masked_fill(future, float("-inf"))
 
 
 # ---------------------------------------------------------------------------------------------
