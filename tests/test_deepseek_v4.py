@@ -496,6 +496,29 @@ def test_engine_batches_and_reuses_prefixes(saved):
         engine.shutdown(1)
 
 
+def test_the_mtp_layer_is_left_unread(saved, tmp_path):
+    """A release's multi-token-prediction layer (mtp.0.*, which transformers ignores on load)
+    sits in the checkpoint unread: the model loads and gives the same logits (no speculative
+    decoding uses it yet)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, d = saved
+    shutil.copytree(d, tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(path)
+    tensors["mtp.0.attn.wq_a.weight"] = torch.zeros(24, 64)
+    tensors["mtp.0.ffn.experts.0.w1.weight"] = torch.zeros(32, 64)
+    tensors["mtp.0.hc_head_fn"] = torch.zeros(2, 128)
+    save_file(tensors, path, metadata={"format": "pt"})
+    _, plain = models.load(d)
+    _, with_mtp = models.load(tmp_path / "m")
+    want = plain.forward(torch.tensor(PROMPT), plain.new_cache())
+    got = with_mtp.forward(torch.tensor(PROMPT), with_mtp.new_cache())
+    assert torch.equal(got, want)
+
+
 def test_context_parallel_prefill_refused_by_name(saved):
     """A prompt split across DSLP ranks is refused, naming why, before any layer runs."""
     _, d = saved
