@@ -496,6 +496,18 @@ def test_engine_batches_and_reuses_prefixes(saved):
         engine.shutdown(1)
 
 
+def test_generate_cli_with_two_ranks(saved):
+    """`refmoe generate --ranks 2 --prefill slp` (DSLP over two processes) gives the CPU
+    path's tokens."""
+    _, d = saved
+    ids = ",".join(map(str, PROMPT))
+    plain_run = cli_generate(d, "--prompt-ids", ids, "--max-tokens", "6", "--prefill", "cpu")
+    run = cli_generate(
+        d, "--prompt-ids", ids, "--max-tokens", "6", "--ranks", "2", "--prefill", "slp"
+    )
+    assert run["prefill"] == "dslp" and run["token_ids"] == plain_run["token_ids"]
+
+
 def test_the_mtp_layer_is_left_unread(saved, tmp_path):
     """A release's multi-token-prediction layer (mtp.0.*, which transformers ignores on load)
     sits in the checkpoint unread: the model loads and gives the same logits (no speculative
@@ -519,18 +531,44 @@ def test_the_mtp_layer_is_left_unread(saved, tmp_path):
     assert torch.equal(got, want)
 
 
-def test_context_parallel_prefill_refused_by_name(saved):
-    """A prompt split across DSLP ranks is refused, naming why, before any layer runs."""
+@pytest.mark.parametrize("host_only, chunk", [(False, None), (True, None), (False, 9)])
+def test_dslp_matches_the_cpu_path(saved, host_only, chunk):
+    """Distributed SLP over two gloo processes: each rank's slice of the prompt attends with
+    every rank's key-values and compressor inputs gathered (its cache takes the whole prompt
+    and pools the same entries), the hash layers route every rank's tokens; the logits at
+    every position, a decode step after it and the greedy continuation equal the plain path's.
+    Host-only (decode on rank 0's device): rank 0 takes no tokens and only receives the
+    cache."""
+    from refmoe import dslp
+    from refmoe.generate import generate
+
     _, d = saved
     _, mine = models.load(d)
+    plain_cache = mine.new_cache()
+    want = mine.forward(torch.tensor(PROMPT), plain_cache)
+    step = mine.forward(torch.tensor([7]), plain_cache)
+    with dslp.Group.start(
+        mine, d, world=2, threads_per_rank=1, ring=2, chunk_tokens=chunk
+    ) as group:
+        cache = mine.new_cache()
+        got = group.prefill(torch.tensor(PROMPT), cache, all_logits=True, host_only=host_only)
+        assert cache.length == len(PROMPT) and got.shape == want.shape
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+        after = mine.forward(torch.tensor([7]), cache)
+        assert (after - step).abs().max() <= 1e-4 * step.abs().max()
+        if host_only:
+            assert group.stats.experts_loaded == 0
+        else:
 
-    class Split:  # what a DSLP rank passes: its slice of a prompt
-        offset = 0
+            class Group:
+                trace = None
 
-    cache = mine.new_cache()
-    with pytest.raises(ValueError, match="no context-parallel prefill"):
-        mine.forward(torch.tensor(PROMPT[:4]), cache, cp=Split())
-    assert cache.length == 0
+                def prefill(self, ids, c, all_logits=False):
+                    return group.prefill(ids, c, all_logits=all_logits)
+
+            assert generate(mine, PROMPT, 6, prefill=Group()).token_ids == (
+                generate(mine, PROMPT, 6).token_ids
+            )
 
 
 def _sinkhorn_numpy(a: np.ndarray, iters: int, eps: float) -> np.ndarray:

@@ -506,11 +506,15 @@ class Attention:
             ya = torch.einsum("tgk,gok->tgo", xg, self._o_a_dense.to(xg.device))
         return self.o_b(ya.reshape(t, g * lora))
 
-    def __call__(self, x: torch.Tensor, cache: LayerCache, rope: Rope) -> torch.Tensor:
-        """x [T, H] (the collapsed, normed streams) at positions cache.length .. + T."""
+    def __call__(self, x: torch.Tensor, cache: LayerCache, rope: Rope, cp=None) -> torch.Tensor:
+        """x [T, H] (the collapsed, normed streams) at positions cache.length .. + T. cp
+        (context parallel, DSLP): x is this rank's slice of a chunk, its queries at cp.offset;
+        every rank's key-values and compressor inputs are gathered, so every rank's cache
+        takes the whole chunk (and pools the same entries)."""
         t, n, d = x.shape[0], self.n, self.d
-        start = cache.length
-        positions = torch.arange(start, start + t, device=x.device)
+        start = cache.length  # the chunk's first position
+        mine = start + (cp.offset if cp is not None else 0)  # this call's first query
+        positions = torch.arange(mine, mine + t, device=x.device)
         cos, sin = rope.angles(self.rope_kind, positions)
         q_res = rms_norm(self.q_a(x), self.q_a_norm, self.eps)
         q = rms_norm(self.q_b(q_res).view(t, n, d), None, self.eps).transpose(0, 1)
@@ -522,17 +526,21 @@ class Attention:
         if self.indexer is not None:
             ic = self.indexer.compressor
             projections += [ic.kv(x), ic.gate(x)]
+        if cp is not None:
+            kv, projections = cp.gather(kv), [cp.gather(p) for p in projections]
         keys, first, tails, base = cache.extend(kv, projections)  # keys [W + T, D]
         entries, allowed = None, None
         if self.compressor is not None:
-            entries, index_keys = self._compressed(cache, tails, base, start, t, rope)
+            entries, index_keys = self._compressed(cache, tails, base, start, kv.shape[0], rope)
             if self.indexer is not None:
                 allowed = self.indexer.allowed(x, q_res, positions, index_keys, rope)
             else:  # HCA: every entry whose window closed before the query
                 e = entries.shape[0]
                 closed = (positions + 1) // self.rate
                 allowed = torch.arange(e, device=x.device)[None, :] < closed[:, None]
-        out = self._attend(q, keys, first, entries, allowed, start)  # [n, T, D]
+        if t == 0:  # a rank that only hosts the prefill: its cache took the chunk
+            return x.new_zeros((0, self.cfg.hidden_size))
+        out = self._attend(q, keys, first, entries, allowed, mine)  # [n, T, D]
         out = rope_tail(out, cos, -sin)  # the value's rope undone at the query's position
         return self.grouped_out(out.transpose(0, 1).reshape(t, n * d))
 
@@ -589,12 +597,13 @@ class Block:
                 f" but the checkpoint {'lacks' if hashed else 'has'} the table"
             )
 
-    def attention(self, xs: list[torch.Tensor], caches: list, rope: Rope, trace=None):
-        """Per sequence: streams [T_i, c, H] -> streams after the attention block."""
+    def attention(self, xs: list[torch.Tensor], caches: list, rope: Rope, cp=None):
+        """Per sequence: streams [T_i, c, H] -> streams after the attention block (cp: one
+        sequence's slice of a DSLP chunk, see Attention)."""
         out = []
         for x, cache in zip(xs, caches):
             post, comb, col = self.attn_hc(x)
-            y = self.attn(rms_norm(col, self.attn_norm, self.eps), cache, rope)
+            y = self.attn(rms_norm(col, self.attn_norm, self.eps), cache, rope, cp)
             out.append(expand(post, comb, y, x))
         return out
 
@@ -632,9 +641,10 @@ class Transformer(DecoderModel):
     ) -> torch.Tensor:
         if logits not in ("all", "last", "none"):
             raise ValueError(f"logits must be all, last or none, got {logits!r}")
-        if cp is not None:
-            raise ValueError("DeepSeek-V4 has no context-parallel prefill (DSLP) yet")
         ids = ids.to(self.device)
+        # the MoE layers route every rank's tokens (SLP's exchange gathers the streams): a
+        # hash router needs every rank's token ids
+        tokens = cp.gather(ids) if cp is not None else ids
         x = self.embed[ids].unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous()
         try:
             for block, layer_cache in zip(self.blocks, cache.layers):
@@ -642,10 +652,10 @@ class Transformer(DecoderModel):
                 with maybe(
                     self.trace, "device", "attention", f"attention L{block.layer}", tokens=t
                 ):
-                    x = block.attention([x], [layer_cache], self.rope)[0]
+                    x = block.attention([x], [layer_cache], self.rope, cp)[0]
                 where = "slp" if experts is not None else "cpu"
                 with maybe(self.trace, where, "experts", f"experts L{block.layer}", tokens=t):
-                    x = block.moe(x, ids, experts)
+                    x = block.moe(x, tokens, experts)
         finally:
             if experts is not None:
                 experts.close()
