@@ -176,25 +176,53 @@ def score_dims(cfg: ModelConfig) -> int:
     return 2 * cfg.head_dim
 
 
+def keys_scored(cfg: ModelConfig, positions: np.ndarray) -> np.ndarray:
+    """The attention work of a token at each position, in attended keys of the model's dense
+    kind (heads x score_dims each), averaged over the layers: every earlier key and itself on
+    a full layer; its window on a sliding one; a linear layer's recurrence, the same at any
+    position; DeepSeek-V4's window, plus on a CSA layer its index_topk of the closed entries and
+    the indexer's pass over all of them, on an HCA layer every closed entry."""
+    p = np.asarray(positions, dtype=np.float64) + 1.0
+    per_key = cfg.num_attention_heads * score_dims(cfg)
+    if cfg.family == "deepseek_v4":
+        csa, hca = v4_shares(cfg)
+        rate_c = cfg.compress_rates.get("compressed_sparse_attention", 4)
+        rate_h = cfg.compress_rates.get("heavily_compressed_attention", 128)
+        index = cfg.index_n_heads * cfg.index_head_dim / per_key
+        closed = p / rate_c
+        return (
+            np.minimum(p, cfg.sliding_window)
+            + csa * (np.minimum(closed, cfg.index_topk) + index * closed)
+            + hca * p / rate_h
+        )
+    linear, sliding = linear_share(cfg), sliding_share(cfg)
+    keys = (1.0 - linear - sliding) * p
+    if sliding:
+        keys = keys + sliding * np.minimum(p, cfg.sliding_window)
+    if linear:
+        keys = keys + linear * recurrent_flops(cfg) / (2.0 * per_key)
+    return keys
+
+
 def context_split(cfg: ModelConfig, tokens: int, ranks: int, past: int = 0) -> list[int]:
     """A chunk of `tokens` new tokens after `past` cached ones split into contiguous slices,
-    one per rank in order, so that each rank's attention costs about the same. A token at
-    position p costs its projections (2 x the block's weights) plus its causal scores over
-    p + 1 keys (2 x heads x (qk + v) each): the later a token, the dearer, so equal slices
-    would leave the last rank with most of the work (3/4 of the scores of a fresh prompt on
-    two ranks). Every rank gets at least one token when there are enough."""
+    one per rank in order, so that each rank's attention costs about the same. A token costs
+    its projections (2 x the block's weights) plus its scores (keys_scored: on a full layer
+    every earlier key, so the later a token the dearer, and equal slices would leave the last
+    rank 3/4 of a fresh prompt's scores on two ranks; a window or V4's compressed entries
+    cost nearly the same at any position). Every rank gets at least one token when there are
+    enough."""
     if ranks < 1 or tokens < 0:
         raise ValueError(f"context_split: {tokens} tokens over {ranks} ranks")
-    # in units of one attended key: cost(first x tokens) = a x + past x + x (x + 1) / 2
+    # in units of one attended key: a token's projections, then its scores
     a = sum(n * k for n, k in attention_shapes(cfg)) / (cfg.num_attention_heads * score_dims(cfg))
-    b = a + past + 0.5
-
-    def cost(x: float) -> float:
-        return b * x + x * x / 2
-
-    whole, bounds = cost(tokens), [0]
+    cum = np.concatenate([[0.0], np.cumsum(a + keys_scored(cfg, past + np.arange(tokens)))])
+    bounds = [0]
     for r in range(1, ranks):
-        x = round(-b + math.sqrt(b * b + 2 * whole * r / ranks))
+        target = cum[-1] * r / ranks
+        x = int(np.searchsorted(cum, target))  # cum[x - 1] < target <= cum[x]
+        if x > 0 and target - cum[x - 1] < cum[x] - target:
+            x -= 1  # the nearer of the two
         lo = bounds[-1] + (1 if tokens >= ranks else 0)  # at least one token each
         hi = tokens - (ranks - r if tokens >= ranks else 0)
         bounds.append(min(max(x, lo), max(hi, lo)))

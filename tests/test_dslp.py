@@ -54,6 +54,38 @@ def test_split_balances_causal_attention(fp8_dir):  # noqa: F811
     assert dslp.ContextParallel.split(len(PROMPT), 3, True, model.cfg) == [0] + tiny
 
 
+@pytest.mark.parametrize(
+    "name", ["deepseek-v4-flash", "gpt-oss-120b", "qwen3-next-80b-a3b", "deepseek-v3"]
+)
+def test_split_balances_each_kind_of_attention(name):
+    """The slices balance what each token's attention costs in that family (keys_scored), the
+    slices' costs within two of the dearest token's: V4's window and compressed entries cost
+    nearly the same at any position, so a fresh 32K prompt splits nearly evenly there; where
+    full-attention layers remain (dense MLA, gpt-oss's every other layer, Qwen3-Next's one in
+    four) their causal scores still give the first rank more."""
+    import numpy as np
+
+    from refmoe import costmodel
+    from sim import catalog
+
+    cfg = catalog.load(name)
+    a = sum(n * k for n, k in costmodel.attention_shapes(cfg)) / (
+        cfg.num_attention_heads * costmodel.score_dims(cfg)
+    )
+    for tokens, ranks, past in ((32768, 2, 0), (32768, 3, 0), (4096, 2, 65536)):
+        sizes = costmodel.context_split(cfg, tokens, ranks, past)
+        assert sum(sizes) == tokens and len(sizes) == ranks
+        cost = a + costmodel.keys_scored(cfg, past + np.arange(tokens))
+        bounds = np.cumsum([0, *sizes])
+        costs = [cost[lo:hi].sum() for lo, hi in zip(bounds, bounds[1:])]
+        assert max(costs) - min(costs) <= 2 * cost.max()
+    first = costmodel.context_split(cfg, 32768, 2)[0] / 32768
+    if name == "deepseek-v4-flash":
+        assert first < 0.56, first
+    else:
+        assert first > 0.6, first
+
+
 @pytest.mark.parametrize("chunk", [None, 16])
 def test_two_ranks_match_plain_prefill(fp8_dir, plain, chunk):  # noqa: F811
     _, model = models.load(fp8_dir)
