@@ -404,6 +404,7 @@ def add_family_argument(parser: argparse.ArgumentParser, pre: str) -> None:
         help=f"{pre}the demo model's family and layer shapes: deepseek_v3 (default), "
         "deepseek_v32 (with DeepSeek-V3.2's DSA indexer: 64 heads of 128, top 2,048), "
         "glm4_moe (GLM-4.5-Air's layer), minimax_m2, gpt_oss (gpt-oss-120b's, MXFP4 experts), "
+        "qwen3_moe (Qwen3-235B-A22B's), "
         "qwen3_next (Qwen3-Next-80B-A3B's: three Gated DeltaNet layers to one of full attention), "
         "deepseek_v4 (DeepSeek-V4-Flash's: CSA / HCA compressed attention, 4 residual streams, "
         "FP4 experts)",

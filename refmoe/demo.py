@@ -98,6 +98,20 @@ GQA_LAYERS = {
         rms_norm_eps=1e-5,
         rope_theta=150000.0,
     ),
+    # Qwen3-235B-A22B: per-head q/k norms, softmax top-8 of 128 (normalized), no shared expert
+    "qwen3_moe": dict(
+        architectures=["Qwen3MoeForCausalLM"],
+        hidden_size=4096,
+        num_attention_heads=64,
+        num_key_value_heads=4,
+        head_dim=128,
+        moe_intermediate_size=1536,
+        intermediate_size=12288,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+    ),
     # Qwen3-Next-80B-A3B: three Gated DeltaNet layers to one of gated full attention
     "qwen3_next": dict(
         architectures=["Qwen3NextForCausalLM"],
@@ -254,9 +268,11 @@ def _gqa_config(family: str, layers: int, experts: int, vocab: int, expert_forma
             f"--family {family}: its demo's experts are {'mxfp4' if oss else 'fp8'} "
             f"(--expert-format), got {expert_format!r}"
         )
-    count = {"glm4_moe": "n_routed_experts", "qwen3_next": "num_experts"}.get(
-        family, "num_local_experts"
-    )
+    count = {
+        "glm4_moe": "n_routed_experts",
+        "qwen3_next": "num_experts",
+        "qwen3_moe": "num_experts",
+    }.get(family, "num_local_experts")
     cfg = dict(
         model_type=family,
         vocab_size=vocab,
@@ -597,6 +613,7 @@ def _build_gqa(directory: Path, cfg: dict, family: str, seed: int, progress) -> 
     experts = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg["n_routed_experts"]
     inter = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
     oss, minimax, qwen = family == "gpt_oss", family == "minimax_m2", family == "qwen3_next"
+    qwen3 = family == "qwen3_moe"
     offset = 0.0 if qwen else 1.0  # Qwen3-Next's norms scale by 1 + the stored weight
 
     put = w.put
@@ -645,12 +662,15 @@ def _build_gqa(directory: Path, cfg: dict, family: str, seed: int, progress) -> 
         if minimax:  # q/k norms over all heads at once
             tensors[f"{a}.q_norm.weight"] = np.ones(n * d, np.float32)
             tensors[f"{a}.k_norm.weight"] = np.ones(g * d, np.float32)
+        if qwen3:  # per head
+            tensors[f"{a}.q_norm.weight"] = np.ones(d, np.float32)
+            tensors[f"{a}.k_norm.weight"] = np.ones(d, np.float32)
         m = f"{p}.block_sparse_moe" if minimax else f"{p}.mlp"
         router = f"{m}.router" if oss else f"{m}.gate"
         tensors[f"{router}.weight"] = small(experts, h)
         if oss:
             tensors[f"{router}.bias"] = small(experts)
-        else:
+        elif not qwen3:  # Qwen3's softmax router has no correction bias
             bias = (
                 f"{m}.e_score_correction_bias" if minimax else f"{m}.gate.e_score_correction_bias"
             )

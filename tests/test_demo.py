@@ -142,12 +142,13 @@ def test_demo_in_a_4bit_expert_format(fmt, tmp_path, demo_dir):
     assert costs.bytes_per_token(cfg) == r.bytes_per_token
 
 
-@pytest.mark.parametrize("family", ["minimax_m2", "gpt_oss", "glm4_moe"])
+@pytest.mark.parametrize("family", ["minimax_m2", "gpt_oss", "glm4_moe", "qwen3_moe"])
 def test_demo_of_a_gqa_family(family, tmp_path):
     """`refmoe demo --family F`: the family's published layer under its own tensor names
     (gpt-oss: MXFP4 experts fused as released), loaded by its model file, decoding; the bound
     counts every projection (q, k, v, o), the routed top-k (and GLM's shared expert) in their
-    stored bytes, and lm_head."""
+    stored bytes, and lm_head. Qwen3-MoE's (issue 23's second demo): Qwen3-235B-A22B's layer,
+    per-head q/k norms, a softmax router, no shared expert."""
     d = demo.build(
         tmp_path,
         layers=1,
@@ -157,6 +158,9 @@ def test_demo_of_a_gqa_family(family, tmp_path):
     )
     cfg = ModelConfig.from_file(d)
     assert cfg.family == family and cfg.n_routed_experts == 16
+    if family == "qwen3_moe":
+        assert (cfg.qk_norm, cfg.scoring_func, cfg.n_shared_experts) == ("head", "softmax", 0)
+        assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (4096, 64, 4)
     r = demo.run(d, prompt_tokens=4, new_tokens=3)
     assert r.new_tokens == 3 and r.tok_s > 0
     h, n, g, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
