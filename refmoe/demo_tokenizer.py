@@ -43,6 +43,15 @@ def write(directory: Path, vocab_size: int) -> None:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(specials)
     tok.save(str(directory / "tokenizer.json"))
+    # tokenizer_class: the plain tokenizer.json under transformers' AutoTokenizer too, which
+    # otherwise picks the family's class (Qwen2Tokenizer adds <|endoftext|> past the vocab)
     (directory / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": BOS, "eos_token": EOS, "chat_template": CHAT_TEMPLATE})
+        json.dumps(
+            {
+                "bos_token": BOS,
+                "eos_token": EOS,
+                "chat_template": CHAT_TEMPLATE,
+                "tokenizer_class": "PreTrainedTokenizerFast",
+            }
+        )
     )

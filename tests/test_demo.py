@@ -163,6 +163,11 @@ def test_demo_of_a_gqa_family(family, tmp_path):
         assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (4096, 64, 4)
     r = demo.run(d, prompt_tokens=4, new_tokens=3)
     assert r.new_tokens == 3 and r.tok_s > 0
+    # transformers reads the demo's tokenizer as written, whatever the family (llama.cpp's
+    # converter does, for benchmarks/peer_decode.py): no token past the vocabulary
+    from transformers import AutoTokenizer
+
+    assert max(AutoTokenizer.from_pretrained(d).vocab.values()) < cfg.vocab_size
     h, n, g, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
     def fp8(rows, cols):
