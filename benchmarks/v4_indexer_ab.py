@@ -33,29 +33,35 @@ def use(name: str) -> None:
     deepseek_v4.Indexer.scores = KERNEL if name == "kernel" else REFERENCE
 
 
-def scores_alone(contexts: list[int]) -> list[dict]:
+def alternate(queries: int, contexts: list[int], calls: int, seed: int) -> list[dict]:
+    """V4-Flash's indexer (64 heads of 128): the scores of `queries` queries at the last
+    positions of each context against its c // 4 entries (each query against the entries
+    closed before it), the kernel and the torch form in turn, 3 rounds of `calls` calls each
+    (medians)."""
     ix = object.__new__(deepseek_v4.Indexer)
     ix.n, ix.d = 64, 128
-    g = torch.Generator().manual_seed(0)
-    q, w = torch.randn(64, 1, 128, generator=g), torch.randn(1, 64, generator=g)
+    g = torch.Generator().manual_seed(seed)
+    q, w = torch.randn(64, queries, 128, generator=g), torch.randn(queries, 64, generator=g)
     rows = []
     for c in contexts:
         keys = torch.randn(c // 4, 128, generator=g)
-        closed = torch.tensor([c // 4])
+        closed = (torch.arange(c - queries, c) + 1) // 4
         got: dict[str, list[float]] = {"kernel": [], "reference": []}
         for _ in range(3):
             for name in got:
                 use(name)
                 times = []
-                for _ in range(15):
+                for _ in range(calls):
                     t0 = time.perf_counter()
                     ix.scores(q, w, keys, closed)
                     times.append(time.perf_counter() - t0)
                 got[name].append(1e3 * statistics.median(times))
+        use("kernel")
         k, r = statistics.median(got["kernel"]), statistics.median(got["reference"])
         rows.append(
             {
-                "op": "indexer_scores",
+                "op": "indexer_scores" if queries == 1 else "indexer_scores_prompt_chunk",
+                "queries": queries,
                 "entries": c // 4,
                 "kernel_ms": k,
                 "reference_ms": r,
@@ -63,43 +69,6 @@ def scores_alone(contexts: list[int]) -> list[dict]:
                 "reference_over_kernel": r / k,
             }
         )
-    return rows
-
-
-def prompt_chunk(contexts: list[int], t: int = 512) -> list[dict]:
-    """The scores of a prompt's last t queries (positions c - t .. c - 1, each against the
-    entries closed before it) against c // 4 entries, both forms, 3 alternating rounds of 3."""
-    ix = object.__new__(deepseek_v4.Indexer)
-    ix.n, ix.d = 64, 128
-    g = torch.Generator().manual_seed(1)
-    q, w = torch.randn(64, t, 128, generator=g), torch.randn(t, 64, generator=g)
-    rows = []
-    for c in contexts:
-        keys = torch.randn(c // 4, 128, generator=g)
-        closed = (torch.arange(c - t, c) + 1) // 4
-        got: dict[str, list[float]] = {"kernel": [], "reference": []}
-        for _ in range(3):
-            for name in got:
-                use(name)
-                times = []
-                for _ in range(3):
-                    t0 = time.perf_counter()
-                    ix.scores(q, w, keys, closed)
-                    times.append(time.perf_counter() - t0)
-                got[name].append(1e3 * statistics.median(times))
-        k, r = statistics.median(got["kernel"]), statistics.median(got["reference"])
-        rows.append(
-            {
-                "op": "indexer_scores_prompt_chunk",
-                "queries": t,
-                "entries": c // 4,
-                "kernel_ms": k,
-                "reference_ms": r,
-                "rounds": got,
-                "reference_over_kernel": r / k,
-            }
-        )
-    use("kernel")
     return rows
 
 
@@ -107,7 +76,8 @@ def main() -> None:
     directory = Path(sys.argv[1])
     contexts = [int(c) for c in sys.argv[2:]] or [8192, 32768, 131072]
     load0, cpu0, wall0 = os.getloadavg()[0], time.process_time(), time.perf_counter()
-    for row in scores_alone(contexts) + prompt_chunk([c for c in contexts if c <= 32768]):
+    chunked = [c for c in contexts if c <= 32768]  # the torch form: 64 x 512 x E floats
+    for row in alternate(1, contexts, 15, seed=0) + alternate(512, chunked, 3, seed=1):
         print(json.dumps(row))
     got: dict[str, list[list[float]]] = {"kernel": [], "reference": []}
     for _ in range(3):
