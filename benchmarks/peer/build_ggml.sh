@@ -20,6 +20,8 @@ sdist=${LLAMA_CPP_SDIST:-$work/llama_cpp_python-$version.tar.gz}
 
 if [[ ! -f $sdist ]]; then
     echo "fetching the llama-cpp-python $version source distribution" >&2
+    # pip reads the sdist's metadata through its build backend (no build isolation below)
+    python -c "import scikit_build_core" 2>/dev/null || python -m pip install -q scikit-build-core
     # --no-build-isolation: pip reads the metadata without building anything
     python -m pip download -q --no-deps --no-binary :all: --no-build-isolation \
         -d "$work" "llama-cpp-python==$version"
