@@ -683,6 +683,27 @@ def test_indexer_kernel_is_the_models_reference():
         )
 
 
+def test_indexer_scores_queries_in_blocks():
+    """Indexer.allowed scores a block of queries at a time under its budget: blocks of 1 and
+    3 queries pick exactly the entries one pass over all of them picks."""
+    ix = object.__new__(deepseek_v4.Indexer)
+    ix.n, ix.d, ix.topk, ix.rate = 4, 16, 3, 4
+    g = torch.Generator().manual_seed(5)
+    wq, ww = torch.randn(4 * 16, 8, generator=g), torch.randn(4, 12, generator=g)
+    ix.q, ix.weights = (lambda r: r @ wq.T), (lambda x: x @ ww.T)
+
+    class Plain:  # no rope: angles of zero
+        def angles(self, kind, positions):
+            return torch.ones(len(positions), 4), torch.zeros(len(positions), 4)
+
+    x, q_res = torch.randn(10, 12, generator=g), torch.randn(10, 8, generator=g)
+    keys, positions = torch.randn(9, 16, generator=g), torch.arange(27, 37)
+    whole = ix.allowed(x, q_res, positions, keys, Plain())
+    for budget in (4 * 9, 3 * 4 * 9):
+        assert torch.equal(ix.allowed(x, q_res, positions, keys, Plain(), budget), whole)
+    assert whole.sum(1).tolist() == [3] * 10
+
+
 def test_sinkhorn_kernel_rejects_bad_shapes():
     from refmoe import kernels
 

@@ -355,8 +355,10 @@ class Indexer:
         self.q = Linear(ck, f"{p}.q_b_proj.weight", (self.n * self.d, rank))
         self.weights = Linear(ck, f"{p}.scorer.weights_proj.weight", (self.n, cfg.hidden_size))
 
-    def allowed(self, x, q_res, positions, keys, rope: Rope) -> torch.Tensor:
-        """[T, E] bool: the entries each query attends to."""
+    def allowed(self, x, q_res, positions, keys, rope: Rope, budget_bytes: int = 1 << 28):
+        """[T, E] bool: the entries each query attends to. The scores of a block of queries
+        at a time, under budget_bytes (a prompt chunk of 8K queries against 32K entries would
+        hold 1 GB of them)."""
         t, e = x.shape[0], keys.shape[0]
         allowed = torch.zeros((t, e), dtype=torch.bool, device=x.device)
         if e == 0:
@@ -366,9 +368,13 @@ class Indexer:
         q = rope_tail(q, cos, sin)
         w = self.weights(x) * self.n**-0.5  # [T, n]
         closed = (positions + 1) // self.rate  # entries before each query
-        index = self.scores(q, w, keys, closed)  # [T, E], -inf where not closed
-        top = index.topk(min(self.topk, e), dim=-1).indices
-        return allowed.scatter_(1, top, top < closed[:, None])
+        block = max(1, budget_bytes // (4 * e))
+        for lo in range(0, t, block):
+            hi = min(t, lo + block)
+            index = self.scores(q[:, lo:hi], w[lo:hi], keys, closed[lo:hi])  # -inf: not closed
+            top = index.topk(min(self.topk, e), dim=-1).indices
+            allowed[lo:hi].scatter_(1, top, top < closed[lo:hi, None])
+        return allowed
 
     def scores(self, q, w, keys, closed: torch.Tensor) -> torch.Tensor:
         """[T, E]: sum over heads h of w[t, h] relu(q[h, t] . k_e) / sqrt(d) for q [n, T, d] and
