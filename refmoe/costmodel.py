@@ -138,6 +138,22 @@ def v4_shares(cfg: ModelConfig) -> tuple[float, float]:
     )
 
 
+def v4_cache_values(cfg: ModelConfig, kind: str) -> tuple[float, int]:
+    """One DeepSeek-V4 layer of this kind's cache, in values (the engine keeps them in float32,
+    a GPU engine in BF16): (what it grows by a position: its share of a pooled entry, and on
+    CSA of the indexer's key, one per rate positions; the fixed part at its largest: the
+    window's key-values plus the compressors' kv and gate projections of the windows not
+    closed yet, up to rate - 1 positions, 2 rate - 1 where windows overlap (CSA))."""
+    d, di = cfg.head_dim, cfg.index_head_dim
+    rate = cfg.compress_rates.get(kind, 0)
+    fixed = cfg.sliding_window * d
+    if not rate:
+        return 0.0, fixed
+    if kind == "compressed_sparse_attention":
+        return (d + di) / rate, fixed + (2 * rate - 1) * 2 * (2 * d + 2 * di)
+    return d / rate, fixed + (rate - 1) * 2 * d
+
+
 def _v4_attention_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
     h, n, d, rank = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.q_lora_rank or 0
     g, lora = cfg.o_groups, cfg.o_lora_rank

@@ -149,11 +149,8 @@ def kv_bytes_per_token(cfg: ModelConfig) -> int:
     if cfg.is_mla:
         return 2 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
     if cfg.family == "deepseek_v4":  # the entries a token adds (its window is a fixed state)
-        csa, hca = costmodel.v4_shares(cfg)
-        rate_c = cfg.compress_rates.get("compressed_sparse_attention", 4)
-        rate_h = cfg.compress_rates.get("heavily_compressed_attention", 128)
-        d, di = cfg.head_dim, cfg.index_head_dim
-        return round(2 * (csa * (d + di) / rate_c + hca * d / rate_h))
+        grown = [costmodel.v4_cache_values(cfg, kind)[0] for kind in cfg.layer_types]
+        return round(2 * sum(grown) / len(grown))
     # a sliding layer keeps only its window (state_bytes)
     full = 1 - costmodel.linear_share(cfg) - costmodel.sliding_share(cfg)
     return round(2 * 2 * cfg.num_key_value_heads * cfg.head_dim * full)
@@ -178,22 +175,10 @@ def state_bytes(cfg: ModelConfig) -> int:
 
 
 def _v4_state_bytes(cfg: ModelConfig) -> int:
-    """DeepSeek-V4, in BF16: every layer's window of key-values (one shared head), and on a
-    compressed layer the compressor's (and the indexer's) kv and gate projections of the
-    windows not closed yet: up to rate - 1 positions, 2 rate - 1 where windows overlap (CSA),
-    as refmoe keeps them (deepseek_v4.LayerCache). The entries a token adds are
-    kv_bytes_per_token."""
-    d, di = cfg.head_dim, cfg.index_head_dim
-    total = 0
-    for kind in cfg.layer_types:
-        values = cfg.sliding_window * d
-        rate = cfg.compress_rates.get(kind, 0)
-        if rate and kind == "compressed_sparse_attention":
-            values += (2 * rate - 1) * 2 * (2 * d + 2 * di)
-        elif rate:
-            values += (rate - 1) * 2 * d
-        total += 2 * values
-    return total
+    """DeepSeek-V4, in BF16: every layer's window of key-values and the compressors' open
+    windows, as refmoe keeps them (costmodel.v4_cache_values; the entries a token adds are
+    kv_bytes_per_token)."""
+    return sum(2 * costmodel.v4_cache_values(cfg, kind)[1] for kind in cfg.layer_types)
 
 
 def model_bytes(cfg: ModelConfig) -> int:

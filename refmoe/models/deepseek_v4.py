@@ -41,13 +41,14 @@ entries, c = hc_mult.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from refmoe import kernels
+from refmoe import costmodel, kernels
 from refmoe.checkpoint import Checkpoint
 from refmoe.config import ModelConfig
 from refmoe.kernels import formats
@@ -451,24 +452,16 @@ class Attention:
         return cache
 
     def cache_bytes_per_token(self) -> int:
-        """What the cache grows by a position: its share of an entry (and the indexer's key)
-        on a compressed layer, nothing on a sliding one (its window is state_bytes)."""
-        if not self.rate:
-            return 0
-        floats = self.d + (self.indexer.d if self.indexer is not None else 0)
-        return -(-4 * floats // self.rate)
+        """What the cache grows by a position, in float32: its share of an entry (and the
+        indexer's key) on a compressed layer, nothing on a sliding one (its window is
+        state_bytes); costmodel.v4_cache_values, which the simulator counts too."""
+        return math.ceil(4 * costmodel.v4_cache_values(self.cfg, self.kind)[0])
 
     def state_bytes(self) -> int:
-        """The fixed part of a sequence's cache at its largest: the window's key-values and the
-        compressors' projections of up to one open window (two with overlap) less a position."""
-        floats = self.window * self.d
-        if self.rate:
-            held = (2 if self.kind == CSA else 1) * self.rate - 1
-            wide = 2 * (2 if self.kind == CSA else 1) * self.d
-            if self.indexer is not None:
-                wide += 2 * 2 * self.indexer.d
-            floats += held * wide
-        return 4 * floats
+        """The fixed part of a sequence's cache at its largest, in float32: the window's
+        key-values and the compressors' projections of up to one open window (two with
+        overlap) less a position (costmodel.v4_cache_values)."""
+        return 4 * costmodel.v4_cache_values(self.cfg, self.kind)[1]
 
     def _compressed(self, cache: LayerCache, tails, base: int, start: int, t: int, rope: Rope):
         """Pool the windows this call closed into the cache's entries (and the indexer's
