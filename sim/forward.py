@@ -27,14 +27,15 @@ def _step(
     )
     attn_flops = costs.attention_flops(cfg, tokens)
     extra = m.attention_extra(cfg, tokens, contexts)
-    for i, cost in enumerate(costs.layer_costs(cfg)):
+    k = cfg.num_experts_per_tok
+
+    def layer(i: int, cost: costs.LayerCost):
         t0 = m.env.now
         yield from m.device(cost.attention_bytes, layer_overhead, tokens, attn_flops)
         yield from m.work(*extra)
         m.mark("device", "attention", f"attention L{i}", t0, tokens=tokens)
         t0 = m.env.now
         if cost.expert_bytes:
-            k = cfg.num_experts_per_tok
             one = costs.routed_expert_bytes(cfg) * m.expert_scale
             # each routed expert serves a Binomial(tokens, k/E) number of tokens, and the
             # kernel's rate depends steeply on it (one token: the GEMV; more: tiles), so the
@@ -59,6 +60,11 @@ def _step(
         else:
             yield from m.device(cost.dense_bytes, 0.0, tokens, 2.0 * tokens * cost.dense_bytes)
             m.mark("device", "dense mlp", f"dense mlp L{i}", t0, tokens=tokens)
+
+    for i, cost in enumerate(costs.layer_costs(cfg)):
+        # what a layer's operations depend on: its costs and, for an MoE layer, its routing
+        routing = tuple(m.groups(i, cfg.n_routed_experts, k)) if cost.expert_bytes else ()
+        yield from m.layer(i, (cost, routing), lambda i=i, cost=cost: layer(i, cost))
     yield from m.device(costs.head_bytes(cfg), 0.0, 1)  # logits of the last position only
     out["t"] = m.env.now
 
@@ -88,26 +94,35 @@ def _slp_prefill(
     layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
     chunks = [(lo, min(chunk_tokens, tokens - lo)) for lo in range(0, tokens, chunk_tokens)]
 
+    streamed: dict = {}  # (the layer's routing, tokens) -> bytes each GPU streams
+
     def per_gpu(layer: int, t: int) -> float:
-        return _streamed_bytes(m, cfg, layer, t) / n
+        key = (tuple(m.groups(layer, cfg.n_routed_experts, cfg.num_experts_per_tok)), t)
+        if key not in streamed:
+            streamed[key] = _streamed_bytes(m, cfg, layer, t) / n
+        return streamed[key]
 
     loaded = {(c, i): env.event() for c in range(len(chunks)) for i in layers}
     ring = simpy.Container(env, capacity=2, init=2)  # two layers of slots
-
-    def stream(d, nbytes):
-        yield from m.dma(nbytes, d)
 
     def loader():
         for c, (_, t) in enumerate(chunks):
             for i in layers:
                 yield ring.get(1)
                 nbytes = per_gpu(i, t)
-                yield simpy.AllOf(env, [env.process(stream(d, nbytes)) for d in ids])
+                if n == 1:
+                    yield from m.dma(nbytes, ids[0])
+                else:
+                    yield simpy.AllOf(env, [env.process(m.dma(nbytes, d)) for d in ids])
                 loaded[(c, i)].succeed()
 
     def on_each(seconds_of):
-        """seconds_of(k, gpu): the k-th of the GPUs' part, all at once; the slowest decides."""
-        return simpy.AllOf(
+        """seconds_of(k, gpu): the k-th of the GPUs' part, all at once; the slowest decides
+        (one GPU: its part, without a process of its own)."""
+        if n == 1:
+            yield from m.work(seconds_of(0, gpus[0]), {m.gpu[ids[0]]: 1.0})
+            return
+        yield simpy.AllOf(
             env,
             [
                 env.process(m.work(seconds_of(k, hw.gpus[d]), {m.gpu[d]: 1.0}))
@@ -132,7 +147,7 @@ def _slp_prefill(
         exchange = 2 * t * cfg.hidden_size * 4 * (n - 1) / n if n > 1 else 0.0
         for i, cost in enumerate(costs.layer_costs(cfg)):
             t0 = env.now
-            yield on_each(
+            yield from on_each(
                 lambda k, g: (
                     max(
                         cost.attention_bytes / (g.hbm_gbps * g.hbm_efficiency * 1e9),
@@ -146,13 +161,13 @@ def _slp_prefill(
             if cost.expert_bytes:
                 yield loaded[(c, i)]
                 flops = costmodel.expert_flops(cfg, t) / n
-                yield on_each(lambda k, g: flops / (g.expert_rate(fmt) * 1e12))
+                yield from on_each(lambda k, g: flops / (g.expert_rate(fmt) * 1e12))
                 if exchange:
                     yield simpy.AllOf(env, [env.process(receive(d, exchange)) for d in ids])
                 yield ring.put(1)
                 m.mark("slp", "experts", f"experts L{i}", t0, tokens=t)
             else:
-                yield on_each(
+                yield from on_each(
                     lambda k, g: max(
                         cost.dense_bytes / (g.hbm_gbps * g.hbm_efficiency * 1e9),
                         2.0 * sizes[k] * cost.dense_bytes / (g.attention_tflops * 1e12),

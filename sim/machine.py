@@ -52,6 +52,12 @@ class Machine:
         """An operation of the forward ended now (the engine's trace lanes); kept by the
         serving simulator's cost runs for per-layer spans, ignored here."""
 
+    def layer(self, i: int, key: tuple, body):
+        """Layer i's operations: body() (a generator) run on this machine. `key` names what
+        they depend on beyond the forward's own arguments (the layer's costs and routing):
+        sim.serve's cost runs take a layer whose key they have seen from the first one."""
+        yield from body()
+
     def links(self) -> list[Link]:
         return (
             self.dram

@@ -45,13 +45,40 @@ class Part:
 class _Costing(Machine):
     """Runs one forward alone and records every operation's seconds and link demand."""
 
-    def __init__(self, env: simpy.Environment, hw: Hardware):
+    def __init__(self, env: simpy.Environment, hw: Hardware, reuse: bool = True):
         super().__init__(env, hw)
         self.log: list[Part] = []
         self.spans: list[tuple] = []
+        # key -> (seconds, parts, spans from its start) of the first layer of that key;
+        # reuse=False runs every layer (the reference the reuse is tested against)
+        self.seen: dict | None = {} if reuse else None
 
     def mark(self, process: str, lane: str, name: str, start: float, **args) -> None:
         self.spans.append((process, lane, name, start, self.env.now, args))
+
+    def layer(self, i: int, key: tuple, body):
+        """The first layer of a key runs; the others of that key (DeepSeek-V3's 58 MoE
+        layers without a routing record) take its parts, spans and time: the costs of a
+        forward come from one layer of each kind, not from every layer's operations."""
+        if self.seen is None:
+            yield from body()
+            return
+        got = self.seen.get(key)
+        start = self.env.now
+        if got is None:
+            logged, marked = len(self.log), len(self.spans)
+            yield from body()
+            spans = [
+                (p, lane, name.rsplit(" L", 1)[0], t0 - start, t1 - start, a)
+                for p, lane, name, t0, t1, a in self.spans[marked:]
+            ]
+            self.seen[key] = (self.env.now - start, self.log[logged:], spans)
+            return
+        seconds, parts, spans = got
+        self.log.extend(parts)
+        for p, lane, name, t0, t1, a in spans:
+            self.spans.append((p, lane, f"{name} L{i}", start + t0, start + t1, a))
+        yield self.env.timeout(seconds)
 
     def work(self, seconds: float, demand: dict):
         if seconds > 0:
@@ -62,21 +89,31 @@ class _Costing(Machine):
         """The forward as at most three parts: its CPU kernels, its GPU work, the rest (a
         wait), each with the time-averaged demand of what it merges. When operations
         overlapped (SLP: loads beside compute), one part of the forward's whole time."""
-        busy = sum(p.seconds for p in self.log)
+        # a part logged n times (a layer taken from the first of its key) counts n times
+        times: dict[int, list] = {}
+        for p in self.log:
+            seen = times.get(id(p))
+            if seen is None:
+                times[id(p)] = [p, 1]
+            else:
+                seen[1] += 1
+        busy = sum(p.seconds * n for p, n in times.values())
         groups: dict = {}
         if busy > total * (1 + 1e-9):
-            groups["all"] = self.log
+            groups["all"] = list(times.values())
         else:
-            for p in self.log:
+            for p, n in times.values():
                 key = "cpu" if any(lk in self.cores for lk in p.demand) else "gpu"
-                groups.setdefault(key, []).append(p)
+                groups.setdefault(key, []).append((p, n))
         out = []
         for group in groups.values():
-            secs = total if len(groups) == 1 and busy > total else sum(p.seconds for p in group)
+            secs = (
+                total if len(groups) == 1 and busy > total else sum(p.seconds * n for p, n in group)
+            )
             demand: dict = {}
-            for p in group:
+            for p, n in group:
                 for lk, w in p.demand.items():
-                    demand[lk] = demand.get(lk, 0.0) + w * p.seconds / secs
+                    demand[lk] = demand.get(lk, 0.0) + w * p.seconds * n / secs
             out.append(Part(secs, demand))
         rest = total - sum(p.seconds for p in out)
         if rest > total * 1e-12:
@@ -89,6 +126,8 @@ class Costs:
     GPUs) with sim.predict's per-layer model, then reused: a simulated thousand requests
     costs a few thousand SimPy events, not a few per layer and step."""
 
+    CONTEXTS_KEPT = 1 << 16  # Costs.context's memo starts over past this many
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -97,14 +136,21 @@ class Costs:
         routing_skew: float = 0.0,
         routing: dict | None = None,
         expert_scale: float = 1.0,
+        reuse_layers: bool = True,
     ):
+        """reuse_layers=False runs every layer of every forward (the reference that taking
+        a layer from the first of its kind, _Costing.layer, is tested against)."""
         self.cfg, self.hw = cfg, hw
+        self.reuse_layers = reuse_layers
         self.expert_scale = expert_scale  # expert bytes relative to FP8 (a peer's Q8_0)
         self.memo: dict = {}
         self.mixtures: dict = {}
         self.routing_skew, self.routing = routing_skew, routing or {}
         self.machine = machine  # the links the parts load
         self.layers: dict = {}  # key -> the forward's per-layer spans alone (for traces)
+        # contexts -> their step's attention (Costs.context): one request decoding at a time
+        # asks the same contexts as every other of its prompt length did
+        self.contexts: dict[tuple, list[Part]] = {}
 
     def __call__(self, tokens: int, path: str = "cpu", gpus: tuple = (0,)) -> list[Part]:
         """path: cpu or slp (a prefill of one sequence), decode (one token each of `tokens`
@@ -113,7 +159,7 @@ class Costs:
         key = (path, tokens, gpus)
         if key not in self.memo:
             env = simpy.Environment()
-            m = _Costing(env, self.hw)
+            m = _Costing(env, self.hw, self.reuse_layers)
             m._mixtures = self.mixtures  # the same expert mixtures across forwards
             m.gpu_index = gpus[0] if self.hw.gpus else 0
             m.routing_skew, m.routing = self.routing_skew, self.routing
@@ -153,8 +199,14 @@ class Costs:
         """A decode step's attention over what each of its sequences has cached (`contexts`),
         all layers as one part (Machine.attention_extra): kept out of the memoized forward,
         as it changes every step."""
-        seconds, demand = self.machine.attention_extra(self.cfg, len(contexts), contexts)
-        return [Part(seconds * self.cfg.num_hidden_layers, demand)] if seconds > 0 else []
+        got = self.contexts.get(contexts)
+        if got is None:
+            seconds, demand = self.machine.attention_extra(self.cfg, len(contexts), contexts)
+            got = [Part(seconds * self.cfg.num_hidden_layers, demand)] if seconds > 0 else []
+            if len(self.contexts) >= self.CONTEXTS_KEPT:
+                self.contexts.clear()
+            self.contexts[contexts] = got
+        return got
 
     def prefix(self, tokens: int, past: int) -> list[Part]:
         """What `tokens` new tokens of one sequence add by attending to the `past` tokens

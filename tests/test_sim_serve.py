@@ -421,3 +421,44 @@ def test_trace_carries_link_load_tracks_with_utilization():
     assert all(0.0 <= e["args"]["load"] <= 1.0 + 1e-9 for e in counters if "load" in e["args"])
     # one point per link per rate change of the timeline
     assert len([e for e in counters if e["name"] == "dram0"]) == len(timeline)
+
+
+@pytest.mark.parametrize("profile", ["paper-2x9355-2x5090", "zen3-2vcpu-calibrated"])
+def test_forward_costs_from_one_layer_of_each_kind(profile):
+    """A cost run takes every layer whose costs and routing it has seen from the first such
+    layer (_Costing.layer): the parts, their demands and every layer's span come out as
+    running each layer, with uniform routing (DeepSeek-V3: 3 dense layers then 58 alike)
+    and with a record whose layers differ; the model's config must be one of the layers,
+    not of the forward."""
+    import simpy
+
+    from sim.predict import Machine, routing_bins
+    from sim.serve import Costs
+
+    cfg, hw = ModelConfig.from_dict(V3), Hardware.load(profile)
+    skewed = routing_bins(256, 8, 1.2)
+    record = {3: skewed, 4: routing_bins(256, 8), 5: skewed}  # layer 6 on: the cycle again
+    paths = [(7, "decode", (0,)), (300, "cpu", (0,)), (1, "cpu", (0,)), (2000, "slp", (0,))]
+    if hw.gpus:
+        paths += [(3000, "slp", (0, 1)), (900, "offload", (0,))]
+    for routing in (None, record):
+        env = simpy.Environment()
+        reused = Costs(cfg, hw, Machine(env, hw), routing=routing)
+        every = Costs(cfg, hw, Machine(env, hw), routing=routing, reuse_layers=False)
+        for tokens, path, gpus in paths:
+            a, b = reused(tokens, path, gpus), every(tokens, path, gpus)
+            assert len(a) == len(b) > 0
+            for pa, pb in zip(a, b):
+                assert pa.seconds == pytest.approx(pb.seconds, rel=1e-12)
+                assert {lk.name: w for lk, w in pa.demand.items()} == pytest.approx(
+                    {lk.name: w for lk, w in pb.demand.items()}, rel=1e-12
+                )
+            sa, sb = reused.layers[(path, tokens, gpus)], every.layers[(path, tokens, gpus)]
+            assert [s[:3] for s in sa] == [s[:3] for s in sb]
+            assert len({s[2] for s in sb if s[2].startswith("attention")}) == 61
+            times = [t for s in sb for t in s[3:5]]
+            assert [t for s in sa for t in s[3:5]] == pytest.approx(times, rel=1e-12)
+        # the recorded layers cost differently: the reuse did not take one for another
+        if routing is record:
+            spans = {s[2]: s[4] - s[3] for s in every.layers[("cpu", 300, (0,))]}
+            assert spans["experts L3"] != pytest.approx(spans["experts L4"], rel=1e-3)
