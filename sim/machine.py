@@ -31,6 +31,7 @@ class Machine:
     def __init__(self, env: simpy.Environment, hw: Hardware, record: bool = False):
         self.env, self.hw = env, hw
         self._mixtures: dict = {}
+        self._moe_rates: dict = {}  # (format, bytes per weight) -> {tokens: GB/s} (_mixture)
         self.expert_scale = 1.0  # expert bytes relative to FP8 (INT4: bits per weight / 8)
         self.gpu_index = 0  # the GPU that runs attention and dense layers
         self.routing_skew = 0.0  # 0: uniform routing; else see routing_bins
@@ -163,20 +164,27 @@ class Machine:
         nbytes = seconds = 0.0
         mean, sd = tokens * p, math.sqrt(tokens * p * (1 - p))
         lo, hi = max(1, int(mean - 12 * sd - 1)), min(tokens, int(mean + 12 * sd + 2))
+        rates = self._moe_rates.setdefault((fmt, bytes_per_weight), {})  # by tokens an expert
+        whole = math.lgamma(tokens + 1)
+        log_p, log_q = (math.log(p), math.log1p(-p)) if p < 1 else (0.0, 0.0)
         for m in range(lo, hi + 1):  # the rest of the distribution weighs < 1e-30
             pm = (
                 math.exp(
-                    math.lgamma(tokens + 1)
+                    whole
                     - math.lgamma(m + 1)
                     - math.lgamma(tokens - m + 1)
-                    + m * math.log(p)
-                    + (tokens - m) * math.log1p(-p)
+                    + m * log_p
+                    + (tokens - m) * log_q
                 )
                 if p < 1
                 else float(m == tokens)
             )
             nbytes += experts * pm * one
-            rate = self.rate_gbps(m, moe=True, fmt=fmt, bytes_per_weight=bytes_per_weight)
+            rate = rates.get(m)
+            if rate is None:
+                rate = rates[m] = self.rate_gbps(
+                    m, moe=True, fmt=fmt, bytes_per_weight=bytes_per_weight
+                )
             seconds += experts * pm * one / (rate * 1e9)
         return nbytes, seconds
 

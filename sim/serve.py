@@ -145,6 +145,7 @@ class Costs:
         self.expert_scale = expert_scale  # expert bytes relative to FP8 (a peer's Q8_0)
         self.memo: dict = {}
         self.mixtures: dict = {}
+        self.moe_rates: dict = {}
         self.routing_skew, self.routing = routing_skew, routing or {}
         self.machine = machine  # the links the parts load
         self.layers: dict = {}  # key -> the forward's per-layer spans alone (for traces)
@@ -161,6 +162,7 @@ class Costs:
             env = simpy.Environment()
             m = _Costing(env, self.hw, self.reuse_layers)
             m._mixtures = self.mixtures  # the same expert mixtures across forwards
+            m._moe_rates = self.moe_rates
             m.gpu_index = gpus[0] if self.hw.gpus else 0
             m.routing_skew, m.routing = self.routing_skew, self.routing
             m.expert_scale = self.expert_scale
@@ -633,27 +635,33 @@ class Simulation:
     def step(self, plan, ahead: int = 0) -> tuple[list[Part], list[Part]]:
         """The decode step `ahead` steps from now (every context one longer per step) as its
         context-free parts (memoized per batch shape) and its attention over the cached
-        tokens: each request has its prompt and its outputs but the newest (which the step
-        feeds) cached."""
+        tokens (Costs.context)."""
+        base, contexts = self.shape(plan)
+        return base, self.cost.context(tuple(c + ahead for c in contexts))
+
+    def shape(self, plan) -> tuple[list[Part], tuple]:
+        """A decode step's context-free parts (memoized per batch shape) and the contexts it
+        attends over now: each request has its prompt and its outputs but the newest (which
+        the step feeds) cached; one micro-batch's, then the other's, when overlapped."""
         outcomes, cost = self.outcomes, self.cost
 
         def cached(rids):
             return tuple(
-                outcomes[int(r)].prompt_tokens + outcomes[int(r)].output_tokens - 1 + ahead
-                for r in rids
+                outcomes[int(r)].prompt_tokens + outcomes[int(r)].output_tokens - 1 for r in rids
             )
 
         if plan.overlapped:
             a, b = map(cached, plan.micro_batches)
-            return cost.overlapped(len(a), len(b)), cost.context(a + b)
+            return cost.overlapped(len(a), len(b)), a + b
         c = cached(plan.request_ids)
-        return cost(len(c), "decode"), cost.context(c)
+        return cost(len(c), "decode"), c
 
-    def beside_cost(self, plan, ahead: int, flow: Flow) -> tuple[float, float]:
-        """_beside of a step, its context-free parts' computed once per batch shape (a part's
-        rates beside the flow do not depend on its length)."""
+    def beside_cost(self, base: list[Part], contexts: tuple, flow: Flow) -> tuple[float, float]:
+        """_beside of a step (its context-free parts and the contexts it attends over), the
+        parts' computed once per batch shape (a part's rates beside the flow do not depend on
+        its length)."""
         base_beside = self.base_beside
-        base, context = self.step(plan, ahead)
+        context = self.cost.context(contexts)
         key = id(base)  # the memoized list itself
         if key not in base_beside:
             base_beside[key] = _beside(base, flow)
@@ -693,16 +701,21 @@ class Simulation:
                     self.base_beside.clear()
                     self.base_beside["flow"] = beside
                 rem = net.remaining(beside)
+                base, contexts = self.shape(plan)
                 for i in range(left):
-                    period, progress = self.beside_cost(plan, i, beside)
+                    ahead = tuple(c + i for c in contexts)
+                    period, progress = self.beside_cost(base, ahead, beside)
                     if progress <= 0 or done + 2 * progress > rem:
                         break
                     steps.append(period)
                     done += progress
             elif not self.prefilling and not sched.waiting and not sched.chunking and not net.flows:
                 gap, took = self.next_send - env.now, 0.0
+                base, contexts = self.shape(plan)
+                alone = sum(p.seconds for p in base)
                 for i in range(left):
-                    period = sum(p.seconds for p in sum(self.step(plan, i), []))
+                    ahead = tuple(c + i for c in contexts)
+                    period = alone + sum(p.seconds for p in self.cost.context(ahead))
                     if steps and took + period > gap:
                         break
                     steps.append(period)
