@@ -5,6 +5,8 @@ layers while the GPUs compute, chunk by chunk, with DSLP's exchange)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import simpy
 
 from refmoe import costmodel
@@ -69,6 +71,21 @@ def _step(
     out["t"] = m.env.now
 
 
+@dataclass(slots=True)
+class SlpLayer:
+    """One layer of one chunk of an SLP prefill, each step as (seconds, demand) per GPU: its
+    attention; for an MoE layer the copy of its experts, their compute and (DSLP) the
+    exchange of hidden states; else its dense MLP (Machine.pipeline runs them)."""
+
+    layer: int
+    tokens: int
+    attention: list
+    load: list = field(default_factory=list)
+    experts: list = field(default_factory=list)
+    exchange: list = field(default_factory=list)
+    dense: list = field(default_factory=list)
+
+
 def _slp_prefill(
     m: Machine,
     cfg: ModelConfig,
@@ -91,53 +108,24 @@ def _slp_prefill(
         return
     ids = list(range(devices)) if isinstance(devices, int) else list(devices)
     n, gpus = len(ids), [hw.gpus[d] for d in ids]
-    layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
     chunks = [(lo, min(chunk_tokens, tokens - lo)) for lo in range(0, tokens, chunk_tokens)]
+    streamed: dict = {}  # (the layer's routing, tokens) -> its copy to each GPU
 
-    streamed: dict = {}  # (the layer's routing, tokens) -> bytes each GPU streams
-
-    def per_gpu(layer: int, t: int) -> float:
+    def load(layer: int, t: int) -> list[tuple[float, dict]]:
         key = (tuple(m.groups(layer, cfg.n_routed_experts, cfg.num_experts_per_tok)), t)
         if key not in streamed:
-            streamed[key] = _streamed_bytes(m, cfg, layer, t) / n
+            nbytes = _streamed_bytes(m, cfg, layer, t) / n
+            streamed[key] = [m.dma_op(nbytes, d) for d in ids]
         return streamed[key]
 
-    loaded = {(c, i): env.event() for c in range(len(chunks)) for i in layers}
-    ring = simpy.Container(env, capacity=2, init=2)  # two layers of slots
+    def on_gpus(seconds_of) -> list[tuple[float, dict]]:
+        """seconds_of(k, gpu): the k-th GPU's part of a step."""
+        return [(seconds_of(k, g), {m.gpu[d]: 1.0}) for k, (d, g) in enumerate(zip(ids, gpus))]
 
-    def loader():
-        for c, (_, t) in enumerate(chunks):
-            for i in layers:
-                yield ring.get(1)
-                nbytes = per_gpu(i, t)
-                if n == 1:
-                    yield from m.dma(nbytes, ids[0])
-                else:
-                    yield simpy.AllOf(env, [env.process(m.dma(nbytes, d)) for d in ids])
-                loaded[(c, i)].succeed()
-
-    def on_each(seconds_of):
-        """seconds_of(k, gpu): the k-th of the GPUs' part, all at once; the slowest decides
-        (one GPU: its part, without a process of its own)."""
-        if n == 1:
-            yield from m.work(seconds_of(0, gpus[0]), {m.gpu[ids[0]]: 1.0})
-            return
-        yield simpy.AllOf(
-            env,
-            [
-                env.process(m.work(seconds_of(k, hw.gpus[d]), {m.gpu[d]: 1.0}))
-                for k, d in enumerate(ids)
-            ],
-        )
-
-    def receive(d, nbytes):
-        rate = hw.gpus[d].pcie_gbps * 1e9
-        yield from m.work(nbytes / rate, {m.pcie[d]: rate})
-
-    env.process(loader())
     overhead = gpus[0].layer_overhead_us * 1e-6
     fmt = cfg.expert_format[0]  # BF16 or FP8 matmuls on the devices (GPU.matmul_precision)
-    for c, (lo, t) in enumerate(chunks):
+    plan = []
+    for lo, t in chunks:
         sizes = costmodel.context_split(cfg, t, n, lo)
         starts = [lo + sum(sizes[:k]) for k in range(n)]
         attn = [costs.attention_flops(cfg, size, start) for size, start in zip(sizes, starts)]
@@ -145,9 +133,14 @@ def _slp_prefill(
         # and of the summed expert outputs (reduce-scatter), float32, over its own PCIe link,
         # where it shares the link with the next layer's stream (no NVLink on these boxes)
         exchange = 2 * t * cfg.hidden_size * 4 * (n - 1) / n if n > 1 else 0.0
+        flops = costmodel.expert_flops(cfg, t) / n
+        experts = on_gpus(lambda k, g: flops / (g.expert_rate(fmt) * 1e12))
+        received = [
+            (exchange / (hw.gpus[d].pcie_gbps * 1e9), {m.pcie[d]: hw.gpus[d].pcie_gbps * 1e9})
+            for d in ids
+        ]
         for i, cost in enumerate(costs.layer_costs(cfg)):
-            t0 = env.now
-            yield from on_each(
+            attention = on_gpus(
                 lambda k, g: (
                     max(
                         cost.attention_bytes / (g.hbm_gbps * g.hbm_efficiency * 1e9),
@@ -156,24 +149,18 @@ def _slp_prefill(
                     + overhead
                 )
             )
-            m.mark("device", "attention", f"attention L{i}", t0, tokens=t)
-            t0 = env.now
             if cost.expert_bytes:
-                yield loaded[(c, i)]
-                flops = costmodel.expert_flops(cfg, t) / n
-                yield from on_each(lambda k, g: flops / (g.expert_rate(fmt) * 1e12))
-                if exchange:
-                    yield simpy.AllOf(env, [env.process(receive(d, exchange)) for d in ids])
-                yield ring.put(1)
-                m.mark("slp", "experts", f"experts L{i}", t0, tokens=t)
-            else:
-                yield from on_each(
-                    lambda k, g: max(
-                        cost.dense_bytes / (g.hbm_gbps * g.hbm_efficiency * 1e9),
-                        2.0 * sizes[k] * cost.dense_bytes / (g.attention_tflops * 1e12),
-                    )
+                moe = SlpLayer(i, t, attention, load(i, t), experts, received if exchange else [])
+                plan.append(moe)
+                continue
+            dense = on_gpus(
+                lambda k, g: max(
+                    cost.dense_bytes / (g.hbm_gbps * g.hbm_efficiency * 1e9),
+                    2.0 * sizes[k] * cost.dense_bytes / (g.attention_tflops * 1e12),
                 )
-                m.mark("device", "dense mlp", f"dense mlp L{i}", t0, tokens=t)
+            )
+            plan.append(SlpLayer(i, t, attention, dense=dense))
+    yield from m.pipeline(plan, 2)  # the engine's ring holds two layers
     yield from m.device(costs.head_bytes(cfg), 0.0, 1, gpu=ids[-1])
     out["t"] = env.now
 

@@ -59,6 +59,48 @@ class Machine:
         sim.serve's cost runs take a layer whose key they have seen from the first one."""
         yield from body()
 
+    def pipeline(self, layers: list, ring: int):
+        """An SLP prefill's layers (sim.forward.SlpLayer, in order) as the engine runs them: a
+        loader streams each MoE layer's experts (its `load`, one copy per GPU at once) into a
+        ring of `ring` layers, at most ring - 1 ahead of the compute, which runs each layer's
+        attention, then (once its experts are in) the experts and the exchange, or the dense
+        MLP; each step on every GPU at once, the slowest deciding."""
+        env = self.env
+        loaded = {id(lay): env.event() for lay in layers if lay.load}
+        slots = simpy.Container(env, capacity=ring, init=ring)
+
+        def loader():
+            for lay in layers:
+                if lay.load:
+                    yield slots.get(1)
+                    yield from self.each(lay.load)
+                    loaded[id(lay)].succeed()
+
+        env.process(loader())
+        for lay in layers:
+            t0 = env.now
+            yield from self.each(lay.attention)
+            self.mark("device", "attention", f"attention L{lay.layer}", t0, tokens=lay.tokens)
+            t0 = env.now
+            if lay.load:
+                yield loaded[id(lay)]
+                yield from self.each(lay.experts)
+                if lay.exchange:
+                    yield from self.each(lay.exchange)
+                yield slots.put(1)
+                self.mark("slp", "experts", f"experts L{lay.layer}", t0, tokens=lay.tokens)
+            else:
+                yield from self.each(lay.dense)
+                self.mark("device", "dense mlp", f"dense mlp L{lay.layer}", t0, tokens=lay.tokens)
+
+    def each(self, ops: list):
+        """Operations (seconds, demand) that run at once, one per GPU: one runs as it is,
+        several as processes the slowest of which ends the step."""
+        if len(ops) == 1:
+            yield from self.work(*ops[0])
+        else:
+            yield simpy.AllOf(self.env, [self.env.process(self.work(*op)) for op in ops])
+
     def links(self) -> list[Link]:
         return (
             self.dram
@@ -189,8 +231,13 @@ class Machine:
         return nbytes, seconds
 
     def dma(self, nbytes: float, d: int):
-        """Pinned host memory to GPU d: its PCIe link, the DRAM the weights lie in (spread over
-        the sockets), and the interconnect for the share on other sockets."""
+        """Pinned host memory to GPU d (dma_op)."""
+        yield from self.work(*self.dma_op(nbytes, d))
+
+    def dma_op(self, nbytes: float, d: int) -> tuple[float, dict]:
+        """(seconds, demand) of a copy from pinned host memory to GPU d: its PCIe link, the
+        DRAM the weights lie in (spread over the sockets), and the interconnect for the share
+        on other sockets."""
         cpu, pcie = self.hw.cpu, self.hw.gpus[d].pcie_gbps * 1e9
         remote = (cpu.sockets - 1) / cpu.sockets
         link = self.interconnect if remote else None  # two sockets or more: the socket link
@@ -204,7 +251,7 @@ class Machine:
             demand[self.dram[s]] = rate / cpu.sockets
         if link is not None:
             demand[link] = rate * remote
-        yield from self.work(nbytes / rate, demand)
+        return nbytes / rate, demand
 
     def device(
         self,

@@ -56,6 +56,59 @@ class _Costing(Machine):
     def mark(self, process: str, lane: str, name: str, start: float, **args) -> None:
         self.spans.append((process, lane, name, start, self.env.now, args))
 
+    def pipeline(self, layers: list, ring: int):
+        """Machine.pipeline's times in closed form: alone nothing contends, so a copy starts
+        when the one before it has ended and a slot is free (the experts of the layer `ring`
+        copies back have ended), a layer's experts when its attention has ended and its copy
+        is in, and each step takes its slowest GPU's time. The same parts, spans and end as
+        the event-driven run (the reference with reuse=False), without its events."""
+        if self.seen is None:
+            yield from super().pipeline(layers, ring)
+            return
+        start = now = self.env.now
+        copied: list[float] = []  # when each MoE layer's copy ended
+        freed: list[float] = []  # when each MoE layer's experts ended (its slot back)
+        for lay in layers:
+            t0 = now
+            now += self._steps(lay.attention)
+            self.spans.append(
+                ("device", "attention", f"attention L{lay.layer}", t0, now, {"tokens": lay.tokens})
+            )
+            t0 = now
+            if lay.load:
+                j = len(copied)
+                begin = max(
+                    copied[-1] if copied else start, freed[j - ring] if j >= ring else start
+                )
+                copied.append(begin + self._steps(lay.load))
+                now = max(now, copied[j]) + self._steps(lay.experts)
+                if lay.exchange:
+                    now += self._steps(lay.exchange)
+                freed.append(now)
+                self.spans.append(
+                    ("slp", "experts", f"experts L{lay.layer}", t0, now, {"tokens": lay.tokens})
+                )
+            else:
+                now += self._steps(lay.dense)
+                self.spans.append(
+                    (
+                        "device",
+                        "dense mlp",
+                        f"dense mlp L{lay.layer}",
+                        t0,
+                        now,
+                        {"tokens": lay.tokens},
+                    )
+                )
+        yield self.env.timeout(now - start)
+
+    def _steps(self, ops: list) -> float:
+        """Log one step's operations (one per GPU, at once); its time is the slowest's."""
+        for seconds, demand in ops:
+            if seconds > 0:
+                self.log.append(Part(seconds, demand))
+        return max(seconds for seconds, _ in ops)
+
     def layer(self, i: int, key: tuple, body):
         """The first layer of a key runs; the others of that key (DeepSeek-V3's 58 MoE
         layers without a routing record) take its parts, spans and time: the costs of a

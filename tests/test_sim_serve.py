@@ -426,10 +426,10 @@ def test_trace_carries_link_load_tracks_with_utilization():
 @pytest.mark.parametrize("profile", ["paper-2x9355-2x5090", "zen3-2vcpu-calibrated"])
 def test_forward_costs_from_one_layer_of_each_kind(profile):
     """A cost run takes every layer whose costs and routing it has seen from the first such
-    layer (_Costing.layer): the parts, their demands and every layer's span come out as
-    running each layer, with uniform routing (DeepSeek-V3: 3 dense layers then 58 alike)
-    and with a record whose layers differ; the model's config must be one of the layers,
-    not of the forward."""
+    layer (_Costing.layer), and an SLP prefill's pipeline in closed form (_Costing.pipeline):
+    the parts, their demands and every layer's span come out as running each layer's events,
+    with uniform routing (DeepSeek-V3: 3 dense layers then 58 alike) and with a record whose
+    layers differ."""
     import simpy
 
     from sim.predict import Machine, routing_bins
@@ -440,7 +440,10 @@ def test_forward_costs_from_one_layer_of_each_kind(profile):
     record = {3: skewed, 4: routing_bins(256, 8), 5: skewed}  # layer 6 on: the cycle again
     paths = [(7, "decode", (0,)), (300, "cpu", (0,)), (1, "cpu", (0,)), (2000, "slp", (0,))]
     if hw.gpus:
-        paths += [(3000, "slp", (0, 1)), (900, "offload", (0,))]
+        # SLP's pipeline in closed form (_Costing.pipeline) against its events: copies the
+        # bound (short prompts), compute the bound, several chunks, two GPUs
+        paths += [(3000, "slp", (0, 1)), (40000, "slp", (0,)), (900, "offload", (0,))]
+        paths += [(50000, "slp", (0, 1)), (64, "slp", (1,))]
     for routing in (None, record):
         env = simpy.Environment()
         reused = Costs(cfg, hw, Machine(env, hw), routing=routing)
