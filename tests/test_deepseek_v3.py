@@ -126,7 +126,14 @@ def quantize_state(m, fp8, projections=("gate_proj", "up_proj", "down_proj")) ->
                 np.stack([fp8(f"{prefix}{e}.{down}.weight", a[e]) for e in range(a.shape[0])])
             )
         elif name.endswith(
-            ("proj.weight", "proj_with_mqa.weight", "indexer.wq_b.weight", "indexer.wk.weight")
+            (
+                "proj.weight",
+                "proj_with_mqa.weight",
+                "indexer.wq_b.weight",
+                "indexer.wk.weight",
+                "in_proj_qkv.weight",  # Qwen3.5's linear attention (its _a and _b stay)
+                "in_proj_z.weight",
+            )
         ):
             deq[name] = torch.from_numpy(fp8(name, a))
         else:

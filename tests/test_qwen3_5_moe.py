@@ -5,12 +5,14 @@ stacked in one tensor per projection, shards with an index); logits within 1e-4 
 token by token and in chunks; 32 greedy tokens through `refmoe generate` with the CPU and SLP
 prefills; SLP equal to the CPU path; bad configs named."""
 
+import copy
 import json
 
 import numpy as np
 import pytest
 import torch
 from conftest import assert_logits_match, cli_generate, hf_greedy, save_random
+from test_deepseek_v3 import write_fp8_checkpoint
 from test_qwen3_next import BASE as NEXT_BASE
 from test_qwen3_next import PROMPT
 
@@ -105,6 +107,46 @@ def test_logits_match_transformers(saved):
         out = torch.cat([mine.forward(torch.tensor(PROMPT[i : i + 4]), cache) for i in (0, 4, 8)])
         assert (out - ref).abs().max() <= 1e-4 * ref.abs().max(), where
         assert not cache.positional and mine.state_bytes() > 0
+
+
+def test_fp8_release_against_dequantized_transformers(saved, tmp_path):
+    """Qwen's FP8 releases (Qwen3.6-35B-A3B-FP8) as published: 128 x 128 FP8 blocks with
+    weight_scale_inv, the routed experts one tensor per expert (the BF16 release stacks them),
+    the full and linear attention's projections (in_proj_qkv, in_proj_z, out_proj) and the
+    shared expert FP8 too, the router, in_proj_a / in_proj_b, norms, embeddings and lm_head as
+    they are; the text model under model.language_model., config.json's text model under
+    text_config with quantization_config beside it: logits against transformers on the
+    dequantized weights, experts and projections run as FP8."""
+    m, d, _ = saved
+    m = copy.deepcopy(m)
+    deq = write_fp8_checkpoint(
+        m, tmp_path, rename=lambda k: k.replace("model.", "model.language_model.", 1)
+    )
+    m.load_state_dict(deq)
+    flat = json.loads((tmp_path / "config.json").read_text())
+    quantization = flat.pop("quantization_config")
+    released = {
+        "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+        "model_type": "qwen3_5_moe",
+        "tie_word_embeddings": False,
+        "text_config": {**flat, "model_type": "qwen3_5_moe_text"},
+        "vision_config": {"depth": 2, "hidden_size": 4},
+        "quantization_config": quantization,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(released))
+    ck = Checkpoint(tmp_path)
+    assert "model.language_model.layers.0.mlp.experts.1.up_proj.weight_scale_inv" in ck
+    assert any(n.endswith("linear_attn.in_proj_qkv.weight_scale_inv") for n in ck.names())
+    assert any(n.endswith("self_attn.q_proj.weight_scale_inv") for n in ck.names())
+    cfg, mine = models.load(tmp_path)
+    assert cfg.family == "qwen3_5_moe" and cfg.is_fp8
+    assert all(b.ffn.experts.fmt == "fp8" for b in mine.blocks)
+    linear = [b.attn for b in mine.blocks if hasattr(b.attn, "qkv")]
+    full = [b.attn for b in mine.blocks if hasattr(b.attn, "q")]
+    assert linear and all(a.qkv.codes is not None and a.z.codes is not None for a in linear)
+    assert all(a.b.codes is None for a in linear)  # left as released
+    assert full and all(a.q.codes is not None for a in full)
+    assert_logits_match(m, mine, PROMPT, 1e-4)
 
 
 def test_released_experts_are_views_of_the_file(saved):
