@@ -406,6 +406,7 @@ def add_family_argument(parser: argparse.ArgumentParser, pre: str) -> None:
         "glm4_moe (GLM-4.5-Air's layer), minimax_m2, gpt_oss (gpt-oss-120b's, MXFP4 experts), "
         "qwen3_moe (Qwen3-235B-A22B's), "
         "qwen3_next (Qwen3-Next-80B-A3B's: three Gated DeltaNet layers to one of full attention), "
+        "qwen3_5_moe (Qwen3.5-397B-A17B's, as its FP8 release stores them), "
         "deepseek_v4 (DeepSeek-V4-Flash's: CSA / HCA compressed attention, 4 residual streams, "
         "FP4 experts)",
     )

@@ -132,7 +132,29 @@ GQA_LAYERS = {
         rms_norm_eps=1e-6,
         rope_theta=1e7,
     ),
+    # Qwen3.5-397B-A17B (its FP8 release's layout): Qwen3-Next's layers with a linear layer's
+    # input projections as four plain matrices, 512 experts top-10, a gated shared expert
+    "qwen3_5_moe": dict(
+        architectures=["Qwen3_5MoeForCausalLM"],
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_key_value_heads=2,
+        head_dim=256,
+        partial_rotary_factor=0.25,
+        linear_num_key_heads=16,
+        linear_num_value_heads=64,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        linear_conv_kernel_dim=4,
+        moe_intermediate_size=1024,
+        shared_expert_intermediate_size=1024,
+        num_experts_per_tok=10,
+        norm_topk_prob=True,
+        rms_norm_eps=1e-6,
+        rope_theta=1e7,
+    ),
 }
+QWEN_LINEAR = ("qwen3_next", "qwen3_5_moe")  # Gated DeltaNet layers, three to one full
 # DeepSeek-V4-Flash's layer (transformers' DeepseekV4Config defaults, documented as
 # deepseek-ai/DeepSeek-V4-Flash-Base): one KV head of 512, 64 query heads, grouped output
 # projection, 4 residual streams, CSA / HCA compressed attention beside a 128-token window
@@ -271,6 +293,7 @@ def _gqa_config(family: str, layers: int, experts: int, vocab: int, expert_forma
     count = {
         "glm4_moe": "n_routed_experts",
         "qwen3_next": "num_experts",
+        "qwen3_5_moe": "num_experts",
         "qwen3_moe": "num_experts",
     }.get(family, "num_local_experts")
     cfg = dict(
@@ -289,7 +312,7 @@ def _gqa_config(family: str, layers: int, experts: int, vocab: int, expert_forma
         cfg["layer_types"] = [
             "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)
         ]
-    if family == "qwen3_next":  # every fourth layer full, and the last (fewer than 4 layers)
+    if family in QWEN_LINEAR:  # every fourth layer full, and the last (fewer than 4 layers)
         cfg["layer_types"] = [
             "full_attention" if i % 4 == 3 or i == layers - 1 else "linear_attention"
             for i in range(layers)
@@ -358,7 +381,7 @@ class _Shards:
             if i < 0:
                 embed = self.rng.standard_normal((vocab, h)) * 0.5
                 tensors["model.embed_tokens.weight"] = embed.astype(np.float32)
-                one = 0.0 if self.cfg["model_type"] == "qwen3_next" else 1.0  # its 1 + w
+                one = 0.0 if self.cfg["model_type"] in QWEN_LINEAR else 1.0  # their 1 + w
                 tensors["model.norm.weight"] = np.full(h, one, np.float32)
                 self.put(tensors, dtypes, "lm_head.weight", (vocab, h))
                 if top is not None:
@@ -612,8 +635,8 @@ def _build_gqa(directory: Path, cfg: dict, family: str, seed: int, progress) -> 
     layers = cfg["num_hidden_layers"]
     experts = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg["n_routed_experts"]
     inter = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
-    oss, minimax, qwen = family == "gpt_oss", family == "minimax_m2", family == "qwen3_next"
-    qwen3 = family == "qwen3_moe"
+    oss, minimax, qwen = family == "gpt_oss", family == "minimax_m2", family in QWEN_LINEAR
+    qwen3, plain = family == "qwen3_moe", family == "qwen3_5_moe"
     offset = 0.0 if qwen else 1.0  # Qwen3-Next's norms scale by 1 + the stored weight
 
     put = w.put
@@ -623,12 +646,19 @@ def _build_gqa(directory: Path, cfg: dict, family: str, seed: int, progress) -> 
 
     def linear_attention(p: str, tensors: dict, dtypes: dict) -> None:
         """Qwen3-Next's Gated DeltaNet: FP8 projections (b and a as floats: 2 rows a value
-        head), its convolution, decays and norm as floats."""
+        head), its convolution, decays and norm as floats. Qwen3.5's stores the input
+        projection as four matrices (qkv and z FP8, b and a floats), as its FP8 release does."""
         hk, hv = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
         dk, dv = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"]
         channels = 2 * hk * dk + hv * dv
-        put(tensors, dtypes, f"{p}.in_proj_qkvz.weight", (channels + hv * dv, h))
-        tensors[f"{p}.in_proj_ba.weight"] = small(2 * hv, h)
+        if plain:
+            put(tensors, dtypes, f"{p}.in_proj_qkv.weight", (channels, h))
+            put(tensors, dtypes, f"{p}.in_proj_z.weight", (hv * dv, h))
+            tensors[f"{p}.in_proj_b.weight"] = small(hv, h)
+            tensors[f"{p}.in_proj_a.weight"] = small(hv, h)
+        else:
+            put(tensors, dtypes, f"{p}.in_proj_qkvz.weight", (channels + hv * dv, h))
+            tensors[f"{p}.in_proj_ba.weight"] = small(2 * hv, h)
         conv = w.rng.standard_normal((channels, 1, cfg["linear_conv_kernel_dim"])) * 0.5
         tensors[f"{p}.conv1d.weight"] = conv.astype(np.float32)
         tensors[f"{p}.dt_bias"] = np.ones(hv, np.float32)

@@ -222,6 +222,35 @@ def test_demo_of_qwen3_next(tmp_path):
     )
 
 
+def test_demo_of_qwen3_5_moe(tmp_path):
+    """`refmoe demo --family qwen3_5_moe`: Qwen3.5-397B-A17B's layers as its FP8 release
+    stores them (a linear layer's qkv and z FP8, b and a floats; experts one by one), a
+    linear and a full layer (two layers: the last is full), decoding; the bound counts those
+    projections, the gated full attention, the routed top-10 and the shared expert, and
+    lm_head."""
+    d = demo.build(tmp_path, layers=2, experts=16, family="qwen3_5_moe")
+    cfg = ModelConfig.from_file(d)
+    assert cfg.family == "qwen3_5_moe"
+    assert cfg.layer_types == ["linear_attention", "full_attention"]
+    assert (cfg.hidden_size, cfg.linear_num_value_heads, cfg.num_experts_per_tok) == (4096, 64, 10)
+    r = demo.run(d, prompt_tokens=12, new_tokens=3)
+    assert r.new_tokens == 3 and r.tok_s > 0
+    h, n, g, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+    def fp8(rows, cols):
+        return rows * cols + -(-rows // 128) * -(-cols // 128) * 4
+
+    hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    linear = fp8(2 * hk * dk + hv * dv, h) + fp8(hv * dv, h) + 2 * hv * h * 4 + fp8(h, hv * dv)
+    full = fp8(2 * n * dh, h) + 2 * fp8(g * dh, h) + fp8(h, n * dh)
+    experts = (cfg.num_experts_per_tok + 1) * 3 * fp8(cfg.moe_intermediate_size, h)
+    assert r.bytes_per_token == linear + full + 2 * experts + fp8(cfg.vocab_size, h)
+    assert demo.describe(cfg).startswith(
+        "qwen3_5_moe per-layer shapes (hidden 4096, 1 Gated DeltaNet + 1 gated full-attention"
+    )
+
+
 def test_demo_of_deepseek_v4(tmp_path):
     """`refmoe demo --family deepseek_v4`: V4-Flash's layer (64 heads on one KV head of 512,
     the grouped output projection, an HCA layer's compressor), FP8 projections with E8M0 block
