@@ -17,6 +17,11 @@ def demo_dir(tmp_path_factory):
     return demo.build(tmp_path_factory.mktemp("demo"), layers=1, experts=16)
 
 
+def fp8_bytes(rows: int, cols: int) -> int:
+    """An FP8 matrix as the demo writes it: a byte a weight, a float32 scale per 128 x 128."""
+    return rows * cols + -(-rows // 128) * -(-cols // 128) * 4
+
+
 def test_built_checkpoint_is_a_v3_fp8_checkpoint(demo_dir):
     cfg = ModelConfig.from_file(demo_dir)
     assert cfg.is_fp8 and cfg.hidden_size == 7168 and cfg.kv_lora_rank == 512
@@ -169,18 +174,14 @@ def test_demo_of_a_gqa_family(family, tmp_path):
 
     assert max(AutoTokenizer.from_pretrained(d).vocab.values()) < cfg.vocab_size
     h, n, g, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-
-    def fp8(rows, cols):
-        return rows * cols + -(-rows // 128) * -(-cols // 128) * 4
-
-    attn = fp8(n * dh, h) + 2 * fp8(g * dh, h) + fp8(h, n * dh)
+    attn = fp8_bytes(n * dh, h) + 2 * fp8_bytes(g * dh, h) + fp8_bytes(h, n * dh)
     i, k = cfg.moe_intermediate_size, cfg.num_experts_per_tok
     if family == "gpt_oss":  # MXFP4: half a byte a weight, one scale byte per 32
         expert = 2 * (i * h // 2 + i * h // 32) + h * i // 2 + h * i // 32
     else:
-        expert = 3 * fp8(i, h)
+        expert = 3 * fp8_bytes(i, h)
     experts = (k + cfg.n_shared_experts) * expert
-    assert r.bytes_per_token == attn + experts + fp8(cfg.vocab_size, h)
+    assert r.bytes_per_token == attn + experts + fp8_bytes(cfg.vocab_size, h)
     with pytest.raises(ValueError, match="--expert-format"):
         demo.demo_config(
             1, 16, expert_format="fp8" if family == "gpt_oss" else "mxfp4", family=family
@@ -204,16 +205,12 @@ def test_demo_of_qwen3_next(tmp_path):
     r = demo.run(d, prompt_tokens=12, new_tokens=3)
     assert r.new_tokens == 3 and r.tok_s > 0
     h, n, g, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-
-    def fp8(rows, cols):
-        return rows * cols + -(-rows // 128) * -(-cols // 128) * 4
-
     hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
     dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
-    linear = fp8(2 * hk * dk + 2 * hv * dv, h) + 2 * hv * h * 4 + fp8(h, hv * dv)
-    full = fp8(2 * n * dh, h) + 2 * fp8(g * dh, h) + fp8(h, n * dh)
-    experts = (cfg.num_experts_per_tok + 1) * 3 * fp8(cfg.moe_intermediate_size, h)
-    want = 3 * linear + full + 4 * experts + fp8(cfg.vocab_size, h)
+    linear = fp8_bytes(2 * hk * dk + 2 * hv * dv, h) + 2 * hv * h * 4 + fp8_bytes(h, hv * dv)
+    full = fp8_bytes(2 * n * dh, h) + 2 * fp8_bytes(g * dh, h) + fp8_bytes(h, n * dh)
+    experts = (cfg.num_experts_per_tok + 1) * 3 * fp8_bytes(cfg.moe_intermediate_size, h)
+    want = 3 * linear + full + 4 * experts + fp8_bytes(cfg.vocab_size, h)
     assert r.bytes_per_token == want
     rows = demo.decode_at_contexts(d, [8, 64], steps=1)  # synthetic caches of both kinds
     assert [r["attention"] for r in rows] == ["gqa + linear"] * 2 and rows[1]["step_ms"] > 0
@@ -236,16 +233,17 @@ def test_demo_of_qwen3_5_moe(tmp_path):
     r = demo.run(d, prompt_tokens=12, new_tokens=3)
     assert r.new_tokens == 3 and r.tok_s > 0
     h, n, g, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-
-    def fp8(rows, cols):
-        return rows * cols + -(-rows // 128) * -(-cols // 128) * 4
-
     hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
     dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
-    linear = fp8(2 * hk * dk + hv * dv, h) + fp8(hv * dv, h) + 2 * hv * h * 4 + fp8(h, hv * dv)
-    full = fp8(2 * n * dh, h) + 2 * fp8(g * dh, h) + fp8(h, n * dh)
-    experts = (cfg.num_experts_per_tok + 1) * 3 * fp8(cfg.moe_intermediate_size, h)
-    assert r.bytes_per_token == linear + full + 2 * experts + fp8(cfg.vocab_size, h)
+    linear = (
+        fp8_bytes(2 * hk * dk + hv * dv, h)
+        + fp8_bytes(hv * dv, h)
+        + 2 * hv * h * 4
+        + fp8_bytes(h, hv * dv)
+    )
+    full = fp8_bytes(2 * n * dh, h) + 2 * fp8_bytes(g * dh, h) + fp8_bytes(h, n * dh)
+    experts = (cfg.num_experts_per_tok + 1) * 3 * fp8_bytes(cfg.moe_intermediate_size, h)
+    assert r.bytes_per_token == linear + full + 2 * experts + fp8_bytes(cfg.vocab_size, h)
     assert demo.describe(cfg).startswith(
         "qwen3_5_moe per-layer shapes (hidden 4096, 1 Gated DeltaNet + 1 gated full-attention"
     )
@@ -265,15 +263,16 @@ def test_demo_of_deepseek_v4(tmp_path):
     assert r.new_tokens == 3 and r.tok_s > 0
     h, n, dh, rank = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.q_lora_rank
     g, lora, i = cfg.o_groups, cfg.o_lora_rank, cfg.moe_intermediate_size
-
-    def fp8(rows, cols):
-        return rows * cols + -(-rows // 128) * -(-cols // 128) * 4
-
-    attn = fp8(rank, h) + fp8(n * dh, rank) + fp8(dh, h) + fp8(g * lora, n * dh // g)
-    attn += fp8(h, g * lora) + 2 * fp8(dh, h)  # o_b; the compressor's kv and gate
+    attn = (
+        fp8_bytes(rank, h)
+        + fp8_bytes(n * dh, rank)
+        + fp8_bytes(dh, h)
+        + fp8_bytes(g * lora, n * dh // g)
+    )
+    attn += fp8_bytes(h, g * lora) + 2 * fp8_bytes(dh, h)  # o_b; the compressor's kv and gate
     fp4 = 2 * (i * h // 2 + i * h // 32) + h * i // 2 + h * i // 32
-    experts = cfg.num_experts_per_tok * fp4 + 3 * fp8(i, h)
-    assert r.bytes_per_token == attn + experts + fp8(cfg.vocab_size, h)
+    experts = cfg.num_experts_per_tok * fp4 + 3 * fp8_bytes(i, h)
+    assert r.bytes_per_token == attn + experts + fp8_bytes(cfg.vocab_size, h)
     rows = demo.decode_at_contexts(d, [8, 300], steps=1)  # 300: two closed HCA windows
     assert [r["attention"] for r in rows] == ["v4"] * 2 and rows[1]["step_ms"] > 0
     assert 0 < rows[0]["cache_bytes"] <= rows[1]["cache_bytes"]
