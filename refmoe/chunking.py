@@ -71,6 +71,19 @@ class ChunkRule:
             # than it was (noise) cannot make the next chunk stall decode for seconds
             return max(1, min(left, n, 2 * max(self.last, 1)))
 
+    def observe_steps(self, decoding: int, seconds: list[float]) -> None:
+        """Decode steps of `decoding` requests, without chunks, one after the other: observe
+        for each, in order (the simulator's blocks of steps)."""
+        if decoding == 0:
+            return
+        with self.lock:
+            old = self.step_s.get(decoding)
+            for s in seconds:
+                old = s if old is None else old + EMA * (s - old)
+                self.debt_s = max(0.0, self.debt_s - (self.slowdown - 1.0) * s)
+            if old is not None:
+                self.step_s[decoding] = old
+
     def observe(self, decoding: int, chunk: int, seconds: float) -> None:
         """A decode step of `decoding` requests that carried `chunk` prompt tokens took
         `seconds`."""

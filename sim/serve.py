@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import simpy
 
@@ -652,6 +653,24 @@ class Simulation:
                     self.prefix.store(self.turn_of[rid][0], oc.prompt_tokens + oc.output_tokens - 1)
                 self.turn_done.pop(rid).succeed()
 
+    def tokens(self, rid: str, times: list[float]) -> None:
+        """Tokens of one request at `times` (a block of decode steps): token() for each; a
+        block ends no later than the request's last token, so all but the last are gaps
+        only."""
+        oc = self.outcomes[int(rid)]
+        if oc.ttft_s is None or rid not in self.last:
+            for at in times:
+                self.token(rid, at)
+            return
+        last = self.last[rid]
+        gaps = oc.itl_s
+        for at in times[:-1]:
+            gaps.append(at - last)
+            last = at
+        oc.output_tokens += len(times) - 1
+        self.last[rid] = last
+        self.token(rid, times[-1])
+
     def prefill_worker(self):
         env, sched, tr = self.env, self.sched, self.tr
         while True:
@@ -787,12 +806,10 @@ class Simulation:
                 yield env.timeout(sum(steps))
                 if beside is not None:
                     net.set_cap(beside, 1.0)
-                at = t0
-                for period in steps:
-                    at += period
-                    rule.observe(b, 0, period)
-                    for rid in plan.request_ids:
-                        self.token(rid, at)
+                rule.observe_steps(b, steps)
+                times = list(accumulate(steps, initial=t0))[1:]
+                for rid in plan.request_ids:
+                    self.tokens(rid, times)
             if tr:  # one span per step, as the engine writes them
                 at = t0
                 for per in steps or [env.now - t0]:

@@ -207,3 +207,29 @@ def test_a_long_prompt_is_not_starved_by_short_ones():
             s.finish(plan.chunk.request_id)
     assert ran[:MAX_PASSED] == [f"short{i}" for i in range(MAX_PASSED)]
     assert ran[MAX_PASSED] == ran[2 * MAX_PASSED + 1] == "long" and ran.count("long") == 2
+
+
+def test_observe_steps_is_observe_for_each():
+    """observe_steps (the simulator's blocks of decode steps) leaves the rule exactly as
+    observe called once per step: the step time's average and the debt, bit for bit, with a
+    chunk's debt outstanding and without."""
+    import random
+
+    rng = random.Random(3)
+    for debt in (0.0, 0.5):
+        one, many = ChunkRule(slowdown=1.2), ChunkRule(slowdown=1.2)
+        for rule in (one, many):
+            rule.observe(2, 0, 0.1)
+            rule.debt_s = debt
+        steps = [rng.uniform(0.01, 0.2) for _ in range(50)]
+        for s in steps:
+            one.observe(2, 0, s)
+        many.observe_steps(2, steps)
+        many.observe_steps(0, steps)  # no request decoding: nothing to observe
+        assert (one.step_s, one.debt_s) == (many.step_s, many.debt_s)
+    fresh = ChunkRule()
+    fresh.observe_steps(3, [0.3, 0.1])
+    alone = ChunkRule()
+    alone.observe(3, 0, 0.3)
+    alone.observe(3, 0, 0.1)
+    assert fresh.step_s == alone.step_s and fresh.debt_s == alone.debt_s
