@@ -9,6 +9,7 @@ import json
 
 import hypothesis
 import hypothesis.strategies as st
+import numpy as np
 import pytest
 import torch
 from conftest import assert_logits_match, cli_generate, hf_greedy, save_random
@@ -168,6 +169,31 @@ def test_chunked_delta_rule_matches_float64_recurrence(t, heads, dk, dv, chunk, 
     scale = want_out.abs().max().item() + 1e-30
     assert (out.double() - want_out).abs().max().item() <= 2e-5 * max(scale, 1.0)
     assert (s.double() - want_s).abs().max().item() <= 2e-5 * max(want_s.abs().max().item(), 1.0)
+
+
+@pytest.mark.parametrize("t, heads, dk, dv", [(1, 1, 4, 4), (3, 4, 16, 8), (5, 2, 8, 16)])
+def test_recurrent_delta_rule_against_its_definition(t, heads, dk, dv):
+    """The token-by-token rule (each head's products batched, the update in place on the
+    decayed copy) against the rule written out head by head in float64 numpy; the state
+    passed in is left as it was (a cache's snapshot may hold it)."""
+    rng = np.random.default_rng(t * 100 + heads)
+    q, k = rng.standard_normal((t, heads, dk)), rng.standard_normal((t, heads, dk))
+    v, s0 = rng.standard_normal((t, heads, dv)), rng.standard_normal((heads, dk, dv))
+    beta, g = rng.uniform(0, 1, (t, heads)), -rng.uniform(0, 2, (t, heads))
+    want_s, want_out = s0.copy(), np.zeros((t, heads, dv))
+    for i in range(t):
+        for h in range(heads):
+            st = want_s[h] * np.exp(g[i, h])
+            u = (v[i, h] - st.T @ k[i, h]) * beta[i, h]
+            want_s[h] = st + np.outer(k[i, h], u)
+            want_out[i, h] = want_s[h].T @ q[i, h]
+    args = [torch.from_numpy(a).float() for a in (q, k, v, beta, g, s0)]
+    before = args[-1].clone()
+    out, s = qwen3_next.delta_rule_recurrent(*args)
+    assert torch.equal(args[-1], before)
+    scale = max(np.abs(want_out).max(), 1.0)
+    assert np.abs(out.double().numpy() - want_out).max() <= 1e-5 * scale
+    assert np.abs(s.double().numpy() - want_s).max() <= 1e-5 * max(np.abs(want_s).max(), 1.0)
 
 
 def test_prompt_takes_the_chunked_rule_and_decode_the_recurrent(saved, monkeypatch):
