@@ -72,8 +72,9 @@ class ChunkRule:
             return max(1, min(left, n, 2 * max(self.last, 1)))
 
     def observe_steps(self, decoding: int, seconds: list[float]) -> None:
-        """Decode steps of `decoding` requests, without chunks, one after the other: observe
-        for each, in order (the simulator's blocks of steps)."""
+        """Decode steps of `decoding` requests, without chunks, one after the other (observe's
+        chunk-free case; the simulator's blocks of steps): the steps' running average, and the
+        debt each pays back."""
         if decoding == 0:
             return
         with self.lock:
@@ -89,12 +90,10 @@ class ChunkRule:
         `seconds`."""
         if decoding == 0:
             return  # a prefill alone: no decode step to compare with
+        if chunk == 0:
+            self.observe_steps(decoding, [seconds])
+            return
         with self.lock:
-            if chunk == 0:
-                old = self.step_s.get(decoding)
-                self.step_s[decoding] = seconds if old is None else old + EMA * (seconds - old)
-                self.debt_s = max(0.0, self.debt_s - (self.slowdown - 1.0) * seconds)
-                return
             self.chunks_run += 1
             self.tokens_run += chunk
             self.last = chunk
