@@ -42,6 +42,15 @@ class Outcome:
             return True
         return False
 
+    def gaps(self, times: list[float], last: float) -> float:
+        """Tokens after the first at `times`, the previous one at `last`, none of them the
+        request's last (token() for each, in one call); returns when the last of them came."""
+        for now in times:
+            self.itl_s.append(now - last)
+            last = now
+        self.output_tokens += len(times)
+        return last
+
 
 def _pct(values: list[float], q: float) -> float:
     if not values:

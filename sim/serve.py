@@ -662,13 +662,7 @@ class Simulation:
             for at in times:
                 self.token(rid, at)
             return
-        last = self.last[rid]
-        gaps = oc.itl_s
-        for at in times[:-1]:
-            gaps.append(at - last)
-            last = at
-        oc.output_tokens += len(times) - 1
-        self.last[rid] = last
+        self.last[rid] = oc.gaps(times[:-1], self.last[rid])
         self.token(rid, times[-1])
 
     def prefill_worker(self):

@@ -22,3 +22,24 @@ def test_summary_by_hand():
     block = format_summary(r)
     assert "Median decode (tok/s):                  15.00" in block
     assert parse_range("16-64") == (16, 64) and parse_range("8") == (8, 8)
+
+
+def test_gaps_are_tokens_one_by_one():
+    """Outcome.gaps (a block of decode tokens at once) records what token() does for each."""
+    one, block = Outcome(0.0, 10), Outcome(0.0, 10)
+    for o in (one, block):
+        o.token(1.5, 1.5, 5)  # the first token
+    times = [1.6, 1.75, 1.9]
+    last = 1.5
+    for now in times:
+        assert not one.token(now, last, 5)
+        last = now
+    assert block.gaps(times, 1.5) == 1.9
+    assert (
+        (one.itl_s, one.output_tokens)
+        == (block.itl_s, block.output_tokens)
+        == (
+            [1.6 - 1.5, 1.75 - 1.6, 1.9 - 1.75],
+            4,
+        )
+    )
