@@ -49,9 +49,23 @@ class Machine:
         self.gpu = [Link(f"gpu{d}", 1.0) for d in range(len(hw.gpus))]
         self.net = FluidNetwork(env, self.links(), record)
 
-    def mark(self, process: str, lane: str, name: str, start: float, **args) -> None:
-        """An operation of the forward ended now (the engine's trace lanes); kept by the
-        serving simulator's cost runs for per-layer spans, ignored here."""
+    def mark(
+        self, process: str, lane: str, name: str, start: float, end: float | None = None, **args
+    ) -> None:
+        """An operation of the forward ended (at `end`, or now: the engine's trace lanes);
+        kept by the serving simulator's cost runs for per-layer spans, ignored here."""
+
+    # an SLP layer's parts as trace spans: (process, lane) and the span's name
+    SLP_SPANS = {
+        "attention": ("device", "attention", "attention"),
+        "experts": ("slp", "experts", "experts"),
+        "dense": ("device", "dense mlp", "dense mlp"),
+    }
+
+    def mark_slp(self, lay, part: str, start: float, end: float | None = None) -> None:
+        """An SLP layer's part ended (Machine.pipeline and its closed form alike)."""
+        process, lane, name = self.SLP_SPANS[part]
+        self.mark(process, lane, f"{name} L{lay.layer}", start, end, tokens=lay.tokens)
 
     def layer(self, i: int, key: tuple, body):
         """Layer i's operations: body() (a generator) run on this machine. `key` names what
@@ -80,7 +94,7 @@ class Machine:
         for lay in layers:
             t0 = env.now
             yield from self.each(lay.attention)
-            self.mark("device", "attention", f"attention L{lay.layer}", t0, tokens=lay.tokens)
+            self.mark_slp(lay, "attention", t0)
             t0 = env.now
             if lay.load:
                 yield loaded[id(lay)]
@@ -88,10 +102,10 @@ class Machine:
                 if lay.exchange:
                     yield from self.each(lay.exchange)
                 yield slots.put(1)
-                self.mark("slp", "experts", f"experts L{lay.layer}", t0, tokens=lay.tokens)
+                self.mark_slp(lay, "experts", t0)
             else:
                 yield from self.each(lay.dense)
-                self.mark("device", "dense mlp", f"dense mlp L{lay.layer}", t0, tokens=lay.tokens)
+                self.mark_slp(lay, "dense", t0)
 
     def each(self, ops: list):
         """Operations (seconds, demand) that run at once, one per GPU: one runs as it is,

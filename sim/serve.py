@@ -54,8 +54,10 @@ class _Costing(Machine):
         # reuse=False runs every layer (the reference the reuse is tested against)
         self.seen: dict | None = {} if reuse else None
 
-    def mark(self, process: str, lane: str, name: str, start: float, **args) -> None:
-        self.spans.append((process, lane, name, start, self.env.now, args))
+    def mark(
+        self, process: str, lane: str, name: str, start: float, end: float | None = None, **args
+    ) -> None:
+        self.spans.append((process, lane, name, start, self.env.now if end is None else end, args))
 
     def pipeline(self, layers: list, ring: int):
         """Machine.pipeline's times in closed form: alone nothing contends, so a copy starts
@@ -72,9 +74,7 @@ class _Costing(Machine):
         for lay in layers:
             t0 = now
             now += self._steps(lay.attention)
-            self.spans.append(
-                ("device", "attention", f"attention L{lay.layer}", t0, now, {"tokens": lay.tokens})
-            )
+            self.mark_slp(lay, "attention", t0, now)
             t0 = now
             if lay.load:
                 j = len(copied)
@@ -86,21 +86,10 @@ class _Costing(Machine):
                 if lay.exchange:
                     now += self._steps(lay.exchange)
                 freed.append(now)
-                self.spans.append(
-                    ("slp", "experts", f"experts L{lay.layer}", t0, now, {"tokens": lay.tokens})
-                )
+                self.mark_slp(lay, "experts", t0, now)
             else:
                 now += self._steps(lay.dense)
-                self.spans.append(
-                    (
-                        "device",
-                        "dense mlp",
-                        f"dense mlp L{lay.layer}",
-                        t0,
-                        now,
-                        {"tokens": lay.tokens},
-                    )
-                )
+                self.mark_slp(lay, "dense", t0, now)
         yield self.env.timeout(now - start)
 
     def _steps(self, ops: list) -> float:
