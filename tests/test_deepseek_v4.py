@@ -692,15 +692,12 @@ def test_indexer_scores_queries_in_blocks():
     wq, ww = torch.randn(4 * 16, 8, generator=g), torch.randn(4, 12, generator=g)
     ix.q, ix.weights = (lambda r: r @ wq.T), (lambda x: x @ ww.T)
 
-    class Plain:  # no rope: angles of zero
-        def angles(self, kind, positions):
-            return torch.ones(len(positions), 4), torch.zeros(len(positions), 4)
-
+    plain = torch.ones(10, 4), torch.zeros(10, 4)  # no rope: angles of zero
     x, q_res = torch.randn(10, 12, generator=g), torch.randn(10, 8, generator=g)
     keys, positions = torch.randn(9, 16, generator=g), torch.arange(27, 37)
-    whole = ix.allowed(x, q_res, positions, keys, Plain())
+    whole = ix.allowed(x, q_res, positions, keys, plain)
     for budget in (4 * 9, 3 * 4 * 9):
-        assert torch.equal(ix.allowed(x, q_res, positions, keys, Plain(), budget), whole)
+        assert torch.equal(ix.allowed(x, q_res, positions, keys, plain, budget), whole)
     assert whole.sum(1).tolist() == [3] * 10
 
 

@@ -356,17 +356,17 @@ class Indexer:
         self.q = Linear(ck, f"{p}.q_b_proj.weight", (self.n * self.d, rank))
         self.weights = Linear(ck, f"{p}.scorer.weights_proj.weight", (self.n, cfg.hidden_size))
 
-    def allowed(self, x, q_res, positions, keys, rope: Rope, budget_bytes: int = 1 << 28):
-        """[T, E] bool: the entries each query attends to. The scores of a block of queries
-        at a time, under budget_bytes (a prompt chunk of 8K queries against 32K entries would
-        hold 1 GB of them)."""
+    def allowed(self, x, q_res, positions, keys, angles, budget_bytes: int = 1 << 28):
+        """[T, E] bool: the entries each query attends to. angles: the compressed rope's
+        (cos, sin) at positions, which the layer's attention (CSA: rope kind compress) has
+        computed already. The scores of a block of queries at a time, under budget_bytes (a
+        prompt chunk of 8K queries against 32K entries would hold 1 GB of them)."""
         t, e = x.shape[0], keys.shape[0]
         allowed = torch.zeros((t, e), dtype=torch.bool, device=x.device)
         if e == 0:
             return allowed
         q = self.q(q_res).view(t, self.n, self.d).transpose(0, 1)  # [n, T, d]
-        cos, sin = rope.angles("compress", positions)
-        q = rope_tail(q, cos, sin)
+        q = rope_tail(q, *angles)
         w = self.weights(x) * self.n**-0.5  # [T, n]
         closed = (positions + 1) // self.rate  # entries before each query
         block = max(1, budget_bytes // (4 * e))
@@ -532,7 +532,8 @@ class Attention:
         if self.compressor is not None:
             entries, index_keys = self._compressed(cache, tails, base, start, kv.shape[0], rope)
             if self.indexer is not None:
-                allowed = self.indexer.allowed(x, q_res, positions, index_keys, rope)
+                # an indexer sits on CSA layers, whose own rope kind is the compressed one
+                allowed = self.indexer.allowed(x, q_res, positions, index_keys, (cos, sin))
             else:  # HCA: every entry whose window closed before the query
                 e = entries.shape[0]
                 closed = (positions + 1) // self.rate
