@@ -370,7 +370,8 @@ class ToolPlan:
     opening: str = ""
 
     def stream(self) -> ToolReader:
-        return ToolReader(tool_calls.ToolStream(self.fmt, self.opening), self.opening)
+        stream = tool_calls.ToolStream(self.fmt, self.opening, self.specs)
+        return ToolReader(stream, self.opening)
 
 
 class ToolReader:

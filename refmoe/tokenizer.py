@@ -176,14 +176,68 @@ class Tokenizer:
         try:
             return env.from_string(template).render(
                 **(extra or {}),
-                messages=messages,
+                messages=template_turns(messages),
                 tools=tools,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self._token_text("bos_token"),
                 eos_token=self._token_text("eos_token"),
             )
-        except TemplateError as e:
+        except (TemplateError, TypeError, ValueError, LookupError, AttributeError) as e:
+            # a template that fails on what the request holds (a call's arguments it walks
+            # as pairs but that are not a JSON object) fails the request, not the server
             raise ValueError(f"chat template: {e}") from None
+
+
+class ToolArguments(dict):
+    """An earlier tool call's arguments as chat templates are handed them: the object that
+    the client's JSON text (OpenAI's wire form) holds, which templates that walk them as pairs
+    need (Qwen3.5, GLM, MiniMax: `arguments|items`; a string there fails), and that same text
+    exactly wherever a template writes them out or joins them to a string (DeepSeek-V3.1:
+    `... + arguments + ...`; `{{ arguments }}`). tojson writes the object."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str, value: dict):
+        super().__init__(value)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __add__(self, other):
+        return self.text + other if isinstance(other, str) else NotImplemented
+
+    def __radd__(self, other):
+        return other + self.text if isinstance(other, str) else NotImplemented
+
+
+def template_turns(messages: list[dict]) -> list[dict]:
+    """messages as a chat template is handed them: each assistant tool call's arguments given
+    as the text of a JSON object become ToolArguments (other values stay as given). The
+    caller's messages are not changed."""
+    out = []
+    for m in messages:
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if isinstance(calls, list) and any(_arguments_text(c) is not None for c in calls):
+            m = {**m, "tool_calls": [_with_arguments(c) for c in calls]}
+        out.append(m)
+    return out
+
+
+def _arguments_text(call) -> str | None:
+    f = call.get("function") if isinstance(call, dict) else None
+    text = f.get("arguments") if isinstance(f, dict) else None
+    return text if isinstance(text, str) and isinstance(_fromjson(text), dict) else None
+
+
+def _with_arguments(call):
+    text = _arguments_text(call)
+    if text is None:
+        return call
+    return {
+        **call,
+        "function": {**call["function"], "arguments": ToolArguments(text, json.loads(text))},
+    }
 
 
 # Families whose releases ship their chat format as Python (DeepSeek-V4's

@@ -11,6 +11,9 @@ template:
                writes "function<｜tool▁sep｜>NAME\\n```json\\n{...}\\n```": both are read)
     glm        <tool_call>NAME\\n<arg_key>K</arg_key>\\n<arg_value>V</arg_value>...</tool_call>
                (GLM-4.5 and later: a string value raw, others as JSON)
+    qwen3_coder <tool_call>\\n<function=NAME>\\n<parameter=K>\\nV\\n</parameter>\\n...
+               </function>\\n</tool_call> (Qwen3.5 / 3.6, Qwen3-Coder, Qwen3-Coder-Next: a string
+               value raw, others as JSON, one newline either side)
     minimax    <minimax:tool_call>\\n<invoke name="NAME">\\n<parameter name="K">V</parameter>
                ...</invoke>...</minimax:tool_call> (MiniMax-M2: one block, several invokes)
     kimi       <|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:I
@@ -21,6 +24,12 @@ template:
                </｜DSML｜tool_calls> (DeepSeek-V4; V3.2 names the block function_calls:
                dsml-v32). One block, several invokes; string="true" marks a value written
                raw, "false" one written as JSON.
+
+The formats that write each argument as text (glm, minimax, qwen3_coder) give no sign of its
+type: a value is typed by the tool's own JSON schema for that parameter where the request gave
+one (a string parameter keeps "123" or '{"a": 1}' as the string written; an integer, number,
+boolean, null, object or array one reads the text as JSON), and read as JSON where that fails
+or no schema names the parameter (typed_value).
 
 ToolStream takes the decoded text as it grows and gives back the text that is surely content
 (a piece that could be the start of a call marker is held back until it is decided) and each
@@ -40,20 +49,23 @@ FORMATS = {
     "hermes": ("<tool_call>", "</tool_call>"),
     "deepseek": ("<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>"),
     "glm": ("<tool_call>", "</tool_call>"),
+    "qwen3_coder": ("<tool_call>", "</tool_call>"),
     "minimax": ("<minimax:tool_call>", "</minimax:tool_call>"),
     "kimi": ("<|tool_call_begin|>", "<|tool_call_end|>"),
     "dsml": (f"<{DSML}tool_calls>", f"</{DSML}tool_calls>"),
     "dsml-v32": (f"<{DSML}function_calls>", f"</{DSML}function_calls>"),
 }
-# what in a chat template tells its format, most specific first (GLM's calls open as Hermes's)
+# what in a chat template tells its format, most specific first (GLM's and Qwen3-Coder's
+# calls open as Hermes's)
 _TOLD_BY = (
-    ("glm", "<arg_key>"),
-    ("minimax", "<minimax:tool_call>"),
-    ("kimi", "<|tool_call_begin|>"),
-    ("dsml", f"<{DSML}tool_calls>"),
-    ("dsml-v32", f"<{DSML}function_calls>"),
-    ("hermes", "<tool_call>"),
-    ("deepseek", "<｜tool▁call▁begin｜>"),
+    ("glm", ("<arg_key>",)),
+    ("qwen3_coder", ("<tool_call>", "<function=")),
+    ("minimax", ("<minimax:tool_call>",)),
+    ("kimi", ("<|tool_call_begin|>",)),
+    ("dsml", (f"<{DSML}tool_calls>",)),
+    ("dsml-v32", (f"<{DSML}function_calls>",)),
+    ("hermes", ("<tool_call>",)),
+    ("deepseek", ("<｜tool▁call▁begin｜>",)),
 )
 # markers around a group of calls that are not content
 GROUPS = {
@@ -84,7 +96,7 @@ def format_of(template: str | None) -> str | None:
     """The tool-call format a chat template teaches its model; None: it has none."""
     if not template:
         return None
-    return next((name for name, sign in _TOLD_BY if sign in template), None)
+    return next((name for name, signs in _TOLD_BY if all(x in template for x in signs)), None)
 
 
 def opening(fmt: str, name: str | None = None) -> str:
@@ -95,6 +107,8 @@ def opening(fmt: str, name: str | None = None) -> str:
         return start + "\n" + (f'{{"name": "{name}", "arguments": ' if name else "")
     if fmt == "glm":
         return start + (f"{name}\n" if name else "")
+    if fmt == "qwen3_coder":
+        return start + "\n" + (f"<function={name}>\n" if name else "")
     if fmt == "minimax":
         return start + "\n" + (f'<invoke name="{name}">\n' if name else "")
     if fmt in ("dsml", "dsml-v32"):
@@ -109,13 +123,116 @@ def opening(fmt: str, name: str | None = None) -> str:
 
 
 def _value(text: str):
-    """An argument written as text (GLM, MiniMax): JSON where it reads as JSON, else the
+    """An argument written as text with no type known: JSON where it reads as JSON, else the
     string as written (without the whitespace around it)."""
     text = text.strip()
     try:
         return json.loads(text)
     except json.JSONDecodeError:
         return text
+
+
+_NOT = object()  # a text that does not read as the type asked for
+_JSON_TYPES = {"object": dict, "array": list}
+
+
+def _as_type(text: str, kind: str):
+    """text read as one JSON Schema type, or _NOT."""
+    t = text.strip()
+    if kind == "boolean":
+        return {"true": True, "false": False}.get(t.lower(), _NOT)
+    if kind == "null":
+        return None if t.lower() in ("null", "none") else _NOT
+    try:
+        v = json.loads(t)
+    except json.JSONDecodeError:
+        return _NOT
+    if kind == "integer":
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        return v if isinstance(v, int) and not isinstance(v, bool) else _NOT
+    if kind == "number":
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else _NOT
+    want = _JSON_TYPES.get(kind)
+    return v if want is not None and isinstance(v, want) else _NOT
+
+
+def schema_types(schema) -> list[str]:
+    """The JSON types a parameter's schema allows, in the order it names them: its "type" (a
+    name or a list), then those of its anyOf / oneOf branches; [] where it names none."""
+    if not isinstance(schema, dict):
+        return []
+    t = schema.get("type")
+    kinds = (
+        [t]
+        if isinstance(t, str)
+        else [x for x in t if isinstance(x, str)]
+        if isinstance(t, list)
+        else []
+    )
+    for key in ("anyOf", "oneOf"):
+        for branch in schema.get(key) or []:
+            kinds += [k for k in schema_types(branch) if k not in kinds]
+    return kinds
+
+
+def typed_value(text: str, schema=None):
+    """An argument written as text (GLM, MiniMax, Qwen3-Coder), typed by its parameter's JSON
+    schema: the first of the schema's non-string types the text reads as, else the text as
+    written where a string is allowed; with no schema, or when nothing fits, _value's guess.
+    So a string parameter keeps "007" or '{"a": 1}' as written, where the guess would make
+    them 7 and an object."""
+    kinds = schema_types(schema)
+    for kind in kinds:
+        if kind != "string":
+            v = _as_type(text, kind)
+            if v is not _NOT:
+                return v
+    return text if "string" in kinds else _value(text)
+
+
+def tool_parameters(specs: list[dict] | None) -> dict[str, dict]:
+    """{tool name: {parameter: its JSON schema}} from OpenAI function specs."""
+    out: dict[str, dict] = {}
+    for spec in specs or ():
+        f = spec.get("function", spec) if isinstance(spec, dict) else {}
+        params = f.get("parameters") if isinstance(f, dict) else None
+        props = params.get("properties") if isinstance(params, dict) else None
+        if isinstance(f.get("name"), str):
+            out[f["name"]] = props if isinstance(props, dict) else {}
+    return out
+
+
+def _arguments(name: str, pairs, params: dict[str, dict], strip: bool = True) -> ToolCall:
+    """A call from its (key, text) pairs, each typed by tool `name`'s schema (typed_value);
+    strip: the text loses the whitespace around it (GLM, MiniMax), else one newline each side
+    (Qwen3-Coder writes the value on lines of its own)."""
+    schemas, args = params.get(name, {}), {}
+    for key, text in pairs:
+        key = key.strip()
+        if strip:
+            text = text.strip()
+        else:
+            text = text.removeprefix("\n").removesuffix("\n")
+        args[key] = typed_value(text, schemas.get(key))
+    return ToolCall(name, json.dumps(args, ensure_ascii=False))
+
+
+_QWEN_FUNCTION = re.compile(r"<function=([^>\n]*)>(.*?)(?:</function>|$)", re.S)
+# a parameter runs to its closing tag, or (left open) to the next parameter or the end
+_QWEN_PARAM = re.compile(r"<parameter=([^>\n]*)>(.*?)(?:</parameter>|(?=<parameter=)|$)", re.S)
+
+
+def _read_qwen3_coder(body: str, params: dict[str, dict]) -> list[ToolCall]:
+    """Qwen3-Coder / Qwen3.5's block: each <function=NAME>'s parameters, one per
+    <parameter=KEY> with its value on the lines between."""
+    calls = [
+        _arguments(m.group(1).strip(), _QWEN_PARAM.findall(m.group(2)), params, strip=False)
+        for m in _QWEN_FUNCTION.finditer(body)
+    ]
+    if not calls or not all(c.name for c in calls):
+        raise ToolCallError(f"a Qwen3-Coder tool call has no <function=NAME>: {body[:200]!r}")
+    return calls
 
 
 _DSML_INVOKE = re.compile(rf'<{DSML}invoke name="([^"]*)">(.*?)</{DSML}invoke>', re.S)
@@ -148,31 +265,33 @@ def _read_dsml(body: str) -> list[ToolCall]:
     return calls
 
 
-def _read_all(fmt: str, body: str) -> list[ToolCall]:
-    """The calls in one block (MiniMax's and DSML's hold several invokes; the others one)."""
+def _read_all(fmt: str, body: str, params: dict[str, dict] | None = None) -> list[ToolCall]:
+    """The calls in one block (MiniMax's, DSML's and Qwen3-Coder's may hold several; the others
+    one). params: tool_parameters of the request's tools, which type the text-written values."""
+    params = params or {}
     if fmt in ("dsml", "dsml-v32"):
         return _read_dsml(body)
+    if fmt == "qwen3_coder":
+        return _read_qwen3_coder(body, params)
     if fmt != "minimax":
-        return [_read(fmt, body)]
+        return [_read(fmt, body, params)]
     calls = []
     for m in re.finditer(r'<invoke name="([^"]*)">(.*?)</invoke>', body, re.S):
-        params = re.findall(r'<parameter name="([^"]*)">(.*?)</parameter>', m.group(2), re.S)
-        args = {k: _value(v.strip()) for k, v in params}
-        calls.append(ToolCall(m.group(1).strip(), json.dumps(args, ensure_ascii=False)))
+        pairs = re.findall(r'<parameter name="([^"]*)">(.*?)</parameter>', m.group(2), re.S)
+        calls.append(_arguments(m.group(1).strip(), pairs, params))
     if not calls:
         raise ToolCallError(f"a MiniMax tool call has no <invoke>: {body[:200]!r}")
     return calls
 
 
-def _read(fmt: str, body: str) -> ToolCall:
+def _read(fmt: str, body: str, params: dict[str, dict]) -> ToolCall:
     body = body.strip()
     if fmt == "glm":
         name = body.partition("<arg_key>")[0].strip()
         pairs = re.findall(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", body, re.S)
         if not name:
             raise ToolCallError(f"a GLM tool call has no name: {body[:200]!r}")
-        args = {k.strip(): _value(v) for k, v in pairs}
-        return ToolCall(name, json.dumps(args, ensure_ascii=False))
+        return _arguments(name, pairs, params)
     if fmt == "kimi":
         head, sep, rest = body.partition("<|tool_call_argument_begin|>")
         if not sep:
@@ -218,8 +337,9 @@ def _read(fmt: str, body: str) -> ToolCall:
 class ToolStream:
     """Feed the whole decoded text so far; get (new content, newly completed calls)."""
 
-    def __init__(self, fmt: str, prefix: str = ""):
+    def __init__(self, fmt: str, prefix: str = "", tools: list[dict] | None = None):
         self.fmt = fmt
+        self.params = tool_parameters(tools)  # what types the text-written values
         self.start, self.end = FORMATS[fmt]
         self.group = GROUPS.get(fmt, ())
         self.text = prefix  # what the reply began with (a required call's opening)
@@ -246,7 +366,7 @@ class ToolStream:
                     raise ToolCallError(f"a tool call never ends: {full[at : at + 200]!r}")
                 i = at
                 break
-            calls += _read_all(self.fmt, full[at + len(self.start) : close])
+            calls += _read_all(self.fmt, full[at + len(self.start) : close], self.params)
             i = close + len(self.end)
         self.done = i
         self.calls += calls

@@ -118,17 +118,19 @@ def tiny_qwen3_moe_config(vocab_size: int, **changes):
     return transformers.Qwen3MoeConfig(**{**fields, **changes})
 
 
-def write_scripted_model(d, words, chain, template, eos, specials, bos=None) -> None:
+def write_scripted_model(d, words, chain, template, eos, specials, bos=None, fuse=False) -> None:
     """A scripted model in d: a one-layer Qwen3-MoE whose layer adds nothing and whose lm_head
     maps each token to its successor in `chain`, so that greedy decoding after a prompt ending
     in chain[0] writes chain[1:]; real safetensors, a word-level tokenizer over `words` (the
-    first `specials` of them special tokens) and tokenizer_config.json with `template`."""
+    first `specials` of them special tokens) and tokenizer_config.json with `template`. fuse:
+    decoded tokens are joined as they are (words may then carry their own newlines), not with
+    spaces."""
     import json
 
     import torch
     import transformers
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import models, pre_tokenizers
+    from tokenizers import decoders, models, pre_tokenizers
 
     ids = {w: i for i, w in enumerate(words)}
     h = 32
@@ -153,6 +155,8 @@ def write_scripted_model(d, words, chain, template, eos, specials, bos=None) -> 
     tok = HFTokenizer(models.WordLevel(ids, unk_token="ok"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(list(words[:specials]))
+    if fuse:
+        tok.decoder = decoders.Fuse()
     tok.save(str(d / "tokenizer.json"))
     config = {"bos_token": bos or words[0], "eos_token": eos, "chat_template": template}
     (d / "tokenizer_config.json").write_text(json.dumps(config))
