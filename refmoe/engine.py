@@ -484,7 +484,7 @@ class Engine:
         if m:
             m.generation_tokens.inc(len(tokens))
         reason = None
-        if req.out[-1] in req.stop_ids:
+        if req.out[-1] in req.stop_ids or (req.sampler is not None and req.sampler.finished):
             reason = "stop"
         elif len(req.out) >= req.max_tokens:
             reason = "length"

@@ -83,14 +83,16 @@ def generate(
     t1 = time.perf_counter()
     first = trace.now() if trace else 0.0
     steps = []
-    reason = "stop" if out[-1] in stop else "length"
+    reason = "stop" if out[-1] in stop or sampler.finished else "length"
     while reason == "length" and len(out) < max_tokens:
         s = time.perf_counter()
         with maybe(trace, "scheduler", "steps", "decode", position=cache.length):
             logits = model.forward(torch.tensor(out[-1:]), cache)
             out.append(sampler(logits[-1]))
         steps.append(time.perf_counter() - s)
-        if out[-1] in stop or (stop_text and any(s in decode(out) for s in stop_text)):
+        if out[-1] in stop or sampler.finished:  # a stop id, or the grammar complete
+            reason = "stop"
+        elif stop_text and any(s in decode(out) for s in stop_text):
             reason = "stop"
     model.trace = None
     if trace:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from refmoe.structured import Constraint
 
 
 @dataclass(slots=True)
@@ -13,6 +17,7 @@ class SamplingParams:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     seed: int | None = None
+    constraint: Constraint | None = None  # a grammar the reply is held to (refmoe.structured)
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0 and self.temperature <= 100):
@@ -30,8 +35,22 @@ class Sampler:
         if params.seed is not None:
             self.generator.manual_seed(params.seed)
 
+    @property
+    def finished(self) -> bool:
+        """The reply's grammar is complete: nothing more may follow."""
+        c = self.params.constraint
+        return c is not None and c.finished
+
     def __call__(self, logits: torch.Tensor) -> int:
-        """logits [V] -> token id."""
+        """logits [V] -> token id (one the constraint allows, and consumed by it)."""
+        c = self.params.constraint
+        if c is None:
+            return self._choose(logits)
+        token = self._choose(c.mask(logits.float().cpu()))
+        c.accept(token)
+        return token
+
+    def _choose(self, logits: torch.Tensor) -> int:
         p, logits = self.params, logits.float().cpu()
         if p.temperature == 0:
             return int(torch.argmax(logits))

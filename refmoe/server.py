@@ -144,6 +144,12 @@ class ChatRequest(_Sampling):
     )
     logprobs: bool | None = Field(None, description="not supported: must be absent or false")
     top_logprobs: int | None = Field(None, description="not supported: must be absent or null")
+    response_format: dict | None = Field(
+        None,
+        description='{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+        '"json_schema": {"name": ..., "schema": {...}}}: the reply held to that JSON '
+        "(refmoe.structured)",
+    )
 
 
 class AnthropicBlock(BaseModel):
@@ -287,6 +293,8 @@ class State:
         self.drain_s = 10.0
         self.max_body: int | None = None  # bytes; None: from the model's context
         self.on_load_error = None  # called (from the loader) when loading fails
+        self.grammars = None  # refmoe.structured.Grammars, built on the first structured request
+        self.grammars_lock = threading.Lock()
 
     def body_limit(self) -> int:
         """--max-body-mb, or 16 bytes per token of context (a token id in JSON takes at most
@@ -613,10 +621,10 @@ def create_app(
                 param=field,
             )
 
-    def submit(eng, prompt, max_tokens, stops, temperature, top_k, top_p, seed):
+    def submit(eng, prompt, max_tokens, stops, temperature, top_k, top_p, seed, constraint=None):
         """The request into the engine, its events into an asyncio queue on this loop."""
         try:
-            params = SamplingParams(temperature, max(top_k, 0), top_p, seed)
+            params = SamplingParams(temperature, max(top_k, 0), top_p, seed, constraint)
         except ValueError as e:
             raise APIError(400, str(e)) from None
         loop = asyncio.get_running_loop()
@@ -680,11 +688,13 @@ def create_app(
         tools=None,
         think: bool | None = None,
         markup: str = "",
+        constraint=None,
     ):
         """tools: the request's ToolPlan (chat with tools), whose calls are read off the reply.
         think: None when the model writes no reasoning block, else whether the reply starts
         inside one (refmoe.reasoning); the reasoning is returned as reasoning_content.
-        markup: "harmony" for gpt-oss's channels (refmoe.harmony)."""
+        markup: "harmony" for gpt-oss's channels (refmoe.harmony). constraint: the grammar
+        the reply is held to (refmoe.structured), or None."""
         eng = engine()
         check_model(body.model)
         limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
@@ -692,7 +702,15 @@ def create_app(
         stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         check_stops(stops, "stop")
         req, queue = submit(
-            eng, prompt, max_tokens, stops, body.temperature, body.top_k, body.top_p, body.seed
+            eng,
+            prompt,
+            max_tokens,
+            stops,
+            body.temperature,
+            body.top_k,
+            body.top_p,
+            body.seed,
+            constraint,
         )
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -1101,10 +1119,56 @@ def create_app(
         if tools is not None:
             text += tools.opening  # a required call: the reply starts inside it
         think, markup = reply_markup(tok, text)
+        constraint = await asyncio.to_thread(output_constraint, body.response_format, think, markup)
         prompt = await encode(text, False, "messages")
         return await generate(
-            request, body, prompt, chat=True, tools=tools, think=think, markup=markup
+            request,
+            body,
+            prompt,
+            chat=True,
+            tools=tools,
+            think=think,
+            markup=markup,
+            constraint=constraint,
         )
+
+    def output_constraint(response_format, think: bool | None, markup: str):
+        """The grammar a chat reply is held to where response_format asks for JSON (None for
+        text); a 400 naming the field for a format or schema that cannot be held to. A reply
+        that starts inside a reasoning block is held from the token that closes it."""
+        from refmoe import structured
+
+        if response_format is None or (
+            isinstance(response_format, dict) and response_format.get("type") == "text"
+        ):
+            return None
+        if markup == "harmony":
+            raise APIError(
+                400,
+                "response_format: not supported for gpt-oss's harmony channels",
+                param="response_format",
+            )
+        tok, gate = tokenizer(), None
+        if think:
+            ids = tok.encode(reasoning.CLOSE, special=False)
+            if len(ids) != 1:
+                raise APIError(
+                    400,
+                    f"response_format: the reply starts inside a reasoning block whose end "
+                    f"({reasoning.CLOSE}) is not one token for this tokenizer",
+                    param="response_format",
+                )
+            gate = ids[0]
+        with state.grammars_lock:
+            if state.grammars is None:
+                eos = state.cfg.eos_token_id or []
+                eos = [eos] if isinstance(eos, int) else list(eos)
+                state.grammars = structured.Grammars(tok, state.cfg.vocab_size, eos)
+        try:
+            grammar = state.grammars.compile(response_format)
+        except ValueError as e:
+            raise APIError(400, str(e), param="response_format") from None
+        return None if grammar is None else state.grammars.constraint(grammar, gate)
 
     # -- the rest of the API ------------------------------------------------------------
 

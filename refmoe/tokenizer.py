@@ -133,6 +133,17 @@ class Tokenizer:
             self._drop |= {i for i in control if i is not None and i in added}
         return self._drop
 
+    def backend_json(self) -> str:
+        """The tokenizer as tokenizer.json writes it (Kimi's: the BPE refmoe builds from its
+        tiktoken file), for libraries that read that form (refmoe.structured)."""
+        return self._tok.to_str()
+
+    @property
+    def eos_id(self) -> int | None:
+        """tokenizer_config.json's eos_token as an id, if it names one in the vocabulary."""
+        text = self._token_text("eos_token")
+        return self._tok.token_to_id(text) if text else None
+
     def _token_text(self, key: str) -> str:
         v = self.config.get(key)
         return v.get("content", "") if isinstance(v, dict) else (v or "")

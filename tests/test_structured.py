@@ -1,0 +1,228 @@
+"""Structured output (refmoe/structured.py): OpenAI's response_format holds a chat reply to a
+JSON schema by masking, every step, the tokens that cannot continue it.
+
+The oracle is the schema itself: a one-layer Qwen3-MoE with random weights writes noise, so
+whatever it writes under a grammar conforms only because of the mask; the replies are parsed
+and checked against the schema, greedy and sampled, whole and streamed, through the real
+server and the openai client. The unit tests step a constraint through a known text token by
+token, and refuse what cannot be held to, naming the field."""
+
+import json
+
+import pytest
+from conftest import tiny_qwen3_moe_config
+from test_server import Server
+
+from refmoe import demo_tokenizer, reasoning
+from refmoe.sampling import Sampler, SamplingParams
+from refmoe.structured import Grammars
+from refmoe.tokenizer import Tokenizer
+
+pytest.importorskip("llguidance")
+openai = pytest.importorskip("openai")
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 600  # 256 bytes, the demo's 4 specials, merges of printable pairs
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "n": {"type": "integer", "minimum": 0, "maximum": 9},
+        "mood": {"enum": ["calm", "busy"]},
+    },
+    "required": ["ok", "n", "mood"],
+    "additionalProperties": False,
+}
+FORMAT = {"type": "json_schema", "json_schema": {"name": "status", "schema": SCHEMA}}
+
+
+def conforms(value) -> bool:
+    return (
+        isinstance(value, dict)
+        and set(value) == {"ok", "n", "mood"}
+        and isinstance(value["ok"], bool)
+        and isinstance(value["n"], int)
+        and not isinstance(value["n"], bool)
+        and 0 <= value["n"] <= 9
+        and value["mood"] in ("calm", "busy")
+    )
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    import torch
+
+    d = tmp_path_factory.mktemp("structured")
+    torch.manual_seed(0)
+    transformers.Qwen3MoeForCausalLM(tiny_qwen3_moe_config(VOCAB)).save_pretrained(d)
+    demo_tokenizer.write(d, VOCAB)
+    return d
+
+
+@pytest.fixture(scope="module")
+def grammars(model_dir):
+    tok = Tokenizer.from_dir(model_dir)
+    return Grammars(tok, VOCAB, [tok.eos_id])
+
+
+# -- the grammar and one constraint -----------------------------------------------------------
+
+
+def test_formats_compile_or_are_refused_by_name(grammars):
+    assert grammars.compile(None) is None and grammars.compile({"type": "text"}) is None
+    assert grammars.compile({"type": "json_object"}) and grammars.compile(FORMAT)
+    for bad, match in (
+        ({"type": "yaml"}, r"response_format\.type"),
+        ({"type": "json_schema"}, r"response_format\.json_schema\.schema"),
+        ({"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}, "compile"),
+        ("json", "an object"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            grammars.compile(bad)
+
+
+def test_a_conforming_text_is_allowed_token_by_token(grammars, model_dir):
+    tok = Tokenizer.from_dir(model_dir)
+    text = '{"ok":true,"n":7,"mood":"busy"}'  # compact: no whitespace outside strings
+    c = grammars.constraint(grammars.compile(FORMAT))
+    ids = tok.encode(text, special=False)
+    for i, t in enumerate(ids):
+        assert not c.finished
+        allowed = c.allowed()
+        assert allowed[t] and allowed.sum() < VOCAB  # the text's token, not everything
+        assert not allowed[tok.encode(" ", special=False)[0]]
+        if i == len(ids) - 1:  # before the closing brace: no end yet
+            assert not allowed[tok.eos_id]
+        c.accept(t)
+    # complete, nothing may follow (the schema allows no more): finished without an end token
+    assert c.finished and c.error is None
+    # a token the grammar refuses ends the reply (logged), never raises into the step
+    c = grammars.constraint(grammars.compile(FORMAT))
+    c.accept(tok.encode("x", special=False)[0])
+    assert c.finished and c.error
+
+
+def test_the_sampler_holds_to_the_grammar_and_a_gate(grammars, model_dir):
+    import torch
+
+    tok = Tokenizer.from_dir(model_dir)
+    grammar = grammars.compile(FORMAT)
+    rng = torch.Generator().manual_seed(1)
+    for temperature in (0.0, 1.0):
+        s = Sampler(SamplingParams(temperature, seed=3, constraint=grammars.constraint(grammar)))
+        ids = []
+        while not s.finished and len(ids) < 200:
+            ids.append(s(torch.randn(VOCAB, generator=rng) * 5))
+        assert s.finished, tok.decode(ids)  # random logits, held to the schema to its end
+        assert conforms(json.loads(tok.decode(ids)))
+    grammar = grammars.compile({"type": "json_object"})
+    # gated: free until the gate token, held after it
+    gate = tok.encode("#", special=False)[0]
+    s = Sampler(SamplingParams(0.0, constraint=grammars.constraint(grammar, gate=gate)))
+    free = torch.zeros(VOCAB)
+    free[tok.encode("a", special=False)[0]] = 9.0
+    assert s(free) == tok.encode("a", special=False)[0]  # not JSON, but still gated
+    hint = torch.zeros(VOCAB)
+    hint[gate] = 9.0
+    assert s(hint) == gate
+    after = tok.decode([s(free)])  # held now: "a" cannot start a JSON object
+    assert after.lstrip().startswith("{") or not after.strip()
+
+
+# -- through the server -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def oa(model_dir):
+    s = Server(model_dir, engine_kwargs={"max_context": 512})
+    s.wait_ready()
+    yield openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+    s.stop()
+
+
+ASK = [{"role": "user", "content": "status?"}]
+
+
+def test_replies_conform_to_the_schema(oa):
+    free = oa.chat.completions.create(model="tiny", messages=ASK, max_tokens=40, temperature=0)
+    with pytest.raises(ValueError):  # the random model alone writes no JSON
+        json.loads(free.choices[0].message.content)
+    for seed, temperature in ((0, 0.0), (1, 1.0), (2, 1.0), (3, 1.0)):
+        r = oa.chat.completions.create(
+            model="tiny",
+            messages=ASK,
+            response_format=FORMAT,
+            max_tokens=200,
+            temperature=temperature,
+            seed=seed,
+        )
+        assert r.choices[0].finish_reason == "stop"
+        assert conforms(json.loads(r.choices[0].message.content)), r.choices[0].message.content
+    text = ""
+    for chunk in oa.chat.completions.create(
+        model="tiny", messages=ASK, response_format=FORMAT, max_tokens=200, stream=True, seed=5
+    ):
+        for ch in chunk.choices:
+            text += ch.delta.content or ""
+    assert conforms(json.loads(text))
+    # any object (the random model may write one that never closes within max_tokens)
+    for seed in range(3):
+        r = oa.chat.completions.create(
+            model="tiny",
+            messages=ASK,
+            response_format={"type": "json_object"},
+            max_tokens=16,
+            temperature=1.0,
+            seed=seed,
+        )
+        content = r.choices[0].message.content
+        assert content.startswith("{")
+        if r.choices[0].finish_reason == "stop":
+            assert isinstance(json.loads(content), dict)
+
+
+def test_bad_formats_are_a_400_naming_the_field(oa):
+    for bad in (
+        {"type": "yaml"},
+        {"type": "json_schema", "json_schema": {"name": "x"}},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+    ):
+        with pytest.raises(openai.BadRequestError, match="response_format"):
+            oa.chat.completions.create(model="tiny", messages=ASK, response_format=bad)
+
+
+def test_a_thinking_reply_needs_its_end_as_one_token(model_dir, tmp_path):
+    """A template that opens <think> leaves the reply inside it: the grammar would hold from
+    the token that closes it, and this tokenizer spells </think> in pieces, so the request is
+    refused by name rather than held wrongly."""
+    import shutil
+
+    d = tmp_path / "thinking"
+    shutil.copytree(model_dir, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] += "{% if add_generation_prompt %}<think>\n{% endif %}{# ...</think> #}"
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert len(Tokenizer.from_dir(d).encode(reasoning.CLOSE, special=False)) > 1
+    s = Server(d, engine_kwargs={"max_context": 256})
+    s.wait_ready()
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="reasoning block"):
+            c.chat.completions.create(model="tiny", messages=ASK, response_format=FORMAT)
+        r = c.chat.completions.create(model="tiny", messages=ASK, max_tokens=4)
+        assert r.choices[0].finish_reason == "length"  # unconstrained: served as before
+    finally:
+        s.stop()
+
+
+def test_generate_stops_where_the_grammar_ends(model_dir, grammars):
+    from refmoe import models
+    from refmoe.generate import generate
+
+    tok = Tokenizer.from_dir(model_dir)
+    _, m = models.load(model_dir)
+    prompt = tok.encode(tok.apply_chat_template(ASK), special=False)
+    for temperature in (0.0, 1.0):
+        c = grammars.constraint(grammars.compile(FORMAT))
+        g = generate(m, prompt, 100, SamplingParams(temperature, seed=7, constraint=c))
+        assert g.finish_reason == "stop" and conforms(json.loads(tok.decode(g.token_ids)))
