@@ -213,6 +213,30 @@ class MessagesRequest(BaseModel):
         "chat template's thinking switches (thinking: DeepSeek-V3.1/V3.2/V4; enable_thinking: "
         "Qwen3); absent, the template's default",
     )
+    output_config: dict | None = Field(
+        None,
+        description='{"format": {"type": "json_schema", "schema": {...}}}: the reply held to '
+        "that JSON (refmoe.structured); effort is not read",
+    )
+
+    def response_format(self) -> dict | None:
+        """output_config.format in OpenAI's response_format shape (the one grammar path)."""
+        fmt = (self.output_config or {}).get("format")
+        if fmt is None:
+            return None
+        if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+            raise APIError(
+                400,
+                'output_config.format: {"type": "json_schema", "schema": {...}}',
+                param="output_config",
+            )
+        if not isinstance(fmt.get("schema"), dict):
+            raise APIError(
+                400,
+                "output_config.format.schema: a JSON schema (an object)",
+                param="output_config",
+            )
+        return {"type": "json_schema", "json_schema": {"schema": fmt["schema"]}}
 
 
 def thinking_variables(thinking: dict | None) -> dict[str, bool]:
@@ -920,11 +944,22 @@ def create_app(
         if tools is not None:
             text += tools.opening
         think, markup = reply_markup(tok, text)
+        constraint = await asyncio.to_thread(
+            output_constraint, body.response_format(), think, markup, "output_config.format"
+        )
         prompt = await encode(text, False, "messages")
         stops = body.stop_sequences or []
         check_stops(stops, "stop_sequences")
         req, queue = submit(
-            eng, prompt, body.max_tokens, stops, body.temperature, body.top_k, body.top_p, None
+            eng,
+            prompt,
+            body.max_tokens,
+            stops,
+            body.temperature,
+            body.top_k,
+            body.top_p,
+            None,
+            constraint,
         )
         mid = f"msg_{uuid.uuid4().hex}"
         head = {"id": mid, "type": "message", "role": "assistant", "model": name}
@@ -1132,10 +1167,13 @@ def create_app(
             constraint=constraint,
         )
 
-    def output_constraint(response_format, think: bool | None, markup: str):
-        """The grammar a chat reply is held to where response_format asks for JSON (None for
-        text); a 400 naming the field for a format or schema that cannot be held to. A reply
-        that starts inside a reasoning block is held from the token that closes it."""
+    def output_constraint(
+        response_format, think: bool | None, markup: str, field: str = "response_format"
+    ):
+        """The grammar a chat reply is held to where response_format (OpenAI's shape) asks for
+        JSON (None for text); a 400 naming `field` for a format or schema that cannot be held
+        to. A reply that starts inside a reasoning block is held from the token that closes
+        it."""
         from refmoe import structured
 
         if response_format is None or (
@@ -1145,8 +1183,8 @@ def create_app(
         if markup == "harmony":
             raise APIError(
                 400,
-                "response_format: not supported for gpt-oss's harmony channels",
-                param="response_format",
+                f"{field}: not supported for gpt-oss's harmony channels",
+                param=field,
             )
         tok, gate = tokenizer(), None
         if think:
@@ -1154,9 +1192,9 @@ def create_app(
             if len(ids) != 1:
                 raise APIError(
                     400,
-                    f"response_format: the reply starts inside a reasoning block whose end "
+                    f"{field}: the reply starts inside a reasoning block whose end "
                     f"({reasoning.CLOSE}) is not one token for this tokenizer",
-                    param="response_format",
+                    param=field,
                 )
             gate = ids[0]
         with state.grammars_lock:
@@ -1165,9 +1203,9 @@ def create_app(
                 eos = [eos] if isinstance(eos, int) else list(eos)
                 state.grammars = structured.Grammars(tok, state.cfg.vocab_size, eos)
         try:
-            grammar = state.grammars.compile(response_format)
+            grammar = state.grammars.compile(response_format, field)
         except ValueError as e:
-            raise APIError(400, str(e), param="response_format") from None
+            raise APIError(400, str(e), param=field) from None
         return None if grammar is None else state.grammars.constraint(grammar, gate)
 
     # -- the rest of the API ------------------------------------------------------------

@@ -226,3 +226,29 @@ def test_generate_stops_where_the_grammar_ends(model_dir, grammars):
         c = grammars.constraint(grammars.compile(FORMAT))
         g = generate(m, prompt, 100, SamplingParams(temperature, seed=7, constraint=c))
         assert g.finish_reason == "stop" and conforms(json.loads(tok.decode(g.token_ids)))
+
+
+def test_anthropic_output_config_format(oa):
+    anthropic = pytest.importorskip("anthropic")
+    c = anthropic.Anthropic(base_url=str(oa.base_url).removesuffix("/v1/"), api_key="none")
+    fmt = {"format": {"type": "json_schema", "schema": SCHEMA}}
+    for temperature in (0.0, 1.0):  # (this client version has no temperature argument)
+        r = c.messages.create(
+            model="tiny",
+            max_tokens=200,
+            messages=ASK,
+            output_config=fmt,
+            extra_body={"temperature": temperature},
+        )
+        assert r.stop_reason == "end_turn" and conforms(json.loads(r.content[0].text))
+    with pytest.raises(anthropic.BadRequestError, match="output_config"):
+        c.messages.create(
+            model="tiny", max_tokens=8, messages=ASK, output_config={"format": {"type": "x"}}
+        )
+    with pytest.raises(anthropic.BadRequestError, match="output_config"):
+        c.messages.create(
+            model="tiny",
+            max_tokens=8,
+            messages=ASK,
+            output_config={"format": {"type": "json_schema", "schema": {"type": "nonsense"}}},
+        )
