@@ -498,7 +498,10 @@ class Engine:
             hold = 0 if reason else max((len(s) - 1 for s in req.stop_text), default=0)
             upto = max(req.text_sent, len(full) - hold)
             text, req.text_sent = full[req.text_sent : upto], upto
-        self._send(req, {"type": "token", "token_ids": tokens, "text": text})
+        event = {"type": "token", "token_ids": tokens, "text": text}
+        if req.params.logprobs is not None and req.sampler is not None:
+            event["logprobs"] = req.sampler.take_logprobs()
+        self._send(req, event)
         if reason:  # dropped first: a client told "finish" sees its KV freed
             req.finish_reason = reason
             self._drop(req)

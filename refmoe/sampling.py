@@ -18,6 +18,7 @@ class SamplingParams:
     top_p: float = 1.0  # 1: off
     seed: int | None = None
     constraint: Constraint | None = None  # a grammar the reply is held to (refmoe.structured)
+    logprobs: int | None = None  # None: none; k: each chosen token's and the k likeliest
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0 and self.temperature <= 100):
@@ -26,6 +27,22 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not (0 < self.top_p <= 1):
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must lie in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+
+MAX_LOGPROBS = 20  # the most alternatives per token (OpenAI's top_logprobs limit)
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """A chosen token's log-probability under the model (log-softmax of its raw logits: before
+    temperature, top-k / top-p and any grammar, as vLLM reports them by default), and the
+    likeliest tokens' (id, log-probability), best first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 class Sampler:
@@ -34,6 +51,12 @@ class Sampler:
         self.generator = torch.Generator()
         if params.seed is not None:
             self.generator.manual_seed(params.seed)
+        self.logprobs: list[TokenLogprob] = []  # the choices' since last taken (take_logprobs)
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The log-probabilities of the tokens chosen since the last call (params.logprobs)."""
+        out, self.logprobs = self.logprobs, []
+        return out
 
     @property
     def finished(self) -> bool:
@@ -45,9 +68,16 @@ class Sampler:
         """logits [V] -> token id (one the constraint allows, and consumed by it)."""
         c = self.params.constraint
         if c is None:
-            return self._choose(logits)
-        token = self._choose(c.mask(logits.float().cpu()))
-        c.accept(token)
+            token = self._choose(logits)
+        else:
+            token = self._choose(c.mask(logits.float().cpu()))
+            c.accept(token)
+        k = self.params.logprobs
+        if k is not None:
+            lp = torch.log_softmax(logits.float().cpu(), -1)
+            values, ids = torch.topk(lp, min(k, lp.numel())) if k else (lp[:0], lp[:0])
+            top = list(zip(ids.tolist(), values.tolist()))
+            self.logprobs.append(TokenLogprob(token, float(lp[token]), top))
         return token
 
     def _choose(self, logits: torch.Tensor) -> int:

@@ -32,6 +32,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,7 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from refmoe import harmony, reasoning, tool_calls
 from refmoe.engine import Engine, QueueFull, ShuttingDown
 from refmoe.metrics import Metrics
-from refmoe.sampling import SamplingParams
+from refmoe.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
 
 log = logging.getLogger("refmoe.server")
 MAX_STOPS, MAX_STOP_CHARS = 16, 256
@@ -75,7 +76,12 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     prompt: str | list[int] = Field(..., description="text, or token ids")
     echo: bool = False
-    logprobs: int | None = Field(None, description="not supported: must be absent or null")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="each token's log-probability and this many likeliest alternatives",
+    )
 
 
 class ContentPart(BaseModel):
@@ -142,8 +148,10 @@ class ChatRequest(_Sampling):
         description="variables for the chat template, as vLLM and SGLang take them: "
         '{"thinking": true} (DeepSeek-V3.1, V4), {"enable_thinking": false} (Qwen3)',
     )
-    logprobs: bool | None = Field(None, description="not supported: must be absent or false")
-    top_logprobs: int | None = Field(None, description="not supported: must be absent or null")
+    logprobs: bool | None = Field(None, description="each reply token's log-probability")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="this many likeliest alternatives per token"
+    )
     response_format: dict | None = Field(
         None,
         description='{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
@@ -633,6 +641,44 @@ def create_app(
             )
         return state.tokenizer
 
+    # -- log-probabilities ----------------------------------------------------------------
+
+    def token_text(i: int) -> str:
+        """A token as text ("" without a tokenizer: such clients read token_ids)."""
+        return state.tokenizer.decode([i]) if state.tokenizer is not None else ""
+
+    def chat_logprobs(lps: list[TokenLogprob]) -> dict:
+        """Chat's logprobs: each token with its log-probability, its UTF-8 bytes and its
+        likeliest alternatives, as OpenAI returns them."""
+
+        def entry(i: int, lp: float) -> dict:
+            t = token_text(i)
+            return {"token": t, "logprob": lp, "bytes": list(t.encode())}
+
+        content = [
+            {**entry(x.token, x.logprob), "top_logprobs": [entry(i, lp) for i, lp in x.top]}
+            for x in lps
+        ]
+        return {"content": content, "refusal": None}
+
+    def text_logprobs(lps: list[TokenLogprob], offset: int) -> dict:
+        """The completions API's logprobs: the tokens, their log-probabilities, the likeliest
+        alternatives as {token: logprob} (of tokens spelled alike, the likeliest), and each
+        token's offset in the text (the first at `offset`)."""
+        tokens = [token_text(x.token) for x in lps]
+        tops: list[dict] = []
+        for x in lps:
+            top: dict[str, float] = {}
+            for i, lp in x.top:  # best first
+                top.setdefault(token_text(i), lp)
+            tops.append(top)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [x.logprob for x in lps],
+            "top_logprobs": tops,
+            "text_offset": list(accumulate((len(t) for t in tokens), initial=offset))[:-1],
+        }
+
     # -- generation ---------------------------------------------------------------------
 
     def check_stops(stops: list[str], field: str) -> None:
@@ -645,10 +691,21 @@ def create_app(
                 param=field,
             )
 
-    def submit(eng, prompt, max_tokens, stops, temperature, top_k, top_p, seed, constraint=None):
+    def submit(
+        eng,
+        prompt,
+        max_tokens,
+        stops,
+        temperature,
+        top_k,
+        top_p,
+        seed,
+        constraint=None,
+        logprobs=None,
+    ):
         """The request into the engine, its events into an asyncio queue on this loop."""
         try:
-            params = SamplingParams(temperature, max(top_k, 0), top_p, seed, constraint)
+            params = SamplingParams(temperature, max(top_k, 0), top_p, seed, constraint, logprobs)
         except ValueError as e:
             raise APIError(400, str(e)) from None
         loop = asyncio.get_running_loop()
@@ -670,12 +727,13 @@ def create_app(
             raise APIError(400, str(e)) from None
         return req, queue
 
-    async def collect(request: Request, eng, req, queue) -> tuple[list, list, dict] | None:
+    async def collect(request: Request, eng, req, queue) -> tuple[list, list, dict, list] | None:
         """A non-streamed request's events until it ends: (text pieces, token ids, the finish
-        event); None when the client went away (the request is cancelled); an error event
-        becomes the APIError it names."""
+        event, the tokens' TokenLogprobs where asked); None when the client went away (the
+        request is cancelled); an error event becomes the APIError it names."""
         text: list[str] = []
         ids: list[int] = []
+        lps: list[TokenLogprob] = []
         try:
             while True:
                 try:
@@ -689,9 +747,10 @@ def create_app(
                 if ev["type"] == "token":
                     text.append(ev["text"])
                     ids += ev["token_ids"]
+                    lps += ev.get("logprobs", ())
                 elif ev["type"] == "finish":
                     metrics.requests.labels(model=name, outcome="ok").inc()
-                    return text, ids, ev
+                    return text, ids, ev, lps
                 else:
                     metrics.requests.labels(model=name, outcome="error").inc()
                     status = ev.get("status", 500)
@@ -713,12 +772,14 @@ def create_app(
         think: bool | None = None,
         markup: str = "",
         constraint=None,
+        logprobs: int | None = None,
     ):
         """tools: the request's ToolPlan (chat with tools), whose calls are read off the reply.
         think: None when the model writes no reasoning block, else whether the reply starts
         inside one (refmoe.reasoning); the reasoning is returned as reasoning_content.
         markup: "harmony" for gpt-oss's channels (refmoe.harmony). constraint: the grammar
-        the reply is held to (refmoe.structured), or None."""
+        the reply is held to (refmoe.structured), or None. logprobs: None, or how many
+        alternatives to return with each token's log-probability."""
         eng = engine()
         check_model(body.model)
         limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
@@ -735,6 +796,7 @@ def create_app(
             body.top_p,
             body.seed,
             constraint,
+            logprobs,
         )
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -748,7 +810,7 @@ def create_app(
         got = await collect(request, eng, req, queue)
         if got is None:
             return Response(status_code=499)  # the client went away
-        text, ids, end = got
+        text, ids, end, lps = got
         finish, usage = end["reason"], end["usage"]
         content = "".join(text)
         if chat:
@@ -766,10 +828,15 @@ def create_app(
                 "index": 0,
                 "message": message,
                 "finish_reason": finish,
-                "logprobs": None,
+                "logprobs": chat_logprobs(lps) if logprobs is not None else None,
             }
         else:
-            choice = {"index": 0, "text": content, "finish_reason": finish, "logprobs": None}
+            choice = {
+                "index": 0,
+                "text": content,
+                "finish_reason": finish,
+                "logprobs": text_logprobs(lps, 0) if logprobs is not None else None,
+            }
         choice["token_ids"] = ids
         return {
             "id": rid,
@@ -786,6 +853,7 @@ def create_app(
         kind = "chat.completion.chunk" if chat else "text_completion"
         reader = ReplyReader(tools, think, markup == "harmony") if chat else None
         so_far, called, first = "", 0, True
+        offset = 0  # characters of the completion's tokens so far (its logprobs' text_offset)
 
         def chunk(choices, usage=None):
             out = {"id": rid, "object": kind, "created": created, "model": name, "choices": choices}
@@ -793,9 +861,10 @@ def create_app(
                 out["usage"] = usage
             return f"data: {json.dumps(out)}\n\n"
 
-        def deltas(thought: str, piece: str, calls, token_ids=None) -> list[str]:
-            """A chat chunk for the reasoning and content of one feed (with its token ids,
-            even when both are held back), then one per completed call."""
+        def deltas(thought: str, piece: str, calls, token_ids=None, lps=None) -> list[str]:
+            """A chat chunk for the reasoning and content of one feed (with its token ids and
+            their logprobs where asked, even when both are held back), then one per completed
+            call."""
             nonlocal first, called
             out: list[str] = []
             if thought or piece or token_ids is not None:
@@ -807,6 +876,8 @@ def create_app(
                 c = {"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}
                 if token_ids is not None:
                     c["token_ids"] = token_ids
+                if lps is not None:
+                    c["logprobs"] = chat_logprobs(lps)
                 out.append(chunk([c]))
             for call in calls:  # each call whole, as soon as it is complete
                 d: dict = {"tool_calls": [{"index": called, **call.as_openai()}]}
@@ -842,12 +913,17 @@ def create_app(
                     )
                     break
                 if ev["type"] == "token":
+                    lps = ev.get("logprobs")
                     if reader is not None:
                         so_far += ev["text"]
-                        for out in deltas(*reader.feed(so_far), token_ids=ev["token_ids"]):
+                        feed = reader.feed(so_far)
+                        for out in deltas(*feed, token_ids=ev["token_ids"], lps=lps):
                             yield out
                         continue
                     c = {"index": 0, "text": ev["text"], "finish_reason": None, "logprobs": None}
+                    if lps is not None:
+                        c["logprobs"] = text_logprobs(lps, offset)
+                        offset += sum(len(t) for t in c["logprobs"]["tokens"])
                     c["token_ids"] = ev["token_ids"]
                     first = False
                     yield chunk([c])
@@ -884,12 +960,6 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        if body.logprobs is not None:
-            raise APIError(
-                400,
-                "logprobs: log probabilities are not returned by this server; leave the field out",
-                param="logprobs",
-            )
         if body.echo:
             raise APIError(400, "echo is not supported", param="echo")
         if isinstance(body.prompt, str):
@@ -898,7 +968,7 @@ def create_app(
             prompt = await encode(body.prompt, True, "prompt")
         else:
             prompt = body.prompt
-        return await generate(request, body, prompt, chat=False)
+        return await generate(request, body, prompt, chat=False, logprobs=body.logprobs)
 
     # -- Anthropic's Messages API -------------------------------------------------------
 
@@ -1094,7 +1164,7 @@ def create_app(
         got = await collect(request, eng, req, queue)
         if got is None:
             return Response(status_code=499)  # the client went away
-        parts, _, finish = got
+        parts, _, finish, _ = got
         thought, content, calls = ReplyReader(tools, think, markup == "harmony").feed(
             "".join(parts), final=True
         )
@@ -1113,14 +1183,8 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        for field_name in ("logprobs", "top_logprobs"):
-            if getattr(body, field_name) not in (None, False):
-                raise APIError(
-                    400,
-                    f"{field_name}: log probabilities are not returned by "
-                    "this server; leave the field out",
-                    param=field_name,
-                )
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
         tok = tokenizer()
         limit = engine().context * tok.max_token_chars
         if sum(m.chars for m in body.messages) > limit:
@@ -1165,6 +1229,7 @@ def create_app(
             think=think,
             markup=markup,
             constraint=constraint,
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         )
 
     def output_constraint(

@@ -118,6 +118,19 @@ def tiny_qwen3_moe_config(vocab_size: int, **changes):
     return transformers.Qwen3MoeConfig(**{**fields, **changes})
 
 
+def write_random_chat_model(d, vocab_size: int = 600) -> None:
+    """The tests' smallest Qwen3-MoE with random weights (seeded) and the demo's byte-level BPE
+    tokenizer and chat template: what it writes is noise, in real tokens."""
+    import torch
+    import transformers
+
+    from refmoe import demo_tokenizer
+
+    torch.manual_seed(0)
+    transformers.Qwen3MoeForCausalLM(tiny_qwen3_moe_config(vocab_size)).save_pretrained(d)
+    demo_tokenizer.write(d, vocab_size)
+
+
 def write_scripted_model(d, words, chain, template, eos, specials, bos=None, fuse=False) -> None:
     """A scripted model in d: a one-layer Qwen3-MoE whose layer adds nothing and whose lm_head
     maps each token to its successor in `chain`, so that greedy decoding after a prompt ending

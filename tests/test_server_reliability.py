@@ -259,16 +259,18 @@ def test_oversized_bodies_and_texts(chat_model):  # noqa: F811
         s.stop()
 
 
-def test_logprobs_refused_by_name(server_default):
+def test_bad_logprobs_refused_by_name(server_default):
     url = server_default.url
     chat = {"messages": [{"role": "user", "content": "hello cat"}], "max_tokens": 2}
-    for extra, field in (({"logprobs": True}, "logprobs"), ({"top_logprobs": 3}, "top_logprobs")):
+    for extra, field in (
+        ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    ):
         r = httpx.post(url + "/v1/chat/completions", json={**chat, **extra})
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
-    assert (
-        httpx.post(url + "/v1/chat/completions", json={**chat, "logprobs": False}).status_code
-        == 200
-    )
+    r = httpx.post(url + "/v1/chat/completions", json={**chat, "logprobs": False})
+    assert r.status_code == 200 and r.json()["choices"][0]["logprobs"] is None
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ token, and refuse what cannot be held to, naming the field."""
 import json
 
 import pytest
-from conftest import tiny_qwen3_moe_config
+from conftest import write_random_chat_model
 from test_server import Server
 
-from refmoe import demo_tokenizer, reasoning
+from refmoe import reasoning
 from refmoe.sampling import Sampler, SamplingParams
 from refmoe.structured import Grammars
 from refmoe.tokenizer import Tokenizer
@@ -50,12 +50,8 @@ def conforms(value) -> bool:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    import torch
-
     d = tmp_path_factory.mktemp("structured")
-    torch.manual_seed(0)
-    transformers.Qwen3MoeForCausalLM(tiny_qwen3_moe_config(VOCAB)).save_pretrained(d)
-    demo_tokenizer.write(d, VOCAB)
+    write_random_chat_model(d, VOCAB)
     return d
 
 
