@@ -11,7 +11,7 @@ import json
 import httpx
 import pytest
 from conftest import write_random_chat_model
-from test_server import Server
+from test_server import serving
 
 from refmoe.tokenizer import Tokenizer
 
@@ -31,10 +31,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    s = Server(model_dir, engine_kwargs={"max_context": 256})
-    s.wait_ready()
-    yield s
-    s.stop()
+    yield from serving(model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -61,6 +61,15 @@ class Server:
         assert not self.thread.is_alive(), "server did not shut down"
 
 
+def serving(model_dir, max_context: int = 256):
+    """A module fixture's body: a ready Server on model_dir (engine context max_context),
+    yielded, then stopped."""
+    s = Server(model_dir, engine_kwargs={"max_context": max_context})
+    s.wait_ready()
+    yield s
+    s.stop()
+
+
 def _metric(url: str, name: str) -> float:
     for line in httpx.get(url + "/metrics").text.splitlines():
         if line.startswith(name + "{"):

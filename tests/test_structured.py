@@ -11,7 +11,7 @@ import json
 
 import pytest
 from conftest import write_random_chat_model
-from test_server import Server
+from test_server import Server, serving
 
 from refmoe import reasoning
 from refmoe.sampling import Sampler, SamplingParams
@@ -130,10 +130,8 @@ def test_the_sampler_holds_to_the_grammar_and_a_gate(grammars, model_dir):
 
 @pytest.fixture(scope="module")
 def oa(model_dir):
-    s = Server(model_dir, engine_kwargs={"max_context": 512})
-    s.wait_ready()
-    yield openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
-    s.stop()
+    for s in serving(model_dir, 512):
+        yield openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
 
 
 ASK = [{"role": "user", "content": "status?"}]

@@ -14,7 +14,7 @@ import json
 
 import pytest
 from conftest import write_scripted_model
-from test_server import Server
+from test_server import serving
 
 from refmoe.tokenizer import Tokenizer, _template_env, template_turns
 from refmoe.tool_calls import (
@@ -231,18 +231,8 @@ WORDS = [
     "weather",
     "ok",
 ]
-CHAIN = [
-    "<|assistant|>",
-    "<tool_call>\n<function=get_weather>\n",
-    "<parameter=city>\n",
-    "Paris\n</parameter>\n",
-    "<parameter=zip>\n",
-    "007\n</parameter>\n",
-    "<parameter=days>\n",
-    "3\n</parameter>\n",
-    "</function>\n</tool_call>",
-    "</s>",
-]
+# greedy decoding after the generation prompt: the call, word by word, then the end
+CHAIN = ["<|assistant|>", *WORDS[4:12], "</s>"]
 # the shape of Qwen3.5's chat_template.jinja where it matters here: the tools' instructions
 # name <tool_call> and <function=, and an earlier call is written back parameter by parameter
 # from its arguments walked as pairs
@@ -274,10 +264,8 @@ def qwen_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oa(qwen_dir):
-    s = Server(qwen_dir, engine_kwargs={"max_context": 256})
-    s.wait_ready()
-    yield openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
-    s.stop()
+    for s in serving(qwen_dir):
+        yield openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
 
 
 def test_a_qwen_xml_call_and_the_next_turn_through_the_server(oa, qwen_dir):
