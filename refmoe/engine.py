@@ -494,9 +494,15 @@ class Engine:
             for s in req.stop_text:
                 if s in full:
                     full, reason, matched = full[: full.index(s)], "stop", s
-            # hold back what could be the start of a stop string until it is decided
+            # hold back what could be the start of a stop string until it is decided, and a
+            # character whose UTF-8 bytes have not all come (byte-level tokens split CJK and
+            # emoji: the decoded text ends in U+FFFD until the rest arrives, and would be
+            # sent as such, then shift every later piece)
             hold = 0 if reason else max((len(s) - 1 for s in req.stop_text), default=0)
-            upto = max(req.text_sent, len(full) - hold)
+            upto = len(full) - hold
+            if not reason:
+                upto = min(upto, len(full.rstrip("\ufffd")))
+            upto = max(req.text_sent, upto)
             text, req.text_sent = full[req.text_sent : upto], upto
         event = {"type": "token", "token_ids": tokens, "text": text}
         if req.params.logprobs is not None and req.sampler is not None:

@@ -327,6 +327,7 @@ class State:
         self.on_load_error = None  # called (from the loader) when loading fails
         self.grammars = None  # refmoe.structured.Grammars, built on the first structured request
         self.grammars_lock = threading.Lock()
+        self.grammars_error: str | None = None  # why llguidance cannot read the tokenizer
 
     def body_limit(self) -> int:
         """--max-body-mb, or 16 bytes per token of context (a token id in JSON takes at most
@@ -408,6 +409,7 @@ class ToolPlan:
     fmt: str
     specs: list[dict]
     opening: str = ""
+    name: str | None = None  # the one tool a named tool_choice calls
 
     def stream(self) -> ToolReader:
         stream = tool_calls.ToolStream(self.fmt, self.opening, self.specs)
@@ -508,7 +510,7 @@ def plan_tools(tok, specs: list[dict] | None, choice) -> ToolPlan | None:
             raise APIError(
                 400, f"tool_choice: no tool named {name!r} in tools", param="tool_choice"
             )
-        return ToolPlan(fmt, specs, opening(name))
+        return ToolPlan(fmt, specs, opening(name), name)
     raise APIError(
         400,
         'tool_choice: "none", "auto", "required" or {"type": "function", "function": {"name"}}',
@@ -1015,7 +1017,12 @@ def create_app(
             text += tools.opening
         think, markup = reply_markup(tok, text)
         constraint = await asyncio.to_thread(
-            output_constraint, body.response_format(), think, markup, "output_config.format"
+            output_constraint,
+            body.response_format(),
+            think,
+            markup,
+            "output_config.format",
+            tools,
         )
         prompt = await encode(text, False, "messages")
         stops = body.stop_sequences or []
@@ -1218,7 +1225,9 @@ def create_app(
         if tools is not None:
             text += tools.opening  # a required call: the reply starts inside it
         think, markup = reply_markup(tok, text)
-        constraint = await asyncio.to_thread(output_constraint, body.response_format, think, markup)
+        constraint = await asyncio.to_thread(
+            output_constraint, body.response_format, think, markup, "response_format", tools
+        )
         prompt = await encode(text, False, "messages")
         return await generate(
             request,
@@ -1233,17 +1242,32 @@ def create_app(
         )
 
     def output_constraint(
-        response_format, think: bool | None, markup: str, field: str = "response_format"
+        response_format,
+        think: bool | None,
+        markup: str,
+        field: str = "response_format",
+        tools: ToolPlan | None = None,
     ):
-        """The grammar a chat reply is held to where response_format (OpenAI's shape) asks for
-        JSON (None for text); a 400 naming `field` for a format or schema that cannot be held
-        to. A reply that starts inside a reasoning block is held from the token that closes
-        it."""
-        from refmoe import structured
-
-        if response_format is None or (
+        """The grammar a chat reply is held to (refmoe.structured), or None: a required or
+        named tool call's (its arguments as the tool's schema says, in the formats that write
+        them as JSON), else the JSON response_format (OpenAI's shape) asks for. A 400 naming
+        `field` for a format or schema that cannot be held to, or for both at once. A reply
+        that starts inside a reasoning block is held from the token that closes it."""
+        wants_json = response_format is not None and not (
             isinstance(response_format, dict) and response_format.get("type") == "text"
-        ):
+        )
+        if tools is not None and tools.opening:
+            if wants_json:
+                raise APIError(400, f"{field}: not with a required or named tool call", param=field)
+            g = grammars()
+            if g is None:  # a tokenizer llguidance cannot read: the call is read as written
+                return None
+            try:
+                grammar = g.tool_call(tools.fmt, tools.specs, tools.name)
+            except ValueError as e:
+                raise APIError(400, str(e), param="tools") from None
+            return None if grammar is None else g.constraint(grammar)
+        if not wants_json:
             return None
         if markup == "harmony":
             raise APIError(
@@ -1262,16 +1286,35 @@ def create_app(
                     param=field,
                 )
             gate = ids[0]
-        with state.grammars_lock:
-            if state.grammars is None:
-                eos = state.cfg.eos_token_id or []
-                eos = [eos] if isinstance(eos, int) else list(eos)
-                state.grammars = structured.Grammars(tok, state.cfg.vocab_size, eos)
+        g = grammars()
+        if g is None:
+            raise APIError(
+                400,
+                f"{field}: this model's tokenizer cannot be read for structured output "
+                f"({state.grammars_error})",
+                param=field,
+            )
         try:
-            grammar = state.grammars.compile(response_format, field)
+            grammar = g.compile(response_format, field)
         except ValueError as e:
             raise APIError(400, str(e), param=field) from None
-        return None if grammar is None else state.grammars.constraint(grammar, gate)
+        return None if grammar is None else g.constraint(grammar, gate)
+
+    def grammars():
+        """The model's refmoe.structured.Grammars, built on the first request that needs it;
+        None where llguidance cannot read the tokenizer (the reason in state.grammars_error)."""
+        from refmoe import structured
+
+        with state.grammars_lock:
+            if state.grammars is None and state.grammars_error is None:
+                eos = state.cfg.eos_token_id or []
+                eos = [eos] if isinstance(eos, int) else list(eos)
+                try:
+                    state.grammars = structured.Grammars(tokenizer(), state.cfg.vocab_size, eos)
+                except (ValueError, RuntimeError) as e:
+                    state.grammars_error = str(e)
+                    log.warning("structured output unavailable for this tokenizer: %s", e)
+            return state.grammars
 
     # -- the rest of the API ------------------------------------------------------------
 

@@ -48,6 +48,7 @@ class Grammars:
         import llguidance
 
         self.vocab_size = vocab_size
+        self.text_tokenizer = tokenizer
         eos = list(eos_ids) or [i for i in [tokenizer.eos_id] if i is not None]
         self.tokenizer = llguidance.LLTokenizer(
             tokenizer.backend_json(), n_vocab=vocab_size, eos_token=eos or None
@@ -83,8 +84,57 @@ class Grammars:
             raise ValueError(f"{field}: the schema does not compile ({error})")
         return grammar
 
+    def tool_call(self, fmt: str, specs: list[dict], name: str | None) -> str | None:
+        """The grammar of what follows a required call's opening (tool_calls.opening(fmt,
+        name); name None: any of the tools): one call whose arguments the tool's JSON schema
+        accepts, then the markup that ends it. For the formats that write arguments as JSON
+        (hermes, deepseek, kimi); None for the others, whose calls are read as written."""
+        from llguidance import LLMatcher
+
+        schemas = {
+            t["function"]["name"]: t["function"].get("parameters") or {"type": "object"}
+            for t in specs
+        }
+        rules, names = [], [name] if name else list(schemas)
+        for i, n in enumerate(names):
+            args = {**schemas[n], "x-guidance": dict(JSON_DEFAULTS)}
+            rules.append(f"args{i}: %json {json.dumps(args)}")
+        lit, mark = _lark_literal, self._marker
+        if fmt == "hermes":  # <tool_call>\n{"name": N, "arguments": {...}}\n</tool_call>
+            head = [lit(f'{{"name": "{n}", "arguments": ') for n in names] if not name else [""]
+            body = [f"{h} args{i} {lit('}')}" for i, h in enumerate(head)]
+            end = f"{lit(chr(10))} {mark('</tool_call>')}"
+        elif fmt == "deepseek":  # NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜><｜tool▁calls▁end｜>
+            sep = mark("<｜tool▁sep｜>")
+            head = [f"{lit(n)} {sep}" for n in names] if not name else [""]
+            body = [f"{h} args{i}" for i, h in enumerate(head)]
+            end = f"{mark('<｜tool▁call▁end｜>')} {mark('<｜tool▁calls▁end｜>')}"
+        elif fmt == "kimi":  # functions.NAME:0<|tool_call_argument_begin|>{...}<|tool_call_end|>
+            arg = mark("<|tool_call_argument_begin|>")
+            head = [f"{lit(f'functions.{n}:0')} {arg}" for n in names] if not name else [""]
+            body = [f"{h} args{i}" for i, h in enumerate(head)]
+            end = f"{mark('<|tool_call_end|>')} {mark('<|tool_calls_section_end|>')}"
+        else:
+            return None
+        lark = "\n".join([f"start: call {end}", "call: " + " | ".join(body), *rules]) + "\n"
+        grammar = LLMatcher.grammar_from_lark(lark)
+        error = LLMatcher.validate_grammar(grammar, self.tokenizer)
+        if error:
+            raise ValueError(f"tools: a parameters schema does not compile ({error})")
+        return grammar
+
+    def _marker(self, text: str) -> str:
+        """A call marker in Lark: the special token where the tokenizer has one for it (a
+        grammar's strings never match special tokens), else the text."""
+        token = self.text_tokenizer.special_id(text)
+        return f"<[{token}]>" if token is not None else _lark_literal(text)
+
     def constraint(self, grammar: str, gate: int | None = None) -> Constraint:
         return Constraint(self, grammar, gate)
+
+
+def _lark_literal(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
 
 
 class Constraint:
@@ -96,7 +146,7 @@ class Constraint:
     def __init__(self, grammars: Grammars, grammar: str, gate: int | None = None):
         from llguidance import LLMatcher
 
-        self.matcher = LLMatcher(grammars.tokenizer, grammar)
+        self.matcher = LLMatcher(grammars.tokenizer, grammar, log_level=0)  # we log failures
         self.vocab_size = grammars.vocab_size
         self.gate = gate
         self.error: str | None = None

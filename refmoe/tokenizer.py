@@ -138,6 +138,12 @@ class Tokenizer:
         tiktoken file), for libraries that read that form (refmoe.structured)."""
         return self._tok.to_str()
 
+    def special_id(self, text: str) -> int | None:
+        """The id of the special (added) token spelled `text`, if the tokenizer has one."""
+        token = self._tok.token_to_id(text)
+        added = self._tok.get_added_tokens_decoder()
+        return token if token is not None and token in added and added[token].special else None
+
     @property
     def eos_id(self) -> int | None:
         """tokenizer_config.json's eos_token as an id, if it names one in the vocabulary."""

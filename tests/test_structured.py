@@ -246,3 +246,130 @@ def test_anthropic_output_config_format(oa):
             messages=ASK,
             output_config={"format": {"type": "json_schema", "schema": {"type": "nonsense"}}},
         )
+
+
+# -- required and named tool calls held to the tools' schemas ----------------------------------
+
+STATUS = {
+    "type": "function",
+    "function": {"name": "set_status", "parameters": SCHEMA},
+}
+PING = {
+    "type": "function",
+    "function": {
+        "name": "ping",
+        "parameters": {
+            "type": "object",
+            "properties": {"times": {"type": "integer", "minimum": 1, "maximum": 3}},
+            "required": ["times"],
+            "additionalProperties": False,
+        },
+    },
+}
+CALL_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}<｜User｜>tools: {% for t in tools %}{{ t.function.name }} "
+    "{% endfor %}MARKUP{% endif %}{% for m in messages %}{% if m.role == 'user' %}<｜User｜>"
+    "{{ m.content }}{% elif m.role == 'assistant' %}<｜Assistant｜>{{ m.content or '' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}"
+)
+MARKUP = {  # what tells each format in a template (refmoe.tool_calls.format_of)
+    "hermes": "<tool_call>{...}</tool_call>",
+    "deepseek": "<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>",
+    "kimi": "<|tool_call_begin|>functions.NAME:0<|tool_call_argument_begin|>{...}",
+}
+
+
+@pytest.fixture(scope="module", params=sorted(MARKUP))
+def calling(request, tmp_path_factory):
+    """A random model whose template teaches one JSON-argument format; for hermes, its call
+    markers are special tokens of the tokenizer (the grammar must name them by id), for the
+    others plain text."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from refmoe import demo_tokenizer
+
+    fmt = request.param
+    d = tmp_path_factory.mktemp(f"calls_{fmt}")
+    write_random_chat_model(d, VOCAB)
+    if fmt == "hermes":
+        demo_tokenizer.write(d, VOCAB - 2)
+        hf = HFTokenizer.from_file(str(d / "tokenizer.json"))
+        hf.add_special_tokens(["<tool_call>", "</tool_call>"])
+        hf.save(str(d / "tokenizer.json"))
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = CALL_TEMPLATE.replace("MARKUP", MARKUP[fmt])
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for s in serving(d, 512):
+        yield fmt, d, openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+
+
+def test_required_and_named_calls_follow_the_schemas(calling):
+    fmt, d, oa = calling
+    tok = Tokenizer.from_dir(d)
+    if fmt == "hermes":
+        assert tok.special_id("<tool_call>") is not None
+    for seed, temperature in ((0, 0.0), (1, 1.0), (2, 1.0)):
+        r = oa.chat.completions.create(
+            model="tiny",
+            messages=ASK,
+            tools=[STATUS, PING],
+            tool_choice={"type": "function", "function": {"name": "set_status"}},
+            max_tokens=120,
+            temperature=temperature,
+            seed=seed,
+        )
+        assert r.choices[0].finish_reason == "tool_calls", r.choices[0].message
+        (call,) = r.choices[0].message.tool_calls
+        assert call.function.name == "set_status" and conforms(json.loads(call.function.arguments))
+    seen = set()
+    for seed in range(6):
+        r = oa.chat.completions.create(
+            model="tiny",
+            messages=ASK,
+            tools=[STATUS, PING],
+            tool_choice="required",
+            max_tokens=120,
+            temperature=1.0,
+            seed=seed,
+        )
+        (call,) = r.choices[0].message.tool_calls
+        args = json.loads(call.function.arguments)
+        seen.add(call.function.name)
+        if call.function.name == "ping":
+            assert set(args) == {"times"} and args["times"] in (1, 2, 3)
+        else:
+            assert call.function.name == "set_status" and conforms(args)
+    assert seen <= {"ping", "set_status"}
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        oa.chat.completions.create(
+            model="tiny",
+            messages=ASK,
+            tools=[STATUS],
+            tool_choice="required",
+            response_format=FORMAT,
+            max_tokens=8,
+        )
+
+
+def test_tool_call_grammars_by_format(grammars):
+    assert grammars.tool_call("glm", [STATUS], None) is None  # read as written
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}
+    with pytest.raises(ValueError, match="tools"):
+        grammars.tool_call("hermes", [bad], "f")
+
+
+def test_characters_split_over_byte_tokens_arrive_whole(oa):
+    """The demo tokenizer spells CJK as UTF-8 bytes, one token each: until a character's last
+    byte comes the decoded text ends in U+FFFD, which the engine must not send (it did, and
+    the reply came out garbled, whole and streamed)."""
+    word = "模型在本地运行｜▁"
+    fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": {"enum": [word]}}}
+    r = oa.chat.completions.create(model="tiny", messages=ASK, response_format=fmt, max_tokens=60)
+    assert r.choices[0].message.content == json.dumps(word, ensure_ascii=False)
+    text = ""
+    for chunk in oa.chat.completions.create(
+        model="tiny", messages=ASK, response_format=fmt, max_tokens=60, stream=True
+    ):
+        for ch in chunk.choices:
+            text += ch.delta.content or ""
+    assert text == json.dumps(word, ensure_ascii=False)
