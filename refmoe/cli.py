@@ -395,6 +395,54 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_perplexity(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from refmoe import models, perplexity
+    from refmoe.tokenizer import Tokenizer
+
+    show = (lambda it: tqdm(it, desc="windows", unit="window")) if sys.stderr.isatty() else None
+    try:
+        if args.token_ids is not None:
+            ids = args.token_ids
+        else:
+            tok = Tokenizer.from_dir(args.model)
+            if tok is None:
+                raise ValueError(f"{args.model}: no tokenizer.json (or tiktoken.model)")
+            try:
+                text = Path(args.file).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"{args.file}: cannot be read as UTF-8 text ({e})") from None
+            ids = tok.encode(text)
+        if args.max_tokens is not None:
+            ids = ids[: args.max_tokens]
+        _, model = models.load(args.model, args.expert_dtype, device=args.device)
+        reference = None
+        if args.reference is not None:
+            _, reference = models.load(
+                args.reference, args.reference_expert_dtype, device=args.device
+            )
+        s = perplexity.score(model, ids, args.context, args.stride, reference, show)
+    except ValueError as e:
+        print(f"refmoe perplexity: {e}", file=sys.stderr)
+        return 2
+    result = {**s.as_dict(), "context": args.context, "stride": args.stride or args.context}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        line = f"perplexity {s.ppl:.4f} over {s.tokens} tokens ({s.windows} windows"
+        line += f", {s.tokens / s.seconds:.1f} tok/s)" if s.seconds > 0 else ")"
+        if reference is not None:
+            line += (
+                f"; against the reference: mean KL {result['mean_kld']:.6f}, "
+                f"top-1 agreement {result['top1_agreement']:.4f}"
+            )
+        print(line)
+    return 0
+
+
 def add_family_argument(parser: argparse.ArgumentParser, pre: str) -> None:
     from refmoe.demo import FAMILIES
 
@@ -714,6 +762,46 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--trace", metavar="FILE", help="write a Chrome trace (opens in Perfetto)")
     g.set_defaults(func=_cmd_generate)
+
+    pp = sub.add_parser(
+        "perplexity",
+        help="perplexity of a model over a text, and its divergence from a reference build",
+    )
+    pp.add_argument("--model", required=True, help="directory with config.json and safetensors")
+    text = pp.add_mutually_exclusive_group(required=True)
+    text.add_argument("--file", help="a UTF-8 text, tokenized by the model's tokenizer")
+    text.add_argument("--token-ids", type=_id_list, help="the tokens themselves, e.g. 1,2,3")
+    pp.add_argument("--context", type=int, default=512, help="tokens per window (default 512)")
+    pp.add_argument(
+        "--stride",
+        type=int,
+        help="tokens between window starts (default: the context, windows back to back)",
+    )
+    pp.add_argument("--max-tokens", type=int, help="score only the text's first N tokens")
+    pp.add_argument(
+        "--expert-dtype",
+        choices=["fp8", "int4", "bf16", "mxfp4", "nvfp4", "int4g"],
+        help="routed expert format (default: as stored; another one is converted at load)",
+    )
+    pp.add_argument(
+        "--reference",
+        metavar="DIR",
+        help="a model to compare against over the same windows: mean KL(reference || model) "
+        "and top-1 agreement (the same DIR with another --expert-dtype checks a conversion)",
+    )
+    pp.add_argument(
+        "--reference-expert-dtype",
+        choices=["fp8", "int4", "bf16", "mxfp4", "nvfp4", "int4g"],
+        help="the reference's routed expert format (default: as stored)",
+    )
+    pp.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where attention and dense layers run (routed experts: the CPU)",
+    )
+    pp.add_argument("--json", action="store_true", help="print one JSON object")
+    pp.set_defaults(func=_cmd_perplexity)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a model directory")
     sv.add_argument("--model", required=True, help="directory with config.json and safetensors")
