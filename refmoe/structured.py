@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from refmoe.tool_calls import schema_types as tool_calls_schema_types
 
 if TYPE_CHECKING:
     import torch
@@ -86,48 +89,75 @@ class Grammars:
 
     def tool_call(self, fmt: str, specs: list[dict], name: str | None) -> str | None:
         """The grammar of what follows a required call's opening (tool_calls.opening(fmt,
-        name); name None: any of the tools): one call whose arguments the tool's JSON schema
-        accepts, then the markup that ends it. For the formats that write arguments as JSON
-        (hermes, deepseek, kimi); None for the others, whose calls are read as written."""
+        name), harmony.opening(name); name None: any of the tools): one call whose arguments
+        the tool's JSON schema accepts, written as the format writes them, then the markup
+        that ends it. JSON arguments (hermes, deepseek, kimi, harmony) are held to the schema
+        whole; text ones (glm, minimax, qwen3_coder) parameter by parameter in the schema's
+        order, the required ones present, a string's value any text that does not close it,
+        every other type's a JSON value of that schema. None for a format it does not know."""
         from llguidance import LLMatcher
 
-        schemas = {
-            t["function"]["name"]: t["function"].get("parameters") or {"type": "object"}
-            for t in specs
-        }
-        rules, names = [], [name] if name else list(schemas)
-        for i, n in enumerate(names):
-            args = {**schemas[n], "x-guidance": dict(JSON_DEFAULTS)}
-            rules.append(f"args{i}: %json {json.dumps(args)}")
-        lit, mark = _lark_literal, self._marker
-        if fmt == "hermes":  # <tool_call>\n{"name": N, "arguments": {...}}\n</tool_call>
-            head = [lit(f'{{"name": "{n}", "arguments": ') for n in names] if not name else [""]
-            body = [f"{h} args{i} {lit('}')}" for i, h in enumerate(head)]
-            end = f"{lit(chr(10))} {mark('</tool_call>')}"
-        elif fmt == "deepseek":  # NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜><｜tool▁calls▁end｜>
-            sep = mark("<｜tool▁sep｜>")
-            head = [f"{lit(n)} {sep}" for n in names] if not name else [""]
-            body = [f"{h} args{i}" for i, h in enumerate(head)]
-            end = f"{mark('<｜tool▁call▁end｜>')} {mark('<｜tool▁calls▁end｜>')}"
-        elif fmt == "kimi":  # functions.NAME:0<|tool_call_argument_begin|>{...}<|tool_call_end|>
-            arg = mark("<|tool_call_argument_begin|>")
-            head = [f"{lit(f'functions.{n}:0')} {arg}" for n in names] if not name else [""]
-            body = [f"{h} args{i}" for i, h in enumerate(head)]
-            end = f"{mark('<|tool_call_end|>')} {mark('<|tool_calls_section_end|>')}"
-        else:
+        form = _CALL_FORMS.get(fmt)
+        if form is None:
             return None
-        lark = "\n".join([f"start: call {end}", "call: " + " | ".join(body), *rules]) + "\n"
-        grammar = LLMatcher.grammar_from_lark(lark)
+        head, param, end = form
+        tools = {t["function"]["name"]: t["function"].get("parameters") or {} for t in specs}
+        rules, calls = [], []
+        for i, n in enumerate([name] if name else list(tools)):
+            schema = tools[n] if isinstance(tools[n], dict) else {}
+            if param is None:  # JSON arguments, whole
+                rules.append(f"args{i}: %json {json.dumps(_compact(schema))}")
+                args = f"args{i}"
+            else:
+                args = self._parameters(i, schema, param, rules)
+            calls.append(args if name else f"{self._seq(head.replace('NAME', n))} {args}")
+        lark = "\n".join([f"start: call {self._seq(end)}", "call: " + " | ".join(calls), *rules])
+        grammar = LLMatcher.grammar_from_lark(lark + "\n")
         error = LLMatcher.validate_grammar(grammar, self.tokenizer)
         if error:
             raise ValueError(f"tools: a parameters schema does not compile ({error})")
         return grammar
 
-    def _marker(self, text: str) -> str:
-        """A call marker in Lark: the special token where the tokenizer has one for it (a
-        grammar's strings never match special tokens), else the text."""
-        token = self.text_tokenizer.special_id(text)
-        return f"<[{token}]>" if token is not None else _lark_literal(text)
+    def _parameters(self, i: int, schema: dict, param: tuple[str, str], rules: list[str]) -> str:
+        """Tool i's text-written parameters (glm, minimax, qwen3_coder) in Lark: each in the
+        schema's order, optional unless required; their rules go to `rules`."""
+        opens, close = param  # what opens a value (KEY: its name), what closes it
+        props = schema.get("properties")
+        props = props if isinstance(props, dict) else {}
+        required = set(schema.get("required") or [])
+        marker = _MARKUP.search(close)
+        special = marker is not None and self.text_tokenizer.special_id(marker[0]) is not None
+        parts = []
+        for k, (key, sub) in enumerate(props.items()):
+            rule, kinds = f"p{i}_{k}", tool_calls_schema_types(sub)
+            opener = self._seq(opens.replace("KEY", key))
+            choices = sub.get("enum") if isinstance(sub, dict) else None
+            if isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices):
+                alts = " | ".join(_lark_literal(c) for c in choices)  # written raw, as text
+                rules.append(f"{rule}: {opener} ({alts}) {self._seq(close)}")
+            elif kinds and "string" not in kinds:  # a JSON value, then the close
+                rules.append(f"{rule}: {opener} v{i}_{k} {self._seq(close)}")
+                rules.append(f"v{i}_{k}: %json {json.dumps(_compact(sub))}")
+            elif special:  # the close is a token no text holds: any text before it
+                rules.append(f"{rule}: {opener} T{i}_{k} {self._seq(close)}")
+                rules.append(f"T{i}_{k}: /(?s:.*)/")
+            else:  # any text to the first close, close included: one lexeme
+                c = _regex_escape(close)
+                rules.append(f"{rule}: {opener} T{i}_{k}")
+                rules.append(f"T{i}_{k}: /(?s:.*){c}/ & ~/(?s:.*{c}(?s:.)+)/")
+            parts.append(rule if key in required else f"{rule}?")
+        return " ".join(parts) if parts else '""'
+
+    def _seq(self, text: str) -> str:
+        """Fixed call markup in Lark: each <...> that the tokenizer has as a special token by
+        its id (a grammar's strings never match special tokens), the rest as text."""
+        out = []
+        for piece in _MARKUP.split(text):
+            if not piece:
+                continue
+            token = self.text_tokenizer.special_id(piece) if _MARKUP.fullmatch(piece) else None
+            out.append(f"<[{token}]>" if token is not None else _lark_literal(piece))
+        return " ".join(out) if out else '""'
 
     def constraint(self, grammar: str, gate: int | None = None) -> Constraint:
         return Constraint(self, grammar, gate)
@@ -135,6 +165,45 @@ class Grammars:
 
 def _lark_literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
+
+
+def _regex_escape(text: str) -> str:
+    """text as a literal inside a Lark /regex/."""
+    return "".join("\\" + ch if ch in "\\/.^$*+?()[]{}|" else ch for ch in text).replace(
+        "\n", "\\n"
+    )
+
+
+def _compact(schema: dict) -> dict:
+    """A JSON schema with refmoe's JSON defaults as its own options (Lark's %json)."""
+    return {**schema, "x-guidance": {**JSON_DEFAULTS, **(schema.get("x-guidance") or {})}}
+
+
+# How each format writes the rest of a call after its opening: (the call's head when any tool
+# may be called, NAME its name; how a text-written parameter opens, KEY its name, and closes,
+# None where the arguments are one JSON object; the markup that ends the call).
+_CALL_FORMS: dict[str, tuple[str, tuple[str, str] | None, str]] = {
+    "hermes": ('{"name": "NAME", "arguments": ', None, "}\n</tool_call>"),
+    "deepseek": ("NAME<｜tool▁sep｜>", None, "<｜tool▁call▁end｜><｜tool▁calls▁end｜>"),
+    "kimi": (
+        "functions.NAME:0<|tool_call_argument_begin|>",
+        None,
+        "<|tool_call_end|><|tool_calls_section_end|>",
+    ),
+    "harmony": ("NAME <|constrain|>json<|message|>", None, "<|call|>"),
+    "glm": ("NAME\n", ("<arg_key>KEY</arg_key>\n<arg_value>", "</arg_value>\n"), "</tool_call>"),
+    "minimax": (
+        '<invoke name="NAME">\n',
+        ('<parameter name="KEY">', "</parameter>\n"),
+        "</invoke>\n</minimax:tool_call>",
+    ),
+    "qwen3_coder": (
+        "<function=NAME>\n",
+        ("<parameter=KEY>\n", "\n</parameter>\n"),
+        "</function>\n</tool_call>",
+    ),
+}
+_MARKUP = re.compile(r"(<[^<>\n]+>)")  # a piece of markup that may be one special token
 
 
 class Constraint:

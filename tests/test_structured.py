@@ -272,16 +272,20 @@ CALL_TEMPLATE = (
     "{{ m.content }}{% elif m.role == 'assistant' %}<｜Assistant｜>{{ m.content or '' }}"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}"
 )
-MARKUP = {  # what tells each format in a template (refmoe.tool_calls.format_of)
+MARKUP = {  # what tells each format in a template (tool_calls.format_of, harmony.is_harmony)
     "hermes": "<tool_call>{...}</tool_call>",
     "deepseek": "<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>",
     "kimi": "<|tool_call_begin|>functions.NAME:0<|tool_call_argument_begin|>{...}",
+    "harmony": "<|channel|>commentary to=functions.NAME<|message|>{...}<|call|>",
+    "glm": "<tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value></tool_call>",
+    "minimax": '<minimax:tool_call><invoke name="NAME"><parameter name="K">V</parameter>',
+    "qwen3_coder": "<tool_call><function=NAME><parameter=K>V</parameter></function></tool_call>",
 }
 
 
 @pytest.fixture(scope="module", params=sorted(MARKUP))
 def calling(request, tmp_path_factory):
-    """A random model whose template teaches one JSON-argument format; for hermes, its call
+    """A random model whose template teaches one tool-call format; for hermes, its call
     markers are special tokens of the tokenizer (the grammar must name them by id), for the
     others plain text."""
     from tokenizers import Tokenizer as HFTokenizer
@@ -314,7 +318,7 @@ def test_required_and_named_calls_follow_the_schemas(calling):
             messages=ASK,
             tools=[STATUS, PING],
             tool_choice={"type": "function", "function": {"name": "set_status"}},
-            max_tokens=120,
+            max_tokens=300,
             temperature=temperature,
             seed=seed,
         )
@@ -328,7 +332,7 @@ def test_required_and_named_calls_follow_the_schemas(calling):
             messages=ASK,
             tools=[STATUS, PING],
             tool_choice="required",
-            max_tokens=120,
+            max_tokens=300,
             temperature=1.0,
             seed=seed,
         )
@@ -351,8 +355,32 @@ def test_required_and_named_calls_follow_the_schemas(calling):
         )
 
 
-def test_tool_call_grammars_by_format(grammars):
-    assert grammars.tool_call("glm", [STATUS], None) is None  # read as written
+def test_tool_call_grammars_by_format(grammars, model_dir):
+    assert grammars.tool_call("nonsense", [STATUS], None) is None
+    tok = Tokenizer.from_dir(model_dir)
+    note = {
+        "type": "function",
+        "function": {
+            "name": "note",
+            "parameters": {
+                "type": "object",
+                "properties": {"text": {"type": "string"}, "n": {"type": "integer"}},
+                "required": ["text"],
+            },
+        },
+    }
+    # a string value is any text up to its close, markup and newlines included
+    text = "<b>x</b>\n</parameter that is not\nits close"
+    good = f"<parameter=text>\n{text}\n</parameter>\n<parameter=n>\n7\n</parameter>\n"
+    for reply, accepted in (
+        (good + "</function>\n</tool_call>", True),
+        ("<parameter=text>\nshort\n</parameter>\n</function>\n</tool_call>", True),  # n optional
+        ("<parameter=n>\n7\n</parameter>\n</function>\n</tool_call>", False),  # text required
+        ("<parameter=text>\nx\n</parameter>\n<parameter=n>\nseven\n</parameter>\n", False),
+    ):
+        c = grammars.constraint(grammars.tool_call("qwen3_coder", [note], "note"))
+        ok = all((c.accept(t), c.error is None)[1] for t in tok.encode(reply, special=False))
+        assert ok == accepted and (not accepted or c.finished), reply
     bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}
     with pytest.raises(ValueError, match="tools"):
         grammars.tool_call("hermes", [bad], "f")
