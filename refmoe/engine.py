@@ -41,7 +41,7 @@ from refmoe.dual_batch import DualBatch
 from refmoe.models.kv_cache import KVCache
 from refmoe.policy import EngineConfig, Policy, fixed_state_tokens
 from refmoe.prefix_cache import Hit, PrefixCache
-from refmoe.sampling import Sampler, SamplingParams
+from refmoe.sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
 from refmoe.scheduler import Chunk, DecodePlan, Entry, PrefillPlan, QueueFull
 from refmoe.trace import gauges
 
@@ -78,6 +78,7 @@ class Request:
     finish_reason: str | None = None
     cancelled: bool = False
     hit: Hit | None = None  # the cached prefix found for it, until restored
+    prompt_logprobs: list[TokenLogprob] | None = None  # echo: sent with the first token
     cached: int = 0  # prompt tokens restored from the prefix cache
 
 
@@ -238,7 +239,8 @@ class Engine:
                 set(stop_ids),
                 [s for s in stop_text if s],
             )
-            self.scheduler.add(Entry(req.id, len(prompt_ids), max_tokens, req.arrival))
+            whole = params.prompt_logprobs is not None  # every prompt logit: run whole
+            self.scheduler.add(Entry(req.id, len(prompt_ids), max_tokens, req.arrival, whole=whole))
             self.requests[req.id] = req
             self._gauges()
             self.lock.notify_all()
@@ -349,18 +351,26 @@ class Engine:
             return
         cache = self._fresh_cache(req, plan.cached)
         ids = torch.tensor(req.prompt_ids[plan.cached :])
+        k = req.params.prompt_logprobs  # echo: every position's logits (plan.cached is 0)
         if plan.where == "slp" and self.group is not None:
             # every rank (DSLP) when decode has been quiet; else ranks 1..N-1, this process
             # only receiving the cache, so its device stays with decode (the paper's split)
-            logits = self.group.prefill(ids, cache, host_only=0 not in plan.device_ids)
+            logits = self.group.prefill(
+                ids, cache, all_logits=k is not None, host_only=0 not in plan.device_ids
+            )
         elif plan.where == "slp":
             if self._streamer is None:
                 self._streamer = slp.StreamPrefill(
                     self.model, chunk_tokens=self.policy.chunk_tokens
                 )
-            logits = self._streamer.prefill(ids, cache, modes=plan.streaming, all_logits=False)
+            logits = self._streamer.prefill(
+                ids, cache, modes=plan.streaming, all_logits=k is not None
+            )
         else:
-            logits = self.model.forward(ids, cache, logits="last")
+            logits = self.model.forward(ids, cache, logits="last" if k is None else "all")
+        if k is not None:  # token t under the logits after t - 1; the first has none
+            first = TokenLogprob(req.prompt_ids[0], None, None)
+            req.prompt_logprobs = [first, *token_logprobs(logits[:-1], req.prompt_ids[1:], k)]
         self._prefilled(req, cache, logits[-1])
 
     def _fresh_cache(self, req: Request, cached: int):
@@ -507,6 +517,8 @@ class Engine:
         event = {"type": "token", "token_ids": tokens, "text": text}
         if req.params.logprobs is not None and req.sampler is not None:
             event["logprobs"] = req.sampler.take_logprobs()
+        if req.prompt_logprobs is not None:  # with the first token
+            event["prompt_logprobs"], req.prompt_logprobs = req.prompt_logprobs, None
         self._send(req, event)
         if reason:  # dropped first: a client told "finish" sees its KV freed
             req.finish_reason = reason

@@ -19,6 +19,7 @@ class SamplingParams:
     seed: int | None = None
     constraint: Constraint | None = None  # a grammar the reply is held to (refmoe.structured)
     logprobs: int | None = None  # None: none; k: each chosen token's and the k likeliest
+    prompt_logprobs: int | None = None  # the same for each prompt token (echo)
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0 and self.temperature <= 100):
@@ -27,8 +28,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not (0 < self.top_p <= 1):
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must lie in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must lie in [0, {MAX_LOGPROBS}], got {k}")
 
 
 MAX_LOGPROBS = 20  # the most alternatives per token (OpenAI's top_logprobs limit)
@@ -41,8 +44,20 @@ class TokenLogprob:
     likeliest tokens' (id, log-probability), best first."""
 
     token: int
-    logprob: float
-    top: list[tuple[int, float]]
+    logprob: float | None  # None: a prompt's first token (nothing before it)
+    top: list[tuple[int, float]] | None
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
+    """TokenLogprobs of tokens[i] under logits[i] ([len(tokens), V]), k alternatives each."""
+    lp = torch.log_softmax(logits.float().cpu(), -1)
+    chosen = lp.gather(1, torch.tensor(tokens).unsqueeze(1))[:, 0].tolist()
+    if k:
+        values, ids = torch.topk(lp, min(k, lp.shape[1]))
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [[] for _ in tokens]
+    return [TokenLogprob(t, c, top) for t, c, top in zip(tokens, chosen, tops)]
 
 
 class Sampler:
@@ -74,10 +89,7 @@ class Sampler:
             c.accept(token)
         k = self.params.logprobs
         if k is not None:
-            lp = torch.log_softmax(logits.float().cpu(), -1)
-            values, ids = torch.topk(lp, min(k, lp.numel())) if k else (lp[:0], lp[:0])
-            top = list(zip(ids.tolist(), values.tolist()))
-            self.logprobs.append(TokenLogprob(token, float(lp[token]), top))
+            self.logprobs += token_logprobs(logits.reshape(1, -1), [token], k)
         return token
 
     def _choose(self, logits: torch.Tensor) -> int:

@@ -16,6 +16,8 @@ Policy, as the paper's technique 3 describes it:
   part-way (up to MAX_CHUNKING); each step's chunk goes to the one with the fewest tokens
   left, so an agent's short next turn is not stuck behind another's long first one, unless
   one has been passed over MAX_PASSED times (a stream of short prompts never starves it);
+- a request that wants every prompt position's logits (`whole`: an echo with log-probabilities)
+  runs whole on the prefill worker from its first token: no chunks, no cached prefix;
 - decode batches every running request up to max_batch (continuous batching: a request
   joins at the next step after its prefill, leaves at the step it finishes);
 - dual-batch overlap splits a decode batch of two or more into two halves when it pays (on
@@ -80,6 +82,7 @@ class Entry:
     done: int = 0  # prompt tokens run so far by chunks
     passed: int = 0  # chunks given to shorter prompts since this one's last
     state_tokens: int = 0  # the fixed state a sequence keeps, in tokens' worth of cache
+    whole: bool = False  # every prompt position's logits wanted (echo): no chunks, no cache
 
     @property
     def reserve(self) -> int:
@@ -238,7 +241,7 @@ class Scheduler:
         if e is None:
             return None
         where = e.where or "cpu"
-        if where == "cpu" and self.chunk_tokens is not None:
+        if where == "cpu" and self.chunk_tokens is not None and not e.whole:
             return None  # it runs in chunks on the decode worker (next_decode)
         self.waiting.popleft()
         self.kv.take(e.reserve)
@@ -268,7 +271,7 @@ class Scheduler:
         if not self.kv.fits(e.reserve):
             return None
         if e.where is None:
-            e.cached = min(self.lookup(e.request_id), e.prompt_tokens - 1)
+            e.cached = 0 if e.whole else min(self.lookup(e.request_id), e.prompt_tokens - 1)
             e.where = self.choose_path(
                 e.prompt_tokens - e.cached, bool(self.decoding), self.worker_wait()
             )
@@ -308,7 +311,7 @@ class Scheduler:
             return None
         while len(self.chunking) < MAX_CHUNKING:
             e = self._head()
-            if e is None or e.where != "cpu":
+            if e is None or e.where != "cpu" or e.whole:  # a whole one: the prefill worker's
                 break
             self.waiting.popleft()
             self.kv.take(e.reserve)

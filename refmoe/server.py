@@ -649,16 +649,19 @@ def create_app(
         """A token as text ("" without a tokenizer: such clients read token_ids)."""
         return state.tokenizer.decode([i]) if state.tokenizer is not None else ""
 
+    def token_texts(ids: list[int]) -> str:
+        return state.tokenizer.decode(ids) if state.tokenizer is not None else ""
+
     def chat_logprobs(lps: list[TokenLogprob]) -> dict:
         """Chat's logprobs: each token with its log-probability, its UTF-8 bytes and its
         likeliest alternatives, as OpenAI returns them."""
 
-        def entry(i: int, lp: float) -> dict:
+        def entry(i: int, lp: float | None) -> dict:
             t = token_text(i)
             return {"token": t, "logprob": lp, "bytes": list(t.encode())}
 
         content = [
-            {**entry(x.token, x.logprob), "top_logprobs": [entry(i, lp) for i, lp in x.top]}
+            {**entry(x.token, x.logprob), "top_logprobs": [entry(i, lp) for i, lp in x.top or ()]}
             for x in lps
         ]
         return {"content": content, "refusal": None}
@@ -666,10 +669,14 @@ def create_app(
     def text_logprobs(lps: list[TokenLogprob], offset: int) -> dict:
         """The completions API's logprobs: the tokens, their log-probabilities, the likeliest
         alternatives as {token: logprob} (of tokens spelled alike, the likeliest), and each
-        token's offset in the text (the first at `offset`)."""
+        token's offset in the text (the first at `offset`). An echoed prompt's first token has
+        null for both, as OpenAI gives it."""
         tokens = [token_text(x.token) for x in lps]
-        tops: list[dict] = []
+        tops: list[dict | None] = []
         for x in lps:
+            if x.top is None:
+                tops.append(None)
+                continue
             top: dict[str, float] = {}
             for i, lp in x.top:  # best first
                 top.setdefault(token_text(i), lp)
@@ -704,10 +711,13 @@ def create_app(
         seed,
         constraint=None,
         logprobs=None,
+        prompt_logprobs=None,
     ):
         """The request into the engine, its events into an asyncio queue on this loop."""
         try:
-            params = SamplingParams(temperature, max(top_k, 0), top_p, seed, constraint, logprobs)
+            params = SamplingParams(
+                temperature, max(top_k, 0), top_p, seed, constraint, logprobs, prompt_logprobs
+            )
         except ValueError as e:
             raise APIError(400, str(e)) from None
         loop = asyncio.get_running_loop()
@@ -749,6 +759,7 @@ def create_app(
                 if ev["type"] == "token":
                     text.append(ev["text"])
                     ids += ev["token_ids"]
+                    lps += ev.get("prompt_logprobs", ())  # echo: before the first token's
                     lps += ev.get("logprobs", ())
                 elif ev["type"] == "finish":
                     metrics.requests.labels(model=name, outcome="ok").inc()
@@ -775,13 +786,15 @@ def create_app(
         markup: str = "",
         constraint=None,
         logprobs: int | None = None,
+        echo: str | None = None,
     ):
         """tools: the request's ToolPlan (chat with tools), whose calls are read off the reply.
         think: None when the model writes no reasoning block, else whether the reply starts
         inside one (refmoe.reasoning); the reasoning is returned as reasoning_content.
         markup: "harmony" for gpt-oss's channels (refmoe.harmony). constraint: the grammar
         the reply is held to (refmoe.structured), or None. logprobs: None, or how many
-        alternatives to return with each token's log-probability."""
+        alternatives to return with each token's log-probability. echo: the prompt's text,
+        returned before the completion (with logprobs, the prompt tokens' too)."""
         eng = engine()
         check_model(body.model)
         limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
@@ -799,13 +812,16 @@ def create_app(
             body.seed,
             constraint,
             logprobs,
+            logprobs if echo is not None else None,
         )
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                _stream(eng, req, queue, rid, created, chat, include_usage, tools, think, markup),
+                _stream(
+                    eng, req, queue, rid, created, chat, include_usage, tools, think, markup, echo
+                ),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
@@ -835,7 +851,7 @@ def create_app(
         else:
             choice = {
                 "index": 0,
-                "text": content,
+                "text": (echo or "") + content,
                 "finish_reason": finish,
                 "logprobs": text_logprobs(lps, 0) if logprobs is not None else None,
             }
@@ -850,7 +866,17 @@ def create_app(
         }
 
     async def _stream(
-        eng, req, queue, rid, created, chat, include_usage, tools=None, think=None, markup=""
+        eng,
+        req,
+        queue,
+        rid,
+        created,
+        chat,
+        include_usage,
+        tools=None,
+        think=None,
+        markup="",
+        echo=None,
     ):
         kind = "chat.completion.chunk" if chat else "text_completion"
         reader = ReplyReader(tools, think, markup == "harmony") if chat else None
@@ -922,9 +948,12 @@ def create_app(
                         for out in deltas(*feed, token_ids=ev["token_ids"], lps=lps):
                             yield out
                         continue
-                    c = {"index": 0, "text": ev["text"], "finish_reason": None, "logprobs": None}
+                    text, echo = (echo or "") + ev["text"], None  # an echo with the first
+                    c = {"index": 0, "text": text, "finish_reason": None, "logprobs": None}
                     if lps is not None:
-                        c["logprobs"] = text_logprobs(lps, offset)
+                        c["logprobs"] = text_logprobs(
+                            [*ev.get("prompt_logprobs", ()), *lps], offset
+                        )
                         offset += sum(len(t) for t in c["logprobs"]["tokens"])
                     c["token_ids"] = ev["token_ids"]
                     first = False
@@ -962,15 +991,16 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        if body.echo:
-            raise APIError(400, "echo is not supported", param="echo")
         if isinstance(body.prompt, str):
             if not body.prompt:
                 raise APIError(400, "prompt: empty", param="prompt")
             prompt = await encode(body.prompt, True, "prompt")
         else:
             prompt = body.prompt
-        return await generate(request, body, prompt, chat=False, logprobs=body.logprobs)
+        echo = None
+        if body.echo:  # the prompt as sent, or its tokens as text
+            echo = body.prompt if isinstance(body.prompt, str) else token_texts(body.prompt)
+        return await generate(request, body, prompt, chat=False, logprobs=body.logprobs, echo=echo)
 
     # -- Anthropic's Messages API -------------------------------------------------------
 

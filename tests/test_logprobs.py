@@ -1,5 +1,6 @@
 """Log-probabilities (OpenAI's logprobs / top_logprobs in chat, logprobs in completions): each
-generated token's log-softmax under the model's raw logits and its likeliest alternatives.
+generated token's log-softmax under the model's raw logits and its likeliest alternatives; with
+completions' echo, the prompt's tokens too (what evaluation harnesses score a text with).
 
 The oracle is transformers: the same checkpoint run teacher-forced over the prompt and the
 reply refmoe wrote gives, at every position, the log-softmax the server must report for that
@@ -11,7 +12,7 @@ import json
 import httpx
 import pytest
 from conftest import write_random_chat_model
-from test_server import serving
+from test_server import Server, serving
 
 from refmoe.tokenizer import Tokenizer
 
@@ -32,6 +33,19 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model_dir):
     yield from serving(model_dir)
+
+
+@pytest.fixture(scope="module")
+def chunking(model_dir):
+    """The same model behind an engine that chunks CPU prompts along decode steps and keeps a
+    prefix cache: an echoed prompt must still run whole and from its first token."""
+    s = Server(
+        model_dir,
+        engine_kwargs={"max_context": 256, "chunked_prefill": "on", "prefix_cache_gib": 0.1},
+    )
+    s.wait_ready()
+    yield s
+    s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +152,38 @@ def test_completion_logprobs_against_transformers(server, model_dir, oracle):
                 if c.get("logprobs"):
                     offsets += c["logprobs"]["text_offset"]
     assert offsets == lp["text_offset"]
+
+
+def test_echo_scores_the_prompt_against_transformers(server, chunking, model_dir, oracle):
+    tok = Tokenizer.from_dir(model_dir)
+    text = "hello world, the experts"
+    prompt = tok.encode(text, special=True)
+    m = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = torch.log_softmax(m(torch.tensor([prompt])).logits[0].double(), -1)
+    body = {"prompt": text, "max_tokens": 1, "temperature": 0, "logprobs": 2, "echo": True}
+    for s in (server, chunking, chunking):  # the second time on the chunking engine: cached
+        ch = httpx.post(s.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+        lp = ch["logprobs"]
+        assert ch["text"].startswith(text) and len(lp["tokens"]) == len(prompt) + 1
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        got = lp["token_logprobs"][1 : len(prompt)]
+        assert got == pytest.approx(
+            [float(want[i - 1, prompt[i]]) for i in range(1, len(prompt))], abs=1e-4
+        )
+        assert all(len(t) <= 2 for t in lp["top_logprobs"][1:])
+        # the generated token after them, as without echo
+        gen = ch["token_ids"][0]
+        assert lp["token_logprobs"][-1] == pytest.approx(float(want[-1, gen]), abs=1e-4)
+    # streamed: the prompt's text and numbers come with the first chunk
+    first = None
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {") and first is None:
+                first = json.loads(line[6:])["choices"][0]
+    assert first["text"].startswith(text) and first["logprobs"]["token_logprobs"][0] is None
+    assert len(first["logprobs"]["tokens"]) == len(prompt) + 1
+    # echo without logprobs: the text alone
+    plain = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "echo": True}
+    ch = httpx.post(server.url + "/v1/completions", json=plain, timeout=60).json()["choices"][0]
+    assert ch["text"].startswith(tok.decode(prompt)) and ch["logprobs"] is None

@@ -209,7 +209,6 @@ def test_cancel_mid_stream_frees_kv(server):
         ({"max_tokens": 3}, 400, "prompt"),
         ({"prompt": [4], "model": "gpt-4"}, 404, "does not exist"),
         ({"prompt": [4], "logprobs": 21}, 400, "logprobs"),
-        ({"prompt": [4], "echo": True}, 400, "echo"),
         ({"prompt": "hello \ud800"}, 400, "not valid Unicode"),
         ({"prompt": [4], "stop": ["x"] * 17}, 400, "stop"),
         ({"prompt": [4], "stop": "x" * 257}, 400, "stop"),
