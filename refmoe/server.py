@@ -645,12 +645,9 @@ def create_app(
 
     # -- log-probabilities ----------------------------------------------------------------
 
-    def token_text(i: int) -> str:
-        """A token as text ("" without a tokenizer: such clients read token_ids)."""
-        return state.tokenizer.decode([i]) if state.tokenizer is not None else ""
-
-    def token_texts(ids: list[int]) -> str:
-        return state.tokenizer.decode(ids) if state.tokenizer is not None else ""
+    def token_text(*ids: int) -> str:
+        """Tokens as text ("" without a tokenizer: such clients read token_ids)."""
+        return state.tokenizer.decode(list(ids)) if state.tokenizer is not None else ""
 
     def chat_logprobs(lps: list[TokenLogprob]) -> dict:
         """Chat's logprobs: each token with its log-probability, its UTF-8 bytes and its
@@ -700,24 +697,11 @@ def create_app(
                 param=field,
             )
 
-    def submit(
-        eng,
-        prompt,
-        max_tokens,
-        stops,
-        temperature,
-        top_k,
-        top_p,
-        seed,
-        constraint=None,
-        logprobs=None,
-        prompt_logprobs=None,
-    ):
-        """The request into the engine, its events into an asyncio queue on this loop."""
+    def submit(eng, prompt, max_tokens, stops, **sampling):
+        """The request into the engine, its events into an asyncio queue on this loop;
+        sampling: SamplingParams' fields."""
         try:
-            params = SamplingParams(
-                temperature, max(top_k, 0), top_p, seed, constraint, logprobs, prompt_logprobs
-            )
+            params = SamplingParams(**sampling)
         except ValueError as e:
             raise APIError(400, str(e)) from None
         loop = asyncio.get_running_loop()
@@ -806,13 +790,13 @@ def create_app(
             prompt,
             max_tokens,
             stops,
-            body.temperature,
-            body.top_k,
-            body.top_p,
-            body.seed,
-            constraint,
-            logprobs,
-            logprobs if echo is not None else None,
+            temperature=body.temperature,
+            top_k=max(body.top_k, 0),  # -1: off, as vLLM takes it
+            top_p=body.top_p,
+            seed=body.seed,
+            constraint=constraint,
+            logprobs=logprobs,
+            prompt_logprobs=logprobs if echo is not None else None,
         )
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -999,7 +983,7 @@ def create_app(
             prompt = body.prompt
         echo = None
         if body.echo:  # the prompt as sent, or its tokens as text
-            echo = body.prompt if isinstance(body.prompt, str) else token_texts(body.prompt)
+            echo = body.prompt if isinstance(body.prompt, str) else token_text(*body.prompt)
         return await generate(request, body, prompt, chat=False, logprobs=body.logprobs, echo=echo)
 
     # -- Anthropic's Messages API -------------------------------------------------------
@@ -1062,11 +1046,10 @@ def create_app(
             prompt,
             body.max_tokens,
             stops,
-            body.temperature,
-            body.top_k,
-            body.top_p,
-            None,
-            constraint,
+            temperature=body.temperature,
+            top_k=body.top_k,
+            top_p=body.top_p,
+            constraint=constraint,
         )
         mid = f"msg_{uuid.uuid4().hex}"
         head = {"id": mid, "type": "message", "role": "assistant", "model": name}
@@ -1279,8 +1262,8 @@ def create_app(
         tools: ToolPlan | None = None,
     ):
         """The grammar a chat reply is held to (refmoe.structured), or None: a required or
-        named tool call's (its arguments as the tool's schema says, in the formats that write
-        them as JSON), else the JSON response_format (OpenAI's shape) asks for. A 400 naming
+        named tool call's (its arguments as the tool's schema says, in the call format of the
+        template), else the JSON response_format (OpenAI's shape) asks for. A 400 naming
         `field` for a format or schema that cannot be held to, or for both at once. A reply
         that starts inside a reasoning block is held from the token that closes it."""
         wants_json = response_format is not None and not (

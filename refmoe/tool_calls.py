@@ -163,13 +163,9 @@ def schema_types(schema) -> list[str]:
     if not isinstance(schema, dict):
         return []
     t = schema.get("type")
-    kinds = (
-        [t]
-        if isinstance(t, str)
-        else [x for x in t if isinstance(x, str)]
-        if isinstance(t, list)
-        else []
-    )
+    kinds = [t] if isinstance(t, str) else []
+    if isinstance(t, list):
+        kinds = [x for x in t if isinstance(x, str)]
     for key in ("anyOf", "oneOf"):
         for branch in schema.get(key) or []:
             kinds += [k for k in schema_types(branch) if k not in kinds]
