@@ -13,6 +13,9 @@ every step, the tokens that cannot continue a text the schema accepts.
     whitespace   none outside strings (compact JSON, as OpenAI's structured outputs write it)
     gate         a reply that starts inside a reasoning block (<think>) is free until the block
                  ends: the grammar holds from the token that closes it
+    tool calls   a required or named call (Grammars.tool_call): after the opening the server
+                 appends, one call in the template's format whose arguments the tool's schema
+                 accepts, then the markup that ends it
 
 The tokenizer the masks are over is the model's own (tokenizer.json, or Kimi's tiktoken file as
 refmoe reads it), with the logits' vocabulary size, built once per tokenizer.
@@ -27,11 +30,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from refmoe.tool_calls import schema_types as tool_calls_schema_types
+from refmoe.tool_calls import schema_types
 
 if TYPE_CHECKING:
     import torch
-    from llguidance._lib import JsonCompileOptions
 
     from refmoe.tokenizer import Tokenizer
 
@@ -41,7 +43,7 @@ log = logging.getLogger("refmoe.structured")
 # compact JSON: no whitespace outside strings. With whitespace free between tokens, a model that
 # favours newlines writes them until max_tokens (a random one does at once; served models are
 # known to); a schema may still ask for it with its own "x-guidance" options.
-JSON_DEFAULTS: JsonCompileOptions = {"whitespace_flexible": False}
+JSON_DEFAULTS = {"whitespace_flexible": False}
 
 
 class Grammars:
@@ -70,16 +72,17 @@ class Grammars:
         if kind == "text":
             return None
         if kind == "json_object":
-            schema: object = {"type": "object"}
+            schema = {"type": "object"}
         elif kind == "json_schema":
             spec = response_format.get("json_schema")
-            schema = spec.get("schema") if isinstance(spec, dict) else None
-            if not isinstance(schema, dict):
+            given = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(given, dict):
                 raise ValueError(f"{field}.json_schema.schema: a JSON schema (an object)")
+            schema = given
         else:
             raise ValueError(f'{field}.type: "text", "json_object" or "json_schema", got {kind!r}')
         try:
-            grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_DEFAULTS)
+            grammar = LLMatcher.grammar_from_json_schema(json.dumps(_compact(schema)))
         except (ValueError, RuntimeError, TypeError) as e:
             raise ValueError(f"{field}: the schema does not compile ({e})") from None
         error = LLMatcher.validate_grammar(grammar, self.tokenizer)
@@ -129,7 +132,7 @@ class Grammars:
         special = marker is not None and self.text_tokenizer.special_id(marker[0]) is not None
         parts = []
         for k, (key, sub) in enumerate(props.items()):
-            rule, kinds = f"p{i}_{k}", tool_calls_schema_types(sub)
+            rule, kinds = f"p{i}_{k}", schema_types(sub)
             opener = self._seq(opens.replace("KEY", key))
             choices = sub.get("enum") if isinstance(sub, dict) else None
             if isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices):
