@@ -59,6 +59,9 @@ class ShuttingDown(Exception):
     """The engine no longer accepts requests."""
 
 
+MAX_PROMPT_LOGIT_BYTES = 2 << 30  # an echo's logits over its prompt, float32 (its own bound)
+
+
 @dataclass(eq=False)
 class Request:
     id: str
@@ -227,6 +230,12 @@ class Engine:
             )
         if stop_text and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
+        most = MAX_PROMPT_LOGIT_BYTES // (4 * vocab)
+        if params.prompt_logprobs is not None and len(prompt_ids) > most:
+            raise ValueError(
+                f"echo with logprobs keeps every prompt position's logits (4 bytes x "
+                f"{vocab:,} each): at most {most:,} prompt tokens, got {len(prompt_ids):,}"
+            )
         with self.lock:
             if not self.accepting:
                 raise ShuttingDown("the server is shutting down")

@@ -187,3 +187,16 @@ def test_echo_scores_the_prompt_against_transformers(server, chunking, model_dir
     plain = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "echo": True}
     ch = httpx.post(server.url + "/v1/completions", json=plain, timeout=60).json()["choices"][0]
     assert ch["text"].startswith(tok.decode(prompt)) and ch["logprobs"] is None
+
+
+def test_echo_logits_are_bounded(server, monkeypatch):
+    """An echo with logprobs keeps [prompt, vocab] float32 logits: past the bound (2 GiB;
+    here set to five tokens' worth) it is refused by name, and a plain echo is not."""
+    from refmoe import engine
+
+    monkeypatch.setattr(engine, "MAX_PROMPT_LOGIT_BYTES", 5 * 4 * 600)
+    body = {"prompt": [5, 6, 7, 8, 9, 10], "max_tokens": 1, "echo": True, "logprobs": 0}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400 and "at most 5 prompt tokens" in r.text
+    r = httpx.post(server.url + "/v1/completions", json={**body, "logprobs": None}, timeout=60)
+    assert r.status_code == 200
