@@ -78,6 +78,36 @@ def test_slp_prefill_path_in_the_engine(model):
         engine.shutdown(1)
 
 
+@pytest.mark.parametrize("prefill, ranks", [("cpu", 1), ("slp", 1), ("slp", 2)])
+def test_prompt_logprobs_on_every_prefill_path(model, fp8_dir, prefill, ranks):  # noqa: F811
+    """An echo's prompt log-probabilities (SamplingParams.prompt_logprobs) come from every
+    position's logits on each prefill path: the CPU one, SLP, and DSLP over two ranks."""
+    with torch.no_grad():
+        logits = model.forward(torch.tensor(PROMPT), model.new_cache(), logits="all")
+    want = torch.log_softmax(logits.double(), -1)
+    kw = {"model_dir": str(fp8_dir)} if ranks > 1 else {}
+    engine = Engine(model, prefill=prefill, ranks=ranks, **kw).start()
+    events, done = [], threading.Event()
+
+    def sink(ev):
+        events.append(ev)
+        if ev["type"] != "token":
+            done.set()
+
+    try:
+        engine.submit(PROMPT, 2, SamplingParams(prompt_logprobs=3), sink)
+        assert done.wait(120)
+    finally:
+        engine.shutdown(1)
+    (lps,) = [e["prompt_logprobs"] for e in events if "prompt_logprobs" in e]
+    assert [x.token for x in lps] == PROMPT and lps[0].logprob is None and lps[0].top is None
+    rows = [float(want[i - 1, PROMPT[i]]) for i in range(1, len(PROMPT))]
+    assert [x.logprob for x in lps[1:]] == pytest.approx(rows, abs=1e-3)
+    assert all(
+        len(x.top) == 3 and x.top[0][0] == int(want[i].argmax()) for i, x in enumerate(lps[1:])
+    )
+
+
 def test_kv_budget_in_memory(model):
     """--kv-memory: as many tokens as fit, at the model's own cache bytes per token (MLA: the
     latent and roped key in float32, every layer)."""
