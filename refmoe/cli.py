@@ -31,6 +31,9 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+EXPERT_DTYPES = ["fp8", "int4", "bf16", "mxfp4", "nvfp4", "int4g"]  # --expert-dtype: at load
+
+
 def _id_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -727,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument(
         "--expert-dtype",
-        choices=["fp8", "int4", "bf16", "mxfp4", "nvfp4", "int4g"],
+        choices=EXPERT_DTYPES,
         help="routed expert format (default: as stored; BF16/F32 -> bf16); another one is "
         "converted at load",
     )
@@ -780,7 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--max-tokens", type=int, help="score only the text's first N tokens")
     pp.add_argument(
         "--expert-dtype",
-        choices=["fp8", "int4", "bf16", "mxfp4", "nvfp4", "int4g"],
+        choices=EXPERT_DTYPES,
         help="routed expert format (default: as stored; another one is converted at load)",
     )
     pp.add_argument(
@@ -791,7 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pp.add_argument(
         "--reference-expert-dtype",
-        choices=["fp8", "int4", "bf16", "mxfp4", "nvfp4", "int4g"],
+        choices=EXPERT_DTYPES,
         help="the reference's routed expert format (default: as stored)",
     )
     pp.add_argument(
