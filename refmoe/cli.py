@@ -427,7 +427,12 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
             _, reference = models.load(
                 args.reference, args.reference_expert_dtype, device=args.device
             )
-        s = perplexity.score(model, ids, args.context, args.stride, reference, show)
+        runners: list = [None, None]  # each model's own path
+        if args.prefill == "slp":
+            from refmoe import slp
+
+            runners = [slp.StreamPrefill(m) if m is not None else None for m in (model, reference)]
+        s = perplexity.score(model, ids, args.context, args.stride, reference, show, *runners)
     except ValueError as e:
         print(f"refmoe perplexity: {e}", file=sys.stderr)
         return 2
@@ -802,6 +807,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "cpu", "cuda"],
         default="auto",
         help="where attention and dense layers run (routed experts: the CPU)",
+    )
+    pp.add_argument(
+        "--prefill",
+        choices=["cpu", "slp"],
+        default="cpu",
+        help="each window's path: routed experts on the CPU kernels, or streamed to the "
+        "device (SLP: what makes a big model's windows affordable on a GPU box)",
     )
     pp.add_argument("--json", action="store_true", help="print one JSON object")
     pp.set_defaults(func=_cmd_perplexity)

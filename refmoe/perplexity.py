@@ -12,8 +12,10 @@ kernel passes before it is trusted (llama.cpp's llama-perplexity and its --kl-di
                 conversion, or another build): mean KL(reference || model) per scored token,
                 and how often the two agree on the likeliest next token
 
-Each window runs the model's prompt path (`model.forward(..., logits="all")`: attention and
-dense layers on the model's device, routed experts on the CPU kernels) into a fresh cache.
+Each window runs a prompt path into a fresh cache: the model's own (`model.forward(...,
+logits="all")`: attention and dense layers on the model's device, routed experts on the CPU
+kernels), or SLP (`prefill=refmoe.slp.StreamPrefill(model)`: the experts streamed to the
+device), which on a GPU box is what makes windows of a big model affordable.
 """
 
 from __future__ import annotations
@@ -71,11 +73,15 @@ def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def log_probs(model, ids: list[int]) -> torch.Tensor:
-    """[len(ids), V] float64: the log-softmax after each token of one window."""
+def log_probs(model, ids: list[int], prefill=None) -> torch.Tensor:
+    """[len(ids), V] float64: the log-softmax after each token of one window (prefill: a
+    StreamPrefill of the model to run it through, or None for the model's own path)."""
     cache = model.new_cache()
     with torch.no_grad():
-        logits = model.forward(torch.tensor(ids), cache, logits="all")
+        if prefill is None:
+            logits = model.forward(torch.tensor(ids), cache, logits="all")
+        else:
+            logits = prefill.prefill(torch.tensor(ids), cache, all_logits=True)
     return torch.log_softmax(logits.double().cpu(), -1)
 
 
@@ -86,9 +92,12 @@ def score(
     stride: int | None = None,
     reference=None,
     progress: Callable[[Iterable], Iterable] | None = None,
+    prefill=None,
+    reference_prefill=None,
 ) -> Score:
     """The perplexity of `model` over `ids` (and, with a reference model, its divergence from
-    it) in windows (see the module's docstring)."""
+    it) in windows (see the module's docstring); prefill, reference_prefill: StreamPrefill
+    runners of the two models (SLP), or None for their own paths."""
     vocab = model.cfg.vocab_size
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
@@ -105,10 +114,10 @@ def score(
         window = ids[start:end]
         rows = slice(first - start - 1, end - start - 1)  # the rows that predict ids[first:end]
         target = torch.tensor(ids[first:end]).unsqueeze(1)
-        lp = log_probs(model, window)[rows]
+        lp = log_probs(model, window, prefill)[rows]
         s.nll -= float(lp.gather(1, target).sum())
         if reference is not None:
-            ref = log_probs(reference, window)[rows]
+            ref = log_probs(reference, window, reference_prefill)[rows]
             s.kld += float((ref.exp() * (ref - lp)).sum())
             s.agree += int((ref.argmax(-1) == lp.argmax(-1)).sum())
         s.tokens += end - first

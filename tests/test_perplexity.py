@@ -93,6 +93,19 @@ def test_divergence_from_a_reference(model_dir, ids):
     assert 0.5 < d["top1_agreement"] <= 1.0
 
 
+def test_slp_windows_agree_with_the_cpu_path(model_dir, ids):
+    """--prefill slp: each window through StreamPrefill (experts streamed to the device, here
+    the CPU) scores as the model's own path does."""
+    from refmoe import slp
+
+    _, model = models.load(model_dir, "bf16")
+    cpu = perplexity.score(model, ids, 16, 5)
+    streamed = perplexity.score(model, ids, 16, 5, prefill=slp.StreamPrefill(model))
+    assert streamed.tokens == cpu.tokens and streamed.ppl == pytest.approx(cpu.ppl, rel=1e-4)
+    both = perplexity.score(model, ids, 16, 5, reference=model, prefill=slp.StreamPrefill(model))
+    assert both.as_dict()["mean_kld"] == pytest.approx(0.0, abs=1e-6)
+
+
 def run_cli(*args):
     return subprocess.run(
         [sys.executable, "-m", "refmoe.cli", "perplexity", *args],
@@ -134,6 +147,8 @@ def test_cli(model_dir, ids):
         str(model_dir),
         "--reference-expert-dtype",
         "bf16",
+        "--prefill",
+        "slp",
     )
     assert r.returncode == 0 and "top-1 agreement" in r.stdout, r.stderr
     for bad, needle in (
