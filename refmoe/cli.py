@@ -468,6 +468,15 @@ def add_family_argument(parser: argparse.ArgumentParser, pre: str) -> None:
     )
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where attention and dense layers run (routed experts: the CPU)",
+    )
+
+
 def _template_kwargs(text: str | None) -> dict | None:
     """--chat-template-kwargs: a JSON object, or a ValueError naming the option."""
     if text is None:
@@ -739,12 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="routed expert format (default: as stored; BF16/F32 -> bf16); another one is "
         "converted at load",
     )
-    g.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        default="auto",
-        help="where attention and dense layers run (routed experts: the CPU)",
-    )
+    add_device_argument(g)
     g.add_argument(
         "--prefill",
         choices=["auto", "cpu", "slp"],
@@ -802,12 +806,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=EXPERT_DTYPES,
         help="the reference's routed expert format (default: as stored)",
     )
-    pp.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        default="auto",
-        help="where attention and dense layers run (routed experts: the CPU)",
-    )
+    add_device_argument(pp)
     pp.add_argument(
         "--prefill",
         choices=["cpu", "slp"],
