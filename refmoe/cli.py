@@ -363,7 +363,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 stop_ids=cfg.eos_token_id,
                 trace=trace,
                 stop_text=args.stop,
-                decode=tok.decode if tok else None,
+                tokenizer=tok,
                 prefill=runner,
             )
         finally:

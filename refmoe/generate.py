@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from refmoe.sampling import Sampler, SamplingParams
+from refmoe.tokenizer import Detokenizer
 from refmoe.trace import maybe
 
 
@@ -35,16 +36,17 @@ def generate(
     max_context: int | None = None,
     trace=None,
     stop_text: list[str] | None = None,
-    decode=None,
+    tokenizer=None,
     prefill=None,
 ) -> Generation:
-    """Greedy or sampled continuation of prompt_ids; stops at max_tokens, a stop id, or (with
-    decode, ids -> text) once the text contains one of stop_text.
+    """Greedy or sampled continuation of prompt_ids; stops at max_tokens, a stop id, the end of
+    the params' grammar, or (with the refmoe.tokenizer.Tokenizer to decode it) once the text
+    contains one of stop_text.
     trace: a refmoe.trace.Trace that gets the prefill and decode spans and the request.
     prefill: a refmoe.slp.StreamPrefill or refmoe.dslp group to run the prompt through (SLP,
     DSLP; anything with prefill(ids, cache, all_logits=False)), or None for the plain path
     (routed experts on the CPU kernels)."""
-    if stop_text and decode is None:
+    if stop_text and tokenizer is None:
         raise ValueError("stop strings need a tokenizer")
     if not prompt_ids:
         raise ValueError("the prompt is empty")
@@ -83,16 +85,24 @@ def generate(
     t1 = time.perf_counter()
     first = trace.now() if trace else 0.0
     steps = []
-    reason = "stop" if out[-1] in stop or sampler.finished else "length"
+    text = Detokenizer(tokenizer) if stop_text else None  # decoded as it grows
+
+    def stopped() -> bool:
+        if out[-1] in stop or sampler.finished:  # a stop id, or the grammar complete
+            return True
+        if text is None:
+            return False
+        text.add(out[-1:])
+        return any(s in text.text for s in stop_text or ())
+
+    reason = "stop" if stopped() else "length"
     while reason == "length" and len(out) < max_tokens:
         s = time.perf_counter()
         with maybe(trace, "scheduler", "steps", "decode", position=cache.length):
             logits = model.forward(torch.tensor(out[-1:]), cache)
             out.append(sampler(logits[-1]))
         steps.append(time.perf_counter() - s)
-        if out[-1] in stop or sampler.finished:  # a stop id, or the grammar complete
-            reason = "stop"
-        elif stop_text and any(s in decode(out) for s in stop_text):
+        if stopped():
             reason = "stop"
     model.trace = None
     if trace:
