@@ -770,15 +770,15 @@ def create_app(
         markup: str = "",
         constraint=None,
         logprobs: int | None = None,
-        echo: str | None = None,
+        echo: bool = False,
     ):
         """tools: the request's ToolPlan (chat with tools), whose calls are read off the reply.
         think: None when the model writes no reasoning block, else whether the reply starts
         inside one (refmoe.reasoning); the reasoning is returned as reasoning_content.
         markup: "harmony" for gpt-oss's channels (refmoe.harmony). constraint: the grammar
         the reply is held to (refmoe.structured), or None. logprobs: None, or how many
-        alternatives to return with each token's log-probability. echo: the prompt's text,
-        returned before the completion (with logprobs, the prompt tokens' too)."""
+        alternatives to return with each token's log-probability. echo: the prompt returned
+        before the completion (as sent, or its ids as text; with logprobs, its tokens' too)."""
         eng = engine()
         check_model(body.model)
         limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
@@ -796,15 +796,29 @@ def create_app(
             seed=body.seed,
             constraint=constraint,
             logprobs=logprobs,
-            prompt_logprobs=logprobs if echo is not None else None,
+            prompt_logprobs=logprobs if echo else None,
         )
+        text_before = None  # the echo, once the engine has taken the prompt's ids as valid
+        if echo:
+            sent = getattr(body, "prompt", None)
+            text_before = sent if isinstance(sent, str) else token_text(*prompt)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
                 _stream(
-                    eng, req, queue, rid, created, chat, include_usage, tools, think, markup, echo
+                    eng,
+                    req,
+                    queue,
+                    rid,
+                    created,
+                    chat,
+                    include_usage,
+                    tools,
+                    think,
+                    markup,
+                    text_before,
                 ),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
@@ -835,7 +849,7 @@ def create_app(
         else:
             choice = {
                 "index": 0,
-                "text": (echo or "") + content,
+                "text": (text_before or "") + content,
                 "finish_reason": finish,
                 "logprobs": text_logprobs(lps, 0) if logprobs is not None else None,
             }
@@ -860,7 +874,7 @@ def create_app(
         tools=None,
         think=None,
         markup="",
-        echo=None,
+        echo=None,  # an echoed prompt's text: sent with the first piece
     ):
         kind = "chat.completion.chunk" if chat else "text_completion"
         reader = ReplyReader(tools, think, markup == "harmony") if chat else None
@@ -981,10 +995,9 @@ def create_app(
             prompt = await encode(body.prompt, True, "prompt")
         else:
             prompt = body.prompt
-        echo = None
-        if body.echo:  # the prompt as sent, or its tokens as text
-            echo = body.prompt if isinstance(body.prompt, str) else token_text(*body.prompt)
-        return await generate(request, body, prompt, chat=False, logprobs=body.logprobs, echo=echo)
+        return await generate(
+            request, body, prompt, chat=False, logprobs=body.logprobs, echo=body.echo
+        )
 
     # -- Anthropic's Messages API -------------------------------------------------------
 

@@ -204,6 +204,8 @@ def test_cancel_mid_stream_frees_kv(server):
         ({"prompt": [4], "n": 3}, 400, "n"),
         ({"prompt": [4], "max_tokens": 0}, 400, "max_tokens"),
         ({"prompt": [4, 999]}, 400, "token ids"),
+        ({"prompt": [-1], "echo": True}, 400, "token ids"),  # found by the schema fuzz
+        ({"prompt": [4, 999], "echo": True, "logprobs": 1}, 400, "token ids"),
         ({"prompt": []}, 400, "empty"),
         ({"prompt": ""}, 400, "empty"),
         ({"max_tokens": 3}, 400, "prompt"),
