@@ -174,6 +174,8 @@ class Engine:
             lookup=self._lookup if self.prefix is not None else None,
             state_tokens=state_tokens,
         )
+        # a prefix its caches map (on the CPU) is the prefix cache's memory, not theirs
+        self.scheduler.shares = self.prefix is not None
         if trace is not None:  # what a simulator replaying this run must know
             trace.metadata.setdefault("engine", {})["chunked_prefill"] = self.policy.chunked
         self.requests: dict[str, Request] = {}
@@ -573,17 +575,18 @@ class Engine:
         self.scheduler.finish(req.id)
         self._gauges()
 
-    def _lookup(self, request_id: str) -> int:
-        """The scheduler asks (lock held) how much of a request's prompt is cached; the hit
-        is kept on the request until its prefill restores it."""
+    def _lookup(self, request_id: str) -> tuple[int, int]:
+        """The scheduler asks (lock held) how much of a request's prompt is cached, and how
+        much of that its cache will map rather than copy; the hit is kept on the request
+        until its prefill restores it."""
         req = self.requests.get(request_id)
         if req is None or self.prefix is None:
-            return 0
+            return 0, 0
         req.hit = self.prefix.match(req.prompt_ids, recurrent=self.recurrent)
         if self.metrics:
             self.metrics.prefix_queries.inc(len(req.prompt_ids))
             self.metrics.prefix_hits.inc(req.hit.tokens)
-        return req.hit.tokens
+        return req.hit.tokens, self.prefix.shared_tokens(req.hit, self.model.device)
 
     def _send(self, req: Request, event: dict) -> None:
         try:

@@ -8,10 +8,16 @@ the whole conversation) prefills only what is new.
                  share its blocks (each stored once)
     match        the longest run of cached blocks that starts the prompt, leaving at least one
                  token to run (the first generated token needs the last prompt token's logits)
-    restore      copies those blocks into a fresh cache (the engine's caches are contiguous
-                 growing tensors, so a hit costs one copy of the prefix, not a prefill)
-    store        copies the full blocks of a cache that are not cached yet; the ones that are
-                 are only touched
+    pages        full blocks live in one shared-memory file (refmoe/models/pages.py), a slot
+                 per block, each layer's parts stripe-major
+    restore      on the CPU maps those blocks' pages at the start of a fresh cache's buffers
+                 (copy-free: every request with the prefix reads the same memory, held once,
+                 and writes only after it); on a GPU, or for a part whose block is not whole
+                 pages, copies them (the engine's caches are contiguous growing tensors)
+    store        copies the full blocks of a cache that are not cached yet into free slots;
+                 the ones that are are only touched
+    pins         a match pins its blocks until it is restored, a mapped cache until it is
+                 gone: a pinned block is never evicted, so no page is rewritten under a reader
     eviction     least recently used, leaves first: a match touches a chain from its end back
                  to its start, so a parent is always more recent than its children, and only
                  blocks with no cached children are evicted
@@ -28,14 +34,16 @@ the whole conversation) prefills only what is new.
                  end of a finished request. A match for such a model is the longest prefix
                  that ends at a snapshot; the state is restored, the rest prefilled.
 
-A Hit holds its blocks' tensors, so a block evicted after a match is still whole for the
-request that matched it (its memory returns when that request has restored it); nothing a
-request reads is freed under it. Thread-safe: the engine's workers call it from their threads.
+A Hit pins its blocks (and holds a snapshot's own tensors), so a block is still whole for the
+request that matched it; nothing a request reads is evicted or rewritten under it. The bytes
+counted (`nbytes`, held under the capacity) are every cached block's, shared pages once.
+Thread-safe: the engine's workers call it from their threads.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -45,6 +53,9 @@ if TYPE_CHECKING:  # torch is loaded where caches exist; the simulator reads BLO
     import torch
 
     from refmoe.models.kv_cache import KVCache
+    from refmoe.models.pages import Pool
+
+log = logging.getLogger(__name__)
 
 BLOCK_TOKENS = 32
 SNAPSHOT_BLOCKS = 64  # a long prompt's snapshots, blocks apart, unless the engine says
@@ -59,14 +70,21 @@ class Block:
     nbytes: int
     children: int = 0
     states: list | None = None  # a snapshot: per recurrent layer its tensors at its end
+    slot: int | None = None  # a full block's place in the pool (its pooled parts' pages)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True)
 class Hit:
-    """A match: the cached prefix's length in tokens, and its blocks, in order."""
+    """A match: the cached prefix's length in tokens, and its blocks, in order (pinned until
+    the hit is gone)."""
 
     tokens: int = 0
     blocks: list[Block] = field(default_factory=list)
+
+    @property
+    def slots(self) -> list[int]:
+        """The slots of its leading full blocks (a snapshot, last, has none)."""
+        return [b.slot for b in self.blocks if b.slot is not None]
 
 
 @dataclass(slots=True)
@@ -122,6 +140,17 @@ class PrefixCache:
         self.nbytes = 0
         self.stats = Stats()
         self.lock = threading.Lock()
+        self.pool: Pool | None = None  # made for the first cache stored (its parts' layout)
+
+    def shared_tokens(self, hit: Hit, device: torch.device | str = "cpu") -> int:
+        """How many of the hit's tokens a restore into a cache on device maps rather than
+        copies (the KV budget counts them once, here, not per request)."""
+        import torch
+
+        pool = self.pool
+        if pool is None or not pool.aliases or torch.device(device).type != "cpu":
+            return 0
+        return len(hit.slots) * self.block_tokens
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -157,6 +186,8 @@ class PrefixCache:
             for blk in reversed(hit.blocks):  # parents end up more recent than their children
                 self.blocks.move_to_end(blk.key)
             self.stats.hits += hit.tokens
+            if self.pool is not None and hit.slots:
+                self.pool.unpin_when_gone(hit, tuple(hit.slots))
             return hit
 
     def _snapshot_hit(self, ids: list[int], found: list[Block]) -> Hit:
@@ -171,26 +202,50 @@ class PrefixCache:
                     best = Hit(end, found[:depth] + [snap])
         return best
 
-    @staticmethod
-    def restore(hit: Hit, cache: KVCache, device: torch.device | str = "cpu") -> None:
+    def restore(self, hit: Hit, cache: KVCache, device: torch.device | str = "cpu") -> None:
         """Put the hit's prefix into an empty cache (on the model's device): the positional
-        layers' entries, and for a cache with recurrent layers, their snapshotted states."""
-        import torch
-
+        layers' entries (on the CPU its full blocks mapped, not copied, where every part's
+        blocks are whole pages), and for a cache with recurrent layers, their snapshotted
+        states."""
         if not hit.blocks:
             return
         states = hit.blocks[-1].states
         if cache.recurrent_layers() and states is None:
             raise ValueError("a cache with recurrent layers restores only a hit on a snapshot")
-        layers = [
-            [
-                torch.cat([blk.tensors[layer][j] for blk in hit.blocks], dim=g.dim).to(device)
-                for j, g in enumerate(gs)
-            ]
-            for layer, gs in enumerate(cache.parts())
-        ]
         moved = [tuple(t.to(device) for t in state) for state in states or []]
-        cache.restore(layers, moved, hit.tokens)
+        if self.shared_tokens(hit, device):
+            try:
+                self._restore(hit, cache, device, moved, share=True)
+                return
+            except OSError as e:  # no more mappings (vm.max_map_count): copy instead
+                log.warning("prefix cache: restoring by copy (%s)", e)
+                for g in (g for gs in cache.parts() for g in gs):
+                    g.clear()
+        self._restore(hit, cache, device, moved, share=False)
+
+    def _restore(self, hit: Hit, cache: KVCache, device, moved: list, share: bool) -> None:
+        import torch
+
+        from refmoe.models.pages import SharedPrefix
+
+        full, pool = (len(hit.slots) if share else 0), self.pool
+        layers, shared = [], []
+        for layer, gs in enumerate(cache.parts()):
+            row, prefixes = [], []
+            for j, g in enumerate(gs):
+                part = pool.parts[layer][j] if pool is not None and share else None
+                prefix = None
+                if pool is not None and part is not None and part.pooled:
+                    prefix = SharedPrefix(pool, part, hit.slots)
+                rest = hit.blocks[full:] if prefix is not None else hit.blocks
+                tensors = [blk.tensors[layer][j] for blk in rest]
+                if not tensors:  # all of it mapped
+                    tensors = [hit.blocks[0].tensors[layer][j].narrow(g.dim, 0, 0)]
+                row.append(torch.cat(tensors, dim=g.dim).to(device))
+                prefixes.append(prefix)
+            layers.append(row)
+            shared.append(prefixes)
+        cache.restore(layers, moved, hit.tokens, shared if full else None)
 
     def store(self, ids: list[int], cache: KVCache, now: bool = False) -> int:
         """Keep the full blocks of cache (whose positions hold ids[:cache.length]); returns
@@ -225,14 +280,8 @@ class PrefixCache:
         new = 0
         for i in range(start, len(chain)):
             key, parent, tokens = chain[i]
-            with self.lock:
-                blk = self.blocks.get(key)
-                if blk is not None and blk.tokens == tokens:
-                    self.blocks.move_to_end(key)
-                    continue
             lo = i * self.block_tokens
-            block = self._copy(key, parent, tokens, cache.read(lo, lo + self.block_tokens))
-            held = self._insert(block)
+            held = self._insert(key, parent, tokens, cache, lo, lo + self.block_tokens)
             if held is None:
                 return new, False
             new += held
@@ -242,62 +291,101 @@ class PrefixCache:
         """A snapshot at end under the block parent (None: the root) that ends at base."""
         tail = tuple(ids[base:end])
         key = _key(parent, tail, snapshot=True)
-        with self.lock:
-            if key in self.blocks:
-                self.blocks.move_to_end(key)
-                return 0
-        block = self._copy(key, parent, tail, cache.read(base, end), states)
-        held = self._insert(block)
+        held = self._insert(key, parent, tail, cache, base, end, states)
         if held:
             self.stats.stored_snapshots += 1
         return int(bool(held))
 
-    @staticmethod
-    def _copy(key, parent, tokens, layers, states=None) -> Block:
-        """A block of host copies of a cache's entries (and states)."""
-        tensors = [[t.to("cpu", copy=True) for t in layer] for layer in layers]
-        kept = None
-        if states is not None:
-            kept = [tuple(t.to("cpu", copy=True) for t in state) for state in states]
-        nbytes = sum(t.numel() * t.element_size() for layer in tensors for t in layer)
-        nbytes += sum(t.numel() * t.element_size() for state in kept or [] for t in state)
-        return Block(key, parent, tokens, tensors, nbytes, states=kept)
+    def _pool(self, cache: KVCache) -> Pool:
+        """The pool, made for the first cache stored: every cache of a model has its parts
+        (lock held)."""
+        from refmoe.models.pages import Pool, layout
 
-    def _insert(self, blk: Block) -> bool | None:
-        """Keep blk, evicting to make room: True if kept, False if it was already there, None
-        if it cannot be kept (too big, or its parent is gone)."""
-        if blk.nbytes > self.capacity:
-            return None
+        if self.pool is None:
+            parts = layout(cache.parts(), self.block_tokens)
+            pool = Pool(parts, 0)
+            slots = self.capacity // pool.block_bytes if pool.block_bytes else 0
+            self.pool = Pool(parts, slots)
+        return self.pool
+
+    def _insert(self, key, parent, tokens, cache: KVCache, lo: int, hi: int, states=None):
+        """Keep positions lo .. hi of cache (tokens, under the block parent; with states a
+        snapshot, else a full block), evicting to make room: True if kept, False if it was
+        there already, None if it cannot be kept (too big, its parent is gone, or every
+        block left is pinned). Copies under the lock: no reader sees a block half written."""
+        layers = cache.read(lo, hi)
         with self.lock:
-            if blk.key in self.blocks:
-                self.blocks.move_to_end(blk.key)
-                return False  # stored meanwhile
-            parent = blk.parent
+            pool = self._pool(cache)
+            pool.drain()
+            blk = self.blocks.get(key)
+            if blk is not None and blk.tokens == tokens:
+                self.blocks.move_to_end(key)
+                return False
+            full = states is None and pool.block_bytes > 0
+            own = [
+                [t for t, part in zip(layer, parts) if not (full and part.pooled)]
+                for layer, parts in zip(layers, pool.parts)
+            ]
+            nbytes = sum(t.numel() * t.element_size() for layer in own for t in layer)
+            nbytes += sum(t.numel() * t.element_size() for state in states or [] for t in state)
+            nbytes += pool.block_bytes if full else 0
+            if nbytes > self.capacity:
+                return None
             if parent is not None:
                 if parent not in self.blocks:
                     return None  # its parent was evicted meanwhile: the chain ends here
                 self.blocks.move_to_end(parent)  # not the next to go
-            self._evict(self.capacity - blk.nbytes)
+            self._evict(self.capacity - nbytes)
+            if self.nbytes + nbytes > self.capacity:
+                return None  # what is left is pinned by requests reading it
             if parent is not None and parent not in self.blocks:
                 return None  # the budget holds no more than the rest of this chain
-            self.blocks[blk.key] = blk
+            slot = pool.alloc() if full else None
+            if full and slot is None:
+                return None
+            tensors = []
+            for layer, parts in zip(layers, pool.parts):
+                kept = []
+                for t, part in zip(layer, parts):
+                    if slot is not None and part.pooled:
+                        kept.append(pool.view(slot, part))
+                        kept[-1].copy_(t)
+                    else:
+                        kept.append(t.to("cpu", copy=True))
+                tensors.append(kept)
+            kept_states = None
+            if states is not None:
+                kept_states = [tuple(t.to("cpu", copy=True) for t in st) for st in states]
+            blk = Block(key, parent, tokens, tensors, nbytes, states=kept_states, slot=slot)
+            self.blocks[key] = blk
             if parent is not None:
                 self.blocks[parent].children += 1
-            if blk.states is not None:
-                self.snaps.setdefault(parent, set()).add(blk.key)
-            self.nbytes += blk.nbytes
+            if states is not None:
+                self.snaps.setdefault(parent, set()).add(key)
+            self.nbytes += nbytes
             self.stats.stored_blocks += 1
             return True
 
     def _evict(self, target: int) -> None:
-        """Evict least recently used leaves until at most target bytes are held (lock held)."""
+        """Evict least recently used leaves not pinned until at most target bytes are held
+        (lock held)."""
+        pool = self.pool
         while self.nbytes > target and self.blocks:
-            leaf = next((b for b in self.blocks.values() if b.children == 0), None)
-            if leaf is None:  # cannot happen in a forest; be safe rather than loop
+            leaf = next(
+                (
+                    b
+                    for b in self.blocks.values()
+                    if b.children == 0 and not (b.slot is not None and pool and pool.pinned(b.slot))
+                ),
+                None,
+            )
+            if leaf is None:  # every leaf is pinned by a request reading it
                 break
             del self.blocks[leaf.key]
             self.nbytes -= leaf.nbytes
             self.stats.evicted_blocks += 1
+            if leaf.slot is not None and pool is not None:
+                pool.release(leaf.slot)
             if leaf.states is not None:
                 under = self.snaps[leaf.parent]
                 under.discard(leaf.key)

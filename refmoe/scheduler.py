@@ -6,7 +6,9 @@ Policy, as the paper's technique 3 describes it:
 - admission: a request waits until the KV budget holds its prompt plus max_tokens; the
   waiting queue has a bound (the server answers 429 beyond it);
 - prefix cache: a request's cached prefix is looked up once, when it reaches the head of the
-  queue (`lookup`); the path is chosen for the tokens left to run, not the whole prompt;
+  queue (`lookup`); the path is chosen for the tokens left to run, not the whole prompt; the
+  part of the prefix a request shares with the cache rather than copies is held once, by the
+  cache, so its reservation leaves it out;
 - prefill and decode are separate workers: prefill takes the oldest admitted request, whole
   (chunked by SLP when it runs there), on the path the cost model picks (`where`);
 - chunked CPU prefill (`chunk_tokens` given): a prompt on the CPU path is never run whole
@@ -79,6 +81,7 @@ class Entry:
     state: str = "waiting"  # waiting -> prefilling -> decoding -> finished
     where: str | None = None  # the prefill path, once looked at
     cached: int = 0  # leading prompt tokens the prefix cache holds
+    shared: int = 0  # of those, the ones its cache maps from the prefix cache's (held there)
     done: int = 0  # prompt tokens run so far by chunks
     passed: int = 0  # chunks given to shorter prompts since this one's last
     state_tokens: int = 0  # the fixed state a sequence keeps, in tokens' worth of cache
@@ -86,7 +89,7 @@ class Entry:
 
     @property
     def reserve(self) -> int:
-        return self.prompt_tokens + self.max_tokens + self.state_tokens
+        return self.prompt_tokens - self.shared + self.max_tokens + self.state_tokens
 
 
 class QueueFull(Exception):
@@ -159,11 +162,15 @@ class Scheduler:
         self.observed: dict[str, float] = {}
         # (tokens, where) -> (chunks, streaming per chunk): refmoe.policy.Policy.details
         self.details = details or (lambda tokens, where: (1, ()))
-        # request_id -> leading prompt tokens cached (the engine's prefix cache)
+        # request_id -> leading prompt tokens cached (the engine's prefix cache), or (cached,
+        # shared): the cached tokens and how many of them its cache will share, not copy
         self.lookup = lookup or (lambda request_id: 0)
         # (decoding requests, prompt tokens left) -> tokens of the next chunk (0: none this
         # step); None: CPU prefills run whole on the prefill worker
         self.chunk_tokens = chunk_tokens
+        # whether a lookup may share a prefix (then it runs before the reservation is known
+        # to fit: what fits depends on it); else only once it fits, as it always did
+        self.shares = False
         self.chunking: list[str] = []  # requests whose prompts ride along decode steps
         self.dual_batch = dual_batch
         self.entries: dict[str, Entry] = {}
@@ -264,17 +271,21 @@ class Scheduler:
 
     def _head(self) -> Entry | None:
         """The oldest waiting request if its reservation fits, its cached prefix and path
-        decided (once: the lookup pins what it found for the executor)."""
+        decided (once, at the head: the lookup pins what it found for the executor, and what
+        it shares is not reserved)."""
         if not self.waiting:
             return None
         e = self.entries[self.waiting[0]]
-        if not self.kv.fits(e.reserve):
-            return None
-        if e.where is None:
-            e.cached = 0 if e.whole else min(self.lookup(e.request_id), e.prompt_tokens - 1)
+        if e.where is None and (self.kv.fits(e.reserve) or self.shares):
+            found = 0 if e.whole else self.lookup(e.request_id)
+            cached, shared = found if isinstance(found, tuple) else (found, 0)
+            e.cached = min(cached, e.prompt_tokens - 1)
+            e.shared = min(shared, e.cached)
             e.where = self.choose_path(
                 e.prompt_tokens - e.cached, bool(self.decoding), self.worker_wait()
             )
+        if not self.kv.fits(e.reserve):
+            return None
         return e
 
     def worker_wait(self) -> float:

@@ -5,9 +5,12 @@ and values)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
+
+if TYPE_CHECKING:
+    from refmoe.models.pages import SharedPrefix
 
 
 class Growing:
@@ -15,23 +18,52 @@ class Growing:
     writes its own token instead of copying the whole cache (torch.cat would). rate: positions
     per row (1: a row per position; DeepSeek-V4's compressed entries: one per `rate`
     positions, the row of positions (i - 1) rate .. i rate - 1 written once the i-th window has
-    closed, so a cache of n positions holds n // rate of them)."""
+    closed, so a cache of n positions holds n // rate of them).
+
+    shared: a prefix restored from the prefix cache copy-free (refmoe/models/pages.py): its
+    rows are the cache file's pages mapped read-only at the start of the buffer, so it grows
+    into a new buffer with the prefix mapped again and only its own rows copied."""
 
     def __init__(self, dim: int, rate: int = 1):
         if rate < 1:
             raise ValueError(f"a growing cache holds a row per >= 1 positions, got rate {rate}")
         self.dim, self.n, self.rate = dim, 0, rate
         self.buf: torch.Tensor | None = None
+        self.shared: SharedPrefix | None = None
+
+    def share(self, prefix: SharedPrefix) -> None:
+        """Start an empty cache with a prefix of the prefix cache's, mapped, not copied."""
+        if self.n:
+            raise ValueError("a shared prefix starts an empty cache")
+        self.buf = prefix.buffer(max(2 * prefix.rows, 64))
+        self.shared, self.n = prefix, prefix.rows
+
+    def clear(self) -> None:
+        """Empty again (a restore that could not map its prefix starts over)."""
+        self.buf, self.shared, self.n = None, None, 0
+
+    @property
+    def own_nbytes(self) -> int:
+        """The memory of the buffer that is its own (a shared prefix's pages are the prefix
+        cache's)."""
+        if self.buf is None:
+            return 0
+        return self.buf.untyped_storage().nbytes() - (self.shared.nbytes if self.shared else 0)
 
     def append(self, x: torch.Tensor) -> torch.Tensor:
         """Append x; return the whole contents (a view)."""
         t = x.shape[self.dim]
         if self.buf is None or self.n + t > self.buf.shape[self.dim]:
-            shape = list(x.shape)
-            shape[self.dim] = max(2 * (self.n + t), 64)
-            grown = x.new_empty(shape)
-            if self.buf is not None:
-                grown.narrow(self.dim, 0, self.n).copy_(self.view())
+            rows = max(2 * (self.n + t), 64)
+            if self.shared is not None:
+                grown, mine = self.shared.buffer(rows), self.shared.rows
+            else:
+                shape = list(x.shape)
+                shape[self.dim] = rows
+                grown, mine = x.new_empty(shape), 0
+            if self.buf is not None and self.n > mine:
+                own = self.buf.narrow(self.dim, mine, self.n - mine)
+                grown.narrow(self.dim, mine, self.n - mine).copy_(own)
             self.buf = grown
         grown = self.buf
         grown.narrow(self.dim, self.n, t).copy_(x)
@@ -105,13 +137,15 @@ class KVCache:
 
     def nbytes(self) -> int:
         """The memory the cache holds: every tensor and growing buffer of its layers (their
-        storages, each once; a growing buffer's whole capacity), snapshots not taken yet
-        included."""
+        storages, each once; a growing buffer's whole capacity less a shared prefix, which
+        the prefix cache holds), snapshots not taken yet included."""
         seen: dict[int, int] = {}
 
         def hold(t) -> None:
             if isinstance(t, Growing):
-                t = t.buf
+                if t.buf is not None:
+                    seen[t.buf.untyped_storage().data_ptr()] = t.own_nbytes
+                return
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 seen[storage.data_ptr()] = storage.nbytes()
@@ -159,14 +193,30 @@ class KVCache:
             )
         self._append(layers)
 
-    def restore(self, layers: list[list[torch.Tensor]], states: list, length: int) -> None:
+    def restore(
+        self,
+        layers: list[list[torch.Tensor]],
+        states: list,
+        length: int,
+        shared: list[list[SharedPrefix | None]] | None = None,
+    ) -> None:
         """Into an empty cache: a prefix of `length` positions, as read() gives them, and
-        (when it has recurrent layers) their PARTS snapshotted at that length."""
+        (when it has recurrent layers) their PARTS snapshotted at that length. shared: per
+        layer and part, a prefix mapped from the prefix cache first (None: none), `layers`
+        then holding only what follows it."""
         recurrent = self.recurrent_layers()
-        if self.length:
+        if self.length or any(g.n for gs in self.parts() for g in gs):
             raise ValueError("a prefix restores into an empty cache")
         if len(states) != len(recurrent):
             raise ValueError(f"{len(recurrent)} recurrent layers, {len(states)} states given")
+        if shared is not None:
+            mine = self.parts()
+            if len(shared) != len(mine) or any(len(a) != len(b) for a, b in zip(shared, mine)):
+                raise ValueError("the shared prefixes do not match this cache's layers")
+            for gs, prefixes in zip(mine, shared):
+                for g, prefix in zip(gs, prefixes):
+                    if prefix is not None:
+                        g.share(prefix)
         self._append(layers)
         for g in (g for gs in self.parts() for g in gs):
             if g.n != length // g.rate:
