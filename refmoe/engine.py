@@ -175,7 +175,7 @@ class Engine:
             state_tokens=state_tokens,
         )
         # a prefix its caches map (on the CPU) is the prefix cache's memory, not theirs
-        self.scheduler.shares = self.prefix is not None
+        self.scheduler.shares = self.prefix is not None and torch.device(model.device).type == "cpu"
         if trace is not None:  # what a simulator replaying this run must know
             trace.metadata.setdefault("engine", {})["chunked_prefill"] = self.policy.chunked
         self.requests: dict[str, Request] = {}

@@ -473,6 +473,10 @@ class Simulation:
             lookup=self.lookup if self.prefix is not None else None,
             state_tokens=state_tokens,
         )
+        # without a GPU the caches are in host memory and a hit's full blocks are mapped from
+        # the prefix cache, not copied (refmoe/models/pages.py): held once, not reserved
+        self.shares = self.prefix is not None and not hw.gpus
+        self.sched.shares = self.shares
         self.outcomes = [Outcome(a, p) for a, p, _ in requests]
         self.total = len(requests) + sum(len(c) for c in self.conversations)
         self.turn_of: dict[str, tuple[int, int]] = {}  # request -> (conversation, turn)
@@ -564,12 +568,14 @@ class Simulation:
             yield done
             history = prompt + t.output_tokens
 
-    def lookup(self, rid: str) -> int:
-        """The scheduler asks how much of a turn's prompt the prefix cache holds."""
+    def lookup(self, rid: str) -> tuple[int, int]:
+        """The scheduler asks how much of a turn's prompt the prefix cache holds, and how much
+        of that the turn's cache shares (its full blocks, on a box without a GPU)."""
         c, _ = self.turn_of[rid]
         assert self.prefix is not None
         got = self.cached[rid] = self.prefix.match(c, self.outcomes[int(rid)].prompt_tokens)
-        return got
+        block = self.prefix.block
+        return got, (got // block * block if self.shares else 0)
 
     def prefilled(self, rid: str) -> None:
         """A prompt is in its cache: the engine keeps its blocks."""

@@ -245,3 +245,25 @@ def test_the_simulator_does_not_load_torch():
     code = "import sys, sim.cli, sim.serve, sim.agents, sim.validate; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+def test_a_box_without_a_gpu_reserves_a_shared_prefix_once(monkeypatch):
+    """As the engine does: caches in host memory map a hit's full blocks from the prefix
+    cache, so a later turn reserves its prompt less those blocks; with a GPU (caches on the
+    device, a hit copied) it reserves its whole prompt."""
+    from refmoe.scheduler import KVBudget
+
+    taken: list[int] = []
+    take = KVBudget.take
+    monkeypatch.setattr(KVBudget, "take", lambda self, n: (taken.append(n), take(self, n))[1])
+    cfg = ModelConfig.from_dict(dict(V3, num_hidden_layers=1, first_k_dense_replace=0))
+    convos = agent_workload(2, 3, 1024, (200, 400), (32, 64), (1.0, 2.0), seed=1)
+    reserved, records = {}, {}
+    for hw in ("zen3-2vcpu-calibrated", "paper-2x9355-2x5090"):
+        taken.clear()
+        run = Simulation(cfg, Hardware.load(hw), [], conversations=convos).run()
+        reserved[hw], records[hw] = sum(taken), run.records
+        assert len(taken) == 6 and all(r.outcome.ok for r in run.records)
+    shared = sum(r.cached_tokens // 32 * 32 for r in records["zen3-2vcpu-calibrated"])
+    assert shared > 2 * 1024
+    assert reserved["paper-2x9355-2x5090"] - reserved["zen3-2vcpu-calibrated"] == shared

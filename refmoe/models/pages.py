@@ -35,6 +35,7 @@ import heapq
 import math
 import mmap
 import os
+import threading
 import weakref
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -156,6 +157,7 @@ class Pool:
         self.free: list[int] = []  # heap: the lowest first, so runs stay consecutive
         self.pins: Counter[int] = Counter()
         self.released: deque[tuple[int, ...]] = deque()  # appended by finalizers, any thread
+        self.pin_lock = threading.Lock()  # a cache that grows pins from its own thread
 
     @property
     def aliases(self) -> bool:
@@ -184,15 +186,18 @@ class Pool:
         heapq.heappush(self.free, slot)
 
     def pin(self, slots) -> None:
-        self.pins.update(slots)
+        with self.pin_lock:
+            self.pins.update(slots)
 
     def drain(self) -> None:
-        """Drop the pins the finalizers queued (the owner's lock held)."""
+        """Drop the pins the finalizers queued (never in a finalizer: they only queue, so no
+        lock is taken where a collection may run)."""
         if not self.released:
             return
-        while self.released:
-            self.pins.subtract(self.released.popleft())
-        self.pins = +self.pins  # drop zeros
+        with self.pin_lock:
+            while self.released:
+                self.pins.subtract(self.released.popleft())
+            self.pins = +self.pins  # drop zeros
 
     def pinned(self, slot: int) -> bool:
         return self.pins[slot] > 0
