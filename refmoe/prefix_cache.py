@@ -144,13 +144,14 @@ class PrefixCache:
 
     def shared_tokens(self, hit: Hit, device: torch.device | str = "cpu") -> int:
         """How many of the hit's tokens a restore into a cache on device maps rather than
-        copies (the KV budget counts them once, here, not per request)."""
+        copies, in whole tokens' worth of cache (the KV budget counts them once, here, not per
+        request; a cache some of whose parts are copied shares that much less)."""
         import torch
 
         pool = self.pool
         if pool is None or not pool.aliases or torch.device(device).type != "cpu":
             return 0
-        return len(hit.slots) * self.block_tokens
+        return int(len(hit.slots) * self.block_tokens * pool.mapped_share)
 
     def __len__(self) -> int:
         return len(self.blocks)

@@ -8,6 +8,7 @@ import gc
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from test_slp import fp8_dir  # noqa: F401 (fixture)
 
 from refmoe.models import pages
 from refmoe.models.gqa import LayerCache
-from refmoe.models.kv_cache import KVCache
+from refmoe.models.kv_cache import Growing, KVCache
 from refmoe.prefix_cache import PrefixCache
 from refmoe.scheduler import Entry, Scheduler
 
@@ -179,6 +180,37 @@ def test_parts_whose_blocks_are_not_whole_pages_are_copied():
     fresh = KVCache([LayerCache()])
     pc.restore(hit, fresh)
     assert torch.equal(fresh.read(0, 32)[0][0], cache.read(0, 32)[0][0])
+
+
+@dataclass(slots=True)
+class Mixed:
+    """A layer with a part whose blocks are pages ([g, S, 32]) and one whose are not: a row
+    per 4 positions of 16 floats (512 bytes a block), as DeepSeek-V4's compressed parts."""
+
+    k: Growing = field(default_factory=lambda: Growing(1))
+    e: Growing = field(default_factory=lambda: Growing(0, 4))
+
+    @property
+    def length(self) -> int:
+        return self.k.n
+
+
+def test_a_cache_with_parts_of_both_kinds_maps_one_and_copies_the_other():
+    gen = torch.Generator().manual_seed(5)
+    src = KVCache([Mixed()])
+    src.extend([[torch.randn(G, 70, D, generator=gen), torch.randn(70 // 4, 16, generator=gen)]])
+    pc = PrefixCache(1 << 26)
+    assert pc.store(list(range(70)), src) == 2
+    k_bytes, e_bytes = G * D * 4, 16 * 4 / 4  # a position's
+    assert pc.pool.mapped_share == pytest.approx(k_bytes / (k_bytes + e_bytes))
+    hit = pc.match(list(range(71)))
+    assert pc.shared_tokens(hit) == int(64 * pc.pool.mapped_share) < 64
+    fresh = KVCache([Mixed()])
+    pc.restore(hit, fresh)
+    k, e = fresh.parts()[0]
+    assert k.shared is not None and e.shared is None
+    for a, b in zip(fresh.read(0, 64)[0], src.read(0, 64)[0]):
+        assert torch.equal(a, b)
 
 
 def test_the_kv_budget_leaves_a_shared_prefix_out():

@@ -161,9 +161,19 @@ class Pool:
 
     @property
     def aliases(self) -> bool:
-        """Whether every part is pooled and pages can be mapped: a restore on the CPU then
-        copies nothing."""
-        return self.shares and all(p.pooled for layer in self.parts for p in layer)
+        """Whether a restore on the CPU maps pages at all (some part is pooled)."""
+        return self.shares and bool(self.pooled)
+
+    @property
+    def mapped_share(self) -> float:
+        """The share of a cache's bytes per position that a restore maps rather than copies
+        (1 where every part is pooled; DeepSeek-V4's compressed parts of a row per 128
+        positions are copied)."""
+        if not self.aliases:
+            return 0.0
+        per = [(p.stripes * p.row_bytes / p.rate, p.pooled) for ps in self.parts for p in ps]
+        total = sum(b for b, _ in per)
+        return sum(b for b, pooled in per if pooled) / total if total else 0.0
 
     # -- slots ----------------------------------------------------------------------------
 
