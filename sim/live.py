@@ -187,6 +187,9 @@ def segment(case: Case, models: Path, out: Path, reps: int) -> None:
         shape=case.shape,
     )
     cfg = ModelConfig.from_file(d)
+    # a model just built leaves gigabytes of dirty pages: written back during the calibration,
+    # they would take the memory bandwidth and CPU it measures (first runs on a new machine)
+    os.sync()
     t_cal = time.time()
     hw = calibrate(f"calibration before {case.name}", reps=reps, quick=case.quick)
     hw.save(out / "calibration.yaml")
