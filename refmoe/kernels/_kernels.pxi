@@ -25,6 +25,7 @@ cdef extern from "kernels.h" nogil:
         const float *down_bias
     void refmoe_init()
     int set_fp8_route(int bf16)
+    int set_prefetch_dist(int nbytes)
     void fp8_to_f32_vec(const uint8_t *codes, float *out, int n, int permuted)
     int gemm(const wmat *W, int M, const float *x, float *y, int nthreads,
              const int *band_lo, const int *band_hi)
@@ -79,6 +80,12 @@ cdef wmat _wmat(int fmt, const uint8_t[::1] w, const uint8_t[::1] s, int n, int 
 def fp8_route(bint bf16):
     """Choose the FP8 GEMV's route where this build has two; returns whether it has."""
     return bool(set_fp8_route(bf16))
+
+
+def prefetch_dist(int nbytes):
+    """How many bytes ahead of their loads the GEMVs prefetch weights; returns the setting it
+    replaces (a value outside 0 .. 1 MiB changes nothing: the read-back)."""
+    return set_prefetch_dist(nbytes)
 
 
 def fp8_to_float32(const uint8_t[::1] codes,  # IN  [n]

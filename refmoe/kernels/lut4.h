@@ -312,7 +312,7 @@ lut4_quads(const uint8_t *row, const float *ws, int np, int per_chunk, const lut
     for (int t = 0; t < MT; t++) w[t] = _mm512_setzero_ps();
     int p = 0;
     for (; p + 2 <= np; p += 2) {
-        __builtin_prefetch(row + 32 * p + PREFETCH_DIST, 0, 0);
+        __builtin_prefetch(row + 32 * p + prefetch_dist, 0, 0);
         __m512i lo, hi;
         lut4_quad_codes(row + 32 * p, table4, int4g, &lo, &hi);
         __m512 s = _mm512_permutexvar_ps(
@@ -342,7 +342,7 @@ lut4_rest(const wmat *W, int fmt, const uint8_t *row, const uint8_t *sr, const f
     __m256 acc0[LUT4_MT_MAX], acc1[LUT4_MT_MAX];
     for (int t = 0; t < MT; t++) acc0[t] = acc[t], acc1[t] = _mm256_setzero_ps();
     for (; p + 2 <= np; p += 2) {
-        __builtin_prefetch(row + 32 * p + PREFETCH_DIST, 0, 0);
+        __builtin_prefetch(row + 32 * p + prefetch_dist, 0, 0);
         __m256 s0 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(ws + 2 * per_chunk * p), spread);
         __m256 s1 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(ws + 2 * per_chunk * (p + 1)), spread);
         __m256i lo0, hi0, lo1, hi1;
