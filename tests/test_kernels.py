@@ -151,6 +151,54 @@ def test_fp8_route_setting_is_checked():
     assert res.returncode != 0 and "REFMOE_FP8_GEMV" in res.stderr
 
 
+TRANSPOSED = ["avx512_bf16", "avx512", "avx512_emulated", "avx512_bf16_emulated"]
+
+
+@pytest.mark.parametrize("v", TRANSPOSED)
+@pytest.mark.parametrize(
+    ("m", "n", "k", "block"),
+    [
+        (16, 33, 300, (128, 128)),  # one vector of tokens, a tile with one row of 32 past N
+        (17, 100, 257, (48, 80)),  # a second vector for one token; blocks end inside 16 codes
+        (40, 64, 130, (16, 40)),
+        (130, 70, 200, (200, 7)),  # two passes of tokens (128 + 2)
+        (300, 31, 1000, (1, WHOLE)),  # per-channel scales, three passes
+    ],
+)
+def test_many_tokens_transposed_tiles(v, m, n, k, block):
+    """From 16 tokens the AVX-512 builds multiply transposed activations by broadcast weights
+    (rows_tiled_t): FP8 and MXFP4 within the float64 bound, as the dot-product tiles are, at
+    any token count (several 128-token passes), N off the 32-row tiles, K off the 128-wide
+    ones, and FP8 column blocks that end inside the 16 codes the tile conversion takes."""
+    if v not in kernels.available_variants():
+        pytest.skip(f"{v} is not built or cannot run here")
+    mod = kernels._module(v)
+    rng = np.random.default_rng(m * 1000 + n)
+    w = rng.standard_normal((n, k))
+    codes, s = formats.fp8_quantize(w, block)
+    x = (rng.standard_normal((m, k)) * 10.0 ** rng.uniform(-2, 2, (m, 1))).astype(np.float32)
+    y64, mag = fp8_reference(x, codes, s, block)
+    blocks, scales = formats.mxfp4_quantize(w)
+    # MXFP4 runs on int8-quantized activations (either path): its reference uses them
+    w4 = formats.mxfp4_dequantize(blocks, scales, k).astype(np.float64)
+    xdq = formats.q8_quantize(x)[1].astype(np.float64)
+    y4, mag4 = xdq @ w4.T, np.abs(xdq) @ np.abs(w4).T
+    before = mod.tiled_t(-1)
+    try:
+        got = {}
+        for on in (0, 1):
+            assert mod.tiled_t(on) in (0, 1)
+            got[on] = (
+                kernels.fp8_gemm(x, codes, s, block=block, variant=v, num_threads=2),
+                kernels.mxfp4_gemm(x, blocks, scales, variant=v, num_threads=2),
+            )
+            check(got[on][0], y64, mag, k)
+            check(got[on][1], y4, mag4, k)
+        assert not np.array_equal(got[0][0], got[1][0])  # two paths, not one taken twice
+    finally:
+        mod.tiled_t(before)
+
+
 def test_prefetch_distance_changes_no_number():
     """The GEMVs' prefetch distance moves when weights arrive, never what is computed: every
     variant's FP8 (1 and 3 tokens, both routes where a build has two), BF16, INT4 and 4-bit

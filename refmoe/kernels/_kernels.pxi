@@ -26,6 +26,7 @@ cdef extern from "kernels.h" nogil:
     void refmoe_init()
     int set_fp8_route(int bf16)
     int set_prefetch_dist(int nbytes)
+    int set_tiled_t(int on)
     void fp8_to_f32_vec(const uint8_t *codes, float *out, int n, int permuted)
     int gemm(const wmat *W, int M, const float *x, float *y, int nthreads,
              const int *band_lo, const int *band_hi)
@@ -86,6 +87,13 @@ def prefetch_dist(int nbytes):
     """How many bytes ahead of their loads the GEMVs prefetch weights; returns the setting it
     replaces (a value outside 0 .. 1 MiB changes nothing: the read-back)."""
     return set_prefetch_dist(nbytes)
+
+
+def tiled_t(int on):
+    """Whether GEMMs of 16 tokens or more take the transposed tiles (AVX-512 builds): 1 on, 0
+    off (the dot-product tiles), -1 reads it; returns the setting it replaces, or -1 where the
+    build has no such path."""
+    return set_tiled_t(on)
 
 
 def fp8_to_float32(const uint8_t[::1] codes,  # IN  [n]
