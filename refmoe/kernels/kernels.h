@@ -547,11 +547,17 @@ static void dequant_tile(const wmat *W, int n0, int rows, int k0, float *tile, i
             const uint8_t *w = (const uint8_t *)W->w + (size_t)n * W->k + k0;
             const float *sr = fp8_srow(W, n);
             const int bk = W->bk;
+            /* the column block followed chunk by chunk (no division per chunk of 32) */
+            int kb = (k0 + k) / bk, bend = (kb + 1) * bk;
+            float s = sr[kb];
+            float s_fold = s * FP8_GEMV_UNDO; /* a power of two: exact, or inf on overflow */
             for (; k0 + k + 32 <= K32 && k + 32 <= width; k += 32) {
-                int c = k0 + k, kb = c / bk;
-                float s = sr[kb];
-                float s_fold = s * FP8_GEMV_UNDO; /* a power of two: exact, or inf on overflow */
-                if ((c + 31) / bk != kb) {
+                int c = k0 + k;
+                while (c >= bend) {
+                    kb++, bend += bk;
+                    s = sr[kb], s_fold = s * FP8_GEMV_UNDO;
+                }
+                if (c + 31 >= bend) {
                     for (int j = 0; j < 32; j++)
                         t[k + j] = fp8_value(w[k + FP8_PERM[j]]) * sr[(c + FP8_PERM[j]) / bk];
                 } else if (isfinite(s_fold)) {
@@ -746,7 +752,9 @@ static int rows_tiled(const wmat *W, int n_lo, int n_hi, int M, const float *x, 
 #define TMV 2           /* x vectors (VL tokens each) per micro-kernel */
 #define TNR 8           /* tile rows per micro-kernel: 16 accumulators of 32 registers */
 #define TILED_T_MIN_M 16 /* from this many tokens; fewer would leave most lanes empty */
+#ifndef TILED_T_MAX_M
 #define TILED_T_MAX_M 128 /* tokens a pass (rows_tiled_any) */
+#endif
 static int tiled_t_on = 1; /* set_tiled_t: the dot-product tiles instead (A/B, tests) */
 
 static inline __attribute__((always_inline)) void micro_t(int nv, const float *xt, int ld,
@@ -824,8 +832,12 @@ static int rows_tiled_t(const wmat *W, int n_lo, int n_hi, int M, const float *x
                 }
             }
         }
-        for (int j = 0; j < rows; j++)
-            for (int m = 0; m < M; m++) y[(size_t)m * ldy + n0 + j] = yt[(size_t)j * ld + m];
+        /* token by token: a run of `rows` outputs into y's row (yt, 18 KiB, is in L1; y's rows
+         * lie 4 N bytes apart, so going down a column of y wrote a line or a page per number) */
+        for (int m = 0; m < M; m++) {
+            float *dst = y + (size_t)m * ldy + n0;
+            for (int j = 0; j < rows; j++) dst[j] = yt[(size_t)j * ld + m];
+        }
     }
     free(xt);
     free(yt);
@@ -851,10 +863,16 @@ static int rows_tiled_any(const wmat *W, int n_lo, int n_hi, int M, const float 
                           float *y, int ldy, float *tile) {
 #if defined(REFMOE_ISA_AVX512)
     if (M >= TILED_T_MIN_M && tiled_t_on) {
-        /* at most TILED_T_MAX_M tokens a pass: their packed x (K x 128 floats: 3.5 MiB at
-         * K = 7168) is what every tile reads again; 512 tokens a pass ran 10-20% slower */
-        for (int m0 = 0; m0 < M; m0 += TILED_T_MAX_M) {
-            int mc = M - m0 < TILED_T_MAX_M ? M - m0 : TILED_T_MAX_M;
+        /* passes of about TILED_T_MAX_M tokens, as even as they come: their packed x (K x 128
+         * floats: 3.5 MiB at K = 7168) is what every tile reads again (512 tokens a pass ran
+         * 10-40% slower), and each pass converts every tile again (130 tokens as 128 + 2 ran
+         * 7% slower than in one pass; 200 as 100 + 100 ran 25% slower than as 128 + 72, the
+         * micro-kernels of one vector of tokens being the slow ones) */
+        const int passes = (M + TILED_T_MAX_M / 2) / TILED_T_MAX_M > 1
+                               ? (M + TILED_T_MAX_M / 2) / TILED_T_MAX_M : 1;
+        const int per = round_up(ceil_div(M, passes), TMV * VL); /* whole micro-kernels */
+        for (int m0 = 0; m0 < M; m0 += per) {
+            int mc = M - m0 < per ? M - m0 : per;
             int rc = rows_tiled_t(W, n_lo, n_hi, mc, x + (size_t)m0 * ldx, ldx,
                                   y + (size_t)m0 * ldy, ldy, tile);
             if (rc) return rc;
