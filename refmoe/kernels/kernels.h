@@ -617,6 +617,16 @@ static void dequant_tile(const wmat *W, int n0, int rows, int k0, float *tile, i
     }
 }
 
+/* FP8: the next tile's 32 short row pieces, which no hardware prefetcher guesses */
+static inline void prefetch_next_tile(const wmat *W, int n0, int rows, int k0) {
+    if (W->fmt != FMT_FP8 || k0 + BAND >= W->k) return;
+    for (int r = 0; r < rows; r++) {
+        const uint8_t *p = (const uint8_t *)W->w + (size_t)(n0 + r) * W->k + k0 + BAND;
+        __builtin_prefetch(p, 0, 0);
+        __builtin_prefetch(p + 64, 0, 0);
+    }
+}
+
 /* ====================================================================================== */
 /* GEMM on a tile: y[m, n0 + j] += sum_k x[m, k0 + k] * tile[j, k], register-blocked.      */
 /* ====================================================================================== */
@@ -681,13 +691,7 @@ static void rows_tiled_core(const wmat *W, int n_lo, int n_hi, int M, const floa
         for (int k0 = 0; k0 < W->k; k0 += BAND) {
             const float *xk = xb + (size_t)(k0 / BAND) * M * BAND;
             dequant_tile(W, n0, rows, k0, tile, perm);
-            if (W->fmt == FMT_FP8 && k0 + BAND < W->k) /* the next tile: 32 short row pieces
-                                                           that no hardware prefetcher guesses */
-                for (int r = 0; r < rows; r++) {
-                    const uint8_t *p = (const uint8_t *)W->w + (size_t)(n0 + r) * W->k + k0 + BAND;
-                    __builtin_prefetch(p, 0, 0);
-                    __builtin_prefetch(p + 64, 0, 0);
-                }
+            prefetch_next_tile(W, n0, rows, k0);
             for (int m = 0; m < M; m += MR) {
                 int mr = M - m < MR ? M - m : MR;
                 for (int j = 0; j < rows; j += NR) {
@@ -814,12 +818,7 @@ static int rows_tiled_t(const wmat *W, int n_lo, int n_hi, int M, const float *x
         for (int k0 = 0; k0 < W->k; k0 += BAND) {
             const float *xk = xt + (size_t)(k0 / BAND) * BAND * ld;
             dequant_tile(W, n0, rows, k0, tile, perm);
-            if (W->fmt == FMT_FP8 && k0 + BAND < W->k) /* the next tile's row pieces */
-                for (int r = 0; r < rows; r++) {
-                    const uint8_t *p = (const uint8_t *)W->w + (size_t)(n0 + r) * W->k + k0 + BAND;
-                    __builtin_prefetch(p, 0, 0);
-                    __builtin_prefetch(p + 64, 0, 0);
-                }
+            prefetch_next_tile(W, n0, rows, k0);
             /* x's slice for TMV vectors (128 k x 128 bytes) stays in L1 beside the tile
              * while every row block of the tile takes it */
             for (int m = 0; m < mp; m += TMV * VL) {
