@@ -802,7 +802,7 @@ static int rows_tiled_t(const wmat *W, int n_lo, int n_hi, int M, const float *x
         float *blk = xt + (size_t)kb * BAND * ld;
         for (int k = 0; k < BAND; k++) memset(blk + (size_t)k * ld + M, 0, (size_t)(mp - M) * 4);
         int full = perm ? (K32 - kb * BAND < BAND ? K32 - kb * BAND : BAND) : 0;
-        if (full <= 0) full = 0;
+        if (full < 0) full = 0; /* the last block of a K not a multiple of 32 */
         for (int m = 0; m < M; m++) {
             const float *src = x + (size_t)m * ldx + kb * BAND;
             if (full > 0) permute_x32(src, row, full);
@@ -867,8 +867,8 @@ static int rows_tiled_any(const wmat *W, int n_lo, int n_hi, int M, const float 
          * 10-40% slower), and each pass converts every tile again (130 tokens as 128 + 2 ran
          * 7% slower than in one pass; 200 as 100 + 100 ran 25% slower than as 128 + 72, the
          * micro-kernels of one vector of tokens being the slow ones) */
-        const int passes = (M + TILED_T_MAX_M / 2) / TILED_T_MAX_M > 1
-                               ? (M + TILED_T_MAX_M / 2) / TILED_T_MAX_M : 1;
+        int passes = (M + TILED_T_MAX_M / 2) / TILED_T_MAX_M;
+        if (passes < 1) passes = 1;
         const int per = round_up(ceil_div(M, passes), TMV * VL); /* whole micro-kernels */
         for (int m0 = 0; m0 < M; m0 += per) {
             int mc = M - m0 < per ? M - m0 : per;
