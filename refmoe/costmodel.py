@@ -425,13 +425,18 @@ def measure_cpu(
 def measure_device(
     cfg: ModelConfig, device, tokens: tuple[int, int] = (16, 1024), reps: int = 3
 ) -> tuple[float, float]:
-    """The SLP compute lane on one expert projection of the model's shape, timed at a few and
-    at many tokens, as (GFLOP/s of its matmul per token, FP8 weight GB/s of its fixed part,
-    the dequantization): t(M) = weight bytes / weight GB/s + 2 M N K / GFLOP/s. The weight
-    rate is 0 (free) when the two times leave no fixed part."""
+    """The SLP compute lane on one expert projection of the model's shape, as (GFLOP/s of its
+    matmul per token, FP8 weight GB/s of its fixed part, the dequantization), for the model
+    t(M) = weight bytes / weight GB/s + 2 M N K / GFLOP/s. With the default dequant lane each
+    part is timed on its own (the dequantization of the weight, then the matmul on the
+    dequantized weight at the larger token count): a fit through two end-to-end times gave a
+    fixed part of zero or less whenever the matmul ran faster per token at many tokens (it
+    does on AVX-512) or the machine was noisy. The FP8 tensor-core lane has no separate
+    dequantization; its fixed part comes from the two end-to-end times, 0 (free) when they
+    leave none."""
     import torch
 
-    from refmoe.device_matmul import Matmul, compute_dtype  # no import of slp
+    from refmoe.device_matmul import Matmul, block_dequant, compute_dtype  # no import of slp
 
     device = torch.device(device)
     h, i = expert_shape(cfg)
@@ -440,20 +445,25 @@ def measure_device(
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(i, h, generator=g) * 0.05).to(torch.float8_e4m3fn).to(device)
     s = torch.ones(-(-i // 128), -(-h // 128), device=device)
-    times = []
-    for m in tokens:
-        x = torch.randn(m, h, generator=g).to(device, dtype)
+    xs = [torch.randn(m, h, generator=g).to(device, dtype) for m in tokens]
 
+    def timed(fn) -> float:
         def run():
-            mm(x, w, s)
+            fn()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
 
         run()
-        times.append(_best(run, reps))
-    (m0, m1), (t0, t1) = tokens, times
-    per_token = max((t1 - t0) / (m1 - m0), 1e-15)
-    fixed = t0 - m0 * per_token
+        return _best(run, reps)
+
+    if mm.kind == "dequant":
+        fixed = timed(lambda: block_dequant(w, s, dtype))
+        wd = block_dequant(w, s, dtype)
+        per_token = timed(lambda: xs[-1] @ wd.T) / tokens[-1]
+    else:
+        (m0, m1), (t0, t1) = tokens, [timed(lambda x=x: mm(x, w, s)) for x in xs]
+        per_token = max((t1 - t0) / (m1 - m0), 1e-15)
+        fixed = t0 - m0 * per_token
     return 2.0 * h * i / per_token / 1e9, (h * i / fixed / 1e9 if fixed > 0 else 0.0)
 
 
