@@ -343,7 +343,7 @@ lut4_rest(const wmat *W, int fmt, const uint8_t *row, const uint8_t *sr, const f
     for (int t = 0; t < MT; t++) acc0[t] = acc[t], acc1[t] = _mm256_setzero_ps();
     /* the same operands as indexing by p, through pointers that step once a pair of pairs
      * (lut4_xlo(p + 2) = lut4_xlo(p) + 128): the indexed form reloaded each token's pointers
-     * and recomputed lut4_xlo, ~15 scalar operations beside ~28 vector ones a step */
+     * and recomputed lut4_xlo, ~18 scalar operations beside ~28 vector ones a step */
     const int8_t *xq[LUT4_MT_MAX];
     const int32_t *nc[LUT4_MT_MAX];
     const float *xsp[LUT4_MT_MAX];
