@@ -147,10 +147,15 @@ def test_bad_configs_named(change, field, tmp_path):
     decay_scale=st.sampled_from([0.01, 1.0, 20.0]),
     seed=st.integers(0, 2**16),
 )
+# found by CI: with the running log decay in float32, Gi - Gj over a chunk of strong decays
+# lost ~1e-4 to rounding, and this case's outputs were 2.06e-5 off (worst of 300 random cases
+# 1.2e-5); with it in float64, 9.4e-8 (worst of 2,000: 5.7e-7)
+@hypothesis.example(t=64, heads=3, dk=4, dv=4, chunk=64, decay_scale=20.0, seed=0)
 def test_chunked_delta_rule_matches_float64_recurrence(t, heads, dk, dv, chunk, decay_scale, seed):
     """The chunked form (prompts) against the token-by-token recurrence run in float64, from
     a nonzero state, over lengths that are and are not multiples of the chunk; decays from
-    nearly none to nearly total."""
+    nearly none to nearly total: within 4e-6 of the largest output (float32 products and a
+    float32 triangular solve; the decays themselves are formed in float64)."""
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -167,8 +172,8 @@ def test_chunked_delta_rule_matches_float64_recurrence(t, heads, dk, dv, chunk, 
     out, s = qwen3_next.delta_rule_chunked(*f32, chunk=chunk)
     assert out.dtype == torch.float32 and out.shape == (t, heads, dv)
     scale = want_out.abs().max().item() + 1e-30
-    assert (out.double() - want_out).abs().max().item() <= 2e-5 * max(scale, 1.0)
-    assert (s.double() - want_s).abs().max().item() <= 2e-5 * max(want_s.abs().max().item(), 1.0)
+    assert (out.double() - want_out).abs().max().item() <= 4e-6 * max(scale, 1.0)
+    assert (s.double() - want_s).abs().max().item() <= 4e-6 * max(want_s.abs().max().item(), 1.0)
 
 
 @pytest.mark.parametrize("t, heads, dk, dv", [(1, 1, 4, 4), (3, 4, 16, 8), (5, 2, 8, 16)])

@@ -98,18 +98,21 @@ def delta_rule_chunked(q, k, v, beta, g, state, chunk: int = 64):
         n = min(chunk, t - c0)
         qc, kc, vc = (x[c0 : c0 + n].transpose(0, 1) for x in (q, k, v))  # [H, n, K|V]
         bc = beta[c0 : c0 + n].T[:, :, None]  # [H, n, 1]
-        gc = g[c0 : c0 + n].T.cumsum(-1)  # [H, n], running log decay
+        # the running log decay and every factor from it in float64, then q's dtype: Gi - Gj
+        # in float32 is a difference of two sums that reach -1,000 within a chunk of strong
+        # decays, and its rounding (~1e-4 there) became the factor's relative error
+        gc = g[c0 : c0 + n].T.to(torch.float64).cumsum(-1)  # [H, n]
         span = gc[:, :, None] - gc[:, None, :]  # [H, n, n], Gi - Gj
-        decay = span.masked_fill(~causal[:n, :n], float("-inf")).exp()  # 0 above the diagonal
-        start = gc.exp()[:, :, None]  # [H, n, 1], decay from the chunk's start
+        decay = span.masked_fill(~causal[:n, :n], float("-inf")).exp().to(q.dtype)
+        start = gc.exp().to(q.dtype)[:, :, None]  # [H, n, 1], decay from the chunk's start
         a = bc * decay * (kc @ kc.transpose(1, 2))  # [H, n, n]; its diagonal is ignored
         rhs = bc * (vc - start * (kc @ s))  # [H, n, V]
         u = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)
         out[c0 : c0 + n] = (start * (qc @ s) + (decay * (qc @ kc.transpose(1, 2))) @ u).transpose(
             0, 1
         )
-        to_end = (gc[:, -1:] - gc).exp()[:, :, None]  # [H, n, 1]
-        s = gc[:, -1].exp()[:, None, None] * s + kc.transpose(1, 2) @ (to_end * u)
+        to_end = (gc[:, -1:] - gc).exp().to(q.dtype)[:, :, None]  # [H, n, 1]
+        s = gc[:, -1].exp().to(q.dtype)[:, None, None] * s + kc.transpose(1, 2) @ (to_end * u)
     return out, s
 
 
