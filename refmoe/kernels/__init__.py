@@ -78,8 +78,8 @@ def _module(name: str) -> ModuleType:
 # and a row of activations (28 KiB at K = 7168) stay in L1. REFMOE_PREFETCH_BYTES or
 # set_prefetch_distance choose; by default 16 KiB where the L1 data cache holds 48 KiB or more
 # (Zen 5, Intel since Ice Lake: on the Zen 5 VM the fused FP8 MoE layer ran at 0.93-0.97 of the
-# read against 0.71-0.74 at 2 KiB, kernels.md), else 2 KiB (the Zen 3 host's 32 KiB L1, where
-# 2 KiB was measured against none; no longer distance was measured there).
+# read against 0.71-0.74 at 2 KiB, kernels.md), else 2 KiB (on the Zen 3 VM's 32 KiB L1, 2 KiB
+# beat none, and 4, 8 and 16 KiB decoded the demo no faster).
 PREFETCH_MAX = 1 << 20
 PREFETCH_SHORT, PREFETCH_LONG, PREFETCH_LONG_L1 = 2048, 16384, 48 * 1024
 
