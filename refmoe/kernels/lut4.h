@@ -122,6 +122,12 @@ typedef struct {
     int32_t *ncorr; /* [nquads * 16] -OFF * (sum of the lane's 8 activations): the x86 kernels
                        look up code + OFF (unsigned), and start each lane's sum here */
     float *ws;      /* [LUT4_WS(K)] one row's weight scales as floats (scratch) */
+    float *xc;      /* [nquads * 8] chunk scales in the order lut4_rest's summed lanes hold
+                       their chunks: per 8 chunks 0, 2, 4, 6, 1, 3, 5, 7 (MXFP4, INT4G) */
+    float *xh;      /* [nquads * 8] the same per 4 chunks, each twice: 0, 0, 2, 2, 1, 1, 3, 3
+                       (NVFP4's half-chunk lanes) */
+    int32_t *ncc;   /* [nquads * 8] ncorr summed over each chunk, in xc's order */
+    int32_t *nch;   /* [nquads * 8] ncorr summed over each 16 codes, in xh's order */
 } lut4x;
 #define LUT4_WS(k) ((k) / 16 + 32) /* floats of one row's scales, with room for wide loads */
 #define LUT4_MT_MAX 4 /* tokens one pass over a row serves (lut4_rows, x86 builds) */
@@ -138,9 +144,16 @@ static int lut4x_alloc(lut4x *a, int kmax) {
     a->xs = (float *)amalloc((size_t)nq * 16 * 4);
     a->ncorr = (int32_t *)amalloc((size_t)nq * 16 * 4);
     a->ws = (float *)amalloc((size_t)LUT4_WS(kmax) * 4);
-    return a->q && a->xs && a->ncorr && a->ws;
+    a->xc = (float *)amalloc((size_t)(nq + 1) * 8 * 4);
+    a->xh = (float *)amalloc((size_t)nq * 8 * 4);
+    a->ncc = (int32_t *)amalloc((size_t)(nq + 1) * 8 * 4);
+    a->nch = (int32_t *)amalloc((size_t)nq * 8 * 4);
+    return a->q && a->xs && a->ncorr && a->ws && a->xc && a->xh && a->ncc && a->nch;
 }
-static void lut4x_free(lut4x *a) { free(a->q); free(a->xs); free(a->ncorr); free(a->ws); }
+static void lut4x_free(lut4x *a) {
+    free(a->q); free(a->xs); free(a->ncorr); free(a->ws); free(a->xc); free(a->xh);
+    free(a->ncc); free(a->nch);
+}
 
 /* x [K] -> a, through q (q8_quantize: the same int8 values the tile path and the naive kernel
  * use). off: the unsigned offset of the format's table (lut4_offset). */
@@ -168,6 +181,7 @@ static void lut4x_prepare(const float *x, int K, q8x *q, lut4x *a, int off) {
         for (int i = 0; i < 4; i++) a->xs[(c / 2) * 8 + (c % 2) * 4 + i] = q->xs[c];
     }
     for (int i = nc * 4; i < nq * 16; i++) a->xs[i] = 0.f;
+
     for (int p = 0; p < 2 * nq; p++) { /* lane l: bytes 4l .. 4l + 3 of both halves of the pair */
         const int8_t *b = a->q + lut4_xlo(p);
 #if defined(REFMOE_ISA_AVX2) || defined(REFMOE_ISA_AVX512)
@@ -183,6 +197,25 @@ static void lut4x_prepare(const float *x, int K, q8x *q, lut4x *a, int off) {
                                           b[64 + 4 * l] + b[65 + 4 * l] + b[66 + 4 * l] +
                                           b[67 + 4 * l]);
 #endif
+    }
+    /* the chunk scales and the offset's corrections by chunk (xc, ncc) and by 16 codes (xh,
+     * nch), in the orders lut4_rest's summed lanes come in */
+    memset(a->xc, 0, (size_t)(nq + 1) * 8 * 4);
+    memset(a->ncc, 0, (size_t)(nq + 1) * 8 * 4);
+    for (int c = 0; c < nc; c++) {
+        const int32_t *l = a->ncorr + (c / 2) * 8 + (c % 2) * 4; /* the chunk's 4 lanes */
+        int j = c % 8, i = c % 4, at8 = c - j + (j % 2) * 4 + j / 2;
+        int at4 = 2 * (c - i) + (i % 2) * 4 + (i / 2) * 2;
+        a->xc[at8] = q->xs[c];
+        a->ncc[at8] = l[0] + l[1] + l[2] + l[3];
+        a->xh[at4] = a->xh[at4 + 1] = q->xs[c];
+        a->nch[at4] = l[0] + l[1];
+        a->nch[at4 + 1] = l[2] + l[3];
+    }
+    for (int c = nc; c < 4 * nq; c++) { /* the last quad's missing chunks */
+        int i = c % 4, at4 = 2 * (c - i) + (i % 2) * 4 + (i / 2) * 2;
+        a->xh[at4] = a->xh[at4 + 1] = 0.f;
+        a->nch[at4] = a->nch[at4 + 1] = 0;
     }
 }
 
@@ -264,6 +297,18 @@ static inline __m256i lut4_pair_dot(__m256i lo, __m256i hi, const int8_t *xq,
 #else
     __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
     return _mm256_add_epi32(_mm256_madd_epi16(p, _mm256_set1_epi16(1)), c);
+#endif
+}
+
+/* The same sums without the offset's correction (lut4_rest adds it once per chunk). */
+static inline __m256i lut4_pair_dot0(__m256i lo, __m256i hi, const int8_t *xq) {
+    __m256i x0 = _mm256_loadu_si256((const __m256i *)xq);
+    __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 64));
+#if defined(REFMOE_VNNI)
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, x0), hi, x1);
+#else
+    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
 #endif
 }
 
@@ -352,6 +397,60 @@ lut4_rest(const wmat *W, int fmt, const uint8_t *row, const uint8_t *sr, const f
     const int dq = lut4_xlo(p + 1) - lut4_xlo(p); /* the second pair's codes, from the first's */
     const uint8_t *wp = row + 32 * p;
     const float *sp = ws + 2 * per_chunk * p;
+    /* Four pairs at a time (MXFP4, INT4G; two for NVFP4) from a pair that starts them: each
+     * token's integer lanes summed within their scale's codes (hadd: exact, |sum| < 2^17), so
+     * one conversion, one scale product and one FMA serve 8 chunks (4 for NVFP4), where the
+     * pair loop below converts and scales each pair's 8 lanes. The scales come in the order
+     * the sums leave their chunks in: the row's by a permute, the tokens' as prepared (xc,
+     * xh). */
+    __m256 acch[LUT4_MT_MAX];
+    for (int t = 0; t < MT; t++) acch[t] = _mm256_setzero_ps();
+    if (per_chunk == 1 && p % 4 == 0) {
+        const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+        const float *xcp[LUT4_MT_MAX];
+        const int32_t *ncp[LUT4_MT_MAX];
+        for (int t = 0; t < MT; t++) xcp[t] = a[t]->xc + 2 * p, ncp[t] = a[t]->ncc + 2 * p;
+        for (; p + 4 <= np; p += 4) {
+            __builtin_prefetch(wp + prefetch_dist, 0, 0);
+            __builtin_prefetch(wp + 64 + prefetch_dist, 0, 0);
+            __m256 sw = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sp), order);
+            __m256i lo[4], hi[4];
+            for (int i = 0; i < 4; i++) lut4_pair_codes(wp + 32 * i, table, int4g, &lo[i], &hi[i]);
+            for (int t = 0; t < MT; t++) { /* pairs p .. p + 3: codes at 0, 32, 128, 160 */
+                __m256i d0 = lut4_pair_dot0(lo[0], hi[0], xq[t]);
+                __m256i d1 = lut4_pair_dot0(lo[1], hi[1], xq[t] + dq);
+                __m256i d2 = lut4_pair_dot0(lo[2], hi[2], xq[t] + 128);
+                __m256i d3 = lut4_pair_dot0(lo[3], hi[3], xq[t] + 128 + dq);
+                __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(d0, d1), _mm256_hadd_epi32(d2, d3));
+                h = _mm256_add_epi32(h, _mm256_loadu_si256((const __m256i *)ncp[t]));
+                acch[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h),
+                                          _mm256_mul_ps(sw, _mm256_loadu_ps(xcp[t])), acch[t]);
+                xq[t] += 256, nc[t] += 32, xsp[t] += 32, xcp[t] += 8, ncp[t] += 8;
+            }
+            wp += 128, sp += 8;
+        }
+    } else if (per_chunk == 2 && p % 2 == 0) {
+        const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+        const float *xhp[LUT4_MT_MAX];
+        const int32_t *ncp[LUT4_MT_MAX];
+        for (int t = 0; t < MT; t++) xhp[t] = a[t]->xh + 4 * p, ncp[t] = a[t]->nch + 4 * p;
+        for (; p + 2 <= np; p += 2) {
+            __builtin_prefetch(wp + prefetch_dist, 0, 0);
+            __m256 sw = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sp), order);
+            __m256i lo0, hi0, lo1, hi1;
+            lut4_pair_codes(wp, table, int4g, &lo0, &hi0);
+            lut4_pair_codes(wp + 32, table, int4g, &lo1, &hi1);
+            for (int t = 0; t < MT; t++) {
+                __m256i h = _mm256_hadd_epi32(lut4_pair_dot0(lo0, hi0, xq[t]),
+                                              lut4_pair_dot0(lo1, hi1, xq[t] + dq));
+                h = _mm256_add_epi32(h, _mm256_loadu_si256((const __m256i *)ncp[t]));
+                acch[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h),
+                                          _mm256_mul_ps(sw, _mm256_loadu_ps(xhp[t])), acch[t]);
+                xq[t] += 128, nc[t] += 16, xsp[t] += 16, xhp[t] += 8, ncp[t] += 8;
+            }
+            wp += 64, sp += 8;
+        }
+    }
     for (; p + 2 <= np; p += 2) {
         __builtin_prefetch(wp + prefetch_dist, 0, 0);
         __m256 s0 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sp), spread);
@@ -383,7 +482,7 @@ lut4_rest(const wmat *W, int fmt, const uint8_t *row, const uint8_t *sr, const f
     for (int t = 0; t < MT; t++) {
         float tail = 2 * np * 32 < W->k ? lut4_tail(W, row, sr, 2 * np, a[t]) : 0.f;
         if (fmt == FMT_NVFP4) tail *= 0x1p-7f; /* the tail used lut4_scale (value / 2), not ws */
-        y[t][n] = (hsum256(_mm256_add_ps(acc0[t], acc1[t])) + tail) * post;
+        y[t][n] = (hsum256(_mm256_add_ps(_mm256_add_ps(acc0[t], acc1[t]), acch[t])) + tail) * post;
     }
 }
 
@@ -391,9 +490,11 @@ lut4_rest(const wmat *W, int fmt, const uint8_t *row, const uint8_t *sr, const f
  * codes (64 bytes, one cache line): one load, a shift, two byte permutes (the table, offset to
  * unsigned), two dpbusd starting from the offset's correction, a convert, a permute that
  * spreads the quad's weight scales over their lanes, and two multiplies (the activation
- * scales, then the FMA). Elsewhere the same per 64 codes in 256-bit registers, with two ANDs
- * before the byte shuffles and maddubs / madd for the dot products. Each row's scales are
- * decoded 8 at a time first. */
+ * scales, then the FMA). Elsewhere (lut4_rest) per 64 codes in 256-bit registers: one load,
+ * a shift, two ANDs, two byte shuffles, two maddubs, an int16 add and a madd; then per 256
+ * codes (128 for NVFP4) the lanes summed by chunk (three hadd, one for NVFP4), the offset's
+ * correction added once, and one convert, scale permute, multiply and FMA. Each row's scales
+ * are decoded 8 at a time first. */
 static inline __attribute__((always_inline)) void
 lut4_rows(const wmat *W, int fmt, int n_lo, int n_hi, int MT, float *const *y,
           const lut4x *const *a) { /* MT tokens: 1 to LUT4_MT_MAX */
