@@ -312,6 +312,26 @@ static inline __m256i lut4_pair_dot0(__m256i lo, __m256i hi, const int8_t *xq) {
 #endif
 }
 
+/* Two consecutive pairs' sums by 16 codes (xq: the first pair's even codes, dq on: the
+ * second's): int32 lanes [A0-15, A16-31, C0-15, C16-31 | B0-15, B16-31, D0-15, D16-31] for the
+ * first pair's chunks A, B and the second's C, D, without the offset's correction. Without
+ * VNNI the int16 sums of the two pairs are added pairwise (vphaddw: at most 2 * 12192, no
+ * overflow) before one madd widens them. */
+static inline __m256i lut4_two_pairs(__m256i lo0, __m256i hi0, __m256i lo1, __m256i hi1,
+                                     const int8_t *xq, int dq) {
+#if defined(REFMOE_VNNI)
+    return _mm256_hadd_epi32(lut4_pair_dot0(lo0, hi0, xq), lut4_pair_dot0(lo1, hi1, xq + dq));
+#else
+    __m256i p0 = _mm256_add_epi16(
+        _mm256_maddubs_epi16(lo0, _mm256_loadu_si256((const __m256i *)xq)),
+        _mm256_maddubs_epi16(hi0, _mm256_loadu_si256((const __m256i *)(xq + 64))));
+    __m256i p1 = _mm256_add_epi16(
+        _mm256_maddubs_epi16(lo1, _mm256_loadu_si256((const __m256i *)(xq + dq))),
+        _mm256_maddubs_epi16(hi1, _mm256_loadu_si256((const __m256i *)(xq + dq + 64))));
+    return _mm256_madd_epi16(_mm256_hadd_epi16(p0, p1), _mm256_set1_epi16(1));
+#endif
+}
+
 static inline float hsum256(__m256 a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -417,11 +437,9 @@ lut4_rest(const wmat *W, int fmt, const uint8_t *row, const uint8_t *sr, const f
             __m256i lo[4], hi[4];
             for (int i = 0; i < 4; i++) lut4_pair_codes(wp + 32 * i, table, int4g, &lo[i], &hi[i]);
             for (int t = 0; t < MT; t++) { /* pairs p .. p + 3: codes at 0, 32, 128, 160 */
-                __m256i d0 = lut4_pair_dot0(lo[0], hi[0], xq[t]);
-                __m256i d1 = lut4_pair_dot0(lo[1], hi[1], xq[t] + dq);
-                __m256i d2 = lut4_pair_dot0(lo[2], hi[2], xq[t] + 128);
-                __m256i d3 = lut4_pair_dot0(lo[3], hi[3], xq[t] + 128 + dq);
-                __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(d0, d1), _mm256_hadd_epi32(d2, d3));
+                __m256i h = _mm256_hadd_epi32(
+                    lut4_two_pairs(lo[0], hi[0], lo[1], hi[1], xq[t], dq),
+                    lut4_two_pairs(lo[2], hi[2], lo[3], hi[3], xq[t] + 128, dq));
                 h = _mm256_add_epi32(h, _mm256_loadu_si256((const __m256i *)ncp[t]));
                 acch[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h),
                                           _mm256_mul_ps(sw, _mm256_loadu_ps(xcp[t])), acch[t]);
@@ -441,8 +459,7 @@ lut4_rest(const wmat *W, int fmt, const uint8_t *row, const uint8_t *sr, const f
             lut4_pair_codes(wp, table, int4g, &lo0, &hi0);
             lut4_pair_codes(wp + 32, table, int4g, &lo1, &hi1);
             for (int t = 0; t < MT; t++) {
-                __m256i h = _mm256_hadd_epi32(lut4_pair_dot0(lo0, hi0, xq[t]),
-                                              lut4_pair_dot0(lo1, hi1, xq[t] + dq));
+                __m256i h = lut4_two_pairs(lo0, hi0, lo1, hi1, xq[t], dq);
                 h = _mm256_add_epi32(h, _mm256_loadu_si256((const __m256i *)ncp[t]));
                 acch[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h),
                                           _mm256_mul_ps(sw, _mm256_loadu_ps(xhp[t])), acch[t]);
