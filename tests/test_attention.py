@@ -137,3 +137,34 @@ def test_a_gqa_layer_attends_over_the_cache_itself(tmp_path, monkeypatch):
     for layer, (n, k, v) in zip(cache.layers, seen):
         assert k.shape[0] == v.shape[0] == 2 and n == 4
         assert k.data_ptr() == layer.k.buf.data_ptr() and v.data_ptr() == layer.v.buf.data_ptr()
+
+
+def _linear(n: int, k: int, rng, fp8: bool) -> layers.Linear:
+    """A projection as the loader makes one: FP8 codes and scales, or a float32 weight."""
+    lin = layers.Linear.__new__(layers.Linear)
+    lin.n, lin.k, lin.block = n, k, (128, 128)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    if fp8:
+        from refmoe.kernels import formats
+
+        lin.weight = None
+        lin.codes, lin.scale = formats.fp8_quantize(w, lin.block)
+    else:
+        lin.weight, lin.codes, lin.scale = torch.from_numpy(w), None, None
+    return lin
+
+
+@pytest.mark.parametrize("lead", [(1,), (5,), (2, 3)])
+def test_project_equals_each_projection(lead):
+    """layers.project (the attention projections of one input in one kernel call): every
+    output bit for bit the projection's own call, FP8 and float32 weights mixed, any leading
+    shape; an input without tokens gives empty outputs."""
+    rng = np.random.default_rng(0)
+    lins = [_linear(n, 200, rng, fp8) for n, fp8 in ((300, True), (64, False), (129, True))]
+    x = torch.randn(*lead, 200)
+    for lin, y in zip(lins, layers.project(x, lins)):
+        assert y.shape == (*lead, lin.n) and torch.equal(y, lin(x))
+    empty = layers.project(torch.zeros(0, 200), lins)
+    assert [tuple(y.shape) for y in empty] == [(0, 300), (0, 64), (0, 129)]
+    with pytest.raises(ValueError, match="every weight must take 200 inputs"):
+        layers.project(x, [*lins, _linear(8, 100, rng, True)])

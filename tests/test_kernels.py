@@ -309,6 +309,52 @@ def test_fp8_gemm_heads(variant, heads, blocks, pick, m, k, seed, block):
         assert np.array_equal(y[b], alone)
 
 
+@SETTINGS
+@given(
+    rows=st.lists(st.integers(1, 400), min_size=1, max_size=6),
+    m=st.integers(1, 9),
+    k=st.integers(1, 300),
+    threads=st.integers(1, 3),
+    seed=st.integers(0, 2**32 - 1),
+    blocks=st.lists(st.sampled_from([(128, 128), (1, WHOLE), (64, 64), (32, 48)]), min_size=6),
+)
+def test_fp8_gemm_many(variant, rows, m, k, threads, seed, blocks):
+    """Weights of different heights and scale blocks on one x in one region: each output bit
+    for bit its lone GEMM's, whatever the threads' split of the (weight, band) units (one
+    thread's share may end inside a weight, or hold none of one); float64 beside it."""
+    rng = np.random.default_rng(seed)
+    weights = []
+    for n, block in zip(rows, blocks):
+        codes, s = formats.fp8_quantize(rng.standard_normal((n, k)), block)
+        weights.append((codes, s, block))
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    ys = kernels.fp8_gemm_many(x, weights, variant=variant, num_threads=threads)
+    naive = kernels.fp8_gemm_many(x, weights, variant=variant, naive=True)
+    assert len(ys) == len(weights)
+    for (codes, s, block), y, yn in zip(weights, ys, naive):
+        alone = kernels.fp8_gemm(x, codes, s, block=block, variant=variant, num_threads=threads)
+        assert y.shape == (m, codes.shape[0]) and np.array_equal(y, alone)
+        y64, mag = fp8_reference(x, codes, s, block)
+        check(y, y64, mag, k)
+        check(yn, y64, mag, k)
+
+
+def test_fp8_gemm_many_rejects_bad_weights():
+    codes, s = formats.fp8_quantize(np.ones((130, 64)))
+    x = np.ones((1, 64), np.float32)
+    good = (codes, s, (128, 128))
+    with pytest.raises(ValueError, match="weights: expected at least one"):
+        kernels.fp8_gemm_many(x, [])
+    with pytest.raises(ValueError, match=r"weights\[1\]: expected \(w, scale_inv, block\)"):
+        kernels.fp8_gemm_many(x, [good, (codes, s)])
+    with pytest.raises(ValueError, match=r"weights\[1\].w: expected 64 columns"):
+        kernels.fp8_gemm_many(x, [good, (codes[:, :32].copy(), s, (128, 128))])
+    with pytest.raises(ValueError, match=r"weights\[0\].scale_inv: expected shape"):
+        kernels.fp8_gemm_many(x, [(codes, s[:1], (128, 128))])
+    with pytest.raises(ValueError, match=r"weights\[0\].w: expected uint8"):
+        kernels.fp8_gemm_many(x, [(codes.astype(np.int8), s, (128, 128))])
+
+
 def test_fp8_gemm_heads_rejects_bad_layouts():
     codes, s = formats.fp8_quantize(np.ones((2 * 128, 64)))
     w, sc = codes.reshape(2, 128, 64), s.reshape(2, 1, 1)

@@ -403,6 +403,57 @@ def fp8_gemm(
     return _gemm("fp8", x, w, s, n, k, 0, num_threads, variant, naive, block=block)
 
 
+def fp8_gemm_many(
+    x: np.ndarray,
+    weights: list[tuple],
+    *,
+    num_threads: int | None = None,
+    variant: str | None = None,
+    naive: bool = False,
+) -> list[np.ndarray]:
+    """[x @ dequant(w).T for (w, scale_inv, block) in weights], every weight in one parallel
+    region: the projections of one input (attention's q / kv / compressor projections, an
+    MLP's gate and up) without a fork, a join and a barrier per weight. Each result equals
+    fp8_gemm's for that weight, bit for bit. On several NUMA nodes the weights run one by one
+    (each through the partition that placed its bands).
+
+    Args:
+        x: float32 [M, K]; weights: (w uint8 or float8_e4m3fn [N_i, K], scale_inv float32
+            [ceil(N_i/bn), ceil(K/bk)], block (bn, bk)) per weight.
+    Returns: float32 [M, N_i] per weight.
+    """
+    if not weights:
+        raise ValueError("weights: expected at least one (w, scale_inv, block)")
+    x = _check_x(x)
+    k = x.shape[1]
+    mats = []
+    for i, entry in enumerate(weights):
+        if not isinstance(entry, tuple) or len(entry) != 3:
+            raise ValueError(f"weights[{i}]: expected (w, scale_inv, block), got {type(entry)}")
+        w, scale, block = entry
+        w = _check(_as_codes(w, f"weights[{i}].w"), f"weights[{i}].w", np.uint8, 2)
+        if w.shape[1] != k:
+            raise ValueError(
+                f"weights[{i}].w: expected {k} columns to match x, got shape {w.shape}"
+            )
+        block = check_block(block)
+        sname = f"weights[{i}].scale_inv"
+        scale = _check(scale, sname, np.float32, 2, scale_shape(w.shape[0], k, block))
+        mats.append((w, scale, block))
+    if naive or len(_topology().nodes) > 1:
+        return [
+            _gemm("fp8", x, w, sc, w.shape[0], k, 0, num_threads, variant, naive, block=b)
+            for w, sc, b in mats
+        ]
+    ys = [np.empty((x.shape[0], w.shape[0]), np.float32) for w, _, _ in mats]
+    specs = [
+        (_FMT["fp8"], w.reshape(-1), sc.reshape(-1).view(np.uint8), w.shape[0], 0, 1.0, *b)
+        for w, sc, b in mats
+    ]
+    _module(variant or _VARIANT).gemm_many(specs, k, _pad(x), ys, _threads(num_threads))
+    return ys
+
+
 def fp8_gemm_heads(
     x: np.ndarray,
     w,

@@ -32,6 +32,7 @@ cdef extern from "kernels.h" nogil:
              const int *band_lo, const int *band_hi)
     int gemm_naive(const wmat *W, int M, const float *x, float *y)
     int gemm_batched(const wmat *W, int B, int M, const float *x, float *y, int nthreads)
+    int gemm_multi(const wmat *W, int B, int M, const float *x, float **y, int nthreads)
     int moe_mlp(int T, int H, int I, int E, const float *x, const int *offsets, const int *tok,
                 const float *rw, const wmat *gate, const wmat *up, const wmat *down, float *y,
                 float *xg, float *g_out, float *u_out, float *h, float *ye, int nthreads,
@@ -143,6 +144,38 @@ def gemm_heads(int fmt, const uint8_t[:, :, :] w, const float[:, :, :] s,
     with nogil:
         rc = gemm_batched(mats, B, x.shape[1], &x[0, 0, 0], &y[0, 0, 0], nthreads)
     free(mats)
+    if rc != 0:
+        raise MemoryError("kernel scratch allocation failed")
+
+
+def gemm_many(list mats,              # of (fmt, w uint8 [n*k-ish], s uint8, n, group, gscale,
+                                      #     bn, bk): one weight each, all with K columns
+              int k,
+              const float[:, ::1] x,  # IN  [M, Kp] zero padded
+              list ys,                # OUT float32 [M, n] per weight
+              int nthreads):
+    """ys[b] = x @ W[b]^T for every weight in one parallel region (kernels.h gemm_multi)."""
+    cdef int B = len(mats), b, rc
+    cdef wmat *W = <wmat *> malloc(max(B, 1) * sizeof(wmat))
+    cdef float **yp = <float **> malloc(max(B, 1) * sizeof(float *))
+    cdef const uint8_t[::1] wv
+    cdef const uint8_t[::1] sv
+    cdef float[:, ::1] yv
+    if W == NULL or yp == NULL:
+        free(W)
+        free(yp)
+        raise MemoryError("weight descriptors")
+    try:
+        for b in range(B):
+            fmt, wa, sa, n, group, gscale, bn, bk = mats[b]
+            wv, sv, yv = wa, sa, ys[b]
+            W[b] = _wmat(fmt, wv, sv, n, k, group, gscale, bn, bk)
+            yp[b] = &yv[0, 0]
+        with nogil:
+            rc = gemm_multi(W, B, x.shape[0], &x[0, 0], yp, nthreads)
+    finally:
+        free(W)
+        free(yp)
     if rc != 0:
         raise MemoryError("kernel scratch allocation failed")
 

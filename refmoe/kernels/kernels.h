@@ -1486,6 +1486,42 @@ static int gemm_batched(const wmat *W, int B, int M, const float *x, float *y, i
     return failed ? -1 : 0;
 }
 
+/* Several matrices W[b] (any n and format, one k) applied to the same x in one parallel
+ * region: y[b] [M, W[b].n] = x [M, Kp] @ W[b]^T. The attention projections of one input (and
+ * an MLP's gate and up) as one call: no fork, join and barrier per matrix, and the (matrix,
+ * band) units split evenly over the threads, so one thread's lag in one matrix is not the
+ * other's wait. Each row gets the numbers its lone GEMV (gemm) gives. One NUMA node: the
+ * threads' ranges ignore where gemm's partition placed the bands. */
+static int gemm_multi(const wmat *W, int B, int M, const float *x, float **y,
+                      int nthreads) {
+    int failed = 0, kp = round_up(W[0].k, BAND);
+    long units = 0;
+    for (int b = 0; b < B; b++) units += ceil_div(W[b].n, BAND);
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        int t = thread_id(), nt = team_size();
+        unsigned int csr = fpenv_enter();
+        scratch sc;
+        if (!scratch_alloc(&sc, W[0].k)) {
+            failed = 1;
+        } else {
+            long u0 = units * t / nt, u1 = units * (t + 1) / nt, base = 0;
+            for (int b = 0; b < B && base < u1; b++) {
+                long nb = ceil_div(W[b].n, BAND), lo = u0 > base ? u0 - base : 0;
+                long hi = u1 - base < nb ? u1 - base : nb;
+                if (lo < hi) { /* this thread's bands of matrix b: one run of rows */
+                    int r0 = (int)lo * BAND, r1 = (int)hi * BAND < W[b].n ? (int)hi * BAND : W[b].n;
+                    failed |= rows_gemm(&W[b], r0, r1, M, x, kp, y[b], W[b].n, &sc) != 0;
+                }
+                base += nb;
+            }
+        }
+        scratch_free(&sc);
+        fpenv_exit(csr);
+    }
+    return failed ? -1 : 0;
+}
+
 /* The naive kernel, kept beside the fast one for tests: scalar, one dot product per output,
  * fp32 accumulation in k order, scale applied per element. x: [M, K] (unpadded). */
 static int gemm_naive(const wmat *W, int M, const float *x, float *y) {

@@ -31,6 +31,7 @@ from refmoe.models.layers import (
     attend,
     load_dense,
     mask_causal,
+    project,
     rms_norm,
 )
 
@@ -107,11 +108,11 @@ class MLA:
         x = xs[0] if len(xs) == 1 else torch.cat(xs)  # [T, H]
         q_resid = None  # the query's normalized low-rank latent (DSA's indexer reads it too)
         if cfg.q_lora_rank:
-            q_resid = rms_norm(self.q_a(x), self.q_a_norm, cfg.rms_norm_eps)
+            q_a, kv = project(x, [self.q_a, self.kv_a])  # kv [T, lora + rope]
+            q_resid = rms_norm(q_a, self.q_a_norm, cfg.rms_norm_eps)
             q = self.q_b(q_resid)
         else:
-            q = self.q(x)
-        kv = self.kv_a(x)  # [T, lora + rope]
+            q, kv = project(x, [self.q, self.kv_a])
         latent, k_rot = kv.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         latent = rms_norm(latent, self.kv_a_norm, cfg.rms_norm_eps)  # [T, lora]
         seqs = [

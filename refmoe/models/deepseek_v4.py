@@ -55,7 +55,14 @@ from refmoe.kernels import formats
 from refmoe.models.decoder import DecoderModel, smoke
 from refmoe.models.experts import MoE
 from refmoe.models.kv_cache import Growing, Snapshotted
-from refmoe.models.layers import Linear, load_dense, load_norm, rms_norm, rope_parameters
+from refmoe.models.layers import (
+    Linear,
+    load_dense,
+    load_norm,
+    project,
+    rms_norm,
+    rope_parameters,
+)
 from refmoe.trace import maybe
 
 CSA, HCA = "compressed_sparse_attention", "heavily_compressed_attention"
@@ -515,16 +522,16 @@ class Attention:
         mine = start + (cp.offset if cp is not None else 0)  # this call's first query
         positions = torch.arange(mine, mine + t, device=x.device)
         cos, sin = rope.angles(self.rope_kind, positions)
-        q_res = rms_norm(self.q_a(x), self.q_a_norm, self.eps)
+        weights = [self.q_a, self.kv]  # every projection of x, in one kernel call
+        if self.compressor is not None:
+            weights += [self.compressor.kv, self.compressor.gate]
+        if self.indexer is not None:
+            weights += [self.indexer.compressor.kv, self.indexer.compressor.gate]
+        q_a, kv, *projections = project(x, weights)
+        q_res = rms_norm(q_a, self.q_a_norm, self.eps)
         q = rms_norm(self.q_b(q_res).view(t, n, d), None, self.eps).transpose(0, 1)
         q = rope_tail(q, cos, sin)  # [n, T, D]
-        kv = rope_tail(rms_norm(self.kv(x), self.kv_norm, self.eps), cos, sin)  # [T, D]
-        projections = []
-        if self.compressor is not None:
-            projections = [self.compressor.kv(x), self.compressor.gate(x)]
-        if self.indexer is not None:
-            ic = self.indexer.compressor
-            projections += [ic.kv(x), ic.gate(x)]
+        kv = rope_tail(rms_norm(kv, self.kv_norm, self.eps), cos, sin)  # [T, D]
         if cp is not None:
             kv, projections = cp.gather(kv), [cp.gather(p) for p in projections]
         keys, first, tails, base = cache.extend(kv, projections)  # keys [W + T, D]

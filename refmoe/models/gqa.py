@@ -21,7 +21,15 @@ from refmoe.config import ModelConfig
 from refmoe.models.decoder import Block, DecoderModel
 from refmoe.models.experts import DEEPSEEK
 from refmoe.models.kv_cache import Growing, Snapshotted
-from refmoe.models.layers import Linear, apply_rope, attend, load_dense, load_norm, rms_norm
+from refmoe.models.layers import (
+    Linear,
+    apply_rope,
+    attend,
+    load_dense,
+    load_norm,
+    project,
+    rms_norm,
+)
 
 
 @dataclass(slots=True)
@@ -133,8 +141,8 @@ class GQA:
         cache and the attention proper per sequence."""
         sizes = [x.shape[0] for x in xs]
         x = xs[0] if len(xs) == 1 else torch.cat(xs)  # [T, H]
-        q, k, v = _biased(self.q(x), self.q_bias), _biased(self.k(x), self.k_bias), self.v(x)
-        v = _biased(v, self.v_bias)
+        q, k, v = project(x, [self.q, self.k, self.v])
+        q, k, v = _biased(q, self.q_bias), _biased(k, self.k_bias), _biased(v, self.v_bias)
         outs = [
             self._attend(qi, ki, vi, cos, sin, softmax_scale, cache, cp)
             for qi, ki, vi, (cos, sin), cache in zip(

@@ -26,7 +26,7 @@ import torch
 from refmoe.checkpoint import Checkpoint
 from refmoe.models import qwen3_next
 from refmoe.models.decoder import smoke
-from refmoe.models.layers import Linear
+from refmoe.models.layers import Linear, project
 
 RELEASED_PREFIX = "model.language_model."  # where the release keeps the text model
 
@@ -45,7 +45,8 @@ class GatedDeltaNet(qwen3_next.GatedDeltaNet):
         """x [T, H] -> q|k|v [T, C] (in the convolution's order as stored), z [T, hv, dv],
         b and a [T, hv]."""
         t = x.shape[0]
-        return self.qkv(x), self.z(x).view(t, self.hv, self.dv), self.b(x), self.a(x)
+        qkv, z, b, a = project(x, [self.qkv, self.z, self.b, self.a])
+        return qkv, z.view(t, self.hv, self.dv), b, a
 
 
 class Transformer(qwen3_next.Transformer):

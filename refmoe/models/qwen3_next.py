@@ -40,7 +40,7 @@ from refmoe.models import gqa
 from refmoe.models.decoder import Block, smoke
 from refmoe.models.experts import QWEN3_NEXT
 from refmoe.models.kv_cache import Snapshotted
-from refmoe.models.layers import Linear, load_dense, rms_norm
+from refmoe.models.layers import Linear, load_dense, project, rms_norm
 
 
 @dataclass(slots=True)
@@ -178,9 +178,9 @@ class GatedDeltaNet:
         heads' v and z; then its r b's and r a's."""
         t, hk, hv, dk, dv = x.shape[0], self.hk, self.hv, self.dk, self.dv
         r = hv // hk  # value heads per key head
-        qkvz = self.qkvz(x).view(t, hk, 2 * dk + 2 * r * dv)
-        q, k, v, z = qkvz.split([dk, dk, r * dv, r * dv], -1)
-        b, a = self.ba(x).view(t, hk, 2 * r).split([r, r], -1)
+        qkvz, ba = project(x, [self.qkvz, self.ba])
+        q, k, v, z = qkvz.view(t, hk, 2 * dk + 2 * r * dv).split([dk, dk, r * dv, r * dv], -1)
+        b, a = ba.view(t, hk, 2 * r).split([r, r], -1)
         mixed = torch.cat([q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)], -1)  # [T, C]
         return mixed, z.reshape(t, hv, dv), b.reshape(t, hv), a.reshape(t, hv)
 
