@@ -148,8 +148,11 @@ def test_matches_per_expert_gemm():
     )
 
 
-def test_deterministic_across_threads(variant):
-    ew, _ = make_experts("int4", 4, 260, 300, seed=7)
+@pytest.mark.parametrize("fmt", ["int4", "fp8", "fp8-channel"])
+def test_deterministic_across_threads(variant, fmt):
+    """1, 2 and 3 threads give the same bits: their rows split in runs of 16 (kernels.
+    _row_split), inside FP8's 128-row scale blocks too."""
+    ew, _ = make_experts(fmt, 4, 260, 300, seed=7)
     rng = np.random.default_rng(8)
     x = rng.standard_normal((5, 260)).astype(np.float32)
     tok = np.repeat(np.arange(5), 2)
@@ -160,6 +163,20 @@ def test_deterministic_across_threads(variant):
         np.testing.assert_array_equal(
             kernels.fused_moe(x, tok, exp, rw, ew, variant=variant, num_threads=t), ref
         )
+
+
+@pytest.mark.parametrize("rows", [1, 15, 16, 300, 1408, 2880, 4096])
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_row_split_is_even(rows, threads):
+    """Every row owned once, runs of ROW_STEP rows, shares within one run of even: 2,880
+    rows on two threads 1,440 each (whole bands gave 1,536 and 1,344)."""
+    lo, hi = kernels._row_split(rows, threads)
+    assert lo[0] == 0 and hi[-1] == rows and (lo[1:] == hi[:-1]).all()
+    assert all(a % kernels.ROW_STEP == 0 for a in lo)
+    sizes = hi - lo
+    assert sizes.max() - sizes.min() <= kernels.ROW_STEP
+    if (rows, threads) == (2880, 2):
+        assert sizes.tolist() == [1440, 1440]
 
 
 def test_bad_input_is_named():

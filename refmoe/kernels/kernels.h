@@ -1572,9 +1572,9 @@ static int gemm_naive(const wmat *W, int M, const float *x, float *y) {
  * [offsets[e], offsets[e+1]); tok[a] is the token, rw[a] its routing weight. gate/up/down are
  * per-slot matrices (gate/up [I, H], down [H, I]). One parallel region per call (one wake of
  * the pool per MoE layer), two barriers. x: [T, H], y: [T, H] accumulated into.
- * Thread t owns I-bands [gu_lo[t], gu_hi[t]) of every gate/up and H-bands [dn_lo[t], dn_hi[t])
- * of every down projection, so each weight byte is read once per call by the thread that
- * placed it. xg: [A, Hp], h: [A, Ip], ye: [A, H] caller-provided scratch. */
+ * Thread t owns rows [gu_lo[t], gu_hi[t]) of every gate/up and rows [dn_lo[t], dn_hi[t]) of
+ * every down projection (multiples of 16, the last clipped; fused_moe gives whole bands, the
+ * ones each thread placed, on several NUMA nodes), so each weight byte is read once per call. xg: [A, Hp], h: [A, Ip], ye: [A, H] caller-provided scratch. */
 /* The expert MLP's activations: ACT_SILU silu(g) * u (DeepSeek, Qwen, Kimi, GLM, MiniMax);
  * ACT_SWIGLU_OAI gpt-oss's clamped SwiGLU, (clamp(u, -limit, limit) + 1) * g' sigmoid(alpha g')
  * with g' = min(g, limit); ACT_SILU_CLAMP DeepSeek-V4's, silu(g') * clamp(u, -limit, limit). */
@@ -1623,7 +1623,7 @@ static int moe_mlp(int T, int H, int I, int E, const float *x, const int *offset
         }
 #pragma omp barrier
         /* 2. gate and up for this thread's I-bands of every expert, then silu(g) * u */
-        int lo = gu_lo[t] * BAND, hi = gu_hi[t] * BAND < I ? gu_hi[t] * BAND : I;
+        int lo = gu_lo[t], hi = gu_hi[t] < I ? gu_hi[t] : I;
         for (int e = 0; e < E && ok; e++) {
             int a0 = offsets[e], m = offsets[e + 1] - a0;
             if (m == 0) continue;
@@ -1643,8 +1643,8 @@ static int moe_mlp(int T, int H, int I, int E, const float *x, const int *offset
 #pragma omp barrier
         /* 3. down for this thread's H-bands, then accumulate in expert order (deterministic:
          * each thread owns its columns of y) */
-        lo = dn_lo[t] * BAND;
-        hi = dn_hi[t] * BAND < H ? dn_hi[t] * BAND : H;
+        lo = dn_lo[t];
+        hi = dn_hi[t] < H ? dn_hi[t] : H;
         for (int e = 0; e < E && ok; e++) {
             int a0 = offsets[e], m = offsets[e + 1] - a0;
             if (m == 0) continue;
