@@ -32,7 +32,8 @@ cdef extern from "kernels.h" nogil:
              const int *band_lo, const int *band_hi)
     int gemm_naive(const wmat *W, int M, const float *x, float *y)
     int gemm_batched(const wmat *W, int B, int M, const float *x, float *y, int nthreads)
-    int gemm_multi(const wmat *W, int B, int M, const float *x, float **y, int nthreads)
+    int gemm_multi(const wmat *W, int B, int M, const float *x, size_t xstride, float **y,
+                   int nthreads)
     int moe_mlp(int T, int H, int I, int E, const float *x, const int *offsets, const int *tok,
                 const float *rw, const wmat *gate, const wmat *up, const wmat *down, float *y,
                 float *xg, float *g_out, float *u_out, float *h, float *ye, int nthreads,
@@ -172,7 +173,7 @@ def gemm_many(list mats,              # of (fmt, w uint8 [n*k-ish], s uint8, n, 
             W[b] = _wmat(fmt, wv, sv, n, k, group, gscale, bn, bk)
             yp[b] = &yv[0, 0]
         with nogil:
-            rc = gemm_multi(W, B, x.shape[0], &x[0, 0], yp, nthreads)
+            rc = gemm_multi(W, B, x.shape[0], &x[0, 0], 0, yp, nthreads)
     finally:
         free(W)
         free(yp)

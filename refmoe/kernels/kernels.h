@@ -1458,41 +1458,14 @@ static int gemm(const wmat *W, int M, const float *x, float *y, int nthreads,
     return failed ? -1 : 0;
 }
 
-/* Batched GEMM: B independent matrices W[b] (same n, k), each applied to its own M rows:
- * y[b] [M, n] = x[b] [M, Kp] @ W[b]^T. MLA's absorbed decode runs every head's key and value
- * halves of kv_b this way, one parallel region for all heads: the (head, band) units are split
- * evenly over the threads. x: [B, M, Kp] zero padded, y: [B, M, n]. */
-static int gemm_batched(const wmat *W, int B, int M, const float *x, float *y, int nthreads) {
-    int failed = 0, kp = round_up(W[0].k, BAND), nb = ceil_div(W[0].n, BAND);
-    long units = (long)B * nb;
-#pragma omp parallel num_threads(nthreads) reduction(| : failed)
-    {
-        int t = thread_id(), nt = team_size();
-        unsigned int csr = fpenv_enter();
-        scratch sc;
-        if (!scratch_alloc(&sc, W[0].k)) {
-            failed = 1;
-        } else {
-            for (long u = units * t / nt; u < units * (t + 1) / nt; u++) {
-                int b = (int)(u / nb), lo = (int)(u % nb) * BAND;
-                int hi = lo + BAND < W[b].n ? lo + BAND : W[b].n;
-                failed |= rows_gemm(&W[b], lo, hi, M, x + (size_t)b * M * kp, kp,
-                                    y + (size_t)b * M * W[b].n, W[b].n, &sc) != 0;
-            }
-        }
-        scratch_free(&sc);
-        fpenv_exit(csr);
-    }
-    return failed ? -1 : 0;
-}
-
-/* Several matrices W[b] (any n and format, one k) applied to the same x in one parallel
- * region: y[b] [M, W[b].n] = x [M, Kp] @ W[b]^T. The attention projections of one input (and
- * an MLP's gate and up) as one call: no fork, join and barrier per matrix, and the (matrix,
- * band) units split evenly over the threads, so one thread's lag in one matrix is not the
- * other's wait. Each row gets the numbers its lone GEMV (gemm) gives. One NUMA node: the
- * threads' ranges ignore where gemm's partition placed the bands. */
-static int gemm_multi(const wmat *W, int B, int M, const float *x, float **y,
+/* Several matrices W[b] (any n and format, one k) in one parallel region: y[b] [M, W[b].n] =
+ * x_b [M, Kp] @ W[b]^T with x_b = x + b * xstride: the same x for all (xstride 0: the
+ * attention projections of one input, an MLP's gate and up) or one x each (gemm_batched).
+ * No fork, join and barrier per matrix; the (matrix, band) units are split evenly over the
+ * threads, each taking its run of bands of each matrix in turn, so one thread's lag in one
+ * matrix is not the other's wait. Each row gets the numbers its lone GEMV (gemm) gives. One
+ * NUMA node: the threads' ranges ignore where gemm's partition placed the bands. */
+static int gemm_multi(const wmat *W, int B, int M, const float *x, size_t xstride, float **y,
                       int nthreads) {
     int failed = 0, kp = round_up(W[0].k, BAND);
     long units = 0;
@@ -1511,7 +1484,8 @@ static int gemm_multi(const wmat *W, int B, int M, const float *x, float **y,
                 long hi = u1 - base < nb ? u1 - base : nb;
                 if (lo < hi) { /* this thread's bands of matrix b: one run of rows */
                     int r0 = (int)lo * BAND, r1 = (int)hi * BAND < W[b].n ? (int)hi * BAND : W[b].n;
-                    failed |= rows_gemm(&W[b], r0, r1, M, x, kp, y[b], W[b].n, &sc) != 0;
+                    failed |= rows_gemm(&W[b], r0, r1, M, x + (size_t)b * xstride, kp, y[b],
+                                        W[b].n, &sc) != 0;
                 }
                 base += nb;
             }
@@ -1520,6 +1494,19 @@ static int gemm_multi(const wmat *W, int B, int M, const float *x, float **y,
         fpenv_exit(csr);
     }
     return failed ? -1 : 0;
+}
+
+/* Batched GEMM: B independent matrices W[b] (same n, k), each applied to its own M rows:
+ * y[b] [M, n] = x[b] [M, Kp] @ W[b]^T. MLA's absorbed decode runs every head's key and value
+ * halves of kv_b this way, one parallel region for all heads (gemm_multi). x: [B, M, Kp] zero
+ * padded, y: [B, M, n]. */
+static int gemm_batched(const wmat *W, int B, int M, const float *x, float *y, int nthreads) {
+    float **yb = (float **)malloc((size_t)(B > 0 ? B : 1) * sizeof(float *));
+    if (!yb) return -1;
+    for (int b = 0; b < B; b++) yb[b] = y + (size_t)b * M * W[0].n;
+    int rc = gemm_multi(W, B, M, x, (size_t)M * round_up(W[0].k, BAND), yb, nthreads);
+    free(yb);
+    return rc;
 }
 
 /* The naive kernel, kept beside the fast one for tests: scalar, one dot product per output,

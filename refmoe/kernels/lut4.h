@@ -332,6 +332,14 @@ static inline __m256i lut4_two_pairs(__m256i lo0, __m256i hi0, __m256i lo1, __m2
 #endif
 }
 
+/* One token's summed lanes h (lut4_rest's order) into its sum: the offset's correction nc
+ * added, then converted and scaled by the row's scales sw times the token's xs. */
+static inline __m256 lut4_scaled_sum(__m256i h, const int32_t *nc, __m256 sw, const float *xs,
+                                     __m256 acc) {
+    h = _mm256_add_epi32(h, _mm256_loadu_si256((const __m256i *)nc));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(sw, _mm256_loadu_ps(xs)), acc);
+}
+
 static inline float hsum256(__m256 a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -440,9 +448,7 @@ lut4_rest(const wmat *W, int fmt, const uint8_t *row, const uint8_t *sr, const f
                 __m256i h = _mm256_hadd_epi32(
                     lut4_two_pairs(lo[0], hi[0], lo[1], hi[1], xq[t], dq),
                     lut4_two_pairs(lo[2], hi[2], lo[3], hi[3], xq[t] + 128, dq));
-                h = _mm256_add_epi32(h, _mm256_loadu_si256((const __m256i *)ncp[t]));
-                acch[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h),
-                                          _mm256_mul_ps(sw, _mm256_loadu_ps(xcp[t])), acch[t]);
+                acch[t] = lut4_scaled_sum(h, ncp[t], sw, xcp[t], acch[t]);
                 xq[t] += 256, nc[t] += 32, xsp[t] += 32, xcp[t] += 8, ncp[t] += 8;
             }
             wp += 128, sp += 8;
@@ -460,9 +466,7 @@ lut4_rest(const wmat *W, int fmt, const uint8_t *row, const uint8_t *sr, const f
             lut4_pair_codes(wp + 32, table, int4g, &lo1, &hi1);
             for (int t = 0; t < MT; t++) {
                 __m256i h = lut4_two_pairs(lo0, hi0, lo1, hi1, xq[t], dq);
-                h = _mm256_add_epi32(h, _mm256_loadu_si256((const __m256i *)ncp[t]));
-                acch[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h),
-                                          _mm256_mul_ps(sw, _mm256_loadu_ps(xhp[t])), acch[t]);
+                acch[t] = lut4_scaled_sum(h, ncp[t], sw, xhp[t], acch[t]);
                 xq[t] += 128, nc[t] += 16, xsp[t] += 16, xhp[t] += 8, ncp[t] += 8;
             }
             wp += 64, sp += 8;
