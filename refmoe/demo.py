@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -829,16 +830,22 @@ def describe(cfg) -> str:
     )
 
 
-def read_gbps(nbytes: int = 512 * 2**20, reps: int = 3) -> float:
-    """Plain read bandwidth of the kernel threads over a buffer larger than any cache."""
+def read_samples(nbytes: int = 512 * 2**20, reps: int = 3) -> list[float]:
+    """Plain read bandwidth of the kernel threads over a buffer larger than any cache, GB/s,
+    one figure per pass (after one warm-up pass)."""
     buf = np.ones(nbytes, np.uint8)
     kernels.read_bandwidth_probe(buf)
-    best = []
+    out = []
     for _ in range(reps):
         t0 = time.perf_counter()
         kernels.read_bandwidth_probe(buf)
-        best.append(nbytes / (time.perf_counter() - t0) / 1e9)
-    return sorted(best)[len(best) // 2]
+        out.append(nbytes / (time.perf_counter() - t0) / 1e9)
+    return out
+
+
+def read_gbps(nbytes: int = 512 * 2**20, reps: int = 3) -> float:
+    """The median of read_samples."""
+    return statistics.median(read_samples(nbytes, reps))
 
 
 @dataclass(slots=True)
@@ -853,6 +860,10 @@ class DecodeReport:
     read_gbps: float
     cpu_bytes_per_token: int = 0  # what the CPU reads of it (all of it unless hybrid)
     device: str = "cpu"
+    # the read measured just before and just after the decode (read_gbps: the median of both
+    # sets), so a bound taken on one side of a change of the machine's pace shows as a gap
+    read_before_gbps: float = 0.0
+    read_after_gbps: float = 0.0
 
     @property
     def bound_tok_s(self) -> float:
@@ -874,15 +885,17 @@ def run(
     device: str = "cpu",
 ) -> DecodeReport:
     """Load the demo model, prefill a seeded prompt, decode greedily; measure the read limit
-    right after with the same threads. trace: a refmoe.trace.Trace for the measured request.
-    device: where attention and dense layers run (cuda: hybrid decode)."""
+    with the same threads just before and just after the decode. trace: a refmoe.trace.Trace
+    for the measured request. device: where attention and dense layers run (cuda: hybrid decode)."""
     from refmoe import models
     from refmoe.generate import generate
 
     cfg, model = models.load(directory, progress=progress, device=device)
     prompt = np.random.default_rng(seed).integers(2, cfg.vocab_size, prompt_tokens).tolist()
     generate(model, prompt[:4], 2)  # warm-up: pages, thread pool
+    before = read_samples()
     g = generate(model, prompt, new_tokens, trace=trace)
+    after = read_samples()
     steps = sorted(g.step_s)
     tok_s = 1.0 / steps[len(steps) // 2] if steps else 0.0
     return DecodeReport(
@@ -893,9 +906,11 @@ def run(
         g.ttft_s,
         tok_s,
         bytes_per_token(model),
-        read_gbps(),
+        statistics.median(before + after),
         cpu_bytes_per_token(model),
         str(model.device),
+        statistics.median(before),
+        statistics.median(after),
     )
 
 

@@ -101,6 +101,13 @@ def test_cli(demo_dir):
         ).stdout
     )
     assert rows[0]["op"] == "decode" and 0 < rows[0]["ratio"] < 2
+    # the read measured on both sides of the decode, and whether anything else ran meanwhile
+    row = rows[0]
+    assert row["limit_gbps_before"] > 0 and row["limit_gbps_after"] > 0
+    assert min(row["limit_gbps_before"], row["limit_gbps_after"]) <= row["limit_gbps"]
+    assert row["limit_gbps"] <= max(row["limit_gbps_before"], row["limit_gbps_after"])
+    assert row["others_cores"] >= 0 and 1 <= row["attempts"] <= 3
+    assert isinstance(row["suspect"], str)
 
 
 def test_the_demo_answers_chat(demo_dir):
