@@ -58,7 +58,7 @@ int main(int argc, char **argv) {
             const int t = omp_get_thread_num();
             scratch sc;
             if (scratch_alloc(&sc, k)) {
-                lut4x_prepare(x, k, &sc.q8, &sc.l4, lut4_offset(w.fmt));
+                lut4x_prepare(x, k, &sc.q8, &sc.l4, w.fmt);
                 float *yt[1] = {y};
                 const lut4x *at[1] = {&sc.l4};
                 rows_gemv_lut4(&w, (int)((long)n * t / nt), (int)((long)n * (t + 1) / nt), 1, yt,

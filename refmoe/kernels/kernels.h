@@ -1348,7 +1348,7 @@ static int rows_gemv_lut4_tokens(const wmat *W, int n_lo, int n_hi, int M, const
     if (ok)
         for (int t = 0; t < M; t++) {
             lut4x *a = t ? &more[t - 1] : &sc->l4;
-            lut4x_prepare(x + (size_t)t * ldx, W->k, &sc->q8, a, lut4_offset(W->fmt));
+            lut4x_prepare(x + (size_t)t * ldx, W->k, &sc->q8, a, W->fmt);
             at[t] = a;
             yt[t] = y + (size_t)t * ldy;
         }
@@ -1414,7 +1414,7 @@ static int rows_gemm(const wmat *W, int n_lo, int n_hi, int M, const float *x, i
     } else if (M == 1 && is_lut4(W->fmt)) {
         float *yt[1] = {y};
         const lut4x *at[1] = {&sc->l4};
-        lut4x_prepare(x, W->k, &sc->q8, &sc->l4, lut4_offset(W->fmt));
+        lut4x_prepare(x, W->k, &sc->q8, &sc->l4, W->fmt);
         rows_gemv_lut4(W, n_lo, n_hi, 1, yt, at);
     } else if (W->fmt == FMT_INT4 || is_lut4(W->fmt)) {
         free(sc->xdq);

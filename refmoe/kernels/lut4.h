@@ -122,12 +122,10 @@ typedef struct {
     int32_t *ncorr; /* [nquads * 16] -OFF * (sum of the lane's 8 activations): the x86 kernels
                        look up code + OFF (unsigned), and start each lane's sum here */
     float *ws;      /* [LUT4_WS(K)] one row's weight scales as floats (scratch) */
-    float *xc;      /* [nquads * 8] chunk scales in the order lut4_rest's summed lanes hold
-                       their chunks: per 8 chunks 0, 2, 4, 6, 1, 3, 5, 7 (MXFP4, INT4G) */
-    float *xh;      /* [nquads * 8] the same per 4 chunks, each twice: 0, 0, 2, 2, 1, 1, 3, 3
-                       (NVFP4's half-chunk lanes) */
-    int32_t *ncc;   /* [nquads * 8] ncorr summed over each chunk, in xc's order */
-    int32_t *nch;   /* [nquads * 8] ncorr summed over each 16 codes, in xh's order */
+    float *xo;      /* [(nquads + 1) * 8] the chunk scales in the order lut4_rest's summed
+                       lanes hold their codes: per 8 chunks 0, 2, 4, 6, 1, 3, 5, 7 (MXFP4,
+                       INT4G); per 4 chunks 0, 0, 2, 2, 1, 1, 3, 3 (NVFP4: halves of chunks) */
+    int32_t *nco;   /* [(nquads + 1) * 8] ncorr summed over the same codes, in that order */
 } lut4x;
 #define LUT4_WS(k) ((k) / 16 + 32) /* floats of one row's scales, with room for wide loads */
 #define LUT4_MT_MAX 4 /* tokens one pass over a row serves (lut4_rows, x86 builds) */
@@ -144,20 +142,21 @@ static int lut4x_alloc(lut4x *a, int kmax) {
     a->xs = (float *)amalloc((size_t)nq * 16 * 4);
     a->ncorr = (int32_t *)amalloc((size_t)nq * 16 * 4);
     a->ws = (float *)amalloc((size_t)LUT4_WS(kmax) * 4);
-    a->xc = (float *)amalloc((size_t)(nq + 1) * 8 * 4);
-    a->xh = (float *)amalloc((size_t)nq * 8 * 4);
-    a->ncc = (int32_t *)amalloc((size_t)(nq + 1) * 8 * 4);
-    a->nch = (int32_t *)amalloc((size_t)nq * 8 * 4);
-    return a->q && a->xs && a->ncorr && a->ws && a->xc && a->xh && a->ncc && a->nch;
+    a->xo = (float *)amalloc((size_t)(nq + 1) * 8 * 4);
+    a->nco = (int32_t *)amalloc((size_t)(nq + 1) * 8 * 4);
+    return a->q && a->xs && a->ncorr && a->ws && a->xo && a->nco;
 }
 static void lut4x_free(lut4x *a) {
-    free(a->q); free(a->xs); free(a->ncorr); free(a->ws); free(a->xc); free(a->xh);
-    free(a->ncc); free(a->nch);
+    free(a->q); free(a->xs); free(a->ncorr); free(a->ws); free(a->xo); free(a->nco);
 }
 
-/* x [K] -> a, through q (q8_quantize: the same int8 values the tile path and the naive kernel
- * use). off: the unsigned offset of the format's table (lut4_offset). */
-static void lut4x_prepare(const float *x, int K, q8x *q, lut4x *a, int off) {
+/* The unsigned offset added to every table entry on x86 (maddubs multiplies unsigned bytes). */
+static inline int lut4_offset(int fmt) { return fmt == FMT_INT4G ? 8 : 12; }
+
+/* x [K] -> a for a weight of format fmt, through q (q8_quantize: the same int8 values the tile
+ * path and the naive kernel use). */
+static void lut4x_prepare(const float *x, int K, q8x *q, lut4x *a, int fmt) {
+    const int off = lut4_offset(fmt);
     q8_quantize(x, K, 32, q, NULL); /* q->q is zero past K to the end of its chunk */
     int nc = ceil_div(K, 32), nq = ceil_div(nc, 4);
     if (nc % 4) memset(a->q + (size_t)(nq - 1) * 128, 0, 128); /* the last quad's missing chunks */
@@ -198,29 +197,24 @@ static void lut4x_prepare(const float *x, int K, q8x *q, lut4x *a, int off) {
                                           b[67 + 4 * l]);
 #endif
     }
-    /* the chunk scales and the offset's corrections by chunk (xc, ncc) and by 16 codes (xh,
-     * nch), in the orders lut4_rest's summed lanes come in */
-    memset(a->xc, 0, (size_t)(nq + 1) * 8 * 4);
-    memset(a->ncc, 0, (size_t)(nq + 1) * 8 * 4);
+    /* the chunk scales and the offset's corrections in the order lut4_rest's summed lanes
+     * come in (xo, nco): by chunk, or by 16 codes for NVFP4, whose scales cover 16 */
+    memset(a->xo, 0, (size_t)(nq + 1) * 8 * 4);
+    memset(a->nco, 0, (size_t)(nq + 1) * 8 * 4);
     for (int c = 0; c < nc; c++) {
         const int32_t *l = a->ncorr + (c / 2) * 8 + (c % 2) * 4; /* the chunk's 4 lanes */
-        int j = c % 8, i = c % 4, at8 = c - j + (j % 2) * 4 + j / 2;
-        int at4 = 2 * (c - i) + (i % 2) * 4 + (i / 2) * 2;
-        a->xc[at8] = q->xs[c];
-        a->ncc[at8] = l[0] + l[1] + l[2] + l[3];
-        a->xh[at4] = a->xh[at4 + 1] = q->xs[c];
-        a->nch[at4] = l[0] + l[1];
-        a->nch[at4 + 1] = l[2] + l[3];
-    }
-    for (int c = nc; c < 4 * nq; c++) { /* the last quad's missing chunks */
-        int i = c % 4, at4 = 2 * (c - i) + (i % 2) * 4 + (i / 2) * 2;
-        a->xh[at4] = a->xh[at4 + 1] = 0.f;
-        a->nch[at4] = a->nch[at4 + 1] = 0;
+        if (fmt == FMT_NVFP4) {
+            int i = c % 4, at = 2 * (c - i) + (i % 2) * 4 + (i / 2) * 2;
+            a->xo[at] = a->xo[at + 1] = q->xs[c];
+            a->nco[at] = l[0] + l[1];
+            a->nco[at + 1] = l[2] + l[3];
+        } else {
+            int j = c % 8, at = c - j + (j % 2) * 4 + j / 2;
+            a->xo[at] = q->xs[c];
+            a->nco[at] = l[0] + l[1] + l[2] + l[3];
+        }
     }
 }
-
-/* The unsigned offset added to every table entry on x86 (maddubs multiplies unsigned bytes). */
-static inline int lut4_offset(int fmt) { return fmt == FMT_INT4G ? 8 : 12; }
 
 /* The codes from chunk c0 to the row's end, scalar, reading only the row's own bytes. */
 static inline float lut4_tail(const wmat *W, const uint8_t *row, const uint8_t *sr, int c0,
@@ -425,51 +419,39 @@ lut4_rest(const wmat *W, int fmt, const uint8_t *row, const uint8_t *sr, const f
     const int dq = lut4_xlo(p + 1) - lut4_xlo(p); /* the second pair's codes, from the first's */
     const uint8_t *wp = row + 32 * p;
     const float *sp = ws + 2 * per_chunk * p;
-    /* Four pairs at a time (MXFP4, INT4G; two for NVFP4) from a pair that starts them: each
-     * token's integer lanes summed within their scale's codes (hadd: exact, |sum| < 2^17), so
-     * one conversion, one scale product and one FMA serve 8 chunks (4 for NVFP4), where the
-     * pair loop below converts and scales each pair's 8 lanes. The scales come in the order
-     * the sums leave their chunks in: the row's by a permute, the tokens' as prepared (xc,
-     * xh). */
+    /* Four pairs at a time (MXFP4, INT4G; two for NVFP4, whose scales cover 16 codes) from a
+     * pair that starts them: each token's integer lanes summed within their scale's codes
+     * (hadd: exact, |sum| < 2^17), so one conversion, one scale product and one FMA serve 8
+     * chunks (4 for NVFP4), where the pair loop below converts and scales each pair's 8
+     * lanes. The scales come in the order the sums leave their codes in: the row's by a
+     * permute, the tokens' as prepared (xo, nco). */
     __m256 acch[LUT4_MT_MAX];
     for (int t = 0; t < MT; t++) acch[t] = _mm256_setzero_ps();
-    if (per_chunk == 1 && p % 4 == 0) {
-        const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-        const float *xcp[LUT4_MT_MAX];
+    const int step = per_chunk == 1 ? 4 : 2; /* pairs a step */
+    if (p % step == 0) {
+        const __m256i order = per_chunk == 1 ? _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7)
+                                             : _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+        const float *xop[LUT4_MT_MAX];
         const int32_t *ncp[LUT4_MT_MAX];
-        for (int t = 0; t < MT; t++) xcp[t] = a[t]->xc + 2 * p, ncp[t] = a[t]->ncc + 2 * p;
-        for (; p + 4 <= np; p += 4) {
-            __builtin_prefetch(wp + prefetch_dist, 0, 0);
-            __builtin_prefetch(wp + 64 + prefetch_dist, 0, 0);
+        for (int t = 0; t < MT; t++)
+            xop[t] = a[t]->xo + 2 * per_chunk * p, ncp[t] = a[t]->nco + 2 * per_chunk * p;
+        for (; p + step <= np; p += step) {
+            for (int i = 0; i < step; i += 2) /* a line per two pairs */
+                __builtin_prefetch(wp + 32 * i + prefetch_dist, 0, 0);
             __m256 sw = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sp), order);
             __m256i lo[4], hi[4];
-            for (int i = 0; i < 4; i++) lut4_pair_codes(wp + 32 * i, table, int4g, &lo[i], &hi[i]);
+            for (int i = 0; i < step; i++)
+                lut4_pair_codes(wp + 32 * i, table, int4g, &lo[i], &hi[i]);
             for (int t = 0; t < MT; t++) { /* pairs p .. p + 3: codes at 0, 32, 128, 160 */
-                __m256i h = _mm256_hadd_epi32(
-                    lut4_two_pairs(lo[0], hi[0], lo[1], hi[1], xq[t], dq),
-                    lut4_two_pairs(lo[2], hi[2], lo[3], hi[3], xq[t] + 128, dq));
-                acch[t] = lut4_scaled_sum(h, ncp[t], sw, xcp[t], acch[t]);
-                xq[t] += 256, nc[t] += 32, xsp[t] += 32, xcp[t] += 8, ncp[t] += 8;
+                __m256i h = lut4_two_pairs(lo[0], hi[0], lo[1], hi[1], xq[t], dq);
+                if (step == 4)
+                    h = _mm256_hadd_epi32(
+                        h, lut4_two_pairs(lo[2], hi[2], lo[3], hi[3], xq[t] + 128, dq));
+                acch[t] = lut4_scaled_sum(h, ncp[t], sw, xop[t], acch[t]);
+                xq[t] += 64 * step, nc[t] += 8 * step, xsp[t] += 8 * step;
+                xop[t] += 8, ncp[t] += 8;
             }
-            wp += 128, sp += 8;
-        }
-    } else if (per_chunk == 2 && p % 2 == 0) {
-        const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
-        const float *xhp[LUT4_MT_MAX];
-        const int32_t *ncp[LUT4_MT_MAX];
-        for (int t = 0; t < MT; t++) xhp[t] = a[t]->xh + 4 * p, ncp[t] = a[t]->nch + 4 * p;
-        for (; p + 2 <= np; p += 2) {
-            __builtin_prefetch(wp + prefetch_dist, 0, 0);
-            __m256 sw = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sp), order);
-            __m256i lo0, hi0, lo1, hi1;
-            lut4_pair_codes(wp, table, int4g, &lo0, &hi0);
-            lut4_pair_codes(wp + 32, table, int4g, &lo1, &hi1);
-            for (int t = 0; t < MT; t++) {
-                __m256i h = lut4_two_pairs(lo0, hi0, lo1, hi1, xq[t], dq);
-                acch[t] = lut4_scaled_sum(h, ncp[t], sw, xhp[t], acch[t]);
-                xq[t] += 128, nc[t] += 16, xsp[t] += 16, xhp[t] += 8, ncp[t] += 8;
-            }
-            wp += 64, sp += 8;
+            wp += 32 * step, sp += 8;
         }
     }
     for (; p + 2 <= np; p += 2) {
