@@ -26,9 +26,16 @@ VARIANTS = {
     "avx512": (AVX512, [("REFMOE_ISA_AVX512", "1")]),
     # FP8 GEMV through BF16 dot products and VBMI byte permutes, 4-bit GEMV through VNNI
     # (Zen 4+, Cooper Lake, Sapphire Rapids+: every CPU with AVX-512 BF16 has VNNI).
+    # With AMX tiles for many tokens where the CPU has them (chosen at run time: the compiler
+    # emits tile instructions only where the code asks for them).
     "avx512_bf16": (
-        AVX512 + ["-mavx512bf16", "-mavx512vbmi", "-mavx512vnni"],
-        [("REFMOE_ISA_AVX512", "1"), ("REFMOE_BF16DOT", "1"), ("REFMOE_VNNI", "1")],
+        AVX512 + ["-mavx512bf16", "-mavx512vbmi", "-mavx512vnni", "-mamx-tile", "-mamx-bf16"],
+        [
+            ("REFMOE_ISA_AVX512", "1"),
+            ("REFMOE_BF16DOT", "1"),
+            ("REFMOE_VNNI", "1"),
+            ("REFMOE_AMX", "1"),
+        ],
     ),
     # The AVX-512 sources through SIMDe: plain C, so they build and are tested anywhere.
     "avx512_emulated": (HOST, [("REFMOE_ISA_AVX512", "1"), ("REFMOE_EMULATED", "1")]),

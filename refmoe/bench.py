@@ -53,6 +53,7 @@ class Row:
     suspect: str = ""  # why the row should not be trusted (contention, impossible ratio), or ""
     attempts: int = 1  # runs of the row: contaminated or impossible ones are redone, bounded
     fp8_route: str = ""  # FP8 rows: the GEMV route the variant took (kernels.fp8_gemv_route)
+    tiles: str = ""  # GEMM rows: "amx" where the product ran on AMX tiles (kernels.amx_tiles)
     gbps_samples: list[float] = field(default_factory=list)  # one per rep
     limit_gbps_samples: list[float] = field(default_factory=list)  # the read beside each
 
@@ -209,6 +210,7 @@ def bench_gemm(
         threads=threads,
         variant=variant,
         fp8_route=kernels.fp8_gemv_route(variant) if fmt in FP8_BLOCKS else "",
+        tiles="amx" if m >= kernels.AMX_MIN_TOKENS and kernels.amx_tiles(variant) else "",
         time_us=per * 1e6,
         gbps=nbytes / per / 1e9,
         limit_gbps=total / statistics.median(tr) / 1e9,
@@ -402,9 +404,10 @@ def format_rows(rows: list[Row]) -> str:
     for r in rows:
         fma = f"{100 * r.fma_ratio:5.0f}%" if r.fma_ratio is not None else "     -"
         tx = f"{r.torch_speedup:7.1f}x" if r.torch_speedup is not None else "       -"
+        route = ("/bf16" if r.fp8_route == "bf16" else "") + ("/amx" if r.tiles else "")
         lines.append(
             f"{r.op:<17}{r.dtype:<12}{r.model:<28}{r.m:>3}{r.threads:>4} "
-            f"{r.variant + ('/bf16' if r.fp8_route == 'bf16' else ''):<16}"
+            f"{r.variant + route:<16}"
             f"{r.time_us:>10.1f}{r.gbps:>7.1f}{r.limit_gbps:>7.1f}{r.ratio:>6.2f} "
             f"[{r.ratio_min:.2f}-{r.ratio_max:.2f}]{r.gflops:>8.1f}{fma}{tx}"
             + (f"  SUSPECT: {r.suspect}" if r.suspect else "")

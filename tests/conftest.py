@@ -9,6 +9,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's own pool must not 
 # has bf16 dot products, has its own tests (test_slp.py)
 os.environ.setdefault("REFMOE_SLP_DTYPE", "f32")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from refmoe import kernels  # noqa: E402
@@ -190,6 +191,42 @@ def fp8_route_as(route: str):
         yield route
     finally:
         kernels.set_fp8_gemv_route(before)
+
+
+def amx_slack(variant: str, x, w, mag):
+    """What the AMX tiles may add to the float32 bound where the variant's GEMM of these tokens
+    takes them (kernels.AMX_EXTRA_ERROR relative to |x| |w|; and the bf16 parts AMX flushes to
+    zero below 2^-126: at most 2^-125 (|x| + |w|) a product); 0 elsewhere."""
+    if x.shape[0] < kernels.AMX_MIN_TOKENS or not kernels.amx_tiles(variant):
+        return 0.0
+    ax, aw = np.abs(np.asarray(x, np.float64)), np.abs(np.asarray(w, np.float64))
+    return kernels.AMX_EXTRA_ERROR * mag + 2.0**-125 * (ax.sum(1)[:, None] + aw.sum(1)[None, :])
+
+
+@contextmanager
+def float32_tiles_only():
+    """Many-token GEMMs on the float32 tiles, not AMX's, inside the block: for tests that hold
+    two ways of computing the same thing (SLP against the CPU prefill, chunks against one
+    prefill, a restored cache against a fresh one) to float32's tolerance. AMX's bf16x3
+    products (kernels.AMX_EXTRA_ERROR) have their own tests (test_kernels.py, test_lut4.py) and
+    run in the families' tests against transformers."""
+    before, env = kernels.set_amx_tiles(False), os.environ.get("REFMOE_AMX")
+    os.environ["REFMOE_AMX"] = "0"  # and in the processes it starts (DSLP's ranks)
+    try:
+        yield
+    finally:
+        kernels.set_amx_tiles(before)
+        if env is None:
+            os.environ.pop("REFMOE_AMX", None)
+        else:
+            os.environ["REFMOE_AMX"] = env
+
+
+@pytest.fixture
+def float32_tiles():
+    """float32_tiles_only for the whole test."""
+    with float32_tiles_only():
+        yield
 
 
 @pytest.fixture(params=kernels.FP8_GEMV_ROUTES)

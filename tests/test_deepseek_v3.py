@@ -248,6 +248,7 @@ def fp8_heads(tmp_path_factory):
 
 
 @pytest.mark.parametrize("past, new", [(0, 1), (11, 1), (30, 3), (40, 8), (60, 20)])
+@pytest.mark.usefixtures("float32_tiles")
 def test_fp8_absorbed_decode(fp8_heads, monkeypatch, past, new):
     """Absorbed decode through the FP8 per-head kernel (kv_b's value halves read in place, its
     key halves transposed) equals fresh expansion, and transformers on the dequantized

@@ -287,6 +287,7 @@ def test_slp_matches_the_cpu_path(saved):
 
 
 @pytest.mark.parametrize("mark", [3, 8, 13, 17])
+@pytest.mark.usefixtures("float32_tiles")
 def test_a_snapshot_restores_and_continues(saved, mark):
     """The prefix cache's path: marks taken as a prompt passes them (inside a call, or at its
     end), the entries read by position and the window and open windows restored from the

@@ -12,7 +12,7 @@ themselves are exact integers.
 
 import numpy as np
 import pytest
-from conftest import fp8_route_as
+from conftest import amx_slack, fp8_route_as
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -40,8 +40,8 @@ SETTINGS = settings(
 )
 
 
-def check(y: np.ndarray, y64: np.ndarray, mag: np.ndarray, k: int, factor: float = 1.0):
-    bound = factor * (2 * (k + 8) * U * mag + 2.0**-126)
+def check(y: np.ndarray, y64: np.ndarray, mag: np.ndarray, k: int, factor: float = 1.0, slack=0.0):
+    bound = factor * (2 * (k + 8) * U * mag + 2.0**-126) + slack
     err = np.abs(y.astype(np.float64) - y64)
     worst = np.unravel_index(np.argmax(err / bound), err.shape)
     assert (err <= bound).all(), f"err {err[worst]:.3g} > bound {bound[worst]:.3g} at {worst}"
@@ -78,43 +78,48 @@ def fp8_case(draw):
     return x, codes, s, block
 
 
-def fp8_reference(x, codes, s, block=(128, 128)):
+def fp8_reference(x, codes, s, block=(128, 128), variant=None):
+    """The float64 product, its magnitude, and (given the variant) the AMX tiles' slack."""
     w = formats.fp8_dequantize(codes, s, block)
     x64 = x.astype(np.float64)
-    return x64 @ w.T, np.abs(x64) @ np.abs(w).T
+    mag = np.abs(x64) @ np.abs(w).T
+    if variant is None:
+        return x64 @ w.T, mag
+    return x64 @ w.T, mag, amx_slack(variant, x, w, mag)
 
 
 @SETTINGS
 @given(case=fp8_case())
 def test_fp8_gemm_vs_float64(variant, fp8_route, case):
     x, codes, s, block = case
-    y64, mag = fp8_reference(x, codes, s, block)
+    y64, mag, slack = fp8_reference(x, codes, s, block, variant)
     y = kernels.fp8_gemm(x, codes, s, block=block, variant=variant, num_threads=2)
-    check(y, y64, mag, x.shape[1])
+    check(y, y64, mag, x.shape[1], slack=slack)
 
 
 @SETTINGS
 @given(case=fp8_case())
 def test_fp8_naive_beside_fast(variant, fp8_route, case):
     x, codes, s, block = case
-    y64, mag = fp8_reference(x, codes, s, block)
+    y64, mag, slack = fp8_reference(x, codes, s, block, variant)
     naive = kernels.fp8_gemm(x, codes, s, block=block, variant=variant, naive=True)
     check(naive, y64, mag, x.shape[1])
     fast = kernels.fp8_gemm(x, codes, s, block=block, variant=variant)
-    check(fast, naive.astype(np.float64), mag, x.shape[1], factor=2.0)
+    check(fast, naive.astype(np.float64), mag, x.shape[1], factor=2.0, slack=slack)
 
 
 @SETTINGS
 @given(case=fp8_case())
 def test_variants_agree(case):
     x, codes, s, block = case
-    _, mag = fp8_reference(x, codes, s, block)
+    _, mag, base_slack = fp8_reference(x, codes, s, block, kernels.variant())
     base = kernels.fp8_gemm(x, codes, s, block=block).astype(np.float64)
     for route in kernels.FP8_GEMV_ROUTES:
         with fp8_route_as(route):
             for v in kernels.available_variants():
                 got = kernels.fp8_gemm(x, codes, s, block=block, variant=v)
-                check(got, base, mag, x.shape[1], factor=2.0)
+                slack = base_slack + fp8_reference(x, codes, s, block, v)[2]
+                check(got, base, mag, x.shape[1], factor=2.0, slack=slack)
 
 
 @pytest.mark.parametrize(
@@ -183,7 +188,7 @@ def test_many_tokens_transposed_tiles(v, m, n, k, block):
     w4 = formats.mxfp4_dequantize(blocks, scales, k).astype(np.float64)
     xdq = formats.q8_quantize(x)[1].astype(np.float64)
     y4, mag4 = xdq @ w4.T, np.abs(xdq) @ np.abs(w4).T
-    before = mod.tiled_t(-1)
+    before, amx_before = mod.tiled_t(-1), kernels.set_amx_tiles(False)  # AMX's: below
     try:
         got = {}
         for on in (0, 1):
@@ -197,6 +202,102 @@ def test_many_tokens_transposed_tiles(v, m, n, k, block):
         assert not np.array_equal(got[0][0], got[1][0])  # two paths, not one taken twice
     finally:
         mod.tiled_t(before)
+        kernels.set_amx_tiles(amx_before)
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "k", "block"),
+    [
+        (16, 33, 300, (128, 128)),  # one block of 16 tokens, 32-row tiles one row past N
+        (17, 100, 257, (48, 80)),  # a second block for one token; K off the 128-wide tiles
+        (40, 64, 130, (16, 40)),
+        (300, 31, 1000, (1, WHOLE)),  # two passes of tokens, per-channel scales
+        (530, 70, 200, (200, 7)),  # three passes
+    ],
+)
+def test_many_tokens_amx_tiles(m, n, k, block):
+    """From 16 tokens the avx512_bf16 build multiplies on AMX tiles where the CPU has them
+    (rows_tiled_amx: bf16x3): every format within the float32 bound plus AMX's stated slack,
+    not the float32 tiles' numbers (another path), the same bits over 1-3 threads, and 15 tokens
+    the float32 tiles' bits exactly (below the threshold)."""
+    v = "avx512_bf16"
+    if v not in kernels.available_variants() or kernels._module(v).tiled_amx(-1) < 0:
+        pytest.skip("no AMX-BF16 tiles on this CPU (or the kernel refuses their state)")
+    rng = np.random.default_rng(m * 7 + k)
+    w = rng.standard_normal((n, k))
+    x = (rng.standard_normal((m, k)) * 10.0 ** rng.uniform(-2, 2, (m, 1))).astype(np.float32)
+    xdq = formats.q8_quantize(x)[1]  # the 4-bit and INT4 formats run on int8 activations
+    codes, s = formats.fp8_quantize(w, block)
+    blocks, scales = formats.mxfp4_quantize(w)
+    nv, nvs, nvg = formats.nvfp4_quantize(w)
+    ip, isc = formats.int4g_quantize(w)
+    i4, i4s = formats.int4_quantize(w, 32)
+    bits = formats.bf16_encode(w.astype(np.float32))
+    cases = {  # name: (run(x, threads), activations the reference uses, weights)
+        "fp8": (
+            lambda a, t: kernels.fp8_gemm(a, codes, s, block=block, variant=v, num_threads=t),
+            x,
+            formats.fp8_dequantize(codes, s, block),
+        ),
+        "mxfp4": (
+            lambda a, t: kernels.mxfp4_gemm(a, blocks, scales, variant=v, num_threads=t),
+            xdq,
+            formats.mxfp4_dequantize(blocks, scales, k),
+        ),
+        "nvfp4": (
+            lambda a, t: kernels.nvfp4_gemm(a, nv, nvs, nvg, variant=v, num_threads=t),
+            xdq,
+            formats.nvfp4_dequantize(nv, nvs, nvg, k),
+        ),
+        "int4g": (
+            lambda a, t: kernels.int4g_gemm(a, ip, isc, variant=v, num_threads=t),
+            xdq,
+            formats.int4g_dequantize(ip, isc, k, 32),
+        ),
+        "int4": (
+            lambda a, t: kernels.int4_gemm(a, i4, i4s, group_size=32, variant=v, num_threads=t),
+            xdq,
+            formats.int4_dequantize(i4, i4s, k, 32),
+        ),
+        "bf16": (
+            lambda a, t: kernels.bf16_gemm(a, bits, variant=v, num_threads=t),
+            x,
+            formats.bf16_decode(bits),
+        ),
+    }
+    before = kernels.set_amx_tiles(True)
+    try:
+        for name, (run, xa, wd) in cases.items():
+            x64, w64 = xa.astype(np.float64), np.asarray(wd, np.float64)
+            mag = np.abs(x64) @ np.abs(w64).T
+            amx = run(x, 2)
+            check(amx, x64 @ w64.T, mag, k, slack=amx_slack(v, xa, w64, mag))
+            for t in (1, 3):
+                assert np.array_equal(run(x, t), amx), (name, t)
+            kernels.set_amx_tiles(False)
+            assert not np.array_equal(run(x, 2), amx), name  # two paths, not one taken twice
+            below = run(x[:15], 2)
+            kernels.set_amx_tiles(True)
+            assert np.array_equal(run(x[:15], 2), below), name
+    finally:
+        kernels.set_amx_tiles(before)
+
+
+def test_amx_setting_is_checked():
+    """REFMOE_AMX takes 0 or 1 and names itself otherwise; the builds without AMX tiles say so
+    (tiled_amx: -1), and amx_tiles is False there."""
+    import subprocess
+    import sys
+
+    env = dict(__import__("os").environ, REFMOE_AMX="yes")
+    res = subprocess.run(
+        [sys.executable, "-c", "import refmoe.kernels"], env=env, capture_output=True, text=True
+    )
+    assert res.returncode != 0 and "REFMOE_AMX" in res.stderr
+    for v in kernels.available_variants():
+        if v != "avx512_bf16":
+            assert kernels._module(v).tiled_amx(-1) == -1
+            assert not kernels.amx_tiles(v)
 
 
 def test_prefetch_distance_changes_no_number():
@@ -386,7 +487,7 @@ def test_int4_gemm_vs_float64(variant, m, n, k, group, seed):
     s_full = np.repeat(scales.astype(np.float64), group, 1)[:, :k]
     mag = np.abs(xdq) @ (np.abs(w) + 16 * s_full).T
     y = kernels.int4_gemm(x, packed, scales, group_size=group, variant=variant)
-    check(y, xdq @ w.T, mag, k)
+    check(y, xdq @ w.T, mag, k, slack=amx_slack(variant, xdq, w, mag))
     naive = kernels.int4_gemm(x, packed, scales, group_size=group, variant=variant, naive=True)
     check(naive, xdq @ w.T, mag, k)
 
@@ -415,7 +516,8 @@ def test_bf16_gemm_vs_float64(variant, m, n, k, seed):
     x = rng.standard_normal((m, k)).astype(np.float32)
     w = formats.bf16_decode(bits)
     mag = np.abs(x.astype(np.float64)) @ np.abs(w).T
-    check(kernels.bf16_gemm(x, bits, variant=variant), x.astype(np.float64) @ w.T, mag, k)
+    got = kernels.bf16_gemm(x, bits, variant=variant)
+    check(got, x.astype(np.float64) @ w.T, mag, k, slack=amx_slack(variant, x, w, mag))
 
 
 @pytest.mark.parametrize("m", [1, 7, 32])

@@ -49,6 +49,7 @@ def hybrid(tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", ["mla", "gqa"])
+@pytest.mark.usefixtures("float32_tiles")
 def test_restored_prefix_gives_the_whole_prefill_logits(family, request):
     model = request.getfixturevalue(family)
     whole = model.forward(torch.tensor(LONG), model.new_cache())

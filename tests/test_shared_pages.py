@@ -32,6 +32,7 @@ def gqa_cache(tokens: int, seed: int, layers: int = 2) -> KVCache:
     return cache
 
 
+@pytest.mark.usefixtures("float32_tiles")
 def test_a_restore_maps_the_cache_pages_into_each_request(mla):  # noqa: F811
     whole = mla.forward(torch.tensor(LONG), mla.new_cache())
     pc = PrefixCache(1 << 30)

@@ -11,12 +11,15 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import cli_generate
+from conftest import cli_generate, float32_tiles_only
 from test_deepseek_v3 import random_model, write_fp8_checkpoint
 
 from refmoe import models, slp
 from refmoe.policy import EngineConfig
 from refmoe.trace import Trace
+
+# SLP and DSLP held to the CPU path at float32's tolerance: its GEMMs on the float32 tiles
+pytestmark = pytest.mark.usefixtures("float32_tiles")
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,9 +37,10 @@ def fp8_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plain(fp8_dir):
-    """Logits of the plain path (routed experts on the CPU kernels)."""
+    """Logits of the plain path (routed experts on the CPU kernels, float32 tiles)."""
     _, model = models.load(fp8_dir)
-    return model.forward(torch.tensor(PROMPT), model.new_cache())
+    with float32_tiles_only():
+        return model.forward(torch.tensor(PROMPT), model.new_cache())
 
 
 def _load(d, device):

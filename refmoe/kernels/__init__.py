@@ -66,9 +66,10 @@ def _module(name: str) -> ModuleType:
         mod = importlib.import_module(f"refmoe.kernels._{name}")
     except ImportError as e:
         raise ValueError(f"CPU variant {name!r} was not built ({e})") from e
-    if name not in _ROUTED:  # first use: the FP8 GEMV route and prefetch distance chosen
+    if name not in _ROUTED:  # first use: the FP8 GEMV route, prefetch distance, AMX chosen
         mod.fp8_route(_FP8_ROUTE == "bf16")
         mod.prefetch_dist(_PREFETCH)
+        mod.tiled_amx(int(_AMX))
         _ROUTED.add(name)
     return mod
 
@@ -175,6 +176,36 @@ def fp8_gemv_route(variant: str | None = None) -> str:
     build with BF16 dot products and with that route chosen."""
     has_bf16 = (variant or _VARIANT) in _BF16_DOT_VARIANTS
     return "bf16" if has_bf16 and _FP8_ROUTE == "bf16" else "fp32"
+
+
+# GEMMs of AMX_MIN_TOKENS tokens or more (prefill's projections and experts, an expert many
+# tokens chose) run on AMX tiles in the avx512_bf16 build where the CPU has AMX-BF16 (Sapphire
+# Rapids and later) and the kernel grants the process the tile state: each operand split into
+# two bf16 parts, three tile products (bf16x3), every product within AMX_EXTRA_ERROR of its
+# float32 value (relative; kernels.h rows_tiled_amx). On by default there; REFMOE_AMX=0 or
+# set_amx_tiles(False) takes the float32 tiles instead. On the 2-vCPU Xeon VM (2026-12-07) an FP8
+# GEMM of 128-512 tokens ran about 2x as fast (kernels.md).
+AMX_MIN_TOKENS = 16  # kernels.h AMX_MIN_M
+AMX_EXTRA_ERROR = 2.0**-14  # per product, times |x| |w|, beyond the float32 tiles' bound
+_AMX_TEXT = os.environ.get("REFMOE_AMX", "1")
+if _AMX_TEXT not in ("0", "1"):
+    raise ValueError(f"REFMOE_AMX: expected 0 or 1, got {_AMX_TEXT!r}")
+_AMX = _AMX_TEXT == "1"
+
+
+def set_amx_tiles(on: bool) -> bool:
+    """Let many-token GEMMs use AMX tiles where a build and the CPU have them (True), or not,
+    from now on; returns the setting it replaces. Call it before kernels run on other threads."""
+    global _AMX
+    before, _AMX = _AMX, bool(on)
+    for name in list(_ROUTED):
+        importlib.import_module(f"refmoe.kernels._{name}").tiled_amx(int(_AMX))
+    return before
+
+
+def amx_tiles(variant: str | None = None) -> bool:
+    """Whether a variant's GEMMs of AMX_MIN_TOKENS tokens or more run on AMX tiles here."""
+    return _module(variant or _VARIANT).tiled_amx(-1) == 1
 
 
 def available_variants() -> list[str]:
@@ -1246,7 +1277,10 @@ __all__ = [
     "hyper_collapse",
     "sinkhorn",
     "ALL_VARIANTS",
+    "AMX_EXTRA_ERROR",
+    "AMX_MIN_TOKENS",
     "ExpertWeights",
+    "amx_tiles",
     "available_variants",
     "bf16_gemm",
     "fma_peak_gflops",
@@ -1262,6 +1296,7 @@ __all__ = [
     "pin_threads",
     "place",
     "read_bandwidth_probe",
+    "set_amx_tiles",
     "set_denormals_zero",
     "thread_cpus",
     "validate_fp8",

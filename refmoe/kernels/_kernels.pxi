@@ -27,6 +27,7 @@ cdef extern from "kernels.h" nogil:
     int set_fp8_route(int bf16)
     int set_prefetch_dist(int nbytes)
     int set_tiled_t(int on)
+    int set_tiled_amx(int on)
     void fp8_to_f32_vec(const uint8_t *codes, float *out, int n, int permuted)
     int gemm(const wmat *W, int M, const float *x, float *y, int nthreads,
              const int *band_lo, const int *band_hi)
@@ -96,6 +97,13 @@ def tiled_t(int on):
     off (the dot-product tiles), -1 reads it; returns the setting it replaces, or -1 where the
     build has no such path."""
     return set_tiled_t(on)
+
+
+def tiled_amx(int on):
+    """Whether GEMMs of 16 tokens or more take the AMX tiles (the avx512_bf16 build on a CPU
+    with AMX-BF16 whose kernel grants this process the tile state): 1 on, 0 off (the tiles
+    below), -1 reads it; returns the setting it replaces, or -1 where there is no such path."""
+    return set_tiled_amx(on)
 
 
 def fp8_to_float32(const uint8_t[::1] codes,  # IN  [n]

@@ -452,8 +452,42 @@ static int set_fp8_route(int bf16) {
 #endif
 }
 
+#if defined(REFMOE_AMX)
+/* AMX tiles (rows_tiled_amx below): whether this process may use them, and whether it does */
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <cpuid.h>
+#define AMX_MIN_M 16  /* from this many tokens (a tile's columns) */
+#ifndef AMX_MAX_M
+#define AMX_MAX_M 256 /* tokens a pass (rows_tiled_any) */
+#endif
+#ifndef AMX_GROUP
+#define AMX_GROUP 16 /* 128-wide tiles converted before their products */
+#endif
+static int tiled_amx_on = 0; /* set at refmoe_init where the CPU and the kernel allow tiles */
+static int amx_usable = 0;
+
+/* Whether this CPU has AMX-BF16 tiles and the kernel grants this process their state
+ * (Linux: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), once a process). */
+static int amx_request(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    if (!((d >> 22) & 1) || !((d >> 24) & 1)) return 0; /* AMX-BF16, AMX-TILE */
+#if defined(SYS_arch_prctl)
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+#else
+    return 0;
+#endif
+}
+
+#endif
+
 static void refmoe_init(void) {
     lut4_init();
+#if defined(REFMOE_AMX)
+    amx_usable = amx_request();
+    tiled_amx_on = amx_usable;
+#endif
 #if defined(REFMOE_ISA_AVX512) && defined(REFMOE_BF16DOT)
     for (int m = 0; m < 127; m++) {
         float v = fp8_value((uint8_t)m);
@@ -844,6 +878,199 @@ static int rows_tiled_t(const wmat *W, int n_lo, int n_hi, int M, const float *x
 }
 #endif
 
+#if defined(REFMOE_AMX)
+/* ====================================================================================== */
+/* GEMM over many tokens on AMX (Sapphire Rapids and later): BF16 tiles, three products.    */
+/* ====================================================================================== */
+/* One TDPBF16PS multiplies a 16 x 32 BF16 tile by a 32 x 16 one into 16 x 16 float32 sums:
+ * 8,192 products in 12-15 TSC cycles on the Xeon VM (2026-12-07), where AVX-512 FMAs take 32 a
+ * cycle. BF16 keeps 8 of float32's 24 bits, so each operand is split into two BF16 parts, a =
+ * ah + al with |a - ah - al| <= 2^-16 |a|, and three products are summed: wh*xh + wl*xh + wh*xl
+ * (bf16x3; the dropped wl*xl is at most 2^-16 |w||x|): every product is within 3 * 2^-16 of
+ * |w||x| (kernels.AMX_EXTRA_ERROR rounds it up to 2^-14), far below the weights' own 4- or
+ * 8-bit quantization, for three times the tile work of one product. The sums are float32
+ * (products of BF16 parts are exact in float32); AMX rounds to nearest even and flushes
+ * subnormal BF16 inputs and outputs to zero (parts below 2^-126: at most 2^-125 (|x| + |w|)
+ * a product).
+ *
+ * The weight tiles from dequant_tile (32 rows x 128 k, float32, the scales applied) are split
+ * into their BF16 parts AMX_GROUP tiles at a time, and x once a pass; both are stored in the
+ * tile unit's order, each operand tile 1 KiB in a row (W: 16 rows x 32 k; x: 16 pairs of k x
+ * 16 tokens x the pair's two values), so a tile load reads 16 consecutive lines (loads of 16
+ * rows 256 bytes or more apart ran 1.6-2x slower there). The sums are C[n][m], yt's
+ * [TILE_ROWS][ld] layout: four C tiles (32 rows x 32 tokens) stay in the tile unit over a
+ * group's 16 x 128 k. Taken apart on one thread (2048 x 7168, 256 tokens): the tile products
+ * about 75% of the time, at 2-3x the TDPBF16PS minimum, waiting on tile loads from L2 (no tile
+ * register can be loaded while a product reads it); the conversions, splits and x's packing
+ * the rest. */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_tilecfg;
+
+/* Eight tiles of 16 rows x 64 bytes: C 0-3 (16 x 16 float32), 4-5 x's parts, 6-7 W's. */
+static void amx_configure(void) {
+    amx_tilecfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+    _tile_loadconfig(&cfg);
+}
+
+/* 16 floats -> their BF16 parts (hi rounded to nearest even, lo the rest rounded). */
+static inline void bf16_split16(__m512 v, __m256i *hi, __m256i *lo) {
+    __m256bh h = _mm512_cvtneps_pbh(v);
+    __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
+    *hi = (__m256i)h;
+    *lo = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, hf));
+}
+
+/* n floats (a multiple of 16) -> their BF16 parts, hi and lo. */
+static void amx_split(const float *v, int n, uint16_t *wh, uint16_t *wl) {
+    for (int i = 0; i < n; i += 16) {
+        __m256i h, l;
+        bf16_split16(_mm512_loadu_ps(v + i), &h, &l);
+        _mm256_storeu_si256((__m256i *)(wh + i), h);
+        _mm256_storeu_si256((__m256i *)(wl + i), l);
+    }
+}
+
+/* C[0..3] (the tile's rows 0-15 and 16-31, tokens c .. c + 15 and c + 16 .. c + 31) += nk
+ * tiles' 128 k each. Every operand tile is 1 KiB in a row, 64 bytes a row: W's parts as
+ * [nk][4 steps of 32 k][2 halves of 16 rows][16][32] (amx_split_tile), x's as [steps][Mp / 16
+ * blocks][16 pairs of k][16 tokens][2] from xh, xl at this group's first step, mb blocks a
+ * step. Per 32 k each W part and each x part is loaded once a pair of C tiles. two: whether
+ * tokens c + 16 .. exist. */
+static inline void amx_block(const uint16_t *wh, const uint16_t *wl, int nk, const uint16_t *xh,
+                             const uint16_t *xl, int mb, float *yt, int ld, int c, int two) {
+    const size_t sy = (size_t)ld * 4;
+    float *y0 = yt + c, *y1 = yt + (size_t)16 * ld + c;
+    _tile_loadd(0, y0, sy);
+    _tile_loadd(1, y1, sy);
+    if (two) {
+        _tile_loadd(2, y0 + 16, sy);
+        _tile_loadd(3, y1 + 16, sy);
+    }
+    for (int s = 0; s < nk * (BAND / 32); s++) {
+        const size_t xo = ((size_t)s * mb + c / 16) * 512, wo = (size_t)s * 1024;
+        _tile_loadd(4, xh + xo, 64);
+        _tile_loadd(5, xl + xo, 64);
+        _tile_loadd(6, wh + wo, 64); /* rows 0-15 */
+        _tile_loadd(7, wl + wo, 64);
+        _tile_dpbf16ps(0, 6, 4);
+        _tile_dpbf16ps(0, 7, 4);
+        _tile_dpbf16ps(0, 6, 5);
+        if (two) { /* tokens c + 16 .. c + 31 */
+            _tile_loadd(4, xh + xo + 512, 64);
+            _tile_loadd(5, xl + xo + 512, 64);
+            _tile_dpbf16ps(2, 6, 4);
+            _tile_dpbf16ps(2, 7, 4);
+            _tile_dpbf16ps(2, 6, 5);
+        }
+        _tile_loadd(6, wh + wo + 512, 64); /* rows 16-31 */
+        _tile_loadd(7, wl + wo + 512, 64);
+        if (two) { /* x's tiles still hold tokens c + 16 .. */
+            _tile_dpbf16ps(3, 6, 4);
+            _tile_dpbf16ps(3, 7, 4);
+            _tile_dpbf16ps(3, 6, 5);
+            _tile_loadd(4, xh + xo, 64);
+            _tile_loadd(5, xl + xo, 64);
+        }
+        _tile_dpbf16ps(1, 6, 4);
+        _tile_dpbf16ps(1, 7, 4);
+        _tile_dpbf16ps(1, 6, 5);
+    }
+    _tile_stored(0, y0, sy);
+    _tile_stored(1, y1, sy);
+    if (two) {
+        _tile_stored(2, y0 + 16, sy);
+        _tile_stored(3, y1 + 16, sy);
+    }
+}
+
+/* The dequantized tile [TILE_ROWS][BAND] -> its parts in amx_block's order. */
+static void amx_split_tile(const float *tile, uint16_t *wh, uint16_t *wl) {
+    for (int r = 0; r < TILE_ROWS; r++)
+        for (int s = 0; s < BAND / 32; s++) {
+            const size_t o = (size_t)(2 * s + r / 16) * 512 + (r % 16) * 32;
+            amx_split(tile + (size_t)r * BAND + 32 * s, 32, wh + o, wl + o);
+        }
+}
+
+static int rows_tiled_amx(const wmat *W, int n_lo, int n_hi, int M, const float *x, int ldx,
+                          float *y, int ldy, float *tile) {
+    const int K32 = W->k / 32 * 32, nkb = ceil_div(W->k, BAND), mp = round_up(M, 16);
+    const int ld = mp + 16; /* yt's rows a line longer than the tokens, as rows_tiled_t's */
+    const int mb = mp / 16; /* blocks of 16 tokens */
+    const int perm = W->fmt == FMT_FP8 && !FP8_PERM_NATURAL;
+    const int group = nkb < AMX_GROUP ? nkb : AMX_GROUP;
+    const size_t xn = (size_t)nkb * BAND * mp, wn = (size_t)group * TILE_ROWS * BAND;
+    uint16_t *xh = (uint16_t *)amalloc(2 * xn * 2), *xl = xh ? xh + xn : NULL;
+    uint16_t *wh = (uint16_t *)amalloc(2 * wn * 2), *wl = wh ? wh + wn : NULL;
+    float *yt = (float *)amalloc((size_t)TILE_ROWS * ld * 4);
+    float row[BAND] __attribute__((aligned(64)));
+    if (!xh || !wh || !yt) {
+        free(xh);
+        free(wh);
+        free(yt);
+        return -1;
+    }
+    /* x token by token, block by block, each row in the tiles' column order, split into its
+     * parts; pair j of k (its two BF16 as one 32-bit unit) of token m lands in step j / 16,
+     * block m / 16, row j % 16, column m % 16; zeros past M */
+    memset(xh, 0, 2 * xn * 2);
+    uint32_t *xh32 = (uint32_t *)xh, *xl32 = (uint32_t *)xl;
+    for (int kb = 0; kb < nkb; kb++) {
+        int full = perm ? (K32 - kb * BAND < BAND ? K32 - kb * BAND : BAND) : 0;
+        if (full < 0) full = 0;
+        const int width = W->k - kb * BAND < BAND ? W->k - kb * BAND : BAND;
+        for (int m = 0; m < M; m++) {
+            const float *src = x + (size_t)m * ldx + kb * BAND;
+            if (full > 0) permute_x32(src, row, full);
+            memcpy(row + full, src + full, (size_t)(width - full) * 4);
+            memset(row + width, 0, (size_t)(BAND - width) * 4);
+            uint32_t ph[BAND / 2] __attribute__((aligned(64)));
+            uint32_t pl[BAND / 2] __attribute__((aligned(64)));
+            amx_split(row, BAND, (uint16_t *)ph, (uint16_t *)pl);
+            for (int j = 0; j < BAND / 2; j++) {
+                const size_t o = (((size_t)(kb * 4 + j / 16) * mb + m / 16) * 16 + j % 16) * 16 + m % 16;
+                xh32[o] = ph[j];
+                xl32[o] = pl[j];
+            }
+        }
+    }
+    amx_configure();
+    for (int n0 = n_lo; n0 < n_hi; n0 += TILE_ROWS) {
+        int rows = n_hi - n0 < TILE_ROWS ? n_hi - n0 : TILE_ROWS;
+        memset(yt, 0, (size_t)TILE_ROWS * ld * 4);
+        if (rows < TILE_ROWS) memset(tile + (size_t)rows * BAND, 0, (size_t)(TILE_ROWS - rows) * BAND * 4);
+        for (int kb0 = 0; kb0 < nkb; kb0 += group) {
+            const int nk = nkb - kb0 < group ? nkb - kb0 : group;
+            for (int i = 0; i < nk; i++) {
+                const int k0 = (kb0 + i) * BAND;
+                dequant_tile(W, n0, rows, k0, tile, perm);
+                prefetch_next_tile(W, n0, rows, k0);
+                amx_split_tile(tile, wh + (size_t)i * TILE_ROWS * BAND,
+                               wl + (size_t)i * TILE_ROWS * BAND);
+            }
+            const size_t xo = (size_t)kb0 * BAND * mp; /* 4 steps a tile, 16 x 32 x mb a step */
+            for (int c = 0; c < mp; c += 32)
+                amx_block(wh, wl, nk, xh + xo, xl + xo, mb, yt, ld, c, mp - c >= 32);
+        }
+        for (int m = 0; m < M; m++) {
+            float *dst = y + (size_t)m * ldy + n0;
+            for (int j = 0; j < rows; j++) dst[j] = yt[(size_t)j * ld + m];
+        }
+    }
+    _tile_release();
+    free(xh);
+    free(wh);
+    free(yt);
+    return 0;
+}
+#endif
+
 /* Whether many tokens take the transposed tiles (where the build has them: returns -1
  * elsewhere, else the setting it replaces; -1 asks without changing it). */
 static int set_tiled_t(int on) {
@@ -857,9 +1084,38 @@ static int set_tiled_t(int on) {
 #endif
 }
 
-/* Many tokens through dequantized tiles: the transposed path where the build has it. */
+/* Whether many tokens take the AMX tiles (where the CPU and the kernel allow them: returns -1
+ * elsewhere, else the setting it replaces; -1 asks without changing it). */
+static int set_tiled_amx(int on) {
+#if defined(REFMOE_AMX)
+    if (!amx_usable) return -1;
+    int before = tiled_amx_on;
+    if (on >= 0) tiled_amx_on = on != 0;
+    return before;
+#else
+    (void)on;
+    return -1;
+#endif
+}
+
+/* Many tokens through dequantized tiles: AMX's, else the transposed path, where the build and
+ * the CPU have them. */
 static int rows_tiled_any(const wmat *W, int n_lo, int n_hi, int M, const float *x, int ldx,
                           float *y, int ldy, float *tile) {
+#if defined(REFMOE_AMX)
+    if (M >= AMX_MIN_M && tiled_amx_on) {
+        int passes = (M + AMX_MAX_M / 2) / AMX_MAX_M;
+        if (passes < 1) passes = 1;
+        const int per = round_up(ceil_div(M, passes), 32); /* whole pairs of C tiles */
+        for (int m0 = 0; m0 < M; m0 += per) {
+            int mc = M - m0 < per ? M - m0 : per;
+            int rc = rows_tiled_amx(W, n_lo, n_hi, mc, x + (size_t)m0 * ldx, ldx,
+                                    y + (size_t)m0 * ldy, ldy, tile);
+            if (rc) return rc;
+        }
+        return 0;
+    }
+#endif
 #if defined(REFMOE_ISA_AVX512)
     if (M >= TILED_T_MIN_M && tiled_t_on) {
         /* passes of about TILED_T_MAX_M tokens, as even as they come: their packed x (K x 128
