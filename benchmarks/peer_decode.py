@@ -4,7 +4,8 @@ The model is refmoe's demo (DeepSeek-V3 layer shapes, FP8 blocks; built if missi
 llama.cpp the same weights converted by llama.cpp's own converter to GGUF Q8_0 (it dequantizes
 the FP8 blocks, then quantizes; benchmarks/peer/to_gguf.py). Each round runs, back to back:
 
-    refmoe: a prompt of --prompt tokens (prefill tok/s), then --tokens decode steps (median step)
+    refmoe: a prompt of --prompt tokens (prefill tok/s; where its GEMMs run on AMX tiles, the
+            same prompt again on the float32 tiles), then --tokens decode steps (median step)
     llama.cpp: llama-bench -p PROMPT -n TOKENS on the GGUF (its pp and tg tok/s)
     the plain read of 512 MiB with the kernel threads (the bandwidth bound of this round)
 
@@ -34,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from refmoe import cpu, demo, models
+from refmoe import cpu, demo, kernels, models
 from refmoe.generate import generate
 
 HERE = Path(__file__).resolve().parent
@@ -82,8 +83,10 @@ def gguf_bytes_per_token(path: Path, llama_src: Path) -> tuple[int, int]:
     return per_token, total
 
 
-def llama_bench(exe: Path, gguf: Path, prompt: int, tokens: int, threads: int) -> dict:
-    cmd = [str(exe), "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json"]
+def llama_bench(
+    exe: Path, gguf: Path, prompt: int, tokens: int, threads: int, more: list[str]
+) -> dict:
+    cmd = [str(exe), "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json", *more]
     runs = []
     if prompt:
         runs.append(("pp", ["-p", str(prompt), "-n", "0"]))
@@ -104,6 +107,12 @@ def refmoe_round(model, cfg, prompt: int, tokens: int, rng) -> dict:
         ids = rng.integers(2, cfg.vocab_size, prompt).tolist()
         g = generate(model, ids, 1)
         out["pp"] = prompt / g.ttft_s
+        if kernels.amx_tiles():  # the same prompt on the float32 tiles too (pp_f32)
+            before = kernels.set_amx_tiles(False)
+            try:
+                out["pp_f32"] = prompt / generate(model, ids, 1).ttft_s
+            finally:
+                kernels.set_amx_tiles(before)
     ids = rng.integers(2, cfg.vocab_size, 16).tolist()
     g = generate(model, ids, tokens)
     out["tg"] = 1.0 / statistics.median(g.step_s)
@@ -156,8 +165,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="decode steps a round")
     ap.add_argument("--prompt", type=int, default=512, help="prefill tokens a round (0: none)")
     ap.add_argument("--max-others", type=float, default=0.15, help="cores, before a round is void")
+    ap.add_argument(
+        "--llama-args",
+        default="",
+        help="more llama-bench arguments, e.g. '--repack 0' (on the Xeon VM, 2026-12-07, its "
+        "repacked AMX / CPU buffers failed on this model: GGML_ASSERT(*cur_backend_id != -1))",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    more = args.llama_args.split()
     if not args.llama_bench.exists():
         sys.exit(f"{args.llama_bench}: not built (bash benchmarks/peer/build_ggml.sh --tools)")
     os.environ.setdefault("REFMOE_NUM_THREADS", str(args.threads))
@@ -167,14 +183,14 @@ def main() -> None:
     theirs_bpt, gguf_total = gguf_bytes_per_token(gguf, args.llama_cpp)
     rng = np.random.default_rng(0)
     generate(model, [2, 3, 4, 5], 2)  # warm-up: pages, pools
-    llama_bench(args.llama_bench, gguf, 0, 4, args.threads)  # its pages into the cache
+    llama_bench(args.llama_bench, gguf, 0, 4, args.threads, more)  # its pages into the cache
     rounds: list[dict[str, Any]] = []
     attempts = 0
     while len(rounds) < args.rounds and attempts < 3 * args.rounds:
         attempts += 1
         j0, c0, w0 = busy_jiffies(), own_cpu_s(), time.time()
         ours = refmoe_round(model, cfg, args.prompt, args.tokens, rng)
-        theirs = llama_bench(args.llama_bench, gguf, args.prompt, args.tokens, args.threads)
+        theirs = llama_bench(args.llama_bench, gguf, args.prompt, args.tokens, args.threads, more)
         read = demo.read_gbps()
         wall = time.time() - w0
         others = ((busy_jiffies() - j0) / os.sysconf("SC_CLK_TCK") - (own_cpu_s() - c0)) / wall
@@ -230,6 +246,14 @@ def main() -> None:
             f"{spread(col('llama_cpp', 'pp'))}   refmoe/llama.cpp {spread(ratio_pp)}"
         )
         summary["pp_ratio"] = statistics.median(ratio_pp)
+        if all("pp_f32" in r["refmoe"] for r in rounds):  # AMX on: its float32-tile prefill
+            ratio_f32 = [r["refmoe"]["pp_f32"] / r["llama_cpp"]["pp"] for r in rounds]
+            amx_gain = [r["refmoe"]["pp"] / r["refmoe"]["pp_f32"] for r in rounds]
+            print(
+                f"  (AMX tiles; on the float32 tiles refmoe {spread(col('refmoe', 'pp_f32'))}, "
+                f"refmoe/llama.cpp {spread(ratio_f32)}; AMX / float32 {spread(amx_gain)})"
+            )
+            summary["pp_f32_ratio"] = statistics.median(ratio_f32)
     if args.json:
         meta = {
             "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -324,21 +324,57 @@ def test_prefetch_distance_changes_no_number():
             kernels.mxfp4_gemm(x3, blocks, scales, variant=v),
         ]
 
-    before = kernels.prefetch_distance()
+    before, hint = kernels.prefetch_distance(), kernels.prefetch_hint()
     try:
         for route in ("fp32", "bf16"):
             with fp8_route_as(route):
                 kernels.set_prefetch_distance(2048)
+                kernels.set_prefetch_hint("nta")
                 base = {v: outputs(v) for v in kernels.available_variants()}
                 for nbytes in (0, 64, 16384, kernels.PREFETCH_MAX):
-                    kernels.set_prefetch_distance(nbytes)
-                    assert kernels.prefetch_distance() == nbytes
-                    for v, want in base.items():
-                        assert kernels._module(v).prefetch_dist(-1) == nbytes, v
-                        for got, ref in zip(outputs(v), want):
-                            assert np.array_equal(got, ref), (v, route, nbytes)
+                    for h in kernels.PREFETCH_HINTS:
+                        kernels.set_prefetch_distance(nbytes)
+                        kernels.set_prefetch_hint(h)
+                        assert kernels.prefetch_distance() == nbytes
+                        assert kernels.prefetch_hint() == h
+                        for v, want in base.items():
+                            assert kernels._module(v).prefetch_dist(-1) == nbytes, v
+                            assert kernels._module(v).prefetch_hint(-1) == (h == "t0"), v
+                            for got, ref in zip(outputs(v), want):
+                                assert np.array_equal(got, ref), (v, route, nbytes, h)
     finally:
         kernels.set_prefetch_distance(before)
+        kernels.set_prefetch_hint(hint)
+
+
+def test_prefetch_hint_by_vendor_and_setting():
+    """prefetcht0 on Intel, prefetchnta elsewhere (vendor_id from /proc/cpuinfo); a bad setting
+    names itself and changes nothing."""
+    import os
+    import subprocess
+    import sys
+
+    from refmoe import cpu
+
+    assert cpu.cpu_vendor("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t: avx\n") == (
+        "GenuineIntel"
+    )
+    assert cpu.cpu_vendor("processor\t: 0\n") == ""
+    assert kernels.default_prefetch_hint("GenuineIntel") == "t0"
+    assert kernels.default_prefetch_hint("AuthenticAMD") == "nta"
+    assert kernels.default_prefetch_hint("") == "nta"
+    before = kernels.prefetch_hint()
+    with pytest.raises(ValueError, match="prefetch hint"):
+        kernels.set_prefetch_hint("t1")
+    assert kernels.prefetch_hint() == before
+    code = "from refmoe import kernels; print(kernels.prefetch_hint())"
+    for text, ok in (("t0", True), ("nta", True), ("T0", False)):
+        env = dict(os.environ, REFMOE_PREFETCH_HINT=text)
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        if ok:
+            assert res.returncode == 0 and res.stdout.strip() == text, res.stderr
+        else:
+            assert res.returncode != 0 and "REFMOE_PREFETCH_HINT" in res.stderr
 
 
 def test_prefetch_distance_by_l1_and_setting(tmp_path):

@@ -16,7 +16,7 @@ from types import ModuleType
 
 import numpy as np
 
-from refmoe.cpu import BAND, Topology, cpu_flags, default_threads, partition_bands
+from refmoe.cpu import BAND, Topology, cpu_flags, cpu_vendor, default_threads, partition_bands
 from refmoe.kernels import formats
 from refmoe.kernels.formats import BLOCK, check_block, int4_packed_cols, scale_shape
 
@@ -69,6 +69,7 @@ def _module(name: str) -> ModuleType:
     if name not in _ROUTED:  # first use: the FP8 GEMV route, prefetch distance, AMX chosen
         mod.fp8_route(_FP8_ROUTE == "bf16")
         mod.prefetch_dist(_PREFETCH)
+        mod.prefetch_hint(int(_PREFETCH_HINT == "t0"))
         mod.tiled_amx(int(_AMX))
         _ROUTED.add(name)
     return mod
@@ -135,6 +136,41 @@ def set_prefetch_distance(nbytes: int) -> int:
     for name in list(_ROUTED):
         importlib.import_module(f"refmoe.kernels._{name}").prefetch_dist(nbytes)
     return before
+
+
+# Which prefetch asks for the weights: "nta" (prefetchnta) on AMD, where the distances above were
+# measured, "t0" (prefetcht0) on Intel, where an NTA line that leaves L1 before its load is read
+# from DRAM again: on the 2-vCPU Xeon VM (AMX, 48 KiB L1; 2026-12-07) the FP8 GEMV ran at 0.24
+# of the read on two threads with NTA 16 KiB ahead, 0.52 at 2 KiB, 0.63-0.64 with T0
+# (kernels.md). REFMOE_PREFETCH_HINT=nta|t0 or set_prefetch_hint choose.
+PREFETCH_HINTS = ("nta", "t0")
+
+
+def default_prefetch_hint(vendor: str) -> str:
+    """The prefetch for a CPU of this vendor_id."""
+    return "t0" if vendor == "GenuineIntel" else "nta"
+
+
+_PREFETCH_HINT = os.environ.get("REFMOE_PREFETCH_HINT") or default_prefetch_hint(cpu_vendor())
+if _PREFETCH_HINT not in PREFETCH_HINTS:
+    raise ValueError(f"REFMOE_PREFETCH_HINT: expected nta or t0, got {_PREFETCH_HINT!r}")
+
+
+def set_prefetch_hint(hint: str) -> str:
+    """Prefetch the GEMVs' weights with prefetchnta ("nta") or prefetcht0 ("t0") in every build,
+    from now on; returns the setting it replaces. Call it before kernels run on other threads."""
+    global _PREFETCH_HINT
+    if hint not in PREFETCH_HINTS:
+        raise ValueError(f"prefetch hint must be nta or t0, got {hint!r}")
+    before, _PREFETCH_HINT = _PREFETCH_HINT, hint
+    for name in list(_ROUTED):
+        importlib.import_module(f"refmoe.kernels._{name}").prefetch_hint(int(hint == "t0"))
+    return before
+
+
+def prefetch_hint() -> str:
+    """The GEMVs' prefetch ("nta" or "t0"), as the chosen variant has it."""
+    return "t0" if _module(_VARIANT).prefetch_hint(-1) == 1 else "nta"
 
 
 def prefetch_distance() -> int:
@@ -1297,6 +1333,7 @@ __all__ = [
     "place",
     "read_bandwidth_probe",
     "set_amx_tiles",
+    "set_prefetch_hint",
     "set_denormals_zero",
     "thread_cpus",
     "validate_fp8",

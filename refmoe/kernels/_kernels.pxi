@@ -26,6 +26,7 @@ cdef extern from "kernels.h" nogil:
     void refmoe_init()
     int set_fp8_route(int bf16)
     int set_prefetch_dist(int nbytes)
+    int set_prefetch_hint(int t0)
     int set_tiled_t(int on)
     int set_tiled_amx(int on)
     void fp8_to_f32_vec(const uint8_t *codes, float *out, int n, int permuted)
@@ -90,6 +91,12 @@ def prefetch_dist(int nbytes):
     """How many bytes ahead of their loads the GEMVs prefetch weights; returns the setting it
     replaces (a value outside 0 .. 1 MiB changes nothing: the read-back)."""
     return set_prefetch_dist(nbytes)
+
+
+def prefetch_hint(int t0):
+    """Whether the GEMVs' weight prefetches are prefetcht0 (1) or prefetchnta (0); -1 reads it;
+    returns the setting it replaces."""
+    return set_prefetch_hint(t0)
 
 
 def tiled_t(int on):

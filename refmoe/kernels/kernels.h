@@ -76,6 +76,25 @@ static int set_prefetch_dist(int nbytes) {
     return before;
 }
 
+/* Which prefetch the weight streams ask with: 0 prefetchnta (the AMD hosts measured: Zen 3, 4,
+ * 5), 1 prefetcht0 (Intel: on the 2-vCPU Xeon VM with AMX, 2026-12-07, prefetchnta 16 KiB
+ * ahead held the FP8 GEMV at 0.24 of the read on two threads and 2 KiB at 0.52, where
+ * prefetcht0 ran at 0.63-0.64: an NTA line that leaves L1 before its load is fetched again
+ * from DRAM). refmoe.kernels sets it by the CPU's vendor, or as REFMOE_PREFETCH_HINT says; a
+ * plain int read once a loop. */
+static int prefetch_t0 = 0;
+static int set_prefetch_hint(int t0) {
+    int before = prefetch_t0;
+    if (t0 == 0 || t0 == 1) prefetch_t0 = t0;
+    return before;
+}
+static inline __attribute__((always_inline)) void prefetch_weights(const void *p) {
+    if (prefetch_t0)
+        __builtin_prefetch(p, 0, 3);
+    else
+        __builtin_prefetch(p, 0, 0);
+}
+
 /* ====================================================================================== */
 /* Vector layer: vf holds VL floats.                                                        */
 /* ====================================================================================== */
@@ -656,8 +675,8 @@ static inline void prefetch_next_tile(const wmat *W, int n0, int rows, int k0) {
     if (W->fmt != FMT_FP8 || k0 + BAND >= W->k) return;
     for (int r = 0; r < rows; r++) {
         const uint8_t *p = (const uint8_t *)W->w + (size_t)(n0 + r) * W->k + k0 + BAND;
-        __builtin_prefetch(p, 0, 0);
-        __builtin_prefetch(p + 64, 0, 0);
+        prefetch_weights(p);
+        prefetch_weights(p + 64);
     }
 }
 
@@ -1209,7 +1228,7 @@ fp8_rows(const wmat *W, int n, int n_end, int MT, float *const *xs, const float 
             /* one cache line per step: ask for the line prefetch_dist ahead (rows are
              * contiguous, so this runs on into the next row) to keep DRAM busy while the
              * core converts; the hardware prefetcher alone leaves the two serialized */
-            __builtin_prefetch(w0 + k + prefetch_dist, 0, 0);
+            prefetch_weights(w0 + k + prefetch_dist);
             cvt_fp8_32_perm(w0 + k, v);
             for (int t = 0; t < MT; t++)
                 for (int j = 0; j < NV32; j++)
@@ -1380,8 +1399,8 @@ static void rows_gemv_int4(const wmat *W, int n_lo, int n_hi, float *y, const q8
                 int c = g * (G / 32), cend = c + G / 32 < nc ? c + G / 32 : nc;
                 /* the same place in the next pair of rows: a row-relative distance would
                  * land in row n + 1, which is already streaming, whenever rows are long */
-                __builtin_prefetch(w0 + 2 * (size_t)row_bytes + (size_t)c * 16, 0, 0);
-                __builtin_prefetch(w1 + 2 * (size_t)row_bytes + (size_t)c * 16, 0, 0);
+                prefetch_weights(w0 + 2 * (size_t)row_bytes + (size_t)c * 16);
+                prefetch_weights(w1 + 2 * (size_t)row_bytes + (size_t)c * 16);
                 vf b0 = vf_zero(), b1 = vf_zero(); /* second chains: FMA latency */
                 for (; c + 2 * per_unit <= cend; c += 2 * per_unit) {
                     vf xs = xs_lanes(q->xs, c), xt = xs_lanes(q->xs, c + per_unit);
@@ -1422,7 +1441,7 @@ static void rows_gemv_int4(const wmat *W, int n_lo, int n_hi, float *y, const q8
             for (int g = 0; g < ngroups; g++) {
                 vf a0 = vf_zero(), a1 = vf_zero();
                 int c = g * (G / 32), cend = c + G / 32 < nc ? c + G / 32 : nc;
-                __builtin_prefetch(w + (size_t)c * 16 + prefetch_dist, 0, 0);
+                prefetch_weights(w + (size_t)c * 16 + prefetch_dist);
                 for (; c + 2 * per_unit <= cend; c += 2 * per_unit) {
                     a0 = vf_fma(dot_int4_q8(w + (size_t)c * 16, q->q + c * 32),
                                 xs_lanes(q->xs, c), a0);
@@ -1468,7 +1487,7 @@ static void rows_gemv_bf16(const wmat *W, int n_lo, int n_hi, const float *x, fl
         vf a0 = vf_zero(), a1 = vf_zero(), b0 = vf_zero(), b1 = vf_zero(), v[2];
         int k = 0;
         for (; k + 2 * U <= KU; k += 2 * U) {
-            __builtin_prefetch((const uint8_t *)(w + k) + prefetch_dist, 0, 0);
+            prefetch_weights((const uint8_t *)(w + k) + prefetch_dist);
             cvt_bf16_pair(w + k, v);
             a0 = vf_fma(v[0], vf_load(xp + k), a0);
             a1 = vf_fma(v[1], vf_load(xp + k + VL), a1);
@@ -1536,7 +1555,7 @@ static void rows_gemv_fp8_bf16(const wmat *W, int n_lo, int n_hi, const float *x
             __m512 ah = _mm512_setzero_ps(), am = ah, al = ah;
             int kend = k0 + step < K64 ? k0 + step : K64;
             for (int k = k0; k < kend; k += 64) {
-                __builtin_prefetch(w + k + prefetch_dist, 0, 0);
+                prefetch_weights(w + k + prefetch_dist);
                 cvt_fp8_64_bf16(w + k, tab, wv);
                 for (int j = 0; j < 2; j++) {
                     int kk = k + 32 * j;
