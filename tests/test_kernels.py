@@ -283,17 +283,27 @@ def test_many_tokens_amx_tiles(m, n, k, block):
         kernels.set_amx_tiles(before)
 
 
-def test_amx_setting_is_checked():
-    """REFMOE_AMX takes 0 or 1 and names itself otherwise; the builds without AMX tiles say so
-    (tiled_amx: -1), and amx_tiles is False there."""
+def check_env_setting(var: str, code: str, cases) -> None:
+    """Each (text, ok) of the environment variable in a fresh process running code: ok ones
+    print their text back, the others stop with the variable named."""
+    import os
     import subprocess
     import sys
 
-    env = dict(__import__("os").environ, REFMOE_AMX="yes")
-    res = subprocess.run(
-        [sys.executable, "-c", "import refmoe.kernels"], env=env, capture_output=True, text=True
-    )
-    assert res.returncode != 0 and "REFMOE_AMX" in res.stderr
+    for text, ok in cases:
+        env = dict(os.environ, **{var: text})
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        if ok:
+            assert res.returncode == 0 and res.stdout.strip() == text, res.stderr
+        else:
+            assert res.returncode != 0 and var in res.stderr
+
+
+def test_amx_setting_is_checked():
+    """REFMOE_AMX takes 0 or 1 and names itself otherwise; the builds without AMX tiles say so
+    (tiled_amx: -1), and amx_tiles is False there."""
+    code = "from refmoe import kernels; print(int(kernels.set_amx_tiles(True)))"
+    check_env_setting("REFMOE_AMX", code, (("0", True), ("1", True), ("yes", False)))
     for v in kernels.available_variants():
         if v != "avx512_bf16":
             assert kernels._module(v).tiled_amx(-1) == -1
@@ -350,9 +360,6 @@ def test_prefetch_distance_changes_no_number():
 def test_prefetch_hint_by_vendor_and_setting():
     """prefetcht0 on Intel, prefetchnta elsewhere (vendor_id from /proc/cpuinfo); a bad setting
     names itself and changes nothing."""
-    import os
-    import subprocess
-    import sys
 
     from refmoe import cpu
 
@@ -368,21 +375,12 @@ def test_prefetch_hint_by_vendor_and_setting():
         kernels.set_prefetch_hint("t1")
     assert kernels.prefetch_hint() == before
     code = "from refmoe import kernels; print(kernels.prefetch_hint())"
-    for text, ok in (("t0", True), ("nta", True), ("T0", False)):
-        env = dict(os.environ, REFMOE_PREFETCH_HINT=text)
-        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-        if ok:
-            assert res.returncode == 0 and res.stdout.strip() == text, res.stderr
-        else:
-            assert res.returncode != 0 and "REFMOE_PREFETCH_HINT" in res.stderr
+    check_env_setting("REFMOE_PREFETCH_HINT", code, (("t0", True), ("nta", True), ("T0", False)))
 
 
 def test_prefetch_distance_by_l1_and_setting(tmp_path):
     """16 KiB ahead where L1d holds 48 KiB or more, else 2 KiB; L1d read from sysfs (the
     instruction cache and L2 skipped); a bad setting names itself and changes nothing."""
-    import os
-    import subprocess
-    import sys
 
     def cache(index: str, level: int, kind: str, size: str) -> None:
         d = tmp_path / index
@@ -406,13 +404,8 @@ def test_prefetch_distance_by_l1_and_setting(tmp_path):
             kernels.set_prefetch_distance(bad)
     assert kernels.prefetch_distance() == before
     code = "from refmoe import kernels; print(kernels.prefetch_distance())"
-    for text, ok in (("4096", True), ("16k", False), ("-5", False)):
-        env = dict(os.environ, REFMOE_PREFETCH_BYTES=text)
-        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-        if ok:
-            assert res.returncode == 0 and res.stdout.strip() == text, res.stderr
-        else:
-            assert res.returncode != 0 and "REFMOE_PREFETCH_BYTES" in res.stderr
+    cases = (("4096", True), ("16k", False), ("-5", False))
+    check_env_setting("REFMOE_PREFETCH_BYTES", code, cases)
 
 
 @SETTINGS

@@ -915,8 +915,9 @@ static int rows_tiled_t(const wmat *W, int n_lo, int n_hi, int M, const float *x
  * The weight tiles from dequant_tile (32 rows x 128 k, float32, the scales applied) are split
  * into their BF16 parts AMX_GROUP tiles at a time, and x once a pass; both are stored in the
  * tile unit's order, each operand tile 1 KiB in a row (W: 16 rows x 32 k; x: 16 pairs of k x
- * 16 tokens x the pair's two values), so a tile load reads 16 consecutive lines (loads of 16
- * rows 256 bytes or more apart ran 1.6-2x slower there). The sums are C[n][m], yt's
+ * 16 tokens x the pair's two values), so a tile load reads 16 consecutive lines (with x's
+ * tile rows 1 KiB apart the GEMM ran at 1.5-1.7x the float32 tiles on one thread, against
+ * 2.0-2.3x so). The sums are C[n][m], yt's
  * [TILE_ROWS][ld] layout: four C tiles (32 rows x 32 tokens) stay in the tile unit over a
  * group's 16 x 128 k. Taken apart on one thread (2048 x 7168, 256 tokens): the tile products
  * about 75% of the time, at 2-3x the TDPBF16PS minimum, waiting on tile loads from L2 (no tile
@@ -1117,42 +1118,42 @@ static int set_tiled_amx(int on) {
 #endif
 }
 
+typedef int (*tiles_fn)(const wmat *W, int n_lo, int n_hi, int M, const float *x, int ldx,
+                        float *y, int ldy, float *tile);
+
+/* f over M tokens in passes of about max_m, as even as they come in whole units of tokens:
+ * each pass's packed x is what every tile reads again, and each pass converts every tile
+ * again. */
+static int tiled_in_passes(tiles_fn f, int max_m, int unit, const wmat *W, int n_lo, int n_hi,
+                           int M, const float *x, int ldx, float *y, int ldy, float *tile) {
+    int passes = (M + max_m / 2) / max_m;
+    if (passes < 1) passes = 1;
+    const int per = round_up(ceil_div(M, passes), unit);
+    for (int m0 = 0; m0 < M; m0 += per) {
+        int mc = M - m0 < per ? M - m0 : per;
+        int rc = f(W, n_lo, n_hi, mc, x + (size_t)m0 * ldx, ldx, y + (size_t)m0 * ldy, ldy, tile);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
 /* Many tokens through dequantized tiles: AMX's, else the transposed path, where the build and
  * the CPU have them. */
 static int rows_tiled_any(const wmat *W, int n_lo, int n_hi, int M, const float *x, int ldx,
                           float *y, int ldy, float *tile) {
 #if defined(REFMOE_AMX)
-    if (M >= AMX_MIN_M && tiled_amx_on) {
-        int passes = (M + AMX_MAX_M / 2) / AMX_MAX_M;
-        if (passes < 1) passes = 1;
-        const int per = round_up(ceil_div(M, passes), 32); /* whole pairs of C tiles */
-        for (int m0 = 0; m0 < M; m0 += per) {
-            int mc = M - m0 < per ? M - m0 : per;
-            int rc = rows_tiled_amx(W, n_lo, n_hi, mc, x + (size_t)m0 * ldx, ldx,
-                                    y + (size_t)m0 * ldy, ldy, tile);
-            if (rc) return rc;
-        }
-        return 0;
-    }
+    if (M >= AMX_MIN_M && tiled_amx_on) /* whole pairs of C tiles (32 tokens) a pass */
+        return tiled_in_passes(rows_tiled_amx, AMX_MAX_M, 32, W, n_lo, n_hi, M, x, ldx, y, ldy,
+                               tile);
 #endif
 #if defined(REFMOE_ISA_AVX512)
-    if (M >= TILED_T_MIN_M && tiled_t_on) {
-        /* passes of about TILED_T_MAX_M tokens, as even as they come: their packed x (K x 128
-         * floats: 3.5 MiB at K = 7168) is what every tile reads again (512 tokens a pass ran
-         * 10-40% slower), and each pass converts every tile again (130 tokens as 128 + 2 ran
-         * 7% slower than in one pass; 200 as 100 + 100 ran 25% slower than as 128 + 72, the
-         * micro-kernels of one vector of tokens being the slow ones) */
-        int passes = (M + TILED_T_MAX_M / 2) / TILED_T_MAX_M;
-        if (passes < 1) passes = 1;
-        const int per = round_up(ceil_div(M, passes), TMV * VL); /* whole micro-kernels */
-        for (int m0 = 0; m0 < M; m0 += per) {
-            int mc = M - m0 < per ? M - m0 : per;
-            int rc = rows_tiled_t(W, n_lo, n_hi, mc, x + (size_t)m0 * ldx, ldx,
-                                  y + (size_t)m0 * ldy, ldy, tile);
-            if (rc) return rc;
-        }
-        return 0;
-    }
+    /* passes of about TILED_T_MAX_M tokens: their packed x (K x 128 floats: 3.5 MiB at K =
+     * 7168) is what every tile reads again (512 tokens a pass ran 10-40% slower); 130 tokens as
+     * 128 + 2 ran 7% slower than in one pass; 200 as 100 + 100 ran 25% slower than as 128 + 72,
+     * the micro-kernels of one vector of tokens being the slow ones: whole micro-kernels */
+    if (M >= TILED_T_MIN_M && tiled_t_on)
+        return tiled_in_passes(rows_tiled_t, TILED_T_MAX_M, TMV * VL, W, n_lo, n_hi, M, x, ldx,
+                               y, ldy, tile);
 #endif
     return rows_tiled(W, n_lo, n_hi, M, x, ldx, y, ldy, tile);
 }
