@@ -759,6 +759,19 @@ static void rows_tiled_core(const wmat *W, int n_lo, int n_hi, int M, const floa
     }
 }
 
+/* Block kb of one token's x (src: its BAND floats; x is zero padded past K) in the tiles'
+ * column order: with perm (FP8 tiles in FP8_PERM order), the block's whole 32-code chunks
+ * below K32 permuted, the rest as it is. */
+static inline void tile_x_block(const float *src, int kb, int K32, int perm, float *out) {
+    int full = perm ? K32 - kb * BAND : 0;
+    if (full > BAND) full = BAND;
+    if (full > 0)
+        permute_x32(src, out, full);
+    else
+        full = 0; /* the last block of a K not a multiple of 32 */
+    memcpy(out + full, src + full, (size_t)(BAND - full) * 4);
+}
+
 /* Rows [n_lo, n_hi) of y = x W^T for M rows of x, through dequantized tiles. x is packed by
  * blocks first; FP8 on variants with a permuted conversion also permutes it (FP8_PERM), so
  * the tiles use the cheap conversion. x: [M, ldx] (ldx >= Kp, zero padded), y: [M, ldy],
@@ -767,7 +780,7 @@ static int rows_tiled(const wmat *W, int n_lo, int n_hi, int M, const float *x, 
                       float *y, int ldy, float *tile) {
     const int K32 = W->k / 32 * 32, nkb = ceil_div(W->k, BAND);
     const int perm = W->fmt == FMT_FP8 && !FP8_PERM_NATURAL;
-    float *xb = (float *)malloc((size_t)M * nkb * BAND * 4), row[BAND];
+    float *xb = (float *)malloc((size_t)M * nkb * BAND * 4);
     float *yt = (float *)malloc((size_t)M * TILE_ROWS * 4);
     if (!xb || !yt) {
         free(xb);
@@ -775,18 +788,9 @@ static int rows_tiled(const wmat *W, int n_lo, int n_hi, int M, const float *x, 
         return -1;
     }
     for (int m = 0; m < M; m++)
-        for (int kb = 0; kb < nkb; kb++) {
-            const float *src = x + (size_t)m * ldx + kb * BAND;
-            float *dst = xb + ((size_t)kb * M + m) * BAND;
-            int full = perm ? (K32 - kb * BAND < BAND ? K32 - kb * BAND : BAND) : 0;
-            if (full > 0) {
-                permute_x32(src, row, full);
-                memcpy(dst, row, (size_t)full * 4);
-            } else {
-                full = 0;
-            }
-            memcpy(dst + full, src + full, (size_t)(BAND - full) * 4);
-        }
+        for (int kb = 0; kb < nkb; kb++)
+            tile_x_block(x + (size_t)m * ldx + kb * BAND, kb, K32, perm,
+                         xb + ((size_t)kb * M + m) * BAND);
     rows_tiled_core(W, n_lo, n_hi, M, xb, y, ldy, tile, yt, perm);
     free(xb);
     free(yt);
@@ -854,12 +858,8 @@ static int rows_tiled_t(const wmat *W, int n_lo, int n_hi, int M, const float *x
     for (int kb = 0; kb < nkb; kb++) {
         float *blk = xt + (size_t)kb * BAND * ld;
         for (int k = 0; k < BAND; k++) memset(blk + (size_t)k * ld + M, 0, (size_t)(mp - M) * 4);
-        int full = perm ? (K32 - kb * BAND < BAND ? K32 - kb * BAND : BAND) : 0;
-        if (full < 0) full = 0; /* the last block of a K not a multiple of 32 */
         for (int m = 0; m < M; m++) {
-            const float *src = x + (size_t)m * ldx + kb * BAND;
-            if (full > 0) permute_x32(src, row, full);
-            memcpy(row + full, src + full, (size_t)(BAND - full) * 4);
+            tile_x_block(x + (size_t)m * ldx + kb * BAND, kb, K32, perm, row);
             for (int k = 0; k < BAND; k++) blk[(size_t)k * ld + m] = row[k];
         }
     }
@@ -1042,14 +1042,8 @@ static int rows_tiled_amx(const wmat *W, int n_lo, int n_hi, int M, const float 
     memset(xh, 0, 2 * xn * 2);
     uint32_t *xh32 = (uint32_t *)xh, *xl32 = (uint32_t *)xl;
     for (int kb = 0; kb < nkb; kb++) {
-        int full = perm ? (K32 - kb * BAND < BAND ? K32 - kb * BAND : BAND) : 0;
-        if (full < 0) full = 0;
-        const int width = W->k - kb * BAND < BAND ? W->k - kb * BAND : BAND;
         for (int m = 0; m < M; m++) {
-            const float *src = x + (size_t)m * ldx + kb * BAND;
-            if (full > 0) permute_x32(src, row, full);
-            memcpy(row + full, src + full, (size_t)(width - full) * 4);
-            memset(row + width, 0, (size_t)(BAND - width) * 4);
+            tile_x_block(x + (size_t)m * ldx + kb * BAND, kb, K32, perm, row);
             uint32_t ph[BAND / 2] __attribute__((aligned(64)));
             uint32_t pl[BAND / 2] __attribute__((aligned(64)));
             amx_split(row, BAND, (uint16_t *)ph, (uint16_t *)pl);
