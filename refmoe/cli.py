@@ -57,6 +57,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "threads": cpu.default_threads(),
         "numa_nodes": [list(n) for n in topo.nodes],
         "flags": sorted(f for f in cpu.cpu_flags() if f.startswith(("avx", "fma", "f16c"))),
+        "prefetch": {"hint": kernels.prefetch_hint(), "bytes": kernels.prefetch_distance()},
     }
     if args.json:
         print(json.dumps(info))

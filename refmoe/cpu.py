@@ -15,28 +15,33 @@ BAND = 128  # rows per band: one row of DeepSeek-V3 128x128 scale blocks
 
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     """The flags line of /proc/cpuinfo as a set (empty where there is none, e.g. ARM)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+    return set(_cpuinfo_field("flags", cpuinfo).split())
 
 
-def cpu_vendor(cpuinfo: str | None = None) -> str:
-    """The vendor_id line of /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"; "" where none)."""
+def _cpuinfo_field(name: str, cpuinfo: str | None) -> str:
+    """The first `name : value` line's value in /proc/cpuinfo ("" where there is none)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return ""
     for line in cpuinfo.splitlines():
-        if line.startswith("vendor_id"):
-            return line.split(":", 1)[1].strip()
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == name:
+            return value.strip()
     return ""
+
+
+def cpu_vendor(cpuinfo: str | None = None) -> str:
+    """The vendor_id line of /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"; "" where none)."""
+    return _cpuinfo_field("vendor_id", cpuinfo)
+
+
+def cpu_family(cpuinfo: str | None = None) -> int | None:
+    """The `cpu family` line of /proc/cpuinfo (AMD: 25 Zen 3 and Zen 4, 26 Zen 5; None where
+    there is none or it is not a number)."""
+    value = _cpuinfo_field("cpu family", cpuinfo)
+    return int(value) if value.isdigit() else None
 
 
 def _parse_cpulist(text: str) -> list[int]:

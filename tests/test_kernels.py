@@ -10,6 +10,10 @@ so its reference is the float64 product with those dequantized activations; the 
 themselves are exact integers.
 """
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from conftest import amx_slack, fp8_route_as
@@ -144,12 +148,9 @@ def test_fp8_fp32_route_is_the_avx512_gemv(pair):
 
 
 def test_fp8_route_setting_is_checked():
-    import subprocess
-    import sys
-
     with pytest.raises(ValueError, match="fp32 or bf16"):
         kernels.set_fp8_gemv_route("fp16")
-    env = dict(__import__("os").environ, REFMOE_FP8_GEMV="fp16")
+    env = dict(os.environ, REFMOE_FP8_GEMV="fp16")
     res = subprocess.run(
         [sys.executable, "-c", "import refmoe.kernels"], env=env, capture_output=True, text=True
     )
@@ -286,10 +287,6 @@ def test_many_tokens_amx_tiles(m, n, k, block):
 def check_env_setting(var: str, code: str, cases) -> None:
     """Each (text, ok) of the environment variable in a fresh process running code: ok ones
     print their text back, the others stop with the variable named."""
-    import os
-    import subprocess
-    import sys
-
     for text, ok in cases:
         env = dict(os.environ, **{var: text})
         res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -349,7 +346,9 @@ def test_prefetch_distance_changes_no_number():
                         assert kernels.prefetch_hint() == h
                         for v, want in base.items():
                             assert kernels._module(v).prefetch_dist(-1) == nbytes, v
-                            assert kernels._module(v).prefetch_hint(-1) == (h == "t0"), v
+                            assert kernels._module(v).prefetch_hint(
+                                -1
+                            ) == kernels.PREFETCH_HINTS.index(h), v
                             for got, ref in zip(outputs(v), want):
                                 assert np.array_equal(got, ref), (v, route, nbytes, h)
     finally:
@@ -357,25 +356,55 @@ def test_prefetch_distance_changes_no_number():
         kernels.set_prefetch_hint(hint)
 
 
-def test_prefetch_hint_by_vendor_and_setting():
-    """prefetcht0 on Intel, prefetchnta elsewhere (vendor_id from /proc/cpuinfo); a bad setting
-    names itself and changes nothing."""
+def test_prefetch_hint_by_cpu_and_setting():
+    """prefetcht0 on Intel, prefetcht1 on Zen 4 (AMD family 25 with AVX-512), prefetchnta
+    elsewhere (Zen 3: family 25 without AVX-512; Zen 5: family 26), from /proc/cpuinfo's
+    vendor_id, cpu family and flags; a bad setting names itself and changes nothing."""
 
     from refmoe import cpu
 
-    assert cpu.cpu_vendor("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t: avx\n") == (
-        "GenuineIntel"
-    )
-    assert cpu.cpu_vendor("processor\t: 0\n") == ""
-    assert kernels.default_prefetch_hint("GenuineIntel") == "t0"
+    def cpuinfo(vendor: str, family: int, flags: str) -> str:
+        return (
+            f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\n"
+            f"model\t\t: 17\nmodel name\t: AMD EPYC\nflags\t\t: {flags}\n\n"
+            f"processor\t: 1\nvendor_id\t: {vendor}\ncpu family\t: {family}\n"
+        )
+
+    zen4 = cpuinfo("AuthenticAMD", 25, "fpu avx2 avx512f avx512bw")
+    assert cpu.cpu_vendor(zen4) == "AuthenticAMD"
+    assert cpu.cpu_family(zen4) == 25
+    assert cpu.cpu_flags(zen4) == {"fpu", "avx2", "avx512f", "avx512bw"}
+    assert cpu.cpu_vendor("processor\t: 0\n") == "" and cpu.cpu_family("processor\t: 0\n") is None
+    assert cpu.cpu_family("cpu family\t: x\n") is None
+    cases = {
+        ("GenuineIntel", 6, "avx2 avx512f amx_tile"): "t0",
+        ("AuthenticAMD", 25, "avx2 avx512f avx512bw"): "t1",  # Zen 4
+        ("AuthenticAMD", 25, "avx2 fma f16c"): "nta",  # Zen 3
+        ("AuthenticAMD", 26, "avx2 avx512f avx512bw"): "nta",  # Zen 5
+        ("AuthenticAMD", 23, "avx2"): "nta",  # Zen 2
+        ("", 0, ""): "nta",
+    }
+    for (vendor, family, flags), want in cases.items():
+        info = cpuinfo(vendor, family, flags)
+        got = kernels.default_prefetch_hint(
+            cpu.cpu_vendor(info), cpu.cpu_family(info), cpu.cpu_flags(info)
+        )
+        assert got == want, (vendor, family, flags)
     assert kernels.default_prefetch_hint("AuthenticAMD") == "nta"
-    assert kernels.default_prefetch_hint("") == "nta"
     before = kernels.prefetch_hint()
     with pytest.raises(ValueError, match="prefetch hint"):
-        kernels.set_prefetch_hint("t1")
+        kernels.set_prefetch_hint("t2")
     assert kernels.prefetch_hint() == before
     code = "from refmoe import kernels; print(kernels.prefetch_hint())"
-    check_env_setting("REFMOE_PREFETCH_HINT", code, (("t0", True), ("nta", True), ("T0", False)))
+    check_env_setting(
+        "REFMOE_PREFETCH_HINT", code, (("t0", True), ("nta", True), ("t1", True), ("T0", False))
+    )
+    # t1's lines go to L2: its default distance is the long one whatever the L1
+    env = {k: v for k, v in os.environ.items() if k != "REFMOE_PREFETCH_BYTES"}
+    env["REFMOE_PREFETCH_HINT"] = "t1"
+    code = "from refmoe import kernels; print(kernels.prefetch_distance())"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and int(res.stdout) == kernels.PREFETCH_LONG, res.stderr
 
 
 def test_prefetch_distance_by_l1_and_setting(tmp_path):
@@ -397,6 +426,8 @@ def test_prefetch_distance_by_l1_and_setting(tmp_path):
     assert kernels.default_prefetch_distance(48 * 1024) == 16384
     assert kernels.default_prefetch_distance(32 * 1024) == 2048
     assert kernels.default_prefetch_distance(None) == 2048
+    assert kernels.default_prefetch_distance(32 * 1024, "t1") == 16384  # lines go to L2
+    assert kernels.default_prefetch_distance(32 * 1024, "t0") == 2048
 
     before = kernels.prefetch_distance()
     for bad in (-1, kernels.PREFETCH_MAX + 1):

@@ -16,7 +16,15 @@ from types import ModuleType
 
 import numpy as np
 
-from refmoe.cpu import BAND, Topology, cpu_flags, cpu_vendor, default_threads, partition_bands
+from refmoe.cpu import (
+    BAND,
+    Topology,
+    cpu_family,
+    cpu_flags,
+    cpu_vendor,
+    default_threads,
+    partition_bands,
+)
 from refmoe.kernels import formats
 from refmoe.kernels.formats import BLOCK, check_block, int4_packed_cols, scale_shape
 
@@ -69,10 +77,41 @@ def _module(name: str) -> ModuleType:
     if name not in _ROUTED:  # first use: the FP8 GEMV route, prefetch distance, AMX chosen
         mod.fp8_route(_FP8_ROUTE == "bf16")
         mod.prefetch_dist(_PREFETCH)
-        mod.prefetch_hint(int(_PREFETCH_HINT == "t0"))
+        mod.prefetch_hint(PREFETCH_HINTS.index(_PREFETCH_HINT))
         mod.tiled_amx(int(_AMX))
         _ROUTED.add(name)
     return mod
+
+
+# Which prefetch asks for the weights: "nta" (prefetchnta) on AMD's Zen 3 and Zen 5, where the
+# distances below were measured; "t0" (prefetcht0) on Intel, where an NTA line that leaves L1
+# before its load is read from DRAM again: on the 2-vCPU Xeon VM (AMX, 48 KiB L1; 2026-12-07)
+# the FP8 GEMV ran at 0.24 of the read on two threads with NTA 16 KiB ahead, 0.52 at 2 KiB,
+# 0.63-0.64 with T0; "t1" (prefetcht1: into L2, not L1) on Zen 4 (AMD family 25 with AVX-512),
+# where the FP8 GEMV from DRAM on two threads read 25-26 GB/s with T1 4-64 KiB ahead against
+# 15-18 with NTA 2 KiB, and the fused FP8 MoE layer 0.89 of the read against 0.59-0.67
+# (kernels.md, "Prefetcht1 on Zen 4"). REFMOE_PREFETCH_HINT or set_prefetch_hint choose.
+PREFETCH_HINTS = ("nta", "t0", "t1")  # the C side's PREFETCH_NTA, PREFETCH_T0, PREFETCH_T1
+
+
+def default_prefetch_hint(
+    vendor: str, family: int | None = None, flags: frozenset[str] | set[str] = frozenset()
+) -> str:
+    """The prefetch for a CPU of this vendor_id, cpu family and flags."""
+    if vendor == "GenuineIntel":
+        return "t0"
+    if vendor == "AuthenticAMD" and family == 25 and "avx512f" in flags:
+        return "t1"  # Zen 4 (Zen 3, the same family, has no AVX-512)
+    return "nta"
+
+
+_PREFETCH_HINT = os.environ.get("REFMOE_PREFETCH_HINT") or default_prefetch_hint(
+    cpu_vendor(), cpu_family(), cpu_flags()
+)
+if _PREFETCH_HINT not in PREFETCH_HINTS:
+    raise ValueError(
+        f"REFMOE_PREFETCH_HINT: expected one of {', '.join(PREFETCH_HINTS)}, got {_PREFETCH_HINT!r}"
+    )
 
 
 # How far ahead of its loads a GEMV prefetches the weights it streams (bytes): far enough to
@@ -81,7 +120,8 @@ def _module(name: str) -> ModuleType:
 # set_prefetch_distance choose; by default 16 KiB where the L1 data cache holds 48 KiB or more
 # (Zen 5, Intel since Ice Lake: on the Zen 5 VM the fused FP8 MoE layer ran at 0.93-0.97 of the
 # read against 0.71-0.74 at 2 KiB, kernels.md), else 2 KiB (on the Zen 3 VM's 32 KiB L1, 2 KiB
-# beat none, and 4, 8 and 16 KiB decoded the demo no faster).
+# beat none, and 4, 8 and 16 KiB decoded the demo no faster); 16 KiB with "t1", whose lines
+# go to L2 (on the Zen 4 VM 4-64 KiB ran alike, 2 KiB as slowly as NTA).
 PREFETCH_MAX = 1 << 20
 PREFETCH_SHORT, PREFETCH_LONG, PREFETCH_LONG_L1 = 2048, 16384, 48 * 1024
 
@@ -105,14 +145,17 @@ def l1d_bytes(path: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
     return None
 
 
-def default_prefetch_distance(l1d: int | None) -> int:
-    """The prefetch distance for a CPU with this L1 data cache (bytes; None: unknown)."""
-    return PREFETCH_LONG if l1d is not None and l1d >= PREFETCH_LONG_L1 else PREFETCH_SHORT
+def default_prefetch_distance(l1d: int | None, hint: str = "nta") -> int:
+    """The prefetch distance for a CPU with this L1 data cache (bytes; None: unknown) asking
+    with this hint."""
+    if hint == "t1" or (l1d is not None and l1d >= PREFETCH_LONG_L1):
+        return PREFETCH_LONG
+    return PREFETCH_SHORT
 
 
 def _prefetch_setting(text: str | None) -> int:
     if text is None:
-        return default_prefetch_distance(l1d_bytes())
+        return default_prefetch_distance(l1d_bytes(), _PREFETCH_HINT)
     try:
         nbytes = int(text)
     except ValueError:
@@ -138,39 +181,22 @@ def set_prefetch_distance(nbytes: int) -> int:
     return before
 
 
-# Which prefetch asks for the weights: "nta" (prefetchnta) on AMD, where the distances above were
-# measured, "t0" (prefetcht0) on Intel, where an NTA line that leaves L1 before its load is read
-# from DRAM again: on the 2-vCPU Xeon VM (AMX, 48 KiB L1; 2026-12-07) the FP8 GEMV ran at 0.24
-# of the read on two threads with NTA 16 KiB ahead, 0.52 at 2 KiB, 0.63-0.64 with T0
-# (kernels.md). REFMOE_PREFETCH_HINT=nta|t0 or set_prefetch_hint choose.
-PREFETCH_HINTS = ("nta", "t0")
-
-
-def default_prefetch_hint(vendor: str) -> str:
-    """The prefetch for a CPU of this vendor_id."""
-    return "t0" if vendor == "GenuineIntel" else "nta"
-
-
-_PREFETCH_HINT = os.environ.get("REFMOE_PREFETCH_HINT") or default_prefetch_hint(cpu_vendor())
-if _PREFETCH_HINT not in PREFETCH_HINTS:
-    raise ValueError(f"REFMOE_PREFETCH_HINT: expected nta or t0, got {_PREFETCH_HINT!r}")
-
-
 def set_prefetch_hint(hint: str) -> str:
-    """Prefetch the GEMVs' weights with prefetchnta ("nta") or prefetcht0 ("t0") in every build,
-    from now on; returns the setting it replaces. Call it before kernels run on other threads."""
+    """Prefetch the GEMVs' weights with prefetchnta ("nta"), prefetcht0 ("t0") or prefetcht1
+    ("t1") in every build, from now on; returns the setting it replaces. Call it before kernels
+    run on other threads."""
     global _PREFETCH_HINT
     if hint not in PREFETCH_HINTS:
-        raise ValueError(f"prefetch hint must be nta or t0, got {hint!r}")
+        raise ValueError(f"prefetch hint must be one of {', '.join(PREFETCH_HINTS)}, got {hint!r}")
     before, _PREFETCH_HINT = _PREFETCH_HINT, hint
     for name in list(_ROUTED):
-        importlib.import_module(f"refmoe.kernels._{name}").prefetch_hint(int(hint == "t0"))
+        importlib.import_module(f"refmoe.kernels._{name}").prefetch_hint(PREFETCH_HINTS.index(hint))
     return before
 
 
 def prefetch_hint() -> str:
-    """The GEMVs' prefetch ("nta" or "t0"), as the chosen variant has it."""
-    return "t0" if _module(_VARIANT).prefetch_hint(-1) == 1 else "nta"
+    """The GEMVs' prefetch (one of PREFETCH_HINTS), as the chosen variant has it."""
+    return PREFETCH_HINTS[_module(_VARIANT).prefetch_hint(-1)]
 
 
 def prefetch_distance() -> int:

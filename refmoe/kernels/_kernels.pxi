@@ -26,7 +26,7 @@ cdef extern from "kernels.h" nogil:
     void refmoe_init()
     int set_fp8_route(int bf16)
     int set_prefetch_dist(int nbytes)
-    int set_prefetch_hint(int t0)
+    int set_prefetch_hint(int kind)
     int set_tiled_t(int on)
     int set_tiled_amx(int on)
     void fp8_to_f32_vec(const uint8_t *codes, float *out, int n, int permuted)
@@ -93,10 +93,10 @@ def prefetch_dist(int nbytes):
     return set_prefetch_dist(nbytes)
 
 
-def prefetch_hint(int t0):
-    """Whether the GEMVs' weight prefetches are prefetcht0 (1) or prefetchnta (0); -1 reads it;
-    returns the setting it replaces."""
-    return set_prefetch_hint(t0)
+def prefetch_hint(int kind):
+    """Which prefetch the GEMVs' weight streams use: 0 prefetchnta, 1 prefetcht0, 2 prefetcht1
+    (refmoe.kernels.PREFETCH_HINTS in order); -1 reads it; returns the setting it replaces."""
+    return set_prefetch_hint(kind)
 
 
 def tiled_t(int on):

@@ -76,21 +76,25 @@ static int set_prefetch_dist(int nbytes) {
     return before;
 }
 
-/* Which prefetch the weight streams ask with: 0 prefetchnta (the AMD hosts measured: Zen 3, 4,
- * 5), 1 prefetcht0 (Intel: on the 2-vCPU Xeon VM with AMX, 2026-12-07, prefetchnta 16 KiB
- * ahead held the FP8 GEMV at 0.24 of the read on two threads and 2 KiB at 0.52, where
- * prefetcht0 ran at 0.63-0.64: an NTA line that leaves L1 before its load is fetched again
- * from DRAM). refmoe.kernels sets it by the CPU's vendor, or as REFMOE_PREFETCH_HINT says; a
- * plain int read once a loop. */
-static int prefetch_t0 = 0;
-static int set_prefetch_hint(int t0) {
-    int before = prefetch_t0;
-    if (t0 == 0 || t0 == 1) prefetch_t0 = t0;
+/* Which prefetch the weight streams ask with: 0 prefetchnta (Zen 3, Zen 5), 1 prefetcht0
+ * (Intel: on the 2-vCPU Xeon VM with AMX, 2026-12-07, prefetchnta 16 KiB ahead held the FP8
+ * GEMV at 0.24 of the read on two threads and 2 KiB at 0.52, where prefetcht0 ran at
+ * 0.63-0.64: an NTA line that leaves L1 before its load is fetched again from DRAM), 2
+ * prefetcht1 (Zen 4: fills L2, not L1; on the 2-vCPU Zen 4 VM, 2026-12-07, the FP8 GEMV from DRAM on two threads read
+ * 25-26 GB/s with T1 4-64 KiB ahead against 15-18 with NTA 2 KiB). refmoe.kernels sets it by
+ * the CPU, or as REFMOE_PREFETCH_HINT says; a plain int read once a loop. */
+enum { PREFETCH_NTA = 0, PREFETCH_T0 = 1, PREFETCH_T1 = 2 };
+static int prefetch_kind = PREFETCH_NTA;
+static int set_prefetch_hint(int kind) {
+    int before = prefetch_kind;
+    if (kind >= PREFETCH_NTA && kind <= PREFETCH_T1) prefetch_kind = kind;
     return before;
 }
 static inline __attribute__((always_inline)) void prefetch_weights(const void *p) {
-    if (prefetch_t0)
+    if (prefetch_kind == PREFETCH_T0)
         __builtin_prefetch(p, 0, 3);
+    else if (prefetch_kind == PREFETCH_T1)
+        __builtin_prefetch(p, 0, 2);
     else
         __builtin_prefetch(p, 0, 0);
 }
