@@ -88,21 +88,22 @@ def main() -> None:
     calls, nbytes = matrices(args.format, n, k, args.matrices, rng)
     x = rng.standard_normal((1, k)).astype(np.float32)
     buf = np.ones(512 << 20, np.uint8)
-    before = kernels.prefetch_hint(), kernels.prefetch_distance()
+    four_bit = args.format == "mxfp4"  # the 4-bit loop has a setting of its own
+    before = kernels.prefetch_hint(four_bit=four_bit), kernels.prefetch_distance()
     gbps: dict = {s: [] for s in settings}
     ratios: dict = {s: [] for s in settings}
     flags: dict = {s: [] for s in settings}
     try:
         want = None
         for hint, dist in settings:  # the same bits under every setting
-            kernels.set_prefetch_hint(hint)
+            kernels.set_prefetch_hint(hint, four_bit=four_bit)
             kernels.set_prefetch_distance(dist)
             got = calls[0](x, threads)
             assert want is None or np.array_equal(got, want), (hint, dist)
             want = got
         for _ in range(args.rounds):
             for s in settings:
-                kernels.set_prefetch_hint(s[0])
+                kernels.set_prefetch_hint(s[0], four_bit=four_bit)
                 kernels.set_prefetch_distance(s[1])
                 sec, _, why, _ = contention.measured(lambda: sweep(calls, x, threads))
                 rsec, _, rwhy, _ = contention.measured(lambda: read_seconds(buf, threads))
@@ -111,7 +112,7 @@ def main() -> None:
                 ratios[s].append(rate / (buf.nbytes / rsec / 1e9))
                 flags[s] += [w for w in (why, rwhy) if w]
     finally:
-        kernels.set_prefetch_hint(before[0])
+        kernels.set_prefetch_hint(before[0], four_bit=four_bit)
         kernels.set_prefetch_distance(before[1])
     for s in settings:
         row = {

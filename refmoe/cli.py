@@ -57,7 +57,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "threads": cpu.default_threads(),
         "numa_nodes": [list(n) for n in topo.nodes],
         "flags": sorted(f for f in cpu.cpu_flags() if f.startswith(("avx", "fma", "f16c"))),
-        "prefetch": {"hint": kernels.prefetch_hint(), "bytes": kernels.prefetch_distance()},
+        "prefetch": {
+            "hint": kernels.prefetch_hint(),
+            "hint_4bit": kernels.prefetch_hint(four_bit=True),
+            "bytes": kernels.prefetch_distance(),
+        },
     }
     if args.json:
         print(json.dumps(info))

@@ -70,7 +70,8 @@ def test_bench_human_block():
 def test_info_json():
     info = json.loads(run("info", "--json").stdout)
     assert info["variant"] in info["available_variants"] and info["threads"] >= 1
-    assert info["prefetch"]["hint"] in kernels.PREFETCH_HINTS and info["prefetch"]["bytes"] >= 0
+    pf = info["prefetch"]
+    assert {pf["hint"], pf["hint_4bit"]} <= set(kernels.PREFETCH_HINTS) and pf["bytes"] >= 0
     assert json.loads(run("--cpu-threads", "3", "info", "--json").stdout)["threads"] == 3
 
 

@@ -78,6 +78,7 @@ def _module(name: str) -> ModuleType:
         mod.fp8_route(_FP8_ROUTE == "bf16")
         mod.prefetch_dist(_PREFETCH)
         mod.prefetch_hint(PREFETCH_HINTS.index(_PREFETCH_HINT))
+        mod.prefetch_hint4(PREFETCH_HINTS.index(_PREFETCH_HINT_4BIT))
         mod.tiled_amx(int(_AMX))
         _ROUTED.add(name)
     return mod
@@ -90,28 +91,41 @@ def _module(name: str) -> ModuleType:
 # 0.63-0.64 with T0; "t1" (prefetcht1: into L2, not L1) on Zen 4 (AMD family 25 with AVX-512),
 # where the FP8 GEMV from DRAM on two threads read 25-26 GB/s with T1 4-64 KiB ahead against
 # 15-18 with NTA 2 KiB, and the fused FP8 MoE layer 0.89 of the read against 0.59-0.67
-# (kernels.md, "Prefetcht1 on Zen 4"). REFMOE_PREFETCH_HINT or set_prefetch_hint choose.
+# (kernels.md, "Prefetcht1 on Zen 4"). The 4-bit formats' loop (lut4.h) has its own: it
+# converts at about half the rate per byte, and on that Zen 4 its fused MoE at gpt-oss's 2880 x
+# 2880 read 16 GB/s with T1 against 20-21 with NTA (at 7168 x 2048 T1 did as well or better):
+# it stays "nta" there. REFMOE_PREFETCH_HINT / REFMOE_PREFETCH_HINT_4BIT or set_prefetch_hint
+# choose.
 PREFETCH_HINTS = ("nta", "t0", "t1")  # the C side's PREFETCH_NTA, PREFETCH_T0, PREFETCH_T1
 
 
 def default_prefetch_hint(
-    vendor: str, family: int | None = None, flags: frozenset[str] | set[str] = frozenset()
+    vendor: str,
+    family: int | None = None,
+    flags: frozenset[str] | set[str] = frozenset(),
+    *,
+    four_bit: bool = False,
 ) -> str:
-    """The prefetch for a CPU of this vendor_id, cpu family and flags."""
+    """The prefetch for a CPU of this vendor_id, cpu family and flags: for the FP8, BF16 and
+    INT4 weight streams, or with four_bit for the 4-bit formats' loop."""
     if vendor == "GenuineIntel":
         return "t0"
-    if vendor == "AuthenticAMD" and family == 25 and "avx512f" in flags:
+    if vendor == "AuthenticAMD" and family == 25 and "avx512f" in flags and not four_bit:
         return "t1"  # Zen 4 (Zen 3, the same family, has no AVX-512)
     return "nta"
 
 
-_PREFETCH_HINT = os.environ.get("REFMOE_PREFETCH_HINT") or default_prefetch_hint(
-    cpu_vendor(), cpu_family(), cpu_flags()
-)
-if _PREFETCH_HINT not in PREFETCH_HINTS:
-    raise ValueError(
-        f"REFMOE_PREFETCH_HINT: expected one of {', '.join(PREFETCH_HINTS)}, got {_PREFETCH_HINT!r}"
+def _hint_setting(var: str, four_bit: bool) -> str:
+    hint = os.environ.get(var) or default_prefetch_hint(
+        cpu_vendor(), cpu_family(), cpu_flags(), four_bit=four_bit
     )
+    if hint not in PREFETCH_HINTS:
+        raise ValueError(f"{var}: expected one of {', '.join(PREFETCH_HINTS)}, got {hint!r}")
+    return hint
+
+
+_PREFETCH_HINT = _hint_setting("REFMOE_PREFETCH_HINT", four_bit=False)
+_PREFETCH_HINT_4BIT = _hint_setting("REFMOE_PREFETCH_HINT_4BIT", four_bit=True)
 
 
 # How far ahead of its loads a GEMV prefetches the weights it streams (bytes): far enough to
@@ -181,22 +195,29 @@ def set_prefetch_distance(nbytes: int) -> int:
     return before
 
 
-def set_prefetch_hint(hint: str) -> str:
+def set_prefetch_hint(hint: str, *, four_bit: bool = False) -> str:
     """Prefetch the GEMVs' weights with prefetchnta ("nta"), prefetcht0 ("t0") or prefetcht1
-    ("t1") in every build, from now on; returns the setting it replaces. Call it before kernels
-    run on other threads."""
-    global _PREFETCH_HINT
+    ("t1") in every build, from now on: the FP8, BF16 and INT4 streams, or with four_bit the
+    4-bit formats' loop; returns the setting it replaces. Call it before kernels run on other
+    threads."""
+    global _PREFETCH_HINT, _PREFETCH_HINT_4BIT
     if hint not in PREFETCH_HINTS:
         raise ValueError(f"prefetch hint must be one of {', '.join(PREFETCH_HINTS)}, got {hint!r}")
-    before, _PREFETCH_HINT = _PREFETCH_HINT, hint
+    if four_bit:
+        before, _PREFETCH_HINT_4BIT = _PREFETCH_HINT_4BIT, hint
+    else:
+        before, _PREFETCH_HINT = _PREFETCH_HINT, hint
     for name in list(_ROUTED):
-        importlib.import_module(f"refmoe.kernels._{name}").prefetch_hint(PREFETCH_HINTS.index(hint))
+        mod = importlib.import_module(f"refmoe.kernels._{name}")
+        (mod.prefetch_hint4 if four_bit else mod.prefetch_hint)(PREFETCH_HINTS.index(hint))
     return before
 
 
-def prefetch_hint() -> str:
-    """The GEMVs' prefetch (one of PREFETCH_HINTS), as the chosen variant has it."""
-    return PREFETCH_HINTS[_module(_VARIANT).prefetch_hint(-1)]
+def prefetch_hint(*, four_bit: bool = False) -> str:
+    """The GEMVs' prefetch (one of PREFETCH_HINTS), as the chosen variant has it: the FP8,
+    BF16 and INT4 streams', or with four_bit the 4-bit formats' loop's."""
+    mod = _module(_VARIANT)
+    return PREFETCH_HINTS[(mod.prefetch_hint4 if four_bit else mod.prefetch_hint)(-1)]
 
 
 def prefetch_distance() -> int:

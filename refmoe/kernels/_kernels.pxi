@@ -27,6 +27,7 @@ cdef extern from "kernels.h" nogil:
     int set_fp8_route(int bf16)
     int set_prefetch_dist(int nbytes)
     int set_prefetch_hint(int kind)
+    int set_prefetch_hint4(int kind)
     int set_tiled_t(int on)
     int set_tiled_amx(int on)
     void fp8_to_f32_vec(const uint8_t *codes, float *out, int n, int permuted)
@@ -97,6 +98,11 @@ def prefetch_hint(int kind):
     """Which prefetch the GEMVs' weight streams use: 0 prefetchnta, 1 prefetcht0, 2 prefetcht1
     (refmoe.kernels.PREFETCH_HINTS in order); -1 reads it; returns the setting it replaces."""
     return set_prefetch_hint(kind)
+
+
+def prefetch_hint4(int kind):
+    """The same for the 4-bit formats' weight streams (lut4.h)."""
+    return set_prefetch_hint4(kind)
 
 
 def tiled_t(int on):

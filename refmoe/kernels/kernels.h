@@ -80,23 +80,37 @@ static int set_prefetch_dist(int nbytes) {
  * (Intel: on the 2-vCPU Xeon VM with AMX, 2026-12-07, prefetchnta 16 KiB ahead held the FP8
  * GEMV at 0.24 of the read on two threads and 2 KiB at 0.52, where prefetcht0 ran at
  * 0.63-0.64: an NTA line that leaves L1 before its load is fetched again from DRAM), 2
- * prefetcht1 (Zen 4: fills L2, not L1; on the 2-vCPU Zen 4 VM, 2026-12-07, the FP8 GEMV from DRAM on two threads read
- * 25-26 GB/s with T1 4-64 KiB ahead against 15-18 with NTA 2 KiB). refmoe.kernels sets it by
- * the CPU, or as REFMOE_PREFETCH_HINT says; a plain int read once a loop. */
+ * prefetcht1 (Zen 4: fills L2, not L1; on the 2-vCPU Zen 4 VM, 2026-12-07, the FP8 GEMV
+ * from DRAM on two threads read 25-26 GB/s with T1 4-64 KiB ahead against 15-18 with NTA 2
+ * KiB). The 4-bit loop (lut4.h)
+ * has a setting of its own, prefetch_kind4: it converts at about half the rate per byte, and
+ * on that Zen 4 its fused MoE at gpt-oss's 2880 x 2880 read 16 GB/s with T1 against 20-21
+ * with NTA. refmoe.kernels sets both by the CPU, or as REFMOE_PREFETCH_HINT[_4BIT] say; plain
+ * ints read once a loop. */
 enum { PREFETCH_NTA = 0, PREFETCH_T0 = 1, PREFETCH_T1 = 2 };
-static int prefetch_kind = PREFETCH_NTA;
-static int set_prefetch_hint(int kind) {
-    int before = prefetch_kind;
-    if (kind >= PREFETCH_NTA && kind <= PREFETCH_T1) prefetch_kind = kind;
+static int prefetch_kind = PREFETCH_NTA, prefetch_kind4 = PREFETCH_NTA;
+static int set_prefetch_kind(int *setting, int kind) {
+    int before = *setting;
+    if (kind >= PREFETCH_NTA && kind <= PREFETCH_T1) *setting = kind;
     return before;
 }
-static inline __attribute__((always_inline)) void prefetch_weights(const void *p) {
-    if (prefetch_kind == PREFETCH_T0)
+static int set_prefetch_hint(int kind) { return set_prefetch_kind(&prefetch_kind, kind); }
+static int set_prefetch_hint4(int kind) { return set_prefetch_kind(&prefetch_kind4, kind); }
+static inline __attribute__((always_inline)) void prefetch_as(int kind, const void *p) {
+    if (kind == PREFETCH_T0)
         __builtin_prefetch(p, 0, 3);
-    else if (prefetch_kind == PREFETCH_T1)
+    else if (kind == PREFETCH_T1)
         __builtin_prefetch(p, 0, 2);
     else
         __builtin_prefetch(p, 0, 0);
+}
+/* FP8, BF16 and refmoe's INT4 weight streams (and the tiles' next-tile rows) */
+static inline __attribute__((always_inline)) void prefetch_weights(const void *p) {
+    prefetch_as(prefetch_kind, p);
+}
+/* the 4-bit formats' streams (lut4.h) */
+static inline __attribute__((always_inline)) void prefetch_weights4(const void *p) {
+    prefetch_as(prefetch_kind4, p);
 }
 
 /* ====================================================================================== */

@@ -379,7 +379,7 @@ lut4_quads(const uint8_t *row, const float *ws, int np, int per_chunk, const lut
     for (int t = 0; t < MT; t++) w[t] = _mm512_setzero_ps();
     int p = 0;
     for (; p + 2 <= np; p += 2) {
-        prefetch_weights(row + 32 * p + prefetch_dist);
+        prefetch_weights4(row + 32 * p + prefetch_dist);
         __m512i lo, hi;
         lut4_quad_codes(row + 32 * p, table4, int4g, &lo, &hi);
         __m512 s = _mm512_permutexvar_ps(
@@ -437,7 +437,7 @@ lut4_rest(const wmat *W, int fmt, const uint8_t *row, const uint8_t *sr, const f
             xop[t] = a[t]->xo + 2 * per_chunk * p, ncp[t] = a[t]->nco + 2 * per_chunk * p;
         for (; p + step <= np; p += step) {
             for (int i = 0; i < step; i += 2) /* a line per two pairs */
-                prefetch_weights(wp + 32 * i + prefetch_dist);
+                prefetch_weights4(wp + 32 * i + prefetch_dist);
             __m256 sw = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sp), order);
             __m256i lo[4], hi[4];
             for (int i = 0; i < step; i++)
@@ -455,7 +455,7 @@ lut4_rest(const wmat *W, int fmt, const uint8_t *row, const uint8_t *sr, const f
         }
     }
     for (; p + 2 <= np; p += 2) {
-        prefetch_weights(wp + prefetch_dist);
+        prefetch_weights4(wp + prefetch_dist);
         __m256 s0 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sp), spread);
         __m256 s1 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sp + 2 * per_chunk), spread);
         __m256i lo0, hi0, lo1, hi1;
