@@ -14,7 +14,6 @@ Usage: python benchmarks/amx_tiles.py [--shapes 2048x7168,7168x2048,1536x7168]
 """
 
 import argparse
-import json
 import statistics
 import time
 from functools import partial
@@ -119,16 +118,13 @@ def main() -> None:
                     "ratio_max": max(ratios),
                     "suspect": "; ".join(flags),
                 }
-                if args.json:
-                    print(json.dumps(row), flush=True)
-                else:
-                    line = (
-                        f"{args.format} {n}x{k} M={m:4d} thr={threads}: float32 tiles "
-                        f"{row['float32_gflops']:6.0f} GFLOP/s, AMX {row['amx_gflops']:6.0f}, "
-                        f"AMX / float32 {row['ratio']:.2f} [{row['ratio_min']:.2f}-"
-                        f"{row['ratio_max']:.2f}]"
-                    )
-                    print(line + (f"  SUSPECT: {row['suspect']}" if flags else ""), flush=True)
+                line = (
+                    f"{args.format} {n}x{k} M={m:4d} thr={threads}: float32 tiles "
+                    f"{row['float32_gflops']:6.0f} GFLOP/s, AMX {row['amx_gflops']:6.0f}, "
+                    f"AMX / float32 {row['ratio']:.2f} [{row['ratio_min']:.2f}-"
+                    f"{row['ratio_max']:.2f}]"
+                )
+                contention.print_row(row, line, args.json)
     finally:
         kernels.set_amx_tiles(before)
 

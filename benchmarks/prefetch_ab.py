@@ -22,7 +22,6 @@ Usage: python benchmarks/prefetch_ab.py [--settings nta:2048,t0:2048,t1:16384]
 """
 
 import argparse
-import json
 import statistics
 import time
 
@@ -129,15 +128,12 @@ def main() -> None:
             "ratio_max": max(ratios[s]),
             "suspect": "; ".join(flags[s]),
         }
-        if args.json:
-            print(json.dumps(row), flush=True)
-        else:
-            line = (
-                f"{args.format} {n}x{k} thr={threads} {s[0]:>3} {s[1]:>6} B ahead: "
-                f"{row['gbps']:5.1f} GB/s, of the read {row['ratio']:.2f} "
-                f"[{row['ratio_min']:.2f}-{row['ratio_max']:.2f}]"
-            )
-            print(line + (f"  SUSPECT: {row['suspect']}" if flags[s] else ""), flush=True)
+        line = (
+            f"{args.format} {n}x{k} thr={threads} {s[0]:>3} {s[1]:>6} B ahead: "
+            f"{row['gbps']:5.1f} GB/s, of the read {row['ratio']:.2f} "
+            f"[{row['ratio_min']:.2f}-{row['ratio_max']:.2f}]"
+        )
+        contention.print_row(row, line, args.json)
 
 
 if __name__ == "__main__":

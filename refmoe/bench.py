@@ -405,13 +405,13 @@ def format_rows(rows: list[Row]) -> str:
         fma = f"{100 * r.fma_ratio:5.0f}%" if r.fma_ratio is not None else "     -"
         tx = f"{r.torch_speedup:7.1f}x" if r.torch_speedup is not None else "       -"
         route = ("/bf16" if r.fp8_route == "bf16" else "") + ("/amx" if r.tiles else "")
-        lines.append(
+        line = (
             f"{r.op:<17}{r.dtype:<12}{r.model:<28}{r.m:>3}{r.threads:>4} "
             f"{r.variant + route:<16}"
             f"{r.time_us:>10.1f}{r.gbps:>7.1f}{r.limit_gbps:>7.1f}{r.ratio:>6.2f} "
             f"[{r.ratio_min:.2f}-{r.ratio_max:.2f}]{r.gflops:>8.1f}{fma}{tx}"
-            + (f"  SUSPECT: {r.suspect}" if r.suspect else "")
         )
+        lines.append(contention.flagged(line, r.suspect))
     flagged = sum(1 for r in rows if r.suspect)
     if flagged:
         lines.append(

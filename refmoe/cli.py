@@ -254,14 +254,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             print(json.dumps(rows))
         else:
             for row in rows:
-                print(
+                line = (
                     f"decode {row['model']} ({row['device']}): {row['tok_s']:.2f} tok/s, "
                     f"bound {row['limit_tok_s']:.2f} tok/s "
                     f"({row['cpu_bytes_per_token'] / 1e6:.0f} MB/token on the CPU "
                     f"at {row['limit_gbps']:.1f} GB/s read: {row['limit_gbps_before']:.1f} "
                     f"before, {row['limit_gbps_after']:.1f} after), ratio {row['ratio']:.2f}"
-                    + (f"  SUSPECT: {row['suspect']}" if row["suspect"] else "")
                 )
+                print(contention.flagged(line, row["suspect"]))
         return 0
 
     threads = args.threads or sorted({1, cpu.default_threads()})

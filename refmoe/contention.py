@@ -8,6 +8,7 @@ are flagged as suspect."""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import time
@@ -71,6 +72,16 @@ def suspect(others_cores: float, ratio: float | None = None) -> str:
     if ratio is not None and ratio > RATIO_LIMIT:
         why.append(f"ratio {ratio:.2f} > {RATIO_LIMIT}: faster than the plain read")
     return "; ".join(why)
+
+
+def flagged(line: str, why: str) -> str:
+    """A printed result with its reason not to be trusted after it, where there is one."""
+    return line + (f"  SUSPECT: {why}" if why else "")
+
+
+def print_row(row: dict, line: str, as_json: bool) -> None:
+    """One benchmark row: as a JSON line, or as `line` flagged with row["suspect"]."""
+    print(json.dumps(row) if as_json else flagged(line, row["suspect"]), flush=True)
 
 
 def measured(run, ratio_of=None):

@@ -68,3 +68,18 @@ def test_more_threads_far_slower_is_flagged():
     bad = [row(1, 12.0), row(2, 6.0)]
     flag_thread_inversions(bad)
     assert all("more threads far slower" in r.suspect for r in bad)
+
+
+def test_a_flagged_row_says_why(capsys):
+    """A result line carries its SUSPECT reason when there is one, and a JSON row is printed
+    whole (reason included) either way."""
+    assert contention.flagged("decode 9 tok/s", "") == "decode 9 tok/s"
+    assert contention.flagged("decode 9 tok/s", "other processes used 0.30 cores") == (
+        "decode 9 tok/s  SUSPECT: other processes used 0.30 cores"
+    )
+    row = {"gbps": 20.0, "suspect": "ratio 1.10 > 1.05: faster than the plain read"}
+    contention.print_row(row, "20.0 GB/s", as_json=False)
+    contention.print_row(row, "20.0 GB/s", as_json=True)
+    text, json_line = capsys.readouterr().out.splitlines()
+    assert text == "20.0 GB/s  SUSPECT: ratio 1.10 > 1.05: faster than the plain read"
+    assert __import__("json").loads(json_line) == row
