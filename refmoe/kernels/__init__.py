@@ -115,17 +115,18 @@ def default_prefetch_hint(
     return "nta"
 
 
-def _hint_setting(var: str, four_bit: bool) -> str:
-    hint = os.environ.get(var) or default_prefetch_hint(
-        cpu_vendor(), cpu_family(), cpu_flags(), four_bit=four_bit
-    )
+def _hint_setting(var: str, default: str) -> str:
+    hint = os.environ.get(var) or default
     if hint not in PREFETCH_HINTS:
         raise ValueError(f"{var}: expected one of {', '.join(PREFETCH_HINTS)}, got {hint!r}")
     return hint
 
 
-_PREFETCH_HINT = _hint_setting("REFMOE_PREFETCH_HINT", four_bit=False)
-_PREFETCH_HINT_4BIT = _hint_setting("REFMOE_PREFETCH_HINT_4BIT", four_bit=True)
+_THIS_CPU = cpu_vendor(), cpu_family(), cpu_flags()
+_PREFETCH_HINT = _hint_setting("REFMOE_PREFETCH_HINT", default_prefetch_hint(*_THIS_CPU))
+_PREFETCH_HINT_4BIT = _hint_setting(
+    "REFMOE_PREFETCH_HINT_4BIT", default_prefetch_hint(*_THIS_CPU, four_bit=True)
+)
 
 
 # How far ahead of its loads a GEMV prefetches the weights it streams (bytes): far enough to
