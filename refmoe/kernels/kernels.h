@@ -82,11 +82,10 @@ static int set_prefetch_dist(int nbytes) {
  * 0.63-0.64: an NTA line that leaves L1 before its load is fetched again from DRAM), 2
  * prefetcht1 (Zen 4: fills L2, not L1; on the 2-vCPU Zen 4 VM, 2026-12-07, the FP8 GEMV
  * from DRAM on two threads read 25-26 GB/s with T1 4-64 KiB ahead against 15-18 with NTA 2
- * KiB). The 4-bit loop (lut4.h)
- * has a setting of its own, prefetch_kind4: it converts at about half the rate per byte, and
- * on that Zen 4 its fused MoE at gpt-oss's 2880 x 2880 read 16 GB/s with T1 against 20-21
- * with NTA. refmoe.kernels sets both by the CPU, or as REFMOE_PREFETCH_HINT[_4BIT] say; plain
- * ints read once a loop. */
+ * KiB). The 4-bit loop (lut4.h) has a setting of its own, prefetch_kind4: it converts at about
+ * half the rate per byte, and on that Zen 4 its fused MoE at gpt-oss's 2880 x 2880 read 16 GB/s
+ * with T1 against 20-21 with NTA. refmoe.kernels sets both by the CPU, or as
+ * REFMOE_PREFETCH_HINT[_4BIT] say; plain ints read once a loop. */
 enum { PREFETCH_NTA = 0, PREFETCH_T0 = 1, PREFETCH_T1 = 2 };
 static int prefetch_kind = PREFETCH_NTA, prefetch_kind4 = PREFETCH_NTA;
 static int set_prefetch_kind(int *setting, int kind) {
